@@ -1,0 +1,49 @@
+"""Exceptions and warnings raised by mlsml.
+
+The hierarchy is small and documented so that callers can catch precisely:
+
+- :class:`MLSMLError` -- base class of every exception raised on purpose.
+- :class:`DataError` -- the data cannot be used as given (missing or
+  non-finite values when ``missing="raise"``, non-numeric columns, empty
+  data, too few groups, ...). The message names the column, group or value.
+- :class:`ModelSpecError` -- the model specification is inconsistent
+  (unknown column in a formula, collinear or constant design columns,
+  unsupported options, ...).
+- :class:`MLSMLWarning` -- base class of all warnings.
+- :class:`MissingDataWarning` -- rows were removed by listwise deletion; the
+  message counts them per column.
+- :class:`ConvergenceWarning` -- the optimiser did not reach its convergence
+  criteria; estimates must not be trusted.
+- :class:`SingularFitWarning` -- the random-effects covariance matrix is at
+  (or numerically near) the boundary of the parameter space.
+"""
+
+from __future__ import annotations
+
+
+class MLSMLError(Exception):
+    """Base class of all exceptions raised deliberately by mlsml."""
+
+
+class DataError(MLSMLError, ValueError):
+    """The data cannot be used for the requested model."""
+
+
+class ModelSpecError(MLSMLError, ValueError):
+    """The model specification is inconsistent or unsupported."""
+
+
+class MLSMLWarning(UserWarning):
+    """Base class of all warnings issued by mlsml."""
+
+
+class MissingDataWarning(MLSMLWarning):
+    """Rows with missing values were removed (listwise deletion)."""
+
+
+class ConvergenceWarning(MLSMLWarning):
+    """The optimiser did not converge; results are not reliable."""
+
+
+class SingularFitWarning(MLSMLWarning):
+    """The random-effects covariance matrix is singular or on the boundary."""

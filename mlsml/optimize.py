@@ -1,0 +1,311 @@
+"""Maximising the integrated likelihood.
+
+The objective handed to :func:`scipy.optimize.minimize` is the adaptive
+Gauss-Hermite log-likelihood itself: at every evaluation the nodes are
+**re-centred** at each school's posterior mode and scaled by its curvature at
+the current parameters (:func:`mlsml.posterior.adapt`), then the likelihood is
+summed over those nodes (:func:`mlsml.likelihood.loglik_at_nodes`). The value
+is therefore a pure function of the parameters. The gradient is autograd's
+exact derivative with the nodes held fixed; because the integral does not
+depend on where the nodes sit, this equals the derivative of the adapted
+likelihood up to the (tiny) derivative of the quadrature error, and exactly
+so when the integrand is Gaussian (models without a random scale).
+
+Earlier versions held the nodes fixed for a whole optimiser pass and
+re-centred between passes; near a singular ``Sigma`` the optimiser then
+exploited the quadrature error of stale nodes (see
+``tests/test_optimize.py::test_boundary_random_slope_matches_lme4``).
+Re-centring on every evaluation removes that failure mode; the outer loop of
+passes is kept as a check that a fresh BFGS run from the estimates does not
+move them (``xtol``, ``ftol``).
+
+Convergence is declared only when, in addition, the Newton decrement
+``g' (-H)^{-1} g / 2`` at the estimates -- the log-likelihood still to be
+gained to second order -- is below ``dtol`` (1e-6 by default). Standard errors
+come from the autograd Hessian at nodes adapted to the estimates (the observed
+information).
+
+Starting values: ``beta`` by least squares; ``sigma2_e`` by the pooled
+within-school variance of the residuals and ``sigma2_u`` by the method of
+moments from the school means; ``alpha`` reproduces ``ln sigma2_e`` with zero
+slopes; random slopes start at 10% of the scaled intercept variance; the
+random scale starts at ``var(v) = 0.1`` with zero correlations -- away from
+the saddle at ``sd(v) = 0`` where the likelihood's gradient vanishes. BFGS is
+seeded with the inverse of the exact Hessian at the start.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import autograd
+import numpy as np
+from scipy import optimize as sopt
+
+from .design import Design
+from .likelihood import loglik_at_nodes
+from .posterior import adapt
+from .quadrature import Rule
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Options of :func:`maximize`.
+
+    Attributes
+    ----------
+    method : str
+        ``scipy.optimize.minimize`` method (``"BFGS"``, ``"L-BFGS-B"``,
+        ``"trust-exact"``, ``"Newton-CG"``).
+    maxiter : int
+        Maximum iterations of one optimiser pass.
+    max_passes : int
+        Maximum number of re-centring passes.
+    xtol, ftol : float
+        Stopping tolerances of the outer loop (parameter change on the
+        optimiser scale, absolute log-likelihood change).
+    gtol : float
+        Gradient tolerance of the inner optimiser, on ``-loglik / N``.
+    dtol : float
+        Final check: the Newton decrement ``g' (-H)^{-1} g / 2`` (the
+        log-likelihood still to gain, to second order) must be below ``dtol``.
+    start : ndarray, optional
+        Starting values on the optimiser scale.
+    """
+
+    method: str = "BFGS"
+    maxiter: int = 1000
+    max_passes: int = 30
+    xtol: float = 1e-6
+    ftol: float = 1e-8
+    gtol: float = 1e-8
+    dtol: float = 1e-6
+    start: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """What the optimiser found."""
+
+    theta: np.ndarray
+    llf: float
+    grad: np.ndarray
+    hessian: np.ndarray
+    converged: bool
+    message: str
+    n_passes: int
+    n_iter: int
+    n_fev: int
+    time: float
+    history: tuple = field(default=())
+
+
+def start_values(design: Design) -> np.ndarray:
+    """Moment-based starting values on the optimiser scale (see module docstring)."""
+    lay = design.layout
+    y, X = design.y, design.X
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    r = y - X @ beta
+    n = design.counts
+    rbar = np.add.reduceat(r, design.starts) / n
+    within = r - rbar[design.group]
+    dfw = max(design.nobs - design.ngroups, 1)
+    s2e = float(np.sum(within**2) / dfw)
+    if not np.isfinite(s2e) or s2e <= 0:
+        s2e = float(np.var(r)) or 1.0
+    s2u = float(np.var(rbar) - s2e * np.mean(1.0 / n))
+    s2u = max(s2u, 0.1 * s2e / max(np.mean(n), 1.0), 1e-3 * s2e)
+    alpha, *_ = np.linalg.lstsq(design.W, np.full(design.nobs, np.log(s2e)), rcond=None)
+    diag = []
+    for i in range(lay.q):
+        z2 = float(np.mean(design.Z[:, i] ** 2)) or 1.0
+        diag.append(s2u / z2 if i == 0 else 0.1 * s2u / z2)
+    if lay.random_scale:
+        diag.append(0.1)
+    return lay.theta_from_parts(beta, alpha, np.diag(diag))
+
+
+def _initial_inverse_hessian(theta, design, rule, hess, N):
+    """Inverse of the exact Hessian of ``-loglik/N`` at the start, when positive definite.
+
+    Seeding BFGS with it removes most of the iterations spent learning the very
+    different scales of ``beta``, ``alpha`` and the log-Cholesky parameters.
+    """
+    try:
+        H = -hess(theta, design, adapt(theta, design, rule)) / N
+        H = 0.5 * (H + H.T)
+        w, V = np.linalg.eigh(H)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return None
+    if not np.all(np.isfinite(w)) or w.max() <= 0:
+        return None
+    w = np.maximum(w, 1e-6 * w.max())  # repair an indefinite start
+    M = (V / w) @ V.T
+    return 0.5 * (M + M.T)  # exactly symmetric, as scipy checks
+
+
+def _newton_decrement(grad: np.ndarray, hess: np.ndarray) -> float:
+    """``g' (-H)^{-1} g / 2``; infinite when ``-H`` is not positive definite.
+
+    At a boundary optimum (a variance tending to zero on the log-Cholesky
+    scale) the Hessian is singular; the decrement is then taken over the
+    well-determined directions (eigenvalues above ``1e-8`` of the largest).
+    """
+    if grad.size == 0:
+        return 0.0
+    negH = -0.5 * (hess + hess.T)
+    w, V = np.linalg.eigh(negH)
+    if not np.all(np.isfinite(w)) or w.max() <= 0:
+        return float("inf")
+    keep = w > 1e-8 * w.max()
+    if np.any(w < -1e-8 * w.max()):
+        return float("inf")
+    gv = V.T @ grad
+    return float(0.5 * np.sum(gv[keep] ** 2 / w[keep]))
+
+
+def _newton_polish(theta, design, rule, vg, hess, dtol, max_steps: int = 20):
+    """Finish with Newton-Raphson steps on the exact Hessian (as MIXREGLS does).
+
+    Quasi-Newton methods stop once their line search cannot make progress in
+    floating point; a few exact Newton steps, each accepted only if the adapted
+    log-likelihood does not fall, take the estimates to the maximum. Directions
+    with (near-)zero curvature -- a variance at the boundary -- are left alone.
+
+    Returns ``theta, llf, grad, hessian, n_steps`` at nodes adapted to ``theta``.
+    """
+
+    def at(th):
+        nodes = adapt(th, design, rule)
+        v, g = vg(th, design, nodes)
+        return float(v), np.asarray(g), nodes
+
+    llf, grad, nodes = at(theta)
+    H = np.asarray(hess(theta, design, nodes))
+    steps = 0
+    for steps in range(1, max_steps + 1):
+        dec = _newton_decrement(grad, H)
+        if not np.isfinite(dec) or dec < 1e-3 * dtol:
+            steps -= 1
+            break
+        negH = -0.5 * (H + H.T)
+        w, V = np.linalg.eigh(negH)
+        keep = w > 1e-8 * w.max()
+        step = V[:, keep] @ ((V[:, keep].T @ grad) / w[keep])
+        t = 1.0
+        for _ in range(30):
+            new = theta + t * step
+            try:
+                llf_new, grad_new, nodes_new = at(new)
+            except np.linalg.LinAlgError:
+                llf_new = -np.inf
+            if np.isfinite(llf_new) and llf_new >= llf - 1e-12 * abs(llf):
+                break
+            t *= 0.5
+        else:
+            break
+        theta, llf, grad, nodes = new, llf_new, grad_new, nodes_new
+        H = np.asarray(hess(theta, design, nodes))
+    return theta, llf, grad, H, steps
+
+
+def maximize(design: Design, rule: Rule, options: FitOptions | None = None, callback=None) -> Optimum:
+    """Maximum-likelihood estimates by re-centred adaptive quadrature.
+
+    Parameters
+    ----------
+    design : Design
+    rule : Rule
+        The standard (unadapted) quadrature rule.
+    options : FitOptions, optional
+    callback : callable, optional
+        Called as ``callback(pass_number, theta, llf)`` after every pass.
+
+    Returns
+    -------
+    Optimum
+    """
+    opts = options or FitOptions()
+    t0 = time.perf_counter()
+    theta = np.array(opts.start if opts.start is not None else start_values(design), dtype=float)
+    N = float(design.nobs)
+    vg = autograd.value_and_grad(loglik_at_nodes)
+    hess = autograd.hessian(loglik_at_nodes)
+
+    def fun(th):
+        # nodes re-adapted at every evaluation: the value is the AGQ likelihood at th
+        try:
+            nodes = adapt(th, design, rule)
+        except np.linalg.LinAlgError:
+            return np.inf, np.zeros_like(th)
+        v, g = vg(th, design, nodes)
+        if not np.isfinite(v) or not np.all(np.isfinite(g)):
+            return np.inf, np.zeros_like(th)
+        return -v / N, -g / N
+
+    hess_inv = _initial_inverse_hessian(theta, design, rule, hess, N) if opts.method == "BFGS" else None
+    llf_old = -np.inf
+    n_iter = n_fev = 0
+    history = []
+    converged = False
+    message = "maximum number of passes reached"
+    passes = 0
+    for passes in range(1, opts.max_passes + 1):
+        kw: dict = {"maxiter": opts.maxiter}
+        method = opts.method
+        if method == "BFGS":
+            kw["gtol"] = opts.gtol
+            if hess_inv is not None:
+                kw["hess_inv0"] = hess_inv
+        elif method == "L-BFGS-B":
+            kw["gtol"] = opts.gtol
+            kw["ftol"] = 1e-15
+        hess_fun = None
+        if method in ("trust-exact", "Newton-CG", "trust-krylov", "trust-ncg"):
+            def hess_fun(th):
+                return -hess(th, design, adapt(th, design, rule)) / N
+        res = sopt.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
+        n_iter += int(getattr(res, "nit", 0))
+        n_fev += int(getattr(res, "nfev", 0))
+        if method == "BFGS" and isinstance(getattr(res, "hess_inv", None), np.ndarray):
+            hi = 0.5 * (res.hess_inv + res.hess_inv.T)
+            if np.all(np.isfinite(hi)) and np.all(np.linalg.eigvalsh(hi) > 1e-12 * np.abs(hi).max()):
+                hess_inv = hi
+        new = np.asarray(res.x, dtype=float)
+        step = float(np.max(np.abs(new - theta))) if new.size else 0.0
+        theta = new
+        llf = -float(res.fun) * N
+        history.append((passes, llf, step, bool(res.success), str(res.message)))
+        if callback is not None:
+            callback(passes, theta, llf)
+        if step < opts.xtol and abs(llf - llf_old) < opts.ftol * max(1.0, 1e-3 * abs(llf)):
+            converged = True
+            message = f"converged after {passes} passes"
+            break
+        llf_old = llf
+    theta, llf, grad, H, n_newton = _newton_polish(theta, design, rule, vg, hess, opts.dtol)
+    n_iter += n_newton
+    if not np.isfinite(llf):
+        converged = False
+        message = "the log-likelihood is not finite at the estimates"
+    decrement = _newton_decrement(np.asarray(grad), np.asarray(H))
+    if converged and not decrement < opts.dtol:
+        converged = False
+        message = (
+            f"re-centring converged but the log-likelihood is not at a maximum "
+            f"(Newton decrement {decrement:.2e}, max |gradient| {float(np.max(np.abs(grad))):.2e})"
+        )
+    return Optimum(
+        theta=theta,
+        llf=float(llf),
+        grad=np.asarray(grad),
+        hessian=np.asarray(H),
+        converged=converged,
+        message=message,
+        n_passes=passes,
+        n_iter=n_iter,
+        n_fev=n_fev,
+        time=time.perf_counter() - t0,
+        history=tuple(history),
+    )

@@ -1,0 +1,176 @@
+"""Parameter layout: the one contract for names, order and scales.
+
+The model has three blocks of parameters:
+
+- ``beta`` (length ``p``): the mean function, ``y_ij = x_ij' beta + z_ij' u_j + e_ij``;
+- ``alpha`` (length ``k``): the residual variance function,
+  ``ln var(e_ij) = w_ij' alpha + v_j``;
+- ``Sigma`` (``d x d``): the covariance of the school effects
+  ``b_j = (u_j0, ..., u_j(q-1), v_j) ~ N(0, Sigma)``, with ``d = q + 1`` when the
+  model has a random scale and ``d = q`` otherwise.
+
+**Optimiser scale** (``theta``): ``[beta, alpha, lchol]`` where ``lchol`` holds
+the lower Cholesky factor ``L`` of ``Sigma`` row by row (``L[0,0], L[1,0],
+L[1,1], L[2,0], ...``) with the diagonal entries on the log scale. Every
+``theta`` in R^n is a valid model, which is why the optimiser works there.
+
+**Natural scale** (reported, the public contract): a :class:`pandas.Series`
+whose index is
+
+- ``mean:<term>`` for each column of the mean design, e.g. ``mean:Intercept``;
+- ``scale:<term>`` for each column of the variance design, e.g. ``scale:x``;
+- ``var(<e>)`` for each school effect ``e`` in the order ``u0, u1, ..., v``;
+- ``cov(<e>,<f>)`` for each pair ``e`` before ``f`` in that order, e.g.
+  ``cov(u0,u1)``, ``cov(u0,v)``, ``cov(u1,v)``.
+
+Term names are those of the formula engine. ``u0, u1, ...`` follow the columns
+of ``re_formula`` (``u0`` is the random intercept when there is one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import autograd.numpy as anp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Sizes and names of a model's parameters.
+
+    Parameters
+    ----------
+    mean_terms, scale_terms : tuple of str
+        Column names of the mean design ``X`` and the variance design ``W``.
+    n_re_mean : int
+        ``q``, the number of school effects in the mean function.
+    random_scale : bool
+        Whether the model has the school effect ``v_j`` on the log variance.
+    """
+
+    mean_terms: tuple[str, ...]
+    scale_terms: tuple[str, ...]
+    n_re_mean: int
+    random_scale: bool
+
+    @property
+    def p(self) -> int:
+        """Number of mean-function coefficients."""
+        return len(self.mean_terms)
+
+    @property
+    def k(self) -> int:
+        """Number of variance-function coefficients."""
+        return len(self.scale_terms)
+
+    @property
+    def q(self) -> int:
+        """Number of school effects in the mean function."""
+        return self.n_re_mean
+
+    @property
+    def d(self) -> int:
+        """Dimension of the school effects ``b_j``."""
+        return self.q + int(self.random_scale)
+
+    @property
+    def n_cov(self) -> int:
+        """Number of free parameters of ``Sigma``."""
+        return self.d * (self.d + 1) // 2
+
+    @property
+    def n_params(self) -> int:
+        """Total number of free parameters."""
+        return self.p + self.k + self.n_cov
+
+    @property
+    def re_names(self) -> tuple[str, ...]:
+        """Names of the school effects, ``u0, u1, ..., v``."""
+        names = tuple(f"u{i}" for i in range(self.q))
+        return names + (("v",) if self.random_scale else ())
+
+    @property
+    def cov_names(self) -> tuple[str, ...]:
+        """Names of the covariance parameters in contract order."""
+        re = self.re_names
+        variances = tuple(f"var({e})" for e in re)
+        covs = tuple(f"cov({re[i]},{re[j]})" for i in range(self.d) for j in range(i + 1, self.d))
+        return variances + covs
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """All natural-scale parameter names in contract order."""
+        return (
+            tuple(f"mean:{t}" for t in self.mean_terms)
+            + tuple(f"scale:{t}" for t in self.scale_terms)
+            + self.cov_names
+        )
+
+    # ----------------------------------------------------------------- theta
+    def split(self, theta):
+        """Split ``theta`` into ``(beta, alpha, L)`` with ``L`` the Cholesky factor of Sigma.
+
+        Works on autograd boxes, so it can sit inside the objective.
+        """
+        beta = theta[: self.p]
+        alpha = theta[self.p : self.p + self.k]
+        return beta, alpha, chol_from_vector(theta[self.p + self.k :], self.d)
+
+    def to_natural(self, theta):
+        """Map ``theta`` to the natural-scale vector (``beta, alpha, vars, covs``)."""
+        beta, alpha, L = self.split(theta)
+        sigma = anp.dot(L, L.T)
+        var = anp.diag(sigma)
+        iu = np.triu_indices(self.d, 1)
+        cov = sigma[iu] if self.d > 1 else anp.zeros(0)
+        return anp.concatenate([beta, alpha, var, cov])
+
+    def sigma_from_natural(self, natural: np.ndarray) -> np.ndarray:
+        """Rebuild ``Sigma`` from the natural-scale vector."""
+        off = self.p + self.k
+        d = self.d
+        sigma = np.zeros((d, d))
+        sigma[np.diag_indices(d)] = natural[off : off + d]
+        iu = np.triu_indices(d, 1)
+        sigma[iu] = natural[off + d : off + self.n_cov]
+        sigma[(iu[1], iu[0])] = sigma[iu]
+        return sigma
+
+    def theta_from_parts(self, beta, alpha, sigma) -> np.ndarray:
+        """Inverse of :meth:`split` for a positive-definite ``sigma``."""
+        L = np.linalg.cholesky(np.asarray(sigma, dtype=float))
+        return np.concatenate([np.asarray(beta, float), np.asarray(alpha, float), vector_from_chol(L)])
+
+
+def chol_from_vector(vec, d: int):
+    """Lower-triangular ``L`` from its row-wise vector with log diagonal.
+
+    Built without in-place assignment so that autograd can differentiate it.
+    """
+    rows = []
+    pos = 0
+    for i in range(d):
+        entries = []
+        for j in range(d):
+            if j < i:
+                entries.append(vec[pos + j])
+            elif j == i:
+                entries.append(anp.exp(vec[pos + j]))
+            else:
+                entries.append(0.0 * vec[pos])
+        pos += i + 1
+        rows.append(anp.stack(entries))
+    if d == 0:
+        return anp.zeros((0, 0))
+    return anp.stack(rows)
+
+
+def vector_from_chol(L: np.ndarray) -> np.ndarray:
+    """Row-wise vector of a lower-triangular ``L`` with its diagonal logged."""
+    L = np.asarray(L, dtype=float)
+    out = []
+    for i in range(L.shape[0]):
+        for j in range(i + 1):
+            out.append(np.log(L[i, i]) if i == j else L[i, j])
+    return np.asarray(out, dtype=float)

@@ -1,0 +1,140 @@
+"""Adaptive Gauss-Hermite quadrature over the school effects.
+
+For school ``j`` the marginal likelihood is ``L_j = int exp(h_j(b)) db`` with
+``h_j(b) = log f(y_j | b) + log phi(b; 0, Sigma)``. With ``m_j`` the posterior
+mode of ``h_j`` and ``C_j`` the lower Cholesky factor of ``(-H_j)^{-1}``
+(``H_j`` the Hessian of ``h_j`` at ``m_j``), the change of variables
+``b = m_j + C_j z`` gives
+
+.. math::
+
+    L_j = |C_j| \\int \\exp\\{h_j(m_j + C_j z)\\} dz
+        \\approx |C_j| \\sum_k \\tilde w_k \\exp\\{h_j(m_j + C_j z_k)\\},
+
+where ``(z_k, w_k)`` is the tensor product of the one-dimensional
+Gauss-Hermite rule for the weight ``exp(-z^2/2)`` and
+``tilde w_k = w_k exp(|z_k|^2 / 2)``. The sum is taken on the log scale
+(log-sum-exp). When ``h_j`` is exactly quadratic (no random scale) the rule is
+exact for any number of points; with a random scale, 11 points per
+dimension in two dimensions agree with 21 points to better than 1e-8 in the
+log-likelihood on every reference data set (see ``docs/quadrature.md``).
+
+Sparse variant for higher dimensions: nodes whose weight ``tilde w_k``
+multiplied by the standard-normal density is below ``prune`` relative to the
+largest are dropped (``prune=0`` keeps the full product rule).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.polynomial.hermite_e import hermegauss
+
+#: Default number of quadrature points per dimension, by dimension ``d`` of the
+#: school effects. With full Cholesky rotation at the joint posterior mode these
+#: reproduce the log-likelihood to < 1e-6 on the reference data sets.
+DEFAULT_NAGQ = {1: 11, 2: 11, 3: 7}
+
+
+def default_nagq(d: int) -> int:
+    """Default points per dimension for ``d`` school effects."""
+    return DEFAULT_NAGQ.get(d, 5)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A product Gauss-Hermite rule in ``d`` dimensions.
+
+    Attributes
+    ----------
+    points : ndarray (K, d)
+        Standardised nodes ``z_k``.
+    logw : ndarray (K,)
+        ``log tilde w_k = log w_k + |z_k|^2 / 2`` (for integrating a density
+        against Lebesgue measure after the change of variables).
+    nagq : int
+        Points per dimension.
+    """
+
+    points: np.ndarray
+    logw: np.ndarray
+    nagq: int
+
+    @property
+    def size(self) -> int:
+        """Number of nodes ``K``."""
+        return int(self.points.shape[0])
+
+
+def gauss_hermite_rule(d: int, nagq: int, prune: float = 0.0) -> Rule:
+    """Tensor-product Gauss-Hermite rule with optional pruning.
+
+    Parameters
+    ----------
+    d : int
+        Dimension.
+    nagq : int
+        Points per dimension (>= 1).
+    prune : float
+        Drop nodes whose product weight ``prod w_i`` is below ``prune`` times the
+        largest product weight (0 keeps all ``nagq**d`` nodes).
+    """
+    if nagq < 1:
+        raise ValueError(f"nagq must be >= 1, got {nagq}")
+    x, w = hermegauss(nagq)
+    logw1 = np.log(w)
+    pts = np.array(list(itertools.product(x, repeat=d)), dtype=float).reshape(-1, d)
+    lw = np.array([sum(c) for c in itertools.product(logw1, repeat=d)], dtype=float)
+    if d == 0:
+        pts = np.zeros((1, 0))
+        lw = np.zeros(1)
+    if prune > 0 and d > 0:
+        keep = lw >= lw.max() + np.log(prune)
+        pts, lw = pts[keep], lw[keep]
+    logw = lw + 0.5 * np.sum(pts**2, axis=1)
+    return Rule(points=pts, logw=logw, nagq=nagq)
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Adapted quadrature nodes for every school.
+
+    Attributes
+    ----------
+    b : ndarray (J, K, d)
+        Nodes ``m_j + C_j z_k`` in the space of the school effects.
+    logw : ndarray (K,)
+        Log weights of the standard rule (see :class:`Rule`).
+    log_det : ndarray (J,)
+        ``log |C_j|``.
+    mode : ndarray (J, d)
+        Posterior modes ``m_j``.
+    chol : ndarray (J, d, d)
+        ``C_j``.
+    """
+
+    b: np.ndarray
+    logw: np.ndarray
+    log_det: np.ndarray
+    mode: np.ndarray
+    chol: np.ndarray
+
+
+def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule) -> Nodes:
+    """Centre and rotate a rule at each school's mode.
+
+    Parameters
+    ----------
+    mode : ndarray (J, d)
+    neg_hess : ndarray (J, d, d)
+        Minus the Hessian of ``h_j`` at the mode (positive definite).
+    rule : Rule
+    """
+    cov = np.linalg.inv(neg_hess)
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    chol = np.linalg.cholesky(cov)
+    log_det = np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
+    b = mode[:, None, :] + np.einsum("jde,ke->jkd", chol, rule.points)
+    return Nodes(b=b, logw=rule.logw, log_det=log_det, mode=mode, chol=chol)

@@ -1,0 +1,109 @@
+"""Summary tables of a fit, built with statsmodels' ``summary2`` machinery.
+
+The table has four parts: a header (data, likelihood, information criteria,
+quadrature and convergence), the mean function ``beta``, the residual
+log-variance function ``alpha``, and the school effects (variances,
+covariances, and correlations with delta-method standard errors).
+``Summary.as_text()``, ``.as_html()`` and ``.as_latex()`` give the formats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from statsmodels.iolib import summary2
+
+from .errors import ModelSpecError
+
+
+def _param_frame(res, names: list[str], labels: list[str], alpha: float) -> pd.DataFrame:
+    ci = res.conf_int(alpha)
+    out = pd.DataFrame(
+        {
+            "Coef.": res.params[names].to_numpy(),
+            "Std.Err.": res.bse[names].to_numpy(),
+            "z": res.tvalues[names].to_numpy(),
+            "P>|z|": res.pvalues[names].to_numpy(),
+            f"[{alpha / 2:g}": ci.iloc[:, 0][names].to_numpy(),
+            f"{1 - alpha / 2:g}]": ci.iloc[:, 1][names].to_numpy(),
+        },
+        index=labels,
+    )
+    return out
+
+
+def _format_blocks(blocks: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """One table of strings with a title row before each block."""
+    cols = list(blocks[0][1].columns)
+    fmt = {"Coef.": "{:.4f}", "Std.Err.": "{:.4f}", "z": "{:.3f}", "P>|z|": "{:.3f}"}
+    rows, index = [], []
+    for title, frame in blocks:
+        index.append(title)
+        rows.append([""] * len(cols))
+        for name, vals in frame.iterrows():
+            index.append("  " + str(name))
+            rows.append(["" if not np.isfinite(v) else fmt.get(c, "{:.4f}").format(v) for c, v in zip(cols, vals)])
+    return pd.DataFrame(rows, index=index, columns=cols)
+
+
+def header_dict(res) -> dict[str, str]:
+    """The header fields of the summary, as strings."""
+    design = res.model.design
+    spec = res.model.formula_spec
+    counts = design.counts
+    lay = res.layout
+    quad = f"{res.nagq} per dim ({res.nagq ** lay.d} nodes)" if res.prune == 0 else f"{res.nagq} per dim, pruned {res.prune:g}"
+    return {
+        "Model:": "MELSM" + (" (random scale)" if lay.random_scale else ""),
+        "Dependent Variable:": spec.response,
+        "Groups:": spec.groups,
+        "No. Observations:": f"{res.nobs}",
+        "No. Groups:": f"{res.ngroups}",
+        "Group size min/mean/max:": f"{counts.min()} / {counts.mean():.1f} / {counts.max()}",
+        "Method:": "ML, adaptive Gauss-Hermite",
+        "Quadrature:": quad,
+        "Log-Likelihood:": f"{res.llf:.4f}",
+        "Deviance:": f"{res.deviance:.4f}",
+        "AIC:": f"{res.aic:.4f}",
+        "BIC:": f"{res.bic:.4f}",
+        "No. parameters:": f"{res.df_model}",
+        "Converged:": "Yes" if res.converged else "NO",
+    }
+
+
+def summarize(res, alpha: float = 0.05, style: str = "statsmodels") -> summary2.Summary:
+    """Build the summary of ``res`` (see module docstring)."""
+    if style != "statsmodels":
+        raise ModelSpecError(f"unknown summary style {style!r} (available: 'statsmodels')")
+    lay = res.layout
+    smry = summary2.Summary()
+    smry.add_title("Mixed-effects location scale model results")
+    smry.add_dict(header_dict(res), ncols=2)
+    mean_names = [f"mean:{t}" for t in lay.mean_terms]
+    scale_names = [f"scale:{t}" for t in lay.scale_terms]
+    blocks = [
+        ("Mean function: y = x'b + z'u + e", _param_frame(res, mean_names, list(lay.mean_terms), alpha)),
+        (
+            "Residual variance: ln var(e) = w'a" + (" + v" if lay.random_scale else ""),
+            _param_frame(res, scale_names, list(lay.scale_terms), alpha),
+        ),
+        (
+            "School effects (" + ", ".join(lay.re_names) + ") ~ N(0, Sigma)",
+            _param_frame(res, list(lay.cov_names), list(lay.cov_names), alpha),
+        ),
+    ]
+    corr = res.re_correlations()
+    if len(corr):
+        extra = pd.DataFrame(np.nan, index=list(corr.index), columns=blocks[0][1].columns)
+        extra["Coef."] = corr["estimate"].to_numpy()
+        extra["Std.Err."] = corr["std err"].to_numpy()
+        blocks.append(("Derived correlations (delta-method SE)", extra))
+    smry.add_df(_format_blocks(blocks), index=True, header=True)
+    notes = []
+    if not res.converged:
+        notes.append(f"WARNING: the fit did NOT converge ({res.message}). Do not use these estimates.")
+    for r in res.singular_reasons():
+        notes.append(f"WARNING: singular fit: {r}.")
+    notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
+    smry.add_text("\n".join(notes))
+    return smry

@@ -1,0 +1,127 @@
+"""Formulas, data handling and input checks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlsml
+from mlsml import DataError, MissingDataWarning, ModelSpecError
+
+
+def small(seed=0, J=30, n=20):
+    return mlsml.simulate.simulate_data([n] * J, seed=seed)
+
+
+def test_caller_frame_is_not_modified():
+    df = small()
+    df.loc[3, "x"] = np.nan
+    df["g"] = df["school"].map(lambda s: f"s{s}")
+    before = df.copy(deep=True)
+    with pytest.warns(MissingDataWarning):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="g", scale_formula="~ x")
+    pd.testing.assert_frame_equal(df, before)
+
+
+def test_missing_values_are_counted_and_dropped():
+    df = small()
+    df.loc[[1, 2, 3], "x"] = np.nan
+    df.loc[5, "y"] = np.nan
+    with pytest.warns(MissingDataWarning, match=r"dropped 4 of 600 rows.*'y': 1.*'x': 3|dropped 4 of 600 rows.*'x': 3"):
+        m = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    assert m.design.nobs == 596
+
+
+def test_missing_raise_names_the_column():
+    df = small()
+    df.loc[7, "x"] = np.inf
+    with pytest.raises(DataError, match=r"'x': 1.*index 7"):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="school", missing="raise")
+
+
+def test_missing_group_id_is_dropped_with_warning():
+    df = small()
+    df["school"] = df["school"].astype(float)
+    df.loc[0, "school"] = np.nan
+    with pytest.warns(MissingDataWarning, match="'school': 1"):
+        m = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    assert m.design.nobs == len(df) - 1
+
+
+def test_unknown_column():
+    with pytest.raises(ModelSpecError, match="'xx'"):
+        mlsml.MELSM.from_formula("y ~ xx", small(), groups="school")
+    with pytest.raises(ModelSpecError, match="'zz'"):
+        mlsml.MELSM.from_formula("y ~ x", small(), groups="school", scale_formula="~ zz")
+    with pytest.raises(ModelSpecError, match="groups"):
+        mlsml.MELSM.from_formula("y ~ x", small(), groups="nope")
+
+
+def test_constant_and_collinear_columns():
+    df = small()
+    df["c"] = 2.0
+    df["x2"] = 2 * df["x"] + 1
+    with pytest.raises(ModelSpecError, match="'c' is constant"):
+        mlsml.MELSM.from_formula("y ~ x + c", df, groups="school")
+    with pytest.raises(ModelSpecError, match="scale design.*'x2'"):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x + x2")
+
+
+def test_non_numeric_values_in_numeric_column():
+    df = small()
+    df["x"] = df["x"].astype(object)
+    df.loc[4, "x"] = "."
+    with pytest.raises(DataError, match=r"'x'.*'\.'"):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+
+
+def test_too_few_groups_and_empty_data():
+    df = small()
+    with pytest.raises(DataError, match="at least two groups"):
+        mlsml.MELSM.from_formula("y ~ x", df[df.school == 1], groups="school")
+    with pytest.raises(DataError, match="empty"):
+        mlsml.MELSM.from_formula("y ~ x", df.iloc[:0], groups="school")
+
+
+def test_no_within_group_variation():
+    df = small()
+    df["y"] = df["school"] * 1.0
+    with pytest.raises(DataError, match="does not vary within any group"):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+
+
+def test_string_unsorted_groups_give_identical_fit():
+    df = small(J=25)
+    base = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    rng = np.random.default_rng(5)
+    shuffled = df.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    names = {s: f"school-{rng.integers(1e6)}-{s}" for s in df.school.unique()}
+    shuffled["sid"] = shuffled["school"].map(names)
+    other = mlsml.fit("y ~ x", shuffled, groups="sid", scale_formula="~ x")
+    assert other.llf == pytest.approx(base.llf, abs=1e-8)
+    np.testing.assert_allclose(other.params.to_numpy(), base.params.to_numpy(), atol=1e-6)
+
+
+def test_categorical_terms_and_interactions(exam):
+    m = mlsml.MELSM.from_formula(
+        "normexam ~ standLRT * C(sex, Treatment('M')) + C(vr)", exam, groups="school", scale_formula="~ C(sex)"
+    )
+    names = m.param_names
+    assert "mean:C(sex, Treatment('M'))[T.F]" in names
+    assert "mean:standLRT:C(sex, Treatment('M'))[T.F]" in names
+    assert "scale:C(sex)[T.M]" in names
+    assert names[-3:] == ["var(u0)", "var(v)", "cov(u0,v)"]
+
+
+def test_singleton_groups_are_kept():
+    df = small(J=20)
+    extra = pd.DataFrame({"school": [100, 101], "student": [1, 1], "y": [0.1, -0.2], "x": [0.3, 0.0]})
+    df = pd.concat([df, extra], ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingDataWarning)
+        m = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    assert m.design.ngroups == 22
+    assert m.design.info["n_singletons"] == 2

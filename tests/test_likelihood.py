@@ -1,0 +1,144 @@
+"""The likelihood engine: derivatives, quadrature accuracy, per-school sums."""
+
+from __future__ import annotations
+
+import autograd
+import numpy as np
+import pytest
+
+import mlsml
+from mlsml.likelihood import loglik_at_nodes, loglik_per_school
+from mlsml.posterior import adapt, loglik, posterior_modes
+from mlsml.quadrature import gauss_hermite_rule
+
+
+def _design(df, y="normexam", x="standLRT", **kw):
+    return mlsml.MELSM.from_formula(f"{y} ~ {x}", df, groups="school", **kw).design
+
+
+def _random_theta(design, rng):
+    lay = design.layout
+    th = rng.normal(0, 0.3, lay.n_params)
+    th[lay.p] = np.log(np.var(design.y)) + rng.normal(0, 0.3)
+    return th
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(scale_formula="~ standLRT"),
+        dict(scale_formula="~ 1", random_scale=False),
+        dict(scale_formula="~ standLRT", re_formula="~ standLRT"),
+    ],
+)
+def test_gradient_matches_central_differences(exam, kw):
+    design = _design(exam, **kw)
+    rng = np.random.default_rng(0)
+    rule = gauss_hermite_rule(design.layout.d, 5)
+    for _ in range(3):
+        theta = _random_theta(design, rng)
+        nodes = adapt(theta, design, rule)
+        g = autograd.grad(loglik_at_nodes)(theta, design, nodes)
+        h = 1e-5
+        fd = np.array(
+            [
+                (loglik_at_nodes(theta + h * e, design, nodes) - loglik_at_nodes(theta - h * e, design, nodes)) / (2 * h)
+                for e in np.eye(theta.size)
+            ]
+        )
+        np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-4)
+
+
+def test_hessian_matches_differences_of_gradient(exam):
+    design = _design(exam, scale_formula="~ standLRT")
+    theta = _random_theta(design, np.random.default_rng(1))
+    rule = gauss_hermite_rule(design.layout.d, 5)
+    nodes = adapt(theta, design, rule)
+    H = autograd.hessian(loglik_at_nodes)(theta, design, nodes)
+    grad = autograd.grad(loglik_at_nodes)
+    h = 1e-5
+    fd = np.array([(grad(theta + h * e, design, nodes) - grad(theta - h * e, design, nodes)) / (2 * h) for e in np.eye(theta.size)])
+    np.testing.assert_allclose(H, fd, rtol=1e-5, atol=1e-3)
+
+
+def test_gradient_of_adapted_likelihood(exam):
+    """The gradient with nodes held fixed equals the derivative of the re-adapted AGQ likelihood."""
+    design = _design(exam, scale_formula="~ standLRT")
+    res = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT")
+    theta = np.array(res.theta) + 0.05
+    g = autograd.grad(loglik_at_nodes)(theta, design, adapt(theta, design, gauss_hermite_rule(2, 11)))
+    h = 1e-5
+    fd = np.array([(loglik(theta + h * e, design) - loglik(theta - h * e, design)) / (2 * h) for e in np.eye(theta.size)])
+    np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-4)
+
+
+def test_more_points_change_llf_by_less_than_1e6(exam_m3):
+    design = exam_m3.model.design
+    base = loglik(np.array(exam_m3.theta), design, 11)
+    assert base == pytest.approx(exam_m3.llf, abs=1e-9)
+    for nq in (15, 21, 31):
+        assert abs(loglik(np.array(exam_m3.theta), design, nq) - base) < 1e-6
+
+
+def test_no_random_scale_is_exact_with_one_point(exam):
+    """Without a random scale the integrand is Gaussian: adaptive GH is exact for any nagq."""
+    design = _design(exam, scale_formula="~ standLRT", random_scale=False)
+    theta = _random_theta(design, np.random.default_rng(2))
+    vals = [loglik(theta, design, nq) for nq in (1, 2, 5, 11)]
+    np.testing.assert_allclose(vals, vals[-1], rtol=0, atol=1e-8)
+
+
+def test_per_school_sums_equal_brute_force(exam):
+    """The sufficient-sum likelihood equals a direct O(N K) evaluation at the nodes."""
+    design = _design(exam, scale_formula="~ standLRT")
+    lay = design.layout
+    theta = _random_theta(design, np.random.default_rng(3))
+    nodes = adapt(theta, design, gauss_hermite_rule(2, 7))
+    fast = loglik_per_school(theta, design, nodes)
+    beta, alpha, L = lay.split(theta)
+    S = np.asarray(L) @ np.asarray(L).T
+    Sinv = np.linalg.inv(S)
+    slow = np.empty(design.ngroups)
+    for j in range(design.ngroups):
+        sl = slice(design.starts[j], design.starts[j] + design.counts[j])
+        y, X, W = design.y[sl], design.X[sl], design.W[sl]
+        terms = []
+        for k in range(nodes.b.shape[1]):
+            u, v = nodes.b[j, k]
+            var = np.exp(W @ alpha + v)
+            r = y - X @ beta - u
+            ll = np.sum(-0.5 * np.log(2 * np.pi * var) - 0.5 * r**2 / var)
+            b = nodes.b[j, k]
+            lp = -np.log(2 * np.pi) - 0.5 * np.log(np.linalg.det(S)) - 0.5 * b @ Sinv @ b
+            terms.append(ll + lp + nodes.logw[k])
+        terms = np.array(terms)
+        slow[j] = nodes.log_det[j] + terms.max() + np.log(np.exp(terms - terms.max()).sum())
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-9)
+
+
+def test_posterior_mode_is_stationary(exam):
+    design = _design(exam, scale_formula="~ standLRT")
+    theta = _random_theta(design, np.random.default_rng(4))
+    mode, neg_hess = posterior_modes(theta, design)
+    assert np.all(np.linalg.eigvalsh(neg_hess) > 0)
+    # numerical gradient of the log joint at the mode is ~0 (check via 1-node quadrature)
+    from mlsml.likelihood import SchoolSums, school_sums
+    from mlsml.posterior import _derivs
+
+    lay = design.layout
+    beta, alpha, L = lay.split(theta)
+    s = SchoolSums(*(np.asarray(a) for a in school_sums(beta, alpha, design)))
+    P = np.linalg.inv(np.asarray(L) @ np.asarray(L).T)
+    g, _ = _derivs(mode, s, P, lay.q, lay.random_scale)
+    assert np.max(np.abs(g)) < 1e-6
+
+
+def test_rule_integrates_gaussian_moments():
+    rule = gauss_hermite_rule(2, 7)
+    w = np.exp(rule.logw - 0.5 * np.sum(rule.points**2, axis=1)) / (2 * np.pi)
+    assert w.sum() == pytest.approx(1.0, abs=1e-12)
+    z = rule.points
+    assert np.sum(w * z[:, 0] ** 2) == pytest.approx(1.0, abs=1e-12)
+    assert np.sum(w * z[:, 0] ** 4 * z[:, 1] ** 2) == pytest.approx(3.0, abs=1e-10)
+    pruned = gauss_hermite_rule(3, 7, prune=1e-4)
+    assert pruned.size < 7**3
