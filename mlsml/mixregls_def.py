@@ -138,14 +138,14 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
     def bad(name, why):
         raise ModelSpecError(f"MIXREGLS option {name} = {s[name]:g} is not supported by mlsml: {why}")
 
+    if int(s.get("MLS", 0)) == 1:
+        bad("MLS", "MIXREGMLS (random slopes) jobs are not read; fit them with mlsml.fit(..., re_formula='~ x')")
     if int(s["R"]) != 0:
         bad("R", "covariates of the BS (random-location) variance need a cluster-specific Sigma; mlsml's Sigma is constant")
     if int(s.get("RV", 0)) != 0:
         bad("RV", "BS/WS-decomposed covariates of the BS variance model are not available (constant Sigma)")
     if int(s["RNINT"]) == 1:
         bad("RNINT", "a model without the random location (BS variance intercept) is not a MIXREGLS model mlsml fits")
-    if int(s.get("MLS", 0)) == 1:
-        bad("MLS", "MIXREGMLS (random slopes) jobs are not read; fit them with mlsml.fit(..., re_formula='~ x')")
     if int(s.get("STAGE2", 0)) != 0:
         bad("STAGE2", "second-stage models are not fitted; set STAGE2 = 0 to run stage 1")
     if layout == "mixwild_2017" and int(s.get("NO2ND", 1)) != 1:
