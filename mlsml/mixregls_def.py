@@ -338,6 +338,7 @@ class JobData:
     scale_formula: str
     random_scale: bool
     notes: tuple[str, ...]
+    raw_frame: pd.DataFrame | None = None
 
 
 def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
@@ -410,19 +411,22 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         frame[bs] = frame.groupby("_cluster", sort=False)[name].transform("mean")
         frame[ws] = frame[name] - frame[bs]
         scale_terms += [bs, ws]
+    raw_frame = frame
     if int(job.setting("NCENT")) == 1:
+        frame = frame.copy()
         for c in dict.fromkeys(mean_terms + scale_terms):
             sd = frame[c].std(ddof=1)
             if sd > 0:
                 frame[c] = (frame[c] - frame[c].mean()) / sd
-        notes.append("NCENT = 1: all covariates standardised (mean 0, SD 1); the descriptives below are after standardisation")
+        notes.append("NCENT = 1: all covariates standardised (mean 0, SD 1) before fitting, as MIXREGLS does")
     if int(job.setting("PNINT")) == 1 and not mean_terms:
         raise ModelSpecError("the mean model has no terms (P = 0 and PNINT = 1)")
     rhs = " + ".join(mean_terms) if mean_terms else "1"
     formula = f"{y} ~ {rhs}" + (" - 1" if int(job.setting("PNINT")) == 1 else "")
     srhs = " + ".join(scale_terms) if scale_terms else "1"
     scale_formula = f"~ {srhs}" + (" - 1" if int(job.setting("SNINT")) == 1 and scale_terms else "")
-    return JobData(frame=frame, formula=formula, scale_formula=scale_formula, random_scale=job.random_scale, notes=tuple(notes))
+    return JobData(frame=frame, formula=formula, scale_formula=scale_formula, random_scale=job.random_scale,
+                   notes=tuple(notes), raw_frame=raw_frame)
 
 
 @dataclass(frozen=True)
@@ -476,7 +480,13 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
         res = model.fit(nagq=nq, **fit_options)
         seq = []
     title = [t for t in job.title if t]
-    report = summarize_mixwild(res, stages=seq or None, title=title, source=str(job.data_path))
+    standardized = int(job.setting("NCENT")) == 1
+    described = model
+    if standardized:  # MIXREGLS describes the covariates before standardising them
+        described = MELSM.from_formula(jd.formula, jd.raw_frame, groups="_cluster", scale_formula=jd.scale_formula,
+                                       random_scale=jd.random_scale, missing="raise")
+    report = summarize_mixwild(res, stages=seq or None, title=title, source=str(job.data_path),
+                               standardized=standardized, describe=described)
     if jd.notes:
         report = report.rstrip("\n") + "\n\nNotes on the job\n----------------\n" + "\n".join(" - " + n for n in jd.notes) + "\n"
     return JobRun(job=job, data=jd, results=res, stages=seq, report=report)

@@ -347,10 +347,11 @@ _DESCR_HEAD = [
 ]
 
 
-def describe_data(res) -> str:
-    """The "Descriptives" section of the MIXREGLS report for the data of ``res``."""
-    design, spec = res.model.design, res.model.formula_spec
-    lay = res.layout
+def describe_data(res, standardized: bool = False) -> str:
+    """The "Descriptives" section of the MIXREGLS report for the data of ``res`` (results or model)."""
+    model = getattr(res, "model", res)
+    design, spec = model.design, model.formula_spec
+    lay = design.layout
     out = ["------------", "Descriptives", "------------", ""]
     out.append(f" Number of level-1 observations = {design.nobs:8d}")
     out.append("")
@@ -365,6 +366,9 @@ def describe_data(res) -> str:
     out += _DESCR_HEAD
     out += _descr_rows(design.y[:, None], [spec.response])
     out.append("")
+    if standardized:
+        out += [" ==> Standardization of covariates has been selected", " ==> All covariates have mean=0 and std dev=1",
+                " ==> Means and std devs listed below are pre-standardization", ""]
     out.append(" Mean model covariates")
     out += _DESCR_HEAD + _descr_rows(design.X, lay.mean_terms)
     out.append("")
@@ -392,7 +396,7 @@ def _criteria(res) -> list[str]:
     ]
 
 
-def _model_block(title: str, res) -> str:
+def _model_block(title: str, res, standardized: bool = False) -> str:
     bar = "-" * len(title)
     out = ["", "", bar, title, bar]
     out.append(f" Total  Iterations = {res.n_iter:3d}")
@@ -406,7 +410,8 @@ def _model_block(title: str, res) -> str:
         part = tab[tab["block"] == block]
         if not len(part):
             continue
-        out.append(_BLOCK_TITLES[block])
+        std = standardized and ((block == "BETA" and res.layout.p > 1) or (block == "TAU" and res.layout.k > 1))
+        out.append(("STANDARDIZED " if std else "") + _BLOCK_TITLES[block])
         for _, row in part.iterrows():
             out.append(_f804(row["term"], [row["estimate"], row["std err"], row["z"], row["P>|z|"]]))
     if not res.converged:
@@ -464,6 +469,8 @@ def summarize_mixwild(
     alpha: float = 0.05,
     title: Sequence[str] | str | None = None,
     source: str | None = None,
+    standardized: bool = False,
+    describe=None,
 ) -> str:
     """The MIXREGLS/MIXWILD-style text report of a fit.
 
@@ -492,6 +499,13 @@ def summarize_mixwild(
         Title lines (MIXREGLS prints the two title lines of the .def file).
     source : str, optional
         Where the data came from (printed in the specifications).
+    standardized : bool
+        The covariates were standardised before fitting (MIXREGLS's NCENT = 1):
+        the BETA/TAU headings say "STANDARDIZED" as MIXREGLS's do.
+    describe : MELSM or MELSMResults, optional
+        Whose data the Descriptives section describes (default ``res``); with
+        ``standardized``, pass the model on the unstandardised data, as MIXREGLS
+        lists the covariates before standardisation.
 
     Returns
     -------
@@ -524,9 +538,9 @@ def summarize_mixwild(
     out.append(f" OPTIMISER  = {res.method} + Newton polish (autograd derivatives); SEs from the observed information")
     out.append("")
     out.append("")
-    out.append(describe_data(res))
+    out.append(describe_data(res if describe is None else describe, standardized=standardized))
     for t, r in stages:
-        out.append(_model_block(t, r))
+        out.append(_model_block(t, r, standardized=standardized))
     if len(stages) > 1:
         tests = stage_tests(stages)
         ttl = "Likelihood-ratio tests between the models"

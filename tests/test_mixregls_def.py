@@ -176,6 +176,20 @@ def test_missing_code_decomposition_and_standardising(tmp_path):
         z = (raw - raw.mean()) / raw.std(ddof=1)
         np.testing.assert_allclose(f[col], z, atol=1e-10)
     assert any("NCENT = 1" in n for n in jd.notes)
+    with pytest.warns(MissingDataWarning):
+        run = run_job(p, stages=False)
+    assert "STANDARDIZED BETA (regression coefficients)" in run.report
+    assert "Means and std devs listed below are pre-standardization" in run.report
+    line = next(ln for ln in run.report.splitlines() if ln.startswith(" x_WS "))
+    assert float(line.split()[4]) == pytest.approx((raw_x - bs).std(ddof=1), abs=1e-4)  # unstandardised SD
+    # the same model on the raw scale: the standardised slope is the raw slope times the covariate's SD
+    (tmp_path / "raw").mkdir()
+    p_raw = _job(tmp_path / "raw", "3 0 0 1 0 0 0 1 0 0 1e-5 11 1 200 -999 0 1 0.1 0", "1 2\n3\n3\ny\nx\nx\n", data)
+    with pytest.warns(MissingDataWarning):
+        raw_run = run_job(p_raw, stages=False)
+    assert run.results.llf == pytest.approx(raw_run.results.llf, abs=1e-6)
+    b_std, b_raw = run.results.params["mean:x_WS"], raw_run.results.params["mean:x_WS"]
+    assert b_std == pytest.approx(b_raw * (raw_x - bs).std(ddof=1), rel=1e-4)
 
 
 def test_discard0_and_unsorted_ids(tmp_path):
