@@ -30,10 +30,13 @@ responses are all equal. Clusters are runs of equal ``INT(id)`` in file order.
 
 mlsml fits the same model by maximum likelihood (adaptive quadrature with
 ``NQ`` points per dimension, always adaptive and rotated; its own optimiser,
-so ``CONV``, ``MAXIT`` and ``RIDGEIN`` are not used). Options mlsml cannot fit
-(BS-variance covariates ``R``/``RV``, no BS intercept, ``NCOV`` other than 1,
-MIXREGMLS random slopes, second-stage models) raise
-:class:`~mlsml.errors.ModelSpecError` naming the option.
+so ``CONV``, ``MAXIT`` and ``RIDGEIN`` are not used). MixWILD 2.0's MIXREGMLS
+mode (``MLS = 1``) is read as a random-slope model: the ``R`` BS-variance
+columns become random slopes (``re_formula``), all location effects correlated
+with the random scale. Options mlsml cannot fit (BS-variance covariates
+``R``/``RV`` outside MLS mode, no BS intercept, ``NCOV`` other than 1,
+second-stage models) raise :class:`~mlsml.errors.ModelSpecError` naming the
+option.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class MixreglsJob:
     sv_labels: tuple[str, ...]
     path: Path | None = None
     notes: tuple[str, ...] = field(default=())
+    u_labels: tuple[str, ...] = field(default=())
 
     def setting(self, name: str, default: float = 0.0) -> float:
         """A numeric setting (``NQ``, ``YMISS``, ...); ``default`` when the layout lacks it."""
@@ -124,6 +128,11 @@ class MixreglsJob:
         return int(self.setting("NORS", 0)) != 1
 
     @property
+    def random_slopes(self) -> bool:
+        """MixWILD 2.0's MIXREGMLS mode (``MLS = 1``): the BS-variance columns are random slopes."""
+        return int(self.setting("MLS", 0)) == 1
+
+    @property
     def data_path(self) -> Path:
         """The data file, relative to the folder of the .def file."""
         p = Path(self.data_file)
@@ -138,14 +147,21 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
     def bad(name, why):
         raise ModelSpecError(f"MIXREGLS option {name} = {s[name]:g} is not supported by mlsml: {why}")
 
-    if int(s.get("MLS", 0)) == 1:
-        bad("MLS", "MIXREGMLS (random slopes) jobs are not read; fit them with mlsml.fit(..., re_formula='~ x')")
-    if int(s["R"]) != 0:
-        bad("R", "covariates of the BS (random-location) variance need a cluster-specific Sigma; mlsml's Sigma is constant")
-    if int(s.get("RV", 0)) != 0:
-        bad("RV", "BS/WS-decomposed covariates of the BS variance model are not available (constant Sigma)")
-    if int(s["RNINT"]) == 1:
-        bad("RNINT", "a model without the random location (BS variance intercept) is not a MIXREGLS model mlsml fits")
+    mls = int(s.get("MLS", 0)) == 1
+    if mls:  # MIXREGMLS (MixWILD 2.0): the R columns carry random slopes; NCOV is forced to 1
+        s["NCOV"] = 1.0
+        if int(s.get("RV", 0)) != 0:
+            bad("RV", "decomposed random-slope covariates of MIXREGMLS are not read; add the deviation column to the data")
+        if int(s["R"]) == 0 and int(s["RNINT"]) == 1:
+            bad("RNINT", "a model without random location effects is not a location scale model")
+    else:
+        if int(s["R"]) != 0:
+            bad("R", "covariates of the BS (random-location) variance need a cluster-specific Sigma; mlsml's Sigma is "
+                "constant (for random slopes use MixWILD 2.0's MLS = 1)")
+        if int(s.get("RV", 0)) != 0:
+            bad("RV", "BS/WS-decomposed covariates of the BS variance model are not available (constant Sigma)")
+        if int(s["RNINT"]) == 1:
+            bad("RNINT", "a model without the random location (BS variance intercept) is not a MIXREGLS model mlsml fits")
     if int(s.get("STAGE2", 0)) != 0:
         bad("STAGE2", "second-stage models are not fitted; set STAGE2 = 0 to run stage 1")
     if layout == "mixwild_2017" and int(s.get("NO2ND", 1)) != 1:
@@ -264,13 +280,13 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
     sv_cols = read_record(SV, "the BS/WS-decomposed WS-variance columns") if SV else []
     y_label = read_record(1, "the label of the dependent variable", str)[0]
     x_labels = read_record(P, "the mean-model labels", str) if P else []
-    if R:
-        read_record(R, "the BS-variance labels", str)
+    u_labels = read_record(R, "the BS-variance (random-slope) labels", str) if R else []
     w_labels = read_record(S, "the WS-variance labels", str) if S else []
     pv_labels = read_record(PV, "the decomposed mean-model labels", str) if PV else []
     sv_labels = read_record(SV, "the decomposed WS-variance labels", str) if SV else []
     nvar = int(s["NVAR"])
-    for name, cols in (("id", [id_col]), ("y", [y_col]), ("mean", x_cols), ("WS variance", w_cols), ("decomposed", pv_cols + sv_cols)):
+    for name, cols in (("id", [id_col]), ("y", [y_col]), ("mean", x_cols), ("BS variance", u_cols), ("WS variance", w_cols),
+                       ("decomposed", pv_cols + sv_cols)):
         for c in cols:
             if not 1 <= c <= nvar:
                 raise ModelSpecError(f"{where}: {name} column number {c} is outside 1..NVAR = {nvar}")
@@ -278,7 +294,7 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
         title=title, data_file=data_file, output_file=output_file, layout=family, settings=settings,
         id_col=id_col, y_col=y_col, x_cols=tuple(x_cols), u_cols=tuple(u_cols), w_cols=tuple(w_cols),
         pv_cols=tuple(pv_cols), sv_cols=tuple(sv_cols), y_label=y_label, x_labels=tuple(x_labels),
-        w_labels=tuple(w_labels), pv_labels=tuple(pv_labels), sv_labels=tuple(sv_labels),
+        w_labels=tuple(w_labels), pv_labels=tuple(pv_labels), sv_labels=tuple(sv_labels), u_labels=tuple(u_labels),
         path=Path(path) if path is not None else None, notes=tuple(notes),
     )
 
@@ -339,6 +355,7 @@ class JobData:
     random_scale: bool
     notes: tuple[str, ...]
     raw_frame: pd.DataFrame | None = None
+    re_formula: str = "~ 1"
 
 
 def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
@@ -363,6 +380,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     y = col(job.y_col, job.y_label)
     x = [col(c, lab) for c, lab in zip(job.x_cols, job.x_labels)]
     w = [col(c, lab) for c, lab in zip(job.w_cols, job.w_labels)]
+    u = [col(c, lab) for c, lab in zip(job.u_cols, job.u_labels)]
     pv = [col(c, lab) for c, lab in zip(job.pv_cols, job.pv_labels)]
     sv = [col(c, lab) for c, lab in zip(job.sv_cols, job.sv_labels)]
     used_cols = sorted(names)
@@ -414,7 +432,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     raw_frame = frame
     if int(job.setting("NCENT")) == 1:
         frame = frame.copy()
-        for c in dict.fromkeys(mean_terms + scale_terms):
+        for c in dict.fromkeys(mean_terms + scale_terms + (u if job.random_slopes else [])):
             sd = frame[c].std(ddof=1)
             if sd > 0:
                 frame[c] = (frame[c] - frame[c].mean()) / sd
@@ -425,8 +443,12 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     formula = f"{y} ~ {rhs}" + (" - 1" if int(job.setting("PNINT")) == 1 else "")
     srhs = " + ".join(scale_terms) if scale_terms else "1"
     scale_formula = f"~ {srhs}" + (" - 1" if int(job.setting("SNINT")) == 1 and scale_terms else "")
+    re_formula = "~ 1"
+    if job.random_slopes:
+        re_formula = "~ " + (" + ".join(u) if u else "1") + (" - 1" if int(job.setting("RNINT")) == 1 else "")
+        notes.append(f"MLS = 1 (MIXREGMLS): random location effects {re_formula}, all correlated with the random scale")
     return JobData(frame=frame, formula=formula, scale_formula=scale_formula, random_scale=job.random_scale,
-                   notes=tuple(notes), raw_frame=raw_frame)
+                   notes=tuple(notes), raw_frame=raw_frame, re_formula=re_formula)
 
 
 @dataclass(frozen=True)
@@ -469,7 +491,7 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     job = parse_def(path)
     jd = job_data(job)
     model = MELSM.from_formula(jd.formula, jd.frame, groups="_cluster", scale_formula=jd.scale_formula,
-                               random_scale=jd.random_scale, missing="raise")
+                               re_formula=jd.re_formula, random_scale=jd.random_scale, missing="raise")
     nq = int(nagq or job.nq)
     if stages:
         seq = fit_stages(model, nagq=nq, progress=progress, **fit_options)
@@ -484,7 +506,7 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     described = model
     if standardized:  # MIXREGLS describes the covariates before standardising them
         described = MELSM.from_formula(jd.formula, jd.raw_frame, groups="_cluster", scale_formula=jd.scale_formula,
-                                       random_scale=jd.random_scale, missing="raise")
+                                       re_formula=jd.re_formula, random_scale=jd.random_scale, missing="raise")
     report = summarize_mixwild(res, stages=seq or None, title=title, source=str(job.data_path),
                                standardized=standardized, describe=described)
     if jd.notes:

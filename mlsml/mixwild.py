@@ -71,6 +71,12 @@ STAGE_TITLES = (
 
 
 # ---------------------------------------------------------------------------- conversion
+def _is_mixregls_layout(res) -> bool:
+    """Whether ``res`` is a random-intercept model (MIXREGLS); otherwise MIXREGMLS's random-slope layout applies."""
+    model = getattr(res, "model", res)
+    return model.layout.q == 1 and tuple(model.design.info.get("re_terms", ())) == ("Intercept",)
+
+
 def _check_mixregls_layout(res) -> None:
     lay = res.layout
     re_terms = tuple(res.model.design.info.get("re_terms", ()))
@@ -256,12 +262,14 @@ def fit_stages(
 ) -> list[tuple[str, object]]:
     """Fit the nested sequence of models that MIXREGLS reports.
 
-    1. "Model without Scale Parameters": the mean model with a random
-       intercept, ``ln var(e) = alpha_0`` (constant WS variance);
+    1. "Model without Scale Parameters": the mean model with its random
+       location effects, ``ln var(e) = alpha_0`` (constant WS variance);
     2. "Model WITH Scale Parameters": + the WS covariates of the final model
        (skipped, as by MIXREGLS, when the WS model has only an intercept);
     3. "Model WITH RANDOM Scale": + the random scale ``v`` correlated with the
        random location (MIXREGLS's NCOV = 1) -- only when the final model has one.
+
+    Random-slope models (MIXREGMLS) follow the same sequence.
 
     Parameters
     ----------
@@ -288,8 +296,8 @@ def fit_stages(
         if nagq is None:
             nagq = fitted.nagq
     lay = model.layout
-    if lay.q != 1 or tuple(model.design.info.get("re_terms", ())) != ("Intercept",):
-        raise ModelSpecError("the MIXREGLS stage sequence needs a random-intercept model (re_formula='~ 1')")
+    if lay.q < 1:
+        raise ModelSpecError("the MIXREGLS stage sequence needs random location effects (re_formula='~ 1' or '~ x')")
     plan: list[tuple[str, object]] = [(STAGE_TITLES[0], _stage_model(model, True, False))]
     if lay.k > 1:
         plan.append((STAGE_TITLES[1], _stage_model(model, False, False) if lay.random_scale else model))
@@ -373,7 +381,10 @@ def describe_data(res, standardized: bool = False) -> str:
     out += _DESCR_HEAD + _descr_rows(design.X, lay.mean_terms)
     out.append("")
     out.append(" BS variance model covariates")
-    out += _DESCR_HEAD + _descr_rows(np.ones((design.nobs, 1)), ["Intercept"])
+    if _is_mixregls_layout(model):
+        out += _DESCR_HEAD + _descr_rows(np.ones((design.nobs, 1)), ["Intercept"])
+    else:  # MIXREGMLS: the covariates of the random location effects
+        out += _DESCR_HEAD + _descr_rows(design.Z, list(design.info.get("re_terms", lay.re_names)))
     out.append("")
     out.append(" WS variance model covariates")
     out += _DESCR_HEAD + _descr_rows(design.W, lay.scale_terms)
@@ -421,9 +432,67 @@ def _model_block(title: str, res, standardized: bool = False) -> str:
     return "\n".join(out)
 
 
+def _mls_rows(res, names: list[str], labels: list[str]) -> list[str]:
+    return [_f804(lab, [res.params[n], res.bse[n], res.tvalues[n], res.pvalues[n]]) for n, lab in zip(names, labels)]
+
+
+def _model_block_mls(title: str, res, standardized: bool = False) -> str:
+    """A model block in MIXREGMLS's layout (random slopes): Sigma is printed on its natural scale."""
+    lay = res.layout
+    bar = "-" * len(title)
+    out = ["", "", bar, title, bar]
+    out.append(f" Total  Iterations = {res.n_iter:3d}")
+    out.append(f" Converged         = {'yes' if res.converged else 'NO: ' + res.message}")
+    out.append("")
+    out += _criteria(res)
+    out += ["", "", "Variable                Estimate    AsymStdError         z-value         p-value",
+            "----------------    ------------    ------------    ------------    ------------"]
+    out.append(("STANDARDIZED " if standardized and lay.p > 1 else "") + _BLOCK_TITLES["BETA"])
+    out += _mls_rows(res, [f"mean:{t}" for t in lay.mean_terms], list(lay.mean_terms))
+    out += ["", "Random (location) Effect Variances and Covariances"]
+    terms = list(res.model.design.info.get("re_terms", lay.re_names[: lay.q]))
+    names, labels = [], []
+    for i in range(lay.q):
+        for j in range(i + 1):
+            if i == j:
+                names.append(f"var(u{i})")
+                labels.append(terms[i])
+            else:
+                names.append(f"cov(u{j},u{i})")
+                labels.append("Covariance" if lay.q == 2 else f"Covariance{j + 1}{i + 1}")
+    out += _mls_rows(res, names, labels)
+    out.append("")
+    if lay.k == 1 and not lay.random_scale and lay.scale_terms == ("Intercept",):
+        a, se = float(res.params["scale:Intercept"]), float(res.bse["scale:Intercept"])
+        ev, ev_se = np.exp(a), np.exp(a) * se
+        out.append(_f804("Error variance", [ev, ev_se, ev / ev_se, 2 * stats.norm.sf(abs(ev / ev_se))]))
+    else:
+        out.append(("STANDARDIZED " if standardized and lay.k > 1 else "") + _BLOCK_TITLES["TAU"])
+        out += _mls_rows(res, [f"scale:{t}" for t in lay.scale_terms], list(lay.scale_terms))
+    if lay.random_scale:
+        out += ["", "Random Scale Variance and Covariance"]
+        out += _mls_rows(res, [f"cov(u{i},v)" for i in range(lay.q)] + ["var(v)"],
+                         [f"Cov {t}" for t in terms] + ["Scale int var"])
+    if not res.converged:
+        out.append("NOTE: CONVERGENCE CRITERION WAS NOT ACHIEVED")
+    for r in res.singular_reasons():
+        out.append(f"NOTE: singular fit: {r}")
+    return "\n".join(out)
+
+
 def _ratio_tables(res, alpha: float) -> str:
-    tab = to_mixregls(res)
     z = stats.norm.ppf(1 - alpha / 2)
+    if not _is_mixregls_layout(res):  # MIXREGMLS prints the WS ratios only
+        level = f"{100 * (1 - alpha):g}%"
+        title = f"WS variance ratios and {level} CIs"
+        out = ["", "", title, "-" * len(title), "",
+               f"{'Variable':<16}" + "".join(f"    {h:>12}" for h in ("Ratio", "Lower", "Upper")),
+               "----------------    ------------    ------------    ------------", _BLOCK_TITLES["TAU"]]
+        for t in res.layout.scale_terms:
+            e, s = float(res.params[f"scale:{t}"]), float(res.bse[f"scale:{t}"])
+            out.append(_f804(t, [np.exp(e), np.exp(e - z * s), np.exp(e + z * s)]))
+        return "\n".join(out)
+    tab = to_mixregls(res)
     level = f"{100 * (1 - alpha):g}%"
     head = [f"{'Variable':<16}" + "".join(f"    {h:>12}" for h in ("Ratio", "Lower", "Upper")),
             "----------------    ------------    ------------    ------------"]
@@ -451,7 +520,7 @@ def _ratio_tables(res, alpha: float) -> str:
 def _ours_block(res, alpha: float) -> str:
     names = list(res.layout.cov_names)
     ci = res.conf_int(alpha)
-    title = "mlsml parameters (natural scale: Sigma = Cov(u0, v))"
+    title = f"mlsml parameters (natural scale: Sigma = Cov({', '.join(res.layout.re_names)}))"
     out = ["", "", title, "-" * len(title), ""]
     out.append(f"{'Variable':<16}" + "".join(f"    {h:>12}" for h in ("Estimate", "StdError", "Lower", "Upper")))
     out.append("----------------    ------------    ------------    ------------    ------------")
@@ -489,7 +558,11 @@ def summarize_mixwild(
     Parameters
     ----------
     res : MELSMResults
-        The final fit (random intercept; with or without a random scale).
+        The final fit, with or without a random scale. A random-intercept model
+        is printed in MIXREGLS's parameterisation; a model with random slopes
+        in MIXREGMLS's (MixWILD) layout, which prints ``Sigma`` directly:
+        location variances and covariances, TAU, and the random-scale
+        covariances ``Cov <term>`` and variance ``Scale int var``.
     stages : sequence of (title, MELSMResults), optional
         Earlier models to print before it (see :func:`fit_stages`); the last
         entry must be ``res``. Default: ``res`` alone.
@@ -513,7 +586,9 @@ def summarize_mixwild(
     """
     from . import __version__
 
-    _check_mixregls_layout(res)
+    if res.layout.q < 1:
+        raise ModelSpecError("the MIXREGLS report needs random location effects (re_formula='~ 1' or '~ x')")
+    mls = not _is_mixregls_layout(res)
     if stages is None or len(stages) == 0:
         lay = res.layout
         t = STAGE_TITLES[2] if lay.random_scale else (STAGE_TITLES[1] if lay.k > 1 else STAGE_TITLES[0])
@@ -532,7 +607,10 @@ def summarize_mixwild(
     out.append(f" mean model          : {spec.formula}")
     rs = "  + random scale v (correlated with u0)" if res.layout.random_scale else ""
     out.append(f" WS variance model   : {spec.scale_formula}{rs}")
-    out.append(f" BS variance model   : ~ 1  (cluster: {spec.groups})")
+    if mls:
+        out.append(f" random location     : {spec.re_formula}  (cluster: {spec.groups}; MIXREGMLS layout)")
+    else:
+        out.append(f" BS variance model   : ~ 1  (cluster: {spec.groups})")
     out.append(f" NQ         = {res.nagq:4d} per dimension")
     out.append(" QUADRATURE = adaptive Gauss-Hermite, rotated at each cluster's posterior mode")
     out.append(f" OPTIMISER  = {res.method} + Newton polish (autograd derivatives); SEs from the observed information")
@@ -540,7 +618,8 @@ def summarize_mixwild(
     out.append("")
     out.append(describe_data(res if describe is None else describe, standardized=standardized))
     for t, r in stages:
-        out.append(_model_block(t, r, standardized=standardized))
+        block = _model_block_mls if mls else _model_block
+        out.append(block(t, r, standardized=standardized))
     if len(stages) > 1:
         tests = stage_tests(stages)
         ttl = "Likelihood-ratio tests between the models"
