@@ -16,7 +16,6 @@ import time
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 
 from .errors import ConvergenceWarning, MLSMLError
@@ -48,19 +47,8 @@ EPILOG_DEMO = """examples:
 
 
 def _fit_json(res) -> dict:
-    return {
-        "llf": res.llf,
-        "converged": res.converged,
-        "nobs": res.nobs,
-        "ngroups": res.ngroups,
-        "nagq": res.nagq,
-        "aic": res.aic,
-        "bic": res.bic,
-        "params": {k: float(v) for k, v in res.params.items()},
-        "bse": {k: (float(v) if np.isfinite(v) else None) for k, v in res.bse.items()},
-        "singular": res.singular,
-        "message": res.message,
-    }
+    """The JSON written by ``--json`` (:meth:`mlsml.MELSMResults.to_dict`)."""
+    return res.to_dict()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -84,8 +72,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("Model 3: + prior achievement in the residual variance", dict(scale_formula="~ x", random_scale=True)),
     ]
     fits = []
-    for title, kw in specs:
+    progress = _progress_printer(args)
+    for i, (title, kw) in enumerate(specs, start=1):
+        if progress is not None:
+            progress(i, len(specs), title.split(":")[0])
         res = fit_model("y ~ x", df, groups="school", callback=_pass_printer(args), **kw)
+        if progress is not None:
+            progress.finish()
         fits.append(res)
         if not args.quiet:
             print(f"\n{title}", file=out)
