@@ -225,8 +225,8 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
             f"{where}: no settings line (NVAR P R S ...) found on line 5 or 6; this does not look like a MIXREGLS .def file"
         )
     title = tuple(lines[i].rstrip()[:72].strip() for i in range(2))
-    data_file = " ".join(_tokens(lines[2])) if lines[2].strip() else ""
-    output_file = " ".join(_tokens(lines[3])) if lines[3].strip() else ""
+    data_file = lines[2].strip().strip("'\"").strip()  # a path: may hold '/' (not a list-directed record end here)
+    output_file = lines[3].strip().strip("'\"").strip()
     toks = _tokens(lines[header])
     long = not (0.0 < _num(toks[7]) <= 0.9)
     if family == "mixwild":

@@ -137,6 +137,15 @@ def test_unsupported_options_name_the_option(tmp_path, settings, option):
         parse_def(p)
 
 
+def test_data_file_paths(tmp_path):
+    (tmp_path / "sub").mkdir()
+    job = parse_def(text='t\nt\n "sub/d.dat" \no.out\ne.def\n3 1 0 1 0 0 0 1e-5 11 1 200 0 0 1 0.1 0\n1 2\n3\n3\ny\nx\nx\n')
+    assert job.data_file == "sub/d.dat"
+    p = tmp_path / "job.def"
+    p.write_text("t\nt\nsub/d.dat\no.out\ne.def\n3 1 0 1 0 0 0 1e-5 11 1 200 0 0 1 0.1 0\n1 2\n3\n3\ny\nx\nx\n")
+    assert parse_def(p).data_path == tmp_path / "sub" / "d.dat"
+
+
 def test_malformed_def_files(tmp_path):
     with pytest.raises(ModelSpecError, match="no settings line"):
         parse_def(text="just\na\ntext\nfile\n\n\n")
