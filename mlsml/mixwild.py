@@ -652,6 +652,9 @@ class MixwildSummary:
         """The report in a LaTeX ``verbatim`` environment."""
         return "\\begin{verbatim}\n" + self.text + "\\end{verbatim}\n"
 
+    def _repr_html_(self) -> str:
+        return self.as_html()
+
     def __str__(self) -> str:
         return self.text
 
