@@ -399,6 +399,10 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
             frame, ids = frame.loc[~drop].reset_index(drop=True), ids[~drop]
     if len(frame) == 0:
         raise DataError("no rows left after removing the missing-value code")
+    bad_id = ~np.isfinite(ids)
+    if bad_id.any():
+        raise DataError(f"the cluster id (column {job.id_col}) is not a finite number in {int(bad_id.sum())} record(s), "
+                        f"the first being record {int(np.nonzero(bad_id)[0][0]) + 1} of the rows used")
     run = np.concatenate([[0], np.cumsum(ids[1:] != ids[:-1])])
     first_ids = ids[np.r_[0, np.nonzero(np.diff(run))[0] + 1]]
     if len(np.unique(first_ids)) != len(first_ids) or np.any(np.diff(first_ids) < 0):

@@ -213,6 +213,12 @@ def test_discard0_and_unsorted_ids(tmp_path):
     assert list(jd.frame["_cluster"]) == [2, 2, 2, 3, 3]
 
 
+def test_non_finite_cluster_id(tmp_path):
+    p = _job(tmp_path, "3 1 0 0 0 0 0 1e-5 11 1 200 0 0 1 0.1 0", "1 2\n3\ny\nx\n", "1 1 0.5\nnan 2 0.2\n2 3 0.1\n")
+    with pytest.raises(DataError, match=r"cluster id \(column 1\) is not a finite number in 1 record\(s\), the first being record 2"):
+        job_data(parse_def(p))
+
+
 def test_read_dat_list_directed(tmp_path):
     p = tmp_path / "d.dat"
     p.write_text("1 2.5\n3\n\n4 5 6 99\n7,8,9\n")
