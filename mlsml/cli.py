@@ -1,7 +1,10 @@
-"""Command line: ``mlsml demo`` and ``mlsml fit``.
+"""Command line: ``mlsml demo``, ``mlsml fit`` and ``mlsml mixregls``.
 
-Errors are printed as one line (``mlsml: error: ...``) with exit status 2;
-a fit that did not converge exits with status 3 after printing its summary.
+Errors are printed as one line (``mlsml: error: ...``, no traceback) with exit
+status 2 (1 for an unexpected internal error); a fit that did not converge
+exits with status 3 after printing its summary. ``--verbose`` prints the
+optimiser's progress (one line per pass) and ``--quiet`` only errors and
+warnings; progress of multi-model work goes to standard error.
 """
 
 from __future__ import annotations
@@ -9,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 
 from .errors import ConvergenceWarning, MLSMLError
@@ -21,23 +24,31 @@ EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x"
   mlsml fit data.csv --formula "y ~ x" --groups school --no-random-scale
   mlsml fit data.csv --formula "y ~ x + C(eth)" --groups school --scale "~ x" --json out.json
+  mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x" --style mixwild --stages
+  mlsml fit data.csv --formula "y ~ x" --groups school --format latex > table.tex
+"""
+
+EPILOG_MIXREGLS = """examples:
+  mlsml mixregls job.def                  # fit the job's model sequence, print the MIXREGLS-style report
+  mlsml mixregls job.def --no-stages      # only the final model
+  mlsml mixregls job.def --out job.OUT --json job.json
+  mlsml mixregls job.def --nagq 21 -v     # more quadrature points, optimiser progress
+
+The .def file and its space-delimited data file are read as MIXREGLS reads them
+(layouts of mixregls_var, MixWILD 2017 and MixWILD 2.0); the data file name in the
+.def is relative to the folder of the .def. Options mlsml cannot fit (BS-variance
+covariates, NCOV other than 1, second-stage models) are reported as errors.
+"""
+
+EPILOG_DEMO = """examples:
+  mlsml demo
+  mlsml demo --quiet      # only the model comparison table
 """
 
 
 def _fit_json(res) -> dict:
-    return {
-        "llf": res.llf,
-        "converged": res.converged,
-        "nobs": res.nobs,
-        "ngroups": res.ngroups,
-        "nagq": res.nagq,
-        "aic": res.aic,
-        "bic": res.bic,
-        "params": {k: float(v) for k, v in res.params.items()},
-        "bse": {k: (float(v) if np.isfinite(v) else None) for k, v in res.bse.items()},
-        "singular": res.singular,
-        "message": res.message,
-    }
+    """The JSON written by ``--json`` (:meth:`mlsml.MELSMResults.to_dict`)."""
+    return res.to_dict()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -61,8 +72,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("Model 3: + prior achievement in the residual variance", dict(scale_formula="~ x", random_scale=True)),
     ]
     fits = []
-    for title, kw in specs:
-        res = fit_model("y ~ x", df, groups="school", **kw)
+    progress = _progress_printer(args)
+    for i, (title, kw) in enumerate(specs, start=1):
+        if progress is not None:
+            progress(i, len(specs), title.split(":")[0])
+        res = fit_model("y ~ x", df, groups="school", callback=_pass_printer(args), **kw)
+        if progress is not None:
+            progress.finish()
         fits.append(res)
         if not args.quiet:
             print(f"\n{title}", file=out)
@@ -85,6 +101,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise MLSMLError(f"cannot read {args.data!r}: no such file") from exc
     except Exception as exc:
         raise MLSMLError(f"cannot read {args.data!r} as CSV: {exc}") from exc
+    if df.shape[1] == 0 or df.shape[0] == 0:
+        raise MLSMLError(f"{args.data!r} holds no data")
     res = fit_model(
         args.formula,
         df,
@@ -94,13 +112,91 @@ def cmd_fit(args: argparse.Namespace) -> int:
         random_scale=not args.no_random_scale,
         missing=args.missing,
         nagq=args.nagq,
+        callback=_pass_printer(args),
     )
+    stages = None
+    if args.stages:
+        if args.style != "mixwild":
+            raise MLSMLError("--stages needs --style mixwild")
+        from .mixwild import fit_stages
+
+        stages = fit_stages(res, progress=_progress_printer(args), callback=_pass_printer(args))
     if not args.quiet:
-        print(res.summary().as_text())
+        if args.style == "mixwild":
+            from .mixwild import MixwildSummary, summarize_mixwild
+
+            smry = MixwildSummary(summarize_mixwild(res, stages=stages, source=args.data))
+        else:
+            smry = res.summary()
+        print(_render(smry, args.format))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(_fit_json(res), fh, indent=2)
     return 0 if res.converged else 3
+
+
+def _render(smry, fmt: str) -> str:
+    """A summary object as text, HTML or LaTeX."""
+    return {"text": smry.as_text, "html": smry.as_html, "latex": smry.as_latex}[fmt]()
+
+
+def _pass_printer(args: argparse.Namespace):
+    """With --verbose: a fit callback printing one line per optimiser pass (to stderr)."""
+    if not getattr(args, "verbose", False):
+        return None
+    t0 = time.perf_counter()
+
+    def callback(n_pass, theta, llf):
+        print(f"mlsml:   pass {n_pass}: logL = {llf:.6f}  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+    return callback
+
+
+def _progress_printer(args: argparse.Namespace):
+    """Unless --quiet: a progress display for a sequence of fits (to stderr)."""
+    if getattr(args, "quiet", False):
+        return None
+    state = {"t": None}
+
+    def progress(i, n, title):
+        now = time.perf_counter()
+        if state["t"] is not None:
+            print(f"done ({now - state['t']:.1f} s)", file=sys.stderr)
+        state["t"] = now
+        end = "\n" if getattr(args, "verbose", False) else " "
+        print(f"mlsml: [{i}/{n}] {title} ...", end=end, file=sys.stderr, flush=True)
+
+    def finish():
+        if state["t"] is not None:
+            print(f"done ({time.perf_counter() - state['t']:.1f} s)", file=sys.stderr)
+            state["t"] = None
+
+    progress.finish = finish  # type: ignore[attr-defined]
+    return progress
+
+
+def cmd_mixregls(args: argparse.Namespace) -> int:
+    """Run a MIXREGLS job (.def + .dat) and print the MIXREGLS-style report."""
+    from .mixregls_def import run_job
+    from .mixwild import MixwildSummary
+
+    progress = _progress_printer(args)
+    try:
+        run = run_job(args.deffile, stages=not args.no_stages, nagq=args.nagq, progress=progress,
+                      callback=_pass_printer(args))
+    finally:
+        if progress is not None:
+            progress.finish()
+    smry = MixwildSummary(run.report)
+    text = _render(smry, args.format)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    if not args.quiet:
+        print(text)
+    if args.json:
+        run.results.to_json(args.json)
+    return 0 if all(r.converged for _, r in run.stages) and run.results.converged else 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,16 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlsml",
         description="Maximum-likelihood mixed-effects location scale models (adaptive Gauss-Hermite quadrature).",
+        epilog="examples:\n  mlsml demo\n  mlsml fit data.csv --formula \"y ~ x\" --groups school --scale \"~ x\"\n"
+        "  mlsml mixregls job.def\n\n'mlsml COMMAND --help' describes each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "demo",
         help="fit Models 1-3 to bundled simulated London-style data",
         description="Fit the paper's Models 1-3 to simulated London-style data and compare them.",
-        epilog="example:\n  mlsml demo",
+        epilog=EPILOG_DEMO,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("-q", "--quiet", action="store_true", help="print only the comparison table")
+    d.add_argument("-v", "--verbose", action="store_true", help="print the optimiser's progress (one line per pass)")
     d.set_defaults(func=cmd_demo)
     f = sub.add_parser(
         "fit",
@@ -135,31 +235,83 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--nagq", type=int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")
     f.add_argument("--json", metavar="PATH", help="write llf, params, bse, converged as JSON")
+    f.add_argument("--style", choices=["statsmodels", "mixwild"], default="statsmodels",
+                   help="summary layout: statsmodels tables or the MIXREGLS/MIXWILD report")
+    f.add_argument("--stages", action="store_true",
+                   help="with --style mixwild: also fit and print MIXREGLS's model sequence with LR tests")
+    f.add_argument("--format", choices=["text", "html", "latex"], default="text", help="output format of the summary")
     f.add_argument("-q", "--quiet", action="store_true", help="do not print the summary")
+    f.add_argument("-v", "--verbose", action="store_true", help="print the optimiser's progress (one line per pass)")
     f.set_defaults(func=cmd_fit)
+    m = sub.add_parser(
+        "mixregls",
+        help="run a MIXREGLS job (.def + data file) and print a MIXREGLS-style report",
+        description="Read a MIXREGLS definition file and its data file, fit the same model by maximum likelihood "
+        "and print the MIXREGLS/MIXWILD-style report.",
+        epilog=EPILOG_MIXREGLS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("deffile", help="MIXREGLS definition file (.def)")
+    m.add_argument("--no-stages", action="store_true", help="fit only the final model, not MIXREGLS's model sequence")
+    m.add_argument("--nagq", type=int, default=None, help="quadrature points per dimension (default: NQ of the .def)")
+    m.add_argument("--format", choices=["text", "html", "latex"], default="text", help="output format of the report")
+    m.add_argument("--out", metavar="PATH", help="also write the report to PATH")
+    m.add_argument("--json", metavar="PATH", help="write the final fit as JSON (MELSMResults.to_json)")
+    m.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors and warnings")
+    m.add_argument("-v", "--verbose", action="store_true", help="print the optimiser's progress (one line per pass)")
+    m.set_defaults(func=cmd_mixregls)
     return p
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (patsy's messages span several lines)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text or type(exc).__name__
+
+
+def _error(pending: list[str], message: str, code: int) -> int:
+    """Queue ``mlsml: error: message`` (printed after any warnings, as the last line) and return ``code``."""
+    pending.append(f"mlsml: error: {message}")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlsml`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    pending: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             code = args.func(args)
         except MLSMLError as exc:
-            print(f"mlsml: error: {exc}", file=sys.stderr)
-            return 2
-        except (OSError, ValueError) as exc:
-            print(f"mlsml: error: {exc}", file=sys.stderr)
-            return 2
+            code = _error(pending, _one_line(exc), 2)
+        except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            code = 0
+        except (OSError, ValueError, LookupError) as exc:
+            code = _error(pending, _one_line(exc), 2)
+        except KeyboardInterrupt:
+            code = _error(pending, "interrupted", 130)
+        except Exception as exc:  # any other failure: still one line, no traceback
+            name = type(exc).__name__
+            if name == "PatsyError":
+                code = _error(pending, f"formula: {_one_line(exc)}", 2)
+            else:
+                code = _error(pending, f"unexpected {name}: {_one_line(exc)} (please report this)", 1)
     seen = set()
     for w in caught:
         msg = f"mlsml: {'WARNING' if issubclass(w.category, ConvergenceWarning) else 'warning'}: {w.message}"
         if msg not in seen and issubclass(w.category, UserWarning):
             seen.add(msg)
             print(msg, file=sys.stderr)
+    for msg in pending:
+        print(msg, file=sys.stderr)
     return code
 
 

@@ -313,12 +313,69 @@ class MELSMResults:
         ----------
         alpha : float
             Confidence level of the intervals is ``1 - alpha``.
-        style : {"statsmodels"}
-            Layout.
+        style : {"statsmodels", "mixwild"}
+            Layout: statsmodels' summary2 tables, or the MIXREGLS/MIXWILD report
+            (:func:`mlsml.mixwild.summarize_mixwild`; same ``as_*`` methods).
         """
         from .summary import summarize
 
         return summarize(self, alpha=alpha, style=style)
+
+    def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
+        """Tidy table of the estimates: one row per parameter.
+
+        Columns ``name`` (the parameter contract of :mod:`mlsml.params`),
+        ``block`` (``mean``, ``scale`` or ``re``), ``term``, ``estimate``,
+        ``std err``, ``z``, ``p`` (two-sided normal) and the Wald interval
+        ``ci_lower``, ``ci_upper`` at level ``1 - alpha``.
+        """
+        ci = self.conf_int(alpha)
+        names = list(self.params.index)
+        blocks = [n.split(":", 1)[0] if ":" in n else "re" for n in names]
+        terms = [n.split(":", 1)[1] if ":" in n else n for n in names]
+        return pd.DataFrame(
+            {
+                "name": names, "block": blocks, "term": terms,
+                "estimate": self.params.to_numpy(), "std err": self.bse.to_numpy(),
+                "z": self.tvalues.to_numpy(), "p": self.pvalues.to_numpy(),
+                "ci_lower": ci.iloc[:, 0].to_numpy(), "ci_upper": ci.iloc[:, 1].to_numpy(),
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python summary of the fit (the content of :meth:`to_json`); NaN becomes ``None``."""
+
+        def num(v):
+            v = float(v)
+            return v if np.isfinite(v) else None
+
+        spec = self.model.formula_spec
+        return {
+            "formula": spec.formula, "scale_formula": spec.scale_formula, "re_formula": spec.re_formula,
+            "groups": spec.groups, "random_scale": bool(self.layout.random_scale),
+            "nobs": self.nobs, "ngroups": self.ngroups, "nagq": self.nagq, "method": self.method,
+            "llf": num(self.llf), "aic": num(self.aic), "bic": num(self.bic), "bic_groups": num(self.bic_groups),
+            "df_model": self.df_model, "converged": self.converged, "message": self.message,
+            "n_iter": self.n_iter, "n_passes": self.n_passes, "singular": self.singular,
+            "params": {k: num(v) for k, v in self.params.items()},
+            "bse": {k: num(v) for k, v in self.bse.items()},
+            "cov_params": [[num(v) for v in row] for row in np.asarray(self._cov)],
+            "theta": [num(v) for v in self.theta],
+        }
+
+    def to_json(self, path=None, indent: int = 2) -> str:
+        """The fit as JSON (see :meth:`to_dict`); written to ``path`` when given.
+
+        Floats are written with Python's shortest round-trip representation,
+        so ``json.loads`` gives back exactly the same numbers.
+        """
+        import json
+
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text + "\n")
+        return text
 
     def compare_lr_test(self, restricted: MELSMResults):
         """Likelihood-ratio test of ``restricted`` (nested) against this fit.

@@ -71,10 +71,19 @@ def header_dict(res) -> dict[str, str]:
     }
 
 
-def summarize(res, alpha: float = 0.05, style: str = "statsmodels") -> summary2.Summary:
-    """Build the summary of ``res`` (see module docstring)."""
+def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
+    """Build the summary of ``res`` (see module docstring).
+
+    ``style="mixwild"`` gives the MIXREGLS report layout
+    (:func:`mlsml.mixwild.summarize_mixwild`) wrapped in a
+    :class:`mlsml.mixwild.MixwildSummary`.
+    """
+    if style == "mixwild":
+        from .mixwild import MixwildSummary, summarize_mixwild
+
+        return MixwildSummary(summarize_mixwild(res, alpha=alpha))
     if style != "statsmodels":
-        raise ModelSpecError(f"unknown summary style {style!r} (available: 'statsmodels')")
+        raise ModelSpecError(f"unknown summary style {style!r} (available: 'statsmodels', 'mixwild')")
     lay = res.layout
     smry = summary2.Summary()
     smry.add_title("Mixed-effects location scale model results")

@@ -1,0 +1,518 @@
+"""Run a MIXREGLS job as it is: read its definition file (.def) and data file (.dat).
+
+A MIXREGLS job is a definition file and a space-delimited data file sorted by
+cluster. The definition file holds two title lines, the file names, one line
+of numeric settings, the column numbers (1-based) of the cluster id, the
+dependent variable and the covariates of the mean, BS-variance and
+WS-variance models, and then their labels. Three layouts are read, told
+apart by the number of file-name lines and of settings:
+
+``mixregls_var`` (MIXREGLS 2013/2017, 5 header lines: titles, data, output, echo .def)
+    ``NVAR P R S PNINT RNINT SNINT [PV RV SV] CONV NQ AQUAD MAXIT YMISS NCENT NCOV RIDGEIN DISCARD0``
+``mixwild_2017`` (MixWILD 2017 ``mixregls_random_mixreg``; 4 header lines: titles, data, output prefix)
+    ``... RIDGEIN NREPS CUTOFF NORS NO2ND DISCARD0`` (20 or 23 values), then second-stage lines
+``mixwild_2`` (MixWILD 2.0 ``lsboth_random_mixblank``; 4 header lines)
+    ``NVAR P R S PNINT RNINT SNINT PV RV SV CONV NQ AQUAD MAXIT YMISS NCENT NCOV RIDGEIN
+    DISCARD0 MLS CHOL NREPS CUTOFF NORS MYSEED STAGE2 MULTI2ND SEPFILE``
+
+As in MIXREGLS, the settings line has the short form (no ``PV RV SV``) when
+its 8th value is a convergence criterion (``0 < CONV <= 0.9``) and the long
+form otherwise. The meaning of the fields follows the program's READ
+statements: ``P``, ``R``, ``S`` are the numbers of covariates of the mean,
+BS-variance and WS-variance models; ``PNINT``/``RNINT``/``SNINT`` = 1 drops
+that model's intercept; ``PV``/``RV``/``SV`` covariates are split into a
+cluster mean (``<label>_BS``) and the deviation from it (``<label>_WS``);
+``YMISS`` is the missing-value code (0 = none): rows where any used variable
+equals it are dropped; ``NCENT = 1`` standardises all covariates; ``NCOV`` is
+the association of the random scale with the random location (1 = linear);
+``NORS = 1`` drops the random scale; ``DISCARD0 = 1`` drops clusters whose
+responses are all equal. Clusters are runs of equal ``INT(id)`` in file order.
+
+mlsml fits the same model by maximum likelihood (adaptive quadrature with
+``NQ`` points per dimension, always adaptive and rotated; its own optimiser,
+so ``CONV``, ``MAXIT`` and ``RIDGEIN`` are not used). MixWILD 2.0's MIXREGMLS
+mode (``MLS = 1``) is read as a random-slope model: the ``R`` BS-variance
+columns become random slopes (``re_formula``), all location effects correlated
+with the random scale. Options mlsml cannot fit (BS-variance covariates
+``R``/``RV`` outside MLS mode, no BS intercept, ``NCOV`` other than 1,
+second-stage models) raise :class:`~mlsml.errors.ModelSpecError` naming the
+option.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, MissingDataWarning, ModelSpecError
+
+_SHORT = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT", "NCOV", "RIDGEIN"]
+_LONG = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "PV", "RV", "SV", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT",
+         "NCOV", "RIDGEIN"]
+_LAYOUTS = {
+    ("mixregls_var", False): _SHORT + ["DISCARD0"],
+    ("mixregls_var", True): _LONG + ["DISCARD0"],
+    ("mixwild_2017", False): _SHORT + ["NREPS", "CUTOFF", "NORS", "NO2ND", "DISCARD0"],
+    ("mixwild_2017", True): _LONG + ["NREPS", "CUTOFF", "NORS", "NO2ND", "DISCARD0"],
+    ("mixwild_2", True): _LONG + ["DISCARD0", "MLS", "CHOL", "NREPS", "CUTOFF", "NORS", "MYSEED", "STAGE2", "MULTI2ND",
+                                  "SEPFILE"],
+}
+_RESERVED = {"C", "Q", "I", "np", "Intercept", "Treatment", "center", "standardize", "scale", "log", "exp", "True", "False", "None"}
+
+
+def _num(tok: str) -> float:
+    return float(tok.replace("D", "E").replace("d", "e"))
+
+
+def _is_num(tok: str) -> bool:
+    try:
+        _num(tok)
+    except ValueError:
+        return False
+    return True
+
+
+def _tokens(line: str) -> list[str]:
+    """List-directed tokens of one record: blanks or commas separate; quotes group; '/' ends the record."""
+    line = line.split("/", 1)[0] if "/" in line and not re.search(r"['\"]", line) else line
+    try:
+        toks = shlex.split(line.replace(",", " "), posix=True)
+    except ValueError:
+        toks = line.replace(",", " ").split()
+    return toks
+
+
+@dataclass(frozen=True)
+class MixreglsJob:
+    """A parsed MIXREGLS definition file (see the module docstring for the fields)."""
+
+    title: tuple[str, ...]
+    data_file: str
+    output_file: str
+    layout: str
+    settings: dict[str, float]
+    id_col: int
+    y_col: int
+    x_cols: tuple[int, ...]
+    u_cols: tuple[int, ...]
+    w_cols: tuple[int, ...]
+    pv_cols: tuple[int, ...]
+    sv_cols: tuple[int, ...]
+    y_label: str
+    x_labels: tuple[str, ...]
+    w_labels: tuple[str, ...]
+    pv_labels: tuple[str, ...]
+    sv_labels: tuple[str, ...]
+    path: Path | None = None
+    notes: tuple[str, ...] = field(default=())
+    u_labels: tuple[str, ...] = field(default=())
+
+    def setting(self, name: str, default: float = 0.0) -> float:
+        """A numeric setting (``NQ``, ``YMISS``, ...); ``default`` when the layout lacks it."""
+        return float(self.settings.get(name, default))
+
+    @property
+    def nq(self) -> int:
+        """Quadrature points per dimension (``NQ``)."""
+        return int(self.setting("NQ", 11))
+
+    @property
+    def random_scale(self) -> bool:
+        """Whether the model has the random scale (``NORS != 1``)."""
+        return int(self.setting("NORS", 0)) != 1
+
+    @property
+    def random_slopes(self) -> bool:
+        """MixWILD 2.0's MIXREGMLS mode (``MLS = 1``): the BS-variance columns are random slopes."""
+        return int(self.setting("MLS", 0)) == 1
+
+    @property
+    def data_path(self) -> Path:
+        """The data file, relative to the folder of the .def file."""
+        p = Path(self.data_file)
+        if not p.is_absolute() and self.path is not None:
+            p = self.path.parent / p
+        return p
+
+
+def _check_supported(s: dict[str, float], layout: str) -> list[str]:
+    notes = []
+
+    def bad(name, why):
+        raise ModelSpecError(f"MIXREGLS option {name} = {s[name]:g} is not supported by mlsml: {why}")
+
+    mls = int(s.get("MLS", 0)) == 1
+    if mls:  # MIXREGMLS (MixWILD 2.0): the R columns carry random slopes; NCOV is forced to 1
+        s["NCOV"] = 1.0
+        if int(s.get("RV", 0)) != 0:
+            bad("RV", "decomposed random-slope covariates of MIXREGMLS are not read; add the deviation column to the data")
+        if int(s["R"]) == 0 and int(s["RNINT"]) == 1:
+            bad("RNINT", "a model without random location effects is not a location scale model")
+    else:
+        if int(s["R"]) != 0:
+            bad("R", "covariates of the BS (random-location) variance need a cluster-specific Sigma; mlsml's Sigma is "
+                "constant (for random slopes use MixWILD 2.0's MLS = 1)")
+        if int(s.get("RV", 0)) != 0:
+            bad("RV", "BS/WS-decomposed covariates of the BS variance model are not available (constant Sigma)")
+        if int(s["RNINT"]) == 1:
+            bad("RNINT", "a model without the random location (BS variance intercept) is not a MIXREGLS model mlsml fits")
+    if int(s.get("STAGE2", 0)) != 0:
+        bad("STAGE2", "second-stage models are not fitted; set STAGE2 = 0 to run stage 1")
+    if layout == "mixwild_2017" and int(s.get("NO2ND", 1)) != 1:
+        bad("NO2ND", "second-stage models are not fitted; set NO2ND = 1 to run stage 1")
+    rs = int(s.get("NORS", 0)) != 1
+    if rs and int(s["NCOV"]) != 1:
+        why = {0: "a random scale independent of the random location (cov(u0,v) = 0) cannot be constrained",
+               2: "the quadratic location effect on the WS variance is not in mlsml's model"}.get(int(s["NCOV"]), "unknown value")
+        bad("NCOV", why)
+    if int(s["NCENT"]) not in (0, 1):
+        bad("NCENT", "must be 0 or 1")
+    if int(s["AQUAD"]) == 0:
+        notes.append("AQUAD = 0 (non-adaptive quadrature) asked for; mlsml always uses adaptive quadrature, "
+                     "which approximates the same likelihood more accurately")
+    notes.append(f"CONV = {s['CONV']:g}, MAXIT = {int(s['MAXIT'])}, RIDGEIN = {s['RIDGEIN']:g} are MIXREGLS's Newton-Raphson "
+                 "settings; mlsml uses its own optimiser and convergence checks")
+    return notes
+
+
+def parse_def(path: str | Path | None = None, text: str | None = None) -> MixreglsJob:
+    """Read a MIXREGLS/MixWILD definition file.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The .def file (data file names in it are relative to its folder).
+    text : str, optional
+        The file's contents instead of ``path``.
+
+    Returns
+    -------
+    MixreglsJob
+
+    Raises
+    ------
+    ModelSpecError
+        A malformed file (naming the line and field) or an option mlsml cannot fit.
+    """
+    where = str(path) if path is not None else "<text>"
+    if text is None:
+        if path is None:
+            raise ModelSpecError("parse_def needs a path or text")
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError as exc:
+            raise ModelSpecError(f"cannot read the definition file {where!r}: {exc.strerror or exc}") from exc
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+    def first_n_numeric(i: int, n: int = 8) -> bool:
+        if i >= len(lines):
+            return False
+        t = _tokens(lines[i])
+        return len(t) >= n and all(_is_num(x) for x in t[:n])
+
+    if first_n_numeric(5) and not first_n_numeric(4):
+        header, family = 5, "mixregls_var"
+    elif first_n_numeric(4):
+        header, family = 4, "mixwild"
+    else:
+        raise ModelSpecError(
+            f"{where}: no settings line (NVAR P R S ...) found on line 5 or 6; this does not look like a MIXREGLS .def file"
+        )
+    title = tuple(lines[i].rstrip()[:72].strip() for i in range(2))
+    data_file = lines[2].strip().strip("'\"").strip()  # a path: may hold '/' (not a list-directed record end here)
+    output_file = lines[3].strip().strip("'\"").strip()
+    toks = _tokens(lines[header])
+    long = not (0.0 < _num(toks[7]) <= 0.9)
+    if family == "mixwild":
+        family = "mixwild_2" if len(toks) >= len(_LAYOUTS[("mixwild_2", True)]) else "mixwild_2017"
+        if family == "mixwild_2":
+            long = True
+    names = _LAYOUTS[(family, long)]
+    if len(toks) < len(names):
+        raise ModelSpecError(
+            f"{where}, line {header + 1}: the settings line has {len(toks)} values; the {family} layout "
+            f"({'long' if long else 'short'} form) needs {len(names)}: {' '.join(names)}"
+        )
+    settings: dict[str, float] = {}
+    for name, tok in zip(names, toks):
+        if not _is_num(tok):
+            raise ModelSpecError(f"{where}, line {header + 1}: field {name} has the value {tok!r}, not a number")
+        settings[name] = _num(tok)
+    s = settings
+    notes = _check_supported(s, family)
+    if int(s["S"]) == 0 and int(s["SNINT"]) == 1:
+        s["SNINT"] = 0.0  # as MIXREGLS: never a model without an error variance
+
+    pos = header + 1
+
+    def read_record(n: int, what: str, conv=int) -> list:
+        nonlocal pos
+        vals: list[str] = []
+        while len(vals) < n:
+            if pos >= len(lines):
+                raise ModelSpecError(f"{where}: the file ends while reading {what} ({n} value(s) expected)")
+            vals += _tokens(lines[pos])
+            pos += 1
+        vals = vals[:n]
+        if conv is int:
+            out = []
+            for v in vals:
+                try:
+                    out.append(int(_num(v)))
+                except ValueError as exc:
+                    raise ModelSpecError(f"{where}, line {pos}: {what}: {v!r} is not a column number") from exc
+            return out
+        return [str(v) for v in vals]
+
+    P, R, S = int(s["P"]), int(s["R"]), int(s["S"])
+    PV, SV = int(s.get("PV", 0)), int(s.get("SV", 0))
+    id_col, y_col = read_record(2, "the columns of the cluster id and the dependent variable")
+    x_cols = read_record(P, "the mean-model columns") if P else []
+    u_cols = read_record(R, "the BS-variance columns") if R else []
+    w_cols = read_record(S, "the WS-variance columns") if S else []
+    pv_cols = read_record(PV, "the BS/WS-decomposed mean-model columns") if PV else []
+    sv_cols = read_record(SV, "the BS/WS-decomposed WS-variance columns") if SV else []
+    y_label = read_record(1, "the label of the dependent variable", str)[0]
+    x_labels = read_record(P, "the mean-model labels", str) if P else []
+    u_labels = read_record(R, "the BS-variance (random-slope) labels", str) if R else []
+    w_labels = read_record(S, "the WS-variance labels", str) if S else []
+    pv_labels = read_record(PV, "the decomposed mean-model labels", str) if PV else []
+    sv_labels = read_record(SV, "the decomposed WS-variance labels", str) if SV else []
+    nvar = int(s["NVAR"])
+    for name, cols in (("id", [id_col]), ("y", [y_col]), ("mean", x_cols), ("BS variance", u_cols), ("WS variance", w_cols),
+                       ("decomposed", pv_cols + sv_cols)):
+        for c in cols:
+            if not 1 <= c <= nvar:
+                raise ModelSpecError(f"{where}: {name} column number {c} is outside 1..NVAR = {nvar}")
+    return MixreglsJob(
+        title=title, data_file=data_file, output_file=output_file, layout=family, settings=settings,
+        id_col=id_col, y_col=y_col, x_cols=tuple(x_cols), u_cols=tuple(u_cols), w_cols=tuple(w_cols),
+        pv_cols=tuple(pv_cols), sv_cols=tuple(sv_cols), y_label=y_label, x_labels=tuple(x_labels),
+        w_labels=tuple(w_labels), pv_labels=tuple(pv_labels), sv_labels=tuple(sv_labels), u_labels=tuple(u_labels),
+        path=Path(path) if path is not None else None, notes=tuple(notes),
+    )
+
+
+def read_dat(path: str | Path, nvar: int) -> np.ndarray:
+    """Read a MIXREGLS data file: ``nvar`` numbers per record (list-directed, as Fortran's ``READ(1,*)``).
+
+    A record may continue on the next line when a line has fewer than ``nvar``
+    values; values beyond ``nvar`` on a line are ignored.
+    """
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        raise DataError(f"cannot read the data file {str(path)!r}: {exc.strerror or exc}") from exc
+    rows, cur, start = [], [], 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        toks = line.replace(",", " ").split()
+        if not toks:
+            continue
+        if not cur:
+            start = lineno
+        for t in toks:
+            if len(cur) == nvar:
+                break
+            try:
+                cur.append(_num(t))
+            except ValueError as exc:
+                raise DataError(f"{path}, line {lineno}: {t!r} is not a number (MIXREGLS data must be numeric)") from exc
+        if len(cur) == nvar:
+            rows.append(cur)
+            cur = []
+    if cur:
+        raise DataError(f"{path}: the last record (from line {start}) has {len(cur)} of NVAR = {nvar} values")
+    if not rows:
+        raise DataError(f"{path}: no data records")
+    return np.asarray(rows, dtype=float)
+
+
+def _ident(label: str, taken: set[str]) -> str:
+    name = re.sub(r"\W", "_", label.strip()) or "v"
+    if name[0].isdigit() or name in _RESERVED:
+        name = "v_" + name
+    base, k = name, 2
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+@dataclass(frozen=True)
+class JobData:
+    """The data of a job as a frame, with the formulas that fit it."""
+
+    frame: pd.DataFrame
+    formula: str
+    scale_formula: str
+    random_scale: bool
+    notes: tuple[str, ...]
+    raw_frame: pd.DataFrame | None = None
+    re_formula: str = "~ 1"
+
+
+def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
+    """Read the job's data and build the frame and formulas mlsml fits.
+
+    Follows MIXREGLS: rows with ``YMISS`` in any used variable are dropped,
+    clusters are runs of equal ``INT(id)``, decomposed covariates get a
+    cluster-mean column ``<label>_BS`` and a deviation column ``<label>_WS``,
+    ``NCENT = 1`` standardises every covariate column, ``DISCARD0 = 1`` drops
+    clusters with constant responses.
+    """
+    raw = read_dat(job.data_path, int(job.setting("NVAR"))) if data is None else np.asarray(data, float)
+    notes = list(job.notes)
+    taken: set[str] = {"_cluster"}
+    names: dict[int, str] = {}
+
+    def col(c: int, label: str) -> str:
+        if c not in names:
+            names[c] = _ident(label, taken)
+        return names[c]
+
+    y = col(job.y_col, job.y_label)
+    x = [col(c, lab) for c, lab in zip(job.x_cols, job.x_labels)]
+    w = [col(c, lab) for c, lab in zip(job.w_cols, job.w_labels)]
+    u = [col(c, lab) for c, lab in zip(job.u_cols, job.u_labels)]
+    pv = [col(c, lab) for c, lab in zip(job.pv_cols, job.pv_labels)]
+    sv = [col(c, lab) for c, lab in zip(job.sv_cols, job.sv_labels)]
+    used_cols = sorted(names)
+    frame = pd.DataFrame({names[c]: raw[:, c - 1] for c in used_cols})
+    ids = np.trunc(raw[:, job.id_col - 1])
+    ymiss = job.setting("YMISS")
+    if ymiss != 0.0:
+        vals = raw[:, [c - 1 for c in used_cols]]
+        hit = np.isclose(vals, ymiss, rtol=1e-12, atol=0.0)
+        drop = hit.any(axis=1)
+        if drop.any():
+            per = ", ".join(f"{names[c]!r}: {int(hit[:, i].sum())}" for i, c in enumerate(used_cols) if hit[:, i].any())
+            msg = f"missing-value code YMISS = {ymiss:g}: dropped {int(drop.sum())} of {len(drop)} rows (per column: {per})"
+            warnings.warn(msg, MissingDataWarning, stacklevel=2)
+            notes.append(msg)
+            frame, ids = frame.loc[~drop].reset_index(drop=True), ids[~drop]
+    if len(frame) == 0:
+        raise DataError("no rows left after removing the missing-value code")
+    bad_id = ~np.isfinite(ids)
+    if bad_id.any():
+        raise DataError(f"the cluster id (column {job.id_col}) is not a finite number in {int(bad_id.sum())} record(s), "
+                        f"the first being record {int(np.nonzero(bad_id)[0][0]) + 1} of the rows used")
+    run = np.concatenate([[0], np.cumsum(ids[1:] != ids[:-1])])
+    first_ids = ids[np.r_[0, np.nonzero(np.diff(run))[0] + 1]]
+    if len(np.unique(first_ids)) != len(first_ids) or np.any(np.diff(first_ids) < 0):
+        msg = ("the data are not sorted by the cluster id: as MIXREGLS, each run of equal ids is one cluster "
+               "(labelled by its run number)")
+        warnings.warn(msg, MissingDataWarning, stacklevel=2)
+        notes.append(msg)
+        frame["_cluster"] = run + 1
+    else:
+        frame["_cluster"] = ids.astype(np.int64) if np.all(np.abs(ids) < 2**62) else ids
+    if int(job.setting("DISCARD0")) == 1:
+        g = frame.groupby("_cluster", sort=False)[y]
+        const = g.transform(lambda s: bool(np.all(s.to_numpy() == s.to_numpy()[0]))).astype(bool)
+        if const.any():
+            n_cl = frame.loc[const, "_cluster"].nunique()
+            msg = f"DISCARD0 = 1: dropped {n_cl} cluster(s) ({int(const.sum())} rows) whose responses are all equal"
+            warnings.warn(msg, MissingDataWarning, stacklevel=2)
+            notes.append(msg)
+            frame = frame.loc[~const.to_numpy()].reset_index(drop=True)
+    mean_terms, scale_terms = list(x), list(w)
+    for lab, name in zip(job.pv_labels, pv):
+        bs, ws = _ident(f"{lab}_BS", taken), _ident(f"{lab}_WS", taken)
+        frame[bs] = frame.groupby("_cluster", sort=False)[name].transform("mean")
+        frame[ws] = frame[name] - frame[bs]
+        mean_terms += [bs, ws]
+    for lab, name in zip(job.sv_labels, sv):
+        bs, ws = _ident(f"{lab}_BS", taken), _ident(f"{lab}_WS", taken)
+        frame[bs] = frame.groupby("_cluster", sort=False)[name].transform("mean")
+        frame[ws] = frame[name] - frame[bs]
+        scale_terms += [bs, ws]
+    raw_frame = frame
+    if int(job.setting("NCENT")) == 1:
+        frame = frame.copy()
+        for c in dict.fromkeys(mean_terms + scale_terms + (u if job.random_slopes else [])):
+            sd = frame[c].std(ddof=1)
+            if sd > 0:
+                frame[c] = (frame[c] - frame[c].mean()) / sd
+        notes.append("NCENT = 1: all covariates standardised (mean 0, SD 1) before fitting, as MIXREGLS does")
+    if int(job.setting("PNINT")) == 1 and not mean_terms:
+        raise ModelSpecError("the mean model has no terms (P = 0 and PNINT = 1)")
+    rhs = " + ".join(mean_terms) if mean_terms else "1"
+    formula = f"{y} ~ {rhs}" + (" - 1" if int(job.setting("PNINT")) == 1 else "")
+    srhs = " + ".join(scale_terms) if scale_terms else "1"
+    scale_formula = f"~ {srhs}" + (" - 1" if int(job.setting("SNINT")) == 1 and scale_terms else "")
+    re_formula = "~ 1"
+    if job.random_slopes:
+        re_formula = "~ " + (" + ".join(u) if u else "1") + (" - 1" if int(job.setting("RNINT")) == 1 else "")
+        notes.append(f"MLS = 1 (MIXREGMLS): random location effects {re_formula}, all correlated with the random scale")
+    return JobData(frame=frame, formula=formula, scale_formula=scale_formula, random_scale=job.random_scale,
+                   notes=tuple(notes), raw_frame=raw_frame, re_formula=re_formula)
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """The outcome of :func:`run_job`."""
+
+    job: MixreglsJob
+    data: JobData
+    results: object
+    stages: list
+    report: str
+
+
+def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, progress=None, **fit_options) -> JobRun:
+    """Run a MIXREGLS job: parse the .def, read the data, fit, and build the MIXREGLS-style report.
+
+    Parameters
+    ----------
+    path : str or Path
+        The definition file.
+    stages : bool
+        Fit MIXREGLS's sequence of models (without scale, with scale
+        covariates, with random scale) and print them with LR tests between
+        them, as MIXREGLS does; ``False`` fits only the final model.
+    nagq : int, optional
+        Quadrature points per dimension (default: the job's ``NQ``).
+    progress : callable, optional
+        ``progress(i, n, title)`` before each model is fitted.
+    **fit_options
+        Passed to :meth:`mlsml.MELSM.fit`.
+
+    Returns
+    -------
+    JobRun
+        ``.results`` (the final fit), ``.stages``, ``.report`` (text).
+    """
+    from .mixwild import fit_stages, summarize_mixwild
+    from .model import MELSM
+
+    job = parse_def(path)
+    jd = job_data(job)
+    model = MELSM.from_formula(jd.formula, jd.frame, groups="_cluster", scale_formula=jd.scale_formula,
+                               re_formula=jd.re_formula, random_scale=jd.random_scale, missing="raise")
+    nq = int(nagq or job.nq)
+    if stages:
+        seq = fit_stages(model, nagq=nq, progress=progress, **fit_options)
+        res = seq[-1][1]
+    else:
+        if progress is not None:
+            progress(1, 1, "final model")
+        res = model.fit(nagq=nq, **fit_options)
+        seq = []
+    title = [t for t in job.title if t]
+    standardized = int(job.setting("NCENT")) == 1
+    described = model
+    if standardized:  # MIXREGLS describes the covariates before standardising them
+        described = MELSM.from_formula(jd.formula, jd.raw_frame, groups="_cluster", scale_formula=jd.scale_formula,
+                                       re_formula=jd.re_formula, random_scale=jd.random_scale, missing="raise")
+    report = summarize_mixwild(res, stages=seq or None, title=title, source=str(job.data_path),
+                               standardized=standardized, describe=described)
+    if jd.notes:
+        report = report.rstrip("\n") + "\n\nNotes on the job\n----------------\n" + "\n".join(" - " + n for n in jd.notes) + "\n"
+    return JobRun(job=job, data=jd, results=res, stages=seq, report=report)
