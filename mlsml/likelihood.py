@@ -77,7 +77,11 @@ def school_sums(beta, alpha, design: Design) -> SchoolSums:
     n = design.counts.astype(float)
     A = group_sum(eta, st, ct)
     S0 = group_sum(cr * r, st, ct)
-    if q == 1 and _is_ones(Z):
+    if q == 0:  # random scale only: no school effect in the mean
+        J = st.shape[0]
+        S1 = anp.zeros((J, 0))
+        S2 = anp.zeros((J, 0, 0))
+    elif q == 1 and _is_ones(Z):
         S1 = group_sum(cr, st, ct)[:, None]
         S2 = group_sum(c, st, ct)[:, None, None]
     else:

@@ -29,6 +29,7 @@ def _random_theta(design, rng):
         dict(scale_formula="~ standLRT"),
         dict(scale_formula="~ 1", random_scale=False),
         dict(scale_formula="~ standLRT", re_formula="~ standLRT"),
+        dict(scale_formula="~ standLRT", re_formula="~ 0"),
     ],
 )
 def test_gradient_matches_central_differences(exam, kw):
@@ -142,3 +143,13 @@ def test_rule_integrates_gaussian_moments():
     assert np.sum(w * z[:, 0] ** 4 * z[:, 1] ** 2) == pytest.approx(3.0, abs=1e-10)
     pruned = gauss_hermite_rule(3, 7, prune=1e-4)
     assert pruned.size < 7**3
+
+
+def test_random_scale_only_model_is_nested(exam):
+    """re_formula="~ 0": a school effect on the variance only (q = 0, d = 1)."""
+    only_v = mlsml.fit("normexam ~ standLRT", exam, groups="school", re_formula="~ 0")
+    both = mlsml.fit("normexam ~ standLRT", exam, groups="school")
+    assert only_v.model.layout.re_names == ("v",)
+    assert list(only_v.params.index[-1:]) == ["var(v)"]
+    assert only_v.llf < both.llf
+    assert np.isfinite(only_v.bse).all()
