@@ -85,6 +85,46 @@ class Design:
         """Number of groups (schools)."""
         return int(self.counts.shape[0])
 
+    def with_response(self, y, caller_order: bool = False) -> Design:
+        """The same design with a new response ``y`` (no formula re-evaluation).
+
+        Used by the parametric bootstrap to refit simulated responses.
+
+        Parameters
+        ----------
+        y : array-like (N,)
+            New response values, in the design's group-sorted row order, or in
+            the caller's row order (of the rows used) when ``caller_order``.
+        caller_order : bool
+            Whether ``y`` is in the caller's row order.
+
+        Returns
+        -------
+        Design
+            A new design sharing every other array with this one.
+
+        Examples
+        --------
+        >>> import numpy as np, mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> design = mlsml.MELSM.from_formula("y ~ x", df, groups="school").design
+        >>> new = design.with_response(np.zeros(design.nobs))
+        >>> float(new.y.sum()), new.X is design.X
+        (0.0, True)
+        """
+        import dataclasses
+
+        y = np.asarray(y, dtype=float)
+        if y.shape != (self.nobs,):
+            raise DataError(f"the new response has shape {y.shape}; the design has {self.nobs} rows")
+        if not np.all(np.isfinite(y)):
+            raise DataError(f"the new response has {int((~np.isfinite(y)).sum())} non-finite values")
+        if caller_order:
+            y = y[self.order]
+        y = y.copy()
+        y.setflags(write=False)
+        return dataclasses.replace(self, y=y)
+
 
 @dataclass(frozen=True)
 class FormulaSpec:

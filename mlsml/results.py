@@ -329,6 +329,72 @@ class MELSMResults:
 
         return lrtest(restricted, self)
 
+    def simulate(self, n_reps: int = 1, seed=None) -> pd.DataFrame:
+        """Draw new responses from the fitted model (covariates and groups as in the data).
+
+        ``y*_ij = x_ij'b + z_ij'u*_j + exp{(w_ij'a + v*_j)/2} e*_ij`` with
+        ``(u*_j, v*_j) ~ N(0, S)``, ``e*_ij ~ N(0, 1)`` at the estimates ``(b, a, S)``.
+
+        Parameters
+        ----------
+        n_reps : int
+            Number of independent response vectors.
+        seed : int, numpy.random.Generator or None
+            Seed of :func:`numpy.random.default_rng`.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per observation used, in the caller's row order and indexed
+            by the caller's index labels; one column per replicate.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> sims = res.simulate(2, seed=3)
+        >>> sims.shape == (len(df), 2), bool(sims.index.equals(df.index))
+        (True, True)
+        """
+        from .bootstrap import simulate_responses
+
+        return simulate_responses(self, n_reps=n_reps, seed=seed)
+
+    def bootstrap(self, n: int, seed=None, n_jobs: int | None = None, progress: bool = True):
+        """Parametric bootstrap: refit ``n`` simulated data sets in parallel.
+
+        Bootstrap SEs are the SDs of the replicate estimates, the percentile
+        intervals their quantiles; see :func:`mlsml.bootstrap.bootstrap`.
+
+        Parameters
+        ----------
+        n : int
+            Number of replicates (a few hundred for SEs, 1000+ for intervals).
+        seed : int, numpy.random.Generator or None
+            Seed of the simulated responses (results do not depend on ``n_jobs``).
+        n_jobs : int, optional
+            Worker processes (default: all CPUs; ``1``: no subprocesses).
+        progress : bool
+            Progress bar on stderr (tqdm if installed, else a counter).
+
+        Returns
+        -------
+        mlsml.bootstrap.BootstrapResults
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.simulate_data([15] * 30, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
+        >>> boot = res.bootstrap(20, seed=1, n_jobs=1, progress=False)
+        >>> boot.n_converged, boot.bse.index.equals(res.params.index)
+        (20, True)
+        """
+        from .bootstrap import bootstrap
+
+        return bootstrap(self, n, seed=seed, n_jobs=n_jobs, progress=progress)
+
     def __repr__(self) -> str:
         return (
             f"<MELSMResults: {self.model.formula_spec.formula!r}, N={self.nobs}, J={self.ngroups}, "
