@@ -120,6 +120,19 @@ class BootstrapResults:
         Wall-clock seconds.
     n_jobs : int
         Number of worker processes used (1: in the calling process).
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.simulate_data([15] * 30, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
+    >>> boot = res.bootstrap(30, seed=7, n_jobs=1, progress=False)
+    >>> boot.n_reps, boot.n_converged, boot.replicates.shape
+    (30, 30, (30, 4))
+    >>> list(boot.summary_frame().columns)
+    ['estimate', 'wald se', 'boot se', 'bias', '0.025', '0.975']
+    >>> bool((boot.conf_int(0.1)["0.05"] < boot.conf_int(0.1)["0.95"]).all())
+    True
     """
 
     params: pd.Series
@@ -338,7 +351,7 @@ def bootstrap(
     >>> import mlsml
     >>> df = mlsml.simulate.simulate_data([15] * 30, seed=1)
     >>> res = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
-    >>> boot = mlsml.bootstrap.bootstrap(res, 20, seed=1, n_jobs=1, progress=False)
+    >>> boot = mlsml.bootstrap.bootstrap(res, 20, seed=7, n_jobs=1, progress=False)
     >>> boot.n_converged
     20
     >>> list(boot.conf_int().columns)

@@ -54,6 +54,36 @@ class MELSMResults:
         Whether the optimiser met its convergence criteria.
     nagq : int
         Quadrature points per dimension.
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    >>> res.params.round(3)
+    mean:Intercept    -0.024
+    mean:x             0.650
+    scale:Intercept   -0.792
+    scale:x            0.070
+    var(u0)            0.041
+    var(v)             0.029
+    cov(u0,v)         -0.020
+    Name: estimate, dtype: float64
+    >>> res.bse.index.equals(res.params.index), res.conf_int().shape
+    (True, (7, 2))
+    >>> res.cov_re.round(3)
+           u0      v
+    u0  0.041 -0.020
+    v  -0.020  0.029
+    >>> res.re_correlations().round(2)
+                estimate  std err
+    name
+    corr(u0,v)     -0.57     0.16
+    >>> res.nobs, res.ngroups, res.df_model, round(res.llf, 2)
+    (5404, 40, 7, -5550.63)
+    >>> bool(res.aic == -2 * res.llf + 2 * res.df_model), res.singular
+    (True, False)
+    >>> text = res.summary().as_text()   # also .as_html(), .as_latex()
     """
 
     model: MELSM
@@ -387,7 +417,7 @@ class MELSMResults:
         >>> import mlsml
         >>> df = mlsml.simulate.simulate_data([15] * 30, seed=1)
         >>> res = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
-        >>> boot = res.bootstrap(20, seed=1, n_jobs=1, progress=False)
+        >>> boot = res.bootstrap(20, seed=7, n_jobs=1, progress=False)
         >>> boot.n_converged, boot.bse.index.equals(res.params.index)
         (20, True)
         """
