@@ -144,7 +144,15 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9\.]*")
 
 
 def formula_columns(formula: str, data: pd.DataFrame) -> list[str]:
-    """Columns of ``data`` that a formula refers to (by name)."""
+    """Columns of ``data`` that a formula refers to (by name).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"y": [1.0], "x": [2.0], "eth": ["a"], "unused": [0]})
+    >>> formula_columns("y ~ x + C(eth)", df)
+    ['y', 'x', 'eth']
+    """
     names = set(_IDENT.findall(formula))
     quoted = set(re.findall(r"Q\(['\"](.+?)['\"]\)", formula))
     return [c for c in data.columns if str(c) in names or str(c) in quoted]
@@ -273,6 +281,18 @@ def build_design(
     Returns
     -------
     Design, FormulaSpec
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> design, spec = build_design("y ~ x", df, groups="school", scale_formula="~ x")
+    >>> design.X.shape, design.W.shape, design.Z.shape, design.ngroups
+    ((5404, 2), (5404, 2), (5404, 1), 40)
+    >>> bool((np.diff(design.group) >= 0).all())   # rows sorted by group
+    True
+    >>> bool((design.y[np.argsort(design.order)] == df["y"].to_numpy()).all())   # back to the caller's order
+    True
     """
     if not isinstance(data, pd.DataFrame):
         try:
