@@ -305,9 +305,13 @@ def _run(
         return out
     with ProcessPoolExecutor(max_workers=n_jobs, initializer=_init_worker, initargs=(design, fit_kwargs)) as pool:
         futures = [pool.submit(_fit_one, i, y) for i, y in tasks]
-        for fut in as_completed(futures):
-            out.append(fut.result())
-            tick()
+        try:
+            for fut in as_completed(futures):
+                out.append(fut.result())
+                tick()
+        except BaseException:  # Ctrl-C or a dead worker: do not wait for the queued refits
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return out
 
 
@@ -364,7 +368,14 @@ def bootstrap(
     design = res.model.design
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     ys = draw_responses(design, np.asarray(res.theta), rng, n)
-    fit_kwargs = dict(nagq=res.nagq, method=res.method, prune=res.prune, start_params=res.params.copy())
+    # start each refit at the estimates, unless they are on the boundary (a singular
+    # Sigma has no Cholesky factor): then from the default moment-based start
+    start = res.params.copy()
+    try:
+        res.model.theta_from_params(start)
+    except (ModelSpecError, np.linalg.LinAlgError):
+        start = None
+    fit_kwargs = dict(nagq=res.nagq, method=res.method, prune=res.prune, start_params=start)
     bar = _Progress(n, progress)
     t0 = time.perf_counter()
 

@@ -126,3 +126,14 @@ def test_bad_arguments(ri_fit):
         ri_fit.bootstrap(2, n_jobs=0)
     with pytest.raises(ModelSpecError, match="n_reps"):
         ri_fit.simulate(1.5)
+
+
+def test_boundary_estimates_start_refits_from_default(ri_fit):
+    # a fit with var(u0) = 0 has no Cholesky factor: the refits must not all fail
+    import dataclasses
+
+    params = ri_fit.params.copy()
+    params["var(u0)"] = 0.0
+    boundary = dataclasses.replace(ri_fit, params=params)
+    boot = bootstrap(boundary, 3, seed=4, n_jobs=1, progress=False)
+    assert boot.n_converged == 3 and not boot.errors
