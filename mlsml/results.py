@@ -190,7 +190,17 @@ class MELSMResults:
 
     # ------------------------------------------------------------ inference
     def cov_params(self) -> pd.DataFrame:
-        """Covariance matrix of the natural-scale estimates (delta method)."""
+        """Covariance matrix of the natural-scale estimates (delta method).
+
+        Examples
+        --------
+        >>> import numpy as np, mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> V = res.cov_params()
+        >>> V.shape, bool(np.allclose(np.sqrt(np.diag(V)), res.bse))
+        ((7, 7), True)
+        """
         names = list(self.layout.names)
         return pd.DataFrame(np.array(self._cov), index=names, columns=names)
 
@@ -216,7 +226,16 @@ class MELSMResults:
         return pd.Series(2 * stats.norm.sf(np.abs(self.tvalues.to_numpy())), index=self.params.index, name="P>|z|")
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald confidence intervals ``params +/- z_{1-alpha/2} bse``."""
+        """Wald confidence intervals ``params +/- z_{1-alpha/2} bse``.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> res.conf_int(0.1).loc["mean:x"].round(3).tolist()
+        [0.634, 0.665]
+        """
         z = stats.norm.ppf(1 - alpha / 2)
         lo = self.params - z * self.bse
         hi = self.params + z * self.bse
@@ -252,7 +271,16 @@ class MELSMResults:
         return pd.DataFrame(R, index=self.cov_re.index, columns=self.cov_re.columns)
 
     def re_correlations(self) -> pd.DataFrame:
-        """Correlations of the school effects with delta-method standard errors."""
+        """Correlations of the school effects with delta-method standard errors.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", re_formula="~ x")
+        >>> res.re_correlations().index.tolist()
+        ['corr(u0,u1)', 'corr(u0,v)', 'corr(u1,v)']
+        """
         lay = self.layout
         d = lay.d
         rows = []
@@ -292,6 +320,13 @@ class MELSMResults:
         the average residual variance (scaled by ``mean(z^2)``); ``var(v)`` when
         below ``1e-6``; the correlation matrix when its smallest eigenvalue is below
         ``1e-6``.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> mlsml.fit("y ~ x", df, groups="school").singular_reasons()
+        []
         """
         lay = self.layout
         S = self.cov_re.to_numpy()
@@ -354,6 +389,15 @@ class MELSMResults:
         """Likelihood-ratio test of ``restricted`` (nested) against this fit.
 
         See :func:`mlsml.lrtest`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> m2 = mlsml.fit("y ~ x", df, groups="school")
+        >>> m3 = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> m3.compare_lr_test(m2).df
+        1
         """
         from .compare import lrtest
 
