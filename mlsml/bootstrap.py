@@ -213,6 +213,65 @@ class BootstrapResults:
         )
         return pd.concat([frame, ci], axis=1)
 
+    def re_correlations(self, alpha: float = 0.05) -> pd.DataFrame:
+        """Correlations of the school effects: estimate, bootstrap SE and percentile interval.
+
+        Each replicate's ``corr(e,f) = cov(e,f) / sqrt(var(e) var(f))`` is computed
+        from its own estimates, so the interval respects the bounds -1 and 1 (Wald
+        intervals of a correlation need not).
+
+        Parameters
+        ----------
+        alpha : float
+            The interval level is ``1 - alpha``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by ``corr(e,f)``; columns ``estimate, boot se`` and the two limits.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.simulate_data([15] * 30, cov=((0.05, 0.02), (0.02, 0.3)), seed=2)
+        >>> res = mlsml.fit("y ~ x", df, groups="school")
+        >>> boot = res.bootstrap(10, seed=7, n_jobs=1, progress=False)
+        >>> table = boot.re_correlations()
+        >>> table.index.tolist(), list(table.columns)
+        (['corr(u0,v)'], ['estimate', 'boot se', '0.025', '0.975'])
+        >>> bool(((table["0.025"] >= -1) & (table["0.975"] <= 1)).all())
+        True
+        """
+        if not 0 < alpha < 1:
+            raise ModelSpecError(f"alpha must be between 0 and 1, got {alpha!r}")
+        rows = []
+        used = self.used
+        for name in self.params.index:
+            if not (name.startswith("cov(") and name.endswith(")")):
+                continue
+            e, f = name[4:-1].split(",")
+            ve, vf = f"var({e})", f"var({f})"
+
+            def corr(frame, name=name, ve=ve, vf=vf):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    return frame[name] / np.sqrt(frame[ve] * frame[vf])
+
+            est = float(corr(self.params.to_frame().T).iloc[0])
+            reps = corr(used)
+            rows.append(
+                {
+                    "name": f"corr({e},{f})",
+                    "estimate": est,
+                    "boot se": float(reps.std(ddof=1)),
+                    f"{alpha / 2:g}": float(reps.quantile(alpha / 2)),
+                    f"{1 - alpha / 2:g}": float(reps.quantile(1 - alpha / 2)),
+                }
+            )
+        cols = ["estimate", "boot se", f"{alpha / 2:g}", f"{1 - alpha / 2:g}"]
+        if not rows:
+            return pd.DataFrame(columns=cols)
+        return pd.DataFrame(rows).set_index("name")[cols]
+
     def __repr__(self) -> str:
         return (
             f"<BootstrapResults: {self.n_converged} of {self.n_reps} replicate fits converged, "

@@ -137,3 +137,21 @@ def test_boundary_estimates_start_refits_from_default(ri_fit):
     boundary = dataclasses.replace(ri_fit, params=params)
     boot = bootstrap(boundary, 3, seed=4, n_jobs=1, progress=False)
     assert boot.n_converged == 3 and not boot.errors
+
+
+def test_bootstrap_correlations_match_replicate_covariances():
+    # a clear random scale (var(v) = 0.3): refits far from the boundary are fast
+    df = mlsml.simulate.simulate_data([15] * 30, cov=((0.05, 0.02), (0.02, 0.3)), seed=1)
+    res = mlsml.fit("y ~ x", df, groups="school")
+    assert not res.singular
+    boot = res.bootstrap(8, seed=3, n_jobs=1, progress=False)
+    table = boot.re_correlations(0.2)
+    assert table.index.tolist() == ["corr(u0,v)"]
+    assert table.loc["corr(u0,v)", "estimate"] == pytest.approx(res.re_correlations().loc["corr(u0,v)", "estimate"])
+    reps = boot.used
+    r = reps["cov(u0,v)"] / np.sqrt(reps["var(u0)"] * reps["var(v)"])
+    assert table.loc["corr(u0,v)", "boot se"] == pytest.approx(r.std(ddof=1))
+    assert table.loc["corr(u0,v)", "0.1"] == pytest.approx(r.quantile(0.1))
+    # no covariances, no correlations
+    ri = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
+    assert ri.bootstrap(2, seed=3, n_jobs=1, progress=False).re_correlations().empty
