@@ -15,7 +15,7 @@ Quick use::
     print(res.summary())
 """
 
-from . import simulate
+from . import bootstrap, simulate
 from .compare import LRTestResult, compare_models, lrtest
 from .errors import (
     ConvergenceWarning,
@@ -39,6 +39,7 @@ __all__ = [
     "LRTestResult",
     "compare_models",
     "simulate",
+    "bootstrap",
     "MLSMLError",
     "DataError",
     "ModelSpecError",

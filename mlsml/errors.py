@@ -16,6 +16,27 @@ The hierarchy is small and documented so that callers can catch precisely:
   criteria; estimates must not be trusted.
 - :class:`SingularFitWarning` -- the random-effects covariance matrix is at
   (or numerically near) the boundary of the parameter space.
+
+Examples
+--------
+Errors name the column at fault; every error is an :class:`MLSMLError` (and a
+``ValueError``):
+
+>>> import pandas as pd, mlsml
+>>> df = pd.DataFrame({"y": [1.0, 2.0, 3.0, 4.0], "x": [1, 2, 3, 4], "school": [1, 1, 2, 2]})
+>>> try:
+...     mlsml.fit("y ~ z", df, groups="school")
+... except mlsml.ModelSpecError as err:
+...     print(err)
+the mean formula 'y ~ z' names 'z', which is not a column of the data (columns: y, x, school)
+
+Warnings can be turned into errors with the standard :mod:`warnings` filters:
+
+>>> import warnings
+>>> with warnings.catch_warnings():
+...     warnings.simplefilter("error", mlsml.ConvergenceWarning)
+...     issubclass(mlsml.ConvergenceWarning, mlsml.MLSMLWarning)
+True
 """
 
 from __future__ import annotations

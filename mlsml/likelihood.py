@@ -141,6 +141,21 @@ def loglik_at_nodes(theta, design: Design, nodes: Nodes):
     -------
     float
         ``sum_j log L_j``.
+
+    Examples
+    --------
+    Without a random scale the adaptive rule is exact, so one point gives the exact
+    log-likelihood (the Laplace approximation of a Gaussian integral):
+
+    >>> import mlsml
+    >>> from mlsml.posterior import adapt
+    >>> from mlsml.quadrature import gauss_hermite_rule
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
+    >>> design = res.model.design
+    >>> one = loglik_at_nodes(res.theta, design, adapt(res.theta, design, gauss_hermite_rule(1, 1)))
+    >>> bool(abs(one - res.llf) < 1e-6)
+    True
     """
     lay = design.layout
     beta, alpha, L = lay.split(theta)

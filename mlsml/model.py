@@ -83,6 +83,14 @@ class MELSM:
             random-intercept model (the paper's Model 1).
         missing : {"drop", "raise"}
             Listwise deletion with a counted warning, or an error.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x", re_formula="~ 1")
+        >>> model.param_names
+        ['mean:Intercept', 'mean:x', 'scale:Intercept', 'scale:x', 'var(u0)', 'var(v)', 'cov(u0,v)']
         """
         design, spec = build_design(
             formula, data, groups, scale_formula=scale_formula, re_formula=re_formula,
@@ -98,11 +106,28 @@ class MELSM:
 
     @property
     def param_names(self) -> list[str]:
-        """Natural-scale parameter names (the contract of :mod:`mlsml.params`)."""
+        """Natural-scale parameter names (the contract of :mod:`mlsml.params`).
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> mlsml.MELSM.from_formula("y ~ x", df, groups="school", random_scale=False).param_names
+        ['mean:Intercept', 'mean:x', 'scale:Intercept', 'var(u0)']
+        """
         return list(self.layout.names)
 
     def theta_from_params(self, params) -> np.ndarray:
-        """Optimiser-scale vector from natural-scale ``params`` (Series or array)."""
+        """Optimiser-scale vector from natural-scale ``params`` (Series or array).
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", random_scale=False)
+        >>> model.theta_from_params([0.0, 0.7, -0.8, 0.04]).round(4).tolist()  # log-Cholesky: ln sd(u0)
+        [0.0, 0.7, -0.8, -1.6094]
+        """
         lay = self.layout
         if isinstance(params, pd.Series):
             missing = [n for n in lay.names if n not in params.index]
@@ -119,7 +144,19 @@ class MELSM:
             raise ModelSpecError("the covariance parameters do not form a positive-definite matrix") from exc
 
     def loglike(self, params, nagq: int | None = None) -> float:
-        """Log-likelihood at natural-scale ``params`` (adaptive quadrature at ``params``)."""
+        """Log-likelihood at natural-scale ``params`` (adaptive quadrature at ``params``).
+
+        Examples
+        --------
+        The log-likelihood at the estimates is the maximised one:
+
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> res = model.fit()
+        >>> abs(model.loglike(res.params) - res.llf) < 1e-6
+        True
+        """
         return _loglik_theta(self.theta_from_params(params), self.design, nagq)
 
     # ------------------------------------------------------------------
@@ -162,6 +199,18 @@ class MELSM:
         MELSMResults
             Warns :class:`~mlsml.ConvergenceWarning` when the optimiser did not
             converge and :class:`~mlsml.SingularFitWarning` at a boundary.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> res = model.fit()
+        >>> res.converged, res.nagq
+        (True, 11)
+        >>> res21 = model.fit(nagq=21, start_params=res.params)   # check the quadrature
+        >>> abs(res21.llf - res.llf) < 1e-4
+        True
         """
         d = self.layout.d
         nagq = int(nagq or default_nagq(d))

@@ -102,7 +102,17 @@ class Optimum:
 
 
 def start_values(design: Design) -> np.ndarray:
-    """Moment-based starting values on the optimiser scale (see module docstring)."""
+    """Moment-based starting values on the optimiser scale (see module docstring).
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    >>> theta0 = start_values(model.design)
+    >>> theta0.shape == (model.layout.n_params,)
+    True
+    """
     lay = design.layout
     y, X = design.y, design.X
     beta, *_ = np.linalg.lstsq(X, y, rcond=None)
@@ -225,6 +235,18 @@ def maximize(design: Design, rule: Rule, options: FitOptions | None = None, call
     Returns
     -------
     Optimum
+
+    Examples
+    --------
+    What :meth:`mlsml.MELSM.fit` does, step by step:
+
+    >>> import mlsml
+    >>> from mlsml.quadrature import gauss_hermite_rule
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    >>> opt = maximize(model.design, gauss_hermite_rule(2, 11))
+    >>> opt.converged, bool(abs(opt.llf - model.fit().llf) < 1e-6)
+    (True, True)
     """
     opts = options or FitOptions()
     t0 = time.perf_counter()

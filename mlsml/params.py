@@ -47,6 +47,17 @@ class ParamLayout:
         ``q``, the number of school effects in the mean function.
     random_scale : bool
         Whether the model has the school effect ``v_j`` on the log variance.
+
+    Examples
+    --------
+    >>> lay = ParamLayout(("Intercept", "x"), ("Intercept", "x"), n_re_mean=1, random_scale=True)
+    >>> lay.names
+    ('mean:Intercept', 'mean:x', 'scale:Intercept', 'scale:x', 'var(u0)', 'var(v)', 'cov(u0,v)')
+    >>> lay.d, lay.n_cov, lay.n_params
+    (2, 3, 7)
+    >>> theta = lay.theta_from_parts([0.0, 0.7], [-0.8, 0.05], [[0.05, 0.01], [0.01, 0.04]])
+    >>> np.round(lay.to_natural(theta), 6).tolist()
+    [0.0, 0.7, -0.8, 0.05, 0.05, 0.04, 0.01]
     """
 
     mean_terms: tuple[str, ...]
@@ -147,6 +158,12 @@ def chol_from_vector(vec, d: int):
     """Lower-triangular ``L`` from its row-wise vector with log diagonal.
 
     Built without in-place assignment so that autograd can differentiate it.
+
+    Examples
+    --------
+    >>> chol_from_vector(np.array([0.0, 0.5, np.log(2.0)]), 2)
+    array([[1. , 0. ],
+           [0.5, 2. ]])
     """
     rows = []
     pos = 0
@@ -167,7 +184,13 @@ def chol_from_vector(vec, d: int):
 
 
 def vector_from_chol(L: np.ndarray) -> np.ndarray:
-    """Row-wise vector of a lower-triangular ``L`` with its diagonal logged."""
+    """Row-wise vector of a lower-triangular ``L`` with its diagonal logged.
+
+    Examples
+    --------
+    >>> vector_from_chol(np.array([[1.0, 0.0], [0.5, 2.0]])).round(4)
+    array([0.    , 0.5   , 0.6931])
+    """
     L = np.asarray(L, dtype=float)
     out = []
     for i in range(L.shape[0]):

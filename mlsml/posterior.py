@@ -133,7 +133,18 @@ def posterior_modes(
 
 
 def adapt(theta: np.ndarray, design: Design, rule: Rule) -> Nodes:
-    """Quadrature nodes adapted to the posterior of every school at ``theta``."""
+    """Quadrature nodes adapted to the posterior of every school at ``theta``.
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> from mlsml.quadrature import gauss_hermite_rule
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school")
+    >>> nodes = adapt(res.theta, res.model.design, gauss_hermite_rule(2, 11))
+    >>> nodes.b.shape, nodes.mode.shape
+    ((40, 121, 2), (40, 2))
+    """
     mode, neg_hess = posterior_modes(theta, design)
     return place_nodes(mode, neg_hess, rule)
 
@@ -150,6 +161,14 @@ def loglik(theta: np.ndarray, design: Design, nagq: int | None = None, prune: fl
         Points per dimension; default :func:`mlsml.quadrature.default_nagq`.
     prune : float
         Node pruning threshold (see :func:`mlsml.quadrature.gauss_hermite_rule`).
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school")
+    >>> bool(abs(loglik(res.theta, res.model.design, nagq=21) - res.llf) < 1e-4)
+    True
     """
     d = design.layout.d
     rule = gauss_hermite_rule(d, nagq or default_nagq(d), prune)

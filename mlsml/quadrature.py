@@ -39,7 +39,13 @@ DEFAULT_NAGQ = {1: 11, 2: 11, 3: 7}
 
 
 def default_nagq(d: int) -> int:
-    """Default points per dimension for ``d`` school effects."""
+    """Default points per dimension for ``d`` school effects.
+
+    Examples
+    --------
+    >>> default_nagq(2), default_nagq(3), default_nagq(4)
+    (11, 7, 5)
+    """
     return DEFAULT_NAGQ.get(d, 5)
 
 
@@ -80,6 +86,20 @@ def gauss_hermite_rule(d: int, nagq: int, prune: float = 0.0) -> Rule:
     prune : float
         Drop nodes whose product weight ``prod w_i`` is below ``prune`` times the
         largest product weight (0 keeps all ``nagq**d`` nodes).
+
+    Examples
+    --------
+    The rule integrates ``exp(-|z|^2 / 2)`` exactly: the weights ``exp(logw - |z|^2/2)``
+    sum to ``(2 pi)^(d/2)``.
+
+    >>> rule = gauss_hermite_rule(2, 11)
+    >>> rule.size
+    121
+    >>> w = np.exp(rule.logw - 0.5 * (rule.points ** 2).sum(axis=1))
+    >>> bool(np.isclose(w.sum(), 2 * np.pi))
+    True
+    >>> gauss_hermite_rule(3, 7, prune=1e-8).size < 7 ** 3
+    True
     """
     if nagq < 1:
         raise ValueError(f"nagq must be >= 1, got {nagq}")
@@ -131,6 +151,15 @@ def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule) -> Nodes:
     neg_hess : ndarray (J, d, d)
         Minus the Hessian of ``h_j`` at the mode (positive definite).
     rule : Rule
+
+    Examples
+    --------
+    >>> rule = gauss_hermite_rule(1, 3)
+    >>> nodes = place_nodes(np.array([[1.0]]), np.array([[[4.0]]]), rule)   # mode 1, posterior sd 0.5
+    >>> nodes.b[0, :, 0].round(4)
+    array([0.134, 1.   , 1.866])
+    >>> float(nodes.log_det[0]) == float(np.log(0.5))
+    True
     """
     cov = np.linalg.inv(neg_hess)
     cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))

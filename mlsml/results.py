@@ -54,6 +54,36 @@ class MELSMResults:
         Whether the optimiser met its convergence criteria.
     nagq : int
         Quadrature points per dimension.
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    >>> res.params.round(3)
+    mean:Intercept    -0.024
+    mean:x             0.650
+    scale:Intercept   -0.792
+    scale:x            0.070
+    var(u0)            0.041
+    var(v)             0.029
+    cov(u0,v)         -0.020
+    Name: estimate, dtype: float64
+    >>> res.bse.index.equals(res.params.index), res.conf_int().shape
+    (True, (7, 2))
+    >>> res.cov_re.round(3)
+           u0      v
+    u0  0.041 -0.020
+    v  -0.020  0.029
+    >>> res.re_correlations().round(2)
+                estimate  std err
+    name
+    corr(u0,v)     -0.57     0.16
+    >>> res.nobs, res.ngroups, res.df_model, round(res.llf, 2)
+    (5404, 40, 7, -5550.63)
+    >>> bool(res.aic == -2 * res.llf + 2 * res.df_model), res.singular
+    (True, False)
+    >>> text = res.summary().as_text()   # also .as_html(), .as_latex()
     """
 
     model: MELSM
@@ -160,7 +190,17 @@ class MELSMResults:
 
     # ------------------------------------------------------------ inference
     def cov_params(self) -> pd.DataFrame:
-        """Covariance matrix of the natural-scale estimates (delta method)."""
+        """Covariance matrix of the natural-scale estimates (delta method).
+
+        Examples
+        --------
+        >>> import numpy as np, mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> V = res.cov_params()
+        >>> V.shape, bool(np.allclose(np.sqrt(np.diag(V)), res.bse))
+        ((7, 7), True)
+        """
         names = list(self.layout.names)
         return pd.DataFrame(np.array(self._cov), index=names, columns=names)
 
@@ -186,7 +226,16 @@ class MELSMResults:
         return pd.Series(2 * stats.norm.sf(np.abs(self.tvalues.to_numpy())), index=self.params.index, name="P>|z|")
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald confidence intervals ``params +/- z_{1-alpha/2} bse``."""
+        """Wald confidence intervals ``params +/- z_{1-alpha/2} bse``.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> res.conf_int(0.1).loc["mean:x"].round(3).tolist()
+        [0.634, 0.665]
+        """
         z = stats.norm.ppf(1 - alpha / 2)
         lo = self.params - z * self.bse
         hi = self.params + z * self.bse
@@ -222,7 +271,16 @@ class MELSMResults:
         return pd.DataFrame(R, index=self.cov_re.index, columns=self.cov_re.columns)
 
     def re_correlations(self) -> pd.DataFrame:
-        """Correlations of the school effects with delta-method standard errors."""
+        """Correlations of the school effects with delta-method standard errors.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", re_formula="~ x")
+        >>> res.re_correlations().index.tolist()
+        ['corr(u0,u1)', 'corr(u0,v)', 'corr(u1,v)']
+        """
         lay = self.layout
         d = lay.d
         rows = []
@@ -262,6 +320,13 @@ class MELSMResults:
         the average residual variance (scaled by ``mean(z^2)``); ``var(v)`` when
         below ``1e-6``; the correlation matrix when its smallest eigenvalue is below
         ``1e-6``.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> mlsml.fit("y ~ x", df, groups="school").singular_reasons()
+        []
         """
         lay = self.layout
         S = self.cov_re.to_numpy()
@@ -381,10 +446,85 @@ class MELSMResults:
         """Likelihood-ratio test of ``restricted`` (nested) against this fit.
 
         See :func:`mlsml.lrtest`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> m2 = mlsml.fit("y ~ x", df, groups="school")
+        >>> m3 = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> m3.compare_lr_test(m2).df
+        1
         """
         from .compare import lrtest
 
         return lrtest(restricted, self)
+
+    def simulate(self, n_reps: int = 1, seed=None) -> pd.DataFrame:
+        """Draw new responses from the fitted model (covariates and groups as in the data).
+
+        ``y*_ij = x_ij'b + z_ij'u*_j + exp{(w_ij'a + v*_j)/2} e*_ij`` with
+        ``(u*_j, v*_j) ~ N(0, S)``, ``e*_ij ~ N(0, 1)`` at the estimates ``(b, a, S)``.
+
+        Parameters
+        ----------
+        n_reps : int
+            Number of independent response vectors.
+        seed : int, numpy.random.Generator or None
+            Seed of :func:`numpy.random.default_rng`.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per observation used, in the caller's row order and indexed
+            by the caller's index labels; one column per replicate.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> sims = res.simulate(2, seed=3)
+        >>> sims.shape == (len(df), 2), bool(sims.index.equals(df.index))
+        (True, True)
+        """
+        from .bootstrap import simulate_responses
+
+        return simulate_responses(self, n_reps=n_reps, seed=seed)
+
+    def bootstrap(self, n: int, seed=None, n_jobs: int | None = None, progress: bool = True):
+        """Parametric bootstrap: refit ``n`` simulated data sets in parallel.
+
+        Bootstrap SEs are the SDs of the replicate estimates, the percentile
+        intervals their quantiles; see :func:`mlsml.bootstrap.bootstrap`.
+
+        Parameters
+        ----------
+        n : int
+            Number of replicates (a few hundred for SEs, 1000+ for intervals).
+        seed : int, numpy.random.Generator or None
+            Seed of the simulated responses (results do not depend on ``n_jobs``).
+        n_jobs : int, optional
+            Worker processes (default: all CPUs; ``1``: no subprocesses).
+        progress : bool
+            Progress bar on stderr (tqdm if installed, else a counter).
+
+        Returns
+        -------
+        mlsml.bootstrap.BootstrapResults
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.simulate_data([15] * 30, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
+        >>> boot = res.bootstrap(20, seed=7, n_jobs=1, progress=False)
+        >>> boot.n_converged, boot.bse.index.equals(res.params.index)
+        (20, True)
+        """
+        from .bootstrap import bootstrap
+
+        return bootstrap(self, n, seed=seed, n_jobs=n_jobs, progress=progress)
 
     def __repr__(self) -> str:
         return (
