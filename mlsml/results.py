@@ -255,9 +255,10 @@ class MELSMResults:
 
         Parameters
         ----------
-        w : None, dict/Series of term -> value, or array
+        w : None, dict/Series of term -> value, array, or "school"
             Common covariate value ``wbar`` of the variance function (default:
-            overall mean of each column, as in the paper).
+            overall mean of each column, as in the paper). ``"school"`` uses each
+            school's own mean ``wbar_j`` (intake-specific variances, the paper's Figure 4).
         level : float
             Interval level.
         z : None, dict/Series or array

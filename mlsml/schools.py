@@ -136,9 +136,17 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
     design = res.model.design
     lay = design.layout
     q, rs = lay.q, lay.random_scale
-    wbar, zbar = _vectors(res, w, z)
     alpha = res.fe_scale.to_numpy()
-    wa = float(wbar @ alpha)
+    if isinstance(w, str):
+        if w != "school":
+            raise ModelSpecError(f"w must be None, 'school', a mapping of term -> value or an array, not {w!r}")
+        # each school's own mean covariate value (the paper's Figure 4)
+        wbar_j = np.add.reduceat(design.W, design.starts, axis=0) / design.counts[:, None]
+        wa = wbar_j @ alpha
+        wbar, zbar = _vectors(res, None, z)
+    else:
+        wbar, zbar = _vectors(res, w, z)
+        wa = float(wbar @ alpha)
     probs = [(1 - level) / 2, (1 + level) / 2]
     mean, C = posterior_moments(res.theta, design, res.nagq, res.prune)
     grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
@@ -169,14 +177,15 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
         qv = grid.quantile_v(probs)
         var = np.exp(wa) * grid.mean_exp_v()
         out["var"], out["var_lo"], out["var_hi"] = var, np.exp(wa + qv[:, 0]), np.exp(wa + qv[:, 1])
-        rank_cols("var", var, vd)
+        rank_cols("var", var, vd + wa)
         out["var_flag"] = np.where(qv[:, 0] > 0, 1, np.where(qv[:, 1] < 0, -1, 0))
     else:
         out["var"] = out["var_lo"] = out["var_hi"] = np.exp(wa)
         for k, v in nan_rank.items():
             out["var" + k] = v
         out["var_flag"] = 0
-    out.attrs.update({"wbar": dict(zip(lay.scale_terms, wbar)), "level": level, "ndraws": int(ndraws), "seed": seed})
+    ref = "school" if isinstance(w, str) else dict(zip(lay.scale_terms, wbar))
+    out.attrs.update({"wbar": ref, "level": level, "ndraws": int(ndraws), "seed": seed})
     return out
 
 
