@@ -21,6 +21,7 @@ EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x"
   mlsml fit data.csv --formula "y ~ x" --groups school --no-random-scale
   mlsml fit data.csv --formula "y ~ x + C(eth)" --groups school --scale "~ x" --json out.json
+  mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x" --schools schools.csv
 """
 
 
@@ -100,6 +101,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(_fit_json(res), fh, indent=2)
+    if args.schools:
+        res.school_effects().to_csv(args.schools)
     return 0 if res.converged else 3
 
 
@@ -135,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--nagq", type=int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")
     f.add_argument("--json", metavar="PATH", help="write llf, params, bse, converged as JSON")
+    f.add_argument("--schools", metavar="PATH",
+                   help="write the school table (means, variances, 95%% intervals, ranks, flags) as CSV")
     f.add_argument("-q", "--quiet", action="store_true", help="do not print the summary")
     f.set_defaults(func=cmd_fit)
     return p
