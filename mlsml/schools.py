@@ -60,6 +60,11 @@ def reference_vector(value, terms: tuple[str, ...], columns: np.ndarray, what: s
         Name of the argument, for error messages.
     """
     k = len(terms)
+    if isinstance(value, str):
+        raise ModelSpecError(
+            f"{what}={value!r} is not a covariate value here: give None, a mapping of term -> value or an array"
+            + (" (w='school' applies to school_effects only)" if value == "school" else "")
+        )
     mean = columns.mean(axis=0) if columns.shape[0] else np.zeros(k)
     if value is None:
         return np.asarray(mean, dtype=float)

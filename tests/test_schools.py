@@ -60,6 +60,10 @@ def test_common_covariate_value(exam_m3):
         exam_m3.school_effects(w={"nothere": 1})
     with pytest.raises(ModelSpecError, match="2 values"):
         exam_m3.school_effects(w=[1.0])
+    with pytest.raises(ModelSpecError, match="school_effects only"):
+        exam_m3.population_quantities(w="school")
+    with pytest.raises(ModelSpecError, match="'mean'"):
+        exam_m3.school_effects(w="mean")
     with pytest.raises(ModelSpecError, match="level"):
         exam_m3.school_effects(level=95)
 
