@@ -138,6 +138,8 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
     """
     if not 0 < level < 1:
         raise ModelSpecError(f"level must be between 0 and 1, got {level!r}")
+    if int(ndraws) < 100:
+        raise ModelSpecError(f"ndraws must be at least 100 for rank intervals, got {ndraws!r}")
     design = res.model.design
     lay = design.layout
     q, rs = lay.q, lay.random_scale

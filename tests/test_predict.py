@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.integrate import cumulative_simpson
+from scipy.interpolate import CubicSpline
+from scipy.optimize import brentq
 
 import mlsml
 from mlsml.likelihood import SchoolSums, log_conditional, log_prior
@@ -39,8 +42,15 @@ def _brute_force(res, j: int, npts: int, width: float = 9.0):
 
 
 def _quantiles_1d(axis, mass, probs):
-    cdf = np.cumsum(mass) - 0.5 * mass  # mass of each cell centred on its grid point
-    return np.interp(probs, cdf, axis)
+    """Quantiles of a 1-d marginal tabulated as masses on a uniform grid.
+
+    The CDF at the grid points by cumulative Simpson (O(h^4)), a cubic spline between
+    them, inverted by Brent's method.
+    """
+    h = axis[1] - axis[0]
+    F = cumulative_simpson(mass / h, x=axis, initial=0.0)
+    spline = CubicSpline(axis, F / F[-1])
+    return np.array([brentq(lambda x, p=p: spline(x) - p, axis[0], axis[-1], xtol=1e-14) for p in probs])
 
 
 @pytest.mark.parametrize("j", SCHOOLS)
@@ -62,8 +72,8 @@ def test_interval_quantiles_match_brute_force(exam_m3, j):
     grid = PosteriorGrid.build(exam_m3.theta, exam_m3.model.design)
     qv = grid.quantile_v(probs)[j]
     qu = grid.quantile_linear(np.array([1.0]), probs)[j]
-    np.testing.assert_allclose(qv, _quantiles_1d(axes[1], mass.sum(axis=0), probs), atol=2e-5)
-    np.testing.assert_allclose(qu, _quantiles_1d(axes[0], mass.sum(axis=1), probs), atol=2e-5)
+    np.testing.assert_allclose(qv, _quantiles_1d(axes[1], mass.sum(axis=0), probs), atol=1e-6)
+    np.testing.assert_allclose(qu, _quantiles_1d(axes[0], mass.sum(axis=1), probs), atol=1e-6)
     t = exam_m3.school_effects()
     alpha = exam_m3.fe_scale.to_numpy()
     wbar = exam_m3.model.design.W.mean(axis=0)
@@ -107,10 +117,18 @@ def test_random_slopes_three_dimensions(exam):
     assert list(re_.columns) == ["u0", "u0_sd", "u1", "u1_sd", "v", "v_sd", "n"]
     assert C.shape == (65, 3, 3)
     # the default 7-point rule in 3-d against a brute-force 3-d grid
+    t0 = res.school_effects(z={"standLRT": 0.0})
+    wbar = res.model.design.W.mean(axis=0)
     for j in (0, 30):
-        _, _, mean, cov = _brute_force(res, j, 121, width=8.0)
+        axes, mass, mean, cov = _brute_force(res, j, 121, width=8.0)
         np.testing.assert_allclose(re_.iloc[j][["u0", "u1", "v"]], mean, atol=1e-4)
         np.testing.assert_allclose(C[j], cov, atol=1e-4)
+        # interval quantiles of u0 (mixture of normals over v) and of v (exact marginal)
+        q_u0 = _quantiles_1d(axes[0], mass.sum(axis=(1, 2)), [0.025, 0.975])
+        q_v = _quantiles_1d(axes[2], mass.sum(axis=(0, 1)), [0.025, 0.975])
+        np.testing.assert_allclose(t0.iloc[j][["mean_lo", "mean_hi"]], q_u0, atol=1e-5)
+        np.testing.assert_allclose(np.log(t0.iloc[j][["var_lo", "var_hi"]].to_numpy(float)) - wbar @ res.fe_scale,
+                                   q_v, atol=1e-5)
     # the exact grid representation integrates u out in closed form (any q)
     m2, C2 = PosteriorGrid.build(res.theta, res.model.design).moments()
     np.testing.assert_allclose(re_[["u0", "u1", "v"]].to_numpy(), m2, atol=5e-5)
@@ -119,7 +137,6 @@ def test_random_slopes_three_dimensions(exam):
     zbar = res.model.design.Z.mean(axis=0)
     t = res.school_effects()
     np.testing.assert_allclose(t["mean"], re_[["u0", "u1"]].to_numpy() @ zbar, atol=1e-12)
-    t0 = res.school_effects(z={"standLRT": 0.0})
     np.testing.assert_allclose(t0["mean"], re_["u0"], atol=1e-12)
 
 
