@@ -228,6 +228,7 @@ class PosteriorGrid:
         h = v[:, 1:2] - v[:, :1]
         # cumulative integral with the Hermite end correction: O(h^4) at every grid point
         area = 0.5 * h * (dens[:, 1:] + dens[:, :-1]) + h**2 / 12.0 * (ddens[:, :-1] - ddens[:, 1:])
+        area = np.maximum(area, 0.0)  # keep the CDF monotone where the density underflows
         cum = np.concatenate([np.zeros((J, 1)), np.cumsum(area, axis=1)], axis=1)
         total = cum[:, -1:]
         tw = np.full_like(v, 1.0) * h
