@@ -139,11 +139,12 @@ def standardised_residuals(res) -> pd.Series:
     In the caller's row order, indexed by the row labels of the data used.
     """
     from .predict import PosteriorGrid, posterior_moments
+    from .schools import posterior_nagq
 
     design = res.model.design
     lay = design.layout
     q = lay.q
-    mean, C = posterior_moments(res.theta, design, res.nagq, res.prune)
+    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
     g = design.group
     fit = design.X @ res.fe_mean.to_numpy()
     if q:

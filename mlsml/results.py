@@ -226,7 +226,8 @@ class MELSMResults:
         """Posterior (empirical-Bayes) means and SDs of the school effects.
 
         ``E(b_j | y)`` and ``sd(b_j | y)`` at the estimates, by the adaptive
-        quadrature of the likelihood (:func:`mlsml.predict.posterior_moments`).
+        quadrature of the likelihood (:func:`mlsml.predict.posterior_moments`;
+        the fit's points per dimension, at least the default for the dimension).
 
         Parameters
         ----------

@@ -93,6 +93,17 @@ def _vectors(res, w, z) -> tuple[np.ndarray, np.ndarray]:
     return wbar, zbar
 
 
+def posterior_nagq(res) -> int:
+    """Quadrature points per dimension for the posterior summaries.
+
+    The fit's own rule, but never fewer points than the default for the
+    dimension: a fit with very few points (``nagq=1`` is the Laplace
+    approximation) would otherwise report posterior SDs of zero.
+    """
+    d = res.layout.d
+    return max(int(res.nagq or 0), default_nagq(d))
+
+
 def _cov_theta(res) -> np.ndarray | None:
     if not res._info.get("hessian_pd"):
         return None
@@ -109,7 +120,7 @@ def random_effects(res, cov: bool = False):
     """Posterior means and SDs of the school effects (see :meth:`MELSMResults.random_effects`)."""
     design = res.model.design
     lay = design.layout
-    mean, C = posterior_moments(res.theta, design, res.nagq, res.prune)
+    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
     cols = {}
     for i, name in enumerate(lay.re_names):
         cols[name] = mean[:, i]
@@ -155,7 +166,7 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
         wbar, zbar = _vectors(res, w, z)
         wa = float(wbar @ alpha)
     probs = [(1 - level) / 2, (1 + level) / 2]
-    mean, C = posterior_moments(res.theta, design, res.nagq, res.prune)
+    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
     grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
     out = pd.DataFrame({"n": design.counts.astype(int)}, index=_index(res))
     rng = np.random.default_rng(seed)
@@ -272,7 +283,7 @@ def _corr_predictions(res, wbar, zbar, cov_t):
     lay = design.layout
     q = lay.q
     d = lay.d
-    rule = gauss_hermite_rule(d, int(res.nagq or default_nagq(d)), res.prune)
+    rule = gauss_hermite_rule(d, posterior_nagq(res), res.prune)
     theta0 = np.asarray(res.theta, dtype=float)
     nodes = adapt(theta0, design, rule)
     zu = np.einsum("jkq,q->jk", nodes.b[:, :, :q], zbar)
@@ -329,7 +340,7 @@ def predict(res, newdata: pd.DataFrame, kind: str = "mean", conditional: bool = 
     known = pos >= 0
     need_post = bool(conditional and known.any())
     if need_post:
-        mean, C = posterior_moments(res.theta, design, res.nagq, res.prune)
+        mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
     if kind == "mean":
         X = _design_for(spec.mean_spec, newdata, "mean design")
         out = X @ res.fe_mean.to_numpy()

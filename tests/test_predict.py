@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.integrate import cumulative_simpson
@@ -151,3 +153,17 @@ def test_draws_follow_the_posterior(exam_m3):
     np.testing.assert_allclose(v.std(axis=0), np.sqrt(C[:, 1, 1]), rtol=0.05)
     r = np.array([np.corrcoef(cu[:, j], v[:, j])[0, 1] for j in range(5)])
     np.testing.assert_allclose(r, C[:5, 0, 1] / np.sqrt(C[:5, 0, 0] * C[:5, 1, 1]), atol=0.05)
+
+
+def test_coarse_fit_still_gets_accurate_posteriors(exam):
+    with warnings.catch_warnings():  # whether a 3-point fit converges is not the point here
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", nagq=3)
+    assert res.nagq == 3
+    re_, C = res.random_effects(cov=True)
+    # the summaries use at least the default 11 points per dimension, not the fit's 3
+    m, C11 = posterior_moments(res.theta, res.model.design, 11)
+    np.testing.assert_allclose(re_[["u0", "v"]].to_numpy(), m, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(C, C11, rtol=0, atol=1e-12)
+    m3, _ = posterior_moments(res.theta, res.model.design, 3)
+    assert np.abs(m3 - m).max() > 1e-8  # 3 points would have been visibly less accurate
