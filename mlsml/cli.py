@@ -24,6 +24,7 @@ EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x"
   mlsml fit data.csv --formula "y ~ x" --groups school --no-random-scale
   mlsml fit data.csv --formula "y ~ x + C(eth)" --groups school --scale "~ x" --json out.json
+  mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x" --schools schools.csv
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x" --style mixwild --stages
   mlsml fit data.csv --formula "y ~ x" --groups school --format latex > table.tex
 """
@@ -132,6 +133,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(_fit_json(res), fh, indent=2)
+    if args.schools:
+        res.school_effects().to_csv(args.schools)
     return 0 if res.converged else 3
 
 
@@ -240,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--stages", action="store_true",
                    help="with --style mixwild: also fit and print MIXREGLS's model sequence with LR tests")
     f.add_argument("--format", choices=["text", "html", "latex"], default="text", help="output format of the summary")
+    f.add_argument("--schools", metavar="PATH",
+                   help="write the school table (means, variances, 95%% intervals, ranks, flags) as CSV")
     f.add_argument("-q", "--quiet", action="store_true", help="do not print the summary")
     f.add_argument("-v", "--verbose", action="store_true", help="print the optimiser's progress (one line per pass)")
     f.set_defaults(func=cmd_fit)

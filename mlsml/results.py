@@ -270,6 +270,95 @@ class MELSMResults:
             R = S / np.outer(sd, sd)
         return pd.DataFrame(R, index=self.cov_re.index, columns=self.cov_re.columns)
 
+    # ------------------------------------------------------------ schools (mlsml.schools)
+    def random_effects(self, cov: bool = False):
+        """Posterior (empirical-Bayes) means and SDs of the school effects.
+
+        ``E(b_j | y)`` and ``sd(b_j | y)`` at the estimates, by the adaptive
+        quadrature of the likelihood (:func:`mlsml.predict.posterior_moments`;
+        the fit's points per dimension, at least the default for the dimension).
+
+        Parameters
+        ----------
+        cov : bool
+            Also return the posterior covariance matrices.
+
+        Returns
+        -------
+        pandas.DataFrame or (DataFrame, ndarray (J, d, d))
+            Indexed by group label; columns ``u0, u0_sd, [u1, u1_sd, ...], [v, v_sd], n``.
+        """
+        from .schools import random_effects
+
+        return random_effects(self, cov=cov)
+
+    def school_effects(self, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
+        """School mean progress and school residual variance with intervals, ranks and flags.
+
+        ``mean = E(zbar'u_j | y)`` (``= E(u0_j | y)`` for a random intercept) and
+        ``var = E(exp(wbar'alpha + v_j) | y)``; ``_lo/_hi`` are equal-tailed
+        posterior quantiles at ``level`` (exact, not a normal approximation;
+        see ``docs/predictions.md``); ranks (1 = lowest) of the posterior means
+        with intervals from ``ndraws`` exact posterior draws (fixed ``seed``);
+        flags ``+1/-1`` when the interval lies above/below the average school
+        (``u = 0``, ``v = 0``), else 0.
+
+        Parameters
+        ----------
+        w : None, dict/Series of term -> value, array, or "school"
+            Common covariate value ``wbar`` of the variance function (default:
+            overall mean of each column, as in the paper). ``"school"`` uses each
+            school's own mean ``wbar_j`` (intake-specific variances, the paper's Figure 4).
+        level : float
+            Interval level.
+        z : None, dict/Series or array
+            Common value ``zbar`` of the random-effects design (default: overall mean).
+        ndraws, seed : int
+            Posterior draws for the rank intervals.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by group label; columns ``n, mean, mean_lo, mean_hi, mean_rank,
+            mean_rank_lo, mean_rank_hi, mean_flag, var, var_lo, var_hi, var_rank,
+            var_rank_lo, var_rank_hi, var_flag``.
+        """
+        from .schools import school_effects
+
+        return school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
+
+    def population_quantities(self, w=None, z=None) -> pd.DataFrame:
+        """Population quantities with delta-method standard errors.
+
+        Rows: ``pa_variance = exp(wbar'alpha + var(v)/2)``, ``median_variance =
+        exp(wbar'alpha)``, ``idr_mean_lo/hi = beta_0 -/+ z_.9 sd(zbar'u)``,
+        ``idr_var_lo/hi = exp(wbar'alpha -/+ z_.9 sd(v))``, ``sd_mean``,
+        ``total_variance = var(zbar'u) + pa_variance``, ``vpc = var(zbar'u) /
+        total_variance``, ``corr_uv`` (model-implied) and ``corr_pred`` (of the
+        predicted school means and variances); NaN where the model lacks the effect.
+        """
+        from .schools import population_quantities
+
+        return population_quantities(self, w=w, z=z)
+
+    def predict(self, newdata: pd.DataFrame, kind: str = "mean", conditional: bool = True) -> pd.Series:
+        """Predicted mean ``x'beta + z'E(u_j|y)`` or residual variance for new rows.
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame
+            Covariates (and the grouping column when ``conditional``).
+        kind : {"mean", "variance"}
+            ``"variance"`` is the residual variance ``exp(w'alpha) E(exp(v_j) | y)``.
+        conditional : bool
+            Use the posterior of the school for schools of the fit; rows of other
+            schools, and all rows when False, get population values
+            (``x'beta`` and ``exp(w'alpha + var(v)/2)``).
+        """
+        from .schools import predict
+
+        return predict(self, newdata, kind=kind, conditional=conditional)
+
     def re_correlations(self) -> pd.DataFrame:
         """Correlations of the school effects with delta-method standard errors.
 

@@ -1,0 +1,384 @@
+"""Posterior summaries of the school effects (empirical Bayes).
+
+Given the estimates ``theta``, the school effects ``b_j = (u_j, v_j)`` of
+different schools are independent a posteriori, with density
+
+.. math::
+
+    p(b \\mid y_j) = \\exp\\{h_j(b)\\} / L_j, \\qquad
+    h_j(b) = \\log f(y_j \\mid b) + \\log \\phi(b; 0, \\Sigma),
+
+the integrand of the likelihood. Two representations are used.
+
+**Adaptive quadrature** (:func:`posterior_moments`). The nodes ``b_jk`` and log
+weights of the likelihood (:func:`mlsml.posterior.adapt`) give the posterior
+weights ``p_jk = softmax_k(h_j(b_jk) + log w_k)``, so that
+
+.. math::
+
+    E(b_j \\mid y) \\approx \\sum_k p_{jk} b_{jk}, \\qquad
+    \\operatorname{cov}(b_j \\mid y) \\approx \\sum_k p_{jk}
+        (b_{jk} - \\bar b_j)(b_{jk} - \\bar b_j)'.
+
+This works in any dimension ``d`` (``u0, u1, ..., v``).
+
+**Exact marginal of v** (:class:`PosteriorGrid`). For fixed ``v`` the
+function ``h_j`` is quadratic in ``u`` (the residual variance is
+``exp(w'alpha + v)`` times a constant within the school), so ``u`` can be
+integrated out in closed form. With ``E = exp(-v)``, the precision
+``P = Sigma^{-1}`` split into blocks ``P_uu, P_uv, P_vv`` and the per-school
+sums ``n, S0, S1, S2`` of :mod:`mlsml.likelihood`::
+
+    M(v)  = E S2 + P_uu,            r(v) = E S1 - v P_uv
+    u | v, y ~ N(M(v)^{-1} r(v), M(v)^{-1})
+    log p(v | y) = const - n v/2 - E S0/2 - P_vv v^2/2
+                   + r' M^{-1} r / 2 - log|M| / 2.
+
+The one-dimensional marginal ``p(v | y)`` is tabulated on a fine uniform grid
+around the school's posterior (201 points over +/- 8 posterior SDs), with the
+exact derivative of the density; the CDF is integrated with the Hermite-corrected
+trapezoid rule and interpolated by cubic Hermite polynomials, both ``O(h^4)``
+(quantiles of ``v`` are accurate to about 1e-7), which gives
+its distribution function, hence quantiles of ``v`` (and of any increasing
+function of it, such as the school variance ``exp(w'alpha + v)``) without a
+normal approximation; linear combinations ``c'u`` have a mixture-of-normals
+marginal ``sum_g omega_g N(c'mu_g, c'V_g c)`` whose quantiles are found by
+Newton's method. Exact posterior draws are ``v`` by inverse-CDF sampling from
+the grid followed by ``u | v`` from its normal distribution. Without a random
+scale the posterior is exactly normal and the grid has one point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special, stats
+
+from .design import Design
+from .likelihood import SchoolSums, log_conditional, log_prior, school_sums
+from .posterior import adapt
+from .quadrature import Nodes, default_nagq, gauss_hermite_rule
+
+#: Number of grid points and half-width (in posterior SDs) of the grid for ``v``.
+GRID_POINTS = 201
+GRID_HALFWIDTH = 8.0
+
+
+def _sums(theta: np.ndarray, design: Design) -> SchoolSums:
+    beta, alpha, _ = design.layout.split(np.asarray(theta, dtype=float))
+    s = school_sums(beta, alpha, design)
+    return SchoolSums(*(np.asarray(a, dtype=float) for a in s))
+
+
+def posterior_weights(theta: np.ndarray, design: Design, nodes: Nodes) -> np.ndarray:
+    """Normalised posterior weights ``p_jk`` of the adapted nodes, shape ``(J, K)``."""
+    lay = design.layout
+    theta = np.asarray(theta, dtype=float)
+    _, _, L = lay.split(theta)
+    s = _sums(theta, design)
+    h = log_conditional(nodes.b, s, lay.q, lay.random_scale) + log_prior(nodes.b, np.asarray(L))
+    a = np.asarray(h) + nodes.logw[None, :]
+    a = a - a.max(axis=1, keepdims=True)
+    p = np.exp(a)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def posterior_moments(
+    theta: np.ndarray, design: Design, nagq: int | None = None, prune: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and covariances of ``b_j`` by adaptive Gauss-Hermite quadrature.
+
+    Parameters
+    ----------
+    theta : ndarray
+        Optimiser-scale parameters (see :mod:`mlsml.params`).
+    design : Design
+    nagq : int, optional
+        Points per dimension (default :func:`mlsml.quadrature.default_nagq`).
+    prune : float
+        Node pruning threshold (as in the fit).
+
+    Returns
+    -------
+    mean : ndarray (J, d)
+        ``E(b_j | y)``, effects in the order ``u0, u1, ..., v``.
+    cov : ndarray (J, d, d)
+        ``cov(b_j | y)``.
+    """
+    d = design.layout.d
+    rule = gauss_hermite_rule(d, int(nagq or default_nagq(d)), prune)
+    nodes = adapt(np.asarray(theta, dtype=float), design, rule)
+    p = posterior_weights(theta, design, nodes)
+    mean = np.einsum("jk,jkd->jd", p, nodes.b)
+    dev = nodes.b - mean[:, None, :]
+    cov = np.einsum("jk,jkd,jke->jde", p, dev, dev)
+    return mean, 0.5 * (cov + np.swapaxes(cov, 1, 2))
+
+
+@dataclass(frozen=True)
+class PosteriorGrid:
+    """The posterior of every school as a mixture over a grid of ``v``.
+
+    Attributes
+    ----------
+    v : ndarray (J, G)
+        Grid of ``v`` values per school (zeros, ``G = 1``, without random scale).
+    weight : ndarray (J, G)
+        Normalised quadrature weights of the grid points (trapezoid rule times
+        the marginal density ``p(v | y)``); they sum to one per school.
+    cdf : ndarray (J, G)
+        Distribution function of ``v`` at the grid points (cumulative
+        trapezoid rule with the Hermite end correction
+        ``h^2/12 (f'_i - f'_{i+1})``, exact derivatives; from 0 at the first
+        point to 1 at the last).
+    mu : ndarray (J, G, q)
+        ``E(u | v, y)`` at the grid points.
+    V : ndarray (J, G, q, q)
+        ``cov(u | v, y)`` at the grid points.
+    random_scale : bool
+    density, ddensity : ndarray (J, G)
+        The normalised density ``p(v | y)`` and its derivative at the grid points
+        (with the CDF, they define a cubic Hermite interpolant of the CDF).
+    """
+
+    v: np.ndarray
+    weight: np.ndarray
+    cdf: np.ndarray
+    mu: np.ndarray
+    V: np.ndarray
+    random_scale: bool
+    density: np.ndarray | None = None
+    ddensity: np.ndarray | None = None
+
+    @classmethod
+    def build(
+        cls,
+        theta: np.ndarray,
+        design: Design,
+        centre: np.ndarray | None = None,
+        scale: np.ndarray | None = None,
+        points: int = GRID_POINTS,
+        halfwidth: float = GRID_HALFWIDTH,
+    ) -> PosteriorGrid:
+        """Tabulate the posterior of every school.
+
+        Parameters
+        ----------
+        theta : ndarray
+            Optimiser-scale parameters.
+        design : Design
+        centre, scale : ndarray (J,), optional
+            Centre and scale of each school's grid for ``v`` (default: the
+            posterior mean and SD of ``v`` by :func:`posterior_moments`).
+        points : int
+            Grid points per school (odd numbers put one at the centre).
+        halfwidth : float
+            The grid spans ``centre +/- halfwidth * scale``.
+        """
+        lay = design.layout
+        theta = np.asarray(theta, dtype=float)
+        q, rs = lay.q, lay.random_scale
+        s = _sums(theta, design)
+        _, _, L = lay.split(theta)
+        L = np.asarray(L, dtype=float)
+        P = np.linalg.inv(L @ L.T)
+        P = 0.5 * (P + P.T)
+        J = design.ngroups
+        if not rs:
+            M = s.S2 + P[None, :q, :q]
+            V = np.linalg.inv(M)
+            mu = np.einsum("jqr,jr->jq", V, s.S1)
+            one = np.ones((J, 1))
+            return cls(np.zeros((J, 1)), one, one, mu[:, None, :], V[:, None, :, :], False)
+        if centre is None or scale is None:
+            m, c = posterior_moments(theta, design)
+            centre = m[:, q] if centre is None else centre
+            scale = np.sqrt(c[:, q, q]) if scale is None else scale
+        t = np.linspace(-halfwidth, halfwidth, int(points))
+        v = np.asarray(centre, float)[:, None] + np.asarray(scale, float)[:, None] * t[None, :]
+        E = np.exp(-v)
+        Puu, Puv, Pvv = P[:q, :q], P[:q, q], P[q, q]
+        M = E[:, :, None, None] * s.S2[:, None, :, :] + Puu[None, None]
+        r = E[:, :, None] * s.S1[:, None, :] - v[:, :, None] * Puv[None, None, :]
+        if q == 1:
+            V = 1.0 / M
+            mu = V[..., 0] * r
+            logdet = np.log(M[..., 0, 0])
+            quad = r[..., 0] * mu[..., 0]
+        elif q:
+            V = np.linalg.inv(M)
+            V = 0.5 * (V + np.swapaxes(V, -1, -2))
+            mu = np.einsum("jgqr,jgr->jgq", V, r)
+            logdet = np.linalg.slogdet(M)[1]
+            quad = np.einsum("jgq,jgq->jg", r, mu)
+        else:
+            V = np.zeros((J, v.shape[1], 0, 0))
+            mu = np.zeros((J, v.shape[1], 0))
+            logdet = quad = np.zeros_like(v)
+        lp = -0.5 * s.n[:, None] * v - 0.5 * E * s.S0[:, None] - 0.5 * Pvv * v**2 + 0.5 * quad - 0.5 * logdet
+        # exact derivative of lp (for the Hermite-corrected CDF)
+        S1mu = np.einsum("jq,jgq->jg", s.S1, mu)
+        muS2mu = np.einsum("jgq,jqr,jgr->jg", mu, s.S2, mu)
+        trVS2 = np.einsum("jgqr,jrq->jg", V, s.S2)
+        dlp = (-0.5 * s.n[:, None] + 0.5 * E * s.S0[:, None] - Pvv * v - E * S1mu - mu @ Puv
+               + 0.5 * E * muS2mu + 0.5 * E * trVS2)
+        dens = np.exp(lp - lp.max(axis=1, keepdims=True))
+        ddens = dens * dlp
+        h = v[:, 1:2] - v[:, :1]
+        # cumulative integral with the Hermite end correction: O(h^4) at every grid point
+        area = 0.5 * h * (dens[:, 1:] + dens[:, :-1]) + h**2 / 12.0 * (ddens[:, :-1] - ddens[:, 1:])
+        area = np.maximum(area, 0.0)  # keep the CDF monotone where the density underflows
+        cum = np.concatenate([np.zeros((J, 1)), np.cumsum(area, axis=1)], axis=1)
+        total = cum[:, -1:]
+        tw = np.full_like(v, 1.0) * h
+        tw[:, 0] *= 0.5
+        tw[:, -1] *= 0.5
+        weight = tw * dens
+        weight = weight / weight.sum(axis=1, keepdims=True)
+        return cls(v, weight, cum / total, mu, V, True, dens / total, ddens / total)
+
+    # -------------------------------------------------------------- moments
+    def mean_v(self) -> np.ndarray:
+        """``E(v_j | y)``, shape ``(J,)``."""
+        return np.einsum("jg,jg->j", self.weight, self.v)
+
+    def mean_exp_v(self, scale: float = 1.0) -> np.ndarray:
+        """``E(exp(scale * v_j) | y)``, shape ``(J,)``."""
+        return np.einsum("jg,jg->j", self.weight, np.exp(scale * self.v))
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior means ``(J, d)`` and covariances ``(J, d, d)`` from the grid."""
+        w = self.weight
+        mu_u = np.einsum("jg,jgq->jq", w, self.mu)
+        second = np.einsum("jg,jgqr->jqr", w, self.V + self.mu[..., :, None] * self.mu[..., None, :])
+        cov_u = second - mu_u[:, :, None] * mu_u[:, None, :]
+        if not self.random_scale:
+            return mu_u, cov_u
+        mv = self.mean_v()
+        var_v = np.einsum("jg,jg->j", w, (self.v - mv[:, None]) ** 2)
+        cuv = np.einsum("jg,jgq,jg->jq", w, self.mu, self.v) - mu_u * mv[:, None]
+        J, q = mu_u.shape
+        cov = np.zeros((J, q + 1, q + 1))
+        cov[:, :q, :q] = cov_u
+        cov[:, :q, q] = cuv
+        cov[:, q, :q] = cuv
+        cov[:, q, q] = var_v
+        return np.concatenate([mu_u, mv[:, None]], axis=1), cov
+
+    # ------------------------------------------------------------ quantiles
+    def quantile_v(self, probs) -> np.ndarray:
+        """Quantiles of ``v_j | y``, shape ``(J, len(probs))``.
+
+        Inverse of the distribution function, interpolated between grid points
+        by the cubic Hermite polynomial through the CDF and the density.
+        """
+        probs = np.atleast_1d(np.asarray(probs, dtype=float))
+        J = self.v.shape[0]
+        if not self.random_scale:
+            return np.zeros((J, probs.size))
+        return self.invert_cdf(np.broadcast_to(probs, (J, probs.size)))[0]
+
+    def invert_cdf(self, P: np.ndarray, newton: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``F_j^{-1}(P[j, k])`` for every school ``j`` (rows) and probability (columns).
+
+        Starts from linear interpolation within the grid cell and takes ``newton``
+        Newton steps on the cubic Hermite interpolant (each squares the error).
+        Returns the values, and the grid cell ``i`` and position ``t`` in it
+        (``v = v_i + t h``) of each.
+        """
+        P = np.asarray(P, dtype=float)
+        J, G = self.v.shape
+        m = P.shape[1]
+        off = 2.0 * np.arange(J)
+        flat = (self.cdf + off[:, None]).ravel()
+        pos = np.searchsorted(flat, (P + off[:, None]).ravel(), side="right") - 1
+        i = np.clip(pos.reshape(J, m) - (np.arange(J) * G)[:, None], 0, G - 2)
+        rows = np.arange(J)[:, None]
+        h = (self.v[:, 1] - self.v[:, 0])[:, None]
+        F0, F1 = self.cdf[rows, i], self.cdf[rows, i + 1]
+        f0, f1 = self.density[rows, i] * h, self.density[rows, i + 1] * h
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(F1 > F0, (P - F0) / (F1 - F0), 0.5)
+        t = np.clip(t, 0.0, 1.0)
+        for _ in range(newton):  # Newton on the cubic Hermite interpolant within the cell
+            t2, t3 = t * t, t * t * t
+            H = F0 * (2 * t3 - 3 * t2 + 1) + f0 * (t3 - 2 * t2 + t) + F1 * (-2 * t3 + 3 * t2) + f1 * (t3 - t2)
+            dH = F0 * (6 * t2 - 6 * t) + f0 * (3 * t2 - 4 * t + 1) + F1 * (-6 * t2 + 6 * t) + f1 * (3 * t2 - 2 * t)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                tn = t - (H - P) / dH
+            t = np.where(np.isfinite(tn) & (dH > 0), np.clip(tn, 0.0, 1.0), t)
+        return self.v[rows, i] + h * t, i, t
+
+    def quantile_linear(self, c: np.ndarray, probs) -> np.ndarray:
+        """Quantiles of ``c'u_j | y`` (mixture of normals over the grid), shape ``(J, len(probs))``.
+
+        Parameters
+        ----------
+        c : ndarray (q,)
+            Coefficients of the linear combination of the mean effects.
+        probs : array_like
+            Probabilities.
+        """
+        probs = np.atleast_1d(np.asarray(probs, dtype=float))
+        c = np.asarray(c, dtype=float)
+        # the mixture CDF is a smooth integral over v: about 100 of the grid points
+        # are ample for the trapezoid rule (spectrally accurate here)
+        sub = slice(None, None, max(1, (self.v.shape[1] - 1) // 100))
+        m = np.einsum("jgq,q->jg", self.mu[:, sub], c)
+        sd = np.sqrt(np.clip(np.einsum("q,jgqr,r->jg", c, self.V[:, sub], c), 1e-300, None))
+        w = self.weight[:, sub] / self.weight[:, sub].sum(axis=1, keepdims=True)
+        mean = np.einsum("jg,jg->j", w, m)
+        tot_sd = np.sqrt(np.einsum("jg,jg->j", w, sd**2 + (m - mean[:, None]) ** 2))
+        out = np.empty((m.shape[0], probs.size))
+        for k, p in enumerate(probs):
+            x = mean + tot_sd * stats.norm.ppf(p)
+            lo = np.min(m - 40 * sd, axis=1)
+            hi = np.max(m + 40 * sd, axis=1)
+            for _it in range(100):
+                zz = (x[:, None] - m) / sd
+                F = np.einsum("jg,jg->j", w, special.ndtr(zz)) - p
+                f = np.einsum("jg,jg->j", w, np.exp(-0.5 * zz**2) / (np.sqrt(2 * np.pi) * sd))
+                lo = np.where(F < 0, x, lo)
+                hi = np.where(F > 0, x, hi)
+                step = F / np.maximum(f, 1e-300)
+                xn = x - step
+                bad = (xn <= lo) | (xn >= hi) | ~np.isfinite(xn)
+                xn = np.where(bad, 0.5 * (lo + hi), xn)
+                done = np.abs(xn - x) <= 1e-12 * (1 + np.abs(x))
+                x = xn
+                if done.all():
+                    break
+            out[:, k] = x
+        return out
+
+    # ---------------------------------------------------------------- draws
+    def draws(self, c: np.ndarray | None, ndraws: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Exact posterior draws of ``(c'u_j, v_j)``, each of shape ``(ndraws, J)``.
+
+        ``v`` is drawn by inverting the CDF (:meth:`invert_cdf`), then ``c'u | v`` from its normal distribution with mean and variance
+        interpolated linearly in ``v`` between grid points. Without a random
+        scale the ``v`` draws are zero; without mean effects (``c`` is None or
+        empty) the ``c'u`` draws are zero.
+        """
+        J, G = self.v.shape
+        U = rng.random((ndraws, J))
+        if self.random_scale:
+            vT, iT, tT = self.invert_cdf(U.T, newton=2)
+            v, i, t = vT.T, iT.T, tT.T
+            cols = np.arange(J)[None, :]
+        else:
+            v = np.zeros((ndraws, J))
+        if c is None or len(c) == 0:
+            return np.zeros((ndraws, J)), v
+        c = np.asarray(c, dtype=float)
+        m = np.einsum("jgq,q->jg", self.mu, c)
+        var = np.clip(np.einsum("q,jgqr,r->jg", c, self.V, c), 0, None)
+        if self.random_scale:
+            mm = m[cols, i] + t * (m[cols, i + 1] - m[cols, i])
+            vv = var[cols, i] + t * (var[cols, i + 1] - var[cols, i])
+        else:
+            mm = np.broadcast_to(m[:, 0], (ndraws, J))
+            vv = np.broadcast_to(var[:, 0], (ndraws, J))
+        cu = mm + np.sqrt(vv) * rng.standard_normal((ndraws, J))
+        return cu, v

@@ -1,0 +1,363 @@
+"""The paper's school-level and population quantities, and predictions for new data.
+
+Everything here is computed at the maximum-likelihood estimates from the
+posterior of the school effects (:mod:`mlsml.predict`); the intervals are
+empirical-Bayes intervals, i.e. they treat the estimates as known (see
+``docs/predictions.md``).
+
+School quantities (Leckie, Parker, Goldstein & Tilling, Sections 4 and 6)::
+
+    school mean progress      mu_j      = zbar' u_j           (= u0_j for a random intercept)
+    school residual variance  sigma2_j  = exp(wbar' alpha + v_j)
+
+with ``wbar`` the overall mean of the variance-design columns (or any
+user-given common value) and ``zbar`` likewise for the random-effects design
+(``zbar = 1`` for a random-intercept model). Population quantities::
+
+    pa_variance   = exp(wbar' alpha + sigma2_v / 2)        population-averaged residual variance
+    idr_mean      = beta_0 +/- z_0.9 sqrt(zbar' Sigma_uu zbar)
+    idr_var       = exp(wbar' alpha +/- z_0.9 sigma_v)
+    vpc           = zbar' Sigma_uu zbar / (zbar' Sigma_uu zbar + pa_variance)
+    corr_uv       = cov(zbar'u, v) / sqrt(var(zbar'u) var(v))  (model-implied)
+    corr_pred     = correlation over schools of the predicted means and variances
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import autograd
+import autograd.numpy as anp
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import DataError, ModelSpecError
+from .likelihood import log_conditional, log_prior, school_sums
+from .posterior import adapt
+from .predict import PosteriorGrid, posterior_moments
+from .quadrature import default_nagq, gauss_hermite_rule
+
+Z90 = float(stats.norm.ppf(0.90))
+
+
+# ---------------------------------------------------------------- helpers
+def reference_vector(value, terms: tuple[str, ...], columns: np.ndarray, what: str) -> np.ndarray:
+    """A common covariate vector for all schools.
+
+    Parameters
+    ----------
+    value : None, mapping/Series of term -> value, or array_like
+        ``None``: the overall mean of each design column (the paper's choice).
+        Mapping: values for some terms (names as in the parameter names, e.g.
+        ``{"x": 0}``); terms not given take their overall mean, the intercept is 1.
+        Array: the full vector, one value per design column.
+    terms : tuple of str
+        Column names of the design.
+    columns : ndarray (N, k)
+        The design matrix (for the means).
+    what : str
+        Name of the argument, for error messages.
+    """
+    k = len(terms)
+    if isinstance(value, str):
+        raise ModelSpecError(
+            f"{what}={value!r} is not a covariate value here: give None, a mapping of term -> value or an array"
+            + (" (w='school' applies to school_effects only)" if value == "school" else "")
+        )
+    mean = columns.mean(axis=0) if columns.shape[0] else np.zeros(k)
+    if value is None:
+        return np.asarray(mean, dtype=float)
+    if isinstance(value, (Mapping, pd.Series)):
+        out = np.asarray(mean, dtype=float).copy()
+        items = value.items()
+        for key, val in items:
+            if key not in terms:
+                raise ModelSpecError(f"{what}: {key!r} is not a term of the design (terms: {', '.join(terms)})")
+            out[terms.index(key)] = float(val)
+        return out
+    arr = np.asarray(value, dtype=float).ravel()
+    if arr.shape != (k,):
+        raise ModelSpecError(f"{what} must have {k} values (one per column: {', '.join(terms)}), got {arr.size}")
+    if not np.all(np.isfinite(arr)):
+        raise ModelSpecError(f"{what} has non-finite values: {arr}")
+    return arr
+
+
+def _vectors(res, w, z) -> tuple[np.ndarray, np.ndarray]:
+    design = res.model.design
+    lay = design.layout
+    wbar = reference_vector(w, lay.scale_terms, design.W, "w")
+    re_terms = tuple(design.info.get("re_terms", tuple(f"u{i}" for i in range(lay.q))))
+    zbar = reference_vector(z, re_terms, design.Z, "z") if lay.q else np.zeros(0)
+    return wbar, zbar
+
+
+def posterior_nagq(res) -> int:
+    """Quadrature points per dimension for the posterior summaries.
+
+    The fit's own rule, but never fewer points than the default for the
+    dimension: a fit with very few points (``nagq=1`` is the Laplace
+    approximation) would otherwise report posterior SDs of zero.
+    """
+    d = res.layout.d
+    return max(int(res.nagq or 0), default_nagq(d))
+
+
+def _cov_theta(res) -> np.ndarray | None:
+    if not res._info.get("hessian_pd"):
+        return None
+    H = np.asarray(res.hessian, dtype=float)
+    return np.linalg.inv(-0.5 * (H + H.T))
+
+
+def _index(res) -> pd.Index:
+    return pd.Index(res.model.design.group_labels, name=res.model.formula_spec.groups)
+
+
+# ---------------------------------------------------------------- random effects
+def random_effects(res, cov: bool = False):
+    """Posterior means and SDs of the school effects (see :meth:`MELSMResults.random_effects`)."""
+    design = res.model.design
+    lay = design.layout
+    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
+    cols = {}
+    for i, name in enumerate(lay.re_names):
+        cols[name] = mean[:, i]
+        cols[f"{name}_sd"] = np.sqrt(np.clip(C[:, i, i], 0, None))
+    cols["n"] = design.counts.astype(int)
+    frame = pd.DataFrame(cols, index=_index(res))
+    if cov:
+        return frame, C
+    return frame
+
+
+# ---------------------------------------------------------------- school table
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..J (1 = lowest) along the last axis."""
+    x = np.asarray(x)
+    idx = np.argsort(x, axis=-1, kind="stable")
+    r = np.empty(x.shape, dtype=np.intp)
+    np.put_along_axis(r, idx, np.arange(1, x.shape[-1] + 1), axis=-1)
+    return r
+
+
+def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
+    """The school table: means and variances with intervals, ranks and flags.
+
+    See :meth:`MELSMResults.school_effects` for the columns.
+    """
+    if not 0 < level < 1:
+        raise ModelSpecError(f"level must be between 0 and 1, got {level!r}")
+    if int(ndraws) < 100:
+        raise ModelSpecError(f"ndraws must be at least 100 for rank intervals, got {ndraws!r}")
+    design = res.model.design
+    lay = design.layout
+    q, rs = lay.q, lay.random_scale
+    alpha = res.fe_scale.to_numpy()
+    if isinstance(w, str):
+        if w != "school":
+            raise ModelSpecError(f"w must be None, 'school', a mapping of term -> value or an array, not {w!r}")
+        # each school's own mean covariate value (the paper's Figure 4)
+        wbar_j = np.add.reduceat(design.W, design.starts, axis=0) / design.counts[:, None]
+        wa = wbar_j @ alpha
+        wbar, zbar = _vectors(res, None, z)
+    else:
+        wbar, zbar = _vectors(res, w, z)
+        wa = float(wbar @ alpha)
+    probs = [(1 - level) / 2, (1 + level) / 2]
+    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
+    grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
+    out = pd.DataFrame({"n": design.counts.astype(int)}, index=_index(res))
+    rng = np.random.default_rng(seed)
+    cu, vd = grid.draws(zbar if q else None, int(ndraws), rng)
+    lo_q, hi_q = probs
+
+    def rank_cols(prefix: str, point: np.ndarray, draws: np.ndarray) -> None:
+        r = _ranks(draws)
+        out[f"{prefix}_rank"] = _ranks(point)
+        out[f"{prefix}_rank_lo"] = np.quantile(r, lo_q, axis=0, method="inverted_cdf").astype(int)
+        out[f"{prefix}_rank_hi"] = np.quantile(r, hi_q, axis=0, method="inverted_cdf").astype(int)
+
+    nan_rank = {"_rank": np.nan, "_rank_lo": np.nan, "_rank_hi": np.nan}
+    if q:
+        m = mean[:, :q] @ zbar
+        qs = grid.quantile_linear(zbar, probs)
+        out["mean"], out["mean_lo"], out["mean_hi"] = m, qs[:, 0], qs[:, 1]
+        rank_cols("mean", m, cu)
+        out["mean_flag"] = np.where(qs[:, 0] > 0, 1, np.where(qs[:, 1] < 0, -1, 0))
+    else:
+        out["mean"] = out["mean_lo"] = out["mean_hi"] = 0.0
+        for k, v in nan_rank.items():
+            out["mean" + k] = v
+        out["mean_flag"] = 0
+    if rs:
+        qv = grid.quantile_v(probs)
+        var = np.exp(wa) * grid.mean_exp_v()
+        out["var"], out["var_lo"], out["var_hi"] = var, np.exp(wa + qv[:, 0]), np.exp(wa + qv[:, 1])
+        rank_cols("var", var, vd + wa)
+        out["var_flag"] = np.where(qv[:, 0] > 0, 1, np.where(qv[:, 1] < 0, -1, 0))
+    else:
+        out["var"] = out["var_lo"] = out["var_hi"] = np.exp(wa)
+        for k, v in nan_rank.items():
+            out["var" + k] = v
+        out["var_flag"] = 0
+    ref = "school" if isinstance(w, str) else dict(zip(lay.scale_terms, wbar))
+    out.attrs.update({"wbar": ref, "level": level, "ndraws": int(ndraws), "seed": seed})
+    return out
+
+
+# ---------------------------------------------------------------- population
+def population_quantities(res, w=None, z=None) -> pd.DataFrame:
+    """Population quantities with delta-method SEs (see :meth:`MELSMResults.population_quantities`)."""
+    design = res.model.design
+    lay = design.layout
+    q, rs = lay.q, lay.random_scale
+    wbar, zbar = _vectors(res, w, z)
+    i0 = lay.mean_terms.index("Intercept") if "Intercept" in lay.mean_terms else None
+
+
+    def parts(theta):
+        beta, alpha, L = lay.split(theta)
+        S = anp.dot(L, anp.transpose(L))
+        wa = anp.dot(wbar, alpha)
+        su2 = anp.dot(zbar, anp.dot(S[:q, :q], zbar)) if q else 0.0
+        sv2 = S[q, q] if rs else 0.0
+        pa = anp.exp(wa + 0.5 * sv2)
+        vals = {"pa_variance": pa, "median_variance": anp.exp(wa)}
+        if q:
+            b0 = beta[i0] if i0 is not None else 0.0 * wa
+            vals["sd_mean"] = anp.sqrt(su2)
+            vals["idr_mean_lo"] = b0 - Z90 * anp.sqrt(su2)
+            vals["idr_mean_hi"] = b0 + Z90 * anp.sqrt(su2)
+        if rs:
+            vals["idr_var_lo"] = anp.exp(wa - Z90 * anp.sqrt(sv2))
+            vals["idr_var_hi"] = anp.exp(wa + Z90 * anp.sqrt(sv2))
+        else:
+            vals["idr_var_lo"] = vals["idr_var_hi"] = anp.exp(wa)
+        if q:
+            vals["total_variance"] = su2 + pa
+            vals["vpc"] = su2 / (su2 + pa)
+        if q and rs:
+            cuv = anp.dot(zbar, S[:q, q])
+            vals["corr_uv"] = cuv / anp.sqrt(su2 * sv2)
+        return vals
+
+    theta = np.asarray(res.theta, dtype=float)
+    est = parts(theta)
+    names = list(est)
+
+    def vec(theta):
+        v = parts(theta)
+        return anp.stack([anp.array(v[k], dtype=float) * 1.0 for k in names])
+
+    values = np.asarray(vec(theta), dtype=float)
+    cov_t = _cov_theta(res)
+    if cov_t is not None:
+        jac = autograd.jacobian(vec)(theta)
+        se = np.sqrt(np.clip(np.einsum("ij,jk,ik->i", jac, cov_t, jac), 0, None))
+    else:
+        se = np.full(values.shape, np.nan)
+    table = pd.DataFrame({"estimate": values, "std err": se}, index=pd.Index(names, name="quantity"))
+    if q and rs:
+        r, r_se = _corr_predictions(res, wbar, zbar, cov_t)
+        table.loc["corr_pred"] = [r, r_se]
+    for row in ("sd_mean", "idr_mean_lo", "idr_mean_hi", "total_variance", "vpc", "corr_uv", "corr_pred"):
+        if row not in table.index:
+            table.loc[row] = [np.nan, np.nan]
+    order = ["pa_variance", "median_variance", "idr_mean_lo", "idr_mean_hi", "idr_var_lo", "idr_var_hi",
+             "sd_mean", "total_variance", "vpc", "corr_uv", "corr_pred"]
+    table = table.loc[order]
+    table.attrs["wbar"] = dict(zip(lay.scale_terms, wbar))
+    return table
+
+
+def _corr_predictions(res, wbar, zbar, cov_t):
+    """Correlation over schools of E(zbar'u_j | y) and E(exp(wbar'a + v_j) | y), with a delta-method SE.
+
+    The posterior expectations are computed by the adaptive quadrature with the
+    nodes held at their positions for the estimates; the SE reflects the
+    uncertainty of the estimates only (the schools themselves are fixed).
+    """
+    design = res.model.design
+    lay = design.layout
+    q = lay.q
+    d = lay.d
+    rule = gauss_hermite_rule(d, posterior_nagq(res), res.prune)
+    theta0 = np.asarray(res.theta, dtype=float)
+    nodes = adapt(theta0, design, rule)
+    zu = np.einsum("jkq,q->jk", nodes.b[:, :, :q], zbar)
+    ev = np.exp(nodes.b[:, :, q])
+
+    def corr(theta):
+        beta, alpha, L = lay.split(theta)
+        s = school_sums(beta, alpha, design)
+        h = log_conditional(nodes.b, s, q, True) + log_prior(nodes.b, L) + nodes.logw[None, :]
+        h = h - anp.max(h, axis=1, keepdims=True)
+        e = anp.exp(h)
+        pw = e / anp.sum(e, axis=1, keepdims=True)
+        m = anp.sum(pw * zu, axis=1)
+        v = anp.exp(anp.dot(wbar, alpha)) * anp.sum(pw * ev, axis=1)
+        mc, vc = m - anp.mean(m), v - anp.mean(v)
+        return anp.sum(mc * vc) / anp.sqrt(anp.sum(mc**2) * anp.sum(vc**2))
+
+    r = float(corr(theta0))
+    if cov_t is None:
+        return r, np.nan
+    g = autograd.grad(corr)(theta0)
+    return r, float(np.sqrt(max(g @ cov_t @ g, 0.0)))
+
+
+# ---------------------------------------------------------------- new data
+def _design_for(info, newdata: pd.DataFrame, what: str) -> np.ndarray:
+    import patsy
+
+    try:
+        M = patsy.dmatrix(info, newdata, NA_action="raise", return_type="dataframe")
+    except Exception as exc:  # patsy raises many types
+        raise DataError(f"could not build the {what} for newdata: {exc}") from exc
+    return M.to_numpy(dtype=float)
+
+
+def predict(res, newdata: pd.DataFrame, kind: str = "mean", conditional: bool = True) -> pd.Series:
+    """Predictions of the mean or the residual variance for new rows (see :meth:`MELSMResults.predict`)."""
+    if kind not in ("mean", "variance"):
+        raise ModelSpecError(f"kind must be 'mean' or 'variance', not {kind!r}")
+    if not isinstance(newdata, pd.DataFrame):
+        raise DataError(f"newdata must be a pandas DataFrame (got {type(newdata).__name__})")
+    spec = res.model.formula_spec
+    design = res.model.design
+    lay = design.layout
+    q, rs = lay.q, lay.random_scale
+    pos = np.full(len(newdata), -1)
+    if conditional:
+        if spec.groups not in newdata.columns:
+            raise DataError(
+                f"conditional predictions need the grouping column {spec.groups!r} in newdata "
+                "(or pass conditional=False for population predictions)"
+            )
+        pos = pd.Index(design.group_labels).get_indexer(newdata[spec.groups])
+    known = pos >= 0
+    need_post = bool(conditional and known.any())
+    if need_post:
+        mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
+    if kind == "mean":
+        X = _design_for(spec.mean_spec, newdata, "mean design")
+        out = X @ res.fe_mean.to_numpy()
+        if need_post and q:
+            Z = _design_for(spec.re_spec, newdata, "random-effects design")
+            out = out + np.where(known, np.einsum("iq,iq->i", Z, mean[np.clip(pos, 0, None), :q]), 0.0)
+    else:
+        W = _design_for(spec.scale_spec, newdata, "scale design")
+        eta = W @ res.fe_scale.to_numpy()
+        if rs:
+            sv2 = float(res.cov_re.to_numpy()[q, q])
+            factor = np.full(len(newdata), np.exp(0.5 * sv2))
+            if need_post:
+                grid = PosteriorGrid.build(res.theta, design, mean[:, q], np.sqrt(C[:, q, q]))
+                e = grid.mean_exp_v()
+                factor = np.where(known, e[np.clip(pos, 0, None)], factor)
+            out = np.exp(eta) * factor
+        else:
+            out = np.exp(eta)
+    return pd.Series(out, index=newdata.index, name=kind)
