@@ -139,6 +139,10 @@ def loglik_at_nodes(theta, design: Design, nodes: Nodes):
         ``sum_j log L_j``.
     """
     lay = design.layout
+    if lay.extended:  # scale_re_formula / bs_formula: see mlsml.extended
+        from .extended import loglik_at_nodes_ext
+
+        return loglik_at_nodes_ext(theta, design, nodes)
     beta, alpha, L = lay.split(theta)
     sums = school_sums(beta, alpha, design)
     h = log_conditional(nodes.b, sums, lay.q, lay.random_scale) + log_prior(nodes.b, L)
@@ -149,6 +153,10 @@ def loglik_at_nodes(theta, design: Design, nodes: Nodes):
 def loglik_per_school(theta, design: Design, nodes: Nodes) -> np.ndarray:
     """``log L_j`` for every school (numpy, not differentiated)."""
     lay = design.layout
+    if lay.extended:
+        from .extended import loglik_per_school_ext
+
+        return loglik_per_school_ext(theta, design, nodes)
     beta, alpha, L = lay.split(np.asarray(theta, float))
     sums = school_sums(beta, alpha, design)
     h = log_conditional(nodes.b, sums, lay.q, lay.random_scale) + log_prior(nodes.b, L)

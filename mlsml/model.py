@@ -61,6 +61,8 @@ class MELSM:
         re_formula: str = "~ 1",
         random_scale: bool = True,
         missing: str = "drop",
+        scale_re_formula: str | None = None,
+        bs_formula: str | None = None,
     ) -> MELSM:
         """Create a model from formulas (statsmodels/patsy syntax).
 
@@ -83,11 +85,25 @@ class MELSM:
             random-intercept model (the paper's Model 1).
         missing : {"drop", "raise"}
             Listwise deletion with a counted warning, or an error.
+        scale_re_formula : str, optional
+            School effects in the log residual variance,
+            ``ln var(e_ij) = w_ij' alpha + g_ij' v_j``: ``"~ x"`` gives a random
+            scale intercept and slope on ``x`` (effects ``v0, v1``); implies a random scale.
+        bs_formula : str, optional
+            Log-linear between-school variance of the random intercept,
+            ``ln var(u0_j) = s_j' tau`` with school-level columns (parameters
+            ``bsvar:<term>`` replace ``var(u0)``; correlations stay constant).
+            See :mod:`mlsml.extended`.
         """
         design, spec = build_design(
             formula, data, groups, scale_formula=scale_formula, re_formula=re_formula,
             random_scale=random_scale, missing=missing,
+            scale_re_formula=scale_re_formula, bs_formula=bs_formula,
         )
+        if design.layout.extended:
+            from .extended import _check_layout
+
+            _check_layout(design)
         return cls(design, spec)
 
     # ------------------------------------------------------------------
@@ -114,7 +130,8 @@ class MELSM:
             raise ModelSpecError(f"expected {lay.n_params} parameters, got {vec.shape}")
         sigma = lay.sigma_from_natural(vec)
         try:
-            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma)
+            tau = vec[lay.p + lay.k : lay.p + lay.k + lay.m] if lay.bs_terms else None
+            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma, tau=tau)
         except np.linalg.LinAlgError as exc:
             raise ModelSpecError("the covariance parameters do not form a positive-definite matrix") from exc
 
@@ -169,6 +186,10 @@ class MELSM:
             raise ModelSpecError(f"nagq must be a positive integer, got {nagq}")
         rule = gauss_hermite_rule(d, nagq, prune)
         start = None if start_params is None else self.theta_from_params(start_params)
+        if start is None and self.layout.extended:
+            from .extended import start_values_ext
+
+            start = start_values_ext(self.design)
         opts = FitOptions(method=method, maxiter=maxiter, max_passes=max_passes, xtol=xtol, gtol=gtol, start=start)
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             opt = maximize(self.design, rule, opts, callback=callback)
@@ -185,6 +206,8 @@ def fit(
     re_formula: str = "~ 1",
     random_scale: bool = True,
     missing: str = "drop",
+    scale_re_formula: str | None = None,
+    bs_formula: str | None = None,
     **fit_options,
 ) -> MELSMResults:
     """Build and fit a :class:`MELSM` in one call.
@@ -202,5 +225,6 @@ def fit(
     model = MELSM.from_formula(
         formula, data, groups, scale_formula=scale_formula, re_formula=re_formula,
         random_scale=random_scale, missing=missing,
+        scale_re_formula=scale_re_formula, bs_formula=bs_formula,
     )
     return model.fit(**fit_options)

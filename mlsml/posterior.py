@@ -85,6 +85,10 @@ def posterior_modes(
     neg_hess : ndarray (J, d, d)
     """
     lay = design.layout
+    if lay.extended:  # scale_re_formula / bs_formula: see mlsml.extended
+        from .extended import posterior_modes_ext
+
+        return posterior_modes_ext(theta, design, tol=tol, maxiter=maxiter)
     beta, alpha, L = lay.split(np.asarray(theta, dtype=float))
     L = np.asarray(L)
     s = school_sums(beta, alpha, design)

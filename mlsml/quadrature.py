@@ -35,7 +35,7 @@ from numpy.polynomial.hermite_e import hermegauss
 #: Default number of quadrature points per dimension, by dimension ``d`` of the
 #: school effects. With full Cholesky rotation at the joint posterior mode these
 #: reproduce the log-likelihood to < 1e-6 on the reference data sets.
-DEFAULT_NAGQ = {1: 11, 2: 11, 3: 7}
+DEFAULT_NAGQ = {1: 11, 2: 11, 3: 8}
 
 
 def default_nagq(d: int) -> int:
