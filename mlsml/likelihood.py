@@ -139,6 +139,10 @@ def loglik_at_nodes(theta, design: Design, nodes: Nodes):
         ``sum_j log L_j``.
     """
     lay = design.layout
+    if nodes.marginal:  # u integrated exactly, v by 1-d quadrature: see mlsml.marginal
+        from .marginal import loglik_marginal
+
+        return loglik_marginal(theta, design, nodes)
     if lay.extended:  # scale_re_formula / bs_formula: see mlsml.extended
         from .extended import loglik_at_nodes_ext
 
@@ -153,6 +157,10 @@ def loglik_at_nodes(theta, design: Design, nodes: Nodes):
 def loglik_per_school(theta, design: Design, nodes: Nodes) -> np.ndarray:
     """``log L_j`` for every school (numpy, not differentiated)."""
     lay = design.layout
+    if nodes.marginal:
+        from .marginal import loglik_marginal_per_school
+
+        return loglik_marginal_per_school(theta, design, nodes)
     if lay.extended:
         from .extended import loglik_per_school_ext
 

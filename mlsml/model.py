@@ -151,6 +151,7 @@ class MELSM:
         xtol: float = 1e-6,
         gtol: float = 1e-8,
         callback=None,
+        quadrature: str = "auto",
     ) -> MELSMResults:
         """Maximum-likelihood fit by adaptive Gauss-Hermite quadrature.
 
@@ -173,6 +174,13 @@ class MELSM:
             Convergence tolerances (see :class:`mlsml.optimize.FitOptions`).
         callback : callable, optional
             ``callback(pass, theta, llf)`` after every pass.
+        quadrature : {"auto", "product", "marginal"}
+            ``"product"``: the rotated product Gauss-Hermite rule over all ``d``
+            school effects. ``"marginal"``: the mean effects integrated out exactly
+            and ``nagq`` (default 15) points over ``v`` only (:mod:`mlsml.marginal`;
+            models with a random scale and one or two mean effects). ``"auto"``
+            uses ``"marginal"`` for a random intercept and slope with a random scale
+            (the paper's Model 4) and ``"product"`` otherwise.
 
         Returns
         -------
@@ -181,10 +189,26 @@ class MELSM:
             converge and :class:`~mlsml.SingularFitWarning` at a boundary.
         """
         d = self.layout.d
-        nagq = int(nagq or default_nagq(d))
+        from . import marginal as _marginal
+
+        if quadrature not in ("auto", "product", "marginal"):
+            raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
+        if quadrature == "marginal" and not _marginal.supports(self.layout):
+            raise ModelSpecError(
+                "quadrature='marginal' needs a random scale, one or two mean effects and no "
+                "scale_re_formula/bs_formula; use quadrature='product'"
+            )
+        if not 0.0 <= float(prune) < 1.0:
+            raise ModelSpecError(f"prune must be in [0, 1), got {prune!r}")
+        use_marginal = quadrature == "marginal" or (
+            quadrature == "auto" and self.layout.q == 2 and _marginal.supports(self.layout)
+        )
+        if use_marginal and prune:
+            raise ModelSpecError("prune applies to the product rule only (quadrature='product')")
+        nagq = int(nagq or (_marginal.DEFAULT_NAGQ_MARGINAL if use_marginal else default_nagq(d)))
         if nagq < 1:
             raise ModelSpecError(f"nagq must be a positive integer, got {nagq}")
-        rule = gauss_hermite_rule(d, nagq, prune)
+        rule = _marginal.marginal_rule(nagq) if use_marginal else gauss_hermite_rule(d, nagq, prune)
         start = None if start_params is None else self.theta_from_params(start_params)
         if start is None and self.layout.extended:
             from .extended import start_values_ext
@@ -194,6 +218,7 @@ class MELSM:
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             opt = maximize(self.design, rule, opts, callback=callback)
             res = MELSMResults.from_optimum(self, opt, nagq=nagq, method=method, prune=prune)
+        res._info["quadrature"] = "marginal" if use_marginal else "product"
         res.warn_if_problematic()
         return res
 

@@ -138,6 +138,10 @@ def posterior_modes(
 
 def adapt(theta: np.ndarray, design: Design, rule: Rule) -> Nodes:
     """Quadrature nodes adapted to the posterior of every school at ``theta``."""
+    if rule.marginal:  # u integrated exactly, nodes in v only (mlsml.marginal)
+        from .marginal import adapt_marginal
+
+        return adapt_marginal(theta, design, rule)
     mode, neg_hess = posterior_modes(theta, design)
     return place_nodes(mode, neg_hess, rule)
 

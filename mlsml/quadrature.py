@@ -35,7 +35,7 @@ from numpy.polynomial.hermite_e import hermegauss
 #: Default number of quadrature points per dimension, by dimension ``d`` of the
 #: school effects. With full Cholesky rotation at the joint posterior mode these
 #: reproduce the log-likelihood to < 1e-6 on the reference data sets.
-DEFAULT_NAGQ = {1: 11, 2: 11, 3: 8}
+DEFAULT_NAGQ = {1: 11, 2: 11, 3: 9}
 
 
 def default_nagq(d: int) -> int:
@@ -56,11 +56,15 @@ class Rule:
         against Lebesgue measure after the change of variables).
     nagq : int
         Points per dimension.
+    marginal : bool
+        A one-dimensional rule over ``v`` with the mean effects integrated out
+        exactly (:mod:`mlsml.marginal`).
     """
 
     points: np.ndarray
     logw: np.ndarray
     nagq: int
+    marginal: bool = False
 
     @property
     def size(self) -> int:
@@ -113,6 +117,8 @@ class Nodes:
         Posterior modes ``m_j``.
     chol : ndarray (J, d, d)
         ``C_j``.
+    marginal : bool
+        Nodes in ``v`` only (:mod:`mlsml.marginal`).
     """
 
     b: np.ndarray
@@ -120,6 +126,7 @@ class Nodes:
     log_det: np.ndarray
     mode: np.ndarray
     chol: np.ndarray
+    marginal: bool = False
 
 
 def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule) -> Nodes:

@@ -38,12 +38,15 @@ def _posterior_weights(res):
     """
     from .likelihood import log_conditional, log_prior, school_sums
     from .posterior import adapt
-    from .quadrature import gauss_hermite_rule
+    from .quadrature import default_nagq, gauss_hermite_rule
 
     design = res.model.design
     lay = design.layout
     theta = np.asarray(res.theta, float)
-    rule = gauss_hermite_rule(lay.d, res.nagq, res.prune)
+    if res._info.get("quadrature") == "marginal":  # res.nagq counts 1-d points: use the product default
+        rule = gauss_hermite_rule(lay.d, default_nagq(lay.d))
+    else:
+        rule = gauss_hermite_rule(lay.d, res.nagq, res.prune)
     nodes = adapt(theta, design, rule)
     if lay.extended:
         from .extended import _log_h
