@@ -35,6 +35,12 @@ def table(res, d, points, prunes, ref_points):
 
     ref, _ = ll(gauss_hermite_rule(d, ref_points))
     print(f"d={d}: reference ({ref_points} points) llf = {ref:.6f}")
+    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
+
+    for nq in (7, 11, 15, 21):
+        t = time.perf_counter()
+        v = float(loglik_marginal(th, design, adapt_marginal(th, design, marginal_rule(nq))))
+        print(f"| u-exact, {nq} in v | - | {nq} | {v - ref:.2e} | {time.perf_counter() - t:.3f} |")
     print("| points | prune | nodes | llf error | time (s) |")
     print("|---:|---:|---:|---:|---:|")
     for nq in points:

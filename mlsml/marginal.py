@@ -20,10 +20,14 @@ posterior standard deviation ``sqrt([(-H_j)^{-1}]_vv)`` (both from
 ``O(J K q^3)`` with ``K`` one-dimensional nodes instead of ``K^{q+1}``: for the
 paper's Model 4 (``q = 2``) 15 points reproduce the limit of the rotated 3-d
 product rule to better than 1e-8 at a fraction of the cost (``docs/quadrature.md``).
+``q <= 2`` use closed-form determinants and inverses, larger ``q`` a Cholesky
+factorisation written out elementwise.
 
 Used by :meth:`mlsml.MELSM.fit` (``quadrature="auto"``) for models with a random
-scale and ``q = 2`` mean effects (random intercept and one slope) and without the
-extensions of :mod:`mlsml.extended`; ``quadrature="product"`` keeps the full product rule.
+scale and ``q >= 2`` mean effects (random intercept and slopes) and without the
+extensions of :mod:`mlsml.extended`; ``quadrature="product"`` keeps the full product
+rule. Models 2 and 3 (``q = 1``) keep the product rule by default (the core fast
+path) and can use this one with ``quadrature="marginal"``.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ DEFAULT_NAGQ_MARGINAL = 15
 
 
 def supports(layout) -> bool:
-    """Whether the marginal (u-exact) rule applies: random scale, q in {1, 2}, no extensions."""
-    return bool(layout.random_scale and layout.q in (1, 2) and not layout.extended)
+    """Whether the marginal (u-exact) rule applies: a random scale, q >= 1, no extensions."""
+    return bool(layout.random_scale and layout.q >= 1 and not layout.extended)
 
 
 def marginal_rule(nagq: int) -> Rule:
@@ -93,7 +97,7 @@ def _per_school(theta, design, nodes: Nodes):
         c = E * s.S1[:, None, 0] - P[0, 1] * v
         logdetM = anp.log(M)
         quad = c**2 / M
-    else:
+    elif q == 2:
         m00 = E * s.S2[:, None, 0, 0] + P[0, 0]
         m01 = E * s.S2[:, None, 0, 1] + P[0, 1]
         m11 = E * s.S2[:, None, 1, 1] + P[1, 1]
@@ -102,5 +106,24 @@ def _per_school(theta, design, nodes: Nodes):
         det = m00 * m11 - m01**2
         logdetM = anp.log(det)
         quad = (m11 * c0**2 - 2.0 * m01 * c0 * c1 + m00 * c1**2) / det
+    else:  # Cholesky of M and forward substitution, written out for autograd
+        Mx = [[E * s.S2[:, None, a, b] + P[a, b] for b in range(q)] for a in range(q)]
+        cx = [E * s.S1[:, None, a] - P[a, q] * v for a in range(q)]
+        Lm: list = [[None] * q for _ in range(q)]
+        logdetM = 0.0
+        quad = 0.0
+        y = []
+        for i in range(q):
+            for j in range(i + 1):
+                acc = Mx[i][j]
+                for k in range(j):
+                    acc = acc - Lm[i][k] * Lm[j][k]
+                Lm[i][j] = anp.sqrt(acc) if i == j else acc / Lm[j][j]
+            logdetM = logdetM + 2.0 * anp.log(Lm[i][i])
+            acc = cx[i]
+            for k in range(i):
+                acc = acc - Lm[i][k] * y[k]
+            y.append(acc / Lm[i][i])
+            quad = quad + y[i] ** 2
     g = base + prior + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad
     return nodes.log_det + logsumexp(g + nodes.logw[None, :], axis=1)

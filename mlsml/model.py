@@ -178,8 +178,8 @@ class MELSM:
             ``"product"``: the rotated product Gauss-Hermite rule over all ``d``
             school effects. ``"marginal"``: the mean effects integrated out exactly
             and ``nagq`` (default 15) points over ``v`` only (:mod:`mlsml.marginal`;
-            models with a random scale and one or two mean effects). ``"auto"``
-            uses ``"marginal"`` for a random intercept and slope with a random scale
+            models with a random scale and without ``scale_re_formula``/``bs_formula``).
+            ``"auto"`` uses ``"marginal"`` for random slopes with a random scale
             (the paper's Model 4) and ``"product"`` otherwise.
 
         Returns
@@ -195,13 +195,13 @@ class MELSM:
             raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
         if quadrature == "marginal" and not _marginal.supports(self.layout):
             raise ModelSpecError(
-                "quadrature='marginal' needs a random scale, one or two mean effects and no "
+                "quadrature='marginal' needs a random scale, a random effect in the mean and no "
                 "scale_re_formula/bs_formula; use quadrature='product'"
             )
         if not 0.0 <= float(prune) < 1.0:
             raise ModelSpecError(f"prune must be in [0, 1), got {prune!r}")
         use_marginal = quadrature == "marginal" or (
-            quadrature == "auto" and self.layout.q == 2 and _marginal.supports(self.layout)
+            quadrature == "auto" and self.layout.q >= 2 and _marginal.supports(self.layout)
         )
         if use_marginal and prune:
             raise ModelSpecError("prune applies to the product rule only (quadrature='product')")

@@ -118,3 +118,30 @@ def test_model4_recovery_london_truth():
     assert res.converged
     assert np.all(np.abs(z) < 3.5), z
     assert abs(loglik(res.theta, res.model.design, 11) - res.llf) < 1e-5
+
+
+def test_marginal_rule_three_mean_effects_matches_product(exam):
+    """The u-exact rule with q = 3 (elementwise Cholesky branch) equals the 4-d product-rule limit."""
+    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
+    from mlsml.optimize import start_values
+
+    m = mlsml.MELSM.from_formula(
+        "normexam ~ standLRT", exam, groups="school",
+        re_formula="~ standLRT + I(standLRT**2)", scale_formula="~ standLRT",
+    )
+    th = start_values(m.design)
+    exact = float(loglik_marginal(th, m.design, adapt_marginal(th, m.design, marginal_rule(21))))
+    assert abs(loglik(th, m.design, 11) - exact) < 1e-6
+    assert abs(loglik(th, m.design, 7) - exact) > 1e-6  # the product rule is the less accurate one
+
+
+def test_quadrature_option_errors(exam):
+    with pytest.raises(ModelSpecError, match="quadrature must be"):
+        mlsml.fit("normexam ~ standLRT", exam, groups="school", quadrature="sparse")
+    with pytest.raises(ModelSpecError, match="random scale"):
+        mlsml.fit("normexam ~ standLRT", exam, groups="school", re_formula="~ standLRT",
+                  random_scale=False, quadrature="marginal")
+    with pytest.raises(ModelSpecError, match="prune"):
+        mlsml.fit("normexam ~ standLRT", exam, groups="school", prune=1.5)
+    with pytest.raises(ModelSpecError, match="product rule only"):
+        mlsml.fit("normexam ~ standLRT", exam, groups="school", **M4, prune=1e-6)
