@@ -159,8 +159,9 @@ class MELSM:
         ----------
         nagq : int, optional
             Quadrature points per dimension of the school effects. Default 11 for
-            one or two dimensions, 7 for three, 5 beyond
-            (:data:`mlsml.quadrature.DEFAULT_NAGQ`).
+            one or two dimensions, 9 for three, 5 beyond
+            (:data:`mlsml.quadrature.DEFAULT_NAGQ`); 15 points in ``v`` for the
+            marginal rule (see ``quadrature``).
         method : str
             ``scipy.optimize.minimize`` method for each pass (``"BFGS"``,
             ``"L-BFGS-B"``, ``"trust-exact"``, ``"Newton-CG"``).
@@ -169,7 +170,10 @@ class MELSM:
         maxiter, max_passes : int
             Iterations per optimiser pass; re-centring passes.
         prune : float
-            Drop quadrature nodes with relative weight below ``prune``.
+            Product rule only: drop nodes whose product weight is below ``prune``
+            times the largest (:func:`mlsml.quadrature.gauss_hermite_rule`). Cheap but
+            inaccurate (errors of 1e-3 and more in the llf even at ``1e-6``; see
+            ``docs/quadrature.md``); for random slopes prefer the marginal rule.
         xtol, gtol : float
             Convergence tolerances (see :class:`mlsml.optimize.FitOptions`).
         callback : callable, optional
