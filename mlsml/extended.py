@@ -95,8 +95,10 @@ def extra_designs(fm, frame: pd.DataFrame, extra: dict, codes, order, starts, gr
         for c, name in enumerate(names):
             diff = np.nonzero(np.abs(Sm[:, c] - first[:, c]) > 1e-12 * (1 + np.abs(first[:, c])))[0]
             if diff.size:
+                bad = labels[diff[0]]
+                bad = bad.item() if isinstance(bad, np.generic) else bad
                 raise DataError(
-                    f"bs_formula column {name!r} is not constant within group {labels[diff[0]]!r} of "
+                    f"bs_formula column {name!r} is not constant within group {bad!r} of "
                     f"{groups!r}: the between-school variance model needs school-level covariates"
                 )
         S = np.ascontiguousarray(Sm[starts])
