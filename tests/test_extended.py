@@ -217,3 +217,27 @@ def test_scale_slope_recovery():
     assert res.converged
     assert np.all(np.abs(z) < 3.5), z
     assert abs(loglik(res.theta, res.model.design, 11) - res.llf) < 1e-3
+
+
+def test_bs_variance_at_boundary_is_reported():
+    """No between-school variance in the mean: var(u0_j) -> 0 in every school. The fit is
+    reported as singular (with SingularFitWarning), and its llf is the adaptive likelihood at
+    the estimates (more points do not change it)."""
+    rng = np.random.default_rng(2)
+    J, n = 60, 10
+    g = np.repeat(np.arange(J), n)
+    x = rng.normal(size=J * n)
+    v = rng.normal(scale=0.4, size=J)[g]
+    y = 0.5 * x + rng.normal(size=J * n) * np.exp(0.5 * (-0.5 + v))
+    df = pd.DataFrame({"y": y, "x": x, "s": (np.arange(J) % 2)[g], "school": g})
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = mlsml.fit("y ~ x", df, groups="school", bs_formula="~ s")
+    assert res.singular
+    assert any(issubclass(w.category, SingularFitWarning) for w in rec)
+    from mlsml.extended import school_covariances
+
+    Sj = school_covariances(res)
+    assert Sj.shape == (J, 2, 2)
+    assert np.all(Sj[:, 0, 0] < 0.01 * np.exp(res.params["scale:Intercept"]))
+    assert abs(loglik(res.theta, res.model.design, 21) - res.llf) < 1e-6
