@@ -47,7 +47,7 @@ from autograd.scipy.special import logsumexp
 
 from .errors import DataError, ModelSpecError
 from .likelihood import LOG2PI, group_expand, group_sum, log_conditional, school_sums
-from .quadrature import Nodes
+from .quadrature import Nodes, Rule
 
 #: Largest number of (observation x node) elements held at once by the
 #: per-observation likelihood.
@@ -379,3 +379,76 @@ def extra_singular_reasons(res) -> list[str]:
         if np.all(Sj[:, 0, 0] < 1e-6 * ref):
             reasons.append(f"var(u0_j) is effectively zero in every school (max {Sj[:, 0, 0].max():.3g})")
     return reasons
+
+
+# ---------------------------------------------------------------------- u-exact rule
+def adapt_marginal_ext(theta, design, rule: Rule) -> Nodes:
+    """Nodes over the scale effects only, centred at the joint mode's ``v`` part and rotated
+    by the Cholesky factor of the ``v``-marginal posterior covariance ``[(-H_j)^{-1}]_vv``."""
+    q = design.layout.q
+    mode, neg_hess = posterior_modes_ext(np.asarray(theta, float), design)
+    cov = np.linalg.inv(neg_hess)[:, q:, q:]
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    chol = np.linalg.cholesky(cov)
+    J, K = mode.shape[0], rule.size
+    b = np.zeros((J, K, mode.shape[1]))
+    b[:, :, q:] = mode[:, None, q:] + np.einsum("jde,ke->jkd", chol, rule.points)
+    log_det = np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
+    return Nodes(b=b, logw=rule.logw, log_det=log_det, mode=mode, chol=chol, marginal=True)
+
+
+def marginal_per_school_ext(theta, design, nodes: Nodes):
+    """``log L_j`` with the mean effects integrated exactly given the scale effects ``v``.
+
+    For node ``v`` of school ``j``, with ``a_i = exp(-lv_i)``, ``lv_i = w_i' alpha + g_i' v``::
+
+        S0 = sum a_i r_i^2,  S1 = sum a_i r_i z_i,  S2 = sum a_i z_i z_i'
+        M = S2 + P_uu,  c = S1 - P_uv v
+        g(v) = -n/2 log 2pi - sum lv_i / 2 - S0/2 - 1/2 log|2 pi Sigma| - v' P_vv v / 2
+               + q/2 log 2pi - 1/2 log|M| + c' M^{-1} c / 2
+
+    (the sums are per observation and node: ``O(N K)`` for ``K`` nodes over ``v``).
+    """
+    from .marginal import gauss_terms
+
+    lay = design.layout
+    q, nv = lay.q, lay.n_v
+    beta, alpha, L = lay.split(theta)
+    Linv = anp.linalg.inv(L)
+    P = anp.dot(Linv.T, Linv)
+    logdet_sigma = 2.0 * anp.sum(anp.log(anp.diag(L)))
+    eta = anp.dot(design.W, alpha)
+    r = design.y - anp.dot(design.X, beta)
+    G = _scale_design(design)
+    Z = design.Z
+    vK = nodes.b[:, :, q:]  # (J, K, nv)
+    K = vK.shape[1]
+    parts = []
+    for j0, j1 in _chunks(design, K):
+        r0 = int(design.starts[j0])
+        r1 = int(design.starts[j1 - 1] + design.counts[j1 - 1])
+        cnt = design.counts[j0:j1]
+        st = design.starts[j0:j1] - r0
+        vj = vK[j0:j1]
+        lv = eta[r0:r1][:, None] + anp.einsum("nkv,nv->nk", group_expand(vj, st, cnt), G[r0:r1])
+        a = anp.exp(-lv)
+        rr = r[r0:r1][:, None]
+        Zc = Z[r0:r1]
+        S0 = group_sum(a * rr**2, st, cnt)
+        S1 = [group_sum(a * rr * Zc[:, i : i + 1], st, cnt) for i in range(q)]
+        S2 = [[group_sum(a * (Zc[:, i] * Zc[:, k])[:, None], st, cnt) for k in range(q)] for i in range(q)]
+        n = cnt.astype(float)[:, None]
+        base = -0.5 * n * LOG2PI - 0.5 * group_sum(lv, st, cnt) - 0.5 * S0
+        vPv = anp.einsum("jkv,vw,jkw->jk", vj, P[q:, q:], vj)
+        prior = -0.5 * (q + nv) * LOG2PI - 0.5 * logdet_sigma - 0.5 * vPv
+        Mx = [[S2[i][k] + P[i, k] for k in range(q)] for i in range(q)]
+        cx = [S1[i] - anp.einsum("jkv,v->jk", vj, P[i, q:]) for i in range(q)]
+        logdetM, quad = gauss_terms(Mx, cx)
+        g = base + prior + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad
+        parts.append(nodes.log_det[j0:j1] + logsumexp(g + nodes.logw[None, :], axis=1))
+    return parts[0] if len(parts) == 1 else anp.concatenate(parts)
+
+
+def loglik_marginal_ext(theta, design, nodes: Nodes):
+    """``sum_j log L_j`` by :func:`marginal_per_school_ext` (autograd)."""
+    return anp.sum(marginal_per_school_ext(theta, design, nodes))

@@ -44,13 +44,23 @@ DEFAULT_NAGQ_MARGINAL = 15
 
 
 def supports(layout) -> bool:
-    """Whether the marginal (u-exact) rule applies: a random scale, q >= 1, no extensions."""
-    return bool(layout.random_scale and layout.q >= 1 and not layout.extended)
+    """Whether the marginal (u-exact) rule applies.
+
+    A random scale and a random effect in the mean without the extensions of
+    :mod:`mlsml.extended`, or random slopes in the log variance
+    (``scale_re_formula``) without ``bs_formula``
+    (:func:`mlsml.extended.loglik_marginal_ext`).
+    """
+    if layout.bs_terms or not layout.random_scale:
+        return False
+    if layout.scale_re_terms:
+        return True
+    return layout.q >= 1
 
 
-def marginal_rule(nagq: int) -> Rule:
-    """The one-dimensional Gauss-Hermite rule, flagged for :func:`adapt_marginal`."""
-    r = gauss_hermite_rule(1, nagq)
+def marginal_rule(nagq: int, dim: int = 1) -> Rule:
+    """The product Gauss-Hermite rule over the ``dim`` scale effects, flagged for :func:`adapt_marginal`."""
+    r = gauss_hermite_rule(dim, nagq)
     return Rule(points=r.points, logw=r.logw, nagq=r.nagq, marginal=True)
 
 
@@ -58,6 +68,10 @@ def adapt_marginal(theta, design, rule: Rule) -> Nodes:
     """Nodes in ``v`` only: ``b[:, k, q] = m_j + s_j z_k`` (the ``u`` entries are unused zeros)."""
     from .posterior import posterior_modes
 
+    if design.layout.extended:
+        from .extended import adapt_marginal_ext
+
+        return adapt_marginal_ext(theta, design, rule)
     q = design.layout.q
     mode, neg_hess = posterior_modes(np.asarray(theta, float), design)
     cov = np.linalg.inv(neg_hess)
@@ -71,11 +85,19 @@ def adapt_marginal(theta, design, rule: Rule) -> Nodes:
 
 def loglik_marginal(theta, design, nodes: Nodes):
     """``sum_j log L_j`` with ``u`` integrated exactly and ``v`` on the given nodes (autograd)."""
+    if design.layout.extended:
+        from .extended import loglik_marginal_ext
+
+        return loglik_marginal_ext(theta, design, nodes)
     return anp.sum(_per_school(theta, design, nodes))
 
 
 def loglik_marginal_per_school(theta, design, nodes: Nodes) -> np.ndarray:
     """``log L_j`` for every school (numpy)."""
+    if design.layout.extended:
+        from .extended import marginal_per_school_ext
+
+        return np.asarray(marginal_per_school_ext(np.asarray(theta, float), design, nodes))
     return np.asarray(_per_school(np.asarray(theta, float), design, nodes))
 
 
@@ -106,24 +128,36 @@ def _per_school(theta, design, nodes: Nodes):
         det = m00 * m11 - m01**2
         logdetM = anp.log(det)
         quad = (m11 * c0**2 - 2.0 * m01 * c0 * c1 + m00 * c1**2) / det
-    else:  # Cholesky of M and forward substitution, written out for autograd
+    else:
         Mx = [[E * s.S2[:, None, a, b] + P[a, b] for b in range(q)] for a in range(q)]
         cx = [E * s.S1[:, None, a] - P[a, q] * v for a in range(q)]
-        Lm: list = [[None] * q for _ in range(q)]
-        logdetM = 0.0
-        quad = 0.0
-        y = []
-        for i in range(q):
-            for j in range(i + 1):
-                acc = Mx[i][j]
-                for k in range(j):
-                    acc = acc - Lm[i][k] * Lm[j][k]
-                Lm[i][j] = anp.sqrt(acc) if i == j else acc / Lm[j][j]
-            logdetM = logdetM + 2.0 * anp.log(Lm[i][i])
-            acc = cx[i]
-            for k in range(i):
-                acc = acc - Lm[i][k] * y[k]
-            y.append(acc / Lm[i][i])
-            quad = quad + y[i] ** 2
+        logdetM, quad = gauss_terms(Mx, cx)
     g = base + prior + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad
     return nodes.log_det + logsumexp(g + nodes.logw[None, :], axis=1)
+
+
+def gauss_terms(Mx, cx):
+    """``log|M|`` and ``c' M^{-1} c`` from the entries of a symmetric positive-definite ``M``.
+
+    ``Mx[a][b]`` and ``cx[a]`` are arrays of a common shape (one ``M`` per element):
+    Cholesky factorisation and forward substitution written out elementwise, so that
+    autograd can differentiate them. With ``q = 0`` both are 0.
+    """
+    q = len(cx)
+    Lm: list = [[None] * q for _ in range(q)]
+    logdetM = 0.0
+    quad = 0.0
+    y = []
+    for i in range(q):
+        for j in range(i + 1):
+            acc = Mx[i][j]
+            for k in range(j):
+                acc = acc - Lm[i][k] * Lm[j][k]
+            Lm[i][j] = anp.sqrt(acc) if i == j else acc / Lm[j][j]
+        logdetM = logdetM + 2.0 * anp.log(Lm[i][i])
+        acc = cx[i]
+        for k in range(i):
+            acc = acc - Lm[i][k] * y[k]
+        y.append(acc / Lm[i][i])
+        quad = quad + y[i] ** 2
+    return logdetM, quad

@@ -181,10 +181,11 @@ class MELSM:
         quadrature : {"auto", "product", "marginal"}
             ``"product"``: the rotated product Gauss-Hermite rule over all ``d``
             school effects. ``"marginal"``: the mean effects integrated out exactly
-            and ``nagq`` (default 15) points over ``v`` only (:mod:`mlsml.marginal`;
-            models with a random scale and without ``scale_re_formula``/``bs_formula``).
-            ``"auto"`` uses ``"marginal"`` for random slopes with a random scale
-            (the paper's Model 4) and ``"product"`` otherwise.
+            and ``nagq`` (default 15) points per dimension over the scale effects only
+            (:mod:`mlsml.marginal`; models with a random scale and without
+            ``bs_formula``). ``"auto"`` uses ``"marginal"`` for random slopes in the
+            mean with a random scale (the paper's Model 4) and for random slopes in
+            the log variance (``scale_re_formula``), and ``"product"`` otherwise.
 
         Returns
         -------
@@ -199,20 +200,24 @@ class MELSM:
             raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
         if quadrature == "marginal" and not _marginal.supports(self.layout):
             raise ModelSpecError(
-                "quadrature='marginal' needs a random scale, a random effect in the mean and no "
-                "scale_re_formula/bs_formula; use quadrature='product'"
+                "quadrature='marginal' needs a random scale, a random effect in the mean (or "
+                "scale_re_formula) and no bs_formula; use quadrature='product'"
             )
         if not 0.0 <= float(prune) < 1.0:
             raise ModelSpecError(f"prune must be in [0, 1), got {prune!r}")
         use_marginal = quadrature == "marginal" or (
-            quadrature == "auto" and self.layout.q >= 2 and _marginal.supports(self.layout)
+            quadrature == "auto" and _marginal.supports(self.layout)
+            and (self.layout.q >= 2 or bool(self.layout.scale_re_terms))
         )
         if use_marginal and prune:
             raise ModelSpecError("prune applies to the product rule only (quadrature='product')")
         nagq = int(nagq or (_marginal.DEFAULT_NAGQ_MARGINAL if use_marginal else default_nagq(d)))
         if nagq < 1:
             raise ModelSpecError(f"nagq must be a positive integer, got {nagq}")
-        rule = _marginal.marginal_rule(nagq) if use_marginal else gauss_hermite_rule(d, nagq, prune)
+        if use_marginal:
+            rule = _marginal.marginal_rule(nagq, self.layout.n_v)
+        else:
+            rule = gauss_hermite_rule(d, nagq, prune)
         start = None if start_params is None else self.theta_from_params(start_params)
         if start is None and self.layout.extended:
             from .extended import start_values_ext

@@ -100,6 +100,20 @@ def test_gradient_matches_finite_differences(kind, riesby):
     # the posterior modes are stationary points of h_j
     mode, negH = posterior_modes(theta, d)
     assert np.all(np.linalg.eigvalsh(negH) > 0)
+    from mlsml.extended import _Obs
+
+    g_mode, _ = _Obs(theta, d).derivs(mode)
+    assert np.abs(g_mode).max() < 1e-6
+    if kind == "scale_slope":  # the u-exact rule over (v0, v1) too
+        from mlsml.marginal import adapt_marginal, marginal_rule
+
+        mn = adapt_marginal(theta, d, marginal_rule(5, 2))
+        gm = autograd.grad(loglik_at_nodes)(theta, d, mn)
+        fdm = np.array([
+            (loglik_at_nodes(theta + eps * e, d, mn) - loglik_at_nodes(theta - eps * e, d, mn)) / (2 * eps)
+            for e in np.eye(theta.size)
+        ])
+        np.testing.assert_allclose(gm, fdm, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fdm).max()))
 
 
 def test_tiny_slope_variance_agrees_with_plain_model(seed_sim):
@@ -201,22 +215,28 @@ def test_scale_slope_boundary_is_singular_and_llf_correct():
 
 @pytest.mark.slow
 def test_scale_slope_recovery():
-    """Truth within 3.5 SE; more points change the llf by < 1e-3.
+    """Truth within 3.5 SE; the default u-exact rule (15 x 15 points over (v0, v1)) is at its
+    limit (21 x 21 points change the llf by < 1e-6) and agrees with the 3-d product rule.
 
-    A random slope in the log variance makes the posterior of (v0, v1) clearly
-    non-Gaussian with 20 students per school: 7 -> 13 points moves the llf by 6e-4
-    here (see docs/quadrature.md), far more than for random slopes in the mean.
+    The posterior of (v0, v1) with 20 students per school is clearly non-Gaussian: the
+    3-d product rule needs 11 points per dimension to come within ~1e-5 (docs/quadrature.md).
     """
+    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
+
     sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
     df = simulate_scale_slope(J=120, n=20, sigma=sigma, seed=11)
-    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x", nagq=7)
+    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x")
+    assert res._info["quadrature"] == "marginal" and res.nagq == 15
     truth = pd.Series(
         [0.2, 0.5, -0.8, 0.1, 0.10, 0.15, 0.06, -0.03, 0.01, 0.02], index=res.params.index
     )
     z = (res.params - truth) / res.bse
     assert res.converged
     assert np.all(np.abs(z) < 3.5), z
-    assert abs(loglik(res.theta, res.model.design, 11) - res.llf) < 1e-3
+    d = res.model.design
+    th = res.theta
+    assert abs(float(loglik_marginal(th, d, adapt_marginal(th, d, marginal_rule(21, 2)))) - res.llf) < 1e-6
+    assert abs(loglik(th, d, 11) - res.llf) < 5e-5
 
 
 def test_bs_variance_at_boundary_is_reported():
