@@ -413,7 +413,12 @@ def marginal_per_school_ext(theta, design, nodes: Nodes):
 
     lay = design.layout
     q, nv = lay.q, lay.n_v
-    beta, alpha, L = lay.split(theta)
+    if lay.bs_terms:  # Sigma_j = S_j Sigma0 S_j: P_j = S_j^-1 P0 S_j^-1, log|Sigma_j| = log|Sigma0| + s_j'tau
+        beta, alpha, tau, L = lay.split_bs(theta)
+        log_sd0 = 0.5 * anp.dot(design.S, tau)
+    else:
+        beta, alpha, L = lay.split(theta)
+        log_sd0 = None
     Linv = anp.linalg.inv(L)
     P = anp.dot(Linv.T, Linv)
     logdet_sigma = 2.0 * anp.sum(anp.log(anp.diag(L)))
@@ -441,8 +446,13 @@ def marginal_per_school_ext(theta, design, nodes: Nodes):
         base = -0.5 * n * LOG2PI - 0.5 * group_sum(lv, st, cnt) - 0.5 * S0
         vPv = anp.einsum("jkv,vw,jkw->jk", vj, P[q:, q:], vj)
         prior = -0.5 * (q + nv) * LOG2PI - 0.5 * logdet_sigma - 0.5 * vPv
-        Mx = [[S2[i][k] + P[i, k] for k in range(q)] for i in range(q)]
-        cx = [S1[i] - anp.einsum("jkv,v->jk", vj, P[i, q:]) for i in range(q)]
+        if log_sd0 is None:
+            f = [1.0] * q
+        else:  # row/column 0 of P_j divided by sd(u0_j)
+            prior = prior - log_sd0[j0:j1][:, None]
+            f = [anp.exp(-log_sd0[j0:j1])[:, None]] + [1.0] * (q - 1)
+        Mx = [[S2[i][k] + P[i, k] * f[i] * f[k] for k in range(q)] for i in range(q)]
+        cx = [S1[i] - anp.einsum("jkv,v->jk", vj, P[i, q:]) * f[i] for i in range(q)]
         logdetM, quad = gauss_terms(Mx, cx)
         g = base + prior + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad
         parts.append(nodes.log_det[j0:j1] + logsumexp(g + nodes.logw[None, :], axis=1))

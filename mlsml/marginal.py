@@ -46,14 +46,13 @@ DEFAULT_NAGQ_MARGINAL = 15
 def supports(layout) -> bool:
     """Whether the marginal (u-exact) rule applies.
 
-    A random scale and a random effect in the mean without the extensions of
-    :mod:`mlsml.extended`, or random slopes in the log variance
-    (``scale_re_formula``) without ``bs_formula``
-    (:func:`mlsml.extended.loglik_marginal_ext`).
+    A random scale and a random effect in the mean, or any model of
+    :mod:`mlsml.extended` with a random scale
+    (:func:`mlsml.extended.marginal_per_school_ext`).
     """
-    if layout.bs_terms or not layout.random_scale:
+    if not layout.random_scale:
         return False
-    if layout.scale_re_terms:
+    if layout.extended:
         return True
     return layout.q >= 1
 

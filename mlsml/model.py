@@ -182,10 +182,10 @@ class MELSM:
             ``"product"``: the rotated product Gauss-Hermite rule over all ``d``
             school effects. ``"marginal"``: the mean effects integrated out exactly
             and ``nagq`` (default 15) points per dimension over the scale effects only
-            (:mod:`mlsml.marginal`; models with a random scale and without
-            ``bs_formula``). ``"auto"`` uses ``"marginal"`` for random slopes in the
-            mean with a random scale (the paper's Model 4) and for random slopes in
-            the log variance (``scale_re_formula``), and ``"product"`` otherwise.
+            (:mod:`mlsml.marginal`; models with a random scale). ``"auto"`` uses
+            ``"marginal"`` for random slopes in the mean with a random scale (the
+            paper's Model 4) and for ``scale_re_formula``/``bs_formula`` models with
+            a random scale, and ``"product"`` otherwise (Models 1-3 keep the core path).
 
         Returns
         -------
@@ -200,14 +200,14 @@ class MELSM:
             raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
         if quadrature == "marginal" and not _marginal.supports(self.layout):
             raise ModelSpecError(
-                "quadrature='marginal' needs a random scale, a random effect in the mean (or "
-                "scale_re_formula) and no bs_formula; use quadrature='product'"
+                "quadrature='marginal' needs a random scale and a random effect in the mean "
+                "(or scale_re_formula); use quadrature='product'"
             )
         if not 0.0 <= float(prune) < 1.0:
             raise ModelSpecError(f"prune must be in [0, 1), got {prune!r}")
         use_marginal = quadrature == "marginal" or (
             quadrature == "auto" and _marginal.supports(self.layout)
-            and (self.layout.q >= 2 or bool(self.layout.scale_re_terms))
+            and (self.layout.q >= 2 or self.layout.extended)
         )
         if use_marginal and prune:
             raise ModelSpecError("prune applies to the product rule only (quadrature='product')")

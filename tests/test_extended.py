@@ -104,10 +104,11 @@ def test_gradient_matches_finite_differences(kind, riesby):
 
     g_mode, _ = _Obs(theta, d).derivs(mode)
     assert np.abs(g_mode).max() < 1e-6
-    if kind == "scale_slope":  # the u-exact rule over (v0, v1) too
+    # the u-exact rule over the scale effects too (per-school P_j with bs_formula)
+    if m.layout.random_scale:
         from mlsml.marginal import adapt_marginal, marginal_rule
 
-        mn = adapt_marginal(theta, d, marginal_rule(5, 2))
+        mn = adapt_marginal(theta, d, marginal_rule(5, m.layout.n_v))
         gm = autograd.grad(loglik_at_nodes)(theta, d, mn)
         fdm = np.array([
             (loglik_at_nodes(theta + eps * e, d, mn) - loglik_at_nodes(theta - eps * e, d, mn)) / (2 * eps)
@@ -169,11 +170,13 @@ def test_riesby_bs_variance_matches_mixregls(riesby):
     MIXREGLS uses 11 adaptive points per axis without rotation and prints estimates to
     5 decimals; its 21-point LL is -1122.295 (independent AGQ-30 check: -1122.295). With
     6 observations per patient and var(v) ~ 0.48 the posterior of v is skewed and the rule
-    converges slowly (21 points: 1.6e-4 from the limit -1122.29456), so we fit with 41
-    rotated points and agree to the printed precision of the LL and to 2% of a SE.
+    converges slowly in the 2-d product rule (21 points: 1.6e-4 from the limit -1122.29456).
+    The default u-exact rule (u0 integrated exactly, 15 points in v) is at the limit to 2e-7.
+    We agree with MIXREGLS to the printed precision of the LL and to 2% of a SE.
     """
     ref = load_reference("mixregls_fortran__riesby_linear_nq21")
-    res = mlsml.fit(data=riesby, bs_formula="~ endog", nagq=41, **RIESBY)
+    res = mlsml.fit(data=riesby, bs_formula="~ endog", **RIESBY)
+    assert res._info["quadrature"] == "marginal" and res.nagq == 15
     st = ref["stages"]["stage3"]
     assert res.llf == pytest.approx(st["loglik"], abs=1e-3)
     theirs = _mixregls_params(ref, res.params.index)
@@ -185,6 +188,13 @@ def test_riesby_bs_variance_matches_mixregls(riesby):
     assert se["cov(u0,v)"] == pytest.approx(se_ref[("Random location (mean) effect on WS variance", "Loc Eff")], rel=0.02)
     # more points change the log-likelihood at the estimates by < 1e-5
     assert abs(loglik(res.theta, res.model.design, 61) - res.llf) < 1e-5
+    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
+
+    d = res.model.design
+    assert abs(float(loglik_marginal(res.theta, d, adapt_marginal(res.theta, d, marginal_rule(41)))) - res.llf) < 1e-6
+    # the same model by the 2-d product rule (41 points per dimension) agrees
+    prod = mlsml.fit(data=riesby, bs_formula="~ endog", quadrature="product", nagq=41, **RIESBY)
+    assert abs(prod.llf - res.llf) < 1e-5
 
 
 def test_riesby_bs_variance_no_random_scale_matches_mixregls(riesby):
