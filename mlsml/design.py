@@ -60,6 +60,10 @@ class Design:
         Index labels (in the caller's frame) of the rows used, caller's order.
     layout : ParamLayout
         Parameter names and sizes.
+    G : ndarray (N, n_v), optional
+        Design of the school effects in the log variance (``scale_re_formula``).
+    S : ndarray (J, m), optional
+        School-level design of ``ln var(u0_j)`` (``bs_formula``), one row per school.
     """
 
     y: np.ndarray
@@ -74,6 +78,8 @@ class Design:
     row_labels: pd.Index
     layout: ParamLayout
     info: dict[str, Any] = field(default_factory=dict, compare=False)
+    G: np.ndarray | None = None
+    S: np.ndarray | None = None
 
     @property
     def nobs(self) -> int:
@@ -138,6 +144,8 @@ class FormulaSpec:
     scale_spec: Any
     re_spec: Any
     response: str
+    scale_re_formula: str | None = None
+    bs_formula: str | None = None
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9\.]*")
@@ -257,6 +265,8 @@ def build_design(
     re_formula: str = "~ 1",
     random_scale: bool = True,
     missing: str = "drop",
+    scale_re_formula: str | None = None,
+    bs_formula: str | None = None,
 ) -> tuple[Design, FormulaSpec]:
     """Evaluate the formulas on ``data`` and return the sorted design.
 
@@ -277,6 +287,12 @@ def build_design(
         Include the school effect ``v_j`` on the log residual variance.
     missing : {"drop", "raise"}
         Listwise deletion with a counted :class:`MissingDataWarning`, or an error.
+    scale_re_formula : str, optional
+        School effects in the log variance, ``ln var(e_ij) = w_ij' alpha + g_ij' v_j``
+        (``"~ x"``: random scale intercept and slope on ``x``). Implies a random scale.
+    bs_formula : str, optional
+        School-level covariates of ``ln var(u0_j) = s_j' tau``; every column must be
+        constant within each group.
 
     Returns
     -------
@@ -309,6 +325,13 @@ def build_design(
         raise ModelSpecError(f"groups={groups!r} is not a column of the data")
     scale_formula = _rhs(scale_formula)
     re_formula = _rhs(re_formula)
+    extra = {}
+    if scale_re_formula is not None:
+        extra["scale_re"] = _rhs(scale_re_formula)
+        _check_formula_names(extra["scale_re"], data, "the scale random-effects formula")
+    if bs_formula is not None:
+        extra["bs"] = _rhs(bs_formula)
+        _check_formula_names(extra["bs"], data, "the between-school variance formula")
     response = formula.split("~", 1)[0].strip()
     _check_formula_names(formula, data, "the mean formula")
     _check_formula_names(scale_formula, data, "the scale formula")
@@ -316,7 +339,7 @@ def build_design(
 
     # ---- missing values: find them in every column any formula uses
     used = []
-    for f in (formula, scale_formula, re_formula):
+    for f in (formula, scale_formula, re_formula, *extra.values()):
         for c in formula_columns(f, data):
             if c not in used:
                 used.append(c)
@@ -352,7 +375,7 @@ def build_design(
     # ---- design matrices
     if response in frame.columns and not pd.api.types.is_numeric_dtype(frame[response]):
         raise DataError(f"the response {response!r} is not numeric (dtype {frame[response].dtype})")
-    in_c = set(re.findall(r"C\(\s*([A-Za-z_][\w\.]*)", formula + scale_formula + re_formula))
+    in_c = set(re.findall(r"C\(\s*([A-Za-z_][\w\.]*)", formula + scale_formula + re_formula + "".join(extra.values())))
     _check_numeric_like(frame, [c for c in used if c != groups and c not in in_c])
     # patsy inspects text columns element by element; categoricals are read from
     # their categories, which is ~50x faster on large data (same design matrices).
@@ -404,11 +427,16 @@ def build_design(
     if np.ptp(ys) == 0:
         raise DataError(f"the response {response!r} is constant ({ys[0]!r})")
 
+    from .extended import extra_designs  # the optional structures of issue 3
+
+    G, S, scale_re_terms, bs_terms = extra_designs(fm, frame, extra, codes, order, starts, groups)
     layout = ParamLayout(
         mean_terms=tuple(mean_terms),
         scale_terms=tuple(scale_terms),
         n_re_mean=Z.shape[1],
-        random_scale=bool(random_scale),
+        random_scale=bool(random_scale) or "scale_re" in extra,
+        scale_re_terms=scale_re_terms,
+        bs_terms=bs_terms,
     )
     if layout.d == 0:
         raise ModelSpecError("the model has no school effects: give re_formula and/or random_scale=True")
@@ -432,6 +460,8 @@ def build_design(
         row_labels=frame.index,
         layout=layout,
         info=info,
+        G=G,
+        S=S,
     )
     spec = FormulaSpec(
         formula=formula,
@@ -442,5 +472,7 @@ def build_design(
         scale_spec=scale_spec,
         re_spec=re_spec,
         response=response,
+        scale_re_formula=extra.get("scale_re"),
+        bs_formula=extra.get("bs"),
     )
     return design, spec

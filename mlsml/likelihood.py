@@ -158,6 +158,14 @@ def loglik_at_nodes(theta, design: Design, nodes: Nodes):
     True
     """
     lay = design.layout
+    if nodes.marginal:  # u integrated exactly, v by 1-d quadrature: see mlsml.marginal
+        from .marginal import loglik_marginal
+
+        return loglik_marginal(theta, design, nodes)
+    if lay.extended:  # scale_re_formula / bs_formula: see mlsml.extended
+        from .extended import loglik_at_nodes_ext
+
+        return loglik_at_nodes_ext(theta, design, nodes)
     beta, alpha, L = lay.split(theta)
     sums = school_sums(beta, alpha, design)
     h = log_conditional(nodes.b, sums, lay.q, lay.random_scale) + log_prior(nodes.b, L)
@@ -168,6 +176,14 @@ def loglik_at_nodes(theta, design: Design, nodes: Nodes):
 def loglik_per_school(theta, design: Design, nodes: Nodes) -> np.ndarray:
     """``log L_j`` for every school (numpy, not differentiated)."""
     lay = design.layout
+    if nodes.marginal:
+        from .marginal import loglik_marginal_per_school
+
+        return loglik_marginal_per_school(theta, design, nodes)
+    if lay.extended:
+        from .extended import loglik_per_school_ext
+
+        return loglik_per_school_ext(theta, design, nodes)
     beta, alpha, L = lay.split(np.asarray(theta, float))
     sums = school_sums(beta, alpha, design)
     h = log_conditional(nodes.b, sums, lay.q, lay.random_scale) + log_prior(nodes.b, L)

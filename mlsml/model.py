@@ -61,6 +61,8 @@ class MELSM:
         re_formula: str = "~ 1",
         random_scale: bool = True,
         missing: str = "drop",
+        scale_re_formula: str | None = None,
+        bs_formula: str | None = None,
     ) -> MELSM:
         """Create a model from formulas (statsmodels/patsy syntax).
 
@@ -83,6 +85,15 @@ class MELSM:
             random-intercept model (the paper's Model 1).
         missing : {"drop", "raise"}
             Listwise deletion with a counted warning, or an error.
+        scale_re_formula : str, optional
+            School effects in the log residual variance,
+            ``ln var(e_ij) = w_ij' alpha + g_ij' v_j``: ``"~ x"`` gives a random
+            scale intercept and slope on ``x`` (effects ``v0, v1``); implies a random scale.
+        bs_formula : str, optional
+            Log-linear between-school variance of the random intercept,
+            ``ln var(u0_j) = s_j' tau`` with school-level columns (parameters
+            ``bsvar:<term>`` replace ``var(u0)``; correlations stay constant).
+            See :mod:`mlsml.extended`.
 
         Examples
         --------
@@ -95,7 +106,12 @@ class MELSM:
         design, spec = build_design(
             formula, data, groups, scale_formula=scale_formula, re_formula=re_formula,
             random_scale=random_scale, missing=missing,
+            scale_re_formula=scale_re_formula, bs_formula=bs_formula,
         )
+        if design.layout.extended:
+            from .extended import _check_layout
+
+            _check_layout(design)
         return cls(design, spec)
 
     # ------------------------------------------------------------------
@@ -139,7 +155,8 @@ class MELSM:
             raise ModelSpecError(f"expected {lay.n_params} parameters, got {vec.shape}")
         sigma = lay.sigma_from_natural(vec)
         try:
-            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma)
+            tau = vec[lay.p + lay.k : lay.p + lay.k + lay.m] if lay.bs_terms else None
+            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma, tau=tau)
         except np.linalg.LinAlgError as exc:
             raise ModelSpecError("the covariance parameters do not form a positive-definite matrix") from exc
 
@@ -171,6 +188,7 @@ class MELSM:
         xtol: float = 1e-6,
         gtol: float = 1e-8,
         callback=None,
+        quadrature: str = "auto",
     ) -> MELSMResults:
         """Maximum-likelihood fit by adaptive Gauss-Hermite quadrature.
 
@@ -178,8 +196,9 @@ class MELSM:
         ----------
         nagq : int, optional
             Quadrature points per dimension of the school effects. Default 11 for
-            one or two dimensions, 7 for three, 5 beyond
-            (:data:`mlsml.quadrature.DEFAULT_NAGQ`).
+            one or two dimensions, 9 for three, 5 beyond
+            (:data:`mlsml.quadrature.DEFAULT_NAGQ`); 15 points in ``v`` for the
+            marginal rule (see ``quadrature``).
         method : str
             ``scipy.optimize.minimize`` method for each pass (``"BFGS"``,
             ``"L-BFGS-B"``, ``"trust-exact"``, ``"Newton-CG"``).
@@ -188,11 +207,22 @@ class MELSM:
         maxiter, max_passes : int
             Iterations per optimiser pass; re-centring passes.
         prune : float
-            Drop quadrature nodes with relative weight below ``prune``.
+            Product rule only: drop nodes whose product weight is below ``prune``
+            times the largest (:func:`mlsml.quadrature.gauss_hermite_rule`). Cheap but
+            inaccurate (errors of 1e-3 and more in the llf even at ``1e-6``; see
+            ``docs/quadrature.md``); for random slopes prefer the marginal rule.
         xtol, gtol : float
             Convergence tolerances (see :class:`mlsml.optimize.FitOptions`).
         callback : callable, optional
             ``callback(pass, theta, llf)`` after every pass.
+        quadrature : {"auto", "product", "marginal"}
+            ``"product"``: the rotated product Gauss-Hermite rule over all ``d``
+            school effects. ``"marginal"``: the mean effects integrated out exactly
+            and ``nagq`` (default 15) points per dimension over the scale effects only
+            (:mod:`mlsml.marginal`; models with a random scale). ``"auto"`` uses
+            ``"marginal"`` for random slopes in the mean with a random scale (the
+            paper's Model 4) and for ``scale_re_formula``/``bs_formula`` models with
+            a random scale, and ``"product"`` otherwise (Models 1-3 keep the core path).
 
         Returns
         -------
@@ -213,15 +243,40 @@ class MELSM:
         True
         """
         d = self.layout.d
-        nagq = int(nagq or default_nagq(d))
+        from . import marginal as _marginal
+
+        if quadrature not in ("auto", "product", "marginal"):
+            raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
+        if quadrature == "marginal" and not _marginal.supports(self.layout):
+            raise ModelSpecError(
+                "quadrature='marginal' needs a random scale and a random effect in the mean "
+                "(or scale_re_formula); use quadrature='product'"
+            )
+        if not 0.0 <= float(prune) < 1.0:
+            raise ModelSpecError(f"prune must be in [0, 1), got {prune!r}")
+        use_marginal = quadrature == "marginal" or (
+            quadrature == "auto" and _marginal.supports(self.layout)
+            and (self.layout.q >= 2 or self.layout.extended)
+        )
+        if use_marginal and prune:
+            raise ModelSpecError("prune applies to the product rule only (quadrature='product')")
+        nagq = int(nagq or (_marginal.DEFAULT_NAGQ_MARGINAL if use_marginal else default_nagq(d)))
         if nagq < 1:
             raise ModelSpecError(f"nagq must be a positive integer, got {nagq}")
-        rule = gauss_hermite_rule(d, nagq, prune)
+        if use_marginal:
+            rule = _marginal.marginal_rule(nagq, self.layout.n_v)
+        else:
+            rule = gauss_hermite_rule(d, nagq, prune)
         start = None if start_params is None else self.theta_from_params(start_params)
+        if start is None and self.layout.extended:
+            from .extended import start_values_ext
+
+            start = start_values_ext(self.design)
         opts = FitOptions(method=method, maxiter=maxiter, max_passes=max_passes, xtol=xtol, gtol=gtol, start=start)
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             opt = maximize(self.design, rule, opts, callback=callback)
             res = MELSMResults.from_optimum(self, opt, nagq=nagq, method=method, prune=prune)
+        res._info["quadrature"] = "marginal" if use_marginal else "product"
         res.warn_if_problematic()
         return res
 
@@ -234,6 +289,8 @@ def fit(
     re_formula: str = "~ 1",
     random_scale: bool = True,
     missing: str = "drop",
+    scale_re_formula: str | None = None,
+    bs_formula: str | None = None,
     **fit_options,
 ) -> MELSMResults:
     """Build and fit a :class:`MELSM` in one call.
@@ -251,5 +308,6 @@ def fit(
     model = MELSM.from_formula(
         formula, data, groups, scale_formula=scale_formula, re_formula=re_formula,
         random_scale=random_scale, missing=missing,
+        scale_re_formula=scale_re_formula, bs_formula=bs_formula,
     )
     return model.fit(**fit_options)

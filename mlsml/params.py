@@ -25,6 +25,22 @@ whose index is
 
 Term names are those of the formula engine. ``u0, u1, ...`` follow the columns
 of ``re_formula`` (``u0`` is the random intercept when there is one).
+
+**Extensions** (issue 3; both optional, see ``docs/model.md``):
+
+- a random slope in the residual variance function (``scale_re_formula="~ x"``):
+  ``ln var(e_ij) = w_ij' alpha + g_ij' v_j`` with ``g_ij`` the columns of
+  ``scale_re_formula``; the scale effects are then named ``v0, v1, ...`` (in that
+  formula's column order) instead of ``v``, e.g. ``var(v1)``, ``cov(u0,v1)``.
+  ``v`` is kept when there is only the random scale intercept (the contract).
+- a log-linear between-school variance of the random intercept (``bs_formula="~ s"``):
+  ``ln var(u0_j) = s_j' tau`` with school-level ``s_j``. The names ``bsvar:<term>``
+  (the ``tau``) replace ``var(u0)`` and come right after the ``scale:`` block. The
+  correlations are constant: ``Sigma_j = S_j Sigma0 S_j`` with
+  ``S_j = diag(exp(s_j' tau / 2), 1, ..., 1)`` and ``Sigma0[0, 0] = 1``; the reported
+  ``cov(u0,e)`` is ``Sigma0[0, e] = cov(u0_j, e_j) / sd(u0_j)``, the covariance of ``e``
+  with the standardised intercept effect (MIXREGLS's "Loc Eff" for ``e = v``). On the
+  optimiser scale ``tau`` follows ``alpha`` and ``L0[0, 0] = 1`` is not a parameter.
 """
 
 from __future__ import annotations
@@ -47,6 +63,11 @@ class ParamLayout:
         ``q``, the number of school effects in the mean function.
     random_scale : bool
         Whether the model has the school effect ``v_j`` on the log variance.
+    scale_re_terms : tuple of str
+        Columns of ``scale_re_formula`` (random effects in the log variance); empty
+        for the plain random scale ``v_j`` (or none).
+    bs_terms : tuple of str
+        Columns of ``bs_formula`` (log-linear variance of ``u0``); empty if none.
 
     Examples
     --------
@@ -64,6 +85,8 @@ class ParamLayout:
     scale_terms: tuple[str, ...]
     n_re_mean: int
     random_scale: bool
+    scale_re_terms: tuple[str, ...] = ()
+    bs_terms: tuple[str, ...] = ()
 
     @property
     def p(self) -> int:
@@ -81,14 +104,31 @@ class ParamLayout:
         return self.n_re_mean
 
     @property
+    def n_v(self) -> int:
+        """Number of school effects in the log variance (``v`` or ``v0, v1, ...``)."""
+        if self.scale_re_terms:
+            return len(self.scale_re_terms)
+        return int(self.random_scale)
+
+    @property
+    def m(self) -> int:
+        """Number of between-school variance coefficients ``tau``."""
+        return len(self.bs_terms)
+
+    @property
+    def extended(self) -> bool:
+        """Whether the model needs the extended likelihood (:mod:`mlsml.extended`)."""
+        return bool(self.scale_re_terms or self.bs_terms)
+
+    @property
     def d(self) -> int:
         """Dimension of the school effects ``b_j``."""
-        return self.q + int(self.random_scale)
+        return self.q + self.n_v
 
     @property
     def n_cov(self) -> int:
-        """Number of free parameters of ``Sigma``."""
-        return self.d * (self.d + 1) // 2
+        """Number of free parameters of ``Sigma`` (of ``tau`` and ``Sigma0`` with ``bs_terms``)."""
+        return self.d * (self.d + 1) // 2 + (self.m - 1 if self.bs_terms else 0)
 
     @property
     def n_params(self) -> int:
@@ -97,8 +137,10 @@ class ParamLayout:
 
     @property
     def re_names(self) -> tuple[str, ...]:
-        """Names of the school effects, ``u0, u1, ..., v``."""
+        """Names of the school effects, ``u0, u1, ..., v`` (``v0, v1, ...`` with scale slopes)."""
         names = tuple(f"u{i}" for i in range(self.q))
+        if self.scale_re_terms:
+            return names + tuple(f"v{i}" for i in range(len(self.scale_re_terms)))
         return names + (("v",) if self.random_scale else ())
 
     @property
@@ -106,6 +148,8 @@ class ParamLayout:
         """Names of the covariance parameters in contract order."""
         re = self.re_names
         variances = tuple(f"var({e})" for e in re)
+        if self.bs_terms:
+            variances = tuple(f"bsvar:{t}" for t in self.bs_terms) + variances[1:]
         covs = tuple(f"cov({re[i]},{re[j]})" for i in range(self.d) for j in range(i + 1, self.d))
         return variances + covs
 
@@ -118,18 +162,38 @@ class ParamLayout:
             + self.cov_names
         )
 
+    def split_bs(self, theta):
+        """``(beta, alpha, tau, L0)`` for a model with ``bs_terms`` (``L0[0, 0] = 1``)."""
+        beta = theta[: self.p]
+        alpha = theta[self.p : self.p + self.k]
+        off = self.p + self.k
+        tau = theta[off : off + self.m]
+        rest = theta[off + self.m :]
+        vec = anp.concatenate([anp.zeros(1), rest])  # log L0[0,0] = 0
+        return beta, alpha, tau, chol_from_vector(vec, self.d)
+
     # ----------------------------------------------------------------- theta
     def split(self, theta):
         """Split ``theta`` into ``(beta, alpha, L)`` with ``L`` the Cholesky factor of Sigma.
 
-        Works on autograd boxes, so it can sit inside the objective.
+        Works on autograd boxes, so it can sit inside the objective. With
+        ``bs_terms`` use :meth:`split_bs` (``L`` is then ``L0``).
         """
+        if self.bs_terms:
+            beta, alpha, _, L0 = self.split_bs(theta)
+            return beta, alpha, L0
         beta = theta[: self.p]
         alpha = theta[self.p : self.p + self.k]
         return beta, alpha, chol_from_vector(theta[self.p + self.k :], self.d)
 
     def to_natural(self, theta):
         """Map ``theta`` to the natural-scale vector (``beta, alpha, vars, covs``)."""
+        if self.bs_terms:
+            beta, alpha, tau, L = self.split_bs(theta)
+            sigma = anp.dot(L, L.T)
+            iu = np.triu_indices(self.d, 1)
+            cov = sigma[iu] if self.d > 1 else anp.zeros(0)
+            return anp.concatenate([beta, alpha, tau, anp.diag(sigma)[1:], cov])
         beta, alpha, L = self.split(theta)
         sigma = anp.dot(L, L.T)
         var = anp.diag(sigma)
@@ -138,19 +202,38 @@ class ParamLayout:
         return anp.concatenate([beta, alpha, var, cov])
 
     def sigma_from_natural(self, natural: np.ndarray) -> np.ndarray:
-        """Rebuild ``Sigma`` from the natural-scale vector."""
+        """Rebuild ``Sigma`` from the natural-scale vector (``Sigma0`` with ``bs_terms``)."""
         off = self.p + self.k
         d = self.d
         sigma = np.zeros((d, d))
-        sigma[np.diag_indices(d)] = natural[off : off + d]
+        if self.bs_terms:
+            diag = np.concatenate([[1.0], natural[off + self.m : off + self.m + d - 1]])
+            sigma[np.diag_indices(d)] = diag
+            off += self.m - 1
+        else:
+            sigma[np.diag_indices(d)] = natural[off : off + d]
         iu = np.triu_indices(d, 1)
-        sigma[iu] = natural[off + d : off + self.n_cov]
+        sigma[iu] = natural[off + d : off + d + d * (d - 1) // 2]
         sigma[(iu[1], iu[0])] = sigma[iu]
         return sigma
 
-    def theta_from_parts(self, beta, alpha, sigma) -> np.ndarray:
-        """Inverse of :meth:`split` for a positive-definite ``sigma``."""
-        L = np.linalg.cholesky(np.asarray(sigma, dtype=float))
+    def theta_from_parts(self, beta, alpha, sigma, tau=None) -> np.ndarray:
+        """Inverse of :meth:`split` for a positive-definite ``sigma``.
+
+        With ``bs_terms`` give ``tau`` too; ``sigma`` is then ``Sigma0`` (its
+        ``[0, 0]`` entry is taken as 1 after rescaling the first row and column).
+        """
+        sigma = np.asarray(sigma, dtype=float)
+        if self.bs_terms:
+            s0 = np.sqrt(sigma[0, 0])
+            scale = np.ones(self.d)
+            scale[0] = 1.0 / s0
+            L = np.linalg.cholesky(sigma * np.outer(scale, scale))
+            tau = np.zeros(self.m) if tau is None else np.asarray(tau, float)
+            return np.concatenate(
+                [np.asarray(beta, float), np.asarray(alpha, float), tau, vector_from_chol(L)[1:]]
+            )
+        L = np.linalg.cholesky(sigma)
         return np.concatenate([np.asarray(beta, float), np.asarray(alpha, float), vector_from_chol(L)])
 
 

@@ -85,6 +85,10 @@ def posterior_modes(
     neg_hess : ndarray (J, d, d)
     """
     lay = design.layout
+    if lay.extended:  # scale_re_formula / bs_formula: see mlsml.extended
+        from .extended import posterior_modes_ext
+
+        return posterior_modes_ext(theta, design, tol=tol, maxiter=maxiter)
     beta, alpha, L = lay.split(np.asarray(theta, dtype=float))
     L = np.asarray(L)
     s = school_sums(beta, alpha, design)
@@ -145,6 +149,10 @@ def adapt(theta: np.ndarray, design: Design, rule: Rule) -> Nodes:
     >>> nodes.b.shape, nodes.mode.shape
     ((40, 121, 2), (40, 2))
     """
+    if rule.marginal:  # u integrated exactly, nodes in v only (mlsml.marginal)
+        from .marginal import adapt_marginal
+
+        return adapt_marginal(theta, design, rule)
     mode, neg_hess = posterior_modes(theta, design)
     return place_nodes(mode, neg_hess, rule)
 

@@ -75,9 +75,14 @@ def posterior_weights(theta: np.ndarray, design: Design, nodes: Nodes) -> np.nda
     """Normalised posterior weights ``p_jk`` of the adapted nodes, shape ``(J, K)``."""
     lay = design.layout
     theta = np.asarray(theta, dtype=float)
-    _, _, L = lay.split(theta)
-    s = _sums(theta, design)
-    h = log_conditional(nodes.b, s, lay.q, lay.random_scale) + log_prior(nodes.b, np.asarray(L))
+    if lay.extended:  # scale_re_formula / bs_formula: per-observation density, per-school Sigma_j
+        from .extended import _log_h
+
+        h = _log_h(theta, design, nodes)
+    else:
+        _, _, L = lay.split(theta)
+        s = _sums(theta, design)
+        h = log_conditional(nodes.b, s, lay.q, lay.random_scale) + log_prior(nodes.b, np.asarray(L))
     a = np.asarray(h) + nodes.logw[None, :]
     a = a - a.max(axis=1, keepdims=True)
     p = np.exp(a)

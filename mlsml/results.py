@@ -423,8 +423,9 @@ class MELSMResults:
         design = self.model.design
         resid_var = float(np.exp(np.mean(design.W @ self.fe_scale.to_numpy())))
         for i, name in enumerate(lay.re_names):
-            if name == "v":
-                ref = 1.0
+            if name.startswith("v"):  # v, or v0, v1, ... (scale_re_formula)
+                G = design.G
+                ref = 1.0 if G is None else 1.0 / max(float(np.mean(G[:, i - lay.q] ** 2)), 1e-300)
             else:
                 ref = resid_var / max(float(np.mean(design.Z[:, i] ** 2)), 1e-300)
             if S[i, i] < 1e-6 * ref:
@@ -441,6 +442,10 @@ class MELSMResults:
                     f"the school effects are (nearly) perfectly correlated: "
                     f"corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
                 )
+        if lay.extended:
+            from .extended import extra_singular_reasons
+
+            reasons += extra_singular_reasons(self)
         if not self._info.get("hessian_pd", True):
             reasons.append("the observed information is not positive definite (standard errors unavailable)")
         return reasons

@@ -101,6 +101,8 @@ def posterior_nagq(res) -> int:
     approximation) would otherwise report posterior SDs of zero.
     """
     d = res.layout.d
+    if res._info.get("quadrature") == "marginal":  # the fit's nagq counted points in v only
+        return default_nagq(d)
     return max(int(res.nagq or 0), default_nagq(d))
 
 
@@ -142,11 +144,22 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
+def _require_core(res, what: str) -> None:
+    """The school table and population quantities assume one random scale ``v`` and one ``Sigma``."""
+    if res.layout.extended:
+        raise ModelSpecError(
+            f"{what} is not available for models with scale_re_formula or bs_formula "
+            "(school-specific covariance or several scale effects); use res.random_effects() "
+            "for posterior means and SDs of the school effects"
+        )
+
+
 def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
     """The school table: means and variances with intervals, ranks and flags.
 
     See :meth:`MELSMResults.school_effects` for the columns.
     """
+    _require_core(res, "school_effects")
     if not 0 < level < 1:
         raise ModelSpecError(f"level must be between 0 and 1, got {level!r}")
     if int(ndraws) < 100:
@@ -210,6 +223,7 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
 # ---------------------------------------------------------------- population
 def population_quantities(res, w=None, z=None) -> pd.DataFrame:
     """Population quantities with delta-method SEs (see :meth:`MELSMResults.population_quantities`)."""
+    _require_core(res, "population_quantities")
     design = res.model.design
     lay = design.layout
     q, rs = lay.q, lay.random_scale
@@ -321,6 +335,7 @@ def _design_for(info, newdata: pd.DataFrame, what: str) -> np.ndarray:
 
 def predict(res, newdata: pd.DataFrame, kind: str = "mean", conditional: bool = True) -> pd.Series:
     """Predictions of the mean or the residual variance for new rows (see :meth:`MELSMResults.predict`)."""
+    _require_core(res, "predict")
     if kind not in ("mean", "variance"):
         raise ModelSpecError(f"kind must be 'mean' or 'variance', not {kind!r}")
     if not isinstance(newdata, pd.DataFrame):

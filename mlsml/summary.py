@@ -93,7 +93,8 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     blocks = [
         ("Mean function: y = x'b + z'u + e", _param_frame(res, mean_names, list(lay.mean_terms), alpha)),
         (
-            "Residual variance: ln var(e) = w'a" + (" + v" if lay.random_scale else ""),
+            "Residual variance: ln var(e) = w'a"
+            + ((" + g'v" if lay.scale_re_terms else " + v") if lay.random_scale else ""),
             _param_frame(res, scale_names, list(lay.scale_terms), alpha),
         ),
         (
