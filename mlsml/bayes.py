@@ -76,9 +76,13 @@ def _read(posterior_summary) -> pd.DataFrame:
         out.attrs["interval"] = f"{lo}-{hi}" if lo and hi else ""
         return out.astype(float)
     if {"mean", "sd"} <= set(df.columns):
-        lo = next((c for c in df.columns if c.startswith(("hdi_", "eti_")) and float(c[4:].rstrip("%")) < 50), None)
-        hi = next((c for c in df.columns[::-1] if c.startswith(("hdi_", "eti_")) and float(c[4:].rstrip("%")) > 50),
-                  None)
+
+        def pct(c: str) -> float | None:
+            m = re.fullmatch(r"(?:hdi_|eti_|q)?(\d+(?:\.\d+)?)%?", str(c))
+            return float(m.group(1)) if m and (str(c).endswith("%") or str(c).startswith("q")) else None
+
+        lo = next((c for c in df.columns if pct(c) is not None and pct(c) < 50), None)
+        hi = next((c for c in df.columns[::-1] if pct(c) is not None and pct(c) > 50), None)
         out = pd.DataFrame({"mean": df["mean"], "sd": df["sd"]})
         out["lower"] = df[lo] if lo else np.nan
         out["upper"] = df[hi] if hi else np.nan
@@ -179,7 +183,8 @@ def compare_bayes(res, posterior_summary, names: dict | None = None) -> pd.DataF
         ``b_sigma_Intercept``, ``b_sigma_x``, ``sd_school__Intercept``,
         ``sd_school__sigma_Intercept``, ``cor_school__Intercept__sigma_Intercept``,
         ...; columns ``Estimate, Est.Error, Q2.5, Q97.5``) or an ArviZ summary
-        (columns ``mean, sd`` and optionally ``hdi_3%, hdi_97%``) whose rows are
+        (columns ``mean, sd`` and optionally ``hdi_3%, hdi_97%``, ``eti_*`` or
+        ``2.5%, 97.5%`` quantiles) whose rows are
         brms names or mlsml names; as a DataFrame or a CSV file (row names in the
         first column, as ``write.csv`` writes them).
     names : dict, optional
@@ -203,7 +208,7 @@ def compare_bayes(res, posterior_summary, names: dict | None = None) -> pd.DataF
     >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
     >>> post = pd.DataFrame({"Estimate": [0.0, -0.43], "Est.Error": [0.03, 0.01]},
     ...                     index=["b_Intercept", "b_sigma_Intercept"])
-    >>> mlsml.compare_bayes(res, post).loc["scale:Intercept", "post mean"]
+    >>> float(mlsml.compare_bayes(res, post).loc["scale:Intercept", "post mean"])
     -0.86
     """
     summ = _read(posterior_summary)

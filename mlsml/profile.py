@@ -228,7 +228,7 @@ def profile_ci(res, name: str, level: float = 0.95, nagq: int | None = None, max
     >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
     >>> res = mlsml.fit("y ~ x", df, groups="school")
     >>> ci = profile_ci(res, "var(v)")
-    >>> ci.lower < res.params["var(v)"] < ci.upper
+    >>> bool(ci.lower < res.params["var(v)"] < ci.upper)
     True
     """
     if not 0 < level < 1:
