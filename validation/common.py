@@ -70,12 +70,13 @@ def fmt(x, digits: int = 4) -> str:
 def md_table(df: pd.DataFrame, digits: int = 4, index: bool = True) -> str:
     """A DataFrame as a GitHub Markdown table."""
     frame = df.rename_axis(df.index.name or "parameter").reset_index() if index else df
-    cols = [str(c) for c in frame.columns]
+    cols = [str(c).replace("|", "\\|") for c in frame.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in frame.iterrows():
         cells = []
         for v in row.values:
-            cells.append(fmt(v, digits) if isinstance(v, (float, np.floating)) else str(v))
+            cell = fmt(v, digits) if isinstance(v, (float, np.floating)) else str(v)
+            cells.append(cell.replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -50,6 +50,25 @@ FILES = [
     "mixwild_example__m1", "mixwild_example__m2_nq21", "mixwild_example__m3_nq21",
     "mixwild_example__m3_nq21@11",
 ]
+# why a comparison differs, when it is understood (printed under the summary table)
+EXPLAINED = {
+    "london_sim__m4_nq7": (
+        "the estimates agree (max 0.027 SE) and our logL is 5.5e-4 *above* the exact logL at MixWILD's estimates "
+        "(its own printed logL, 0.077 higher still, is an artefact of its unrotated 7^3-point rule). The SEs of "
+        "var(u0), cov(u0,u1) and the intercept are 2-10% larger than MixWILD's: MixWILD computes them from the "
+        "Hessian of that inaccurate unrotated-rule likelihood with its own delta method. Ours agree with the "
+        "SE the same program prints for var(u0) in its model without random scale (0.00397 against our 0.00400) "
+        "and with lme4's intercept SE for the random-slope model (0.01142 against our 0.01144); we regard "
+        "MixWILD's SEs here as the less accurate ones (quadrature), but the tolerance is not met"
+    ),
+    "mixwild_example__m3_nq21@11": (
+        "deliberate check of *our default* rule: with 11 points per dimension our maximised logL on this data set "
+        "(1,244 subjects of about 11 rows, large random scale) is 1.6e-3 below the exact value, the same "
+        "quadrature error MIXREGLS shows at 11 points (6e-4); the estimates still agree to 2e-4 SE. With "
+        "nagq=21 (row `mixwild_example__m3_nq21`) it passes. Use more points for many small clusters with a "
+        "large random scale (docs/quadrature.md)"
+    ),
+}
 NOT_USED = {
     "mixwild_example__m2": "11-point run; its logL is 6e-4 below the exact value (README of the references): the _nq21 file is used",
     "mixwild_example__m3": "11-point run; its logL is 6e-4 below the exact value (README of the references): the _nq21 file is used",
@@ -129,6 +148,10 @@ def compare_file(name: str) -> tuple[dict, pd.DataFrame]:
         })
     table = pd.DataFrame(rows).set_index("parameter")
     indep = ref.get("independent_check", {}).get("independent_loglik_by_nq", {})
+    if not indep:  # the _nq21 files carry no independent check: use that of the 11-point run
+        base = REFERENCE / "mixregls" / f"{dataset}__{base_model}.json"
+        if base.exists():
+            indep = load_json(base).get("independent_check", {}).get("independent_loglik_by_nq", {})
     is_m4 = base_model == "m4"
     exact = indep.get("11" if is_m4 else "30", indep.get("11", ref["loglik"]))
     dll = ours["llf"] - exact
@@ -170,7 +193,9 @@ def section() -> str:
     out.append(
         "**Tolerances.** logL: |ours − exact logL at MIXREGLS's estimates| ≤ 1e-5, where *exact* is the independent "
         "30-point adaptive evaluation stored in each file (MIXREGLS's printed logL carries a single-precision "
-        "sqrt(pi) offset of up to 3e-5). Estimates: |diff| ≤ max(1e-4, 0.01 SE). SEs: relative difference ≤ 0.5%. "
+        "sqrt(pi) offset of up to 3e-5; the `_nq21` files, which carry no independent check, are compared with that "
+        "of the 11-point run, whose estimates agree with theirs to 4e-8). Estimates: |diff| ≤ max(1e-4, 0.01 SE). "
+        "SEs: relative difference ≤ 0.5%. "
         "For `m4_nq7` (MixWILD 2.0's unrotated 7×7×7 rule, whose printed logL is 0.077 too high and whose estimates "
         "are up to 0.024 SE from the exact maximum): ours ≥ the exact logL at MixWILD's estimates and within 1e-3 of "
         "it, estimates and SEs within 0.05 SE / 5%."
@@ -195,7 +220,8 @@ def section() -> str:
     for s in fails:
         ll_ok, est_ok, se_ok = s["_detail"]
         what = [w for w, ok in (("logL", ll_ok), ("estimates", est_ok), ("SEs", se_ok)) if not ok]
-        out.append(f"- `{s['reference']}` differs in {', '.join(what)}: see its table below.")
+        why = EXPLAINED.get(s["reference"], "see its table below")
+        out.append(f"- `{s['reference']}` differs in {', '.join(what)}: {why}.")
     out.append("")
     out.append("Reference files not compared:")
     out.append("")
