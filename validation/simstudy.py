@@ -280,6 +280,22 @@ def section() -> str:
         verdict = "PASS" if cov_ok.all() else "DIFFERS"
         cov_txt = ", ".join(f"{n} {summ.loc[n, 'Wald coverage %']:.1f}%" for n in fixed)
         out.append(f"Fixed-effect Wald coverage within 93–97%: **{verdict}** ({cov_txt}).")
+        for n in summ.index:
+            c, mc = summ.loc[n, "Wald coverage %"], summ.loc[n, "MC SE %"]
+            ratio = summ.loc[n, "mean SE"] / summ.loc[n, "emp SD"]
+            if not 93 <= c <= 97:
+                side = "over-covers (the SE is too large: conservative)" if c > 97 else "under-covers"
+                out.append(
+                    f"- `{n}` {side}: coverage {c:.1f}% ± {mc:.1f} (Monte-Carlo SE), mean SE / empirical SD = "
+                    f"{ratio:.3f}, bias {summ.loc[n, 'bias']:.2g}."
+                    + (" For a variance the Wald interval is symmetric while the sampling distribution is "
+                       "right-skewed: it misses mostly *below* the truth (see the profile table)." if n.startswith("var(")
+                       and c < 93 else "")
+                    + (f" That is {(c - 95) / mc:.1f} Monte-Carlo SEs above 95%. Not investigated further here: the "
+                       "estimate is unbiased, and on london_sim our SE equals MIXREGLS's observed-information SE to "
+                       "1e-6 (Section 1), so this is a property of the observed-information SE in this design rather "
+                       "than of its computation." if c > 97 else "")
+                )
         out.append("")
         ppath = RESULTS / f"sim_{design}_profile.csv"
         if ppath.exists():
@@ -307,13 +323,14 @@ def _figure(df: pd.DataFrame, design: str, truth: dict):
     fig, axes = plt.subplots(1, len(truth), figsize=(2.4 * len(truth), 2.4))
     for ax, (name, t) in zip(axes, truth.items()):
         z = (ok[f"est:{name}"] - t) / ok[f"se:{name}"]
-        ax.hist(z, bins=30, density=True, color="0.7")
+        z = z[np.isfinite(z)]
+        ax.hist(np.clip(z, -4, 4), bins=np.linspace(-4, 4, 33), density=True, color="0.7")
         g = np.linspace(-4, 4, 200)
         ax.plot(g, np.exp(-g**2 / 2) / np.sqrt(2 * np.pi), "k-", lw=1)
         ax.set_title(name, fontsize=8)
         ax.set_xlim(-4, 4)
         ax.tick_params(labelsize=6)
-    fig.suptitle(f"(estimate - truth) / SE, design {design}: N(0,1) curve for reference", fontsize=9)
+    fig.suptitle(f"(estimate - truth) / SE, design {design} (clipped to +-4): N(0,1) curve for reference", fontsize=9)
     fig.tight_layout()
     FIGURES.mkdir(parents=True, exist_ok=True)
     path = FIGURES / f"sim_{design}_zscores.png"
