@@ -18,7 +18,9 @@ from .common import HERE, log
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m validation", description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*", help="sections to run: mixregls frequentist bayes replication simstudy")
+    ap.add_argument("--only", nargs="*",
+                    help="sections to run (printed to stdout, REPORT.md untouched): mixregls frequentist bayes "
+                         "replication simstudy")
     a = ap.parse_args(argv)
     import mlsml
 
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
         "4. The paper replicated on london_sim · 5. Simulation study",
         "",
     ]
+    n_head = len(parts)
     failed = []
     for name in chosen:
         try:
@@ -50,6 +53,19 @@ def main(argv=None) -> int:
             tb = traceback.format_exc()
             log(f"section {name} FAILED:\n{tb}")
             parts.append(f"## Section `{name}` failed\n\n```\n{tb}\n```\n")
+    # summary: the verdict lines of every section, in order
+    verdicts = []
+    for part in parts[n_head:]:
+        title = next((ln[3:] for ln in part.splitlines() if ln.startswith("## ")), "")
+        for ln in part.splitlines():
+            if ("comparisons pass" in ln or "**PASS" in ln or "**DIFFERS" in ln or "converged: **" in ln
+                    or ": **PASS**" in ln or ": **DIFFERS**" in ln or ln.startswith("**Not produced")):
+                verdicts.append(f"- {title.split(' (')[0]}: {ln.strip()}")
+    parts[n_head:n_head] = ["## Summary", "", *verdicts, ""]
+    if a.only:  # a partial run never overwrites the committed report
+        print("\n".join(parts))
+        log("partial run (--only): printed, REPORT.md left alone" + (f"; failed: {failed}" if failed else ""))
+        return 1 if failed else 0
     path = HERE / "REPORT.md"
     path.write_text("\n".join(parts))
     log(f"wrote {path}" + (f"; failed sections: {failed}" if failed else ""))

@@ -91,7 +91,7 @@ def section() -> str:
         out.append("")
         out.append(md_table(t, digits=4))
         out.append("")
-        out.append(f"**{'PASS' if ok else 'DIFFERS'}**: {msg}.")
+        out.append(f"**{'PASS' if ok else 'DIFFERS'}** ({dataset}): {msg}.")
         out.append("")
     lon = load_json(REFERENCE / "r" / "london_sim__brms__M3.json")
     out.append(

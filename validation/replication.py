@@ -225,9 +225,15 @@ def _issue4(fits: dict) -> list[str]:
 
 
 def _has_module(name: str) -> bool:
-    import importlib.util
+    """Whether ``mlsml.<sub>`` exists in *this* tree (an editable install of another
+    checkout can otherwise supply it through its path finder)."""
+    from pathlib import Path
 
-    return importlib.util.find_spec(name) is not None
+    import mlsml
+
+    sub = name.split(".", 1)[1]
+    pkg = Path(mlsml.__file__).parent
+    return (pkg / f"{sub}.py").exists() or (pkg / sub / "__init__.py").exists()
 
 
 def section() -> str:
