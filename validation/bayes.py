@@ -52,6 +52,40 @@ def brms_table(dataset: str) -> tuple[pd.DataFrame, dict]:
     return t, ref
 
 
+def _forest(t: pd.DataFrame, dataset: str):
+    """ML 95% Wald interval and brms 95% credible interval, both in units of the ML SE around the ML estimate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .common import FIGURES
+
+    names = list(t.index)
+    y = np.arange(len(names))[::-1]
+    se = t["ML SE"].to_numpy()
+    ml = t["ML"].to_numpy()
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1))
+    ax.errorbar(np.zeros(len(names)), y + 0.12, xerr=1.96, fmt="o", color="k", ms=4, label="ML ± 1.96 SE")
+    lo = (t["brms 2.5%"].to_numpy() - ml) / se
+    hi = (t["brms 97.5%"].to_numpy() - ml) / se
+    mean = (t["brms mean"].to_numpy() - ml) / se
+    ax.errorbar(mean, y - 0.12, xerr=[mean - lo, hi - mean], fmt="s", color="tab:blue", ms=4,
+                label="brms mean, 2.5%-97.5%")
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.axvline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("(value - ML estimate) / ML SE")
+    ax.set_title(f"{dataset}, Model 3: ML against brms", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / f"bayes_{dataset}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _verdict(t: pd.DataFrame) -> tuple[bool, str]:
     loc = [n for n in t.index if n.startswith(("mean:", "scale:"))]
     var = [n for n in t.index if n.startswith(("var(", "cov(", "corr("))]
@@ -92,6 +126,9 @@ def section() -> str:
         out.append(md_table(t, digits=4))
         out.append("")
         out.append(f"**{'PASS' if ok else 'DIFFERS'}** ({dataset}): {msg}.")
+        out.append("")
+        fig = _forest(t, dataset)
+        out.append(f"![ML and brms intervals, {dataset}](figures/{fig.name})")
         out.append("")
     lon = load_json(REFERENCE / "r" / "london_sim__brms__M3.json")
     out.append(

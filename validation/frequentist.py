@@ -213,7 +213,9 @@ def section() -> str:
     out.append(md_table(summ, digits=7, index=False))
     out.append("")
     n_pass = int((summ["result"] == "PASS").sum())
-    out.append(f"**{n_pass} of {len(summ)} comparisons pass** (logL to 1e-5).")
+    n_skip = int(summ["result"].astype(str).str.startswith("SKIPPED").sum())
+    out.append(f"**{n_pass} of {len(summ) - n_skip} comparisons pass** (logL to 1e-5)."
+               + (f" ({n_skip} skipped)" if n_skip else ""))
     out.append("")
     out.append(
         "Not compared: `seed_sim__glmmTMB__probe_dispformula_random_effect` records that glmmTMB refuses a random "

@@ -215,7 +215,8 @@ def section() -> str:
     out.append(md_table(summ, digits=6))
     out.append("")
     n_pass = int((summ["result"] == "PASS").sum())
-    out.append(f"**{n_pass} of {len(summ)} comparisons pass.**")
+    n_skip = int(summ["result"].astype(str).str.startswith("SKIPPED").sum())
+    out.append(f"**{n_pass} of {len(summ) - n_skip} comparisons pass.**" + (f" ({n_skip} skipped)" if n_skip else ""))
     fails = [s for s in summaries if s.get("result") == "DIFFERS"]
     for s in fails:
         ll_ok, est_ok, se_ok = s["_detail"]
