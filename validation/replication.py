@@ -175,15 +175,20 @@ def derived(fits: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _issue4(fits: dict) -> list[str]:
-    """Counts of separable schools and Figures 1-4, via issue 4's API when present."""
+def _issue4(fits: dict, plots=None, figures=FIGURES) -> list[str]:
+    """Counts of separable schools and Figures 1-4, via issue 4's API when present.
+
+    ``plots`` defaults to :mod:`mlsml.plots` when this tree has it; ``figures`` is the
+    output folder (both injectable for the test of this code path).
+    """
     import mlsml
 
     out = []
     m2 = fits["Model 2"]
+    has_plots = plots is not None or hasattr(mlsml, "plots") or _has_module("mlsml.plots")
     missing = [name for name, ok in (("MELSMResults.school_effects", hasattr(m2, "school_effects")),
                                      ("MELSMResults.population_quantities", hasattr(m2, "population_quantities")),
-                                     ("mlsml.plots", hasattr(mlsml, "plots") or _has_module("mlsml.plots")))
+                                     ("mlsml.plots", has_plots))
                if not ok]
     if missing:
         out.append(
@@ -194,9 +199,10 @@ def _issue4(fits: dict) -> list[str]:
             "merged and the report is regenerated (`python -m validation`)."
         )
         return out
-    import importlib
+    if plots is None:
+        import importlib
 
-    plots = importlib.import_module("mlsml.plots")
+        plots = importlib.import_module("mlsml.plots")
     se = m2.school_effects()
     n = len(se)
     nm = int((se["mean_flag"] != 0).sum())
@@ -210,7 +216,7 @@ def _issue4(fits: dict) -> list[str]:
     out.append("Population quantities of Model 2 (`res.population_quantities()`):")
     out.append("")
     out.append(md_table(pq, digits=4))
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
     figs = [("fig1_mean_vs_variance.png", plots.mean_vs_variance(m2), "Figure 1: school means against variances"),
             ("fig2_caterpillar.png", plots.caterpillar(m2), "Figure 2: caterpillar plots"),
             ("fig3_models3_4.png", plots.compare_models_plot(fits["Model 3"], fits["Model 4"]),
@@ -218,7 +224,7 @@ def _issue4(fits: dict) -> list[str]:
             ("fig4_models5_3.png", plots.compare_models_plot(fits["Model 3"], fits["Model 5"]),
              "Figure 4: Model 5 against Model 3")]
     for fname, fig, title in figs:
-        fig.savefig(FIGURES / fname, dpi=100)
+        fig.savefig(figures / fname, dpi=100)
         out.append("")
         out.append(f"![{title}](figures/{fname})")
     return out
