@@ -16,6 +16,7 @@ Quick use::
 """
 
 from . import bootstrap, simulate
+from .bayes import compare_bayes
 from .compare import LRTestResult, compare_models, lrtest
 from .errors import (
     ConvergenceWarning,
@@ -38,6 +39,7 @@ __all__ = [
     "lrtest",
     "LRTestResult",
     "compare_models",
+    "compare_bayes",
     "simulate",
     "bootstrap",
     "MLSMLError",
