@@ -146,22 +146,9 @@ def test_bs_with_zero_slope_agrees_with_plain_model(riesby):
 
 # ---------------------------------------------------------------- MIXREGLS (Fortran) references
 def _mixregls_params(ref: dict, names) -> pd.Series:
-    st = ref["stages"][ref["final_stage"]]["parameters"]
-    get = {(p["block"], p["name"]): p["estimate"] for p in st}
-    out = {}
-    mean = {"intercept": "Intercept", "week": "week", "endog": "endog", "endweek": "endweek"}
-    for k, v in mean.items():
-        out[f"mean:{v}"] = get[("BETA", k)]
-    for k in ("intercept", "week", "endog"):
-        out[f"scale:{mean[k]}"] = get[("TAU", k)]
-    for k in ("intercept", "endog"):
-        out[f"bsvar:{mean[k]}"] = get[("ALPHA", k)]
-    if "var(v)" in names:
-        sd = get[("Random scale standard deviation", "Std Dev")]
-        loc = get[("Random location (mean) effect on WS variance", "Loc Eff")]
-        out["var(v)"] = loc**2 + sd**2
-        out["cov(u0,v)"] = loc
-    return pd.Series(out)[list(names)]
+    from validation.convert import fortran_run_to_ours
+
+    return fortran_run_to_ours(ref, names)
 
 
 def test_riesby_bs_variance_matches_mixregls(riesby):

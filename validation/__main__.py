@@ -19,14 +19,15 @@ from .common import HERE, log
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m validation", description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*",
-                    help="sections to run (printed to stdout, REPORT.md untouched): mixregls frequentist bayes "
+                    help="sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs frequentist bayes "
                          "replication simstudy")
     a = ap.parse_args(argv)
     import mlsml
 
-    from . import bayes, frequentist, mixregls, replication, simstudy
+    from . import bayes, fortran_runs, frequentist, mixregls, replication, simstudy
 
-    sections = {"mixregls": mixregls.section, "frequentist": frequentist.section, "bayes": bayes.section,
+    sections = {"mixregls": mixregls.section, "fortran_runs": fortran_runs.section,
+                "frequentist": frequentist.section, "bayes": bayes.section,
                 "replication": replication.section, "simstudy": simstudy.section}
     chosen = a.only or list(sections)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
         "`validation/reference/` (see its README); the simulation study's per-replication estimates are in "
         "`validation/results/`.",
         "",
-        "Contents: 1. MIXREGLS/MixWILD · 2. lme4, glmmTMB, statsmodels · 3. Bayesian fits (brms, Stata) · "
+        "Contents: 1. MIXREGLS/MixWILD · 1b. MIXREGLS_both (between-subject variance) · "
+        "2. lme4, glmmTMB, statsmodels · 3. Bayesian fits (brms, Stata) · "
         "4. The paper replicated on london_sim · 5. Simulation study",
         "",
     ]

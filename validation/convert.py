@@ -158,3 +158,42 @@ def reference_key(our_name: str) -> str:
     if our_name.startswith("scale:"):
         return "alpha_" + our_name[6:]
     raise KeyError(our_name)
+
+
+#: Our term names for the Riesby variables as MIXREGLS_both prints them.
+RIESBY_TERMS = {"intercept": "Intercept", "week": "week", "endog": "endog", "endweek": "endweek"}
+
+
+def fortran_run_to_ours(ref: dict, names, terms: dict | None = None) -> pd.Series:
+    """Estimates of a ``mixregls_fortran_runs`` reference (final stage) on our scale.
+
+    MIXREGLS_both prints BETA (ours ``mean:``), ALPHA (the log-linear between-subject
+    variance, ours ``bsvar:``), TAU (ours ``scale:``), the random-scale ``Std Dev`` and the
+    location effect ``Loc Eff`` on the log WS variance. With ``u0 = sd_u0 * theta1`` and
+    ``v = LocEff * theta1 + StdDev * theta2``: ``var(v) = LocEff^2 + StdDev^2`` and, with a
+    between-school variance function, ``cov(u0,v)`` is reported by mlsml against the
+    *standardised* ``u0`` (:mod:`mlsml.extended`), which is ``LocEff`` itself.
+
+    Parameters
+    ----------
+    ref : dict
+        A reference JSON (``stages``, ``final_stage``).
+    names : sequence of str
+        Our parameter names, in the order wanted.
+    terms : dict, optional
+        MIXREGLS variable name -> our term name (default :data:`RIESBY_TERMS`).
+    """
+    terms = terms or RIESBY_TERMS
+    st = ref["stages"][ref["final_stage"]]["parameters"]
+    get = {(p["block"], p["name"]): p["estimate"] for p in st}
+    prefix = {"BETA": "mean", "TAU": "scale", "ALPHA": "bsvar"}
+    out = {}
+    for (block, name), value in get.items():
+        if block in prefix:
+            out[f"{prefix[block]}:{terms[name]}"] = value
+    sd = get.get(("Random scale standard deviation", "Std Dev"))
+    loc = get.get(("Random location (mean) effect on WS variance", "Loc Eff"))
+    if sd is not None and loc is not None:
+        out["var(v)"] = loc**2 + sd**2
+        out["cov(u0,v)"] = loc
+    return pd.Series(out)[list(names)]

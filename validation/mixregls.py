@@ -229,11 +229,8 @@ def section() -> str:
     for k, v in NOT_USED.items():
         out.append(f"- `{k}`: {v}.")
     out.append(
-        "- `mixregls_fortran_runs/*` (riesby, posmood; MixWILD 2.0's MIXREGLS_both): every run, including "
-        "`riesby_no_random_scale`, has covariates in the **between-subject variance function** (ALPHA: `endog`, "
-        "`alone`, `genderf`), which needs issue 3 (`scale_re_formula`, the between-school variance function); "
-        "`riesby_assoc_none` also fixes cov(u0,v) = 0 and `riesby_assoc_quadratic` adds a quadratic location effect "
-        "on the log WS variance, neither of which the model expresses. Skipped: **missing feature, issue 3**."
+        "- `mixregls_fortran_runs/*` (riesby, posmood; MixWILD 2.0's MIXREGLS_both): between-subject variance "
+        "functions, compared in section 1b."
     )
     out.append("")
     out.append("### Parameter tables (ours beside MIXREGLS's, converted to our scale)")
