@@ -84,8 +84,10 @@ class MELSMResults:
         info: dict[str, Any] = {}
         H = np.asarray(opt.hessian, dtype=float)
         negH = -0.5 * (H + H.T)
+        units = getattr(opt, "theta_units", None)
         try:
-            w = np.linalg.eigvalsh(negH)
+            # judged in the units of the standardised fit (see mlsml.optimize.maximize)
+            w = np.linalg.eigvalsh(negH if units is None else negH * np.outer(units, units))
             pd_ok = bool(w.min() > 1e-10 * max(w.max(), 1e-300))
         except np.linalg.LinAlgError:
             pd_ok = False
