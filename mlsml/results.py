@@ -289,6 +289,26 @@ class MELSMResults:
                     f"the school effects are (nearly) perfectly correlated: "
                     f"corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
                 )
+        if "boundary" not in self._info:  # cached: d likelihood evaluations (mlsml.boundary)
+            from .boundary import boundary_effects
+
+            self._info["boundary"] = boundary_effects(self)
+        for name, var, stat in self._info["boundary"]:
+            if name == "rank":
+                if any("correlated" in r for r in reasons):
+                    continue
+                iu = np.triu_indices(lay.d, 1)
+                worst = int(np.argmax(np.abs(R[iu])))
+                i, j = iu[0][worst], iu[1][worst]
+                reasons.append(
+                    f"Sigma is at the boundary: making the correlation matrix of the school effects singular "
+                    f"(smallest eigenvalue {var:.2g} -> 0; largest correlation corr({lay.re_names[i]},"
+                    f"{lay.re_names[j]}) = {R[i, j]:.6f}) changes 2*llf by only {-stat:+.1e}"
+                )
+            elif not any(r.startswith(f"var({name})") for r in reasons):
+                reasons.append(  # the first check's threshold missed it
+                    f"var({name}) = {var:.3g} is at the boundary: dropping {name} changes 2*llf by only {-stat:+.1e}"
+                )
         if not self._info.get("hessian_pd", True):
             reasons.append("the observed information is not positive definite (standard errors unavailable)")
         return reasons
