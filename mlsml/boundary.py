@@ -43,7 +43,9 @@ def boundary_effects(res) -> list[tuple[str, float, float]]:
     Returns
     -------
     list of (name, variance, LR statistic)
-        One entry for every effect with ``2 (llf - llf_without) < BOUNDARY_LR``;
+        One entry for every effect with ``2 (llf - llf_without) < BOUNDARY_LR``
+        (a statistic below ``-BOUNDARY_LR`` means the likelihood is *higher* without
+        the effect: the estimates are not the maximum);
         if there is none and ``d > 1``, possibly one entry ``("rank", lambda_min,
         statistic)`` when making the correlation matrix singular (smallest
         eigenvalue ``lambda_min`` set to zero) changes ``2 llf`` by less than
@@ -70,7 +72,7 @@ def boundary_effects(res) -> list[tuple[str, float, float]]:
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
             continue
         stat = 2.0 * (res.llf - llf0)
-        if np.isfinite(stat) and stat < BOUNDARY_LR:
+        if np.isfinite(stat) and stat < BOUNDARY_LR:  # (negative: the boundary is even better)
             out.append((name, float(S[i, i]), float(stat)))
     if lay.d > 1 and not out:
         stat, ev = _rank_deficient_stat(res, S, beta, alpha)

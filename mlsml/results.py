@@ -289,11 +289,20 @@ class MELSMResults:
                     f"the school effects are (nearly) perfectly correlated: "
                     f"corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
                 )
+        from .boundary import BOUNDARY_LR
+
         if "boundary" not in self._info:  # cached: d likelihood evaluations (mlsml.boundary)
             from .boundary import boundary_effects
 
             self._info["boundary"] = boundary_effects(self)
         for name, var, stat in self._info["boundary"]:
+            if stat <= -BOUNDARY_LR:
+                what = "making Sigma singular" if name == "rank" else f"dropping {name}"
+                reasons.append(
+                    f"{what} raises the log-likelihood by {-stat / 2:.3g}: these estimates are not the "
+                    "maximum, the maximum is on the boundary"
+                )
+                continue
             if name == "rank":
                 if any("correlated" in r for r in reasons):
                     continue
