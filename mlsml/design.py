@@ -196,6 +196,15 @@ def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str
     try:
         out = fm.get_matrices(formula, data, na_action="raise")
     except Exception as exc:  # patsy raises many types; re-raise with context
+        if "dtype category" in str(exc) or "dtype object" in str(exc):  # arithmetic on a text column
+            raise DataError(
+                f"the {what} {formula!r} applies a numeric operation to a non-numeric (text) column: {exc}"
+            ) from exc
+        if "missing values" in str(exc):  # a transformation (np.log(x), ...) made NaN/inf
+            raise DataError(
+                f"the {what} {formula!r} produces missing or non-finite values from finite data "
+                f"(e.g. the log of a non-positive number): {exc}"
+            ) from exc
         raise ModelSpecError(f"could not evaluate the {what} {formula!r}: {exc}") from exc
     return out, fm.spec
 
@@ -215,12 +224,34 @@ def _check_numeric_like(frame: pd.DataFrame, columns: list[str]) -> None:
             continue
         as_num = pd.to_numeric(s, errors="coerce")
         ok = as_num.notna()
-        if ok.mean() > 0.5 and not ok.all():
+        # mostly numbers, or many distinct numbers among a few text codes
+        if (ok.mean() > 0.5 or as_num[ok].nunique() > 20) and not ok.all():
             bad = s[~ok].iloc[0]
             raise DataError(
                 f"column {col!r} is mostly numeric but holds non-numeric values "
                 f"(e.g. {bad!r} at index {s[~ok].index[0]!r}); clean it, or wrap it in C() "
                 "to use it as a categorical variable"
+            )
+
+
+def _check_dtypes(frame: pd.DataFrame, columns: list[str]) -> None:
+    """Column types a formula cannot use sensibly: dates, durations, complex numbers.
+
+    patsy would turn a date column into a factor with one level per distinct
+    date, which is never what is meant.
+    """
+    for col in columns:
+        s = frame[col]
+        if pd.api.types.is_complex_dtype(s) or not (
+            pd.api.types.is_numeric_dtype(s)
+            or pd.api.types.is_bool_dtype(s)
+            or pd.api.types.is_object_dtype(s)
+            or pd.api.types.is_string_dtype(s)
+            or isinstance(s.dtype, pd.CategoricalDtype)
+        ):
+            raise DataError(
+                f"column {col!r} has dtype {s.dtype}, which a formula cannot use; convert it to a "
+                "real number (e.g. days since a date) or to a categorical"
             )
 
 
@@ -373,8 +404,19 @@ def build_design(
         raise DataError("no rows left after removing missing values")
 
     # ---- design matrices
-    if response in frame.columns and not pd.api.types.is_numeric_dtype(frame[response]):
-        raise DataError(f"the response {response!r} is not numeric (dtype {frame[response].dtype})")
+    if response in frame.columns and (
+        not pd.api.types.is_numeric_dtype(frame[response])
+        or pd.api.types.is_bool_dtype(frame[response])
+        or pd.api.types.is_complex_dtype(frame[response])
+    ):
+        rs = frame[response]
+        bad = rs[pd.to_numeric(rs, errors="coerce").isna()] if rs.dtype == object else rs.iloc[:0]
+        example = f" (e.g. {bad.iloc[0]!r} at index {bad.index[0]!r})" if len(bad) else ""
+        raise DataError(
+            f"the response {response!r} is not real-valued numeric (dtype {rs.dtype}){example}; "
+            "a MELSM needs a continuous response"
+        )
+    _check_dtypes(frame, [c for c in used if c != groups])
     in_c = set(re.findall(r"C\(\s*([A-Za-z_][\w\.]*)", formula + scale_formula + re_formula + "".join(extra.values())))
     _check_numeric_like(frame, [c for c in used if c != groups and c not in in_c])
     # patsy inspects text columns element by element; categoricals are read from
@@ -417,9 +459,8 @@ def build_design(
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     ys = y[order]
     # a response constant in every group leaves no within-school variance to model
-    gmean = np.add.reduceat(ys, starts) / counts
-    within = np.add.reduceat((ys - gmean[codes_sorted]) ** 2, starts)
-    if np.all(within <= 1e-14 * max(1.0, float(np.var(ys)))):
+    # (exact and independent of the units of y: every group's range is zero)
+    if np.all(np.maximum.reduceat(ys, starts) == np.minimum.reduceat(ys, starts)) and np.ptp(ys) > 0:
         raise DataError(
             f"the response {response!r} does not vary within any group of {groups!r}: "
             "the residual variance cannot be estimated"

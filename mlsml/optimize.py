@@ -37,7 +37,7 @@ seeded with the inverse of the exact Hessian at the start.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import autograd
 import numpy as np
@@ -99,6 +99,10 @@ class Optimum:
     n_fev: int
     time: float
     history: tuple = field(default=())
+    #: units of each element of ``theta`` relative to the fit on ``y / s``
+    #: (``M`` of :func:`_response_scaling`); ``H * outer(M, M)`` is the Hessian in
+    #: the standardised units, where eigenvalue cut-offs are meaningful.
+    theta_units: np.ndarray | None = None
 
 
 def start_values(design: Design) -> np.ndarray:
@@ -155,21 +159,33 @@ def _initial_inverse_hessian(theta, design, rule, hess, N):
     return 0.5 * (M + M.T)  # exactly symmetric, as scipy checks
 
 
+#: relative curvature below which a direction counts as flat (see _newton_decrement)
+FLAT = 1e-6
+
+
 def _newton_decrement(grad: np.ndarray, hess: np.ndarray) -> float:
     """``g' (-H)^{-1} g / 2``; infinite when ``-H`` is not positive definite.
 
     At a boundary optimum (a variance tending to zero on the log-Cholesky
     scale) the Hessian is singular; the decrement is then taken over the
-    well-determined directions (eigenvalues above ``1e-8`` of the largest).
+    well-determined directions (eigenvalues above ``FLAT = 1e-6`` of the
+    largest). Curvatures within ``+/- FLAT`` of the largest are treated as
+    zero: the Hessian ignores the derivative of the quadrature error, so near a
+    singular ``Sigma`` such tiny curvatures have either sign at random (seen
+    in the property tests: a location shift of ``y`` flipped one from
+    ``+3e-13`` to about ``-1e-8``). Only clearly negative curvature (a saddle)
+    makes the decrement infinite.
     """
     if grad.size == 0:
         return 0.0
+    if not (np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))):
+        return float("inf")  # e.g. a likelihood that overflowed: not a maximum
     negH = -0.5 * (hess + hess.T)
     w, V = np.linalg.eigh(negH)
     if not np.all(np.isfinite(w)) or w.max() <= 0:
         return float("inf")
-    keep = w > 1e-8 * w.max()
-    if np.any(w < -1e-8 * w.max()):
+    keep = w > FLAT * w.max()
+    if np.any(w < -FLAT * w.max()):
         return float("inf")
     gv = V.T @ grad
     return float(0.5 * np.sum(gv[keep] ** 2 / w[keep]))
@@ -201,7 +217,7 @@ def _newton_polish(theta, design, rule, vg, hess, dtol, max_steps: int = 20):
             break
         negH = -0.5 * (H + H.T)
         w, V = np.linalg.eigh(negH)
-        keep = w > 1e-8 * w.max()
+        keep = w > FLAT * w.max()
         step = V[:, keep] @ ((V[:, keep].T @ grad) / w[keep])
         t = 1.0
         for _ in range(30):
@@ -220,7 +236,91 @@ def _newton_polish(theta, design, rule, vg, hess, dtol, max_steps: int = 20):
     return theta, llf, grad, H, steps
 
 
+def _response_scaling(design: Design) -> tuple[float, np.ndarray, np.ndarray]:
+    """Power of two ``s`` near ``sd(y)`` and the affine map between optimiser scales.
+
+    Dividing ``y`` by ``s`` is exact in floating point (``s = 2^k``). If
+    ``theta`` are the parameters for ``y`` and ``theta_s`` those for ``y / s``,
+    then ``theta = M * theta_s + c`` elementwise with
+
+    - ``beta = s beta_s``;
+    - ``alpha = alpha_s + delta`` where ``W delta = 2 ln s`` (a shift of the
+      intercept, found by least squares; if the constant is not in the span of
+      ``W`` no scaling is used);
+    - the rows of ``L`` belonging to ``u`` are multiplied by ``s`` (the
+      log-diagonal shifts by ``ln s``), the row of ``v`` is unchanged, since
+      ``Sigma = D Sigma_s D`` with ``D = diag(s, ..., s, 1)``.
+
+    Models with a between-school variance function (``bs_formula``) are fitted
+    in the units of ``y`` (identity map): their ``theta`` holds ``tau`` and a
+    unit-diagonal factor, to which the map above does not apply.
+
+    Returns ``(s, M, c)``; ``s = 1`` gives the identity.
+    """
+    lay = design.layout
+    n = lay.n_params
+    ident = (1.0, np.ones(n), np.zeros(n))
+    if lay.bs_terms:  # theta holds tau and a unit-diagonal L0 there: this map does not apply
+        return ident
+    sd = float(np.std(design.y))
+    if not np.isfinite(sd) or sd <= 0:
+        return ident
+    s = float(2.0 ** np.round(np.log2(sd)))
+    if s == 1.0:
+        return ident
+    ones = np.full(design.nobs, 2.0 * np.log(s))
+    delta, *_ = np.linalg.lstsq(design.W, ones, rcond=None)
+    if not np.allclose(design.W @ delta, ones, rtol=0, atol=1e-9 * abs(ones[0])):
+        return ident
+    M = np.ones(n)
+    c = np.zeros(n)
+    M[: lay.p] = s
+    c[lay.p : lay.p + lay.k] = delta
+    pos = lay.p + lay.k
+    for i in range(lay.d):
+        if i < lay.q:
+            M[pos : pos + i] = s
+            c[pos + i] = np.log(s)
+        pos += i + 1
+    return s, M, c
+
+
 def maximize(design: Design, rule: Rule, options: FitOptions | None = None, callback=None) -> Optimum:
+    """Maximum-likelihood estimates, fitted internally to ``y / s`` with ``s ~ sd(y)``.
+
+    The optimiser's tolerances (``gtol`` on the gradient, the relative
+    eigenvalue cut-offs of the Newton steps) are not invariant to the units of
+    ``y``: with responses of order ``1e-4`` the curvature in ``beta`` is
+    ``1e8`` times that in the variance parameters. The fit is therefore done
+    on ``y / s`` (``s`` a power of two near ``sd(y)``, so the division is
+    exact and data with ``sd(y)`` in ``[0.71, 1.41]`` are untouched) and the
+    estimates, gradient, Hessian and log-likelihood are mapped back exactly
+    by :func:`_response_scaling`: ``theta = M theta_s + c``,
+    ``grad = grad_s / M``, ``H = H_s / (M M')``, ``llf = llf_s - N ln s``.
+    Results therefore transform exactly under rescaling of ``y``.
+    """
+    opts = options or FitOptions()
+    s, M, c = _response_scaling(design)
+    if s == 1.0:
+        return _maximize(design, rule, opts, callback)
+    shift = design.nobs * np.log(s)
+    std_design = replace(design, y=design.y / s)
+    start = None if opts.start is None else (np.asarray(opts.start, float) - c) / M
+    std_opts = replace(opts, start=start)
+    cb = None if callback is None else (lambda k, th, llf: callback(k, M * th + c, llf - shift))
+    opt = _maximize(std_design, rule, std_opts, cb)
+    return replace(
+        opt,
+        theta=M * opt.theta + c,
+        llf=float(opt.llf - shift),
+        grad=opt.grad / M,
+        hessian=opt.hessian / np.outer(M, M),
+        history=tuple((k, llf - shift, step, ok, msg) for (k, llf, step, ok, msg) in opt.history),
+        theta_units=M,
+    )
+
+
+def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, callback=None) -> Optimum:
     """Maximum-likelihood estimates by re-centred adaptive quadrature.
 
     Parameters

@@ -104,6 +104,11 @@ def posterior_modes(
         b[:, :q] = np.linalg.solve(A, s.S1[:, :, None])[:, :, 0]
     f = _log_joint(b, s, P, q, rs)
     active = np.ones(J, dtype=bool)
+    # A school is also finished when its (possibly damped) Newton step no longer
+    # raises h at all: it is then at its mode to machine precision and its
+    # decrement is rounding noise (as near a singular Sigma, where P is huge).
+    # Without this such schools were iterated until maxiter with 40 halvings each.
+    stalled = np.zeros(J, dtype=bool)
     for _ in range(maxiter):
         g, H = _derivs(b, s, P, q, rs)
         negH = -H
@@ -113,7 +118,7 @@ def posterior_modes(
             negH[~pd_ok] = -Hf[~pd_ok]
         step = np.linalg.solve(negH, g[:, :, None])[:, :, 0]
         dec = np.einsum("jd,jd->j", g, step)  # Newton decrement (squared)
-        active = dec > tol
+        active = (dec > tol) & ~stalled
         if not active.any():
             break
         t = np.ones(J)
@@ -125,6 +130,7 @@ def posterior_modes(
                 break
             t = np.where(ok, t, 0.5 * t)
         upd = active & ok
+        stalled |= active & (~ok | (fn <= f))
         b[upd] = bn[upd]
         f[upd] = fn[upd]
     _, H = _derivs(b, s, P, q, rs)

@@ -114,8 +114,10 @@ class MELSMResults:
         info: dict[str, Any] = {}
         H = np.asarray(opt.hessian, dtype=float)
         negH = -0.5 * (H + H.T)
+        units = getattr(opt, "theta_units", None)
         try:
-            w = np.linalg.eigvalsh(negH)
+            # judged in the units of the standardised fit (see mlsml.optimize.maximize)
+            w = np.linalg.eigvalsh(negH if units is None else negH * np.outer(units, units))
             pd_ok = bool(w.min() > 1e-10 * max(w.max(), 1e-300))
         except np.linalg.LinAlgError:
             pd_ok = False
@@ -446,6 +448,36 @@ class MELSMResults:
             from .extended import extra_singular_reasons
 
             reasons += extra_singular_reasons(self)
+        else:  # mlsml.boundary assumes one Sigma (no bs_formula / scale_re_formula)
+            from .boundary import BOUNDARY_LR
+
+            if "boundary" not in self._info:  # cached: d likelihood evaluations (mlsml.boundary)
+                from .boundary import boundary_effects
+
+                self._info["boundary"] = boundary_effects(self)
+            for name, var, stat in self._info["boundary"]:
+                if stat <= -BOUNDARY_LR:
+                    what = "making Sigma singular" if name == "rank" else f"dropping {name}"
+                    reasons.append(
+                        f"{what} raises the log-likelihood by {-stat / 2:.3g}: these estimates are not the "
+                        "maximum, the maximum is on the boundary"
+                    )
+                    continue
+                if name == "rank":
+                    if any("correlated" in r for r in reasons):
+                        continue
+                    iu = np.triu_indices(lay.d, 1)
+                    worst = int(np.argmax(np.abs(R[iu])))
+                    i, j = iu[0][worst], iu[1][worst]
+                    reasons.append(
+                        f"Sigma is at the boundary: making the correlation matrix of the school effects singular "
+                        f"(smallest eigenvalue {var:.2g} -> 0; largest correlation corr({lay.re_names[i]},"
+                        f"{lay.re_names[j]}) = {R[i, j]:.6f}) changes 2*llf by only {-stat:+.1e}"
+                    )
+                elif not any(r.startswith(f"var({name})") for r in reasons):
+                    reasons.append(  # the first check's threshold missed it
+                        f"var({name}) = {var:.3g} is at the boundary: dropping {name} changes 2*llf by only {-stat:+.1e}"
+                    )
         if not self._info.get("hessian_pd", True):
             reasons.append("the observed information is not positive definite (standard errors unavailable)")
         return reasons

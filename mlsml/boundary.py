@@ -1,0 +1,114 @@
+"""Is a fitted variance at the boundary of the parameter space?
+
+A variance whose true value is zero is estimated on the log-Cholesky scale,
+where zero lies at ``-inf``; the optimiser stops once the log-likelihood no
+longer changes, which can leave, say, ``var(v) = 2e-5`` rather than ``0``.
+A fixed threshold on the variance cannot tell such a value from a small but
+real variance (the units differ from effect to effect). The likelihood can:
+for every school effect ``e`` we evaluate the log-likelihood at the
+estimates with ``e`` removed (row and column ``e`` of ``Sigma`` set to zero,
+apart from a negligible ``1e-12`` times its estimated variance on the
+diagonal so that the quadrature stays well defined) and call the estimate
+*at the boundary* when
+
+.. math::
+
+    2\\,[\\ell(\\hat\\theta) - \\ell(\\hat\\theta_{-e})] < 10^{-3},
+
+i.e. when the likelihood-ratio statistic for dropping ``e`` is below
+``1e-3`` even before the other parameters are re-estimated. Since
+re-estimation can only increase the restricted log-likelihood, the true
+statistic is smaller still: the data carry no evidence for the effect, and
+the test of ``var(e) = 0`` has to use the boundary-corrected mixture
+reference distribution (:func:`mlsml.lrtest` does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .posterior import loglik
+
+#: Likelihood-ratio statistic below which an effect counts as at the boundary.
+BOUNDARY_LR = 1e-3
+
+
+def _llf(res, theta) -> float:
+    """Log-likelihood at ``theta`` by the fit's own rule (product or u-exact marginal)."""
+    if res._info.get("quadrature") == "marginal":
+        from .marginal import adapt_marginal, loglik_marginal, marginal_rule
+
+        design = res.model.design
+        rule = marginal_rule(res.nagq, res.layout.n_v)
+        return float(loglik_marginal(theta, design, adapt_marginal(theta, design, rule)))
+    return loglik(theta, res.model.design, res.nagq, res.prune)
+
+
+def boundary_effects(res) -> list[tuple[str, float, float]]:
+    """School effects whose removal leaves the likelihood unchanged.
+
+    Parameters
+    ----------
+    res : MELSMResults
+
+    Returns
+    -------
+    list of (name, variance, LR statistic)
+        One entry for every effect with ``2 (llf - llf_without) < BOUNDARY_LR``
+        (a statistic below ``-BOUNDARY_LR`` means the likelihood is *higher* without
+        the effect: the estimates are not the maximum);
+        if there is none and ``d > 1``, possibly one entry ``("rank", lambda_min,
+        statistic)`` when making the correlation matrix singular (smallest
+        eigenvalue ``lambda_min`` set to zero) changes ``2 llf`` by less than
+        ``BOUNDARY_LR``: the fit is on the boundary of the positive-definite cone.
+    """
+    lay = res.layout
+    beta, alpha = res.fe_mean.to_numpy(), res.fe_scale.to_numpy()
+    S = res.cov_re.to_numpy()
+    out = []
+    if lay.d == 0:
+        return out
+    for i, name in enumerate(lay.re_names):
+        if not S[i, i] > 0 or not np.isfinite(S[i, i]):
+            continue
+        R = S.copy()
+        R[i, :] = 0.0
+        R[:, i] = 0.0
+        R[i, i] = 1e-12 * S[i, i]
+        try:
+            theta0 = lay.theta_from_parts(beta, alpha, R)
+            with np.errstate(all="ignore"):
+                llf0 = _llf(res, theta0)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            continue
+        stat = 2.0 * (res.llf - llf0)
+        if np.isfinite(stat) and stat < BOUNDARY_LR:  # (negative: the boundary is even better)
+            out.append((name, float(S[i, i]), float(stat)))
+    if lay.d > 1 and not out:
+        stat, ev = _rank_deficient_stat(res, S, beta, alpha)
+        if np.isfinite(stat) and stat < BOUNDARY_LR:
+            out.append(("rank", ev, float(stat)))
+    return out
+
+
+def _rank_deficient_stat(res, S, beta, alpha) -> tuple[float, float]:
+    """LR statistic for removing the weakest direction of the correlation matrix.
+
+    ``R = D^-1 Sigma D^-1`` loses its smallest eigenvalue (set to ``1e-12``);
+    for two effects this moves the correlation to exactly +/-1. Returns the
+    statistic and the smallest eigenvalue of ``R``.
+    """
+    sd = np.sqrt(np.diag(S))
+    R = S / np.outer(sd, sd)
+    w, V = np.linalg.eigh(0.5 * (R + R.T))
+    w0 = w.copy()
+    w0[0] = 1e-12
+    R0 = (V * w0) @ V.T
+    S0 = R0 * np.outer(sd, sd)
+    try:
+        theta0 = res.layout.theta_from_parts(beta, alpha, S0)
+        with np.errstate(all="ignore"):
+            llf0 = _llf(res, theta0)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return float("nan"), float(w[0])
+    return 2.0 * (res.llf - llf0), float(w[0])
