@@ -25,6 +25,7 @@ from .errors import (
     MLSMLError,
     MLSMLWarning,
     ModelSpecError,
+    QuadratureWarning,
     SingularFitWarning,
 )
 from .model import MELSM, fit
@@ -49,5 +50,6 @@ __all__ = [
     "MissingDataWarning",
     "ConvergenceWarning",
     "SingularFitWarning",
+    "QuadratureWarning",
     "__version__",
 ]

@@ -68,3 +68,7 @@ class ConvergenceWarning(MLSMLWarning):
 
 class SingularFitWarning(MLSMLWarning):
     """The random-effects covariance matrix is singular or on the boundary."""
+
+
+class QuadratureWarning(MLSMLWarning):
+    """The quadrature rule is not accurate enough at the estimates; increase ``nagq``."""

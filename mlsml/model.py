@@ -160,8 +160,11 @@ class MELSM:
         except np.linalg.LinAlgError as exc:
             raise ModelSpecError("the covariance parameters do not form a positive-definite matrix") from exc
 
-    def loglike(self, params, nagq: int | None = None) -> float:
+    def loglike(self, params, nagq: int | None = None, quadrature: str = "auto") -> float:
         """Log-likelihood at natural-scale ``params`` (adaptive quadrature at ``params``).
+
+        ``nagq`` and ``quadrature`` have the meaning and defaults of :meth:`fit`, so
+        ``model.loglike(res.params)`` reproduces ``res.llf``.
 
         Examples
         --------
@@ -171,10 +174,18 @@ class MELSM:
         >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
         >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x")
         >>> res = model.fit()
-        >>> abs(model.loglike(res.params) - res.llf) < 1e-6
+        >>> abs(model.loglike(res.params) - res.llf) < 1e-9
         True
         """
-        return _loglik_theta(self.theta_from_params(params), self.design, nagq)
+        from . import marginal as _marginal
+
+        theta = self.theta_from_params(params)
+        if quadrature not in ("auto", "product", "marginal"):
+            raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
+        if quadrature != "product" and _marginal.supports(self.layout):
+            rule = _marginal.marginal_rule(int(nagq or _marginal.DEFAULT_NAGQ_MARGINAL), self.layout.n_v)
+            return float(_marginal.loglik_marginal(theta, self.design, _marginal.adapt_marginal(theta, self.design, rule)))
+        return _loglik_theta(theta, self.design, nagq)
 
     # ------------------------------------------------------------------
     def fit(
@@ -220,9 +231,12 @@ class MELSM:
             school effects. ``"marginal"``: the mean effects integrated out exactly
             and ``nagq`` (default 15) points per dimension over the scale effects only
             (:mod:`mlsml.marginal`; models with a random scale). ``"auto"`` uses
-            ``"marginal"`` for random slopes in the mean with a random scale (the
-            paper's Model 4) and for ``scale_re_formula``/``bs_formula`` models with
-            a random scale, and ``"product"`` otherwise (Models 1-3 keep the core path).
+            ``"marginal"`` for every model with a random scale (and a school effect in
+            the mean or ``scale_re_formula``/``bs_formula``) and ``"product"``
+            otherwise. The u-exact rule is both faster (London Model 3: 0.15 s against
+            0.28 s) and far more accurate for small clusters with a large random-scale
+            variance (6 students a school, var(v) = 1.5: 15 points are within 1.2e-4
+            of the limit where the 11-point product rule is 0.13 off).
 
         Returns
         -------
@@ -237,7 +251,7 @@ class MELSM:
         >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x")
         >>> res = model.fit()
         >>> res.converged, res.nagq
-        (True, 11)
+        (True, 15)
         >>> res21 = model.fit(nagq=21, start_params=res.params)   # check the quadrature
         >>> abs(res21.llf - res.llf) < 1e-4
         True
@@ -254,10 +268,7 @@ class MELSM:
             )
         if not 0.0 <= float(prune) < 1.0:
             raise ModelSpecError(f"prune must be in [0, 1), got {prune!r}")
-        use_marginal = quadrature == "marginal" or (
-            quadrature == "auto" and _marginal.supports(self.layout)
-            and (self.layout.q >= 2 or self.layout.extended)
-        )
+        use_marginal = quadrature == "marginal" or (quadrature == "auto" and _marginal.supports(self.layout))
         if use_marginal and prune:
             raise ModelSpecError("prune applies to the product rule only (quadrature='product')")
         nagq = int(nagq or (_marginal.DEFAULT_NAGQ_MARGINAL if use_marginal else default_nagq(d)))
@@ -277,8 +288,33 @@ class MELSM:
             opt = maximize(self.design, rule, opts, callback=callback)
             res = MELSMResults.from_optimum(self, opt, nagq=nagq, method=method, prune=prune)
         res._info["quadrature"] = "marginal" if use_marginal else "product"
+        res._info["quadrature_check"] = self._quadrature_check(res, use_marginal, nagq, prune)
         res.warn_if_problematic()
         return res
+
+    def _quadrature_check(self, res, use_marginal: bool, nagq: int, prune: float):
+        """``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
+
+        Only where it is cheap and informative: a random scale (otherwise the
+        integrand is Gaussian and the rule exact), and at most two dimensions in
+        the product rule (the u-exact rule is one- or two-dimensional in ``v``).
+        """
+        lay = self.layout
+        if not lay.random_scale or lay.extended or not np.isfinite(res.llf):
+            return None
+        more = 2 * nagq + 1
+        theta = np.asarray(res.theta, dtype=float)
+        with np.errstate(all="ignore"):
+            if use_marginal:
+                from .marginal import adapt_marginal, loglik_marginal, marginal_rule
+
+                rule = marginal_rule(more, lay.n_v)
+                value = float(loglik_marginal(theta, self.design, adapt_marginal(theta, self.design, rule)))
+            elif lay.d <= 2:
+                value = _loglik_theta(theta, self.design, more, prune)
+            else:
+                return None
+        return more, abs(value - res.llf)
 
 
 def fit(

@@ -495,6 +495,17 @@ class MELSMResults:
         reasons = self.singular_reasons()
         if reasons:
             warnings.warn("singular fit: " + "; ".join(reasons), SingularFitWarning, stacklevel=3)
+        check = self._info.get("quadrature_check")
+        if check is not None and np.isfinite(check[1]) and check[1] > 1e-4:
+            from .errors import QuadratureWarning
+
+            warnings.warn(
+                f"with {check[0]} quadrature points per dimension instead of {self.nagq} the log-likelihood "
+                f"at the estimates changes by {check[1]:.2g}: the rule is not accurate enough for these data "
+                f"(small clusters or a large random-scale variance); refit with nagq={check[0]} and compare",
+                QuadratureWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------ output
     def summary(self, alpha: float = 0.05, style: str = "statsmodels"):

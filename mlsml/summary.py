@@ -52,7 +52,12 @@ def header_dict(res) -> dict[str, str]:
     spec = res.model.formula_spec
     counts = design.counts
     lay = res.layout
-    quad = f"{res.nagq} per dim ({res.nagq ** lay.d} nodes)" if res.prune == 0 else f"{res.nagq} per dim, pruned {res.prune:g}"
+    if res._info.get("quadrature") == "marginal":
+        quad = f"{res.nagq} per dim of v, u exact"
+    elif res.prune == 0:
+        quad = f"{res.nagq} per dim ({res.nagq ** lay.d} nodes)"
+    else:
+        quad = f"{res.nagq} per dim, pruned {res.prune:g}"
     return {
         "Model:": "MELSM" + (" (random scale)" if lay.random_scale else ""),
         "Dependent Variable:": spec.response,

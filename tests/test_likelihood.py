@@ -74,11 +74,14 @@ def test_gradient_of_adapted_likelihood(exam):
 
 
 def test_more_points_change_llf_by_less_than_1e6(exam_m3):
+    """At the estimates, more points (in either rule) move the log-likelihood by < 1e-6."""
     design = exam_m3.model.design
-    base = loglik(np.array(exam_m3.theta), design, 11)
-    assert base == pytest.approx(exam_m3.llf, abs=1e-9)
-    for nq in (15, 21, 31):
-        assert abs(loglik(np.array(exam_m3.theta), design, nq) - base) < 1e-6
+    theta = np.array(exam_m3.theta)
+    assert exam_m3.model.loglike(exam_m3.params) == pytest.approx(exam_m3.llf, abs=1e-9)
+    for nq in (21, 31):  # the u-exact rule of the fit (15 points in v by default)
+        assert abs(exam_m3.model.loglike(exam_m3.params, nagq=nq) - exam_m3.llf) < 1e-6
+    for nq in (11, 15, 21, 31):  # the rotated product rule over (u0, v)
+        assert abs(loglik(theta, design, nq) - exam_m3.llf) < 1e-6
 
 
 def test_no_random_scale_is_exact_with_one_point(exam):

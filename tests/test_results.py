@@ -34,7 +34,7 @@ def test_inference_is_consistent(exam_m3):
     assert r.aic == pytest.approx(-2 * r.llf + 14)
     assert r.bic == pytest.approx(-2 * r.llf + 7 * np.log(4059))
     assert r.bic_groups == pytest.approx(-2 * r.llf + 7 * np.log(65))
-    assert r.nobs == 4059 and r.ngroups == 65 and r.nagq == 11
+    assert r.nobs == 4059 and r.ngroups == 65 and r.nagq == 15
     assert not r.singular
     S = r.cov_re.to_numpy()
     assert S[0, 1] == pytest.approx(r.params["cov(u0,v)"])
@@ -104,3 +104,18 @@ def test_deterministic(exam):
     assert a.llf == b.llf
     np.testing.assert_array_equal(a.params.to_numpy(), b.params.to_numpy())
     np.testing.assert_array_equal(a.bse.to_numpy(), b.bse.to_numpy())
+
+
+def test_quadrature_warning_when_more_points_move_the_llf():
+    """Small clusters with a large random-scale variance: the 11-point product rule is 0.13 off."""
+    import warnings
+
+    df = mlsml.simulate.simulate_data([6] * 300, cov=[[0.5, 0.3], [0.3, 1.5]], seed=4)
+    with pytest.warns(mlsml.QuadratureWarning, match=r"refit with nagq=23"):
+        coarse = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", quadrature="product")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mlsml.QuadratureWarning)
+        fine = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", nagq=31)
+    points, change = fine._info["quadrature_check"]
+    assert points == 63 and change < 1e-6
+    assert fine.llf - coarse.llf > 0.1  # the coarse rule was well below the likelihood
