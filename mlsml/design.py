@@ -167,17 +167,22 @@ def formula_columns(formula: str, data: pd.DataFrame) -> list[str]:
 
 
 def _check_formula_names(formula: str, data: pd.DataFrame, what: str) -> None:
-    builtin = {
-        "C", "Q", "I", "Treatment", "Sum", "Poly", "Diff", "Helmert", "np", "log", "exp",
-        "center", "standardize", "scale", "bs", "cr", "cc", "te", "Intercept", "levels",
-        "sqrt", "abs", "reference", "True", "False", "None",
-    }
+    """Every bare name in a formula must be a column (or a function/keyword of the formula language).
+
+    Names followed by ``(`` are functions (``C(...)``, ``np.log(...)``, ``bs(...)``) and
+    names followed by a single ``=`` are keyword arguments (``bs(x, df=3)``); patsy
+    evaluates both itself and reports unknown functions. Anything else that is not a
+    column is a typo the user should hear about by name.
+    """
+    builtin = {"Treatment", "Sum", "Poly", "Diff", "Helmert", "Intercept", "True", "False", "None"}
     stripped = re.sub(r"(['\"]).*?\1", "", formula)
-    for name in _IDENT.findall(stripped):
+    for match in _IDENT.finditer(stripped):
+        name = match.group(0)
+        rest = stripped[match.end():].lstrip()
+        if rest.startswith("(") or (rest.startswith("=") and not rest.startswith("==")):
+            continue
         base = name.split(".")[0]
         if name in data.columns or base in builtin or base in ("np", "numpy", "math"):
-            continue
-        if name.isdigit():
             continue
         raise ModelSpecError(
             f"{what} {formula!r} names {name!r}, which is not a column of the data "

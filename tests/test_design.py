@@ -125,3 +125,13 @@ def test_singleton_groups_are_kept():
         m = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
     assert m.design.ngroups == 22
     assert m.design.info["n_singletons"] == 2
+
+
+def test_formula_functions_and_keyword_arguments_are_not_columns():
+    """Functions (np.log, center, bs) and their keyword arguments (df=3) are patsy's business."""
+    df = small()
+    df["z"] = np.abs(df["x"]) + 1.0
+    m = mlsml.MELSM.from_formula("y ~ np.log(z) + bs(x, df=3)", df, groups="school", scale_formula="~ center(x)")
+    assert any(n.startswith("mean:bs(x, df=3)") for n in m.param_names)
+    with pytest.raises(ModelSpecError, match="'zz'"):
+        mlsml.MELSM.from_formula("y ~ np.log(zz)", df, groups="school")
