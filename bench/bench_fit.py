@@ -9,22 +9,13 @@ Targets (issue #2): Model 3 < 0.5 s, Model 6 < 2 s, Model 1 no slower than stats
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 import warnings
-from pathlib import Path
 
-import pandas as pd
+from common import COV, london, timed  # noqa: E402  (bench/ is the script folder)
 
 import mlsml
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-COV = (
-    "x + summer + girl + C(ethnicity, Treatment('White')) + eal + sen + fsm"
-    " + C(school_type, Treatment('standard')) + C(admissions, Treatment('comprehensive'))"
-    " + C(school_gender, Treatment('mixed')) + religious"
-)
 MODELS = {
     "Model 1": dict(formula="y ~ x", scale_formula="~ 1", random_scale=False),
     "Model 2": dict(formula="y ~ x", scale_formula="~ 1"),
@@ -33,21 +24,9 @@ MODELS = {
 }
 
 
-def timed(fn, reps):
-    times = []
-    out = None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
 
 def main(reps: int = 5) -> None:
-    path = SHARED / "data" / "london_sim.csv"
-    if not path.exists():
-        sys.exit(f"{path} not found")
-    df = pd.read_csv(path)
+    df = london()
     print(f"london_sim: {len(df)} rows, {df.school.nunique()} schools; cores: {os.cpu_count()}")
     for name, spec in MODELS.items():
         spec = dict(spec)

@@ -9,38 +9,20 @@ Target (issue #4): all school predictions for London-size data well under a seco
 
 from __future__ import annotations
 
-import statistics
-import sys
-import time
 import warnings
-from pathlib import Path
 
-import pandas as pd
+from common import london, timed  # noqa: E402  (bench/ is the script folder)
 
 import mlsml
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODELS = {
     "Model 2": dict(formula="y ~ x", scale_formula="~ 1"),
     "Model 3": dict(formula="y ~ x", scale_formula="~ x"),
     "Model 4 (random slope)": dict(formula="y ~ x", scale_formula="~ x", re_formula="~ x"),
 }
 
-
-def timed(fn, reps):
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def main(reps: int = 5) -> None:
-    path = SHARED / "data" / "london_sim.csv"
-    if not path.exists():
-        sys.exit(f"{path} not found")
-    df = pd.read_csv(path)
+    df = london()
     print(f"London design: {len(df)} students, {df['school'].nunique()} schools; median of {reps} runs")
     print(f"{'model':24s} {'random_effects':>15s} {'school_effects':>15s} {'population':>11s} "
           f"{'predict(N rows)':>16s} {'all four':>9s}  separable: means / variances")
@@ -58,7 +40,6 @@ def main(reps: int = 5) -> None:
         total = t_re + t_se + t_pq + t_pr
         print(f"{name:24s} {t_re:14.3f}s {t_se:14.3f}s {t_pq:10.3f}s {t_pr:15.3f}s {total:8.3f}s  "
               f"{n_mean} / {n_var} of {len(table)}")
-
 
 if __name__ == "__main__":
     main()

@@ -10,22 +10,13 @@ are increased (product rule, 11 and 13 points per dimension, at the estimates).
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
-import pandas as pd
+from common import COV, london, timed  # noqa: E402  (bench/ is the script folder)
 
 import mlsml
 from mlsml.posterior import loglik
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-COV = (
-    "x + summer + girl + C(ethnicity, Treatment('White')) + eal + sen + fsm"
-    " + C(school_type, Treatment('standard')) + C(admissions, Treatment('comprehensive'))"
-    " + C(school_gender, Treatment('mixed')) + religious"
-)
 MODELS = {
     "Model 4 (auto: u-exact, 15 pts in v)": dict(formula="y ~ x", scale_formula="~ x", re_formula="~ x"),
     "Model 4 (product rule, 9^3 pts)": dict(
@@ -35,21 +26,9 @@ MODELS = {
 }
 
 
-def timed(fn, reps):
-    times = []
-    out = None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
 
 def main(reps: int = 5) -> None:
-    path = SHARED / "data" / "london_sim.csv"
-    if not path.exists():
-        sys.exit(f"{path} not found")
-    df = pd.read_csv(path)
+    df = london()
     print(f"london_sim: {len(df)} rows, {df.school.nunique()} schools; cores: {os.cpu_count()}")
     for name, spec in MODELS.items():
         spec = dict(spec)

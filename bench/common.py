@@ -1,0 +1,38 @@
+"""What the benchmark scripts share: the London data, its covariate formula, a timer."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+#: The paper's 19 student and school covariates (Models 5-6), as in london_sim.truth.json.
+COV = (
+    "x + summer + girl + C(ethnicity, Treatment('White')) + eal + sen + fsm"
+    " + C(school_type, Treatment('standard')) + C(admissions, Treatment('comprehensive'))"
+    " + C(school_gender, Treatment('mixed')) + religious"
+)
+
+
+def london() -> pd.DataFrame:
+    """``../shared/data/london_sim.csv``; exits with a message when it is absent."""
+    path = SHARED / "data" / "london_sim.csv"
+    if not path.exists():
+        sys.exit(f"{path} not found")
+    return pd.read_csv(path)
+
+
+def timed(fn, reps: int):
+    """Median wall time of ``reps`` calls of ``fn`` and the last result."""
+    times = []
+    out = None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
