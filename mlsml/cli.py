@@ -110,6 +110,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         groups=args.groups,
         scale_formula=args.scale,
         re_formula=args.re,
+        scale_re_formula=args.scale_re,
+        bs_formula=args.bs,
         random_scale=not args.no_random_scale,
         missing=args.missing,
         nagq=args.nagq,
@@ -234,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--groups", required=True, help="grouping (school) column")
     f.add_argument("--scale", default="~ 1", help='residual log-variance function (default "~ 1")')
     f.add_argument("--re", default="~ 1", help='random effects in the mean (default "~ 1")')
+    f.add_argument("--scale-re", default=None, metavar="FORMULA",
+                   help='random effects in the log variance, e.g. "~ x" (random scale intercept and slope)')
+    f.add_argument("--bs", default=None, metavar="FORMULA",
+                   help='between-school log variance of the random intercept, e.g. "~ type" (school-level columns)')
     f.add_argument("--no-random-scale", action="store_true", help="no school effect on the residual variance")
     f.add_argument("--nagq", type=int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")

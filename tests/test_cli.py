@@ -102,3 +102,21 @@ def test_unreadable_data_is_one_line(tmp_path, capsys):
     assert main(["fit", str(d), "--formula", "y ~ x", "--groups", "g"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mlsml: error:")
+
+
+def test_fit_with_between_school_variance_function(tmp_path, capsys):
+    """--bs and --scale-re reach the model (Riesby: ln var(u0) = tau0 + tau1 endog)."""
+    from conftest import DATA
+
+    out = tmp_path / "fit.json"
+    code = main([
+        "fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week + endog + endweek", "--groups", "id",
+        "--scale", "~ week + endog", "--bs", "~ endog", "--json", str(out), "-q",
+    ])
+    assert code == 0
+    d = json.loads(out.read_text())
+    assert "bsvar:endog" in d["params"]
+    assert d["llf"] == pytest.approx(-1122.2946, abs=1e-3)
+    code = main(["fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week", "--groups", "id", "--bs", "~ week", "-q"])
+    assert code == 2
+    assert "week" in capsys.readouterr().err
