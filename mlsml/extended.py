@@ -161,6 +161,15 @@ def _chunks(design, K: int):
     return out
 
 
+def _chunk_slices(design, K: int):
+    """For each chunk of :func:`_chunks`: schools ``j0:j1``, rows ``r0:r1``, and the
+    chunk's group starts (relative to ``r0``) and counts."""
+    for j0, j1 in _chunks(design, K):
+        r0 = int(design.starts[j0])
+        r1 = int(design.starts[j1 - 1] + design.counts[j1 - 1])
+        yield j0, j1, r0, r1, design.starts[j0:j1] - r0, design.counts[j0:j1]
+
+
 def log_conditional_obs(b, beta, alpha, design):
     """``log f(y_j | b_jk)`` by summing over observations; ``b`` (J, K, d) -> (J, K)."""
     lay = design.layout
@@ -170,11 +179,7 @@ def log_conditional_obs(b, beta, alpha, design):
     G = design.G
     K = b.shape[1]
     parts = []
-    for j0, j1 in _chunks(design, K):
-        r0 = int(design.starts[j0])
-        r1 = int(design.starts[j1 - 1] + design.counts[j1 - 1])
-        cnt = design.counts[j0:j1]
-        st = design.starts[j0:j1] - r0
+    for j0, j1, r0, r1, st, cnt in _chunk_slices(design, K):
         bg = group_expand(b[j0:j1], st, cnt)  # (n, K, d)
         zu = anp.einsum("nkq,nq->nk", bg[:, :, :q], design.Z[r0:r1])
         gv = anp.einsum("nkv,nv->nk", bg[:, :, q:], G[r0:r1])
@@ -429,11 +434,7 @@ def marginal_per_school_ext(theta, design, nodes: Nodes):
     vK = nodes.b[:, :, q:]  # (J, K, nv)
     K = vK.shape[1]
     parts = []
-    for j0, j1 in _chunks(design, K):
-        r0 = int(design.starts[j0])
-        r1 = int(design.starts[j1 - 1] + design.counts[j1 - 1])
-        cnt = design.counts[j0:j1]
-        st = design.starts[j0:j1] - r0
+    for j0, j1, r0, r1, st, cnt in _chunk_slices(design, K):
         vj = vK[j0:j1]
         lv = eta[r0:r1][:, None] + anp.einsum("nkv,nv->nk", group_expand(vj, st, cnt), G[r0:r1])
         a = anp.exp(-lv)

@@ -407,7 +407,8 @@ def _criteria(res) -> list[str]:
     ]
 
 
-def _model_block(title: str, res, standardized: bool = False) -> str:
+def _block_header(title: str, res) -> list[str]:
+    """Title, iterations, convergence, criteria and the column header of a model block."""
     bar = "-" * len(title)
     out = ["", "", bar, title, bar]
     out.append(f" Total  Iterations = {res.n_iter:3d}")
@@ -416,6 +417,11 @@ def _model_block(title: str, res, standardized: bool = False) -> str:
     out += _criteria(res)
     out += ["", "", "Variable                Estimate    AsymStdError         z-value         p-value",
             "----------------    ------------    ------------    ------------    ------------"]
+    return out
+
+
+def _model_block(title: str, res, standardized: bool = False) -> str:
+    out = _block_header(title, res)
     tab = to_mixregls(res)
     for block in BLOCKS:
         part = tab[tab["block"] == block]
@@ -439,14 +445,7 @@ def _mls_rows(res, names: list[str], labels: list[str]) -> list[str]:
 def _model_block_mls(title: str, res, standardized: bool = False) -> str:
     """A model block in MIXREGMLS's layout (random slopes): Sigma is printed on its natural scale."""
     lay = res.layout
-    bar = "-" * len(title)
-    out = ["", "", bar, title, bar]
-    out.append(f" Total  Iterations = {res.n_iter:3d}")
-    out.append(f" Converged         = {'yes' if res.converged else 'NO: ' + res.message}")
-    out.append("")
-    out += _criteria(res)
-    out += ["", "", "Variable                Estimate    AsymStdError         z-value         p-value",
-            "----------------    ------------    ------------    ------------    ------------"]
+    out = _block_header(title, res)
     out.append(("STANDARDIZED " if standardized and lay.p > 1 else "") + _BLOCK_TITLES["BETA"])
     out += _mls_rows(res, [f"mean:{t}" for t in lay.mean_terms], list(lay.mean_terms))
     out += ["", "Random (location) Effect Variances and Covariances"]

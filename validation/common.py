@@ -133,3 +133,11 @@ def cached_fit(key: str, data_fn, *args, refresh: bool = False, **kwargs) -> dic
     path.write_text(json.dumps(out, indent=1))
     log(f"  {key}: logL {out['llf']:.6f} in {out['fit_time']:.1f}s")
     return out
+
+
+def md_tables(tables: dict, digits: int = 6) -> list[str]:
+    """``**name**`` and its Markdown table for every entry of ``tables`` (report lines)."""
+    out = []
+    for name, t in tables.items():
+        out += ["", f"**{name}**", "", md_table(t, digits=digits)]
+    return out

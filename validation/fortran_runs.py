@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import REFERENCE, ROOT, fit_quiet, load_json, log, md_table, passfail
+from .common import REFERENCE, ROOT, fit_quiet, load_json, log, md_table, md_tables, passfail
 from .convert import fortran_run_to_ours
 
 RIESBY = dict(formula="hamdep ~ week + endog + endweek", groups="id", scale_formula="~ week + endog", bs_formula="~ endog")
@@ -93,11 +93,8 @@ def section() -> str:
     for k, v in NOT_EXPRESSIBLE.items():
         out.append(f"- `{k}`: {v}.")
     out.append("")
-    for name, t in tables.items():
-        out.append(f"**{name}**")
-        out.append("")
-        out.append(md_table(t, digits=5))
-        out.append("")
+    out += md_tables(tables, digits=5)
+    out.append("")
     return "\n".join(out)
 
 

@@ -28,6 +28,7 @@ from .common import (
     load_json,
     log,
     md_table,
+    md_tables,
     passfail,
 )
 from .mixregls import DATA, LONDON_COVARIATES
@@ -223,11 +224,7 @@ def section() -> str:
     )
     out.append("")
     out.append("<details><summary>Parameter tables</summary>")
-    for name, t in tables.items():
-        out.append("")
-        out.append(f"**{name}**")
-        out.append("")
-        out.append(md_table(t, digits=6))
+    out += md_tables(tables, digits=6)
     out.append("")
     out.append("</details>")
     out.append("")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import REFERENCE, SHARED, cached_fit, fmt, load_data, load_json, log, md_table, passfail
+from .common import REFERENCE, SHARED, cached_fit, fmt, load_data, load_json, log, md_table, md_tables, passfail
 from .convert import from_reference_json
 
 DATA = {
@@ -236,11 +236,7 @@ def section() -> str:
     )
     out.append("")
     out.append("### Parameter tables (ours beside MIXREGLS's, converted to our scale)")
-    for name, t in tables.items():
-        out.append("")
-        out.append(f"**{name}**")
-        out.append("")
-        out.append(md_table(t, digits=6))
+    out += md_tables(tables, digits=6)
     out.append("")
     return "\n".join(out)
 
