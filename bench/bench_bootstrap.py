@@ -30,8 +30,7 @@ def main() -> None:
     for jobs in sorted({1, os.cpu_count() or 1}):
         boot = res.bootstrap(n, seed=20261126, n_jobs=jobs, progress=False)
         boots[jobs] = boot
-        print(f"B = {n}, n_jobs = {jobs}: {boot.elapsed:.1f} s "
-              f"({boot.elapsed / n:.3f} s per replicate), {boot.n_converged} converged")
+        print(f"B = {n}, n_jobs = {jobs}: {boot.elapsed:.1f} s ({boot.elapsed / n:.3f} s per replicate), {boot.n_converged} converged")
     print(boots[max(boots)].summary_frame().round(4).to_string())
 
 

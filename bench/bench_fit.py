@@ -24,7 +24,6 @@ MODELS = {
 }
 
 
-
 def main(reps: int = 5) -> None:
     df = london()
     print(f"london_sim: {len(df)} rows, {df.school.nunique()} schools; cores: {os.cpu_count()}")

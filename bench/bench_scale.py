@@ -44,12 +44,50 @@ TYPE = (["converter", "standard", "sponsored", "other"], [0.394, 0.329, 0.188, 0
 ADM = (["comprehensive", "secondary_modern", "grammar"], [0.902, 0.051, 0.047])
 GEN = (["mixed", "girls", "boys"], [0.733, 0.164, 0.103])
 # london_sim.truth.json (beta, alpha in the order of the terms below; cov of (u0, v))
-BETA = dict(Intercept=-0.235, x=0.632, summer=0.044, girl=0.218, Black=0.014, Asian=0.15, Chinese=0.29, Mixed=0.0,
-            Other=0.088, eal=0.162, sen=-0.276, fsm=-0.192, sponsored=0.055, converter=0.082, other=0.023,
-            grammar=0.396, secondary_modern=-0.118, boys=0.053, girls=0.064, religious=0.139)
-ALPHA = dict(Intercept=-0.889, x=0.081, summer=-0.045, girl=-0.061, Black=-0.156, Asian=-0.106, Chinese=-0.08,
-             Mixed=-0.035, Other=-0.015, eal=-0.005, sen=0.203, fsm=0.099, sponsored=0.011, converter=-0.048,
-             other=0.053, grammar=-0.28, secondary_modern=-0.068, boys=0.002, girls=0.015, religious=-0.11)
+BETA = dict(
+    Intercept=-0.235,
+    x=0.632,
+    summer=0.044,
+    girl=0.218,
+    Black=0.014,
+    Asian=0.15,
+    Chinese=0.29,
+    Mixed=0.0,
+    Other=0.088,
+    eal=0.162,
+    sen=-0.276,
+    fsm=-0.192,
+    sponsored=0.055,
+    converter=0.082,
+    other=0.023,
+    grammar=0.396,
+    secondary_modern=-0.118,
+    boys=0.053,
+    girls=0.064,
+    religious=0.139,
+)
+ALPHA = dict(
+    Intercept=-0.889,
+    x=0.081,
+    summer=-0.045,
+    girl=-0.061,
+    Black=-0.156,
+    Asian=-0.106,
+    Chinese=-0.08,
+    Mixed=-0.035,
+    Other=-0.015,
+    eal=-0.005,
+    sen=0.203,
+    fsm=0.099,
+    sponsored=0.011,
+    converter=-0.048,
+    other=0.053,
+    grammar=-0.28,
+    secondary_modern=-0.068,
+    boys=0.002,
+    girls=0.015,
+    religious=-0.11,
+)
 COV_UV = np.array([[0.037, -0.008747], [-0.008747, 0.026]])
 
 
@@ -110,21 +148,36 @@ def child(n: int) -> None:
     res = mlsml.fit("y ~ " + COV, df, groups="school", scale_formula="~ " + COV)
     wall = time.perf_counter() - t
     maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({
-        "N": res.nobs, "J": res.ngroups, "npar": res.df_model, "time_s": round(wall, 2),
-        "optimise_s": round(res.fit_time, 2), "n_iter": res.n_iter, "peak_rss_mb": round(maxrss_kb / 1024, 1),
-        "llf": res.llf, "converged": res.converged,
-        "var_u0": float(res.params["var(u0)"]), "var_v": float(res.params["var(v)"]),
-        "cov_u0_v": float(res.params["cov(u0,v)"]),
-    }))
+    print(
+        json.dumps(
+            {
+                "N": res.nobs,
+                "J": res.ngroups,
+                "npar": res.df_model,
+                "time_s": round(wall, 2),
+                "optimise_s": round(res.fit_time, 2),
+                "n_iter": res.n_iter,
+                "peak_rss_mb": round(maxrss_kb / 1024, 1),
+                "llf": res.llf,
+                "converged": res.converged,
+                "var_u0": float(res.params["var(u0)"]),
+                "var_v": float(res.params["var(v)"]),
+                "cov_u0_v": float(res.params["cov(u0,v)"]),
+            }
+        )
+    )
 
 
 def main(sizes: list[int]) -> None:
     print(f"cores: {os.cpu_count()}; truth var(u0)={COV_UV[0, 0]}, var(v)={COV_UV[1, 1]}, cov={COV_UV[0, 1]}")
     rows = []
     for n in sizes:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(n)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         if out.returncode != 0:
             print(out.stderr)
             raise SystemExit(f"N={n} failed")
@@ -136,8 +189,10 @@ def main(sizes: list[int]) -> None:
         print("\n|   N | J | time (s) | time / N (µs) | optimiser (s) | iterations | peak RSS (MB) | llf | converged |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
         for r in rows:
-            print(f"| {r['N']:,} | {r['J']:,} | {r['time_s']:.1f} | {1e6 * r['time_s'] / r['N']:.1f} | "
-                  f"{r['optimise_s']:.1f} | {r['n_iter']} | {r['peak_rss_mb']:.0f} | {r['llf']:.2f} | {r['converged']} |")
+            print(
+                f"| {r['N']:,} | {r['J']:,} | {r['time_s']:.1f} | {1e6 * r['time_s'] / r['N']:.1f} | "
+                f"{r['optimise_s']:.1f} | {r['n_iter']} | {r['peak_rss_mb']:.0f} | {r['llf']:.2f} | {r['converged']} |"
+            )
         print(f"time ratio {rows[-1]['time_s'] / base['time_s']:.2f} for N ratio {rows[-1]['N'] / base['N']:.2f}")
 
 

@@ -19,12 +19,9 @@ from mlsml.posterior import loglik
 
 MODELS = {
     "Model 4 (auto: u-exact, 15 pts in v)": dict(formula="y ~ x", scale_formula="~ x", re_formula="~ x"),
-    "Model 4 (product rule, 9^3 pts)": dict(
-        formula="y ~ x", scale_formula="~ x", re_formula="~ x", quadrature="product"
-    ),
+    "Model 4 (product rule, 9^3 pts)": dict(formula="y ~ x", scale_formula="~ x", re_formula="~ x", quadrature="product"),
     "Model 6 + random slope on x": dict(formula="y ~ " + COV, scale_formula="~ " + COV, re_formula="~ x"),
 }
-
 
 
 def main(reps: int = 5) -> None:

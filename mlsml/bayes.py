@@ -125,7 +125,7 @@ def convert_brms(summary: pd.DataFrame, re_terms: list[str], random_scale: bool 
     for name in summary.index:
         m, s, lo, hi = summary.loc[name, ["mean", "sd", "lower", "upper"]]
         if name.startswith("b_sigma_"):
-            rows["scale:" + name[len("b_sigma_"):]] = (2 * m, 2 * s, 2 * lo, 2 * hi, "x2 (exact)")
+            rows["scale:" + name[len("b_sigma_") :]] = (2 * m, 2 * s, 2 * lo, 2 * hi, "x2 (exact)")
         elif name.startswith("b_"):
             rows["mean:" + name[2:]] = (m, s, lo, hi, "identity")
         elif name.startswith("sd_"):

@@ -208,9 +208,7 @@ class BootstrapResults:
             Columns ``estimate, wald se, boot se, bias`` and the two interval limits.
         """
         ci = self.conf_int(alpha)
-        frame = pd.DataFrame(
-            {"estimate": self.params, "wald se": self.wald_bse, "boot se": self.bse, "bias": self.bias}
-        )
+        frame = pd.DataFrame({"estimate": self.params, "wald se": self.wald_bse, "boot se": self.bse, "bias": self.bias})
         return pd.concat([frame, ci], axis=1)
 
     def re_correlations(self, alpha: float = 0.05) -> pd.DataFrame:
@@ -464,8 +462,7 @@ def bootstrap(
     if n_bad:
         detail = f"; {len(errors)} raised errors (first: {next(iter(errors.values()))})" if errors else ""
         warnings.warn(
-            f"{n_bad} of {n} bootstrap replicate fits did not converge and are left out of the "
-            f"bootstrap SEs and intervals{detail}",
+            f"{n_bad} of {n} bootstrap replicate fits did not converge and are left out of the bootstrap SEs and intervals{detail}",
             ConvergenceWarning,
             stacklevel=2,
         )

@@ -86,8 +86,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(res.summary().as_text(), file=out)
     table = compare_models(fits, names=["Model 1", "Model 2", "Model 3"])
     with pd.option_context("display.width", 120, "display.max_columns", 20):
-        print("\nModel comparison (LR tests against the previous model; boundary-corrected where a variance is 0 "
-              "under the null)", file=out)
+        print(
+            "\nModel comparison (LR tests against the previous model; boundary-corrected where a variance is 0 under the null)",
+            file=out,
+        )
         print(table.round(4).to_string(), file=out)
     return 0 if all(r.converged for r in fits) else 3
 
@@ -187,8 +189,7 @@ def cmd_mixregls(args: argparse.Namespace) -> int:
 
     progress = _progress_printer(args)
     try:
-        run = run_job(args.deffile, stages=not args.no_stages, nagq=args.nagq, progress=progress,
-                      callback=_pass_printer(args))
+        run = run_job(args.deffile, stages=not args.no_stages, nagq=args.nagq, progress=progress, callback=_pass_printer(args))
     finally:
         if progress is not None:
             progress.finish()
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlsml",
         description="Maximum-likelihood mixed-effects location scale models (adaptive Gauss-Hermite quadrature).",
-        epilog="examples:\n  mlsml demo\n  mlsml fit data.csv --formula \"y ~ x\" --groups school --scale \"~ x\"\n"
+        epilog='examples:\n  mlsml demo\n  mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x"\n'
         "  mlsml mixregls job.def\n\n'mlsml COMMAND --help' describes each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -236,21 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--groups", required=True, help="grouping (school) column")
     f.add_argument("--scale", default="~ 1", help='residual log-variance function (default "~ 1")')
     f.add_argument("--re", default="~ 1", help='random effects in the mean (default "~ 1")')
-    f.add_argument("--scale-re", default=None, metavar="FORMULA",
-                   help='random effects in the log variance, e.g. "~ x" (random scale intercept and slope)')
-    f.add_argument("--bs", default=None, metavar="FORMULA",
-                   help='between-school log variance of the random intercept, e.g. "~ type" (school-level columns)')
+    f.add_argument(
+        "--scale-re",
+        default=None,
+        metavar="FORMULA",
+        help='random effects in the log variance, e.g. "~ x" (random scale intercept and slope)',
+    )
+    f.add_argument(
+        "--bs",
+        default=None,
+        metavar="FORMULA",
+        help='between-school log variance of the random intercept, e.g. "~ type" (school-level columns)',
+    )
     f.add_argument("--no-random-scale", action="store_true", help="no school effect on the residual variance")
     f.add_argument("--nagq", type=int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")
     f.add_argument("--json", metavar="PATH", help="write llf, params, bse, converged as JSON")
-    f.add_argument("--style", choices=["statsmodels", "mixwild"], default="statsmodels",
-                   help="summary layout: statsmodels tables or the MIXREGLS/MIXWILD report")
-    f.add_argument("--stages", action="store_true",
-                   help="with --style mixwild: also fit and print MIXREGLS's model sequence with LR tests")
+    f.add_argument(
+        "--style",
+        choices=["statsmodels", "mixwild"],
+        default="statsmodels",
+        help="summary layout: statsmodels tables or the MIXREGLS/MIXWILD report",
+    )
+    f.add_argument(
+        "--stages", action="store_true", help="with --style mixwild: also fit and print MIXREGLS's model sequence with LR tests"
+    )
     f.add_argument("--format", choices=["text", "html", "latex"], default="text", help="output format of the summary")
-    f.add_argument("--schools", metavar="PATH",
-                   help="write the school table (means, variances, 95%% intervals, ranks, flags) as CSV")
+    f.add_argument("--schools", metavar="PATH", help="write the school table (means, variances, 95%% intervals, ranks, flags) as CSV")
     f.add_argument("-q", "--quiet", action="store_true", help="do not print the summary")
     f.add_argument("-v", "--verbose", action="store_true", help="print the optimiser's progress (one line per pass)")
     f.set_defaults(func=cmd_fit)

@@ -41,10 +41,7 @@ class LRTestResult:
     pvalue_naive: float
 
     def __repr__(self) -> str:
-        return (
-            f"LR test: chi2 = {self.statistic:.4f}, df = {self.df}, p = {self.pvalue:.4g} "
-            f"(reference: {self.reference})"
-        )
+        return f"LR test: chi2 = {self.statistic:.4f}, df = {self.df}, p = {self.pvalue:.4g} (reference: {self.reference})"
 
 
 def _re_set(res) -> set[str]:
@@ -137,9 +134,16 @@ def compare_models(results, names=None) -> pd.DataFrame:
     rows = []
     for i, r in enumerate(results):
         row = {
-            "model": names[i], "npar": r.df_model, "llf": r.llf, "deviance": r.deviance,
-            "AIC": r.aic, "BIC": r.bic, "converged": r.converged,
-            "LR chi2": np.nan, "df": np.nan, "p": np.nan,
+            "model": names[i],
+            "npar": r.df_model,
+            "llf": r.llf,
+            "deviance": r.deviance,
+            "AIC": r.aic,
+            "BIC": r.bic,
+            "converged": r.converged,
+            "LR chi2": np.nan,
+            "df": np.nan,
+            "p": np.nan,
         }
         if i > 0:
             prev = results[i - 1]

@@ -178,7 +178,7 @@ def _check_formula_names(formula: str, data: pd.DataFrame, what: str) -> None:
     stripped = re.sub(r"(['\"]).*?\1", "", formula)
     for match in _IDENT.finditer(stripped):
         name = match.group(0)
-        rest = stripped[match.end():].lstrip()
+        rest = stripped[match.end() :].lstrip()
         if rest.startswith("(") or (rest.startswith("=") and not rest.startswith("==")):
             continue
         base = name.split(".")[0]
@@ -202,9 +202,7 @@ def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str
         out = fm.get_matrices(formula, data, na_action="raise")
     except Exception as exc:  # patsy raises many types; re-raise with context
         if "dtype category" in str(exc) or "dtype object" in str(exc):  # arithmetic on a text column
-            raise DataError(
-                f"the {what} {formula!r} applies a numeric operation to a non-numeric (text) column: {exc}"
-            ) from exc
+            raise DataError(f"the {what} {formula!r} applies a numeric operation to a non-numeric (text) column: {exc}") from exc
         if "missing values" in str(exc):  # a transformation (np.log(x), ...) made NaN/inf
             raise DataError(
                 f"the {what} {formula!r} produces missing or non-finite values from finite data "
@@ -418,8 +416,7 @@ def build_design(
         bad = rs[pd.to_numeric(rs, errors="coerce").isna()] if rs.dtype == object else rs.iloc[:0]
         example = f" (e.g. {bad.iloc[0]!r} at index {bad.index[0]!r})" if len(bad) else ""
         raise DataError(
-            f"the response {response!r} is not real-valued numeric (dtype {rs.dtype}){example}; "
-            "a MELSM needs a continuous response"
+            f"the response {response!r} is not real-valued numeric (dtype {rs.dtype}){example}; a MELSM needs a continuous response"
         )
     _check_dtypes(frame, [c for c in used if c != groups])
     in_c = set(re.findall(r"C\(\s*([A-Za-z_][\w\.]*)", formula + scale_formula + re_formula + "".join(extra.values())))
@@ -467,8 +464,7 @@ def build_design(
     # (exact and independent of the units of y: every group's range is zero)
     if np.all(np.maximum.reduceat(ys, starts) == np.minimum.reduceat(ys, starts)) and np.ptp(ys) > 0:
         raise DataError(
-            f"the response {response!r} does not vary within any group of {groups!r}: "
-            "the residual variance cannot be estimated"
+            f"the response {response!r} does not vary within any group of {groups!r}: the residual variance cannot be estimated"
         )
     if np.ptp(ys) == 0:
         raise DataError(f"the response {response!r} is constant ({ys[0]!r})")

@@ -53,15 +53,32 @@ import pandas as pd
 from .errors import DataError, MissingDataWarning, ModelSpecError
 
 _SHORT = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT", "NCOV", "RIDGEIN"]
-_LONG = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "PV", "RV", "SV", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT",
-         "NCOV", "RIDGEIN"]
+_LONG = [
+    "NVAR",
+    "P",
+    "R",
+    "S",
+    "PNINT",
+    "RNINT",
+    "SNINT",
+    "PV",
+    "RV",
+    "SV",
+    "CONV",
+    "NQ",
+    "AQUAD",
+    "MAXIT",
+    "YMISS",
+    "NCENT",
+    "NCOV",
+    "RIDGEIN",
+]
 _LAYOUTS = {
     ("mixregls_var", False): _SHORT + ["DISCARD0"],
     ("mixregls_var", True): _LONG + ["DISCARD0"],
     ("mixwild_2017", False): _SHORT + ["NREPS", "CUTOFF", "NORS", "NO2ND", "DISCARD0"],
     ("mixwild_2017", True): _LONG + ["NREPS", "CUTOFF", "NORS", "NO2ND", "DISCARD0"],
-    ("mixwild_2", True): _LONG + ["DISCARD0", "MLS", "CHOL", "NREPS", "CUTOFF", "NORS", "MYSEED", "STAGE2", "MULTI2ND",
-                                  "SEPFILE"],
+    ("mixwild_2", True): _LONG + ["DISCARD0", "MLS", "CHOL", "NREPS", "CUTOFF", "NORS", "MYSEED", "STAGE2", "MULTI2ND", "SEPFILE"],
 }
 _RESERVED = {"C", "Q", "I", "np", "Intercept", "Treatment", "center", "standardize", "scale", "log", "exp", "True", "False", "None"}
 
@@ -156,8 +173,11 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
             bad("RNINT", "a model without random location effects is not a location scale model")
     else:
         if int(s["R"]) != 0:
-            bad("R", "covariates of the BS (random-location) variance need a cluster-specific Sigma; mlsml's Sigma is "
-                "constant (for random slopes use MixWILD 2.0's MLS = 1)")
+            bad(
+                "R",
+                "covariates of the BS (random-location) variance need a cluster-specific Sigma; mlsml's Sigma is "
+                "constant (for random slopes use MixWILD 2.0's MLS = 1)",
+            )
         if int(s.get("RV", 0)) != 0:
             bad("RV", "BS/WS-decomposed covariates of the BS variance model are not available (constant Sigma)")
         if int(s["RNINT"]) == 1:
@@ -168,16 +188,22 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
         bad("NO2ND", "second-stage models are not fitted; set NO2ND = 1 to run stage 1")
     rs = int(s.get("NORS", 0)) != 1
     if rs and int(s["NCOV"]) != 1:
-        why = {0: "a random scale independent of the random location (cov(u0,v) = 0) cannot be constrained",
-               2: "the quadratic location effect on the WS variance is not in mlsml's model"}.get(int(s["NCOV"]), "unknown value")
+        why = {
+            0: "a random scale independent of the random location (cov(u0,v) = 0) cannot be constrained",
+            2: "the quadratic location effect on the WS variance is not in mlsml's model",
+        }.get(int(s["NCOV"]), "unknown value")
         bad("NCOV", why)
     if int(s["NCENT"]) not in (0, 1):
         bad("NCENT", "must be 0 or 1")
     if int(s["AQUAD"]) == 0:
-        notes.append("AQUAD = 0 (non-adaptive quadrature) asked for; mlsml always uses adaptive quadrature, "
-                     "which approximates the same likelihood more accurately")
-    notes.append(f"CONV = {s['CONV']:g}, MAXIT = {int(s['MAXIT'])}, RIDGEIN = {s['RIDGEIN']:g} are MIXREGLS's Newton-Raphson "
-                 "settings; mlsml uses its own optimiser and convergence checks")
+        notes.append(
+            "AQUAD = 0 (non-adaptive quadrature) asked for; mlsml always uses adaptive quadrature, "
+            "which approximates the same likelihood more accurately"
+        )
+    notes.append(
+        f"CONV = {s['CONV']:g}, MAXIT = {int(s['MAXIT'])}, RIDGEIN = {s['RIDGEIN']:g} are MIXREGLS's Newton-Raphson "
+        "settings; mlsml uses its own optimiser and convergence checks"
+    )
     return notes
 
 
@@ -285,17 +311,38 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
     pv_labels = read_record(PV, "the decomposed mean-model labels", str) if PV else []
     sv_labels = read_record(SV, "the decomposed WS-variance labels", str) if SV else []
     nvar = int(s["NVAR"])
-    for name, cols in (("id", [id_col]), ("y", [y_col]), ("mean", x_cols), ("BS variance", u_cols), ("WS variance", w_cols),
-                       ("decomposed", pv_cols + sv_cols)):
+    for name, cols in (
+        ("id", [id_col]),
+        ("y", [y_col]),
+        ("mean", x_cols),
+        ("BS variance", u_cols),
+        ("WS variance", w_cols),
+        ("decomposed", pv_cols + sv_cols),
+    ):
         for c in cols:
             if not 1 <= c <= nvar:
                 raise ModelSpecError(f"{where}: {name} column number {c} is outside 1..NVAR = {nvar}")
     return MixreglsJob(
-        title=title, data_file=data_file, output_file=output_file, layout=family, settings=settings,
-        id_col=id_col, y_col=y_col, x_cols=tuple(x_cols), u_cols=tuple(u_cols), w_cols=tuple(w_cols),
-        pv_cols=tuple(pv_cols), sv_cols=tuple(sv_cols), y_label=y_label, x_labels=tuple(x_labels),
-        w_labels=tuple(w_labels), pv_labels=tuple(pv_labels), sv_labels=tuple(sv_labels), u_labels=tuple(u_labels),
-        path=Path(path) if path is not None else None, notes=tuple(notes),
+        title=title,
+        data_file=data_file,
+        output_file=output_file,
+        layout=family,
+        settings=settings,
+        id_col=id_col,
+        y_col=y_col,
+        x_cols=tuple(x_cols),
+        u_cols=tuple(u_cols),
+        w_cols=tuple(w_cols),
+        pv_cols=tuple(pv_cols),
+        sv_cols=tuple(sv_cols),
+        y_label=y_label,
+        x_labels=tuple(x_labels),
+        w_labels=tuple(w_labels),
+        pv_labels=tuple(pv_labels),
+        sv_labels=tuple(sv_labels),
+        u_labels=tuple(u_labels),
+        path=Path(path) if path is not None else None,
+        notes=tuple(notes),
     )
 
 
@@ -401,13 +448,16 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         raise DataError("no rows left after removing the missing-value code")
     bad_id = ~np.isfinite(ids)
     if bad_id.any():
-        raise DataError(f"the cluster id (column {job.id_col}) is not a finite number in {int(bad_id.sum())} record(s), "
-                        f"the first being record {int(np.nonzero(bad_id)[0][0]) + 1} of the rows used")
+        raise DataError(
+            f"the cluster id (column {job.id_col}) is not a finite number in {int(bad_id.sum())} record(s), "
+            f"the first being record {int(np.nonzero(bad_id)[0][0]) + 1} of the rows used"
+        )
     run = np.concatenate([[0], np.cumsum(ids[1:] != ids[:-1])])
     first_ids = ids[np.r_[0, np.nonzero(np.diff(run))[0] + 1]]
     if len(np.unique(first_ids)) != len(first_ids) or np.any(np.diff(first_ids) < 0):
-        msg = ("the data are not sorted by the cluster id: as MIXREGLS, each run of equal ids is one cluster "
-               "(labelled by its run number)")
+        msg = (
+            "the data are not sorted by the cluster id: as MIXREGLS, each run of equal ids is one cluster (labelled by its run number)"
+        )
         warnings.warn(msg, MissingDataWarning, stacklevel=2)
         notes.append(msg)
         frame["_cluster"] = run + 1
@@ -451,8 +501,15 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     if job.random_slopes:
         re_formula = "~ " + (" + ".join(u) if u else "1") + (" - 1" if int(job.setting("RNINT")) == 1 else "")
         notes.append(f"MLS = 1 (MIXREGMLS): random location effects {re_formula}, all correlated with the random scale")
-    return JobData(frame=frame, formula=formula, scale_formula=scale_formula, random_scale=job.random_scale,
-                   notes=tuple(notes), raw_frame=raw_frame, re_formula=re_formula)
+    return JobData(
+        frame=frame,
+        formula=formula,
+        scale_formula=scale_formula,
+        random_scale=job.random_scale,
+        notes=tuple(notes),
+        raw_frame=raw_frame,
+        re_formula=re_formula,
+    )
 
 
 @dataclass(frozen=True)
@@ -494,8 +551,15 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
 
     job = parse_def(path)
     jd = job_data(job)
-    model = MELSM.from_formula(jd.formula, jd.frame, groups="_cluster", scale_formula=jd.scale_formula,
-                               re_formula=jd.re_formula, random_scale=jd.random_scale, missing="raise")
+    model = MELSM.from_formula(
+        jd.formula,
+        jd.frame,
+        groups="_cluster",
+        scale_formula=jd.scale_formula,
+        re_formula=jd.re_formula,
+        random_scale=jd.random_scale,
+        missing="raise",
+    )
     nq = int(nagq or job.nq)
     if stages:
         seq = fit_stages(model, nagq=nq, progress=progress, **fit_options)
@@ -509,10 +573,18 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     standardized = int(job.setting("NCENT")) == 1
     described = model
     if standardized:  # MIXREGLS describes the covariates before standardising them
-        described = MELSM.from_formula(jd.formula, jd.raw_frame, groups="_cluster", scale_formula=jd.scale_formula,
-                                       re_formula=jd.re_formula, random_scale=jd.random_scale, missing="raise")
-    report = summarize_mixwild(res, stages=seq or None, title=title, source=str(job.data_path),
-                               standardized=standardized, describe=described)
+        described = MELSM.from_formula(
+            jd.formula,
+            jd.raw_frame,
+            groups="_cluster",
+            scale_formula=jd.scale_formula,
+            re_formula=jd.re_formula,
+            random_scale=jd.random_scale,
+            missing="raise",
+        )
+    report = summarize_mixwild(
+        res, stages=seq or None, title=title, source=str(job.data_path), standardized=standardized, describe=described
+    )
     if jd.notes:
         report = report.rstrip("\n") + "\n\nNotes on the job\n----------------\n" + "\n".join(" - " + n for n in jd.notes) + "\n"
     return JobRun(job=job, data=jd, results=res, stages=seq, report=report)

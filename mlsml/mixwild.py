@@ -158,8 +158,9 @@ def to_mixregls(res) -> pd.DataFrame:
         z = est / se
     ref = []
     for b, t in zip(blocks, terms):
-        ref.append({"BETA": f"beta_{t}", "ALPHA": "ln_sigma2_u", "TAU": f"alpha_{t}",
-                    "SCALE_SD": "tau_scale", "LOC_EFF": "tau_loc"}[b])
+        ref.append(
+            {"BETA": f"beta_{t}", "ALPHA": "ln_sigma2_u", "TAU": f"alpha_{t}", "SCALE_SD": "tau_scale", "LOC_EFF": "tau_loc"}[b]
+        )
     out = pd.DataFrame(
         {
             "block": blocks,
@@ -375,8 +376,12 @@ def describe_data(res, standardized: bool = False) -> str:
     out += _descr_rows(design.y[:, None], [spec.response])
     out.append("")
     if standardized:
-        out += [" ==> Standardization of covariates has been selected", " ==> All covariates have mean=0 and std dev=1",
-                " ==> Means and std devs listed below are pre-standardization", ""]
+        out += [
+            " ==> Standardization of covariates has been selected",
+            " ==> All covariates have mean=0 and std dev=1",
+            " ==> Means and std devs listed below are pre-standardization",
+            "",
+        ]
     out.append(" Mean model covariates")
     out += _DESCR_HEAD + _descr_rows(design.X, lay.mean_terms)
     out.append("")
@@ -415,8 +420,12 @@ def _block_header(title: str, res) -> list[str]:
     out.append(f" Converged         = {'yes' if res.converged else 'NO: ' + res.message}")
     out.append("")
     out += _criteria(res)
-    out += ["", "", "Variable                Estimate    AsymStdError         z-value         p-value",
-            "----------------    ------------    ------------    ------------    ------------"]
+    out += [
+        "",
+        "",
+        "Variable                Estimate    AsymStdError         z-value         p-value",
+        "----------------    ------------    ------------    ------------    ------------",
+    ]
     return out
 
 
@@ -470,8 +479,7 @@ def _model_block_mls(title: str, res, standardized: bool = False) -> str:
         out += _mls_rows(res, [f"scale:{t}" for t in lay.scale_terms], list(lay.scale_terms))
     if lay.random_scale:
         out += ["", "Random Scale Variance and Covariance"]
-        out += _mls_rows(res, [f"cov(u{i},v)" for i in range(lay.q)] + ["var(v)"],
-                         [f"Cov {t}" for t in terms] + ["Scale int var"])
+        out += _mls_rows(res, [f"cov(u{i},v)" for i in range(lay.q)] + ["var(v)"], [f"Cov {t}" for t in terms] + ["Scale int var"])
     if not res.converged:
         out.append("NOTE: CONVERGENCE CRITERION WAS NOT ACHIEVED")
     for r in res.singular_reasons():
@@ -484,17 +492,26 @@ def _ratio_tables(res, alpha: float) -> str:
     if not _is_mixregls_layout(res):  # MIXREGMLS prints the WS ratios only
         level = f"{100 * (1 - alpha):g}%"
         title = f"WS variance ratios and {level} CIs"
-        out = ["", "", title, "-" * len(title), "",
-               f"{'Variable':<16}" + "".join(f"    {h:>12}" for h in ("Ratio", "Lower", "Upper")),
-               "----------------    ------------    ------------    ------------", _BLOCK_TITLES["TAU"]]
+        out = [
+            "",
+            "",
+            title,
+            "-" * len(title),
+            "",
+            f"{'Variable':<16}" + "".join(f"    {h:>12}" for h in ("Ratio", "Lower", "Upper")),
+            "----------------    ------------    ------------    ------------",
+            _BLOCK_TITLES["TAU"],
+        ]
         for t in res.layout.scale_terms:
             e, s = float(res.params[f"scale:{t}"]), float(res.bse[f"scale:{t}"])
             out.append(_f804(t, [np.exp(e), np.exp(e - z * s), np.exp(e + z * s)]))
         return "\n".join(out)
     tab = to_mixregls(res)
     level = f"{100 * (1 - alpha):g}%"
-    head = [f"{'Variable':<16}" + "".join(f"    {h:>12}" for h in ("Ratio", "Lower", "Upper")),
-            "----------------    ------------    ------------    ------------"]
+    head = [
+        f"{'Variable':<16}" + "".join(f"    {h:>12}" for h in ("Ratio", "Lower", "Upper")),
+        "----------------    ------------    ------------    ------------",
+    ]
 
     def rows(part, label=None):
         lines = []

@@ -104,9 +104,15 @@ class MELSM:
         ['mean:Intercept', 'mean:x', 'scale:Intercept', 'scale:x', 'var(u0)', 'var(v)', 'cov(u0,v)']
         """
         design, spec = build_design(
-            formula, data, groups, scale_formula=scale_formula, re_formula=re_formula,
-            random_scale=random_scale, missing=missing,
-            scale_re_formula=scale_re_formula, bs_formula=bs_formula,
+            formula,
+            data,
+            groups,
+            scale_formula=scale_formula,
+            re_formula=re_formula,
+            random_scale=random_scale,
+            missing=missing,
+            scale_re_formula=scale_re_formula,
+            bs_formula=bs_formula,
         )
         if design.layout.extended:
             from .extended import _check_layout
@@ -342,8 +348,14 @@ def fit(
     ['mean:Intercept', 'mean:x', 'scale:Intercept', 'scale:x', 'var(u0)', 'var(v)', 'cov(u0,v)']
     """
     model = MELSM.from_formula(
-        formula, data, groups, scale_formula=scale_formula, re_formula=re_formula,
-        random_scale=random_scale, missing=missing,
-        scale_re_formula=scale_re_formula, bs_formula=bs_formula,
+        formula,
+        data,
+        groups,
+        scale_formula=scale_formula,
+        re_formula=re_formula,
+        random_scale=random_scale,
+        missing=missing,
+        scale_re_formula=scale_re_formula,
+        bs_formula=bs_formula,
     )
     return model.fit(**fit_options)

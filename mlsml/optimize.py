@@ -385,8 +385,10 @@ def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, cal
             kw["ftol"] = 1e-15
         hess_fun = None
         if method in ("trust-exact", "Newton-CG", "trust-krylov", "trust-ncg"):
+
             def hess_fun(th):
                 return -hess(th, design, adapt(th, design, rule)) / N
+
         res = sopt.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
         n_iter += int(getattr(res, "nit", 0))
         n_fev += int(getattr(res, "nfev", 0))

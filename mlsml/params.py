@@ -156,11 +156,7 @@ class ParamLayout:
     @property
     def names(self) -> tuple[str, ...]:
         """All natural-scale parameter names in contract order."""
-        return (
-            tuple(f"mean:{t}" for t in self.mean_terms)
-            + tuple(f"scale:{t}" for t in self.scale_terms)
-            + self.cov_names
-        )
+        return tuple(f"mean:{t}" for t in self.mean_terms) + tuple(f"scale:{t}" for t in self.scale_terms) + self.cov_names
 
     def split_bs(self, theta):
         """``(beta, alpha, tau, L0)`` for a model with ``bs_terms`` (``L0[0, 0] = 1``)."""
@@ -230,9 +226,7 @@ class ParamLayout:
             scale[0] = 1.0 / s0
             L = np.linalg.cholesky(sigma * np.outer(scale, scale))
             tau = np.zeros(self.m) if tau is None else np.asarray(tau, float)
-            return np.concatenate(
-                [np.asarray(beta, float), np.asarray(alpha, float), tau, vector_from_chol(L)[1:]]
-            )
+            return np.concatenate([np.asarray(beta, float), np.asarray(alpha, float), tau, vector_from_chol(L)[1:]])
         L = np.linalg.cholesky(sigma)
         return np.concatenate([np.asarray(beta, float), np.asarray(alpha, float), vector_from_chol(L)])
 

@@ -74,8 +74,17 @@ def caterpillar(res, w=None, level: float = 0.95, table: pd.DataFrame | None = N
         hi = s[f"{key}_hi"] - s[key]
         for c in np.unique(colors):
             m = colors == c
-            ax.errorbar(x[m], s[key].to_numpy()[m], yerr=[lo.to_numpy()[m], hi.to_numpy()[m]], fmt="o", ms=2.5,
-                        lw=0.7, color=c, ecolor=c, elinewidth=0.7)
+            ax.errorbar(
+                x[m],
+                s[key].to_numpy()[m],
+                yerr=[lo.to_numpy()[m], hi.to_numpy()[m]],
+                fmt="o",
+                ms=2.5,
+                lw=0.7,
+                color=c,
+                ecolor=c,
+                elinewidth=0.7,
+            )
         ax.axhline(ref, color="k", lw=1, ls="--", label=reflab)
         n_sep = int((flag != 0).sum())
         ax.set_title(f"{label}\n{n_sep} of {len(s)} schools separable from the average", fontsize="medium")
@@ -179,8 +188,7 @@ def effect_histograms(res):
     for ax, name in zip(axes, names):
         _hist_with_curves(ax, re_[name].to_numpy(), f"predicted {name}_j ({len(re_)} schools)")
         ax.set_xlabel(name)
-    _hist_with_curves(axes[-1], standardised_residuals(res).to_numpy(), f"standardised residuals ({res.nobs} students)",
-                      standard=True)
+    _hist_with_curves(axes[-1], standardised_residuals(res).to_numpy(), f"standardised residuals ({res.nobs} students)", standard=True)
     axes[-1].set_xlabel("standardised residual")
     return fig
 

@@ -70,9 +70,7 @@ def _is_pd(M: np.ndarray) -> np.ndarray:
     return np.linalg.eigvalsh(sym)[:, 0] > 0
 
 
-def posterior_modes(
-    theta: np.ndarray, design: Design, tol: float = 1e-18, maxiter: int = 100
-) -> tuple[np.ndarray, np.ndarray]:
+def posterior_modes(theta: np.ndarray, design: Design, tol: float = 1e-18, maxiter: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Modes ``m_j`` of ``h_j`` and ``-H_j`` there, for all schools.
 
     Iterates until every school's Newton decrement ``g' (-H)^{-1} g`` is

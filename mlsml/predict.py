@@ -89,9 +89,7 @@ def posterior_weights(theta: np.ndarray, design: Design, nodes: Nodes) -> np.nda
     return p / p.sum(axis=1, keepdims=True)
 
 
-def posterior_moments(
-    theta: np.ndarray, design: Design, nagq: int | None = None, prune: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
+def posterior_moments(theta: np.ndarray, design: Design, nagq: int | None = None, prune: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means and covariances of ``b_j`` by adaptive Gauss-Hermite quadrature.
 
     Parameters
@@ -226,8 +224,7 @@ class PosteriorGrid:
         S1mu = np.einsum("jq,jgq->jg", s.S1, mu)
         muS2mu = np.einsum("jgq,jqr,jgr->jg", mu, s.S2, mu)
         trVS2 = np.einsum("jgqr,jrq->jg", V, s.S2)
-        dlp = (-0.5 * s.n[:, None] + 0.5 * E * s.S0[:, None] - Pvv * v - E * S1mu - mu @ Puv
-               + 0.5 * E * muS2mu + 0.5 * E * trVS2)
+        dlp = -0.5 * s.n[:, None] + 0.5 * E * s.S0[:, None] - Pvv * v - E * S1mu - mu @ Puv + 0.5 * E * muS2mu + 0.5 * E * trVS2
         dens = np.exp(lp - lp.max(axis=1, keepdims=True))
         ddens = dens * dlp
         h = v[:, 1:2] - v[:, :1]

@@ -441,8 +441,7 @@ class MELSMResults:
                 worst = int(np.argmax(np.abs(R[iu])))
                 i, j = iu[0][worst], iu[1][worst]
                 reasons.append(
-                    f"the school effects are (nearly) perfectly correlated: "
-                    f"corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
+                    f"the school effects are (nearly) perfectly correlated: corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
                 )
         if lay.extended:
             from .extended import extra_singular_reasons
@@ -537,10 +536,15 @@ class MELSMResults:
         terms = [n.split(":", 1)[1] if ":" in n else n for n in names]
         return pd.DataFrame(
             {
-                "name": names, "block": blocks, "term": terms,
-                "estimate": self.params.to_numpy(), "std err": self.bse.to_numpy(),
-                "z": self.tvalues.to_numpy(), "p": self.pvalues.to_numpy(),
-                "ci_lower": ci.iloc[:, 0].to_numpy(), "ci_upper": ci.iloc[:, 1].to_numpy(),
+                "name": names,
+                "block": blocks,
+                "term": terms,
+                "estimate": self.params.to_numpy(),
+                "std err": self.bse.to_numpy(),
+                "z": self.tvalues.to_numpy(),
+                "p": self.pvalues.to_numpy(),
+                "ci_lower": ci.iloc[:, 0].to_numpy(),
+                "ci_upper": ci.iloc[:, 1].to_numpy(),
             }
         )
 
@@ -553,12 +557,25 @@ class MELSMResults:
 
         spec = self.model.formula_spec
         return {
-            "formula": spec.formula, "scale_formula": spec.scale_formula, "re_formula": spec.re_formula,
-            "groups": spec.groups, "random_scale": bool(self.layout.random_scale),
-            "nobs": self.nobs, "ngroups": self.ngroups, "nagq": self.nagq, "method": self.method,
-            "llf": num(self.llf), "aic": num(self.aic), "bic": num(self.bic), "bic_groups": num(self.bic_groups),
-            "df_model": self.df_model, "converged": self.converged, "message": self.message,
-            "n_iter": self.n_iter, "n_passes": self.n_passes, "singular": self.singular,
+            "formula": spec.formula,
+            "scale_formula": spec.scale_formula,
+            "re_formula": spec.re_formula,
+            "groups": spec.groups,
+            "random_scale": bool(self.layout.random_scale),
+            "nobs": self.nobs,
+            "ngroups": self.ngroups,
+            "nagq": self.nagq,
+            "method": self.method,
+            "llf": num(self.llf),
+            "aic": num(self.aic),
+            "bic": num(self.bic),
+            "bic_groups": num(self.bic_groups),
+            "df_model": self.df_model,
+            "converged": self.converged,
+            "message": self.message,
+            "n_iter": self.n_iter,
+            "n_passes": self.n_passes,
+            "singular": self.singular,
             "params": {k: num(v) for k, v in self.params.items()},
             "bse": {k: num(v) for k, v in self.bse.items()},
             "cov_params": [[num(v) for v in row] for row in np.asarray(self._cov)],

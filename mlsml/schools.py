@@ -230,7 +230,6 @@ def population_quantities(res, w=None, z=None) -> pd.DataFrame:
     wbar, zbar = _vectors(res, w, z)
     i0 = lay.mean_terms.index("Intercept") if "Intercept" in lay.mean_terms else None
 
-
     def parts(theta):
         beta, alpha, L = lay.split(theta)
         S = anp.dot(L, anp.transpose(L))
@@ -279,8 +278,19 @@ def population_quantities(res, w=None, z=None) -> pd.DataFrame:
     for row in ("sd_mean", "idr_mean_lo", "idr_mean_hi", "total_variance", "vpc", "corr_uv", "corr_pred"):
         if row not in table.index:
             table.loc[row] = [np.nan, np.nan]
-    order = ["pa_variance", "median_variance", "idr_mean_lo", "idr_mean_hi", "idr_var_lo", "idr_var_hi",
-             "sd_mean", "total_variance", "vpc", "corr_uv", "corr_pred"]
+    order = [
+        "pa_variance",
+        "median_variance",
+        "idr_mean_lo",
+        "idr_mean_hi",
+        "idr_var_lo",
+        "idr_var_hi",
+        "sd_mean",
+        "total_variance",
+        "vpc",
+        "corr_uv",
+        "corr_pred",
+    ]
     table = table.loc[order]
     table.attrs["wbar"] = dict(zip(lay.scale_terms, wbar))
     return table

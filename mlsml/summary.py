@@ -55,7 +55,7 @@ def header_dict(res) -> dict[str, str]:
     if res._info.get("quadrature") == "marginal":
         quad = f"{res.nagq} per dim of v, u exact"
     elif res.prune == 0:
-        quad = f"{res.nagq} per dim ({res.nagq ** lay.d} nodes)"
+        quad = f"{res.nagq} per dim ({res.nagq**lay.d} nodes)"
     else:
         quad = f"{res.nagq} per dim, pruned {res.prune:g}"
     return {
@@ -98,8 +98,7 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     blocks = [
         ("Mean function: y = x'b + z'u + e", _param_frame(res, mean_names, list(lay.mean_terms), alpha)),
         (
-            "Residual variance: ln var(e) = w'a"
-            + ((" + g'v" if lay.scale_re_terms else " + v") if lay.random_scale else ""),
+            "Residual variance: ln var(e) = w'a" + ((" + g'v" if lay.scale_re_terms else " + v") if lay.random_scale else ""),
             _param_frame(res, scale_names, list(lay.scale_terms), alpha),
         ),
         (

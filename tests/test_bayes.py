@@ -33,8 +33,15 @@ def test_conversion_matches_draw_by_draw(seed_m3, brms_seed):
     to a few percent."""
     out = mlsml.compare_bayes(seed_m3, _native(brms_seed))
     ours = brms_seed["ours"]
-    exact = {"mean:Intercept": "beta0", "mean:x": "beta1", "scale:Intercept": "alpha0", "scale:x": "alpha1",
-             "var(u0)": "sigma2_u", "var(v)": "sigma2_v", "corr(u0,v)": "rho_uv"}
+    exact = {
+        "mean:Intercept": "beta0",
+        "mean:x": "beta1",
+        "scale:Intercept": "alpha0",
+        "scale:x": "alpha1",
+        "var(u0)": "sigma2_u",
+        "var(v)": "sigma2_v",
+        "corr(u0,v)": "rho_uv",
+    }
     for name, key in exact.items():
         assert out.loc[name, "post mean"] == pytest.approx(ours[key]["mean"], rel=1e-5, abs=1e-9), name
     for name, key in {"mean:x": "beta1", "scale:x": "alpha1", "corr(u0,v)": "rho_uv"}.items():
@@ -51,15 +58,13 @@ def test_conversion_matches_draw_by_draw(seed_m3, brms_seed):
 
 def test_quantiles_and_csv_roundtrip(seed_m3, tmp_path):
     post = pd.DataFrame(
-        {"Estimate": [-0.39, 0.12, 0.25], "Est.Error": [0.02, 0.02, 0.02], "Q2.5": [-0.43, 0.08, 0.2],
-         "Q97.5": [-0.35, 0.16, 0.3]},
+        {"Estimate": [-0.39, 0.12, 0.25], "Est.Error": [0.02, 0.02, 0.02], "Q2.5": [-0.43, 0.08, 0.2], "Q97.5": [-0.35, 0.16, 0.3]},
         index=["b_sigma_Intercept", "sd_school__sigma_Intercept", "sd_school__Intercept"],
     )
     path = tmp_path / "post.csv"
     post.to_csv(path)  # row names in an unnamed first column, as R's write.csv
     out = mlsml.compare_bayes(seed_m3, path)
-    assert out.loc["scale:Intercept", ["post mean", "post lower", "post upper"]].tolist() == pytest.approx(
-        [-0.78, -0.86, -0.70])
+    assert out.loc["scale:Intercept", ["post mean", "post lower", "post upper"]].tolist() == pytest.approx([-0.78, -0.86, -0.70])
     assert out.loc["var(v)", "post lower"] == pytest.approx(0.16**2)
     assert out.loc["var(v)", "post upper"] == pytest.approx(0.32**2)
     assert out.loc["var(v)", "post mean"] == pytest.approx(0.24**2 + 0.04**2)
@@ -84,8 +89,11 @@ def test_random_slope_names(exam):
         {"Estimate": [0.3, 0.12, 0.5], "Est.Error": [0.03, 0.02, 0.1]},
         index=["sd_school__Intercept", "sd_school__standLRT", "cor_school__Intercept__standLRT"],
     )
-    conv = convert_brms(post.rename(columns={"Estimate": "mean", "Est.Error": "sd"}).assign(lower=np.nan,
-                        upper=np.nan), ["Intercept", "standLRT"], random_scale=False)
+    conv = convert_brms(
+        post.rename(columns={"Estimate": "mean", "Est.Error": "sd"}).assign(lower=np.nan, upper=np.nan),
+        ["Intercept", "standLRT"],
+        random_scale=False,
+    )
     assert conv.loc["cov(u0,u1)", "mean"] == pytest.approx(0.5 * 0.3 * 0.12)
     out = mlsml.compare_bayes(res, post)
     assert out.loc["var(u1)", "post mean"] == pytest.approx(0.12**2 + 0.02**2)

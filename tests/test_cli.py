@@ -15,10 +15,20 @@ def test_fit_csv_with_json(tmp_path, capsys):
     from conftest import DATA
 
     out = tmp_path / "fit.json"
-    code = main([
-        "fit", str(DATA / "exam.csv"), "--formula", "normexam ~ standLRT", "--groups", "school",
-        "--scale", "~ standLRT", "--json", str(out),
-    ])
+    code = main(
+        [
+            "fit",
+            str(DATA / "exam.csv"),
+            "--formula",
+            "normexam ~ standLRT",
+            "--groups",
+            "school",
+            "--scale",
+            "~ standLRT",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "Mixed-effects location scale model results" in text
@@ -109,10 +119,23 @@ def test_fit_with_between_school_variance_function(tmp_path, capsys):
     from conftest import DATA
 
     out = tmp_path / "fit.json"
-    code = main([
-        "fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week + endog + endweek", "--groups", "id",
-        "--scale", "~ week + endog", "--bs", "~ endog", "--json", str(out), "-q",
-    ])
+    code = main(
+        [
+            "fit",
+            str(DATA / "riesby.csv"),
+            "--formula",
+            "hamdep ~ week + endog + endweek",
+            "--groups",
+            "id",
+            "--scale",
+            "~ week + endog",
+            "--bs",
+            "~ endog",
+            "--json",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     d = json.loads(out.read_text())
     assert "bsvar:endog" in d["params"]

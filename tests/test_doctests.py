@@ -15,9 +15,7 @@ import pytest
 
 import mlsml
 
-MODULES = sorted(
-    ["mlsml"] + [f"mlsml.{m.name}" for m in pkgutil.iter_modules(mlsml.__path__) if m.name != "__main__"]
-)
+MODULES = sorted(["mlsml"] + [f"mlsml.{m.name}" for m in pkgutil.iter_modules(mlsml.__path__) if m.name != "__main__"])
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

@@ -41,9 +41,7 @@ def simulate_scale_slope(J=40, n=12, sigma=None, seed=3) -> pd.DataFrame:
 def test_names_scale_slope_and_bs(riesby):
     df = simulate_scale_slope()
     m = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x")
-    assert m.param_names[4:] == [
-        "var(u0)", "var(v0)", "var(v1)", "cov(u0,v0)", "cov(u0,v1)", "cov(v0,v1)"
-    ]
+    assert m.param_names[4:] == ["var(u0)", "var(v0)", "var(v1)", "cov(u0,v0)", "cov(u0,v1)", "cov(v0,v1)"]
     # an intercept-only scale_re_formula is the plain random scale, named v (the contract)
     m1 = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_re_formula="~ 1", random_scale=False)
     assert m1.param_names[-3:] == ["var(u0)", "var(v)", "cov(u0,v)"]
@@ -92,10 +90,12 @@ def test_gradient_matches_finite_differences(kind, riesby):
     nodes = adapt(theta, d, rule)
     g = autograd.grad(loglik_at_nodes)(theta, d, nodes)
     eps = 1e-6
-    fd = np.array([
-        (loglik_at_nodes(theta + eps * e, d, nodes) - loglik_at_nodes(theta - eps * e, d, nodes)) / (2 * eps)
-        for e in np.eye(theta.size)
-    ])
+    fd = np.array(
+        [
+            (loglik_at_nodes(theta + eps * e, d, nodes) - loglik_at_nodes(theta - eps * e, d, nodes)) / (2 * eps)
+            for e in np.eye(theta.size)
+        ]
+    )
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fd).max()))
     # the posterior modes are stationary points of h_j
     mode, negH = posterior_modes(theta, d)
@@ -110,10 +110,12 @@ def test_gradient_matches_finite_differences(kind, riesby):
 
         mn = adapt_marginal(theta, d, marginal_rule(5, m.layout.n_v))
         gm = autograd.grad(loglik_at_nodes)(theta, d, mn)
-        fdm = np.array([
-            (loglik_at_nodes(theta + eps * e, d, mn) - loglik_at_nodes(theta - eps * e, d, mn)) / (2 * eps)
-            for e in np.eye(theta.size)
-        ])
+        fdm = np.array(
+            [
+                (loglik_at_nodes(theta + eps * e, d, mn) - loglik_at_nodes(theta - eps * e, d, mn)) / (2 * eps)
+                for e in np.eye(theta.size)
+            ]
+        )
         np.testing.assert_allclose(gm, fdm, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fdm).max()))
 
 
@@ -121,9 +123,7 @@ def test_tiny_slope_variance_agrees_with_plain_model(seed_sim):
     """A scale slope with variance ~0 (and no covariance) gives the plain Model 3 likelihood."""
     plain = mlsml.MELSM.from_formula("y ~ x", seed_sim, groups="school", scale_formula="~ x")
     ext = mlsml.MELSM.from_formula("y ~ x", seed_sim, groups="school", scale_formula="~ x", scale_re_formula="~ x")
-    p = pd.Series(
-        [0.02, 0.7, -0.8, 0.05, 0.05, 0.08, -0.02], index=plain.param_names
-    )
+    p = pd.Series([0.02, 0.7, -0.8, 0.05, 0.05, 0.08, -0.02], index=plain.param_names)
     q = pd.Series(0.0, index=ext.param_names)
     for k in ("mean:Intercept", "mean:x", "scale:Intercept", "scale:x", "var(u0)"):
         q[k] = p[k]
@@ -224,9 +224,7 @@ def test_scale_slope_recovery():
     df = simulate_scale_slope(J=120, n=20, sigma=sigma, seed=11)
     res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x")
     assert res._info["quadrature"] == "marginal" and res.nagq == 15
-    truth = pd.Series(
-        [0.2, 0.5, -0.8, 0.1, 0.10, 0.15, 0.06, -0.03, 0.01, 0.02], index=res.params.index
-    )
+    truth = pd.Series([0.2, 0.5, -0.8, 0.1, 0.10, 0.15, 0.06, -0.03, 0.01, 0.02], index=res.params.index)
     z = (res.params - truth) / res.bse
     assert res.converged
     assert np.all(np.abs(z) < 3.5), z

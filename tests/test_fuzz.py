@@ -144,8 +144,7 @@ def run_cases(n: int, seed: int) -> dict[str, int]:
             outcome = check_case(df, spec)
         except Exception as exc:  # report the reproducible case, not just the error
             raise AssertionError(
-                f"fuzz case {i} (case seed {case_seed}) failed: {spec}\n{df.head(20)}\n"
-                + "".join(traceback.format_exception(exc))
+                f"fuzz case {i} (case seed {case_seed}) failed: {spec}\n{df.head(20)}\n" + "".join(traceback.format_exception(exc))
             ) from exc
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts

@@ -117,9 +117,12 @@ def _job(tmp_path, settings: str, body: str, data: str, header: str = "t1\nt2\nd
     return p
 
 
-SMALL = "".join(f"{g} {y:.3f} {x:.3f}\n" for g, y, x in zip(np.repeat(np.arange(1, 31), 8),
-                                                               np.random.default_rng(3).normal(size=240),
-                                                               np.random.default_rng(4).normal(size=240)))
+SMALL = "".join(
+    f"{g} {y:.3f} {x:.3f}\n"
+    for g, y, x in zip(
+        np.repeat(np.arange(1, 31), 8), np.random.default_rng(3).normal(size=240), np.random.default_rng(4).normal(size=240)
+    )
+)
 
 
 @pytest.mark.parametrize(
@@ -320,8 +323,15 @@ def test_missing_code_on_the_mixwild_example_data(tmp_path):
     assert (res.nobs, res.ngroups) == (ref["n_obs"], ref["n_groups"]) == (13514, 1244)
     assert res.llf == pytest.approx(ref["independent_check"]["independent_loglik_by_nq"]["30"], abs=1e-4)
     conv = ref["converted"]
-    ours = {"beta_Intercept": "mean:Intercept", "beta_WEEKEND": "mean:WEEKEND", "alpha_Intercept": "scale:Intercept",
-            "alpha_WEEKEND": "scale:WEEKEND", "sigma2_u": "var(u0)", "sigma2_v": "var(v)", "sigma_uv": "cov(u0,v)"}
+    ours = {
+        "beta_Intercept": "mean:Intercept",
+        "beta_WEEKEND": "mean:WEEKEND",
+        "alpha_Intercept": "scale:Intercept",
+        "alpha_WEEKEND": "scale:WEEKEND",
+        "sigma2_u": "var(u0)",
+        "sigma2_v": "var(v)",
+        "sigma_uv": "cov(u0,v)",
+    }
     for key, name in ours.items():
         assert res.params[name] == pytest.approx(conv[key]["estimate"], rel=1e-4, abs=1e-4), key
         assert res.bse[name] == pytest.approx(conv[key]["se"], rel=2e-3), key
@@ -340,13 +350,18 @@ def test_mixwild2_random_slope_job_equals_direct_fit(tmp_path):
     assert job.layout == "mixwild_2" and job.random_slopes and job.u_labels == ("standLRT",)
     run = run_job(tmp_path / "job.def")
     exam = pd.read_csv(DATA / "exam.csv")
-    direct = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", re_formula="~ standLRT",
-                       nagq=7)
+    direct = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", re_formula="~ standLRT", nagq=7)
     assert run.results.llf == pytest.approx(direct.llf, abs=1e-6)
     np.testing.assert_allclose(run.results.params.to_numpy(), direct.params.to_numpy(), atol=1e-5)
     text = run.report
-    for part in ("Random (location) Effect Variances and Covariances", "Random Scale Variance and Covariance",
-                 "Cov standLRT", "Scale int var", "Error variance", "MLS = 1 (MIXREGMLS)"):
+    for part in (
+        "Random (location) Effect Variances and Covariances",
+        "Random Scale Variance and Covariance",
+        "Cov standLRT",
+        "Scale int var",
+        "Error variance",
+        "MLS = 1 (MIXREGMLS)",
+    ):
         assert part in text
     assert "ALPHA (BS variance" not in text
     row = next(ln for ln in text.splitlines() if ln.startswith("Scale int var"))
@@ -375,9 +390,18 @@ def test_mixwild2_random_slope_job_on_london(london, tmp_path):
     res = run.results
     assert run.job.random_slopes and res.nagq == 7
     assert res.llf >= ref["independent_check"]["independent_loglik_by_nq"]["15"] - 1e-6
-    names = {"beta_Intercept": "mean:Intercept", "beta_x": "mean:x", "sigma2_u0": "var(u0)", "sigma_u0u1": "cov(u0,u1)",
-             "sigma2_u1": "var(u1)", "alpha_Intercept": "scale:Intercept", "alpha_x": "scale:x", "sigma_u0v": "cov(u0,v)",
-             "sigma_u1v": "cov(u1,v)", "sigma2_v": "var(v)"}
+    names = {
+        "beta_Intercept": "mean:Intercept",
+        "beta_x": "mean:x",
+        "sigma2_u0": "var(u0)",
+        "sigma_u0u1": "cov(u0,u1)",
+        "sigma2_u1": "var(u1)",
+        "alpha_Intercept": "scale:Intercept",
+        "alpha_x": "scale:x",
+        "sigma_u0v": "cov(u0,v)",
+        "sigma_u1v": "cov(u1,v)",
+        "sigma2_v": "var(v)",
+    }
     for key, name in names.items():
         est, se = ref["converted"][key]["estimate"], ref["converted"][key]["se"]
         assert abs(res.params[name] - est) < 0.05 * se, key

@@ -42,11 +42,17 @@ def test_conversion_round_trip_and_reference_direction(exam_m3):
     # MIXREGLS's own estimates -> our scale gives the reference's converted values
     ref = load_reference("mixregls__exam__m3")
     raw = {k: v["estimate"] for k, v in ref["raw_parameters"].items()}
-    ours = from_mixregls({
-        "BETA:Intercept": raw["beta_Intercept"], "BETA:standLRT": raw["beta_standLRT"],
-        "ALPHA:Intercept": raw["ln_sigma2_u"], "TAU:Intercept": raw["alpha_Intercept"],
-        "TAU:standLRT": raw["alpha_standLRT"], "SCALE_SD:Std Dev": raw["tau_scale"], "LOC_EFF:Loc  Eff": raw["tau_loc"],
-    })
+    ours = from_mixregls(
+        {
+            "BETA:Intercept": raw["beta_Intercept"],
+            "BETA:standLRT": raw["beta_standLRT"],
+            "ALPHA:Intercept": raw["ln_sigma2_u"],
+            "TAU:Intercept": raw["alpha_Intercept"],
+            "TAU:standLRT": raw["alpha_standLRT"],
+            "SCALE_SD:Std Dev": raw["tau_scale"],
+            "LOC_EFF:Loc  Eff": raw["tau_loc"],
+        }
+    )
     conv = ref["converted"]
     assert ours["var(u0)"] == pytest.approx(conv["sigma2_u"]["estimate"], rel=1e-12)
     assert ours["var(v)"] == pytest.approx(conv["sigma2_v"]["estimate"], rel=1e-12)
@@ -81,8 +87,15 @@ def test_summary_style_mixwild_prints_the_mixregls_criteria(exam_m3):
     assert vals[1] == pytest.approx(ll - k * np.log(J) / 2, abs=1e-3)
     assert vals[2] == pytest.approx(ref["printed"]["aic_printed"], abs=2e-3)
     assert vals[3] == pytest.approx(ref["printed"]["bic_printed"], abs=2e-3)
-    for block in ("BETA (regression coefficients)", "ALPHA (BS variance", "TAU (WS variance", "Random scale standard deviation",
-                  "Random location (mean) effect", "BS variance ratios and 95% CIs", "WS variance ratios and 95% CIs"):
+    for block in (
+        "BETA (regression coefficients)",
+        "ALPHA (BS variance",
+        "TAU (WS variance",
+        "Random scale standard deviation",
+        "Random location (mean) effect",
+        "BS variance ratios and 95% CIs",
+        "WS variance ratios and 95% CIs",
+    ):
         assert block in text
     assert "<pre>" in smry.as_html() and "\\begin{verbatim}" in smry.as_latex()
     with pytest.raises(ModelSpecError, match="unknown summary style"):

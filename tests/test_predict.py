@@ -129,8 +129,7 @@ def test_random_slopes_three_dimensions(exam):
         q_u0 = _quantiles_1d(axes[0], mass.sum(axis=(1, 2)), [0.025, 0.975])
         q_v = _quantiles_1d(axes[2], mass.sum(axis=(0, 1)), [0.025, 0.975])
         np.testing.assert_allclose(t0.iloc[j][["mean_lo", "mean_hi"]], q_u0, atol=1e-5)
-        np.testing.assert_allclose(np.log(t0.iloc[j][["var_lo", "var_hi"]].to_numpy(float)) - wbar @ res.fe_scale,
-                                   q_v, atol=1e-5)
+        np.testing.assert_allclose(np.log(t0.iloc[j][["var_lo", "var_hi"]].to_numpy(float)) - wbar @ res.fe_scale, q_v, atol=1e-5)
     # the exact grid representation integrates u out in closed form (any q)
     m2, C2 = PosteriorGrid.build(res.theta, res.model.design).moments()
     np.testing.assert_allclose(re_[["u0", "u1", "v"]].to_numpy(), m2, atol=5e-5)

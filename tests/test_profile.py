@@ -22,8 +22,7 @@ def test_reparameterisation_reproduces_theta(seed_m3):
         assert np.allclose(np.asarray(prof.theta(free, seed_m3.params[name])), seed_m3.theta, atol=1e-12)
         # the fixed value is what the model's natural parameter then equals
         th = np.asarray(prof.theta(free, 0.5 * seed_m3.params[name]))
-        assert seed_m3.layout.to_natural(th)[list(seed_m3.layout.names).index(name)] == pytest.approx(
-            0.5 * seed_m3.params[name])
+        assert seed_m3.layout.to_natural(th)[list(seed_m3.layout.names).index(name)] == pytest.approx(0.5 * seed_m3.params[name])
 
 
 def test_coefficient_interval_matches_wald(seed_m3):

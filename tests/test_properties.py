@@ -26,7 +26,9 @@ from mlsml.quadrature import gauss_hermite_rule
 
 # no shrinking: each example costs a few fits, and a failure is reported as drawn
 SETTINGS = dict(
-    deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
 )
 
@@ -130,9 +132,7 @@ def test_more_quadrature_points_move_llf_within_documented_error(df):
     random_scale=st.booleans(),
 )
 def test_autograd_gradient_equals_finite_differences(df, theta_noise, random_scale):
-    model = mlsml.MELSM.from_formula(
-        "y ~ x", df, groups="school", scale_formula="~ x", random_scale=random_scale
-    )
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x", random_scale=random_scale)
     design = model.design
     n = design.layout.n_params
     theta = np.array([0.0, 0.7, -0.8, 0.05, np.log(0.3), 0.1, np.log(0.4)])[:n] + np.array(theta_noise[:n])
@@ -151,4 +151,3 @@ def test_autograd_gradient_equals_finite_differences(df, theta_noise, random_sca
     np.testing.assert_allclose(g, fd_fixed, rtol=1e-5, atol=1e-5)
     # and of the adapted likelihood itself, up to the derivative of the quadrature error
     np.testing.assert_allclose(g, fd_adapted, rtol=1e-4, atol=1e-4 * design.ngroups)
-

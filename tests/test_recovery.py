@@ -17,8 +17,13 @@ import mlsml
 from mlsml.simulate import draw_responses
 
 TRUTH = {  # the seed paper's supplement design (seed_sim.truth.json)
-    "mean:Intercept": 0.0, "mean:x": 0.7, "scale:Intercept": -0.8, "scale:x": 0.05,
-    "var(u0)": 0.05, "var(v)": 0.05, "cov(u0,v)": 0.025,
+    "mean:Intercept": 0.0,
+    "mean:x": 0.7,
+    "scale:Intercept": -0.8,
+    "scale:x": 0.05,
+    "var(u0)": 0.05,
+    "var(v)": 0.05,
+    "cov(u0,v)": 0.025,
 }
 
 

@@ -29,9 +29,7 @@ MODELS = {
 
 def _fit(df, y, x, model):
     spec = MODELS[model]
-    return mlsml.fit(
-        f"{y} ~ {x}", df, groups="school", scale_formula=spec["scale"].format(x=x), random_scale=spec["random_scale"]
-    )
+    return mlsml.fit(f"{y} ~ {x}", df, groups="school", scale_formula=spec["scale"].format(x=x), random_scale=spec["random_scale"])
 
 
 def _ours(res, x):

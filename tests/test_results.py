@@ -44,7 +44,14 @@ def test_inference_is_consistent(exam_m3):
 def test_summary_text_html_latex(exam_m3):
     s = exam_m3.summary()
     text = s.as_text()
-    for piece in ["Mean function", "Residual variance", "var(u0)", "cov(u0,v)", "corr(u0,v)", "-4656.3164", ]:
+    for piece in [
+        "Mean function",
+        "Residual variance",
+        "var(u0)",
+        "cov(u0,v)",
+        "corr(u0,v)",
+        "-4656.3164",
+    ]:
         assert piece in text, piece
     assert re.search(r"Converged:\s+Yes", text)
     assert "<table" in s.as_html()

@@ -10,8 +10,23 @@ from scipy import stats
 import mlsml
 from mlsml import DataError, ModelSpecError
 
-COLUMNS = ["n", "mean", "mean_lo", "mean_hi", "mean_rank", "mean_rank_lo", "mean_rank_hi", "mean_flag",
-           "var", "var_lo", "var_hi", "var_rank", "var_rank_lo", "var_rank_hi", "var_flag"]
+COLUMNS = [
+    "n",
+    "mean",
+    "mean_lo",
+    "mean_hi",
+    "mean_rank",
+    "mean_rank_lo",
+    "mean_rank_hi",
+    "mean_flag",
+    "var",
+    "var_lo",
+    "var_hi",
+    "var_rank",
+    "var_rank_lo",
+    "var_rank_hi",
+    "var_flag",
+]
 
 
 def test_school_table_contract(exam_m3):
@@ -79,8 +94,7 @@ def _delta_se(res, f, names):
 def test_population_quantities_formulas_and_ses(exam_m3):
     r = exam_m3
     pq = r.population_quantities()
-    assert {"pa_variance", "idr_mean_lo", "idr_mean_hi", "idr_var_lo", "idr_var_hi", "vpc", "corr_uv",
-            "corr_pred"} <= set(pq.index)
+    assert {"pa_variance", "idr_mean_lo", "idr_mean_hi", "idr_var_lo", "idr_var_hi", "vpc", "corr_uv", "corr_pred"} <= set(pq.index)
     assert list(pq.columns) == ["estimate", "std err"]
     xbar = r.model.design.W[:, 1].mean()
     z = stats.norm.ppf(0.9)
@@ -123,8 +137,9 @@ def test_predict_known_and_new_schools(exam):
     r = mlsml.fit("normexam ~ standLRT + C(sex)", exam, groups="school", scale_formula="~ standLRT")
     re_ = r.random_effects()
     t = r.school_effects()
-    new = pd.DataFrame({"school": [1, 1, 999, 65], "standLRT": [0.0, 1.0, 0.5, -1.0], "sex": ["F", "M", "F", "M"]},
-                       index=[10, 11, 12, 13])
+    new = pd.DataFrame(
+        {"school": [1, 1, 999, 65], "standLRT": [0.0, 1.0, 0.5, -1.0], "sex": ["F", "M", "F", "M"]}, index=[10, 11, 12, 13]
+    )
     b, a = r.fe_mean, r.fe_scale
     xb = b["Intercept"] + b["standLRT"] * new["standLRT"] + b["C(sex)[T.M]"] * (new["sex"] == "M")
     wa = a["Intercept"] + a["standLRT"] * new["standLRT"]
@@ -140,8 +155,7 @@ def test_predict_known_and_new_schools(exam):
     assert var.iloc[0] == pytest.approx(np.exp(wa.iloc[0]) * ev1, rel=1e-12)
     # new school: the population (marginal) variance exp(w'alpha + var(v)/2)
     assert var.iloc[2] == pytest.approx(np.exp(wa.iloc[2] + r.params["var(v)"] / 2), rel=1e-12)
-    np.testing.assert_allclose(r.predict(new, kind="variance", conditional=False),
-                               np.exp(wa + r.params["var(v)"] / 2), rtol=1e-12)
+    np.testing.assert_allclose(r.predict(new, kind="variance", conditional=False), np.exp(wa + r.params["var(v)"] / 2), rtol=1e-12)
     with pytest.raises(DataError, match="'school'"):
         r.predict(new.drop(columns="school"))
     assert r.predict(new.drop(columns="school"), conditional=False).shape == (4,)
@@ -159,8 +173,21 @@ def test_cli_writes_school_table(tmp_path):
     from mlsml.cli import main
 
     out = tmp_path / "schools.csv"
-    code = main(["fit", str(DATA / "exam.csv"), "--formula", "normexam ~ standLRT", "--groups", "school",
-                 "--scale", "~ standLRT", "--schools", str(out), "-q"])
+    code = main(
+        [
+            "fit",
+            str(DATA / "exam.csv"),
+            "--formula",
+            "normexam ~ standLRT",
+            "--groups",
+            "school",
+            "--scale",
+            "~ standLRT",
+            "--schools",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     t = pd.read_csv(out, index_col="school")
     assert list(t.columns) == COLUMNS[0:] and len(t) == 65

@@ -35,9 +35,7 @@ def test_model4_default_rule_is_accurate(exam_m4, exam):
 
     d = res.model.design
     assert abs(loglik_marginal(res.theta, d, adapt_marginal(res.theta, d, marginal_rule(31))) - res.llf) < 1e-8
-    assert list(res.params.index[4:]) == [
-        "var(u0)", "var(u1)", "var(v)", "cov(u0,u1)", "cov(u0,v)", "cov(u1,v)"
-    ]
+    assert list(res.params.index[4:]) == ["var(u0)", "var(u1)", "var(v)", "cov(u0,u1)", "cov(u0,v)", "cov(u1,v)"]
     for nq in (10, 12):
         assert abs(loglik(res.theta, res.model.design, nq) - res.llf) < 1e-5
 
@@ -84,9 +82,16 @@ def test_london_model4_matches_mixregmls(london):
     assert res.llf - indep < 0.01  # their estimates are within a whisker of the maximum
     conv = ref["converted"]
     names = {
-        "mean:Intercept": "beta_Intercept", "mean:x": "beta_x", "scale:Intercept": "alpha_Intercept",
-        "scale:x": "alpha_x", "var(u0)": "sigma2_u0", "var(u1)": "sigma2_u1", "var(v)": "sigma2_v",
-        "cov(u0,u1)": "sigma_u0u1", "cov(u0,v)": "sigma_u0v", "cov(u1,v)": "sigma_u1v",
+        "mean:Intercept": "beta_Intercept",
+        "mean:x": "beta_x",
+        "scale:Intercept": "alpha_Intercept",
+        "scale:x": "alpha_x",
+        "var(u0)": "sigma2_u0",
+        "var(u1)": "sigma2_u1",
+        "var(v)": "sigma2_v",
+        "cov(u0,u1)": "sigma_u0u1",
+        "cov(u0,v)": "sigma_u0v",
+        "cov(u1,v)": "sigma_u1v",
     }
     for ours, theirs in names.items():
         assert abs(res.params[ours] - conv[theirs]["estimate"]) < 0.1 * res.bse[ours], ours
@@ -106,9 +111,7 @@ def test_model4_recovery_london_truth():
     cov = np.array(truth["cov"])
     rng = np.random.default_rng(7)
     sizes = rng.integers(60, 250, size=150)
-    df = mlsml.simulate.simulate_data(
-        sizes, beta=beta, alpha=alpha, cov=cov, random_scale=True, random_slope=True, seed=8
-    )
+    df = mlsml.simulate.simulate_data(sizes, beta=beta, alpha=alpha, cov=cov, random_scale=True, random_slope=True, seed=8)
     res = mlsml.fit("y ~ x", df, groups="school", re_formula="~ x", scale_formula="~ x")
     true = pd.Series(
         [*beta, *alpha, cov[0, 0], cov[1, 1], cov[2, 2], cov[0, 1], cov[0, 2], cov[1, 2]],
@@ -126,8 +129,11 @@ def test_marginal_rule_three_mean_effects_matches_product(exam):
     from mlsml.optimize import start_values
 
     m = mlsml.MELSM.from_formula(
-        "normexam ~ standLRT", exam, groups="school",
-        re_formula="~ standLRT + I(standLRT**2)", scale_formula="~ standLRT",
+        "normexam ~ standLRT",
+        exam,
+        groups="school",
+        re_formula="~ standLRT + I(standLRT**2)",
+        scale_formula="~ standLRT",
     )
     th = start_values(m.design)
     exact = float(loglik_marginal(th, m.design, adapt_marginal(th, m.design, marginal_rule(21))))
@@ -139,8 +145,7 @@ def test_quadrature_option_errors(exam):
     with pytest.raises(ModelSpecError, match="quadrature must be"):
         mlsml.fit("normexam ~ standLRT", exam, groups="school", quadrature="sparse")
     with pytest.raises(ModelSpecError, match="random scale"):
-        mlsml.fit("normexam ~ standLRT", exam, groups="school", re_formula="~ standLRT",
-                  random_scale=False, quadrature="marginal")
+        mlsml.fit("normexam ~ standLRT", exam, groups="school", re_formula="~ standLRT", random_scale=False, quadrature="marginal")
     with pytest.raises(ModelSpecError, match="prune"):
         mlsml.fit("normexam ~ standLRT", exam, groups="school", prune=1.5)
     with pytest.raises(ModelSpecError, match="product rule only"):

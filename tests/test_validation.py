@@ -101,8 +101,9 @@ def test_simulation_data_and_one_replication():
 
 def test_summaries_of_a_known_frame():
     truth = {"mean:x": 1.0}
-    df = pd.DataFrame({"converged": [True] * 4 + [False], "est:mean:x": [0.9, 1.1, 1.0, 1.5, 9.0],
-                       "se:mean:x": [0.1, 0.1, 0.1, 0.1, 0.1]})
+    df = pd.DataFrame(
+        {"converged": [True] * 4 + [False], "est:mean:x": [0.9, 1.1, 1.0, 1.5, 9.0], "se:mean:x": [0.1, 0.1, 0.1, 0.1, 0.1]}
+    )
     s = simstudy.summarise(df, truth)
     assert s.loc["mean:x", "n"] == 4  # the failed fit is excluded
     assert s.loc["mean:x", "bias"] == pytest.approx(0.125)
@@ -131,9 +132,15 @@ def test_replication_reports_missing_issue4_api_or_uses_it(tmp_path):
 
     rng = np.random.default_rng(0)
     J = 50
-    effects = pd.DataFrame({"n": rng.integers(10, 200, J), "mean": rng.normal(0, 0.2, J),
-                            "var": np.exp(rng.normal(-0.9, 0.15, J)),
-                            "mean_flag": rng.choice([-1, 0, 1], J), "var_flag": rng.choice([-1, 0, 0, 1], J)})
+    effects = pd.DataFrame(
+        {
+            "n": rng.integers(10, 200, J),
+            "mean": rng.normal(0, 0.2, J),
+            "var": np.exp(rng.normal(-0.9, 0.15, J)),
+            "mean_flag": rng.choice([-1, 0, 1], J),
+            "var_flag": rng.choice([-1, 0, 0, 1], J),
+        }
+    )
     pq = pd.DataFrame({"estimate": [0.43, 0.3], "std err": [0.01, 0.02]}, index=["pa_variance", "idr_var_lo"])
 
     class WithApi:
@@ -154,4 +161,8 @@ def test_replication_reports_missing_issue4_api_or_uses_it(tmp_path):
     assert f"**{int((effects['var_flag'] != 0).sum())} of {J}**" in text
     assert "pa_variance" in text
     assert sorted(p.name for p in tmp_path.glob("fig*.png")) == [
-        "fig1_mean_vs_variance.png", "fig2_caterpillar.png", "fig3_models3_4.png", "fig4_models5_3.png"]
+        "fig1_mean_vs_variance.png",
+        "fig2_caterpillar.png",
+        "fig3_models3_4.png",
+        "fig4_models5_3.png",
+    ]

@@ -18,17 +18,24 @@ from .common import HERE, log
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m validation", description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*",
-                    help="sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs frequentist bayes "
-                         "replication simstudy")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        help="sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs frequentist bayes replication simstudy",
+    )
     a = ap.parse_args(argv)
     import mlsml
 
     from . import bayes, fortran_runs, frequentist, mixregls, replication, simstudy
 
-    sections = {"mixregls": mixregls.section, "fortran_runs": fortran_runs.section,
-                "frequentist": frequentist.section, "bayes": bayes.section,
-                "replication": replication.section, "simstudy": simstudy.section}
+    sections = {
+        "mixregls": mixregls.section,
+        "fortran_runs": fortran_runs.section,
+        "frequentist": frequentist.section,
+        "bayes": bayes.section,
+        "replication": replication.section,
+        "simstudy": simstudy.section,
+    }
     chosen = a.only or list(sections)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -60,8 +67,15 @@ def main(argv=None) -> int:
     for part in parts[n_head:]:
         title = next((ln[3:] for ln in part.splitlines() if ln.startswith("## ")), "")
         for ln in part.splitlines():
-            if ("comparisons pass" in ln or "**PASS" in ln or "**DIFFERS" in ln or "converged: **" in ln
-                    or ": **PASS**" in ln or ": **DIFFERS**" in ln or ln.startswith("**Not produced")):
+            if (
+                "comparisons pass" in ln
+                or "**PASS" in ln
+                or "**DIFFERS" in ln
+                or "converged: **" in ln
+                or ": **PASS**" in ln
+                or ": **DIFFERS**" in ln
+                or ln.startswith("**Not produced")
+            ):
                 verdicts.append(f"- {title.split(' (')[0]}: {ln.strip()}")
     parts[n_head:n_head] = ["## Summary", "", *verdicts, ""]
     if a.only:  # a partial run never overwrites the committed report

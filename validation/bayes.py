@@ -25,8 +25,16 @@ import mlsml
 from .common import REFERENCE, cached_fit, load_data, load_json, log, md_table
 
 FILES = {"seed_sim": ("y", "x"), "exam": ("normexam", "standLRT")}
-KEYS = {"beta0": "mean:Intercept", "beta1": "mean:{x}", "alpha0": "scale:Intercept", "alpha1": "scale:{x}",
-        "sigma2_u": "var(u0)", "sigma2_v": "var(v)", "sigma_uv": "cov(u0,v)", "rho_uv": "corr(u0,v)"}
+KEYS = {
+    "beta0": "mean:Intercept",
+    "beta1": "mean:{x}",
+    "alpha0": "scale:Intercept",
+    "alpha1": "scale:{x}",
+    "sigma2_u": "var(u0)",
+    "sigma2_v": "var(v)",
+    "sigma_uv": "cov(u0,v)",
+    "rho_uv": "corr(u0,v)",
+}
 
 
 def _fit(dataset: str):
@@ -38,11 +46,19 @@ def brms_table(dataset: str) -> tuple[pd.DataFrame, dict]:
     ref = load_json(REFERENCE / "r" / f"{dataset}__brms__M3.json")
     x = FILES[dataset][1]
     res = _fit(dataset)
-    draws = pd.DataFrame({KEYS[k].format(x=x): {"mean": v["mean"], "sd": v["sd"], "2.5%": v["2.5%"],
-                                                  "97.5%": v["97.5%"]} for k, v in ref["ours"].items()}).T
+    draws = pd.DataFrame(
+        {
+            KEYS[k].format(x=x): {"mean": v["mean"], "sd": v["sd"], "2.5%": v["2.5%"], "97.5%": v["97.5%"]}
+            for k, v in ref["ours"].items()
+        }
+    ).T
     exact = mlsml.compare_bayes(res, draws)
-    native = pd.DataFrame({k.replace("_x", f"_{x}") if k.endswith("_x") else k: {"Estimate": v["mean"],
-                           "Est.Error": v["sd"]} for k, v in ref["brms_native"].items()}).T
+    native = pd.DataFrame(
+        {
+            k.replace("_x", f"_{x}") if k.endswith("_x") else k: {"Estimate": v["mean"], "Est.Error": v["sd"]}
+            for k, v in ref["brms_native"].items()
+        }
+    ).T
     approx = mlsml.compare_bayes(res, native)
     t = exact[["estimate", "std err", "post mean", "post sd", "post lower", "post upper", "diff", "diff/SE"]].copy()
     t.columns = ["ML", "ML SE", "brms mean", "brms SD", "brms 2.5%", "brms 97.5%", "ML - mean", "(ML - mean)/SE"]
@@ -70,8 +86,7 @@ def _forest(t: pd.DataFrame, dataset: str):
     lo = (t["brms 2.5%"].to_numpy() - ml) / se
     hi = (t["brms 97.5%"].to_numpy() - ml) / se
     mean = (t["brms mean"].to_numpy() - ml) / se
-    ax.errorbar(mean, y - 0.12, xerr=[mean - lo, hi - mean], fmt="s", color="tab:blue", ms=4,
-                label="brms mean, 2.5%-97.5%")
+    ax.errorbar(mean, y - 0.12, xerr=[mean - lo, hi - mean], fmt="s", color="tab:blue", ms=4, label="brms mean, 2.5%-97.5%")
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
     ax.axvline(0, color="0.7", lw=0.8)
@@ -93,9 +108,11 @@ def _verdict(t: pd.DataFrame) -> tuple[bool, str]:
     ok_loc = bool(np.all(np.abs(z[loc]) <= 0.25))
     ok_var = bool(np.all(np.abs(z[var]) <= 1.0))
     below = [n for n in var if z[n] < 0]
-    msg = (f"coefficients max |diff|/SE = {np.abs(z[loc]).max():.3f} (≤ 0.25: {'PASS' if ok_loc else 'DIFFERS'}); "
-           f"variance parameters max |diff|/SE = {np.abs(z[var]).max():.3f} (≤ 1: {'PASS' if ok_var else 'DIFFERS'}); "
-           f"ML below the posterior mean for {', '.join(below) if below else 'none'}")
+    msg = (
+        f"coefficients max |diff|/SE = {np.abs(z[loc]).max():.3f} (≤ 0.25: {'PASS' if ok_loc else 'DIFFERS'}); "
+        f"variance parameters max |diff|/SE = {np.abs(z[var]).max():.3f} (≤ 1: {'PASS' if ok_var else 'DIFFERS'}); "
+        f"ML below the posterior mean for {', '.join(below) if below else 'none'}"
+    )
     return ok_loc and ok_var, msg
 
 
@@ -118,10 +135,12 @@ def section() -> str:
         log(f"  brms {dataset}")
         t, ref = brms_table(dataset)
         ok, msg = _verdict(t)
-        out.append(f"### {dataset}: brms 2.18, Model 3, {ref['chains']} chains × {ref['iter'] - ref['warmup']} draws "
-                   f"(max Rhat {ref['rhat_max_all']:.3f}, min bulk ESS {ref['ess_bulk_min_all']:.0f}, "
-                   f"{ref['divergences']} divergences; sampling {ref['sampling_time_s']:.0f} s + compile "
-                   f"{ref['compile_time_s']:.0f} s)")
+        out.append(
+            f"### {dataset}: brms 2.18, Model 3, {ref['chains']} chains × {ref['iter'] - ref['warmup']} draws "
+            f"(max Rhat {ref['rhat_max_all']:.3f}, min bulk ESS {ref['ess_bulk_min_all']:.0f}, "
+            f"{ref['divergences']} divergences; sampling {ref['sampling_time_s']:.0f} s + compile "
+            f"{ref['compile_time_s']:.0f} s)"
+        )
         out.append("")
         out.append(md_table(t, digits=4))
         out.append("")
@@ -147,12 +166,19 @@ def section() -> str:
     rows = []
     for n in names:
         st, br = paper["stata_bayesmh"], paper["brms_table"]
-        rows.append({
-            "parameter": n, "true": paper["truth"][n],
-            "Stata bayesmh mean": st["mean"][n], "Stata SD": st["sd"][n], "Stata MCSE": st["mcse"][n],
-            "paper brms mean": br["mean"][n], "paper brms SD": br["sd"][n],
-            "ML on seed_sim": fit["params"][n], "ML SE": fit["bse"][n],
-        })
+        rows.append(
+            {
+                "parameter": n,
+                "true": paper["truth"][n],
+                "Stata bayesmh mean": st["mean"][n],
+                "Stata SD": st["sd"][n],
+                "Stata MCSE": st["mcse"][n],
+                "paper brms mean": br["mean"][n],
+                "paper brms SD": br["sd"][n],
+                "ML on seed_sim": fit["params"][n],
+                "ML SE": fit["bse"][n],
+            }
+        )
     t = pd.DataFrame(rows).set_index("parameter")
     out.append("### The seed paper's own Bayesian fits (Section S3)")
     out.append("")

@@ -45,9 +45,9 @@ REFERENCE_NAMES = {"var(u0)": "sigma2_u", "var(v)": "sigma2_v", "cov(u0,v)": "si
 
 def _our_name(raw: str) -> str:
     if raw.startswith("beta_"):
-        return "mean:" + raw[len("beta_"):]
+        return "mean:" + raw[len("beta_") :]
     if raw.startswith("alpha_"):
-        return "scale:" + raw[len("alpha_"):]
+        return "scale:" + raw[len("alpha_") :]
     raise KeyError(raw)
 
 
@@ -109,8 +109,9 @@ def mixregls_to_ours(raw_estimates, raw_covariance, order: list[str]) -> tuple[p
         Delta-method covariance ``J V J'`` of those estimates.
     """
     if isinstance(raw_estimates, dict):
-        raw = np.array([float(raw_estimates[n]["estimate"] if isinstance(raw_estimates[n], dict) else raw_estimates[n])
-                        for n in order])
+        raw = np.array(
+            [float(raw_estimates[n]["estimate"] if isinstance(raw_estimates[n], dict) else raw_estimates[n]) for n in order]
+        )
     else:
         raw = np.asarray(raw_estimates, dtype=float)
     V = np.asarray(raw_covariance, dtype=float)
@@ -138,8 +139,14 @@ def from_reference_json(ref: dict) -> pd.DataFrame:
         est, cov = mixregls_to_ours(ref["raw_parameters"], matrix, order)
         return pd.DataFrame({"estimate": est, "se": np.sqrt(np.clip(np.diag(cov), 0, None))})
     rename = {
-        "sigma2_u0": "var(u0)", "sigma2_u1": "var(u1)", "sigma2_v": "var(v)", "sigma_u0u1": "cov(u0,u1)",
-        "sigma_u0v": "cov(u0,v)", "sigma_u1v": "cov(u1,v)", "rho_u0u1": "corr(u0,u1)", "rho_u0v": "corr(u0,v)",
+        "sigma2_u0": "var(u0)",
+        "sigma2_u1": "var(u1)",
+        "sigma2_v": "var(v)",
+        "sigma_u0u1": "cov(u0,u1)",
+        "sigma_u0v": "cov(u0,v)",
+        "sigma_u1v": "cov(u1,v)",
+        "rho_u0u1": "corr(u0,u1)",
+        "rho_u0v": "corr(u0,v)",
         "rho_u1v": "corr(u1,v)",
     }
     rows = {}

@@ -70,11 +70,19 @@ def section() -> str:
         ll_ref = st["loglik"]
         ll_ok = abs(res.llf - ll_ref) <= (2e-3 if name != "riesby_linear" else 5e-3)
         ok = bool(ll_ok and d_se.max() <= 0.02 and se_rel.max() <= 0.02 and res.converged)
-        rows.append({
-            "reference": name, "our nagq": res.nagq, "our logL": res.llf, "their logL (printed)": ll_ref,
-            "ours − theirs": res.llf - ll_ref, "max |diff|/SE": d_se.max(), "max SE rel diff": se_rel.max(),
-            "converged": res.converged, "result": passfail(ok),
-        })
+        rows.append(
+            {
+                "reference": name,
+                "our nagq": res.nagq,
+                "our logL": res.llf,
+                "their logL (printed)": ll_ref,
+                "ours − theirs": res.llf - ll_ref,
+                "max |diff|/SE": d_se.max(),
+                "max SE rel diff": se_rel.max(),
+                "converged": res.converged,
+                "result": passfail(ok),
+            }
+        )
         tables[name] = pd.DataFrame({"ours": res.params, "SE": se, "MIXREGLS": theirs, "diff/SE": d_se})
     summ = pd.DataFrame(rows).set_index("reference")
     out.append(md_table(summ, digits=6))

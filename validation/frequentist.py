@@ -67,8 +67,7 @@ def loglik_at(dataset: str, model: str, values: dict) -> float:
     import mlsml
 
     mean, scale, re_ = _formulas(dataset, model)
-    m = mlsml.MELSM.from_formula(mean, load_data(dataset), groups="school", scale_formula=scale, re_formula=re_,
-                                 random_scale=False)
+    m = mlsml.MELSM.from_formula(mean, load_data(dataset), groups="school", scale_formula=scale, re_formula=re_, random_scale=False)
     missing = [n for n in m.param_names if n not in values or not np.isfinite(values[n])]
     if missing:
         return float("nan")
@@ -121,10 +120,15 @@ def compare_r(path, fit=fit_summary_for) -> tuple[dict, pd.DataFrame]:
     est_ok = bool(np.all(np.abs(t["diff"]) <= tol))
     ll_ok, note = _judge(dll, at_theirs - ref["logLik"], ours["singular"], est_ok)
     summary = {
-        "dataset": dataset, "program": f"{package} {model}", "our max logL": ours["llf"], "their logL": ref["logLik"],
-        "diff": dll, "ours at their estimates - theirs": at_theirs - ref["logLik"],
+        "dataset": dataset,
+        "program": f"{package} {model}",
+        "our max logL": ours["llf"],
+        "their logL": ref["logLik"],
+        "diff": dll,
+        "ours at their estimates - theirs": at_theirs - ref["logLik"],
         "max |est diff|": float(np.abs(t["diff"]).max()) if len(t) else np.nan,
-        "result": passfail(ll_ok), "note": note,
+        "result": passfail(ll_ok),
+        "note": note,
     }
     return summary, t
 
@@ -138,8 +142,7 @@ def _judge(dll: float, d_at: float, singular: bool, est_ok: bool) -> tuple[bool,
         return est_ok, note if est_ok else "estimates differ beyond max(1e-4, 0.01 SE)"
     if dll > 0 and np.isfinite(d_at) and abs(d_at) <= TOL_LL:
         why = "boundary estimate (singular fit); " if singular else ""
-        return True, (f"{why}their optimiser stopped {dll:.1e} below the maximum; our logL at their "
-                      "estimates equals theirs")
+        return True, (f"{why}their optimiser stopped {dll:.1e} below the maximum; our logL at their estimates equals theirs")
     return False, "logL differs"
 
 
@@ -163,14 +166,18 @@ def statsmodels_live(dataset: str, model: str) -> dict:
     if cr.shape[0] > 1:
         vals["var(u1)"], vals["cov(u0,u1)"] = cr[1, 1], cr[0, 1]
     d_at = loglik_at(dataset, model, vals) - sm.llf
-    d_beta = max(abs(ours["params"]["mean:Intercept"] - sm.fe_params["Intercept"]),
-                 abs(ours["params"][f"mean:{x}"] - sm.fe_params[x]))
+    d_beta = max(abs(ours["params"]["mean:Intercept"] - sm.fe_params["Intercept"]), abs(ours["params"][f"mean:{x}"] - sm.fe_params[x]))
     d_var = abs(ours["params"]["var(u0)"] - float(sm.cov_re.iloc[0, 0]))
     ok, note = _judge(dll, d_at, ours["singular"], True)
     return {
-        "dataset": dataset, "program": f"statsmodels MixedLM {model} (live)", "our max logL": ours["llf"],
-        "their logL": float(sm.llf), "diff": dll, "ours at their estimates - theirs": d_at,
-        "max |est diff|": max(d_beta, d_var), "result": passfail(ok),
+        "dataset": dataset,
+        "program": f"statsmodels MixedLM {model} (live)",
+        "our max logL": ours["llf"],
+        "their logL": float(sm.llf),
+        "diff": dll,
+        "ours at their estimates - theirs": d_at,
+        "max |est diff|": max(d_beta, d_var),
+        "result": passfail(ok),
         "note": "; ".join(x for x in (note, f"statsmodels warned: {', '.join(msgs)}" if msgs else "") if x),
     }
 
@@ -197,8 +204,9 @@ def section() -> str:
         if ref.get("package") not in ("lme4", "glmmTMB") or ref.get("model") not in MODELS:
             continue
         if ref["dataset"] == "london_sim" and not have_london:
-            summaries.append({"dataset": ref["dataset"], "program": f"{ref['package']} {ref['model']}",
-                              "result": "SKIPPED (no ../shared)"})
+            summaries.append(
+                {"dataset": ref["dataset"], "program": f"{ref['package']} {ref['model']}", "result": "SKIPPED (no ../shared)"}
+            )
             continue
         log(f"  {path.name}")
         s, t = compare_r(path)
@@ -215,12 +223,11 @@ def section() -> str:
     out.append("")
     n_pass = int((summ["result"] == "PASS").sum())
     n_skip = int(summ["result"].astype(str).str.startswith("SKIPPED").sum())
-    out.append(f"**{n_pass} of {len(summ) - n_skip} comparisons pass** (logL to 1e-5)."
-               + (f" ({n_skip} skipped)" if n_skip else ""))
+    out.append(f"**{n_pass} of {len(summ) - n_skip} comparisons pass** (logL to 1e-5)." + (f" ({n_skip} skipped)" if n_skip else ""))
     out.append("")
     out.append(
         "Not compared: `seed_sim__glmmTMB__probe_dispformula_random_effect` records that glmmTMB refuses a random "
-        "effect in `dispformula` (\"no random effects allowed in dispersion term\"): it cannot fit the random scale."
+        'effect in `dispformula` ("no random effects allowed in dispersion term"): it cannot fit the random scale.'
     )
     out.append("")
     out.append("<details><summary>Parameter tables</summary>")

@@ -44,10 +44,25 @@ LONDON_COVARIATES = (
 
 # which reference files are compared, with the reason for any that are not
 FILES = [
-    "exam__m1", "exam__m2", "exam__m2_nq21", "exam__m3", "exam__m3_nq21",
-    "seed_sim__m1", "seed_sim__m2", "seed_sim__m2_nq21", "seed_sim__m3", "seed_sim__m3_nq21",
-    "london_sim__m1", "london_sim__m2", "london_sim__m3", "london_sim__m3_nq21", "london_sim__m4_nq7", "london_sim__m6",
-    "mixwild_example__m1", "mixwild_example__m2_nq21", "mixwild_example__m3_nq21",
+    "exam__m1",
+    "exam__m2",
+    "exam__m2_nq21",
+    "exam__m3",
+    "exam__m3_nq21",
+    "seed_sim__m1",
+    "seed_sim__m2",
+    "seed_sim__m2_nq21",
+    "seed_sim__m3",
+    "seed_sim__m3_nq21",
+    "london_sim__m1",
+    "london_sim__m2",
+    "london_sim__m3",
+    "london_sim__m3_nq21",
+    "london_sim__m4_nq7",
+    "london_sim__m6",
+    "mixwild_example__m1",
+    "mixwild_example__m2_nq21",
+    "mixwild_example__m3_nq21",
     "mixwild_example__m3_nq21@default",
 ]
 # why a comparison differs, when it is understood (printed under the summary table)
@@ -92,8 +107,10 @@ def _spec(dataset: str, model: str) -> tuple[str, dict]:
 def our_name_map(dataset: str, names) -> dict:
     """Map our parameter names to the reference's (term names differ for dummies)."""
     rename = {
-        "C(ethnicity, Treatment('White'))[T.": "", "C(school_type, Treatment('standard'))[T.": "",
-        "C(admissions, Treatment('comprehensive'))[T.": "", "C(school_gender, Treatment('mixed'))[T.": "",
+        "C(ethnicity, Treatment('White'))[T.": "",
+        "C(school_type, Treatment('standard'))[T.": "",
+        "C(admissions, Treatment('comprehensive'))[T.": "",
+        "C(school_gender, Treatment('mixed'))[T.": "",
     }
     alias = {"other": "type_other", "boys": "boys_school", "girls": "girls_school"}
     out = {}
@@ -140,11 +157,18 @@ def compare_file(name: str) -> tuple[dict, pd.DataFrame]:
         if rn not in theirs.index:
             continue
         te, ts = theirs.loc[rn, "estimate"], theirs.loc[rn, "se"]
-        rows.append({
-            "parameter": n if n == rn else rn, "ours": est[n], "ours SE": se[n], "MIXREGLS": te, "MIXREGLS SE": ts,
-            "diff": est[n] - te, "diff/SE": (est[n] - te) / ts if ts and np.isfinite(ts) else np.nan,
-            "SE rel diff": se[n] / ts - 1 if ts and np.isfinite(ts) else np.nan,
-        })
+        rows.append(
+            {
+                "parameter": n if n == rn else rn,
+                "ours": est[n],
+                "ours SE": se[n],
+                "MIXREGLS": te,
+                "MIXREGLS SE": ts,
+                "diff": est[n] - te,
+                "diff/SE": (est[n] - te) / ts if ts and np.isfinite(ts) else np.nan,
+                "SE rel diff": se[n] / ts - 1 if ts and np.isfinite(ts) else np.nan,
+            }
+        )
     table = pd.DataFrame(rows).set_index("parameter")
     indep = ref.get("independent_check", {}).get("independent_loglik_by_nq", {})
     if not indep:  # the _nq21 files carry no independent check: use that of the 11-point run
@@ -164,11 +188,19 @@ def compare_file(name: str) -> tuple[dict, pd.DataFrame]:
         est_ok = bool(np.all(np.abs(table["diff"]) <= tol))
         se_ok = bool(np.all(np.abs(table["SE rel diff"].fillna(0)) <= 5e-3))
     summary = {
-        "reference": label, "our nagq": ours["nagq"], "n": ours["nobs"], "J": ours["ngroups"], "k": ours["k"],
-        "our logL": ours["llf"], "MIXREGLS logL (printed)": ref["loglik"], "exact logL at theirs": exact,
-        "ours - exact": dll, "max |diff|/SE": float(np.nanmax(np.abs(table["diff/SE"]))),
+        "reference": label,
+        "our nagq": ours["nagq"],
+        "n": ours["nobs"],
+        "J": ours["ngroups"],
+        "k": ours["k"],
+        "our logL": ours["llf"],
+        "MIXREGLS logL (printed)": ref["loglik"],
+        "exact logL at theirs": exact,
+        "ours - exact": dll,
+        "max |diff|/SE": float(np.nanmax(np.abs(table["diff/SE"]))),
         "max SE rel diff": float(np.nanmax(np.abs(table["SE rel diff"]))),
-        "converged": ours["converged"], "result": passfail(ll_ok and est_ok and se_ok and ours["converged"]),
+        "converged": ours["converged"],
+        "result": passfail(ll_ok and est_ok and se_ok and ours["converged"]),
         "_detail": (ll_ok, est_ok, se_ok),
     }
     return summary, table

@@ -30,8 +30,10 @@ from scipy import stats
 from .common import FIGURES, REFERENCE, SHARED, fit_quiet, load_json, log, md_table
 
 STUDENT = "x + summer + girl + C(ethnicity, Treatment('White')) + eal + sen + fsm"
-SCHOOL = (" + C(school_type, Treatment('standard')) + C(admissions, Treatment('comprehensive'))"
-          " + C(school_gender, Treatment('mixed')) + religious")
+SCHOOL = (
+    " + C(school_type, Treatment('standard')) + C(admissions, Treatment('comprehensive'))"
+    " + C(school_gender, Treatment('mixed')) + religious"
+)
 MODELS = {
     "Model 1": dict(formula="y ~ x", scale_formula="~ 1", random_scale=False),
     "Model 2": dict(formula="y ~ x", scale_formula="~ 1"),
@@ -40,27 +42,36 @@ MODELS = {
     "Model 5": dict(formula=f"y ~ {STUDENT}", scale_formula=f"~ {STUDENT}"),
     "Model 6": dict(formula=f"y ~ {STUDENT}{SCHOOL}", scale_formula=f"~ {STUDENT}{SCHOOL}"),
 }
-NESTED = [("Model 1", "Model 2"), ("Model 2", "Model 3"), ("Model 3", "Model 4"), ("Model 3", "Model 5"),
-          ("Model 5", "Model 6")]
+NESTED = [("Model 1", "Model 2"), ("Model 2", "Model 3"), ("Model 3", "Model 4"), ("Model 3", "Model 5"), ("Model 5", "Model 6")]
 Z90 = float(stats.norm.ppf(0.9))
 
 LABELS = {
-    "Intercept": "Intercept", "x": "Age 11 score", "summer": "Summer born", "girl": "Girl",
-    "C(ethnicity, Treatment('White'))[T.Black]": "Ethnicity: Black", "C(ethnicity, Treatment('White'))[T.Asian]":
-    "Ethnicity: Asian", "C(ethnicity, Treatment('White'))[T.Chinese]": "Ethnicity: Chinese",
-    "C(ethnicity, Treatment('White'))[T.Mixed]": "Ethnicity: Mixed", "C(ethnicity, Treatment('White'))[T.Other]":
-    "Ethnicity: Other", "eal": "First language not English", "sen": "SEN", "fsm": "FSM",
+    "Intercept": "Intercept",
+    "x": "Age 11 score",
+    "summer": "Summer born",
+    "girl": "Girl",
+    "C(ethnicity, Treatment('White'))[T.Black]": "Ethnicity: Black",
+    "C(ethnicity, Treatment('White'))[T.Asian]": "Ethnicity: Asian",
+    "C(ethnicity, Treatment('White'))[T.Chinese]": "Ethnicity: Chinese",
+    "C(ethnicity, Treatment('White'))[T.Mixed]": "Ethnicity: Mixed",
+    "C(ethnicity, Treatment('White'))[T.Other]": "Ethnicity: Other",
+    "eal": "First language not English",
+    "sen": "SEN",
+    "fsm": "FSM",
     "C(school_type, Treatment('standard'))[T.sponsored]": "School type: Sponsored academy",
     "C(school_type, Treatment('standard'))[T.converter]": "School type: Converter academy",
     "C(school_type, Treatment('standard'))[T.other]": "School type: Other",
     "C(admissions, Treatment('comprehensive'))[T.grammar]": "Admissions: Grammar",
     "C(admissions, Treatment('comprehensive'))[T.secondary_modern]": "Admissions: Secondary modern",
     "C(school_gender, Treatment('mixed'))[T.boys]": "School gender: Boys",
-    "C(school_gender, Treatment('mixed'))[T.girls]": "School gender: Girls", "religious": "School religious",
+    "C(school_gender, Treatment('mixed'))[T.girls]": "School gender: Girls",
+    "religious": "School religious",
 }
 TRUTH_KEYS = {
-    "Black": "C(ethnicity, Treatment('White'))[T.Black]", "Asian": "C(ethnicity, Treatment('White'))[T.Asian]",
-    "Chinese": "C(ethnicity, Treatment('White'))[T.Chinese]", "Mixed": "C(ethnicity, Treatment('White'))[T.Mixed]",
+    "Black": "C(ethnicity, Treatment('White'))[T.Black]",
+    "Asian": "C(ethnicity, Treatment('White'))[T.Asian]",
+    "Chinese": "C(ethnicity, Treatment('White'))[T.Chinese]",
+    "Mixed": "C(ethnicity, Treatment('White'))[T.Mixed]",
     "Other": "C(ethnicity, Treatment('White'))[T.Other]",
     "sponsored": "C(school_type, Treatment('standard'))[T.sponsored]",
     "converter": "C(school_type, Treatment('standard'))[T.converter]",
@@ -80,8 +91,10 @@ def fit_all(df: pd.DataFrame) -> dict:
         log(f"  replication: fitting {name}")
         res, msgs = fit_quiet(formula, df, groups="school", **spec)
         out[name] = res
-        log(f"  {name}: logL {res.llf:.3f}, {res.df_model} parameters, {res.fit_time:.1f}s, converged {res.converged}"
-            + (f"; warnings: {msgs}" if msgs else ""))
+        log(
+            f"  {name}: logL {res.llf:.3f}, {res.df_model} parameters, {res.fit_time:.1f}s, converged {res.converged}"
+            + (f"; warnings: {msgs}" if msgs else "")
+        )
     return out
 
 
@@ -144,8 +157,7 @@ def table(fits: dict, names: list[str], truth: dict | None = None) -> pd.DataFra
         fitstats[(n, "SE")] = [np.nan] * 4
     if truth is not None:
         fitstats[("Truth", "")] = [np.nan] * 4
-    fs = pd.DataFrame(fitstats, index=["fit: deviance (-2 logL)", "fit: AIC", "fit: BIC (N students)",
-                                       "fit: parameters"])
+    fs = pd.DataFrame(fitstats, index=["fit: deviance (-2 logL)", "fit: AIC", "fit: BIC (N students)", "fit: parameters"])
     out = pd.concat([tab, fs])
     out.columns = [f"{a} {b}".strip() for a, b in out.columns]
     return out
@@ -158,8 +170,11 @@ def derived(fits: dict) -> pd.DataFrame:
         b0 = p["mean:Intercept"]
         su = np.sqrt(p["var(u0)"])
         a0 = p["scale:Intercept"]
-        d = {"IDR school means lo": b0 - Z90 * su, "IDR school means hi": b0 + Z90 * su,
-             "sigma2_e (Model 1) / exp(alpha0)": np.exp(a0)}
+        d = {
+            "IDR school means lo": b0 - Z90 * su,
+            "IDR school means hi": b0 + Z90 * su,
+            "sigma2_e (Model 1) / exp(alpha0)": np.exp(a0),
+        }
         if "var(v)" in p:
             sv = np.sqrt(p["var(v)"])
             d["PA variance exp(a0 + s2v/2)"] = np.exp(a0 + p["var(v)"] / 2)
@@ -186,10 +201,15 @@ def _issue4(fits: dict, plots=None, figures=FIGURES) -> list[str]:
     out = []
     m2 = fits["Model 2"]
     has_plots = plots is not None or hasattr(mlsml, "plots") or _has_module("mlsml.plots")
-    missing = [name for name, ok in (("MELSMResults.school_effects", hasattr(m2, "school_effects")),
-                                     ("MELSMResults.population_quantities", hasattr(m2, "population_quantities")),
-                                     ("mlsml.plots", has_plots))
-               if not ok]
+    missing = [
+        name
+        for name, ok in (
+            ("MELSMResults.school_effects", hasattr(m2, "school_effects")),
+            ("MELSMResults.population_quantities", hasattr(m2, "population_quantities")),
+            ("mlsml.plots", has_plots),
+        )
+        if not ok
+    ]
     if missing:
         out.append(
             f"**Not produced: the API of issue 4 is missing from this tree ({', '.join(missing)}).** The counts of "
@@ -207,8 +227,10 @@ def _issue4(fits: dict, plots=None, figures=FIGURES) -> list[str]:
     n = len(se)
     nm = int((se["mean_flag"] != 0).sum())
     nv = int((se["var_flag"] != 0).sum())
-    out.append(f"Schools separable from the average (Model 2, 95% intervals): **{nm} of {n}** by their means, "
-               f"**{nv} of {n}** by their variances (paper, on the real data: 320 and 117 of 465).")
+    out.append(
+        f"Schools separable from the average (Model 2, 95% intervals): **{nm} of {n}** by their means, "
+        f"**{nv} of {n}** by their variances (paper, on the real data: 320 and 117 of 465)."
+    )
     r = float(np.corrcoef(se["mean"], se["var"])[0, 1])
     out.append(f"Correlation of predicted school means and variances (Model 2): r = {r:.2f} (paper: −0.54).")
     pq = m2.population_quantities()
@@ -217,12 +239,12 @@ def _issue4(fits: dict, plots=None, figures=FIGURES) -> list[str]:
     out.append("")
     out.append(md_table(pq, digits=4))
     figures.mkdir(parents=True, exist_ok=True)
-    figs = [("fig1_mean_vs_variance.png", plots.mean_vs_variance(m2), "Figure 1: school means against variances"),
-            ("fig2_caterpillar.png", plots.caterpillar(m2), "Figure 2: caterpillar plots"),
-            ("fig3_models3_4.png", plots.compare_models_plot(fits["Model 3"], fits["Model 4"]),
-             "Figure 3: Model 3 against Model 4"),
-            ("fig4_models5_3.png", plots.compare_models_plot(fits["Model 3"], fits["Model 5"]),
-             "Figure 4: Model 5 against Model 3")]
+    figs = [
+        ("fig1_mean_vs_variance.png", plots.mean_vs_variance(m2), "Figure 1: school means against variances"),
+        ("fig2_caterpillar.png", plots.caterpillar(m2), "Figure 2: caterpillar plots"),
+        ("fig3_models3_4.png", plots.compare_models_plot(fits["Model 3"], fits["Model 4"]), "Figure 3: Model 3 against Model 4"),
+        ("fig4_models5_3.png", plots.compare_models_plot(fits["Model 3"], fits["Model 5"]), "Figure 4: Model 5 against Model 3"),
+    ]
     for fname, fig, title in figs:
         fig.savefig(figures / fname, dpi=100)
         out.append("")
@@ -265,8 +287,9 @@ def section() -> str:
     out.append("")
     out.append("**Fit summary**")
     out.append("")
-    fsum = pd.DataFrame({n: {"logL": r.llf, "parameters": r.df_model, "converged": r.converged,
-                             "fit time s": r.fit_time} for n, r in fits.items()}).T
+    fsum = pd.DataFrame(
+        {n: {"logL": r.llf, "parameters": r.df_model, "converged": r.converged, "fit time s": r.fit_time} for n, r in fits.items()}
+    ).T
     out.append(md_table(fsum, digits=3))
     out.append("")
     out.append("### Table 1: Models 1–4 (student prior achievement only)")
@@ -293,9 +316,18 @@ def section() -> str:
     rows = []
     for a, b in NESTED:
         lr = mlsml.lrtest(fits[a], fits[b])
-        rows.append({"restricted": a, "full": b, "LR statistic": lr.statistic, "df": lr.df, "p-value": lr.pvalue,
-                     "reference distribution": lr.reference, "ΔAIC": fits[b].aic - fits[a].aic,
-                     "ΔBIC": fits[b].bic - fits[a].bic})
+        rows.append(
+            {
+                "restricted": a,
+                "full": b,
+                "LR statistic": lr.statistic,
+                "df": lr.df,
+                "p-value": lr.pvalue,
+                "reference distribution": lr.reference,
+                "ΔAIC": fits[b].aic - fits[a].aic,
+                "ΔBIC": fits[b].bic - fits[a].bic,
+            }
+        )
     out.append(md_table(pd.DataFrame(rows), digits=2, index=False))
     out.append("")
     out.append("### Derived quantities (paper's closed forms; z90 = Φ⁻¹(0.9) = 1.2816)")

@@ -44,12 +44,22 @@ from .common import RESULTS, SHARED, log
 BASE_SEED = {"seed": 5_000_000, "london": 7_000_000}
 TRUTH = {
     "seed": {
-        "mean:Intercept": 0.0, "mean:x": 0.7, "scale:Intercept": -0.8, "scale:x": 0.05,
-        "var(u0)": 0.05, "var(v)": 0.05, "cov(u0,v)": 0.025,
+        "mean:Intercept": 0.0,
+        "mean:x": 0.7,
+        "scale:Intercept": -0.8,
+        "scale:x": 0.05,
+        "var(u0)": 0.05,
+        "var(v)": 0.05,
+        "cov(u0,v)": 0.025,
     },
     "london": {
-        "mean:Intercept": 0.0, "mean:x": 0.67, "scale:Intercept": -0.86, "scale:x": 0.03,
-        "var(u0)": 0.058, "var(v)": 0.030, "cov(u0,v)": -0.015,
+        "mean:Intercept": 0.0,
+        "mean:x": 0.67,
+        "scale:Intercept": -0.86,
+        "scale:x": 0.03,
+        "var(u0)": 0.058,
+        "var(v)": 0.030,
+        "cov(u0,v)": -0.015,
     },
 }
 PARAMS = list(TRUTH["seed"])
@@ -190,9 +200,15 @@ def summarise(df: pd.DataFrame, truth: dict, level: float = 0.95) -> pd.DataFram
         cover = np.abs(e - true) <= z * s
         c = float(cover.mean()) if len(cover) else np.nan
         rows[name] = {
-            "true": true, "mean est": e.mean(), "bias": e.mean() - true, "rel bias %": 100 * (e.mean() - true) / true
-            if true else np.nan, "RMSE": float(np.sqrt(np.mean((e - true) ** 2))), "emp SD": e.std(ddof=1),
-            "mean SE": s.mean(), "Wald coverage %": 100 * c, "MC SE %": 100 * np.sqrt(c * (1 - c) / len(cover)),
+            "true": true,
+            "mean est": e.mean(),
+            "bias": e.mean() - true,
+            "rel bias %": 100 * (e.mean() - true) / true if true else np.nan,
+            "RMSE": float(np.sqrt(np.mean((e - true) ** 2))),
+            "emp SD": e.std(ddof=1),
+            "mean SE": s.mean(),
+            "Wald coverage %": 100 * c,
+            "MC SE %": 100 * np.sqrt(c * (1 - c) / len(cover)),
             "n": int(good.sum()),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
@@ -216,10 +232,14 @@ def profile_coverage(prof: pd.DataFrame, main: pd.DataFrame, truth: dict, level:
         e, s = m[f"est:{name}"].to_numpy(float)[good], m[f"se:{name}"].to_numpy(float)[good]
         wc = np.mean(np.abs(e - t) <= z * s)
         rows[name] = {
-            "reps": int(good.sum()), "Wald coverage %": 100 * wc, "profile coverage %": 100 * pc,
+            "reps": int(good.sum()),
+            "Wald coverage %": 100 * wc,
+            "profile coverage %": 100 * pc,
             "MC SE %": 100 * np.sqrt(pc * (1 - pc) / max(good.sum(), 1)),
-            "profile misses below %": 100 * np.mean(hi[good] < t), "profile misses above %": 100 * np.mean(lo[good] > t),
-            "Wald misses below %": 100 * np.mean(e + z * s < t), "Wald misses above %": 100 * np.mean(e - z * s > t),
+            "profile misses below %": 100 * np.mean(hi[good] < t),
+            "profile misses above %": 100 * np.mean(lo[good] > t),
+            "Wald misses below %": 100 * np.mean(e + z * s < t),
+            "Wald misses above %": 100 * np.mean(e - z * s > t),
             "lower end = 0": int(np.sum(lo[good] == 0)),
             "mean time s": float(m["profile_time_s"].mean()) if "profile_time_s" in m else np.nan,
         }
@@ -288,22 +308,31 @@ def section() -> str:
                 out.append(
                     f"- `{n}` {side}: coverage {c:.1f}% ± {mc:.1f} (Monte-Carlo SE), mean SE / empirical SD = "
                     f"{ratio:.3f}, bias {summ.loc[n, 'bias']:.2g}."
-                    + (" For a variance the Wald interval is symmetric while the sampling distribution is "
-                       "right-skewed: it misses mostly *below* the truth (see the profile table)." if n.startswith("var(")
-                       and c < 93 else "")
-                    + (f" That is {abs(c - 95) / mc:.1f} Monte-Carlo SEs from 95%. The estimate is unbiased, and the "
-                       "SE is computed correctly: on london_sim it equals MIXREGLS's observed-information SE to 1e-6 "
-                       "(Section 1), and on replication 3 of this design the autograd Hessian equals a finite-"
-                       "difference Hessian of the re-adapted likelihood to 1e-7 in every SE. So this is a property of "
-                       "the observed-information Wald interval in this design (or Monte-Carlo chance), not of its "
-                       "computation; the cause is not established." if not n.startswith("var(") else "")
+                    + (
+                        " For a variance the Wald interval is symmetric while the sampling distribution is "
+                        "right-skewed: it misses mostly *below* the truth (see the profile table)."
+                        if n.startswith("var(") and c < 93
+                        else ""
+                    )
+                    + (
+                        f" That is {abs(c - 95) / mc:.1f} Monte-Carlo SEs from 95%. The estimate is unbiased, and the "
+                        "SE is computed correctly: on london_sim it equals MIXREGLS's observed-information SE to 1e-6 "
+                        "(Section 1), and on replication 3 of this design the autograd Hessian equals a finite-"
+                        "difference Hessian of the re-adapted likelihood to 1e-7 in every SE. So this is a property of "
+                        "the observed-information Wald interval in this design (or Monte-Carlo chance), not of its "
+                        "computation; the cause is not established."
+                        if not n.startswith("var(")
+                        else ""
+                    )
                 )
         out.append("")
         ppath = RESULTS / f"sim_{design}_profile.csv"
         if ppath.exists():
             pc = profile_coverage(pd.read_csv(ppath), df, TRUTH[design])
-            out.append(f"Profile-likelihood intervals (`mlsml.profile.profile_ci`) on the first {len(pd.read_csv(ppath))} "
-                       "replications, beside the Wald intervals on the same replications:")
+            out.append(
+                f"Profile-likelihood intervals (`mlsml.profile.profile_ci`) on the first {len(pd.read_csv(ppath))} "
+                "replications, beside the Wald intervals on the same replications:"
+            )
             out.append("")
             out.append(md_table(pc, digits=1))
             out.append("")
@@ -342,7 +371,7 @@ def _figure(df: pd.DataFrame, design: str, truth: dict):
         z = z[np.isfinite(z)]
         ax.hist(np.clip(z, -4, 4), bins=np.linspace(-4, 4, 33), density=True, color="0.7")
         g = np.linspace(-4, 4, 200)
-        ax.plot(g, np.exp(-g**2 / 2) / np.sqrt(2 * np.pi), "k-", lw=1)
+        ax.plot(g, np.exp(-(g**2) / 2) / np.sqrt(2 * np.pi), "k-", lw=1)
         ax.set_title(name, fontsize=8)
         ax.set_xlim(-4, 4)
         ax.tick_params(labelsize=6)

@@ -23,8 +23,7 @@ from mlsml.predict import PosteriorGrid
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "validation" / "r"
-DATA = {"exam": ("normexam", "standLRT", ROOT / "tests/data/exam.csv"),
-        "seed_sim": ("y", "x", ROOT / "tests/data/seed_sim.csv")}
+DATA = {"exam": ("normexam", "standLRT", ROOT / "tests/data/exam.csv"), "seed_sim": ("y", "x", ROOT / "tests/data/seed_sim.csv")}
 
 
 def theta_integrated(res, n_theta=400, per_theta=50, seed=1):
@@ -59,20 +58,32 @@ def main():
         flags_m = int(((lo_m > 0) | (hi_m < 0)).sum())
         med = np.exp(res.model.design.W.mean(axis=0) @ res.fe_scale.to_numpy())
         print(f"\n== {name} Model 3: {res.ngroups} schools, {res.nobs} students")
-        print(f"interval width ratio, theta-integrated / EB: school means median {np.median(wm):.3f} "
-              f"(range {wm.min():.3f}-{wm.max():.3f}); school variances median {np.median(wv):.3f} "
-              f"(range {wv.min():.3f}-{wv.max():.3f})")
-        print(f"schools separable (means): EB {(t['mean_flag'] != 0).sum()}, theta-integrated {flags_m}; "
-              f"(variances vs exp(wbar'a) = {med:.4f}): EB {(t['var_flag'] != 0).sum()}")
+        print(
+            f"interval width ratio, theta-integrated / EB: school means median {np.median(wm):.3f} "
+            f"(range {wm.min():.3f}-{wm.max():.3f}); school variances median {np.median(wv):.3f} "
+            f"(range {wv.min():.3f}-{wv.max():.3f})"
+        )
+        print(
+            f"schools separable (means): EB {(t['mean_flag'] != 0).sum()}, theta-integrated {flags_m}; "
+            f"(variances vs exp(wbar'a) = {med:.4f}): EB {(t['var_flag'] != 0).sum()}"
+        )
         ref = SHARED / f"{name}__brms__M3.json"
         if ref.exists():
             b = json.loads(ref.read_text())["ours"]
             P = res.params
-            rows = [("beta0", "mean:Intercept"), ("beta1", f"mean:{x}"), ("alpha0", "scale:Intercept"),
-                    ("alpha1", f"scale:{x}"), ("sigma2_u", "var(u0)"), ("sigma2_v", "var(v)"),
-                    ("sigma_uv", "cov(u0,v)")]
-            tab = pd.DataFrame([(k, P[o], res.bse[o], b[k]["mean"], b[k]["50%"], b[k]["sd"]) for k, o in rows],
-                               columns=["param", "ML", "ML se", "brms mean", "brms median", "brms sd"])
+            rows = [
+                ("beta0", "mean:Intercept"),
+                ("beta1", f"mean:{x}"),
+                ("alpha0", "scale:Intercept"),
+                ("alpha1", f"scale:{x}"),
+                ("sigma2_u", "var(u0)"),
+                ("sigma2_v", "var(v)"),
+                ("sigma_uv", "cov(u0,v)"),
+            ]
+            tab = pd.DataFrame(
+                [(k, P[o], res.bse[o], b[k]["mean"], b[k]["50%"], b[k]["sd"]) for k, o in rows],
+                columns=["param", "ML", "ML se", "brms mean", "brms median", "brms sd"],
+            )
             print(tab.round(4).to_string(index=False))
             # EB intervals with the parameters set to brms's posterior medians
             nat = P.copy()
@@ -85,10 +96,15 @@ def main():
             qv = g.quantile_v([0.025, 0.975])
             rm = (qm[:, 1] - qm[:, 0]) / (t["mean_hi"] - t["mean_lo"]).to_numpy()
             rv = (qv[:, 1] - qv[:, 0]) / np.log(t["var_hi"] / t["var_lo"]).to_numpy()
-            print(f"EB intervals at brms's posterior medians / at the ML estimates: width ratio school means "
-                  f"median {np.median(rm):.3f}, log school variances median {np.median(rv):.3f}")
-            print("brms JSON has no school-level posteriors (keys: "
-                  + ", ".join(sorted(json.loads(ref.read_text()).keys())[:8]) + ", ...)")
+            print(
+                f"EB intervals at brms's posterior medians / at the ML estimates: width ratio school means "
+                f"median {np.median(rm):.3f}, log school variances median {np.median(rv):.3f}"
+            )
+            print(
+                "brms JSON has no school-level posteriors (keys: "
+                + ", ".join(sorted(json.loads(ref.read_text()).keys())[:8])
+                + ", ...)"
+            )
 
 
 if __name__ == "__main__":
