@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -134,7 +134,25 @@ class Design:
 
 @dataclass(frozen=True)
 class FormulaSpec:
-    """What is needed to rebuild the design matrices for new data."""
+    """What is needed to rebuild the design matrices for new data.
+
+    ``mean_spec``, ``scale_spec`` and ``re_spec`` are the formula engine's
+    descriptions of the evaluated designs (patsy ``DesignInfo``): categorical
+    levels, contrasts and the state of stateful transforms (``center(x)``,
+    ``standardize(x)``, the knots of ``bs(x, df=3)``), which new data must reuse.
+    ``frame`` is the data they were evaluated on (the columns the formulas use,
+    the rows of the fit, after the preparation of :func:`build_design`).
+
+    **Pickling.** patsy refuses to pickle a ``DesignInfo`` (patsy issue 26: it
+    holds the formula's evaluation environment). A ``FormulaSpec`` therefore
+    pickles as its formulas and ``frame``, and unpickling evaluates the formulas
+    on ``frame`` again (:func:`_rebuild_formula_spec`). Every part of a
+    ``DesignInfo`` is a deterministic function of the formula and that data, so
+    the rebuilt descriptions are the fitted ones -- with any formula engine and
+    any version of it, and without relying on the engine's private structures
+    (which differ between patsy 0.5 and 1.0). The cost is one evaluation of the
+    formulas on unpickling, about what building the design cost.
+    """
 
     formula: str
     scale_formula: str
@@ -146,6 +164,27 @@ class FormulaSpec:
     response: str
     scale_re_formula: str | None = None
     bs_formula: str | None = None
+    frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+
+    def __reduce__(self):
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _ENGINE_SPECS}
+        return (_rebuild_formula_spec, (state,))
+
+
+#: Fields of :class:`FormulaSpec` that hold the formula engine's (unpicklable) objects.
+_ENGINE_SPECS = ("mean_spec", "scale_spec", "re_spec")
+
+
+def _rebuild_formula_spec(state: dict[str, Any]) -> FormulaSpec:
+    """Unpickle a :class:`FormulaSpec`: evaluate its formulas on its ``frame`` again."""
+    frame = state.get("frame")
+    specs: dict[str, Any] = dict.fromkeys(_ENGINE_SPECS)
+    if frame is not None:
+        fm = FormulaManager()
+        specs["mean_spec"] = _materialise(fm, state["formula"], frame, "mean formula")[1]
+        specs["scale_spec"] = _materialise(fm, state["scale_formula"], frame, "scale formula")[1]
+        specs["re_spec"] = _materialise(fm, state["re_formula"], frame, "random-effects formula")[1]
+    return FormulaSpec(**state, **specs)
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9\.]*")
@@ -516,5 +555,6 @@ def build_design(
         response=response,
         scale_re_formula=extra.get("scale_re"),
         bs_formula=extra.get("bs"),
+        frame=frame,
     )
     return design, spec

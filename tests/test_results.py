@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import dataclasses
+import multiprocessing
+import operator
+import pickle
 import re
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -115,8 +122,6 @@ def test_deterministic(exam):
 
 def test_quadrature_warning_when_more_points_move_the_llf():
     """Small clusters with a large random-scale variance: the 11-point product rule is 0.13 off."""
-    import warnings
-
     df = mlsml.simulate.simulate_data([6] * 300, cov=[[0.5, 0.3], [0.3, 1.5]], seed=4)
     with pytest.warns(mlsml.QuadratureWarning, match=r"refit with nagq=23"):
         coarse = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", quadrature="product")
@@ -126,3 +131,92 @@ def test_quadrature_warning_when_more_points_move_the_llf():
     points, change = fine._info["quadrature_check"]
     assert points == 63 and change < 1e-6
     assert fine.llf - coarse.llf > 0.1  # the coarse rule was well below the likelihood
+
+
+# ---------------------------------------------------------------- pickling (issue 10)
+def _scale_slope_data(J: int = 40, n: int = 12, seed: int = 3) -> pd.DataFrame:
+    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x (as tests/test_extended.py)."""
+    rng = np.random.default_rng(seed)
+    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
+    b = rng.multivariate_normal(np.zeros(3), sigma, size=J)
+    g = np.repeat(np.arange(J), n)
+    x = rng.normal(size=J * n)
+    lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
+    y = 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=J * n) * np.exp(lv / 2)
+    return pd.DataFrame({"y": y, "x": x, "school": g})
+
+
+@pytest.fixture(scope="module")
+def model_classes(exam, exam_m3):
+    """One fit of every model class: core, random slope, scale random slope, BS variance function."""
+    slopes = mlsml.fit(
+        "normexam ~ center(standLRT) + C(sex)", exam, groups="school", scale_formula="~ standLRT", re_formula="~ standLRT"
+    )
+    scale_re = mlsml.fit(
+        "y ~ x", _scale_slope_data(), groups="school", scale_formula="~ x", scale_re_formula="~ x", quadrature="product", nagq=3
+    )
+    bs = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", bs_formula="~ schavg")
+    return {"core": exam_m3, "slopes": slopes, "scale_re": scale_re, "bs": bs}
+
+
+def _newdata(name: str, exam: pd.DataFrame) -> pd.DataFrame:
+    if name == "scale_re":
+        return pd.DataFrame({"x": [-1.0, 0.0, 2.0], "school": [0, 5, 99]})
+    return exam.iloc[[0, 500, 4000]].assign(school=[1, 20, 999])
+
+
+@pytest.mark.parametrize("name", ["core", "slopes", "scale_re", "bs"])
+def test_results_pickle_round_trip(model_classes, exam, name):
+    res = model_classes[name]
+    back = pickle.loads(pickle.dumps(res))
+    pd.testing.assert_series_equal(back.params, res.params)
+    pd.testing.assert_series_equal(back.bse, res.bse)
+    assert back.llf == res.llf and back.nobs == res.nobs and back.ngroups == res.ngroups
+    assert back.summary().as_text() == res.summary().as_text()
+    pd.testing.assert_frame_equal(back.random_effects(), res.random_effects())
+    new = _newdata(name, exam)
+    if res.layout.extended:
+        with pytest.raises(mlsml.ModelSpecError, match="predict"):
+            back.predict(new)
+    else:
+        for kind in ("mean", "variance"):
+            pd.testing.assert_series_equal(back.predict(new, kind=kind), res.predict(new, kind=kind))
+    if res.layout.extended:
+        with pytest.raises(mlsml.ModelSpecError, match="school_effects"):
+            back.school_effects()
+    else:
+        pd.testing.assert_frame_equal(back.school_effects(), res.school_effects())
+    # the design descriptions are rebuilt from the formulas and the fitted data, not copied
+    spec, spec_back = res.model.formula_spec, back.model.formula_spec
+    assert spec_back.mean_spec is not spec.mean_spec
+    assert spec_back.mean_spec.column_names == spec.mean_spec.column_names
+
+
+def test_pickled_stateful_transform_keeps_its_state(model_classes, exam):
+    """center(standLRT) is centred at the fitted data's mean, also for new data after unpickling."""
+    res = model_classes["slopes"]
+    back = pickle.loads(pickle.dumps(res))
+    one = exam.iloc[[7]]  # a single row: re-centring on newdata would give standLRT - standLRT = 0
+    fe = back.fe_mean
+    want = (
+        fe["Intercept"]
+        + fe["center(standLRT)"] * (one["standLRT"] - exam["standLRT"].mean())
+        + fe["C(sex)[T.M]"] * (one["sex"] == "M")
+    )
+    np.testing.assert_allclose(back.predict(one, conditional=False), want, rtol=1e-12)
+
+
+def test_results_travel_to_a_worker_process(model_classes, exam):
+    """Users send fits to worker processes: a fresh interpreter (spawn) unpickles and uses them."""
+    res = model_classes["slopes"]
+    new = exam.iloc[[0, 1, 2]]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        pred = pool.submit(operator.methodcaller("predict", new), res).result(timeout=300)
+        table = pool.submit(operator.methodcaller("school_effects"), res).result(timeout=300)
+        text = pool.submit(operator.methodcaller("as_text"), res.summary()).result(timeout=300)
+        back = pool.submit(copy.copy, res).result(timeout=300)  # and back again
+    pd.testing.assert_series_equal(pred, res.predict(new))
+    pd.testing.assert_frame_equal(table, res.school_effects())
+    assert text == res.summary().as_text()
+    pd.testing.assert_series_equal(back.params, res.params)
