@@ -27,9 +27,10 @@ from .errors import (
     ModelSpecError,
     QuadratureWarning,
     SingularFitWarning,
+    UnknownGroupWarning,
 )
 from .model import MELSM, fit
-from .results import MELSMResults
+from .results import MELSMResults, load
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "MELSM",
     "MELSMResults",
     "fit",
+    "load",
     "lrtest",
     "LRTestResult",
     "compare_models",
@@ -51,5 +53,6 @@ __all__ = [
     "ConvergenceWarning",
     "SingularFitWarning",
     "QuadratureWarning",
+    "UnknownGroupWarning",
     "__version__",
 ]

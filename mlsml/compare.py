@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import ModelSpecError
+from .export import response_fingerprint
 
 
 @dataclass(frozen=True)
@@ -48,20 +49,40 @@ def _re_set(res) -> set[str]:
     return set(res.layout.re_names)
 
 
-def lrtest(restricted, full) -> LRTestResult:
-    """Likelihood-ratio test of a restricted model nested in a fuller one.
+def _response_id(res) -> str:
+    """SHA-256 of the response in the caller's order (stored in results read from JSON)."""
+    stored = res._info.get("response_sha256")
+    if stored or not res.has_data:
+        return stored or ""
+    design = res.model.design
+    y = np.empty(design.nobs)
+    y[design.order] = design.y
+    res._info["response_sha256"] = response_fingerprint(y)
+    return res._info["response_sha256"]
+
+
+def lrtest(a, b) -> LRTestResult:
+    """Likelihood-ratio test of the nested model against the fuller one, in either order.
 
     Parameters
     ----------
-    restricted, full : MELSMResults
-        Fits to the same observations; ``restricted`` must be nested in ``full``
-        (this function checks the observations and the parameter names).
+    a, b : MELSMResults
+        Fits to the same observations, one nested in the other (its parameter
+        names a proper subset of the other's); the order does not matter. Results
+        read from JSON (:func:`mlsml.load`) work too: their responses are
+        compared by SHA-256.
 
     Returns
     -------
     LRTestResult
         ``statistic = 2 (llf_full - llf_restricted)``; the p-value uses the
         boundary-corrected mixture when exactly one school effect is removed.
+
+    Raises
+    ------
+    ModelSpecError
+        When the fits are to different data, or neither model is nested in the
+        other (the message lists the parameters each has that the other lacks).
 
     Examples
     --------
@@ -76,21 +97,31 @@ def lrtest(restricted, full) -> LRTestResult:
     '0.5 chi2(1) + 0.5 chi2(2) (boundary: var(v) = 0)'
     >>> bool(test.statistic == 2 * (m2.llf - m1.llf)), test.pvalue < 0.05
     (True, True)
+    >>> mlsml.lrtest(m2, m1).statistic == test.statistic   # either order
+    True
     """
-    if restricted.nobs != full.nobs or restricted.ngroups != full.ngroups:
-        raise ModelSpecError(
-            f"the models were fitted to different data (N = {restricted.nobs} vs {full.nobs}, "
-            f"J = {restricted.ngroups} vs {full.ngroups})"
-        )
-    if not np.allclose(restricted.model.design.y, full.model.design.y):
+    if a.nobs != b.nobs or a.ngroups != b.ngroups:
+        raise ModelSpecError(f"the models were fitted to different data (N = {a.nobs} vs {b.nobs}, J = {a.ngroups} vs {b.ngroups})")
+    if a.has_data and b.has_data:
+        same_y = bool(np.allclose(a.model.design.y, b.model.design.y))
+    else:
+        same_y = _response_id(a) == _response_id(b) != ""
+    if not same_y:
         raise ModelSpecError("the models were fitted to different responses")
+    a_names, b_names = set(a.params.index), set(b.params.index)
+    if a_names < b_names:
+        restricted, full = a, b
+    elif b_names < a_names:
+        restricted, full = b, a
+    elif a_names == b_names:
+        raise ModelSpecError("the two models have the same parameters: neither is nested in the other")
+    else:
+        raise ModelSpecError(
+            "neither model is nested in the other: the first has "
+            f"{sorted(a_names - b_names)} that the second lacks, and the second has {sorted(b_names - a_names)}"
+        )
     r_names, f_names = set(restricted.params.index), set(full.params.index)
-    extra = r_names - f_names
-    if extra:
-        raise ModelSpecError(f"the restricted model is not nested: it has parameters {sorted(extra)} the full one lacks")
     df = len(f_names) - len(r_names)
-    if df <= 0:
-        raise ModelSpecError("the full model must have more parameters than the restricted one")
     stat = max(0.0, 2.0 * (full.llf - restricted.llf))
     p_naive = float(stats.chi2.sf(stat, df))
     dropped_re = _re_set(full) - _re_set(restricted)

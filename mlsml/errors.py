@@ -16,6 +16,9 @@ The hierarchy is small and documented so that callers can catch precisely:
   criteria; estimates must not be trusted.
 - :class:`SingularFitWarning` -- the random-effects covariance matrix is at
   (or numerically near) the boundary of the parameter space.
+- :class:`UnknownGroupWarning` -- rows of ``newdata`` belong to groups that
+  were not in the fit (often a type mismatch, ``"1"`` vs ``1``); they get
+  population-level predictions.
 
 Examples
 --------
@@ -72,3 +75,7 @@ class SingularFitWarning(MLSMLWarning):
 
 class QuadratureWarning(MLSMLWarning):
     """The quadrature rule is not accurate enough at the estimates; increase ``nagq``."""
+
+
+class UnknownGroupWarning(MLSMLWarning):
+    """Rows of ``newdata`` name groups that were not in the fit; they get population-level predictions."""

@@ -294,6 +294,7 @@ class MELSM:
             opt = maximize(self.design, rule, opts, callback=callback)
             res = MELSMResults.from_optimum(self, opt, nagq=nagq, method=method, prune=prune)
         res._info["quadrature"] = "marginal" if use_marginal else "product"
+        res._info["options"] = {"method": method, "maxiter": maxiter, "max_passes": max_passes, "xtol": xtol, "gtol": gtol}
         res._info["quadrature_check"] = self._quadrature_check(res, use_marginal, nagq, prune)
         res.warn_if_problematic()
         return res

@@ -50,12 +50,18 @@ scale the posterior is exactly normal and the grid has one point.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+import patsy
 from scipy import special, stats
+from statsmodels.formula._manager import FormulaManager
 
-from .design import Design
+from .design import Design, FormulaSpec, _materialise
+from .errors import DataError, ModelSpecError, UnknownGroupWarning
 from .likelihood import SchoolSums, log_conditional, log_prior, school_sums
 from .posterior import adapt
 from .quadrature import Nodes, default_nagq, gauss_hermite_rule
@@ -384,3 +390,382 @@ class PosteriorGrid:
             vv = np.broadcast_to(var[:, 0], (ndraws, J))
         cu = mm + np.sqrt(vv) * rng.standard_normal((ndraws, J))
         return cu, v
+
+
+# ==================================================================== predictions for rows
+#: Kinds of prediction (:func:`predict`): the mean, the residual variance, the residual SD.
+PREDICTION_KINDS = ("mean", "variance", "sd")
+
+#: Relative step of the central differences in ``theta`` that differentiate the
+#: posterior expectations (nodes held fixed) for prediction standard errors: the
+#: truncation error is about ``FD_STEP**2`` relative, the rounding error about
+#: ``1e-16 / FD_STEP``, both far below what a standard error needs.
+FD_STEP = 1e-5
+
+#: Largest number of (row x node) elements held at once when a posterior
+#: expectation differs between the rows of a school (``scale_re_formula``).
+ROW_CHUNK = 2_000_000
+
+
+def posterior_nagq(res) -> int:
+    """Quadrature points per dimension for the posterior summaries.
+
+    The fit's own rule, but never fewer points than the default for the
+    dimension: a fit with very few points (``nagq=1`` is the Laplace
+    approximation) would otherwise report posterior SDs of zero.
+    """
+    d = res.layout.d
+    if res._info.get("quadrature") == "marginal":  # the fit's nagq counted points in v only
+        return default_nagq(d)
+    return max(int(res.nagq or 0), default_nagq(d))
+
+
+@dataclass(frozen=True)
+class PredictionRows:
+    """The covariates of the rows to predict, and their schools.
+
+    Attributes
+    ----------
+    X, Z : ndarray (n, p), (n, q) or None
+        Mean and random-effects designs (``kind="mean"``).
+    W, G : ndarray (n, k), (n, n_v) or None
+        Variance design and design of the scale effects ``g_i`` (``kind`` is
+        ``"variance"`` or ``"sd"``); ``G`` is a column of ones for the plain random
+        scale ``v`` and has no columns without a random scale.
+    pos : ndarray (n,) of int
+        Code of each row's school in the fit, ``-1`` for population-level rows.
+    index : pandas.Index
+        Labels of the rows (newdata's index, or the caller's index of the fit).
+    """
+
+    X: np.ndarray | None
+    Z: np.ndarray | None
+    W: np.ndarray | None
+    G: np.ndarray | None
+    pos: np.ndarray
+    index: pd.Index
+
+    @property
+    def known(self) -> np.ndarray:
+        """Rows predicted from their school's posterior."""
+        return self.pos >= 0
+
+
+def _as_frame(newdata) -> pd.DataFrame:
+    """A DataFrame from a DataFrame or a mapping of column -> values (scalars give one row)."""
+    if isinstance(newdata, pd.DataFrame):
+        return newdata
+    if isinstance(newdata, Mapping):
+        data = dict(newdata)
+        if data and all(np.ndim(v) == 0 for v in data.values()):
+            return pd.DataFrame(data, index=[0])
+        try:
+            return pd.DataFrame(data)
+        except ValueError as exc:  # columns of different lengths
+            lengths = {k: len(v) for k, v in data.items() if np.ndim(v) > 0}
+            raise DataError(f"the columns of newdata must have equal lengths (got {lengths}): {exc}") from exc
+    if isinstance(newdata, pd.Series):
+        raise DataError("newdata is a Series (one column); pass a DataFrame or a dict of column -> values")
+    raise DataError(f"newdata must be a pandas DataFrame or a dict of column -> values (got {type(newdata).__name__})")
+
+
+def _design_for(info, newdata: pd.DataFrame, what: str) -> np.ndarray:
+    try:
+        M = patsy.dmatrix(info, newdata, NA_action="raise", return_type="dataframe")
+    except Exception as exc:  # patsy raises many types
+        raise DataError(f"could not build the {what} for newdata: {exc}") from exc
+    return M.to_numpy(dtype=float)
+
+
+def _scale_re_info(spec: FormulaSpec):
+    """The design description of ``scale_re_formula``, evaluated on the fitted data."""
+    if spec.frame is None:
+        raise DataError("the scale random-effects formula cannot be evaluated: the fitted data did not travel with this result")
+    return _materialise(FormulaManager(), spec.scale_re_formula, spec.frame, "scale random-effects formula")[1]
+
+
+def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unknown: np.ndarray) -> str:
+    """How many rows name a group the fit did not have, and the type conversion that would match them."""
+    n, total = int(unknown.sum()), len(values)
+    first = values[unknown].iloc[0]
+    first = first.item() if isinstance(first, np.generic) else first
+    msg = (
+        f"{n} of {total} rows of newdata have a {groups!r} value that was not in the fit (e.g. {first!r}); "
+        "they get population-level predictions (as with conditional=False)"
+    )
+    fit_kind, new_kind = pd.api.types.infer_dtype(labels, skipna=True), pd.api.types.infer_dtype(values, skipna=True)
+    if fit_kind == new_kind:
+        return msg
+    convert = None
+    if pd.api.types.is_numeric_dtype(labels.dtype):
+        as_num = pd.to_numeric(values[unknown], errors="coerce")
+        if (labels.get_indexer(as_num) >= 0).any():
+            convert = f"pd.to_numeric(newdata[{groups!r}])"
+    elif fit_kind == "string":
+        if (labels.get_indexer(values[unknown].astype(str)) >= 0).any():
+            convert = f"newdata[{groups!r}].astype(str)"
+    msg += f". The fit's {groups!r} values are {fit_kind} but newdata's are {new_kind}"
+    if convert:
+        msg += f": convert them with newdata[{groups!r}] = {convert}"
+    return msg
+
+
+def prediction_rows(res, newdata, kind: str, conditional: bool, stacklevel: int = 4) -> PredictionRows:
+    """The rows to predict: ``newdata`` (a DataFrame or dict), or the fitted rows when ``None``.
+
+    With ``newdata=None`` the rows are the observations used in the fit, in the
+    caller's row order and with the caller's index. Rows of ``newdata`` whose
+    school was not in the fit are predicted at the population level, with an
+    :class:`~mlsml.errors.UnknownGroupWarning` that counts them (and names the
+    type conversion when the group column has another type than in the fit).
+    """
+    if kind not in PREDICTION_KINDS:
+        raise ModelSpecError(f"kind must be one of {', '.join(map(repr, PREDICTION_KINDS))}, not {kind!r}")
+    design = res.model.design
+    lay = design.layout
+    spec = res.model.formula_spec
+    mean = kind == "mean"
+    if newdata is None:
+        inv = np.argsort(design.order)  # sorted row -> caller's row
+        n = design.nobs
+        X, Z = (design.X[inv], design.Z[inv]) if mean else (None, None)
+        W = None if mean else design.W[inv]
+        pos = design.group[inv] if conditional else np.full(n, -1)
+        G = None
+        if not mean:
+            G = design.G[inv] if design.G is not None else np.ones((n, lay.n_v))
+        return PredictionRows(X, Z, W, G, np.asarray(pos, dtype=np.intp), design.row_labels)
+    frame = _as_frame(newdata)
+    n = len(frame)
+    pos = np.full(n, -1, dtype=np.intp)
+    if conditional:
+        if spec.groups not in frame.columns:
+            raise DataError(
+                f"conditional predictions need the grouping column {spec.groups!r} in newdata "
+                "(or pass conditional=False for population predictions)"
+            )
+        labels = pd.Index(design.group_labels)
+        values = frame[spec.groups]
+        pos = np.asarray(labels.get_indexer(values), dtype=np.intp)
+        unknown = pos < 0
+        if unknown.any():
+            warnings.warn(_unknown_group_message(labels, spec.groups, values, unknown), UnknownGroupWarning, stacklevel=stacklevel)
+    X = Z = W = G = None
+    if mean:
+        X = _design_for(spec.mean_spec, frame, "mean design")
+        Z = _design_for(spec.re_spec, frame, "random-effects design") if lay.q else np.zeros((n, 0))
+    else:
+        W = _design_for(spec.scale_spec, frame, "scale design")
+        if design.G is not None:
+            G = _design_for(_scale_re_info(spec), frame, "scale random-effects design")
+        else:
+            G = np.ones((n, lay.n_v))
+    return PredictionRows(X, Z, W, G, pos, frame.index)
+
+
+def _power(kind: str) -> float:
+    """``c`` in ``exp(c (w'alpha + g'v))``: 1 for the variance, 1/2 for the SD."""
+    return 1.0 if kind == "variance" else 0.5
+
+
+def _population(theta: np.ndarray, lay, rows: PredictionRows, kind: str) -> np.ndarray:
+    """Population-level predictions at ``theta`` (every row)."""
+    beta, alpha, L = lay.split(np.asarray(theta, dtype=float))
+    if kind == "mean":
+        return rows.X @ np.asarray(beta)
+    c = _power(kind)
+    L = np.asarray(L)
+    Svv = (L @ L.T)[lay.q :, lay.q :]
+    gSg = np.einsum("ia,ab,ib->i", rows.G, Svv, rows.G)
+    return np.exp(c * (rows.W @ np.asarray(alpha)) + 0.5 * c * c * gSg)
+
+
+def _posterior_exp(p: np.ndarray, b: np.ndarray, rows: PredictionRows, q: int, c: float) -> np.ndarray:
+    """``E(exp(c g_i'v_j) | y)`` for the known rows, from posterior weights ``p`` (J, K) on nodes ``b``."""
+    idx = np.nonzero(rows.known)[0]
+    out = np.empty(idx.size)
+    if rows.G.shape[1] == 1 and np.all(rows.G[idx, 0] == 1.0):  # one value per school
+        per_school = np.einsum("jk,jk->j", p, np.exp(c * b[:, :, q]))
+        return per_school[rows.pos[idx]]
+    step = max(1, ROW_CHUNK // max(1, b.shape[1]))
+    for s in range(0, idx.size, step):
+        rr = idx[s : s + step]
+        j = rows.pos[rr]
+        gv = np.einsum("ikv,iv->ik", b[j, :, q:], rows.G[rr])
+        out[s : s + step] = np.einsum("ik,ik->i", p[j], np.exp(c * gv))
+    return out
+
+
+def _conditional_fixed_nodes(theta: np.ndarray, design: Design, nodes: Nodes, rows: PredictionRows, kind: str) -> np.ndarray:
+    """Predictions at ``theta`` with the posterior evaluated on fixed nodes (differentiable in ``theta``)."""
+    lay = design.layout
+    out = _population(theta, lay, rows, kind)
+    known = rows.known
+    if not known.any() or (kind == "mean" and lay.q == 0) or (kind != "mean" and lay.n_v == 0):
+        return out
+    p = posterior_weights(theta, design, nodes)
+    _, alpha, _ = lay.split(np.asarray(theta, dtype=float))
+    if kind == "mean":
+        Eu = np.einsum("jk,jkq->jq", p, nodes.b[:, :, : lay.q])
+        out[known] += np.einsum("iq,iq->i", rows.Z[known], Eu[rows.pos[known]])
+    else:
+        c = _power(kind)
+        out[known] = np.exp(c * (rows.W[known] @ np.asarray(alpha))) * _posterior_exp(p, nodes.b, rows, lay.q, c)
+    return out
+
+
+def _central_jacobian(fun, theta: np.ndarray) -> np.ndarray:
+    """Jacobian of a vector function by central differences (relative step :data:`FD_STEP`)."""
+    theta = np.asarray(theta, dtype=float)
+    cols = []
+    for m in range(theta.size):
+        h = FD_STEP * (1.0 + abs(theta[m]))
+        up, down = theta.copy(), theta.copy()
+        up[m] += h
+        down[m] -= h
+        cols.append((fun(up) - fun(down)) / (up[m] - down[m]))
+    return np.stack(cols, axis=1)
+
+
+@dataclass(frozen=True)
+class _Posterior:
+    """The posterior summaries a prediction needs: moments, nodes, and the exact grid of ``v``."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    nodes: Nodes
+    grid: PosteriorGrid | None
+
+
+def _posterior(res) -> _Posterior:
+    design = res.model.design
+    lay = design.layout
+    nagq = posterior_nagq(res)
+    rule = gauss_hermite_rule(lay.d, nagq, res.prune)
+    nodes = adapt(np.asarray(res.theta, dtype=float), design, rule)
+    p = posterior_weights(res.theta, design, nodes)
+    mean = np.einsum("jk,jkd->jd", p, nodes.b)
+    dev = nodes.b - mean[:, None, :]
+    cov = np.einsum("jk,jkd,jke->jde", p, dev, dev)
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    grid = None
+    if lay.random_scale and not lay.extended:  # the exact marginal of v (core models)
+        q = lay.q
+        grid = PosteriorGrid.build(res.theta, design, mean[:, q], np.sqrt(cov[:, q, q]))
+    return _Posterior(mean, cov, nodes, grid)
+
+
+def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions at the estimates and the posterior variance of each (zero for population rows)."""
+    lay = res.layout
+    theta = np.asarray(res.theta, dtype=float)
+    out = _population(theta, lay, rows, kind)
+    post_var = np.zeros(out.shape)
+    known = rows.known
+    if post is None or not known.any():
+        return out, post_var
+    q = lay.q
+    j = rows.pos[known]
+    if kind == "mean":
+        if q:
+            Zk = rows.Z[known]
+            out[known] += np.einsum("iq,iq->i", Zk, post.mean[j, :q])
+            post_var[known] = np.einsum("iq,iqr,ir->i", Zk, post.cov[j, :q, :q], Zk)
+        return out, post_var
+    if lay.n_v == 0:
+        return out, post_var
+    c = _power(kind)
+    scale = np.exp(c * (rows.W[known] @ res.fe_scale.to_numpy()))
+    if post.grid is not None:
+        e1, e2 = post.grid.mean_exp_v(c)[j], post.grid.mean_exp_v(2 * c)[j]
+    else:
+        p = posterior_weights(theta, res.model.design, post.nodes)
+        e1 = _posterior_exp(p, post.nodes.b, rows, q, c)
+        e2 = _posterior_exp(p, post.nodes.b, rows, q, 2 * c)
+    out[known] = scale * e1
+    post_var[known] = scale**2 * np.clip(e2 - e1**2, 0.0, None)
+    return out, post_var
+
+
+def predict(res, newdata=None, kind: str = "mean", conditional: bool = True) -> pd.Series:
+    """Predictions for new rows or the fitted rows (see :meth:`mlsml.MELSMResults.predict`)."""
+    rows = prediction_rows(res, newdata, kind, conditional)
+    post = _posterior(res) if rows.known.any() else None
+    out, _ = _predicted(res, rows, kind, post)
+    return pd.Series(out, index=rows.index, name=kind)
+
+
+@dataclass(frozen=True)
+class PredictionResults:
+    """Predictions with delta-method standard errors (:meth:`mlsml.MELSMResults.get_prediction`).
+
+    Attributes
+    ----------
+    predicted : ndarray
+        The predictions (as :meth:`mlsml.MELSMResults.predict`).
+    se : ndarray
+        Their standard errors, ``sqrt(se_params**2 + se_posterior**2)``.
+    se_params : ndarray
+        The part from the uncertainty of the estimates (delta method).
+    se_posterior : ndarray
+        The part from the school's posterior (zero for population-level rows).
+    known : ndarray of bool
+        Rows predicted conditionally on their school.
+    kind : str
+    conditional : bool
+    index : pandas.Index
+    """
+
+    predicted: np.ndarray
+    se: np.ndarray
+    se_params: np.ndarray
+    se_posterior: np.ndarray
+    known: np.ndarray
+    kind: str
+    conditional: bool
+    index: pd.Index
+
+    def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
+        """Predictions, standard errors and ``1 - alpha`` intervals (statsmodels' column names).
+
+        The interval of the mean is ``mean +/- z se``; the variance and the SD are
+        positive, so their intervals are ``mean * exp(-/+ z se / mean)`` (symmetric on
+        the log scale, by the delta method for ``log mean``), which never go below zero.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``mean, mean_se, mean_ci_lower, mean_ci_upper``; the rows'
+            index.
+        """
+        if not 0 < alpha < 1:
+            raise ModelSpecError(f"alpha must be between 0 and 1, got {alpha!r}")
+        z = float(stats.norm.ppf(1 - alpha / 2))
+        m, se = self.predicted, self.se
+        if self.kind == "mean":
+            lo, hi = m - z * se, m + z * se
+        else:
+            r = np.exp(z * se / m)
+            lo, hi = m / r, m * r
+        return pd.DataFrame({"mean": m, "mean_se": se, "mean_ci_lower": lo, "mean_ci_upper": hi}, index=self.index)
+
+
+def get_prediction(res, newdata=None, kind: str = "mean", conditional: bool = True) -> PredictionResults:
+    """Predictions with standard errors (see :meth:`mlsml.MELSMResults.get_prediction`)."""
+    rows = prediction_rows(res, newdata, kind, conditional)
+    design = res.model.design
+    post = _posterior(res) if rows.known.any() else None
+    out, post_var = _predicted(res, rows, kind, post)
+    theta = np.asarray(res.theta, dtype=float)
+    if res._info.get("hessian_pd"):
+        H = np.asarray(res.hessian, dtype=float)
+        cov_theta = np.linalg.inv(-0.5 * (H + H.T))
+        if post is None:
+            jac = _central_jacobian(lambda t: _population(t, res.layout, rows, kind), theta)
+        else:
+            jac = _central_jacobian(lambda t: _conditional_fixed_nodes(t, design, post.nodes, rows, kind), theta)
+        var_params = np.clip(np.einsum("im,mn,in->i", jac, cov_theta, jac), 0.0, None)
+    else:  # no standard errors without a positive-definite observed information
+        var_params = np.full(out.shape, np.nan)
+    se = np.sqrt(var_params + post_var)
+    return PredictionResults(out, se, np.sqrt(var_params), np.sqrt(post_var), rows.known, kind, conditional, rows.index)

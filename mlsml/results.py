@@ -10,6 +10,7 @@ in the natural parameterisation.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,13 +18,35 @@ from typing import TYPE_CHECKING, Any
 import autograd
 import numpy as np
 import pandas as pd
+from patsy import PatsyError
+from patsy.constraint import linear_constraint
 from scipy import stats
 
-from .errors import SingularFitWarning
+from .errors import DataError, ModelSpecError, SingularFitWarning
+from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .params import ParamLayout
+from .predict import PredictionResults
+from .predict import get_prediction as _get_prediction
+from .predict import predict as _predict
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import MELSM
+
+
+def load(source) -> MELSMResults:
+    """Read a fit written by :meth:`MELSMResults.to_json` (JSON text, a path, or a dict).
+
+    The same as :meth:`MELSMResults.from_json`.
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school")
+    >>> mlsml.load(res.to_json()).bse.equals(res.bse)
+    True
+    """
+    return MELSMResults.from_json(source)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -243,6 +266,134 @@ class MELSMResults:
         hi = self.params + z * self.bse
         return pd.DataFrame({f"{alpha / 2:g}": lo, f"{1 - alpha / 2:g}": hi})
 
+    def _constraints(self, r_matrix, q_matrix) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``(R, q, labels)`` of the linear hypotheses ``R params = q``."""
+        names = list(self.params.index)
+        text = isinstance(r_matrix, str) or (
+            isinstance(r_matrix, (list, tuple)) and len(r_matrix) > 0 and all(isinstance(c, str) for c in r_matrix)
+        )
+        if text:
+            if q_matrix is not None:
+                raise ModelSpecError("give the constants inside the constraints ('mean:x = 0.5'), not as q_matrix")
+            try:
+                lc = linear_constraint(r_matrix, names)
+            except PatsyError as exc:
+                raise ModelSpecError(f"could not read the constraints {r_matrix!r}: {exc}\n(parameters: {', '.join(names)})") from exc
+            R, q = np.asarray(lc.coefs, dtype=float), np.asarray(lc.constants, dtype=float).ravel()
+        else:
+            R = np.atleast_2d(np.asarray(r_matrix, dtype=float))
+            if R.ndim != 2 or R.shape[1] != len(names):
+                raise ModelSpecError(f"r_matrix must have {len(names)} columns (one per parameter: {', '.join(names)}), got {R.shape}")
+            q = np.zeros(R.shape[0]) if q_matrix is None else np.atleast_1d(np.asarray(q_matrix, dtype=float)).ravel()
+            if q.shape != (R.shape[0],):
+                raise ModelSpecError(f"q_matrix must have {R.shape[0]} values (one per row of r_matrix), got {q.size}")
+        if not (np.all(np.isfinite(R)) and np.all(np.isfinite(q))):
+            raise ModelSpecError("the hypotheses have non-finite coefficients or constants")
+        if np.any(np.all(R == 0, axis=1)):
+            raise ModelSpecError("a hypothesis involves no parameter (a row of r_matrix is all zeros)")
+
+        def label(row: np.ndarray, const: float) -> str:
+            terms = []
+            for c, n in zip(row, names):
+                if c != 0:
+                    terms.append(("- " if c < 0 else "+ ") + (n if abs(c) == 1 else f"{abs(c):g}*{n}"))
+            return " ".join(terms).removeprefix("+ ") + f" = {const:g}"
+
+        return R, q, [label(r, c) for r, c in zip(R, q)]
+
+    def _constraint_cov(self, R: np.ndarray) -> np.ndarray:
+        V = np.asarray(self._cov, dtype=float)
+        used = np.any(R != 0, axis=0)
+        if not np.all(np.isfinite(V[np.ix_(used, used)])):
+            raise ModelSpecError("no Wald test: the observed information is not positive definite (see res.singular_reasons())")
+        V = np.where(np.isfinite(V), V, 0.0)
+        return R @ V @ R.T
+
+    def wald_test(self, r_matrix, q_matrix=None):
+        """Wald chi-squared test of the linear hypotheses ``R params = q`` (jointly).
+
+        .. math::
+
+            W = (R\\hat\\psi - q)' (R \\hat V R')^{-1} (R\\hat\\psi - q) \\sim \\chi^2_r,
+
+        with ``V`` = :meth:`cov_params` and ``r`` the number of hypotheses. As
+        statsmodels' ``wald_test`` with ``use_f=False``.
+
+        Parameters
+        ----------
+        r_matrix : str, list of str, or array_like
+            Constraints naming parameters as in :attr:`params`, e.g.
+            ``"mean:standLRT = 0, scale:standLRT = 0"`` or ``["scale:x", "var(v) = 0.1"]``;
+            or a matrix ``R`` with one column per parameter.
+        q_matrix : array_like, optional
+            Right-hand sides for a matrix ``R`` (default zeros).
+
+        Returns
+        -------
+        statsmodels.stats.contrast.ContrastResults
+            ``.statistic``, ``.df_denom`` (the number of hypotheses), ``.pvalue``;
+            printable.
+
+        Notes
+        -----
+        A variance's null value 0 is on the boundary of the parameter space, where
+        the chi-squared reference does not hold: test variances with :func:`mlsml.lrtest`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> w = res.wald_test("mean:x = 0.6, scale:x = 0")
+        >>> w.df_denom, bool(w.pvalue < 0.05)
+        (2, True)
+        """
+        R, q, _ = self._constraints(r_matrix, q_matrix)
+        RVR = self._constraint_cov(R)
+        r = int(np.linalg.matrix_rank(RVR))
+        if r < R.shape[0]:
+            raise ModelSpecError(f"the {R.shape[0]} hypotheses are linearly dependent (rank {r}): drop the redundant ones")
+        diff = R @ self.params.to_numpy() - q
+        stat = float(diff @ np.linalg.solve(RVR, diff))
+        # statsmodels is heavy to import; only a test needs its result class
+        from statsmodels.stats.contrast import ContrastResults
+
+        return ContrastResults(chi2=stat, df_denom=r, statistic=stat, distribution="chi2", distargs=(r,))
+
+    def t_test(self, r_matrix, q_matrix=None):
+        """Wald z tests of each linear hypothesis ``(R params)_i = q_i`` separately.
+
+        ``effect = R params``, ``sd = sqrt(diag(R V R'))``, ``z = (effect - q) / sd``
+        with two-sided normal p-values; as statsmodels' ``t_test`` with
+        ``use_t=False``. ``r_matrix`` and ``q_matrix`` as in :meth:`wald_test`.
+
+        Returns
+        -------
+        statsmodels.stats.contrast.ContrastResults
+            ``.effect``, ``.sd``, ``.statistic``, ``.pvalue``, ``.conf_int()``,
+            ``.summary()``.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> t = res.t_test("mean:x = 0.6")
+        >>> bool(t.effect[0] == res.params["mean:x"])
+        True
+        >>> bool(abs(t.statistic[0] - (res.params["mean:x"] - 0.6) / res.bse["mean:x"]) < 1e-9)
+        True
+        """
+        R, q, labels = self._constraints(r_matrix, q_matrix)
+        sd = np.sqrt(np.clip(np.diag(self._constraint_cov(R)), 0.0, None))
+        effect = R @ self.params.to_numpy()
+        # statsmodels is heavy to import; only a test needs its result class
+        from statsmodels.stats.contrast import ContrastResults
+
+        out = ContrastResults(effect=effect, statistic=(effect - q) / sd, sd=sd, df_denom=None, distribution="norm")
+        out.c_names = labels  # the row labels of out.summary()
+        return out
+
     # ------------------------------------------------------------ blocks
     @property
     def fe_mean(self) -> pd.Series:
@@ -290,6 +441,7 @@ class MELSMResults:
         pandas.DataFrame or (DataFrame, ndarray (J, d, d))
             Indexed by group label; columns ``u0, u0_sd, [u1, u1_sd, ...], [v, v_sd], n``.
         """
+        self._require_data("random_effects")
         from .schools import random_effects
 
         return random_effects(self, cov=cov)
@@ -325,6 +477,7 @@ class MELSMResults:
             mean_rank_lo, mean_rank_hi, mean_flag, var, var_lo, var_hi, var_rank,
             var_rank_lo, var_rank_hi, var_flag``.
         """
+        self._require_data("school_effects")
         from .schools import school_effects
 
         return school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
@@ -339,27 +492,166 @@ class MELSMResults:
         total_variance``, ``corr_uv`` (model-implied) and ``corr_pred`` (of the
         predicted school means and variances); NaN where the model lacks the effect.
         """
+        self._require_data("population_quantities")
         from .schools import population_quantities
 
         return population_quantities(self, w=w, z=z)
 
-    def predict(self, newdata: pd.DataFrame, kind: str = "mean", conditional: bool = True) -> pd.Series:
-        """Predicted mean ``x'beta + z'E(u_j|y)`` or residual variance for new rows.
+    def predict(self, newdata=None, kind: str = "mean", conditional: bool = True) -> pd.Series:
+        """Predicted mean, residual variance or residual SD, for new rows or the fitted rows.
+
+        .. math::
+
+            \\text{mean:}\\; x_i'\\beta + z_i'E(u_j \\mid y), \\qquad
+            \\text{variance:}\\; e^{w_i'\\alpha} E(e^{g_i'v_j} \\mid y), \\qquad
+            \\text{sd:}\\; e^{w_i'\\alpha/2} E(e^{g_i'v_j/2} \\mid y),
+
+        the posterior (empirical-Bayes) means of the row's mean, variance and SD
+        given its school's data (``g_i = 1`` for the plain random scale ``v``; so
+        ``sd**2`` is not ``variance``). Population-level rows get the expectations
+        over a new school: ``x_i'beta``, ``exp(w_i'alpha + g_i'Sigma_vv g_i/2)`` and
+        ``exp(w_i'alpha/2 + g_i'Sigma_vv g_i/8)``.
 
         Parameters
         ----------
-        newdata : pandas.DataFrame
-            Covariates (and the grouping column when ``conditional``).
-        kind : {"mean", "variance"}
-            ``"variance"`` is the residual variance ``exp(w'alpha) E(exp(v_j) | y)``.
+        newdata : pandas.DataFrame, dict of column -> array-like, or None
+            Covariates (and the grouping column when ``conditional``). ``None``: the
+            observations of the fit, in the caller's row order and with the
+            caller's index (so ``res.predict()`` is :attr:`fittedvalues`). A dict of
+            scalars is one row.
+        kind : {"mean", "variance", "sd"}
+            The mean, the residual variance or the residual standard deviation.
         conditional : bool
             Use the posterior of the school for schools of the fit; rows of other
-            schools, and all rows when False, get population values
-            (``x'beta`` and ``exp(w'alpha + var(v)/2)``).
-        """
-        from .schools import predict
+            schools, and all rows when False, get population values. Rows whose
+            school was not in the fit are counted in an
+            :class:`~mlsml.errors.UnknownGroupWarning`, which also says when the
+            group column has another type than in the fit (``"1"`` vs ``1``) and how
+            to convert it.
 
-        return predict(self, newdata, kind=kind, conditional=conditional)
+        Returns
+        -------
+        pandas.Series
+            Named ``kind``, indexed like ``newdata`` (or the fitted rows).
+
+        Examples
+        --------
+        >>> import numpy as np, mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> pred = res.predict({"x": [0.0, 1.0], "school": [1, 1]})   # a dict, or a DataFrame
+        >>> bool(abs(pred[1] - pred[0] - res.params["mean:x"]) < 1e-12)
+        True
+        >>> pop = res.predict({"x": 0.0}, kind="variance", conditional=False)   # a new school
+        >>> bool(abs(pop[0] - np.exp(res.params["scale:Intercept"] + res.params["var(v)"] / 2)) < 1e-12)
+        True
+        >>> bool(res.predict().equals(res.fittedvalues.rename("mean")))   # the fitted rows
+        True
+        """
+        self._require_data("predict")
+        return _predict(self, newdata, kind=kind, conditional=conditional)
+
+    def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True) -> PredictionResults:
+        """Predictions (as :meth:`predict`) with standard errors and intervals.
+
+        ``res.get_prediction(new).summary_frame(alpha=0.05)`` gives the columns
+        ``mean, mean_se, mean_ci_lower, mean_ci_upper`` (statsmodels' names).
+
+        **What the standard error contains.** For a population-level row
+        (``conditional=False``, or a school not in the fit) the prediction is a
+        function of the parameters only, and ``se`` is the delta-method standard
+        error from the observed-information covariance of the estimates:
+        ``se^2 = d' cov(theta_hat) d`` with ``d`` the gradient of the prediction.
+        For a row of a school of the fit the prediction is a posterior mean
+        ``E(f(b_j) | y; theta_hat)``, and ``se`` is the root mean squared error of
+        prediction to first order (Booth & Hobert, 1998, JASA 93, 262-272):
+
+        .. math::
+
+            se^2 = \\operatorname{var}(f(b_j) \\mid y; \\hat\\theta)
+                 + d'\\, \\operatorname{cov}(\\hat\\theta)\\, d,
+            \\qquad d = \\partial E(f(b_j) \\mid y; \\theta) / \\partial\\theta,
+
+        the school's posterior variance (``f(b) = x'beta + z'u`` for the mean,
+        ``exp(w'alpha + g'v)`` for the variance, ``exp((w'alpha + g'v)/2)`` for the
+        SD) plus the uncertainty of the estimates carried through the posterior
+        mean (``d`` includes how the posterior mean moves with ``theta``; it is
+        computed by central differences with the quadrature nodes held fixed). The
+        two parts are ``se_posterior`` and ``se_params``. The second-order bias
+        correction of the first term is not included. Without a positive-definite
+        observed information ``se_params`` (hence ``se``) is NaN.
+
+        Intervals are ``mean +/- z se`` for the mean and symmetric on the log scale
+        for the variance and the SD (never below zero).
+
+        Parameters
+        ----------
+        newdata, kind, conditional
+            As :meth:`predict`.
+
+        Returns
+        -------
+        mlsml.predict.PredictionResults
+            ``.predicted``, ``.se``, ``.se_params``, ``.se_posterior`` (arrays) and
+            ``.summary_frame(alpha)``.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> frame = res.get_prediction({"x": [0.0, 0.0], "school": [1, 1]}).summary_frame()
+        >>> list(frame.columns)
+        ['mean', 'mean_se', 'mean_ci_lower', 'mean_ci_upper']
+        >>> pop = res.get_prediction({"x": [0.0]}, conditional=False)
+        >>> bool(abs(pop.se[0] - res.bse["mean:Intercept"]) < 1e-9)   # x'b at x = 0 is the intercept
+        True
+        """
+        self._require_data("get_prediction")
+        return _get_prediction(self, newdata, kind=kind, conditional=conditional)
+
+    @property
+    def fittedvalues(self) -> pd.Series:
+        """Conditional fitted means ``x_i'beta + z_i'E(u_j | y)`` of the observations used.
+
+        As statsmodels' ``MixedLMResults.fittedvalues``: the school effects at their
+        empirical-Bayes (posterior) means; in the caller's row order, indexed by
+        the caller's index labels (rows dropped for missing values are absent).
+        """
+        self._require_data("fittedvalues")
+        if "fittedvalues" not in self._info:
+            self._info["fittedvalues"] = _predict(self, None, kind="mean", conditional=True).rename("fittedvalues")
+        return self._info["fittedvalues"].copy()
+
+    @property
+    def resid(self) -> pd.Series:
+        """Residuals ``y - fittedvalues`` (same order and index as :attr:`fittedvalues`).
+
+        Examples
+        --------
+        >>> import numpy as np, mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school")
+        >>> bool(np.allclose(res.resid + res.fittedvalues, df["y"])), res.resid.index.equals(df.index)
+        (True, True)
+        """
+        self._require_data("resid")
+        fitted = self.fittedvalues
+        design = self.model.design
+        y = np.empty(design.nobs)
+        y[design.order] = design.y  # back to the caller's order
+        return pd.Series(y - fitted.to_numpy(), index=fitted.index, name="resid")
+
+    @property
+    def fe_params(self) -> pd.Series:
+        """All fixed effects: ``mean:*``, then ``scale:*`` (and ``bsvar:*`` with ``bs_formula``).
+
+        The regression coefficients, named as in :attr:`params` (statsmodels'
+        ``MixedLMResults.fe_params`` holds the mean coefficients only; here the
+        variance function's coefficients are fixed effects too).
+        """
+        names = [n for n in self.params.index if n.startswith(("mean:", "scale:", "bsvar:"))]
+        return self.params[names].rename("fe_params")
 
     def re_correlations(self) -> pd.DataFrame:
         """Correlations of the school effects with delta-method standard errors.
@@ -419,6 +711,8 @@ class MELSMResults:
         >>> mlsml.fit("y ~ x", df, groups="school").singular_reasons()
         []
         """
+        if not self.has_data:  # read from JSON: the diagnosis made at the fit
+            return list(self._info.get("singular_reasons", []))
         lay = self.layout
         S = self.cov_re.to_numpy()
         reasons = []
@@ -549,52 +843,72 @@ class MELSMResults:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python summary of the fit (the content of :meth:`to_json`); NaN becomes ``None``."""
+        """Plain-Python content of the fit (what :meth:`to_json` writes); NaN becomes ``None``.
 
-        def num(v):
-            v = float(v)
-            return v if np.isfinite(v) else None
-
-        spec = self.model.formula_spec
-        return {
-            "formula": spec.formula,
-            "scale_formula": spec.scale_formula,
-            "re_formula": spec.re_formula,
-            "groups": spec.groups,
-            "random_scale": bool(self.layout.random_scale),
-            "nobs": self.nobs,
-            "ngroups": self.ngroups,
-            "nagq": self.nagq,
-            "method": self.method,
-            "llf": num(self.llf),
-            "aic": num(self.aic),
-            "bic": num(self.bic),
-            "bic_groups": num(self.bic_groups),
-            "df_model": self.df_model,
-            "converged": self.converged,
-            "message": self.message,
-            "n_iter": self.n_iter,
-            "n_passes": self.n_passes,
-            "singular": self.singular,
-            "params": {k: num(v) for k, v in self.params.items()},
-            "bse": {k: num(v) for k, v in self.bse.items()},
-            "cov_params": [[num(v) for v in row] for row in np.asarray(self._cov)],
-            "theta": [num(v) for v in self.theta],
-        }
+        Everything that describes the fit without its data: the formulas (also
+        ``scale_re_formula``, ``bs_formula``), the parameter layout, the quadrature
+        rule and points, the fit options, ``params``, ``bse``, ``cov_params``,
+        ``theta`` with the observed information (``hessian``) and gradient,
+        ``llf`` and the information criteria, ``nobs``, ``ngroups`` and the group
+        sizes, the convergence record and the boundary diagnosis. See
+        :mod:`mlsml.export`.
+        """
+        return results_to_dict(self)
 
     def to_json(self, path=None, indent: int = 2) -> str:
         """The fit as JSON (see :meth:`to_dict`); written to ``path`` when given.
 
         Floats are written with Python's shortest round-trip representation,
-        so ``json.loads`` gives back exactly the same numbers.
+        so ``json.loads`` gives back exactly the same numbers, and
+        :meth:`from_json` (or :func:`mlsml.load`) reads the fit back.
         """
-        import json
-
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            with open(path, "w") as fh:
+            with open(path, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
         return text
+
+    @classmethod
+    def from_json(cls, source) -> MELSMResults:
+        """Read back a fit written by :meth:`to_json`.
+
+        Parameters
+        ----------
+        source : str, path-like or dict
+            JSON text, the path of a file :meth:`to_json` wrote, or the dict of
+            :meth:`to_dict`.
+
+        Returns
+        -------
+        MELSMResults
+            With the estimates and everything computed from them (``params``,
+            ``bse``, ``conf_int``, ``cov_params``, ``llf``, ``aic``, ``bic``,
+            ``summary``, ``wald_test``, ``t_test``, ``re_correlations``,
+            ``singular_reasons``); methods that need the observations
+            (``predict``, ``fittedvalues``, ``school_effects``, ``simulate``, ...)
+            raise :class:`~mlsml.errors.DataError` saying so. :func:`mlsml.lrtest`
+            works between results read from JSON (the responses are compared by
+            their SHA-256). Pickle a result to keep its data.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> back = mlsml.MELSMResults.from_json(res.to_json())
+        >>> bool(back.params.equals(res.params)), back.llf == res.llf, back.has_data
+        (True, True, False)
+        """
+        return cls(**results_fields_from_dict(read_json(source)))
+
+    @property
+    def has_data(self) -> bool:
+        """Whether the fitted data travel with the result (not for results read from JSON)."""
+        return not isinstance(self.model, DetachedModel)
+
+    def _require_data(self, what: str) -> None:
+        if not self.has_data:
+            raise DataError(NO_DATA.format(what=what))
 
     def compare_lr_test(self, restricted: MELSMResults):
         """Likelihood-ratio test of ``restricted`` (nested) against this fit.
@@ -642,6 +956,7 @@ class MELSMResults:
         >>> sims.shape == (len(df), 2), bool(sims.index.equals(df.index))
         (True, True)
         """
+        self._require_data("simulate")
         from .bootstrap import simulate_responses
 
         return simulate_responses(self, n_reps=n_reps, seed=seed)
@@ -676,9 +991,14 @@ class MELSMResults:
         >>> boot.n_converged, boot.bse.index.equals(res.params.index)
         (20, True)
         """
+        self._require_data("bootstrap")
         from .bootstrap import bootstrap
 
         return bootstrap(self, n, seed=seed, n_jobs=n_jobs, progress=progress)
+
+    def _repr_html_(self) -> str:
+        """The summary as HTML (notebooks show it instead of the text repr)."""
+        return self.summary().as_html()
 
     def __repr__(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""The paper's school-level and population quantities, and predictions for new data.
+"""The paper's school-level and population quantities (predictions for rows live in :mod:`mlsml.predict`).
 
 Everything here is computed at the maximum-likelihood estimates from the
 posterior of the school effects (:mod:`mlsml.predict`); the intervals are
@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import DataError, ModelSpecError
+from .errors import ModelSpecError
 from .likelihood import log_conditional, log_prior, school_sums
 from .posterior import adapt
-from .predict import PosteriorGrid, posterior_moments
-from .quadrature import default_nagq, gauss_hermite_rule
+from .predict import PosteriorGrid, posterior_moments, posterior_nagq
+from .quadrature import gauss_hermite_rule
 
 Z90 = float(stats.norm.ppf(0.90))
 
@@ -91,19 +91,6 @@ def _vectors(res, w, z) -> tuple[np.ndarray, np.ndarray]:
     re_terms = tuple(design.info.get("re_terms", tuple(f"u{i}" for i in range(lay.q))))
     zbar = reference_vector(z, re_terms, design.Z, "z") if lay.q else np.zeros(0)
     return wbar, zbar
-
-
-def posterior_nagq(res) -> int:
-    """Quadrature points per dimension for the posterior summaries.
-
-    The fit's own rule, but never fewer points than the default for the
-    dimension: a fit with very few points (``nagq=1`` is the Laplace
-    approximation) would otherwise report posterior SDs of zero.
-    """
-    d = res.layout.d
-    if res._info.get("quadrature") == "marginal":  # the fit's nagq counted points in v only
-        return default_nagq(d)
-    return max(int(res.nagq or 0), default_nagq(d))
 
 
 def _cov_theta(res) -> np.ndarray | None:
@@ -330,59 +317,3 @@ def _corr_predictions(res, wbar, zbar, cov_t):
         return r, np.nan
     g = autograd.grad(corr)(theta0)
     return r, float(np.sqrt(max(g @ cov_t @ g, 0.0)))
-
-
-# ---------------------------------------------------------------- new data
-def _design_for(info, newdata: pd.DataFrame, what: str) -> np.ndarray:
-    import patsy
-
-    try:
-        M = patsy.dmatrix(info, newdata, NA_action="raise", return_type="dataframe")
-    except Exception as exc:  # patsy raises many types
-        raise DataError(f"could not build the {what} for newdata: {exc}") from exc
-    return M.to_numpy(dtype=float)
-
-
-def predict(res, newdata: pd.DataFrame, kind: str = "mean", conditional: bool = True) -> pd.Series:
-    """Predictions of the mean or the residual variance for new rows (see :meth:`MELSMResults.predict`)."""
-    _require_core(res, "predict")
-    if kind not in ("mean", "variance"):
-        raise ModelSpecError(f"kind must be 'mean' or 'variance', not {kind!r}")
-    if not isinstance(newdata, pd.DataFrame):
-        raise DataError(f"newdata must be a pandas DataFrame (got {type(newdata).__name__})")
-    spec = res.model.formula_spec
-    design = res.model.design
-    lay = design.layout
-    q, rs = lay.q, lay.random_scale
-    pos = np.full(len(newdata), -1)
-    if conditional:
-        if spec.groups not in newdata.columns:
-            raise DataError(
-                f"conditional predictions need the grouping column {spec.groups!r} in newdata "
-                "(or pass conditional=False for population predictions)"
-            )
-        pos = pd.Index(design.group_labels).get_indexer(newdata[spec.groups])
-    known = pos >= 0
-    need_post = bool(conditional and known.any())
-    if need_post:
-        mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
-    if kind == "mean":
-        X = _design_for(spec.mean_spec, newdata, "mean design")
-        out = X @ res.fe_mean.to_numpy()
-        if need_post and q:
-            Z = _design_for(spec.re_spec, newdata, "random-effects design")
-            out = out + np.where(known, np.einsum("iq,iq->i", Z, mean[np.clip(pos, 0, None), :q]), 0.0)
-    else:
-        W = _design_for(spec.scale_spec, newdata, "scale design")
-        eta = W @ res.fe_scale.to_numpy()
-        if rs:
-            sv2 = float(res.cov_re.to_numpy()[q, q])
-            factor = np.full(len(newdata), np.exp(0.5 * sv2))
-            if need_post:
-                grid = PosteriorGrid.build(res.theta, design, mean[:, q], np.sqrt(C[:, q, q]))
-                e = grid.mean_exp_v()
-                factor = np.where(known, e[np.clip(pos, 0, None)], factor)
-            out = np.exp(eta) * factor
-        else:
-            out = np.exp(eta)
-    return pd.Series(out, index=newdata.index, name=kind)

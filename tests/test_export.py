@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
+
+import mlsml
 
 
 def test_to_frame(exam_m3):
@@ -46,3 +50,117 @@ def test_summary_formats_by_style(exam_m3, style):
     s = exam_m3.summary(style=style)
     for fmt in ("as_text", "as_html", "as_latex"):
         assert "Intercept" in getattr(s, fmt)()
+
+
+# ---------------------------------------------------------------- reading JSON back (issue 10)
+def test_to_json_carries_everything_that_describes_the_fit(exam_m3):
+    d = json.loads(exam_m3.to_json())
+    for key in (
+        "formula",
+        "scale_formula",
+        "re_formula",
+        "scale_re_formula",
+        "bs_formula",
+        "groups",
+        "layout",
+        "nagq",
+        "quadrature",
+        "prune",
+        "method",
+        "options",
+        "quadrature_check",
+        "params",
+        "cov_params",
+        "hessian",
+        "llf",
+        "nobs",
+        "ngroups",
+        "group_sizes",
+        "converged",
+        "message",
+        "n_iter",
+        "n_passes",
+        "singular_reasons",
+    ):
+        assert key in d, key
+    assert d["quadrature"] == "marginal" and d["nagq"] == 15
+    assert d["options"]["method"] == "BFGS" and d["options"]["maxiter"] == 1000
+    assert d["layout"]["scale_terms"] == ["Intercept", "standLRT"]
+    assert sum(d["group_sizes"]) == 4059
+
+
+@pytest.mark.parametrize("how", ["text", "path", "dict"])
+def test_load_reads_back_what_to_json_writes(exam_m3, tmp_path, how):
+    path = tmp_path / "fit.json"
+    text = exam_m3.to_json(path)
+    source = {"text": text, "path": path, "dict": json.loads(text)}[how]
+    back = mlsml.load(source)
+    assert isinstance(back, mlsml.MELSMResults) and not back.has_data and exam_m3.has_data
+    pd.testing.assert_series_equal(back.params, exam_m3.params)
+    pd.testing.assert_series_equal(back.bse, exam_m3.bse)
+    pd.testing.assert_frame_equal(back.cov_params(), exam_m3.cov_params())
+    pd.testing.assert_frame_equal(back.conf_int(), exam_m3.conf_int())
+    pd.testing.assert_frame_equal(back.re_correlations(), exam_m3.re_correlations())
+    assert (back.llf, back.aic, back.bic, back.nobs, back.ngroups) == (
+        exam_m3.llf,
+        exam_m3.aic,
+        exam_m3.bic,
+        exam_m3.nobs,
+        exam_m3.ngroups,
+    )
+    assert back.summary().as_text() == exam_m3.summary().as_text()
+    assert back.to_json() == text  # and it writes the same JSON again
+    np.testing.assert_allclose(back.wald_test("scale:standLRT = 0").statistic, exam_m3.wald_test("scale:standLRT = 0").statistic)
+
+
+def test_from_json_for_every_model_class(exam):
+    fits = [
+        mlsml.fit("normexam ~ standLRT", exam, groups="school", re_formula="~ standLRT", random_scale=False),
+        mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", bs_formula="~ schavg"),
+    ]
+    for res in fits:
+        back = mlsml.MELSMResults.from_json(res.to_json())
+        pd.testing.assert_series_equal(back.params, res.params)
+        assert back.layout == res.layout
+        assert back.model.formula_spec.bs_formula == res.model.formula_spec.bs_formula
+        assert back.summary().as_text() == res.summary().as_text()
+
+
+def test_loaded_results_say_which_methods_need_the_data(exam_m3):
+    back = mlsml.load(exam_m3.to_json())
+    calls = {
+        "predict": lambda: back.predict(),
+        "get_prediction": lambda: back.get_prediction(),
+        "fittedvalues": lambda: back.fittedvalues,
+        "resid": lambda: back.resid,
+        "random_effects": back.random_effects,
+        "school_effects": back.school_effects,
+        "population_quantities": back.population_quantities,
+        "simulate": back.simulate,
+    }
+    for what, call in calls.items():
+        with pytest.raises(mlsml.DataError, match=f"{what} needs the data of the fit.*refit"):
+            call()
+    with pytest.raises(mlsml.DataError, match="needs the data of the fit"):
+        back.summary(style="mixwild")
+    with pytest.raises(mlsml.DataError, match="needs the data of the fit"):
+        back.model.loglike(back.params)
+    back2 = pickle.loads(pickle.dumps(back))  # a loaded result pickles too
+    pd.testing.assert_series_equal(back2.params, back.params)
+
+
+def test_load_rejects_what_is_not_a_fit(exam_m3, tmp_path):
+    with pytest.raises(mlsml.DataError, match="not the JSON of a fit"):
+        mlsml.load('{"a": 1}')
+    with pytest.raises(mlsml.DataError, match="could not read"):
+        mlsml.load(tmp_path / "missing.json")
+    with pytest.raises(mlsml.DataError, match="not valid JSON"):
+        mlsml.load("{nope")
+    d = json.loads(exam_m3.to_json())
+    del d["cov_params"]
+    with pytest.raises(mlsml.DataError, match="'cov_params'"):
+        mlsml.load(d)
+    d = json.loads(exam_m3.to_json())
+    d["params"] = dict(reversed(list(d["params"].items())))
+    with pytest.raises(mlsml.DataError, match="do not match the layout"):
+        mlsml.load(d)

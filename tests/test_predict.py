@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import scale_slope_data
 from scipy.integrate import cumulative_simpson
 from scipy.interpolate import CubicSpline
 from scipy.optimize import brentq
@@ -166,3 +169,172 @@ def test_coarse_fit_still_gets_accurate_posteriors(exam):
     np.testing.assert_allclose(C, C11, rtol=0, atol=1e-12)
     m3, _ = posterior_moments(res.theta, res.model.design, 3)
     assert np.abs(m3 - m).max() > 1e-8  # 3 points would have been visibly less accurate
+
+
+# ---------------------------------------------------------------- prediction standard errors (issue 10)
+NEW = pd.DataFrame({"standLRT": [0.0, 1.2, -0.7, 0.3], "school": [1, 8, 31, 65]}, index=[10, 20, 30, 40])
+
+
+def _at(res, psi: np.ndarray):
+    """The results object with the estimates replaced by ``psi`` (natural scale): predictions re-adapt to it."""
+    theta = res.model.theta_from_params(psi)
+    params = pd.Series(res.layout.to_natural(theta), index=res.params.index, name="estimate")
+    return dataclasses.replace(res, theta=theta, params=params, _info=dict(res._info))
+
+
+def _brute_force_var_params(res, new, kind: str, conditional: bool, step: float = 1e-4) -> np.ndarray:
+    """Delta-method variance from a central-difference Jacobian of the public ``predict`` in the natural
+    parameters (every evaluation re-adapts the posterior, and the variance uses the exact grid of ``v``)
+    times :meth:`cov_params`."""
+    psi = res.params.to_numpy()
+    cols = []
+    for m in range(psi.size):
+        h = step * max(1e-2, abs(psi[m]))
+        up, down = psi.copy(), psi.copy()
+        up[m] += h
+        down[m] -= h
+        f_up = _at(res, up).predict(new, kind=kind, conditional=conditional).to_numpy()
+        f_down = _at(res, down).predict(new, kind=kind, conditional=conditional).to_numpy()
+        cols.append((f_up - f_down) / (2 * h))
+    jac = np.stack(cols, axis=1)
+    return np.einsum("im,mn,in->i", jac, res.cov_params().to_numpy(), jac)
+
+
+@pytest.mark.parametrize("kind", ["mean", "variance", "sd"])
+def test_population_prediction_se_is_the_delta_method(exam_m3, kind):
+    r = exam_m3
+    pr = r.get_prediction(NEW, kind=kind, conditional=False)
+    np.testing.assert_array_equal(pr.predicted, r.predict(NEW, kind=kind, conditional=False).to_numpy())
+    assert not pr.known.any() and np.all(pr.se_posterior == 0)
+    V = r.cov_params().to_numpy()
+    x = np.column_stack([np.ones(4), NEW["standLRT"]])
+    if kind == "mean":  # x'b: exactly sqrt(x' V_b x)
+        want = np.sqrt(np.einsum("ia,ab,ib->i", x, V[:2, :2], x))
+    else:  # exp(c w'a + c^2 var(v)/2): gradient c pred w (alpha) and c^2 pred / 2 (var(v))
+        c = 1.0 if kind == "variance" else 0.5
+        grad = np.zeros((4, 7))
+        grad[:, 2:4] = c * pr.predicted[:, None] * x
+        grad[:, 5] = c * c * pr.predicted / 2
+        want = np.sqrt(np.einsum("im,mn,in->i", grad, V, grad))
+    np.testing.assert_allclose(pr.se, want, rtol=1e-6)
+    np.testing.assert_allclose(pr.se, np.sqrt(_brute_force_var_params(r, NEW, kind, False)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mean", "variance"])
+def test_conditional_prediction_se_against_brute_force(exam_m3, kind):
+    """se^2 = posterior variance of the school's quantity + delta-method variance of its posterior mean."""
+    r = exam_m3
+    pr = r.get_prediction(NEW, kind=kind)
+    np.testing.assert_array_equal(pr.predicted, r.predict(NEW, kind=kind).to_numpy())
+    assert pr.known.all()
+    np.testing.assert_allclose(pr.se**2, pr.se_params**2 + pr.se_posterior**2, rtol=1e-12)
+    # the parameter part: finite differences of the public predict (re-adapted posteriors) times cov_params
+    np.testing.assert_allclose(pr.se_params**2, _brute_force_var_params(r, NEW, kind, True), rtol=2e-3)
+    # the posterior part: a brute-force tensor-grid posterior of each school
+    codes = list(r.model.design.group_labels)
+    a = r.fe_scale.to_numpy()
+    for i, (x, school) in enumerate(zip(NEW["standLRT"], NEW["school"])):
+        axes, mass, mean, cov = _brute_force(r, codes.index(school), 161)
+        if kind == "mean":
+            want = cov[0, 0]
+        else:
+            v = np.meshgrid(*axes, indexing="ij")[1]
+            e1, e2 = (mass * np.exp(v)).sum(), (mass * np.exp(2 * v)).sum()
+            want = np.exp(2 * (a[0] + a[1] * x)) * (e2 - e1**2)
+        assert pr.se_posterior[i] ** 2 == pytest.approx(want, rel=1e-5)
+    # the school's posterior dominates: the conditional SE exceeds the population one for the mean
+    if kind == "mean":
+        assert np.all(pr.se > r.get_prediction(NEW, conditional=False).se)
+
+
+def test_summary_frame_has_statsmodels_columns_and_positive_variance_intervals(exam_m3):
+    r = exam_m3
+    frame = r.get_prediction(NEW).summary_frame(alpha=0.1)
+    assert list(frame.columns) == ["mean", "mean_se", "mean_ci_lower", "mean_ci_upper"]
+    assert frame.index.equals(NEW.index)
+    np.testing.assert_allclose(frame["mean_ci_upper"] - frame["mean"], 1.6448536269514722 * frame["mean_se"], rtol=1e-12)
+    var = r.get_prediction(NEW, kind="variance").summary_frame()
+    assert (var["mean_ci_lower"] > 0).all()
+    np.testing.assert_allclose(
+        np.log(var["mean_ci_upper"] / var["mean"]), 1.959963984540054 * var["mean_se"] / var["mean"], rtol=1e-12
+    )
+    # the fitted rows when newdata is None, with the caller's index
+    assert r.get_prediction().summary_frame().index.equals(r.fittedvalues.index)
+    with pytest.raises(mlsml.ModelSpecError, match="alpha"):
+        r.get_prediction(NEW).summary_frame(alpha=1.5)
+
+
+def test_prediction_se_without_random_scale(exam):
+    r = mlsml.fit("normexam ~ standLRT", exam, groups="school", re_formula="~ standLRT", random_scale=False)
+    pr = r.get_prediction(NEW)
+    np.testing.assert_allclose(pr.se_params**2, _brute_force_var_params(r, NEW, "mean", True), rtol=2e-3)
+    post = r.random_effects(cov=True)[1]
+    codes = list(r.model.design.group_labels)
+    z = np.column_stack([np.ones(4), NEW["standLRT"]])
+    want = [z[i] @ post[codes.index(s)] @ z[i] for i, s in enumerate(NEW["school"])]
+    np.testing.assert_allclose(pr.se_posterior**2, want, rtol=1e-10)
+    v = r.get_prediction(NEW, kind="variance")  # no random scale: exp(w'a), a parameter function only
+    assert np.all(v.se_posterior == 0) and np.all(v.se > 0)
+
+
+# ---------------------------------------------------------------- schools not in the fit (issue 10)
+def test_group_type_mismatch_warns_and_says_how_to_convert(exam_m3):
+    r = exam_m3
+    as_text = NEW.assign(school=NEW["school"].astype(str))
+    with pytest.warns(mlsml.UnknownGroupWarning) as rec:
+        pred = r.predict(as_text)
+    msg = str(rec[0].message)
+    assert rec[0].filename == __file__  # points at the caller's line
+    assert "4 of 4 rows" in msg and "'1'" in msg and "integer" in msg and "string" in msg
+    assert "pd.to_numeric(newdata['school'])" in msg
+    np.testing.assert_allclose(pred, r.predict(NEW, conditional=False), rtol=1e-12)  # population predictions
+    with pytest.warns(mlsml.UnknownGroupWarning, match="1 of 4 rows.*999") as rec:
+        r.get_prediction(NEW.assign(school=[1, 8, 999, 65]))
+    assert "convert" not in str(rec[0].message)  # same type: just a new school
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.predict(NEW)  # all schools known: no warning
+        r.predict(as_text, conditional=False)  # population predictions asked for: no warning
+
+
+def test_text_group_ids_with_numeric_newdata(exam):
+    df = exam.assign(school=exam["school"].map("s{:02d}".format))
+    r = mlsml.fit("normexam ~ standLRT", df, groups="school", random_scale=False)
+    with pytest.warns(mlsml.UnknownGroupWarning, match="string but newdata's are integer") as rec:
+        r.predict(NEW)
+    assert "astype" not in str(rec[0].message)  # "1" would not match "s01": no conversion to suggest
+    df2 = exam.assign(school=exam["school"].astype(str))
+    r2 = mlsml.fit("normexam ~ standLRT", df2, groups="school", random_scale=False)
+    with pytest.warns(mlsml.UnknownGroupWarning, match=r"newdata\['school'\].astype\(str\)"):
+        r2.predict(NEW)
+
+
+# ---------------------------------------------------------------- extended models
+def test_predictions_of_a_scale_slope_model_use_each_rows_g():
+    """ln var(e) = w'a + v0 + v1 x: the variance prediction is exp(w'a) E(exp(v0 + v1 x) | y) row by row."""
+    from mlsml.posterior import adapt
+    from mlsml.predict import posterior_weights
+    from mlsml.quadrature import gauss_hermite_rule
+
+    df = scale_slope_data()
+    r = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x", quadrature="product", nagq=3)
+    new = pd.DataFrame({"x": [-1.0, 0.0, 1.5, 0.5], "school": [2, 2, 2, 11]})
+    design = r.model.design
+    nodes = adapt(r.theta, design, gauss_hermite_rule(3, 15))  # finer than the prediction's rule
+    p = posterior_weights(r.theta, design, nodes)
+    codes = list(design.group_labels)
+    a = r.fe_scale.to_numpy()
+    want = []
+    for x, s in zip(new["x"], new["school"]):
+        j = codes.index(s)
+        gv = nodes.b[j, :, 1] + nodes.b[j, :, 2] * x
+        want.append(np.exp(a[0] + a[1] * x) * (p[j] @ np.exp(gv)))
+    np.testing.assert_allclose(r.predict(new, kind="variance"), want, rtol=1e-4)
+    pop = r.predict(new, kind="variance", conditional=False)
+    S = r.cov_re.to_numpy()[1:, 1:]
+    g = np.column_stack([np.ones(4), new["x"]])
+    np.testing.assert_allclose(pop, np.exp(g @ a + 0.5 * np.einsum("ia,ab,ib->i", g, S, g)), rtol=1e-12)
+    u = r.random_effects()["u0"]
+    np.testing.assert_allclose(r.predict(new), r.predict(new, conditional=False) + u.loc[new["school"]].to_numpy(), rtol=1e-12)
+    pr = r.get_prediction(new, kind="variance")
+    assert np.all(np.isfinite(pr.se)) and np.all(pr.se_posterior > 0) and np.all(pr.se_params > 0)

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import scale_slope_data
 from scipy import stats
 
 import mlsml
@@ -74,8 +75,7 @@ def test_lrtest_boundary_mixture(exam):
     assert t.pvalue == pytest.approx(0.5 * stats.chi2.sf(t.statistic, 1) + 0.5 * stats.chi2.sf(t.statistic, 2))
     assert t.pvalue < t.pvalue_naive
     assert r2.compare_lr_test(r1).statistic == t.statistic
-    with pytest.raises(mlsml.ModelSpecError):
-        mlsml.lrtest(r2, r1)
+    assert mlsml.lrtest(r2, r1) == t  # either order
     table = mlsml.compare_models([r1, r2])
     assert table["LR chi2"].iloc[1] == pytest.approx(t.statistic)
 
@@ -134,18 +134,6 @@ def test_quadrature_warning_when_more_points_move_the_llf():
 
 
 # ---------------------------------------------------------------- pickling (issue 10)
-def _scale_slope_data(J: int = 40, n: int = 12, seed: int = 3) -> pd.DataFrame:
-    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x (as tests/test_extended.py)."""
-    rng = np.random.default_rng(seed)
-    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
-    b = rng.multivariate_normal(np.zeros(3), sigma, size=J)
-    g = np.repeat(np.arange(J), n)
-    x = rng.normal(size=J * n)
-    lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
-    y = 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=J * n) * np.exp(lv / 2)
-    return pd.DataFrame({"y": y, "x": x, "school": g})
-
-
 @pytest.fixture(scope="module")
 def model_classes(exam, exam_m3):
     """One fit of every model class: core, random slope, scale random slope, BS variance function."""
@@ -153,7 +141,7 @@ def model_classes(exam, exam_m3):
         "normexam ~ center(standLRT) + C(sex)", exam, groups="school", scale_formula="~ standLRT", re_formula="~ standLRT"
     )
     scale_re = mlsml.fit(
-        "y ~ x", _scale_slope_data(), groups="school", scale_formula="~ x", scale_re_formula="~ x", quadrature="product", nagq=3
+        "y ~ x", scale_slope_data(), groups="school", scale_formula="~ x", scale_re_formula="~ x", quadrature="product", nagq=3
     )
     bs = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", bs_formula="~ schavg")
     return {"core": exam_m3, "slopes": slopes, "scale_re": scale_re, "bs": bs}
@@ -175,12 +163,10 @@ def test_results_pickle_round_trip(model_classes, exam, name):
     assert back.summary().as_text() == res.summary().as_text()
     pd.testing.assert_frame_equal(back.random_effects(), res.random_effects())
     new = _newdata(name, exam)
-    if res.layout.extended:
-        with pytest.raises(mlsml.ModelSpecError, match="predict"):
-            back.predict(new)
-    else:
-        for kind in ("mean", "variance"):
+    with pytest.warns(mlsml.UnknownGroupWarning, match="1 of 3 rows"):  # the last row's school
+        for kind in ("mean", "variance", "sd"):
             pd.testing.assert_series_equal(back.predict(new, kind=kind), res.predict(new, kind=kind))
+    pd.testing.assert_series_equal(back.fittedvalues, res.fittedvalues)
     if res.layout.extended:
         with pytest.raises(mlsml.ModelSpecError, match="school_effects"):
             back.school_effects()
@@ -220,3 +206,139 @@ def test_results_travel_to_a_worker_process(model_classes, exam):
     pd.testing.assert_frame_equal(table, res.school_effects())
     assert text == res.summary().as_text()
     pd.testing.assert_series_equal(back.params, res.params)
+
+
+# ---------------------------------------------------------------- statsmodels staples (issue 10)
+@pytest.fixture(scope="module")
+def shuffled(exam):
+    """The exam data in a random row order with a non-default index (strings), and its fit."""
+    rng = np.random.default_rng(5)
+    df = exam.iloc[rng.permutation(len(exam))].copy()
+    df.index = [f"r{i}" for i in rng.permutation(len(df))]
+    res = mlsml.fit("normexam ~ standLRT + C(sex)", df, groups="school", scale_formula="~ standLRT")
+    return df, res
+
+
+def test_fittedvalues_and_resid_follow_the_callers_rows(shuffled):
+    df, res = shuffled
+    fitted, resid = res.fittedvalues, res.resid
+    assert fitted.name == "fittedvalues" and resid.name == "resid"
+    assert fitted.index.equals(df.index) and resid.index.equals(df.index)
+    b = res.fe_mean
+    u = res.random_effects()["u0"]
+    want = b["Intercept"] + b["standLRT"] * df["standLRT"] + b["C(sex)[T.M]"] * (df["sex"] == "M") + u.loc[df["school"]].to_numpy()
+    np.testing.assert_allclose(fitted, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(resid.to_numpy(), (df["normexam"] - fitted).to_numpy())
+    # predict() without data is the same, for every kind, and the population version is x'b
+    pd.testing.assert_series_equal(res.predict(), fitted.rename("mean"))
+    assert res.predict(kind="variance").index.equals(df.index)
+    xb = want - u.loc[df["school"]].to_numpy()
+    np.testing.assert_allclose(res.predict(conditional=False), xb, rtol=1e-12, atol=1e-12)
+
+
+def test_fittedvalues_skip_the_rows_dropped_for_missing_values(exam):
+    df = exam.assign(standLRT=exam["standLRT"].where(exam.index % 50 != 3))
+    with pytest.warns(mlsml.MissingDataWarning):
+        res = mlsml.fit("normexam ~ standLRT", df, groups="school", random_scale=False)
+    kept = df.index[df["standLRT"].notna()]
+    assert res.fittedvalues.index.equals(kept) and res.resid.index.equals(kept)
+    np.testing.assert_allclose(res.resid + res.fittedvalues, df.loc[kept, "normexam"], rtol=1e-12)
+
+
+def test_predict_accepts_a_dict(exam_m3):
+    frame = pd.DataFrame({"standLRT": [-1.0, 0.5], "school": [3, 7]})
+    as_dict = {"standLRT": [-1.0, 0.5], "school": [3, 7]}
+    for kind in ("mean", "variance", "sd"):
+        pd.testing.assert_series_equal(exam_m3.predict(as_dict, kind=kind), exam_m3.predict(frame, kind=kind))
+    one = exam_m3.predict({"standLRT": 0.5, "school": 7})  # scalars: one row
+    assert one.to_numpy()[0] == exam_m3.predict(frame).to_numpy()[1]
+    with pytest.raises(mlsml.DataError, match="equal lengths"):
+        exam_m3.predict({"standLRT": [0.0, 1.0], "school": [1, 2, 3]})
+    with pytest.raises(mlsml.DataError, match="DataFrame or a dict"):
+        exam_m3.predict([[0.0, 1]])
+
+
+def test_predicted_sd_is_the_posterior_mean_of_the_residual_sd(exam_m3):
+    r = exam_m3
+    new = pd.DataFrame({"standLRT": [0.0, 1.0], "school": [4, 4]})
+    a = r.fe_scale.to_numpy()
+    w = np.column_stack([np.ones(2), new["standLRT"]])
+    pop = r.predict(new, kind="sd", conditional=False)
+    np.testing.assert_allclose(pop, np.exp(w @ a / 2 + r.params["var(v)"] / 8), rtol=1e-12)
+    # E(exp(v/2) | y) from an independent, finer quadrature of the posterior of school 4
+    from mlsml.posterior import adapt
+    from mlsml.predict import posterior_weights
+    from mlsml.quadrature import gauss_hermite_rule
+
+    design = r.model.design
+    nodes = adapt(r.theta, design, gauss_hermite_rule(2, 31))
+    p = posterior_weights(r.theta, design, nodes)
+    j = list(design.group_labels).index(4)
+    ev = float(p[j] @ np.exp(nodes.b[j, :, 1] / 2))
+    np.testing.assert_allclose(r.predict(new, kind="sd"), np.exp(w @ a / 2) * ev, rtol=1e-7)
+
+
+def test_fe_params_and_html(exam_m3, model_classes):
+    fe = exam_m3.fe_params
+    assert list(fe.index) == ["mean:Intercept", "mean:standLRT", "scale:Intercept", "scale:standLRT"]
+    np.testing.assert_array_equal(fe.to_numpy(), exam_m3.params.to_numpy()[:4])
+    assert list(model_classes["bs"].fe_params.index)[-2:] == ["bsvar:Intercept", "bsvar:schavg"]
+    html = exam_m3._repr_html_()
+    assert html.startswith("<table") and "mean:" not in html and "standLRT" in html and "cov(u0,v)" in html
+
+
+# ---------------------------------------------------------------- Wald and t tests (issue 10)
+def _statsmodels_results(res):
+    """statsmodels' own results object on the same estimates and covariance (z tests, chi2 Wald tests)."""
+    from types import SimpleNamespace
+
+    from statsmodels.base.model import LikelihoodModelResults
+
+    names = list(res.params.index)
+    model = SimpleNamespace(data=SimpleNamespace(cov_names=names, param_names=names), exog_names=names)
+    sm = LikelihoodModelResults(model, res.params.to_numpy(), normalized_cov_params=res.cov_params().to_numpy(), scale=1.0)
+    sm.use_t = False
+    sm.df_resid = res.nobs - res.df_model
+    return sm
+
+
+def test_wald_and_t_tests_match_statsmodels(exam_m3):
+    r = exam_m3
+    sm = _statsmodels_results(r)
+    R = np.zeros((2, 7))
+    R[0, 1] = 1.0  # mean:standLRT
+    R[1, 3] = 1.0  # scale:standLRT
+    q = np.array([0.5, 0.0])
+    ours = r.wald_test(R, q)
+    theirs = sm.wald_test((R, q), use_f=False, scalar=True)
+    assert ours.distribution == theirs.distribution == "chi2"
+    assert ours.df_denom == theirs.df_denom == 2
+    np.testing.assert_allclose(ours.statistic, theirs.statistic, rtol=1e-10)
+    np.testing.assert_allclose(ours.pvalue, theirs.pvalue, rtol=1e-8)
+    # by hand
+    d = R @ r.params.to_numpy() - q
+    chi2 = d @ np.linalg.solve(R @ r.cov_params().to_numpy() @ R.T, d)
+    np.testing.assert_allclose(ours.statistic, chi2, rtol=1e-10)
+    # the same hypotheses as text
+    text = r.wald_test("mean:standLRT = 0.5, scale:standLRT = 0")
+    np.testing.assert_allclose(text.statistic, ours.statistic, rtol=1e-12)
+    t_ours = r.t_test(["mean:standLRT = 0.5", "scale:standLRT"])
+    t_theirs = sm.t_test((R, q), use_t=False)
+    for attr in ("effect", "sd", "statistic", "pvalue"):
+        np.testing.assert_allclose(np.ravel(getattr(t_ours, attr)), np.ravel(getattr(t_theirs, attr)), rtol=1e-10)
+    np.testing.assert_allclose(t_ours.conf_int(), t_theirs.conf_int(), rtol=1e-10)
+    assert "mean:standLRT = 0.5" in t_ours.summary().as_text()
+    # a combination of a covariance parameter, whose name has a comma and parentheses
+    c = r.t_test("2 * var(u0) - cov(u0,v) = 0")
+    assert c.effect[0] == pytest.approx(2 * r.params["var(u0)"] - r.params["cov(u0,v)"], rel=1e-12)
+
+
+def test_wald_test_errors_name_the_problem(exam_m3):
+    with pytest.raises(mlsml.ModelSpecError, match="(?s)scale:x.*parameters: mean:Intercept"):
+        exam_m3.wald_test("scale:x = 0")
+    with pytest.raises(mlsml.ModelSpecError, match="7 columns"):
+        exam_m3.wald_test(np.eye(3))
+    with pytest.raises(mlsml.ModelSpecError, match="linearly dependent"):
+        exam_m3.wald_test("mean:standLRT = 0, 2 * mean:standLRT = 0")
+    with pytest.raises(mlsml.ModelSpecError, match="q_matrix"):
+        exam_m3.wald_test("mean:standLRT = 0", q_matrix=[1.0])

@@ -164,7 +164,7 @@ def test_predict_known_and_new_schools(exam):
     with pytest.raises(DataError, match="missing"):
         r.predict(new.assign(standLRT=[np.nan, 0, 0, 0]))
     with pytest.raises(ModelSpecError, match="kind"):
-        r.predict(new, kind="sd")
+        r.predict(new, kind="median")
 
 
 def test_cli_writes_school_table(tmp_path):
