@@ -46,6 +46,23 @@ marginal ``sum_g omega_g N(c'mu_g, c'V_g c)`` whose quantiles are found by
 Newton's method. Exact posterior draws are ``v`` by inverse-CDF sampling from
 the grid followed by ``u | v`` from its normal distribution. Without a random
 scale the posterior is exactly normal and the grid has one point.
+
+**Predictions for rows** (:func:`predict`, :func:`get_prediction`; the methods
+of the same names of :class:`mlsml.MELSMResults`). For row ``i`` of school ``j``
+the predictions are posterior means,
+
+.. math::
+
+    E(x_i'\\beta + z_i'u_j \\mid y), \\qquad
+    E(e^{c(w_i'\\alpha + g_i'v_j)} \\mid y) \\quad (c = 1 \\text{ variance},
+    c = 1/2 \\text{ SD}),
+
+with ``g_i = 1`` for the plain random scale. ``E(exp(c v_j) | y)`` comes from the
+exact grid of ``v`` in models with one ``Sigma`` and one ``v``, otherwise from the
+adaptive quadrature (row by row when ``g_i`` varies). Rows of schools not in the
+fit, and all rows with ``conditional=False``, get the expectations over a new
+school: ``x_i'beta`` and ``exp(c w_i'alpha + c^2 g_i'Sigma_vv g_i / 2)``.
+Standard errors: see :meth:`mlsml.MELSMResults.get_prediction`.
 """
 
 from __future__ import annotations
@@ -118,7 +135,11 @@ def posterior_moments(theta: np.ndarray, design: Design, nagq: int | None = None
     d = design.layout.d
     rule = gauss_hermite_rule(d, int(nagq or default_nagq(d)), prune)
     nodes = adapt(np.asarray(theta, dtype=float), design, rule)
-    p = posterior_weights(theta, design, nodes)
+    return _moments(posterior_weights(theta, design, nodes), nodes)
+
+
+def _moments(p: np.ndarray, nodes: Nodes) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means ``(J, d)`` and covariances ``(J, d, d)`` from the weights ``p`` of the nodes."""
     mean = np.einsum("jk,jkd->jd", p, nodes.b)
     dev = nodes.b - mean[:, None, :]
     cov = np.einsum("jk,jkd,jke->jde", p, dev, dev)
@@ -493,17 +514,24 @@ def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unk
         f"{n} of {total} rows of newdata have a {groups!r} value that was not in the fit (e.g. {first!r}); "
         "they get population-level predictions (as with conditional=False)"
     )
+    missing = int(pd.isna(values[unknown]).sum())
+    if missing:
+        msg += f"; {missing} of them have no {groups!r} value (missing)"
     fit_kind, new_kind = pd.api.types.infer_dtype(labels, skipna=True), pd.api.types.infer_dtype(values, skipna=True)
-    if fit_kind == new_kind:
+    numbers = {"integer", "floating", "mixed-integer-float", "decimal", "empty"}  # compare equal across these
+    if fit_kind == new_kind or (fit_kind in numbers and new_kind in numbers):
         return msg
     convert = None
-    if pd.api.types.is_numeric_dtype(labels.dtype):
-        as_num = pd.to_numeric(values[unknown], errors="coerce")
-        if (labels.get_indexer(as_num) >= 0).any():
-            convert = f"pd.to_numeric(newdata[{groups!r}])"
-    elif fit_kind == "string":
-        if (labels.get_indexer(values[unknown].astype(str)) >= 0).any():
-            convert = f"newdata[{groups!r}].astype(str)"
+    try:  # would the usual conversion match some of the unknown rows?
+        if pd.api.types.is_numeric_dtype(labels.dtype):
+            as_num = pd.to_numeric(pd.Series(np.asarray(values[unknown], dtype=object)), errors="coerce")
+            if (labels.get_indexer(as_num) >= 0).any():
+                convert = f"pd.to_numeric(newdata[{groups!r}])"
+        elif fit_kind == "string":
+            if (labels.get_indexer(np.asarray(values[unknown]).astype(str)) >= 0).any():
+                convert = f"newdata[{groups!r}].astype(str)"
+    except (TypeError, ValueError):  # values that do not convert: no suggestion
+        convert = None
     msg += f". The fit's {groups!r} values are {fit_kind} but newdata's are {new_kind}"
     if convert:
         msg += f": convert them with newdata[{groups!r}] = {convert}"
@@ -643,11 +671,7 @@ def _posterior(res) -> _Posterior:
     nagq = posterior_nagq(res)
     rule = gauss_hermite_rule(lay.d, nagq, res.prune)
     nodes = adapt(np.asarray(res.theta, dtype=float), design, rule)
-    p = posterior_weights(res.theta, design, nodes)
-    mean = np.einsum("jk,jkd->jd", p, nodes.b)
-    dev = nodes.b - mean[:, None, :]
-    cov = np.einsum("jk,jkd,jke->jde", p, dev, dev)
-    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    mean, cov = _moments(posterior_weights(res.theta, design, nodes), nodes)
     grid = None
     if lay.random_scale and not lay.extended:  # the exact marginal of v (core models)
         q = lay.q

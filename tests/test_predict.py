@@ -297,6 +297,13 @@ def test_group_type_mismatch_warns_and_says_how_to_convert(exam_m3):
         r.predict(as_text, conditional=False)  # population predictions asked for: no warning
 
 
+def test_missing_or_float_group_values(exam_m3):
+    with pytest.warns(mlsml.UnknownGroupWarning) as rec:
+        exam_m3.predict(NEW.assign(school=[1.0, 8.0, np.nan, 65.0]))  # floats match integer ids
+    msg = str(rec[0].message)
+    assert "1 of 4 rows" in msg and "1 of them have no 'school' value (missing)" in msg and "floating" not in msg
+
+
 def test_text_group_ids_with_numeric_newdata(exam):
     df = exam.assign(school=exam["school"].map("s{:02d}".format))
     r = mlsml.fit("normexam ~ standLRT", df, groups="school", random_scale=False)
