@@ -62,6 +62,13 @@ class MELSMResults:
     Do not build this yourself: :meth:`mlsml.MELSM.fit` returns it. All
     attributes are read-only.
 
+    A result pickles with its data (``pickle.loads(pickle.dumps(res))`` works for
+    every model class and in worker processes: the formula engine's design
+    descriptions, which patsy cannot pickle, are rebuilt from the formulas and the
+    fitted data, see :class:`mlsml.design.FormulaSpec`). :meth:`to_json` writes
+    the fit without its data and :meth:`from_json` / :func:`mlsml.load` read it
+    back (:attr:`has_data` is then False and data-dependent methods say so).
+
     Attributes
     ----------
     model : MELSM
