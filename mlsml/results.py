@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 import autograd
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from ._lazy import LazyModule
 from .errors import SingularFitWarning
 from .params import ParamLayout
+
+stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import MELSM

@@ -18,6 +18,9 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: ``mlsml.name`` or ``mlsml.name.attr...`` as written in the docs (not ``mlsml`` inside a longer word or path).
 DOC_REFERENCE = re.compile(r"(?<![\w./-])mlsml((?:\.[A-Za-z_]\w*)+)")
 
+#: Imported only when a function that needs them runs (``import mlsml`` must stay fast).
+HEAVY = ("scipy.stats", "statsmodels", "patsy", "formulaic", "matplotlib")
+
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -83,3 +86,32 @@ def test_unknown_attribute_is_an_attribute_error():
     assert lines[0] == "module 'mlsml' has no attribute 'no_such_thing'"
     assert lines[1] == "module 'mlsml' has no attribute '_private'"
     assert lines[2] == "False"
+
+
+def test_import_does_not_load_heavy_dependencies():
+    """``import mlsml`` (and the CLI's parser) leave scipy.stats, statsmodels, patsy and matplotlib unimported.
+
+    A structural check of the import-time work (bench/bench_import.py measures the time): these
+    modules are imported where they are first used.
+    """
+    p = _run(
+        "import sys, json, mlsml, mlsml.cli\n"
+        "mlsml.cli.build_parser()\n"
+        f"heavy = {list(HEAVY)!r}\n"
+        "print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy))))"
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == []
+
+
+def test_heavy_dependencies_load_when_first_used():
+    p = _run(
+        "import sys, mlsml\n"
+        "df = mlsml.simulate.demo_data(n_groups=20, seed=1)\n"
+        "res = mlsml.fit('y ~ x', df, groups='school', random_scale=False)\n"
+        "print('statsmodels.formula' in sys.modules)\n"
+        "p = res.pvalues\n"
+        "print(bool((p >= 0).all()), 'scipy.stats' in sys.modules)\n"
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "True", "True"]
