@@ -44,8 +44,10 @@ EPILOG_MIXREGLS = """examples:
 
 The .def file and its space-delimited data file are read as MIXREGLS reads them
 (layouts of mixregls_var, MixWILD 2017 and MixWILD 2.0); the data file name in the
-.def is relative to the folder of the .def. Options mlsml cannot fit (BS-variance
-covariates, NCOV other than 1, second-stage models) are reported as errors.
+.def is relative to the folder of the .def and must name a regular file. Every
+setting is checked (whole numbers, 0/1 switches, counts 0..NVAR, NQ 1..100).
+Options mlsml cannot fit (BS-variance covariates, NCOV other than 1, second-stage
+models) are reported as errors.
 """
 
 EPILOG_DEMO = """examples:
