@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rows holding one are dropped with a warning (or an error with --missing raise)",
     )
     f.add_argument("--formula", required=True, help='mean function, e.g. "y ~ x + C(group)"')
-    f.add_argument("--groups", required=True, help="grouping (school) column")
+    f.add_argument("--groups", required=True, help="grouping (school) column, read as text ('01' and '1' are two schools)")
     f.add_argument("--scale", default="~ 1", help='residual log-variance function (default "~ 1")')
     f.add_argument("--re", default="~ 1", help='random effects in the mean (default "~ 1")')
     f.add_argument(
