@@ -10,12 +10,15 @@ warnings; progress of multi-model work goes to standard error.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from .errors import ConvergenceWarning, MLSMLError
@@ -27,6 +30,10 @@ EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x" --schools schools.csv
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x" --style mixwild --stages
   mlsml fit data.csv --formula "y ~ x" --groups school --format latex > table.tex
+  mlsml fit data.csv --sep ";" --na-values -999 --formula "y ~ x" --groups school
+
+The group column is read as text, so school ids "01" and "1" stay two schools
+(ids that are all plain integers are sorted as numbers).
 """
 
 EPILOG_MIXREGLS = """examples:
@@ -37,8 +44,10 @@ EPILOG_MIXREGLS = """examples:
 
 The .def file and its space-delimited data file are read as MIXREGLS reads them
 (layouts of mixregls_var, MixWILD 2017 and MixWILD 2.0); the data file name in the
-.def is relative to the folder of the .def. Options mlsml cannot fit (BS-variance
-covariates, NCOV other than 1, second-stage models) are reported as errors.
+.def is relative to the folder of the .def and must name a regular file. Every
+setting is checked (whole numbers, 0/1 switches, counts 0..NVAR, NQ 1..100).
+Options mlsml cannot fit (BS-variance covariates, NCOV other than 1, second-stage
+models) are reported as errors.
 """
 
 EPILOG_DEMO = """examples:
@@ -94,31 +103,154 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r.converged for r in fits) else 3
 
 
+#: Separators ``--sep`` accepts by name (a literal tab is awkward to type in a shell).
+SEP_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "space": " ", "whitespace": r"\s+"}
+
+#: Characters that, found in a column name, suggest the file uses another separator.
+SEP_SUSPECTS = (";", "\t", ",", "|")
+
+#: At most this many column names are listed in an error message.
+MAX_LISTED_COLUMNS = 25
+
+
+def _separator(sep: str | None) -> str:
+    """The field separator ``--sep`` names (``","`` when not given)."""
+    if sep is None:
+        return ","
+    sep = SEP_NAMES.get(sep, sep)
+    if sep == "":
+        raise MLSMLError("--sep must not be empty")
+    return sep
+
+
+def _na_values(values: Sequence[str] | None) -> list[str]:
+    """The missing-value codes of ``--na-values`` (given several times and/or comma-separated)."""
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+def _columns(names: Sequence[object]) -> str:
+    """``found N columns: 'a', 'b', ...`` for an error message (at most MAX_LISTED_COLUMNS names)."""
+    shown = ", ".join(repr(str(c)) for c in list(names)[:MAX_LISTED_COLUMNS])
+    more = f", ... ({len(names) - MAX_LISTED_COLUMNS} more)" if len(names) > MAX_LISTED_COLUMNS else ""
+    return f"found {len(names)} column{'s' if len(names) != 1 else ''}: {shown}{more}"
+
+
+def _separator_hint(header: Sequence[str], sep: str | None) -> str:
+    """A hint to use ``--sep`` when the header looks split at the wrong character ('' when it does not)."""
+    used = _separator(sep)
+    text = "".join(header)
+    counts = {c: text.count(c) for c in SEP_SUSPECTS if c != used}
+    best = max(counts, key=lambda c: counts[c])
+    if counts[best] == 0:
+        if len(header) == 1 and any(c.isspace() for c in text.strip()):
+            return "; only one column was found: is the file separated by blanks? Then add --sep whitespace"
+        return "; only one column was found: is the file separated by another character? (--sep)" if len(header) == 1 else ""
+    shown = "'\\t'" if best == "\t" else repr(best)
+    return f"; the header holds {shown}: is the file separated by {shown}? Then add --sep {shown}"
+
+
+def _group_labels(col: pd.Series) -> pd.Series:
+    """The group column, read as text, as integers when every label is an integer written canonically.
+
+    Read as numbers, ``"01"`` and ``"1"`` (or ``"1"`` and ``"1.0"``) would be one school. Labels
+    that are all canonical integers (no sign other than ``-``, no leading zeros, no decimals) map
+    one-to-one to integers, which then sort as numbers in the school table; any other labels stay
+    text exactly as written.
+    """
+    text = col.dropna().astype(str)
+    canonical = text.str.fullmatch(r"0|-?[1-9][0-9]{0,17}")
+    if len(text) == 0 or not canonical.all() or col.isna().any():
+        return col
+    return col.astype(np.int64)
+
+
+def read_table(path: str, groups: str, sep: str | None = None, na_values: Sequence[str] | None = None):
+    """Read the CSV file of ``mlsml fit``: the group column as text, nothing renamed, merged or shifted.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    groups : str
+        The group column: read as text (see :func:`_group_labels`).
+    sep : str, optional
+        Field separator (``","``; ``"tab"`` or ``"\\t"`` for tabs, ``"whitespace"`` for runs of blanks).
+    na_values : sequence of str, optional
+        Extra missing-value codes (each item may hold several, comma-separated), e.g. ``-999``.
+
+    Returns
+    -------
+    (pandas.DataFrame, list of str)
+        The data and the column names as written in the header.
+
+    Raises
+    ------
+    MLSMLError
+        The file cannot be read or is empty, its header repeats a column name, or its rows
+        hold more fields than the header (pandas would silently shift the columns).
+    """
+    field_sep = _separator(sep)
+    if os.path.isdir(path):
+        raise MLSMLError(f"cannot read {path!r}: it is a directory, not a CSV file")
+    try:
+        with open(path, "rb") as fh:  # once, so that a pipe (``<(zcat data.csv.gz)``) can be read twice below
+            raw = fh.read()
+    except FileNotFoundError as exc:
+        raise MLSMLError(f"cannot read {path!r}: no such file") from exc
+    except OSError as exc:
+        raise MLSMLError(f"cannot read {path!r}: {exc.strerror or exc}") from exc
+    if not raw.strip():
+        raise MLSMLError(f"cannot read {path!r}: the file is empty")
+    # index_col=False: a row with one field more than the header must not become the index
+    options: dict = dict(sep=field_sep, engine="python" if len(field_sep) > 1 else "c", index_col=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            first = pd.read_csv(io.BytesIO(raw), header=None, nrows=1, dtype=str, keep_default_na=False, **options)
+            header = [str(c) for c in first.iloc[0]]
+            df = pd.read_csv(io.BytesIO(raw), dtype={groups: str}, na_values=_na_values(na_values), **options)
+    except UnicodeDecodeError as exc:
+        raise MLSMLError(f"cannot read {path!r} as CSV: it is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except pd.errors.ParserWarning as exc:
+        raise MLSMLError(f"cannot read {path!r} as CSV: rows hold more fields than the header ({_columns(header)})") from exc
+    except Exception as exc:  # pandas' parser errors
+        raise MLSMLError(f"cannot read {path!r} as CSV: {_one_line(exc)}") from exc
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise MLSMLError(f"{path!r}: the header names the column(s) {', '.join(map(repr, dup))} more than once; rename them")
+    if df.shape[0] == 0:
+        raise MLSMLError(f"{path!r} holds no data rows ({_columns(header)})")
+    if groups in df.columns:
+        df[groups] = _group_labels(df[groups])
+    return df, header
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit a model to a CSV file and print its summary."""
     from . import fit as fit_model
 
+    df, header = read_table(args.data, args.groups, sep=args.sep, na_values=args.na_values)
+    hint = _separator_hint(header, args.sep)
+    if args.groups not in df.columns:
+        raise MLSMLError(f"groups={args.groups!r} is not a column of {args.data!r} ({_columns(df.columns)}){hint}")
     try:
-        df = pd.read_csv(args.data)
-    except FileNotFoundError as exc:
-        raise MLSMLError(f"cannot read {args.data!r}: no such file") from exc
-    except Exception as exc:
-        raise MLSMLError(f"cannot read {args.data!r} as CSV: {exc}") from exc
-    if df.shape[1] == 0 or df.shape[0] == 0:
-        raise MLSMLError(f"{args.data!r} holds no data")
-    res = fit_model(
-        args.formula,
-        df,
-        groups=args.groups,
-        scale_formula=args.scale,
-        re_formula=args.re,
-        scale_re_formula=args.scale_re,
-        bs_formula=args.bs,
-        random_scale=not args.no_random_scale,
-        missing=args.missing,
-        nagq=args.nagq,
-        callback=_pass_printer(args),
-    )
+        res = fit_model(
+            args.formula,
+            df,
+            groups=args.groups,
+            scale_formula=args.scale,
+            re_formula=args.re,
+            scale_re_formula=args.scale_re,
+            bs_formula=args.bs,
+            random_scale=not args.no_random_scale,
+            missing=args.missing,
+            nagq=args.nagq,
+            callback=_pass_printer(args),
+        )
+    except MLSMLError as exc:
+        if hint:  # a mis-read header explains any complaint about the columns
+            raise MLSMLError(f"{_one_line(exc)}{hint}") from exc
+        raise
     stages = None
     if args.stages:
         if args.style != "mixwild":
@@ -205,6 +337,17 @@ def cmd_mixregls(args: argparse.Namespace) -> int:
     return 0 if all(r.converged for _, r in run.stages) and run.results.converged else 3
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (``--nagq 0`` must not mean "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mlsml`` command."""
     p = argparse.ArgumentParser(
@@ -233,8 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     f.add_argument("data", help="CSV file, one row per observation")
+    f.add_argument(
+        "--sep",
+        default=None,
+        metavar="SEP",
+        help="field separator of the file (default ','; e.g. ';', tab or '\\t', whitespace for runs of blanks)",
+    )
+    f.add_argument(
+        "--na-values",
+        action="append",
+        default=None,
+        metavar="CODES",
+        help="extra missing-value codes, e.g. -999 (repeat the option or separate codes by commas); "
+        "rows holding one are dropped with a warning (or an error with --missing raise)",
+    )
     f.add_argument("--formula", required=True, help='mean function, e.g. "y ~ x + C(group)"')
-    f.add_argument("--groups", required=True, help="grouping (school) column")
+    f.add_argument("--groups", required=True, help="grouping (school) column, read as text ('01' and '1' are two schools)")
     f.add_argument("--scale", default="~ 1", help='residual log-variance function (default "~ 1")')
     f.add_argument("--re", default="~ 1", help='random effects in the mean (default "~ 1")')
     f.add_argument(
@@ -250,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='between-school log variance of the random intercept, e.g. "~ type" (school-level columns)',
     )
     f.add_argument("--no-random-scale", action="store_true", help="no school effect on the residual variance")
-    f.add_argument("--nagq", type=int, default=None, help="quadrature points per dimension")
+    f.add_argument("--nagq", type=_positive_int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")
     f.add_argument("--json", metavar="PATH", help="write llf, params, bse, converged as JSON")
     f.add_argument(
@@ -277,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("deffile", help="MIXREGLS definition file (.def)")
     m.add_argument("--no-stages", action="store_true", help="fit only the final model, not MIXREGLS's model sequence")
-    m.add_argument("--nagq", type=int, default=None, help="quadrature points per dimension (default: NQ of the .def)")
+    m.add_argument("--nagq", type=_positive_int, default=None, help="quadrature points per dimension (default: NQ of the .def)")
     m.add_argument("--format", choices=["text", "html", "latex"], default="text", help="output format of the report")
     m.add_argument("--out", metavar="PATH", help="also write the report to PATH")
     m.add_argument("--json", metavar="PATH", help="write the final fit as JSON (MELSMResults.to_json)")
@@ -301,10 +458,28 @@ def _error(pending: list[str], message: str, code: int) -> int:
     return code
 
 
+#: Options whose values often start with "-" (``--na-values -999,-99``), which argparse would take for an option.
+DASH_VALUE_OPTIONS = ("--na-values", "--sep")
+
+
+def _attach_option_values(argv: Sequence[str]) -> list[str]:
+    """Write ``--na-values -999,-99`` as ``--na-values=-999,-99`` so that argparse reads the value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in DASH_VALUE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlsml`` command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_option_values(sys.argv[1:] if argv is None else argv))
     pending: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -313,8 +488,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MLSMLError as exc:
             code = _error(pending, _one_line(exc), 2)
         except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
-            import os
-
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             code = 0

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from ._lazy import LazyModule
 from .errors import ModelSpecError
 from .export import response_fingerprint
+
+stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,21 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from statsmodels.formula._manager import FormulaManager
 
+from ._lazy import LazyModule
 from .errors import DataError, MissingDataWarning, ModelSpecError
 from .params import ParamLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statsmodels.formula._manager import FormulaManager
+
+# statsmodels' formula engine (with patsy, formulaic and much of statsmodels) is imported when
+# the first design is built: importing it up front took a third of the time of `import mlsml`.
+_manager = LazyModule("statsmodels.formula._manager")
 
 
 @dataclass(frozen=True)
@@ -466,7 +473,7 @@ def build_design(
     for c in used:
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
-    fm = FormulaManager()
+    fm = _manager.FormulaManager()
     (ydf, Xdf), mean_spec = _materialise(fm, formula, frame, "mean formula")
     Wdf, scale_spec = _materialise(fm, scale_formula, frame, "scale formula")
     Zdf, re_spec = _materialise(fm, re_formula, frame, "random-effects formula")

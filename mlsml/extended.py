@@ -43,10 +43,9 @@ import dataclasses
 import autograd.numpy as anp
 import numpy as np
 import pandas as pd
-from autograd.scipy.special import logsumexp
 
 from .errors import DataError, ModelSpecError
-from .likelihood import LOG2PI, group_expand, group_sum, log_conditional, school_sums
+from .likelihood import LOG2PI, group_expand, group_sum, log_conditional, logsumexp, school_sums
 from .quadrature import Nodes, Rule
 
 #: Largest number of (observation x node) elements held at once by the

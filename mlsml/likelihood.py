@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import autograd.numpy as anp
 import numpy as np
+import scipy.special
 from autograd.extend import defvjp, primitive
-from autograd.scipy.special import logsumexp
 
 from .design import Design
 from .quadrature import Nodes
@@ -53,6 +53,25 @@ def group_expand(g: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.nd
 # each is the other's vector-Jacobian product, so derivatives of any order work
 defvjp(group_sum, lambda ans, x, starts, counts: lambda g: group_expand(g, starts, counts))
 defvjp(group_expand, lambda ans, g, starts, counts: lambda h: group_sum(h, starts, counts))
+
+
+@primitive
+def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    r"""``log(sum(exp(a), axis))`` without overflow, differentiable by autograd.
+
+    .. math::
+
+        \operatorname{lse}(a)_j = \log \sum_k e^{a_{jk}}, \qquad
+        \frac{\partial \operatorname{lse}(a)_j}{\partial a_{jk}} = e^{a_{jk} - \operatorname{lse}(a)_j}
+
+    The same primitive as ``autograd.scipy.special.logsumexp`` (scipy's function with
+    this vector-Jacobian product), defined here because importing ``autograd.scipy``
+    imports all of ``scipy.stats``, which would double the time of ``import mlsml``.
+    """
+    return scipy.special.logsumexp(a, axis=axis)
+
+
+defvjp(logsumexp, lambda ans, a, axis: lambda g: anp.expand_dims(g, axis) * anp.exp(a - anp.expand_dims(ans, axis)))
 
 
 class SchoolSums(NamedTuple):

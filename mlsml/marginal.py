@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import autograd.numpy as anp
 import numpy as np
-from autograd.scipy.special import logsumexp
 
-from .likelihood import LOG2PI, school_sums
+from .likelihood import LOG2PI, logsumexp, school_sums
 from .quadrature import Nodes, Rule, gauss_hermite_rule
 
 #: Default one-dimensional points for the marginal rule.

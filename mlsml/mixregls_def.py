@@ -37,12 +37,23 @@ with the random scale. Options mlsml cannot fit (BS-variance covariates
 ``R``/``RV`` outside MLS mode, no BS intercept, ``NCOV`` other than 1,
 second-stage models) raise :class:`~mlsml.errors.ModelSpecError` naming the
 option.
+
+Every setting is checked as the Fortran READs need it before anything else is
+read: INTEGER fields must be whole numbers, switches 0 or 1, the counts
+``P R S PV RV SV`` from 0 to ``NVAR``, ``NQ`` from ``MIN_NQ`` to ``MAX_NQ``, real
+fields finite (a negative count would otherwise shift every later record and
+fit another model). The data file name is relative to the folder of the .def;
+it must name a regular file (not a directory, device or FIFO) of at most
+``MAX_DATA_BYTES``, and a bad token of a file is quoted in an error only when
+it is short (``MAX_ECHO_CHARS``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, MissingDataWarning, ModelSpecError
+from .errors import DataError, MissingDataWarning, MLSMLError, ModelSpecError
 
 _SHORT = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT", "NCOV", "RIDGEIN"]
 _LONG = [
@@ -82,6 +93,36 @@ _LAYOUTS = {
 }
 _RESERVED = {"C", "Q", "I", "np", "Intercept", "Treatment", "center", "standardize", "scale", "log", "exp", "True", "False", "None"}
 
+#: Settings the Fortran programs READ into INTEGER variables: list-directed input accepts
+#: only a whole number there (no decimal point, no exponent, no NaN or Infinity).
+_INTEGER_FIELDS = frozenset(
+    "NVAR P R S PNINT RNINT SNINT PV RV SV NQ AQUAD MAXIT NCENT NCOV DISCARD0 "
+    "NREPS NORS NO2ND MLS CHOL MYSEED STAGE2 MULTI2ND SEPFILE".split()
+)
+#: Settings that are 0/1 switches (``P = P + 1 - PNINT`` etc.: any other value corrupts the model).
+_SWITCHES = ("PNINT", "RNINT", "SNINT", "AQUAD", "NCENT", "DISCARD0", "NORS", "NO2ND", "MLS")
+#: Counts of columns (records of that many column numbers and labels follow).
+_COUNTS = {
+    "P": "mean-model covariates",
+    "R": "BS-variance covariates",
+    "S": "WS-variance covariates",
+    "PV": "decomposed mean-model covariates",
+    "RV": "decomposed BS-variance covariates",
+    "SV": "decomposed WS-variance covariates",
+}
+#: NVAR: at least the cluster id and the dependent variable; at most this many values per record.
+MIN_NVAR, MAX_NVAR = 2, 10_000
+#: NQ, quadrature points per dimension (MIXREGLS documents 2-20; MixWILD jobs use up to 31).
+MIN_NQ, MAX_NQ = 1, 100
+#: NCOV: association of the random scale with the random location (0 none, 1 linear, 2 quadratic).
+NCOV_VALUES = (0, 1, 2)
+#: A definition file is a few lines; a longer file is not one.
+MAX_DEF_BYTES = 1 << 20
+#: The largest data file read (1 GiB, about 40 million values).
+MAX_DATA_BYTES = 1 << 30
+#: A bad token of a file is quoted in an error message only when it has at most this many characters.
+MAX_ECHO_CHARS = 16
+
 
 def _num(tok: str) -> float:
     return float(tok.replace("D", "E").replace("d", "e"))
@@ -103,6 +144,125 @@ def _tokens(line: str) -> list[str]:
     except ValueError:
         toks = line.replace(",", " ").split()
     return toks
+
+
+def _shown(tok: str) -> str:
+    """A token of a file for an error message: quoted if short, else only its length.
+
+    A bad value in a job or data file is short ("NA", ".", "1,5"); a long token means the
+    file is not a MIXREGLS file at all, and its contents are not echoed.
+    """
+    if len(tok) <= MAX_ECHO_CHARS and tok.isprintable():
+        return repr(tok)
+    return f"<{len(tok)} characters of text>"
+
+
+def _whole(tok: str) -> int | None:
+    """The value of an integer token as Fortran's list-directed READ takes it (``None`` if it is not one)."""
+    return int(tok) if re.fullmatch(r"[+-]?\d{1,18}", tok) else None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_regular_file(path: str | Path, what: str, limit: int, error: type[MLSMLError]) -> str:
+    """The text of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    A job file names its data file, so the name may point anywhere: a device
+    (``/dev/zero`` never ends), a FIFO (blocks until someone writes), a huge file.
+    The path is checked with :func:`os.stat` before it is opened; it is then opened
+    without blocking and checked again (it may have been replaced in between), and
+    at most ``limit + 1`` bytes are read.
+
+    Raises
+    ------
+    MLSMLError
+        ``error`` (a subclass), naming the file and why it is refused.
+    """
+    name = str(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise error(f"cannot read the {what} {name!r}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"cannot read the {what} {name!r}: it is {_file_kind(st.st_mode)}, not a regular file")
+    if st.st_size > limit:
+        raise error(f"cannot read the {what} {name!r}: it has {st.st_size} bytes, more than the {limit} accepted")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise error(f"cannot read the {what} {name!r}: {exc.strerror or exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"cannot read the {what} {name!r}: it is {_file_kind(mode)}, not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise error(f"cannot read the {what} {name!r}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise error(f"cannot read the {what} {name!r}: it has more than the {limit} bytes accepted")
+    raw = b"".join(chunks)
+    if b"\0" in raw:
+        raise error(f"cannot read the {what} {name!r}: it is a binary file (it holds NUL bytes), not text")
+    return raw.decode("utf-8", errors="replace")
+
+
+def _check_settings(settings: dict[str, float], toks: dict[str, str], where: str) -> None:
+    """Check every setting as the Fortran READs and the model need: types, switches, counts and bounds.
+
+    Raises
+    ------
+    ModelSpecError
+        Naming the record (``where``), the field and its value.
+    """
+
+    def bad(name: str, why: str) -> ModelSpecError:
+        return ModelSpecError(f"{where}: field {name} = {_shown(toks[name])} {why}")
+
+    for name in toks:
+        if name in _INTEGER_FIELDS and _whole(toks[name]) is None:
+            raise bad(name, "is not a whole number (MIXREGLS reads it as an INTEGER)")
+        if name not in _INTEGER_FIELDS and not np.isfinite(settings[name]):
+            raise bad(name, "is not a finite number")
+    nvar = int(settings["NVAR"])
+    if not MIN_NVAR <= nvar <= MAX_NVAR:
+        raise bad(
+            "NVAR", f"must be from {MIN_NVAR} to {MAX_NVAR} (values per record: at least the cluster id and the dependent variable)"
+        )
+    for name, what in _COUNTS.items():
+        if name in settings and not 0 <= int(settings[name]) <= nvar:
+            raise bad(name, f"must be from 0 to NVAR = {nvar} (the number of {what})")
+    for name in _SWITCHES:
+        if name in settings and int(settings[name]) not in (0, 1):
+            raise bad(name, "must be 0 or 1")
+    if int(settings["NCOV"]) not in NCOV_VALUES:
+        raise bad("NCOV", f"must be one of {', '.join(map(str, NCOV_VALUES))}")
+    if not MIN_NQ <= int(settings["NQ"]) <= MAX_NQ:
+        raise bad("NQ", f"must be from {MIN_NQ} to {MAX_NQ} (quadrature points per dimension)")
+    if int(settings["MAXIT"]) < 0:
+        raise bad("MAXIT", "must not be negative")
+    if not settings["CONV"] > 0:
+        raise bad("CONV", "must be positive (the convergence criterion)")
+    if settings["RIDGEIN"] < 0:
+        raise bad("RIDGEIN", "must not be negative")
 
 
 @dataclass(frozen=True)
@@ -193,8 +353,6 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
             2: "the quadratic location effect on the WS variance is not in mlsml's model",
         }.get(int(s["NCOV"]), "unknown value")
         bad("NCOV", why)
-    if int(s["NCENT"]) not in (0, 1):
-        bad("NCENT", "must be 0 or 1")
     if int(s["AQUAD"]) == 0:
         notes.append(
             "AQUAD = 0 (non-adaptive quadrature) asked for; mlsml always uses adaptive quadrature, "
@@ -230,10 +388,7 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
     if text is None:
         if path is None:
             raise ModelSpecError("parse_def needs a path or text")
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError as exc:
-            raise ModelSpecError(f"cannot read the definition file {where!r}: {exc.strerror or exc}") from exc
+        text = read_regular_file(path, "definition file", MAX_DEF_BYTES, ModelSpecError)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
     def first_n_numeric(i: int, n: int = 8) -> bool:
@@ -253,12 +408,23 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
     title = tuple(lines[i].rstrip()[:72].strip() for i in range(2))
     data_file = lines[2].strip().strip("'\"").strip()  # a path: may hold '/' (not a list-directed record end here)
     output_file = lines[3].strip().strip("'\"").strip()
+    if not data_file:
+        raise ModelSpecError(f"{where}, line 3: no data file name")
     toks = _tokens(lines[header])
-    long = not (0.0 < _num(toks[7]) <= 0.9)
     if family == "mixwild":
         family = "mixwild_2" if len(toks) >= len(_LAYOUTS[("mixwild_2", True)]) else "mixwild_2017"
-        if family == "mixwild_2":
-            long = True
+    eighth = _num(toks[7])  # as MIXREGLS: CONV in the short form (0 < CONV <= 0.9), PV in the long one (0 or > 0.9)
+    if family == "mixwild_2":
+        long = True
+    elif eighth > 0.9 or eighth == 0.0:
+        long = True
+    elif eighth > 0.0:
+        long = False
+    else:
+        raise ModelSpecError(
+            f"{where}, line {header + 1} (settings): the 8th value {_shown(toks[7])} is neither CONV "
+            "(0 < CONV <= 0.9, short form) nor PV (a count >= 0, long form)"
+        )
     names = _LAYOUTS[(family, long)]
     if len(toks) < len(names):
         raise ModelSpecError(
@@ -268,8 +434,9 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
     settings: dict[str, float] = {}
     for name, tok in zip(names, toks):
         if not _is_num(tok):
-            raise ModelSpecError(f"{where}, line {header + 1}: field {name} has the value {tok!r}, not a number")
+            raise ModelSpecError(f"{where}, line {header + 1}: field {name} has the value {_shown(tok)}, not a number")
         settings[name] = _num(tok)
+    _check_settings(settings, dict(zip(names, toks)), f"{where}, line {header + 1} (settings)")
     s = settings
     notes = _check_supported(s, family)
     if int(s["S"]) == 0 and int(s["SNINT"]) == 1:
@@ -289,10 +456,10 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
         if conv is int:
             out = []
             for v in vals:
-                try:
-                    out.append(int(_num(v)))
-                except ValueError as exc:
-                    raise ModelSpecError(f"{where}, line {pos}: {what}: {v!r} is not a column number") from exc
+                col = _whole(v)
+                if col is None:
+                    raise ModelSpecError(f"{where}, line {pos}: {what}: {_shown(v)} is not a column number (a whole number)")
+                out.append(col)
             return out
         return [str(v) for v in vals]
 
@@ -352,10 +519,9 @@ def read_dat(path: str | Path, nvar: int) -> np.ndarray:
     A record may continue on the next line when a line has fewer than ``nvar``
     values; values beyond ``nvar`` on a line are ignored.
     """
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError as exc:
-        raise DataError(f"cannot read the data file {str(path)!r}: {exc.strerror or exc}") from exc
+    if isinstance(nvar, bool) or not isinstance(nvar, (int, np.integer)) or not MIN_NVAR <= nvar <= MAX_NVAR:
+        raise ModelSpecError(f"nvar must be a whole number from {MIN_NVAR} to {MAX_NVAR}, not {nvar!r}")
+    text = read_regular_file(path, "data file", MAX_DATA_BYTES, DataError)
     rows, cur, start = [], [], 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         toks = line.replace(",", " ").split()
@@ -369,7 +535,10 @@ def read_dat(path: str | Path, nvar: int) -> np.ndarray:
             try:
                 cur.append(_num(t))
             except ValueError as exc:
-                raise DataError(f"{path}, line {lineno}: {t!r} is not a number (MIXREGLS data must be numeric)") from exc
+                raise DataError(
+                    f"{path}, line {lineno}: {_shown(t)} is not a number (a MIXREGLS data file holds only numbers, "
+                    "separated by blanks or commas)"
+                ) from exc
         if len(cur) == nvar:
             rows.append(cur)
             cur = []
@@ -560,7 +729,9 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
         random_scale=jd.random_scale,
         missing="raise",
     )
-    nq = int(nagq or job.nq)
+    if nagq is not None and (isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or not MIN_NQ <= nagq <= MAX_NQ):
+        raise ModelSpecError(f"nagq must be a whole number from {MIN_NQ} to {MAX_NQ}, not {nagq!r}")
+    nq = job.nq if nagq is None else int(nagq)
     if stages:
         seq = fit_stages(model, nagq=nq, progress=progress, **fit_options)
         res = seq[-1][1]

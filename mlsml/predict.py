@@ -73,15 +73,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import patsy
-from scipy import special, stats
-from statsmodels.formula._manager import FormulaManager
+from scipy import special
 
+from ._lazy import LazyModule
 from .design import Design, FormulaSpec, _materialise
 from .errors import DataError, ModelSpecError, UnknownGroupWarning
 from .likelihood import SchoolSums, log_conditional, log_prior, school_sums
 from .posterior import adapt
 from .quadrature import Nodes, default_nagq, gauss_hermite_rule
+
+# imported on first use, to keep `import mlsml` fast (see tests/test_import.py)
+patsy = LazyModule("patsy")
+stats = LazyModule("scipy.stats")
+_manager = LazyModule("statsmodels.formula._manager")
 
 #: Number of grid points and half-width (in posterior SDs) of the grid for ``v``.
 GRID_POINTS = 201
@@ -502,7 +506,7 @@ def _scale_re_info(spec: FormulaSpec):
     """The design description of ``scale_re_formula``, evaluated on the fitted data."""
     if spec.frame is None:
         raise DataError("the scale random-effects formula cannot be evaluated: the fitted data did not travel with this result")
-    return _materialise(FormulaManager(), spec.scale_re_formula, spec.frame, "scale random-effects formula")[1]
+    return _materialise(_manager.FormulaManager(), spec.scale_re_formula, spec.frame, "scale random-effects formula")[1]
 
 
 def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unknown: np.ndarray) -> str:

@@ -18,16 +18,18 @@ from typing import TYPE_CHECKING, Any
 import autograd
 import numpy as np
 import pandas as pd
-from patsy import PatsyError
-from patsy.constraint import linear_constraint
-from scipy import stats
 
+from ._lazy import LazyModule
 from .errors import DataError, ModelSpecError, SingularFitWarning
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .params import ParamLayout
 from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
 from .predict import predict as _predict
+
+stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
+patsy = LazyModule("patsy")  # likewise (only wald_test/t_test parse constraints)
+patsy_constraint = LazyModule("patsy.constraint")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import MELSM
@@ -283,8 +285,8 @@ class MELSMResults:
             if q_matrix is not None:
                 raise ModelSpecError("give the constants inside the constraints ('mean:x = 0.5'), not as q_matrix")
             try:
-                lc = linear_constraint(r_matrix, names)
-            except PatsyError as exc:
+                lc = patsy_constraint.linear_constraint(r_matrix, names)
+            except patsy.PatsyError as exc:
                 raise ModelSpecError(f"could not read the constraints {r_matrix!r}: {exc}\n(parameters: {', '.join(names)})") from exc
             R, q = np.asarray(lc.coefs, dtype=float), np.asarray(lc.constants, dtype=float).ravel()
         else:

@@ -143,3 +143,164 @@ def test_fit_with_between_school_variance_function(tmp_path, capsys):
     code = main(["fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week", "--groups", "id", "--bs", "~ week", "-q"])
     assert code == 2
     assert "week" in capsys.readouterr().err
+
+
+def _demo_csv(tmp_path, labels=None, sep=",", name="d.csv", **kw):
+    """demo data (20 schools) as a file; ``labels`` maps school 1..20 to the text written for it."""
+    import mlsml
+
+    df = mlsml.simulate.demo_data(n_groups=20, seed=1)
+    if labels is not None:
+        df["school"] = df["school"].map(labels)
+    path = tmp_path / name
+    df.to_csv(path, sep=sep, index=False, **kw)
+    return path, df
+
+
+def _fit_json(tmp_path, args, capsys=None):
+    out = tmp_path / "fit.json"
+    code = main(["fit", *map(str, args), "--formula", "y ~ x", "--groups", "school", "--no-random-scale", "-q", "--json", str(out)])
+    return code, (json.loads(out.read_text()) if code == 0 else None)
+
+
+def test_group_ids_are_read_as_text(tmp_path):
+    """'01' and '1' are two schools, not one (pandas would read both as the number 1)."""
+    labels = {k: (f"0{(k + 1) // 2}" if k % 2 else str(k // 2)) for k in range(1, 21)}  # 01, 1, 02, 2, ..., 010, 10
+    path, _ = _demo_csv(tmp_path, labels)
+    schools = tmp_path / "schools.csv"
+    code, d = _fit_json(tmp_path, [path, "--schools", schools])
+    assert code == 0 and d["ngroups"] == 20
+    import pandas as pd
+
+    written = pd.read_csv(schools, dtype={"school": str})["school"]
+    assert set(written) == set(labels.values()) and {"01", "1", "010", "10"} <= set(written)
+
+
+def test_integer_group_ids_keep_their_numeric_order(tmp_path):
+    path, _ = _demo_csv(tmp_path)
+    schools = tmp_path / "schools.csv"
+    code, d = _fit_json(tmp_path, [path, "--schools", schools])
+    assert code == 0 and d["ngroups"] == 20
+    assert [ln.split(",")[0] for ln in schools.read_text().splitlines()[1:4]] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("sep, option", [(";", ";"), ("\t", "\\t"), ("\t", "tab"), ("|", "|")])
+def test_sep_option(tmp_path, sep, option):
+    path, _ = _demo_csv(tmp_path, sep=sep)
+    ref_code, ref = _fit_json(tmp_path, [_demo_csv(tmp_path, name="ref.csv")[0]])
+    code, d = _fit_json(tmp_path, [path, "--sep", option])
+    assert code == ref_code == 0
+    assert d["llf"] == ref["llf"] and d["nobs"] == ref["nobs"]
+
+
+@pytest.mark.parametrize("sep, hint", [(";", "--sep ';'"), ("\t", "--sep '\\t'"), (" ", "--sep whitespace")])
+def test_wrong_separator_lists_the_columns_and_suggests_sep(tmp_path, capsys, sep, hint):
+    path, _ = _demo_csv(tmp_path, sep=sep)
+    code, _ = _fit_json(tmp_path, [path])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mlsml: error: groups='school' is not a column")
+    assert "found 1 column: 'school" in err[0] and hint in err[0]
+
+
+def test_missing_column_in_formula_gets_the_separator_hint(tmp_path, capsys):
+    """The group column happens to be the first field; the formula's columns are not found."""
+    path = tmp_path / "d.csv"
+    path.write_text("school,y;x\n" + "".join(f"{g},{g * 0.5};{g}\n" for g in range(1, 9)))
+    assert main(["fit", str(path), "--formula", "y ~ x", "--groups", "school"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'y'" in err[0] and "--sep ';'" in err[0]
+
+
+def test_unknown_group_column_lists_columns_without_hint(tmp_path, capsys):
+    path, _ = _demo_csv(tmp_path)
+    assert main(["fit", str(path), "--formula", "y ~ x", "--groups", "id"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mlsml: error: groups='id' is not a column of {str(path)!r} (found 4 columns: 'school', 'student', 'y', 'x')"
+
+
+def test_na_values(tmp_path, capsys):
+    """-999 codes: repeated or comma-separated; rows holding one are dropped and counted."""
+    import numpy as np
+
+    path, df = _demo_csv(tmp_path)
+    coded = df.astype({"y": object, "x": object})
+    coded.loc[3, "y"], coded.loc[7, "x"], coded.loc[10, "y"] = "-999", "-99.0", "."
+    coded.to_csv(path, index=False)
+    df.drop(index=[3, 7, 10]).to_csv(tmp_path / "ref.csv", index=False)
+    _, ref = _fit_json(tmp_path, [tmp_path / "ref.csv"])
+    for opts in (["--na-values", "-999", "--na-values", "-99,."], ["--na-values", "-999,-99,."], ["--na-values=-999,-99,."]):
+        code, d = _fit_json(tmp_path, [path, *opts])
+        assert code == 0 and d["nobs"] == len(df) - 3 == ref["nobs"]
+        assert np.isclose(d["llf"], ref["llf"], rtol=0, atol=1e-6)
+        assert "dropped 3 of" in capsys.readouterr().err
+    code, _ = _fit_json(tmp_path, [path, "--na-values", "-999,-99,.", "--missing", "raise"])
+    assert code == 2
+    code, _ = _fit_json(tmp_path, [path])  # without the codes, "." makes y text: refused, not fitted
+    assert code == 2
+
+
+def test_bad_files_are_one_line_errors(tmp_path, capsys):
+    """Every way a data file can be unusable: one line, exit status 2, no traceback."""
+    cases = {
+        "absent.csv": None,
+        "empty.csv": b"",
+        "blank.csv": b"\n\n  \n",
+        "header_only.csv": b"school,y,x\n",
+        "dup.csv": b"school,y,x,x\n1,2,3,4\n",
+        "shifted.csv": b"y,x\n1,2,3\n4,5,6\n",
+        "ragged.csv": b"school,y,x\n1,2,3\n4,5,6,7\n",
+        "latin1.csv": "school,y,x,\xe9cole\n1,2,3,4\n".encode("latin-1"),
+        "binary.csv": bytes(range(256)) * 4,
+    }
+    expect = {
+        "absent.csv": "no such file",
+        "empty.csv": "the file is empty",
+        "blank.csv": "the file is empty",
+        "header_only.csv": "holds no data rows (found 3 columns: 'school', 'y', 'x')",
+        "dup.csv": "the header names the column(s) 'x' more than once",
+        "shifted.csv": "rows hold more fields than the header",
+        "ragged.csv": "cannot read",
+        "latin1.csv": "not UTF-8 text",
+        "binary.csv": "cannot read",
+    }
+    (tmp_path / "adir").mkdir()
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+    for name in [*cases, "adir"]:
+        code = main(["fit", str(tmp_path / name), "--formula", "y ~ x", "--groups", "school"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, name
+        assert len(err) == 1 and err[0].startswith("mlsml: error:"), (name, err)
+        assert expect.get(name, "is a directory") in err[0], (name, err)
+
+
+@pytest.mark.parametrize("command", [["fit", "d.csv", "--formula", "y ~ x", "--groups", "g"], ["mixregls", "job.def"]])
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "x"])
+def test_nagq_must_be_a_positive_whole_number(command, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--nagq", value])
+    assert info.value.code == 2
+    assert f"argument --nagq: must be a whole number >= 1, not '{value}'" in capsys.readouterr().err
+
+
+def test_fit_reads_a_pipe(tmp_path):
+    """A FIFO (``<(zcat data.csv.gz)``) is read once and parsed: the file is not opened twice."""
+    import os
+    import threading
+
+    path, _ = _demo_csv(tmp_path)
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    data = path.read_bytes()
+
+    def writer():
+        with open(fifo, "wb") as fh:
+            fh.write(data)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    code, d = _fit_json(tmp_path, [fifo])
+    t.join(timeout=10)
+    assert code == 0 and d["ngroups"] == 20

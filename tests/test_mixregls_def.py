@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -405,3 +406,198 @@ def test_mixwild2_random_slope_job_on_london(london, tmp_path):
     for key, name in names.items():
         est, se = ref["converted"][key]["estimate"], ref["converted"][key]["se"]
         assert abs(res.params[name] - est) < 0.05 * se, key
+
+
+# ---- validation of every count and bound, and safe data-file paths (issue 10) ----
+
+SETTINGS_LINE = 5  # 0-based index of the settings line in the mixregls_var layout (5 header lines)
+
+
+def _mutated_job(tmp_path, base: str = "exam__m3", line: int | None = None, field: int | None = None, value: str = "", data=None):
+    """A copy of a shipped job in ``tmp_path``: field ``field`` of line ``line`` (0-based) set to ``value``."""
+    lines = (JOBS / base / "job.def").read_text().splitlines()
+    if line is not None:
+        toks = lines[line].split()
+        if field is None:
+            toks = value.split()
+        else:
+            toks[field] = value
+        lines[line] = " ".join(toks)
+    p = tmp_path / "job.def"
+    p.write_text("\n".join(lines) + "\n")
+    if data is None:
+        shutil.copy(JOBS / base / "data.dat", tmp_path / "data.dat")
+    return p
+
+
+LONG = {name: i for i, name in enumerate(["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "PV", "RV", "SV", "CONV", "NQ"])}
+LONG.update(AQUAD=12, MAXIT=13, YMISS=14, NCENT=15, NCOV=16, RIDGEIN=17, DISCARD0=18)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("P", "-1", "field P = '-1' must be from 0 to NVAR = 3"),
+        ("S", "-2", "field S = '-2' must be from 0 to NVAR = 3"),
+        ("PV", "-1", "the 8th value '-1' is neither CONV (0 < CONV <= 0.9, short form) nor PV"),
+        ("PV", "nan", "the 8th value 'nan' is neither CONV"),
+        ("SV", "-1", "field SV = '-1' must be from 0 to NVAR = 3"),
+        ("P", "4", "field P = '4' must be from 0 to NVAR = 3"),
+        ("NQ", "1e9", "field NQ = '1e9' is not a whole number"),
+        ("NQ", "0", "field NQ = '0' must be from 1 to 100"),
+        ("NQ", "101", "field NQ = '101' must be from 1 to 100"),
+        ("NQ", "nan", "field NQ = 'nan' is not a whole number"),
+        ("NQ", "11.0", "field NQ = '11.0' is not a whole number"),
+        ("NVAR", "inf", "field NVAR = 'inf' is not a whole number"),
+        ("NVAR", "1", "field NVAR = '1' must be from 2"),
+        ("NVAR", "99999999", "field NVAR = '99999999' must be from 2 to 10000"),
+        ("PNINT", "2", "field PNINT = '2' must be 0 or 1"),
+        ("SNINT", "-1", "field SNINT = '-1' must be 0 or 1"),
+        ("AQUAD", "7", "field AQUAD = '7' must be 0 or 1"),
+        ("DISCARD0", "2", "field DISCARD0 = '2' must be 0 or 1"),
+        ("NCOV", "3", "field NCOV = '3' must be one of 0, 1, 2"),
+        ("CONV", "nan", "field CONV = 'nan' is not a finite number"),
+        ("CONV", "-1", "field CONV = '-1' must be positive"),
+        ("YMISS", "nan", "field YMISS = 'nan' is not a finite number"),
+        ("YMISS", "inf", "field YMISS = 'inf' is not a finite number"),
+        ("RIDGEIN", "-0.1", "field RIDGEIN = '-0.1' must not be negative"),
+        ("MAXIT", "2.5", "field MAXIT = '2.5' is not a whole number"),
+    ],
+)
+def test_settings_are_validated(tmp_path, name, value, message):
+    """Each count, switch and bound of the settings line, named with its value (the job is a shipped one)."""
+    p = _mutated_job(tmp_path, line=SETTINGS_LINE, field=LONG[name], value=value)
+    with pytest.raises(ModelSpecError) as info:
+        parse_def(p)
+    text = str(info.value)
+    assert message in text and ", line 6 (settings): " in text and "\n" not in text
+
+
+def test_negative_count_does_not_fit_another_model(tmp_path, capsys):
+    """P = -1 used to read no mean-model columns and shift every later record: exit 0 with another model."""
+    p = _mutated_job(tmp_path, line=SETTINGS_LINE, field=LONG["P"], value="-1")
+    assert main(["mixregls", str(p), "--no-stages", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "field P = '-1'" in err[0]
+
+
+@pytest.mark.parametrize("record, message", [("1 inf", "'inf' is not a column number"), ("1 2.5", "'2.5' is not a column number")])
+def test_column_numbers_are_whole_numbers(tmp_path, record, message):
+    p = _mutated_job(tmp_path, line=SETTINGS_LINE + 1, value=record)
+    with pytest.raises(ModelSpecError, match=re.escape(message)):
+        parse_def(p)
+
+
+def test_short_form_is_told_apart_as_mixregls_does(tmp_path):
+    """The 8th value is CONV (short form) unless it is 0 or > 0.9 (then it is PV of the long form)."""
+    p = _mutated_job(tmp_path, "exam__m3", line=SETTINGS_LINE, value="3 1 0 1 0 0 0 1.0E-05 11 1 200 0 0 1 0.1 0")
+    assert parse_def(p).settings["CONV"] == 1e-5
+    p = _mutated_job(tmp_path, "exam__m3", line=SETTINGS_LINE, value="3 1 0 1 0 0 0 -1 11 1 200 0 0 1 0.1 0")
+    with pytest.raises(ModelSpecError, match="the 8th value '-1' is neither CONV"):
+        parse_def(p)
+
+
+def test_data_file_is_read_relative_to_the_def_folder(tmp_path, monkeypatch):
+    (tmp_path / "job").mkdir()
+    _mutated_job(tmp_path / "job")
+    (tmp_path / "data.dat").write_text("not the data\n")  # a decoy in the working directory
+    monkeypatch.chdir(tmp_path)
+    job = parse_def(Path("job") / "job.def")
+    assert job.data_path == Path("job") / "data.dat"
+    assert len(job_data(job).frame) == 4059
+
+
+def _def_naming(tmp_path, data_name: str) -> Path:
+    return _mutated_job(tmp_path, line=2, value=data_name, data=False)
+
+
+@pytest.mark.parametrize(
+    "data_name, kind",
+    [("/dev/zero", "a character device"), ("/dev/null", "a character device"), (".", "a directory"), ("", "no data file name")],
+)
+def test_data_file_must_be_a_regular_file(tmp_path, data_name, kind):
+    if data_name.startswith("/dev/") and not Path(data_name).exists():
+        pytest.skip(f"{data_name} does not exist here")
+    p = _def_naming(tmp_path, data_name)
+    with pytest.raises((DataError, ModelSpecError), match=re.escape(kind)):
+        job_data(parse_def(p))
+
+
+def test_fifo_data_file_is_refused_without_blocking(tmp_path):
+    """A FIFO named as the data file: refused at once (it used to block forever on open)."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    os.mkfifo(tmp_path / "pipe.dat")
+    p = _def_naming(tmp_path, "pipe.dat")
+    code = (
+        "import sys\n"
+        "from mlsml.mixregls_def import parse_def, job_data\n"
+        "from mlsml.errors import DataError\n"
+        "try:\n"
+        f"    job_data(parse_def({str(p)!r}))\n"
+        "except DataError as exc:\n"
+        "    print(exc)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "named pipe (FIFO), not a regular file" in out.stdout
+    # the .def itself may not be a FIFO either
+    os.mkfifo(tmp_path / "pipe.def")
+    out = subprocess.run(
+        [sys.executable, "-m", "mlsml", "mixregls", str(tmp_path / "pipe.def")], capture_output=True, text=True, cwd=root, timeout=60
+    )
+    assert out.returncode == 2 and "named pipe (FIFO), not a regular file" in out.stderr
+
+
+def test_foreign_file_contents_are_not_echoed(tmp_path):
+    """A job naming a file that is not MIXREGLS data: no long token of it is quoted in the error."""
+    secret = "root:x:0:0:root:/root:/bin/bash"
+    (tmp_path / "passwd").write_text(secret + "\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n")
+    p = _def_naming(tmp_path, "passwd")
+    with pytest.raises(DataError) as info:
+        job_data(parse_def(p))
+    text = str(info.value)
+    assert "line 1: <31 characters of text> is not a number" in text
+    assert "root" not in text.replace(str(tmp_path), "")
+    (tmp_path / "bin.dat").write_bytes(b"1 2 3\n\x00\x01\x02")
+    with pytest.raises(DataError, match="binary file"):
+        job_data(parse_def(_def_naming(tmp_path, "bin.dat")))
+
+
+def test_short_bad_tokens_are_still_shown(tmp_path):
+    (tmp_path / "d.dat").write_text("1 2 3\n1 NA 3\n")
+    with pytest.raises(DataError, match=r"line 2: 'NA' is not a number"):
+        read_dat(tmp_path / "d.dat", 3)
+
+
+def test_data_file_size_is_capped(tmp_path, monkeypatch):
+    import mlsml.mixregls_def as mdef
+
+    (tmp_path / "d.dat").write_text("1 2 3\n" * 100)
+    monkeypatch.setattr(mdef, "MAX_DATA_BYTES", 64)
+    with pytest.raises(DataError, match="600 bytes, more than the 64 accepted"):
+        read_dat(tmp_path / "d.dat", 3)
+    p = _mutated_job(tmp_path)
+    monkeypatch.setattr(mdef, "MAX_DEF_BYTES", 16)
+    with pytest.raises(ModelSpecError, match="definition file .* more than the 16 accepted"):
+        parse_def(p)
+
+
+@pytest.mark.parametrize("nvar", [0, 1, -3, 2.5, True, 10**9])
+def test_read_dat_checks_nvar(tmp_path, nvar):
+    (tmp_path / "d.dat").write_text("1 2 3\n")
+    with pytest.raises(ModelSpecError, match="nvar must be a whole number"):
+        read_dat(tmp_path / "d.dat", nvar)
+
+
+@pytest.mark.parametrize("nagq", [0, -1, 2.5, True, 10**6])
+def test_run_job_nagq_is_checked(tmp_path, nagq):
+    """nagq=0 used to mean "the job's NQ" (``nagq or job.nq``); now it is refused like NQ = 0."""
+    p = _mutated_job(tmp_path)
+    with pytest.raises(ModelSpecError, match="nagq must be a whole number from 1 to 100"):
+        run_job(p, stages=False, nagq=nagq)
