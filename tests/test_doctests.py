@@ -78,6 +78,9 @@ PYTHON_INFO = {"python", "python3", "py"}
 PENDING_API_PAGES = {"for-statsmodels-lme4-users.md", "predictions.md"}
 PENDING_API = not hasattr(MELSMResults, "get_prediction")
 
+#: Pages whose examples take more than a few seconds (a bootstrap with real refits).
+SLOW_PAGES = {"bootstrap.md"}
+
 
 @dataclass(frozen=True)
 class Block:
@@ -118,7 +121,7 @@ PAGES_WITH_CODE = [p for p in PAGES if page_blocks(p)]
 
 
 def _page_param(path: Path):
-    marks = []
+    marks = [pytest.mark.slow] if path.name in SLOW_PAGES else []
     if path.name in PENDING_API_PAGES:
         marks.append(pytest.mark.xfail(PENDING_API, reason="needs the results API of issue 10 (h3's branch)", strict=True))
     return pytest.param(path, id=path.name, marks=marks)
