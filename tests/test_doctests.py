@@ -13,7 +13,8 @@ rendered page) that says so and why:
 
 - ``<!-- docs-test: skip -- reason -->``: not run (e.g. it needs ``../shared``);
 - ``<!-- docs-test: raises ExceptionName -->``: must raise that exception (a
-  block that shows an error message).
+  block that shows an error message);
+- ``<!-- docs-test: warns WarningName -->``: must issue that warning.
 
 A marker without a reason, or any other marker, fails the test.
 """
@@ -87,8 +88,8 @@ class Block:
     page: str
     line: int
     code: str
-    action: str  # "run", "skip" or "raises"
-    arg: str  # the reason of a skip, or the exception name
+    action: str  # "run", "skip", "raises" or "warns"
+    arg: str  # the reason of a skip, or the exception or warning class name
 
 
 def page_blocks(path: Path) -> list[Block]:
@@ -108,9 +109,10 @@ def page_blocks(path: Path) -> list[Block]:
             if words.startswith("skip"):
                 action, arg = "skip", words[4:].strip(" -:")
                 assert arg, f"{path.name}:{line}: a docs-test skip marker must say why"
-            elif words.startswith("raises"):
-                action, arg = "raises", words[6:].strip()
-                assert re.fullmatch(r"[A-Za-z_]\w*", arg), f"{path.name}:{line}: 'raises' needs one exception name"
+            elif words.startswith(("raises", "warns")):
+                action, arg = words.split(None, 1)[0], words.split(None, 1)[1:]
+                arg = arg[0].strip() if arg else ""
+                assert re.fullmatch(r"[A-Za-z_]\w*", arg), f"{path.name}:{line}: '{action}' needs one exception or warning name"
             else:
                 raise AssertionError(f"{path.name}:{line}: unknown docs-test marker {words!r}")
         blocks.append(Block(path.name, line, code, action, arg))
@@ -143,9 +145,9 @@ def test_documentation_page_runs(path, tmp_path, monkeypatch):
             if block.action == "skip":
                 continue
             code = compile(block.code, f"{block.page}, block at line {block.line}", "exec")
-            if block.action == "raises":
-                exc = getattr(mlsml, block.arg, None) or getattr(builtins, block.arg)
-                with pytest.raises(exc):
+            if block.action in ("raises", "warns"):
+                cls = getattr(mlsml, block.arg, None) or getattr(builtins, block.arg)
+                with pytest.raises(cls) if block.action == "raises" else pytest.warns(cls):
                     exec(code, ns)
             else:
                 exec(code, ns)
