@@ -70,7 +70,7 @@ def test_public_api_has_examples():
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
-MARKER = re.compile(r"<!--\s*docs-test:(?P<text>.*?)-->\s*\Z", re.S)
+MARKER = re.compile(r"<!--\s*docs-test:(?P<text>(?:(?!-->).)*)-->\s*\Z", re.S)  # right before the fence
 PYTHON_INFO = {"python", "python3", "py"}
 
 #: Pages that use the results API of issue 10 (fittedvalues, predict() without data,
