@@ -5,15 +5,13 @@ provenance is in ``data/README.md`` next to them), so every documented example
 runs on a fresh install, without a checkout of the repository.
 
 - :func:`exam` -- GCSE exam scores of 4,059 students in 65 inner-London schools
-  (Goldstein et al. 1993): the two-level example of the seed paper's models.
+  (Goldstein et al. 1993): students in schools, for the seed paper's models.
 - :func:`riesby` -- Hamilton depression scores of 66 patients over 6 weeks
   (Reisby et al. 1977): the MIXREGLS example of Hedeker & Nordgren (2013).
 
-Each call reads the file afresh and returns a new DataFrame, so modifying it
-never changes what the next call returns.
+Each call reads the file afresh and returns a new DataFrame (modifying it
+never changes what the next call returns):
 
-Examples
---------
 >>> import mlsml.datasets
 >>> df = mlsml.datasets.exam()
 >>> df.shape, int(df["school"].nunique())
