@@ -178,3 +178,20 @@ def test_skip_markers_are_few_and_justified():
         assert len(b.arg.split()) >= 3, f"{b.page}:{b.line}: say why the block cannot run ({b.arg!r})"
     n_blocks = sum(len(page_blocks(p)) for p in PAGES)
     assert len(skipped) <= n_blocks // 5, [f"{b.page}:{b.line}" for b in skipped]
+
+
+def test_extras_named_in_the_docs_exist():
+    """`pip install "mlsml[plot]"` etc.: every extra a page names is one that setup.cfg defines."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    extras = set(cfg["options.extras_require"])
+    named = {}
+    for path in PAGES:
+        for m in re.finditer(r"(?:mlsml|\.)\[([A-Za-z0-9_,\- ]+)\]", path.read_text(encoding="utf-8")):
+            for extra in m.group(1).split(","):
+                named.setdefault(extra.strip(), set()).add(path.name)
+    assert named, "no page names an extra (the pattern is wrong)"
+    unknown = {e: sorted(p) for e, p in named.items() if e not in extras}
+    assert not unknown, f"extras named in the docs but not defined in setup.cfg: {unknown}"
