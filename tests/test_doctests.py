@@ -33,8 +33,6 @@ from pathlib import Path
 import pytest
 
 import mlsml
-import mlsml.datasets  # noqa: F401  (the pages use mlsml.datasets after a plain `import mlsml`)
-from mlsml.results import MELSMResults
 
 MODULES = sorted(["mlsml"] + [f"mlsml.{m.name}" for m in pkgutil.iter_modules(mlsml.__path__) if m.name != "__main__"])
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -72,12 +70,6 @@ PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 MARKER = re.compile(r"<!--\s*docs-test:(?P<text>(?:(?!-->).)*)-->\s*\Z", re.S)  # right before the fence
 PYTHON_INFO = {"python", "python3", "py"}
-
-#: Pages that use the results API of issue 10 (fittedvalues, predict() without data,
-#: get_prediction, wald_test, mlsml.load, ...) that is being merged from another branch.
-#: TEMPORARY: remove this guard once MELSMResults.get_prediction exists on main.
-PENDING_API_PAGES = {"for-statsmodels-lme4-users.md", "predictions.md"}
-PENDING_API = not hasattr(MELSMResults, "get_prediction")
 
 #: Pages whose examples take more than a few seconds (a bootstrap with real refits).
 SLOW_PAGES = {"bootstrap.md"}
@@ -124,8 +116,6 @@ PAGES_WITH_CODE = [p for p in PAGES if page_blocks(p)]
 
 def _page_param(path: Path):
     marks = [pytest.mark.slow] if path.name in SLOW_PAGES else []
-    if path.name in PENDING_API_PAGES:
-        marks.append(pytest.mark.xfail(PENDING_API, reason="needs the results API of issue 10 (h3's branch)", strict=True))
     return pytest.param(path, id=path.name, marks=marks)
 
 
