@@ -30,6 +30,7 @@ import pandas as pd
 from statsmodels.formula._manager import FormulaManager
 
 from .errors import DataError, MissingDataWarning, ModelSpecError
+from .formulas import check_formula_sides, check_no_lme4_terms, describe_value
 from .params import ParamLayout
 
 
@@ -291,6 +292,128 @@ def _check_columns(M: np.ndarray, names: list[str], what: str, groups: np.ndarra
                 )
 
 
+def _columns_list(data: pd.DataFrame) -> str:
+    """``(columns: a, b, ...)`` for error messages (at most 20 names)."""
+    more = "..." if data.shape[1] > 20 else ""
+    return f"(columns: {', '.join(map(str, data.columns[:20]))}{more})"
+
+
+def _unused_name(base: str, data: pd.DataFrame) -> str:
+    name, i = base, 1
+    while name in data.columns:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def resolve_groups(groups, data: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """The name of the grouping column and a frame that holds it.
+
+    ``groups`` is a column name (the mlsml spelling) or, as in statsmodels'
+    ``MixedLM(groups=df["school"])``, the group labels themselves: a
+    :class:`pandas.Series`, :class:`pandas.Index`, 1-D array or list with one label
+    per row of ``data``. Arrays and lists are aligned by position; a Series by its
+    index when that holds the same labels as the data's index (in any order), and
+    otherwise refused. Labels that are not a column yet are added to a shallow copy
+    of ``data`` (the caller's frame is never modified) under the Series' name, or
+    ``"groups"``.
+
+    Parameters
+    ----------
+    groups : str or array-like
+        Column name or group labels.
+    data : pandas.DataFrame
+
+    Returns
+    -------
+    name : hashable
+        The grouping column's name in the returned frame.
+    data : pandas.DataFrame
+        ``data`` itself, or a shallow copy with the labels added.
+
+    Raises
+    ------
+    ModelSpecError
+        Unknown column name, labels of the wrong length or shape, or a Series whose
+        index does not match the data's. Messages describe a Series by its name and
+        length, never by its values.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"y": [1.0, 2.0, 3.0], "school": ["a", "a", "b"]})
+    >>> resolve_groups("school", df)[0]
+    'school'
+    >>> resolve_groups(df["school"], df)[0]          # the column itself: used by name
+    'school'
+    >>> name, frame = resolve_groups(["p", "q", "q"], df)
+    >>> name, frame[name].tolist(), list(df.columns)
+    ('groups', ['p', 'q', 'q'], ['y', 'school'])
+    """
+    if isinstance(groups, str):
+        if groups in data.columns:
+            return groups, data
+        near = [str(c) for c in data.columns if str(c).lower() == groups.lower()]
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ModelSpecError(f"groups={groups!r} is not a column of the data {_columns_list(data)}{hint}")
+    if groups is None:
+        raise ModelSpecError(
+            f"groups is required: the name of the grouping (school) column, e.g. groups='school' {_columns_list(data)}"
+        )
+    if isinstance(groups, pd.DataFrame):
+        raise ModelSpecError(
+            f"groups is a DataFrame with {groups.shape[1]} column(s); pass one grouping column, by name "
+            "(groups='school'): mlsml fits two-level models"
+        )
+    is_label = False
+    try:
+        is_label = not isinstance(groups, tuple | list) and groups in data.columns
+    except TypeError:  # unhashable: an array of labels
+        pass
+    if is_label:  # a non-string column label (e.g. 0 for a frame read without a header)
+        return groups, data
+    if isinstance(groups, tuple | list) and groups and all(isinstance(g, str) and g in data.columns for g in groups):
+        raise ModelSpecError(
+            f"groups={list(groups)!r} names {len(groups)} columns; mlsml fits two-level models with one grouping "
+            "column: pass one name (for nested ids build one column first, e.g. "
+            "data['sch_class'] = data['school'].astype(str) + '/' + data['class'].astype(str))"
+        )
+    if not isinstance(groups, pd.Series | pd.Index | np.ndarray | list | tuple | pd.Categorical | pd.api.extensions.ExtensionArray):
+        raise ModelSpecError(
+            f"groups must be the name of the grouping column (e.g. groups='school') or one label per row, not {describe_value(groups)}"
+        )
+    if isinstance(groups, np.ndarray) and groups.ndim != 1:
+        raise ModelSpecError(f"groups is an array of shape {groups.shape}; it must be 1-D (one label per row)")
+    n = len(groups)
+    if n != len(data):
+        raise ModelSpecError(
+            f"groups has {n} labels ({describe_value(groups)}) but the data has {len(data)} rows; pass the name "
+            "of the grouping column (e.g. groups='school') or one label per row"
+        )
+    name = getattr(groups, "name", None)
+    if isinstance(groups, pd.Series):
+        if not groups.index.equals(data.index):
+            same_labels = (
+                groups.index.is_unique and data.index.is_unique and groups.index.sort_values().equals(data.index.sort_values())
+            )
+            if not same_labels:
+                raise ModelSpecError(
+                    f"groups is {describe_value(groups)} whose index does not match the data's index, so its "
+                    "labels cannot be aligned with the rows; pass the column name (groups='school'), or "
+                    "groups=series.to_numpy() to align by position"
+                )
+            groups = groups.reindex(data.index)
+        values = pd.Series(groups.array, index=data.index)
+    else:  # aligned by position (a list of tuples stays a column of tuples)
+        values = pd.Series(list(groups) if isinstance(groups, list | tuple) else groups, index=data.index)
+    if name is not None and name in data.columns and data[name].equals(values):
+        return name, data
+    if name is None or name in data.columns:
+        name = _unused_name("groups" if name is None else f"{name}_groups", data)
+    data = data.copy(deep=False)
+    data[name] = values
+    return name, data
+
+
 def build_design(
     formula: str,
     data: pd.DataFrame,
@@ -344,19 +467,29 @@ def build_design(
     >>> bool((design.y[np.argsort(design.order)] == df["y"].to_numpy()).all())   # back to the caller's order
     True
     """
+    formulas = {
+        "formula": formula,
+        "scale_formula": scale_formula,
+        "re_formula": re_formula,
+        "scale_re_formula": scale_re_formula,
+        "bs_formula": bs_formula,
+    }
+    check_no_lme4_terms(formulas, groups=groups, random_scale=random_scale)
+    check_formula_sides(formulas)
     if not isinstance(data, pd.DataFrame):
         try:
             data = pd.DataFrame(data)
         except Exception as exc:
             raise DataError(f"data must be a pandas DataFrame (got {type(data).__name__})") from exc
-    if missing not in ("drop", "raise"):
-        raise ModelSpecError(f"missing must be 'drop' or 'raise', not {missing!r}")
+    if not isinstance(missing, str) or missing not in ("drop", "raise"):
+        raise ModelSpecError(f"missing must be 'drop' or 'raise', not {describe_value(missing)}")
+    if not isinstance(random_scale, bool | np.bool_):
+        raise ModelSpecError(f"random_scale must be True or False, not {describe_value(random_scale)}")
     if data.shape[0] == 0:
         raise DataError("the data frame is empty (0 rows)")
-    if not isinstance(formula, str) or "~" not in formula:
-        raise ModelSpecError(f"formula must look like 'y ~ x', got {formula!r}")
-    if not isinstance(groups, str) or groups not in data.columns:
-        raise ModelSpecError(f"groups={groups!r} is not a column of the data")
+    groups, data = resolve_groups(groups, data)
+    scale_formula = "~ 1" if scale_formula is None else scale_formula
+    re_formula = "~ 1" if re_formula is None else re_formula
     scale_formula = _rhs(scale_formula)
     re_formula = _rhs(re_formula)
     extra = {}

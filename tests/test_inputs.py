@@ -1,0 +1,176 @@
+"""Input checks of issue 10 (a new user's first hour): lme4 habits, statsmodels habits,
+options that were silently coerced, column types and names.
+
+Each test failed on main before the fix it guards (see the commit that added it).
+The fits use the small bundled data (``tests/data``) and compare models with
+themselves, so no expected value depends on floating-point rounding or on a
+dependency's version.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlsml
+from mlsml import ModelSpecError
+
+
+@pytest.fixture(scope="module")
+def seed_df(seed_sim):
+    return seed_sim.copy()
+
+
+def _suggested_call(message: str) -> str:
+    """The ``mlsml.fit(...)`` line of an lme4-syntax error."""
+    calls = [line.strip() for line in message.splitlines() if line.strip().startswith("mlsml.fit(")]
+    assert len(calls) == 1, message
+    return calls[0]
+
+
+# ----------------------------------------------------------------- lme4 syntax
+LME4 = [
+    # (arguments as the user wrote them, the mlsml call the error must suggest)
+    ({"formula": "y ~ x + (1|school)"}, 'mlsml.fit("y ~ x", data, groups="school")'),
+    ({"formula": "y ~ x + (1 + x | school)"}, 'mlsml.fit("y ~ x", data, groups="school", re_formula="~ x")'),
+    ({"formula": "y ~ x + (x || school)"}, 'mlsml.fit("y ~ x", data, groups="school", re_formula="~ x")'),
+    ({"formula": "y ~ x + (1|school) + (0 + x|school)"}, 'mlsml.fit("y ~ x", data, groups="school", re_formula="~ x")'),
+    ({"formula": "y ~ (0 + x | school) + x"}, 'mlsml.fit("y ~ x", data, groups="school", re_formula="~ 0 + x")'),
+    ({"formula": "y ~ x | school"}, 'mlsml.fit("y ~ x", data, groups="school")'),
+    ({"formula": "y ~ x", "re_formula": "~ (1 + x | school)"}, 'mlsml.fit("y ~ x", data, groups="school", re_formula="~ x")'),
+    (
+        {"formula": "y ~ x", "scale_formula": "~ x + (1 | school)"},
+        'mlsml.fit("y ~ x", data, groups="school", scale_formula="~ x")',
+    ),
+    (
+        {"formula": "y ~ x", "scale_formula": "~ x + (1 + x | school)"},
+        'mlsml.fit("y ~ x", data, groups="school", scale_formula="~ x", scale_re_formula="~ x")',
+    ),
+    (
+        {"formula": "y ~ x", "scale_re_formula": "~ x + (1 | school)"},
+        'mlsml.fit("y ~ x", data, groups="school", scale_re_formula="~ x")',
+    ),
+    ({"formula": "y ~ x", "bs_formula": "~ (1 | school)"}, 'mlsml.fit("y ~ x", data, groups="school", bs_formula="~ 1")'),
+    (
+        {"formula": "y ~ x + (1 + x | school)", "scale_formula": "~ x", "random_scale": False},
+        'mlsml.fit("y ~ x", data, groups="school", scale_formula="~ x", re_formula="~ x", random_scale=False)',
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs,expected", LME4, ids=[str(k) for k, _ in LME4])
+def test_lme4_bar_terms_are_refused_with_the_mlsml_spelling(seed_df, kwargs, expected):
+    kwargs = dict(kwargs)
+    formula = kwargs.pop("formula")
+    with pytest.raises(ModelSpecError, match="uses (lme4's random-effects syntax|a '\\|' outside)") as info:
+        mlsml.MELSM.from_formula(formula, seed_df, groups="school", **kwargs)
+    message = str(info.value)
+    assert _suggested_call(message) == expected
+    assert "re_formula" in message and "groups" in message
+
+
+@pytest.mark.parametrize("kwargs", [LME4[1][0], LME4[8][0]], ids=["mean slope", "scale slope"])
+def test_the_suggested_lme4_replacement_fits_the_intended_model(seed_df, kwargs):
+    """Run the suggested call itself: it is valid mlsml and fits the model lme4 meant."""
+    kwargs = dict(kwargs)
+    formula = kwargs.pop("formula")
+    with pytest.raises(ModelSpecError) as info:
+        mlsml.MELSM.from_formula(formula, seed_df, groups="school", **kwargs)
+    call = _suggested_call(str(info.value)).replace("mlsml.fit(", "mlsml.MELSM.from_formula(", 1)
+    model = eval(call, {"mlsml": mlsml, "data": seed_df})
+    assert not any("|" in name for name in model.param_names)
+    if " re_formula=" in call:
+        assert "var(u1)" in model.param_names  # the random slope lme4 meant
+    else:
+        assert "var(v1)" in model.param_names  # a random slope in the log variance
+
+
+def test_lme4_error_names_the_mismatch_with_groups_and_nesting(seed_df):
+    with pytest.raises(ModelSpecError, match="you passed groups='student' but the formula groups by 'school'"):
+        mlsml.MELSM.from_formula("y ~ x + (1 | school)", seed_df, groups="student")
+    with pytest.raises(ModelSpecError, match="'school/student' is not a single column"):
+        mlsml.MELSM.from_formula("y ~ x + (1 | school/student)", seed_df, groups="school")
+    with pytest.raises(ModelSpecError, match="group by 'school', 'student'"):
+        mlsml.MELSM.from_formula("y ~ x + (1 | school) + (1 | student)", seed_df, groups="school")
+
+
+def test_bitwise_or_inside_a_function_call_is_still_patsy(seed_df):
+    df = seed_df.assign(a=seed_df.x > 0, b=seed_df.x > 1)
+    model = mlsml.MELSM.from_formula("y ~ I(a | b)", df, groups="school", random_scale=False)
+    assert model.param_names[:2] == ["mean:Intercept", "mean:I(a | b)[T.True]"]
+
+
+# ----------------------------------------------------------------- formula sides
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"formula": "~ x"}, r"the mean formula '~ x' has no response: write it as 'y ~ x'"),
+        ({"formula": "y ~ x", "scale_formula": "y ~ x"}, r"scale_formula='y ~ x' has a left-hand side \('y'\).*write '~ x'"),
+        ({"formula": "y ~ x", "re_formula": "y ~ x"}, r"re_formula='y ~ x' has a left-hand side"),
+        ({"formula": "y ~ x", "scale_re_formula": "y ~ x"}, r"scale_re_formula='y ~ x' has a left-hand side"),
+        ({"formula": "y ~ x", "bs_formula": "y ~ 1"}, r"bs_formula='y ~ 1' has a left-hand side"),
+        ({"formula": "y ~ x ~ z"}, "more than one '~'"),
+        ({"formula": "y ~ x", "scale_formula": 3}, r"scale_formula must be a formula string such as '~ x', not 3 \(int\)"),
+        ({"formula": None}, "formula must be a formula string such as 'y ~ x'"),
+        ({"formula": "y ~ x", "scale_formula": " "}, "scale_formula is an empty string"),
+    ],
+)
+def test_formula_sides_and_types_give_a_model_spec_error(seed_df, kwargs, pattern):
+    kwargs = dict(kwargs)
+    formula = kwargs.pop("formula")
+    with pytest.raises(ModelSpecError, match=pattern):
+        mlsml.MELSM.from_formula(formula, seed_df, groups="school", **kwargs)
+
+
+def test_none_for_scale_and_re_formula_means_the_default(seed_df):
+    a = mlsml.MELSM.from_formula("y ~ x", seed_df, groups="school", scale_formula=None, re_formula=None)
+    b = mlsml.MELSM.from_formula("y ~ x", seed_df, groups="school")
+    assert a.param_names == b.param_names
+
+
+# ----------------------------------------------------------------- groups as labels
+def test_groups_given_as_labels_fit_the_same_model(seed_df):
+    ref = mlsml.fit("y ~ x", seed_df, groups="school")
+    shuffled = seed_df["school"].sample(frac=1.0, random_state=1)  # same labels, other order: aligned by index
+    for groups in (seed_df["school"], seed_df["school"].to_numpy(), list(seed_df["school"]), shuffled):
+        before = seed_df.copy(deep=True)
+        res = mlsml.fit("y ~ x", seed_df, groups=groups)
+        pd.testing.assert_frame_equal(seed_df, before)
+        np.testing.assert_array_equal(res.params.to_numpy(), ref.params.to_numpy())
+        assert res.llf == ref.llf
+    assert mlsml.MELSM.from_formula("y ~ x", seed_df, groups=seed_df["school"]).formula_spec.groups == "school"
+
+
+def test_groups_labels_that_are_not_a_column_get_their_name(seed_df):
+    labels = pd.Series(seed_df["school"].map(lambda s: f"S{s:02d}").to_numpy(), index=seed_df.index, name="site")
+    res = mlsml.fit("y ~ x", seed_df, groups=labels, random_scale=False)
+    assert res.school_effects().index.name == "site"
+    assert res.school_effects().index[0] == "S01"
+    assert "site" not in seed_df.columns
+    unnamed = mlsml.MELSM.from_formula("y ~ x", seed_df, groups=labels.to_numpy(), random_scale=False)
+    assert unnamed.formula_spec.groups == "groups"
+
+
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda d: d["school"].iloc[:-1], r"groups has 2499 labels \(a Series named 'school' of length 2499\).*2500 rows"),
+        (lambda d: d["school"].reset_index(drop=True).set_axis(d.index + 7), "index does not match the data's index"),
+        (lambda d: d[["school", "student"]], "groups is a DataFrame with 2 column"),
+        (lambda d: ["school", "student"], "names 2 columns; mlsml fits two-level models"),
+        (
+            lambda d: "School",
+            "groups='School' is not a column of the data \\(columns: school, student, y, x\\); did you mean 'school'",
+        ),
+        (lambda d: None, "groups is required"),
+        (lambda d: 3.5, r"not 3.5 \(float\)"),
+        (lambda d: d[["school"]].to_numpy(), r"shape \(2500, 1\)"),
+    ],
+    ids=["short Series", "other index", "DataFrame", "two names", "case", "None", "float", "2-D"],
+)
+def test_bad_groups_give_a_short_clear_error(seed_df, make, pattern):
+    with pytest.raises(ModelSpecError, match=pattern) as info:
+        mlsml.MELSM.from_formula("y ~ x", seed_df, groups=make(seed_df))
+    message = str(info.value)
+    assert len(message) < 400 and "dtype:" not in message and "Length:" not in message  # no Series printed
