@@ -30,8 +30,9 @@ import pandas as pd
 from statsmodels.formula._manager import FormulaManager
 
 from .errors import DataError, MissingDataWarning, ModelSpecError
-from .formulas import check_formula_sides, check_no_lme4_terms, describe_value
+from .formulas import check_formula_sides, check_no_lme4_terms
 from .params import ParamLayout
+from .validate import describe_value
 
 
 @dataclass(frozen=True)

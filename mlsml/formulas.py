@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import ModelSpecError
+from .validate import describe_value
 
 #: The formula arguments of :func:`mlsml.fit`, in the order of its signature, with
 #: the words used for them in messages.
@@ -368,27 +369,3 @@ def check_formula_sides(formulas: dict) -> None:
                 f"{arg}={value!r} has a left-hand side ({lhs!r}), but {what} is one-sided: write '~ {rhs or '1'}' "
                 "(the response is given once, in the mean formula)"
             )
-
-
-def describe_value(value) -> str:
-    """A short description of a value for an error message (never a whole Series or array).
-
-    Examples
-    --------
-    >>> import pandas as pd
-    >>> describe_value(pd.Series(range(4059), name="school")), describe_value("3")
-    ("a Series named 'school' of length 4059", "'3' (str)")
-    """
-    if isinstance(value, str | int | float | bool | type(None)):
-        return f"{value!r} ({type(value).__name__})"
-    name = getattr(value, "name", None)
-    size = getattr(value, "shape", None)
-    size = size if size is not None else (len(value) if hasattr(value, "__len__") else None)
-    parts = [type(value).__name__]
-    if isinstance(name, str):
-        parts.append(f"named {name!r}")
-    if isinstance(size, tuple) and len(size) == 1:
-        size = size[0]
-    if size is not None:
-        parts.append(f"of shape {tuple(size)}" if isinstance(size, tuple) else f"of length {size}")
-    return "a " + " ".join(parts)

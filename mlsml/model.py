@@ -13,16 +13,51 @@ Data flow: formulas -> :func:`mlsml.design.build_design` (arrays) ->
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
+from . import marginal as _marginal
 from .design import Design, FormulaSpec, build_design
 from .errors import ModelSpecError
 from .optimize import FitOptions, maximize
 from .params import ParamLayout
 from .posterior import loglik as _loglik_theta
-from .quadrature import default_nagq, gauss_hermite_rule
+from .quadrature import check_nagq, default_nagq, gauss_hermite_rule, max_nagq
 from .results import MELSMResults
+from .validate import check_choice, check_int, check_real, describe_value
+
+#: ``scipy.optimize.minimize`` methods :meth:`MELSM.fit` accepts (matched case-insensitively):
+#: those that use the exact autograd gradient. Derivative-free methods (Nelder-Mead,
+#: Powell, COBYLA) ignore it and took 15 to 100 times as long on the demo data.
+METHODS = ("BFGS", "L-BFGS-B", "CG", "Newton-CG", "trust-exact", "trust-krylov", "trust-ncg", "SLSQP", "trust-constr")
+
+#: Values of the ``quadrature`` option.
+QUADRATURES = ("auto", "product", "marginal")
+
+
+def _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback) -> FitOptions:
+    """The optimiser options of :meth:`MELSM.fit`, checked for type and range.
+
+    Raises :class:`~mlsml.ModelSpecError` naming the option; nothing is rounded,
+    parsed from a string or clipped.
+    """
+    if isinstance(method, str) and method.lower() in ("nelder-mead", "powell", "cobyla", "cobyqa"):
+        raise ModelSpecError(
+            f"method={method!r} does not use gradients; mlsml supplies the exact gradient of the likelihood, "
+            f"so use one of {', '.join(METHODS)} (BFGS is the default)"
+        )
+    method = check_choice("method", method, METHODS, case_insensitive=True)
+    if callback is not None and not callable(callback):
+        raise ModelSpecError(f"callback must be a function callback(pass, theta, llf) or None, not {describe_value(callback)}")
+    return FitOptions(
+        method=method,
+        maxiter=check_int("maxiter", maxiter, minimum=1),
+        max_passes=check_int("max_passes", max_passes, minimum=1),
+        xtol=check_real("xtol", xtol, 0.0, low_open=True),
+        gtol=check_real("gtol", gtol, 0.0, low_open=True),
+    )
 
 
 class MELSM:
@@ -183,15 +218,14 @@ class MELSM:
         >>> abs(model.loglike(res.params) - res.llf) < 1e-9
         True
         """
-        from . import marginal as _marginal
-
         theta = self.theta_from_params(params)
-        if quadrature not in ("auto", "product", "marginal"):
-            raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
+        quadrature = check_choice("quadrature", quadrature, QUADRATURES)
+        if quadrature == "marginal" and not _marginal.supports(self.layout):
+            raise ModelSpecError("quadrature='marginal' needs a random scale and a random effect in the mean (or scale_re_formula)")
         if quadrature != "product" and _marginal.supports(self.layout):
-            rule = _marginal.marginal_rule(int(nagq or _marginal.DEFAULT_NAGQ_MARGINAL), self.layout.n_v)
+            rule = _marginal.marginal_rule(self._nagq(nagq, True), self.layout.n_v)
             return float(_marginal.loglik_marginal(theta, self.design, _marginal.adapt_marginal(theta, self.design, rule)))
-        return _loglik_theta(theta, self.design, nagq)
+        return _loglik_theta(theta, self.design, self._nagq(nagq, False))
 
     # ------------------------------------------------------------------
     def fit(
@@ -262,34 +296,29 @@ class MELSM:
         >>> abs(res21.llf - res.llf) < 1e-4
         True
         """
-        d = self.layout.d
-        from . import marginal as _marginal
-
-        if quadrature not in ("auto", "product", "marginal"):
-            raise ModelSpecError(f"quadrature must be 'auto', 'product' or 'marginal', not {quadrature!r}")
+        opts = _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback)
+        method = opts.method
+        quadrature = check_choice("quadrature", quadrature, QUADRATURES)
+        prune = check_real("prune", prune, 0.0, 1.0, high_open=True)
         if quadrature == "marginal" and not _marginal.supports(self.layout):
             raise ModelSpecError(
                 "quadrature='marginal' needs a random scale and a random effect in the mean "
                 "(or scale_re_formula); use quadrature='product'"
             )
-        if not 0.0 <= float(prune) < 1.0:
-            raise ModelSpecError(f"prune must be in [0, 1), got {prune!r}")
         use_marginal = quadrature == "marginal" or (quadrature == "auto" and _marginal.supports(self.layout))
         if use_marginal and prune:
             raise ModelSpecError("prune applies to the product rule only (quadrature='product')")
-        nagq = int(nagq or (_marginal.DEFAULT_NAGQ_MARGINAL if use_marginal else default_nagq(d)))
-        if nagq < 1:
-            raise ModelSpecError(f"nagq must be a positive integer, got {nagq}")
+        nagq = self._nagq(nagq, use_marginal)
         if use_marginal:
             rule = _marginal.marginal_rule(nagq, self.layout.n_v)
         else:
-            rule = gauss_hermite_rule(d, nagq, prune)
+            rule = gauss_hermite_rule(self.layout.d, nagq, prune)
         start = None if start_params is None else self.theta_from_params(start_params)
         if start is None and self.layout.extended:
             from .extended import start_values_ext
 
             start = start_values_ext(self.design)
-        opts = FitOptions(method=method, maxiter=maxiter, max_passes=max_passes, xtol=xtol, gtol=gtol, start=start)
+        opts = replace(opts, start=start)
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             opt = maximize(self.design, rule, opts, callback=callback)
             res = MELSMResults.from_optimum(self, opt, nagq=nagq, method=method, prune=prune)
@@ -297,6 +326,13 @@ class MELSM:
         res._info["quadrature_check"] = self._quadrature_check(res, use_marginal, nagq, prune)
         res.warn_if_problematic()
         return res
+
+    def _nagq(self, nagq, use_marginal: bool) -> int:
+        """The points per dimension: the default for ``None``, else ``nagq`` checked (:func:`mlsml.quadrature.check_nagq`)."""
+        dim = self.layout.n_v if use_marginal else self.layout.d
+        if nagq is None:
+            return _marginal.DEFAULT_NAGQ_MARGINAL if use_marginal else default_nagq(dim)
+        return check_nagq(nagq, dim, "u-exact (marginal)" if use_marginal else "product")
 
     def _quadrature_check(self, res, use_marginal: bool, nagq: int, prune: float):
         """``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
@@ -308,14 +344,14 @@ class MELSM:
         lay = self.layout
         if not lay.random_scale or lay.extended or not np.isfinite(res.llf):
             return None
-        more = 2 * nagq + 1
+        more = min(2 * nagq + 1, max_nagq(lay.n_v if use_marginal else lay.d))
+        if more <= nagq:
+            return None
         theta = np.asarray(res.theta, dtype=float)
         with np.errstate(all="ignore"):
             if use_marginal:
-                from .marginal import adapt_marginal, loglik_marginal, marginal_rule
-
-                rule = marginal_rule(more, lay.n_v)
-                value = float(loglik_marginal(theta, self.design, adapt_marginal(theta, self.design, rule)))
+                rule = _marginal.marginal_rule(more, lay.n_v)
+                value = float(_marginal.loglik_marginal(theta, self.design, _marginal.adapt_marginal(theta, self.design, rule)))
             elif lay.d <= 2:
                 value = _loglik_theta(theta, self.design, more, prune)
             else:

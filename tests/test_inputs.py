@@ -174,3 +174,86 @@ def test_bad_groups_give_a_short_clear_error(seed_df, make, pattern):
         mlsml.MELSM.from_formula("y ~ x", seed_df, groups=make(seed_df))
     message = str(info.value)
     assert len(message) < 400 and "dtype:" not in message and "Length:" not in message  # no Series printed
+
+
+# ----------------------------------------------------------------- fit options
+@pytest.fixture(scope="module")
+def exam_model(exam):
+    """Random intercept and random scale: the u-exact rule is one-dimensional, the product rule two."""
+    return mlsml.MELSM.from_formula("normexam ~ standLRT", exam, groups="school")
+
+
+BAD_OPTIONS = [
+    ({"nagq": 0}, r"nagq \(quadrature points per dimension\) must be an integer >= 1, not 0$"),
+    ({"nagq": 2.5}, r"must be an integer >= 1, not 2.5 \(float\)"),
+    ({"nagq": "3"}, r"must be an integer >= 1, not '3' \(str\)"),
+    ({"nagq": True}, r"not True \(bool\)"),
+    ({"nagq": 10**6}, r"nagq=1000000 is too large for the u-exact .* over 1 school effect.*At most 200 points.*MAX_NAGQ = 200"),
+    (
+        {"nagq": 142, "quadrature": "product"},
+        r"nagq=142 is too large for the product rule over 2 school effects.*At most 141 .*MAX_QUAD_NODES = 20000",
+    ),
+    ({"method": "Nelder-Mead"}, "does not use gradients"),
+    ({"method": "newton"}, "method must be one of 'BFGS', 'L-BFGS-B'"),
+    ({"method": None}, r"method must be one of .*not None"),
+    ({"maxiter": 0}, "maxiter must be an integer >= 1, not 0"),
+    ({"maxiter": 100.0}, r"maxiter must be an integer >= 1, not 100.0 \(float\)"),
+    ({"max_passes": -1}, "max_passes must be an integer >= 1"),
+    ({"xtol": 0}, "xtol must be a finite number > 0, not 0.0"),
+    ({"gtol": float("nan")}, "gtol must be a finite number > 0, not nan"),
+    ({"xtol": "1e-6"}, r"xtol must be a finite number > 0, not '1e-6' \(str\)"),
+    ({"prune": "0.1", "quadrature": "product"}, r"prune must be a finite number >= 0 and < 1, not '0.1' \(str\)"),
+    ({"prune": float("inf"), "quadrature": "product"}, "prune must be a finite number >= 0 and < 1, not inf"),
+    ({"quadrature": "Product"}, "quadrature must be one of 'auto', 'product', 'marginal'"),
+    ({"quadrature": None}, "quadrature must be one of"),
+    ({"callback": 3}, r"callback must be a function .* not 3 \(int\)"),
+]
+
+
+@pytest.mark.parametrize("options,pattern", BAD_OPTIONS, ids=[str(o) for o, _ in BAD_OPTIONS])
+def test_fit_options_are_checked_not_coerced(exam_model, options, pattern):
+    with pytest.raises(ModelSpecError, match=pattern):
+        exam_model.fit(**options)
+
+
+def test_loglike_and_profile_check_nagq_too(exam_model):
+    with pytest.raises(ModelSpecError, match="not 0"):
+        exam_model.loglike([0.0, 0.5, -0.5, 0.1, 0.1, 0.0], nagq=0)
+    from mlsml.profile import profile_ci
+
+    res = exam_model.fit()
+    with pytest.raises(ModelSpecError, match=r"not 2.5 \(float\)"):
+        profile_ci(res, "mean:standLRT", nagq=2.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"random_scale": "no"}, r"random_scale must be True or False, not 'no' \(str\)"),
+        ({"missing": None}, r"missing must be 'drop' or 'raise', not None"),
+        ({"missing": "Drop"}, "missing must be 'drop' or 'raise'"),
+    ],
+)
+def test_model_options_are_checked_not_coerced(seed_df, kwargs, pattern):
+    with pytest.raises(ModelSpecError, match=pattern):
+        mlsml.MELSM.from_formula("y ~ x", seed_df, groups="school", **kwargs)
+
+
+def test_method_names_are_case_insensitive_and_keep_their_settings(exam_model):
+    """``method="bfgs"`` used to reach scipy unchanged and lose the BFGS-only settings (a different path)."""
+    a = exam_model.fit(method="BFGS")
+    b = exam_model.fit(method="bfgs")
+    assert b.method == "BFGS"
+    np.testing.assert_array_equal(a.params.to_numpy(), b.params.to_numpy())
+
+
+def test_numpy_integers_are_integers(exam_model):
+    assert exam_model.fit(nagq=np.int64(7), maxiter=np.int32(500)).nagq == 7
+
+
+def test_quadrature_bounds_keep_every_default_within_the_node_budget():
+    from mlsml.quadrature import MAX_NAGQ, MAX_QUAD_NODES, default_nagq, max_nagq
+
+    for d in range(1, 11):
+        assert 1 <= default_nagq(d) <= max_nagq(d) <= MAX_NAGQ
+        assert max_nagq(d) ** d <= MAX_QUAD_NODES < (max_nagq(d) + 1) ** d or max_nagq(d) == MAX_NAGQ
