@@ -20,8 +20,10 @@ The caller's data frame is never modified.
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +152,9 @@ class FormulaSpec:
     bs_formula: str | None = None
 
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9\.]*")
+#: A name in a formula: a Python identifier in any script (patsy accepts ``école``),
+#: possibly dotted (``np.log``).
+_IDENT = re.compile(r"[^\W\d][\w\.]*")
 
 
 def formula_columns(formula: str, data: pd.DataFrame) -> list[str]:
@@ -214,12 +218,35 @@ def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str
     return out, fm.spec
 
 
+#: A text column is taken for numbers stored as text when more than this share of its
+#: values parse as numbers ...
+NUMERIC_TEXT_SHARE = 0.5
+#: ... or when it holds more than this many distinct numbers (among a few text codes).
+NUMERIC_TEXT_DISTINCT = 20
+#: How many offending values an error message lists.
+SHOW_VALUES = 5
+
+
 def _check_numeric_like(frame: pd.DataFrame, columns: list[str]) -> None:
-    """A text column whose values are mostly numbers is a data error, not a factor.
+    """A text column whose values (nearly) all parse as numbers is a data error, not a factor.
 
     patsy (like statsmodels) treats text columns as categorical. That is right for
-    ``ethnicity`` but silently wrong for a numeric column polluted by a few strings
-    (``"."``, ``"n/a"``), which would become a factor with thousands of levels.
+    ``ethnicity`` but silently wrong for numbers stored as text -- a column of
+    ``"-3" .. "3"`` becomes six dummy columns, a continuous ``x`` read as strings one
+    dummy per distinct value -- and for a numeric column polluted by a few strings
+    (``"."``, ``"n/a"``). Both raise :class:`~mlsml.DataError` naming the column, the
+    non-numeric values and the fix. Columns wrapped in ``C(...)`` in a formula are
+    meant as categories and are not checked.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> frame = pd.DataFrame({"x": ["-1", "0", "2.5", "."]})
+    >>> try:
+    ...     _check_numeric_like(frame, ["x"])
+    ... except DataError as err:
+    ...     print(str(err)[:98])
+    column 'x' is mostly numeric (3 of 4 values are numbers) but holds non-numeric values '.' (1 row);
     """
     for col in columns:
         s = frame[col]
@@ -227,16 +254,69 @@ def _check_numeric_like(frame: pd.DataFrame, columns: list[str]) -> None:
             continue
         if not (pd.api.types.is_object_dtype(s) or pd.api.types.is_string_dtype(s)):
             continue
-        as_num = pd.to_numeric(s, errors="coerce")
-        ok = as_num.notna()
-        # mostly numbers, or many distinct numbers among a few text codes
-        if (ok.mean() > 0.5 or as_num[ok].nunique() > 20) and not ok.all():
-            bad = s[~ok].iloc[0]
+        plain = s.map(lambda v: v if isinstance(v, str) or (isinstance(v, numbers.Real) and not isinstance(v, bool)) else None)
+        as_num = pd.to_numeric(plain, errors="coerce")
+        ok = as_num.notna().to_numpy()
+        if not ok.any() or not (ok.mean() > NUMERIC_TEXT_SHARE or as_num[ok].nunique() > NUMERIC_TEXT_DISTINCT):
+            continue
+        levels = s.nunique()
+        as_factor = f"a formula would make it a factor with {levels} levels (one dummy column per distinct value)"
+        if ok.all():
+            examples = ", ".join(repr(v) for v in pd.unique(s)[:SHOW_VALUES])
+            stored = "text" if any(isinstance(v, str) for v in s) else "Python objects"
             raise DataError(
-                f"column {col!r} is mostly numeric but holds non-numeric values "
-                f"(e.g. {bad!r} at index {s[~ok].index[0]!r}); clean it, or wrap it in C() "
-                "to use it as a categorical variable"
+                f"column {col!r} holds numbers stored as {stored} (dtype {s.dtype}: {examples}, ...); {as_factor}. "
+                f"Convert it with data[{col!r}] = pd.to_numeric(data[{col!r}]), or write C({col}) in the formula "
+                "if the numbers are category codes"
             )
+        bad = s[~ok]
+        counts = bad.value_counts(sort=True)
+        shown = ", ".join(f"{v!r} ({n} row{'s' if n != 1 else ''})" for v, n in counts.iloc[:SHOW_VALUES].items())
+        more = f" and {len(counts) - SHOW_VALUES} more" if len(counts) > SHOW_VALUES else ""
+        raise DataError(
+            f"column {col!r} is mostly numeric ({int(ok.sum())} of {len(s)} values are numbers) but holds "
+            f"non-numeric values {shown}{more}; first at index {bad.index[0]!r}; as it stands {as_factor}. "
+            f"If these mark missing values, read the file with na_values=[...] (pd.read_csv) or convert with "
+            f"pd.to_numeric(data[{col!r}], errors='coerce') so that those rows are dropped with a warning; "
+            f"if the column is categorical, write C({col}) in the formula"
+        )
+
+
+def _check_unique_columns(data: pd.DataFrame, used: list) -> None:
+    """Formulas and ``groups`` name columns: a name must not stand for two columns."""
+    dup = data.columns[data.columns.duplicated()]
+    clash = [c for c in used if c in set(dup)]
+    if clash:
+        c = clash[0]
+        raise DataError(
+            f"the data has {int((data.columns == c).sum())} columns named {c!r}; formulas and groups= refer to "
+            "columns by name, so rename or drop the duplicates (e.g. data.loc[:, ~data.columns.duplicated()])"
+        )
+
+
+def to_numpy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with pandas' nullable columns as plain numpy columns.
+
+    Called after listwise deletion, so no ``pd.NA`` is left: ``boolean`` becomes
+    ``bool`` (a two-level factor, as a numpy bool column), ``Int64`` etc. become
+    ``int64``, ``Float64`` etc. become ``float64`` and the ``string`` dtype becomes
+    ``object``. patsy (0.5 and 1.0) cannot read the nullable dtypes.
+    """
+    frame = frame.copy()
+    for c in frame.columns:
+        dtype = frame[c].dtype
+        if not isinstance(dtype, pd.api.extensions.ExtensionDtype) or isinstance(dtype, pd.CategoricalDtype):
+            continue
+        s = frame[c]
+        if pd.api.types.is_bool_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=bool)
+        elif pd.api.types.is_integer_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=np.int64)
+        elif pd.api.types.is_float_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=float)
+        elif pd.api.types.is_string_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=object)
+    return frame
 
 
 def _check_dtypes(frame: pd.DataFrame, columns: list[str]) -> None:
@@ -513,12 +593,13 @@ def build_design(
                 used.append(c)
     if groups not in used:
         used.append(groups)
+    _check_unique_columns(data, used)
     frame = data.loc[:, used]
     na = frame.isna()
     numeric = [c for c in used if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
     inf = pd.DataFrame(False, index=frame.index, columns=used)
     for c in numeric:
-        inf[c] = ~np.isfinite(frame[c].to_numpy(dtype=float)) & ~na[c].to_numpy()
+        inf[c] = ~np.isfinite(frame[c].to_numpy(dtype=float, na_value=np.nan)) & ~na[c].to_numpy()
     bad = na | inf
     dropped = bad.any(axis=1).to_numpy()
     if dropped.any():
@@ -539,6 +620,7 @@ def build_design(
         frame = frame.loc[~dropped]
     if frame.shape[0] == 0:
         raise DataError("no rows left after removing missing values")
+    frame = to_numpy_dtypes(frame)
 
     # ---- design matrices
     if response in frame.columns and (
@@ -547,17 +629,19 @@ def build_design(
         or pd.api.types.is_complex_dtype(frame[response])
     ):
         rs = frame[response]
-        bad = rs[pd.to_numeric(rs, errors="coerce").isna()] if rs.dtype == object else rs.iloc[:0]
+        textual = pd.api.types.is_object_dtype(rs) or pd.api.types.is_string_dtype(rs)
+        bad = rs[pd.to_numeric(rs, errors="coerce").isna()] if textual else rs.iloc[:0]
         example = f" (e.g. {bad.iloc[0]!r} at index {bad.index[0]!r})" if len(bad) else ""
+        if textual and not len(bad):
+            example = f" (numbers stored as text: convert with data[{response!r}] = pd.to_numeric(data[{response!r}]))"
         raise DataError(
             f"the response {response!r} is not real-valued numeric (dtype {rs.dtype}){example}; a MELSM needs a continuous response"
         )
     _check_dtypes(frame, [c for c in used if c != groups])
-    in_c = set(re.findall(r"C\(\s*([A-Za-z_][\w\.]*)", formula + scale_formula + re_formula + "".join(extra.values())))
+    in_c = set(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula + "".join(extra.values())))
     _check_numeric_like(frame, [c for c in used if c != groups and c not in in_c])
     # patsy inspects text columns element by element; categoricals are read from
     # their categories, which is ~50x faster on large data (same design matrices).
-    frame = frame.copy()
     for c in used:
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
@@ -585,7 +669,15 @@ def build_design(
 
     # ---- groups
     gcol = frame[groups]
-    codes, labels = pd.factorize(gcol, sort=True)
+    try:
+        codes, labels = pd.factorize(gcol, sort=True)
+    except TypeError as exc:  # unhashable ids (lists, dicts, arrays)
+        bad = next(v for v in gcol if not isinstance(v, Hashable))
+        raise DataError(
+            f"the grouping column {groups!r} holds unhashable values (e.g. a {type(bad).__name__} at index "
+            f"{gcol.index[[not isinstance(v, Hashable) for v in gcol]][0]!r}); group ids must be numbers, strings "
+            "or tuples"
+        ) from exc
     J = len(labels)
     if J < 2:
         raise DataError(f"the grouping column {groups!r} has {J} distinct value(s); at least two groups are needed")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import mlsml
-from mlsml import ModelSpecError
+from mlsml import DataError, MissingDataWarning, ModelSpecError
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +257,126 @@ def test_quadrature_bounds_keep_every_default_within_the_node_budget():
     for d in range(1, 11):
         assert 1 <= default_nagq(d) <= max_nagq(d) <= MAX_NAGQ
         assert max_nagq(d) ** d <= MAX_QUAD_NODES < (max_nagq(d) + 1) ** d or max_nagq(d) == MAX_NAGQ
+
+
+# ----------------------------------------------------------------- column types and names
+def test_duplicate_column_names_are_a_data_error(seed_df):
+    df = pd.concat([seed_df, seed_df[["x"]]], axis=1)  # two columns named 'x'
+    with pytest.raises(DataError, match="the data has 2 columns named 'x'; .*rename or drop the duplicates"):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    df = pd.concat([seed_df, seed_df[["school"]]], axis=1)
+    with pytest.raises(DataError, match="2 columns named 'school'"):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    # a duplicated column that no formula uses does not matter
+    df = pd.concat([seed_df, seed_df[["student"]]], axis=1)
+    assert mlsml.MELSM.from_formula("y ~ x", df, groups="school").design.nobs == len(seed_df)
+
+
+def _with_flag(df):
+    return df.assign(high=(df["x"] > 0.3).to_numpy())
+
+
+def test_nullable_boolean_without_missing_values_is_a_bool(seed_df):
+    plain = mlsml.fit("y ~ x + high", _with_flag(seed_df), groups="school", random_scale=False)
+    df = _with_flag(seed_df)
+    df["high"] = df["high"].astype("boolean")
+    res = mlsml.fit("y ~ x + high", df, groups="school", random_scale=False)
+    assert list(res.params.index) == list(plain.params.index)
+    np.testing.assert_array_equal(res.params.to_numpy(), plain.params.to_numpy())
+
+
+def test_nullable_boolean_with_missing_values_is_missing_data(seed_df):
+    df = _with_flag(seed_df)
+    df["high"] = df["high"].astype("boolean")
+    df.loc[[3, 10], "high"] = pd.NA
+    with pytest.warns(MissingDataWarning, match="dropped 2 of 2500 rows.*'high': 2"):
+        res = mlsml.fit("y ~ x + high", df, groups="school", random_scale=False)
+    ref = mlsml.fit("y ~ x + high", _with_flag(seed_df).drop(index=[3, 10]), groups="school", random_scale=False)
+    np.testing.assert_array_equal(res.params.to_numpy(), ref.params.to_numpy())
+    with pytest.raises(DataError, match="'high': 2"):
+        mlsml.MELSM.from_formula("y ~ x + high", df, groups="school", missing="raise")
+
+
+@pytest.mark.parametrize("column,dtype", [("x", "Float64"), ("y", "Float64"), ("school", "Int64"), ("school", "string")])
+def test_other_nullable_dtypes_are_read_like_numpy_ones(seed_df, column, dtype):
+    ref = mlsml.MELSM.from_formula("y ~ x", seed_df, groups="school")
+    df = seed_df.astype({column: dtype})
+    df.loc[5, column] = pd.NA
+    with pytest.warns(MissingDataWarning, match=f"'{column}': 1"):
+        model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    assert model.design.nobs == ref.design.nobs - 1 and model.param_names == ref.param_names
+
+
+def test_tuple_group_ids_are_supported(seed_df):
+    df = seed_df.assign(site=[(s % 2, s) for s in seed_df["school"]])
+    res = mlsml.fit("y ~ x", df, groups="site", random_scale=False)
+    ref = mlsml.fit("y ~ x", seed_df, groups="school", random_scale=False)
+    assert res.llf == pytest.approx(ref.llf, rel=0, abs=1e-8)
+    table = res.school_effects()
+    assert table.index[0] == (0, 2) and len(table) == 100
+    pred = res.predict(df.head(3))
+    np.testing.assert_allclose(pred.to_numpy(), ref.predict(seed_df.head(3)).to_numpy(), rtol=1e-8)
+    as_labels = mlsml.MELSM.from_formula("y ~ x", seed_df, groups=list(df["site"]), random_scale=False)
+    assert as_labels.design.group_labels[0] == (0, 2)
+
+
+def test_unhashable_group_ids_are_a_data_error(seed_df):
+    df = seed_df.assign(site=[[s] for s in seed_df["school"]])
+    with pytest.raises(DataError, match="grouping column 'site' holds unhashable values \\(e.g. a list at index 0\\)"):
+        mlsml.MELSM.from_formula("y ~ x", df, groups="site")
+
+
+def test_non_ascii_names_are_accepted(seed_df):
+    ref = mlsml.fit("y ~ x", seed_df.assign(t=seed_df["x"] > 0), groups="school", scale_formula="~ x + t")
+    df = seed_df.rename(columns={"x": "écart", "school": "école", "y": "note"}).assign(type_é=lambda d: d["écart"] > 0)
+    res = mlsml.fit("note ~ écart", df, groups="école", scale_formula="~ écart + C(type_é)")
+    assert list(res.params.index)[:4] == ["mean:Intercept", "mean:écart", "scale:Intercept", "scale:C(type_é)[T.True]"]
+    np.testing.assert_array_equal(res.params.to_numpy(), ref.params.to_numpy())
+    with pytest.raises(ModelSpecError, match="names 'écarts', which is not a column"):
+        mlsml.MELSM.from_formula("note ~ écarts", df, groups="école")
+
+
+# ----------------------------------------------------------------- numbers stored as text
+def _codes(df):
+    """A covariate of integer codes -3..3."""
+    return df.assign(k=(np.floor(df["x"] * 1.5).clip(-3, 3)).astype(int))
+
+
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (
+            lambda d: _codes(d).astype({"k": str}),
+            r"column 'k' holds numbers stored as text \(dtype (object|str): .*factor with 7 levels.*pd.to_numeric\(data\['k'\]\)"
+            r".*C\(k\)",
+        ),
+        (lambda d: d.assign(k=d["x"].astype(str)), r"column 'k' holds numbers stored as text.*factor with 2500 levels"),
+        (
+            lambda d: _codes(d).astype({"k": object}).assign(k=lambda e: e["k"].where(e.index % 500 != 7, ".")),
+            r"column 'k' is mostly numeric \(2495 of 2500 values are numbers\) but holds non-numeric values "
+            r"'\.' \(5 rows\); first at index 7.*na_values.*errors='coerce'",
+        ),
+        (
+            lambda d: d.assign(k=d["x"].round(2).astype(object).where(d.index % 3 != 0, d.index.map(lambda i: f"n/a{i % 7}"))),
+            r"non-numeric values 'n/a0' \(\d+ rows\), .* and 2 more;",
+        ),
+    ],
+    ids=["integer codes", "continuous", "dots", "many codes"],
+)
+def test_numbers_stored_as_text_are_a_data_error(seed_df, make, pattern):
+    df = make(seed_df)
+    with pytest.raises(DataError, match=pattern):
+        mlsml.MELSM.from_formula("y ~ x + k", df, groups="school")
+    with pytest.raises(DataError, match="column 'k'"):  # in every formula
+        mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ k")
+
+
+def test_numbers_as_text_inside_c_are_categories(seed_df):
+    df = _codes(seed_df).astype({"k": str})
+    model = mlsml.MELSM.from_formula("y ~ x + C(k)", df, groups="school", random_scale=False)
+    assert sum(name.startswith("mean:C(k)") for name in model.param_names) == 6
+
+
+def test_response_stored_as_text_says_so(seed_df):
+    with pytest.raises(DataError, match=r"response 'y' is not real-valued numeric .*numbers stored as text.*pd.to_numeric"):
+        mlsml.MELSM.from_formula("y ~ x", seed_df.astype({"y": str}), groups="school")
