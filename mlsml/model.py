@@ -15,23 +15,36 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import autograd
 import numpy as np
 import pandas as pd
 
 from . import marginal as _marginal
 from .design import Design, FormulaSpec, build_design
 from .errors import ModelSpecError
+from .likelihood import loglik_at_nodes
 from .optimize import FitOptions, maximize
 from .params import ParamLayout
+from .posterior import adapt
 from .posterior import loglik as _loglik_theta
 from .quadrature import check_nagq, default_nagq, gauss_hermite_rule, max_nagq
 from .results import MELSMResults
 from .validate import check_choice, check_int, check_real, describe_value
 
+_value_and_grad = autograd.value_and_grad(loglik_at_nodes)
+
 #: ``scipy.optimize.minimize`` methods :meth:`MELSM.fit` accepts (matched case-insensitively):
 #: those that use the exact autograd gradient. Derivative-free methods (Nelder-Mead,
 #: Powell, COBYLA) ignore it and took 15 to 100 times as long on the demo data.
 METHODS = ("BFGS", "L-BFGS-B", "CG", "Newton-CG", "trust-exact", "trust-krylov", "trust-ncg", "SLSQP", "trust-constr")
+
+#: Largest ``|ln var(e_ij)|`` accepted at ``start_params``: ``exp(709.8)`` is the largest
+#: double, so beyond this the residual variance (or its inverse) overflows.
+MAX_LOG_VARIANCE = 700.0
+
+#: How many standard deviations of the scale effects ``v`` the starting values must
+#: cover within :data:`MAX_LOG_VARIANCE` (the quadrature nodes reach that far out).
+START_V_SDS = 5.0
 
 #: Values of the ``quadrature`` option.
 QUADRATURES = ("auto", "product", "marginal")
@@ -186,20 +199,101 @@ class MELSM:
         [0.0, 0.7, -0.8, -1.6094]
         """
         lay = self.layout
+        names = list(lay.names)
+        if isinstance(params, dict):
+            params = pd.Series(params, dtype=object)
         if isinstance(params, pd.Series):
-            missing = [n for n in lay.names if n not in params.index]
-            if missing:
-                raise ModelSpecError(f"params lacks {missing}")
-            params = params.reindex(list(lay.names))
-        vec = np.asarray(params, dtype=float)
+            missing = [n for n in names if n not in params.index]
+            extra = [str(n) for n in params.index if n not in names]
+            if missing or extra:
+                raise ModelSpecError(
+                    f"params lacks {missing} and has names the model does not know: {extra}; the model's parameters are {names}"
+                    if missing and extra
+                    else f"params lacks {missing}; the model's parameters are {names}"
+                    if missing
+                    else f"params has names the model does not know: {extra}; the model's parameters are {names}"
+                )
+            params = params.reindex(names)
+        try:
+            raw = np.asarray(params, dtype=object).ravel()
+            if isinstance(params, str | bytes) or any(isinstance(v, str | bytes | bool | np.bool_) for v in raw):
+                raise TypeError("text or booleans")  # numbers as text are not parsed silently
+            vec = np.asarray(params, dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise ModelSpecError(
+                f"params must be numbers (a Series indexed by {names} or an array), not {describe_value(params)}"
+            ) from exc
         if vec.shape != (lay.n_params,):
-            raise ModelSpecError(f"expected {lay.n_params} parameters, got {vec.shape}")
+            raise ModelSpecError(f"params has shape {vec.shape}; the model has {lay.n_params} parameters: {names}")
+        bad = [f"{n} = {v}" for n, v in zip(names, vec) if not np.isfinite(v)]
+        if bad:
+            raise ModelSpecError(f"params must be finite numbers: {', '.join(bad)}")
+        negative = [f"{n} = {v:.6g}" for n, v in zip(names, vec) if (n.startswith("var(")) and v <= 0]
+        if negative:
+            raise ModelSpecError(f"variances must be positive: {', '.join(negative)}")
         sigma = lay.sigma_from_natural(vec)
         try:
             tau = vec[lay.p + lay.k : lay.p + lay.k + lay.m] if lay.bs_terms else None
             return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma, tau=tau)
         except np.linalg.LinAlgError as exc:
-            raise ModelSpecError("the covariance parameters do not form a positive-definite matrix") from exc
+            cov = ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, vec) if n.startswith(("var(", "cov(")))
+            raise ModelSpecError(
+                f"the covariance parameters do not form a positive-definite matrix ({cov}): each |cov(a,b)| must be "
+                "below sd(a) sd(b), and jointly the matrix must be positive definite"
+            ) from exc
+
+    def _natural(self, theta: np.ndarray) -> np.ndarray:
+        return np.asarray(self.layout.to_natural(np.asarray(theta, dtype=float)), dtype=float)
+
+    def _check_start(self, theta: np.ndarray, rule) -> None:
+        """Refuse starting values at which the fit cannot start.
+
+        The residual log-variance ``w_ij' alpha`` must stay within
+        :data:`MAX_LOG_VARIANCE` of zero (beyond, ``exp`` overflows or underflows and
+        the optimiser cannot move), also for a school :data:`START_V_SDS` standard
+        deviations of ``v`` out, and the log-likelihood and its gradient must be
+        finite there.
+        """
+        lay = self.layout
+        names = list(lay.names)
+        alpha = theta[lay.p : lay.p + lay.k]
+        W = self.design.W
+        eta = W @ alpha
+        if not np.all(np.abs(eta) <= MAX_LOG_VARIANCE):
+            contrib = np.max(np.abs(W * alpha), axis=0)
+            k = int(np.argmax(contrib))
+            raise ModelSpecError(
+                f"start_params give a residual log-variance up to {float(np.max(np.abs(eta))):.3g} "
+                f"({names[lay.p + k]} = {alpha[k]:.6g}): var(e) = exp of that is outside the range of doubles "
+                f"(|ln var(e)| must stay below MAX_LOG_VARIANCE = {MAX_LOG_VARIANCE}). Start from the defaults "
+                "(start_params=None) or from the params of a fit on data in the same units"
+            )
+        if lay.n_v:
+            _, _, L = lay.split(theta)
+            Lv = np.asarray(L)[lay.q :, :]
+            G = self.design.G if self.design.G is not None else np.ones((1, 1))
+            sd_v = float(np.sqrt(np.max(np.sum((G @ Lv[:, : lay.d]) ** 2, axis=1))))
+            reach = float(np.max(np.abs(eta))) + START_V_SDS * sd_v
+            if not reach <= MAX_LOG_VARIANCE:
+                v_names = [n for n in names if n.startswith("var(v")]
+                shown = ", ".join(f"{n} = {float(self._natural(theta)[names.index(n)]):.6g}" for n in v_names)
+                raise ModelSpecError(
+                    f"start_params give {shown}: a school {START_V_SDS:g} SD out would have a residual log-variance "
+                    f"of {reach:.3g}, and var(e) = exp of that is outside the range of doubles (|ln var(e)| must stay "
+                    f"below MAX_LOG_VARIANCE = {MAX_LOG_VARIANCE}). Start from the defaults (start_params=None) or "
+                    "from the params of a fit on data in the same units"
+                )
+        with np.errstate(all="ignore"):
+            try:
+                value, grad = _value_and_grad(theta, self.design, adapt(theta, self.design, rule))
+            except (np.linalg.LinAlgError, FloatingPointError, ValueError):
+                value, grad = np.nan, np.full(theta.shape, np.nan)
+        if not (np.isfinite(value) and np.all(np.isfinite(grad))):
+            what = "log-likelihood" if not np.isfinite(value) else "gradient of the log-likelihood"
+            raise ModelSpecError(
+                f"the {what} is not finite at start_params, so the optimiser cannot start from there; start from "
+                "the defaults (start_params=None) or from the params of a fit on data in the same units"
+            )
 
     def loglike(self, params, nagq: int | None = None, quadrature: str = "auto") -> float:
         """Log-likelihood at natural-scale ``params`` (adaptive quadrature at ``params``).
@@ -313,7 +407,10 @@ class MELSM:
             rule = _marginal.marginal_rule(nagq, self.layout.n_v)
         else:
             rule = gauss_hermite_rule(self.layout.d, nagq, prune)
-        start = None if start_params is None else self.theta_from_params(start_params)
+        start = None
+        if start_params is not None:
+            start = self.theta_from_params(start_params)
+            self._check_start(start, rule)
         if start is None and self.layout.extended:
             from .extended import start_values_ext
 

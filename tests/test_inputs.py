@@ -9,6 +9,8 @@ dependency's version.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -380,3 +382,74 @@ def test_numbers_as_text_inside_c_are_categories(seed_df):
 def test_response_stored_as_text_says_so(seed_df):
     with pytest.raises(DataError, match=r"response 'y' is not real-valued numeric .*numbers stored as text.*pd.to_numeric"):
         mlsml.MELSM.from_formula("y ~ x", seed_df.astype({"y": str}), groups="school")
+
+
+# ----------------------------------------------------------------- start_params
+GOOD_START = [0.0, 0.5, -0.5, 0.1, 0.1, 0.0]  # mean:Intercept, mean:standLRT, scale:Intercept, var(u0), var(v), cov(u0,v)
+
+
+def _start(**changes):
+    names = ["mean:Intercept", "mean:standLRT", "scale:Intercept", "var(u0)", "var(v)", "cov(u0,v)"]
+    out = pd.Series(GOOD_START, index=names)
+    for key, value in changes.items():
+        out[{"b0": "mean:Intercept", "a0": "scale:Intercept", "u0": "var(u0)", "v": "var(v)", "c": "cov(u0,v)"}[key]] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "start,pattern",
+    [
+        (_start(a0=np.nan), r"params must be finite numbers: scale:Intercept = nan"),
+        (_start(u0=np.inf).to_numpy(), r"params must be finite numbers: var\(u0\) = inf"),
+        (_start(v=-0.1), r"variances must be positive: var\(v\) = -0.1"),
+        (_start(c=1.0), r"do not form a positive-definite matrix \(var\(u0\) = 0.1, var\(v\) = 0.1, cov\(u0,v\) = 1\)"),
+        (GOOD_START[:5], r"params has shape \(5,\); the model has 6 parameters: \['mean:Intercept'"),
+        (pd.concat([_start(), pd.Series({"scale:x": 0.1})]), r"params has names the model does not know: \['scale:x'\]"),
+        (_start().drop("var(v)"), r"params lacks \['var\(v\)'\]"),
+        (["0"] * 6, r"params must be numbers .* not a list of length 6"),
+        ("0 0.5 -0.5 0.1 0.1 0", r"params must be numbers .* not '0 0.5"),
+        (_start(a0=1e6), r"start_params give a residual log-variance up to 1e\+06 \(scale:Intercept = 1e\+06\).*MAX_LOG_VARIANCE"),
+        (_start(v=1e6), r"start_params give var\(v\) = 1e\+06: a school 5 SD out"),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "negative variance",
+        "not PD",
+        "short",
+        "unknown name",
+        "missing name",
+        "strings",
+        "text",
+        "huge scale",
+        "huge var(v)",
+    ],
+)
+def test_bad_start_params_are_refused_by_name(exam_model, start, pattern):
+    with pytest.raises(ModelSpecError, match=pattern):
+        exam_model.fit(start_params=start)
+
+
+def test_good_start_params_still_work(exam_model):
+    res = exam_model.fit()
+    again = exam_model.fit(start_params=res.params)
+    assert again.converged and again.llf == pytest.approx(res.llf, rel=0, abs=1e-6)
+    assert exam_model.fit(start_params=dict(res.params)).converged
+
+
+def test_zero_variance_message_states_the_comparison_without_overflow(exam):
+    """An absurd residual variance (exp(1e6)) overflowed the reference of the zero-variance
+    check, so every variance, even 1e6, was reported as "effectively zero"."""
+    import dataclasses
+
+    res = mlsml.fit("normexam ~ standLRT", exam, groups="school", random_scale=False)
+    params = res.params.copy()
+    params["scale:Intercept"] = 1e6
+    params["var(u0)"] = 1e6
+    absurd = dataclasses.replace(res, params=params, _info={"boundary": []})
+    reasons = absurd.singular_reasons()
+    assert reasons == ["var(u0) = 1e+06 is effectively zero (below 1e-06 times the residual variance, exp(1e+06))"]
+    tiny = dataclasses.replace(res, params=res.params.copy().where(res.params.index != "var(u0)", 1e-9), _info={"boundary": []})
+    assert re.fullmatch(
+        r"var\(u0\) = 1e-09 is effectively zero \(below 1e-06 times the residual variance, 0\.\d+\)", tiny.singular_reasons()[0]
+    )
