@@ -403,6 +403,7 @@ def resolve_groups(groups, data: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     groups : str or array-like
         Column name or group labels.
     data : pandas.DataFrame
+        The caller's data (not modified).
 
     Returns
     -------
@@ -498,7 +499,7 @@ def resolve_groups(groups, data: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
 def build_design(
     formula: str,
     data: pd.DataFrame,
-    groups: str,
+    groups,
     scale_formula: str = "~ 1",
     re_formula: str = "~ 1",
     random_scale: bool = True,
@@ -514,8 +515,9 @@ def build_design(
         Mean function, ``"y ~ x1 + x2"``.
     data : pandas.DataFrame
         One row per observation (student). Not modified.
-    groups : str
-        Name of the grouping (school) column. Any hashable values; need not be sorted.
+    groups : str or array-like
+        Name of the grouping (school) column, or the labels, one per row (see
+        :func:`resolve_groups`). Any hashable values; need not be sorted.
     scale_formula : str
         Right-hand side of ``ln var(e_ij) = w_ij' alpha (+ v_j)``.
     re_formula : str

@@ -332,6 +332,11 @@ def check_formula_sides(formulas: dict) -> None:
 
     Also checks that each formula argument is a string (or ``None`` where that is allowed).
 
+    Parameters
+    ----------
+    formulas : dict
+        Formula arguments by name (keys of :data:`FORMULA_ARGS`).
+
     Raises
     ------
     ModelSpecError

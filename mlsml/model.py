@@ -50,6 +50,177 @@ START_V_SDS = 5.0
 QUADRATURES = ("auto", "product", "marginal")
 
 
+# ---------------------------------------------------------------- shared docs
+# The parameters of mlsml.fit, MELSM.from_formula and MELSM.fit are documented once
+# here and put into each docstring by _doc (one line '{name}' per block).
+_MODEL_PARAMS_DOC = r"""formula : str
+    The mean function in statsmodels/patsy syntax, response on the left:
+    ``"normexam ~ standLRT + C(sex)"``. Categorical terms (``C(x)``, or any text
+    column), interactions (``a:b``, ``a*b``) and transformations (``np.log(x)``,
+    ``I(x**2)``) work as in statsmodels; names may use any script (``écart``).
+    Fixed effects only: the school effects come from ``re_formula``,
+    ``random_scale``/``scale_re_formula`` and ``groups``. lme4's
+    ``(1 + x | school)`` in any formula argument raises
+    :class:`~mlsml.ModelSpecError` showing the mlsml call that fits what it means.
+data : pandas.DataFrame
+    One row per observation (student), in any order and with any index; never
+    modified (anything ``pandas.DataFrame`` accepts, e.g. a dict of columns, is
+    converted). Columns used by a formula may be numeric, boolean (also pandas'
+    nullable ``"boolean"``, ``"Int64"``, ``"Float64"``), categorical or text (a
+    factor). Column names must be unique. A text column whose values are numbers
+    (``"-3"`` ... ``"3"``, or a few ``"."`` among numbers) raises
+    :class:`~mlsml.DataError` naming it, unless it is wrapped in ``C(...)``.
+groups : str or array-like
+    The grouping (school) variable: the name of a column of ``data``
+    (``groups="school"``), or the labels themselves, one per row of ``data`` (the
+    statsmodels habit ``groups=df["school"]``): a Series is aligned by its index
+    (which must hold the labels of ``data.index``, in any order), an array or list
+    by position. Labels may be any hashable values (numbers, strings, tuples);
+    schools need not be sorted or contiguous.
+scale_formula : str, default "~ 1"
+    One-sided formula of the log residual variance, the ``w_ij`` of
+    :math:`\ln \sigma^2_{ij}` (e.g. ``"~ standLRT + C(sex)"``). ``None`` means
+    ``"~ 1"``.
+re_formula : str, default "~ 1"
+    One-sided formula of the school effects in the mean, the ``z_ij``: ``"~ 1"`` a
+    random intercept (``u0``), ``"~ x"`` a random intercept and a random slope on
+    ``x`` (``u0, u1``), ``"~ 0"`` none (then ``random_scale`` must be true).
+    ``None`` means ``"~ 1"``.
+random_scale : bool, default True
+    Include the school effect :math:`v_j` on the log residual variance (the
+    location scale model). ``False`` with ``scale_formula="~ 1"`` is the ordinary
+    random-intercept model. Must be ``True`` or ``False``.
+missing : {"drop", "raise"}, default "drop"
+    Rows with a missing (NaN, None, ``pd.NA``) or infinite value in any column a
+    formula uses, or in ``groups``: ``"drop"`` removes them and warns with a
+    :class:`~mlsml.MissingDataWarning` that counts them per column; ``"raise"``
+    raises :class:`~mlsml.DataError` instead. Other columns do not matter.
+scale_re_formula : str, optional
+    One-sided formula of the school effects in the log residual variance, the
+    ``g_ij``: ``"~ x"`` gives a random scale intercept and a random scale slope on
+    ``x`` (effects ``v0, v1``). Implies ``random_scale=True``.
+bs_formula : str, optional
+    One-sided formula of a log-linear between-school variance of the random
+    intercept, :math:`\ln \operatorname{var}(u_{0j}) = s_j'\tau`, in school-level
+    columns (constant within each school); the parameters ``bsvar:<term>`` replace
+    ``var(u0)``. See :mod:`mlsml.extended`."""
+
+_FIT_PARAMS_DOC = r"""nagq : int, optional
+    Quadrature points per dimension of the rule. Default: 15 for the u-exact rule
+    (over the scale effects only, see ``quadrature``); for the product rule 11 in
+    one or two dimensions, 9 in three, 5 beyond
+    (:func:`mlsml.quadrature.default_nagq`). An integer from 1 to
+    :func:`mlsml.quadrature.max_nagq` of the rule's dimension: 200 in one
+    dimension, 141 in two, 27 in three (a rule has at most
+    :data:`mlsml.quadrature.MAX_QUAD_NODES` = 20000 nodes, since every evaluation
+    holds observations x nodes arrays). Floats and strings are refused, not
+    rounded. To check the accuracy, refit with about twice the points; the fit
+    warns with :class:`~mlsml.QuadratureWarning` when that would move the
+    log-likelihood.
+method : str, default "BFGS"
+    ``scipy.optimize.minimize`` method of each optimiser pass, one of the
+    gradient-based :data:`mlsml.model.METHODS` (``"BFGS"``, ``"L-BFGS-B"``,
+    ``"CG"``, ``"Newton-CG"``, ``"trust-exact"``, ``"trust-krylov"``,
+    ``"trust-ncg"``, ``"SLSQP"``, ``"trust-constr"``; case-insensitive).
+start_params : pandas.Series, dict or array-like, optional
+    Starting values on the natural scale, named and ordered as
+    :attr:`MELSM.param_names` (e.g. ``res.params`` of an earlier fit). They must
+    be finite numbers, the variances positive and the covariance matrix positive
+    definite, and the residual variance they imply must be representable;
+    anything else raises :class:`~mlsml.ModelSpecError` naming the parameter.
+    Default: moment estimates (:func:`mlsml.optimize.start_values`).
+maxiter : int, default 1000
+    Most iterations of one optimiser pass (at least 1).
+max_passes : int, default 30
+    Most re-centring passes of the optimiser (at least 1); the fit has converged
+    when a fresh pass from the estimates no longer moves them (``xtol``).
+prune : float, default 0
+    Product rule only: drop the nodes whose product weight is below ``prune``
+    times the largest, in ``[0, 1)`` (:func:`mlsml.quadrature.gauss_hermite_rule`).
+    Cheap but inaccurate (errors of 1e-3 and more in the log-likelihood even at
+    ``1e-6``; see ``docs/quadrature.md``); for random slopes prefer the u-exact
+    rule.
+xtol : float, default 1e-6
+    Convergence: largest change of the optimiser-scale parameters between two
+    passes (a finite number > 0; see :class:`mlsml.optimize.FitOptions`).
+gtol : float, default 1e-8
+    Gradient tolerance of each optimiser pass, on ``-llf / N`` (a finite number
+    > 0).
+callback : callable, optional
+    Called as ``callback(pass, theta, llf)`` after every pass (``theta`` on the
+    optimiser scale, see :mod:`mlsml.params`).
+quadrature : {"auto", "product", "marginal"}, default "auto"
+    ``"product"``: the rotated product Gauss-Hermite rule over all ``d`` school
+    effects. ``"marginal"`` (u-exact): the mean effects integrated out exactly and
+    ``nagq`` points per dimension over the scale effects only
+    (:mod:`mlsml.marginal`; models with a random scale and a school effect in the
+    mean or ``scale_re_formula``). ``"auto"`` uses ``"marginal"`` wherever it
+    applies and ``"product"`` otherwise. The u-exact rule is both faster (London
+    Model 3: 0.15 s against 0.28 s) and far more accurate for small clusters with
+    a large random-scale variance (6 students a school, var(v) = 1.5: 15 points
+    are within 1.2e-4 of the limit where the 11-point product rule is 0.13 off)."""
+
+_MODEL_EQUATION_DOC = r""".. math::
+
+    y_{ij} = x_{ij}'\beta + z_{ij}'u_j + e_{ij}, \qquad
+    e_{ij} \sim N(0, \sigma^2_{ij}), \qquad
+    \ln \sigma^2_{ij} = w_{ij}'\alpha + g_{ij}'v_j, \qquad
+    (u_j, v_j) \sim N(0, \Sigma),
+
+for observation (student) :math:`i` in group (school) :math:`j`. The columns
+:math:`x_{ij}` come from ``formula``, :math:`z_{ij}` from ``re_formula``,
+:math:`w_{ij}` from ``scale_formula`` and :math:`g_{ij}` is 1 (``random_scale``)
+or the columns of ``scale_re_formula``. The parameters are named ``mean:<term>``
+(:math:`\beta`), ``scale:<term>`` (:math:`\alpha`) and ``var(...)``,
+``cov(...)`` for :math:`\Sigma` over the effects ``u0, u1, ..., v``
+(:mod:`mlsml.params`). The log-likelihood integrates the school effects out by
+adaptive Gauss-Hermite quadrature, with autograd gradients."""
+
+_RAISES_DOC = r"""ModelSpecError
+    The model cannot be built as specified: lme4 ``(... | ...)`` syntax in a
+    formula, a mean formula without a response or a two-sided scale, random-effects,
+    ``scale_re_formula`` or ``bs_formula``, a name that is not a column, constant or
+    collinear design columns, no school effects at all, ``groups`` that is not a
+    column or has the wrong length, or an option of the wrong type or out of range.
+DataError
+    The data cannot be used: empty, fewer than two groups, a response that is not
+    real-valued or does not vary within groups, numbers stored as text, duplicate
+    column names, unhashable group ids, or missing values with ``missing="raise"``."""
+
+_FIT_RAISES_DOC = r"""ModelSpecError
+    An option of the wrong type or out of range (each names the option and the
+    value), or unusable ``start_params`` (naming the parameter)."""
+
+_WARNS_DOC = r"""MissingDataWarning
+    Rows were dropped for missing values (counted per column).
+ConvergenceWarning
+    The optimiser did not reach a maximum; ``res.converged`` is ``False`` and the
+    estimates must not be used.
+SingularFitWarning
+    The covariance matrix of the school effects is at (or near) the boundary.
+QuadratureWarning
+    About twice the quadrature points would change the log-likelihood noticeably."""
+
+
+def _doc(**blocks: str):
+    """Replace each docstring line ``{name}`` by ``blocks[name]``, indented like that line."""
+
+    def decorate(obj):
+        if obj.__doc__:  # None under python -OO
+            lines = []
+            for line in obj.__doc__.splitlines():
+                key = line.strip()[1:-1]
+                if line.strip().startswith("{") and key in blocks:
+                    indent = line[: len(line) - len(line.lstrip())]
+                    lines.extend(indent + b if b else "" for b in blocks[key].splitlines())
+                else:
+                    lines.append(line)
+            obj.__doc__ = "\n".join(lines)
+        return obj
+
+    return decorate
+
+
 def _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback) -> FitOptions:
     """The optimiser options of :meth:`MELSM.fit`, checked for type and range.
 
@@ -100,48 +271,47 @@ class MELSM:
         self.formula_spec = formula_spec
 
     @classmethod
+    @_doc(equation=_MODEL_EQUATION_DOC, model_params=_MODEL_PARAMS_DOC, raises=_RAISES_DOC)
     def from_formula(
         cls,
         formula: str,
         data: pd.DataFrame,
-        groups: str,
-        scale_formula: str = "~ 1",
-        re_formula: str = "~ 1",
+        groups,
+        scale_formula: str | None = "~ 1",
+        re_formula: str | None = "~ 1",
         random_scale: bool = True,
         missing: str = "drop",
         scale_re_formula: str | None = None,
         bs_formula: str | None = None,
     ) -> MELSM:
-        """Create a model from formulas (statsmodels/patsy syntax).
+        """Create a model from formulas (statsmodels/patsy syntax) without fitting it.
+
+        The model is
+
+        {equation}
 
         Parameters
         ----------
-        formula : str
-            Mean function, e.g. ``"y ~ x + C(ethnicity, Treatment('White'))"``.
-        data : pandas.DataFrame
-            One row per observation; need not be sorted; not modified.
-        groups : str
-            Grouping (school) column; any hashable ids.
-        scale_formula : str
-            Residual log-variance function, e.g. ``"~ x"``.
-        re_formula : str
-            School effects in the mean: ``"~ 1"`` (random intercept) or ``"~ x"``
-            (random intercept and slope).
-        random_scale : bool
-            Include the school effect ``v_j`` on the log residual variance. With
-            ``False`` and ``scale_formula="~ 1"`` this is the ordinary
-            random-intercept model (the paper's Model 1).
-        missing : {"drop", "raise"}
-            Listwise deletion with a counted warning, or an error.
-        scale_re_formula : str, optional
-            School effects in the log residual variance,
-            ``ln var(e_ij) = w_ij' alpha + g_ij' v_j``: ``"~ x"`` gives a random
-            scale intercept and slope on ``x`` (effects ``v0, v1``); implies a random scale.
-        bs_formula : str, optional
-            Log-linear between-school variance of the random intercept,
-            ``ln var(u0_j) = s_j' tau`` with school-level columns (parameters
-            ``bsvar:<term>`` replace ``var(u0)``; correlations stay constant).
-            See :mod:`mlsml.extended`.
+        {model_params}
+
+        Returns
+        -------
+        MELSM
+            The model, with its design (:attr:`design`) and parameter names
+            (:attr:`param_names`); fit it with :meth:`fit`.
+
+        Raises
+        ------
+        {raises}
+
+        Warns
+        -----
+        MissingDataWarning
+            Rows were dropped for missing values (counted per column).
+
+        See Also
+        --------
+        mlsml.fit : Build and fit in one call.
 
         Examples
         --------
@@ -150,6 +320,11 @@ class MELSM:
         >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x", re_formula="~ 1")
         >>> model.param_names
         ['mean:Intercept', 'mean:x', 'scale:Intercept', 'scale:x', 'var(u0)', 'var(v)', 'cov(u0,v)']
+
+        A random slope on ``x`` (lme4's ``y ~ x + (1 + x | school)``) and no random scale:
+
+        >>> mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula="~ x", random_scale=False).param_names[-3:]
+        ['var(u0)', 'var(u1)', 'cov(u0,u1)']
         """
         design, spec = build_design(
             formula,
@@ -322,6 +497,7 @@ class MELSM:
         return _loglik_theta(theta, self.design, self._nagq(nagq, False))
 
     # ------------------------------------------------------------------
+    @_doc(fit_params=_FIT_PARAMS_DOC, raises=_FIT_RAISES_DOC, warns=_WARNS_DOC)
     def fit(
         self,
         nagq: int | None = None,
@@ -337,46 +513,28 @@ class MELSM:
     ) -> MELSMResults:
         """Maximum-likelihood fit by adaptive Gauss-Hermite quadrature.
 
+        Every option is checked for type and range before the fit starts (nothing
+        is rounded, parsed from text or clipped).
+
         Parameters
         ----------
-        nagq : int, optional
-            Quadrature points per dimension of the school effects. Default 11 for
-            one or two dimensions, 9 for three, 5 beyond
-            (:data:`mlsml.quadrature.DEFAULT_NAGQ`); 15 points in ``v`` for the
-            marginal rule (see ``quadrature``).
-        method : str
-            ``scipy.optimize.minimize`` method for each pass (``"BFGS"``,
-            ``"L-BFGS-B"``, ``"trust-exact"``, ``"Newton-CG"``).
-        start_params : pandas.Series or array, optional
-            Natural-scale starting values (names as :attr:`param_names`).
-        maxiter, max_passes : int
-            Iterations per optimiser pass; re-centring passes.
-        prune : float
-            Product rule only: drop nodes whose product weight is below ``prune``
-            times the largest (:func:`mlsml.quadrature.gauss_hermite_rule`). Cheap but
-            inaccurate (errors of 1e-3 and more in the llf even at ``1e-6``; see
-            ``docs/quadrature.md``); for random slopes prefer the marginal rule.
-        xtol, gtol : float
-            Convergence tolerances (see :class:`mlsml.optimize.FitOptions`).
-        callback : callable, optional
-            ``callback(pass, theta, llf)`` after every pass.
-        quadrature : {"auto", "product", "marginal"}
-            ``"product"``: the rotated product Gauss-Hermite rule over all ``d``
-            school effects. ``"marginal"``: the mean effects integrated out exactly
-            and ``nagq`` (default 15) points per dimension over the scale effects only
-            (:mod:`mlsml.marginal`; models with a random scale). ``"auto"`` uses
-            ``"marginal"`` for every model with a random scale (and a school effect in
-            the mean or ``scale_re_formula``/``bs_formula``) and ``"product"``
-            otherwise. The u-exact rule is both faster (London Model 3: 0.15 s against
-            0.28 s) and far more accurate for small clusters with a large random-scale
-            variance (6 students a school, var(v) = 1.5: 15 points are within 1.2e-4
-            of the limit where the 11-point product rule is 0.13 off).
+        {fit_params}
 
         Returns
         -------
         MELSMResults
-            Warns :class:`~mlsml.ConvergenceWarning` when the optimiser did not
-            converge and :class:`~mlsml.SingularFitWarning` at a boundary.
+            Estimates (``params``, ``bse``, ``conf_int()``, ``summary()``), the
+            log-likelihood (``llf``, ``aic``, ``bic``), convergence (``converged``,
+            ``message``), school effects (``school_effects()``) and predictions
+            (``predict``).
+
+        Raises
+        ------
+        {raises}
+
+        Warns
+        -----
+        {warns}
 
         Examples
         --------
@@ -389,6 +547,11 @@ class MELSM:
         >>> res21 = model.fit(nagq=21, start_params=res.params)   # check the quadrature
         >>> abs(res21.llf - res.llf) < 1e-4
         True
+        >>> try:
+        ...     model.fit(nagq=2.5)
+        ... except mlsml.ModelSpecError as err:
+        ...     print(err)
+        nagq (quadrature points per dimension) must be an integer >= 1, not 2.5 (float)
         """
         opts = _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback)
         method = opts.method
@@ -456,29 +619,93 @@ class MELSM:
         return more, abs(value - res.llf)
 
 
+@_doc(
+    equation=_MODEL_EQUATION_DOC,
+    model_params=_MODEL_PARAMS_DOC,
+    fit_params=_FIT_PARAMS_DOC,
+    raises=_RAISES_DOC,
+    warns=_WARNS_DOC,
+)
 def fit(
     formula: str,
     data: pd.DataFrame,
-    groups: str,
-    scale_formula: str = "~ 1",
-    re_formula: str = "~ 1",
+    groups,
+    scale_formula: str | None = "~ 1",
+    re_formula: str | None = "~ 1",
     random_scale: bool = True,
     missing: str = "drop",
     scale_re_formula: str | None = None,
     bs_formula: str | None = None,
-    **fit_options,
+    *,
+    nagq: int | None = None,
+    method: str = "BFGS",
+    start_params=None,
+    maxiter: int = 1000,
+    max_passes: int = 30,
+    prune: float = 0.0,
+    xtol: float = 1e-6,
+    gtol: float = 1e-8,
+    callback=None,
+    quadrature: str = "auto",
 ) -> MELSMResults:
-    """Build and fit a :class:`MELSM` in one call.
+    """Fit a mixed-effects location scale model by maximum likelihood.
 
-    ``fit_options`` are passed to :meth:`MELSM.fit`.
+    Builds the model (:meth:`MELSM.from_formula`) and fits it (:meth:`MELSM.fit`)
+    in one call. The model is
+
+    {equation}
+
+    Parameters
+    ----------
+    {model_params}
+    {fit_params}
+
+    Returns
+    -------
+    MELSMResults
+        Estimates (``params``, ``bse``, ``conf_int()``, ``summary()``), the
+        log-likelihood (``llf``, ``aic``, ``bic``), convergence (``converged``,
+        ``message``), school effects (``school_effects()``) and predictions
+        (``predict``).
+
+    Raises
+    ------
+    {raises}
+
+    Warns
+    -----
+    {warns}
+
+    See Also
+    --------
+    MELSM.from_formula : Build the model without fitting it.
+    MELSM.fit : Fit a built model (e.g. again, with other options).
+    lrtest : Likelihood-ratio test of nested fits.
 
     Examples
     --------
+    The location scale model with a covariate in the mean and in the log variance:
+
     >>> import mlsml
     >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
     >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
     >>> list(res.params.index)
     ['mean:Intercept', 'mean:x', 'scale:Intercept', 'scale:x', 'var(u0)', 'var(v)', 'cov(u0,v)']
+
+    The ordinary random-intercept model, with the groups given as a Series (as in
+    statsmodels):
+
+    >>> m1 = mlsml.fit("y ~ x", df, groups=df["school"], random_scale=False)
+    >>> list(m1.params.index)
+    ['mean:Intercept', 'mean:x', 'scale:Intercept', 'var(u0)']
+
+    lme4's syntax is refused with the mlsml spelling of the same model:
+
+    >>> try:
+    ...     mlsml.fit("y ~ x + (1 + x | school)", df, groups="school")
+    ... except mlsml.ModelSpecError as err:
+    ...     print(str(err).splitlines()[-2].strip())
+    mlsml.fit("y ~ x", data, groups="school", re_formula="~ x")
     """
     model = MELSM.from_formula(
         formula,
@@ -491,4 +718,15 @@ def fit(
         scale_re_formula=scale_re_formula,
         bs_formula=bs_formula,
     )
-    return model.fit(**fit_options)
+    return model.fit(
+        nagq=nagq,
+        method=method,
+        start_params=start_params,
+        maxiter=maxiter,
+        max_passes=max_passes,
+        prune=prune,
+        xtol=xtol,
+        gtol=gtol,
+        callback=callback,
+        quadrature=quadrature,
+    )

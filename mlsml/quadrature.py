@@ -60,6 +60,15 @@ def max_nagq(dim: int) -> int:
 
     The largest ``n <= MAX_NAGQ`` with ``n ** dim <= MAX_QUAD_NODES``.
 
+    Parameters
+    ----------
+    dim : int
+        Dimension of the rule.
+
+    Returns
+    -------
+    int
+
     Examples
     --------
     >>> [max_nagq(d) for d in (1, 2, 3, 4, 5, 6)]

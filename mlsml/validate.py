@@ -60,6 +60,19 @@ def describe_value(value) -> str:
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as an ``int`` if it is an integer (not a bool, float or string) within bounds.
 
+    Parameters
+    ----------
+    name : str
+        The option's name, for the message.
+    value : object
+        The value given.
+    minimum, maximum : int, optional
+        Inclusive bounds.
+
+    Returns
+    -------
+    int
+
     Raises
     ------
     ModelSpecError
@@ -86,6 +99,21 @@ def check_real(
     name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
 ) -> float:
     """``value`` as a finite ``float`` in ``[low, high]`` (ends open when asked); no strings or bools.
+
+    Parameters
+    ----------
+    name : str
+        The option's name, for the message.
+    value : object
+        The value given.
+    low, high : float, optional
+        Bounds of the interval.
+    low_open, high_open : bool
+        Whether the bound itself is excluded.
+
+    Returns
+    -------
+    float
 
     Raises
     ------
@@ -123,6 +151,26 @@ def check_real(
 
 def check_choice(name: str, value, choices: tuple[str, ...], case_insensitive: bool = False) -> str:
     """``value`` if it is one of the strings ``choices`` (returned in their spelling).
+
+    Parameters
+    ----------
+    name : str
+        The option's name, for the message.
+    value : object
+        The value given.
+    choices : tuple of str
+        The allowed values.
+    case_insensitive : bool
+        Match regardless of case.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ModelSpecError
+        Listing the allowed values.
 
     Examples
     --------

@@ -453,3 +453,30 @@ def test_zero_variance_message_states_the_comparison_without_overflow(exam):
     assert re.fullmatch(
         r"var\(u0\) = 1e-09 is effectively zero \(below 1e-06 times the residual variance, 0\.\d+\)", tiny.singular_reasons()[0]
     )
+
+
+# ----------------------------------------------------------------- help(mlsml.fit)
+def _documented_parameters(doc: str) -> list[str]:
+    """Names in the numpydoc Parameters section (``name : type`` or ``a, b : type`` lines)."""
+    section = doc.split("Parameters\n", 1)[1]
+    section = re.split(r"\n\s*(Returns|Raises|Warns|See Also|Notes|Examples)\n\s*-+\n", section)[0]
+    indent = min(len(line) - len(line.lstrip()) for line in section.splitlines() if line.strip())
+    names = []
+    for line in section.splitlines():
+        if line.strip() and len(line) - len(line.lstrip()) == indent and " : " in line:
+            names += [n.strip() for n in line.split(" : ")[0].split(",")]
+    return names
+
+
+@pytest.mark.parametrize("func", [mlsml.fit, mlsml.MELSM.from_formula, mlsml.MELSM.fit], ids=["fit", "from_formula", "MELSM.fit"])
+def test_help_documents_every_parameter(func):
+    import inspect
+
+    doc = inspect.getdoc(func)
+    params = [p for p in inspect.signature(func).parameters if p not in ("self", "cls")]
+    assert _documented_parameters(doc) == params
+    for section in ("Parameters", "Returns", "Raises", "Examples"):
+        assert f"\n{section}\n{'-' * len(section)}\n" in doc, section
+    assert "{" + "model_params}" not in doc and "{" + "fit_params}" not in doc  # every shared block filled in
+    if func is not mlsml.MELSM.fit:
+        assert ".. math::" in doc and r"\ln \sigma^2_{ij} = w_{ij}'\alpha" in doc
