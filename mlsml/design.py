@@ -20,8 +20,10 @@ The caller's data frame is never modified.
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
+from collections.abc import Hashable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,9 @@ import pandas as pd
 
 from ._lazy import LazyModule
 from .errors import DataError, MissingDataWarning, ModelSpecError
+from .formulas import check_formula_sides, check_no_lme4_terms
 from .params import ParamLayout
+from .validate import describe_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from statsmodels.formula._manager import FormulaManager
@@ -187,14 +191,16 @@ def _rebuild_formula_spec(state: dict[str, Any]) -> FormulaSpec:
     frame = state.get("frame")
     specs: dict[str, Any] = dict.fromkeys(_ENGINE_SPECS)
     if frame is not None:
-        fm = FormulaManager()
+        fm = _manager.FormulaManager()
         specs["mean_spec"] = _materialise(fm, state["formula"], frame, "mean formula")[1]
         specs["scale_spec"] = _materialise(fm, state["scale_formula"], frame, "scale formula")[1]
         specs["re_spec"] = _materialise(fm, state["re_formula"], frame, "random-effects formula")[1]
     return FormulaSpec(**state, **specs)
 
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9\.]*")
+#: A name in a formula: a Python identifier in any script (patsy accepts ``école``),
+#: possibly dotted (``np.log``).
+_IDENT = re.compile(r"[^\W\d][\w\.]*")
 
 
 def formula_columns(formula: str, data: pd.DataFrame) -> list[str]:
@@ -258,12 +264,35 @@ def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str
     return out, fm.spec
 
 
+#: A text column is taken for numbers stored as text when more than this share of its
+#: values parse as numbers ...
+NUMERIC_TEXT_SHARE = 0.5
+#: ... or when it holds more than this many distinct numbers (among a few text codes).
+NUMERIC_TEXT_DISTINCT = 20
+#: How many offending values an error message lists.
+SHOW_VALUES = 5
+
+
 def _check_numeric_like(frame: pd.DataFrame, columns: list[str]) -> None:
-    """A text column whose values are mostly numbers is a data error, not a factor.
+    """A text column whose values (nearly) all parse as numbers is a data error, not a factor.
 
     patsy (like statsmodels) treats text columns as categorical. That is right for
-    ``ethnicity`` but silently wrong for a numeric column polluted by a few strings
-    (``"."``, ``"n/a"``), which would become a factor with thousands of levels.
+    ``ethnicity`` but silently wrong for numbers stored as text -- a column of
+    ``"-3" .. "3"`` becomes six dummy columns, a continuous ``x`` read as strings one
+    dummy per distinct value -- and for a numeric column polluted by a few strings
+    (``"."``, ``"n/a"``). Both raise :class:`~mlsml.DataError` naming the column, the
+    non-numeric values and the fix. Columns wrapped in ``C(...)`` in a formula are
+    meant as categories and are not checked.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> frame = pd.DataFrame({"x": ["-1", "0", "2.5", "."]})
+    >>> try:
+    ...     _check_numeric_like(frame, ["x"])
+    ... except DataError as err:
+    ...     print(str(err)[:98])
+    column 'x' is mostly numeric (3 of 4 values are numbers) but holds non-numeric values '.' (1 row);
     """
     for col in columns:
         s = frame[col]
@@ -271,16 +300,69 @@ def _check_numeric_like(frame: pd.DataFrame, columns: list[str]) -> None:
             continue
         if not (pd.api.types.is_object_dtype(s) or pd.api.types.is_string_dtype(s)):
             continue
-        as_num = pd.to_numeric(s, errors="coerce")
-        ok = as_num.notna()
-        # mostly numbers, or many distinct numbers among a few text codes
-        if (ok.mean() > 0.5 or as_num[ok].nunique() > 20) and not ok.all():
-            bad = s[~ok].iloc[0]
+        plain = s.map(lambda v: v if isinstance(v, str) or (isinstance(v, numbers.Real) and not isinstance(v, bool)) else None)
+        as_num = pd.to_numeric(plain, errors="coerce")
+        ok = as_num.notna().to_numpy()
+        if not ok.any() or not (ok.mean() > NUMERIC_TEXT_SHARE or as_num[ok].nunique() > NUMERIC_TEXT_DISTINCT):
+            continue
+        levels = s.nunique()
+        as_factor = f"a formula would make it a factor with {levels} levels (one dummy column per distinct value)"
+        if ok.all():
+            examples = ", ".join(repr(v) for v in pd.unique(s)[:SHOW_VALUES])
+            stored = "text" if any(isinstance(v, str) for v in s) else "Python objects"
             raise DataError(
-                f"column {col!r} is mostly numeric but holds non-numeric values "
-                f"(e.g. {bad!r} at index {s[~ok].index[0]!r}); clean it, or wrap it in C() "
-                "to use it as a categorical variable"
+                f"column {col!r} holds numbers stored as {stored} (dtype {s.dtype}: {examples}, ...); {as_factor}. "
+                f"Convert it with data[{col!r}] = pd.to_numeric(data[{col!r}]), or write C({col}) in the formula "
+                "if the numbers are category codes"
             )
+        bad = s[~ok]
+        counts = bad.value_counts(sort=True)
+        shown = ", ".join(f"{v!r} ({n} row{'s' if n != 1 else ''})" for v, n in counts.iloc[:SHOW_VALUES].items())
+        more = f" and {len(counts) - SHOW_VALUES} more" if len(counts) > SHOW_VALUES else ""
+        raise DataError(
+            f"column {col!r} is mostly numeric ({int(ok.sum())} of {len(s)} values are numbers) but holds "
+            f"non-numeric values {shown}{more}; first at index {bad.index[0]!r}; as it stands {as_factor}. "
+            f"If these mark missing values, read the file with na_values=[...] (pd.read_csv) or convert with "
+            f"pd.to_numeric(data[{col!r}], errors='coerce') so that those rows are dropped with a warning; "
+            f"if the column is categorical, write C({col}) in the formula"
+        )
+
+
+def _check_unique_columns(data: pd.DataFrame, used: list) -> None:
+    """Formulas and ``groups`` name columns: a name must not stand for two columns."""
+    dup = data.columns[data.columns.duplicated()]
+    clash = [c for c in used if c in set(dup)]
+    if clash:
+        c = clash[0]
+        raise DataError(
+            f"the data has {int((data.columns == c).sum())} columns named {c!r}; formulas and groups= refer to "
+            "columns by name, so rename or drop the duplicates (e.g. data.loc[:, ~data.columns.duplicated()])"
+        )
+
+
+def to_numpy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with pandas' nullable columns as plain numpy columns.
+
+    Called after listwise deletion, so no ``pd.NA`` is left: ``boolean`` becomes
+    ``bool`` (a two-level factor, as a numpy bool column), ``Int64`` etc. become
+    ``int64``, ``Float64`` etc. become ``float64`` and the ``string`` dtype becomes
+    ``object``. patsy (0.5 and 1.0) cannot read the nullable dtypes.
+    """
+    frame = frame.copy()
+    for c in frame.columns:
+        dtype = frame[c].dtype
+        if not isinstance(dtype, pd.api.extensions.ExtensionDtype) or isinstance(dtype, pd.CategoricalDtype):
+            continue
+        s = frame[c]
+        if pd.api.types.is_bool_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=bool)
+        elif pd.api.types.is_integer_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=np.int64)
+        elif pd.api.types.is_float_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=float)
+        elif pd.api.types.is_string_dtype(dtype):
+            frame[c] = s.to_numpy(dtype=object)
+    return frame
 
 
 def _check_dtypes(frame: pd.DataFrame, columns: list[str]) -> None:
@@ -337,10 +419,133 @@ def _check_columns(M: np.ndarray, names: list[str], what: str, groups: np.ndarra
                 )
 
 
+def _columns_list(data: pd.DataFrame) -> str:
+    """``(columns: a, b, ...)`` for error messages (at most 20 names)."""
+    more = "..." if data.shape[1] > 20 else ""
+    return f"(columns: {', '.join(map(str, data.columns[:20]))}{more})"
+
+
+def _unused_name(base: str, data: pd.DataFrame) -> str:
+    name, i = base, 1
+    while name in data.columns:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def resolve_groups(groups, data: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """The name of the grouping column and a frame that holds it.
+
+    ``groups`` is a column name (the mlsml spelling) or, as in statsmodels'
+    ``MixedLM(groups=df["school"])``, the group labels themselves: a
+    :class:`pandas.Series`, :class:`pandas.Index`, 1-D array or list with one label
+    per row of ``data``. Arrays and lists are aligned by position; a Series by its
+    index when that holds the same labels as the data's index (in any order), and
+    otherwise refused. Labels that are not a column yet are added to a shallow copy
+    of ``data`` (the caller's frame is never modified) under the Series' name, or
+    ``"groups"``.
+
+    Parameters
+    ----------
+    groups : str or array-like
+        Column name or group labels.
+    data : pandas.DataFrame
+        The caller's data (not modified).
+
+    Returns
+    -------
+    name : hashable
+        The grouping column's name in the returned frame.
+    data : pandas.DataFrame
+        ``data`` itself, or a shallow copy with the labels added.
+
+    Raises
+    ------
+    ModelSpecError
+        Unknown column name, labels of the wrong length or shape, or a Series whose
+        index does not match the data's. Messages describe a Series by its name and
+        length, never by its values.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"y": [1.0, 2.0, 3.0], "school": ["a", "a", "b"]})
+    >>> resolve_groups("school", df)[0]
+    'school'
+    >>> resolve_groups(df["school"], df)[0]          # the column itself: used by name
+    'school'
+    >>> name, frame = resolve_groups(["p", "q", "q"], df)
+    >>> name, frame[name].tolist(), list(df.columns)
+    ('groups', ['p', 'q', 'q'], ['y', 'school'])
+    """
+    if isinstance(groups, str):
+        if groups in data.columns:
+            return groups, data
+        near = [str(c) for c in data.columns if str(c).lower() == groups.lower()]
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ModelSpecError(f"groups={groups!r} is not a column of the data {_columns_list(data)}{hint}")
+    if groups is None:
+        raise ModelSpecError(
+            f"groups is required: the name of the grouping (school) column, e.g. groups='school' {_columns_list(data)}"
+        )
+    if isinstance(groups, pd.DataFrame):
+        raise ModelSpecError(
+            f"groups is a DataFrame with {groups.shape[1]} column(s); pass one grouping column, by name "
+            "(groups='school'): mlsml fits two-level models"
+        )
+    is_label = False
+    try:
+        is_label = not isinstance(groups, tuple | list) and groups in data.columns
+    except TypeError:  # unhashable: an array of labels
+        pass
+    if is_label:  # a non-string column label (e.g. 0 for a frame read without a header)
+        return groups, data
+    if isinstance(groups, tuple | list) and groups and all(isinstance(g, str) and g in data.columns for g in groups):
+        raise ModelSpecError(
+            f"groups={list(groups)!r} names {len(groups)} columns; mlsml fits two-level models with one grouping "
+            "column: pass one name (for nested ids build one column first, e.g. "
+            "data['sch_class'] = data['school'].astype(str) + '/' + data['class'].astype(str))"
+        )
+    if not isinstance(groups, pd.Series | pd.Index | np.ndarray | list | tuple | pd.Categorical | pd.api.extensions.ExtensionArray):
+        raise ModelSpecError(
+            f"groups must be the name of the grouping column (e.g. groups='school') or one label per row, not {describe_value(groups)}"
+        )
+    if isinstance(groups, np.ndarray) and groups.ndim != 1:
+        raise ModelSpecError(f"groups is an array of shape {groups.shape}; it must be 1-D (one label per row)")
+    n = len(groups)
+    if n != len(data):
+        raise ModelSpecError(
+            f"groups has {n} labels ({describe_value(groups)}) but the data has {len(data)} rows; pass the name "
+            "of the grouping column (e.g. groups='school') or one label per row"
+        )
+    name = getattr(groups, "name", None)
+    if isinstance(groups, pd.Series):
+        if not groups.index.equals(data.index):
+            same_labels = (
+                groups.index.is_unique and data.index.is_unique and groups.index.sort_values().equals(data.index.sort_values())
+            )
+            if not same_labels:
+                raise ModelSpecError(
+                    f"groups is {describe_value(groups)} whose index does not match the data's index, so its "
+                    "labels cannot be aligned with the rows; pass the column name (groups='school'), or "
+                    "groups=series.to_numpy() to align by position"
+                )
+            groups = groups.reindex(data.index)
+        values = pd.Series(groups.array, index=data.index)
+    else:  # aligned by position (a list of tuples stays a column of tuples)
+        values = pd.Series(list(groups) if isinstance(groups, list | tuple) else groups, index=data.index)
+    if name is not None and name in data.columns and data[name].equals(values):
+        return name, data
+    if name is None or name in data.columns:
+        name = _unused_name("groups" if name is None else f"{name}_groups", data)
+    data = data.copy(deep=False)
+    data[name] = values
+    return name, data
+
+
 def build_design(
     formula: str,
     data: pd.DataFrame,
-    groups: str,
+    groups,
     scale_formula: str = "~ 1",
     re_formula: str = "~ 1",
     random_scale: bool = True,
@@ -356,8 +561,9 @@ def build_design(
         Mean function, ``"y ~ x1 + x2"``.
     data : pandas.DataFrame
         One row per observation (student). Not modified.
-    groups : str
-        Name of the grouping (school) column. Any hashable values; need not be sorted.
+    groups : str or array-like
+        Name of the grouping (school) column, or the labels, one per row (see
+        :func:`resolve_groups`). Any hashable values; need not be sorted.
     scale_formula : str
         Right-hand side of ``ln var(e_ij) = w_ij' alpha (+ v_j)``.
     re_formula : str
@@ -390,19 +596,29 @@ def build_design(
     >>> bool((design.y[np.argsort(design.order)] == df["y"].to_numpy()).all())   # back to the caller's order
     True
     """
+    formulas = {
+        "formula": formula,
+        "scale_formula": scale_formula,
+        "re_formula": re_formula,
+        "scale_re_formula": scale_re_formula,
+        "bs_formula": bs_formula,
+    }
+    check_no_lme4_terms(formulas, groups=groups, random_scale=random_scale)
+    check_formula_sides(formulas)
     if not isinstance(data, pd.DataFrame):
         try:
             data = pd.DataFrame(data)
         except Exception as exc:
             raise DataError(f"data must be a pandas DataFrame (got {type(data).__name__})") from exc
-    if missing not in ("drop", "raise"):
-        raise ModelSpecError(f"missing must be 'drop' or 'raise', not {missing!r}")
+    if not isinstance(missing, str) or missing not in ("drop", "raise"):
+        raise ModelSpecError(f"missing must be 'drop' or 'raise', not {describe_value(missing)}")
+    if not isinstance(random_scale, bool | np.bool_):
+        raise ModelSpecError(f"random_scale must be True or False, not {describe_value(random_scale)}")
     if data.shape[0] == 0:
         raise DataError("the data frame is empty (0 rows)")
-    if not isinstance(formula, str) or "~" not in formula:
-        raise ModelSpecError(f"formula must look like 'y ~ x', got {formula!r}")
-    if not isinstance(groups, str) or groups not in data.columns:
-        raise ModelSpecError(f"groups={groups!r} is not a column of the data")
+    groups, data = resolve_groups(groups, data)
+    scale_formula = "~ 1" if scale_formula is None else scale_formula
+    re_formula = "~ 1" if re_formula is None else re_formula
     scale_formula = _rhs(scale_formula)
     re_formula = _rhs(re_formula)
     extra = {}
@@ -425,12 +641,13 @@ def build_design(
                 used.append(c)
     if groups not in used:
         used.append(groups)
+    _check_unique_columns(data, used)
     frame = data.loc[:, used]
     na = frame.isna()
     numeric = [c for c in used if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
     inf = pd.DataFrame(False, index=frame.index, columns=used)
     for c in numeric:
-        inf[c] = ~np.isfinite(frame[c].to_numpy(dtype=float)) & ~na[c].to_numpy()
+        inf[c] = ~np.isfinite(frame[c].to_numpy(dtype=float, na_value=np.nan)) & ~na[c].to_numpy()
     bad = na | inf
     dropped = bad.any(axis=1).to_numpy()
     if dropped.any():
@@ -451,6 +668,7 @@ def build_design(
         frame = frame.loc[~dropped]
     if frame.shape[0] == 0:
         raise DataError("no rows left after removing missing values")
+    frame = to_numpy_dtypes(frame)
 
     # ---- design matrices
     if response in frame.columns and (
@@ -459,17 +677,19 @@ def build_design(
         or pd.api.types.is_complex_dtype(frame[response])
     ):
         rs = frame[response]
-        bad = rs[pd.to_numeric(rs, errors="coerce").isna()] if rs.dtype == object else rs.iloc[:0]
+        textual = pd.api.types.is_object_dtype(rs) or pd.api.types.is_string_dtype(rs)
+        bad = rs[pd.to_numeric(rs, errors="coerce").isna()] if textual else rs.iloc[:0]
         example = f" (e.g. {bad.iloc[0]!r} at index {bad.index[0]!r})" if len(bad) else ""
+        if textual and not len(bad):
+            example = f" (numbers stored as text: convert with data[{response!r}] = pd.to_numeric(data[{response!r}]))"
         raise DataError(
             f"the response {response!r} is not real-valued numeric (dtype {rs.dtype}){example}; a MELSM needs a continuous response"
         )
     _check_dtypes(frame, [c for c in used if c != groups])
-    in_c = set(re.findall(r"C\(\s*([A-Za-z_][\w\.]*)", formula + scale_formula + re_formula + "".join(extra.values())))
+    in_c = set(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula + "".join(extra.values())))
     _check_numeric_like(frame, [c for c in used if c != groups and c not in in_c])
     # patsy inspects text columns element by element; categoricals are read from
     # their categories, which is ~50x faster on large data (same design matrices).
-    frame = frame.copy()
     for c in used:
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
@@ -497,7 +717,15 @@ def build_design(
 
     # ---- groups
     gcol = frame[groups]
-    codes, labels = pd.factorize(gcol, sort=True)
+    try:
+        codes, labels = pd.factorize(gcol, sort=True)
+    except TypeError as exc:  # unhashable ids (lists, dicts, arrays)
+        bad = next(v for v in gcol if not isinstance(v, Hashable))
+        raise DataError(
+            f"the grouping column {groups!r} holds unhashable values (e.g. a {type(bad).__name__} at index "
+            f"{gcol.index[[not isinstance(v, Hashable) for v in gcol]][0]!r}); group ids must be numbers, strings "
+            "or tuples"
+        ) from exc
     J = len(labels)
     if J < 2:
         raise DataError(f"the grouping column {groups!r} has {J} distinct value(s); at least two groups are needed")

@@ -55,7 +55,7 @@ from scipy import stats
 from .errors import ModelSpecError
 from .likelihood import loglik_at_nodes
 from .posterior import adapt
-from .quadrature import gauss_hermite_rule
+from .quadrature import check_nagq, gauss_hermite_rule
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class _Profiler:
         lay = res.layout
         self.res = res
         self.design = res.model.design
-        self.rule = gauss_hermite_rule(lay.d, int(nagq or res.nagq), res.prune)
+        self.rule = gauss_hermite_rule(lay.d, res.nagq if nagq is None else check_nagq(nagq, lay.d), res.prune)
         self.theta_hat = np.asarray(res.theta, dtype=float)
         names = list(lay.names)
         if name not in names:

@@ -32,6 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.polynomial.hermite_e import hermegauss
 
+from .errors import ModelSpecError
+from .validate import check_int, check_real
+
 #: Default number of quadrature points per dimension, by dimension ``d`` of the
 #: school effects. With full Cholesky rotation at the joint posterior mode these
 #: reproduce the log-likelihood to < 1e-6 on the reference data sets (9 points in
@@ -40,16 +43,113 @@ from numpy.polynomial.hermite_e import hermegauss
 #: :mod:`mlsml.marginal` by default instead.
 DEFAULT_NAGQ = {1: 11, 2: 11, 3: 9}
 
+#: Most points per dimension. numpy's Gauss-Hermite weights fall below the smallest
+#: double (and turn into NaN) a little beyond 370 points; the defaults (5 to 15) are
+#: accurate to 1e-6 or better, so 200 leaves ample room for accuracy checks.
+MAX_NAGQ = 200
+
+#: Most nodes in one rule, ``nagq ** dim`` before any pruning. Every evaluation of the
+#: log-likelihood holds arrays of (observations x nodes) values (and autograd keeps
+#: several of them for the gradient), so memory and time grow as ``nagq ** dim``:
+#: 20000 nodes with 4000 observations is already 640 MB per array.
+MAX_QUAD_NODES = 20_000
+
+
+def max_nagq(dim: int) -> int:
+    """Most points per dimension for a rule in ``dim`` dimensions.
+
+    The largest ``n <= MAX_NAGQ`` with ``n ** dim <= MAX_QUAD_NODES``.
+
+    Parameters
+    ----------
+    dim : int
+        Dimension of the rule.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> [max_nagq(d) for d in (1, 2, 3, 4, 5, 6)]
+    [200, 141, 27, 11, 7, 5]
+    """
+    if dim <= 0:
+        return MAX_NAGQ
+    n = 1
+    while n < MAX_NAGQ and (n + 1) ** dim <= MAX_QUAD_NODES:
+        n += 1
+    return n
+
 
 def default_nagq(d: int) -> int:
     """Default points per dimension for ``d`` school effects.
 
+    :data:`DEFAULT_NAGQ`, and 5 beyond three dimensions (fewer where ``5 ** d`` would
+    exceed :data:`MAX_QUAD_NODES`, i.e. from seven dimensions on).
+
     Examples
     --------
-    >>> default_nagq(2), default_nagq(3), default_nagq(4)
-    (11, 9, 5)
+    >>> default_nagq(2), default_nagq(3), default_nagq(4), default_nagq(7)
+    (11, 9, 5, 4)
     """
-    return DEFAULT_NAGQ.get(d, 5)
+    return min(DEFAULT_NAGQ.get(d, 5), max_nagq(d))
+
+
+def check_nagq(nagq, dim: int, rule: str = "product") -> int:
+    """``nagq`` as an ``int`` if it is a usable number of points per dimension.
+
+    Parameters
+    ----------
+    nagq : int
+        Points per dimension asked for.
+    dim : int
+        Dimension of the rule (school effects integrated numerically).
+    rule : str
+        Name of the rule, for the message.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ModelSpecError
+        When ``nagq`` is not an integer (a float, a string or a bool is refused,
+        not rounded or parsed), is below 1, or exceeds :func:`max_nagq` for ``dim``;
+        the message gives the maximum and why it exists.
+
+    Examples
+    --------
+    >>> check_nagq(21, 2)
+    21
+    >>> try:
+    ...     check_nagq(10**6, 2)
+    ... except ModelSpecError as err:
+    ...     print(str(err)[:111])
+    nagq=1000000 is too large for the product rule over 2 school effects: it would have 1e+12 nodes. At most 141 po
+    """
+    nagq = check_int("nagq (quadrature points per dimension)", nagq, minimum=1)
+    top = max_nagq(dim)
+    if nagq > top:
+        nodes = float(nagq) ** max(dim, 1)
+        if top == MAX_NAGQ:
+            why = (
+                f"at most MAX_NAGQ = {MAX_NAGQ} points per dimension, because beyond about 370 points numpy's "
+                "Gauss-Hermite weights underflow to zero"
+            )
+        else:
+            why = (
+                f"at most MAX_QUAD_NODES = {MAX_QUAD_NODES} nodes in all (nagq ** {dim}), because every likelihood "
+                "evaluation holds arrays of observations x nodes, so memory and time grow as nagq ** dimension"
+            )
+        effects = f"{dim} school effect{'s' if dim != 1 else ''}"
+        raise ModelSpecError(
+            f"nagq={nagq} is too large for the {rule} rule over {effects}: it would have {nodes:.3g} nodes. At most "
+            f"{top} points per dimension are allowed for {effects}: the rule may have {why}. The defaults are "
+            "accurate to 1e-6 or better; to check, refit with about twice the points and compare the log-likelihoods"
+        )
+    return nagq
 
 
 @dataclass(frozen=True)
@@ -108,8 +208,8 @@ def gauss_hermite_rule(d: int, nagq: int, prune: float = 0.0) -> Rule:
     >>> gauss_hermite_rule(3, 7, prune=1e-8).size < 7 ** 3
     True
     """
-    if nagq < 1:
-        raise ValueError(f"nagq must be >= 1, got {nagq}")
+    nagq = check_nagq(nagq, d)
+    prune = check_real("prune", prune, 0.0, 1.0, high_open=True)
     x, w = hermegauss(nagq)
     logw1 = np.log(w)
     pts = np.array(list(itertools.product(x, repeat=d)), dtype=float).reshape(-1, d)

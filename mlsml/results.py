@@ -35,6 +35,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import MELSM
 
 
+#: A variance of a school effect counts as zero below this fraction of its reference
+#: (the residual variance for mean effects, 1 on the ln var(e) scale for ``v``).
+ZERO_VARIANCE = 1e-6
+
+
 def load(source) -> MELSMResults:
     """Read a fit written by :meth:`MELSMResults.to_json` (JSON text, a path, or a dict).
 
@@ -726,15 +731,22 @@ class MELSMResults:
         S = self.cov_re.to_numpy()
         reasons = []
         design = self.model.design
-        resid_var = float(np.exp(np.mean(design.W @ self.fe_scale.to_numpy())))
+        # compared on the log scale: exp(mean ln var(e)) overflowed for absurd estimates
+        # (e.g. from huge start_params) and then every variance was "effectively zero"
+        log_resid_var = float(np.mean(design.W @ self.fe_scale.to_numpy()))
         for i, name in enumerate(lay.re_names):
             if name.startswith("v"):  # v, or v0, v1, ... (scale_re_formula)
                 G = design.G
-                ref = 1.0 if G is None else 1.0 / max(float(np.mean(G[:, i - lay.q] ** 2)), 1e-300)
+                log_ref = 0.0 if G is None else -np.log(max(float(np.mean(G[:, i - lay.q] ** 2)), 1e-300))
+                of = "on the scale of ln var(e)"
             else:
-                ref = resid_var / max(float(np.mean(design.Z[:, i] ** 2)), 1e-300)
-            if S[i, i] < 1e-6 * ref:
-                reasons.append(f"var({name}) = {S[i, i]:.3g} is effectively zero")
+                log_ref = log_resid_var - np.log(max(float(np.mean(design.Z[:, i] ** 2)), 1e-300))
+                shown = (
+                    f"exp({log_resid_var:.4g})" if abs(log_resid_var) > np.log(np.finfo(float).max) else f"{np.exp(log_resid_var):.3g}"
+                )
+                of = f"times the residual variance, {shown}"
+            if not S[i, i] > 0 or np.log(S[i, i]) < np.log(ZERO_VARIANCE) + log_ref:
+                reasons.append(f"var({name}) = {S[i, i]:.3g} is effectively zero (below {ZERO_VARIANCE:g} {of})")
         sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
         R = S / np.outer(sd, sd)
         if lay.d > 1 and not reasons:
