@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from statsmodels.formula._manager import FormulaManager
+import patsy
 
 from .errors import DataError, MissingDataWarning, ModelSpecError
 from .params import ParamLayout
@@ -197,9 +197,21 @@ def _rhs(formula: str) -> str:
     return formula
 
 
-def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str):
+def _materialise(formula: str, data: pd.DataFrame, what: str):
+    """Design matrices of one formula and its patsy ``DesignInfo`` (of the right-hand side).
+
+    patsy is called directly, as statsmodels' formula front end does by default:
+    that front end is private and differs between statsmodels releases (0.14 has
+    no ``statsmodels.formula._manager``). ``eval_env=0``: names in formulas
+    (``np.log``) resolve in this module, as with statsmodels.
+    """
     try:
-        out = fm.get_matrices(formula, data, na_action="raise")
+        if "~" not in formula or formula.strip().startswith("~"):  # one-sided
+            out = patsy.dmatrix(formula, data, eval_env=0, NA_action="raise", return_type="dataframe")
+            spec = out.design_info
+        else:
+            out = patsy.dmatrices(formula, data, eval_env=0, NA_action="raise", return_type="dataframe")
+            spec = out[1].design_info
     except Exception as exc:  # patsy raises many types; re-raise with context
         if "dtype category" in str(exc) or "dtype object" in str(exc):  # arithmetic on a text column
             raise DataError(f"the {what} {formula!r} applies a numeric operation to a non-numeric (text) column: {exc}") from exc
@@ -209,7 +221,7 @@ def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str
                 f"(e.g. the log of a non-positive number): {exc}"
             ) from exc
         raise ModelSpecError(f"could not evaluate the {what} {formula!r}: {exc}") from exc
-    return out, fm.spec
+    return out, spec
 
 
 def _check_numeric_like(frame: pd.DataFrame, columns: list[str]) -> None:
@@ -427,10 +439,9 @@ def build_design(
     for c in used:
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
-    fm = FormulaManager()
-    (ydf, Xdf), mean_spec = _materialise(fm, formula, frame, "mean formula")
-    Wdf, scale_spec = _materialise(fm, scale_formula, frame, "scale formula")
-    Zdf, re_spec = _materialise(fm, re_formula, frame, "random-effects formula")
+    (ydf, Xdf), mean_spec = _materialise(formula, frame, "mean formula")
+    Wdf, scale_spec = _materialise(scale_formula, frame, "scale formula")
+    Zdf, re_spec = _materialise(re_formula, frame, "random-effects formula")
     if ydf.shape[1] != 1:
         raise ModelSpecError(f"the response of {formula!r} must be a single numeric column")
     y = ydf.to_numpy(dtype=float).ravel()
@@ -471,7 +482,7 @@ def build_design(
 
     from .extended import extra_designs  # the optional structures of issue 3
 
-    G, S, scale_re_terms, bs_terms = extra_designs(fm, frame, extra, codes, order, starts, groups)
+    G, S, scale_re_terms, bs_terms = extra_designs(frame, extra, codes, order, starts, groups)
     layout = ParamLayout(
         mean_terms=tuple(mean_terms),
         scale_terms=tuple(scale_terms),
