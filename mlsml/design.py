@@ -21,7 +21,6 @@ The caller's data frame is never modified.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import pandas as pd
 import patsy
 
-from .errors import DataError, MissingDataWarning, ModelSpecError
+from .errors import DataError, MissingDataWarning, ModelSpecError, warn
 from .params import ParamLayout
 
 
@@ -408,11 +407,10 @@ def build_design(
                 f"missing or non-finite values in {int(dropped.sum())} rows (per column: {desc}); "
                 f"first at index {first!r}. Pass missing='drop' for listwise deletion."
             )
-        warnings.warn(
+        warn(
             f"listwise deletion: dropped {int(dropped.sum())} of {len(dropped)} rows with missing "
             f"or non-finite values (per column: {desc})",
             MissingDataWarning,
-            stacklevel=3,
         )
         frame = frame.loc[~dropped]
     if frame.shape[0] == 0:
