@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConvergenceWarning, ModelSpecError
+from .errors import ConvergenceWarning, ModelSpecError, warn
 from .simulate import draw_responses
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -461,10 +461,9 @@ def bootstrap(
     n_bad = int(n - conv.sum())
     if n_bad:
         detail = f"; {len(errors)} raised errors (first: {next(iter(errors.values()))})" if errors else ""
-        warnings.warn(
+        warn(
             f"{n_bad} of {n} bootstrap replicate fits did not converge and are left out of the bootstrap SEs and intervals{detail}",
             ConvergenceWarning,
-            stacklevel=2,
         )
     return BootstrapResults(
         params=res.params.copy(),

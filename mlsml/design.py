@@ -22,26 +22,22 @@ from __future__ import annotations
 
 import numbers
 import re
-import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
-from .errors import DataError, MissingDataWarning, ModelSpecError
+from .errors import DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .params import ParamLayout
 from .validate import describe_value
 
-if TYPE_CHECKING:  # pragma: no cover
-    from statsmodels.formula._manager import FormulaManager
-
-# statsmodels' formula engine (with patsy, formulaic and much of statsmodels) is imported when
-# the first design is built: importing it up front took a third of the time of `import mlsml`.
-_manager = LazyModule("statsmodels.formula._manager")
+# patsy is imported when the first design is built: with statsmodels' formula front end it
+# took a third of the time of `import mlsml` (tests/test_import.py keeps it lazy).
+patsy = LazyModule("patsy")
 
 
 @dataclass(frozen=True)
@@ -191,10 +187,9 @@ def _rebuild_formula_spec(state: dict[str, Any]) -> FormulaSpec:
     frame = state.get("frame")
     specs: dict[str, Any] = dict.fromkeys(_ENGINE_SPECS)
     if frame is not None:
-        fm = _manager.FormulaManager()
-        specs["mean_spec"] = _materialise(fm, state["formula"], frame, "mean formula")[1]
-        specs["scale_spec"] = _materialise(fm, state["scale_formula"], frame, "scale formula")[1]
-        specs["re_spec"] = _materialise(fm, state["re_formula"], frame, "random-effects formula")[1]
+        specs["mean_spec"] = _materialise(state["formula"], frame, "mean formula")[1]
+        specs["scale_spec"] = _materialise(state["scale_formula"], frame, "scale formula")[1]
+        specs["re_spec"] = _materialise(state["re_formula"], frame, "random-effects formula")[1]
     return FormulaSpec(**state, **specs)
 
 
@@ -249,9 +244,21 @@ def _rhs(formula: str) -> str:
     return formula
 
 
-def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str):
+def _materialise(formula: str, data: pd.DataFrame, what: str):
+    """Design matrices of one formula and its patsy ``DesignInfo`` (of the right-hand side).
+
+    patsy is called directly, as statsmodels' formula front end does by default:
+    that front end is private and differs between statsmodels releases (0.14 has
+    no ``statsmodels.formula._manager``). ``eval_env=0``: names in formulas
+    (``np.log``) resolve in this module, as with statsmodels.
+    """
     try:
-        out = fm.get_matrices(formula, data, na_action="raise")
+        if "~" not in formula or formula.strip().startswith("~"):  # one-sided
+            out = patsy.dmatrix(formula, data, eval_env=0, NA_action="raise", return_type="dataframe")
+            spec = out.design_info
+        else:
+            out = patsy.dmatrices(formula, data, eval_env=0, NA_action="raise", return_type="dataframe")
+            spec = out[1].design_info
     except Exception as exc:  # patsy raises many types; re-raise with context
         if "dtype category" in str(exc) or "dtype object" in str(exc):  # arithmetic on a text column
             raise DataError(f"the {what} {formula!r} applies a numeric operation to a non-numeric (text) column: {exc}") from exc
@@ -261,7 +268,7 @@ def _materialise(fm: FormulaManager, formula: str, data: pd.DataFrame, what: str
                 f"(e.g. the log of a non-positive number): {exc}"
             ) from exc
         raise ModelSpecError(f"could not evaluate the {what} {formula!r}: {exc}") from exc
-    return out, fm.spec
+    return out, spec
 
 
 #: A text column is taken for numbers stored as text when more than this share of its
@@ -659,11 +666,10 @@ def build_design(
                 f"missing or non-finite values in {int(dropped.sum())} rows (per column: {desc}); "
                 f"first at index {first!r}. Pass missing='drop' for listwise deletion."
             )
-        warnings.warn(
+        warn(
             f"listwise deletion: dropped {int(dropped.sum())} of {len(dropped)} rows with missing "
             f"or non-finite values (per column: {desc})",
             MissingDataWarning,
-            stacklevel=3,
         )
         frame = frame.loc[~dropped]
     if frame.shape[0] == 0:
@@ -693,10 +699,9 @@ def build_design(
     for c in used:
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
-    fm = _manager.FormulaManager()
-    (ydf, Xdf), mean_spec = _materialise(fm, formula, frame, "mean formula")
-    Wdf, scale_spec = _materialise(fm, scale_formula, frame, "scale formula")
-    Zdf, re_spec = _materialise(fm, re_formula, frame, "random-effects formula")
+    (ydf, Xdf), mean_spec = _materialise(formula, frame, "mean formula")
+    Wdf, scale_spec = _materialise(scale_formula, frame, "scale formula")
+    Zdf, re_spec = _materialise(re_formula, frame, "random-effects formula")
     if ydf.shape[1] != 1:
         raise ModelSpecError(f"the response of {formula!r} must be a single numeric column")
     y = ydf.to_numpy(dtype=float).ravel()
@@ -745,7 +750,7 @@ def build_design(
 
     from .extended import extra_designs  # the optional structures of issue 3
 
-    G, S, scale_re_terms, bs_terms = extra_designs(fm, frame, extra, codes, order, starts, groups)
+    G, S, scale_re_terms, bs_terms = extra_designs(frame, extra, codes, order, starts, groups)
     layout = ParamLayout(
         mean_terms=tuple(mean_terms),
         scale_terms=tuple(scale_terms),

@@ -19,6 +19,11 @@ The hierarchy is small and documented so that callers can catch precisely:
 - :class:`UnknownGroupWarning` -- rows of ``newdata`` belong to groups that
   were not in the fit (often a type mismatch, ``"1"`` vs ``1``); they get
   population-level predictions.
+- :class:`QuadratureWarning` -- more quadrature points move the
+  log-likelihood at the estimates: the rule is not accurate enough.
+
+Every warning is issued through :func:`warn`, which attributes it to the first
+line outside the mlsml package (the user's call), not to a line of the library.
 
 Examples
 --------
@@ -43,6 +48,13 @@ True
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+#: Folder of the mlsml package: frames whose code lives under it are the library's.
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class MLSMLError(Exception):
@@ -79,3 +91,50 @@ class QuadratureWarning(MLSMLWarning):
 
 class UnknownGroupWarning(MLSMLWarning):
     """Rows of ``newdata`` name groups that were not in the fit; they get population-level predictions."""
+
+
+def _in_package(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep)
+
+
+def find_stack_level() -> int:
+    """The ``stacklevel`` that makes :func:`warnings.warn`, called by this function's caller,
+    report the first frame outside the mlsml package.
+
+    Like pandas' ``find_stack_level``: walk from the caller outwards while the
+    code belongs to the package. Level 1 is the caller itself; if every frame is
+    the package's (``python -m mlsml``), the outermost frame's caller is reported.
+    """
+    frame = sys._getframe(1)  # the caller (it calls warnings.warn, so it is level 1)
+    level = 1
+    while frame is not None and _in_package(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """Issue ``message`` as a ``category`` warning attributed to the user's line.
+
+    Use this instead of :func:`warnings.warn` everywhere in mlsml: the warning's
+    ``filename`` and ``lineno`` are those of the first frame outside the package
+    (the user's call of :func:`mlsml.fit`, ...), whatever the depth of the call
+    inside the library, so that the message shows the user's code and warning
+    filters by module work.
+
+    Parameters
+    ----------
+    message : str
+    category : type of Warning
+        Usually a subclass of :class:`MLSMLWarning`.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn("rows were dropped", MissingDataWarning)
+    >>> caught[0].category.__name__, caught[0].filename.endswith("errors.py")
+    ('MissingDataWarning', False)
+    """
+    warnings.warn(message, category, stacklevel=find_stack_level())

@@ -54,7 +54,7 @@ CHUNK = 2_000_000
 
 
 # ---------------------------------------------------------------------- designs
-def extra_designs(fm, frame: pd.DataFrame, extra: dict, codes, order, starts, groups: str):
+def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups: str):
     """Evaluate ``scale_re_formula`` and ``bs_formula`` (called by :func:`mlsml.design.build_design`).
 
     Returns
@@ -72,7 +72,7 @@ def extra_designs(fm, frame: pd.DataFrame, extra: dict, codes, order, starts, gr
     g_terms: tuple[str, ...] = ()
     s_terms: tuple[str, ...] = ()
     if "scale_re" in extra:
-        Gdf, _ = _materialise(fm, extra["scale_re"], frame, "scale random-effects formula")
+        Gdf, _ = _materialise(extra["scale_re"], frame, "scale random-effects formula")
         names = [str(c) for c in Gdf.columns]
         if not names:
             raise ModelSpecError("scale_re_formula has no terms")
@@ -82,7 +82,7 @@ def extra_designs(fm, frame: pd.DataFrame, extra: dict, codes, order, starts, gr
             G = np.ascontiguousarray(Gm[order])
             g_terms = tuple(names)
     if "bs" in extra:
-        Sdf, _ = _materialise(fm, extra["bs"], frame, "between-school variance formula")
+        Sdf, _ = _materialise(extra["bs"], frame, "between-school variance formula")
         names = [str(c) for c in Sdf.columns]
         if not names:
             raise ModelSpecError("bs_formula has no terms: it needs at least an intercept ('~ 1')")

@@ -54,14 +54,13 @@ import os
 import re
 import shlex
 import stat
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, MissingDataWarning, MLSMLError, ModelSpecError
+from .errors import DataError, MissingDataWarning, MLSMLError, ModelSpecError, warn
 
 _SHORT = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT", "NCOV", "RIDGEIN"]
 _LONG = [
@@ -610,7 +609,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         if drop.any():
             per = ", ".join(f"{names[c]!r}: {int(hit[:, i].sum())}" for i, c in enumerate(used_cols) if hit[:, i].any())
             msg = f"missing-value code YMISS = {ymiss:g}: dropped {int(drop.sum())} of {len(drop)} rows (per column: {per})"
-            warnings.warn(msg, MissingDataWarning, stacklevel=2)
+            warn(msg, MissingDataWarning)
             notes.append(msg)
             frame, ids = frame.loc[~drop].reset_index(drop=True), ids[~drop]
     if len(frame) == 0:
@@ -627,7 +626,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         msg = (
             "the data are not sorted by the cluster id: as MIXREGLS, each run of equal ids is one cluster (labelled by its run number)"
         )
-        warnings.warn(msg, MissingDataWarning, stacklevel=2)
+        warn(msg, MissingDataWarning)
         notes.append(msg)
         frame["_cluster"] = run + 1
     else:
@@ -638,7 +637,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         if const.any():
             n_cl = frame.loc[const, "_cluster"].nunique()
             msg = f"DISCARD0 = 1: dropped {n_cl} cluster(s) ({int(const.sum())} rows) whose responses are all equal"
-            warnings.warn(msg, MissingDataWarning, stacklevel=2)
+            warn(msg, MissingDataWarning)
             notes.append(msg)
             frame = frame.loc[~const.to_numpy()].reset_index(drop=True)
     mean_terms, scale_terms = list(x), list(w)

@@ -47,6 +47,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pandas as pd
+import patsy
 from scipy import stats
 
 from .errors import ModelSpecError
@@ -234,8 +235,6 @@ def from_mixregls(estimates: pd.DataFrame | Mapping[str, float]) -> pd.Series:
 # ---------------------------------------------------------------------------- stages
 def _stage_model(model, scale_intercept_only: bool, random_scale: bool):
     """A copy of ``model`` with the WS design cut to the intercept and/or without the random scale."""
-    from statsmodels.formula._manager import FormulaManager
-
     from .model import MELSM
     from .params import ParamLayout
 
@@ -246,9 +245,7 @@ def _stage_model(model, scale_intercept_only: bool, random_scale: bool):
         W = np.ones((design.nobs, 1))
         scale_terms = ("Intercept",)
         scale_formula = "~ 1"
-        fm = FormulaManager()
-        fm.get_matrices("~ 1", pd.DataFrame({"_y": [0.0, 1.0]}), na_action="raise")
-        scale_spec = fm.spec
+        scale_spec = patsy.dmatrix("~ 1", pd.DataFrame({"_y": [0.0, 1.0]}), NA_action="raise").design_info
     new_lay = ParamLayout(mean_terms=lay.mean_terms, scale_terms=tuple(scale_terms), n_re_mean=lay.q, random_scale=random_scale)
     new_design = dataclasses.replace(design, W=np.ascontiguousarray(W), layout=new_lay)
     new_spec = dataclasses.replace(spec, scale_formula=scale_formula, scale_spec=scale_spec)

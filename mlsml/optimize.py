@@ -48,6 +48,11 @@ from .likelihood import loglik_at_nodes
 from .posterior import adapt
 from .quadrature import Rule
 
+#: Whether scipy's BFGS accepts an initial inverse Hessian (option ``hess_inv0``, new in
+#: scipy 1.12; setup.cfg allows 1.11), read from scipy's own list of the method's options.
+#: Without it BFGS starts from the identity: more iterations, the same maximum.
+BFGS_HAS_HESS_INV0 = "hess_inv0" in (sopt.show_options("minimize", "BFGS", disp=False) or "")
+
 
 @dataclass(frozen=True)
 class FitOptions:
@@ -366,7 +371,7 @@ def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, cal
             return np.inf, np.zeros_like(th)
         return -v / N, -g / N
 
-    hess_inv = _initial_inverse_hessian(theta, design, rule, hess, N) if opts.method == "BFGS" else None
+    hess_inv = _initial_inverse_hessian(theta, design, rule, hess, N) if opts.method == "BFGS" and BFGS_HAS_HESS_INV0 else None
     llf_old = -np.inf
     n_iter = n_fev = 0
     history = []
@@ -378,7 +383,7 @@ def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, cal
         method = opts.method
         if method == "BFGS":
             kw["gtol"] = opts.gtol
-            if hess_inv is not None:
+            if hess_inv is not None and BFGS_HAS_HESS_INV0:
                 kw["hess_inv0"] = hess_inv
         elif method == "L-BFGS-B":
             kw["gtol"] = opts.gtol

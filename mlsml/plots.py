@@ -1,4 +1,4 @@
-"""Figures of the paper (matplotlib, an optional extra: ``pip install mlsml[plots]``).
+"""Figures of the paper (matplotlib, an optional extra: ``pip install mlsml[plot]``).
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot,
 so nothing opens a window and no global state changes; save it with
@@ -10,6 +10,10 @@ so nothing opens a window and no global state changes; save it with
   residuals with normal and kernel density curves (Figures S4-S6);
 - :func:`compare_models_plot`: school means, variances and their ranks under two
   models (Figure 4).
+
+Axis labels and titles name the model's response (``normexam``, ...); the
+paper's "progress" is its response. A correlation is shown only between values
+that vary: see :data:`CONSTANT_RTOL`.
 """
 
 from __future__ import annotations
@@ -18,20 +22,63 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from . import diagnostics
+from .errors import warn
+from .schools import reference_vector
+
+#: Values whose standard deviation is at most ``CONSTANT_RTOL`` times their largest
+#: magnitude are treated as constant, and no correlation with them is computed or
+#: shown. Predictions that are equal in exact arithmetic (the school variances of a
+#: model without random scale) differ by rounding only, a few 1e-16 relative per
+#: operation and well below 1e-12 after the exp, sums and products that make them;
+#: their "correlation" is then nan when they happen to be bit-identical and rounding
+#: noise otherwise (the figure printed "r = nan" or "r = -0.00" by platform).
+#: Real differences between schools are many orders of magnitude larger.
+CONSTANT_RTOL = 1e-9
+
 
 def _figure(**kwargs):
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "mlsml.plots needs matplotlib, an optional dependency: pip install 'mlsml[plots]' (or pip install matplotlib)"
+            "mlsml.plots needs matplotlib, an optional dependency: pip install 'mlsml[plot]' (or pip install matplotlib)"
         ) from exc
     return Figure(**kwargs)
 
 
-def _median_variance(res, w=None) -> float:
-    from .schools import reference_vector
+def _is_constant(x) -> bool:
+    """True when ``x`` does not vary beyond rounding (see :data:`CONSTANT_RTOL`)."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    return x.size < 2 or float(np.std(x)) <= CONSTANT_RTOL * float(np.max(np.abs(x)))
 
+
+def _correlation(a, b) -> float | None:
+    """Pearson correlation of ``a`` and ``b``; ``None`` when either is constant."""
+    if _is_constant(a) or _is_constant(b):
+        return None
+    return float(np.corrcoef(np.asarray(a, dtype=float), np.asarray(b, dtype=float))[0, 1])
+
+
+def _ranks(x: pd.Series) -> pd.Series:
+    """Ranks 1..n (ties averaged); constant values (up to rounding) are all tied."""
+    if _is_constant(x):
+        return pd.Series(np.full(len(x), (len(x) + 1) / 2), index=x.index)
+    return x.rank()
+
+
+def _r_text(r: float | None, constant: str) -> str:
+    return f"r = {r:.2f}" if r is not None else f"no correlation: {constant} are all equal"
+
+
+def _response(res) -> str:
+    """The name of the model's response (``normexam``), for labels."""
+    spec = getattr(res.model, "formula_spec", None)
+    return getattr(spec, "response", None) or "the response"
+
+
+def _median_variance(res, w=None) -> float:
     design = res.model.design
     wbar = reference_vector(w, design.layout.scale_terms, design.W, "w")
     return float(np.exp(wbar @ res.fe_scale.to_numpy()))
@@ -61,9 +108,10 @@ def caterpillar(res, w=None, level: float = 0.95, table: pd.DataFrame | None = N
     fig = _figure(figsize=(11, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
     ref_var = _median_variance(res, None if isinstance(w, str) else w)
+    y = _response(res)
     panels = [
-        ("mean", "School mean progress", 0.0, "average school (u = 0)"),
-        ("var", "School residual variance", ref_var, "average school (v = 0)"),
+        ("mean", f"School mean of {y}", 0.0, "average school (u = 0)"),
+        ("var", f"School residual variance of {y}", ref_var, "average school (v = 0)"),
     ]
     for ax, (key, label, ref, reflab) in zip(axes, panels):
         s = t.sort_values(key)
@@ -99,8 +147,16 @@ def mean_vs_variance(res, w=None, table: pd.DataFrame | None = None):
 
     Marker area is proportional to school size; the reference lines are the
     average school (mean 0, variance ``exp(wbar'alpha)``) and the population-
-    averaged variance ``exp(wbar'alpha + var(v)/2)``. The title gives the
-    correlation of the predictions.
+    averaged variance ``exp(wbar'alpha + var(v)/2)``, each in its own line
+    style. The title gives the correlation of the predictions (not when the
+    school variances are all equal, as without a random scale).
+
+    Parameters
+    ----------
+    res : MELSMResults
+    w : see :meth:`MELSMResults.school_effects`
+    table : DataFrame, optional
+        A precomputed :meth:`~MELSMResults.school_effects` table.
 
     Returns
     -------
@@ -112,17 +168,22 @@ def mean_vs_variance(res, w=None, table: pd.DataFrame | None = None):
     n = t["n"].to_numpy(dtype=float)
     size = 60 * n / n.mean()
     ax.scatter(t["var"], t["mean"], s=size, alpha=0.45, edgecolor="k", linewidth=0.4, color="tab:blue")
-    ax.axhline(0.0, color="k", lw=1, ls="--", label="average school mean (u = 0)")
+    # three reference lines, three line styles: the legend must tell them apart
+    ax.axhline(0.0, color="0.35", lw=1, ls="--", label="average school mean (u = 0)")
     wref = None if isinstance(w, str) else w
     med = _median_variance(res, wref)
-    ax.axvline(med, color="k", lw=1, ls="--", label=f"average school variance (v = 0): {med:.3g}")
+    ax.axvline(med, color="k", lw=1, ls="-.", label=f"average school variance (v = 0): {med:.3g}")
     if res.layout.random_scale:
         pav = med * float(np.exp(0.5 * res.cov_re.iloc[-1, -1]))
         ax.axvline(pav, color="tab:red", lw=1, ls=":", label=f"population-averaged variance: {pav:.3g}")
-    r = float(np.corrcoef(t["var"], t["mean"])[0, 1]) if t["var"].std() > 0 else float("nan")
-    ax.set_title(f"School means vs school variances (r = {r:.2f}); marker size ~ school size")
-    ax.set_xlabel("predicted school residual variance")
-    ax.set_ylabel("predicted school mean progress")
+    r = _correlation(t["var"], t["mean"])
+    ax.set_title(
+        f"School means vs school variances\n{_r_text(r, 'the school variances')}; marker area ~ school size",
+        fontsize="medium",
+    )
+    y = _response(res)
+    ax.set_xlabel(f"predicted school residual variance of {y}")
+    ax.set_ylabel(f"predicted school mean of {y}")
     ax.legend(loc="best", fontsize="small")
     return fig
 
@@ -143,29 +204,27 @@ def _hist_with_curves(ax, x: np.ndarray, title: str, standard: bool = False) -> 
 
 
 def standardised_residuals(res) -> pd.Series:
-    """Standardised student residuals ``(y - x'beta - z'E(u_j)) / sqrt(exp(w'alpha) E(exp(v_j)))``.
+    """Deprecated alias of :func:`mlsml.diagnostics.standardised_residuals`.
 
-    In the caller's row order, indexed by the row labels of the data used.
+    It returns numbers, not a figure, so it lives in :mod:`mlsml.diagnostics`;
+    this alias warns (``FutureWarning``) and will be removed.
+
+    Examples
+    --------
+    >>> import warnings, mlsml
+    >>> from mlsml import plots
+    >>> res = mlsml.fit("y ~ x", mlsml.simulate.demo_data(n_groups=40, seed=1), groups="school")
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     r = plots.standardised_residuals(res)
+    >>> caught[0].category.__name__, r.name
+    ('FutureWarning', 'std_resid')
     """
-    from .predict import PosteriorGrid, posterior_moments
-    from .schools import posterior_nagq
-
-    design = res.model.design
-    lay = design.layout
-    q = lay.q
-    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
-    g = design.group
-    fit = design.X @ res.fe_mean.to_numpy()
-    if q:
-        fit = fit + np.einsum("iq,iq->i", design.Z, mean[g, :q])
-    var = np.exp(design.W @ res.fe_scale.to_numpy())
-    if lay.random_scale:
-        grid = PosteriorGrid.build(res.theta, design, mean[:, q], np.sqrt(C[:, q, q]))
-        var = var * grid.mean_exp_v()[g]
-    r = (design.y - fit) / np.sqrt(var)
-    out = np.empty_like(r)
-    out[design.order] = r
-    return pd.Series(out, index=design.row_labels, name="std_resid")
+    warn(
+        "mlsml.plots.standardised_residuals is deprecated and will be removed: use mlsml.diagnostics.standardised_residuals",
+        FutureWarning,
+    )
+    return diagnostics.standardised_residuals(res)
 
 
 def effect_histograms(res):
@@ -173,7 +232,7 @@ def effect_histograms(res):
 
     One panel per school effect (``u0``, ``u1``, ..., ``v``: posterior means,
     with the normal curve of their mean and SD and a kernel density) and one of
-    the standardised student residuals (:func:`standardised_residuals`, with the
+    the standardised student residuals (:func:`mlsml.diagnostics.standardised_residuals`, with the
     standard normal curve), as the paper's Figures S4-S6.
 
     Returns
@@ -188,7 +247,8 @@ def effect_histograms(res):
     for ax, name in zip(axes, names):
         _hist_with_curves(ax, re_[name].to_numpy(), f"predicted {name}_j ({len(re_)} schools)")
         ax.set_xlabel(name)
-    _hist_with_curves(axes[-1], standardised_residuals(res).to_numpy(), f"standardised residuals ({res.nobs} students)", standard=True)
+    resid = diagnostics.standardised_residuals(res).to_numpy()
+    _hist_with_curves(axes[-1], resid, f"standardised residuals ({res.nobs} students)", standard=True)
     axes[-1].set_xlabel("standardised residual")
     return fig
 
@@ -198,7 +258,9 @@ def compare_models_plot(res_a, res_b, labels: tuple[str, str] = ("model A", "mod
 
     Top: predicted school means and variances of model B against model A;
     bottom: their ranks. The 45-degree line and the correlation across schools
-    are shown. Schools present in both fits are matched by label.
+    are shown; when one model's values are all equal (the school variances of a
+    model without random scale) the title says so instead of a correlation, and
+    their ranks are all tied. Schools present in both fits are matched by label.
 
     Parameters
     ----------
@@ -224,20 +286,25 @@ def compare_models_plot(res_a, res_b, labels: tuple[str, str] = ("model A", "mod
     ta, tb = ta.loc[common], tb.loc[common]
     fig = _figure(figsize=(9, 8.5), layout="constrained")
     axes = fig.subplots(2, 2)
+    ya, yb = _response(res_a), _response(res_b)
+    y = ya if ya == yb else f"{ya} / {yb}"
     panels = [
-        (axes[0, 0], ta["mean"], tb["mean"], "school mean progress"),
-        (axes[0, 1], ta["var"], tb["var"], "school residual variance"),
-        (axes[1, 0], ta["mean"].rank(), tb["mean"].rank(), "rank of school mean"),
-        (axes[1, 1], ta["var"].rank(), tb["var"].rank(), "rank of school variance"),
+        (axes[0, 0], ta["mean"], tb["mean"], f"school mean of {y}", "mean"),
+        (axes[0, 1], ta["var"], tb["var"], f"school residual variance of {y}", "var"),
+        (axes[1, 0], _ranks(ta["mean"]), _ranks(tb["mean"]), "rank of school mean", "mean"),
+        (axes[1, 1], _ranks(ta["var"]), _ranks(tb["var"]), "rank of school variance", "var"),
     ]
-    for ax, a, b, what in panels:
+    for ax, a, b, what, key in panels:
         a, b = a.to_numpy(dtype=float), b.to_numpy(dtype=float)
         ax.scatter(a, b, s=10, alpha=0.5, color="tab:blue", edgecolor="none")
         lo = np.nanmin([a.min(), b.min()])
         hi = np.nanmax([a.max(), b.max()])
         ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls="--")
-        r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-        ax.set_title(f"{what} (r = {r:.2f})")
+        # constancy is judged on the values, not on their ranks (ranks of rounding noise vary)
+        const = [lab for lab, t in zip(labels, (ta, tb)) if _is_constant(t[key])]
+        r = None if const else _correlation(a, b)
+        sep = " " if r is not None else "\n"  # the longer note on a line of its own
+        ax.set_title(f"{what}{sep}({_r_text(r, f'the values under {const[0]}' if const else '')})", fontsize="medium")
         ax.set_xlabel(f"{labels[0]}")
         ax.set_ylabel(f"{labels[1]}")
     return fig

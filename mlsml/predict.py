@@ -67,7 +67,6 @@ Standard errors: see :meth:`mlsml.MELSMResults.get_prediction`.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -77,7 +76,7 @@ from scipy import special
 
 from ._lazy import LazyModule
 from .design import Design, FormulaSpec, _materialise
-from .errors import DataError, ModelSpecError, UnknownGroupWarning
+from .errors import DataError, ModelSpecError, UnknownGroupWarning, warn
 from .likelihood import SchoolSums, log_conditional, log_prior, school_sums
 from .posterior import adapt
 from .quadrature import Nodes, default_nagq, gauss_hermite_rule
@@ -85,7 +84,6 @@ from .quadrature import Nodes, default_nagq, gauss_hermite_rule
 # imported on first use, to keep `import mlsml` fast (see tests/test_import.py)
 patsy = LazyModule("patsy")
 stats = LazyModule("scipy.stats")
-_manager = LazyModule("statsmodels.formula._manager")
 
 #: Number of grid points and half-width (in posterior SDs) of the grid for ``v``.
 GRID_POINTS = 201
@@ -506,7 +504,7 @@ def _scale_re_info(spec: FormulaSpec):
     """The design description of ``scale_re_formula``, evaluated on the fitted data."""
     if spec.frame is None:
         raise DataError("the scale random-effects formula cannot be evaluated: the fitted data did not travel with this result")
-    return _materialise(_manager.FormulaManager(), spec.scale_re_formula, spec.frame, "scale random-effects formula")[1]
+    return _materialise(spec.scale_re_formula, spec.frame, "scale random-effects formula")[1]
 
 
 def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unknown: np.ndarray) -> str:
@@ -542,7 +540,7 @@ def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unk
     return msg
 
 
-def prediction_rows(res, newdata, kind: str, conditional: bool, stacklevel: int = 4) -> PredictionRows:
+def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRows:
     """The rows to predict: ``newdata`` (a DataFrame or dict), or the fitted rows when ``None``.
 
     With ``newdata=None`` the rows are the observations used in the fit, in the
@@ -581,7 +579,7 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, stacklevel: int 
         pos = np.asarray(labels.get_indexer(values), dtype=np.intp)
         unknown = pos < 0
         if unknown.any():
-            warnings.warn(_unknown_group_message(labels, spec.groups, values, unknown), UnknownGroupWarning, stacklevel=stacklevel)
+            warn(_unknown_group_message(labels, spec.groups, values, unknown), UnknownGroupWarning)
     X = Z = W = G = None
     if mean:
         X = _design_for(spec.mean_spec, frame, "mean design")

@@ -54,6 +54,7 @@ from scipy import stats
 
 from .errors import ModelSpecError
 from .likelihood import loglik_at_nodes
+from .optimize import BFGS_HAS_HESS_INV0
 from .posterior import adapt
 from .quadrature import check_nagq, gauss_hermite_rule
 
@@ -188,7 +189,7 @@ class _Profiler:
         # gtol on -loglik/N: 1e-6 N in loglik units; the profile value is then
         # accurate to far better than the 1e-3 the interval ends need
         opts = {"gtol": self.gtol, "maxiter": 100}
-        hinv = self._initial_inverse_hessian(start, psi, N)
+        hinv = self._initial_inverse_hessian(start, psi, N) if BFGS_HAS_HESS_INV0 else None
         if hinv is not None:
             opts["hess_inv0"] = hinv
         out = sopt.minimize(fun, start, jac=True, method="BFGS", options=opts)

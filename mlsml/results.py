@@ -11,7 +11,6 @@ in the natural parameterisation.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
-from .errors import DataError, ModelSpecError, SingularFitWarning
+from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .params import ParamLayout
 from .predict import PredictionResults
@@ -798,27 +797,18 @@ class MELSMResults:
 
     def warn_if_problematic(self) -> None:
         """Issue the warnings a user must see (called by :meth:`MELSM.fit`)."""
-        from .errors import ConvergenceWarning
-
         if not self.converged:
-            warnings.warn(
-                f"the fit did NOT converge ({self.message}); do not use these estimates",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+            warn(f"the fit did NOT converge ({self.message}); do not use these estimates", ConvergenceWarning)
         reasons = self.singular_reasons()
         if reasons:
-            warnings.warn("singular fit: " + "; ".join(reasons), SingularFitWarning, stacklevel=3)
+            warn("singular fit: " + "; ".join(reasons), SingularFitWarning)
         check = self._info.get("quadrature_check")
         if check is not None and np.isfinite(check[1]) and check[1] > 1e-4:
-            from .errors import QuadratureWarning
-
-            warnings.warn(
+            warn(
                 f"with {check[0]} quadrature points per dimension instead of {self.nagq} the log-likelihood "
                 f"at the estimates changes by {check[1]:.2g}: the rule is not accurate enough for these data "
                 f"(small clusters or a large random-scale variance); refit with nagq={check[0]} and compare",
                 QuadratureWarning,
-                stacklevel=3,
             )
 
     # ------------------------------------------------------------ output

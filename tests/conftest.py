@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, settings
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
 REF = DATA / "reference"
 SHARED = HERE.parent.parent / "shared"
+
+# Hypothesis (tests/test_properties.py). The default profile, "ci", is what CI and the
+# README's `pytest` run: derandomised (the examples are a fixed function of the test and of
+# the hypothesis version) and without the example database, so a run never depends on an
+# earlier one; no deadline and no too_slow check, since an example is a few model fits
+# whose time depends on the machine's load. `HYPOTHESIS_PROFILE=explore` draws new random
+# examples on every run (run it repeatedly to search for failures); a failure prints the
+# @reproduce_failure blob that replays it. The tests set their own (small) max_examples.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
+settings.register_profile("explore", derandomize=False, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def distance_to_maximum_in_se(res) -> float:
+    """How far, in standard errors, a fit's estimates may be from the exact maximum.
+
+    To second order the maximum is at ``theta + (-H)^{-1} g`` (``g``, ``H``: the gradient and
+    Hessian at the estimates, ``res.grad`` and ``res.hessian``), so by Cauchy-Schwarz every
+    linear function ``a'theta`` is within ``sqrt(g'(-H)^{-1} g) = sqrt(2 * decrement)`` of
+    its standard errors of its value at the maximum; to first order (delta method) so is
+    every natural parameter. A converged fit has ``decrement < 1e-6`` (mlsml.optimize), so
+    this is at most 1.4e-3; after the final Newton steps it is usually far smaller. Tests
+    comparing two fits that should agree use this, not a tolerance found by trying.
+    """
+    negH = -0.5 * (res.hessian + res.hessian.T)
+    g = np.asarray(res.grad, dtype=float)
+    return float(np.sqrt(max(g @ np.linalg.solve(negH, g), 0.0)))
 
 
 def load_reference(name: str) -> dict:

@@ -2,9 +2,12 @@
 quadrature accuracy and exactness of the autograd gradient.
 
 Data sets are small (<= 12 schools of <= 12 students) and the number of
-examples is fixed and derandomised so that the file is fast and reproducible.
+examples is small and fixed; the examples are derandomised by the hypothesis
+profile of tests/conftest.py, so a run is reproducible. They still change with
+the hypothesis version, so no tolerance may rely on the examples drawn: each is
+derived from the optimiser's convergence criterion or from the quadrature error.
 Tolerances for refits are in units of the standard errors: the optimiser
-stops when the Newton decrement is below 1e-6, i.e. within about 1e-3
+stops when the Newton decrement is below 1e-6, i.e. within sqrt(2e-6) = 1.4e-3
 standard errors of the maximum.
 """
 
@@ -15,7 +18,7 @@ import warnings
 import autograd
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import mlsml
@@ -25,12 +28,8 @@ from mlsml.posterior import loglik as adapted_loglik
 from mlsml.quadrature import gauss_hermite_rule
 
 # no shrinking: each example costs a few fits, and a failure is reported as drawn
-SETTINGS = dict(
-    deadline=None,
-    derandomize=True,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=[HealthCheck.too_slow],
-)
+# (derandomisation, deadline and health checks: the profile in tests/conftest.py)
+SETTINGS = dict(phases=[Phase.explicit, Phase.generate])
 
 
 @st.composite
@@ -125,6 +124,16 @@ def test_more_quadrature_points_move_llf_within_documented_error(df):
     assert abs(ll[21] - ll[41]) <= 7e-6 * J
 
 
+# Central differences with h = 1e-5: truncation error h^2/6 |d3 l| and rounding error about
+# eps |l| / h, both below 1e-8 for these log-likelihoods (|l| < 500); FD_FLOOR allows 10x that.
+FD_STEP = 1e-5
+FD_FLOOR = 1e-7
+
+
+def _central_differences(f, theta):
+    return np.array([(f(theta + FD_STEP * e) - f(theta - FD_STEP * e)) / (2 * FD_STEP) for e in np.eye(theta.size)])
+
+
 @settings(max_examples=8, **SETTINGS)
 @given(
     df=datasets(min_groups=4, max_groups=8, max_n=8),
@@ -132,22 +141,33 @@ def test_more_quadrature_points_move_llf_within_documented_error(df):
     random_scale=st.booleans(),
 )
 def test_autograd_gradient_equals_finite_differences(df, theta_noise, random_scale):
+    """The optimiser's gradient: autograd's derivative of the likelihood with the nodes held fixed.
+
+    1. It is exact: it equals central differences of the same function (nodes fixed), to
+       the accuracy of the differences.
+    2. The nodes of the adapted likelihood move with theta; the integral does not, so the
+       gradient differs from the derivative of the adapted likelihood only by the
+       derivative of the quadrature error. That is not small in general (schools of two
+       with a large var(v): 0.57 at 11 points per dimension, 1e-3 at 81, in random draws
+       of this strategy), so no fixed tolerance holds; but as a quadrature error it must
+       vanish as the rule is refined. Gauss-Hermite errors fall geometrically with the
+       number of points: from 11 to 61 points the difference fell by a factor of 38 or
+       more (median 5e4), or to the differences' own error, in 250 draws; it must fall by 10.
+    Without a random scale the integrand is Gaussian and both hold to rounding.
+    """
     model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x", random_scale=random_scale)
     design = model.design
     n = design.layout.n_params
     theta = np.array([0.0, 0.7, -0.8, 0.05, np.log(0.3), 0.1, np.log(0.4)])[:n] + np.array(theta_noise[:n])
-    rule = gauss_hermite_rule(design.layout.d, 11)
-    nodes = adapt(theta, design, rule)
-    g = autograd.grad(loglik_at_nodes)(theta, design, nodes)
-    h = 1e-5
-    fd_fixed = np.empty(n)
-    fd_adapted = np.empty(n)
-    for i in range(n):
-        e = np.zeros(n)
-        e[i] = h
-        fd_fixed[i] = (loglik_at_nodes(theta + e, design, nodes) - loglik_at_nodes(theta - e, design, nodes)) / (2 * h)
-        fd_adapted[i] = (adapted_loglik(theta + e, design, 11) - adapted_loglik(theta - e, design, 11)) / (2 * h)
-    # exact derivative of the function with the nodes held fixed
-    np.testing.assert_allclose(g, fd_fixed, rtol=1e-5, atol=1e-5)
-    # and of the adapted likelihood itself, up to the derivative of the quadrature error
-    np.testing.assert_allclose(g, fd_adapted, rtol=1e-4, atol=1e-4 * design.ngroups)
+
+    def gradient_and_mismatch(nagq):
+        nodes = adapt(theta, design, gauss_hermite_rule(design.layout.d, nagq))
+        g = autograd.grad(loglik_at_nodes)(theta, design, nodes)
+        fd_fixed = _central_differences(lambda t: loglik_at_nodes(t, design, nodes), theta)
+        fd_adapted = _central_differences(lambda t: adapted_loglik(t, design, nagq), theta)
+        return g, fd_fixed, float(np.max(np.abs(g - fd_adapted)))
+
+    g, fd_fixed, coarse = gradient_and_mismatch(11)
+    np.testing.assert_allclose(g, fd_fixed, rtol=1e-6, atol=FD_FLOOR)
+    _, _, fine = gradient_and_mismatch(61)
+    assert fine <= 0.1 * coarse + FD_FLOOR, (coarse, fine)

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import distance_to_maximum_in_se
 from scipy import stats
 
 import mlsml
@@ -182,20 +183,26 @@ def base_fit():
 
 @pytest.mark.parametrize("c", [1e-4, 1e4, 3e-8])
 def test_rescaled_response_transforms_estimates_exactly(base_fit, c):
+    """Exact in exact arithmetic. In floating point both fits stop near, not at, the maximum:
+    the estimates must agree within the optimisers' own precision (see
+    conftest.distance_to_maximum_in_se; x4 for the second-order and delta-method
+    approximations), however the two optimisation paths went. With some scipy versions the
+    paths coincide and the agreement is far closer; with others it is not (scipy 1.11: 6e-7 SE)."""
     df, base = base_fit
     res = mlsml.fit("y ~ x", df.assign(y=df.y * c), groups="school", scale_formula="~ x")
     assert res.converged and not res.singular
-    p, b = res.params, base.params
-    np.testing.assert_allclose(p[["mean:Intercept", "mean:x"]], c * b[["mean:Intercept", "mean:x"]], rtol=1e-7)
-    assert p["scale:Intercept"] == pytest.approx(b["scale:Intercept"] + 2 * np.log(c), abs=1e-7)
-    assert p["scale:x"] == pytest.approx(b["scale:x"], abs=1e-7)
-    assert p["var(u0)"] == pytest.approx(c**2 * b["var(u0)"], rel=1e-7)
-    assert p["var(v)"] == pytest.approx(b["var(v)"], rel=1e-7)
-    assert p["cov(u0,v)"] == pytest.approx(c * b["cov(u0,v)"], rel=1e-6)
+    names = list(base.params.index)
+    expected, units = base.params.copy(), pd.Series(1.0, index=names)  # units: how each parameter scales with c
+    units[["mean:Intercept", "mean:x", "cov(u0,v)"]] = c
+    units["var(u0)"] = c**2
+    expected = expected * units
+    expected["scale:Intercept"] += 2 * np.log(c)
+    se = base.bse * units
+    slack = 4 * (distance_to_maximum_in_se(base) + distance_to_maximum_in_se(res)) + 1e-9  # in SEs; 1e-9: rounding
+    np.testing.assert_array_less(np.abs(res.params - expected), slack * se)
     assert res.llf == pytest.approx(base.llf - res.nobs * np.log(c), abs=1e-6)
-    # standard errors transform the same way
-    assert res.bse["mean:x"] == pytest.approx(c * base.bse["mean:x"], rel=1e-5)
-    assert res.bse["var(v)"] == pytest.approx(base.bse["var(v)"], rel=1e-5)
+    # standard errors transform the same way (they move by O(slack) relative, far below 1e-5)
+    np.testing.assert_allclose(res.bse, se, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -213,16 +220,23 @@ def test_strongly_unbalanced_schools_match_statsmodels():
     assert res.llf == pytest.approx(sm.llf, abs=1e-4)
     np.testing.assert_allclose(res.fe_mean.to_numpy(), sm.fe_params.to_numpy(), atol=1e-4)
     assert res.params["var(u0)"] == pytest.approx(float(sm.cov_re.iloc[0, 0]), rel=1e-3)
-    # and the location scale model converges on the same data
-    full = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
-    assert full.converged and np.all(np.isfinite(full.bse.to_numpy()))
+    # and the location scale model converges on the same data. There is no random scale in the
+    # truth: the estimate is at (or next to) the boundary, where whether the observed information
+    # is numerically positive definite (standard errors) depends on rounding; what must hold is
+    # that standard errors are missing only with the singular flag.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingularFitWarning)
+        full = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    assert full.converged and np.isfinite(full.llf)
+    assert np.all(np.isfinite(full.bse.to_numpy())) or full.singular
 
 
 def test_zero_random_scale_variance_is_a_boundary_fit_and_lrtest_uses_the_mixture():
     # with var(v) = 0 in truth, the estimate ends on the boundary (var(v) -> 0, or
     # |corr(u0, v)| -> 1 so that Sigma is singular); the fit must say so
     df = mlsml.simulate.simulate_data([20] * 60, cov=((0.05, 0.0), (0.0, 0.0)), seed=0)
-    with pytest.warns(SingularFitWarning, match="boundary"):
+    # (which of the two depends on rounding: scipy 1.11 and 1.17 end at different ones)
+    with pytest.warns(SingularFitWarning, match=r"boundary|perfectly correlated"):
         full = mlsml.fit("y ~ x", df, groups="school")
     assert full.singular and full.converged
     restricted = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
