@@ -395,6 +395,15 @@ def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, cal
                 return -hess(th, design, adapt(th, design, rule)) / N
 
         res = sopt.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
+        if "hess_inv0" in kw and int(getattr(res, "nit", 0)) == 0:
+            # not one step from the warm start: near a saddle the repaired inverse Hessian
+            # points its first step nowhere useful, and the fit stayed at the starting values
+            # (a row order of the same data could decide it). BFGS from the identity does not
+            # depend on that matrix.
+            del kw["hess_inv0"]
+            hess_inv = None
+            n_fev += int(getattr(res, "nfev", 0))
+            res = sopt.minimize(fun, theta, jac=True, method=method, options=kw)
         n_iter += int(getattr(res, "nit", 0))
         n_fev += int(getattr(res, "nfev", 0))
         if method == "BFGS" and isinstance(getattr(res, "hess_inv", None), np.ndarray):

@@ -247,6 +247,19 @@ def test_zero_random_scale_variance_is_a_boundary_fit_and_lrtest_uses_the_mixtur
     assert t.pvalue == pytest.approx(0.5 * stats.chi2.sf(t.statistic, 1) + 0.5 * stats.chi2.sf(t.statistic, 2))
 
 
+def test_fit_leaves_a_start_near_a_saddle():
+    """BFGS seeded with the repaired inverse Hessian of an indefinite start took no step and
+    the fit stayed at the starting values (llf -80.77, not converged) on these data, while
+    the same rows in another order converged to -76.58: the fit must not depend on that."""
+    df = mlsml.simulate.simulate_data([5, 12, 7, 11, 4, 10, 12], cov=((0.1, 0.0), (0.0, 0.05)), seed=522301232)
+    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    other = mlsml.fit("y ~ x", df.iloc[::-1], groups="school", scale_formula="~ x")
+    assert res.converged and other.converged and not res.singular
+    assert res.llf == pytest.approx(other.llf, abs=1e-6)  # both within dtol = 1e-6 of the maximum
+    slack = 4 * (distance_to_maximum_in_se(res) + distance_to_maximum_in_se(other)) + 1e-9
+    np.testing.assert_array_less(np.abs(res.params - other.params), slack * res.bse)
+
+
 def test_no_false_boundary_alarm_for_a_clear_random_scale():
     df = mlsml.simulate.simulate_data([20] * 60, seed=2)
     with warnings.catch_warnings():
