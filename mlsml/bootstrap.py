@@ -432,7 +432,9 @@ def bootstrap(
         res.model.theta_from_params(start)
     except (ModelSpecError, np.linalg.LinAlgError):
         start = None
-    fit_kwargs = dict(nagq=res.nagq, method=res.method, prune=res.prune, start_params=start)
+    # the fit's own rule (kind, points, pruning), from its likelihood
+    spec = res.likelihood.spec
+    fit_kwargs = dict(nagq=spec.nagq, quadrature=spec.option, method=res.method, prune=spec.prune, start_params=start)
     bar = _Progress(n, progress)
     t0 = time.perf_counter()
 
