@@ -88,6 +88,13 @@ class Design:
     G: np.ndarray | None = None
     S: np.ndarray | None = None
 
+    def __post_init__(self) -> None:
+        # read-only: a design is shared by the model, its likelihood and every result
+        for name in ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S"):
+            a = getattr(self, name)
+            if isinstance(a, np.ndarray):
+                a.setflags(write=False)
+
     @property
     def nobs(self) -> int:
         """Number of observations (students)."""

@@ -150,7 +150,7 @@ quadrature : {"auto", "product", "marginal"}, default "auto"
     ``"product"``: the rotated product Gauss-Hermite rule over all ``d`` school
     effects. ``"marginal"`` (u-exact): the mean effects integrated out exactly and
     ``nagq`` points per dimension over the scale effects only
-    (:mod:`mlsml.marginal`; models with a random scale and a school effect in the
+    (:mod:`mlsml.gaussian`; models with a random scale and a school effect in the
     mean or ``scale_re_formula``). ``"auto"`` uses ``"marginal"`` wherever it
     applies and ``"product"`` otherwise. The u-exact rule is both faster (London
     Model 3: 0.15 s against 0.28 s) and far more accurate for small clusters with

@@ -345,7 +345,7 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
     >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
     >>> opt = maximize(model.objective())
     >>> opt.converged, opt.quadrature.kind, bool(abs(opt.llf - model.fit().llf) < 1e-6)
-    (True, 'product', True)
+    (True, 'uexact', True)
     """
     opts = options or FitOptions()
     design = likelihood.design

@@ -19,6 +19,9 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
+from .bootstrap import bootstrap as _bootstrap
+from .bootstrap import simulate_responses
+from .compare import lrtest
 from .diagnostics import Diagnostics, diagnose
 from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
@@ -508,7 +511,7 @@ class MELSMResults:
             Indexed by group label; columns ``u0, u0_sd, [u1, u1_sd, ...], [v, v_sd], n``.
         """
         self._require_data("random_effects")
-        from .schools import random_effects
+        from .schools import random_effects  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
         return random_effects(self, cov=cov)
 
@@ -544,7 +547,7 @@ class MELSMResults:
             var_rank_lo, var_rank_hi, var_flag``.
         """
         self._require_data("school_effects")
-        from .schools import school_effects
+        from .schools import school_effects  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
         return school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
 
@@ -559,7 +562,7 @@ class MELSMResults:
         predicted school means and variances); NaN where the model lacks the effect.
         """
         self._require_data("population_quantities")
-        from .schools import population_quantities
+        from .schools import population_quantities  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
         return population_quantities(self, w=w, z=z)
 
@@ -805,7 +808,7 @@ class MELSMResults:
             Layout: statsmodels' summary2 tables, or the MIXREGLS/MIXWILD report
             (:func:`mlsml.mixwild.summarize_mixwild`; same ``as_*`` methods).
         """
-        from .summary import summarize
+        from .summary import summarize  # lazy: statsmodels (slow `import mlsml`)
 
         return summarize(self, alpha=alpha, style=style)
 
@@ -917,8 +920,6 @@ class MELSMResults:
         >>> m3.compare_lr_test(m2).df
         1
         """
-        from .compare import lrtest
-
         return lrtest(restricted, self)
 
     def simulate(self, n_reps: int = 1, seed=None) -> pd.DataFrame:
@@ -950,8 +951,6 @@ class MELSMResults:
         (True, True)
         """
         self._require_data("simulate")
-        from .bootstrap import simulate_responses
-
         return simulate_responses(self, n_reps=n_reps, seed=seed)
 
     def bootstrap(self, n: int, seed=None, n_jobs: int | None = None, progress: bool = True):
@@ -985,9 +984,7 @@ class MELSMResults:
         (20, True)
         """
         self._require_data("bootstrap")
-        from .bootstrap import bootstrap
-
-        return bootstrap(self, n, seed=seed, n_jobs=n_jobs, progress=progress)
+        return _bootstrap(self, n, seed=seed, n_jobs=n_jobs, progress=progress)
 
     def _repr_html_(self) -> str:
         """The summary as HTML (notebooks show it instead of the text repr)."""
