@@ -15,7 +15,8 @@ import sys
 from common import COV, london, timed  # noqa: E402  (bench/ is the script folder)
 
 import mlsml
-from mlsml.posterior import loglik
+from mlsml.likelihood import Likelihood
+from mlsml.quadrature import QuadratureSpec
 
 MODELS = {
     "Model 4 (auto: u-exact, 15 pts in v)": dict(formula="y ~ x", scale_formula="~ x", re_formula="~ x"),
@@ -32,7 +33,7 @@ def main(reps: int = 5) -> None:
         formula = spec.pop("formula")
         t, res = timed(lambda f=formula, s=spec: mlsml.fit(f, df, groups="school", **s), reps)
         d = res.model.design
-        gap = max(abs(loglik(res.theta, d, nq) - res.llf) for nq in (11, 13))
+        gap = max(abs(Likelihood.build(d, QuadratureSpec("product", nq)).value(res.theta) - res.llf) for nq in (11, 13))
         print(
             f"{name:40s} {t:7.3f} s  llf={res.llf:.6f}  k={res.df_model}  converged={res.converged}"
             f"  max|llf(11,13 pts) - llf|={gap:.1e}"

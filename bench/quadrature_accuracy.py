@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 
 import mlsml
-from mlsml.likelihood import loglik_at_nodes
-from mlsml.posterior import adapt
-from mlsml.quadrature import gauss_hermite_rule
+from mlsml.likelihood import Likelihood
+from mlsml.quadrature import QuadratureSpec, gauss_hermite_rule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -28,25 +27,23 @@ def table(res, d, points, prunes, ref_points):
     design = res.model.design
     th = np.asarray(res.theta)
 
-    def ll(rule):
+    def ll(nq, prune=0.0, kind="product"):
         t = time.perf_counter()
-        v = float(loglik_at_nodes(th, design, adapt(th, design, rule)))
+        v = Likelihood.build(design, QuadratureSpec(kind, nq, prune)).value(th)
         return v, time.perf_counter() - t
 
-    ref, _ = ll(gauss_hermite_rule(d, ref_points))
+    ref, _ = ll(ref_points)
     print(f"d={d}: reference ({ref_points} points) llf = {ref:.6f}")
-    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
-
     for nq in (7, 11, 15, 21):
         t = time.perf_counter()
-        v = float(loglik_marginal(th, design, adapt_marginal(th, design, marginal_rule(nq))))
+        v, _ = ll(nq, kind="uexact")
         print(f"| u-exact, {nq} in v | - | {nq} | {v - ref:.2e} | {time.perf_counter() - t:.3f} |")
     print("| points | prune | nodes | llf error | time (s) |")
     print("|---:|---:|---:|---:|---:|")
     for nq in points:
         for pr in prunes:
             rule = gauss_hermite_rule(d, nq, pr)
-            v, t = ll(rule)
+            v, t = ll(nq, pr)
             print(f"| {nq} | {pr:g} | {rule.size} | {v - ref:.2e} | {t:.3f} |")
 
 

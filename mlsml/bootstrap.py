@@ -281,19 +281,23 @@ class BootstrapResults:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(design: Design, fit_kwargs: dict) -> None:
-    """Keep the design and fit options in each worker process (sent once, not per task)."""
+def _init_worker(design: Design, fit_kwargs: dict, model_class: type) -> None:
+    """Keep the design, fit options and model class in each worker process (sent once, not per task).
+
+    The model class is the fitted model's own (``type(res.model)``), handed down rather
+    than imported, so that this module does not import :mod:`mlsml.model` (which
+    imports the results, which offer the bootstrap): the import graph stays one-way.
+    """
     _WORKER["design"] = design
     _WORKER["fit_kwargs"] = fit_kwargs
+    _WORKER["model_class"] = model_class
 
 
 def _fit_one(index: int, y: np.ndarray) -> tuple[int, np.ndarray | None, float, bool, bool, str | None]:
     """Refit the model with response ``y`` (group-sorted order); never raises."""
-    from .model import MELSM
-
     design = _WORKER["design"]
     try:
-        model = MELSM(design.with_response(y), None)
+        model = _WORKER["model_class"](design.with_response(y), None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = model.fit(**_WORKER["fit_kwargs"])
@@ -349,10 +353,11 @@ def _run(
     fit_kwargs: dict,
     n_jobs: int,
     tick: Callable[[], None],
+    model_class: type,
 ) -> list[tuple]:
     out: list[tuple] = []
     if n_jobs == 1:
-        _init_worker(design, fit_kwargs)
+        _init_worker(design, fit_kwargs, model_class)
         try:
             for i, y in tasks:
                 out.append(_fit_one(i, y))
@@ -360,7 +365,7 @@ def _run(
         finally:
             _WORKER.clear()
         return out
-    with ProcessPoolExecutor(max_workers=n_jobs, initializer=_init_worker, initargs=(design, fit_kwargs)) as pool:
+    with ProcessPoolExecutor(max_workers=n_jobs, initializer=_init_worker, initargs=(design, fit_kwargs, model_class)) as pool:
         futures = [pool.submit(_fit_one, i, y) for i, y in tasks]
         try:
             for fut in as_completed(futures):
@@ -432,7 +437,9 @@ def bootstrap(
         res.model.theta_from_params(start)
     except (ModelSpecError, np.linalg.LinAlgError):
         start = None
-    fit_kwargs = dict(nagq=res.nagq, method=res.method, prune=res.prune, start_params=start)
+    # the fit's own rule (kind, points, pruning), from its likelihood
+    spec = res.likelihood.spec
+    fit_kwargs = dict(nagq=spec.nagq, quadrature=spec.option, method=res.method, prune=spec.prune, start_params=start)
     bar = _Progress(n, progress)
     t0 = time.perf_counter()
 
@@ -442,7 +449,7 @@ def bootstrap(
             callback(bar.done, n)
 
     try:
-        rows = _run(((i, ys[i]) for i in range(n)), design, fit_kwargs, n_jobs, tick)
+        rows = _run(((i, ys[i]) for i in range(n)), design, fit_kwargs, n_jobs, tick, type(res.model))
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .posterior import loglik
+from .likelihood import Likelihood
 
 #: Likelihood-ratio statistic below which an effect counts as at the boundary.
 BOUNDARY_LR = 1e-3
 
 
-def _llf(res, theta) -> float:
-    """Log-likelihood at ``theta`` by a rotated product rule.
+def boundary_likelihood(lik: Likelihood) -> Likelihood:
+    """The rule the boundary probes are evaluated with: the fit's product rule, or the default product rule.
 
     Fits that integrated the mean effects exactly (``quadrature="marginal"``)
     are re-evaluated with the product rule of the default size: the u-exact
@@ -43,19 +43,20 @@ def _llf(res, theta) -> float:
     eigenvalue of 1e-12), while the product rule is accurate to 1e-4 there and
     agrees with the u-exact rule to 1e-6 at the estimates.
     """
-    if res._info.get("quadrature") == "marginal":
-        from .quadrature import default_nagq
-
-        return loglik(theta, res.model.design, default_nagq(res.layout.d))
-    return loglik(theta, res.model.design, res.nagq, res.prune)
+    return lik.as_product()
 
 
-def boundary_effects(res) -> list[tuple[str, float, float]]:
+def boundary_effects(lik: Likelihood, theta, llf: float) -> list[tuple[str, float, float]]:
     """School effects whose removal leaves the likelihood unchanged.
 
     Parameters
     ----------
-    res : MELSMResults
+    lik : Likelihood
+        The fit's likelihood (evaluated by :func:`boundary_likelihood`).
+    theta : ndarray
+        The estimates (optimiser scale).
+    llf : float
+        The maximised log-likelihood.
 
     Returns
     -------
@@ -68,9 +69,11 @@ def boundary_effects(res) -> list[tuple[str, float, float]]:
         eigenvalue ``lambda_min`` set to zero) changes ``2 llf`` by less than
         ``BOUNDARY_LR``: the fit is on the boundary of the positive-definite cone.
     """
-    lay = res.layout
-    beta, alpha = res.fe_mean.to_numpy(), res.fe_scale.to_numpy()
-    S = res.cov_re.to_numpy()
+    lay = lik.layout
+    probe = boundary_likelihood(lik)
+    natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
+    beta, alpha = natural[: lay.p], natural[lay.p : lay.p + lay.k]
+    S = lay.sigma_from_natural(natural)
     out = []
     if lay.d == 0:
         return out
@@ -84,20 +87,20 @@ def boundary_effects(res) -> list[tuple[str, float, float]]:
         try:
             theta0 = lay.theta_from_parts(beta, alpha, R)
             with np.errstate(all="ignore"):
-                llf0 = _llf(res, theta0)
+                llf0 = probe.value(theta0)
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
             continue
-        stat = 2.0 * (res.llf - llf0)
+        stat = 2.0 * (llf - llf0)
         if np.isfinite(stat) and stat < BOUNDARY_LR:  # (negative: the boundary is even better)
             out.append((name, float(S[i, i]), float(stat)))
     if lay.d > 1 and not out:
-        stat, ev = _rank_deficient_stat(res, S, beta, alpha)
+        stat, ev = _rank_deficient_stat(probe, llf, S, beta, alpha)
         if np.isfinite(stat) and stat < BOUNDARY_LR:
             out.append(("rank", ev, float(stat)))
     return out
 
 
-def _rank_deficient_stat(res, S, beta, alpha) -> tuple[float, float]:
+def _rank_deficient_stat(probe: Likelihood, llf: float, S, beta, alpha) -> tuple[float, float]:
     """LR statistic for removing the weakest direction of the correlation matrix.
 
     ``R = D^-1 Sigma D^-1`` loses its smallest eigenvalue (set to ``1e-12``);
@@ -112,9 +115,9 @@ def _rank_deficient_stat(res, S, beta, alpha) -> tuple[float, float]:
     R0 = (V * w0) @ V.T
     S0 = R0 * np.outer(sd, sd)
     try:
-        theta0 = res.layout.theta_from_parts(beta, alpha, S0)
+        theta0 = probe.layout.theta_from_parts(beta, alpha, S0)
         with np.errstate(all="ignore"):
-            llf0 = _llf(res, theta0)
+            llf0 = probe.value(theta0)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return float("nan"), float(w[0])
-    return 2.0 * (res.llf - llf0), float(w[0])
+    return 2.0 * (llf - llf0), float(w[0])

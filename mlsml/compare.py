@@ -59,8 +59,7 @@ def _response_id(res) -> str:
     design = res.model.design
     y = np.empty(design.nobs)
     y[design.order] = design.y
-    res._info["response_sha256"] = response_fingerprint(y)
-    return res._info["response_sha256"]
+    return response_fingerprint(y)  # not cached: nothing is written into a results object
 
 
 def lrtest(a, b) -> LRTestResult:

@@ -88,6 +88,13 @@ class Design:
     G: np.ndarray | None = None
     S: np.ndarray | None = None
 
+    def __post_init__(self) -> None:
+        # read-only: a design is shared by the model, its likelihood and every result
+        for name in ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S"):
+            a = getattr(self, name)
+            if isinstance(a, np.ndarray):
+                a.setflags(write=False)
+
     @property
     def nobs(self) -> int:
         """Number of observations (students)."""
@@ -748,8 +755,6 @@ def build_design(
     if np.ptp(ys) == 0:
         raise DataError(f"the response {response!r} is constant ({ys[0]!r})")
 
-    from .extended import extra_designs  # the optional structures of issue 3
-
     G, S, scale_re_terms, bs_terms = extra_designs(frame, extra, codes, order, starts, groups)
     layout = ParamLayout(
         mean_terms=tuple(mean_terms),
@@ -798,3 +803,58 @@ def build_design(
         frame=frame,
     )
     return design, spec
+
+
+def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups: str):
+    """Evaluate ``scale_re_formula`` and ``bs_formula`` (called by :func:`build_design`).
+
+    Returns
+    -------
+    G : ndarray (N, n_v) or None
+        Sorted design of the log-variance school effects; ``None`` when absent or
+        when it is only an intercept (then the plain random scale ``v`` is used).
+    S : ndarray (J, m) or None
+        One row per school of the BS-variance design.
+    scale_re_terms, bs_terms : tuple of str
+    """
+    G = S = None
+    g_terms: tuple[str, ...] = ()
+    s_terms: tuple[str, ...] = ()
+    if "scale_re" in extra:
+        Gdf, _ = _materialise(extra["scale_re"], frame, "scale random-effects formula")
+        names = [str(c) for c in Gdf.columns]
+        if not names:
+            raise ModelSpecError("scale_re_formula has no terms")
+        Gm = Gdf.to_numpy(dtype=float)
+        _check_columns(Gm, names, "the scale random-effects design")
+        if names != ["Intercept"]:
+            G = np.ascontiguousarray(Gm[order])
+            g_terms = tuple(names)
+    if "bs" in extra:
+        Sdf, _ = _materialise(extra["bs"], frame, "between-school variance formula")
+        names = [str(c) for c in Sdf.columns]
+        if not names:
+            raise ModelSpecError("bs_formula has no terms: it needs at least an intercept ('~ 1')")
+        Sm = Sdf.to_numpy(dtype=float)[order]
+        _check_columns(Sm, names, "the between-school variance design")
+        codes_sorted = np.asarray(codes)[order]
+        first = Sm[starts][codes_sorted]
+        labels = frame[groups].to_numpy()[order]
+        for c, name in enumerate(names):
+            diff = np.nonzero(np.abs(Sm[:, c] - first[:, c]) > 1e-12 * (1 + np.abs(first[:, c])))[0]
+            if diff.size:
+                bad = labels[diff[0]]
+                bad = bad.item() if isinstance(bad, np.generic) else bad
+                raise DataError(
+                    f"bs_formula column {name!r} is not constant within group {bad!r} of "
+                    f"{groups!r}: the between-school variance model needs school-level covariates"
+                )
+        S = np.ascontiguousarray(Sm[starts])
+        s_terms = tuple(names)
+    return G, S, g_terms, s_terms
+
+
+def check_extended_layout(layout) -> None:
+    """Refuse a between-school variance model without a random intercept."""
+    if layout.bs_terms and layout.q == 0:
+        raise ModelSpecError("bs_formula models the variance of the random intercept u0: re_formula must not be empty")

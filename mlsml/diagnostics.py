@@ -1,5 +1,10 @@
 """Model diagnostics computed from a fit (numbers, not figures).
 
+- :func:`diagnose`: everything the results object reports about the fit, computed
+  from the likelihood and the optimiser summary *before* the results are built
+  (:class:`Diagnostics`): whether the observed information is positive definite,
+  the boundary probes (:mod:`mlsml.boundary`), the quadrature check with about
+  twice the points, and the reasons a fit is singular.
 - :func:`standardised_residuals`: the students' residuals from their school's
   predicted mean, divided by their predicted residual standard deviation.
 
@@ -9,11 +14,167 @@ The figures built on them (histograms with normal curves) are in
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pandas as pd
 
-from .predict import PosteriorGrid, posterior_moments
-from .schools import posterior_nagq
+from .boundary import BOUNDARY_LR, boundary_effects
+from .likelihood import Likelihood
+from .optimize import OptSummary
+from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from .quadrature import max_nagq
+
+#: A variance of a school effect counts as zero below this fraction of its reference
+#: (the residual variance for mean effects, 1 on the ln var(e) scale for ``v``).
+ZERO_VARIANCE = 1e-6
+
+#: The correlation matrix of the school effects counts as singular when its smallest
+#: eigenvalue is below this.
+SINGULAR_CORRELATION = 1e-6
+
+#: The observed information counts as positive definite when its smallest eigenvalue
+#: (in the units of the standardised fit) exceeds this fraction of its largest.
+HESSIAN_PD_RTOL = 1e-10
+
+#: A change of the log-likelihood above this with about twice the points gives a
+#: :class:`~mlsml.errors.QuadratureWarning`.
+QUADRATURE_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """What :func:`diagnose` found (passed to :class:`mlsml.results.MELSMResults`).
+
+    Attributes
+    ----------
+    hessian_pd : bool
+        Whether the observed information is positive definite.
+    singular_reasons : tuple of str
+        Why the fit is singular or at a boundary (empty if it is not).
+    boundary : tuple
+        The boundary probes of :func:`mlsml.boundary.boundary_effects`.
+    quadrature_check : tuple or None
+        ``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
+    """
+
+    hessian_pd: bool
+    singular_reasons: tuple = ()
+    boundary: tuple = ()
+    quadrature_check: tuple | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+def hessian_pd(optsum: OptSummary) -> bool:
+    """Whether ``-H`` is positive definite, judged in the units of the standardised fit (:func:`mlsml.optimize.maximize`)."""
+    H = np.asarray(optsum.hessian, dtype=float)
+    negH = -0.5 * (H + H.T)
+    units = optsum.theta_units
+    try:
+        w = np.linalg.eigvalsh(negH if units is None else negH * np.outer(units, units))
+        return bool(w.min() > HESSIAN_PD_RTOL * max(w.max(), 1e-300))
+    except np.linalg.LinAlgError:
+        return False
+
+
+def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | None:
+    """``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
+
+    Only where it is cheap and informative: a random scale (otherwise the
+    integrand is Gaussian and the rule exact), the core model, and at most
+    two dimensions in the product rule (the u-exact rule is one-dimensional in ``v``).
+    """
+    lay = lik.layout
+    if not lay.random_scale or not lik.integrand.core or not np.isfinite(llf):
+        return None
+    nagq = lik.spec.nagq
+    more = min(2 * nagq + 1, max_nagq(lik.spec.dim(lay.q, lay.n_v)))
+    if more <= nagq:
+        return None
+    if not lik.spec.uexact and lay.d > 2:
+        return None
+    with np.errstate(all="ignore"):
+        value = lik.with_spec(nagq=more).value(theta)
+    return more, abs(value - llf)
+
+
+def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool) -> list[str]:
+    """Why the fit is at a boundary: near-zero variances, correlations near +/-1 (see :meth:`mlsml.MELSMResults.singular_reasons`)."""
+    lay = lik.layout
+    design = lik.design
+    natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
+    S = lay.sigma_from_natural(natural)
+    fe_scale = natural[lay.p : lay.p + lay.k]
+    reasons = []
+    # compared on the log scale: exp(mean ln var(e)) overflowed for absurd estimates
+    # (e.g. from huge start_params) and then every variance was "effectively zero"
+    log_resid_var = float(np.mean(design.W @ fe_scale))
+    for i, name in enumerate(lay.re_names):
+        if name.startswith("v"):  # v, or v0, v1, ... (scale_re_formula)
+            G = design.G
+            log_ref = 0.0 if G is None else -np.log(max(float(np.mean(G[:, i - lay.q] ** 2)), 1e-300))
+            of = "on the scale of ln var(e)"
+        else:
+            log_ref = log_resid_var - np.log(max(float(np.mean(design.Z[:, i] ** 2)), 1e-300))
+            shown = f"exp({log_resid_var:.4g})" if abs(log_resid_var) > np.log(np.finfo(float).max) else f"{np.exp(log_resid_var):.3g}"
+            of = f"times the residual variance, {shown}"
+        if not S[i, i] > 0 or np.log(S[i, i]) < np.log(ZERO_VARIANCE) + log_ref:
+            reasons.append(f"var({name}) = {S[i, i]:.3g} is effectively zero (below {ZERO_VARIANCE:g} {of})")
+    sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
+    R = S / np.outer(sd, sd)
+    if lay.d > 1 and not reasons:
+        ev = np.linalg.eigvalsh(R)
+        if ev.min() < SINGULAR_CORRELATION:
+            iu = np.triu_indices(lay.d, 1)
+            worst = int(np.argmax(np.abs(R[iu])))
+            i, j = iu[0][worst], iu[1][worst]
+            reasons.append(
+                f"the school effects are (nearly) perfectly correlated: corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
+            )
+    reasons += lik.integrand.extra_singular_reasons(theta)
+    for name, var, stat in boundary:
+        if stat <= -BOUNDARY_LR:
+            what = "making Sigma singular" if name == "rank" else f"dropping {name}"
+            reasons.append(
+                f"{what} raises the log-likelihood by {-stat / 2:.3g}: these estimates are not the "
+                "maximum, the maximum is on the boundary"
+            )
+            continue
+        if name == "rank":
+            if any("correlated" in r for r in reasons):
+                continue
+            iu = np.triu_indices(lay.d, 1)
+            worst = int(np.argmax(np.abs(R[iu])))
+            i, j = iu[0][worst], iu[1][worst]
+            reasons.append(
+                f"Sigma is at the boundary: making the correlation matrix of the school effects singular "
+                f"(smallest eigenvalue {var:.2g} -> 0; largest correlation corr({lay.re_names[i]},"
+                f"{lay.re_names[j]}) = {R[i, j]:.6f}) changes 2*llf by only {-stat:+.1e}"
+            )
+        elif not any(r.startswith(f"var({name})") for r in reasons):
+            reasons.append(  # the first check's threshold missed it
+                f"var({name}) = {var:.3g} is at the boundary: dropping {name} changes 2*llf by only {-stat:+.1e}"
+            )
+    if not pd_ok:
+        reasons.append("the observed information is not positive definite (standard errors unavailable)")
+    return reasons
+
+
+def diagnose(lik: Likelihood, optsum: OptSummary) -> Diagnostics:
+    """All diagnostics of a fit, from its likelihood and optimiser summary.
+
+    The boundary probes (:func:`mlsml.boundary.boundary_effects`) apply where the
+    integrand is the core model (:attr:`mlsml.integrand.Integrand.core`).
+    """
+    theta = np.asarray(optsum.theta, dtype=float)
+    pd_ok = hessian_pd(optsum)
+    boundary = tuple(boundary_effects(lik, theta, optsum.llf)) if lik.integrand.core else ()
+    return Diagnostics(
+        hessian_pd=pd_ok,
+        singular_reasons=tuple(singular_reasons(lik, theta, boundary, pd_ok)),
+        boundary=boundary,
+        quadrature_check=quadrature_check(lik, theta, optsum.llf),
+    )
 
 
 def standardised_residuals(res) -> pd.Series:
@@ -54,7 +215,7 @@ def standardised_residuals(res) -> pd.Series:
     design = res.model.design
     lay = design.layout
     q = lay.q
-    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
+    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
     g = design.group
     fit = design.X @ res.fe_mean.to_numpy()
     if q:

@@ -6,32 +6,29 @@
     \\ln \\operatorname{var}(e_{ij}) = w_{ij}'\\alpha + v_j, \\qquad
     (u_j, v_j) \\sim N(0, \\Sigma).
 
-Data flow: formulas -> :func:`mlsml.design.build_design` (arrays) ->
-:func:`mlsml.likelihood.loglik_at_nodes` (objective) ->
-:func:`mlsml.optimize.maximize` -> :class:`mlsml.results.MELSMResults`.
+Data flow (as lme4's ``lFormula -> mkLmerDevfun -> optimizeLmer -> mkMerMod``):
+formulas -> :func:`mlsml.design.build_design` (arrays) ->
+:meth:`MELSM.objective` (a :class:`mlsml.likelihood.Likelihood`) ->
+:func:`mlsml.optimize.maximize` (an :class:`mlsml.optimize.OptSummary`) ->
+:func:`mlsml.diagnostics.diagnose` -> :class:`mlsml.results.MELSMResults`, built once.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import autograd
 import numpy as np
 import pandas as pd
 
-from . import marginal as _marginal
-from .design import Design, FormulaSpec, build_design
+from .design import Design, FormulaSpec, build_design, check_extended_layout
+from .diagnostics import diagnose
 from .errors import ModelSpecError
-from .likelihood import loglik_at_nodes
+from .likelihood import Likelihood
 from .optimize import FitOptions, maximize
 from .params import ParamLayout
-from .posterior import adapt
-from .posterior import loglik as _loglik_theta
-from .quadrature import check_nagq, default_nagq, gauss_hermite_rule, max_nagq
+from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, check_nagq, default_nagq, uexact_supported
 from .results import MELSMResults
 from .validate import check_choice, check_int, check_real, describe_value
-
-_value_and_grad = autograd.value_and_grad(loglik_at_nodes)
 
 #: ``scipy.optimize.minimize`` methods :meth:`MELSM.fit` accepts (matched case-insensitively):
 #: those that use the exact autograd gradient. Derivative-free methods (Nelder-Mead,
@@ -103,7 +100,7 @@ bs_formula : str, optional
     One-sided formula of a log-linear between-school variance of the random
     intercept, :math:`\ln \operatorname{var}(u_{0j}) = s_j'\tau`, in school-level
     columns (constant within each school); the parameters ``bsvar:<term>`` replace
-    ``var(u0)``. See :mod:`mlsml.extended`."""
+    ``var(u0)``. See :mod:`mlsml.integrand`."""
 
 _FIT_PARAMS_DOC = r"""nagq : int, optional
     Quadrature points per dimension of the rule. Default: 15 for the u-exact rule
@@ -153,7 +150,7 @@ quadrature : {"auto", "product", "marginal"}, default "auto"
     ``"product"``: the rotated product Gauss-Hermite rule over all ``d`` school
     effects. ``"marginal"`` (u-exact): the mean effects integrated out exactly and
     ``nagq`` points per dimension over the scale effects only
-    (:mod:`mlsml.marginal`; models with a random scale and a school effect in the
+    (:mod:`mlsml.gaussian`; models with a random scale and a school effect in the
     mean or ``scale_re_formula``). ``"auto"`` uses ``"marginal"`` wherever it
     applies and ``"product"`` otherwise. The u-exact rule is both faster (London
     Model 3: 0.15 s against 0.28 s) and far more accurate for small clusters with
@@ -337,10 +334,7 @@ class MELSM:
             scale_re_formula=scale_re_formula,
             bs_formula=bs_formula,
         )
-        if design.layout.extended:
-            from .extended import _check_layout
-
-            _check_layout(design)
+        check_extended_layout(design.layout)
         return cls(design, spec)
 
     # ------------------------------------------------------------------
@@ -420,7 +414,7 @@ class MELSM:
     def _natural(self, theta: np.ndarray) -> np.ndarray:
         return np.asarray(self.layout.to_natural(np.asarray(theta, dtype=float)), dtype=float)
 
-    def _check_start(self, theta: np.ndarray, rule) -> None:
+    def _check_start(self, theta: np.ndarray, lik: Likelihood) -> None:
         """Refuse starting values at which the fit cannot start.
 
         The residual log-variance ``w_ij' alpha`` must stay within
@@ -460,7 +454,7 @@ class MELSM:
                 )
         with np.errstate(all="ignore"):
             try:
-                value, grad = _value_and_grad(theta, self.design, adapt(theta, self.design, rule))
+                value, grad = lik.value_and_grad(theta)
             except (np.linalg.LinAlgError, FloatingPointError, ValueError):
                 value, grad = np.nan, np.full(theta.shape, np.nan)
         if not (np.isfinite(value) and np.all(np.isfinite(grad))):
@@ -488,13 +482,51 @@ class MELSM:
         True
         """
         theta = self.theta_from_params(params)
+        return self.objective(nagq=nagq, quadrature=quadrature).value(theta)
+
+    def objective(self, nagq: int | None = None, quadrature: str = "auto", prune: float = 0.0) -> Likelihood:
+        """The log-likelihood function the fit maximises (lme4's ``devFunOnly``).
+
+        Parameters
+        ----------
+        nagq, quadrature, prune
+            As :meth:`fit` (the defaults give the rule :meth:`fit` uses).
+
+        Returns
+        -------
+        mlsml.likelihood.Likelihood
+            ``.value(theta)``, ``.value_and_grad``, ``.hessian``, ``.per_school``,
+            ``.adapt`` on the optimiser scale (:meth:`theta_from_params`); hand it to
+            :func:`mlsml.optimize.maximize`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula="~ x")
+        >>> f = model.objective()
+        >>> f.spec.kind, f.spec.nagq
+        ('uexact', 15)
+        >>> res = model.fit()
+        >>> abs(f.value(res.theta) - res.llf) < 1e-9
+        True
+        """
+        return Likelihood.build(self.design, self._spec(nagq, quadrature, prune))
+
+    def _spec(self, nagq, quadrature: str, prune) -> QuadratureSpec:
+        """The rule of :meth:`objective` / :meth:`fit` (options checked)."""
         quadrature = check_choice("quadrature", quadrature, QUADRATURES)
-        if quadrature == "marginal" and not _marginal.supports(self.layout):
-            raise ModelSpecError("quadrature='marginal' needs a random scale and a random effect in the mean (or scale_re_formula)")
-        if quadrature != "product" and _marginal.supports(self.layout):
-            rule = _marginal.marginal_rule(self._nagq(nagq, True), self.layout.n_v)
-            return float(_marginal.loglik_marginal(theta, self.design, _marginal.adapt_marginal(theta, self.design, rule)))
-        return _loglik_theta(theta, self.design, self._nagq(nagq, False))
+        prune = check_real("prune", prune, 0.0, 1.0, high_open=True)
+        supported = uexact_supported(self.layout)
+        if quadrature == "marginal" and not supported:
+            raise ModelSpecError(
+                "quadrature='marginal' needs a random scale and a random effect in the mean "
+                "(or scale_re_formula); use quadrature='product'"
+            )
+        uexact = quadrature == "marginal" or (quadrature == "auto" and supported)
+        if uexact and prune:
+            raise ModelSpecError("prune applies to the product rule only (quadrature='product')")
+        return QuadratureSpec("uexact" if uexact else "product", self._nagq(nagq, uexact), prune)
 
     # ------------------------------------------------------------------
     @_doc(fit_params=_FIT_PARAMS_DOC, raises=_FIT_RAISES_DOC, warns=_WARNS_DOC)
@@ -554,37 +586,15 @@ class MELSM:
         nagq (quadrature points per dimension) must be an integer >= 1, not 2.5 (float)
         """
         opts = _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback)
-        method = opts.method
-        quadrature = check_choice("quadrature", quadrature, QUADRATURES)
-        prune = check_real("prune", prune, 0.0, 1.0, high_open=True)
-        if quadrature == "marginal" and not _marginal.supports(self.layout):
-            raise ModelSpecError(
-                "quadrature='marginal' needs a random scale and a random effect in the mean "
-                "(or scale_re_formula); use quadrature='product'"
-            )
-        use_marginal = quadrature == "marginal" or (quadrature == "auto" and _marginal.supports(self.layout))
-        if use_marginal and prune:
-            raise ModelSpecError("prune applies to the product rule only (quadrature='product')")
-        nagq = self._nagq(nagq, use_marginal)
-        if use_marginal:
-            rule = _marginal.marginal_rule(nagq, self.layout.n_v)
-        else:
-            rule = gauss_hermite_rule(self.layout.d, nagq, prune)
-        start = None
+        lik = self.objective(nagq=nagq, quadrature=quadrature, prune=prune)
         if start_params is not None:
             start = self.theta_from_params(start_params)
-            self._check_start(start, rule)
-        if start is None and self.layout.extended:
-            from .extended import start_values_ext
-
-            start = start_values_ext(self.design)
-        opts = replace(opts, start=start)
+            self._check_start(start, lik)
+            opts = replace(opts, start=start)
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            opt = maximize(self.design, rule, opts, callback=callback)
-            res = MELSMResults.from_optimum(self, opt, nagq=nagq, method=method, prune=prune)
-        res._info["quadrature"] = "marginal" if use_marginal else "product"
-        res._info["options"] = {"method": method, "maxiter": maxiter, "max_passes": max_passes, "xtol": xtol, "gtol": gtol}
-        res._info["quadrature_check"] = self._quadrature_check(res, use_marginal, nagq, prune)
+            optsum = maximize(lik, opts, callback=callback)
+            diagnostics = diagnose(lik, optsum)
+        res = MELSMResults.build(self, lik, optsum, diagnostics)
         res.warn_if_problematic()
         return res
 
@@ -592,32 +602,8 @@ class MELSM:
         """The points per dimension: the default for ``None``, else ``nagq`` checked (:func:`mlsml.quadrature.check_nagq`)."""
         dim = self.layout.n_v if use_marginal else self.layout.d
         if nagq is None:
-            return _marginal.DEFAULT_NAGQ_MARGINAL if use_marginal else default_nagq(dim)
+            return DEFAULT_NAGQ_UEXACT if use_marginal else default_nagq(dim)
         return check_nagq(nagq, dim, "u-exact (marginal)" if use_marginal else "product")
-
-    def _quadrature_check(self, res, use_marginal: bool, nagq: int, prune: float):
-        """``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
-
-        Only where it is cheap and informative: a random scale (otherwise the
-        integrand is Gaussian and the rule exact), and at most two dimensions in
-        the product rule (the u-exact rule is one- or two-dimensional in ``v``).
-        """
-        lay = self.layout
-        if not lay.random_scale or lay.extended or not np.isfinite(res.llf):
-            return None
-        more = min(2 * nagq + 1, max_nagq(lay.n_v if use_marginal else lay.d))
-        if more <= nagq:
-            return None
-        theta = np.asarray(res.theta, dtype=float)
-        with np.errstate(all="ignore"):
-            if use_marginal:
-                rule = _marginal.marginal_rule(more, lay.n_v)
-                value = float(_marginal.loglik_marginal(theta, self.design, _marginal.adapt_marginal(theta, self.design, rule)))
-            elif lay.d <= 2:
-                value = _loglik_theta(theta, self.design, more, prune)
-            else:
-                return None
-        return more, abs(value - res.llf)
 
 
 @_doc(

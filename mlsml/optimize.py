@@ -3,8 +3,8 @@
 The objective handed to :func:`scipy.optimize.minimize` is the adaptive
 Gauss-Hermite log-likelihood itself: at every evaluation the nodes are
 **re-centred** at each school's posterior mode and scaled by its curvature at
-the current parameters (:func:`mlsml.posterior.adapt`), then the likelihood is
-summed over those nodes (:func:`mlsml.likelihood.loglik_at_nodes`). The value
+the current parameters (:meth:`mlsml.likelihood.Likelihood.adapt`), then the likelihood is
+summed over those nodes (:meth:`mlsml.likelihood.Likelihood.at_nodes`). The value
 is therefore a pure function of the parameters. The gradient is autograd's
 exact derivative with the nodes held fixed; because the integral does not
 depend on where the nodes sit, this equals the derivative of the adapted
@@ -25,28 +25,22 @@ gained to second order -- is below ``dtol`` (1e-6 by default). Standard errors
 come from the autograd Hessian at nodes adapted to the estimates (the observed
 information).
 
-Starting values: ``beta`` by least squares; ``sigma2_e`` by the pooled
-within-school variance of the residuals and ``sigma2_u`` by the method of
-moments from the school means; ``alpha`` reproduces ``ln sigma2_e`` with zero
-slopes; random slopes start at 10% of the scaled intercept variance; the
-random scale starts at ``var(v) = 0.1`` with zero correlations -- away from
-the saddle at ``sd(v) = 0`` where the likelihood's gradient vanishes. BFGS is
-seeded with the inverse of the exact Hessian at the start.
+Starting values come from :mod:`mlsml.start`; BFGS is seeded with the inverse of the
+exact Hessian at the start.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-import autograd
 import numpy as np
 from scipy import optimize as sopt
 
 from .design import Design
-from .likelihood import loglik_at_nodes
-from .posterior import adapt
-from .quadrature import Rule
+from .likelihood import Likelihood
+from .quadrature import QuadratureSpec
+from .start import start_values_core, start_values_ext
 
 #: Whether scipy's BFGS accepts an initial inverse Hessian (option ``hess_inv0``, new in
 #: scipy 1.12; setup.cfg allows 1.11), read from scipy's own list of the method's options.
@@ -90,69 +84,93 @@ class FitOptions:
 
 
 @dataclass(frozen=True)
-class Optimum:
-    """What the optimiser found."""
+class OptSummary:
+    """What the optimiser did and found (as MixedModels.jl's ``OptSummary``).
 
+    Attributes
+    ----------
+    start : ndarray
+        Starting values (optimiser scale, units of ``y``).
+    theta : ndarray
+        Final values.
+    llf : float
+        Log-likelihood at ``theta`` (the fit's own rule).
+    grad : ndarray
+        Its gradient there.
+    hessian : ndarray
+        Its Hessian there (the observed information is its negative).
+    converged : bool
+    message : str
+    method : str
+        The ``scipy.optimize.minimize`` method.
+    options : FitOptions
+    n_passes : int
+        Re-centring passes.
+    n_iter : int
+        Optimiser iterations plus Newton polishing steps.
+    n_fev : int
+        Function evaluations reported by the optimiser.
+    decrement : float
+        Newton decrement ``g'(-H)^{-1}g/2`` at ``theta``.
+    max_grad : float
+        ``max |grad|``.
+    history : tuple
+        One ``(pass, llf, max step, success, message)`` per pass.
+    quadrature : QuadratureSpec
+        The rule of the likelihood that was maximised.
+    time : float
+        Seconds.
+    theta_units : ndarray or None
+        Units of each element of ``theta`` relative to the fit on ``y / s``
+        (``M`` of :func:`_response_scaling`); ``H * outer(M, M)`` is the Hessian in
+        the standardised units, where eigenvalue cut-offs are meaningful.
+    """
+
+    start: np.ndarray
     theta: np.ndarray
     llf: float
     grad: np.ndarray
     hessian: np.ndarray
     converged: bool
     message: str
+    method: str
+    options: FitOptions
     n_passes: int
     n_iter: int
     n_fev: int
+    decrement: float
+    max_grad: float
+    history: tuple
+    quadrature: QuadratureSpec
     time: float
-    history: tuple = field(default=())
-    #: units of each element of ``theta`` relative to the fit on ``y / s``
-    #: (``M`` of :func:`_response_scaling`); ``H * outer(M, M)`` is the Hessian in
-    #: the standardised units, where eigenvalue cut-offs are meaningful.
     theta_units: np.ndarray | None = None
 
+    @property
+    def nagq(self) -> int:
+        """Points per dimension of the rule."""
+        return self.quadrature.nagq
 
-def start_values(design: Design) -> np.ndarray:
-    """Moment-based starting values on the optimiser scale (see module docstring).
-
-    Examples
-    --------
-    >>> import mlsml
-    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
-    >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
-    >>> theta0 = start_values(model.design)
-    >>> theta0.shape == (model.layout.n_params,)
-    True
-    """
-    lay = design.layout
-    y, X = design.y, design.X
-    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
-    r = y - X @ beta
-    n = design.counts
-    rbar = np.add.reduceat(r, design.starts) / n
-    within = r - rbar[design.group]
-    dfw = max(design.nobs - design.ngroups, 1)
-    s2e = float(np.sum(within**2) / dfw)
-    if not np.isfinite(s2e) or s2e <= 0:
-        s2e = float(np.var(r)) or 1.0
-    s2u = float(np.var(rbar) - s2e * np.mean(1.0 / n))
-    s2u = max(s2u, 0.1 * s2e / max(np.mean(n), 1.0), 1e-3 * s2e)
-    alpha, *_ = np.linalg.lstsq(design.W, np.full(design.nobs, np.log(s2e)), rcond=None)
-    diag = []
-    for i in range(lay.q):
-        z2 = float(np.mean(design.Z[:, i] ** 2)) or 1.0
-        diag.append(s2u / z2 if i == 0 else 0.1 * s2u / z2)
-    if lay.random_scale:
-        diag.append(0.1)
-    return lay.theta_from_parts(beta, alpha, np.diag(diag))
+    @property
+    def feval(self) -> int:
+        """Function evaluations (MixedModels.jl's name)."""
+        return self.n_fev
 
 
-def _initial_inverse_hessian(theta, design, rule, hess, N):
+#: Backward-compatible name of :class:`OptSummary`.
+Optimum = OptSummary
+
+#: Most Newton polishing steps after the quasi-Newton passes.
+NEWTON_POLISH_STEPS = 20
+
+
+def _initial_inverse_hessian(theta, lik: Likelihood, N):
     """Inverse of the exact Hessian of ``-loglik/N`` at the start, when positive definite.
 
     Seeding BFGS with it removes most of the iterations spent learning the very
     different scales of ``beta``, ``alpha`` and the log-Cholesky parameters.
     """
     try:
-        H = -hess(theta, design, adapt(theta, design, rule)) / N
+        H = -lik.hessian(theta) / N
         H = 0.5 * (H + H.T)
         w, V = np.linalg.eigh(H)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
@@ -196,7 +214,7 @@ def _newton_decrement(grad: np.ndarray, hess: np.ndarray) -> float:
     return float(0.5 * np.sum(gv[keep] ** 2 / w[keep]))
 
 
-def _newton_polish(theta, design, rule, vg, hess, dtol, max_steps: int = 20):
+def _newton_polish(theta, lik: Likelihood, dtol, max_steps: int = NEWTON_POLISH_STEPS):
     """Finish with Newton-Raphson steps on the exact Hessian (as MIXREGLS does).
 
     Quasi-Newton methods stop once their line search cannot make progress in
@@ -208,12 +226,12 @@ def _newton_polish(theta, design, rule, vg, hess, dtol, max_steps: int = 20):
     """
 
     def at(th):
-        nodes = adapt(th, design, rule)
-        v, g = vg(th, design, nodes)
+        nodes = lik.adapt(th)
+        v, g = lik.value_and_grad(th, nodes)
         return float(v), np.asarray(g), nodes
 
     llf, grad, nodes = at(theta)
-    H = np.asarray(hess(theta, design, nodes))
+    H = lik.hessian(theta, nodes)
     steps = 0
     for steps in range(1, max_steps + 1):
         dec = _newton_decrement(grad, H)
@@ -237,7 +255,7 @@ def _newton_polish(theta, design, rule, vg, hess, dtol, max_steps: int = 20):
         else:
             break
         theta, llf, grad, nodes = new, llf_new, grad_new, nodes_new
-        H = np.asarray(hess(theta, design, nodes))
+        H = lik.hessian(theta, nodes)
     return theta, llf, grad, H, steps
 
 
@@ -290,9 +308,23 @@ def _response_scaling(design: Design) -> tuple[float, np.ndarray, np.ndarray]:
     return s, M, c
 
 
-def maximize(design: Design, rule: Rule, options: FitOptions | None = None, callback=None) -> Optimum:
+def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback=None) -> OptSummary:
     """Maximum-likelihood estimates, fitted internally to ``y / s`` with ``s ~ sd(y)``.
 
+    Parameters
+    ----------
+    likelihood : Likelihood
+        The objective (:meth:`mlsml.MELSM.objective`); its rule is the fit's rule.
+    options : FitOptions, optional
+    callback : callable, optional
+        Called as ``callback(pass_number, theta, llf)`` after every pass.
+
+    Returns
+    -------
+    OptSummary
+
+    Notes
+    -----
     The optimiser's tolerances (``gtol`` on the gradient, the relative
     eigenvalue cut-offs of the Newton steps) are not invariant to the units of
     ``y``: with responses of order ``1e-4`` the curvature in ``beta`` is
@@ -303,75 +335,63 @@ def maximize(design: Design, rule: Rule, options: FitOptions | None = None, call
     by :func:`_response_scaling`: ``theta = M theta_s + c``,
     ``grad = grad_s / M``, ``H = H_s / (M M')``, ``llf = llf_s - N ln s``.
     Results therefore transform exactly under rescaling of ``y``.
-    """
-    opts = options or FitOptions()
-    s, M, c = _response_scaling(design)
-    if s == 1.0:
-        return _maximize(design, rule, opts, callback)
-    shift = design.nobs * np.log(s)
-    std_design = replace(design, y=design.y / s)
-    start = None if opts.start is None else (np.asarray(opts.start, float) - c) / M
-    std_opts = replace(opts, start=start)
-    cb = None if callback is None else (lambda k, th, llf: callback(k, M * th + c, llf - shift))
-    opt = _maximize(std_design, rule, std_opts, cb)
-    return replace(
-        opt,
-        theta=M * opt.theta + c,
-        llf=float(opt.llf - shift),
-        grad=opt.grad / M,
-        hessian=opt.hessian / np.outer(M, M),
-        history=tuple((k, llf - shift, step, ok, msg) for (k, llf, step, ok, msg) in opt.history),
-        theta_units=M,
-    )
-
-
-def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, callback=None) -> Optimum:
-    """Maximum-likelihood estimates by re-centred adaptive quadrature.
-
-    Parameters
-    ----------
-    design : Design
-    rule : Rule
-        The standard (unadapted) quadrature rule.
-    options : FitOptions, optional
-    callback : callable, optional
-        Called as ``callback(pass_number, theta, llf)`` after every pass.
-
-    Returns
-    -------
-    Optimum
 
     Examples
     --------
     What :meth:`mlsml.MELSM.fit` does, step by step:
 
     >>> import mlsml
-    >>> from mlsml.quadrature import gauss_hermite_rule
     >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
     >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
-    >>> opt = maximize(model.design, gauss_hermite_rule(2, 11))
-    >>> opt.converged, bool(abs(opt.llf - model.fit().llf) < 1e-6)
-    (True, True)
+    >>> opt = maximize(model.objective())
+    >>> opt.converged, opt.quadrature.kind, bool(abs(opt.llf - model.fit().llf) < 1e-6)
+    (True, 'uexact', True)
     """
     opts = options or FitOptions()
+    design = likelihood.design
+    if opts.start is None and design.layout.extended:  # in the units of y (see mlsml.start)
+        opts = replace(opts, start=start_values_ext(design))
+    s, M, c = _response_scaling(design)
+    if s == 1.0:
+        return _maximize(likelihood, opts, callback)
+    shift = design.nobs * np.log(s)
+    std = likelihood.with_design(replace(design, y=design.y / s))
+    start = None if opts.start is None else (np.asarray(opts.start, float) - c) / M
+    cb = None if callback is None else (lambda k, th, llf: callback(k, M * th + c, llf - shift))
+    opt = _maximize(std, replace(opts, start=start), cb)
+    return replace(
+        opt,
+        start=M * opt.start + c,
+        theta=M * opt.theta + c,
+        llf=float(opt.llf - shift),
+        grad=opt.grad / M,
+        hessian=opt.hessian / np.outer(M, M),
+        max_grad=float(np.max(np.abs(opt.grad / M))) if opt.grad.size else 0.0,
+        history=tuple((k, llf - shift, step, ok, msg) for (k, llf, step, ok, msg) in opt.history),
+        options=opts,
+        theta_units=M,
+    )
+
+
+def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
+    """Maximum-likelihood estimates by re-centred adaptive quadrature (on the scale given)."""
     t0 = time.perf_counter()
-    theta = np.array(opts.start if opts.start is not None else start_values(design), dtype=float)
-    N = float(design.nobs)
-    vg = autograd.value_and_grad(loglik_at_nodes)
-    hess = autograd.hessian(loglik_at_nodes)
+    theta = np.array(opts.start if opts.start is not None else start_values_core(lik.design), dtype=float)
+    start = theta.copy()
+    N = float(lik.design.nobs)
 
     def fun(th):
         # nodes re-adapted at every evaluation: the value is the AGQ likelihood at th
         try:
-            nodes = adapt(th, design, rule)
+            nodes = lik.adapt(th)
         except np.linalg.LinAlgError:
             return np.inf, np.zeros_like(th)
-        v, g = vg(th, design, nodes)
+        v, g = lik.value_and_grad(th, nodes)
         if not np.isfinite(v) or not np.all(np.isfinite(g)):
             return np.inf, np.zeros_like(th)
         return -v / N, -g / N
 
-    hess_inv = _initial_inverse_hessian(theta, design, rule, hess, N) if opts.method == "BFGS" and BFGS_HAS_HESS_INV0 else None
+    hess_inv = _initial_inverse_hessian(theta, lik, N) if opts.method == "BFGS" and BFGS_HAS_HESS_INV0 else None
     llf_old = -np.inf
     n_iter = n_fev = 0
     history = []
@@ -392,7 +412,7 @@ def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, cal
         if method in ("trust-exact", "Newton-CG", "trust-krylov", "trust-ncg"):
 
             def hess_fun(th):
-                return -hess(th, design, adapt(th, design, rule)) / N
+                return -lik.hessian(th) / N
 
         res = sopt.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
         if "hess_inv0" in kw and int(getattr(res, "nit", 0)) == 0:
@@ -422,7 +442,7 @@ def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, cal
             message = f"converged after {passes} passes"
             break
         llf_old = llf
-    theta, llf, grad, H, n_newton = _newton_polish(theta, design, rule, vg, hess, opts.dtol)
+    theta, llf, grad, H, n_newton = _newton_polish(theta, lik, opts.dtol)
     n_iter += n_newton
     if not np.isfinite(llf):
         converged = False
@@ -434,16 +454,23 @@ def _maximize(design: Design, rule: Rule, options: FitOptions | None = None, cal
             f"re-centring converged but the log-likelihood is not at a maximum "
             f"(Newton decrement {decrement:.2e}, max |gradient| {float(np.max(np.abs(grad))):.2e})"
         )
-    return Optimum(
+    grad = np.asarray(grad)
+    return OptSummary(
+        start=start,
         theta=theta,
         llf=float(llf),
-        grad=np.asarray(grad),
+        grad=grad,
         hessian=np.asarray(H),
         converged=converged,
         message=message,
+        method=opts.method,
+        options=opts,
         n_passes=passes,
         n_iter=n_iter,
         n_fev=n_fev,
-        time=time.perf_counter() - t0,
+        decrement=float(decrement),
+        max_grad=float(np.max(np.abs(grad))) if grad.size else 0.0,
         history=tuple(history),
+        quadrature=lik.spec,
+        time=time.perf_counter() - t0,
     )

@@ -117,7 +117,7 @@ class ParamLayout:
 
     @property
     def extended(self) -> bool:
-        """Whether the model needs the extended likelihood (:mod:`mlsml.extended`)."""
+        """Whether the model needs the per-observation integrand or school-specific covariances (:mod:`mlsml.integrand`)."""
         return bool(self.scale_re_terms or self.bs_terms)
 
     @property

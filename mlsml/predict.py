@@ -11,7 +11,7 @@ different schools are independent a posteriori, with density
 the integrand of the likelihood. Two representations are used.
 
 **Adaptive quadrature** (:func:`posterior_moments`). The nodes ``b_jk`` and log
-weights of the likelihood (:func:`mlsml.posterior.adapt`) give the posterior
+weights of the likelihood (:meth:`mlsml.likelihood.Likelihood.adapt`) give the posterior
 weights ``p_jk = softmax_k(h_j(b_jk) + log w_k)``, so that
 
 .. math::
@@ -77,9 +77,10 @@ from scipy import special
 from ._lazy import LazyModule
 from .design import Design, FormulaSpec, _materialise
 from .errors import DataError, ModelSpecError, UnknownGroupWarning, warn
-from .likelihood import SchoolSums, log_conditional, log_prior, school_sums
-from .posterior import adapt
-from .quadrature import Nodes, default_nagq, gauss_hermite_rule
+from .gaussian import conditional_moments
+from .integrand import Sums, school_sums
+from .likelihood import Likelihood
+from .quadrature import Nodes, QuadratureSpec, default_nagq
 
 # imported on first use, to keep `import mlsml` fast (see tests/test_import.py)
 patsy = LazyModule("patsy")
@@ -90,42 +91,29 @@ GRID_POINTS = 201
 GRID_HALFWIDTH = 8.0
 
 
-def _sums(theta: np.ndarray, design: Design) -> SchoolSums:
+def _sums(theta: np.ndarray, design: Design) -> Sums:
     beta, alpha, _ = design.layout.split(np.asarray(theta, dtype=float))
     s = school_sums(beta, alpha, design)
-    return SchoolSums(*(np.asarray(a, dtype=float) for a in s))
+    return Sums(*(np.asarray(a, dtype=float) for a in s))
 
 
-def posterior_weights(theta: np.ndarray, design: Design, nodes: Nodes) -> np.ndarray:
-    """Normalised posterior weights ``p_jk`` of the adapted nodes, shape ``(J, K)``."""
-    lay = design.layout
-    theta = np.asarray(theta, dtype=float)
-    if lay.extended:  # scale_re_formula / bs_formula: per-observation density, per-school Sigma_j
-        from .extended import _log_h
+def posterior_weights(lik: Likelihood, theta: np.ndarray, nodes: Nodes) -> np.ndarray:
+    """Normalised posterior weights ``p_jk`` of the adapted nodes, shape ``(J, K)``.
 
-        h = _log_h(theta, design, nodes)
-    else:
-        _, _, L = lay.split(theta)
-        s = _sums(theta, design)
-        h = log_conditional(nodes.b, s, lay.q, lay.random_scale) + log_prior(nodes.b, np.asarray(L))
-    a = np.asarray(h) + nodes.logw[None, :]
-    a = a - a.max(axis=1, keepdims=True)
-    p = np.exp(a)
-    return p / p.sum(axis=1, keepdims=True)
+    The same as :meth:`mlsml.likelihood.Likelihood.posterior_weights`.
+    """
+    return lik.posterior_weights(theta, nodes)
 
 
-def posterior_moments(theta: np.ndarray, design: Design, nagq: int | None = None, prune: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def posterior_moments(lik: Likelihood, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means and covariances of ``b_j`` by adaptive Gauss-Hermite quadrature.
 
     Parameters
     ----------
+    lik : Likelihood
+        With a product rule (:func:`posterior_likelihood` gives the one of a fit).
     theta : ndarray
         Optimiser-scale parameters (see :mod:`mlsml.params`).
-    design : Design
-    nagq : int, optional
-        Points per dimension (default :func:`mlsml.quadrature.default_nagq`).
-    prune : float
-        Node pruning threshold (as in the fit).
 
     Returns
     -------
@@ -134,10 +122,15 @@ def posterior_moments(theta: np.ndarray, design: Design, nagq: int | None = None
     cov : ndarray (J, d, d)
         ``cov(b_j | y)``.
     """
+    theta = np.asarray(theta, dtype=float)
+    nodes = lik.adapt(theta)
+    return _moments(lik.posterior_weights(theta, nodes), nodes)
+
+
+def product_likelihood(design: Design, nagq: int | None = None, prune: float = 0.0) -> Likelihood:
+    """The likelihood of ``design`` under the product rule (default points for its dimension)."""
     d = design.layout.d
-    rule = gauss_hermite_rule(d, int(nagq or default_nagq(d)), prune)
-    nodes = adapt(np.asarray(theta, dtype=float), design, rule)
-    return _moments(posterior_weights(theta, design, nodes), nodes)
+    return Likelihood.build(design, QuadratureSpec("product", int(nagq or default_nagq(d)), prune))
 
 
 def _moments(p: np.ndarray, nodes: Nodes) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +217,7 @@ class PosteriorGrid:
             one = np.ones((J, 1))
             return cls(np.zeros((J, 1)), one, one, mu[:, None, :], V[:, None, :, :], False)
         if centre is None or scale is None:
-            m, c = posterior_moments(theta, design)
+            m, c = posterior_moments(product_likelihood(design), theta)
             centre = m[:, q] if centre is None else centre
             scale = np.sqrt(c[:, q, q]) if scale is None else scale
         t = np.linspace(-halfwidth, halfwidth, int(points))
@@ -233,21 +226,7 @@ class PosteriorGrid:
         Puu, Puv, Pvv = P[:q, :q], P[:q, q], P[q, q]
         M = E[:, :, None, None] * s.S2[:, None, :, :] + Puu[None, None]
         r = E[:, :, None] * s.S1[:, None, :] - v[:, :, None] * Puv[None, None, :]
-        if q == 1:
-            V = 1.0 / M
-            mu = V[..., 0] * r
-            logdet = np.log(M[..., 0, 0])
-            quad = r[..., 0] * mu[..., 0]
-        elif q:
-            V = np.linalg.inv(M)
-            V = 0.5 * (V + np.swapaxes(V, -1, -2))
-            mu = np.einsum("jgqr,jgr->jgq", V, r)
-            logdet = np.linalg.slogdet(M)[1]
-            quad = np.einsum("jgq,jgq->jg", r, mu)
-        else:
-            V = np.zeros((J, v.shape[1], 0, 0))
-            mu = np.zeros((J, v.shape[1], 0))
-            logdet = quad = np.zeros_like(v)
+        mu, V, logdet, quad = conditional_moments(M, r)
         lp = -0.5 * s.n[:, None] * v - 0.5 * E * s.S0[:, None] - 0.5 * Pvv * v**2 + 0.5 * quad - 0.5 * logdet
         # exact derivative of lp (for the Hermite-corrected CDF)
         S1mu = np.einsum("jq,jgq->jg", s.S1, mu)
@@ -438,9 +417,16 @@ def posterior_nagq(res) -> int:
     approximation) would otherwise report posterior SDs of zero.
     """
     d = res.layout.d
-    if res._info.get("quadrature") == "marginal":  # the fit's nagq counted points in v only
+    spec = res.likelihood.spec
+    if spec.uexact:  # the fit's nagq counted points in v only
         return default_nagq(d)
-    return max(int(res.nagq or 0), default_nagq(d))
+    return max(int(spec.nagq), default_nagq(d))
+
+
+def posterior_likelihood(res) -> Likelihood:
+    """The fit's likelihood with the product rule of :func:`posterior_nagq` points (the fit's pruning)."""
+    lik = res.likelihood
+    return lik.with_spec(kind="product", nagq=posterior_nagq(res), prune=lik.spec.prune)
 
 
 @dataclass(frozen=True)
@@ -626,14 +612,14 @@ def _posterior_exp(p: np.ndarray, b: np.ndarray, rows: PredictionRows, q: int, c
     return out
 
 
-def _conditional_fixed_nodes(theta: np.ndarray, design: Design, nodes: Nodes, rows: PredictionRows, kind: str) -> np.ndarray:
+def _conditional_fixed_nodes(theta: np.ndarray, lik: Likelihood, nodes: Nodes, rows: PredictionRows, kind: str) -> np.ndarray:
     """Predictions at ``theta`` with the posterior evaluated on fixed nodes (differentiable in ``theta``)."""
-    lay = design.layout
+    lay = lik.layout
     out = _population(theta, lay, rows, kind)
     known = rows.known
     if not known.any() or (kind == "mean" and lay.q == 0) or (kind != "mean" and lay.n_v == 0):
         return out
-    p = posterior_weights(theta, design, nodes)
+    p = lik.posterior_weights(theta, nodes)
     _, alpha, _ = lay.split(np.asarray(theta, dtype=float))
     if kind == "mean":
         Eu = np.einsum("jk,jkq->jq", p, nodes.b[:, :, : lay.q])
@@ -665,20 +651,21 @@ class _Posterior:
     cov: np.ndarray
     nodes: Nodes
     grid: PosteriorGrid | None
+    likelihood: Likelihood
 
 
 def _posterior(res) -> _Posterior:
     design = res.model.design
     lay = design.layout
-    nagq = posterior_nagq(res)
-    rule = gauss_hermite_rule(lay.d, nagq, res.prune)
-    nodes = adapt(np.asarray(res.theta, dtype=float), design, rule)
-    mean, cov = _moments(posterior_weights(res.theta, design, nodes), nodes)
+    lik = posterior_likelihood(res)
+    theta = np.asarray(res.theta, dtype=float)
+    nodes = lik.adapt(theta)
+    mean, cov = _moments(lik.posterior_weights(theta, nodes), nodes)
     grid = None
-    if lay.random_scale and not lay.extended:  # the exact marginal of v (core models)
+    if lay.random_scale and lik.integrand.core:  # the exact marginal of v (core models)
         q = lay.q
         grid = PosteriorGrid.build(res.theta, design, mean[:, q], np.sqrt(cov[:, q, q]))
-    return _Posterior(mean, cov, nodes, grid)
+    return _Posterior(mean, cov, nodes, grid, lik)
 
 
 def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) -> tuple[np.ndarray, np.ndarray]:
@@ -705,7 +692,7 @@ def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) ->
     if post.grid is not None:
         e1, e2 = post.grid.mean_exp_v(c)[j], post.grid.mean_exp_v(2 * c)[j]
     else:
-        p = posterior_weights(theta, res.model.design, post.nodes)
+        p = post.likelihood.posterior_weights(theta, post.nodes)
         e1 = _posterior_exp(p, post.nodes.b, rows, q, c)
         e2 = _posterior_exp(p, post.nodes.b, rows, q, 2 * c)
     out[known] = scale * e1
@@ -779,7 +766,6 @@ class PredictionResults:
 def get_prediction(res, newdata=None, kind: str = "mean", conditional: bool = True) -> PredictionResults:
     """Predictions with standard errors (see :meth:`mlsml.MELSMResults.get_prediction`)."""
     rows = prediction_rows(res, newdata, kind, conditional)
-    design = res.model.design
     post = _posterior(res) if rows.known.any() else None
     out, post_var = _predicted(res, rows, kind, post)
     theta = np.asarray(res.theta, dtype=float)
@@ -789,7 +775,7 @@ def get_prediction(res, newdata=None, kind: str = "mean", conditional: bool = Tr
         if post is None:
             jac = _central_jacobian(lambda t: _population(t, res.layout, rows, kind), theta)
         else:
-            jac = _central_jacobian(lambda t: _conditional_fixed_nodes(t, design, post.nodes, rows, kind), theta)
+            jac = _central_jacobian(lambda t: _conditional_fixed_nodes(t, post.likelihood, post.nodes, rows, kind), theta)
         var_params = np.clip(np.einsum("im,mn,in->i", jac, cov_theta, jac), 0.0, None)
     else:  # no standard errors without a positive-definite observed information
         var_params = np.full(out.shape, np.nan)

@@ -53,10 +53,8 @@ from scipy import optimize as sopt
 from scipy import stats
 
 from .errors import ModelSpecError
-from .likelihood import loglik_at_nodes
 from .optimize import BFGS_HAS_HESS_INV0
-from .posterior import adapt
-from .quadrature import check_nagq, gauss_hermite_rule
+from .quadrature import check_nagq
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,10 @@ class _Profiler:
         lay = res.layout
         self.res = res
         self.design = res.model.design
-        self.rule = gauss_hermite_rule(lay.d, res.nagq if nagq is None else check_nagq(nagq, lay.d), res.prune)
+        lik = res.likelihood  # the fit's own rule
+        if nagq is not None:
+            lik = lik.with_spec(nagq=check_nagq(nagq, lik.spec.dim(lay.q, lay.n_v)))
+        self.likelihood = lik
         self.theta_hat = np.asarray(res.theta, dtype=float)
         names = list(lay.names)
         if name not in names:
@@ -154,7 +155,7 @@ class _Profiler:
     def _initial_inverse_hessian(self, free, psi, N):
         """Inverse exact Hessian of ``-loglik/N`` at the start (seeds BFGS), or None."""
         try:
-            nodes = adapt(np.asarray(self.theta(free, psi)), self.design, self.rule)
+            nodes = self.likelihood.adapt(np.asarray(self.theta(free, psi)))
             H = -np.asarray(self.hess(free, psi, nodes)) / N
             H = 0.5 * (H + H.T)
             w, V = np.linalg.eigh(H)
@@ -167,7 +168,7 @@ class _Profiler:
         return 0.5 * (M + M.T)
 
     def _loglik_free(self, free, psi, nodes):
-        return loglik_at_nodes(self.theta(free, psi), self.design, nodes)
+        return self.likelihood.at_nodes(self.theta(free, psi), nodes)
 
     # ----------------------------------------------------------- profile
     def profile(self, psi: float, start: np.ndarray) -> tuple[float, np.ndarray]:
@@ -178,7 +179,7 @@ class _Profiler:
         def fun(free):
             th = self.theta(free, psi)
             try:
-                nodes = adapt(np.asarray(th), self.design, self.rule)
+                nodes = self.likelihood.adapt(np.asarray(th))
             except np.linalg.LinAlgError:
                 return np.inf, np.zeros_like(free)
             v, g = self.vg(free, psi, nodes)
@@ -209,7 +210,8 @@ def profile_ci(res, name: str, level: float = 0.95, nagq: int | None = None, max
     level : float
         Confidence level; the threshold is ``chi2_1(level) / 2`` below the maximum.
     nagq : int, optional
-        Quadrature points per dimension (default: those of the fit).
+        Quadrature points per dimension (default: those of the fit). The rule is
+        always the fit's own (product or u-exact, :attr:`MELSMResults.likelihood`).
     max_expand : int
         Maximum number of bracket expansions on each side.
 

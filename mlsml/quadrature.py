@@ -40,7 +40,7 @@ from .validate import check_int, check_real
 #: reproduce the log-likelihood to < 1e-6 on the reference data sets (9 points in
 #: three dimensions: 7 and 8 points missed the 11-point value by 1.2e-5 on London
 #: Model 4 and 1.1e-5 on exam Model 4). Random-slope models with a random scale use
-#: :mod:`mlsml.marginal` by default instead.
+#: the u-exact rule (:class:`QuadratureSpec`) by default instead.
 DEFAULT_NAGQ = {1: 11, 2: 11, 3: 9}
 
 #: Most points per dimension. numpy's Gauss-Hermite weights fall below the smallest
@@ -165,15 +165,11 @@ class Rule:
         against Lebesgue measure after the change of variables).
     nagq : int
         Points per dimension.
-    marginal : bool
-        A one-dimensional rule over ``v`` with the mean effects integrated out
-        exactly (:mod:`mlsml.marginal`).
     """
 
     points: np.ndarray
     logw: np.ndarray
     nagq: int
-    marginal: bool = False
 
     @property
     def size(self) -> int:
@@ -238,10 +234,13 @@ class Nodes:
         ``log |C_j|``.
     mode : ndarray (J, d)
         Posterior modes ``m_j``.
-    chol : ndarray (J, d, d)
-        ``C_j``.
-    marginal : bool
-        Nodes in ``v`` only (:mod:`mlsml.marginal`).
+    chol : ndarray (J, d - start, d - start)
+        ``C_j`` (of the block of effects the rule covers).
+    neg_hess : ndarray (J, d, d), optional
+        ``-H_j`` at the mode.
+    start : int
+        The rule covers the effects ``start:`` (0: all of them, the product rule;
+        ``q``: the scale effects, the u-exact rule); the entries before are zeros.
     """
 
     b: np.ndarray
@@ -249,11 +248,27 @@ class Nodes:
     log_det: np.ndarray
     mode: np.ndarray
     chol: np.ndarray
-    marginal: bool = False
+    neg_hess: np.ndarray | None = None
+    start: int = 0
+
+    @property
+    def v(self) -> np.ndarray:
+        """The nodes of the covered block, ``b[:, :, start:]``."""
+        return self.b[:, :, self.start :]
 
 
-def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule) -> Nodes:
-    """Centre and rotate a rule at each school's mode.
+def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule, start: int = 0) -> Nodes:
+    r"""Centre and rotate a rule at each school's mode.
+
+    With ``C_j`` the lower Cholesky factor of the block ``start:`` of ``(-H_j)^{-1}``
+    (the posterior covariance of those effects, all of them for ``start = 0``),
+
+    .. math::
+
+        b_{jk} = m_j + C_j z_k, \qquad \log|C_j| = \sum_i \log C_{j,ii};
+
+    the entries before ``start`` are left at zero (the u-exact rule integrates them
+    out exactly).
 
     Parameters
     ----------
@@ -261,6 +276,9 @@ def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule) -> Nodes:
     neg_hess : ndarray (J, d, d)
         Minus the Hessian of ``h_j`` at the mode (positive definite).
     rule : Rule
+        A rule in ``d - start`` dimensions.
+    start : int
+        First effect of the block the rule covers.
 
     Examples
     --------
@@ -271,9 +289,76 @@ def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule) -> Nodes:
     >>> float(nodes.log_det[0]) == float(np.log(0.5))
     True
     """
-    cov = np.linalg.inv(neg_hess)
+    cov = np.linalg.inv(neg_hess)[:, start:, start:]
     cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
     chol = np.linalg.cholesky(cov)
     log_det = np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
-    b = mode[:, None, :] + np.einsum("jde,ke->jkd", chol, rule.points)
-    return Nodes(b=b, logw=rule.logw, log_det=log_det, mode=mode, chol=chol)
+    if start == 0:
+        b = mode[:, None, :] + np.einsum("jde,ke->jkd", chol, rule.points)
+    else:
+        J, K = mode.shape[0], rule.size
+        b = np.zeros((J, K, mode.shape[1]))
+        b[:, :, start:] = mode[:, None, start:] + np.einsum("jde,ke->jkd", chol, rule.points)
+    return Nodes(b=b, logw=rule.logw, log_det=log_det, mode=mode, chol=chol, neg_hess=neg_hess, start=start)
+
+
+#: Kinds of rule: the product rule over all school effects, or the mean effects
+#: integrated exactly and the product rule over the scale effects only.
+QUADRATURE_KINDS = ("product", "uexact")
+
+#: Default points per dimension of the u-exact rule (over the scale effects).
+DEFAULT_NAGQ_UEXACT = 15
+
+
+def uexact_supported(layout) -> bool:
+    """Whether the u-exact rule applies: a random scale, and a random effect in the mean or ``scale_re_formula``/``bs_formula``."""
+    if not layout.random_scale:
+        return False
+    return bool(layout.extended or layout.q >= 1)
+
+
+@dataclass(frozen=True)
+class QuadratureSpec:
+    """Which rule a likelihood uses.
+
+    Attributes
+    ----------
+    kind : str
+        ``"product"`` (adaptive Gauss-Hermite over all ``d`` school effects) or
+        ``"uexact"`` (the ``q`` mean effects integrated exactly given the ``n_v``
+        scale effects, which get the product rule; :mod:`mlsml.gaussian`).
+    nagq : int
+        Points per dimension.
+    prune : float
+        Pruning threshold of the product rule (:func:`gauss_hermite_rule`).
+    """
+
+    kind: str = "product"
+    nagq: int = 11
+    prune: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in QUADRATURE_KINDS:
+            raise ModelSpecError(f"quadrature kind must be one of {QUADRATURE_KINDS}, not {self.kind!r}")
+
+    @property
+    def uexact(self) -> bool:
+        """Whether the mean effects are integrated exactly."""
+        return self.kind == "uexact"
+
+    @property
+    def option(self) -> str:
+        """The name of the rule in :meth:`mlsml.MELSM.fit`'s ``quadrature`` option (``"product"``, ``"marginal"``)."""
+        return "marginal" if self.uexact else "product"
+
+    def dim(self, q: int, n_v: int) -> int:
+        """Dimension of the rule for ``q`` mean and ``n_v`` scale effects."""
+        return n_v if self.uexact else q + n_v
+
+    def start(self, q: int) -> int:
+        """First effect the rule covers (see :func:`place_nodes`)."""
+        return q if self.uexact else 0
+
+    def rule(self, q: int, n_v: int) -> Rule:
+        """The standard (unadapted) rule."""
+        return gauss_hermite_rule(self.dim(q, n_v), self.nagq, self.prune)

@@ -19,8 +19,14 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
+from .bootstrap import bootstrap as _bootstrap
+from .bootstrap import simulate_responses
+from .compare import lrtest
+from .diagnostics import Diagnostics, diagnose
 from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
+from .likelihood import Likelihood
+from .optimize import OptSummary
 from .params import ParamLayout
 from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
@@ -32,11 +38,6 @@ patsy_constraint = LazyModule("patsy.constraint")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import MELSM
-
-
-#: A variance of a school effect counts as zero below this fraction of its reference
-#: (the residual variance for mean effects, 1 on the ln var(e) scale for ``v``).
-ZERO_VARIANCE = 1e-6
 
 
 def load(source) -> MELSMResults:
@@ -139,51 +140,106 @@ class MELSMResults:
     _cov: np.ndarray = field(default=None, repr=False)
     _info: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    #: The log-likelihood the fit maximised (its rule is the fit's rule); ``None`` when read from JSON.
+    likelihood: Likelihood | None = field(default=None, repr=False)
+    #: What the optimiser did (:class:`mlsml.optimize.OptSummary`); ``None`` when read from JSON.
+    optsum: OptSummary | None = field(default=None, repr=False)
+    #: The diagnostics computed before the results were built (:class:`mlsml.diagnostics.Diagnostics`).
+    diagnostics: Diagnostics | None = field(default=None, repr=False)
+
     # ------------------------------------------------------------ building
     @classmethod
-    def from_optimum(cls, model: MELSM, opt, nagq: int, method: str, prune: float = 0.0) -> MELSMResults:
-        """Assemble the results from an :class:`mlsml.optimize.Optimum`."""
+    def build(cls, model: MELSM, likelihood: Likelihood, optsum: OptSummary, diagnostics: Diagnostics | None = None) -> MELSMResults:
+        """The results of a fit, built once from the model, its objective and the optimum.
+
+        Parameters
+        ----------
+        model : MELSM
+        likelihood : Likelihood
+            The objective that was maximised (:meth:`mlsml.MELSM.objective`).
+        optsum : OptSummary
+            What :func:`mlsml.optimize.maximize` returned.
+        diagnostics : Diagnostics, optional
+            From :func:`mlsml.diagnostics.diagnose` (computed here when not given).
+
+        Examples
+        --------
+        The pipeline of :meth:`mlsml.MELSM.fit`, step by step:
+
+        >>> import mlsml
+        >>> from mlsml.optimize import maximize
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula="~ x")
+        >>> f = model.objective(quadrature="product")
+        >>> res = mlsml.MELSMResults.build(model, f, maximize(f))
+        >>> res.nagq, res.quadrature
+        (9, 'product')
+        """
+        if diagnostics is None:
+            with np.errstate(all="ignore"):
+                diagnostics = diagnose(likelihood, optsum)
         lay: ParamLayout = model.layout
-        theta = _readonly(opt.theta)
+        theta = _readonly(optsum.theta)
         natural = np.asarray(lay.to_natural(theta), dtype=float)
         params = pd.Series(_readonly(natural), index=list(lay.names), name="estimate", copy=False)
-        info: dict[str, Any] = {}
-        H = np.asarray(opt.hessian, dtype=float)
-        negH = -0.5 * (H + H.T)
-        units = getattr(opt, "theta_units", None)
-        try:
-            # judged in the units of the standardised fit (see mlsml.optimize.maximize)
-            w = np.linalg.eigvalsh(negH if units is None else negH * np.outer(units, units))
-            pd_ok = bool(w.min() > 1e-10 * max(w.max(), 1e-300))
-        except np.linalg.LinAlgError:
-            pd_ok = False
-        info["hessian_pd"] = pd_ok
-        if pd_ok:
-            cov_theta = np.linalg.inv(negH)
+        H = np.asarray(optsum.hessian, dtype=float)
+        if diagnostics.hessian_pd:
+            cov_theta = np.linalg.inv(-0.5 * (H + H.T))
             jac = autograd.jacobian(lay.to_natural)(np.asarray(theta))
             cov = jac @ cov_theta @ jac.T
             cov = 0.5 * (cov + cov.T)
         else:
             cov = np.full((lay.n_params, lay.n_params), np.nan)
-        res = cls(
-            model=model,
-            theta=theta,
-            params=params,
-            llf=float(opt.llf),
-            converged=bool(opt.converged),
-            nagq=int(nagq),
-            hessian=_readonly(H),
-            grad=_readonly(opt.grad),
-            message=str(opt.message),
-            n_passes=int(opt.n_passes),
-            n_iter=int(opt.n_iter),
-            fit_time=float(opt.time),
-            method=method,
-            prune=float(prune),
-            _cov=_readonly(cov),
-            _info=info,
-        )
-        return res
+        opts = optsum.options
+        spec = optsum.quadrature
+        info: dict[str, Any] = {
+            "hessian_pd": diagnostics.hessian_pd,
+            "quadrature": spec.option,
+            "options": {
+                "method": optsum.method,
+                "maxiter": opts.maxiter,
+                "max_passes": opts.max_passes,
+                "xtol": opts.xtol,
+                "gtol": opts.gtol,
+            },
+            "quadrature_check": diagnostics.quadrature_check,
+            "singular_reasons": list(diagnostics.singular_reasons),
+            "boundary": list(diagnostics.boundary),
+        }
+        with np.errstate(all="ignore"):
+            return cls(
+                model=model,
+                theta=theta,
+                params=params,
+                llf=float(optsum.llf),
+                converged=bool(optsum.converged),
+                nagq=int(spec.nagq),
+                hessian=_readonly(H),
+                grad=_readonly(optsum.grad),
+                message=str(optsum.message),
+                n_passes=int(optsum.n_passes),
+                n_iter=int(optsum.n_iter),
+                fit_time=float(optsum.time),
+                method=optsum.method,
+                prune=float(spec.prune),
+                _cov=_readonly(cov),
+                _info=info,
+                likelihood=likelihood,
+                optsum=optsum,
+                diagnostics=diagnostics,
+            )
+
+    @classmethod
+    def from_optimum(cls, model: MELSM, opt: OptSummary, likelihood: Likelihood | None = None, **_ignored) -> MELSMResults:
+        """Results from an :class:`mlsml.optimize.OptSummary` (the rule and points are the optimum's own)."""
+        if likelihood is None:
+            likelihood = Likelihood.build(model.design, opt.quadrature)
+        return cls.build(model, likelihood, opt)
+
+    @property
+    def quadrature(self) -> str | None:
+        """The rule of the fit: ``"product"`` or ``"marginal"`` (u-exact)."""
+        return self._info.get("quadrature")
 
     # ------------------------------------------------------------ basics
     @property
@@ -455,7 +511,7 @@ class MELSMResults:
             Indexed by group label; columns ``u0, u0_sd, [u1, u1_sd, ...], [v, v_sd], n``.
         """
         self._require_data("random_effects")
-        from .schools import random_effects
+        from .schools import random_effects  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
         return random_effects(self, cov=cov)
 
@@ -491,7 +547,7 @@ class MELSMResults:
             var_rank_lo, var_rank_hi, var_flag``.
         """
         self._require_data("school_effects")
-        from .schools import school_effects
+        from .schools import school_effects  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
         return school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
 
@@ -506,7 +562,7 @@ class MELSMResults:
         predicted school means and variances); NaN where the model lacks the effect.
         """
         self._require_data("population_quantities")
-        from .schools import population_quantities
+        from .schools import population_quantities  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
         return population_quantities(self, w=w, z=z)
 
@@ -632,9 +688,7 @@ class MELSMResults:
         the caller's index labels (rows dropped for missing values are absent).
         """
         self._require_data("fittedvalues")
-        if "fittedvalues" not in self._info:
-            self._info["fittedvalues"] = _predict(self, None, kind="mean", conditional=True).rename("fittedvalues")
-        return self._info["fittedvalues"].copy()
+        return _predict(self, None, kind="mean", conditional=True).rename("fittedvalues")
 
     @property
     def resid(self) -> pd.Series:
@@ -724,76 +778,7 @@ class MELSMResults:
         >>> mlsml.fit("y ~ x", df, groups="school").singular_reasons()
         []
         """
-        if not self.has_data:  # read from JSON: the diagnosis made at the fit
-            return list(self._info.get("singular_reasons", []))
-        lay = self.layout
-        S = self.cov_re.to_numpy()
-        reasons = []
-        design = self.model.design
-        # compared on the log scale: exp(mean ln var(e)) overflowed for absurd estimates
-        # (e.g. from huge start_params) and then every variance was "effectively zero"
-        log_resid_var = float(np.mean(design.W @ self.fe_scale.to_numpy()))
-        for i, name in enumerate(lay.re_names):
-            if name.startswith("v"):  # v, or v0, v1, ... (scale_re_formula)
-                G = design.G
-                log_ref = 0.0 if G is None else -np.log(max(float(np.mean(G[:, i - lay.q] ** 2)), 1e-300))
-                of = "on the scale of ln var(e)"
-            else:
-                log_ref = log_resid_var - np.log(max(float(np.mean(design.Z[:, i] ** 2)), 1e-300))
-                shown = (
-                    f"exp({log_resid_var:.4g})" if abs(log_resid_var) > np.log(np.finfo(float).max) else f"{np.exp(log_resid_var):.3g}"
-                )
-                of = f"times the residual variance, {shown}"
-            if not S[i, i] > 0 or np.log(S[i, i]) < np.log(ZERO_VARIANCE) + log_ref:
-                reasons.append(f"var({name}) = {S[i, i]:.3g} is effectively zero (below {ZERO_VARIANCE:g} {of})")
-        sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
-        R = S / np.outer(sd, sd)
-        if lay.d > 1 and not reasons:
-            ev = np.linalg.eigvalsh(R)
-            if ev.min() < 1e-6:
-                iu = np.triu_indices(lay.d, 1)
-                worst = int(np.argmax(np.abs(R[iu])))
-                i, j = iu[0][worst], iu[1][worst]
-                reasons.append(
-                    f"the school effects are (nearly) perfectly correlated: corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
-                )
-        if lay.extended:
-            from .extended import extra_singular_reasons
-
-            reasons += extra_singular_reasons(self)
-        else:  # mlsml.boundary assumes one Sigma (no bs_formula / scale_re_formula)
-            from .boundary import BOUNDARY_LR
-
-            if "boundary" not in self._info:  # cached: d likelihood evaluations (mlsml.boundary)
-                from .boundary import boundary_effects
-
-                self._info["boundary"] = boundary_effects(self)
-            for name, var, stat in self._info["boundary"]:
-                if stat <= -BOUNDARY_LR:
-                    what = "making Sigma singular" if name == "rank" else f"dropping {name}"
-                    reasons.append(
-                        f"{what} raises the log-likelihood by {-stat / 2:.3g}: these estimates are not the "
-                        "maximum, the maximum is on the boundary"
-                    )
-                    continue
-                if name == "rank":
-                    if any("correlated" in r for r in reasons):
-                        continue
-                    iu = np.triu_indices(lay.d, 1)
-                    worst = int(np.argmax(np.abs(R[iu])))
-                    i, j = iu[0][worst], iu[1][worst]
-                    reasons.append(
-                        f"Sigma is at the boundary: making the correlation matrix of the school effects singular "
-                        f"(smallest eigenvalue {var:.2g} -> 0; largest correlation corr({lay.re_names[i]},"
-                        f"{lay.re_names[j]}) = {R[i, j]:.6f}) changes 2*llf by only {-stat:+.1e}"
-                    )
-                elif not any(r.startswith(f"var({name})") for r in reasons):
-                    reasons.append(  # the first check's threshold missed it
-                        f"var({name}) = {var:.3g} is at the boundary: dropping {name} changes 2*llf by only {-stat:+.1e}"
-                    )
-        if not self._info.get("hessian_pd", True):
-            reasons.append("the observed information is not positive definite (standard errors unavailable)")
-        return reasons
+        return list(self._info.get("singular_reasons", []))
 
     def warn_if_problematic(self) -> None:
         """Issue the warnings a user must see (called by :meth:`MELSM.fit`)."""
@@ -823,7 +808,7 @@ class MELSMResults:
             Layout: statsmodels' summary2 tables, or the MIXREGLS/MIXWILD report
             (:func:`mlsml.mixwild.summarize_mixwild`; same ``as_*`` methods).
         """
-        from .summary import summarize
+        from .summary import summarize  # lazy: statsmodels (slow `import mlsml`)
 
         return summarize(self, alpha=alpha, style=style)
 
@@ -935,8 +920,6 @@ class MELSMResults:
         >>> m3.compare_lr_test(m2).df
         1
         """
-        from .compare import lrtest
-
         return lrtest(restricted, self)
 
     def simulate(self, n_reps: int = 1, seed=None) -> pd.DataFrame:
@@ -968,8 +951,6 @@ class MELSMResults:
         (True, True)
         """
         self._require_data("simulate")
-        from .bootstrap import simulate_responses
-
         return simulate_responses(self, n_reps=n_reps, seed=seed)
 
     def bootstrap(self, n: int, seed=None, n_jobs: int | None = None, progress: bool = True):
@@ -1003,9 +984,7 @@ class MELSMResults:
         (20, True)
         """
         self._require_data("bootstrap")
-        from .bootstrap import bootstrap
-
-        return bootstrap(self, n, seed=seed, n_jobs=n_jobs, progress=progress)
+        return _bootstrap(self, n, seed=seed, n_jobs=n_jobs, progress=progress)
 
     def _repr_html_(self) -> str:
         """The summary as HTML (notebooks show it instead of the text repr)."""

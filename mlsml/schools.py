@@ -33,10 +33,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import ModelSpecError
-from .likelihood import log_conditional, log_prior, school_sums
-from .posterior import adapt
-from .predict import PosteriorGrid, posterior_moments, posterior_nagq
-from .quadrature import gauss_hermite_rule
+from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
 
 Z90 = float(stats.norm.ppf(0.90))
 
@@ -109,7 +106,7 @@ def random_effects(res, cov: bool = False):
     """Posterior means and SDs of the school effects (see :meth:`MELSMResults.random_effects`)."""
     design = res.model.design
     lay = design.layout
-    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
+    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
     cols = {}
     for i, name in enumerate(lay.re_names):
         cols[name] = mean[:, i]
@@ -133,7 +130,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def _require_core(res, what: str) -> None:
     """The school table and population quantities assume one random scale ``v`` and one ``Sigma``."""
-    if res.layout.extended:
+    if not res.likelihood.integrand.core:
         raise ModelSpecError(
             f"{what} is not available for models with scale_re_formula or bs_formula "
             "(school-specific covariance or several scale effects); use res.random_effects() "
@@ -166,7 +163,7 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
         wbar, zbar = _vectors(res, w, z)
         wa = float(wbar @ alpha)
     probs = [(1 - level) / 2, (1 + level) / 2]
-    mean, C = posterior_moments(res.theta, design, posterior_nagq(res), res.prune)
+    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
     grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
     out = pd.DataFrame({"n": design.counts.astype(int)}, index=_index(res))
     rng = np.random.default_rng(seed)
@@ -293,17 +290,15 @@ def _corr_predictions(res, wbar, zbar, cov_t):
     design = res.model.design
     lay = design.layout
     q = lay.q
-    d = lay.d
-    rule = gauss_hermite_rule(d, posterior_nagq(res), res.prune)
+    lik = posterior_likelihood(res)
     theta0 = np.asarray(res.theta, dtype=float)
-    nodes = adapt(theta0, design, rule)
+    nodes = lik.adapt(theta0)
     zu = np.einsum("jkq,q->jk", nodes.b[:, :, :q], zbar)
     ev = np.exp(nodes.b[:, :, q])
 
     def corr(theta):
-        beta, alpha, L = lay.split(theta)
-        s = school_sums(beta, alpha, design)
-        h = log_conditional(nodes.b, s, q, True) + log_prior(nodes.b, L) + nodes.logw[None, :]
+        _, alpha, _ = lay.split(theta)
+        h = lik.integrand.log_h(theta, nodes.b) + nodes.logw[None, :]
         h = h - anp.max(h, axis=1, keepdims=True)
         e = anp.exp(h)
         pw = e / anp.sum(e, axis=1, keepdims=True)

@@ -32,23 +32,14 @@ from .errors import ModelSpecError
 def _posterior_weights(res):
     """Adapted nodes and normalised posterior weights ``p_jk`` (J, K) at the estimates.
 
-    The weights are those of :func:`mlsml.predict.posterior_weights` (shared with
-    ``res.random_effects``), on a product rule with the fit's points per dimension
-    (the product default when the fit integrated the mean effects exactly).
+    The weights are those of :meth:`mlsml.likelihood.Likelihood.posterior_weights` (shared with
+    ``res.random_effects``), on the fit's product rule (the product default when the
+    fit integrated the mean effects exactly: :meth:`mlsml.likelihood.Likelihood.as_product`).
     """
-    from .posterior import adapt
-    from .predict import posterior_weights
-    from .quadrature import default_nagq, gauss_hermite_rule
-
-    design = res.model.design
-    lay = design.layout
+    lik = res.likelihood.as_product()
     theta = np.asarray(res.theta, float)
-    if res._info.get("quadrature") == "marginal":  # res.nagq counts 1-d points: use the product default
-        rule = gauss_hermite_rule(lay.d, default_nagq(lay.d))
-    else:
-        rule = gauss_hermite_rule(lay.d, res.nagq, res.prune)
-    nodes = adapt(theta, design, rule)
-    return nodes, posterior_weights(theta, design, nodes)
+    nodes = lik.adapt(theta)
+    return nodes, lik.posterior_weights(theta, nodes)
 
 
 def slope_variance_components(

@@ -155,3 +155,17 @@ def test_bootstrap_correlations_match_replicate_covariances():
     # no covariances, no correlations
     ri = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
     assert ri.bootstrap(2, seed=3, n_jobs=1, progress=False).re_correlations().empty
+
+
+def test_a_product_rule_fit_is_bootstrapped_with_the_product_rule():
+    """A regression test: the refits got the fit's nagq but not its rule, so a
+    quadrature="product" fit was bootstrapped with the u-exact rule."""
+    df = mlsml.simulate.demo_data(n_groups=30, seed=2)
+    res = mlsml.fit("y ~ x", df, groups="school", quadrature="product", nagq=7)
+    assert res.quadrature == "product"
+    boot = res.bootstrap(1, seed=5, n_jobs=1, progress=False)
+    design = res.model.design
+    ys = draw_responses(design, np.asarray(res.theta), np.random.default_rng(5), 1)
+    refit = mlsml.MELSM(design.with_response(ys[0]), None).fit(quadrature="product", nagq=7, start_params=res.params)
+    assert refit.quadrature == "product"
+    assert boot.llf[0] == pytest.approx(refit.llf, abs=1e-9)

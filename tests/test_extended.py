@@ -12,10 +12,23 @@ from conftest import DATA, load_reference
 
 import mlsml
 from mlsml.errors import DataError, ModelSpecError, SingularFitWarning
-from mlsml.extended import log_conditional_obs
-from mlsml.likelihood import log_conditional, loglik_at_nodes, school_sums
-from mlsml.posterior import adapt, loglik, posterior_modes
-from mlsml.quadrature import gauss_hermite_rule
+from mlsml.integrand import PerObservation, log_conditional, make_integrand, school_sums
+from mlsml.likelihood import Likelihood
+from mlsml.quadrature import QuadratureSpec, default_nagq
+from mlsml.start import start_values_ext
+
+
+def _lik(design, nagq=None, kind="product"):
+    return Likelihood.build(design, QuadratureSpec(kind, nagq or default_nagq(design.layout.d)))
+
+
+def loglik(theta, design, nagq=None):
+    return _lik(design, nagq).value(theta)
+
+
+def uexact_loglik(theta, design, nagq):
+    return _lik(design, nagq, "uexact").value(theta)
+
 
 RIESBY = dict(formula="hamdep ~ week + endog + endweek", groups="id", scale_formula="~ week + endog")
 
@@ -71,7 +84,7 @@ def test_per_observation_path_equals_school_sums():
     import dataclasses
 
     d1 = dataclasses.replace(d, G=np.ones((d.nobs, 1)))
-    got = log_conditional_obs(b, beta, alpha, d1)
+    got = PerObservation(d1).log_conditional(beta, alpha, b)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-9)
 
 
@@ -82,40 +95,27 @@ def test_gradient_matches_finite_differences(kind, riesby):
         m = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x")
     else:
         m = mlsml.MELSM.from_formula(data=riesby, bs_formula="~ endog", **RIESBY)
-    from mlsml.extended import start_values_ext
-
     d = m.design
     theta = start_values_ext(d) + 0.05 * np.random.default_rng(1).normal(size=m.layout.n_params)
-    rule = gauss_hermite_rule(m.layout.d, 5)
-    nodes = adapt(theta, d, rule)
-    g = autograd.grad(loglik_at_nodes)(theta, d, nodes)
+    lik = _lik(d, 5)
+    nodes = lik.adapt(theta)
+    g = autograd.grad(lik.at_nodes)(theta, nodes)
     eps = 1e-6
     fd = np.array(
-        [
-            (loglik_at_nodes(theta + eps * e, d, nodes) - loglik_at_nodes(theta - eps * e, d, nodes)) / (2 * eps)
-            for e in np.eye(theta.size)
-        ]
+        [(lik.at_nodes(theta + eps * e, nodes) - lik.at_nodes(theta - eps * e, nodes)) / (2 * eps) for e in np.eye(theta.size)]
     )
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fd).max()))
     # the posterior modes are stationary points of h_j
-    mode, negH = posterior_modes(theta, d)
+    mode, negH = lik.modes(theta)
     assert np.all(np.linalg.eigvalsh(negH) > 0)
-    from mlsml.extended import _Obs
-
-    g_mode, _ = _Obs(theta, d).derivs(mode)
+    g_mode, _ = make_integrand(d).mode_problem(theta).derivs(mode)
     assert np.abs(g_mode).max() < 1e-6
     # the u-exact rule over the scale effects too (per-school P_j with bs_formula)
     if m.layout.random_scale:
-        from mlsml.marginal import adapt_marginal, marginal_rule
-
-        mn = adapt_marginal(theta, d, marginal_rule(5, m.layout.n_v))
-        gm = autograd.grad(loglik_at_nodes)(theta, d, mn)
-        fdm = np.array(
-            [
-                (loglik_at_nodes(theta + eps * e, d, mn) - loglik_at_nodes(theta - eps * e, d, mn)) / (2 * eps)
-                for e in np.eye(theta.size)
-            ]
-        )
+        lu = _lik(d, 5, "uexact")
+        mn = lu.adapt(theta)
+        gm = autograd.grad(lu.at_nodes)(theta, mn)
+        fdm = np.array([(lu.at_nodes(theta + eps * e, mn) - lu.at_nodes(theta - eps * e, mn)) / (2 * eps) for e in np.eye(theta.size)])
         np.testing.assert_allclose(gm, fdm, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fdm).max()))
 
 
@@ -163,7 +163,7 @@ def test_riesby_bs_variance_matches_mixregls(riesby):
     """
     ref = load_reference("mixregls_fortran__riesby_linear_nq21")
     res = mlsml.fit(data=riesby, bs_formula="~ endog", **RIESBY)
-    assert res._info["quadrature"] == "marginal" and res.nagq == 15
+    assert res.quadrature == "marginal" and res.nagq == 15
     st = ref["stages"]["stage3"]
     assert res.llf == pytest.approx(st["loglik"], abs=1e-3)
     theirs = _mixregls_params(ref, res.params.index)
@@ -175,10 +175,7 @@ def test_riesby_bs_variance_matches_mixregls(riesby):
     assert se["cov(u0,v)"] == pytest.approx(se_ref[("Random location (mean) effect on WS variance", "Loc Eff")], rel=0.02)
     # more points change the log-likelihood at the estimates by < 1e-5
     assert abs(loglik(res.theta, res.model.design, 61) - res.llf) < 1e-5
-    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
-
-    d = res.model.design
-    assert abs(float(loglik_marginal(res.theta, d, adapt_marginal(res.theta, d, marginal_rule(41)))) - res.llf) < 1e-6
+    assert abs(res.likelihood.with_spec(nagq=41).value(res.theta) - res.llf) < 1e-6
     # the same model by the 2-d product rule (41 points per dimension) agrees
     prod = mlsml.fit(data=riesby, bs_formula="~ endog", quadrature="product", nagq=41, **RIESBY)
     assert abs(prod.llf - res.llf) < 1e-5
@@ -218,19 +215,17 @@ def test_scale_slope_recovery():
     The posterior of (v0, v1) with 20 students per school is clearly non-Gaussian: the
     3-d product rule needs 11 points per dimension to come within ~1e-5 (docs/quadrature.md).
     """
-    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
-
     sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
     df = simulate_scale_slope(J=120, n=20, sigma=sigma, seed=11)
     res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x")
-    assert res._info["quadrature"] == "marginal" and res.nagq == 15
+    assert res.quadrature == "marginal" and res.nagq == 15
     truth = pd.Series([0.2, 0.5, -0.8, 0.1, 0.10, 0.15, 0.06, -0.03, 0.01, 0.02], index=res.params.index)
     z = (res.params - truth) / res.bse
     assert res.converged
     assert np.all(np.abs(z) < 3.5), z
     d = res.model.design
     th = res.theta
-    assert abs(float(loglik_marginal(th, d, adapt_marginal(th, d, marginal_rule(21, 2)))) - res.llf) < 1e-6
+    assert abs(uexact_loglik(th, d, 21) - res.llf) < 1e-6
     assert abs(loglik(th, d, 11) - res.llf) < 5e-5
 
 
@@ -250,9 +245,7 @@ def test_bs_variance_at_boundary_is_reported():
         res = mlsml.fit("y ~ x", df, groups="school", bs_formula="~ s")
     assert res.singular
     assert any(issubclass(w.category, SingularFitWarning) for w in rec)
-    from mlsml.extended import school_covariances
-
-    Sj = school_covariances(res)
+    Sj = res.likelihood.integrand.school_covariances(res.theta)
     assert Sj.shape == (J, 2, 2)
     assert np.all(Sj[:, 0, 0] < 0.01 * np.exp(res.params["scale:Intercept"]))
     assert abs(loglik(res.theta, res.model.design, 21) - res.llf) < 1e-6
@@ -262,22 +255,16 @@ def test_posteriors_of_extended_models_use_their_own_density():
     """random_effects() must use the per-observation density of scale_re_formula models.
 
     A regression test: the posterior weights once came from the core (one random scale)
-    density, which ignores v1. Check against brute-force weights from mlsml.extended.
+    density, which ignores v1. Check against brute-force weights from the integrand.
     """
-    import numpy as np
-
-    import mlsml
-    from mlsml.extended import _log_h
-    from mlsml.posterior import adapt
-    from mlsml.quadrature import gauss_hermite_rule
-
     df = mlsml.simulate.simulate_data([20] * 40, seed=3)
     res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x", nagq=7)
     re = res.random_effects()
     assert list(re.columns) == ["u0", "u0_sd", "v0", "v0_sd", "v1", "v1_sd", "n"]
     design = res.model.design
-    nodes = adapt(np.asarray(res.theta), design, gauss_hermite_rule(3, 9))
-    h = np.asarray(_log_h(np.asarray(res.theta), design, nodes)) + nodes.logw
+    lik = _lik(design, 9)
+    nodes = lik.adapt(np.asarray(res.theta))
+    h = np.asarray(lik.integrand.log_h(np.asarray(res.theta), nodes.b)) + nodes.logw
     p = np.exp(h - h.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     mean = np.einsum("jk,jkd->jd", p, nodes.b)

@@ -440,18 +440,19 @@ def test_good_start_params_still_work(exam_model):
 def test_zero_variance_message_states_the_comparison_without_overflow(exam):
     """An absurd residual variance (exp(1e6)) overflowed the reference of the zero-variance
     check, so every variance, even 1e6, was reported as "effectively zero"."""
-    import dataclasses
+    from mlsml.diagnostics import singular_reasons
 
     res = mlsml.fit("normexam ~ standLRT", exam, groups="school", random_scale=False)
     params = res.params.copy()
     params["scale:Intercept"] = 1e6
     params["var(u0)"] = 1e6
-    absurd = dataclasses.replace(res, params=params, _info={"boundary": []})
-    reasons = absurd.singular_reasons()
+    absurd = res.model.theta_from_params(params)
+    reasons = singular_reasons(res.likelihood, absurd, boundary=(), pd_ok=True)
     assert reasons == ["var(u0) = 1e+06 is effectively zero (below 1e-06 times the residual variance, exp(1e+06))"]
-    tiny = dataclasses.replace(res, params=res.params.copy().where(res.params.index != "var(u0)", 1e-9), _info={"boundary": []})
+    tiny = res.model.theta_from_params(res.params.copy().where(res.params.index != "var(u0)", 1e-9))
     assert re.fullmatch(
-        r"var\(u0\) = 1e-09 is effectively zero \(below 1e-06 times the residual variance, 0\.\d+\)", tiny.singular_reasons()[0]
+        r"var\(u0\) = 1e-09 is effectively zero \(below 1e-06 times the residual variance, 0\.\d+\)",
+        singular_reasons(res.likelihood, tiny, boundary=(), pd_ok=True)[0],
     )
 
 

@@ -7,9 +7,17 @@ import numpy as np
 import pytest
 
 import mlsml
-from mlsml.likelihood import loglik_at_nodes, loglik_per_school
-from mlsml.posterior import adapt, loglik, posterior_modes
-from mlsml.quadrature import gauss_hermite_rule
+from mlsml.integrand import Sums, SumsModeProblem, school_sums
+from mlsml.likelihood import Likelihood
+from mlsml.quadrature import QuadratureSpec, default_nagq, gauss_hermite_rule
+
+
+def _lik(design, nagq=None, kind="product"):
+    return Likelihood.build(design, QuadratureSpec(kind, nagq or default_nagq(design.layout.d)))
+
+
+def loglik(theta, design, nagq=None):
+    return _lik(design, nagq).value(theta)
 
 
 def _design(df, y="normexam", x="standLRT", **kw):
@@ -35,17 +43,14 @@ def _random_theta(design, rng):
 def test_gradient_matches_central_differences(exam, kw):
     design = _design(exam, **kw)
     rng = np.random.default_rng(0)
-    rule = gauss_hermite_rule(design.layout.d, 5)
+    lik = _lik(design, 5)
     for _ in range(3):
         theta = _random_theta(design, rng)
-        nodes = adapt(theta, design, rule)
-        g = autograd.grad(loglik_at_nodes)(theta, design, nodes)
+        nodes = lik.adapt(theta)
+        g = autograd.grad(lik.at_nodes)(theta, nodes)
         h = 1e-5
         fd = np.array(
-            [
-                (loglik_at_nodes(theta + h * e, design, nodes) - loglik_at_nodes(theta - h * e, design, nodes)) / (2 * h)
-                for e in np.eye(theta.size)
-            ]
+            [(lik.at_nodes(theta + h * e, nodes) - lik.at_nodes(theta - h * e, nodes)) / (2 * h) for e in np.eye(theta.size)]
         )
         np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-4)
 
@@ -53,12 +58,12 @@ def test_gradient_matches_central_differences(exam, kw):
 def test_hessian_matches_differences_of_gradient(exam):
     design = _design(exam, scale_formula="~ standLRT")
     theta = _random_theta(design, np.random.default_rng(1))
-    rule = gauss_hermite_rule(design.layout.d, 5)
-    nodes = adapt(theta, design, rule)
-    H = autograd.hessian(loglik_at_nodes)(theta, design, nodes)
-    grad = autograd.grad(loglik_at_nodes)
+    lik = _lik(design, 5)
+    nodes = lik.adapt(theta)
+    H = lik.hessian(theta, nodes)
+    grad = autograd.grad(lik.at_nodes)
     h = 1e-5
-    fd = np.array([(grad(theta + h * e, design, nodes) - grad(theta - h * e, design, nodes)) / (2 * h) for e in np.eye(theta.size)])
+    fd = np.array([(grad(theta + h * e, nodes) - grad(theta - h * e, nodes)) / (2 * h) for e in np.eye(theta.size)])
     np.testing.assert_allclose(H, fd, rtol=1e-5, atol=1e-3)
 
 
@@ -67,7 +72,8 @@ def test_gradient_of_adapted_likelihood(exam):
     design = _design(exam, scale_formula="~ standLRT")
     res = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT")
     theta = np.array(res.theta) + 0.05
-    g = autograd.grad(loglik_at_nodes)(theta, design, adapt(theta, design, gauss_hermite_rule(2, 11)))
+    lik = _lik(design, 11)
+    g = autograd.grad(lik.at_nodes)(theta, lik.adapt(theta))
     h = 1e-5
     fd = np.array([(loglik(theta + h * e, design) - loglik(theta - h * e, design)) / (2 * h) for e in np.eye(theta.size)])
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-4)
@@ -97,8 +103,9 @@ def test_per_school_sums_equal_brute_force(exam):
     design = _design(exam, scale_formula="~ standLRT")
     lay = design.layout
     theta = _random_theta(design, np.random.default_rng(3))
-    nodes = adapt(theta, design, gauss_hermite_rule(2, 7))
-    fast = loglik_per_school(theta, design, nodes)
+    lik = _lik(design, 7)
+    nodes = lik.adapt(theta)
+    fast = lik.per_school(theta, nodes)
     beta, alpha, L = lay.split(theta)
     S = np.asarray(L) @ np.asarray(L).T
     Sinv = np.linalg.inv(S)
@@ -123,17 +130,13 @@ def test_per_school_sums_equal_brute_force(exam):
 def test_posterior_mode_is_stationary(exam):
     design = _design(exam, scale_formula="~ standLRT")
     theta = _random_theta(design, np.random.default_rng(4))
-    mode, neg_hess = posterior_modes(theta, design)
+    mode, neg_hess = _lik(design).modes(theta)
     assert np.all(np.linalg.eigvalsh(neg_hess) > 0)
-    # numerical gradient of the log joint at the mode is ~0 (check via 1-node quadrature)
-    from mlsml.likelihood import SchoolSums, school_sums
-    from mlsml.posterior import _derivs
-
     lay = design.layout
     beta, alpha, L = lay.split(theta)
-    s = SchoolSums(*(np.asarray(a) for a in school_sums(beta, alpha, design)))
+    s = Sums(*(np.asarray(a) for a in school_sums(beta, alpha, design)))
     P = np.linalg.inv(np.asarray(L) @ np.asarray(L).T)
-    g, _ = _derivs(mode, s, P, lay.q, lay.random_scale)
+    g, _ = SumsModeProblem(s, P, lay.q, lay.random_scale).derivs(mode)
     assert np.max(np.abs(g)) < 1e-6
 
 

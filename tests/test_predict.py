@@ -13,8 +13,14 @@ from scipy.interpolate import CubicSpline
 from scipy.optimize import brentq
 
 import mlsml
-from mlsml.likelihood import SchoolSums, log_conditional, log_prior
-from mlsml.predict import PosteriorGrid, _sums, posterior_moments
+from mlsml.integrand import Sums, log_conditional, log_prior
+from mlsml.predict import PosteriorGrid, _sums, product_likelihood
+from mlsml.predict import posterior_moments as _posterior_moments
+
+
+def posterior_moments(theta, design, nagq=None):
+    return _posterior_moments(product_likelihood(design, nagq), theta)
+
 
 SCHOOLS = [0, 7, 30, 64]  # codes: a large, a middling, a small and the last school of exam
 
@@ -29,7 +35,7 @@ def _brute_force(res, j: int, npts: int, width: float = 9.0):
     design = res.model.design
     lay = design.layout
     s = _sums(res.theta, design)
-    sj = SchoolSums(*(a[j : j + 1] for a in s))
+    sj = Sums(*(a[j : j + 1] for a in s))
     _, _, L = lay.split(np.asarray(res.theta))
     m, C = posterior_moments(res.theta, design, 21 if lay.d < 3 else 9)
     sd = np.sqrt(np.diag(C[j]))
@@ -319,16 +325,13 @@ def test_text_group_ids_with_numeric_newdata(exam):
 # ---------------------------------------------------------------- extended models
 def test_predictions_of_a_scale_slope_model_use_each_rows_g():
     """ln var(e) = w'a + v0 + v1 x: the variance prediction is exp(w'a) E(exp(v0 + v1 x) | y) row by row."""
-    from mlsml.posterior import adapt
-    from mlsml.predict import posterior_weights
-    from mlsml.quadrature import gauss_hermite_rule
-
     df = scale_slope_data()
     r = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x", quadrature="product", nagq=3)
     new = pd.DataFrame({"x": [-1.0, 0.0, 1.5, 0.5], "school": [2, 2, 2, 11]})
     design = r.model.design
-    nodes = adapt(r.theta, design, gauss_hermite_rule(3, 15))  # finer than the prediction's rule
-    p = posterior_weights(r.theta, design, nodes)
+    lik = product_likelihood(design, 15)  # finer than the prediction's rule
+    nodes = lik.adapt(r.theta)
+    p = lik.posterior_weights(r.theta, nodes)
     codes = list(design.group_labels)
     a = r.fe_scale.to_numpy()
     want = []

@@ -51,3 +51,16 @@ def test_covariance_is_refused(seed_m3):
         profile_ci(seed_m3, "cov(u0,v)")
     with pytest.raises(mlsml.ModelSpecError, match="unknown parameter"):
         profile_ci(seed_m3, "var(w)")
+
+
+def test_profile_uses_the_fits_own_rule():
+    """A regression test: profile_ci evaluated the product rule with the fit's nagq even for
+    a u-exact fit (where nagq counts points in v), unlike schools/slopes/boundary."""
+    df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    assert res.quadrature == "marginal"
+    prof = _Profiler(res, "mean:x")
+    assert prof.likelihood.spec == res.likelihood.spec
+    value, _ = prof.profile(float(res.params["mean:x"]), prof.free_from_theta(res.theta))
+    assert value == pytest.approx(res.llf, abs=1e-6)
+    assert _Profiler(res, "mean:x", nagq=21).likelihood.spec.nagq == 21

@@ -22,10 +22,8 @@ from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import mlsml
-from mlsml.likelihood import loglik_at_nodes
-from mlsml.posterior import adapt
-from mlsml.posterior import loglik as adapted_loglik
-from mlsml.quadrature import gauss_hermite_rule
+from mlsml.likelihood import Likelihood
+from mlsml.quadrature import QuadratureSpec
 
 # no shrinking: each example costs a few fits, and a failure is reported as drawn
 # (derandomisation, deadline and health checks: the profile in tests/conftest.py)
@@ -194,10 +192,11 @@ def test_autograd_gradient_equals_finite_differences(df, theta_noise, random_sca
     theta = np.array([0.0, 0.7, -0.8, 0.05, np.log(0.3), 0.1, np.log(0.4)])[:n] + np.array(theta_noise[:n])
 
     def gradient_and_mismatch(nagq):
-        nodes = adapt(theta, design, gauss_hermite_rule(design.layout.d, nagq))
-        g = autograd.grad(loglik_at_nodes)(theta, design, nodes)
-        fd_fixed = _central_differences(lambda t: loglik_at_nodes(t, design, nodes), theta)
-        fd_adapted = _central_differences(lambda t: adapted_loglik(t, design, nagq), theta)
+        lik = Likelihood.build(design, QuadratureSpec("product", nagq))
+        nodes = lik.adapt(theta)
+        g = autograd.grad(lik.at_nodes)(theta, nodes)
+        fd_fixed = _central_differences(lambda t: lik.at_nodes(t, nodes), theta)
+        fd_adapted = _central_differences(lambda t: lik.value(t), theta)
         return g, fd_fixed, float(np.max(np.abs(g - fd_adapted)))
 
     g, fd_fixed, coarse = gradient_and_mismatch(11)

@@ -128,7 +128,7 @@ def test_quadrature_warning_when_more_points_move_the_llf():
     with warnings.catch_warnings():
         warnings.simplefilter("error", mlsml.QuadratureWarning)
         fine = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", nagq=31)
-    points, change = fine._info["quadrature_check"]
+    points, change = fine.diagnostics.quadrature_check
     assert points == 63 and change < 1e-6
     assert fine.llf - coarse.llf > 0.1  # the coarse rule was well below the likelihood
 
@@ -266,13 +266,12 @@ def test_predicted_sd_is_the_posterior_mean_of_the_residual_sd(exam_m3):
     pop = r.predict(new, kind="sd", conditional=False)
     np.testing.assert_allclose(pop, np.exp(w @ a / 2 + r.params["var(v)"] / 8), rtol=1e-12)
     # E(exp(v/2) | y) from an independent, finer quadrature of the posterior of school 4
-    from mlsml.posterior import adapt
-    from mlsml.predict import posterior_weights
-    from mlsml.quadrature import gauss_hermite_rule
+    from mlsml.predict import product_likelihood
 
     design = r.model.design
-    nodes = adapt(r.theta, design, gauss_hermite_rule(2, 31))
-    p = posterior_weights(r.theta, design, nodes)
+    lik = product_likelihood(design, 31)
+    nodes = lik.adapt(r.theta)
+    p = lik.posterior_weights(r.theta, nodes)
     j = list(design.group_labels).index(4)
     ev = float(p[j] @ np.exp(nodes.b[j, :, 1] / 2))
     np.testing.assert_allclose(r.predict(new, kind="sd"), np.exp(w @ a / 2) * ev, rtol=1e-7)

@@ -11,8 +11,15 @@ from conftest import DATA, load_reference
 
 import mlsml
 from mlsml.errors import ModelSpecError
-from mlsml.posterior import loglik
+from mlsml.likelihood import Likelihood
+from mlsml.quadrature import QuadratureSpec
 from mlsml.slopes import idr, slope_variance_components
+from mlsml.start import start_values
+
+
+def loglik(theta, design, nagq, kind="product"):
+    return Likelihood.build(design, QuadratureSpec(kind, nagq)).value(theta)
+
 
 M4 = dict(re_formula="~ standLRT", scale_formula="~ standLRT")
 
@@ -26,15 +33,12 @@ def test_model4_default_rule_is_accurate(exam_m4, exam):
     """Model 4 uses the u-exact marginal rule (15 points in v) by default; it agrees with the
     rotated 3-d product rule, and more points of either change the llf by < 1e-5."""
     res = exam_m4
-    assert res.converged and res.nagq == 15 and res._info["quadrature"] == "marginal"
+    assert res.converged and res.nagq == 15 and res.quadrature == "marginal"
     prod = mlsml.fit("normexam ~ standLRT", exam, groups="school", quadrature="product", **M4)
-    assert prod.nagq == 9 and prod._info["quadrature"] == "product"
+    assert prod.nagq == 9 and prod.quadrature == "product"
     assert abs(prod.llf - res.llf) < 1e-5
     np.testing.assert_allclose(prod.params, res.params, atol=1e-3 * prod.bse.max())
-    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
-
-    d = res.model.design
-    assert abs(loglik_marginal(res.theta, d, adapt_marginal(res.theta, d, marginal_rule(31))) - res.llf) < 1e-8
+    assert abs(res.likelihood.with_spec(nagq=31).value(res.theta) - res.llf) < 1e-8
     assert list(res.params.index[4:]) == ["var(u0)", "var(u1)", "var(v)", "cov(u0,u1)", "cov(u0,v)", "cov(u1,v)"]
     for nq in (10, 12):
         assert abs(loglik(res.theta, res.model.design, nq) - res.llf) < 1e-5
@@ -125,9 +129,6 @@ def test_model4_recovery_london_truth():
 
 def test_marginal_rule_three_mean_effects_matches_product(exam):
     """The u-exact rule with q = 3 (elementwise Cholesky branch) equals the 4-d product-rule limit."""
-    from mlsml.marginal import adapt_marginal, loglik_marginal, marginal_rule
-    from mlsml.optimize import start_values
-
     m = mlsml.MELSM.from_formula(
         "normexam ~ standLRT",
         exam,
@@ -136,7 +137,7 @@ def test_marginal_rule_three_mean_effects_matches_product(exam):
         scale_formula="~ standLRT",
     )
     th = start_values(m.design)
-    exact = float(loglik_marginal(th, m.design, adapt_marginal(th, m.design, marginal_rule(21))))
+    exact = loglik(th, m.design, 21, "uexact")
     assert abs(loglik(th, m.design, 11) - exact) < 1e-6
     assert abs(loglik(th, m.design, 7) - exact) > 1e-6  # the product rule is the less accurate one
 

@@ -179,7 +179,7 @@ def fortran_run_to_ours(ref: dict, names, terms: dict | None = None) -> pd.Serie
     location effect ``Loc Eff`` on the log WS variance. With ``u0 = sd_u0 * theta1`` and
     ``v = LocEff * theta1 + StdDev * theta2``: ``var(v) = LocEff^2 + StdDev^2`` and, with a
     between-school variance function, ``cov(u0,v)`` is reported by mlsml against the
-    *standardised* ``u0`` (:mod:`mlsml.extended`), which is ``LocEff`` itself.
+    *standardised* ``u0`` (:mod:`mlsml.integrand`), which is ``LocEff`` itself.
 
     Parameters
     ----------

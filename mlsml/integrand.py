@@ -1,0 +1,524 @@
+r"""The integrand of every school: the only module that knows the model class.
+
+The model (school ``j``, student ``i``)
+
+.. math::
+
+    y_{ij} = x_{ij}'\beta + z_{ij}'u_j + e_{ij}, \qquad
+    \ln \operatorname{var}(e_{ij}) = w_{ij}'\alpha + g_{ij}'v_j, \qquad
+    b_j = (u_j, v_j) \sim N(0, \Sigma_j),
+
+with ``g_ij = 1`` for the plain random scale and ``Sigma_j = D_j Sigma0 D_j``,
+``D_j = diag(exp(s_j' tau / 2), 1, ..., 1)`` with a between-school variance model
+(``bs_formula``). The likelihood of school ``j`` is
+
+.. math::
+
+    L_j = \int \exp h_j(b)\, db, \qquad h_j(b) = \log f(y_j \mid b) + \log \phi(b; 0, \Sigma_j).
+
+Two classes give ``log f`` with one interface:
+
+- :class:`SchoolSums` (random intercept and slopes, random scale, ``bs_formula``):
+  the conditional density depends on the data only through per-school sums
+  (``O(N p)`` per evaluation). With ``c_i = exp(-w_i' alpha)``, ``r_i = y_i - x_i' beta``,
+
+  .. math::
+
+      \log f(y_j \mid u, v) = -\tfrac{n_j}{2} \log 2\pi - \tfrac{A_j}{2} - \tfrac{n_j v}{2}
+          - \tfrac{e^{-v}}{2} (S_{0j} - 2u'S_{1j} + u'S_{2j}u),
+
+  ``A_j = sum w_i' alpha``, ``S0 = sum c r^2``, ``S1 = sum c r z``, ``S2 = sum c z z'``.
+- :class:`PerObservation` (random slopes in the log variance, ``scale_re_formula``):
+  the sums depend on ``v`` through ``exp(-g_i' v)``, so the density is summed over
+  observations and nodes (``O(N K d)``, in chunks of :data:`CHUNK` elements).
+
+Each class also gives: the Cholesky factor(s) of the prior (:meth:`Integrand.prior`),
+the pieces of the u-exact rule (``log f`` is quadratic in ``u`` given ``v``; the
+Gaussian block of :mod:`mlsml.gaussian` integrates ``u`` out), and the numpy
+function and derivatives of ``h_j`` for the Newton mode solver of :mod:`mlsml.modes`.
+Everything that takes ``theta`` is written in ``autograd.numpy``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import autograd.numpy as anp
+import numpy as np
+
+from . import gaussian
+from .design import Design
+from .ops import LOG2PI, group_expand, group_sum
+
+#: Largest number of (observation x node) elements held at once by the
+#: per-observation likelihood.
+CHUNK = 2_000_000
+
+#: With a between-school variance model, ``var(u0_j)`` counts as zero in every school
+#: below this fraction of the residual variance.
+ZERO_VARIANCE_BS = 1e-6
+
+
+class Sums(NamedTuple):
+    """Sufficient per-school sums for given ``beta`` and ``alpha``."""
+
+    n: np.ndarray  # (J,)
+    A: np.ndarray  # (J,)  sum of w'alpha
+    S0: np.ndarray  # (J,)
+    S1: np.ndarray  # (J, q)
+    S2: np.ndarray  # (J, q, q)
+
+
+class Prior(NamedTuple):
+    r"""The prior of the school effects: ``Sigma_j = L_j L_j'`` with ``L_j = D_j L0``.
+
+    Attributes
+    ----------
+    L0 : array (d, d)
+        Cholesky factor of ``Sigma`` (of ``Sigma0`` with a between-school variance model).
+    log_sd0 : array (J,) or None
+        ``s_j' tau / 2``: ``D_j = diag(exp(log_sd0_j), 1, ..., 1)``; ``None`` without
+        ``bs_formula``.
+    """
+
+    L0: object
+    log_sd0: object
+
+    @property
+    def chol(self):
+        """``L`` of shape ``(d, d)``, or ``(J, d, d)`` with a between-school variance model."""
+        if self.log_sd0 is None:
+            return self.L0
+        J = self.log_sd0.shape[0]
+        d = self.L0.shape[0]
+        rowscale = anp.concatenate([anp.exp(self.log_sd0)[:, None], anp.ones((J, d - 1))], axis=1)
+        return rowscale[:, :, None] * self.L0[None, :, :]
+
+
+def school_sums(beta, alpha, design: Design) -> Sums:
+    """Per-school sums ``n, A, S0, S1, S2`` (see the module docstring)."""
+    st, ct = design.starts, design.counts
+    eta = anp.dot(design.W, alpha)
+    c = anp.exp(-eta)
+    r = design.y - anp.dot(design.X, beta)
+    cr = c * r
+    Z = design.Z
+    q = Z.shape[1]
+    n = design.counts.astype(float)
+    A = group_sum(eta, st, ct)
+    S0 = group_sum(cr * r, st, ct)
+    if q == 0:  # random scale only: no school effect in the mean
+        J = st.shape[0]
+        S1 = anp.zeros((J, 0))
+        S2 = anp.zeros((J, 0, 0))
+    elif q == 1 and _is_ones(Z):
+        S1 = group_sum(cr, st, ct)[:, None]
+        S2 = group_sum(c, st, ct)[:, None, None]
+    else:
+        S1 = group_sum(cr[:, None] * Z, st, ct)
+        zz = (Z[:, :, None] * Z[:, None, :]).reshape(Z.shape[0], q * q)
+        S2 = anp.reshape(group_sum(c[:, None] * zz, st, ct), (-1, q, q))
+    return Sums(n, A, S0, S1, S2)
+
+
+def _is_ones(Z: np.ndarray) -> bool:
+    return bool(Z.shape[1] == 1 and np.all(Z[:, 0] == 1.0))
+
+
+def log_conditional(b, sums: Sums, q: int, random_scale: bool):
+    """``log f(y_j | b_jk)`` from the sums, for nodes ``b`` of shape ``(J, K, d)``; returns ``(J, K)``."""
+    u = b[:, :, :q]
+    S1u = anp.einsum("jkq,jq->jk", u, sums.S1)
+    uS2u = anp.einsum("jkq,jqr,jkr->jk", u, sums.S2, u)
+    Q = sums.S0[:, None] - 2.0 * S1u + uS2u
+    base = -0.5 * sums.n * LOG2PI - 0.5 * sums.A
+    if random_scale:
+        v = b[:, :, q]
+        return base[:, None] - 0.5 * sums.n[:, None] * v - 0.5 * anp.exp(-v) * Q
+    return base[:, None] - 0.5 * Q
+
+
+def log_prior(b, L):
+    r"""``log phi(b_jk; 0, L L')`` for ``b`` (J, K, d) and ``L`` (d, d) or (J, d, d); returns ``(J, K)``.
+
+    .. math::
+
+        \log\phi(b; 0, LL') = -\tfrac d2 \log 2\pi - \sum_i \log L_{ii} - \tfrac12 |L^{-1} b|^2
+
+    (forward substitution written out for autograd).
+    """
+    d = b.shape[-1]
+    shared = L.ndim == 2
+    xs = []
+    for i in range(d):
+        acc = b[:, :, i]
+        for j in range(i):
+            acc = acc - (L[i, j] if shared else L[:, i, j][:, None]) * xs[j]
+        xs.append(acc / (L[i, i] if shared else L[:, i, i][:, None]))
+    quad = sum(x**2 for x in xs) if d else 0.0 * b[:, :, 0]
+    if shared:
+        logdet = anp.sum(anp.log(anp.diag(L)))
+        return -0.5 * d * LOG2PI - logdet - 0.5 * quad
+    logdet = sum(anp.log(L[:, i, i]) for i in range(d))
+    return -0.5 * d * LOG2PI - logdet[:, None] - 0.5 * quad
+
+
+def _chunks(counts: np.ndarray, K: int) -> list[tuple[int, int]]:
+    """School ranges ``[j0, j1)`` whose rows times ``K`` stay below :data:`CHUNK`."""
+    J = counts.shape[0]
+    out = []
+    j0 = 0
+    rows = 0
+    for j in range(J):
+        if rows and (rows + counts[j]) * K > CHUNK:
+            out.append((j0, j))
+            j0, rows = j, 0
+        rows += int(counts[j])
+    out.append((j0, J))
+    return out
+
+
+def chunk_slices(design: Design, K: int):
+    """For each chunk of schools: ``j0:j1``, rows ``r0:r1``, the chunk's group starts (relative to ``r0``) and counts."""
+    for j0, j1 in _chunks(design.counts, K):
+        r0 = int(design.starts[j0])
+        r1 = int(design.starts[j1 - 1] + design.counts[j1 - 1])
+        yield j0, j1, r0, r1, design.starts[j0:j1] - r0, design.counts[j0:j1]
+
+
+# ====================================================================== the integrands
+class Integrand:
+    """What the likelihood engine needs of a model class (see the module docstring).
+
+    Parameters
+    ----------
+    design : Design
+    """
+
+    def __init__(self, design: Design):
+        self.design = design
+        self.layout = design.layout
+
+    @property
+    def core(self) -> bool:
+        """Whether this is the core model (one ``Sigma``, one plain random scale), for which the
+        boundary probes (:mod:`mlsml.boundary`) and the quadrature check are defined."""
+        return not (self.layout.scale_re_terms or self.layout.bs_terms)
+
+    def school_covariances(self, theta) -> np.ndarray:
+        """``Sigma_j`` for every school, shape ``(J, d, d)`` (equal without ``bs_formula``)."""
+        _, _, L = self.prior_chol(np.asarray(theta, dtype=float))
+        L = np.asarray(L)
+        if L.ndim == 2:
+            L = np.broadcast_to(L, (self.design.ngroups,) + L.shape)
+        return np.einsum("jde,jfe->jdf", L, L)
+
+    def extra_singular_reasons(self, theta) -> list[str]:
+        """Boundary checks the core check cannot see.
+
+        With a between-school variance model: ``var(u0_j)`` below
+        :data:`ZERO_VARIANCE_BS` of the residual variance in every school.
+        """
+        lay = self.layout
+        if not lay.bs_terms:
+            return []
+        design = self.design
+        Sj = self.school_covariances(theta)
+        natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
+        resid_var = float(np.exp(np.mean(design.W @ natural[lay.p : lay.p + lay.k])))
+        ref = resid_var / max(float(np.mean(design.Z[:, 0] ** 2)), 1e-300)
+        if np.all(Sj[:, 0, 0] < ZERO_VARIANCE_BS * ref):
+            return [f"var(u0_j) is effectively zero in every school (max {Sj[:, 0, 0].max():.3g})"]
+        return []
+
+    # ------------------------------------------------------------ prior
+    def split(self, theta):
+        """``(beta, alpha, Prior)`` from the optimiser-scale ``theta`` (autograd)."""
+        lay = self.layout
+        if not lay.bs_terms:
+            beta, alpha, L = lay.split(theta)
+            return beta, alpha, Prior(L, None)
+        beta, alpha, tau, L0 = lay.split_bs(theta)
+        return beta, alpha, Prior(L0, 0.5 * anp.dot(self.design.S, tau))
+
+    def prior_chol(self, theta):
+        """``(beta, alpha, L)`` with ``L`` of shape ``(d, d)`` or ``(J, d, d)``."""
+        beta, alpha, prior = self.split(theta)
+        return beta, alpha, prior.chol
+
+    def precision(self, theta) -> np.ndarray:
+        """``P_j = Sigma_j^{-1}`` (numpy), shape ``(d, d)`` or ``(J, d, d)``."""
+        _, _, L = self.prior_chol(np.asarray(theta, dtype=float))
+        L = np.asarray(L)
+        Linv = np.linalg.inv(L)
+        if L.ndim == 2:
+            return Linv.T @ Linv
+        return np.einsum("jed,jef->jdf", Linv, Linv)
+
+    # ------------------------------------------------------------ product rule
+    def log_conditional(self, beta, alpha, b):
+        """``log f(y_j | b_jk)`` for nodes ``b`` (J, K, d); returns ``(J, K)``."""
+        raise NotImplementedError
+
+    def log_h(self, theta, b):
+        """``h_j(b_jk) = log f(y_j | b_jk) + log phi(b_jk; 0, Sigma_j)``, shape ``(J, K)``."""
+        beta, alpha, prior = self.split(theta)
+        return self.log_conditional(beta, alpha, b) + log_prior(b, prior.chol)
+
+    # ------------------------------------------------------------ u-exact rule
+    def u_exact_parts(self, beta, alpha, v):
+        """Yield ``(j0, j1, base, S1, S2)`` per chunk of schools such that, given ``v`` (J, K, n_v),
+
+        ``log f(y_j | u, v) = base - 1/2 u' S2 u + u' S1`` (``S1[a]``, ``S2[a][b]`` arrays ``(j1-j0, K)``).
+        """
+        raise NotImplementedError
+
+    def log_h_uexact(self, theta, v):
+        r"""``log int exp h_j(u, v) du`` at the nodes ``v`` (J, K, n_v), shape ``(J, K)`` (autograd).
+
+        .. math::
+
+            g_j(v) = \text{base} - \tfrac{d}{2}\log 2\pi - \tfrac12 \log|\Sigma_j| - \tfrac12 v'P_{vv}v
+                     + \tfrac q2 \log 2\pi - \tfrac12 \log|M(v)| + \tfrac12 c'M^{-1}c
+
+        with ``M``, ``c`` of :func:`mlsml.gaussian.block_entries`.
+        """
+        lay = self.layout
+        q, nv = lay.q, lay.n_v
+        beta, alpha, prior = self.split(theta)
+        L = prior.L0
+        Linv = anp.linalg.inv(L)
+        P = anp.dot(Linv.T, Linv)
+        logdet_sigma = 2.0 * anp.sum(anp.log(anp.diag(L)))
+        parts = []
+        for j0, j1, base, S1, S2 in self.u_exact_parts(beta, alpha, v):
+            vj = v[j0:j1]
+            if nv == 1:
+                vPv = P[q, q] * vj[:, :, 0] ** 2
+            else:
+                vPv = anp.einsum("jkv,vw,jkw->jk", vj, P[q:, q:], vj)
+            prior_v = -0.5 * (q + nv) * LOG2PI - 0.5 * logdet_sigma - 0.5 * vPv
+            scale = None
+            if prior.log_sd0 is not None:  # P_j = D_j^-1 P0 D_j^-1, log|Sigma_j| = log|Sigma0| + s_j'tau
+                prior_v = prior_v - prior.log_sd0[j0:j1][:, None]
+                scale = anp.exp(-prior.log_sd0[j0:j1])[:, None]
+            Mx, cx = gaussian.block_entries(S1, S2, P, vj, q, scale)
+            logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
+            parts.append(base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
+        return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
+
+    # ------------------------------------------------------------ modes
+    def mode_problem(self, theta):
+        """The numpy function ``h_j`` and its derivatives for :func:`mlsml.modes.posterior_modes`."""
+        raise NotImplementedError
+
+
+class SchoolSums(Integrand):
+    """Random intercept and slopes, random scale, between-school variance: per-school sums."""
+
+    def log_conditional(self, beta, alpha, b):
+        lay = self.layout
+        return log_conditional(b, school_sums(beta, alpha, self.design), lay.q, lay.random_scale)
+
+    def u_exact_parts(self, beta, alpha, v):
+        q = self.layout.q
+        s = school_sums(beta, alpha, self.design)
+        vv = v[:, :, 0]
+        E = anp.exp(-vv)
+        n = s.n[:, None]
+        base = -0.5 * n * LOG2PI - 0.5 * s.A[:, None] - 0.5 * n * vv - 0.5 * E * s.S0[:, None]
+        S1 = [E * s.S1[:, None, a] for a in range(q)]
+        S2 = [[E * s.S2[:, None, a, b] for b in range(q)] for a in range(q)]
+        yield 0, self.design.ngroups, base, S1, S2
+
+    def mode_problem(self, theta):
+        lay = self.layout
+        beta, alpha, _ = self.split(np.asarray(theta, dtype=float))
+        s = Sums(*(np.asarray(a, dtype=float) for a in school_sums(beta, alpha, self.design)))
+        return SumsModeProblem(s, self.precision(theta), lay.q, lay.random_scale)
+
+
+class PerObservation(Integrand):
+    """Random slopes in the log variance (``scale_re_formula``): summed over observations."""
+
+    def log_conditional(self, beta, alpha, b):
+        design = self.design
+        q = self.layout.q
+        eta = anp.dot(design.W, alpha)
+        r = design.y - anp.dot(design.X, beta)
+        G = design.G
+        parts = []
+        for j0, j1, r0, r1, st, cnt in chunk_slices(design, b.shape[1]):
+            bg = group_expand(b[j0:j1], st, cnt)  # (n, K, d)
+            zu = anp.einsum("nkq,nq->nk", bg[:, :, :q], design.Z[r0:r1])
+            gv = anp.einsum("nkv,nv->nk", bg[:, :, q:], G[r0:r1])
+            e = r[r0:r1][:, None] - zu
+            lv = eta[r0:r1][:, None] + gv
+            ll = -0.5 * (LOG2PI + lv + anp.exp(-lv) * e**2)
+            parts.append(group_sum(ll, st, cnt))
+        return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
+
+    def u_exact_parts(self, beta, alpha, v):
+        design = self.design
+        q = self.layout.q
+        eta = anp.dot(design.W, alpha)
+        r = design.y - anp.dot(design.X, beta)
+        G, Z = design.G, design.Z
+        for j0, j1, r0, r1, st, cnt in chunk_slices(design, v.shape[1]):
+            lv = eta[r0:r1][:, None] + anp.einsum("nkv,nv->nk", group_expand(v[j0:j1], st, cnt), G[r0:r1])
+            a = anp.exp(-lv)
+            rr = r[r0:r1][:, None]
+            Zc = Z[r0:r1]
+            S0 = group_sum(a * rr**2, st, cnt)
+            S1 = [group_sum(a * rr * Zc[:, i : i + 1], st, cnt) for i in range(q)]
+            S2 = [[group_sum(a * (Zc[:, i] * Zc[:, k])[:, None], st, cnt) for k in range(q)] for i in range(q)]
+            n = cnt.astype(float)[:, None]
+            base = -0.5 * n * LOG2PI - 0.5 * group_sum(lv, st, cnt) - 0.5 * S0
+            yield j0, j1, base, S1, S2
+
+    def mode_problem(self, theta):
+        design = self.design
+        beta, alpha, _ = self.split(np.asarray(theta, dtype=float))
+        return ObsModeProblem(
+            P=self.precision(theta),
+            eta=design.W @ np.asarray(alpha),
+            r=design.y - design.X @ np.asarray(beta),
+            Z=design.Z,
+            G=design.G,
+            q=self.layout.q,
+            group=design.group,
+            starts=design.starts,
+        )
+
+
+def make_integrand(design: Design) -> Integrand:
+    """The integrand of the design's model class."""
+    if design.layout.scale_re_terms:
+        return PerObservation(design)
+    return SchoolSums(design)
+
+
+# ====================================================================== mode problems (numpy)
+def _quad_prior(b: np.ndarray, P: np.ndarray) -> np.ndarray:
+    if P.ndim == 2:
+        return np.einsum("jd,de,je->j", b, P, b)
+    return np.einsum("jd,jde,je->j", b, P, b)
+
+
+class SumsModeProblem:
+    r"""``h_j`` and its derivatives from the per-school sums (``E = exp(-v)``, ``P = Sigma_j^{-1}``).
+
+    .. math::
+
+        \partial_u h = E (S_1 - S_2 u) - (P b)_u, \qquad
+        \partial_v h = -n/2 + E Q(u)/2 - (P b)_v,
+
+        \partial^2_{uu} h = -E S_2 - P_{uu}, \quad
+        \partial^2_{uv} h = -E (S_1 - S_2 u) - P_{uv}, \quad
+        \partial^2_{vv} h = -E Q(u)/2 - P_{vv};
+
+    the Fisher-scoring matrix replaces ``E Q/2`` by its expectation ``n/2`` and drops
+    the ``u``-``v`` cross term. ``h`` is given up to a constant.
+    """
+
+    def __init__(self, s: Sums, P: np.ndarray, q: int, random_scale: bool):
+        self.s, self.P, self.q, self.rs = s, P, q, random_scale
+        self.J = s.n.shape[0]
+        self.d = q + int(random_scale)
+
+    def f(self, b: np.ndarray) -> np.ndarray:
+        s, q = self.s, self.q
+        u = b[:, :q]
+        Q = s.S0 - 2 * np.einsum("jq,jq->j", u, s.S1) + np.einsum("jq,jqr,jr->j", u, s.S2, u)
+        if self.rs:
+            v = b[:, q]
+            ll = -0.5 * s.n * v - 0.5 * np.exp(-v) * Q
+        else:
+            ll = -0.5 * Q
+        return ll - 0.5 * _quad_prior(b, self.P)
+
+    def derivs(self, b: np.ndarray, fisher: bool = False):
+        s, P, q = self.s, self.P, self.q
+        J, d = b.shape
+        u = b[:, :q]
+        S2u = np.einsum("jqr,jr->jq", s.S2, u)
+        resid = s.S1 - S2u
+        if P.ndim == 2:
+            g = -(b @ P)  # P symmetric
+            H = np.broadcast_to(-P, (J, d, d)).copy()
+        else:
+            g = -np.einsum("jde,je->jd", P, b)
+            H = -P.copy()
+        if self.rs:
+            v = b[:, q]
+            E = np.exp(-v)
+            Q = s.S0 - 2 * np.einsum("jq,jq->j", u, s.S1) + np.einsum("jq,jq->j", u, S2u)
+            g[:, :q] += E[:, None] * resid
+            g[:, q] += -0.5 * s.n + 0.5 * E * Q
+            H[:, :q, :q] -= E[:, None, None] * s.S2
+            if fisher:
+                H[:, q, q] -= 0.5 * s.n
+            else:
+                H[:, :q, q] -= E[:, None] * resid
+                H[:, q, :q] -= E[:, None] * resid
+                H[:, q, q] -= 0.5 * E * Q
+        else:
+            g[:, :q] += resid
+            H[:, :q, :q] -= s.S2
+        return g, H
+
+
+class ObsModeProblem:
+    r"""``h_j`` and its derivatives summed over observations (``E_i = exp(-lv_i)``, ``e_i = r_i - z_i'u``, ``t_i = E_i e_i^2``).
+
+    .. math::
+
+        \partial_u h = \sum E_i e_i z_i - (P b)_u, \qquad
+        \partial_v h = \sum (t_i - 1)/2\, g_i - (P b)_v,
+
+        \partial^2_{uu} h = -\sum E_i z_i z_i' - P_{uu}, \quad
+        \partial^2_{vv} h = -\sum t_i/2\, g_i g_i' - P_{vv}, \quad
+        \partial^2_{uv} h = -\sum E_i e_i z_i g_i' - P_{uv};
+
+    Fisher scoring replaces ``t_i`` by 1 and drops the cross term.
+    """
+
+    def __init__(self, P, eta, r, Z, G, q, group, starts):
+        self.J = starts.shape[0]
+        if P.ndim == 2:
+            P = np.broadcast_to(P, (self.J,) + P.shape)
+        self.P, self.eta, self.r, self.Z, self.G, self.q = P, eta, r, Z, G, q
+        self.group, self.starts = group, starts
+        self.d = q + G.shape[1]
+
+    def _parts(self, b):
+        bg = b[self.group]
+        q = self.q
+        e = self.r - np.einsum("nq,nq->n", self.Z, bg[:, :q])
+        lv = self.eta + np.einsum("nv,nv->n", self.G, bg[:, q:])
+        return e, lv, np.exp(-lv)
+
+    def f(self, b: np.ndarray) -> np.ndarray:
+        e, lv, E = self._parts(b)
+        ll = np.add.reduceat(-0.5 * (lv + E * e**2), self.starts)
+        return ll - 0.5 * _quad_prior(b, self.P)
+
+    def derivs(self, b: np.ndarray, fisher: bool = False):
+        e, lv, E = self._parts(b)
+        q = self.q
+        t = E * e**2
+        Z, G = self.Z, self.G
+        gu = (E * e)[:, None] * Z
+        gv = (0.5 * (t - 1.0))[:, None] * G
+        P = self.P
+        g = np.add.reduceat(np.concatenate([gu, gv], axis=1), self.starts) - np.einsum("jde,je->jd", P, b)
+        H = -np.array(P)
+        if q:
+            H[:, :q, :q] -= np.add.reduceat(E[:, None, None] * Z[:, :, None] * Z[:, None, :], self.starts)
+        wv = np.ones_like(t) if fisher else t
+        H[:, q:, q:] -= 0.5 * np.add.reduceat(wv[:, None, None] * G[:, :, None] * G[:, None, :], self.starts)
+        if not fisher and q:
+            Huv = -np.add.reduceat((E * e)[:, None, None] * Z[:, :, None] * G[:, None, :], self.starts)
+            H[:, :q, q:] += Huv
+            H[:, q:, :q] += np.swapaxes(Huv, 1, 2)
+        return g, H

@@ -1,0 +1,91 @@
+"""Starting values of the optimiser, for every model class, in one place.
+
+Core models (:func:`start_values`): ``beta`` by least squares; ``sigma2_e`` by the
+pooled within-school variance of the residuals and ``sigma2_u`` by the method of
+moments from the school means; ``alpha`` reproduces ``ln sigma2_e`` with zero
+slopes; random slopes start at 10% of the scaled intercept variance; the random
+scale starts at ``var(v) = 0.1`` with zero correlations -- away from the saddle at
+``sd(v) = 0`` where the likelihood's gradient vanishes.
+
+Models with ``scale_re_formula`` or ``bs_formula`` (:func:`start_values_ext`):
+the core values of the model without the extensions, ``tau`` reproducing its
+``var(u0)``, the log-variance effects independent with variance
+:data:`START_VAR_V` (``v0``) and ``START_VAR_SLOPE / mean(g^2)`` (slopes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .design import Design
+from .params import ParamLayout
+
+#: Starting variance of the (first) random scale effect ``v``.
+START_VAR_V = 0.1
+
+#: Starting variance of a random slope in the log variance, times ``mean(g^2)``.
+START_VAR_SLOPE = 0.01
+
+
+def start_values(design: Design) -> np.ndarray:
+    """Starting values on the optimiser scale for any model class.
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    >>> theta0 = start_values(model.design)
+    >>> theta0.shape == (model.layout.n_params,)
+    True
+    """
+    if design.layout.extended:
+        return start_values_ext(design)
+    return start_values_core(design)
+
+
+def start_values_core(design: Design) -> np.ndarray:
+    """Moment-based starting values of a core model (see the module docstring)."""
+    lay = design.layout
+    y, X = design.y, design.X
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    r = y - X @ beta
+    n = design.counts
+    rbar = np.add.reduceat(r, design.starts) / n
+    within = r - rbar[design.group]
+    dfw = max(design.nobs - design.ngroups, 1)
+    s2e = float(np.sum(within**2) / dfw)
+    if not np.isfinite(s2e) or s2e <= 0:
+        s2e = float(np.var(r)) or 1.0
+    s2u = float(np.var(rbar) - s2e * np.mean(1.0 / n))
+    s2u = max(s2u, 0.1 * s2e / max(np.mean(n), 1.0), 1e-3 * s2e)
+    alpha, *_ = np.linalg.lstsq(design.W, np.full(design.nobs, np.log(s2e)), rcond=None)
+    diag = []
+    for i in range(lay.q):
+        z2 = float(np.mean(design.Z[:, i] ** 2)) or 1.0
+        diag.append(s2u / z2 if i == 0 else 0.1 * s2u / z2)
+    if lay.random_scale:
+        diag.append(START_VAR_V)
+    return lay.theta_from_parts(beta, alpha, np.diag(diag))
+
+
+def start_values_ext(design: Design) -> np.ndarray:
+    """Starting values of a model with ``scale_re_formula`` or ``bs_formula`` (see the module docstring)."""
+    lay = design.layout
+    base = ParamLayout(lay.mean_terms, lay.scale_terms, lay.q, lay.n_v > 0)
+    th = start_values_core(dataclasses.replace(design, layout=base))
+    beta, alpha, L = base.split(th)
+    Sb = np.asarray(L) @ np.asarray(L).T
+    diag = list(np.diag(Sb)[: lay.q])
+    G = design.G if lay.scale_re_terms else np.ones((design.nobs, lay.n_v))
+    for i in range(lay.n_v):
+        diag.append(START_VAR_V if i == 0 else START_VAR_SLOPE / max(float(np.mean(G[:, i] ** 2)), 1e-12))
+    sigma = np.diag(diag)
+    tau = None
+    if lay.bs_terms:
+        tau = np.zeros(lay.m)
+        if "Intercept" in lay.bs_terms:
+            tau[lay.bs_terms.index("Intercept")] = np.log(diag[0])
+    return lay.theta_from_parts(np.asarray(beta), np.asarray(alpha), sigma, tau=tau)
