@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConvergenceWarning, MLSMLError
+from .mixregls import MixwildSummary, fit_stages, summarize_mixwild
+from .mixregls.job import run_job
 
 EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x"
@@ -255,13 +257,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.stages:
         if args.style != "mixwild":
             raise MLSMLError("--stages needs --style mixwild")
-        from .mixwild import fit_stages
-
         stages = fit_stages(res, progress=_progress_printer(args), callback=_pass_printer(args))
     if not args.quiet:
         if args.style == "mixwild":
-            from .mixwild import MixwildSummary, summarize_mixwild
-
             smry = MixwildSummary(summarize_mixwild(res, stages=stages, source=args.data))
         else:
             smry = res.summary()
@@ -316,9 +314,6 @@ def _progress_printer(args: argparse.Namespace):
 
 def cmd_mixregls(args: argparse.Namespace) -> int:
     """Run a MIXREGLS job (.def + .dat) and print the MIXREGLS-style report."""
-    from .mixregls_def import run_job
-    from .mixwild import MixwildSummary
-
     progress = _progress_printer(args)
     try:
         run = run_job(args.deffile, stages=not args.no_stages, nagq=args.nagq, progress=progress, callback=_pass_printer(args))

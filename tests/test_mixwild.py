@@ -9,7 +9,7 @@ from conftest import load_reference
 
 import mlsml
 from mlsml.errors import ModelSpecError
-from mlsml.mixwild import fit_stages, from_mixregls, stage_tests, summarize_mixwild, to_mixregls
+from mlsml.mixregls import fit_stages, from_mixregls, stage_tests, summarize_mixwild, to_mixregls
 
 
 def test_to_mixregls_matches_the_reference_raw_parameters(exam_m3):
