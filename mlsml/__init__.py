@@ -24,6 +24,7 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from . import bootstrap, simulate
+from ._version import __version__
 from .bayes import compare_bayes
 from .compare import LRTestResult, compare_models, lrtest
 from .errors import (
@@ -39,8 +40,6 @@ from .errors import (
 )
 from .model import MELSM, fit
 from .results import MELSMResults, load
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MELSM",

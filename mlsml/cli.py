@@ -21,7 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .compare import compare_models
 from .errors import ConvergenceWarning, MLSMLError
+from .mixregls import MixwildSummary, fit_stages, summarize_mixwild
+from .mixregls.job import run_job
+from .model import fit as fit_model
+from .simulate import DEMO_TRUTH, demo_data
 
 EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x"
@@ -63,10 +68,6 @@ def _fit_json(res) -> dict:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fit the paper's Models 1-3 to the bundled London-style simulated data."""
-    from . import fit as fit_model
-    from .compare import compare_models
-    from .simulate import DEMO_TRUTH, demo_data
-
     df = demo_data()
     out = sys.stdout
     print(
@@ -227,8 +228,6 @@ def read_table(path: str, groups: str, sep: str | None = None, na_values: Sequen
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit a model to a CSV file and print its summary."""
-    from . import fit as fit_model
-
     df, header = read_table(args.data, args.groups, sep=args.sep, na_values=args.na_values)
     hint = _separator_hint(header, args.sep)
     if args.groups not in df.columns:
@@ -255,13 +254,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.stages:
         if args.style != "mixwild":
             raise MLSMLError("--stages needs --style mixwild")
-        from .mixwild import fit_stages
-
         stages = fit_stages(res, progress=_progress_printer(args), callback=_pass_printer(args))
     if not args.quiet:
         if args.style == "mixwild":
-            from .mixwild import MixwildSummary, summarize_mixwild
-
             smry = MixwildSummary(summarize_mixwild(res, stages=stages, source=args.data))
         else:
             smry = res.summary()
@@ -316,9 +311,6 @@ def _progress_printer(args: argparse.Namespace):
 
 def cmd_mixregls(args: argparse.Namespace) -> int:
     """Run a MIXREGLS job (.def + .dat) and print the MIXREGLS-style report."""
-    from .mixregls_def import run_job
-    from .mixwild import MixwildSummary
-
     progress = _progress_printer(args)
     try:
         run = run_job(args.deffile, stages=not args.no_stages, nagq=args.nagq, progress=progress, callback=_pass_printer(args))

@@ -13,6 +13,21 @@ work, while methods that need the observations (predictions, school effects,
 simulation, refits) raise a :class:`~mlsml.errors.DataError` that says so.
 To keep the data with a result, pickle it instead.
 
+The quadrature is written twice: as the fields ``quadrature`` (the kind),
+``nagq`` and ``prune`` that :class:`mlsml.MELSMResults` has, and spelled out as
+``quadrature_rule`` (:func:`quadrature_record`): the kind, the points per
+dimension, which school effects the rule integrates numerically and the number
+of nodes per school,
+
+.. math::
+
+    n_{\\text{nodes}} = n_{\\text{agq}}^{\\,\\dim}, \\qquad
+    \\dim = \\begin{cases} d & \\text{product rule} \\\\
+                           n_v & \\text{u-exact rule (mean effects integrated exactly)} \\end{cases}
+
+(before pruning), so that a reader of the JSON need not know that ``nagq`` of a
+u-exact fit counts points in ``v`` only.
+
 Floats are written with Python's shortest round-trip representation and read
 back exactly; NaN (e.g. standard errors without a positive-definite information
 matrix) is written as ``null``.
@@ -64,6 +79,56 @@ def _arr(v, shape: tuple[int, ...] | None = None) -> np.ndarray:
     return out
 
 
+#: The quadrature kinds a fit records: the product rule over all school effects, and the rule that
+#: integrates the mean effects exactly given the scale effects ("u-exact").
+QUADRATURE_KINDS = ("product", "marginal")
+
+
+def quadrature_record(kind: str | None, nagq: int, prune: float, layout: ParamLayout) -> dict[str, Any] | None:
+    """The quadrature rule of a fit, spelled out (``None`` when the kind is not known).
+
+    Parameters
+    ----------
+    kind : {"product", "marginal"} or None
+        The rule: ``"product"`` integrates all ``d`` school effects numerically;
+        ``"marginal"`` (u-exact) integrates the mean effects exactly and the
+        ``n_v`` scale effects numerically.
+    nagq : int
+        Points per numerically integrated dimension.
+    prune : float
+        Pruning threshold of the product rule (0: none).
+    layout : ParamLayout
+        The parameter layout (names of the school effects).
+
+    Returns
+    -------
+    dict or None
+        ``kind``, ``points_per_dim``, ``integrated`` (names of the school effects
+        integrated numerically), ``nodes`` (``points_per_dim ** len(integrated)``,
+        before pruning) and ``prune``.
+
+    Examples
+    --------
+    >>> from mlsml.params import ParamLayout
+    >>> lay = ParamLayout(("Intercept",), ("Intercept",), n_re_mean=1, random_scale=True)
+    >>> quadrature_record("marginal", 15, 0.0, lay)
+    {'kind': 'marginal', 'points_per_dim': 15, 'integrated': ['v'], 'nodes': 15, 'prune': 0.0}
+    """
+    if kind is None:
+        return None
+    if kind not in QUADRATURE_KINDS:
+        raise DataError(f"unknown quadrature kind {kind!r} (expected one of {list(QUADRATURE_KINDS)})")
+    names = list(layout.re_names)
+    integrated = names if kind == "product" else names[layout.q :]
+    return {
+        "kind": kind,
+        "points_per_dim": int(nagq),
+        "integrated": integrated,
+        "nodes": int(nagq) ** len(integrated),
+        "prune": float(prune),
+    }
+
+
 def response_fingerprint(y_caller_order: np.ndarray) -> str:
     """SHA-256 of the response vector (caller's row order): compares fits without their data."""
     return hashlib.sha256(np.ascontiguousarray(y_caller_order, dtype="<f8").tobytes()).hexdigest()
@@ -104,6 +169,7 @@ def results_to_dict(res) -> dict[str, Any]:
         "nagq": res.nagq,
         "quadrature": info.get("quadrature"),
         "prune": float(res.prune),
+        "quadrature_rule": quadrature_record(info.get("quadrature"), res.nagq, res.prune, lay),
         "method": res.method,
         "options": dict(info.get("options", {})),
         "quadrature_check": None if check is None else [int(check[0]), _num(check[1])],
@@ -264,9 +330,17 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
         )
         design_info = {"response": d["response"], "n_dropped": int(d.get("n_dropped", 0)), "re_terms": tuple(L.get("re_terms", ()))}
         check = d.get("quadrature_check")
+        kind = d.get("quadrature")
+        rule = d.get("quadrature_rule")
+        if rule is not None and rule != quadrature_record(kind, int(d["nagq"]), float(d.get("prune", 0.0)), lay):
+            raise DataError(
+                f"the quadrature_rule {rule} does not match quadrature={kind!r}, nagq={d['nagq']} and prune={d.get('prune')}"
+            )
+        if kind is not None and kind not in QUADRATURE_KINDS:
+            raise DataError(f"unknown quadrature kind {kind!r} (expected one of {list(QUADRATURE_KINDS)})")
         info = {
             "hessian_pd": bool(d["hessian_pd"]),
-            "quadrature": d.get("quadrature"),
+            "quadrature": kind,
             "quadrature_check": None if check is None else (int(check[0]), np.nan if check[1] is None else float(check[1])),
             "options": dict(d.get("options") or {}),
             "singular_reasons": list(d.get("singular_reasons", [])),

@@ -14,6 +14,7 @@ import pandas as pd
 from statsmodels.iolib import summary2
 
 from .errors import ModelSpecError
+from .mixregls.report import MixwildSummary, summarize_mixwild
 
 
 def _param_frame(res, names: list[str], labels: list[str], alpha: float) -> pd.DataFrame:
@@ -80,12 +81,10 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     """Build the summary of ``res`` (see module docstring).
 
     ``style="mixwild"`` gives the MIXREGLS report layout
-    (:func:`mlsml.mixwild.summarize_mixwild`) wrapped in a
-    :class:`mlsml.mixwild.MixwildSummary`.
+    (:func:`mlsml.mixregls.summarize_mixwild`) wrapped in a
+    :class:`mlsml.mixregls.MixwildSummary`.
     """
     if style == "mixwild":
-        from .mixwild import MixwildSummary, summarize_mixwild
-
         return MixwildSummary(summarize_mixwild(res, alpha=alpha))
     if style != "statsmodels":
         raise ModelSpecError(f"unknown summary style {style!r} (available: 'statsmodels', 'mixwild')")

@@ -34,7 +34,9 @@ import pytest
 
 import mlsml
 
-MODULES = sorted(["mlsml"] + [f"mlsml.{m.name}" for m in pkgutil.iter_modules(mlsml.__path__) if m.name != "__main__"])
+#: Every module, those of subpackages (``mlsml.mixregls.convert``, ...) included: the examples of a
+#: function are found only in the module that defines it, not in a package that re-exports it.
+MODULES = sorted(["mlsml"] + [m.name for m in pkgutil.walk_packages(mlsml.__path__, "mlsml.") if m.name != "mlsml.__main__"])
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

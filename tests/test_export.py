@@ -164,3 +164,72 @@ def test_load_rejects_what_is_not_a_fit(exam_m3, tmp_path):
     d["params"] = dict(reversed(list(d["params"].items())))
     with pytest.raises(mlsml.DataError, match="do not match the layout"):
         mlsml.load(d)
+
+
+# ---------------------------------------------------------------- extensions and quadrature (issue 11)
+def _scale_slope_data(J: int = 30, n: int = 8, seed: int = 3) -> pd.DataFrame:
+    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x (as in test_extended)."""
+    rng = np.random.default_rng(seed)
+    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
+    b = rng.multivariate_normal(np.zeros(3), sigma, size=J)
+    g = np.repeat(np.arange(J), n)
+    x = rng.normal(size=J * n)
+    lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
+    y = 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=J * n) * np.exp(lv / 2)
+    return pd.DataFrame({"y": y, "x": x, "school": g})
+
+
+@pytest.fixture(scope="module")
+def extension_fits(exam):
+    """A bs_formula fit by the product rule, a scale_re_formula fit by the product rule, a u-exact bs fit."""
+    from conftest import DATA
+
+    riesby = pd.read_csv(DATA / "riesby.csv")
+    kw = dict(groups="id", scale_formula="~ week + endog", bs_formula="~ endog")
+    return {
+        "bs_product": mlsml.fit("hamdep ~ week + endog + endweek", riesby, quadrature="product", nagq=7, **kw),
+        "scale_re_product": mlsml.fit(
+            "y ~ x", _scale_slope_data(), groups="school", scale_formula="~ x", scale_re_formula="~ x", nagq=3, quadrature="product"
+        ),
+        "bs_uexact": mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", bs_formula="~ schavg"),
+    }
+
+
+def test_to_dict_carries_scale_re_bs_and_quadrature_and_load_round_trips(extension_fits):
+    """Regression: to_dict dropped scale_re_formula, bs_formula and the quadrature rule.
+
+    The JSON carries both formulas, the kind of rule, its points and what they mean
+    (``quadrature_rule``), and a loaded result reports the same rule and formulas.
+    """
+    expected = {
+        "bs_product": ("product", 7, None, "~ endog", ["u0", "v"], 49),
+        "scale_re_product": ("product", 3, "~ x", None, ["u0", "v0", "v1"], 27),
+        "bs_uexact": ("marginal", 15, None, "~ schavg", ["v"], 15),
+    }
+    for name, res in extension_fits.items():
+        kind, nagq, scale_re, bs, integrated, nodes = expected[name]
+        d = res.to_dict()
+        assert (d["quadrature"], d["nagq"], d["scale_re_formula"], d["bs_formula"]) == (kind, nagq, scale_re, bs), name
+        assert d["quadrature_rule"] == {"kind": kind, "points_per_dim": nagq, "integrated": integrated, "nodes": nodes, "prune": 0.0}
+        assert d["layout"]["scale_re_terms"] == (["Intercept", "x"] if scale_re else [])
+        assert d["layout"]["bs_terms"] == (["Intercept", bs[2:]] if bs else [])
+        back = mlsml.load(res.to_json())
+        spec = back.model.formula_spec
+        assert (spec.scale_re_formula, spec.bs_formula) == (scale_re, bs), name
+        assert (back.nagq, back.prune, back.layout) == (res.nagq, res.prune, res.layout)
+        assert back.to_dict() == d  # the quadrature kind too
+        assert back.summary().as_text() == res.summary().as_text()  # its header names the rule and points
+
+
+def test_load_refuses_an_inconsistent_quadrature_rule(extension_fits):
+    d = extension_fits["bs_product"].to_dict()
+    d["nagq"] = 9
+    with pytest.raises(mlsml.DataError, match="quadrature_rule .* does not match"):
+        mlsml.load(d)
+    d = extension_fits["bs_product"].to_dict()
+    d["quadrature"] = d["quadrature_rule"] = "sparse"
+    with pytest.raises(mlsml.DataError, match="unknown quadrature kind 'sparse'"):
+        mlsml.load(d)
+    d = extension_fits["bs_product"].to_dict()
+    del d["quadrature_rule"]  # a JSON written before the field existed still reads
+    assert mlsml.load(d).to_dict()["quadrature_rule"]["nodes"] == 49

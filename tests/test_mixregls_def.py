@@ -14,8 +14,9 @@ from conftest import DATA, SHARED
 
 from mlsml.cli import main
 from mlsml.errors import DataError, MissingDataWarning, ModelSpecError
-from mlsml.mixregls_def import job_data, parse_def, read_dat, run_job
-from mlsml.mixwild import describe_data
+from mlsml.mixregls import describe_data
+from mlsml.mixregls.deffile import parse_def, read_dat
+from mlsml.mixregls.job import job_data, run_job
 
 JOBS = DATA / "mixwild"
 NUM = r"(-?\d+\.\d+|NaN)"
@@ -535,7 +536,8 @@ def test_fifo_data_file_is_refused_without_blocking(tmp_path):
     p = _def_naming(tmp_path, "pipe.dat")
     code = (
         "import sys\n"
-        "from mlsml.mixregls_def import parse_def, job_data\n"
+        "from mlsml.mixregls.deffile import parse_def\n"
+        "from mlsml.mixregls.job import job_data\n"
         "from mlsml.errors import DataError\n"
         "try:\n"
         f"    job_data(parse_def({str(p)!r}))\n"
@@ -576,7 +578,7 @@ def test_short_bad_tokens_are_still_shown(tmp_path):
 
 
 def test_data_file_size_is_capped(tmp_path, monkeypatch):
-    import mlsml.mixregls_def as mdef
+    import mlsml.mixregls.deffile as mdef
 
     (tmp_path / "d.dat").write_text("1 2 3\n" * 100)
     monkeypatch.setattr(mdef, "MAX_DATA_BYTES", 64)

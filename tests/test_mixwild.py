@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import load_reference
+from conftest import DATA, load_reference
 
 import mlsml
+import mlsml.mixwild
 from mlsml.errors import ModelSpecError
-from mlsml.mixwild import fit_stages, from_mixregls, stage_tests, summarize_mixwild, to_mixregls
+from mlsml.mixregls import fit_stages, from_mixregls, stage_tests, summarize_mixwild, to_mixregls
 
 
 def test_to_mixregls_matches_the_reference_raw_parameters(exam_m3):
@@ -129,3 +130,132 @@ def test_stage_sequence_without_scale_covariates(seed_sim):
     assert [t for t, _ in stages] == ["Model without Scale Parameters", "Model WITH RANDOM Scale"]
     ref = load_reference("mixregls__seed_sim__m1")
     assert stages[0][1].llf == pytest.approx(ref["loglik"], abs=1e-5)
+
+
+def test_mixwild_is_an_alias_of_the_package():
+    """``mlsml.mixwild`` (the documented first home of these names) re-exports the package's objects."""
+    import mlsml.mixregls
+
+    for name in mlsml.mixwild.__all__:
+        assert getattr(mlsml.mixwild, name) is getattr(mlsml.mixregls, name), name
+    assert mlsml.mixregls.run_job is mlsml.mixregls.job.run_job  # the job runner, imported on first use
+
+
+# ---------------------------------------------------------------- BS variance functions (bs_formula)
+RIESBY = dict(formula="hamdep ~ week + endog + endweek", groups="id", scale_formula="~ week + endog", bs_formula="~ endog")
+
+#: MIXREGLS_both's block names -> ours (the reference JSONs spell the program's block titles).
+_REF_BLOCK = {
+    "BETA": "BETA",
+    "ALPHA": "ALPHA",
+    "TAU": "TAU",
+    "Random scale standard deviation": "SCALE_SD",
+    "Random location (mean) effect on WS variance": "LOC_EFF",
+}
+
+
+@pytest.fixture(scope="module")
+def riesby_bs():
+    return mlsml.fit(data=pd.read_csv(DATA / "riesby.csv"), **RIESBY)
+
+
+def test_to_mixregls_of_a_bs_formula_fit_matches_mixregls_both(riesby_bs):
+    """Regression: with bs_formula, ALPHA was printed as ``Intercept = 0`` with SE 0 and the other terms dropped.
+
+    ALPHA is the BS variance function (our ``bsvar:``); compared with MixWILD 2.0's
+    MIXREGLS_both on Riesby at 21 points (estimates printed to 5 decimals): within 0.02
+    SE, SEs within 2% (the tolerances of validation/fortran_runs.py).
+    """
+    ref = load_reference("mixregls_fortran__riesby_linear_nq21")["stages"]["stage3"]["parameters"]
+    tab = to_mixregls(riesby_bs)
+    assert list(tab.index) == [
+        "BETA:Intercept",
+        "BETA:week",
+        "BETA:endog",
+        "BETA:endweek",
+        "ALPHA:Intercept",
+        "ALPHA:endog",
+        "TAU:Intercept",
+        "TAU:week",
+        "TAU:endog",
+        "SCALE_SD:Std Dev",
+        "LOC_EFF:Loc  Eff",
+    ]
+    assert len(ref) == len(tab)
+    for p, (key, row) in zip(ref, tab.iterrows()):
+        assert _REF_BLOCK[p["block"]] == row["block"], key
+        assert abs(row["estimate"] - p["estimate"]) < 0.02 * row["std err"], key
+        assert row["std err"] == pytest.approx(p["se"], rel=0.02), key
+    # ALPHA is bsvar:, with the fit's own SEs; LocEff is cov(u0,v) (against the standardised u0)
+    for t in ("Intercept", "endog"):
+        assert tab.loc[f"ALPHA:{t}", "estimate"] == riesby_bs.params[f"bsvar:{t}"]
+        assert tab.loc[f"ALPHA:{t}", "std err"] == pytest.approx(riesby_bs.bse[f"bsvar:{t}"], rel=1e-8)
+    assert tab.loc["LOC_EFF:Loc  Eff", "estimate"] == pytest.approx(riesby_bs.params["cov(u0,v)"], rel=1e-12)
+    assert list(tab["ref_key"][4:6]) == ["ln_sigma2_u_Intercept", "ln_sigma2_u_endog"]
+    # and back
+    back = from_mixregls(tab)
+    pd.testing.assert_index_equal(back.index, riesby_bs.params.index)
+    np.testing.assert_allclose(back.to_numpy(), riesby_bs.params.to_numpy(), rtol=1e-10, atol=1e-12)
+    one = from_mixregls({"BETA:Intercept": 1.0, "ALPHA:Intercept": 0.5, "TAU:Intercept": 0.0}, bs=True)
+    assert list(one.index) == ["mean:Intercept", "scale:Intercept", "bsvar:Intercept"]
+
+
+def test_mixwild_report_of_a_bs_formula_fit(riesby_bs):
+    """Regression: the report said "BS variance model: ~ 1" and printed ALPHA = 0 for a bs_formula fit."""
+    text = riesby_bs.summary(style="mixwild").as_text()
+    assert " BS variance model   : ~ endog  (cluster: id)" in text
+    lines = text.splitlines()
+    i = lines.index("ALPHA (BS variance parameters: log-linear model)")
+    for line, t in zip(lines[i + 1 : i + 3], ("Intercept", "endog")):
+        name, est, se = line.split()[:3]
+        assert name == t
+        assert float(est) == pytest.approx(riesby_bs.params[f"bsvar:{t}"], abs=1e-5)
+        assert float(se) == pytest.approx(riesby_bs.bse[f"bsvar:{t}"], abs=1e-5)
+    assert lines[i + 3].startswith("TAU")
+    j = lines.index(" BS variance model covariates")
+    assert [ln.split()[0] for ln in lines[j + 3 : j + 5]] == ["Intercept", "endog"]
+
+
+def test_stage_sequence_of_a_bs_formula_fit_keeps_the_bs_variance(riesby_bs):
+    """Regression: the stage models dropped bs_formula (stage 1 and 2 were fitted without ALPHA's covariates).
+
+    MIXREGLS_both's stage 1 (-1140.600) and stage 2 (-1134.500) have no random scale, so
+    their integrand is Gaussian and any rule gives the exact value (printed to 3 decimals).
+    """
+    ref = load_reference("mixregls_fortran__riesby_linear")["stages"]
+    stages = fit_stages(riesby_bs)
+    assert [r.layout.bs_terms for _, r in stages] == [("Intercept", "endog")] * 3
+    assert stages[0][1].llf == pytest.approx(ref["stage1"]["loglik"], abs=1e-3)
+    assert stages[1][1].llf == pytest.approx(ref["stage2"]["loglik"], abs=1e-3)
+    assert [r.df_model for _, r in stages] == [ref[s]["npar"] for s in ("stage1", "stage2", "stage3")]
+
+
+def _scale_slope_fit():
+    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x; product rule, 3 points."""
+    rng = np.random.default_rng(3)
+    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
+    b = rng.multivariate_normal(np.zeros(3), sigma, size=30)
+    g = np.repeat(np.arange(30), 8)
+    x = rng.normal(size=240)
+    lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
+    df = pd.DataFrame({"y": 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=240) * np.exp(lv / 2), "x": x, "g": g})
+    return mlsml.fit("y ~ x", df, groups="g", scale_formula="~ x", scale_re_formula="~ x", nagq=3, quadrature="product")
+
+
+def test_scale_slopes_are_not_squeezed_into_mixregls_parameters():
+    """Regression: with scale_re_formula, to_mixregls reported v0 only (LocEff, StdDev of v0) and dropped v1.
+
+    MIXREGLS has one random scale effect: the conversion refuses, and the report prints
+    MIXREGMLS's layout with every scale-effect variance and covariance by name.
+    """
+    res = _scale_slope_fit()
+    with pytest.raises(ModelSpecError, match="one random scale effect"):
+        to_mixregls(res)
+    text = res.summary(style="mixwild").as_text()
+    assert "ALPHA (BS" not in text and "Random Scale Variances and Covariances" in text
+    for name in ("var(v0)", "var(v1)", "cov(u0,v0)", "cov(u0,v1)", "cov(v0,v1)"):
+        row = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+        assert float(row.split()[1]) == pytest.approx(res.params[name], abs=1e-5)
+    assert "+ random scale effects ~ x" in text
+    stages = fit_stages(res)  # the stages without the random scale drop the scale slopes too
+    assert [r.layout.scale_re_terms for _, r in stages] == [(), (), ("Intercept", "x")]

@@ -17,7 +17,8 @@ import pytest
 
 import mlsml
 from mlsml.errors import PACKAGE_DIR, find_stack_level, warn
-from mlsml.mixregls_def import job_data, parse_def
+from mlsml.mixregls.deffile import parse_def
+from mlsml.mixregls.job import job_data
 
 HERE = str(Path(__file__).resolve())
 
