@@ -18,6 +18,8 @@ import autograd
 import numpy as np
 import pandas as pd
 
+from . import schools as _schools
+from . import summary as _summary
 from ._lazy import LazyModule
 from .bootstrap import bootstrap as _bootstrap
 from .bootstrap import simulate_responses
@@ -511,9 +513,8 @@ class MELSMResults:
             Indexed by group label; columns ``u0, u0_sd, [u1, u1_sd, ...], [v, v_sd], n``.
         """
         self._require_data("random_effects")
-        from .schools import random_effects  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
-        return random_effects(self, cov=cov)
+        return _schools.random_effects(self, cov=cov)
 
     def school_effects(self, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
         """School mean progress and school residual variance with intervals, ranks and flags.
@@ -547,9 +548,8 @@ class MELSMResults:
             var_rank_lo, var_rank_hi, var_flag``.
         """
         self._require_data("school_effects")
-        from .schools import school_effects  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
-        return school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
+        return _schools.school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
 
     def population_quantities(self, w=None, z=None) -> pd.DataFrame:
         """Population quantities with delta-method standard errors.
@@ -562,9 +562,8 @@ class MELSMResults:
         predicted school means and variances); NaN where the model lacks the effect.
         """
         self._require_data("population_quantities")
-        from .schools import population_quantities  # lazy: mlsml.schools imports scipy.stats (slow `import mlsml`)
 
-        return population_quantities(self, w=w, z=z)
+        return _schools.population_quantities(self, w=w, z=z)
 
     def predict(self, newdata=None, kind: str = "mean", conditional: bool = True) -> pd.Series:
         """Predicted mean, residual variance or residual SD, for new rows or the fitted rows.
@@ -808,9 +807,8 @@ class MELSMResults:
             Layout: statsmodels' summary2 tables, or the MIXREGLS/MIXWILD report
             (:func:`mlsml.mixwild.summarize_mixwild`; same ``as_*`` methods).
         """
-        from .summary import summarize  # lazy: statsmodels (slow `import mlsml`)
 
-        return summarize(self, alpha=alpha, style=style)
+        return _summary.summarize(self, alpha=alpha, style=style)
 
     def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """Tidy table of the estimates: one row per parameter.

@@ -30,12 +30,16 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
+from ._lazy import LazyModule
 from .errors import ModelSpecError
 from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
 
-Z90 = float(stats.norm.ppf(0.90))
+stats = LazyModule("scipy.stats")  # imported on first use: keeps `import mlsml` fast
+
+#: The 90th percentile of the standard normal (the interdecile range spans +/- Z90 SDs).
+Z90 = float(special.ndtri(0.90))
 
 
 # ---------------------------------------------------------------- helpers

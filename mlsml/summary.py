@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from statsmodels.iolib import summary2
 
+from ._lazy import LazyModule
 from .errors import ModelSpecError
 from .mixregls.report import MixwildSummary, summarize_mixwild
+
+summary2 = LazyModule("statsmodels.iolib.summary2")  # imported on first use: keeps `import mlsml` fast
 
 
 def _param_frame(res, names: list[str], labels: list[str], alpha: float) -> pd.DataFrame:
