@@ -259,3 +259,17 @@ def test_scale_slopes_are_not_squeezed_into_mixregls_parameters():
     assert "+ random scale effects ~ x" in text
     stages = fit_stages(res)  # the stages without the random scale drop the scale slopes too
     assert [r.layout.scale_re_terms for _, r in stages] == [(), (), ("Intercept", "x")]
+
+
+def test_mixwild_report_states_the_fits_own_quadrature_rule(exam):
+    """The report used to say "NQ = 15 per dimension ... rotated" for u-exact fits, whose 15 points
+    lie in v only (the location effects are integrated exactly)."""
+    uexact = mlsml.fit("normexam ~ standLRT", exam, groups="school")
+    text = uexact.summary(style="mixwild").as_text()
+    assert uexact.likelihood.spec.uexact
+    assert f"NQ         = {uexact.nagq:4d} per dimension of v (u-exact rule)" in text
+    assert "location effects integrated exactly" in text
+    product = mlsml.fit("normexam ~ standLRT", exam, groups="school", quadrature="product")
+    text = product.summary(style="mixwild").as_text()
+    assert f"NQ         = {product.nagq:4d} per dimension (2 school effects, product rule)" in text
+    assert "u-exact" not in text

@@ -265,6 +265,28 @@ def _ours_block(res, alpha: float) -> str:
     return "\n".join(out)
 
 
+def _quadrature_lines(res) -> list[str]:
+    """The NQ and QUADRATURE lines: the fit's own rule, read from its likelihood object.
+
+    With the u-exact rule the ``nagq`` points lie in the scale effects only (the mean
+    effects are integrated in closed form), so "per dimension" would overstate the
+    integral's dimension; with the product rule they span every school effect.
+    """
+    spec = res.likelihood.spec
+    lay = res.layout
+    if spec.uexact:
+        dims = "v" if lay.n_v == 1 else f"the {lay.n_v} scale effects"
+        return [
+            f" NQ         = {spec.nagq:4d} per dimension of {dims} (u-exact rule)",
+            " QUADRATURE = adaptive Gauss-Hermite over the scale effects at each cluster's posterior mode;",
+            "              the location effects integrated exactly (closed form) given them",
+        ]
+    return [
+        f" NQ         = {spec.nagq:4d} per dimension ({lay.d} school effects, product rule)",
+        " QUADRATURE = adaptive Gauss-Hermite, rotated at each cluster's posterior mode",
+    ]
+
+
 def summarize_mixwild(
     res,
     stages: Sequence[tuple[str, object]] | None = None,
@@ -346,8 +368,7 @@ def summarize_mixwild(
         out.append(f" random location     : {spec.re_formula}  (cluster: {spec.groups}; MIXREGMLS layout)")
     else:
         out.append(f" BS variance model   : {spec.bs_formula or '~ 1'}  (cluster: {spec.groups})")
-    out.append(f" NQ         = {res.nagq:4d} per dimension")
-    out.append(" QUADRATURE = adaptive Gauss-Hermite, rotated at each cluster's posterior mode")
+    out += _quadrature_lines(res)
     out.append(f" OPTIMISER  = {res.method} + Newton polish (autograd derivatives); SEs from the observed information")
     out.append("")
     out.append("")
