@@ -231,7 +231,11 @@ def test_stage_sequence_of_a_bs_formula_fit_keeps_the_bs_variance(riesby_bs):
 
 
 def _scale_slope_fit():
-    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x; product rule, 3 points."""
+    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x; the default (u-exact) rule.
+
+    (The product rule with 3-7 points does not converge on these data, under either dependency
+    end: an optimiser problem of issue 12, not what this test is about.)
+    """
     rng = np.random.default_rng(3)
     sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
     b = rng.multivariate_normal(np.zeros(3), sigma, size=30)
@@ -239,7 +243,7 @@ def _scale_slope_fit():
     x = rng.normal(size=240)
     lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
     df = pd.DataFrame({"y": 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=240) * np.exp(lv / 2), "x": x, "g": g})
-    return mlsml.fit("y ~ x", df, groups="g", scale_formula="~ x", scale_re_formula="~ x", nagq=3, quadrature="product")
+    return mlsml.fit("y ~ x", df, groups="g", scale_formula="~ x", scale_re_formula="~ x")
 
 
 def test_scale_slopes_are_not_squeezed_into_mixregls_parameters():
