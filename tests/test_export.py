@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -186,11 +187,17 @@ def extension_fits(exam):
 
     riesby = pd.read_csv(DATA / "riesby.csv")
     kw = dict(groups="id", scale_formula="~ week + endog", bs_formula="~ endog")
+    # What is exported does not depend on convergence, and the 3-point product-rule fit of the
+    # scale slopes converges with the newest scipy but not with scipy 1.11 (an optimiser
+    # problem of issue 12): its ConvergenceWarning is not this test's business.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mlsml.ConvergenceWarning)
+        scale_re_product = mlsml.fit(
+            "y ~ x", _scale_slope_data(), groups="school", scale_formula="~ x", scale_re_formula="~ x", nagq=3, quadrature="product"
+        )
     return {
         "bs_product": mlsml.fit("hamdep ~ week + endog + endweek", riesby, quadrature="product", nagq=7, **kw),
-        "scale_re_product": mlsml.fit(
-            "y ~ x", _scale_slope_data(), groups="school", scale_formula="~ x", scale_re_formula="~ x", nagq=3, quadrature="product"
-        ),
+        "scale_re_product": scale_re_product,
         "bs_uexact": mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", bs_formula="~ schavg"),
     }
 

@@ -266,23 +266,24 @@ def _ours_block(res, alpha: float) -> str:
 
 
 def _quadrature_lines(res) -> list[str]:
-    """The NQ and QUADRATURE lines: the fit's own rule, read from its likelihood object.
+    """The NQ and QUADRATURE lines: the fit's own rule (``res.quadrature``, which results read
+    back from JSON also carry).
 
     With the u-exact rule the ``nagq`` points lie in the scale effects only (the mean
     effects are integrated in closed form), so "per dimension" would overstate the
     integral's dimension; with the product rule they span every school effect.
     """
-    spec = res.likelihood.spec
     lay = res.layout
-    if spec.uexact:
+    nagq = int(res.nagq)
+    if res.quadrature == "marginal":  # the u-exact rule
         dims = "v" if lay.n_v == 1 else f"the {lay.n_v} scale effects"
         return [
-            f" NQ         = {spec.nagq:4d} per dimension of {dims} (u-exact rule)",
+            f" NQ         = {nagq:4d} per dimension of {dims} (u-exact rule)",
             " QUADRATURE = adaptive Gauss-Hermite over the scale effects at each cluster's posterior mode;",
             "              the location effects integrated exactly (closed form) given them",
         ]
     return [
-        f" NQ         = {spec.nagq:4d} per dimension ({lay.d} school effects, product rule)",
+        f" NQ         = {nagq:4d} per dimension ({lay.d} school effects, product rule)",
         " QUADRATURE = adaptive Gauss-Hermite, rotated at each cluster's posterior mode",
     ]
 
