@@ -307,6 +307,45 @@ def _materialise(formula: str, data: pd.DataFrame, what: str):
     return out, spec
 
 
+def _materialise_together(items: list[tuple[str, str]], data: pd.DataFrame):
+    """:func:`_materialise` of several formulas on the same data, each factor evaluated once.
+
+    ``items`` are ``(formula, what)``; the first may be two-sided (the mean formula),
+    the others are one-sided. patsy's lower-level API (``design_matrix_builders`` and
+    ``build_design_matrices`` on a list of term lists, what ``dmatrices`` does with its
+    two) evaluates a factor shared by several formulas -- ``C(ethnicity, ...)`` in the
+    mean and in the scale formula -- once, and makes one pass over the data to find the
+    categorical levels instead of one per formula. The matrices and design infos are
+    those of separate calls. Anything unusual (a one-sided formula with a left-hand
+    side, a two-sided one without) and every error is left to :func:`_materialise`,
+    formula by formula, so messages name the formula at fault exactly as before.
+
+    Returns
+    -------
+    list of (matrices, DesignInfo)
+        As :func:`_materialise` returns them, one per item.
+    """
+    try:
+        descs = [patsy.ModelDesc.from_formula(f) for f, _ in items]
+        # two-sided exactly where _materialise would call dmatrices (which needs an outcome)
+        expected = [i == 0 and "~" in f and not f.strip().startswith("~") for i, (f, _) in enumerate(items)]
+        if [bool(d.lhs_termlist) for d in descs] != expected:
+            raise ValueError("left-hand sides differ from what _materialise expects")
+        termlists = [descs[0].lhs_termlist] + [d.rhs_termlist for d in descs]
+        na_action = _MemoNAAction()
+        infos = patsy.design_matrix_builders(termlists, lambda: iter([data]), patsy.EvalEnvironment.capture(0), na_action)
+        mats = patsy.build_design_matrices(infos, data, NA_action=na_action, return_type="dataframe")
+        if expected[0] and mats[0].shape[1] == 0:
+            raise ValueError("no outcome columns")
+        two_sided = expected
+    except Exception:  # the formula-by-formula path raises the right error, or succeeds
+        return [_materialise(f, data, what) for f, what in items]
+    out = []
+    for i, rhs in enumerate(mats[1:]):
+        out.append((((mats[0], rhs) if two_sided[i] else rhs), rhs.design_info))
+    return out
+
+
 #: A text column is taken for numbers stored as text when more than this share of its
 #: values parse as numbers ...
 NUMERIC_TEXT_SHARE = 0.5
@@ -773,9 +812,10 @@ def build_design(
     for c in used:
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
-    (ydf, Xdf), mean_spec = _materialise(formula, frame, "mean formula")
-    Wdf, scale_spec = _materialise(scale_formula, frame, "scale formula")
-    Zdf, re_spec = _materialise(re_formula, frame, "random-effects formula")
+    evaluated = _materialise_together(
+        [(formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula")], frame
+    )
+    ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec) = evaluated
     if ydf.shape[1] != 1:
         raise ModelSpecError(f"the response of {formula!r} must be a single numeric column")
     y = ydf.to_numpy(dtype=float).ravel()

@@ -29,7 +29,7 @@ from .posterior import adapt
 from .posterior import loglik as _loglik_theta
 from .quadrature import check_nagq, default_nagq, gauss_hermite_rule, max_nagq
 from .results import MELSMResults
-from .threads import limit_blas_threads
+from .threads import blas_limited
 from .validate import check_choice, check_int, check_real, describe_value
 
 _value_and_grad = autograd.value_and_grad(loglik_at_nodes)
@@ -499,7 +499,7 @@ class MELSM:
 
     # ------------------------------------------------------------------
     @_doc(fit_params=_FIT_PARAMS_DOC, raises=_FIT_RAISES_DOC, warns=_WARNS_DOC)
-    @limit_blas_threads()
+    @blas_limited
     def fit(
         self,
         nagq: int | None = None,
@@ -629,7 +629,7 @@ class MELSM:
     raises=_RAISES_DOC,
     warns=_WARNS_DOC,
 )
-@limit_blas_threads()
+@blas_limited
 def fit(
     formula: str,
     data: pd.DataFrame,

@@ -7,9 +7,10 @@ multi-threaded OpenBLAS that uses every core by default; on a 2-core machine tha
 made the London fits up to 5 times slower than with one thread as soon as anything
 else ran on the machine, because OpenBLAS threads spin while they wait for a core
 (``bench/README.md``). A user who never heard of ``OPENBLAS_NUM_THREADS`` should
-not pay for that, so :meth:`mlsml.MELSM.fit` runs under :func:`limit_blas_threads`,
-which sets the limit for the duration of the fit with threadpoolctl and puts the
-caller's setting back afterwards.
+not pay for that, so :meth:`mlsml.MELSM.fit` and :func:`mlsml.fit` run under
+:func:`limit_blas_threads` (through the decorator :func:`blas_limited`), which sets
+the limit for the duration of the fit with threadpoolctl and puts the caller's
+setting back afterwards.
 
 Set :data:`FIT_BLAS_THREADS` to another number, or to ``None`` to leave the BLAS
 library alone, e.g. ``mlsml.threads.FIT_BLAS_THREADS = None``.
@@ -22,9 +23,11 @@ runs (nested, or in other Python threads) leave the setting alone.
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import threadpoolctl
 
@@ -33,6 +36,8 @@ import threadpoolctl
 #: one thread than with the default pool on an idle 2-core machine, and all were much
 #: faster with one thread when the machine had other work.
 FIT_BLAS_THREADS: int | None = 1
+
+_F = TypeVar("_F", bound=Callable)
 
 _LOCK = threading.Lock()
 #: The Python thread whose fit set the current limit (``None``: no limit set by mlsml).
@@ -85,3 +90,19 @@ def limit_blas_threads(limit: int | None = None) -> Iterator[None]:
     finally:
         with _LOCK:
             _owner = None
+
+
+def blas_limited(fn: _F) -> _F:
+    """Decorator: run ``fn`` under :func:`limit_blas_threads` (with :data:`FIT_BLAS_THREADS`).
+
+    A plain wrapper rather than the context manager used as a decorator, so that the
+    frame between the user's call and ``fn`` belongs to mlsml and warnings are still
+    attributed to the user's line (:func:`mlsml.errors.find_stack_level`).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with limit_blas_threads():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -77,3 +77,12 @@ def test_nested_and_concurrent_calls_leave_the_first_limit_in_force():
             assert threads._owner is inner_owner is threading.current_thread()
         assert blas_threads() == before
         assert threads._owner is None
+
+
+def test_warnings_of_a_limited_fit_point_at_the_callers_line():
+    """The decorator adds a frame of mlsml, not of contextlib, between the user and the fit."""
+    df = data()
+    df.loc[3, "x"] = np.nan
+    with pytest.warns(mlsml.MissingDataWarning) as caught:
+        mlsml.fit("y ~ x", df, groups="school", random_scale=False)
+    assert {w.filename for w in caught if issubclass(w.category, mlsml.MissingDataWarning)} == {__file__}
