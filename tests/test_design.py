@@ -168,7 +168,7 @@ def test_designs_are_patsy_designs_of_the_rows_used(formula, scale_formula):
     df = _london_like()
     with pytest.warns(MissingDataWarning, match="dropped 3 of"):
         design, spec = mlsml.design.build_design(formula, df, groups="school", scale_formula=scale_formula)
-    kept = df.loc[design.row_labels]
+    kept = df.loc[design.row_labels].astype({"eth": object, "stype": object})  # plain Python strings for patsy
     y, X = patsy.dmatrices(formula, kept, eval_env=0, NA_action="raise", return_type="dataframe")
     W = patsy.dmatrix(scale_formula, kept, eval_env=0, NA_action="raise", return_type="dataframe")
     np.testing.assert_array_equal(design.X, X.to_numpy()[design.order])
