@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+def _shared() -> Path:
+    """The nearest ``shared`` folder above the repository (``../shared``; ``../../shared`` from a worktree)."""
+    for parent in Path(__file__).resolve().parents[1:]:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared"
+    return Path(__file__).resolve().parents[2] / "shared"
+
+
+SHARED = _shared()
 
 #: The paper's 19 student and school covariates (Models 5-6), as in london_sim.truth.json.
 COV = (

@@ -28,6 +28,7 @@ from .optimize import FitOptions, maximize
 from .params import ParamLayout
 from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, check_nagq, default_nagq, uexact_supported
 from .results import MELSMResults
+from .threads import blas_limited
 from .validate import check_choice, check_int, check_real, describe_value
 
 #: ``scipy.optimize.minimize`` methods :meth:`MELSM.fit` accepts (matched case-insensitively):
@@ -530,6 +531,7 @@ class MELSM:
 
     # ------------------------------------------------------------------
     @_doc(fit_params=_FIT_PARAMS_DOC, raises=_FIT_RAISES_DOC, warns=_WARNS_DOC)
+    @blas_limited
     def fit(
         self,
         nagq: int | None = None,
@@ -613,6 +615,7 @@ class MELSM:
     raises=_RAISES_DOC,
     warns=_WARNS_DOC,
 )
+@blas_limited
 def fit(
     formula: str,
     data: pd.DataFrame,

@@ -135,3 +135,119 @@ def test_formula_functions_and_keyword_arguments_are_not_columns():
     assert any(n.startswith("mean:bs(x, df=3)") for n in m.param_names)
     with pytest.raises(ModelSpecError, match="'zz'"):
         mlsml.MELSM.from_formula("y ~ np.log(zz)", df, groups="school")
+
+
+# ---- formula processing speed (issue 11): same design matrices, fewer per-row calls
+
+
+def _london_like(n_groups=40, seed=3):
+    """Text factors as in the London data, a few missing values in a factor and in x."""
+    df = small(seed=seed, J=n_groups)
+    rng = np.random.default_rng(seed)
+    df["eth"] = rng.choice(["White", "Black", "Asian", "Mixed"], size=len(df))
+    df["stype"] = rng.choice(["standard", "sponsored", "converter"], size=len(df))
+    df["code"] = rng.integers(0, 3, size=len(df))
+    df["cat"] = pd.Categorical(rng.choice(["p", "q", "r"], size=len(df)))
+    df.loc[[2, 11], "eth"] = None
+    df.loc[5, "x"] = np.nan
+    return df
+
+
+@pytest.mark.parametrize(
+    ("formula", "scale_formula"),
+    [
+        ("y ~ x + C(eth, Treatment('White')) + C(stype, Treatment('standard'))", "~ x + C(eth, Treatment('White'))"),
+        ("y ~ x * C(eth, Treatment('Black')) + C(code) + C(cat, Sum)", "~ C(stype):x + C(eth)*C(code)"),
+        ("y ~ x + eth + stype", "~ eth:x + cat"),
+    ],
+)
+def test_designs_are_patsy_designs_of_the_rows_used(formula, scale_formula):
+    """build_design's X and W are patsy's own matrices (NA_action='raise') of the rows kept."""
+    import patsy
+
+    df = _london_like()
+    with pytest.warns(MissingDataWarning, match="dropped 3 of"):
+        design, spec = mlsml.design.build_design(formula, df, groups="school", scale_formula=scale_formula)
+    kept = df.loc[design.row_labels].astype({"eth": object, "stype": object})  # plain Python strings for patsy
+    y, X = patsy.dmatrices(formula, kept, eval_env=0, NA_action="raise", return_type="dataframe")
+    W = patsy.dmatrix(scale_formula, kept, eval_env=0, NA_action="raise", return_type="dataframe")
+    np.testing.assert_array_equal(design.X, X.to_numpy()[design.order])
+    np.testing.assert_array_equal(design.W, W.to_numpy()[design.order])
+    np.testing.assert_array_equal(design.y, y.to_numpy().ravel()[design.order])
+    assert list(design.layout.mean_terms) == list(X.columns)
+    assert list(design.layout.scale_terms) == list(W.columns)
+
+
+def test_categorical_missing_values_are_judged_once_per_level(monkeypatch):
+    """patsy asks ``is_categorical_NA`` per row of a C(...) term; the design asks it per level.
+
+    Before issue 11 this made 2 x 1200 calls here (570,000 on the London Model 6 formulas);
+    now one per distinct value for the mean and scale formulas together.
+    """
+    import patsy.missing
+
+    calls = []
+    original = patsy.missing.NAAction.is_categorical_NA
+
+    def counting(self, obj):
+        calls.append(obj)
+        return original(self, obj)
+
+    monkeypatch.setattr(patsy.missing.NAAction, "is_categorical_NA", counting)
+    df = small(J=60)
+    df["eth"] = np.resize(["White", "Black", "Asian"], len(df))
+    mlsml.design.build_design("y ~ x + C(eth, Treatment('White'))", df, groups="school", scale_formula="~ C(eth)")
+    assert 0 < len(calls) <= 3
+
+
+def test_a_text_level_patsy_reads_as_missing_still_raises(exam):
+    """patsy counts the text 'nan' in a C(...) term as missing: the memo keeps that rule."""
+    df = exam.copy()
+    df.loc[5, "vr"] = "nan"
+    with pytest.raises(DataError, match="missing"):
+        mlsml.MELSM.from_formula("normexam ~ standLRT + C(vr)", df, groups="school")
+
+
+def test_gram_rank_test_is_conclusive_only_when_the_svd_agrees():
+    """The cheap Gram-matrix test says 'full rank' only where matrix_rank does; else the SVD decides."""
+    from mlsml.design import _clearly_full_rank
+
+    rng = np.random.default_rng(0)
+    M = np.column_stack([np.ones(500), rng.normal(size=(500, 4))])
+    assert _clearly_full_rank(M)
+    collinear = np.column_stack([M, M[:, 1] - 2 * M[:, 2]])
+    nearly = np.column_stack([M, M[:, 1] + 1e-9 * rng.normal(size=500)])
+    zero = np.column_stack([M, np.zeros(500)])
+    for bad in (collinear, nearly, zero):
+        assert not _clearly_full_rank(bad)
+    assert np.linalg.matrix_rank(nearly) == nearly.shape[1]  # the SVD keeps it: the fallback decides
+    mlsml.design._check_columns(nearly, [f"c{j}" for j in range(nearly.shape[1])], "the mean design")
+    with pytest.raises(ModelSpecError, match="rank deficient: column 'c5'"):
+        mlsml.design._check_columns(collinear, [f"c{j}" for j in range(collinear.shape[1])], "the mean design")
+
+
+def test_formulas_evaluated_together_equal_formula_by_formula():
+    """One patsy evaluation of the three formulas gives each formula's own matrices and column names."""
+    from mlsml.design import _materialise, _materialise_together
+
+    df = _london_like().dropna()
+    df["eth"] = pd.Categorical(df["eth"])
+    items = [
+        ("y ~ x * C(eth, Treatment('Black')) + C(code)", "mean formula"),
+        ("~ C(eth, Treatment('Black')) + center(x)", "scale formula"),
+        ("~ x", "random-effects formula"),
+    ]
+    together = _materialise_together(items, df)
+    for (formula, what), (out, spec) in zip(items, together, strict=True):
+        alone, spec_alone = _materialise(formula, df, what)
+        for a, b in zip(out if isinstance(out, tuple) else (out,), alone if isinstance(alone, tuple) else (alone,), strict=True):
+            pd.testing.assert_frame_equal(a, b)
+        assert spec.column_names == spec_alone.column_names
+
+
+def test_an_error_in_one_formula_is_reported_for_that_formula():
+    df = small()
+    with pytest.raises(ModelSpecError, match="scale formula"):
+        mlsml.design.build_design("y ~ x", df, groups="school", scale_formula="~ nosuchfunction(x)")
+    with pytest.raises(ModelSpecError, match="random-effects formula"):
+        mlsml.design.build_design("y ~ x", df, groups="school", re_formula="~ nosuchfunction(x)")
