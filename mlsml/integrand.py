@@ -41,6 +41,7 @@ Everything that takes ``theta`` is written in ``autograd.numpy``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import autograd.numpy as anp
@@ -187,8 +188,12 @@ def chunk_slices(design: Design, K: int):
 
 
 # ====================================================================== the integrands
-class Integrand:
+class Integrand(ABC):
     """What the likelihood engine needs of a model class (see the module docstring).
+
+    An abstract base: :class:`SchoolSums` and :class:`PerObservation` implement
+    :meth:`log_conditional`, :meth:`u_exact_parts` and :meth:`mode_problem`; everything
+    else (the prior, ``h_j``, the u-exact integrand) is shared here.
 
     Parameters
     ----------
@@ -256,9 +261,9 @@ class Integrand:
         return np.einsum("jed,jef->jdf", Linv, Linv)
 
     # ------------------------------------------------------------ product rule
+    @abstractmethod
     def log_conditional(self, beta, alpha, b):
         """``log f(y_j | b_jk)`` for nodes ``b`` (J, K, d); returns ``(J, K)``."""
-        raise NotImplementedError
 
     def log_h(self, theta, b):
         """``h_j(b_jk) = log f(y_j | b_jk) + log phi(b_jk; 0, Sigma_j)``, shape ``(J, K)``."""
@@ -266,12 +271,12 @@ class Integrand:
         return self.log_conditional(beta, alpha, b) + log_prior(b, prior.chol)
 
     # ------------------------------------------------------------ u-exact rule
+    @abstractmethod
     def u_exact_parts(self, beta, alpha, v):
         """Yield ``(j0, j1, base, S1, S2)`` per chunk of schools such that, given ``v`` (J, K, n_v),
 
         ``log f(y_j | u, v) = base - 1/2 u' S2 u + u' S1`` (``S1[a]``, ``S2[a][b]`` arrays ``(j1-j0, K)``).
         """
-        raise NotImplementedError
 
     def log_h_uexact(self, theta, v):
         r"""``log int exp h_j(u, v) du`` at the nodes ``v`` (J, K, n_v), shape ``(J, K)`` (autograd).
@@ -308,9 +313,9 @@ class Integrand:
         return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
 
     # ------------------------------------------------------------ modes
+    @abstractmethod
     def mode_problem(self, theta):
         """The numpy function ``h_j`` and its derivatives for :func:`mlsml.modes.posterior_modes`."""
-        raise NotImplementedError
 
 
 class SchoolSums(Integrand):
