@@ -189,6 +189,12 @@ _FIT_RAISES_DOC = r"""ModelSpecError
     An option of the wrong type or out of range (each names the option and the
     value), or unusable ``start_params`` (naming the parameter)."""
 
+_RETURNS_DOC = r"""MELSMResults
+    Estimates (``params``, ``bse``, ``conf_int()``, ``summary()``), the
+    log-likelihood (``llf``, ``aic``, ``bic``), convergence (``converged``,
+    ``message``), school effects (``school_effects()``) and predictions
+    (``predict``)."""
+
 _WARNS_DOC = r"""MissingDataWarning
     Rows were dropped for missing values (counted per column).
 ConvergenceWarning
@@ -530,7 +536,7 @@ class MELSM:
         return QuadratureSpec("uexact" if uexact else "product", self._nagq(nagq, uexact), prune)
 
     # ------------------------------------------------------------------
-    @_doc(fit_params=_FIT_PARAMS_DOC, raises=_FIT_RAISES_DOC, warns=_WARNS_DOC)
+    @_doc(fit_params=_FIT_PARAMS_DOC, raises=_FIT_RAISES_DOC, warns=_WARNS_DOC, returns=_RETURNS_DOC)
     @blas_limited
     def fit(
         self,
@@ -556,11 +562,7 @@ class MELSM:
 
         Returns
         -------
-        MELSMResults
-            Estimates (``params``, ``bse``, ``conf_int()``, ``summary()``), the
-            log-likelihood (``llf``, ``aic``, ``bic``), convergence (``converged``,
-            ``message``), school effects (``school_effects()``) and predictions
-            (``predict``).
+        {returns}
 
         Raises
         ------
@@ -614,6 +616,7 @@ class MELSM:
     fit_params=_FIT_PARAMS_DOC,
     raises=_RAISES_DOC,
     warns=_WARNS_DOC,
+    returns=_RETURNS_DOC,
 )
 @blas_limited
 def fit(
@@ -652,11 +655,7 @@ def fit(
 
     Returns
     -------
-    MELSMResults
-        Estimates (``params``, ``bse``, ``conf_int()``, ``summary()``), the
-        log-likelihood (``llf``, ``aic``, ``bic``), convergence (``converged``,
-        ``message``), school effects (``school_effects()``) and predictions
-        (``predict``).
+    {returns}
 
     Raises
     ------

@@ -75,10 +75,14 @@ def exam_m3(exam):
     return mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT")
 
 
-def scale_slope_data(J: int = 40, n: int = 12, seed: int = 3) -> pd.DataFrame:
-    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x (as tests/test_extended.py)."""
+def scale_slope_data(J: int = 40, n: int = 12, seed: int = 3, sigma: np.ndarray | None = None) -> pd.DataFrame:
+    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x; (u0, v0, v1) ~ N(0, sigma).
+
+    The one simulator of variance-slope data for every test module.
+    """
     rng = np.random.default_rng(seed)
-    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
+    if sigma is None:
+        sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
     b = rng.multivariate_normal(np.zeros(3), sigma, size=J)
     g = np.repeat(np.arange(J), n)
     x = rng.normal(size=J * n)

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA, scale_slope_data
 
 import mlsml
 
@@ -168,23 +169,9 @@ def test_load_rejects_what_is_not_a_fit(exam_m3, tmp_path):
 
 
 # ---------------------------------------------------------------- extensions and quadrature (issue 11)
-def _scale_slope_data(J: int = 30, n: int = 8, seed: int = 3) -> pd.DataFrame:
-    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x (as in test_extended)."""
-    rng = np.random.default_rng(seed)
-    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
-    b = rng.multivariate_normal(np.zeros(3), sigma, size=J)
-    g = np.repeat(np.arange(J), n)
-    x = rng.normal(size=J * n)
-    lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
-    y = 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=J * n) * np.exp(lv / 2)
-    return pd.DataFrame({"y": y, "x": x, "school": g})
-
-
 @pytest.fixture(scope="module")
 def extension_fits(exam):
     """A bs_formula fit by the product rule, a scale_re_formula fit by the product rule, a u-exact bs fit."""
-    from conftest import DATA
-
     riesby = pd.read_csv(DATA / "riesby.csv")
     kw = dict(groups="id", scale_formula="~ week + endog", bs_formula="~ endog")
     # What is exported does not depend on convergence, and the 3-point product-rule fit of the
@@ -193,7 +180,13 @@ def extension_fits(exam):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mlsml.ConvergenceWarning)
         scale_re_product = mlsml.fit(
-            "y ~ x", _scale_slope_data(), groups="school", scale_formula="~ x", scale_re_formula="~ x", nagq=3, quadrature="product"
+            "y ~ x",
+            scale_slope_data(J=30, n=8),
+            groups="school",
+            scale_formula="~ x",
+            scale_re_formula="~ x",
+            nagq=3,
+            quadrature="product",
         )
     return {
         "bs_product": mlsml.fit("hamdep ~ week + endog + endweek", riesby, quadrature="product", nagq=7, **kw),

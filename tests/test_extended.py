@@ -8,7 +8,7 @@ import autograd
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA, load_reference
+from conftest import DATA, load_reference, scale_slope_data
 
 import mlsml
 from mlsml.errors import DataError, ModelSpecError, SingularFitWarning
@@ -39,15 +39,8 @@ def riesby() -> pd.DataFrame:
 
 
 def simulate_scale_slope(J=40, n=12, sigma=None, seed=3) -> pd.DataFrame:
-    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x."""
-    rng = np.random.default_rng(seed)
-    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]]) if sigma is None else sigma
-    b = rng.multivariate_normal(np.zeros(3), sigma, size=J)
-    g = np.repeat(np.arange(J), n)
-    x = rng.normal(size=J * n)
-    lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
-    y = 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=J * n) * np.exp(lv / 2)
-    return pd.DataFrame({"y": y, "x": x, "school": g})
+    """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x (conftest.scale_slope_data)."""
+    return scale_slope_data(J=J, n=n, seed=seed, sigma=sigma)
 
 
 # ---------------------------------------------------------------- names and errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA, load_reference
+from conftest import DATA, load_reference, scale_slope_data
 
 import mlsml
 import mlsml.mixwild
@@ -236,14 +236,7 @@ def _scale_slope_fit():
     (The product rule with 3-7 points does not converge on these data, under either dependency
     end: an optimiser problem of issue 12, not what this test is about.)
     """
-    rng = np.random.default_rng(3)
-    sigma = np.array([[0.10, -0.03, 0.01], [-0.03, 0.15, 0.02], [0.01, 0.02, 0.06]])
-    b = rng.multivariate_normal(np.zeros(3), sigma, size=30)
-    g = np.repeat(np.arange(30), 8)
-    x = rng.normal(size=240)
-    lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
-    df = pd.DataFrame({"y": 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=240) * np.exp(lv / 2), "x": x, "g": g})
-    return mlsml.fit("y ~ x", df, groups="g", scale_formula="~ x", scale_re_formula="~ x")
+    return mlsml.fit("y ~ x", scale_slope_data(J=30, n=8), groups="school", scale_formula="~ x", scale_re_formula="~ x")
 
 
 def test_scale_slopes_are_not_squeezed_into_mixregls_parameters():
