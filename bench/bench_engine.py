@@ -38,10 +38,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from revisions import export_tree, merge_base  # bench/ is the script folder
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -141,23 +142,6 @@ def _worker(tree: str) -> None:
 
 
 # --------------------------------------------------------------------------- driver side
-def merge_base() -> str:
-    """The merge-base of HEAD and main (the revision this branch started from)."""
-    out = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-def export_tree(rev: str, dest: Path) -> Path:
-    """Unpack the ``mlsml`` package of revision ``rev`` into ``dest``."""
-    tar = subprocess.run(["git", "archive", "--format=tar", rev, "mlsml"], cwd=ROOT, capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        if hasattr(tarfile, "data_filter"):
-            tf.extractall(dest, filter="data")
-        else:  # pragma: no cover
-            tf.extractall(dest)
-    return dest
-
-
 class Worker:
     """A worker process serving fits of one mlsml tree."""
 

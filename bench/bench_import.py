@@ -21,13 +21,13 @@ bytecode caches. The goal is ``import mlsml`` <= ``GOAL`` x baseline.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
+
+from revisions import export_tree, merge_base  # bench/ is the script folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,23 +46,6 @@ PROBE = (
     "m = sys.modules.get('mlsml')\n"
     "print(dt, getattr(m, '__file__', '-'))\n"
 )
-
-
-def merge_base() -> str:
-    """The merge-base of HEAD and main (the revision this branch started from)."""
-    out = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-def export_tree(rev: str, dest: Path) -> Path:
-    """Unpack the ``mlsml`` package of revision ``rev`` into ``dest`` (no git worktree, nothing to clean up in .git)."""
-    tar = subprocess.run(["git", "archive", "--format=tar", rev, "mlsml"], cwd=ROOT, capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse odd members
-            tf.extractall(dest, filter="data")
-        else:  # pragma: no cover
-            tf.extractall(dest)
-    return dest
 
 
 def time_import(stmt: str, cwd: Path) -> tuple[float, str]:
