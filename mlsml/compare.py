@@ -53,7 +53,7 @@ def _re_set(res) -> set[str]:
 
 def _response_id(res) -> str:
     """SHA-256 of the response in the caller's order (stored in results read from JSON)."""
-    stored = res._info.get("response_sha256")
+    stored = res.model.design.info.get("response_sha256")
     if stored or not res.has_data:
         return stored or ""
     design = res.model.design

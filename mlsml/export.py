@@ -45,8 +45,11 @@ import numpy as np
 import pandas as pd
 
 from .design import FormulaSpec
+from .diagnostics import Diagnostics
 from .errors import DataError, ModelSpecError
+from .optimize import FitOptions
 from .params import ParamLayout
+from .quadrature import QuadratureSpec
 
 #: Identifies the JSON of a fit, and the version of its layout.
 FORMAT = "mlsml.MELSMResults"
@@ -82,6 +85,10 @@ def _arr(v, shape: tuple[int, ...] | None = None) -> np.ndarray:
 #: The quadrature kinds a fit records: the product rule over all school effects, and the rule that
 #: integrates the mean effects exactly given the scale effects ("u-exact").
 QUADRATURE_KINDS = ("product", "marginal")
+
+#: The options of :class:`mlsml.optimize.FitOptions` stored with a fit besides ``method``
+#: (``start``, the start values, is not stored).
+STORED_OPTIONS = ("maxiter", "max_passes", "xtol", "ftol", "gtol", "dtol")
 
 
 def quadrature_record(kind: str | None, nagq: int, prune: float, layout: ParamLayout) -> dict[str, Any] | None:
@@ -139,8 +146,9 @@ def results_to_dict(res) -> dict[str, Any]:
     spec = res.model.formula_spec
     lay: ParamLayout = res.layout
     design = res.model.design
-    info = res._info
-    check = info.get("quadrature_check")
+    diag = res.diagnostics
+    check = diag.quadrature_check
+    opts = res.options
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -165,13 +173,13 @@ def results_to_dict(res) -> dict[str, Any]:
         "ngroups": res.ngroups,
         "group_sizes": [int(c) for c in design.counts],
         "n_dropped": int(design.info.get("n_dropped", 0)),
-        "response_sha256": info.get("response_sha256") or response_fingerprint(_caller_y(design)),
+        "response_sha256": design.info.get("response_sha256") or response_fingerprint(_caller_y(design)),
         "nagq": res.nagq,
-        "quadrature": info.get("quadrature"),
+        "quadrature": res.quadrature,
         "prune": float(res.prune),
-        "quadrature_rule": quadrature_record(info.get("quadrature"), res.nagq, res.prune, lay),
+        "quadrature_rule": quadrature_record(res.quadrature, res.nagq, res.prune, lay),
         "method": res.method,
-        "options": dict(info.get("options", {})),
+        "options": {"method": res.method, **{name: getattr(opts, name) for name in STORED_OPTIONS}},
         "quadrature_check": None if check is None else [int(check[0]), _num(check[1])],
         "llf": _num(res.llf),
         "aic": _num(res.aic),
@@ -185,7 +193,7 @@ def results_to_dict(res) -> dict[str, Any]:
         "fit_time": _num(res.fit_time),
         "singular": res.singular,
         "singular_reasons": list(res.singular_reasons()),
-        "hessian_pd": bool(info.get("hessian_pd", False)),
+        "hessian_pd": bool(diag.hessian_pd),
         "params": {k: _num(v) for k, v in res.params.items()},
         "bse": {k: _num(v) for k, v in res.bse.items()},
         "cov_params": _nums(res._cov),
@@ -328,31 +336,40 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
             scale_re_formula=d.get("scale_re_formula"),
             bs_formula=d.get("bs_formula"),
         )
-        design_info = {"response": d["response"], "n_dropped": int(d.get("n_dropped", 0)), "re_terms": tuple(L.get("re_terms", ()))}
+        design_info = {
+            "response": d["response"],
+            "n_dropped": int(d.get("n_dropped", 0)),
+            "re_terms": tuple(L.get("re_terms", ())),
+            "response_sha256": d.get("response_sha256"),
+        }
         check = d.get("quadrature_check")
-        kind = d.get("quadrature")
+        kind = d["quadrature"]
         rule = d.get("quadrature_rule")
         if rule is not None and rule != quadrature_record(kind, int(d["nagq"]), float(d.get("prune", 0.0)), lay):
             raise DataError(
                 f"the quadrature_rule {rule} does not match quadrature={kind!r}, nagq={d['nagq']} and prune={d.get('prune')}"
             )
-        if kind is not None and kind not in QUADRATURE_KINDS:
+        if kind not in QUADRATURE_KINDS:
             raise DataError(f"unknown quadrature kind {kind!r} (expected one of {list(QUADRATURE_KINDS)})")
-        info = {
-            "hessian_pd": bool(d["hessian_pd"]),
-            "quadrature": kind,
-            "quadrature_check": None if check is None else (int(check[0]), np.nan if check[1] is None else float(check[1])),
-            "options": dict(d.get("options") or {}),
-            "singular_reasons": list(d.get("singular_reasons", [])),
-            "response_sha256": d.get("response_sha256"),
-        }
+        stored = dict(d.get("options") or {})
+        stored.pop("method", None)  # the same as the top-level entry, which rules
+        unknown = sorted(set(stored) - set(STORED_OPTIONS))
+        if unknown:
+            raise DataError(f"the results JSON has unknown options {unknown} (expected some of {list(STORED_OPTIONS)})")
+        diagnostics = Diagnostics(
+            hessian_pd=bool(d["hessian_pd"]),
+            singular_reasons=tuple(d.get("singular_reasons", [])),
+            quadrature_check=None if check is None else (int(check[0]), np.nan if check[1] is None else float(check[1])),
+        )
         fields = {
             "model": DetachedModel(DetachedDesign(lay, counts, design_info), spec),
             "theta": theta,
             "params": params,
             "llf": np.nan if d["llf"] is None else float(d["llf"]),
             "converged": bool(d["converged"]),
-            "nagq": int(d["nagq"]),
+            "rule": QuadratureSpec(
+                kind="uexact" if kind == "marginal" else "product", nagq=int(d["nagq"]), prune=float(d.get("prune", 0.0))
+            ),
             "hessian": hessian,
             "grad": grad,
             "message": str(d["message"]),
@@ -360,9 +377,9 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
             "n_iter": int(d["n_iter"]),
             "fit_time": np.nan if d.get("fit_time") is None else float(d["fit_time"]),
             "method": str(d["method"]),
-            "prune": float(d.get("prune", 0.0)),
+            "options": FitOptions(method=str(d["method"]), **stored),
+            "diagnostics": diagnostics,
             "_cov": cov,
-            "_info": info,
         }
     except KeyError as exc:
         raise DataError(f"the results JSON lacks the entry {exc.args[0]!r}") from exc

@@ -769,7 +769,7 @@ def get_prediction(res, newdata=None, kind: str = "mean", conditional: bool = Tr
     post = _posterior(res) if rows.known.any() else None
     out, post_var = _predicted(res, rows, kind, post)
     theta = np.asarray(res.theta, dtype=float)
-    if res._info.get("hessian_pd"):
+    if res.diagnostics.hessian_pd:
         H = np.asarray(res.hessian, dtype=float)
         cov_theta = np.linalg.inv(-0.5 * (H + H.T))
         if post is None:

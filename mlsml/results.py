@@ -28,11 +28,12 @@ from .diagnostics import Diagnostics, diagnose
 from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .likelihood import Likelihood
-from .optimize import OptSummary
+from .optimize import FitOptions, OptSummary
 from .params import ParamLayout
 from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
 from .predict import predict as _predict
+from .quadrature import QuadratureSpec
 
 stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
 patsy = LazyModule("patsy")  # likewise (only wald_test/t_test parse constraints)
@@ -91,8 +92,6 @@ class MELSMResults:
         lme4's ``logLik(REML = FALSE)`` and MIXREGLS).
     converged : bool
         Whether the optimiser met its convergence criteria.
-    nagq : int
-        Quadrature points per dimension.
 
     Examples
     --------
@@ -130,7 +129,8 @@ class MELSMResults:
     params: pd.Series
     llf: float
     converged: bool
-    nagq: int
+    #: The quadrature rule of the fit (kind, points per dimension, pruning).
+    rule: QuadratureSpec
     hessian: np.ndarray
     grad: np.ndarray
     message: str
@@ -138,16 +138,17 @@ class MELSMResults:
     n_iter: int
     fit_time: float
     method: str
-    prune: float = 0.0
-    _cov: np.ndarray = field(default=None, repr=False)
-    _info: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The optimiser's options (:class:`mlsml.optimize.FitOptions`).
+    options: FitOptions
+    #: The diagnostics computed before the results were built (:class:`mlsml.diagnostics.Diagnostics`;
+    #: read from JSON, it has no boundary probes).
+    diagnostics: Diagnostics
+    _cov: np.ndarray = field(repr=False)
 
     #: The log-likelihood the fit maximised (its rule is the fit's rule); ``None`` when read from JSON.
     likelihood: Likelihood | None = field(default=None, repr=False)
     #: What the optimiser did (:class:`mlsml.optimize.OptSummary`); ``None`` when read from JSON.
     optsum: OptSummary | None = field(default=None, repr=False)
-    #: The diagnostics computed before the results were built (:class:`mlsml.diagnostics.Diagnostics`).
-    diagnostics: Diagnostics | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -192,22 +193,6 @@ class MELSMResults:
             cov = 0.5 * (cov + cov.T)
         else:
             cov = np.full((lay.n_params, lay.n_params), np.nan)
-        opts = optsum.options
-        spec = optsum.quadrature
-        info: dict[str, Any] = {
-            "hessian_pd": diagnostics.hessian_pd,
-            "quadrature": spec.option,
-            "options": {
-                "method": optsum.method,
-                "maxiter": opts.maxiter,
-                "max_passes": opts.max_passes,
-                "xtol": opts.xtol,
-                "gtol": opts.gtol,
-            },
-            "quadrature_check": diagnostics.quadrature_check,
-            "singular_reasons": list(diagnostics.singular_reasons),
-            "boundary": list(diagnostics.boundary),
-        }
         with np.errstate(all="ignore"):
             return cls(
                 model=model,
@@ -215,7 +200,7 @@ class MELSMResults:
                 params=params,
                 llf=float(optsum.llf),
                 converged=bool(optsum.converged),
-                nagq=int(spec.nagq),
+                rule=optsum.quadrature,
                 hessian=_readonly(H),
                 grad=_readonly(optsum.grad),
                 message=str(optsum.message),
@@ -223,12 +208,11 @@ class MELSMResults:
                 n_iter=int(optsum.n_iter),
                 fit_time=float(optsum.time),
                 method=optsum.method,
-                prune=float(spec.prune),
+                options=optsum.options,
+                diagnostics=diagnostics,
                 _cov=_readonly(cov),
-                _info=info,
                 likelihood=likelihood,
                 optsum=optsum,
-                diagnostics=diagnostics,
             )
 
     @classmethod
@@ -239,9 +223,19 @@ class MELSMResults:
         return cls.build(model, likelihood, opt)
 
     @property
-    def quadrature(self) -> str | None:
+    def quadrature(self) -> str:
         """The rule of the fit: ``"product"`` or ``"marginal"`` (u-exact)."""
-        return self._info.get("quadrature")
+        return self.rule.option
+
+    @property
+    def nagq(self) -> int:
+        """Quadrature points per dimension of the fit's rule."""
+        return int(self.rule.nagq)
+
+    @property
+    def prune(self) -> float:
+        """Pruning threshold of the fit's product rule (0: none)."""
+        return float(self.rule.prune)
 
     # ------------------------------------------------------------ basics
     @property
@@ -744,7 +738,7 @@ class MELSMResults:
             return S[iu] / (sd[iu[0]] * sd[iu[1]])
 
         est = corr_vec(np.asarray(self.theta))
-        if self._info.get("hessian_pd"):
+        if self.diagnostics.hessian_pd:
             jac = autograd.jacobian(corr_vec)(np.asarray(self.theta))
             cov_t = np.linalg.inv(-0.5 * (self.hessian + self.hessian.T))
             se = np.sqrt(np.clip(np.diag(jac @ cov_t @ jac.T), 0, None))
@@ -777,7 +771,7 @@ class MELSMResults:
         >>> mlsml.fit("y ~ x", df, groups="school").singular_reasons()
         []
         """
-        return list(self._info.get("singular_reasons", []))
+        return list(self.diagnostics.singular_reasons)
 
     def warn_if_problematic(self) -> None:
         """Issue the warnings a user must see (called by :meth:`MELSM.fit`)."""
@@ -786,7 +780,7 @@ class MELSMResults:
         reasons = self.singular_reasons()
         if reasons:
             warn("singular fit: " + "; ".join(reasons), SingularFitWarning)
-        check = self._info.get("quadrature_check")
+        check = self.diagnostics.quadrature_check
         if check is not None and np.isfinite(check[1]) and check[1] > 1e-4:
             warn(
                 f"with {check[0]} quadrature points per dimension instead of {self.nagq} the log-likelihood "

@@ -95,7 +95,7 @@ def _vectors(res, w, z) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cov_theta(res) -> np.ndarray | None:
-    if not res._info.get("hessian_pd"):
+    if not res.diagnostics.hessian_pd:
         return None
     H = np.asarray(res.hessian, dtype=float)
     return np.linalg.inv(-0.5 * (H + H.T))

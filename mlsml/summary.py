@@ -55,7 +55,7 @@ def header_dict(res) -> dict[str, str]:
     spec = res.model.formula_spec
     counts = design.counts
     lay = res.layout
-    if res._info.get("quadrature") == "marginal":
+    if res.quadrature == "marginal":
         quad = f"{res.nagq} per dim of v, u exact"
     elif res.prune == 0:
         quad = f"{res.nagq} per dim ({res.nagq**lay.d} nodes)"

@@ -112,6 +112,11 @@ def test_load_reads_back_what_to_json_writes(exam_m3, tmp_path, how):
     )
     assert back.summary().as_text() == exam_m3.summary().as_text()
     assert back.to_json() == text  # and it writes the same JSON again
+    assert back.rule == exam_m3.rule and back.quadrature == exam_m3.quadrature == "marginal"
+    assert back.options == exam_m3.options  # no start values in either (the default fit)
+    d = back.diagnostics
+    assert (d.hessian_pd, d.singular_reasons) == (exam_m3.diagnostics.hessian_pd, exam_m3.diagnostics.singular_reasons)
+    assert d.quadrature_check == exam_m3.diagnostics.quadrature_check and d.boundary == ()
     np.testing.assert_allclose(back.wald_test("scale:standLRT = 0").statistic, exam_m3.wald_test("scale:standLRT = 0").statistic)
 
 

@@ -56,9 +56,9 @@ def test_objective_is_the_fits_rule(demo):
 def test_results_are_not_written_after_construction(demo):
     res = mlsml.fit("y ~ x", demo, groups="school")
     m1 = mlsml.fit("y ~ x", demo, groups="school", random_scale=False)
-    before = dict(res._info)
-    res.singular_reasons(), res.fittedvalues, mlsml.lrtest(m1, res)
-    assert res._info == before
+    before = dict(vars(res))
+    res.singular_reasons(), res.fittedvalues, mlsml.lrtest(m1, res), res.school_effects(), res.to_dict()
+    assert vars(res) == before  # the same objects, none added or replaced
     assert res.diagnostics.hessian_pd and res.diagnostics.boundary == ()
     with pytest.raises(ValueError, match="read-only"):
         res.model.design.y[0] = 1.0

@@ -185,7 +185,7 @@ def _at(res, psi: np.ndarray):
     """The results object with the estimates replaced by ``psi`` (natural scale): predictions re-adapt to it."""
     theta = res.model.theta_from_params(psi)
     params = pd.Series(res.layout.to_natural(theta), index=res.params.index, name="estimate")
-    return dataclasses.replace(res, theta=theta, params=params, _info=dict(res._info))
+    return dataclasses.replace(res, theta=theta, params=params)
 
 
 def _brute_force_var_params(res, new, kind: str, conditional: bool, step: float = 1e-4) -> np.ndarray:

@@ -186,6 +186,19 @@ class JobRun:
     report: str
 
 
+def _job_model(jd: JobData, frame: pd.DataFrame) -> MELSM:
+    """The job's model on ``frame`` (its data as fitted, or as read before standardising)."""
+    return MELSM.from_formula(
+        jd.formula,
+        frame,
+        groups="_cluster",
+        scale_formula=jd.scale_formula,
+        re_formula=jd.re_formula,
+        random_scale=jd.random_scale,
+        missing="raise",
+    )
+
+
 def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, progress=None, **fit_options) -> JobRun:
     """Run a MIXREGLS job: parse the .def, read the data, fit, and build the MIXREGLS-style report.
 
@@ -211,15 +224,7 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     """
     job = parse_def(path)
     jd = job_data(job)
-    model = MELSM.from_formula(
-        jd.formula,
-        jd.frame,
-        groups="_cluster",
-        scale_formula=jd.scale_formula,
-        re_formula=jd.re_formula,
-        random_scale=jd.random_scale,
-        missing="raise",
-    )
+    model = _job_model(jd, jd.frame)
     if nagq is not None and (isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or not MIN_NQ <= nagq <= MAX_NQ):
         raise ModelSpecError(f"nagq must be a whole number from {MIN_NQ} to {MAX_NQ}, not {nagq!r}")
     nq = job.nq if nagq is None else int(nagq)
@@ -235,15 +240,7 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     standardized = int(job.setting("NCENT")) == 1
     described = model
     if standardized:  # MIXREGLS describes the covariates before standardising them
-        described = MELSM.from_formula(
-            jd.formula,
-            jd.raw_frame,
-            groups="_cluster",
-            scale_formula=jd.scale_formula,
-            re_formula=jd.re_formula,
-            random_scale=jd.random_scale,
-            missing="raise",
-        )
+        described = _job_model(jd, jd.raw_frame)
     report = summarize_mixwild(
         res, stages=seq or None, title=title, source=str(job.data_path), standardized=standardized, describe=described
     )
