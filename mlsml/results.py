@@ -923,8 +923,10 @@ class MELSMResults:
     def simulate(self, n_reps: int = 1, seed=None) -> pd.DataFrame:
         """Draw new responses from the fitted model (covariates and groups as in the data).
 
-        ``y*_ij = x_ij'b + z_ij'u*_j + exp{(w_ij'a + v*_j)/2} e*_ij`` with
-        ``(u*_j, v*_j) ~ N(0, S)``, ``e*_ij ~ N(0, 1)`` at the estimates ``(b, a, S)``.
+        ``y*_ij = x_ij'b + z_ij'u*_j + exp{(w_ij'a + g_ij'v*_j)/2} e*_ij`` with
+        ``(u*_j, v*_j) ~ N(0, S_j)``, ``e*_ij ~ N(0, 1)`` at the estimates ``(b, a, S)``
+        (``g_ij = 1`` for the plain random scale; ``S_j = S`` unless ``bs_formula`` makes
+        it school-specific; see :func:`mlsml.simulate.draw_responses`).
 
         Parameters
         ----------
