@@ -551,7 +551,7 @@ class MELSMResults:
 
         return _schools.school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
 
-    def population_quantities(self, w=None, z=None) -> pd.DataFrame:
+    def population_quantities(self, w=None, z=None, s=None) -> pd.DataFrame:
         """Population quantities with delta-method standard errors.
 
         Rows: ``pa_variance = exp(wbar'alpha + var(v)/2)``, ``median_variance =
@@ -563,7 +563,7 @@ class MELSMResults:
         """
         self._require_data("population_quantities")
 
-        return _schools.population_quantities(self, w=w, z=z)
+        return _schools.population_quantities(self, w=w, z=z, s=s)
 
     def predict(self, newdata=None, kind: str = "mean", conditional: bool = True) -> pd.Series:
         """Predicted mean, residual variance or residual SD, for new rows or the fitted rows.
