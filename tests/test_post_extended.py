@@ -12,6 +12,8 @@ import pytest
 from conftest import scale_slope_data
 
 import mlsml
+from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from mlsml.scalegrid import ScaleGrid
 from mlsml.simulate import draw_responses
 
 #: Covariance of (u0, v0, v1) for the variance-slope data: clearly away from the boundary.
@@ -252,3 +254,183 @@ def test_bs_school_table_matches_brute_force(bs_fit, j):
     np.testing.assert_allclose(row[["mean_lo", "mean_hi"]].to_numpy(float), q_u, rtol=0, atol=QUANTILE_SD_TOL * _sd(mass, U))
     lv = np.log(row[["var_lo", "var_hi"]].to_numpy(float)) - wa
     np.testing.assert_allclose(lv, q_v, rtol=0, atol=QUANTILE_SD_TOL * _sd(mass, V))
+
+
+# ---------------------------------------------------------------- population quantities
+def _delta_se(res, f, names):
+    """SE of f(natural params) by central differences on res.cov_params() (no mlsml autograd)."""
+    x = res.params[names].to_numpy()
+    V = res.cov_params().loc[names, names].to_numpy()
+    g = np.array([(f(x + e) - f(x - e)) / (2 * 1e-6) for e in np.eye(len(x)) * 1e-6])
+    return float(np.sqrt(g @ V @ g))
+
+
+def test_variance_slope_population_quantities(slope_fit):
+    """At x: pa_variance = E exp(w'a + g'v) over schools = exp(w'a + g'S_vv g / 2), IDRs of g'v, vpc, corr(u0, g'v)."""
+    res = slope_fit
+    P = res.params
+    pq = res.population_quantities(w={"x": 1.5})
+    assert pq.attrs["gbar"] == {"Intercept": 1.0, "x": 1.5}
+    S = res.cov_re.to_numpy()
+    g = np.array([1.0, 1.5])
+    sv2 = g @ S[1:, 1:] @ g
+    wa = P["scale:Intercept"] + 1.5 * P["scale:x"]
+    # brute force: E exp(g'v) for v ~ N(0, S_vv) on a 2-d grid (+/- 10 SDs per axis)
+    ax = [np.linspace(-10 * np.sqrt(S[i, i]), 10 * np.sqrt(S[i, i]), 801) for i in (1, 2)]
+    V0, V1 = np.meshgrid(*ax, indexing="ij")
+    dens = np.exp(_log_prior(np.stack([V0, V1], axis=-1), S[1:, 1:]))
+    ev = (dens * np.exp(V0 + 1.5 * V1)).sum() / dens.sum()
+    assert pq.loc["pa_variance", "estimate"] == pytest.approx(np.exp(wa) * ev, rel=1e-10)
+    assert pq.loc["median_variance", "estimate"] == pytest.approx(np.exp(wa), rel=1e-12)
+    z90 = 1.2815515655446004
+    assert pq.loc["idr_var_hi", "estimate"] == pytest.approx(np.exp(wa + z90 * np.sqrt(sv2)), rel=1e-12)
+    pa = np.exp(wa + sv2 / 2)
+    assert pq.loc["vpc", "estimate"] == pytest.approx(P["var(u0)"] / (P["var(u0)"] + pa), rel=1e-12)
+    assert pq.loc["corr_uv", "estimate"] == pytest.approx((S[0, 1] + 1.5 * S[0, 2]) / np.sqrt(S[0, 0] * sv2), rel=1e-12)
+    names = ["scale:Intercept", "scale:x", "var(v0)", "var(v1)", "cov(v0,v1)"]
+
+    def pa_of(x):
+        return np.exp(x[0] + 1.5 * x[1] + 0.5 * (x[2] + 2.25 * x[3] + 3.0 * x[4]))
+
+    assert pq.loc["pa_variance", "std err"] == pytest.approx(_delta_se(res, pa_of, names), rel=1e-5)
+    # corr_pred: the correlation of the school table's columns at the same w (the posterior
+    # means on the 9^3-point product rule of random_effects vs the grid: both within 1e-4 here)
+    t = res.school_effects(w={"x": 1.5})
+    assert pq.loc["corr_pred", "estimate"] == pytest.approx(np.corrcoef(t["mean"], t["var"])[0, 1], abs=1e-3)
+    assert 0 < pq.loc["corr_pred", "std err"] < 1
+    # the default w is the mean of each column, for both designs
+    xbar = res.model.design.W[:, 1].mean()
+    assert res.population_quantities().attrs["gbar"] == pytest.approx({"Intercept": 1.0, "x": xbar})
+    with pytest.raises(mlsml.ModelSpecError, match="bs_formula only"):
+        res.population_quantities(s={"z": 1})
+
+
+def test_bs_population_quantities_at_school_covariates(bs_fit):
+    """var(u0) at s is exp(tau's); the default s is the mean over schools of the bs_formula columns."""
+    res = bs_fit
+    P = res.params
+    default = res.population_quantities()
+    zbar = res.model.design.S[:, 1].mean()
+    assert default.attrs["sbar"] == {"Intercept": 1.0, "z": zbar}
+    wa = P["scale:Intercept"] + P["scale:x"] * res.model.design.W[:, 1].mean()
+    pa = np.exp(wa + P["var(v)"] / 2)
+    for s, zz in ((None, zbar), ({"z": 0.0}, 0.0), ([1.0, 1.0], 1.0)):
+        pq = res.population_quantities(s=s)
+        var_u = np.exp(P["bsvar:Intercept"] + P["bsvar:z"] * zz)
+        assert pq.loc["sd_mean", "estimate"] == pytest.approx(np.sqrt(var_u), rel=1e-12)
+        assert pq.loc["vpc", "estimate"] == pytest.approx(var_u / (var_u + pa), rel=1e-12)
+        assert pq.loc["pa_variance", "estimate"] == pytest.approx(pa, rel=1e-12)
+        # the reported cov(u0,v) is with the standardised u0: the correlation does not depend on s
+        assert pq.loc["corr_uv", "estimate"] == pytest.approx(P["cov(u0,v)"] / np.sqrt(P["var(v)"]), rel=1e-12)
+
+        def vpc(x, zz=zz):  # x = (tau0, tau1, a0, a1, var v)
+            vu = np.exp(x[0] + x[1] * zz)
+            return vu / (vu + np.exp(x[2] + x[3] * res.model.design.W[:, 1].mean() + x[4] / 2))
+
+        names = ["bsvar:Intercept", "bsvar:z", "scale:Intercept", "scale:x", "var(v)"]
+        assert pq.loc["vpc", "std err"] == pytest.approx(_delta_se(res, vpc, names), rel=1e-5)
+    with pytest.raises(mlsml.ModelSpecError, match="'nothere' is not a term"):
+        res.population_quantities(s={"nothere": 1})
+    with pytest.raises(mlsml.ModelSpecError, match="2 values"):
+        res.population_quantities(s=[1.0])
+
+
+def test_bs_without_random_scale_is_exactly_normal():
+    """No random scale: u0_j | y ~ N(m_j, V_j) exactly, with V_j = 1 / (1/var(u0_j) + sum 1/sigma2_ij)."""
+    res = mlsml.fit("y ~ x", bs_data(), groups="school", scale_formula="~ x", bs_formula="~ z", random_scale=False)
+    P = res.params
+    design = res.model.design
+    var_u = np.exp(P["bsvar:Intercept"] + P["bsvar:z"] * design.S[:, 1])
+    prec = 1.0 / np.exp(design.W @ res.fe_scale.to_numpy())
+    r = design.y - design.X @ res.fe_mean.to_numpy()
+    post_var = 1.0 / (1.0 / var_u + np.add.reduceat(prec, design.starts))
+    post_mean = post_var * np.add.reduceat(prec * r, design.starts)
+    t = res.school_effects(level=0.9)
+    np.testing.assert_allclose(t["mean"], post_mean, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(t["mean_hi"] - t["mean"], 1.6448536269514722 * np.sqrt(post_var), rtol=1e-8)
+    assert (t["var_flag"] == 0).all() and t["var_rank"].isna().all()
+    assert np.isnan(res.population_quantities().loc["corr_uv", "estimate"])
+
+
+def test_scale_grid_reproduces_the_core_grid(exam_m3):
+    """With one scale effect and one Sigma, ScaleGrid is PosteriorGrid computed another way (the
+    integrand's u-exact density, a spline CDF): both are O(h^4) on the same 201-point grid."""
+    res = exam_m3
+    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
+    sg = ScaleGrid.build(res.likelihood.integrand, res.theta, np.ones(1), mean, C)
+    pg = PosteriorGrid.build(res.theta, res.model.design, mean[:, 1], np.sqrt(C[:, 1, 1]))
+    sd_v = np.sqrt(C[:, 1, 1])
+    assert np.all(np.abs(sg.quantile_t(PROBS) - pg.quantile_v(PROBS)) < QUANTILE_SD_TOL * sd_v[:, None])
+    np.testing.assert_allclose(sg.quantile_linear(np.ones(1), PROBS), pg.quantile_linear(np.ones(1), PROBS), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(sg.mean_exp_t(), pg.mean_exp_v(), rtol=VAR_RTOL)
+    np.testing.assert_allclose(sg.mean_linear(np.ones(1)), pg.moments()[0][:, 0], rtol=0, atol=MEAN_ATOL)
+
+
+# ---------------------------------------------------------------- plots
+@pytest.mark.parametrize("which", ["slope", "bs"])
+def test_plots_of_extended_models(which, slope_fit, bs_fit, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mlsml import plots
+
+    res = slope_fit if which == "slope" else bs_fit
+    t = res.school_effects()
+    pq = res.population_quantities()
+    fig = plots.caterpillar(res)
+    n_var = int((t["var_flag"] != 0).sum())
+    assert f"{n_var} of 40 schools" in fig.axes[1].get_title()
+    fig2 = plots.mean_vs_variance(res)
+    # the population-averaged variance line is pa_variance at the same w (gbar'S_vv gbar, not var(v1))
+    labels = [line.get_label() for line in fig2.axes[0].lines]
+    pa = [lab for lab in labels if lab.startswith("population-averaged")]
+    assert pa == [f"population-averaged variance: {pq.loc['pa_variance', 'estimate']:.3g}"]
+    fig3 = plots.effect_histograms(res)
+    core = mlsml.fit("y ~ x", res.model.formula_spec.frame, groups="school", scale_formula="~ x")
+    fig4 = plots.compare_models_plot(core, res, labels=("core", which))
+    for k, f in enumerate((fig, fig2, fig3, fig4)):
+        FigureCanvasAgg(f).print_png(str(tmp_path / f"{which}{k}.png"))
+        assert (tmp_path / f"{which}{k}.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- simulate: recovery; bootstrap: the fit's rule
+@pytest.mark.parametrize("which", ["slope", "bs"])
+def test_fits_to_simulated_data_recover_the_parameters(which):
+    """Data drawn by draw_responses at known parameters on a modest design: the fit finds them (|z| < 4)."""
+    if which == "slope":
+        df = scale_slope_data(100, 15, seed=8, sigma=SIGMA_SLOPE)
+        kw = dict(scale_formula="~ x", scale_re_formula="~ x")
+        m = mlsml.MELSM.from_formula("y ~ x", df, groups="school", **kw)
+        theta = m.layout.theta_from_parts([0.2, 0.5], [-0.8, 0.1], SIGMA_SLOPE)
+    else:
+        df = bs_data(J=200, n=10, seed=9)
+        kw = dict(scale_formula="~ x", bs_formula="~ z")
+        m = mlsml.MELSM.from_formula("y ~ x", df, groups="school", **kw)
+        theta = m.layout.theta_from_parts([0.2, 0.5], [-0.8, 0.1], [[1.0, -0.2], [-0.2, 0.25]], tau=[-1.5, -1.0])
+    truth = pd.Series(m.layout.to_natural(theta), index=m.param_names)
+    y = draw_responses(m.design, theta, np.random.default_rng(12), 1)[0]
+    res = mlsml.MELSM(m.design.with_response(y), None).fit()
+    assert res.converged and not res.singular
+    z = (res.params - truth) / res.bse
+    assert np.all(np.abs(z) < 4), z
+
+
+def test_bs_bootstrap_refits_with_the_fits_rule(bs_fit):
+    """Replicates are drawn with each school's Sigma_j and refitted with the fit's own rule."""
+    res = bs_fit
+    assert res.quadrature == "marginal"
+    boot = res.bootstrap(2, seed=5, n_jobs=1, progress=False)
+    assert boot.n_converged == 2
+    design = res.model.design
+    ys = draw_responses(design, np.asarray(res.theta), np.random.default_rng(5), 2)
+    spec = res.likelihood.spec
+    for i in range(2):
+        refit = mlsml.MELSM(design.with_response(ys[i]), None).fit(quadrature=spec.option, nagq=spec.nagq, start_params=res.params)
+        assert boot.llf[i] == pytest.approx(refit.llf, abs=1e-9)
+        np.testing.assert_allclose(boot.replicates.iloc[i].to_numpy(), refit.params.to_numpy(), rtol=0, atol=1e-9)
+    # a product-rule fit is bootstrapped with the product rule
+    prod = mlsml.fit("y ~ x", bs_data(), groups="school", scale_formula="~ x", bs_formula="~ z", quadrature="product", nagq=9)
+    b2 = prod.bootstrap(1, seed=5, n_jobs=1, progress=False)
+    y = draw_responses(design, np.asarray(prod.theta), np.random.default_rng(5), 1)[0]
+    refit = mlsml.MELSM(design.with_response(y), None).fit(quadrature="product", nagq=9, start_params=prod.params)
+    assert refit.quadrature == "product" and b2.llf[0] == pytest.approx(refit.llf, abs=1e-9)
