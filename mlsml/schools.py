@@ -233,6 +233,7 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
         cu, vd = sg.draws(zbar if q else None, int(ndraws), rng)
         m = sg.mean_linear(zbar) if q else None
         qs = sg.quantile_linear(zbar, probs) if q else None
+        rs = rs and bool(sg.random.any())  # gbar = 0 at a common w: the variance has no random part there
         qv = sg.quantile_t(probs) if rs else None
         ev = sg.mean_exp_t() if rs else None
     out = pd.DataFrame({"n": design.counts.astype(int)}, index=_index(res))
@@ -276,8 +277,8 @@ def population_quantities(res, w=None, z=None, s=None) -> pd.DataFrame:
     """Population quantities with delta-method SEs (see :meth:`MELSMResults.population_quantities`)."""
     design = res.model.design
     lay = design.layout
-    q, rs = lay.q, lay.n_v > 0
     wbar, gbar = variance_vectors(res, w)
+    q, rs = lay.q, lay.n_v > 0 and bool(np.any(gbar != 0))  # gbar = 0: no random part of the variance at w
     zbar = _zbar(res, z)
     sbar = school_covariates(res, s)
     i0 = lay.mean_terms.index("Intercept") if "Intercept" in lay.mean_terms else None

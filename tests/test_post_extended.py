@@ -126,17 +126,18 @@ def _spline_quantiles(axis, mass, probs):
     return np.array([brentq(lambda x, p=p: F(x) / total - p, axis[0], axis[-1], xtol=1e-14) for p in probs])
 
 
-def _brute_slope(res, j: int, gbar1: float, npts: int = 121, width: float = 8.0):
+def _brute_slope(res, j: int, gbar1: float, npts: int = 121, width: float = 8.0, sigma=None):
     """Posterior of school j's (u0, v0, v1) on a uniform tensor grid in (u0, t, v1) with t = v0 + gbar1 v1.
 
     The change of variables v0 = t - gbar1 v1 has unit Jacobian, so the masses are those of
     (u0, v0, v1) and the t-marginal is a sum over axes. A Riemann sum on a uniform grid is
     spectrally accurate for this smooth, rapidly decaying density. Parameters from res.params
-    (natural scale) only; the grid is centred at the posterior means/SDs of random_effects.
+    (natural scale) and ``sigma`` (default ``res.cov_re``) only; the grid is centred at the
+    posterior means/SDs of random_effects.
     """
     P = res.params
     y, x = _school_rows(res, j)
-    sigma = res.cov_re.to_numpy()
+    sigma = res.cov_re.to_numpy() if sigma is None else sigma
     re_ = res.random_effects().iloc[j]
     g = np.array([1.0, gbar1])
     _, C = res.random_effects(cov=True)
@@ -434,3 +435,56 @@ def test_bs_bootstrap_refits_with_the_fits_rule(bs_fit):
     y = draw_responses(design, np.asarray(prod.theta), np.random.default_rng(5), 1)[0]
     refit = mlsml.MELSM(design.with_response(y), None).fit(quadrature="product", nagq=9, start_params=prod.params)
     assert refit.quadrature == "product" and b2.llf[0] == pytest.approx(refit.llf, abs=1e-9)
+
+
+# ---------------------------------------------------------------- the other combinations
+def test_bs_and_variance_slopes_together_match_brute_force(slope_fit):
+    """bs_formula with scale_re_formula: school j's prior is Sigma_j = D_j Sigma0 D_j over (u0, v0, v1)."""
+    df = slope_fit.model.formula_spec.frame.assign(z=lambda f: (f["school"] % 2).astype(float))
+    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ x", bs_formula="~ z")
+    P = res.params
+    a = res.fe_scale.to_numpy()
+    t = res.school_effects()
+    xbar = res.model.design.W[:, 1].mean()
+    for j in (0, 1):
+        sd0 = np.exp(0.5 * (P["bsvar:Intercept"] + P["bsvar:z"] * res.model.design.S[j, 1]))
+        D = np.diag([sd0, 1.0, 1.0])
+        axes, mass, (U, T) = _brute_slope(res, j, xbar, sigma=D @ res.cov_re.to_numpy() @ D)
+        row = t.iloc[j]
+        wa = a[0] + a[1] * xbar
+        assert row["mean"] == pytest.approx((mass * U).sum(), abs=MEAN_ATOL)
+        assert row["var"] == pytest.approx(np.exp(wa) * (mass * np.exp(T)).sum(), rel=VAR_RTOL)
+        q_t = _spline_quantiles(axes[1], mass.sum(axis=(0, 2)), PROBS)
+        lt = np.log(row[["var_lo", "var_hi"]].to_numpy(float)) - wa
+        np.testing.assert_allclose(lt, q_t, rtol=0, atol=QUANTILE_SD_TOL * _sd(mass, T))
+
+
+def test_variance_without_random_part_at_w(slope_fit):
+    """scale_re_formula="~ 0 + x" at x = 0: gbar = 0, the variance is exp(w'a) in every school (no ranks, no flags)."""
+    df = slope_fit.model.formula_spec.frame
+    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", scale_re_formula="~ 0 + x")
+    t = res.school_effects(w={"x": 0.0})
+    a = res.fe_scale.to_numpy()
+    np.testing.assert_allclose(t[["var", "var_lo", "var_hi"]].to_numpy(), np.exp(a[0]), rtol=1e-14)
+    assert (t["var_flag"] == 0).all() and t["var_rank"].isna().all()
+    at1 = res.school_effects(w={"x": 1.0})  # gbar = 1: the slope effect itself
+    assert (at1["var_lo"] < at1["var"]).all() and (at1["var"] < at1["var_hi"]).all()
+    assert sorted(at1["var_rank"]) == list(range(1, 41))
+    pq = res.population_quantities(w={"x": 0.0})
+    assert pq.loc["pa_variance", "estimate"] == pytest.approx(np.exp(a[0]), rel=1e-12)
+    assert np.isnan(pq.loc["corr_uv", "estimate"]) and np.isnan(pq.loc["corr_pred", "estimate"])
+
+
+def test_variance_slopes_without_mean_effects(slope_fit):
+    """re_formula="~ 0": no u; the table has only variances (q = 0 in the u-exact pieces)."""
+    df = slope_fit.model.formula_spec.frame
+    res = mlsml.fit("y ~ x", df, groups="school", re_formula="~ 0", scale_formula="~ x", scale_re_formula="~ x")
+    t = res.school_effects()
+    assert (t["mean"] == 0).all() and t["mean_rank"].isna().all()
+    assert (t["var_lo"] < t["var"]).all() and (t["var"] < t["var_hi"]).all()
+    re_ = res.random_effects()
+    xbar = res.model.design.W[:, 1].mean()
+    # posterior mean of the log variance effect: E(v0 + xbar v1) lies inside the interval of t
+    lt = re_["v0"] + xbar * re_["v1"]
+    wa = res.model.design.W.mean(axis=0) @ res.fe_scale.to_numpy()
+    assert (np.log(t["var_lo"]) - wa < lt).all() and (lt < np.log(t["var_hi"]) - wa).all()
