@@ -129,6 +129,19 @@ class ScaleGrid:
             The grid spans ``gbar'm_j +/- halfwidth`` posterior SDs of ``t``.
         across : int
             Gauss-Hermite points per dimension across ``gbar``.
+
+        Examples
+        --------
+        With one ``Sigma`` and one ``v`` it is the core model's exact grid computed another way:
+
+        >>> import mlsml
+        >>> from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
+        >>> res = mlsml.fit("y ~ x", mlsml.simulate.demo_data(n_groups=40, seed=1), groups="school")
+        >>> mean, cov = posterior_moments(posterior_likelihood(res), res.theta)
+        >>> grid = ScaleGrid.build(res.likelihood.integrand, res.theta, np.ones(1), mean, cov)
+        >>> exact = PosteriorGrid.build(res.theta, res.model.design, mean[:, 1], np.sqrt(cov[:, 1, 1]))
+        >>> bool(np.allclose(grid.quantile_t([0.025, 0.975]), exact.quantile_v([0.025, 0.975]), rtol=0, atol=1e-7))
+        True
         """
         lay = integrand.layout
         q, nv = lay.q, lay.n_v

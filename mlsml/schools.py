@@ -1,24 +1,34 @@
-"""The paper's school-level and population quantities (predictions for rows live in :mod:`mlsml.predict`).
+r"""The paper's school-level and population quantities (predictions for rows live in :mod:`mlsml.predict`).
 
 Everything here is computed at the maximum-likelihood estimates from the
-posterior of the school effects (:mod:`mlsml.predict`); the intervals are
+posterior of the school effects under the fit's own integrand; the intervals are
 empirical-Bayes intervals, i.e. they treat the estimates as known (see
 ``docs/predictions.md``).
 
-School quantities (Leckie, Parker, Goldstein & Tilling, Sections 4 and 6)::
+School quantities (Leckie, Parker, Goldstein & Tilling, Sections 4 and 6), for every
+model class:
 
-    school mean progress      mu_j      = zbar' u_j           (= u0_j for a random intercept)
-    school residual variance  sigma2_j  = exp(wbar' alpha + v_j)
+.. math::
 
-with ``wbar`` the overall mean of the variance-design columns (or any
-user-given common value) and ``zbar`` likewise for the random-effects design
-(``zbar = 1`` for a random-intercept model). Population quantities::
+    \mu_j = \bar z'u_j, \qquad \sigma^2_j(w) = \exp(\bar w'\alpha + \bar g'v_j),
+
+with ``wbar`` the overall mean of the variance-design columns (or any user-given
+common value ``w``), ``zbar`` likewise for the random-effects design (``zbar = 1``
+for a random-intercept model) and ``gbar`` the row of ``scale_re_formula`` at the
+same covariate values (``gbar = 1`` for the plain random scale ``v_j``):
+:func:`variance_vectors`. Core models (one ``Sigma``, one ``v``) use the exact grid
+of ``v`` (:class:`mlsml.predict.PosteriorGrid`); ``scale_re_formula`` and
+``bs_formula`` models the grid along ``gbar'v`` (:class:`mlsml.scalegrid.ScaleGrid`),
+each school under its own ``Sigma_j``. Population quantities, with
+``sigma2_u = zbar'Sigma_uu zbar`` and ``sigma2_v = gbar'Sigma_vv gbar`` (with
+``bs_formula`` ``Sigma = Sigma(sbar)`` of a school with covariates ``sbar``,
+:func:`school_covariates`)::
 
     pa_variance   = exp(wbar' alpha + sigma2_v / 2)        population-averaged residual variance
-    idr_mean      = beta_0 +/- z_0.9 sqrt(zbar' Sigma_uu zbar)
+    idr_mean      = beta_0 +/- z_0.9 sigma_u
     idr_var       = exp(wbar' alpha +/- z_0.9 sigma_v)
-    vpc           = zbar' Sigma_uu zbar / (zbar' Sigma_uu zbar + pa_variance)
-    corr_uv       = cov(zbar'u, v) / sqrt(var(zbar'u) var(v))  (model-implied)
+    vpc           = sigma2_u / (sigma2_u + pa_variance)
+    corr_uv       = cov(zbar'u, gbar'v) / (sigma_u sigma_v)  (model-implied)
     corr_pred     = correlation over schools of the predicted means and variances
 """
 
@@ -352,7 +362,7 @@ def population_quantities(res, w=None, z=None, s=None) -> pd.DataFrame:
     return table
 
 
-def _covariance_at(lay, theta, sbar):
+def _covariance_at(lay, theta, sbar: np.ndarray | None):
     r"""``(Sigma, beta, alpha)`` at ``theta`` (autograd); with ``bs_formula`` the ``Sigma_j`` of a school with covariates ``sbar``.
 
     .. math::
