@@ -488,3 +488,28 @@ def test_variance_slopes_without_mean_effects(slope_fit):
     lt = re_["v0"] + xbar * re_["v1"]
     wa = res.model.design.W.mean(axis=0) @ res.fe_scale.to_numpy()
     assert (np.log(t["var_lo"]) - wa < lt).all() and (lt < np.log(t["var_hi"]) - wa).all()
+
+
+def test_scale_grid_draws_follow_the_posterior(slope_fit):
+    """Rank intervals come from draws of (u0_j, gbar'v_j): their means, SDs and correlation match the grid's."""
+    res = slope_fit
+    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
+    g = np.array([1.0, 0.7])
+    sg = ScaleGrid.build(res.likelihood.integrand, res.theta, g, mean, C)
+    n = 20000
+    cu, t = sg.draws(np.ones(1), n, np.random.default_rng(3))
+    w = sg.weight
+    Et = np.einsum("jgk,jg->j", w, sg.t)
+    sd_t = np.sqrt(np.einsum("jgk,jg->j", w, sg.t**2) - Et**2)
+    Eu = sg.mean_linear(np.ones(1))
+    sd_u = np.sqrt(np.einsum("jgk,jgk->j", w, sg.mu[..., 0] ** 2 + sg.V[..., 0, 0]) - Eu**2)
+    # Monte Carlo SE of a mean is sd / sqrt(n); of an SD about sd / sqrt(2n)
+    assert np.all(np.abs(t.mean(axis=0) - Et) < 5 * sd_t / np.sqrt(n))
+    assert np.all(np.abs(cu.mean(axis=0) - Eu) < 5 * sd_u / np.sqrt(n))
+    assert np.all(np.abs(t.std(axis=0) / sd_t - 1) < 5 / np.sqrt(2 * n))
+    assert np.all(np.abs(cu.std(axis=0) / sd_u - 1) < 5 / np.sqrt(2 * n))
+    # the posterior correlation of u0 and t: from the grid vs from the draws (SE about 1/sqrt(n))
+    cov_ut = np.einsum("jgk,jgk,jg->j", w, sg.mu[..., 0], sg.t) - Eu * Et
+    r_grid = cov_ut / (sd_u * sd_t)
+    r_draw = np.array([np.corrcoef(cu[:, j], t[:, j])[0, 1] for j in range(res.ngroups)])
+    assert np.all(np.abs(r_draw - r_grid) < 5 / np.sqrt(n)), np.abs(r_draw - r_grid).max()
