@@ -312,6 +312,44 @@ class Integrand(ABC):
             parts.append(base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
         return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
 
+    def conditional_u(self, theta, v) -> tuple[np.ndarray, np.ndarray]:
+        r"""``M(v)`` and ``c(v)`` of the u-exact rule at the nodes ``v`` (J, K, n_v) (numpy).
+
+        Given ``v`` the mean effects are Gaussian a posteriori,
+
+        .. math::
+
+            u \mid v, y_j \sim N(M(v)^{-1} c(v),\, M(v)^{-1}),
+
+        with the same ``M`` and ``c`` as :meth:`log_h_uexact` integrates
+        (:func:`mlsml.gaussian.block_entries`; per-school precision with ``bs_formula``).
+
+        Returns
+        -------
+        M : ndarray (J, K, q, q)
+        c : ndarray (J, K, q)
+        """
+        lay = self.layout
+        q = lay.q
+        v = np.asarray(v, dtype=float)
+        J, K = v.shape[:2]
+        beta, alpha, prior = self.split(np.asarray(theta, dtype=float))
+        M = np.zeros((J, K, q, q))
+        c = np.zeros((J, K, q))
+        if q == 0:
+            return M, c
+        L = np.asarray(prior.L0, dtype=float)
+        Linv = np.linalg.inv(L)
+        P = Linv.T @ Linv
+        for j0, j1, _base, S1, S2 in self.u_exact_parts(beta, alpha, v):
+            scale = None if prior.log_sd0 is None else np.exp(-np.asarray(prior.log_sd0)[j0:j1])[:, None]
+            Mx, cx = gaussian.block_entries(S1, S2, P, v[j0:j1], q, scale)
+            for a in range(q):
+                c[j0:j1, :, a] = cx[a]
+                for b in range(q):
+                    M[j0:j1, :, a, b] = Mx[a][b]
+        return M, c
+
     # ------------------------------------------------------------ modes
     @abstractmethod
     def mode_problem(self, theta):

@@ -24,7 +24,7 @@ from scipy import stats
 
 from . import diagnostics
 from .errors import warn
-from .schools import reference_vector
+from .schools import variance_vectors
 
 #: Values whose standard deviation is at most ``CONSTANT_RTOL`` times their largest
 #: magnitude are treated as constant, and no correlation with them is computed or
@@ -79,9 +79,16 @@ def _response(res) -> str:
 
 
 def _median_variance(res, w=None) -> float:
-    design = res.model.design
-    wbar = reference_vector(w, design.layout.scale_terms, design.W, "w")
+    """``exp(wbar'alpha)``: the residual variance at ``w`` of the average school (``v = 0``)."""
+    wbar, _ = variance_vectors(res, w)
     return float(np.exp(wbar @ res.fe_scale.to_numpy()))
+
+
+def _pa_variance(res, w=None) -> float:
+    """``exp(wbar'alpha + gbar'Sigma_vv gbar / 2)``: the population-averaged residual variance at ``w``."""
+    wbar, gbar = variance_vectors(res, w)
+    Svv = res.cov_re.to_numpy()[res.layout.q :, res.layout.q :]
+    return float(np.exp(wbar @ res.fe_scale.to_numpy() + 0.5 * gbar @ Svv @ gbar))
 
 
 def caterpillar(res, w=None, level: float = 0.95, table: pd.DataFrame | None = None):
@@ -174,7 +181,7 @@ def mean_vs_variance(res, w=None, table: pd.DataFrame | None = None):
     med = _median_variance(res, wref)
     ax.axvline(med, color="k", lw=1, ls="-.", label=f"average school variance (v = 0): {med:.3g}")
     if res.layout.random_scale:
-        pav = med * float(np.exp(0.5 * res.cov_re.iloc[-1, -1]))
+        pav = _pa_variance(res, wref)
         ax.axvline(pav, color="tab:red", lw=1, ls=":", label=f"population-averaged variance: {pav:.3g}")
     r = _correlation(t["var"], t["mean"])
     ax.set_title(

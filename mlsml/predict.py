@@ -292,33 +292,9 @@ class PosteriorGrid:
     def invert_cdf(self, P: np.ndarray, newton: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``F_j^{-1}(P[j, k])`` for every school ``j`` (rows) and probability (columns).
 
-        Starts from linear interpolation within the grid cell and takes ``newton``
-        Newton steps on the cubic Hermite interpolant (each squares the error).
-        Returns the values, and the grid cell ``i`` and position ``t`` in it
-        (``v = v_i + t h``) of each.
+        See :func:`invert_tabulated_cdf` (the grid, CDF and density of ``v``).
         """
-        P = np.asarray(P, dtype=float)
-        J, G = self.v.shape
-        m = P.shape[1]
-        off = 2.0 * np.arange(J)
-        flat = (self.cdf + off[:, None]).ravel()
-        pos = np.searchsorted(flat, (P + off[:, None]).ravel(), side="right") - 1
-        i = np.clip(pos.reshape(J, m) - (np.arange(J) * G)[:, None], 0, G - 2)
-        rows = np.arange(J)[:, None]
-        h = (self.v[:, 1] - self.v[:, 0])[:, None]
-        F0, F1 = self.cdf[rows, i], self.cdf[rows, i + 1]
-        f0, f1 = self.density[rows, i] * h, self.density[rows, i + 1] * h
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(F1 > F0, (P - F0) / (F1 - F0), 0.5)
-        t = np.clip(t, 0.0, 1.0)
-        for _ in range(newton):  # Newton on the cubic Hermite interpolant within the cell
-            t2, t3 = t * t, t * t * t
-            H = F0 * (2 * t3 - 3 * t2 + 1) + f0 * (t3 - 2 * t2 + t) + F1 * (-2 * t3 + 3 * t2) + f1 * (t3 - t2)
-            dH = F0 * (6 * t2 - 6 * t) + f0 * (3 * t2 - 4 * t + 1) + F1 * (-6 * t2 + 6 * t) + f1 * (3 * t2 - 2 * t)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                tn = t - (H - P) / dH
-            t = np.where(np.isfinite(tn) & (dH > 0), np.clip(tn, 0.0, 1.0), t)
-        return self.v[rows, i] + h * t, i, t
+        return invert_tabulated_cdf(self.v, self.cdf, self.density, P, newton)
 
     def quantile_linear(self, c: np.ndarray, probs) -> np.ndarray:
         """Quantiles of ``c'u_j | y`` (mixture of normals over the grid), shape ``(J, len(probs))``.
@@ -338,29 +314,7 @@ class PosteriorGrid:
         m = np.einsum("jgq,q->jg", self.mu[:, sub], c)
         sd = np.sqrt(np.clip(np.einsum("q,jgqr,r->jg", c, self.V[:, sub], c), 1e-300, None))
         w = self.weight[:, sub] / self.weight[:, sub].sum(axis=1, keepdims=True)
-        mean = np.einsum("jg,jg->j", w, m)
-        tot_sd = np.sqrt(np.einsum("jg,jg->j", w, sd**2 + (m - mean[:, None]) ** 2))
-        out = np.empty((m.shape[0], probs.size))
-        for k, p in enumerate(probs):
-            x = mean + tot_sd * stats.norm.ppf(p)
-            lo = np.min(m - 40 * sd, axis=1)
-            hi = np.max(m + 40 * sd, axis=1)
-            for _it in range(100):
-                zz = (x[:, None] - m) / sd
-                F = np.einsum("jg,jg->j", w, special.ndtr(zz)) - p
-                f = np.einsum("jg,jg->j", w, np.exp(-0.5 * zz**2) / (np.sqrt(2 * np.pi) * sd))
-                lo = np.where(F < 0, x, lo)
-                hi = np.where(F > 0, x, hi)
-                step = F / np.maximum(f, 1e-300)
-                xn = x - step
-                bad = (xn <= lo) | (xn >= hi) | ~np.isfinite(xn)
-                xn = np.where(bad, 0.5 * (lo + hi), xn)
-                done = np.abs(xn - x) <= 1e-12 * (1 + np.abs(x))
-                x = xn
-                if done.all():
-                    break
-            out[:, k] = x
-        return out
+        return mixture_quantiles(w, m, sd, probs)
 
     # ---------------------------------------------------------------- draws
     def draws(self, c: np.ndarray | None, ndraws: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -392,6 +346,97 @@ class PosteriorGrid:
             vv = np.broadcast_to(var[:, 0], (ndraws, J))
         cu = mm + np.sqrt(vv) * rng.standard_normal((ndraws, J))
         return cu, v
+
+
+def mixture_quantiles(w: np.ndarray, m: np.ndarray, sd: np.ndarray, probs) -> np.ndarray:
+    r"""Quantiles of normal mixtures, one per row: :math:`F_j(x) = \sum_g w_{jg} \Phi((x - m_{jg}) / s_{jg})`.
+
+    Newton's method from the moment-matched normal, safeguarded by bisection
+    (the bracket is kept from the signs of ``F - p``), to ``1e-12`` relative.
+
+    Parameters
+    ----------
+    w, m, sd : ndarray (J, N)
+        Weights (summing to one per row), means and SDs of the components.
+    probs : array_like
+        Probabilities.
+
+    Returns
+    -------
+    ndarray (J, len(probs))
+    """
+    probs = np.atleast_1d(np.asarray(probs, dtype=float))
+    mean = np.einsum("jg,jg->j", w, m)
+    tot_sd = np.sqrt(np.einsum("jg,jg->j", w, sd**2 + (m - mean[:, None]) ** 2))
+    out = np.empty((m.shape[0], probs.size))
+    for k, p in enumerate(probs):
+        x = mean + tot_sd * stats.norm.ppf(p)
+        lo = np.min(m - 40 * sd, axis=1)
+        hi = np.max(m + 40 * sd, axis=1)
+        for _it in range(100):
+            zz = (x[:, None] - m) / sd
+            F = np.einsum("jg,jg->j", w, special.ndtr(zz)) - p
+            f = np.einsum("jg,jg->j", w, np.exp(-0.5 * zz**2) / (np.sqrt(2 * np.pi) * sd))
+            lo = np.where(F < 0, x, lo)
+            hi = np.where(F > 0, x, hi)
+            step = F / np.maximum(f, 1e-300)
+            xn = x - step
+            bad = (xn <= lo) | (xn >= hi) | ~np.isfinite(xn)
+            xn = np.where(bad, 0.5 * (lo + hi), xn)
+            done = np.abs(xn - x) <= 1e-12 * (1 + np.abs(x))
+            x = xn
+            if done.all():
+                break
+        out[:, k] = x
+    return out
+
+
+def invert_tabulated_cdf(
+    x: np.ndarray, cdf: np.ndarray, density: np.ndarray, P: np.ndarray, newton: int = 6
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Invert distribution functions tabulated on uniform grids, one per row.
+
+    The CDF of row ``j`` is the cubic Hermite interpolant through ``cdf[j]`` and the
+    density ``density[j]`` at the grid ``x[j]`` (uniform, increasing). Starts from
+    linear interpolation within the grid cell and takes ``newton`` Newton steps on
+    the interpolant (each squares the error).
+
+    Parameters
+    ----------
+    x, cdf, density : ndarray (J, G)
+    P : ndarray (J, m)
+        Probabilities, one row per distribution.
+    newton : int
+
+    Returns
+    -------
+    values : ndarray (J, m)
+        ``F_j^{-1}(P[j, k])``.
+    cell, t : ndarray (J, m)
+        The grid cell ``i`` and the position ``t`` in it (``value = x_i + t h``).
+    """
+    P = np.asarray(P, dtype=float)
+    J, G = x.shape
+    m = P.shape[1]
+    off = 2.0 * np.arange(J)
+    flat = (cdf + off[:, None]).ravel()
+    pos = np.searchsorted(flat, (P + off[:, None]).ravel(), side="right") - 1
+    i = np.clip(pos.reshape(J, m) - (np.arange(J) * G)[:, None], 0, G - 2)
+    rows = np.arange(J)[:, None]
+    h = (x[:, 1] - x[:, 0])[:, None]
+    F0, F1 = cdf[rows, i], cdf[rows, i + 1]
+    f0, f1 = density[rows, i] * h, density[rows, i + 1] * h
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(F1 > F0, (P - F0) / (F1 - F0), 0.5)
+    t = np.clip(t, 0.0, 1.0)
+    for _ in range(newton):  # Newton on the cubic Hermite interpolant within the cell
+        t2, t3 = t * t, t * t * t
+        H = F0 * (2 * t3 - 3 * t2 + 1) + f0 * (t3 - 2 * t2 + t) + F1 * (-2 * t3 + 3 * t2) + f1 * (t3 - t2)
+        dH = F0 * (6 * t2 - 6 * t) + f0 * (3 * t2 - 4 * t + 1) + F1 * (-6 * t2 + 6 * t) + f1 * (3 * t2 - 2 * t)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tn = t - (H - P) / dH
+        t = np.where(np.isfinite(tn) & (dH > 0), np.clip(tn, 0.0, 1.0), t)
+    return x[rows, i] + h * t, i, t
 
 
 # ==================================================================== predictions for rows

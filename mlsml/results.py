@@ -511,15 +511,21 @@ class MELSMResults:
         return _schools.random_effects(self, cov=cov)
 
     def school_effects(self, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
-        """School mean progress and school residual variance with intervals, ranks and flags.
+        r"""School mean progress and school residual variance with intervals, ranks and flags.
 
-        ``mean = E(zbar'u_j | y)`` (``= E(u0_j | y)`` for a random intercept) and
-        ``var = E(exp(wbar'alpha + v_j) | y)``; ``_lo/_hi`` are equal-tailed
-        posterior quantiles at ``level`` (exact, not a normal approximation;
-        see ``docs/predictions.md``); ranks (1 = lowest) of the posterior means
-        with intervals from ``ndraws`` exact posterior draws (fixed ``seed``);
-        flags ``+1/-1`` when the interval lies above/below the average school
-        (``u = 0``, ``v = 0``), else 0.
+        .. math::
+
+            \text{mean}_j = E(\bar z'u_j \mid y), \qquad
+            \text{var}_j = E\{\exp(\bar w'\alpha + \bar g'v_j) \mid y\},
+
+        (``= E(u0_j | y)`` for a random intercept; ``gbar = 1`` for the plain random scale
+        ``v_j``; with ``scale_re_formula`` ``gbar = g(w)`` is its row at the same covariate
+        values as ``wbar``, so the school's variance is read off at ``w``). ``_lo/_hi`` are
+        equal-tailed posterior quantiles at ``level`` (exact, not a normal approximation;
+        see ``docs/predictions.md``); ranks (1 = lowest) of the posterior means with
+        intervals from ``ndraws`` posterior draws (fixed ``seed``); flags ``+1/-1`` when the
+        interval lies above/below the average school (``u = 0``, ``v = 0``), else 0. Each
+        school's posterior is the fit's own (with ``bs_formula``, under its own ``Sigma_j``).
 
         Parameters
         ----------
@@ -527,6 +533,9 @@ class MELSMResults:
             Common covariate value ``wbar`` of the variance function (default:
             overall mean of each column, as in the paper). ``"school"`` uses each
             school's own mean ``wbar_j`` (intake-specific variances, the paper's Figure 4).
+            With ``scale_re_formula`` the same values give ``gbar`` (a mapping may also
+            name its terms; columns not given take their overall mean);
+            ``table.attrs["gbar"]`` records it.
         level : float
             Interval level.
         z : None, dict/Series or array
@@ -545,19 +554,41 @@ class MELSMResults:
 
         return _schools.school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
 
-    def population_quantities(self, w=None, z=None) -> pd.DataFrame:
-        """Population quantities with delta-method standard errors.
+    def population_quantities(self, w=None, z=None, s=None) -> pd.DataFrame:
+        r"""Population quantities with delta-method standard errors.
 
-        Rows: ``pa_variance = exp(wbar'alpha + var(v)/2)``, ``median_variance =
-        exp(wbar'alpha)``, ``idr_mean_lo/hi = beta_0 -/+ z_.9 sd(zbar'u)``,
-        ``idr_var_lo/hi = exp(wbar'alpha -/+ z_.9 sd(v))``, ``sd_mean``,
-        ``total_variance = var(zbar'u) + pa_variance``, ``vpc = var(zbar'u) /
-        total_variance``, ``corr_uv`` (model-implied) and ``corr_pred`` (of the
-        predicted school means and variances); NaN where the model lacks the effect.
+        With ``sigma2_u = zbar'Sigma_uu zbar`` and ``sigma2_v = gbar'Sigma_vv gbar``
+        (``gbar = 1`` for the plain random scale, ``g(w)`` with ``scale_re_formula``):
+
+        .. math::
+
+            \text{pa\_variance} = \exp(\bar w'\alpha + \sigma^2_v / 2), \qquad
+            \text{vpc} = \frac{\sigma^2_u}{\sigma^2_u + \text{pa\_variance}}.
+
+        Rows: ``pa_variance``, ``median_variance = exp(wbar'alpha)``,
+        ``idr_mean_lo/hi = beta_0 -/+ z_.9 sd(zbar'u)``,
+        ``idr_var_lo/hi = exp(wbar'alpha -/+ z_.9 sigma_v)``, ``sd_mean``,
+        ``total_variance = sigma2_u + pa_variance``, ``vpc``, ``corr_uv = corr(zbar'u,
+        gbar'v)`` (model-implied) and ``corr_pred`` (of the predicted school means and
+        variances); NaN where the model lacks the effect.
+
+        Parameters
+        ----------
+        w, z : see :meth:`school_effects` (not ``"school"``)
+        s : None, dict/Series of term -> value, or array
+            With ``bs_formula``: the school-level covariates at which ``Sigma(s) = D
+            Sigma0 D``, ``D = diag(exp(s'tau / 2), 1, ...)``, is evaluated (default: the
+            mean over schools of each column; recorded in ``table.attrs["sbar"]``).
+            Must be ``None`` for other models.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``estimate, std err``, one row per quantity.
         """
         self._require_data("population_quantities")
 
-        return _schools.population_quantities(self, w=w, z=z)
+        return _schools.population_quantities(self, w=w, z=z, s=s)
 
     def predict(self, newdata=None, kind: str = "mean", conditional: bool = True) -> pd.Series:
         """Predicted mean, residual variance or residual SD, for new rows or the fitted rows.
@@ -917,8 +948,10 @@ class MELSMResults:
     def simulate(self, n_reps: int = 1, seed=None) -> pd.DataFrame:
         """Draw new responses from the fitted model (covariates and groups as in the data).
 
-        ``y*_ij = x_ij'b + z_ij'u*_j + exp{(w_ij'a + v*_j)/2} e*_ij`` with
-        ``(u*_j, v*_j) ~ N(0, S)``, ``e*_ij ~ N(0, 1)`` at the estimates ``(b, a, S)``.
+        ``y*_ij = x_ij'b + z_ij'u*_j + exp{(w_ij'a + g_ij'v*_j)/2} e*_ij`` with
+        ``(u*_j, v*_j) ~ N(0, S_j)``, ``e*_ij ~ N(0, 1)`` at the estimates ``(b, a, S)``
+        (``g_ij = 1`` for the plain random scale; ``S_j = S`` unless ``bs_formula`` makes
+        it school-specific; see :func:`mlsml.simulate.draw_responses`).
 
         Parameters
         ----------

@@ -1,24 +1,34 @@
-"""The paper's school-level and population quantities (predictions for rows live in :mod:`mlsml.predict`).
+r"""The paper's school-level and population quantities (predictions for rows live in :mod:`mlsml.predict`).
 
 Everything here is computed at the maximum-likelihood estimates from the
-posterior of the school effects (:mod:`mlsml.predict`); the intervals are
+posterior of the school effects under the fit's own integrand; the intervals are
 empirical-Bayes intervals, i.e. they treat the estimates as known (see
 ``docs/predictions.md``).
 
-School quantities (Leckie, Parker, Goldstein & Tilling, Sections 4 and 6)::
+School quantities (Leckie, Parker, Goldstein & Tilling, Sections 4 and 6), for every
+model class:
 
-    school mean progress      mu_j      = zbar' u_j           (= u0_j for a random intercept)
-    school residual variance  sigma2_j  = exp(wbar' alpha + v_j)
+.. math::
 
-with ``wbar`` the overall mean of the variance-design columns (or any
-user-given common value) and ``zbar`` likewise for the random-effects design
-(``zbar = 1`` for a random-intercept model). Population quantities::
+    \mu_j = \bar z'u_j, \qquad \sigma^2_j(w) = \exp(\bar w'\alpha + \bar g'v_j),
+
+with ``wbar`` the overall mean of the variance-design columns (or any user-given
+common value ``w``), ``zbar`` likewise for the random-effects design (``zbar = 1``
+for a random-intercept model) and ``gbar`` the row of ``scale_re_formula`` at the
+same covariate values (``gbar = 1`` for the plain random scale ``v_j``):
+:func:`variance_vectors`. Core models (one ``Sigma``, one ``v``) use the exact grid
+of ``v`` (:class:`mlsml.predict.PosteriorGrid`); ``scale_re_formula`` and
+``bs_formula`` models the grid along ``gbar'v`` (:class:`mlsml.scalegrid.ScaleGrid`),
+each school under its own ``Sigma_j``. Population quantities, with
+``sigma2_u = zbar'Sigma_uu zbar`` and ``sigma2_v = gbar'Sigma_vv gbar`` (with
+``bs_formula`` ``Sigma = Sigma(sbar)`` of a school with covariates ``sbar``,
+:func:`school_covariates`)::
 
     pa_variance   = exp(wbar' alpha + sigma2_v / 2)        population-averaged residual variance
-    idr_mean      = beta_0 +/- z_0.9 sqrt(zbar' Sigma_uu zbar)
+    idr_mean      = beta_0 +/- z_0.9 sigma_u
     idr_var       = exp(wbar' alpha +/- z_0.9 sigma_v)
-    vpc           = zbar' Sigma_uu zbar / (zbar' Sigma_uu zbar + pa_variance)
-    corr_uv       = cov(zbar'u, v) / sqrt(var(zbar'u) var(v))  (model-implied)
+    vpc           = sigma2_u / (sigma2_u + pa_variance)
+    corr_uv       = cov(zbar'u, gbar'v) / (sigma_u sigma_v)  (model-implied)
     corr_pred     = correlation over schools of the predicted means and variances
 """
 
@@ -35,6 +45,7 @@ from scipy import special
 from ._lazy import LazyModule
 from .errors import ModelSpecError
 from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from .scalegrid import ScaleGrid
 
 stats = LazyModule("scipy.stats")  # imported on first use: keeps `import mlsml` fast
 
@@ -85,13 +96,74 @@ def reference_vector(value, terms: tuple[str, ...], columns: np.ndarray, what: s
     return arr
 
 
-def _vectors(res, w, z) -> tuple[np.ndarray, np.ndarray]:
+def _zbar(res, z) -> np.ndarray:
+    """``zbar``: the common value of the random-effects design (empty without mean effects)."""
     design = res.model.design
     lay = design.layout
-    wbar = reference_vector(w, lay.scale_terms, design.W, "w")
     re_terms = tuple(design.info.get("re_terms", tuple(f"u{i}" for i in range(lay.q))))
-    zbar = reference_vector(z, re_terms, design.Z, "z") if lay.q else np.zeros(0)
-    return wbar, zbar
+    return reference_vector(z, re_terms, design.Z, "z") if lay.q else np.zeros(0)
+
+
+def variance_vectors(res, w) -> tuple[np.ndarray, np.ndarray]:
+    r"""``wbar`` and ``gbar``: the variance design and the scale-effect design at covariate values ``w``.
+
+    The school's log variance at ``w`` is
+
+    .. math::
+
+        \ln \sigma^2_j(w) = \bar w'\alpha + \bar g'v_j,
+
+    with ``gbar`` the row of ``scale_re_formula`` at ``w`` (``gbar = (1,)`` for the plain
+    random scale ``v_j``, empty without a random scale). ``w`` is as in
+    :func:`reference_vector`; with ``scale_re_formula`` a mapping may also name its terms
+    (a term of both designs sets both), and an array gives the variance design, whose
+    values carry over to the columns of ``scale_re_formula`` of the same name. Columns not
+    given take their overall mean (the intercept 1).
+
+    Parameters
+    ----------
+    res : MELSMResults
+    w : None, mapping/Series of term -> value, or array_like
+
+    Returns
+    -------
+    wbar : ndarray (k,)
+    gbar : ndarray (n_v,)
+    """
+    design = res.model.design
+    lay = design.layout
+    sterms, gterms = lay.scale_terms, lay.scale_re_terms
+    if not gterms:
+        return reference_vector(w, sterms, design.W, "w"), np.ones(lay.n_v)
+    if isinstance(w, (Mapping, pd.Series)):
+        for key in w.keys():
+            if key not in sterms and key not in gterms:
+                raise ModelSpecError(
+                    f"w: {key!r} is not a term of the variance design (terms: {', '.join(sterms)}) "
+                    f"or of scale_re_formula (terms: {', '.join(gterms)})"
+                )
+        wbar = reference_vector({k: v for k, v in w.items() if k in sterms}, sterms, design.W, "w")
+        gbar = reference_vector({k: v for k, v in w.items() if k in gterms}, gterms, design.G, "w")
+        return wbar, gbar
+    wbar = reference_vector(w, sterms, design.W, "w")
+    given = {} if w is None else {t: wbar[i] for i, t in enumerate(sterms) if t in gterms}
+    return wbar, reference_vector(given, gterms, design.G, "w")
+
+
+def school_covariates(res, s) -> np.ndarray | None:
+    """``sbar``: the school-level covariates of ``bs_formula`` at which population quantities are evaluated.
+
+    ``None`` (the default) is the mean over schools of each column (each school counted
+    once); a mapping or array as in :func:`reference_vector`. Returns ``None`` for models
+    without ``bs_formula``, where ``s`` must be ``None``.
+    """
+    design = res.model.design
+    lay = design.layout
+    if not lay.bs_terms:
+        if s is not None:
+            raise ModelSpecError(f"s={s!r} is given, but s (school-level covariates) applies to models with bs_formula only")
+        return None
+    return reference_vector(s, lay.bs_terms, design.S, "s")
 
 
 def _cov_theta(res) -> np.ndarray | None:
@@ -132,46 +204,49 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def _require_core(res, what: str) -> None:
-    """The school table and population quantities assume one random scale ``v`` and one ``Sigma``."""
-    if not res.likelihood.integrand.core:
-        raise ModelSpecError(
-            f"{what} is not available for models with scale_re_formula or bs_formula "
-            "(school-specific covariance or several scale effects); use res.random_effects() "
-            "for posterior means and SDs of the school effects"
-        )
-
-
 def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
     """The school table: means and variances with intervals, ranks and flags.
 
     See :meth:`MELSMResults.school_effects` for the columns.
     """
-    _require_core(res, "school_effects")
     if not 0 < level < 1:
         raise ModelSpecError(f"level must be between 0 and 1, got {level!r}")
     if int(ndraws) < 100:
         raise ModelSpecError(f"ndraws must be at least 100 for rank intervals, got {ndraws!r}")
     design = res.model.design
     lay = design.layout
-    q, rs = lay.q, lay.random_scale
+    q, rs = lay.q, lay.n_v > 0
     alpha = res.fe_scale.to_numpy()
+    zbar = _zbar(res, z)
     if isinstance(w, str):
         if w != "school":
             raise ModelSpecError(f"w must be None, 'school', a mapping of term -> value or an array, not {w!r}")
         # each school's own mean covariate value (the paper's Figure 4)
         wbar_j = np.add.reduceat(design.W, design.starts, axis=0) / design.counts[:, None]
         wa = wbar_j @ alpha
-        wbar, zbar = _vectors(res, None, z)
+        gbar = np.add.reduceat(design.G, design.starts, axis=0) / design.counts[:, None] if design.G is not None else None
     else:
-        wbar, zbar = _vectors(res, w, z)
+        wbar, gbar = variance_vectors(res, w)
         wa = float(wbar @ alpha)
     probs = [(1 - level) / 2, (1 + level) / 2]
     mean, C = posterior_moments(posterior_likelihood(res), res.theta)
-    grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
-    out = pd.DataFrame({"n": design.counts.astype(int)}, index=_index(res))
     rng = np.random.default_rng(seed)
-    cu, vd = grid.draws(zbar if q else None, int(ndraws), rng)
+    if res.likelihood.integrand.core:  # the exact grid of v (one Sigma, one v)
+        grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
+        cu, vd = grid.draws(zbar if q else None, int(ndraws), rng)
+        m = mean[:, :q] @ zbar if q else None
+        qs = grid.quantile_linear(zbar, probs) if q else None
+        qv = grid.quantile_v(probs) if rs else None
+        ev = grid.mean_exp_v() if rs else None
+    else:  # school-specific Sigma_j, or several scale effects: along gbar'v (mlsml.scalegrid)
+        sg = ScaleGrid.build(res.likelihood.integrand, res.theta, np.ones(lay.n_v) if gbar is None else gbar, mean, C)
+        cu, vd = sg.draws(zbar if q else None, int(ndraws), rng)
+        m = sg.mean_linear(zbar) if q else None
+        qs = sg.quantile_linear(zbar, probs) if q else None
+        rs = rs and bool(sg.random.any())  # gbar = 0 at a common w: the variance has no random part there
+        qv = sg.quantile_t(probs) if rs else None
+        ev = sg.mean_exp_t() if rs else None
+    out = pd.DataFrame({"n": design.counts.astype(int)}, index=_index(res))
     lo_q, hi_q = probs
 
     def rank_cols(prefix: str, point: np.ndarray, draws: np.ndarray) -> None:
@@ -182,8 +257,6 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
 
     nan_rank = {"_rank": np.nan, "_rank_lo": np.nan, "_rank_hi": np.nan}
     if q:
-        m = mean[:, :q] @ zbar
-        qs = grid.quantile_linear(zbar, probs)
         out["mean"], out["mean_lo"], out["mean_hi"] = m, qs[:, 0], qs[:, 1]
         rank_cols("mean", m, cu)
         out["mean_flag"] = np.where(qs[:, 0] > 0, 1, np.where(qs[:, 1] < 0, -1, 0))
@@ -193,8 +266,7 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
             out["mean" + k] = v
         out["mean_flag"] = 0
     if rs:
-        qv = grid.quantile_v(probs)
-        var = np.exp(wa) * grid.mean_exp_v()
+        var = np.exp(wa) * ev
         out["var"], out["var_lo"], out["var_hi"] = var, np.exp(wa + qv[:, 0]), np.exp(wa + qv[:, 1])
         rank_cols("var", var, vd + wa)
         out["var_flag"] = np.where(qv[:, 0] > 0, 1, np.where(qv[:, 1] < 0, -1, 0))
@@ -205,25 +277,27 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
         out["var_flag"] = 0
     ref = "school" if isinstance(w, str) else dict(zip(lay.scale_terms, wbar))
     out.attrs.update({"wbar": ref, "level": level, "ndraws": int(ndraws), "seed": seed})
+    if lay.scale_re_terms:
+        out.attrs["gbar"] = "school" if isinstance(w, str) else dict(zip(lay.scale_re_terms, gbar))
     return out
 
 
 # ---------------------------------------------------------------- population
-def population_quantities(res, w=None, z=None) -> pd.DataFrame:
+def population_quantities(res, w=None, z=None, s=None) -> pd.DataFrame:
     """Population quantities with delta-method SEs (see :meth:`MELSMResults.population_quantities`)."""
-    _require_core(res, "population_quantities")
     design = res.model.design
     lay = design.layout
-    q, rs = lay.q, lay.random_scale
-    wbar, zbar = _vectors(res, w, z)
+    wbar, gbar = variance_vectors(res, w)
+    q, rs = lay.q, lay.n_v > 0 and bool(np.any(gbar != 0))  # gbar = 0: no random part of the variance at w
+    zbar = _zbar(res, z)
+    sbar = school_covariates(res, s)
     i0 = lay.mean_terms.index("Intercept") if "Intercept" in lay.mean_terms else None
 
     def parts(theta):
-        beta, alpha, L = lay.split(theta)
-        S = anp.dot(L, anp.transpose(L))
+        S, beta, alpha = _covariance_at(lay, theta, sbar)
         wa = anp.dot(wbar, alpha)
         su2 = anp.dot(zbar, anp.dot(S[:q, :q], zbar)) if q else 0.0
-        sv2 = S[q, q] if rs else 0.0
+        sv2 = anp.dot(gbar, anp.dot(S[q:, q:], gbar)) if rs else 0.0
         pa = anp.exp(wa + 0.5 * sv2)
         vals = {"pa_variance": pa, "median_variance": anp.exp(wa)}
         if q:
@@ -240,7 +314,7 @@ def population_quantities(res, w=None, z=None) -> pd.DataFrame:
             vals["total_variance"] = su2 + pa
             vals["vpc"] = su2 / (su2 + pa)
         if q and rs:
-            cuv = anp.dot(zbar, S[:q, q])
+            cuv = anp.dot(zbar, anp.dot(S[:q, q:], gbar))
             vals["corr_uv"] = cuv / anp.sqrt(su2 * sv2)
         return vals
 
@@ -261,7 +335,7 @@ def population_quantities(res, w=None, z=None) -> pd.DataFrame:
         se = np.full(values.shape, np.nan)
     table = pd.DataFrame({"estimate": values, "std err": se}, index=pd.Index(names, name="quantity"))
     if q and rs:
-        r, r_se = _corr_predictions(res, wbar, zbar, cov_t)
+        r, r_se = _corr_predictions(res, wbar, zbar, gbar, cov_t)
         table.loc["corr_pred"] = [r, r_se]
     for row in ("sd_mean", "idr_mean_lo", "idr_mean_hi", "total_variance", "vpc", "corr_uv", "corr_pred"):
         if row not in table.index:
@@ -281,11 +355,30 @@ def population_quantities(res, w=None, z=None) -> pd.DataFrame:
     ]
     table = table.loc[order]
     table.attrs["wbar"] = dict(zip(lay.scale_terms, wbar))
+    if lay.scale_re_terms:
+        table.attrs["gbar"] = dict(zip(lay.scale_re_terms, gbar))
+    if sbar is not None:
+        table.attrs["sbar"] = dict(zip(lay.bs_terms, sbar))
     return table
 
 
-def _corr_predictions(res, wbar, zbar, cov_t):
-    """Correlation over schools of E(zbar'u_j | y) and E(exp(wbar'a + v_j) | y), with a delta-method SE.
+def _covariance_at(lay, theta, sbar: np.ndarray | None):
+    r"""``(Sigma, beta, alpha)`` at ``theta`` (autograd); with ``bs_formula`` the ``Sigma_j`` of a school with covariates ``sbar``.
+
+    .. math::
+
+        \Sigma(\bar s) = D \Sigma_0 D, \qquad D = \operatorname{diag}(e^{\bar s'\tau / 2}, 1, \dots, 1).
+    """
+    if sbar is None:
+        beta, alpha, L = lay.split(theta)
+        return anp.dot(L, anp.transpose(L)), beta, alpha
+    beta, alpha, tau, L0 = lay.split_bs(theta)
+    D = anp.concatenate([anp.reshape(anp.exp(0.5 * anp.dot(sbar, tau)), (1,)), anp.ones(lay.d - 1)])
+    return anp.dot(L0, anp.transpose(L0)) * (D[:, None] * D[None, :]), beta, alpha
+
+
+def _corr_predictions(res, wbar, zbar, gbar, cov_t):
+    """Correlation over schools of E(zbar'u_j | y) and E(exp(wbar'a + gbar'v_j) | y), with a delta-method SE.
 
     The posterior expectations are computed by the adaptive quadrature with the
     nodes held at their positions for the estimates; the SE reflects the
@@ -298,7 +391,7 @@ def _corr_predictions(res, wbar, zbar, cov_t):
     theta0 = np.asarray(res.theta, dtype=float)
     nodes = lik.adapt(theta0)
     zu = np.einsum("jkq,q->jk", nodes.b[:, :, :q], zbar)
-    ev = np.exp(nodes.b[:, :, q])
+    ev = np.exp(np.einsum("jkv,v->jk", nodes.b[:, :, q:], gbar))
 
     def corr(theta):
         _, alpha, _ = lay.split(theta)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .design import Design
+from .integrand import make_integrand
 
 #: Parameters of the demo data: close to the paper's Model 3 estimates.
 DEMO_TRUTH = {
@@ -23,7 +24,18 @@ DEMO_TRUTH = {
 
 
 def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, n_reps: int = 1) -> np.ndarray:
-    """Draw responses from the model with parameters ``theta`` (optimiser scale).
+    r"""Draw responses from the model with parameters ``theta`` (optimiser scale).
+
+    .. math::
+
+        b_j = (u_j, v_j) = L_j \epsilon_j, \qquad
+        y_{ij} = x_{ij}'\beta + z_{ij}'u_j + \exp\{(w_{ij}'\alpha + g_{ij}'v_j)/2\}\, e_{ij},
+
+    with ``epsilon_j``, ``e_ij`` standard normal, ``L_j`` the Cholesky factor of the
+    prior of the school effects as the likelihood has it
+    (:meth:`mlsml.integrand.Integrand.prior_chol`: school-specific ``Sigma_j`` with
+    ``bs_formula``) and ``g_ij`` the row of ``scale_re_formula`` (1 for the plain
+    random scale ``v_j``).
 
     Parameters
     ----------
@@ -52,19 +64,23 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
     :meth:`mlsml.MELSMResults.simulate` returns the same draws in the caller's row order.
     """
     lay = design.layout
-    beta, alpha, L = lay.split(np.asarray(theta, dtype=float))
-    L = np.asarray(L)
+    # the integrand's prior: Sigma_j = L_j L_j' is school-specific with bs_formula
+    beta, alpha, L = make_integrand(design).prior_chol(np.asarray(theta, dtype=float))
+    beta, alpha, L = np.asarray(beta), np.asarray(alpha), np.asarray(L)
     J, N, q = design.ngroups, design.nobs, lay.q
     mu = design.X @ beta
     eta = design.W @ alpha
     out = np.empty((n_reps, N))
     for r in range(n_reps):
-        b = rng.standard_normal((J, lay.d)) @ L.T
+        z = rng.standard_normal((J, lay.d))
+        b = z @ L.T if L.ndim == 2 else np.einsum("jde,je->jd", L, z)
         u = b[:, :q]
-        v = b[:, q] if lay.random_scale else np.zeros(J)
+        if design.G is not None:  # scale_re_formula: g_ij'v_j
+            lv = eta + np.einsum("nv,nv->n", design.G, b[design.group, q:])
+        else:
+            lv = eta + (b[design.group, q] if lay.random_scale else 0.0)
         zu = np.einsum("iq,iq->i", design.Z, u[design.group])
-        sd = np.exp(0.5 * (eta + v[design.group]))
-        out[r] = mu + zu + sd * rng.standard_normal(N)
+        out[r] = mu + zu + np.exp(0.5 * lv) * rng.standard_normal(N)
     return out
 
 

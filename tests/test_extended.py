@@ -262,5 +262,3 @@ def test_posteriors_of_extended_models_use_their_own_density():
     p /= p.sum(axis=1, keepdims=True)
     mean = np.einsum("jk,jkd->jd", p, nodes.b)
     np.testing.assert_allclose(re[["u0", "v0", "v1"]].to_numpy(), mean, atol=2e-3)
-    with pytest.raises(mlsml.ModelSpecError, match="school_effects"):
-        res.school_effects()
