@@ -213,6 +213,19 @@ def test_quadrature_bounds_keep_every_default_within_the_node_budget():
         assert max_nagq(d) ** d <= MAX_QUAD_NODES < (max_nagq(d) + 1) ** d or max_nagq(d) == MAX_NAGQ
 
 
+@pytest.mark.parametrize(
+    "dim,top,cap",
+    [(1, 200, "MAX_NAGQ = 200"), (2, 141, "MAX_QUAD_NODES = 20000"), (3, 27, "MAX_QUAD_NODES = 20000"), (6, 5, "MAX_QUAD_NODES")],
+)
+def test_nagq_caps_hold_at_the_boundary(dim, top, cap):
+    """The largest allowed nagq is accepted and one more is refused, naming the cap (141**2 <= 20000 < 142**2)."""
+    from mlsml.quadrature import check_nagq
+
+    assert check_nagq(top, dim) == top
+    with pytest.raises(ModelSpecError, match=rf"^nagq={top + 1} is too large .* At most {top} points per dimension .*{cap}"):
+        check_nagq(top + 1, dim)
+
+
 # ----------------------------------------------------------------- column types and names
 def test_duplicate_column_names_are_a_data_error(seed_df):
     df = pd.concat([seed_df, seed_df[["x"]]], axis=1)  # two columns named 'x'
