@@ -40,6 +40,13 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
     ndarray (n_reps, N)
         Responses in the design's (group-sorted) row order.
 
+    Notes
+    -----
+    Extended models (``scale_re_formula``, ``bs_formula``; see :mod:`mlsml.params`)
+    are drawn from their own model: ``ln var(e_ij) = w_ij'alpha + g_ij'v_j`` and
+    ``var(u0_j) = exp(s_j'tau)`` (before issue 11 the variance slopes and the
+    between-school variance model were ignored).
+
     Examples
     --------
     >>> import numpy as np, mlsml
@@ -52,19 +59,28 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
     :meth:`mlsml.MELSMResults.simulate` returns the same draws in the caller's row order.
     """
     lay = design.layout
-    beta, alpha, L = lay.split(np.asarray(theta, dtype=float))
-    L = np.asarray(L)
+    theta = np.asarray(theta, dtype=float)
     J, N, q = design.ngroups, design.nobs, lay.q
+    if lay.bs_terms:  # Sigma_j = D_j Sigma0 D_j, D_j = diag(sd(u0_j), 1, ..., 1)
+        beta, alpha, tau, L = lay.split_bs(theta)
+        sd_u0 = np.exp(0.5 * (design.S @ np.asarray(tau)))
+    else:
+        beta, alpha, L = lay.split(theta)
+    L = np.asarray(L)
     mu = design.X @ beta
     eta = design.W @ alpha
     out = np.empty((n_reps, N))
     for r in range(n_reps):
         b = rng.standard_normal((J, lay.d)) @ L.T
+        if lay.bs_terms:
+            b[:, 0] *= sd_u0
         u = b[:, :q]
-        v = b[:, q] if lay.random_scale else np.zeros(J)
         zu = np.einsum("iq,iq->i", design.Z, u[design.group])
-        sd = np.exp(0.5 * (eta + v[design.group]))
-        out[r] = mu + zu + sd * rng.standard_normal(N)
+        if lay.scale_re_terms:  # ln var(e_ij) = w_ij'alpha + g_ij'v_j
+            lv = eta + np.einsum("iv,iv->i", design.G, b[:, q:][design.group])
+        else:
+            lv = eta + (b[:, q][design.group] if lay.random_scale else 0.0)
+        out[r] = mu + zu + np.exp(0.5 * lv) * rng.standard_normal(N)
     return out
 
 
