@@ -120,5 +120,6 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     for r in res.singular_reasons():
         notes.append(f"WARNING: singular fit: {r}.")
     notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
-    smry.add_text("\n".join(notes))
+    for note in notes:  # one add_text each: statsmodels re-wraps a text, so newlines within one would be lost
+        smry.add_text(note)
     return smry

@@ -35,8 +35,11 @@ def describe_value(value) -> str:
     >>> describe_value(pd.Series(range(4059), name="school")), describe_value("3")
     ("a Series named 'school' of length 4059", "'3' (str)")
     """
-    if isinstance(value, str | numbers.Number | bool | type(None)):
-        text = repr(value)
+    # a numpy scalar by its value: its repr is 'np.float64(2.5)' from numpy 2 on ('2.5' before),
+    # and a numpy bool is no numbers.Number (it was described as 'a bool of shape ()')
+    scalar = isinstance(value, np.generic) and not isinstance(value, np.void)
+    if scalar or isinstance(value, str | numbers.Number | bool | type(None)):
+        text = repr(value.item() if scalar else value)
         if len(text) > 60:
             text = text[:57] + "..."
         return f"{text} ({type(value).__name__})"
