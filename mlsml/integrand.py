@@ -321,13 +321,18 @@ class Integrand(ABC):
 class SchoolSums(Integrand):
     """Random intercept and slopes, random scale, between-school variance: per-school sums."""
 
+    def sums(self, beta, alpha) -> Sums:
+        """The per-school sums at ``beta``, ``alpha`` (:func:`school_sums`): all the data the
+        likelihood sees, which is why its Hessian can be chained through them (:mod:`mlsml.hessian`)."""
+        return school_sums(beta, alpha, self.design)
+
     def log_conditional(self, beta, alpha, b):
         lay = self.layout
-        return log_conditional(b, school_sums(beta, alpha, self.design), lay.q, lay.random_scale)
+        return log_conditional(b, self.sums(beta, alpha), lay.q, lay.random_scale)
 
     def u_exact_parts(self, beta, alpha, v):
         q = self.layout.q
-        s = school_sums(beta, alpha, self.design)
+        s = self.sums(beta, alpha)
         vv = v[:, :, 0]
         E = anp.exp(-vv)
         n = s.n[:, None]

@@ -34,7 +34,8 @@ import autograd.numpy as anp
 import numpy as np
 
 from .design import Design
-from .integrand import Integrand, make_integrand
+from .hessian import sums_hessian
+from .integrand import Integrand, SchoolSums, make_integrand
 from .modes import posterior_modes
 from .ops import logsumexp
 from .quadrature import Nodes, QuadratureSpec, Rule, default_nagq, place_nodes
@@ -127,12 +128,10 @@ class Likelihood:
     # ------------------------------------------------------------ values
     def log_h(self, theta, nodes: Nodes):
         """The integrand at the nodes, ``(J, K)``: ``h_j(b_jk)`` (product) or ``g_j(v_jk)`` (u-exact)."""
-        if self.spec.uexact:
-            return self.integrand.log_h_uexact(theta, nodes.v)
-        return self.integrand.log_h(theta, nodes.b)
+        return _log_h(self.integrand, self.spec, theta, nodes)
 
     def _per_school(self, theta, nodes: Nodes):
-        return nodes.log_det + logsumexp(self.log_h(theta, nodes) + nodes.logw[None, :], axis=1)
+        return _per_school(self.integrand, self.spec, theta, nodes)
 
     def at_nodes(self, theta, nodes: Nodes):
         """``sum_j log L_j`` with the nodes held fixed (autograd-differentiable in ``theta``)."""
@@ -159,10 +158,21 @@ class Likelihood:
         return v, g
 
     def hessian(self, theta, nodes: Nodes | None = None) -> np.ndarray:
-        """The exact Hessian with the nodes held fixed (the observed information is its negative)."""
+        """The exact Hessian with the nodes held fixed (the observed information is its negative).
+
+        For the per-school-sums integrand by the chain rule through the sums
+        (:func:`mlsml.hessian.sums_hessian`: 7 instead of 43 reverse passes on London
+        Model 6), otherwise autograd's Hessian; the two agree to rounding.
+        """
         theta = np.asarray(theta, dtype=float)
         if nodes is None:
             nodes = self.adapt(theta)
+        if isinstance(self.integrand, SchoolSums):  # the data enter through per-school sums
+
+            def log_lik(integrand, th):
+                return anp.sum(_per_school(integrand, self.spec, th, nodes))
+
+            return sums_hessian(self.integrand, theta, log_lik)
         return np.asarray(autograd.hessian(self.at_nodes)(theta, nodes))
 
     def posterior_weights(self, theta, nodes: Nodes) -> np.ndarray:
@@ -176,6 +186,18 @@ class Likelihood:
         a = a - a.max(axis=1, keepdims=True)
         p = np.exp(a)
         return p / p.sum(axis=1, keepdims=True)
+
+
+def _log_h(integrand: Integrand, spec: QuadratureSpec, theta, nodes: Nodes):
+    """:meth:`Likelihood.log_h` of a given integrand."""
+    if spec.uexact:
+        return integrand.log_h_uexact(theta, nodes.v)
+    return integrand.log_h(theta, nodes.b)
+
+
+def _per_school(integrand: Integrand, spec: QuadratureSpec, theta, nodes: Nodes):
+    r"""``log L_j`` at fixed nodes: :math:`\log|C_j| + \operatorname{lse}_k\{h_j(b_{jk}) + \log\tilde w_k\}` (autograd)."""
+    return nodes.log_det + logsumexp(_log_h(integrand, spec, theta, nodes) + nodes.logw[None, :], axis=1)
 
 
 def likelihood_for(design: Design, spec: QuadratureSpec, integrand: Integrand | None = None) -> Likelihood:
