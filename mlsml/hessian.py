@@ -59,7 +59,9 @@ from collections.abc import Callable
 import autograd
 import autograd.numpy as anp
 import numpy as np
+from scipy import sparse
 
+from .design import Design
 from .integrand import Integrand, SchoolSums, Sums
 
 
@@ -137,44 +139,53 @@ def sums_hessian(integrand: SchoolSums, theta: np.ndarray, log_lik: Callable[[In
         RTpsi[:, :, a] = np.reshape(col[: J * m], (J, m))
         H[nl:, nl + a] = col[J * m + nl :]
     Jac, Hsecond = _sums_derivatives(design, beta, alpha, q, RT)
-    H[:nl, :nl] = np.einsum("jtp,jts,jsr->pr", Jac, RTT, Jac) + Hsecond
-    H[:nl, nl:] = np.einsum("jtp,jta->pa", Jac, RTpsi)
+    flat = Jac.reshape(J * m, nl)
+    H[:nl, :nl] = flat.T @ (RTT @ Jac).reshape(J * m, nl) + Hsecond
+    H[:nl, nl:] = flat.T @ RTpsi.reshape(J * m, npsi)
     H[nl:, :nl] = H[:nl, nl:].T
     return 0.5 * (H + H.T)
 
 
-def _sums_derivatives(design, beta: np.ndarray, alpha: np.ndarray, q: int, RT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``J_j`` of shape ``(J, m, p + k)`` and ``sum_j sum_t R_{T_jt} d^2 T_jt`` (the module docstring)."""
+def _sums_derivatives(design: Design, beta: np.ndarray, alpha: np.ndarray, q: int, RT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``J_j`` of shape ``(J, m, p + k)`` and ``sum_j sum_t R_{T_jt} d^2 T_jt`` (the module docstring).
+
+    ``dT_jt / dbeta = sum_i a_ti x_i`` and ``dT_jt / dalpha = sum_i b_ti w_i`` over the rows of
+    school ``j``: one sparse ``(m J) x N`` matrix of the ``a_ti`` (``b_ti``) times ``X`` (``W``).
+    """
     X, W, Z = design.X, design.W, design.Z
-    st = design.starts
-    p, k = X.shape[1], W.shape[1]
+    N, p = X.shape
     J, m = RT.shape
-    eta = W @ alpha
-    c = np.exp(-eta)
+    c = np.exp(-(W @ alpha))
     r = design.y - X @ beta
     cr = c * r
-    Jac = np.zeros((J, m, p + k))
-    Jac[:, 0, p:] = np.add.reduceat(W, st, axis=0)
-    Jac[:, 1, :p] = -2.0 * np.add.reduceat(cr[:, None] * X, st, axis=0)
-    Jac[:, 1, p:] = -np.add.reduceat((cr * r)[:, None] * W, st, axis=0)
-    g = RT[design.group]  # (N, m): R_T of each row's school
-    w_bb = 2.0 * c * g[:, 1]
-    w_ba = 2.0 * cr * g[:, 1]
-    w_aa = cr * r * g[:, 1]
-    for a in range(q):
-        cz = c * Z[:, a]
-        Jac[:, 2 + a, :p] = -np.add.reduceat(cz[:, None] * X, st, axis=0)
-        Jac[:, 2 + a, p:] = -np.add.reduceat((cz * r)[:, None] * W, st, axis=0)
-        w_ba = w_ba + cz * g[:, 2 + a]
-        w_aa = w_aa + cz * r * g[:, 2 + a]
-        for b in range(q):
-            t = 2 + q + a * q + b
-            czz = cz * Z[:, b]
-            Jac[:, t, p:] = -np.add.reduceat(czz[:, None] * W, st, axis=0)
-            w_aa = w_aa + czz * g[:, t]
-    H = np.empty((p + k, p + k))
+    a = np.zeros((m, N))  # rows t, columns i (contiguous rows: fast sums over t)
+    b = np.zeros((m, N))
+    b[0] = 1.0  # A
+    a[1] = -2.0 * cr  # S0
+    b[1] = -cr * r
+    for i in range(q):
+        cz = c * Z[:, i]
+        a[2 + i] = -cz  # S1[i]
+        b[2 + i] = -cz * r
+        for k in range(q):
+            b[2 + q + i * q + k] = -cz * Z[:, k]  # S2[i, k]
+    Jac = np.concatenate([_school_sums_of(design, a, X), _school_sums_of(design, b, W)], axis=2)
+    g = np.repeat(RT.T, design.counts, axis=1)  # R_T of each row's school, (m, N)
+    w_bb = 2.0 * c * g[1]
+    w_ba = -np.einsum("tn,tn->n", a, g)
+    w_aa = -np.einsum("tn,tn->n", b[1:], g[1:])
+    H = np.empty((p + W.shape[1],) * 2)
     H[:p, :p] = (X * w_bb[:, None]).T @ X
     H[:p, p:] = (X * w_ba[:, None]).T @ W
     H[p:, :p] = H[:p, p:].T
     H[p:, p:] = (W * w_aa[:, None]).T @ W
     return Jac, H
+
+
+def _school_sums_of(design: Design, coef: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """``out[j, t] = sum_{i in j} coef[t, i] M[i]``, shape ``(J, m, M.shape[1])``, by one sparse product."""
+    m, N = coef.shape
+    J = design.ngroups
+    indptr = np.concatenate([t * N + design.starts for t in range(m)] + [[m * N]])
+    S = sparse.csr_matrix((coef.ravel(), np.tile(np.arange(N), m), indptr), shape=(m * J, N))
+    return np.asarray(S @ M).reshape(m, J, M.shape[1]).transpose(1, 0, 2)
