@@ -50,7 +50,7 @@ from __future__ import annotations
 import numpy as np
 
 from .likelihood import Likelihood
-from .params import chol_from_vector
+from .params import chol_from_vector, sigma_derivatives
 
 #: Likelihood-ratio statistic below which an effect counts as at the boundary.
 BOUNDARY_LR = 1e-3
@@ -117,7 +117,7 @@ def probe_z2(layout, theta: np.ndarray, hessian: np.ndarray) -> list[float] | No
     cov = ((V / w) @ V.T)[off:, off:]  # covariance of the log-Cholesky parameters
     L = np.asarray(chol_from_vector(theta[off:], d), dtype=float)
     S = L @ L.T
-    dS = _sigma_derivatives(L)  # (n_psi, d, d)
+    dS = sigma_derivatives(L)  # (n_psi, d, d)
     values = [S[e, e] for e in range(d)]
     grads = [dS[:, e, e] for e in range(d)]
     if d > 1:
@@ -135,18 +135,6 @@ def probe_z2(layout, theta: np.ndarray, hessian: np.ndarray) -> list[float] | No
         var = float(g @ cov @ g)
         out.append(f * f / var if var > 0 else 0.0)
     return out
-
-
-def _sigma_derivatives(L: np.ndarray) -> np.ndarray:
-    """``d Sigma / d psi_k`` for the row-wise log-Cholesky vector ``psi`` of ``L`` (:func:`mlsml.params.chol_from_vector`)."""
-    d = L.shape[0]
-    out = []
-    for i in range(d):
-        for j in range(i + 1):
-            dL = np.zeros((d, d))
-            dL[i, j] = L[i, i] if i == j else 1.0  # the diagonal is stored as its log
-            out.append(dL @ L.T + L @ dL.T)
-    return np.array(out).reshape(-1, d, d)
 
 
 def boundary_likelihood(lik: Likelihood) -> Likelihood:

@@ -323,7 +323,7 @@ class SchoolSums(Integrand):
 
     def sums(self, beta, alpha) -> Sums:
         """The per-school sums at ``beta``, ``alpha`` (:func:`school_sums`): all the data the
-        likelihood sees, which is why its Hessian can be chained through them (:mod:`mlsml.hessian`)."""
+        likelihood sees, which is why its Hessian can be chained through them (:mod:`mlsml.derivatives`)."""
         return school_sums(beta, alpha, self.design)
 
     def log_conditional(self, beta, alpha, b):

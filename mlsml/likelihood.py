@@ -33,8 +33,8 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 
+from .derivatives import GivenSums, sums_hessian, uexact_gradient
 from .design import Design
-from .hessian import sums_hessian
 from .integrand import Integrand, SchoolSums, make_integrand
 from .modes import posterior_modes
 from .ops import logsumexp
@@ -150,10 +150,23 @@ class Likelihood:
         return float(self.at_nodes(theta, self.adapt(theta)))
 
     def value_and_grad(self, theta, nodes: Nodes | None = None) -> tuple[float, np.ndarray]:
-        """The log-likelihood and its exact gradient with the nodes held fixed."""
+        """The log-likelihood and its exact gradient with the nodes held fixed.
+
+        The core model under the u-exact rule (the default of every random-scale fit with a
+        mean effect) has its gradient in closed form (:func:`mlsml.derivatives.uexact_gradient`),
+        every other model autograd's; the value is the same arithmetic as :meth:`at_nodes`.
+        """
         theta = np.asarray(theta, dtype=float)
         if nodes is None:
             nodes = self.adapt(theta)
+        integrand = self.integrand
+        if self.spec.uexact and isinstance(integrand, SchoolSums) and integrand.core:  # closed form
+            lay = self.layout
+            sums = integrand.sums(theta[: lay.p], theta[lay.p : lay.p + lay.k])
+            a = np.asarray(_log_h(GivenSums(integrand, sums), self.spec, theta, nodes)) + nodes.logw[None, :]
+            lse = logsumexp(a, axis=1)
+            value = anp.sum(nodes.log_det + lse)  # the arithmetic of at_nodes
+            return value, uexact_gradient(integrand, theta, sums, nodes.v, np.exp(a - lse[:, None]))
         v, g = autograd.value_and_grad(self.at_nodes)(theta, nodes)
         return v, g
 
@@ -161,7 +174,7 @@ class Likelihood:
         """The exact Hessian with the nodes held fixed (the observed information is its negative).
 
         For the per-school-sums integrand by the chain rule through the sums
-        (:func:`mlsml.hessian.sums_hessian`: 7 instead of 43 reverse passes on London
+        (:func:`mlsml.derivatives.sums_hessian`: 7 instead of 43 reverse passes on London
         Model 6), otherwise autograd's Hessian; the two agree to rounding.
         """
         theta = np.asarray(theta, dtype=float)

@@ -260,6 +260,45 @@ def chol_from_vector(vec, d: int):
     return anp.stack(rows)
 
 
+def chol_derivatives(L: np.ndarray) -> np.ndarray:
+    r"""``d L / d psi_k`` for the row-wise log-Cholesky vector ``psi`` of ``L``, shape ``(n_psi, d, d)``.
+
+    .. math:: \frac{\partial L}{\partial\psi_k} = E_{ij}\,(L_{ii} \text{ if } i = j \text{ else } 1)
+
+    for the entry ``(i, j)`` that ``psi_k`` holds (:func:`chol_from_vector` stores the
+    diagonal as its log).
+
+    Examples
+    --------
+    >>> chol_derivatives(np.array([[2.0, 0.0], [0.5, 3.0]]))[:, 1, :]
+    array([[0., 0.],
+           [1., 0.],
+           [0., 3.]])
+    """
+    L = np.asarray(L, dtype=float)
+    d = L.shape[0]
+    out = np.zeros((d * (d + 1) // 2, d, d))
+    k = 0
+    for i in range(d):
+        for j in range(i + 1):
+            out[k, i, j] = L[i, i] if i == j else 1.0
+            k += 1
+    return out
+
+
+def sigma_derivatives(L: np.ndarray) -> np.ndarray:
+    r"""``d Sigma / d psi_k`` for ``Sigma = L L'``: :math:`\dot L_k L' + L \dot L_k'` (:func:`chol_derivatives`).
+
+    Examples
+    --------
+    >>> sigma_derivatives(np.array([[2.0]]))[0]   # Sigma = exp(2 psi): dSigma/dpsi = 2 Sigma
+    array([[8.]])
+    """
+    L = np.asarray(L, dtype=float)
+    dL = chol_derivatives(L)
+    return dL @ L.T + L @ np.swapaxes(dL, 1, 2)
+
+
 def vector_from_chol(L: np.ndarray) -> np.ndarray:
     """Row-wise vector of a lower-triangular ``L`` with its diagonal logged.
 

@@ -8,7 +8,7 @@ import pytest
 
 import mlsml
 from mlsml import boundary
-from mlsml.params import chol_from_vector, vector_from_chol
+from mlsml.params import chol_from_vector, sigma_derivatives, vector_from_chol
 
 
 def test_sigma_derivatives_match_autograd():
@@ -19,7 +19,7 @@ def test_sigma_derivatives_match_autograd():
         return M @ M.T
 
     jac = autograd.jacobian(sigma)(vector_from_chol(L))  # (3, 3, n_psi)
-    np.testing.assert_allclose(boundary._sigma_derivatives(L), np.moveaxis(jac, 2, 0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sigma_derivatives(L), np.moveaxis(jac, 2, 0), rtol=1e-12, atol=1e-14)
 
 
 def _z2_by_differences(res):

@@ -1,5 +1,5 @@
-"""The Hessian of the likelihood (mlsml.hessian): the chain rule through the per-school sums
-against autograd's Hessian of the same function, for every model class and both rules."""
+"""Gradient and Hessian of the likelihood through the per-school sums (mlsml.derivatives)
+against autograd's of the same function, for every model class and both rules."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ import mlsml
 from mlsml.integrand import PerObservation, SchoolSums
 from mlsml.quadrature import QuadratureSpec
 
-#: ``|H - H_autograd| <= RTOL * max |H_autograd|``: the two differ by rounding only (about
-#: 1e-14 here); a wrong term of the chain rule is of the order of the Hessian itself.
+#: ``|H - H_autograd| <= RTOL * max |H_autograd|`` (the same for the gradient): the two
+#: differ by rounding only (about 1e-14 here); a wrong term is of the order of the whole.
 RTOL = 1e-9
 
 
 def _check(lik, theta):
     nodes = lik.adapt(theta)
+    value, grad = lik.value_and_grad(theta, nodes)
+    ref_value, ref_grad = autograd.value_and_grad(lik.at_nodes)(theta, nodes)
+    assert value == ref_value  # the same arithmetic
+    # at the estimates the gradient is ~0, a difference of terms of order 1: an absolute floor
+    np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=RTOL * max(np.abs(ref_grad).max(), 1.0))
     H = lik.hessian(theta, nodes)
     ref = np.asarray(autograd.hessian(lik.at_nodes)(theta, nodes))
     assert H.shape == ref.shape
@@ -37,7 +42,7 @@ MODELS = {
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("kind", ["uexact", "product"])
-def test_sums_hessian_equals_autograd(exam, name, kind):
+def test_derivatives_equal_autograd(exam, name, kind):
     kw = MODELS[name]
     model = mlsml.MELSM.from_formula("normexam ~ standLRT + schgend", exam, groups="school", **kw)
     lay = model.layout
@@ -50,7 +55,7 @@ def test_sums_hessian_equals_autograd(exam, name, kind):
     _check(lik, theta)
 
 
-def test_sums_hessian_at_the_estimates_gives_the_same_standard_errors(exam):
+def test_hessian_at_the_estimates_gives_the_same_standard_errors(exam):
     res = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", re_formula="~ standLRT")
     H, ref = _check(res.likelihood, res.theta)
     se = np.sqrt(np.diag(np.linalg.inv(-H)))
@@ -58,7 +63,7 @@ def test_sums_hessian_at_the_estimates_gives_the_same_standard_errors(exam):
     np.testing.assert_allclose(se, se_ref, rtol=1e-8)
 
 
-def test_sums_hessian_next_to_the_boundary(seed_sim):
+def test_derivatives_next_to_the_boundary(seed_sim):
     """A fit whose estimate is on the boundary (corr(u0,u1) = -1, see test_reference): Sigma is
     nearly singular, so the prior terms are huge and cancel; the chain rule must still agree."""
     with pytest.warns(mlsml.SingularFitWarning):
@@ -66,6 +71,20 @@ def test_sums_hessian_next_to_the_boundary(seed_sim):
     assert res.singular
     _check(res.likelihood, res.theta)
     _check(res.likelihood, res.theta + 0.01)
+    # the u-exact rule with a random scale (the closed-form gradient) where Sigma has rank 2 of
+    # 3: at the estimate (smallest eigenvalue ~1e-9) the likelihood itself is rounding noise at
+    # the 1e-3 level of its gradient (P ~ 1e9), for autograd as for the closed form; the two
+    # differ by rounding times the squared condition of Sigma, so they are compared a little
+    # inside, at a smallest eigenvalue ~3e-4 of the largest (corr ~ 0.9997)
+    with pytest.warns(mlsml.SingularFitWarning):
+        res = mlsml.fit("y ~ x", seed_sim, groups="school", scale_formula="~ x", re_formula="~ x")
+    lay = res.layout
+    assert res.singular and res.likelihood.spec.uexact
+    natural = np.asarray(lay.to_natural(res.theta))
+    S = lay.sigma_from_natural(natural)
+    S = S + 1e-2 * np.diag(np.diag(S))
+    assert np.linalg.eigvalsh(S)[0] < 1e-3 * np.linalg.eigvalsh(S)[-1]
+    _check(res.likelihood, lay.theta_from_parts(natural[: lay.p], natural[lay.p : lay.p + lay.k], S))
 
 
 def test_per_observation_integrand_keeps_autograd(exam):
