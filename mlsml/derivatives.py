@@ -84,6 +84,7 @@ against autograd on every model it applies to.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import autograd
 import autograd.numpy as anp
@@ -118,31 +119,76 @@ def _unpack(T, n: np.ndarray, q: int) -> Sums:
     return Sums(n, T[:, 0], T[:, 1], T[:, 2 : 2 + q], anp.reshape(T[:, 2 + q :], (J, q, q)))
 
 
-def sums_hessian(integrand: SchoolSums, theta: np.ndarray, log_lik: Callable[[Integrand, object], object]) -> np.ndarray:
-    """The Hessian of ``log_lik(integrand, theta)`` in ``theta`` by the chain rule through the sums.
+class ReducedDerivatives(NamedTuple):
+    """First and second derivatives of ``R(T, psi)`` (module docstring) at the sums of ``theta``.
+
+    Attributes
+    ----------
+    RT : ndarray (J, m)
+        ``dr_j / dT_j``.
+    RTT : ndarray (J, m, m)
+        ``d^2 r_j / dT_j dT_j'``.
+    RTpsi : ndarray (J, m, n_psi)
+        ``d^2 r_j / dT_j dpsi'``.
+    Rpsipsi : ndarray (n_psi, n_psi)
+        ``d^2 R / dpsi dpsi'``.
+    """
+
+    RT: np.ndarray
+    RTT: np.ndarray
+    RTpsi: np.ndarray
+    Rpsipsi: np.ndarray
+
+
+def sums_hessian(integrand: SchoolSums, theta: np.ndarray, reduced: ReducedDerivatives) -> np.ndarray:
+    """The Hessian in ``theta`` from the derivatives of ``R`` by the chain rule through the sums.
 
     Parameters
     ----------
     integrand : SchoolSums
     theta : ndarray
         Optimiser-scale parameters.
-    log_lik : callable
-        ``log_lik(integrand, theta)``: the log-likelihood with the nodes held fixed
-        (autograd-differentiable; it must see the data only through ``integrand``).
+    reduced : ReducedDerivatives
+        From :func:`autograd_reduced` (any rule) or :func:`uexact_reduced` (the core model
+        under the u-exact rule).
 
     Returns
     -------
     ndarray (n_params, n_params)
-        Equal to ``autograd.hessian(lambda th: log_lik(integrand, th))(theta)`` up to
-        rounding.
+        Equal to autograd's Hessian of the same likelihood up to rounding.
     """
-    design = integrand.design
+    lay = integrand.layout
+    theta = np.asarray(theta, dtype=float)
+    nl = lay.p + lay.k  # (beta, alpha): through the sums only
+    RT, RTT, RTpsi, Rpsipsi = reduced
+    J, m = RT.shape
+    P = theta.size
+    H = np.zeros((P, P))
+    Jac, Hsecond = _sums_derivatives(integrand.design, theta[: lay.p], theta[lay.p : nl], lay.q, RT)
+    flat = Jac.reshape(J * m, nl)
+    H[:nl, :nl] = flat.T @ (RTT @ Jac).reshape(J * m, nl) + Hsecond
+    H[:nl, nl:] = flat.T @ RTpsi.reshape(J * m, P - nl)
+    H[nl:, :nl] = H[:nl, nl:].T
+    H[nl:, nl:] = Rpsipsi
+    return 0.5 * (H + H.T)
+
+
+def autograd_reduced(integrand: SchoolSums, theta: np.ndarray, log_lik: Callable[[Integrand, object], object]) -> ReducedDerivatives:
+    """The derivatives of ``R`` by autograd on the likelihood with the sums as inputs.
+
+    Parameters
+    ----------
+    integrand : SchoolSums
+    theta : ndarray
+    log_lik : callable
+        ``log_lik(integrand, theta)``: the log-likelihood with the nodes held fixed
+        (autograd-differentiable; it must see the data only through ``integrand``).
+    """
     lay = integrand.layout
     theta = np.asarray(theta, dtype=float)
     q = lay.q
-    nl = lay.p + lay.k  # (beta, alpha): through the sums only
-    beta, alpha = theta[: lay.p], theta[lay.p : nl]
-    s = Sums(*(np.asarray(a, dtype=float) for a in integrand.sums(beta, alpha)))
+    nl = lay.p + lay.k
+    s = Sums(*(np.asarray(a, dtype=float) for a in integrand.sums(theta[: lay.p], theta[lay.p : nl])))
     T0 = _pack(s)
     J, m = T0.shape
     P = theta.size
@@ -161,19 +207,108 @@ def sums_hessian(integrand: SchoolSums, theta: np.ndarray, log_lik: Callable[[In
         RTT[:, :, t] = np.reshape(hvp(np.concatenate([v.ravel(), np.zeros(P)]))[: J * m], (J, m))
     npsi = P - nl
     RTpsi = np.empty((J, m, npsi))
-    H = np.zeros((P, P))
+    Rpsipsi = np.empty((npsi, npsi))
     for a in range(npsi):
         e = np.zeros(J * m + P)
         e[J * m + nl + a] = 1.0
         col = hvp(e)
         RTpsi[:, :, a] = np.reshape(col[: J * m], (J, m))
-        H[nl:, nl + a] = col[J * m + nl :]
-    Jac, Hsecond = _sums_derivatives(design, beta, alpha, q, RT)
-    flat = Jac.reshape(J * m, nl)
-    H[:nl, :nl] = flat.T @ (RTT @ Jac).reshape(J * m, nl) + Hsecond
-    H[:nl, nl:] = flat.T @ RTpsi.reshape(J * m, npsi)
-    H[nl:, :nl] = H[:nl, nl:].T
-    return 0.5 * (H + H.T)
+        Rpsipsi[:, a] = col[J * m + nl :]
+    return ReducedDerivatives(RT, RTT, RTpsi, Rpsipsi)
+
+
+def uexact_reduced(integrand: SchoolSums, theta: np.ndarray, sums: Sums, v: np.ndarray, weights: np.ndarray) -> ReducedDerivatives:
+    r"""The derivatives of ``R`` for the core model under the u-exact rule, in closed form.
+
+    Every direction ``a`` (a sum ``T_jt``, or a log-Cholesky parameter ``psi_k``) moves
+    ``M``, ``c`` and the terms linear in them by ``dM_a``, ``dc_a``, ``dl_a``; with
+    :math:`f = -\tfrac12\log|M| + \tfrac12 c'M^{-1}c`, :math:`G = -\tfrac12(M^{-1} + \mu\mu')`,
+
+    .. math::
+
+        g_a = \operatorname{tr}(G\,dM_a) + \mu' dc_a + dl_a, \qquad
+        g_{ab} = \tfrac12 \operatorname{tr}(M^{-1} dM_a M^{-1} dM_b)
+                 + e_a' M^{-1} e_b, \quad e_a = dc_a - dM_a\,\mu,
+
+    at every node, and per school (node weights ``p_jk``)
+
+    .. math::
+
+        \partial_a r_j = \sum_k p_{jk} g_a, \qquad
+        \partial^2_{ab} r_j = \sum_k p_{jk}(g_{ab} + g_a g_b) - \partial_a r_j\,\partial_b r_j,
+
+    plus, for two log-Cholesky parameters, :math:`\partial R / \partial P` (as in
+    :func:`uexact_gradient`) times :math:`\partial^2 P / \partial\psi_k\partial\psi_l`. The
+    symmetric ``S2`` moves as a symmetric matrix: the direction of entry ``(a, b)``,
+    ``a <= b``, is ``E_ab + E_ba`` and that of ``(b, a)`` is zero (their Jacobians are equal,
+    so the chain rule is unchanged).
+
+    Parameters
+    ----------
+    integrand, theta, sums, v, weights
+        As :func:`uexact_gradient`.
+    """
+    lay = integrand.layout
+    q, d = lay.q, lay.d
+    theta = np.asarray(theta, dtype=float)
+    L = np.asarray(lay.split(theta)[2], dtype=float)
+    Linv = np.linalg.inv(L)
+    P = Linv.T @ Linv
+    vv = v[:, :, 0]
+    J, K = vv.shape
+    E = np.exp(-vv)
+    M = E[:, :, None, None] * sums.S2[:, None] + P[:q, :q]
+    c = E[:, :, None] * sums.S1[:, None, :] - P[:q, q] * vv[:, :, None]
+    Minv = np.linalg.inv(M)
+    mu = np.einsum("jkab,jkb->jka", Minv, c)
+    G = -0.5 * (Minv + mu[:, :, :, None] * mu[:, :, None, :])
+    dL = chol_derivatives(L)
+    npsi = dL.shape[0]
+    dLinv = -Linv @ dL @ Linv
+    dP = np.swapaxes(dLinv, 1, 2) @ Linv + Linv.T @ dLinv
+    m = 2 + q + q * q
+    n = m + npsi
+    dM = np.zeros((n, J, K, q, q))
+    dc = np.zeros((n, J, K, q))
+    dl = np.zeros((n, J, K))
+    dl[0] = -0.5  # A
+    dl[1] = -0.5 * E  # S0
+    for a in range(q):
+        dc[2 + a, :, :, a] = E  # S1[a]
+        for b in range(a, q):  # S2[a, b] as a symmetric direction
+            t = 2 + q + a * q + b
+            dM[t, :, :, a, b] = E
+            dM[t, :, :, b, a] = E
+    dlogdet = 2.0 * np.sum(np.einsum("kii->ki", dL) / np.diag(L), axis=1)
+    for k in range(npsi):
+        dM[m + k] = dP[k, :q, :q]
+        dc[m + k] = -dP[k, :q, q] * vv[:, :, None]
+        dl[m + k] = -0.5 * dP[k, q, q] * vv**2 - 0.5 * dlogdet[k]
+    g = dl + np.einsum("jkxy,njkyx->njk", G, dM) + np.einsum("jkx,njkx->njk", mu, dc)
+    e = dc - np.einsum("njkxy,jky->njkx", dM, mu)
+    A = np.einsum("jkxy,njkyz->njkxz", Minv, dM)
+    h = 0.5 * np.einsum("ajkxy,bjkyx->abjk", A, A) + np.einsum("ajkx,jkxy,bjky->abjk", e, Minv, e)
+    pg = np.einsum("jk,njk->nj", weights, g)
+    second = np.einsum("jk,abjk->abj", weights, h + g[:, None] * g[None, :]) - pg[:, None] * pg[None, :]
+    # dR/dP entry by entry (as in uexact_gradient) times the second derivatives of P
+    GP = np.zeros((d, d))
+    GP[:q, :q] = np.einsum("jk,jkab->ab", weights, G)
+    GP[:q, q] = -np.einsum("jk,jka->a", weights * vv, mu)
+    GP[q, q] = -0.5 * np.sum(weights * vv**2)
+    d2P = np.zeros((npsi, npsi, d, d))
+    for k in range(npsi):
+        for l_ in range(npsi):
+            d2Linv = Linv @ dL[l_] @ Linv @ dL[k] @ Linv + Linv @ dL[k] @ Linv @ dL[l_] @ Linv
+            if k == l_:  # d^2 L / dpsi_k^2 = dL_k on the diagonal (exp), 0 off it
+                d2Linv = d2Linv - Linv @ (dL[k] * np.eye(d)) @ Linv
+            d2P[k, l_] = d2Linv.T @ Linv + dLinv[k].T @ dLinv[l_] + dLinv[l_].T @ dLinv[k] + Linv.T @ d2Linv
+    Rpsipsi = second[m:, m:].sum(axis=2) + np.einsum("ab,klab->kl", GP, d2P)
+    return ReducedDerivatives(
+        RT=pg[:m].T,
+        RTT=np.moveaxis(second[:m, :m], 2, 0),
+        RTpsi=np.moveaxis(second[:m, m:], 2, 0),
+        Rpsipsi=Rpsipsi,
+    )
 
 
 def uexact_gradient(integrand: SchoolSums, theta: np.ndarray, sums: Sums, v: np.ndarray, weights: np.ndarray) -> np.ndarray:

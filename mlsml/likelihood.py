@@ -33,7 +33,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 
-from .derivatives import GivenSums, sums_hessian, uexact_gradient
+from .derivatives import GivenSums, autograd_reduced, sums_hessian, uexact_gradient, uexact_reduced
 from .design import Design
 from .integrand import Integrand, SchoolSums, make_integrand
 from .modes import posterior_modes
@@ -149,24 +149,33 @@ class Likelihood:
         theta = np.asarray(theta, dtype=float)
         return float(self.at_nodes(theta, self.adapt(theta)))
 
+    @property
+    def closed_form(self) -> bool:
+        """Whether the derivatives are in closed form: the core model (one ``Sigma``, one plain
+        random scale) under the u-exact rule, the default of every random-scale fit with a mean
+        effect (:func:`mlsml.derivatives.uexact_gradient`, :func:`mlsml.derivatives.uexact_reduced`)."""
+        return self.spec.uexact and isinstance(self.integrand, SchoolSums) and self.integrand.core
+
+    def _uexact_terms(self, theta: np.ndarray, nodes: Nodes):
+        """The value (the arithmetic of :meth:`at_nodes`), the sums and the node weights ``p_jk``."""
+        lay = self.layout
+        sums = self.integrand.sums(theta[: lay.p], theta[lay.p : lay.p + lay.k])
+        a = np.asarray(_log_h(GivenSums(self.integrand, sums), self.spec, theta, nodes)) + nodes.logw[None, :]
+        lse = logsumexp(a, axis=1)
+        return anp.sum(nodes.log_det + lse), sums, np.exp(a - lse[:, None])
+
     def value_and_grad(self, theta, nodes: Nodes | None = None) -> tuple[float, np.ndarray]:
         """The log-likelihood and its exact gradient with the nodes held fixed.
 
-        The core model under the u-exact rule (the default of every random-scale fit with a
-        mean effect) has its gradient in closed form (:func:`mlsml.derivatives.uexact_gradient`),
-        every other model autograd's; the value is the same arithmetic as :meth:`at_nodes`.
+        In closed form where :attr:`closed_form` (:func:`mlsml.derivatives.uexact_gradient`),
+        elsewhere autograd's; the value is the same arithmetic as :meth:`at_nodes`.
         """
         theta = np.asarray(theta, dtype=float)
         if nodes is None:
             nodes = self.adapt(theta)
-        integrand = self.integrand
-        if self.spec.uexact and isinstance(integrand, SchoolSums) and integrand.core:  # closed form
-            lay = self.layout
-            sums = integrand.sums(theta[: lay.p], theta[lay.p : lay.p + lay.k])
-            a = np.asarray(_log_h(GivenSums(integrand, sums), self.spec, theta, nodes)) + nodes.logw[None, :]
-            lse = logsumexp(a, axis=1)
-            value = anp.sum(nodes.log_det + lse)  # the arithmetic of at_nodes
-            return value, uexact_gradient(integrand, theta, sums, nodes.v, np.exp(a - lse[:, None]))
+        if self.closed_form:
+            value, sums, weights = self._uexact_terms(theta, nodes)
+            return value, uexact_gradient(self.integrand, theta, sums, nodes.v, weights)
         v, g = autograd.value_and_grad(self.at_nodes)(theta, nodes)
         return v, g
 
@@ -174,18 +183,23 @@ class Likelihood:
         """The exact Hessian with the nodes held fixed (the observed information is its negative).
 
         For the per-school-sums integrand by the chain rule through the sums
-        (:func:`mlsml.derivatives.sums_hessian`: 7 instead of 43 reverse passes on London
-        Model 6), otherwise autograd's Hessian; the two agree to rounding.
+        (:func:`mlsml.derivatives.sums_hessian`), with the derivatives of the likelihood in
+        the sums in closed form where :attr:`closed_form`, else from autograd with the sums as
+        inputs (7 instead of 43 reverse passes on London Model 6); otherwise autograd's
+        Hessian. All agree to rounding.
         """
         theta = np.asarray(theta, dtype=float)
         if nodes is None:
             nodes = self.adapt(theta)
+        if self.closed_form:
+            _, sums, weights = self._uexact_terms(theta, nodes)
+            return sums_hessian(self.integrand, theta, uexact_reduced(self.integrand, theta, sums, nodes.v, weights))
         if isinstance(self.integrand, SchoolSums):  # the data enter through per-school sums
 
             def log_lik(integrand, th):
                 return anp.sum(_per_school(integrand, self.spec, th, nodes))
 
-            return sums_hessian(self.integrand, theta, log_lik)
+            return sums_hessian(self.integrand, theta, autograd_reduced(self.integrand, theta, log_lik))
         return np.asarray(autograd.hessian(self.at_nodes)(theta, nodes))
 
     def posterior_weights(self, theta, nodes: Nodes) -> np.ndarray:
