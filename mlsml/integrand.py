@@ -210,6 +210,11 @@ class Integrand(ABC):
         boundary probes (:mod:`mlsml.boundary`) and the quadrature check are defined."""
         return not (self.layout.scale_re_terms or self.layout.bs_terms)
 
+    @property
+    def uexact_supported(self) -> bool:
+        """Whether the u-exact rule applies: a random scale and a mean effect to integrate out."""
+        return bool(self.layout.random_scale and self.layout.q >= 1)
+
     def school_covariances(self, theta) -> np.ndarray:
         """``Sigma_j`` for every school, shape ``(J, d, d)`` (equal without ``bs_formula``)."""
         _, _, L = self.prior_chol(np.asarray(theta, dtype=float))
@@ -350,6 +355,12 @@ class SchoolSums(Integrand):
 
 class PerObservation(Integrand):
     """Random slopes in the log variance (``scale_re_formula``): summed over observations."""
+
+    @property
+    def uexact_supported(self) -> bool:
+        """Always: the scale effects are there, and without a mean effect the rule is the
+        product rule over ``v`` on the u-exact path."""
+        return True
 
     def log_conditional(self, beta, alpha, b):
         design = self.design

@@ -310,13 +310,6 @@ QUADRATURE_KINDS = ("product", "uexact")
 DEFAULT_NAGQ_UEXACT = 15
 
 
-def uexact_supported(layout) -> bool:
-    """Whether the u-exact rule applies: a random scale, and a random effect in the mean or ``scale_re_formula``/``bs_formula``."""
-    if not layout.random_scale:
-        return False
-    return bool(layout.extended or layout.q >= 1)
-
-
 @dataclass(frozen=True)
 class QuadratureSpec:
     """Which rule a likelihood uses.

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from .design import Design
+from .integrand import Integrand
 from .params import ParamLayout
 
 #: Starting variance of the (first) random scale effect ``v``.
@@ -35,21 +36,24 @@ START_VAR_SLOPE = 0.01
 NORMAL_EQUATIONS_MAX_COND = 1e8
 
 
-def start_values(design: Design) -> np.ndarray:
-    """Starting values on the optimiser scale for any model class.
+def start_values(integrand: Integrand) -> np.ndarray:
+    """Starting values on the optimiser scale for the model class of ``integrand``.
+
+    :func:`start_values_core` for the core model (:attr:`mlsml.integrand.Integrand.core`),
+    :func:`start_values_ext` for the others.
 
     Examples
     --------
     >>> import mlsml
     >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
     >>> model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
-    >>> theta0 = start_values(model.design)
+    >>> theta0 = start_values(model.objective().integrand)
     >>> theta0.shape == (model.layout.n_params,)
     True
     """
-    if design.layout.extended:
-        return start_values_ext(design)
-    return start_values_core(design)
+    if integrand.core:
+        return start_values_core(integrand.design)
+    return start_values_ext(integrand.design)
 
 
 def start_values_core(design: Design) -> np.ndarray:

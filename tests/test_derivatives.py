@@ -51,7 +51,7 @@ def test_derivatives_equal_autograd(exam, name, kind):
     lik = model.objective(nagq=5, quadrature="marginal" if kind == "uexact" else "product")
     assert isinstance(lik.integrand, SchoolSums)
     rng = np.random.default_rng(3)
-    theta = mlsml.start.start_values(model.design) + rng.normal(0, 0.2, lay.n_params)
+    theta = mlsml.start.start_values(lik.integrand) + rng.normal(0, 0.2, lay.n_params)
     _check(lik, theta)
 
 
@@ -92,4 +92,4 @@ def test_per_observation_integrand_keeps_autograd(exam):
     model = mlsml.MELSM.from_formula("normexam ~ standLRT", exam.iloc[:800], groups="school", scale_re_formula="~ standLRT")
     lik = mlsml.likelihood.Likelihood.build(model.design, QuadratureSpec("uexact", 5))
     assert isinstance(lik.integrand, PerObservation)
-    _check(lik, mlsml.start.start_values(model.design) + 0.05)
+    _check(lik, mlsml.start.start_values(lik.integrand) + 0.05)

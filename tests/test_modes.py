@@ -35,7 +35,7 @@ def _data(seed=3):
 def test_modes_are_stationary_with_positive_definite_curvature(kw):
     model = mlsml.MELSM.from_formula("y ~ x", _data(), groups="school", **kw)
     integrand = make_integrand(model.design)
-    theta = mlsml.start.start_values(model.design) + 0.05
+    theta = mlsml.start.start_values(integrand) + 0.05
     problem = integrand.mode_problem(theta)
     mode, negH = posterior_modes(problem, model.layout.q)
     g, _ = problem.derivs(mode)
