@@ -56,29 +56,44 @@ sums, ``n_psi`` direct parameters) replace the ``n_params`` reverse passes over 
 ``N x p`` designs of ``autograd.hessian``: on London Model 6 (43 parameters) 7 instead
 of 43.
 
-**Gradient** (:func:`uexact_gradient`, the core model under the u-exact rule, which
-every random-scale fit with a mean effect uses by default): ``R`` in closed form. With
-the node weights :math:`p_{jk} \propto \exp\{g_j(v_{jk}) + \log\tilde w_k\}`,
-:math:`E = e^{-v}`, :math:`M = E S_2 + P_{uu}`, :math:`c = E S_1 - P_{uv} v`,
-:math:`\mu = M^{-1}c` (:mod:`mlsml.gaussian`) and :math:`G = -\tfrac12(M^{-1} + \mu\mu')`,
+**Closed form** (the core model, one ``Sigma`` and one plain random scale or none:
+:func:`node_derivatives`, :func:`closed_form_gradient`, :func:`closed_form_reduced`). Every
+direction ``a`` -- a sum ``T_jt`` or a log-Cholesky parameter ``psi_k`` -- changes the
+integrand at node ``k`` of school ``j`` by ``g_a`` to first and ``h_ab`` to second order
+(besides the second derivatives of ``P = Sigma^{-1}`` in ``psi``); with the node weights
+:math:`p_{jk} \propto \exp\{h_j(b_{jk}) + \log\tilde w_k\}`,
 
 .. math::
 
-    \frac{\partial r_j}{\partial A_j} = -\tfrac12, \quad
-    \frac{\partial r_j}{\partial S_{0j}} = -\tfrac12 \sum_k p_{jk} E_{jk}, \quad
-    \frac{\partial r_j}{\partial S_{1j}} = \sum_k p_{jk} E_{jk} \mu_{jk}, \quad
-    \frac{\partial r_j}{\partial S_{2j}} = \sum_k p_{jk} E_{jk} G_{jk},
+    \frac{\partial r_j}{\partial a} = \sum_k p_{jk} g_a, \qquad
+    \frac{\partial^2 r_j}{\partial a\,\partial b} = \sum_k p_{jk}(h_{ab} + g_a g_b)
+        - \frac{\partial r_j}{\partial a}\frac{\partial r_j}{\partial b}
+        + \Big[\sum_k p_{jk} \frac{\partial h}{\partial P}\Big] \cdot
+          \frac{\partial^2 P}{\partial a\,\partial b}.
 
-    \frac{\partial R}{\partial P_{uu}} = \sum_{jk} p_{jk} G_{jk}, \quad
-    \frac{\partial R}{\partial P_{uv}} = -\sum_{jk} p_{jk} v_{jk} \mu_{jk}, \quad
-    \frac{\partial R}{\partial P_{vv}} = -\tfrac12 \sum_{jk} p_{jk} v_{jk}^2, \quad
-    \frac{\partial R}{\partial \log|\Sigma|} = -\tfrac J2,
+*Product rule*: ``h_j(b) = log f + log phi`` is linear in the sums and in ``P``
+(:math:`E = e^{-v}`, or 1 without a random scale): :math:`g_A = -\tfrac12`,
+:math:`g_{S_0} = -\tfrac12 E`, :math:`g_{S_1} = E u`, :math:`g_{S_2} = -\tfrac12 E\,uu'`,
+:math:`\partial h/\partial P = -\tfrac12 bb'`, :math:`\partial h / \partial\log|\Sigma| = -\tfrac12`,
+and ``h_ab = 0``. *u-exact rule*: with :math:`M = E S_2 + P_{uu}`,
+:math:`c = E S_1 - P_{uv} v`, :math:`\mu = M^{-1}c` (:mod:`mlsml.gaussian`) and
+:math:`G = -\tfrac12(M^{-1} + \mu\mu')`, a direction moving ``M``, ``c`` and the linear
+terms by ``dM_a``, ``dc_a``, ``dl_a`` gives
 
-and :math:`dP = d(L^{-1})'L^{-1} + L^{-\prime} d(L^{-1})` with :math:`d(L^{-1}) = -L^{-1}\,dL\,L^{-1}`,
-:math:`d\log|\Sigma| = 2\sum_i d\log L_{ii}`. This
-replaces autograd's reverse pass (about 280 traced operations, 6 ms on London Model 3,
-at every one of the optimiser's evaluations); tests/test_derivatives.py checks it
-against autograd on every model it applies to.
+.. math::
+
+    g_a = \operatorname{tr}(G\,dM_a) + \mu' dc_a + dl_a, \qquad
+    h_{ab} = \tfrac12 \operatorname{tr}(M^{-1} dM_a M^{-1} dM_b) + e_a' M^{-1} e_b,
+    \quad e_a = dc_a - dM_a\,\mu.
+
+``P`` is differentiated through :math:`L^{-1}` as the likelihood computes it
+(:math:`d(L^{-1}) = -L^{-1}\,dL\,L^{-1}`; with ``Sigma`` nearly singular ``P`` is
+``O(1/lambda)`` but :math:`L^{-1}` only :math:`O(1/\sqrt\lambda)`). The symmetric ``S2``
+moves as a symmetric matrix: the direction of entry ``(a, b)``, ``a <= b``, is
+``E_ab + E_ba`` and that of ``(b, a)`` zero (their Jacobians are equal, so the chain
+rule is unchanged). This replaces autograd's reverse pass at every one of the
+optimiser's evaluations (about 280 traced operations, 5 ms on London Model 3) and the
+Hessian-vector products; tests/test_derivatives.py checks both against autograd.
 """
 
 from __future__ import annotations
@@ -149,7 +164,7 @@ def sums_hessian(integrand: SchoolSums, theta: np.ndarray, reduced: ReducedDeriv
     theta : ndarray
         Optimiser-scale parameters.
     reduced : ReducedDerivatives
-        From :func:`autograd_reduced` (any rule) or :func:`uexact_reduced` (the core model
+        From :func:`autograd_reduced` (any model) or :func:`closed_form_reduced` (the core model
         under the u-exact rule).
 
     Returns
@@ -217,160 +232,168 @@ def autograd_reduced(integrand: SchoolSums, theta: np.ndarray, log_lik: Callable
     return ReducedDerivatives(RT, RTT, RTpsi, Rpsipsi)
 
 
-def uexact_reduced(integrand: SchoolSums, theta: np.ndarray, sums: Sums, v: np.ndarray, weights: np.ndarray) -> ReducedDerivatives:
-    r"""The derivatives of ``R`` for the core model under the u-exact rule, in closed form.
+class NodeDerivatives(NamedTuple):
+    """First and (weighted) second derivatives of the integrand at the nodes (module docstring).
 
-    Every direction ``a`` (a sum ``T_jt``, or a log-Cholesky parameter ``psi_k``) moves
-    ``M``, ``c`` and the terms linear in them by ``dM_a``, ``dc_a``, ``dl_a``; with
-    :math:`f = -\tfrac12\log|M| + \tfrac12 c'M^{-1}c`, :math:`G = -\tfrac12(M^{-1} + \mu\mu')`,
-
-    .. math::
-
-        g_a = \operatorname{tr}(G\,dM_a) + \mu' dc_a + dl_a, \qquad
-        g_{ab} = \tfrac12 \operatorname{tr}(M^{-1} dM_a M^{-1} dM_b)
-                 + e_a' M^{-1} e_b, \quad e_a = dc_a - dM_a\,\mu,
-
-    at every node, and per school (node weights ``p_jk``)
-
-    .. math::
-
-        \partial_a r_j = \sum_k p_{jk} g_a, \qquad
-        \partial^2_{ab} r_j = \sum_k p_{jk}(g_{ab} + g_a g_b) - \partial_a r_j\,\partial_b r_j,
-
-    plus, for two log-Cholesky parameters, :math:`\partial R / \partial P` (as in
-    :func:`uexact_gradient`) times :math:`\partial^2 P / \partial\psi_k\partial\psi_l`. The
-    symmetric ``S2`` moves as a symmetric matrix: the direction of entry ``(a, b)``,
-    ``a <= b``, is ``E_ab + E_ba`` and that of ``(b, a)`` is zero (their Jacobians are equal,
-    so the chain rule is unchanged).
-
-    Parameters
+    Attributes
     ----------
-    integrand, theta, sums, v, weights
-        As :func:`uexact_gradient`.
+    g : ndarray (n, J, K)
+        ``g_a`` for the ``n = m + n_psi`` directions (sums, then log-Cholesky parameters).
+    hw : ndarray (n, n, J) or None
+        ``sum_k p_jk h_ab``, including the second derivatives of ``P`` (``None`` when not asked for).
+    m : int
+        Number of sums.
     """
-    lay = integrand.layout
-    q, d = lay.q, lay.d
-    theta = np.asarray(theta, dtype=float)
-    L = np.asarray(lay.split(theta)[2], dtype=float)
+
+    g: np.ndarray
+    hw: np.ndarray | None
+    m: int
+
+
+def _inverse_chol_derivatives(L: np.ndarray):
+    """``L^-1``, ``dL_k``, ``d(L^-1)_k``, ``d^2(L^-1)_kl`` and ``d log|Sigma| / dpsi_k``."""
+    d = L.shape[0]
     Linv = np.linalg.inv(L)
-    P = Linv.T @ Linv
-    vv = v[:, :, 0]
-    J, K = vv.shape
-    E = np.exp(-vv)
-    M = E[:, :, None, None] * sums.S2[:, None] + P[:q, :q]
-    c = E[:, :, None] * sums.S1[:, None, :] - P[:q, q] * vv[:, :, None]
-    Minv = np.linalg.inv(M)
-    mu = np.einsum("jkab,jkb->jka", Minv, c)
-    G = -0.5 * (Minv + mu[:, :, :, None] * mu[:, :, None, :])
     dL = chol_derivatives(L)
     npsi = dL.shape[0]
     dLinv = -Linv @ dL @ Linv
-    dP = np.swapaxes(dLinv, 1, 2) @ Linv + Linv.T @ dLinv
-    m = 2 + q + q * q
-    n = m + npsi
-    dM = np.zeros((n, J, K, q, q))
-    dc = np.zeros((n, J, K, q))
-    dl = np.zeros((n, J, K))
-    dl[0] = -0.5  # A
-    dl[1] = -0.5 * E  # S0
-    for a in range(q):
-        dc[2 + a, :, :, a] = E  # S1[a]
-        for b in range(a, q):  # S2[a, b] as a symmetric direction
-            t = 2 + q + a * q + b
-            dM[t, :, :, a, b] = E
-            dM[t, :, :, b, a] = E
-    dlogdet = 2.0 * np.sum(np.einsum("kii->ki", dL) / np.diag(L), axis=1)
+    d2Linv = np.zeros((npsi, npsi, d, d))
     for k in range(npsi):
-        dM[m + k] = dP[k, :q, :q]
-        dc[m + k] = -dP[k, :q, q] * vv[:, :, None]
-        dl[m + k] = -0.5 * dP[k, q, q] * vv**2 - 0.5 * dlogdet[k]
-    g = dl + np.einsum("jkxy,njkyx->njk", G, dM) + np.einsum("jkx,njkx->njk", mu, dc)
-    e = dc - np.einsum("njkxy,jky->njkx", dM, mu)
-    A = np.einsum("jkxy,njkyz->njkxz", Minv, dM)
-    h = 0.5 * np.einsum("ajkxy,bjkyx->abjk", A, A) + np.einsum("ajkx,jkxy,bjky->abjk", e, Minv, e)
-    pg = np.einsum("jk,njk->nj", weights, g)
-    second = np.einsum("jk,abjk->abj", weights, h + g[:, None] * g[None, :]) - pg[:, None] * pg[None, :]
-    # dR/dP entry by entry (as in uexact_gradient) times the second derivatives of P
-    GP = np.zeros((d, d))
-    GP[:q, :q] = np.einsum("jk,jkab->ab", weights, G)
-    GP[:q, q] = -np.einsum("jk,jka->a", weights * vv, mu)
-    GP[q, q] = -0.5 * np.sum(weights * vv**2)
-    d2P = np.zeros((npsi, npsi, d, d))
-    for k in range(npsi):
-        for l_ in range(npsi):
-            d2Linv = Linv @ dL[l_] @ Linv @ dL[k] @ Linv + Linv @ dL[k] @ Linv @ dL[l_] @ Linv
-            if k == l_:  # d^2 L / dpsi_k^2 = dL_k on the diagonal (exp), 0 off it
-                d2Linv = d2Linv - Linv @ (dL[k] * np.eye(d)) @ Linv
-            d2P[k, l_] = d2Linv.T @ Linv + dLinv[k].T @ dLinv[l_] + dLinv[l_].T @ dLinv[k] + Linv.T @ d2Linv
-    Rpsipsi = second[m:, m:].sum(axis=2) + np.einsum("ab,klab->kl", GP, d2P)
-    return ReducedDerivatives(
-        RT=pg[:m].T,
-        RTT=np.moveaxis(second[:m, :m], 2, 0),
-        RTpsi=np.moveaxis(second[:m, m:], 2, 0),
-        Rpsipsi=Rpsipsi,
-    )
+        for l_ in range(k, npsi):
+            t = Linv @ dL[l_] @ Linv @ dL[k] @ Linv + Linv @ dL[k] @ Linv @ dL[l_] @ Linv
+            if k == l_:  # d^2 L / dpsi_k^2: the diagonal entry again (exp), 0 off it
+                t = t - Linv @ (dL[k] * np.eye(d)) @ Linv
+            d2Linv[k, l_] = d2Linv[l_, k] = t
+    dlogdet = 2.0 * np.sum(np.einsum("kii->ki", dL) / np.diag(L), axis=1)  # log|Sigma| = 2 sum log L_ii
+    return Linv, dL, dLinv, d2Linv, dlogdet
 
 
-def uexact_gradient(integrand: SchoolSums, theta: np.ndarray, sums: Sums, v: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The gradient of the core model's u-exact log-likelihood at fixed nodes (module docstring).
+def node_derivatives(
+    integrand: SchoolSums, theta: np.ndarray, sums: Sums, b: np.ndarray, uexact: bool, weights: np.ndarray | None = None
+) -> NodeDerivatives:
+    """:class:`NodeDerivatives` of the core model's integrand at the nodes ``b`` (J, K, d).
 
     Parameters
     ----------
     integrand : SchoolSums
-        Of a core model (:attr:`mlsml.integrand.Integrand.core`: one ``Sigma``, ``n_v = 1``).
+        Of a core model (:attr:`mlsml.integrand.Integrand.core`).
     theta : ndarray
-        Optimiser-scale parameters.
     sums : Sums
         The sums at ``theta``.
-    v : ndarray (J, K, 1)
-        The nodes in ``v``.
-    weights : ndarray (J, K)
-        ``p_jk``: the normalised ``exp(g_j(v_jk) + log w_k)``.
-
-    Returns
-    -------
-    ndarray
-        Equal to autograd's gradient of the same likelihood up to rounding.
+    b : ndarray (J, K, d) or (J, K, 1)
+        The nodes in all effects (product rule), or in ``v`` only (``uexact``).
+    uexact : bool
+    weights : ndarray (J, K), optional
+        The node weights ``p_jk``; the second derivatives are computed only when given.
     """
-    design = integrand.design
     lay = integrand.layout
-    q, d = lay.q, lay.d
-    theta = np.asarray(theta, dtype=float)
-    beta, alpha, L = lay.split(theta)
-    L = np.asarray(L, dtype=float)
-    Linv = np.linalg.inv(L)
-    P = Linv.T @ Linv
-    vv = v[:, :, 0]
-    E = np.exp(-vv)
-    pE = weights * E
-    J = vv.shape[0]
+    q = lay.q
+    L = np.asarray(lay.split(np.asarray(theta, dtype=float))[2], dtype=float)
+    Linv, dL, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(L)
+    npsi = dL.shape[0]
+    J, K = b.shape[:2]
     m = 2 + q + q * q
-    g = np.empty((J, m))  # dR / dT_j
-    g[:, 0] = -0.5 * weights.sum(axis=1)
-    g[:, 1] = -0.5 * pE.sum(axis=1)
-    GP = np.zeros((d, d))  # dR / dP, entry by entry as the likelihood uses them
-    GP[q, q] = -0.5 * np.sum(weights * vv**2)
-    if q:
+    n = m + npsi
+    g = np.zeros((n, J, K))
+    hw = None
+    if uexact:
+        P = Linv.T @ Linv  # as log_h_uexact computes it
+        dP = np.swapaxes(dLinv, 1, 2) @ Linv + Linv.T @ dLinv
+        vv = b[:, :, 0]
+        E = np.exp(-vv)
         M = E[:, :, None, None] * sums.S2[:, None] + P[:q, :q]
         c = E[:, :, None] * sums.S1[:, None, :] - P[:q, q] * vv[:, :, None]
         Minv = 1.0 / M if q == 1 else np.linalg.inv(M)
         mu = np.einsum("jkab,jkb->jka", Minv, c)
         G = -0.5 * (Minv + mu[:, :, :, None] * mu[:, :, None, :])
-        g[:, 2 : 2 + q] = np.einsum("jk,jka->ja", pE, mu)
-        g[:, 2 + q :] = np.einsum("jk,jkab->jab", pE, G).reshape(J, q * q)
-        GP[:q, :q] = np.einsum("jk,jkab->ab", weights, G)
-        GP[:q, q] = -np.einsum("jk,jka->a", weights * vv, mu)
-    # through L^{-1} as the likelihood computes P (with Sigma nearly singular, P = O(1/lambda)
-    # but L^{-1} only O(1/sqrt(lambda)): -P dSigma P would lose the gradient to cancellation)
-    dL = chol_derivatives(L)
-    dLinv = -Linv @ dL @ Linv
-    dP = np.swapaxes(dLinv, 1, 2) @ Linv + Linv.T @ dLinv
-    dlogdet = 2.0 * np.sum(np.einsum("kii->ki", dL) / np.diag(L), axis=1)  # log|Sigma| = 2 sum log L_ii
+        dM = np.zeros((n, J, K, q, q))
+        dc = np.zeros((n, J, K, q))
+        g[0] = -0.5  # A
+        g[1] = -0.5 * E  # S0
+        for a in range(q):
+            dc[2 + a, :, :, a] = E  # S1[a]
+            for b_ in range(a, q):  # S2[a, b] as a symmetric direction
+                t = 2 + q + a * q + b_
+                dM[t, :, :, a, b_] = E
+                dM[t, :, :, b_, a] = E
+        for k in range(npsi):
+            dM[m + k] = dP[k, :q, :q]
+            dc[m + k] = -dP[k, :q, q] * vv[:, :, None]
+            g[m + k] = -0.5 * dP[k, q, q] * vv**2 - 0.5 * dlogdet[k]
+        g += np.einsum("jkxy,njkyx->njk", G, dM) + np.einsum("jkx,njkx->njk", mu, dc)
+        if weights is not None:
+            e = dc - np.einsum("njkxy,jky->njkx", dM, mu)
+            A = np.einsum("jkxy,njkyz->njkxz", Minv, dM)
+            Me = np.einsum("jkxy,njky->njkx", Minv, e)
+            hw = 0.5 * _weighted_gram(A, np.swapaxes(A, 3, 4), weights) + _weighted_gram(e, Me, weights)
+            # h is linear in P: dh/dP (entry by entry as used) times d^2 P
+            d2P = np.swapaxes(d2Linv, 2, 3) @ Linv + np.swapaxes(dLinv, 1, 2)[:, None] @ dLinv[None, :]
+            d2P = d2P + np.swapaxes(d2P, 2, 3)
+            dh_dP = np.zeros((J, K) + L.shape)
+            dh_dP[:, :, :q, :q] = G
+            dh_dP[:, :, :q, q] = -vv[:, :, None] * mu
+            dh_dP[:, :, q, q] = -0.5 * vv**2
+            hw[m:, m:] += np.einsum("jk,jkxy,abxy->abj", weights, dh_dP, d2P)
+        return NodeDerivatives(g, hw, m)
+    # product rule: h = log f + log phi, linear in the sums; log phi = -|z|^2/2 - log|Sigma|/2
+    # with z = L^-1 b (as log_prior computes it), so dz = d(L^-1) b
+    u = b[:, :, :q]
+    E = np.exp(-b[:, :, q]) if lay.random_scale else np.ones((J, K))
+    g[0] = -0.5
+    g[1] = -0.5 * E
+    for a in range(q):
+        g[2 + a] = E * u[:, :, a]
+        for b_ in range(a, q):
+            g[2 + q + a * q + b_] = -0.5 * E * u[:, :, a] * u[:, :, b_] * (1.0 if a == b_ else 2.0)
+    z = b @ Linv.T
+    dz = b[None] @ np.swapaxes(dLinv, 1, 2)[:, None]
+    g[m:] = -np.sum(z[None] * dz, axis=3) - 0.5 * dlogdet[:, None, None]
+    if weights is not None:
+        # sum_k p (dz_a'dz_b + z'd^2z_ab) = tr(C_ab B_j), B_j = sum_k p b b', C = dLinv'dLinv + Linv'd2Linv
+        B = np.einsum("jk,jkx,jky->jxy", weights, b, b)
+        C = np.einsum("ayx,byz->abxz", dLinv, dLinv) + np.einsum("yx,abyz->abxz", Linv, d2Linv)
+        hw = np.zeros((n, n, J))
+        hw[m:, m:] = -np.einsum("abxy,jxy->abj", C, B)
+    return NodeDerivatives(g, hw, m)
+
+
+def _weighted_gram(X: np.ndarray, Y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``out[a, b, j] = sum_k weights[j, k] <X[a, j, k], Y[b, j, k]>`` by one batched matrix product."""
+    n, J, K = X.shape[:3]
+    Xw = (X * weights.reshape((1, J, K) + (1,) * (X.ndim - 3))).reshape(n, J, -1)
+    Yr = Y.reshape(Y.shape[0], J, -1)
+    return np.moveaxis(np.moveaxis(Xw, 0, 1) @ np.moveaxis(Yr, 0, 2), 0, 2)
+
+
+def closed_form_reduced(nd: NodeDerivatives, weights: np.ndarray) -> ReducedDerivatives:
+    """:class:`ReducedDerivatives` from the node derivatives (with ``hw``) and the node weights ``p_jk``."""
+    g, m = nd.g, nd.m
+    pg = np.sum(weights[None] * g, axis=2)
+    second = _weighted_gram(g, g, weights) - pg[:, None] * pg[None, :] + nd.hw
+    return ReducedDerivatives(
+        RT=pg[:m].T,
+        RTT=np.moveaxis(second[:m, :m], 2, 0),
+        RTpsi=np.moveaxis(second[:m, m:], 2, 0),
+        Rpsipsi=second[m:, m:].sum(axis=2),
+    )
+
+
+def closed_form_gradient(integrand: SchoolSums, theta: np.ndarray, nd: NodeDerivatives, weights: np.ndarray) -> np.ndarray:
+    """The gradient in ``theta`` from the node derivatives and the node weights ``p_jk`` (J, K).
+
+    ``d/dpsi = sum_j dr_j/dpsi``; ``d/dbeta = X' sum_t a_t g_t``, ``d/dalpha = W' sum_t b_t g_t``
+    with ``g_t`` the ``dr_j / dT_jt`` of each row's school (coefficients of :func:`_coefficients`).
+    """
+    design = integrand.design
+    lay = integrand.layout
+    q = lay.q
+    theta = np.asarray(theta, dtype=float)
+    beta, alpha = theta[: lay.p], theta[lay.p : lay.p + lay.k]
+    pg = np.sum(weights[None] * nd.g, axis=2)
     grad = np.empty(theta.size)
     off = lay.p + lay.k
-    grad[off:] = np.einsum("ab,kab->k", GP, dP) - 0.5 * weights.sum() * dlogdet
-    # d/dbeta = X' sum_t a_t g_t, d/dalpha = W' sum_t b_t g_t (coefficients of _coefficients)
-    rows = np.repeat(g.T, design.counts, axis=1)  # dR / dT of each row's school, (m, N)
+    grad[off:] = pg[nd.m :].sum(axis=1)
+    rows = np.repeat(pg[: nd.m], design.counts, axis=1)  # dr/dT of each row's school, (m, N)
     c = np.exp(-(design.W @ alpha))
     r = design.y - design.X @ beta
     cr = c * r
