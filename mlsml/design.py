@@ -262,7 +262,8 @@ class _MemoNAAction:
     Model 6 formulas 570,000 calls, 1.5 s. The answer is a function of the value
     alone, so it is memoised per distinct value; every value is still judged by
     patsy's own rule (so a text level ``"nan"`` counts as missing exactly as
-    before) and unhashable values go to patsy uncached. Everything else (numerical
+    before); the values are hashable, since text columns are made pandas ``Categorical``
+    before patsy sees them (which refuses unhashable values). Everything else (numerical
     missing values, what ``"raise"`` does) is patsy's ``NAAction``, by delegation,
     so the design matrices and the errors are unchanged. One instance per formula
     evaluation: the memo lives no longer than one call.
