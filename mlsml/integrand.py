@@ -349,7 +349,7 @@ class SchoolSums(Integrand):
     def mode_problem(self, theta):
         lay = self.layout
         beta, alpha, _ = self.split(np.asarray(theta, dtype=float))
-        s = Sums(*(np.asarray(a, dtype=float) for a in school_sums(beta, alpha, self.design)))
+        s = Sums(*(np.asarray(a, dtype=float) for a in self.sums(beta, alpha)))
         return SumsModeProblem(s, self.precision(theta), lay.q, lay.random_scale)
 
 

@@ -117,12 +117,14 @@ class Likelihood:
     # ------------------------------------------------------------ nodes
     def modes(self, theta) -> tuple[np.ndarray, np.ndarray]:
         """Posterior modes ``(J, d)`` and ``-H_j`` there ``(J, d, d)`` (:func:`mlsml.modes.posterior_modes`)."""
-        problem = self.integrand.mode_problem(np.asarray(theta, dtype=float))
-        return posterior_modes(problem, self.layout.q)
+        return _modes(self.integrand, self.layout.q, theta)
 
     def adapt(self, theta) -> Nodes:
         """Nodes of the rule adapted to every school's posterior at ``theta``."""
-        mode, neg_hess = self.modes(theta)
+        return self._adapt(self.integrand, theta)
+
+    def _adapt(self, integrand: Integrand, theta) -> Nodes:
+        mode, neg_hess = _modes(integrand, self.layout.q, theta)
         return place_nodes(mode, neg_hess, self.rule, self.spec.start(self.layout.q))
 
     # ------------------------------------------------------------ values
@@ -155,16 +157,20 @@ class Likelihood:
         random scale or none (:func:`mlsml.derivatives.node_derivatives`)."""
         return isinstance(self.integrand, SchoolSums) and self.integrand.core
 
-    def _closed_form_terms(self, theta: np.ndarray, nodes: Nodes, second: bool):
-        """The value (the arithmetic of :meth:`at_nodes`), the node derivatives and the node weights."""
+    def _closed_form_terms(self, theta: np.ndarray, nodes: Nodes | None, second: bool):
+        """The value (the arithmetic of :meth:`at_nodes`), the node derivatives, the node weights
+        and the nodes (adapted here when not given: the sums are computed once for both)."""
         lay = self.layout
         sums = self.integrand.sums(theta[: lay.p], theta[lay.p : lay.p + lay.k])
-        a = np.asarray(_log_h(GivenSums(self.integrand, sums), self.spec, theta, nodes)) + nodes.logw[None, :]
+        fixed = GivenSums(self.integrand, sums)
+        if nodes is None:
+            nodes = self._adapt(fixed, theta)
+        a = np.asarray(_log_h(fixed, self.spec, theta, nodes)) + nodes.logw[None, :]
         lse = logsumexp(a, axis=1)
         weights = np.exp(a - lse[:, None])
         b = nodes.v if self.spec.uexact else nodes.b
         nd = node_derivatives(self.integrand, theta, sums, b, self.spec.uexact, weights if second else None)
-        return anp.sum(nodes.log_det + lse), nd, weights
+        return anp.sum(nodes.log_det + lse), nd, weights, nodes
 
     def value_and_grad(self, theta, nodes: Nodes | None = None) -> tuple[float, np.ndarray]:
         """The log-likelihood and its exact gradient with the nodes held fixed.
@@ -176,11 +182,11 @@ class Likelihood:
         the same arithmetic as :meth:`at_nodes`.
         """
         theta = np.asarray(theta, dtype=float)
+        if self.closed_form and self.spec.uexact:
+            value, nd, weights, _ = self._closed_form_terms(theta, nodes, second=False)
+            return value, closed_form_gradient(self.integrand, theta, nd, weights)
         if nodes is None:
             nodes = self.adapt(theta)
-        if self.closed_form and self.spec.uexact:
-            value, nd, weights = self._closed_form_terms(theta, nodes, second=False)
-            return value, closed_form_gradient(self.integrand, theta, nd, weights)
         v, g = autograd.value_and_grad(self.at_nodes)(theta, nodes)
         return v, g
 
@@ -194,11 +200,11 @@ class Likelihood:
         Hessian. All agree to rounding.
         """
         theta = np.asarray(theta, dtype=float)
+        if self.closed_form:
+            _, nd, weights, _ = self._closed_form_terms(theta, nodes, second=True)
+            return sums_hessian(self.integrand, theta, closed_form_reduced(nd, weights))
         if nodes is None:
             nodes = self.adapt(theta)
-        if self.closed_form:
-            _, nd, weights = self._closed_form_terms(theta, nodes, second=True)
-            return sums_hessian(self.integrand, theta, closed_form_reduced(nd, weights))
         if isinstance(self.integrand, SchoolSums):  # the data enter through per-school sums
 
             def log_lik(integrand, th):
@@ -218,6 +224,11 @@ class Likelihood:
         a = a - a.max(axis=1, keepdims=True)
         p = np.exp(a)
         return p / p.sum(axis=1, keepdims=True)
+
+
+def _modes(integrand: Integrand, q: int, theta) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Likelihood.modes` of a given integrand."""
+    return posterior_modes(integrand.mode_problem(np.asarray(theta, dtype=float)), q)
 
 
 def _log_h(integrand: Integrand, spec: QuadratureSpec, theta, nodes: Nodes):

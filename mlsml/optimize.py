@@ -381,12 +381,11 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
     N = float(lik.design.nobs)
 
     def fun(th):
-        # nodes re-adapted at every evaluation: the value is the AGQ likelihood at th
+        # nodes re-adapted at every evaluation (inside value_and_grad): the AGQ likelihood at th
         try:
-            nodes = lik.adapt(th)
-        except np.linalg.LinAlgError:
+            v, g = lik.value_and_grad(th)
+        except np.linalg.LinAlgError:  # no positive-definite posterior curvature to adapt to
             return np.inf, np.zeros_like(th)
-        v, g = lik.value_and_grad(th, nodes)
         if not np.isfinite(v) or not np.all(np.isfinite(g)):
             return np.inf, np.zeros_like(th)
         return -v / N, -g / N
