@@ -197,6 +197,42 @@ class ParamLayout:
         cov = sigma[iu] if self.d > 1 else anp.zeros(0)
         return anp.concatenate([beta, alpha, var, cov])
 
+    def natural_jacobian(self, theta) -> np.ndarray:
+        r"""``d to_natural(theta) / d theta'`` (numpy), for the delta method.
+
+        The identity on ``beta``, ``alpha`` (and ``tau``); for the covariances
+        :math:`\partial\Sigma/\partial\psi_k = \dot L_k L' + L \dot L_k'`
+        (:func:`sigma_derivatives`), in the order of :meth:`to_natural`. Equal to
+        ``autograd.jacobian(self.to_natural)(theta)``, whose ``n_params`` reverse passes
+        cost 25 ms on London Model 6.
+
+        Examples
+        --------
+        >>> lay = ParamLayout(("Intercept",), ("Intercept",), n_re_mean=1, random_scale=True)
+        >>> theta = lay.theta_from_parts([0.0], [0.0], [[0.05, 0.01], [0.01, 0.04]])
+        >>> lay.natural_jacobian(theta).shape
+        (5, 5)
+        """
+        theta = np.asarray(theta, dtype=float)
+        n = self.n_params
+        off = self.p + self.k
+        d = self.d
+        jac = np.zeros((n, n))
+        if self.bs_terms:
+            off += self.m
+            L = np.asarray(self.split_bs(theta)[3], dtype=float)
+            dS = sigma_derivatives(L)[1:]  # log L0[0, 0] = 0 is not a parameter
+            diag = np.arange(1, d)  # var(u0) is replaced by tau
+        else:
+            L = np.asarray(self.split(theta)[2], dtype=float)
+            dS = sigma_derivatives(L)
+            diag = np.arange(d)
+        jac[:off, :off] = np.eye(off)
+        iu = np.triu_indices(d, 1)
+        rows = np.concatenate([dS[:, diag, diag], dS[:, iu[0], iu[1]]], axis=1)  # (n_psi, n_cov)
+        jac[off:, off:] = rows.T
+        return jac
+
     def sigma_from_natural(self, natural: np.ndarray) -> np.ndarray:
         """Rebuild ``Sigma`` from the natural-scale vector (``Sigma0`` with ``bs_terms``)."""
         off = self.p + self.k

@@ -1,5 +1,5 @@
-"""Gradient and Hessian of the likelihood through the per-school sums (mlsml.derivatives)
-against autograd's of the same function, for every model class and both rules."""
+"""Gradient and Hessian of the likelihood through the per-school sums (mlsml.derivatives), and the
+Jacobian of the natural parameters, against autograd on the same functions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 import mlsml
 from mlsml.integrand import PerObservation, SchoolSums
+from mlsml.params import ParamLayout
 from mlsml.quadrature import QuadratureSpec
 
 #: ``|H - H_autograd| <= RTOL * max |H_autograd|`` (the same for the gradient): the two
@@ -102,3 +103,23 @@ def test_per_observation_integrand_keeps_autograd(exam):
     lik = mlsml.likelihood.Likelihood.build(model.design, QuadratureSpec("uexact", 5))
     assert isinstance(lik.integrand, PerObservation)
     _check(lik, mlsml.start.start_values(lik.integrand) + 0.05)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(n_re_mean=1, random_scale=True),
+        dict(n_re_mean=2, random_scale=True),
+        dict(n_re_mean=1, random_scale=False),
+        dict(n_re_mean=0, random_scale=False),
+        dict(n_re_mean=1, random_scale=True, bs_terms=("Intercept", "s")),
+        dict(n_re_mean=2, random_scale=True, bs_terms=("Intercept",)),
+        dict(n_re_mean=1, random_scale=True, scale_re_terms=("Intercept", "x")),
+    ],
+)
+def test_natural_jacobian_equals_autograd(layout):
+    """The delta method's Jacobian of the natural parameters (ParamLayout.natural_jacobian)."""
+    lay = ParamLayout(("Intercept", "x"), ("Intercept", "w"), **layout)
+    theta = np.random.default_rng(lay.n_params).normal(size=lay.n_params)
+    ref = autograd.jacobian(lay.to_natural)(theta)
+    np.testing.assert_allclose(lay.natural_jacobian(theta), ref, rtol=1e-13, atol=1e-15)
