@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .boundary import BOUNDARY_LR, boundary_effects
+from .boundary import BOUNDARY_LR, boundary_effects, far_from_boundary
 from .likelihood import Likelihood
 from .optimize import OptSummary
 from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
@@ -164,11 +164,15 @@ def diagnose(lik: Likelihood, optsum: OptSummary) -> Diagnostics:
     """All diagnostics of a fit, from its likelihood and optimiser summary.
 
     The boundary probes (:func:`mlsml.boundary.boundary_effects`) apply where the
-    integrand is the core model (:attr:`mlsml.integrand.Integrand.core`).
+    integrand is the core model (:attr:`mlsml.integrand.Integrand.core`), and run unless
+    the fit converged with every variance and the smallest eigenvalue of the correlation
+    matrix far from zero (:func:`mlsml.boundary.far_from_boundary`: then they cannot find
+    anything).
     """
     theta = np.asarray(optsum.theta, dtype=float)
     pd_ok = hessian_pd(optsum)
-    boundary = tuple(boundary_effects(lik, theta, optsum.llf)) if lik.integrand.core else ()
+    probe = lik.integrand.core and not (optsum.converged and far_from_boundary(lik.layout, theta, optsum.hessian))
+    boundary = tuple(boundary_effects(lik, theta, optsum.llf)) if probe else ()
     return Diagnostics(
         hessian_pd=pd_ok,
         singular_reasons=tuple(singular_reasons(lik, theta, boundary, pd_ok)),

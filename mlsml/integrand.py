@@ -210,6 +210,11 @@ class Integrand(ABC):
         boundary probes (:mod:`mlsml.boundary`) and the quadrature check are defined."""
         return not (self.layout.scale_re_terms or self.layout.bs_terms)
 
+    @property
+    def uexact_supported(self) -> bool:
+        """Whether the u-exact rule applies: a random scale and a mean effect to integrate out."""
+        return bool(self.layout.random_scale and self.layout.q >= 1)
+
     def school_covariances(self, theta) -> np.ndarray:
         """``Sigma_j`` for every school, shape ``(J, d, d)`` (equal without ``bs_formula``)."""
         _, _, L = self.prior_chol(np.asarray(theta, dtype=float))
@@ -359,13 +364,18 @@ class Integrand(ABC):
 class SchoolSums(Integrand):
     """Random intercept and slopes, random scale, between-school variance: per-school sums."""
 
+    def sums(self, beta, alpha) -> Sums:
+        """The per-school sums at ``beta``, ``alpha`` (:func:`school_sums`): all the data the
+        likelihood sees, which is why its Hessian can be chained through them (:mod:`mlsml.derivatives`)."""
+        return school_sums(beta, alpha, self.design)
+
     def log_conditional(self, beta, alpha, b):
         lay = self.layout
-        return log_conditional(b, school_sums(beta, alpha, self.design), lay.q, lay.random_scale)
+        return log_conditional(b, self.sums(beta, alpha), lay.q, lay.random_scale)
 
     def u_exact_parts(self, beta, alpha, v):
         q = self.layout.q
-        s = school_sums(beta, alpha, self.design)
+        s = self.sums(beta, alpha)
         vv = v[:, :, 0]
         E = anp.exp(-vv)
         n = s.n[:, None]
@@ -377,12 +387,18 @@ class SchoolSums(Integrand):
     def mode_problem(self, theta):
         lay = self.layout
         beta, alpha, _ = self.split(np.asarray(theta, dtype=float))
-        s = Sums(*(np.asarray(a, dtype=float) for a in school_sums(beta, alpha, self.design)))
+        s = Sums(*(np.asarray(a, dtype=float) for a in self.sums(beta, alpha)))
         return SumsModeProblem(s, self.precision(theta), lay.q, lay.random_scale)
 
 
 class PerObservation(Integrand):
     """Random slopes in the log variance (``scale_re_formula``): summed over observations."""
+
+    @property
+    def uexact_supported(self) -> bool:
+        """Always: the scale effects are there, and without a mean effect the rule is the
+        product rule over ``v`` on the u-exact path."""
+        return True
 
     def log_conditional(self, beta, alpha, b):
         design = self.design

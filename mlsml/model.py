@@ -23,10 +23,11 @@ import pandas as pd
 from .design import Design, FormulaSpec, build_design, check_extended_layout
 from .diagnostics import diagnose
 from .errors import ModelSpecError
+from .integrand import Integrand, make_integrand
 from .likelihood import Likelihood
 from .optimize import FitOptions, maximize
 from .params import ParamLayout
-from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, check_nagq, default_nagq, uexact_supported
+from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, check_nagq, default_nagq
 from .results import MELSMResults
 from .threads import blas_limited
 from .validate import check_choice, check_int, check_real, describe_value
@@ -518,13 +519,14 @@ class MELSM:
         >>> abs(f.value(res.theta) - res.llf) < 1e-9
         True
         """
-        return Likelihood.build(self.design, self._spec(nagq, quadrature, prune))
+        integrand = make_integrand(self.design)
+        return Likelihood(self.design, integrand, self._spec(nagq, quadrature, prune, integrand))
 
-    def _spec(self, nagq, quadrature: str, prune) -> QuadratureSpec:
-        """The rule of :meth:`objective` / :meth:`fit` (options checked)."""
+    def _spec(self, nagq, quadrature: str, prune, integrand: Integrand) -> QuadratureSpec:
+        """The rule of :meth:`objective` / :meth:`fit` (options checked) for the model's integrand."""
         quadrature = check_choice("quadrature", quadrature, QUADRATURES)
         prune = check_real("prune", prune, 0.0, 1.0, high_open=True)
-        supported = uexact_supported(self.layout)
+        supported = integrand.uexact_supported
         if quadrature == "marginal" and not supported:
             raise ModelSpecError(
                 "quadrature='marginal' needs a random scale and a random effect in the mean "

@@ -40,7 +40,7 @@ from scipy import optimize as sopt
 from .design import Design
 from .likelihood import Likelihood
 from .quadrature import QuadratureSpec
-from .start import start_values_core, start_values_ext
+from .start import start_values
 
 #: Whether scipy's BFGS accepts an initial inverse Hessian (option ``hess_inv0``, new in
 #: scipy 1.12; setup.cfg allows 1.11), read from scipy's own list of the method's options.
@@ -349,8 +349,8 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
     """
     opts = options or FitOptions()
     design = likelihood.design
-    if opts.start is None and design.layout.extended:  # in the units of y (see mlsml.start)
-        opts = replace(opts, start=start_values_ext(design))
+    if opts.start is None and not likelihood.integrand.core:  # in the units of y (see mlsml.start)
+        opts = replace(opts, start=start_values(likelihood.integrand))
     s, M, c = _response_scaling(design)
     if s == 1.0:
         return _maximize(likelihood, opts, callback)
@@ -376,17 +376,16 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
 def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
     """Maximum-likelihood estimates by re-centred adaptive quadrature (on the scale given)."""
     t0 = time.perf_counter()
-    theta = np.array(opts.start if opts.start is not None else start_values_core(lik.design), dtype=float)
+    theta = np.array(opts.start if opts.start is not None else start_values(lik.integrand), dtype=float)
     start = theta.copy()
     N = float(lik.design.nobs)
 
     def fun(th):
-        # nodes re-adapted at every evaluation: the value is the AGQ likelihood at th
+        # nodes re-adapted at every evaluation (inside value_and_grad): the AGQ likelihood at th
         try:
-            nodes = lik.adapt(th)
-        except np.linalg.LinAlgError:
+            v, g = lik.value_and_grad(th)
+        except np.linalg.LinAlgError:  # no positive-definite posterior curvature to adapt to
             return np.inf, np.zeros_like(th)
-        v, g = lik.value_and_grad(th, nodes)
         if not np.isfinite(v) or not np.all(np.isfinite(g)):
             return np.inf, np.zeros_like(th)
         return -v / N, -g / N

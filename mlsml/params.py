@@ -197,6 +197,42 @@ class ParamLayout:
         cov = sigma[iu] if self.d > 1 else anp.zeros(0)
         return anp.concatenate([beta, alpha, var, cov])
 
+    def natural_jacobian(self, theta) -> np.ndarray:
+        r"""``d to_natural(theta) / d theta'`` (numpy), for the delta method.
+
+        The identity on ``beta``, ``alpha`` (and ``tau``); for the covariances
+        :math:`\partial\Sigma/\partial\psi_k = \dot L_k L' + L \dot L_k'`
+        (:func:`sigma_derivatives`), in the order of :meth:`to_natural`. Equal to
+        ``autograd.jacobian(self.to_natural)(theta)``, whose ``n_params`` reverse passes
+        cost 25 ms on London Model 6.
+
+        Examples
+        --------
+        >>> lay = ParamLayout(("Intercept",), ("Intercept",), n_re_mean=1, random_scale=True)
+        >>> theta = lay.theta_from_parts([0.0], [0.0], [[0.05, 0.01], [0.01, 0.04]])
+        >>> lay.natural_jacobian(theta).shape
+        (5, 5)
+        """
+        theta = np.asarray(theta, dtype=float)
+        n = self.n_params
+        off = self.p + self.k
+        d = self.d
+        jac = np.zeros((n, n))
+        if self.bs_terms:
+            off += self.m
+            L = np.asarray(self.split_bs(theta)[3], dtype=float)
+            dS = sigma_derivatives(L)[1:]  # log L0[0, 0] = 0 is not a parameter
+            diag = np.arange(1, d)  # var(u0) is replaced by tau
+        else:
+            L = np.asarray(self.split(theta)[2], dtype=float)
+            dS = sigma_derivatives(L)
+            diag = np.arange(d)
+        jac[:off, :off] = np.eye(off)
+        iu = np.triu_indices(d, 1)
+        rows = np.concatenate([dS[:, diag, diag], dS[:, iu[0], iu[1]]], axis=1)  # (n_psi, n_cov)
+        jac[off:, off:] = rows.T
+        return jac
+
     def sigma_from_natural(self, natural: np.ndarray) -> np.ndarray:
         """Rebuild ``Sigma`` from the natural-scale vector (``Sigma0`` with ``bs_terms``)."""
         off = self.p + self.k
@@ -258,6 +294,45 @@ def chol_from_vector(vec, d: int):
     if d == 0:
         return anp.zeros((0, 0))
     return anp.stack(rows)
+
+
+def chol_derivatives(L: np.ndarray) -> np.ndarray:
+    r"""``d L / d psi_k`` for the row-wise log-Cholesky vector ``psi`` of ``L``, shape ``(n_psi, d, d)``.
+
+    .. math:: \frac{\partial L}{\partial\psi_k} = E_{ij}\,(L_{ii} \text{ if } i = j \text{ else } 1)
+
+    for the entry ``(i, j)`` that ``psi_k`` holds (:func:`chol_from_vector` stores the
+    diagonal as its log).
+
+    Examples
+    --------
+    >>> chol_derivatives(np.array([[2.0, 0.0], [0.5, 3.0]]))[:, 1, :]
+    array([[0., 0.],
+           [1., 0.],
+           [0., 3.]])
+    """
+    L = np.asarray(L, dtype=float)
+    d = L.shape[0]
+    out = np.zeros((d * (d + 1) // 2, d, d))
+    k = 0
+    for i in range(d):
+        for j in range(i + 1):
+            out[k, i, j] = L[i, i] if i == j else 1.0
+            k += 1
+    return out
+
+
+def sigma_derivatives(L: np.ndarray) -> np.ndarray:
+    r"""``d Sigma / d psi_k`` for ``Sigma = L L'``: :math:`\dot L_k L' + L \dot L_k'` (:func:`chol_derivatives`).
+
+    Examples
+    --------
+    >>> sigma_derivatives(np.array([[2.0]]))[0]   # Sigma = exp(2 psi): dSigma/dpsi = 2 Sigma
+    array([[8.]])
+    """
+    L = np.asarray(L, dtype=float)
+    dL = chol_derivatives(L)
+    return dL @ L.T + L @ np.swapaxes(dL, 1, 2)
 
 
 def vector_from_chol(L: np.ndarray) -> np.ndarray:

@@ -188,7 +188,7 @@ class MELSMResults:
         H = np.asarray(optsum.hessian, dtype=float)
         if diagnostics.hessian_pd:
             cov_theta = np.linalg.inv(-0.5 * (H + H.T))
-            jac = autograd.jacobian(lay.to_natural)(np.asarray(theta))
+            jac = lay.natural_jacobian(theta)
             cov = jac @ cov_theta @ jac.T
             cov = 0.5 * (cov + cov.T)
         else:

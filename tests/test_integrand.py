@@ -30,7 +30,7 @@ def test_u_exact_integrand_equals_brute_force_integral_over_u(kw, cls):
     integrand = make_integrand(model.design)
     assert type(integrand) is cls
     lay = model.layout
-    theta = start_values(model.design) + 0.05
+    theta = start_values(integrand) + 0.05
     rng = np.random.default_rng(1)
     v = rng.normal(scale=0.3, size=(model.design.ngroups, 2, lay.n_v))
     g = np.asarray(integrand.log_h_uexact(theta, v))
@@ -50,7 +50,7 @@ def test_core_flag_and_school_covariances():
     core = make_integrand(mlsml.MELSM.from_formula("y ~ x", df, groups="school").design)
     bs = make_integrand(mlsml.MELSM.from_formula("y ~ x", df, groups="school", bs_formula="~ s").design)
     assert core.core and not bs.core
-    theta = start_values(bs.design) + 0.1  # bsvar:s != 0
+    theta = start_values(bs) + 0.1  # bsvar:s != 0
     S = bs.school_covariances(theta)
     assert S.shape == (bs.design.ngroups, 2, 2)
     assert len(np.unique(np.round(S[:, 0, 0], 12))) == 2  # two values of s: two var(u0_j)

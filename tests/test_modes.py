@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import mlsml
+from mlsml import modes
 from mlsml.integrand import make_integrand
 from mlsml.modes import posterior_modes
 
@@ -35,7 +36,7 @@ def _data(seed=3):
 def test_modes_are_stationary_with_positive_definite_curvature(kw):
     model = mlsml.MELSM.from_formula("y ~ x", _data(), groups="school", **kw)
     integrand = make_integrand(model.design)
-    theta = mlsml.start.start_values(model.design) + 0.05
+    theta = mlsml.start.start_values(integrand) + 0.05
     problem = integrand.mode_problem(theta)
     mode, negH = posterior_modes(problem, model.layout.q)
     g, _ = problem.derivs(mode)
@@ -69,3 +70,22 @@ def test_stalled_steps_end_the_iterations_for_every_integrand():
     problem = _Counting(make_integrand(model.design).mode_problem(theta))
     posterior_modes(problem, lay.q, tol=0.0)  # tol 0: only the stalled-step rule can stop it
     assert problem.calls < 20  # without the rule: 101 evaluations (maxiter)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_closed_form_solve_and_positive_definiteness_match_numpy(d):
+    rng = np.random.default_rng(d)
+    A = rng.normal(size=(200, d, d))
+    A = A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(d)  # positive definite
+    A[::3] *= -1.0  # and some negative definite
+    A[1::7, 0, 0] = -1e-3  # and some indefinite (d > 1) or negative (d = 1)
+    g = rng.normal(size=(200, d))
+    np.testing.assert_allclose(modes.solve(A, g), np.linalg.solve(A, g[:, :, None])[:, :, 0], rtol=1e-10, atol=1e-12)
+    sym = 0.5 * (A + np.swapaxes(A, 1, 2))
+    np.testing.assert_array_equal(modes.is_pd(A), np.linalg.eigvalsh(sym)[:, 0] > 0)
+
+
+def test_closed_form_solve_raises_like_numpy_for_a_singular_matrix():
+    A = np.array([[[1.0, 2.0], [2.0, 4.0]], [[2.0, 0.0], [0.0, 1.0]]])
+    with pytest.raises(np.linalg.LinAlgError):
+        modes.solve(A, np.ones((2, 2)))

@@ -136,7 +136,7 @@ def test_marginal_rule_three_mean_effects_matches_product(exam):
         re_formula="~ standLRT + I(standLRT**2)",
         scale_formula="~ standLRT",
     )
-    th = start_values(m.design)
+    th = start_values(m.objective().integrand)
     exact = loglik(th, m.design, 21, "uexact")
     assert abs(loglik(th, m.design, 11) - exact) < 1e-6
     assert abs(loglik(th, m.design, 7) - exact) > 1e-6  # the product rule is the less accurate one

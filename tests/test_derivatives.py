@@ -1,0 +1,125 @@
+"""Gradient and Hessian of the likelihood through the per-school sums (mlsml.derivatives), and the
+Jacobian of the natural parameters, against autograd on the same functions."""
+
+from __future__ import annotations
+
+import autograd
+import numpy as np
+import pytest
+
+import mlsml
+from mlsml.integrand import PerObservation, SchoolSums
+from mlsml.params import ParamLayout
+from mlsml.quadrature import QuadratureSpec
+
+#: ``|H - H_autograd| <= RTOL * max |H_autograd|`` (the same for the gradient): the two
+#: differ by rounding only (about 1e-14 here); a wrong term is of the order of the whole.
+RTOL = 1e-9
+
+
+def _check(lik, theta):
+    nodes = lik.adapt(theta)
+    value, grad = lik.value_and_grad(theta, nodes)
+    ref_value, ref_grad = autograd.value_and_grad(lik.at_nodes)(theta, nodes)
+    assert value == ref_value  # the same arithmetic
+    # at the estimates the gradient is ~0, a difference of terms of order 1: an absolute floor
+    np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=RTOL * max(np.abs(ref_grad).max(), 1.0))
+    H = lik.hessian(theta, nodes)
+    ref = np.asarray(autograd.hessian(lik.at_nodes)(theta, nodes))
+    assert H.shape == ref.shape
+    np.testing.assert_allclose(H, ref, rtol=0, atol=RTOL * np.abs(ref).max())
+    return H, ref
+
+
+MODELS = {
+    "core (Model 3)": dict(scale_formula="~ standLRT"),
+    "no random scale": dict(scale_formula="~ 1", random_scale=False),
+    "random scale only": dict(scale_formula="~ standLRT", re_formula="~ 0"),
+    "random slope": dict(scale_formula="~ standLRT", re_formula="~ standLRT"),
+    "bs_formula": dict(scale_formula="~ standLRT", bs_formula="~ schavg"),
+    "bs_formula + slope": dict(scale_formula="~ standLRT", re_formula="~ standLRT", bs_formula="~ schavg"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("kind", ["uexact", "product"])
+def test_derivatives_equal_autograd(exam, name, kind):
+    kw = MODELS[name]
+    model = mlsml.MELSM.from_formula("normexam ~ standLRT + schgend", exam, groups="school", **kw)
+    lay = model.layout
+    if kind == "uexact" and not (lay.random_scale and lay.q >= 1):
+        pytest.skip("the u-exact rule needs a random scale and a mean effect")
+    lik = model.objective(nagq=5, quadrature="marginal" if kind == "uexact" else "product")
+    assert isinstance(lik.integrand, SchoolSums)
+    rng = np.random.default_rng(3)
+    theta = mlsml.start.start_values(lik.integrand) + rng.normal(0, 0.2, lay.n_params)
+    _check(lik, theta)
+
+
+def test_hessian_at_the_estimates_gives_the_same_standard_errors(exam):
+    res = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", re_formula="~ standLRT")
+    H, ref = _check(res.likelihood, res.theta)
+    se = np.sqrt(np.diag(np.linalg.inv(-H)))
+    se_ref = np.sqrt(np.diag(np.linalg.inv(-ref)))
+    np.testing.assert_allclose(se, se_ref, rtol=1e-8)
+
+
+def _inside(res, shift):
+    """``theta`` with ``Sigma + shift * diag(Sigma)``: moved off the boundary, still next to it."""
+    lay = res.layout
+    natural = np.asarray(lay.to_natural(res.theta))
+    S = lay.sigma_from_natural(natural)
+    S = S + shift * np.diag(np.diag(S))
+    ev = np.linalg.eigvalsh(S)
+    return lay.theta_from_parts(natural[: lay.p], natural[lay.p : lay.p + lay.k], S), ev[0] / ev[-1]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(re_formula="~ x", random_scale=False),  # corr(u0,u1) = -1 (see test_reference), product rule
+        dict(scale_formula="~ x", re_formula="~ x"),  # Sigma of rank 2 of 3, u-exact rule
+    ],
+)
+def test_derivatives_next_to_the_boundary(seed_sim, kw):
+    """Fits whose estimate is on the boundary: Sigma nearly singular, the prior terms huge.
+
+    At the estimate (smallest eigenvalue ~1e-9 of the largest) the likelihood itself is
+    rounding noise amplified by ``P ~ 1e9``, for autograd as for the closed form, and the two
+    routes differ by rounding times the condition of Sigma (there the information is singular
+    and no standard error is reported). They are compared a little inside, at a smallest
+    eigenvalue ~1e-4 of the largest (|corr| ~ 0.9999)."""
+    with pytest.warns(mlsml.SingularFitWarning):
+        res = mlsml.fit("y ~ x", seed_sim, groups="school", **kw)
+    assert res.singular
+    theta, ratio = _inside(res, 1e-2)
+    assert ratio < 1e-3
+    _check(res.likelihood, theta)
+
+
+def test_per_observation_integrand_keeps_autograd(exam):
+    """scale_re_formula: the data do not enter through per-school sums; the Hessian is autograd's."""
+    model = mlsml.MELSM.from_formula("normexam ~ standLRT", exam.iloc[:800], groups="school", scale_re_formula="~ standLRT")
+    lik = mlsml.likelihood.Likelihood.build(model.design, QuadratureSpec("uexact", 5))
+    assert isinstance(lik.integrand, PerObservation)
+    _check(lik, mlsml.start.start_values(lik.integrand) + 0.05)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(n_re_mean=1, random_scale=True),
+        dict(n_re_mean=2, random_scale=True),
+        dict(n_re_mean=1, random_scale=False),
+        dict(n_re_mean=0, random_scale=False),
+        dict(n_re_mean=1, random_scale=True, bs_terms=("Intercept", "s")),
+        dict(n_re_mean=2, random_scale=True, bs_terms=("Intercept",)),
+        dict(n_re_mean=1, random_scale=True, scale_re_terms=("Intercept", "x")),
+    ],
+)
+def test_natural_jacobian_equals_autograd(layout):
+    """The delta method's Jacobian of the natural parameters (ParamLayout.natural_jacobian)."""
+    lay = ParamLayout(("Intercept", "x"), ("Intercept", "w"), **layout)
+    theta = np.random.default_rng(lay.n_params).normal(size=lay.n_params)
+    ref = autograd.jacobian(lay.to_natural)(theta)
+    np.testing.assert_allclose(lay.natural_jacobian(theta), ref, rtol=1e-13, atol=1e-15)
