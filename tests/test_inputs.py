@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import distance_to_maximum_in_se
 
 import mlsml
 from mlsml import DataError, MissingDataWarning, ModelSpecError
@@ -281,8 +282,12 @@ def test_tuple_group_ids_are_supported(seed_df):
     assert res.llf == pytest.approx(ref.llf, rel=0, abs=1e-8)
     table = res.school_effects()
     assert table.index[0] == (0, 2) and len(table) == 100
-    pred = res.predict(df.head(3))
-    np.testing.assert_allclose(pred.to_numpy(), ref.predict(seed_df.head(3)).to_numpy(), rtol=1e-8)
+    # the schools are summed in another order, so the two fits stop at slightly different points
+    # within the optimiser's tolerance: compare in standard errors (tests/conftest.py), not digits
+    slack = distance_to_maximum_in_se(res) + distance_to_maximum_in_se(ref)
+    assert np.all(np.abs(res.params - ref.params) <= slack * ref.bse + 1e-12)
+    pred, want = res.get_prediction(df.head(3)).summary_frame(), ref.get_prediction(seed_df.head(3)).summary_frame()
+    assert np.all(np.abs(pred["mean"].to_numpy() - want["mean"].to_numpy()) <= slack * want["mean_se"].to_numpy() + 1e-12)
     as_labels = mlsml.MELSM.from_formula("y ~ x", seed_df, groups=list(df["site"]), random_scale=False)
     assert as_labels.design.group_labels[0] == (0, 2)
 
