@@ -22,7 +22,7 @@ import pandas as pd
 from .boundary import BOUNDARY_LR, boundary_effects, far_from_boundary
 from .likelihood import Likelihood
 from .optimize import OptSummary
-from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from .predict import predict
 from .quadrature import max_nagq
 
 #: A variance of a school effect counts as zero below this fraction of its reference
@@ -189,11 +189,14 @@ def standardised_residuals(res) -> pd.Series:
     .. math::
 
         r_{ij} = \frac{y_{ij} - x_{ij}'\hat\beta - z_{ij}'\,E(u_j \mid y)}
-                      {\sqrt{\exp(w_{ij}'\hat\alpha)\, E(\exp v_j \mid y)}}
+                      {\sqrt{\exp(w_{ij}'\hat\alpha)\, E(\exp(g_{ij}'v_j) \mid y)}}
 
-    with the posterior expectations of the school effects at the estimates
-    (without a random scale, :math:`E(\exp v_j \mid y) = 1`). Under the model
-    they are approximately standard normal (Figures S4-S6 of the paper).
+    with the posterior expectations of the school effects at the estimates: the
+    conditional predictions ``res.predict(kind="mean")`` and
+    ``res.predict(kind="variance")`` (:func:`mlsml.predict.predict`), so every model
+    class is covered (``g_ij = 1`` for the plain random scale; the variance slopes of
+    ``scale_re_formula`` enter through ``g_ij``; without a random scale the expectation
+    is 1). Under the model they are approximately standard normal (Figures S4-S6 of the paper).
 
     Parameters
     ----------
@@ -217,18 +220,8 @@ def standardised_residuals(res) -> pd.Series:
     ('std_resid', True, True)
     """
     design = res.model.design
-    lay = design.layout
-    q = lay.q
-    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
-    g = design.group
-    fit = design.X @ res.fe_mean.to_numpy()
-    if q:
-        fit = fit + np.einsum("iq,iq->i", design.Z, mean[g, :q])
-    var = np.exp(design.W @ res.fe_scale.to_numpy())
-    if lay.random_scale:
-        grid = PosteriorGrid.build(res.theta, design, mean[:, q], np.sqrt(C[:, q, q]))
-        var = var * grid.mean_exp_v()[g]
-    r = (design.y - fit) / np.sqrt(var)
-    out = np.empty_like(r)
-    out[design.order] = r
-    return pd.Series(out, index=design.row_labels, name="std_resid")
+    y = np.empty(design.nobs)
+    y[design.order] = design.y
+    mean = predict(res, kind="mean").to_numpy()
+    var = predict(res, kind="variance").to_numpy()
+    return pd.Series((y - mean) / np.sqrt(var), index=design.row_labels, name="std_resid")

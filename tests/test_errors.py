@@ -1,4 +1,4 @@
-"""Warnings point at the user's line, not at a line of the library (mlsml.errors.warn).
+"""mlsml.errors: the exception and warning hierarchy; warnings point at the user's line (errors.warn).
 
 A warning's ``filename``/``lineno`` decide what Python prints and which
 ``warnings.filterwarnings(module=...)`` filters apply: they must be the caller's
@@ -98,3 +98,19 @@ def test_every_warning_of_the_library_goes_through_the_helper():
             if re.search(r"\bwarnings\.warn\s*\(", text):
                 offenders.append(f"{path.name}:{i}")
     assert not offenders, f"use mlsml.errors.warn instead of warnings.warn at {offenders}"
+
+
+def test_the_exception_and_warning_hierarchy():
+    """Users catch every mlsml error as MLSMLError (and bad values as ValueError), every warning as MLSMLWarning."""
+    for exc in (mlsml.DataError, mlsml.ModelSpecError):
+        assert issubclass(exc, mlsml.MLSMLError) and issubclass(exc, ValueError)
+    for w in (
+        mlsml.MissingDataWarning,
+        mlsml.ConvergenceWarning,
+        mlsml.SingularFitWarning,
+        mlsml.QuadratureWarning,
+        mlsml.UnknownGroupWarning,
+    ):
+        assert issubclass(w, mlsml.MLSMLWarning) and issubclass(w, UserWarning)
+    with pytest.raises(ValueError, match="names 'nope', which is not a column"):
+        mlsml.fit("y ~ nope", mlsml.simulate.demo_data(n_groups=5, seed=1), groups="school")

@@ -1,0 +1,122 @@
+"""mlsml.diagnostics: positive definiteness, the quadrature check, singular reasons, residuals."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+from conftest import scale_slope_data
+
+import mlsml
+from mlsml.diagnostics import (
+    HESSIAN_PD_RTOL,
+    QUADRATURE_TOL,
+    ZERO_VARIANCE,
+    diagnose,
+    hessian_pd,
+    quadrature_check,
+    singular_reasons,
+    standardised_residuals,
+)
+from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
+
+
+@pytest.fixture(scope="module")
+def demo_fit():
+    df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    return df, mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+
+
+def test_diagnose_is_what_the_results_carry(demo_fit):
+    _, res = demo_fit
+    again = diagnose(res.likelihood, res.optsum)
+    assert again.hessian_pd == res.diagnostics.hessian_pd is True
+    assert again.singular_reasons == res.diagnostics.singular_reasons == ()
+    assert again.quadrature_check == res.diagnostics.quadrature_check
+
+
+def test_hessian_pd_by_the_sign_of_the_curvature(demo_fit):
+    _, res = demo_fit
+    opt = res.optsum
+    assert hessian_pd(opt)
+    H = np.array(opt.hessian)
+    w, V = np.linalg.eigh(-H)
+    flipped = -(V * np.r_[-w[0], w[1:]]) @ V.T  # one direction of positive curvature: a saddle
+    assert not hessian_pd(dataclasses.replace(opt, hessian=flipped))
+    tiny = -(V * np.r_[HESSIAN_PD_RTOL * 1e-3 * w.max(), w[1:]]) @ V.T  # numerically flat
+    assert not hessian_pd(dataclasses.replace(opt, hessian=tiny))
+    assert not hessian_pd(dataclasses.replace(opt, hessian=np.full_like(H, np.nan)))
+
+
+def test_quadrature_check_doubles_the_points_and_measures_the_change(demo_fit):
+    _, res = demo_fit
+    lik = res.likelihood
+    points, change = quadrature_check(lik, res.theta, res.llf)
+    assert points == 2 * lik.spec.nagq + 1
+    assert change == pytest.approx(abs(lik.with_spec(nagq=points).value(res.theta) - res.llf), rel=0, abs=1e-12)
+    assert change < QUADRATURE_TOL  # the default rule is accurate on these data
+    assert quadrature_check(lik, res.theta, float("nan")) is None
+
+
+def test_quadrature_check_is_skipped_where_the_rule_is_exact():
+    df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    res = mlsml.fit("y ~ x", df, groups="school", random_scale=False)  # Gaussian integrand
+    assert quadrature_check(res.likelihood, res.theta, res.llf) is None
+
+
+def test_singular_reasons_name_a_zero_variance(demo_fit):
+    _, res = demo_fit
+    lay = res.layout
+    theta = np.array(res.theta)
+    assert singular_reasons(res.likelihood, theta, (), True) == []
+    psi = res.params.to_numpy().copy()
+    psi[list(lay.names).index("var(u0)")] = 1e-3 * ZERO_VARIANCE * np.exp(np.mean(res.model.design.W @ res.fe_scale))
+    psi[list(lay.names).index("cov(u0,v)")] = 0.0
+    reasons = singular_reasons(res.likelihood, res.model.theta_from_params(psi), (), True)
+    assert len(reasons) == 1 and reasons[0].startswith("var(u0) = ") and "effectively zero" in reasons[0]
+    assert singular_reasons(res.likelihood, theta, (), False)[-1].startswith("the observed information is not positive definite")
+
+
+def test_singular_reasons_report_a_probe_that_finds_a_higher_maximum(demo_fit):
+    _, res = demo_fit
+    found = singular_reasons(res.likelihood, res.theta, (("u0", 0.0, -0.4),), True)
+    assert found == [
+        "dropping u0 raises the log-likelihood by 0.2: these estimates are not the maximum, the maximum is on the boundary"
+    ]
+
+
+def test_standardised_residuals_of_a_core_model_use_the_exact_marginal_of_v(demo_fit):
+    df, res = demo_fit
+    r = standardised_residuals(res)
+    assert r.index.equals(df.index) and r.name == "std_resid"
+    # the same quantity by the route of the first version: the posterior grid of v
+    design = res.model.design
+    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
+    grid = PosteriorGrid.build(res.theta, design, mean[:, 1], np.sqrt(C[:, 1, 1]))
+    g = design.group
+    fit = design.X @ res.fe_mean.to_numpy() + design.Z[:, 0] * mean[g, 0]
+    var = np.exp(design.W @ res.fe_scale.to_numpy()) * grid.mean_exp_v()[g]
+    expected = np.empty(design.nobs)
+    expected[design.order] = (design.y - fit) / np.sqrt(var)
+    np.testing.assert_allclose(r.to_numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_standardised_residuals_carry_the_variance_slopes():
+    """With a random slope of x in ln var(e) (var(v1) = 1), the residual spread must not grow with |x|.
+
+    The first version divided by exp(w'alpha) E(exp v0 | y) only: on these data the SD of the
+    residuals at |x| > 1.5 was 2.03 times that at |x| < 0.5. Dividing by E(exp(v0 + v1 x) | y)
+    gives 0.86: below 1 because the posterior of v1 x widens with |x| and E(exp) > exp(E)
+    (Jensen). With 123 and 374 rows in the two bins the ratio has a standard error near 0.065;
+    0.7-1.3 keeps 2.5 SE below the value and rejects the first version by 11 SE.
+    """
+    d = scale_slope_data(40, 25, seed=6, sigma=np.diag([0.1, 0.05, 1.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mlsml.SingularFitWarning)
+        res = mlsml.fit("y ~ x", d, groups="school", scale_formula="~ x", scale_re_formula="~ x")
+    r = standardised_residuals(res)
+    x = d["x"].abs()
+    ratio = r[x > 1.5].std() / r[x < 0.5].std()
+    assert 0.7 < ratio < 1.3, ratio
