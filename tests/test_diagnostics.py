@@ -107,12 +107,13 @@ def test_standardised_residuals_carry_the_variance_slopes():
     """With a random slope of x in ln var(e) (var(v1) = 1), the residual spread must not grow with |x|.
 
     The first version divided by exp(w'alpha) E(exp v0 | y) only: on these data the SD of the
-    residuals at |x| > 1.5 was 2.03 times that at |x| < 0.5. Dividing by E(exp(v0 + v1 x) | y)
+    residuals at |x| > 1.5 was 1.62 times that at |x| < 0.5. Dividing by E(exp(v0 + v1 x) | y)
     gives 0.86: below 1 because the posterior of v1 x widens with |x| and E(exp) > exp(E)
-    (Jensen). With 123 and 374 rows in the two bins the ratio has a standard error near 0.065;
-    0.7-1.3 keeps 2.5 SE below the value and rejects the first version by 11 SE.
+    (Jensen). With 132 and 382 rows in the two bins the ratio has a standard error near 0.06;
+    0.7-1.3 keeps 2.5 SE below the value and rejects the first version by 5 SE. (Seed 6 is
+    not used: at scipy 1.11 BFGS stops there 4.1 below the maximum, an issue-12 failure.)
     """
-    d = scale_slope_data(40, 25, seed=6, sigma=np.diag([0.1, 0.05, 1.0]))
+    d = scale_slope_data(40, 25, seed=5, sigma=np.diag([0.1, 0.05, 1.0]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mlsml.SingularFitWarning)
         res = mlsml.fit("y ~ x", d, groups="school", scale_formula="~ x", scale_re_formula="~ x")
