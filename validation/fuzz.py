@@ -799,6 +799,47 @@ def tallies(df: pd.DataFrame) -> str:
     lines += ["", "| family | " + " | ".join(classes) + " | total |", "|---|" + "---:|" * (len(classes) + 1)]
     for fam, r in ct.iterrows():
         lines.append(f"| {fam} | " + " | ".join(str(int(r[c])) for c in classes) + f" | {int(r.sum())} |")
+    below = df[df["cls"] == "below_max"]
+    if len(below):
+        gaps = below["gap"]
+        acc = below["gap_accurate"]
+        lines += [
+            "",
+            f"Of the {len(below)} `below_max` cases: {int(below['singular'].astype(bool).sum())} were flagged singular "
+            f"(SEs NaN) but reported converged; by how far below: {int((gaps <= 0.1).sum())} by at most 0.1, "
+            f"{int(((gaps > 0.1) & (gaps <= 10)).sum())} by 0.1 to 10, {int((gaps > 10).sum())} by more than 10 "
+            f"(largest {gaps.max():.4g}); where the accurate product rule was cheap ({int(acc.notna().sum())} cases) it "
+            f"confirms the gap to within {BELOW_MAX_TOL:g} in {int(((acc - gaps).abs() <= BELOW_MAX_TOL).sum())} "
+            f"and puts it below {BELOW_MAX_TOL:g} in {int((acc <= BELOW_MAX_TOL).sum())}.",
+        ]
+    nc = df[df["cls"] == "not_converged"]
+    if len(nc):
+        at_max = int((nc["gap"].abs() <= BELOW_MAX_TOL).sum())
+        lines += [
+            "",
+            f"Of the {len(nc)} `not_converged` cases, {at_max} are at the reference maximum (|gap| <= {BELOW_MAX_TOL:g}: "
+            f"a conservative flag) and {int((nc['gap'] > BELOW_MAX_TOL).sum())} below it (flagged, so not silent).",
+        ]
+    if "covariate" in df:
+        ct = pd.crosstab(df["covariate"], df["cls"]).reindex(columns=classes, fill_value=0)
+        lines += ["", "| covariate | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+        for kind, r in ct.iterrows():
+            lines.append(f"| {kind} | " + " | ".join(str(int(r[c])) for c in classes) + " |")
+    q = [0.1, 0.5, 0.9, 1.0]
+    lines += [
+        "",
+        "| quantile | rows | schools | smallest school | largest school | fit s | case s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for qq in q:
+        lines.append(
+            f"| {qq:.0%} | {df['n_rows'].quantile(qq):.0f} | {df['n_schools'].quantile(qq):.0f} | {df['min_size'].quantile(qq):.0f} "
+            f"| {df['max_size'].quantile(qq):.0f} | {df['fit_seconds'].quantile(qq):.2f} | {df['case_seconds'].quantile(qq):.2f} |"
+        )
+    lines.append(
+        f"\nMean seconds per case: fit {df['fit_seconds'].mean():.2f}, case with routes {df['case_seconds'].mean():.2f} "
+        f"(total {df['case_seconds'].sum() / 60:.0f} CPU-ish minutes)."
+    )
     lines.append("")
     return "\n".join(lines)
 
