@@ -48,7 +48,7 @@ N_CASES = int(os.environ.get("MLSML_FUZZ_MAX_CASES", "200"))
 SEED = int(os.environ.get("MLSML_FUZZ_MAX_SEED", "20261128"))
 
 #: Most rows per CI case: keeps 200 cases within about 60-90 s on a loaded 2-core machine.
-CI_MAX_ROWS = 400
+CI_MAX_ROWS = 150
 
 #: Time cap of one CI fit (the full run uses validation.fuzz.CASE_SECONDS).
 CI_CASE_SECONDS = 20.0

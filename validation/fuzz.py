@@ -211,8 +211,19 @@ def draw_sizes(rng: np.random.Generator, family: str, max_rows: int = MAX_ROWS) 
         sizes = rng.integers(2, 31, J)
         if rng.random() < 0.1:
             sizes = np.concatenate([sizes, np.exp(rng.uniform(np.log(100), np.log(5000), int(rng.integers(1, 4)))).astype(int)])
-    sizes = np.maximum(sizes, 1)
-    while sizes.sum() > max_rows:  # shrink the biggest school first
+    return cap_sizes(np.maximum(sizes, 1), max_rows)
+
+
+def cap_sizes(sizes: np.ndarray, max_rows: int) -> np.ndarray:
+    """``sizes`` with at most ``max_rows`` in total: the biggest schools are cut first.
+
+    With more than ``max_rows // 2`` schools (small ``max_rows``, as in the CI subset)
+    only the first ``max_rows // 2`` are kept, so the cut always ends.
+    """
+    sizes = np.array(sizes, dtype=int)
+    if sizes.size > max(1, max_rows // 2):
+        sizes = sizes[: max(1, max_rows // 2)]
+    while sizes.sum() > max_rows:
         i = int(np.argmax(sizes))
         sizes[i] = max(1, sizes[i] - (sizes.sum() - max_rows))
     return sizes
@@ -294,9 +305,7 @@ def random_case(case_seed: int, max_rows: int = MAX_ROWS, allow_scale_re: bool =
     slopes = family == "slopes" or rng.random() < 0.1
     sizes = draw_sizes(rng, family, max_rows)
     if slopes and family == "tiny":
-        sizes = np.where(sizes < 9, rng.integers(2, 9, sizes.size), sizes)
-        while sizes.sum() > max_rows:
-            sizes[int(np.argmax(sizes))] -= sizes.sum() - max_rows
+        sizes = cap_sizes(np.where(sizes < 9, rng.integers(2, 9, sizes.size), sizes), max_rows)
     J = sizes.size
     N = int(sizes.sum())
     g = np.repeat(np.arange(J), sizes)
