@@ -829,6 +829,16 @@ def tallies(df: pd.DataFrame) -> str:
             f"Of the {len(nc)} `not_converged` cases, {at_max} are at the reference maximum (|gap| <= {BELOW_MAX_TOL:g}: "
             f"a conservative flag) and {int((nc['gap'] > BELOW_MAX_TOL).sum())} below it (flagged, so not silent).",
         ]
+    ok = df[df["cls"] == "ok"]
+    if len(ok):
+        nan_se = ok[ok["singular"].astype(bool) & (ok["n_finite_se"] == 0)]
+        fams = ", ".join(f"{f} {k}" for f, k in nan_se["family"].value_counts().sort_index().items())
+        lines += [
+            "",
+            f"Of the {len(ok)} `ok` cases (at the maximum), {len(nan_se)} are flagged singular with every SE NaN ({fams}); "
+            f"in {int(((nan_se['true_var_u0'] > 0.01) & (nan_se['true_var_v'] > 0.01)).sum())} of them the true var(u0) and "
+            "var(v) are both above 0.01 (issue 12, failure 4).",
+        ]
     if "covariate" in df:
         ct = pd.crosstab(df["covariate"], df["cls"]).reindex(columns=classes, fill_value=0)
         lines += ["", "| covariate | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
