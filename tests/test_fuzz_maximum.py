@@ -25,7 +25,9 @@ Two kinds of test:
   generator with at most ``CI_MAX_ROWS`` rows per case, no ``scale_re_formula``
   (the slow path, issue 12's performance cliff, stays in the full run), and the
   quick routes (standardized BFGS fit and the trust-exact polish from the fit's
-  estimates). It asserts: no ``below_max``, ``bad_llf``, ``error_uncaught`` or
+  estimates). RUNTIME: on main this is about 4.2 s per case (200 cases about 14 min,
+  not the 60-90 s budget; the slow fits are issue 12's failure 5), so time it again
+  when the fixes land and lower ``MLSML_FUZZ_MAX_CASES`` if needed. It asserts: no ``below_max``, ``bad_llf``, ``error_uncaught`` or
   ``over_time_cap`` case (documented refusals and flagged non-convergence are
   allowed, but not more than half the cases, so the test cannot pass by refusing).
 """
@@ -47,8 +49,10 @@ RUN_CRITERION = False
 N_CASES = int(os.environ.get("MLSML_FUZZ_MAX_CASES", "200"))
 SEED = int(os.environ.get("MLSML_FUZZ_MAX_SEED", "20261128"))
 
-#: Most rows per CI case: keeps 200 cases within about 60-90 s on a loaded 2-core machine.
-CI_MAX_ROWS = 150
+#: Most rows per CI case. Measured on main (2026-11-28, loaded 2-core machine): 4.2 s per
+#: case even at 60 rows (the slow fits of issue 12's failure 5), so 200 cases take about
+#: 14 min; the 60-90 s budget needs about 0.4 s per case. Re-time when switching this on.
+CI_MAX_ROWS = 60
 
 #: Time cap of one CI fit (the full run uses validation.fuzz.CASE_SECONDS).
 CI_CASE_SECONDS = 20.0
