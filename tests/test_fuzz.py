@@ -14,6 +14,10 @@ time, so that a machine loaded by other work cannot fail the test).
 The CI run draws ``MLSML_FUZZ_CASES`` cases (default 100, about 40 s on a loaded 2-core machine). For a
 long run set the variable, e.g. ``MLSML_FUZZ_CASES=3000 pytest tests/test_fuzz.py``;
 ``MLSML_FUZZ_SEED`` moves the whole sequence.
+
+This checks crash-freedom only. Whether converged fits reach the maximum is checked by
+``tests/test_fuzz_maximum.py`` with the generator and independent routes of
+``validation/fuzz.py`` (issue 12).
 """
 
 from __future__ import annotations

@@ -1,0 +1,164 @@
+"""Fits against an independent maximum on random data (issue 12), and the instrument itself.
+
+Issue 12 is done when no converged fit is more than ``BELOW_MAX_TOL = 1e-3`` below an
+independent maximum and none prints a non-finite or impossible log-likelihood. The
+instrument is :mod:`validation.fuzz` (its docstring describes the cases, the
+independent routes and the classes); ``docs/failures.md`` ("Fuzz against an
+independent maximum (issue 12)") records the full run on main.
+
+Two kinds of test:
+
+* **The instrument** (always run, a few seconds): the generator is reproducible and
+  spans the issue's space; the parameter map between raw and standardized data is
+  exact; the reference finds the maximum of the issue's own reproducer
+  (``x + 1e6``), which the fit on main misses by about 1,684 units; the classes are
+  assigned as documented.
+* **The criterion** (:func:`test_no_fit_below_the_independent_maximum`): SKIPPED BY
+  DEFAULT, because main still fails it (the baseline run finds converged fits
+  hundreds of units below the maximum). Switch it on with ``MLSML_FUZZ_MAXIMUM=1``::
+
+      MLSML_FUZZ_MAXIMUM=1 pytest tests/test_fuzz_maximum.py
+
+  Once issue 12's fixes land, turn the default on (set ``RUN_CRITERION`` to True)
+  so CI keeps the cases. It draws ``MLSML_FUZZ_MAX_CASES`` cases (default 200;
+  ``MLSML_FUZZ_MAX_SEED`` moves the sequence) from the CI distribution: the run's
+  generator with at most ``CI_MAX_ROWS`` rows per case, no ``scale_re_formula``
+  (the slow path, issue 12's performance cliff, stays in the full run), and the
+  quick routes (standardized BFGS fit and the trust-exact polish from the fit's
+  estimates). RUNTIME: on main this is about 4.2 s per case (200 cases about 14 min,
+  not the 60-90 s budget; the slow fits are issue 12's failure 5), so time it again
+  when the fixes land and lower ``MLSML_FUZZ_MAX_CASES`` if needed. It asserts: no ``below_max``, ``bad_llf``, ``error_uncaught`` or
+  ``over_time_cap`` case (documented refusals and flagged non-convergence are
+  allowed, but not more than half the cases, so the test cannot pass by refusing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlsml
+from validation import fuzz
+
+#: Whether the criterion runs without the environment variable: False until issue 12's fixes land.
+RUN_CRITERION = False
+
+N_CASES = int(os.environ.get("MLSML_FUZZ_MAX_CASES", "200"))
+SEED = int(os.environ.get("MLSML_FUZZ_MAX_SEED", "20261128"))
+
+#: Most rows per CI case. Measured on main (2026-11-28, loaded 2-core machine): 4.2 s per
+#: case even at 60 rows (the slow fits of issue 12's failure 5), so 200 cases take about
+#: 14 min; the 60-90 s budget needs about 0.4 s per case. Re-time when switching this on.
+CI_MAX_ROWS = 60
+
+#: Time cap of one CI fit (the full run uses validation.fuzz.CASE_SECONDS).
+CI_CASE_SECONDS = 20.0
+
+#: Classes that fail issue 12's criterion.
+FAILING = ("below_max", "bad_llf", "error_uncaught", "over_time_cap")
+
+
+# ---------------------------------------------------------------- the instrument
+@pytest.mark.parametrize("case_seed", [1, 2, 3])
+def test_case_generator_is_reproducible(case_seed):
+    a, b = fuzz.random_case(case_seed), fuzz.random_case(case_seed)
+    pd.testing.assert_frame_equal(a.data, b.data)
+    pd.testing.assert_frame_equal(a.std_data, b.std_data)
+    assert a.spec == b.spec and a.truth == b.truth and a.family == b.family
+
+
+def test_case_generator_spans_the_issue():
+    """Schools of 1 to thousands, covariates 1e-8 to 1e10, zero and near-zero variances, |corr| to 0.99."""
+    cases = [fuzz.random_case(s) for s in fuzz.case_seeds(400, 7)]
+    sizes = np.concatenate([c.data.groupby("school").size().to_numpy() for c in cases])
+    assert sizes.min() == 1 and sizes.max() >= 1000
+    assert max(len(c.data) for c in cases) <= fuzz.MAX_ROWS
+    assert {c.family for c in cases} == set(fuzz.FAMILIES)
+    mags = np.array([np.abs(c.data["x"]).max() for c in cases])
+    assert mags.max() > 1e9 and mags.min() < 1e-6
+    kinds = {c.truth["covariate"] for c in cases}
+    assert {"shift", "scale", "shift_scale", "year", "timestamp", "currency", "standard"} <= kinds
+    assert any(c.truth["true_var_u0"] == 0 for c in cases) and any(0 < c.truth["true_var_u0"] < 1e-2 for c in cases)
+    assert any(c.truth["true_var_v"] == 0 for c in cases)
+    assert max(abs(c.truth["true_corr_u0v"]) for c in cases) > 0.95
+    assert any(c.spec["re_formula"] == "~ x" for c in cases)
+    assert any("scale_re_formula" in c.spec for c in cases)
+    for c in cases[:50]:  # the standardized twin: same rows, covariate centred and scaled
+        assert np.allclose(c.std_data["x"].mean(), 0, atol=1e-8) and np.allclose(c.std_data["x"].std(ddof=0), 1)
+        pd.testing.assert_series_equal(c.data["y"], c.std_data["y"])
+
+
+def test_param_map_is_exact():
+    """Estimates on standardized data, mapped back, give the same llf on the raw data (slopes too)."""
+    df = mlsml.simulate.demo_data(n_groups=15, seed=3)
+    df["x"] = 7.0 + 3.0 * df["x"]
+    std = fuzz.standardize(df, ["x"])
+    spec = dict(formula="y ~ x", groups="school", scale_formula="~ x", re_formula="~ x")
+    raw_model = mlsml.MELSM.from_formula(data=df, **spec)
+    std_model = mlsml.MELSM.from_formula(data=std, **spec)
+    pm = fuzz.param_maps(raw_model, std_model)
+    p_std = np.array([0.1, 0.5, -0.7, 0.2, 0.3, 0.05, 0.2, 0.01, 0.05, -0.02])
+    p_raw = fuzz._natural(raw_model, *pm.to_raw(*fuzz._parts(std_model, p_std)))
+    assert fuzz.evaluate(raw_model, p_raw) == pytest.approx(fuzz.evaluate(std_model, p_std), rel=1e-10)
+    back = fuzz._natural(std_model, *pm.to_std(*fuzz._parts(raw_model, p_raw)))
+    np.testing.assert_allclose(back, p_std, rtol=1e-9, atol=1e-12)
+
+
+def test_reference_finds_the_maximum_of_the_issue_reproducer():
+    """Issue 12's reproducer: ``x + 1e6``. The reference reaches the untransformed fit's llf."""
+    df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    spec = dict(formula="y ~ x", groups="school", scale_formula="~ x")
+    llf_plain = mlsml.fit(data=df, **spec).llf
+    shifted = df.assign(x=df["x"] + 1e6)
+    case = fuzz.Case(0, "scaling", shifted, fuzz.standardize(shifted, ["x"]), spec)
+    model = mlsml.MELSM.from_formula(data=shifted, **spec)
+    routes = fuzz.reference_routes(case, model, None, quick=True)
+    ref = max(fuzz.evaluate(model, r["params_raw"]) for r in routes if r["params_raw"] is not None)
+    assert ref == pytest.approx(llf_plain, abs=1e-4)
+
+
+def _row(**kw):
+    row = dict(error="", llf=-100.0, converged=True, gap=0.0, llf_accurate_fit=float("nan"))
+    row.update(kw)
+    return row
+
+
+@pytest.mark.parametrize(
+    "row, cls",
+    [
+        (_row(), "ok"),
+        (_row(gap=-5.0), "ok"),
+        (_row(gap=2 * fuzz.BELOW_MAX_TOL), "below_max"),
+        (_row(gap=2 * fuzz.BELOW_MAX_TOL, converged=False), "not_converged"),
+        (_row(llf=float("inf")), "bad_llf"),
+        (_row(llf=4.2e14, llf_accurate_fit=-100.0), "bad_llf"),
+        (_row(llf=-100.0, llf_accurate_fit=-100.5), "ok"),
+        (_row(error="documented: DataError: ..."), "error_documented"),
+        (_row(error="uncaught: KeyError: ..."), "error_uncaught"),
+        (_row(error="timeout: over the time cap"), "over_time_cap"),
+    ],
+)
+def test_classify(row, cls):
+    assert fuzz.classify(row) == cls
+
+
+# ---------------------------------------------------------------- the criterion
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (RUN_CRITERION or os.environ.get("MLSML_FUZZ_MAXIMUM") == "1"),
+    reason="issue 12: main still fits below the independent maximum (docs/failures.md); set MLSML_FUZZ_MAXIMUM=1 to run",
+)
+def test_no_fit_below_the_independent_maximum():
+    seeds = fuzz.case_seeds(N_CASES, SEED)
+    rows = [fuzz.run_case(s, i, quick=True, max_rows=CI_MAX_ROWS, case_seconds=CI_CASE_SECONDS) for i, s in enumerate(seeds)]
+    df = pd.DataFrame(rows)
+    counts = df["cls"].value_counts().to_dict()
+    print("fuzz-maximum outcomes:", counts)
+    bad = df[df["cls"].isin(FAILING)]
+    assert bad.empty, "issue 12 criterion failed:\n" + bad[
+        ["case_seed", "family", "cls", "re_formula", "covariate", "n_rows", "llf", "reference", "gap", "error"]
+    ].to_string(max_colwidth=80)
+    assert counts.get("ok", 0) >= N_CASES // 2, f"too few cases checked against the maximum: {counts}"
