@@ -22,7 +22,7 @@ import pandas as pd
 from .boundary import BOUNDARY_LR, boundary_effects, far_from_boundary
 from .likelihood import Likelihood
 from .optimize import OptSummary
-from .predict import predict
+from .predict import fitted_moments
 from .quadrature import max_nagq
 
 #: A variance of a school effect counts as zero below this fraction of its reference
@@ -193,7 +193,7 @@ def standardised_residuals(res) -> pd.Series:
 
     with the posterior expectations of the school effects at the estimates: the
     conditional predictions ``res.predict(kind="mean")`` and
-    ``res.predict(kind="variance")`` (:func:`mlsml.predict.predict`), so every model
+    ``res.predict(kind="variance")`` (:func:`mlsml.predict.fitted_moments`), so every model
     class is covered (``g_ij = 1`` for the plain random scale; the variance slopes of
     ``scale_re_formula`` enter through ``g_ij``; without a random scale the expectation
     is 1). Under the model they are approximately standard normal (Figures S4-S6 of the paper).
@@ -222,6 +222,5 @@ def standardised_residuals(res) -> pd.Series:
     design = res.model.design
     y = np.empty(design.nobs)
     y[design.order] = design.y
-    mean = predict(res, kind="mean").to_numpy()
-    var = predict(res, kind="variance").to_numpy()
+    mean, var = fitted_moments(res)
     return pd.Series((y - mean) / np.sqrt(var), index=design.row_labels, name="std_resid")

@@ -753,6 +753,23 @@ def predict(res, newdata=None, kind: str = "mean", conditional: bool = True) -> 
     return pd.Series(out, index=rows.index, name=kind)
 
 
+def fitted_moments(res) -> tuple[np.ndarray, np.ndarray]:
+    r"""Conditional mean and residual variance of every fitted row, from one posterior.
+
+    .. math::
+
+        E(y_{ij} \mid y) = x_{ij}'\hat\beta + z_{ij}'E(u_j \mid y), \qquad
+        E(\sigma^2_{ij} \mid y) = \exp(w_{ij}'\hat\alpha)\, E(\exp(g_{ij}'v_j) \mid y)
+
+    The same numbers as ``predict(res, kind="mean")`` and ``predict(res, kind="variance")``
+    (caller's row order), with the school posteriors computed once for both.
+    """
+    post = _posterior(res)
+    mean, _ = _predicted(res, prediction_rows(res, None, "mean", True), "mean", post)
+    var, _ = _predicted(res, prediction_rows(res, None, "variance", True), "variance", post)
+    return mean, var
+
+
 @dataclass(frozen=True)
 class PredictionResults:
     """Predictions with delta-method standard errors (:meth:`mlsml.MELSMResults.get_prediction`).

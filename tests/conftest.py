@@ -45,6 +45,14 @@ def distance_to_maximum_in_se(res) -> float:
     return float(np.sqrt(max(g @ np.linalg.solve(negH, g), 0.0)))
 
 
+def delta_se(res, f, names) -> float:
+    """SE of ``f(natural params)`` by central differences on ``res.cov_params()`` (no mlsml autograd)."""
+    x = res.params[names].to_numpy()
+    V = res.cov_params().loc[names, names].to_numpy()
+    g = np.array([(f(x + e) - f(x - e)) / (2 * 1e-6) for e in np.eye(len(x)) * 1e-6])
+    return float(np.sqrt(g @ V @ g))
+
+
 def load_reference(name: str) -> dict:
     """A copied reference JSON (see tests/data/README.md)."""
     return json.loads((REF / f"{name}.json").read_text())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import scale_slope_data
+from conftest import delta_se, scale_slope_data
 
 import mlsml
 from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
@@ -258,14 +258,6 @@ def test_bs_school_table_matches_brute_force(bs_fit, j):
 
 
 # ---------------------------------------------------------------- population quantities
-def _delta_se(res, f, names):
-    """SE of f(natural params) by central differences on res.cov_params() (no mlsml autograd)."""
-    x = res.params[names].to_numpy()
-    V = res.cov_params().loc[names, names].to_numpy()
-    g = np.array([(f(x + e) - f(x - e)) / (2 * 1e-6) for e in np.eye(len(x)) * 1e-6])
-    return float(np.sqrt(g @ V @ g))
-
-
 def test_variance_slope_population_quantities(slope_fit):
     """At x: pa_variance = E exp(w'a + g'v) over schools = exp(w'a + g'S_vv g / 2), IDRs of g'v, vpc, corr(u0, g'v)."""
     res = slope_fit
@@ -293,7 +285,7 @@ def test_variance_slope_population_quantities(slope_fit):
     def pa_of(x):
         return np.exp(x[0] + 1.5 * x[1] + 0.5 * (x[2] + 2.25 * x[3] + 3.0 * x[4]))
 
-    assert pq.loc["pa_variance", "std err"] == pytest.approx(_delta_se(res, pa_of, names), rel=1e-5)
+    assert pq.loc["pa_variance", "std err"] == pytest.approx(delta_se(res, pa_of, names), rel=1e-5)
     # corr_pred: the correlation of the school table's columns at the same w (the posterior
     # means on the 9^3-point product rule of random_effects vs the grid: both within 1e-4 here)
     t = res.school_effects(w={"x": 1.5})
@@ -329,7 +321,7 @@ def test_bs_population_quantities_at_school_covariates(bs_fit):
             return vu / (vu + np.exp(x[2] + x[3] * res.model.design.W[:, 1].mean() + x[4] / 2))
 
         names = ["bsvar:Intercept", "bsvar:z", "scale:Intercept", "scale:x", "var(v)"]
-        assert pq.loc["vpc", "std err"] == pytest.approx(_delta_se(res, vpc, names), rel=1e-5)
+        assert pq.loc["vpc", "std err"] == pytest.approx(delta_se(res, vpc, names), rel=1e-5)
     with pytest.raises(mlsml.ModelSpecError, match="'nothere' is not a term"):
         res.population_quantities(s={"nothere": 1})
     with pytest.raises(mlsml.ModelSpecError, match="2 values"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import delta_se
 from scipy import stats
 
 import mlsml
@@ -83,14 +84,6 @@ def test_common_covariate_value(exam_m3):
         exam_m3.school_effects(level=95)
 
 
-def _delta_se(res, f, names):
-    """SE of f(natural params) by a numerical delta method on res.cov_params()."""
-    x = res.params[names].to_numpy()
-    V = res.cov_params().loc[names, names].to_numpy()
-    g = np.array([(f(x + e) - f(x - e)) / (2 * 1e-6) for e in np.eye(len(x)) * 1e-6])
-    return float(np.sqrt(g @ V @ g))
-
-
 def test_population_quantities_formulas_and_ses(exam_m3):
     r = exam_m3
     pq = r.population_quantities()
@@ -105,9 +98,9 @@ def test_population_quantities_formulas_and_ses(exam_m3):
 
     names = ["scale:Intercept", "scale:standLRT", "var(v)"]
     assert pq.loc["pa_variance", "estimate"] == pytest.approx(pa(P[names].to_numpy()), rel=1e-12)
-    assert pq.loc["pa_variance", "std err"] == pytest.approx(_delta_se(r, pa, names), rel=1e-5)
+    assert pq.loc["pa_variance", "std err"] == pytest.approx(delta_se(r, pa, names), rel=1e-5)
     assert pq.loc["idr_mean_lo", "estimate"] == pytest.approx(P["mean:Intercept"] - z * np.sqrt(P["var(u0)"]))
-    se = _delta_se(r, lambda x: x[0] + z * np.sqrt(x[1]), ["mean:Intercept", "var(u0)"])
+    se = delta_se(r, lambda x: x[0] + z * np.sqrt(x[1]), ["mean:Intercept", "var(u0)"])
     assert pq.loc["idr_mean_hi", "std err"] == pytest.approx(se, rel=1e-5)
     hi = np.exp(P["scale:Intercept"] + P["scale:standLRT"] * xbar + z * np.sqrt(P["var(v)"]))
     assert pq.loc["idr_var_hi", "estimate"] == pytest.approx(hi, rel=1e-12)

@@ -749,36 +749,26 @@ def run(
     """
     tasks = [(i, s, quick, max_rows, case_seconds) for i, s in enumerate(case_seeds(n, seed))]
     rows: list[dict[str, Any]] = []
-    fh = None
-    writer = None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(out, "w", newline="")  # noqa: SIM115 - closed below
-        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
-        writer.writeheader()
     t0 = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(open(out, "w", newline=""))
+            writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
+            writer.writeheader()
         if jobs > 1:
             ctx = mp.get_context("fork") if sys.platform != "win32" else mp.get_context()
-            with ctx.Pool(jobs, maxtasksperchild=50) as pool:
-                it = pool.imap_unordered(_worker, tasks)
-                for row in it:
-                    rows.append(row)
-                    if writer is not None:
-                        writer.writerow(row)
-                        fh.flush()
-                    _progress(rows, n, t0)
+            pool = stack.enter_context(ctx.Pool(jobs, maxtasksperchild=50))
+            results = pool.imap_unordered(_worker, tasks)
         else:
-            for t in tasks:
-                row = _worker(t)
-                rows.append(row)
-                if writer is not None:
-                    writer.writerow(row)
-                    fh.flush()
-                _progress(rows, n, t0)
-    finally:
-        if fh is not None:
-            fh.close()
+            results = map(_worker, tasks)
+        for row in results:
+            rows.append(row)
+            if writer is not None:
+                writer.writerow(row)
+                fh.flush()
+            _progress(rows, n, t0)
     df = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
     if out is not None:  # rewrite in index order
         df.reindex(columns=list(COLUMNS)).to_csv(out, index=False)
