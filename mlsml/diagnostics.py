@@ -21,9 +21,10 @@ import pandas as pd
 
 from .boundary import BOUNDARY_LR, boundary_effects, far_from_boundary
 from .likelihood import Likelihood
-from .optimize import OptSummary
+from .optimize import OptSummary, information_pd
 from .predict import fitted_moments
 from .quadrature import max_nagq
+from .rescale import reparametrise
 
 #: A variance of a school effect counts as zero below this fraction of its reference
 #: (the residual variance for mean effects, 1 on the ln var(e) scale for ``v``).
@@ -32,10 +33,6 @@ ZERO_VARIANCE = 1e-6
 #: The correlation matrix of the school effects counts as singular when its smallest
 #: eigenvalue is below this.
 SINGULAR_CORRELATION = 1e-6
-
-#: The observed information counts as positive definite when its smallest eigenvalue
-#: (in the units of the standardised fit) exceeds this fraction of its largest.
-HESSIAN_PD_RTOL = 1e-10
 
 #: A change of the log-likelihood above this with about twice the points gives a
 #: :class:`~mlsml.errors.QuadratureWarning`.
@@ -66,15 +63,8 @@ class Diagnostics:
 
 
 def hessian_pd(optsum: OptSummary) -> bool:
-    """Whether ``-H`` is positive definite, judged in the units of the standardised fit (:func:`mlsml.optimize.maximize`)."""
-    H = np.asarray(optsum.hessian, dtype=float)
-    negH = -0.5 * (H + H.T)
-    units = optsum.theta_units
-    try:
-        w = np.linalg.eigvalsh(negH if units is None else negH * np.outer(units, units))
-        return bool(w.min() > HESSIAN_PD_RTOL * max(w.max(), 1e-300))
-    except np.linalg.LinAlgError:
-        return False
+    """Whether ``-H`` is positive definite: Cholesky on the standardised scale of the fit (:func:`mlsml.optimize.information_pd`)."""
+    return information_pd(optsum)
 
 
 def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | None:
@@ -98,8 +88,15 @@ def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | 
     return more, abs(value - llf)
 
 
-def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool) -> list[str]:
-    """Why the fit is at a boundary: near-zero variances, correlations near +/-1 (see :meth:`mlsml.MELSMResults.singular_reasons`)."""
+def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool, theta_std=None) -> list[str]:
+    """Why the fit is at a boundary: near-zero variances, correlations near +/-1 (see :meth:`mlsml.MELSMResults.singular_reasons`).
+
+    ``theta_std`` (the estimates on the standardised scale of the fit,
+    :attr:`mlsml.optimize.OptSummary.theta_std`) decides whether the correlation matrix
+    is singular: a random slope on ``x + 1e6`` has ``corr(u0, u1) = -0.99999999`` in the
+    original parametrisation (the intercept effect is the school effect at ``x = 0``, a
+    million units away) without any singularity; with the covariates centred it does not.
+    """
     lay = lik.layout
     design = lik.design
     natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
@@ -122,11 +119,16 @@ def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool) -> list[str]
             reasons.append(f"var({name}) = {S[i, i]:.3g} is effectively zero (below {ZERO_VARIANCE:g} {of})")
     sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
     R = S / np.outer(sd, sd)
+    R_dec = R
+    if theta_std is not None and lay.d > 1 and not lay.bs_terms:
+        S_std = lay.sigma_from_natural(np.asarray(lay.to_natural(np.asarray(theta_std, dtype=float)), dtype=float))
+        sd_std = np.sqrt(np.clip(np.diag(S_std), 1e-300, None))
+        R_dec = S_std / np.outer(sd_std, sd_std)
     if lay.d > 1 and not reasons:
-        ev = np.linalg.eigvalsh(R)
+        ev = np.linalg.eigvalsh(R_dec)
         if ev.min() < SINGULAR_CORRELATION:
             iu = np.triu_indices(lay.d, 1)
-            worst = int(np.argmax(np.abs(R[iu])))
+            worst = int(np.argmax(np.abs(R_dec[iu])))
             i, j = iu[0][worst], iu[1][worst]
             reasons.append(
                 f"the school effects are (nearly) perfectly correlated: corr({lay.re_names[i]},{lay.re_names[j]}) = {R[i, j]:.6f}"
@@ -168,16 +170,28 @@ def diagnose(lik: Likelihood, optsum: OptSummary) -> Diagnostics:
     the fit converged with every variance and the smallest eigenvalue of the correlation
     matrix far from zero (:func:`mlsml.boundary.far_from_boundary`: then they cannot find
     anything).
+
+    The probes and the quadrature check evaluate the likelihood on the standardised
+    scale the optimiser worked on (:func:`mlsml.rescale.reparametrise`): on the original
+    design a covariate such as ``x + 1e6`` costs the evaluation about ``1e-3`` of
+    log-likelihood in rounding, as much as the differences the checks look for. Their
+    statistics (differences of log-likelihoods) are the same on both scales.
     """
     theta = np.asarray(optsum.theta, dtype=float)
     pd_ok = hessian_pd(optsum)
-    probe = lik.integrand.core and not (optsum.converged and far_from_boundary(lik.layout, theta, optsum.hessian))
-    boundary = tuple(boundary_effects(lik, theta, optsum.llf)) if probe else ()
+    lik_c, theta_c, llf_c, hess_c = lik, theta, optsum.llf, optsum.hessian
+    if optsum.theta_std is not None:
+        rp = reparametrise(lik.design)
+        if not rp.identity:
+            lik_c, theta_c = lik.with_design(rp.design), np.asarray(optsum.theta_std, dtype=float)
+            llf_c, hess_c = optsum.llf + rp.log_shift, optsum.hessian_std
+    probe = lik.integrand.core and not (optsum.converged and far_from_boundary(lik.layout, theta_c, hess_c))
+    boundary = tuple(boundary_effects(lik_c, theta_c, llf_c)) if probe else ()
     return Diagnostics(
         hessian_pd=pd_ok,
-        singular_reasons=tuple(singular_reasons(lik, theta, boundary, pd_ok)),
+        singular_reasons=tuple(singular_reasons(lik, theta, boundary, pd_ok, optsum.theta_std)),
         boundary=boundary,
-        quadrature_check=quadrature_check(lik, theta, optsum.llf),
+        quadrature_check=quadrature_check(lik_c, theta_c, llf_c),
     )
 
 

@@ -37,9 +37,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import optimize as sopt
 
-from .design import Design
 from .likelihood import Likelihood
 from .quadrature import QuadratureSpec
+from .rescale import reparametrise
 from .start import start_values
 
 #: Whether scipy's BFGS accepts an initial inverse Hessian (option ``hess_inv0``, new in
@@ -120,10 +120,15 @@ class OptSummary:
         The rule of the likelihood that was maximised.
     time : float
         Seconds.
-    theta_units : ndarray or None
-        Units of each element of ``theta`` relative to the fit on ``y / s``
-        (``M`` of :func:`_response_scaling`); ``H * outer(M, M)`` is the Hessian in
-        the standardised units, where eigenvalue cut-offs are meaningful.
+    theta_std : ndarray or None
+        The estimates on the standardised scale the optimiser worked on
+        (:func:`mlsml.rescale.reparametrise`); ``None`` when that is the original scale.
+    hessian_std : ndarray or None
+        The Hessian on the standardised scale the optimiser worked on
+        (:func:`mlsml.rescale.reparametrise`); ``None`` when that is the original scale.
+    jacobian : ndarray or None
+        ``d theta / d theta_s'``, the Jacobian of the map from the standardised scale;
+        ``None`` for the identity.
     """
 
     start: np.ndarray
@@ -143,7 +148,9 @@ class OptSummary:
     history: tuple
     quadrature: QuadratureSpec
     time: float
-    theta_units: np.ndarray | None = None
+    theta_std: np.ndarray | None = None
+    hessian_std: np.ndarray | None = None
+    jacobian: np.ndarray | None = None
 
     @property
     def nagq(self) -> int:
@@ -158,6 +165,10 @@ class OptSummary:
 
 #: Backward-compatible name of :class:`OptSummary`.
 Optimum = OptSummary
+
+#: The observed information counts as positive definite when the smallest eigenvalue of
+#: its unit-diagonal form exceeds this (:func:`information_pd`).
+HESSIAN_PD_RTOL = 1e-10
 
 #: Most Newton polishing steps after the quasi-Newton passes.
 NEWTON_POLISH_STEPS = 20
@@ -259,57 +270,8 @@ def _newton_polish(theta, lik: Likelihood, dtol, max_steps: int = NEWTON_POLISH_
     return theta, llf, grad, H, steps
 
 
-def _response_scaling(design: Design) -> tuple[float, np.ndarray, np.ndarray]:
-    """Power of two ``s`` near ``sd(y)`` and the affine map between optimiser scales.
-
-    Dividing ``y`` by ``s`` is exact in floating point (``s = 2^k``). If
-    ``theta`` are the parameters for ``y`` and ``theta_s`` those for ``y / s``,
-    then ``theta = M * theta_s + c`` elementwise with
-
-    - ``beta = s beta_s``;
-    - ``alpha = alpha_s + delta`` where ``W delta = 2 ln s`` (a shift of the
-      intercept, found by least squares; if the constant is not in the span of
-      ``W`` no scaling is used);
-    - the rows of ``L`` belonging to ``u`` are multiplied by ``s`` (the
-      log-diagonal shifts by ``ln s``), the row of ``v`` is unchanged, since
-      ``Sigma = D Sigma_s D`` with ``D = diag(s, ..., s, 1)``.
-
-    Models with a between-school variance function (``bs_formula``) are fitted
-    in the units of ``y`` (identity map): their ``theta`` holds ``tau`` and a
-    unit-diagonal factor, to which the map above does not apply.
-
-    Returns ``(s, M, c)``; ``s = 1`` gives the identity.
-    """
-    lay = design.layout
-    n = lay.n_params
-    ident = (1.0, np.ones(n), np.zeros(n))
-    if lay.bs_terms:  # theta holds tau and a unit-diagonal L0 there: this map does not apply
-        return ident
-    sd = float(np.std(design.y))
-    if not np.isfinite(sd) or sd <= 0:
-        return ident
-    s = float(2.0 ** np.round(np.log2(sd)))
-    if s == 1.0:
-        return ident
-    ones = np.full(design.nobs, 2.0 * np.log(s))
-    delta, *_ = np.linalg.lstsq(design.W, ones, rcond=None)
-    if not np.allclose(design.W @ delta, ones, rtol=0, atol=1e-9 * abs(ones[0])):
-        return ident
-    M = np.ones(n)
-    c = np.zeros(n)
-    M[: lay.p] = s
-    c[lay.p : lay.p + lay.k] = delta
-    pos = lay.p + lay.k
-    for i in range(lay.d):
-        if i < lay.q:
-            M[pos : pos + i] = s
-            c[pos + i] = np.log(s)
-        pos += i + 1
-    return s, M, c
-
-
 def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback=None) -> OptSummary:
-    """Maximum-likelihood estimates, fitted internally to ``y / s`` with ``s ~ sd(y)``.
+    """Maximum-likelihood estimates, fitted internally on a standardised copy of the design.
 
     Parameters
     ----------
@@ -317,7 +279,7 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
         The objective (:meth:`mlsml.MELSM.objective`); its rule is the fit's rule.
     options : FitOptions, optional
     callback : callable, optional
-        Called as ``callback(pass_number, theta, llf)`` after every pass.
+        Called as ``callback(pass_number, theta, llf)`` after every pass (original scale).
 
     Returns
     -------
@@ -325,16 +287,20 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
 
     Notes
     -----
-    The optimiser's tolerances (``gtol`` on the gradient, the relative
-    eigenvalue cut-offs of the Newton steps) are not invariant to the units of
-    ``y``: with responses of order ``1e-4`` the curvature in ``beta`` is
-    ``1e8`` times that in the variance parameters. The fit is therefore done
-    on ``y / s`` (``s`` a power of two near ``sd(y)``, so the division is
-    exact and data with ``sd(y)`` in ``[0.71, 1.41]`` are untouched) and the
-    estimates, gradient, Hessian and log-likelihood are mapped back exactly
-    by :func:`_response_scaling`: ``theta = M theta_s + c``,
-    ``grad = grad_s / M``, ``H = H_s / (M M')``, ``llf = llf_s - N ln s``.
-    Results therefore transform exactly under rescaling of ``y``.
+    The optimiser's tolerances (``gtol`` on the gradient, the relative curvature below
+    which a direction counts as flat) are not invariant to the units of the data: with
+    a covariate such as a Unix timestamp the curvature in ``beta`` spans twenty orders
+    of magnitude and a quasi-Newton run stops far below the maximum. The fit is
+    therefore done on the standardised copy of :func:`mlsml.rescale.reparametrise`
+    (response divided by a power of two near ``sd(y)``; off-centre or badly scaled
+    columns of ``X``, ``W``, ``Z``, ``G``, ``S`` centred and scaled), and the
+    estimates, gradient, Hessian and log-likelihood are mapped back exactly with the
+    Jacobian ``J`` of the map: ``theta = f(theta_s)``, ``grad = J^{-T} grad_s``,
+    ``H = J^{-T} H_s J^{-1}``, ``llf = llf_s - N ln sigma``. The standardised Hessian
+    and ``J`` are kept (:attr:`OptSummary.hessian_std`, :attr:`OptSummary.jacobian`):
+    positive definiteness and the covariance of the estimates are computed from them
+    (:func:`theta_covariance`). Results are therefore equivariant under affine changes
+    of the response and of every covariate.
 
     Examples
     --------
@@ -351,26 +317,83 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
     design = likelihood.design
     if opts.start is None and not likelihood.integrand.core:  # in the units of y (see mlsml.start)
         opts = replace(opts, start=start_values(likelihood.integrand))
-    s, M, c = _response_scaling(design)
-    if s == 1.0:
+    rp = reparametrise(design)
+    if rp.identity:
         return _maximize(likelihood, opts, callback)
-    shift = design.nobs * np.log(s)
-    std = likelihood.with_design(replace(design, y=design.y / s))
-    start = None if opts.start is None else (np.asarray(opts.start, float) - c) / M
-    cb = None if callback is None else (lambda k, th, llf: callback(k, M * th + c, llf - shift))
+    shift = rp.log_shift
+    std = likelihood.with_design(rp.design)
+    start = None if opts.start is None else rp.to_standardised(opts.start)
+    cb = None if callback is None else (lambda k, th, llf: callback(k, rp.to_original(th), llf - shift))
     opt = _maximize(std, replace(opts, start=start), cb)
+    J = rp.jacobian(opt.theta)
+    grad = rp.gradient(opt.grad, J)
     return replace(
         opt,
-        start=M * opt.start + c,
-        theta=M * opt.theta + c,
+        start=rp.to_original(opt.start),
+        theta=rp.to_original(opt.theta),
         llf=float(opt.llf - shift),
-        grad=opt.grad / M,
-        hessian=opt.hessian / np.outer(M, M),
-        max_grad=float(np.max(np.abs(opt.grad / M))) if opt.grad.size else 0.0,
+        grad=grad,
+        hessian=rp.hessian(opt.hessian, J),
+        max_grad=float(np.max(np.abs(grad))) if grad.size else 0.0,
         history=tuple((k, llf - shift, step, ok, msg) for (k, llf, step, ok, msg) in opt.history),
         options=opts,
-        theta_units=M,
+        theta_std=opt.theta,
+        hessian_std=opt.hessian,
+        jacobian=J,
     )
+
+
+def information_pd(optsum: OptSummary) -> bool:
+    r"""Whether the observed information is positive definite, decided by Cholesky.
+
+    On the standardised scale of the fit (:attr:`OptSummary.hessian_std`), with the
+    information scaled to unit diagonal, :math:`C = D^{-1/2}(-H_s)D^{-1/2}`: positive
+    definite when every diagonal entry of ``-H_s`` is positive and the Cholesky
+    factorisation of :math:`C - \epsilon I` exists, :math:`\epsilon` =
+    :data:`HESSIAN_PD_RTOL` (i.e. the smallest eigenvalue of ``C`` exceeds it). The
+    scaling makes the decision independent of the units of every parameter.
+    """
+    H = optsum.hessian if optsum.hessian_std is None else optsum.hessian_std
+    return _unit_pd(np.asarray(H, dtype=float))
+
+
+def _unit_pd(H: np.ndarray) -> bool:
+    if H.size == 0:
+        return True
+    negH = -0.5 * (H + H.T)
+    if not np.all(np.isfinite(negH)):
+        return False
+    dg = np.diag(negH)
+    if not np.all(dg > 0):
+        return False
+    sd = np.sqrt(dg)
+    C = negH / np.outer(sd, sd)
+    try:
+        np.linalg.cholesky(C - HESSIAN_PD_RTOL * np.eye(C.shape[0]))
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def theta_covariance(optsum: OptSummary) -> np.ndarray | None:
+    r"""Covariance of the estimates on the optimiser scale, :math:`J(-H_s)^{-1}J'`.
+
+    ``None`` when the information is not positive definite (:func:`information_pd`).
+    Inverting the standardised information and mapping it with the Jacobian of
+    :func:`mlsml.rescale.reparametrise` keeps the digits that inverting the Hessian in
+    the original units (condition numbers up to ``1e20`` with timestamp covariates)
+    would lose.
+    """
+    if not information_pd(optsum):
+        return None
+    H = optsum.hessian if optsum.hessian_std is None else optsum.hessian_std
+    negH = -0.5 * (np.asarray(H, dtype=float) + np.asarray(H, dtype=float).T)
+    sd = np.sqrt(np.diag(negH))
+    cov = np.linalg.inv(negH / np.outer(sd, sd)) / np.outer(sd, sd)
+    if optsum.jacobian is not None:
+        J = np.asarray(optsum.jacobian, dtype=float)
+        cov = J @ cov @ J.T
+    return 0.5 * (cov + cov.T)
 
 
 def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:

@@ -831,9 +831,8 @@ def get_prediction(res, newdata=None, kind: str = "mean", conditional: bool = Tr
     post = _posterior(res) if rows.known.any() else None
     out, post_var = _predicted(res, rows, kind, post)
     theta = np.asarray(res.theta, dtype=float)
-    if res.diagnostics.hessian_pd:
-        H = np.asarray(res.hessian, dtype=float)
-        cov_theta = np.linalg.inv(-0.5 * (H + H.T))
+    cov_theta = res.cov_theta()
+    if cov_theta is not None:
         if post is None:
             jac = _central_jacobian(lambda t: _population(t, res.layout, rows, kind), theta)
         else:

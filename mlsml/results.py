@@ -28,7 +28,7 @@ from .diagnostics import Diagnostics, diagnose
 from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .likelihood import Likelihood
-from .optimize import FitOptions, OptSummary
+from .optimize import FitOptions, OptSummary, theta_covariance
 from .params import ParamLayout
 from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
@@ -186,8 +186,8 @@ class MELSMResults:
         natural = np.asarray(lay.to_natural(theta), dtype=float)
         params = pd.Series(_readonly(natural), index=list(lay.names), name="estimate", copy=False)
         H = np.asarray(optsum.hessian, dtype=float)
-        if diagnostics.hessian_pd:
-            cov_theta = np.linalg.inv(-0.5 * (H + H.T))
+        cov_theta = theta_covariance(optsum) if diagnostics.hessian_pd else None
+        if cov_theta is not None:
             jac = lay.natural_jacobian(theta)
             cov = jac @ cov_theta @ jac.T
             cov = 0.5 * (cov + cov.T)
@@ -279,6 +279,22 @@ class MELSMResults:
         return -2.0 * self.llf + self.df_model * np.log(self.ngroups)
 
     # ------------------------------------------------------------ inference
+    def cov_theta(self) -> np.ndarray | None:
+        r"""Covariance of :attr:`theta` (the optimiser scale), or ``None`` without a positive-definite information.
+
+        From the standardised fit's information mapped with the Jacobian of the
+        reparametrisation (:func:`mlsml.optimize.theta_covariance`), so that no digits are
+        lost to badly scaled covariates; for results read from JSON, the inverse of
+        ``-hessian``. Every delta-method standard error of the package starts here.
+        """
+        if not self.diagnostics.hessian_pd:
+            return None
+        if self.optsum is not None:
+            cov = theta_covariance(self.optsum)
+            return None if cov is None else _readonly(cov)
+        H = np.asarray(self.hessian, dtype=float)
+        return _readonly(np.linalg.inv(-0.5 * (H + H.T)))
+
     def cov_params(self) -> pd.DataFrame:
         """Covariance matrix of the natural-scale estimates (delta method).
 
@@ -769,9 +785,9 @@ class MELSMResults:
             return S[iu] / (sd[iu[0]] * sd[iu[1]])
 
         est = corr_vec(np.asarray(self.theta))
-        if self.diagnostics.hessian_pd:
+        cov_t = self.cov_theta()
+        if cov_t is not None:
             jac = autograd.jacobian(corr_vec)(np.asarray(self.theta))
-            cov_t = np.linalg.inv(-0.5 * (self.hessian + self.hessian.T))
             se = np.sqrt(np.clip(np.diag(jac @ cov_t @ jac.T), 0, None))
         else:
             se = np.full(est.shape, np.nan)

@@ -167,10 +167,7 @@ def school_covariates(res, s) -> np.ndarray | None:
 
 
 def _cov_theta(res) -> np.ndarray | None:
-    if not res.diagnostics.hessian_pd:
-        return None
-    H = np.asarray(res.hessian, dtype=float)
-    return np.linalg.inv(-0.5 * (H + H.T))
+    return res.cov_theta()
 
 
 def _index(res) -> pd.Index:

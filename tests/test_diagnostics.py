@@ -11,7 +11,6 @@ from conftest import scale_slope_data
 
 import mlsml
 from mlsml.diagnostics import (
-    HESSIAN_PD_RTOL,
     QUADRATURE_TOL,
     ZERO_VARIANCE,
     diagnose,
@@ -20,6 +19,7 @@ from mlsml.diagnostics import (
     singular_reasons,
     standardised_residuals,
 )
+from mlsml.optimize import HESSIAN_PD_RTOL
 from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
 
 
@@ -45,9 +45,25 @@ def test_hessian_pd_by_the_sign_of_the_curvature(demo_fit):
     w, V = np.linalg.eigh(-H)
     flipped = -(V * np.r_[-w[0], w[1:]]) @ V.T  # one direction of positive curvature: a saddle
     assert not hessian_pd(dataclasses.replace(opt, hessian=flipped))
-    tiny = -(V * np.r_[HESSIAN_PD_RTOL * 1e-3 * w.max(), w[1:]]) @ V.T  # numerically flat
+    sd = np.sqrt(np.diag(-H))
+    wc, Vc = np.linalg.eigh(-H / np.outer(sd, sd))  # the unit-diagonal information
+    tiny = -((Vc * np.r_[HESSIAN_PD_RTOL * 1e-3, wc[1:]]) @ Vc.T) * np.outer(sd, sd)  # numerically flat
     assert not hessian_pd(dataclasses.replace(opt, hessian=tiny))
     assert not hessian_pd(dataclasses.replace(opt, hessian=np.full_like(H, np.nan)))
+
+
+def test_positive_definiteness_does_not_depend_on_the_units_of_the_parameters(demo_fit):
+    """Issue 12: the decision was an eigenvalue ratio in the units of the columns, so a
+    covariate in other units (a timestamp, income in currency) turned a positive-definite
+    information into "singular, every SE NaN". Rescaling the parameters, H -> D H D, must not
+    change it (on main, D spanning 1e-8 .. 1e10 flipped it to False)."""
+    _, res = demo_fit
+    opt = res.optsum
+    H = np.array(opt.hessian)
+    n = H.shape[0]
+    for span in (1e-8, 1e4, 1e10):
+        D = np.diag(np.geomspace(1.0, span, n))
+        assert hessian_pd(dataclasses.replace(opt, hessian=D @ H @ D, hessian_std=None)), span
 
 
 def test_quadrature_check_doubles_the_points_and_measures_the_change(demo_fit):

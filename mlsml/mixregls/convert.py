@@ -176,9 +176,8 @@ def to_mixregls(res) -> pd.DataFrame:
         return mixregls_vector(t, lay)
 
     est = np.asarray(f(theta), dtype=float)
-    if np.all(np.isfinite(res.cov_params().to_numpy())):  # the information matrix is positive definite
-        H = np.asarray(res.hessian, dtype=float)
-        cov_t = np.linalg.inv(-0.5 * (H + H.T))
+    cov_t = res.cov_theta()
+    if cov_t is not None and np.all(np.isfinite(res.cov_params().to_numpy())):  # positive-definite information
         J = autograd.jacobian(f)(theta)
         se = np.sqrt(np.clip(np.diag(J @ cov_t @ J.T), 0, None))
     else:  # no positive-definite information matrix: the fit's own SEs are NaN too

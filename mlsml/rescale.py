@@ -1,0 +1,322 @@
+r"""The internal standardisation of a fit: an exact reparametrisation, mapped back.
+
+The optimiser's tolerances (the gradient tolerance, the curvature below which a
+direction counts as flat) are relative numbers. They are meaningful only when the
+parameters have comparable units, which they do not when a covariate is a Unix
+timestamp (mean ``1.7e9``), a calendar year, income in currency units or
+``x * 1e-8``: the curvature of the likelihood in ``beta`` then spans twenty orders
+of magnitude, the intercept and the slope are almost perfectly confounded, and a
+quasi-Newton run stops far below the maximum while every check says it converged.
+
+:func:`reparametrise` therefore fits a *standardised copy* of the design and maps
+the estimates back exactly. Every matrix ``M`` of the design (``X``, ``W``, ``Z``,
+``G`` and the school-level ``S``) is replaced by
+
+.. math::
+
+    M_s = M P, \qquad \text{column } j:\;
+    m_{s,j} = (m_j - c_j\,\mathbf 1) / s_j,
+
+with ``c_j`` the column mean (only if the column is off-centre,
+``|mean| > CENTRE_RATIO * sd``, and the matrix has a constant column to absorb it)
+and ``s_j`` the power of two nearest its standard deviation (only if that is not 1,
+so the division is exact). Since ``M b = M_s P^{-1} b``, the coefficients of the
+standardised fit are ``b_s = P^{-1} b``, and for the school effects ``u = P_z u_s``,
+so that
+
+.. math::
+
+    \beta = \sigma P_x \beta_s, \qquad
+    \alpha = P_w \alpha_s + \delta, \qquad
+    \tau = P_S \tau_s, \qquad
+    \Sigma = (D T)\,\Sigma_s\,(D T)', \quad T = \operatorname{diag}(P_z, P_g),
+
+where the response is also divided by a power of two ``sigma`` near ``sd(y)``
+(``W delta = 2 ln sigma``; ``D = diag(sigma, ..., sigma, 1, ..., 1)`` scales the
+rows of the mean effects) and ``llf = llf_s - N ln sigma``. The maximum is the same
+point; only the optimiser's path changes. The log-Cholesky factor of ``Sigma`` is
+found from ``D T L_s`` by an LQ factorisation (accurate even when ``Sigma`` is
+nearly singular), and the Jacobian :math:`J = \partial\theta/\partial\theta_s'` is
+block diagonal with the linear blocks above and, for the log-Cholesky entries,
+
+.. math::
+
+    J_\psi = \Big[\tfrac{\partial\,\mathrm{vech}\,\Sigma}{\partial\psi'}\Big]^{-1}
+             \tfrac{\partial\,\mathrm{vech}\,(D T \Sigma_s T' D)}{\partial\psi_s'} .
+
+The gradient and Hessian map as :math:`g = J^{-T} g_s` and
+:math:`H = J^{-T} H_s J^{-1}` (exact at a stationary point, where the term in the
+second derivatives of the map times :math:`g_s` vanishes), and the covariance of
+the estimates as :math:`J (-H_s)^{-1} J'` -- computed from the standardised
+information, never by inverting the ill-conditioned ``H``.
+
+Models with a between-school variance function (``bs_formula``) keep ``Z``, ``G``
+and ``y`` as they are: their ``theta`` holds ``tau`` and a unit-diagonal factor of
+``Sigma0``, to which the map of ``Sigma`` does not apply; ``X``, ``W`` and ``S``
+are standardised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .design import Design
+from .params import sigma_derivatives, vector_from_chol
+
+#: A column is centred when its mean exceeds this many standard deviations (and the
+#: matrix has a constant column): ``[1, x]`` is then far from orthogonal.
+CENTRE_RATIO = 4.0
+
+#: A column is scaled when the power of two nearest its standard deviation is at least
+#: this factor away from 1 (``2**3``): within it the curvature of its coefficient is
+#: within ``64`` of a standardised one, which the optimiser's relative tolerances absorb.
+SCALE_RATIO = 8.0
+
+#: A diagonal entry of a Cholesky factor below this (relative to the largest) is taken as
+#: this when its log is needed (a school effect exactly at zero variance).
+TINY_PIVOT = 1e-150
+
+
+def _power_of_two(x: float) -> float:
+    """The power of two nearest ``x > 0`` (on the log scale)."""
+    return float(2.0 ** np.round(np.log2(x)))
+
+
+def column_map(M: np.ndarray) -> np.ndarray:
+    r"""``P`` with ``M_s = M P`` the standardised copy of ``M`` (module docstring).
+
+    Parameters
+    ----------
+    M : ndarray (N, k)
+
+    Returns
+    -------
+    ndarray (k, k)
+        Identity on the constant columns and on columns already near mean 0 and SD 1;
+        otherwise column ``j`` of ``P`` is :math:`(e_j - (c_j/k_0) e_{0}) / s_j` with ``e_0`` a
+        constant column of value ``k_0``.
+
+    Examples
+    --------
+    >>> M = np.column_stack([np.ones(4), 1e6 + np.arange(4.0)])
+    >>> (M @ column_map(M))[:, 1].tolist()
+    [-1.5, -0.5, 0.5, 1.5]
+    """
+    M = np.asarray(M, dtype=float)
+    k = M.shape[1] if M.ndim == 2 else 0
+    P = np.eye(k)
+    if k == 0 or M.shape[0] == 0:
+        return P
+    lo, hi = M.min(axis=0), M.max(axis=0)
+    const = np.flatnonzero((lo == hi) & (lo != 0))
+    i0 = int(const[0]) if const.size else None
+    for j in range(k):
+        if lo[j] == hi[j]:
+            continue
+        col = M[:, j]
+        mean = float(np.mean(col))
+        sd = float(np.std(col))
+        if not (np.isfinite(sd) and sd > 0):
+            continue
+        s = _power_of_two(sd)
+        if max(s, 1.0 / s) < SCALE_RATIO:
+            s = 1.0
+        centre = i0 is not None and abs(mean) > CENTRE_RATIO * sd
+        if centre:
+            P[i0, j] = -mean / M[0, i0] / s
+        P[j, j] = 1.0 / s
+    return P
+
+
+@dataclass(frozen=True)
+class Reparametrisation:
+    r"""An exact map between a design's parameters and those of its standardised copy.
+
+    Attributes
+    ----------
+    design : Design
+        The standardised design the optimiser sees (the original when :attr:`identity`).
+    sigma : float
+        The power of two the response was divided by.
+    Px, Pw, PS : ndarray
+        Column maps of ``X``, ``W`` and ``S`` (``M_s = M P``; ``PS`` is empty without ``bs_formula``).
+    T : ndarray (d, d)
+        ``diag(sigma P_z, P_g)`` restricted to the school effects: ``Sigma = T Sigma_s T'``.
+    delta : ndarray (k,)
+        Shift of ``alpha`` from the response scaling, ``W delta = 2 ln sigma``.
+    identity : bool
+        Whether nothing was changed (the map is skipped).
+    """
+
+    design: Design
+    sigma: float
+    Px: np.ndarray
+    Pw: np.ndarray
+    PS: np.ndarray
+    T: np.ndarray
+    delta: np.ndarray
+    identity: bool
+
+    @property
+    def layout(self):
+        """The parameter layout (the same on both scales)."""
+        return self.design.layout
+
+    @property
+    def log_shift(self) -> float:
+        """``N ln sigma``: the standardised fit's log-likelihood minus the original one."""
+        return float(self.design.nobs * np.log(self.sigma))
+
+    # ------------------------------------------------------------ the map
+    def _blocks(self):
+        lay = self.layout
+        off = lay.p + lay.k + lay.m
+        return lay.p, lay.p + lay.k, off
+
+    def to_original(self, theta_s: np.ndarray) -> np.ndarray:
+        """``theta`` of the original design from ``theta_s`` of the standardised one."""
+        theta_s = np.asarray(theta_s, dtype=float)
+        if self.identity:
+            return theta_s.copy()
+        lay = self.layout
+        p, pk, off = self._blocks()
+        beta = self.sigma * (self.Px @ theta_s[:p])
+        alpha = self.Pw @ theta_s[p:pk] + self.delta
+        tau = self.PS @ theta_s[pk:off]
+        rest = theta_s[off:]
+        if not lay.bs_terms and lay.d:
+            L_s = _chol(rest, lay.d)
+            rest = vector_from_chol(_lower_factor(self.T @ L_s))
+        return np.concatenate([beta, alpha, tau, rest])
+
+    def to_standardised(self, theta: np.ndarray) -> np.ndarray:
+        """``theta_s`` of the standardised design from ``theta`` of the original one."""
+        theta = np.asarray(theta, dtype=float)
+        if self.identity:
+            return theta.copy()
+        lay = self.layout
+        p, pk, off = self._blocks()
+        beta = np.linalg.solve(self.Px, theta[:p]) / self.sigma
+        alpha = np.linalg.solve(self.Pw, theta[p:pk] - self.delta)
+        tau = np.linalg.solve(self.PS, theta[pk:off]) if lay.m else theta[pk:off]
+        rest = theta[off:]
+        if not lay.bs_terms and lay.d:
+            L = _chol(rest, lay.d)
+            rest = vector_from_chol(_lower_factor(np.linalg.solve(self.T, L)))
+        return np.concatenate([beta, alpha, tau, rest])
+
+    def jacobian(self, theta_s: np.ndarray) -> np.ndarray:
+        r""":math:`J = \partial\theta / \partial\theta_s'` at ``theta_s`` (module docstring)."""
+        lay = self.layout
+        n = lay.n_params
+        if self.identity:
+            return np.eye(n)
+        theta_s = np.asarray(theta_s, dtype=float)
+        p, pk, off = self._blocks()
+        J = np.zeros((n, n))
+        J[:p, :p] = self.sigma * self.Px
+        J[p:pk, p:pk] = self.Pw
+        J[pk:off, pk:off] = self.PS
+        if lay.bs_terms or not lay.d:
+            J[off:, off:] = np.eye(n - off)
+            return J
+        d = lay.d
+        L_s = _chol(theta_s[off:], d)
+        L = _chol(self.to_original(theta_s)[off:], d)
+        rows, cols = np.tril_indices(d)
+        dS_s = np.einsum("ab,kbc,dc->kad", self.T, sigma_derivatives(L_s), self.T)[:, rows, cols]
+        dS = sigma_derivatives(L)[:, rows, cols]
+        J[off:, off:] = np.linalg.solve(dS.T, dS_s.T)
+        return J
+
+    def gradient(self, grad_s: np.ndarray, J: np.ndarray) -> np.ndarray:
+        """The gradient in ``theta``: :math:`J^{-T} g_s`."""
+        return grad_s.copy() if self.identity else np.linalg.solve(J.T, grad_s)
+
+    def hessian(self, hess_s: np.ndarray, J: np.ndarray) -> np.ndarray:
+        """The Hessian in ``theta`` at a stationary point: :math:`J^{-T} H_s J^{-1}`."""
+        if self.identity:
+            return hess_s.copy()
+        Ji = np.linalg.inv(J)
+        H = Ji.T @ hess_s @ Ji
+        return 0.5 * (H + H.T)
+
+
+def _chol(vec: np.ndarray, d: int) -> np.ndarray:
+    """``L`` from its row-wise log-Cholesky vector (plain numpy)."""
+    L = np.zeros((d, d))
+    pos = 0
+    for i in range(d):
+        L[i, :i] = vec[pos : pos + i]
+        L[i, i] = np.exp(vec[pos + i])
+        pos += i + 1
+    return L
+
+
+def _lower_factor(M: np.ndarray) -> np.ndarray:
+    r"""The lower-triangular ``L`` with positive diagonal and ``L L' = M M'`` (LQ of ``M``).
+
+    From the QR factorisation :math:`M' = Q R`: :math:`M M' = R'R`, so ``L = R'`` with the
+    signs of its columns made positive; accurate when ``M M'`` is nearly singular, where a
+    Cholesky factorisation of the product would lose the small pivots.
+    """
+    R = np.linalg.qr(M.T, mode="r")
+    L = R.T.copy()
+    sign = np.where(np.diag(L) < 0, -1.0, 1.0)
+    L *= sign[None, :]
+    diag = np.diag(L)
+    floor = TINY_PIVOT * max(float(np.abs(L).max()), TINY_PIVOT)
+    L[np.diag_indices_from(L)] = np.maximum(diag, floor)
+    return L
+
+
+def reparametrise(design: Design) -> Reparametrisation:
+    """The standardised copy of ``design`` and the map back (module docstring).
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> df["x"] = df["x"] + 1e6
+    >>> rp = reparametrise(mlsml.MELSM.from_formula("y ~ x", df, groups="school").design)
+    >>> rp.identity, float(abs(rp.design.X[:, 1].mean())) < 1e-6
+    (False, True)
+    """
+    lay = design.layout
+    n = design.nobs
+    bs = bool(lay.bs_terms)
+    sigma = 1.0
+    delta = np.zeros(lay.k)
+    if not bs:
+        sd = float(np.std(design.y))
+        if np.isfinite(sd) and sd > 0:
+            sigma = _power_of_two(sd)
+        if sigma != 1.0:
+            target = np.full(n, 2.0 * np.log(sigma))
+            delta, *_ = np.linalg.lstsq(design.W, target, rcond=None)
+            if not np.allclose(design.W @ delta, target, rtol=0, atol=1e-9 * abs(target[0])):
+                sigma, delta = 1.0, np.zeros(lay.k)  # the constant is not in the span of W
+    Px, Pw = column_map(design.X), column_map(design.W)
+    PS = column_map(design.S) if (bs and design.S is not None) else np.eye(lay.m)
+    d = lay.d
+    T = np.eye(d)
+    if not bs and d:
+        T[: lay.q, : lay.q] = sigma * column_map(design.Z) if lay.q else T[: lay.q, : lay.q]
+        if lay.scale_re_terms and design.G is not None:
+            T[lay.q :, lay.q :] = column_map(design.G)
+    eye = all(np.array_equal(P, np.eye(P.shape[0])) for P in (Px, Pw, PS))
+    if sigma == 1.0 and eye and np.array_equal(T, np.eye(d)):
+        return Reparametrisation(design, 1.0, Px, Pw, PS, T, delta, identity=True)
+    std = dataclasses.replace(
+        design,
+        y=design.y / sigma,
+        X=design.X @ Px,
+        W=design.W @ Pw,
+        Z=design.Z @ (T[: lay.q, : lay.q] / sigma) if (not bs and lay.q) else design.Z,
+        G=design.G @ T[lay.q :, lay.q :] if (not bs and lay.scale_re_terms and design.G is not None) else design.G,
+        S=design.S @ PS if (bs and design.S is not None) else design.S,
+    )
+    return Reparametrisation(std, sigma, Px, Pw, PS, T, delta, identity=False)
