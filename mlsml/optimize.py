@@ -25,6 +25,13 @@ gained to second order -- is below ``dtol`` (1e-6 by default). Standard errors
 come from the autograd Hessian at nodes adapted to the estimates (the observed
 information).
 
+All of this runs on a standardised copy of the design (:mod:`mlsml.rescale`: the
+response and every off-centre or badly scaled covariate column centred and scaled, an
+exact reparametrisation), so that the relative tolerances above mean the same for a
+covariate measured in seconds since 1970 as for a z-score; :func:`maximize` maps the
+estimates, gradient and Hessian back with the Jacobian of the map, and
+:func:`theta_covariance` inverts the standardised information.
+
 Starting values come from :mod:`mlsml.start`; BFGS is seeded with the inverse of the
 exact Hessian at the start.
 """
