@@ -14,14 +14,14 @@ The figures built on them (histograms with normal curves) are in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from .boundary import BOUNDARY_LR, boundary_effects, far_from_boundary
+from .boundary import BOUNDARY_LR, FACE_LLF_TOL, boundary_effects, boundary_likelihood, far_from_boundary, search_faces
 from .likelihood import Likelihood
-from .optimize import OptSummary
+from .optimize import OptSummary, maximize
 from .predict import fitted_moments
 from .quadrature import max_nagq
 
@@ -36,6 +36,9 @@ SINGULAR_CORRELATION = 1e-6
 #: The observed information counts as positive definite when its smallest eigenvalue
 #: (in the units of the standardised fit) exceeds this fraction of its largest.
 HESSIAN_PD_RTOL = 1e-10
+
+#: The reason given when the observed information is not positive definite.
+NOT_PD_REASON = "the observed information is not positive definite (standard errors unavailable)"
 
 #: A change of the log-likelihood above this with about twice the points gives a
 #: :class:`~mlsml.errors.QuadratureWarning`.
@@ -56,12 +59,16 @@ class Diagnostics:
         The boundary probes of :func:`mlsml.boundary.boundary_effects`.
     quadrature_check : tuple or None
         ``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
+    faces : tuple of Face
+        The maxima on the faces of the boundary (:func:`mlsml.boundary.search_faces`), best
+        first; empty unless the fit is on the boundary.
     """
 
     hessian_pd: bool
     singular_reasons: tuple = ()
     boundary: tuple = ()
     quadrature_check: tuple | None = None
+    faces: tuple = ()
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -156,29 +163,95 @@ def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool) -> list[str]
                 f"var({name}) = {var:.3g} is at the boundary: dropping {name} changes 2*llf by only {-stat:+.1e}"
             )
     if not pd_ok:
-        reasons.append("the observed information is not positive definite (standard errors unavailable)")
+        reasons.append(NOT_PD_REASON)
     return reasons
 
 
-def diagnose(lik: Likelihood, optsum: OptSummary) -> Diagnostics:
+def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) -> Diagnostics:
     """All diagnostics of a fit, from its likelihood and optimiser summary.
 
     The boundary probes (:func:`mlsml.boundary.boundary_effects`) apply where the
     integrand is the core model (:attr:`mlsml.integrand.Integrand.core`), and run unless
     the fit converged with every variance and the smallest eigenvalue of the correlation
     matrix far from zero (:func:`mlsml.boundary.far_from_boundary`: then they cannot find
-    anything).
+    anything). When the fit is on the boundary (a probe or a near-zero variance or
+    correlation), the faces of the boundary are searched
+    (:func:`mlsml.boundary.search_faces`) and the best is reported; ``faces`` gives the
+    result of an earlier search instead (their gains are taken relative to this fit).
     """
     theta = np.asarray(optsum.theta, dtype=float)
     pd_ok = hessian_pd(optsum)
     probe = lik.integrand.core and not (optsum.converged and far_from_boundary(lik.layout, theta, optsum.hessian))
     boundary = tuple(boundary_effects(lik, theta, optsum.llf)) if probe else ()
+    reasons = singular_reasons(lik, theta, boundary, pd_ok)
+    if not (probe and np.isfinite(optsum.llf) and (boundary or any(r != NOT_PD_REASON for r in reasons))):
+        faces = ()
+    elif faces is None:
+        faces = tuple(search_faces(lik, theta))
+    else:  # the earlier search's maxima, against this fit by the same (product) rule
+        with np.errstate(all="ignore"):
+            base = float(boundary_likelihood(lik).value(theta))
+        faces = tuple(replace(f, gain=f.llf - base) for f in faces)
+    reasons += face_reasons(faces)
     return Diagnostics(
         hessian_pd=pd_ok,
-        singular_reasons=tuple(singular_reasons(lik, theta, boundary, pd_ok)),
+        singular_reasons=tuple(reasons),
         boundary=boundary,
         quadrature_check=quadrature_check(lik, theta, optsum.llf),
+        faces=faces,
     )
+
+
+def face_reasons(faces) -> list[str]:
+    """What the face search found, in words: the best face, its llf and how it compares to the fit."""
+    if not faces:
+        return []
+    best = faces[0]
+    if best.gain > FACE_LLF_TOL:
+        return [
+            f"the maximum is on another face of the boundary: with {best.name} the log-likelihood is "
+            f"{best.llf:.4f}, {best.gain:.3g} higher than at these estimates, which are NOT the maximum"
+        ]
+    return [
+        f"of the boundary's faces the highest is {best.name} (log-likelihood {best.llf:.4f}, "
+        f"{abs(best.gain):.2g} {'below' if best.gain < 0 else 'above'} these estimates: they are the maximum)"
+    ]
+
+
+def settle(lik: Likelihood, optsum: OptSummary) -> tuple[OptSummary, Diagnostics]:
+    """Diagnose a fit; if a face of the boundary is higher, refit from there (issue 12).
+
+    When :func:`diagnose`'s face search finds a face more than
+    :data:`mlsml.boundary.FACE_LLF_TOL` above the fit, the fit's own rule is maximised again
+    from that face's maximum moved just inside (:meth:`mlsml.boundary.Face.inside`). The refit
+    is kept when it is higher; if a face is still higher after it, the fit is marked as not
+    converged with a message naming the face, never left silently "converged" at the lower point.
+
+    Returns
+    -------
+    (OptSummary, Diagnostics)
+        The (possibly refitted) optimum and its diagnostics.
+    """
+    diagnostics = diagnose(lik, optsum)
+    faces = diagnostics.faces
+    if not faces or faces[0].gain <= FACE_LLF_TOL:
+        return optsum, diagnostics
+    start = faces[0].inside()
+    try:
+        refit = maximize(lik, replace(optsum.options, start=start))
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        refit = None
+    if refit is not None and np.isfinite(refit.llf) and refit.llf > optsum.llf:
+        optsum, diagnostics = refit, diagnose(lik, refit, faces=faces)
+        faces = diagnostics.faces
+    if faces and faces[0].gain > FACE_LLF_TOL and optsum.converged:
+        optsum = replace(
+            optsum,
+            converged=False,
+            message=f"the face {faces[0].name} of the boundary is {faces[0].gain:.3g} higher in log-likelihood "
+            f"than these estimates ({optsum.message})",
+        )
+    return optsum, diagnostics
 
 
 def standardised_residuals(res) -> pd.Series:
