@@ -330,7 +330,7 @@ def face_fixed(d: int, kind: str, k: int) -> list[tuple[int, int]]:
     return out
 
 
-def _ref_variances(lik: Likelihood, natural: np.ndarray) -> np.ndarray:
+def reference_variances(lik: Likelihood, natural: np.ndarray) -> np.ndarray:
     """Reference variance of every school effect: residual variance over ``mean(z^2)`` for ``u``, 1 for ``v``."""
     lay = lik.layout
     design = lik.design
@@ -488,7 +488,7 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     natural = np.asarray(lay.to_natural(theta), dtype=float)
     off = lay.p + lay.k
     S = lay.sigma_from_natural(natural)
-    ref = _ref_variances(lik, natural)
+    ref = reference_variances(lik, natural)
     var0 = np.where(np.diag(S) > 1e-4 * FACE_START_FRACTION * ref, np.diag(S), FACE_START_FRACTION * ref)
     sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
     R = np.clip(S / np.outer(sd, sd), -1.0, 1.0) * 0.99 + 0.01 * np.eye(d)  # away from singular to start
@@ -517,3 +517,104 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
             seen.add(f.name)
             out.append(f)
     return out
+
+
+# ---------------------------------------------------------------- singular fits: reduced-rank information
+
+#: The reduced information (degenerate directions dropped, scaled to unit diagonal) counts as
+#: positive definite when its smallest eigenvalue exceeds this.
+REDUCED_PD_TOL = 1e-10
+
+
+def degenerate_natural(layout, degenerate) -> list[int]:
+    """Positions in the natural-scale vector of the entries of ``Sigma`` a degenerate direction leaves undetermined.
+
+    ``("drop", e)``: ``var(e)`` and every ``cov(e, .)``; ``("rank", k)``: every ``cov(., k)``
+    (effect ``k`` is a combination of the others: its covariances follow from the variances).
+    """
+    off = layout.p + layout.k
+    d = layout.d
+    iu = list(zip(*np.triu_indices(d, 1)))
+    out = set()
+    for kind, k in degenerate:
+        if kind == "drop":
+            out.add(off + k)
+        out.update(off + d + n for n, (i, j) in enumerate(iu) if k in (i, j))
+    return sorted(out)
+
+
+def reduced_rank_covariance(hessian: np.ndarray, layout, theta, degenerate) -> np.ndarray | None:
+    r"""Covariance of the natural-scale estimates at a singular fit, from the reduced-rank information.
+
+    At a fit on a face of the boundary (:func:`face_fixed`) the log-likelihood is flat in the
+    log-Cholesky parameters that the face holds fixed, so the observed information
+    :math:`-H` is singular and cannot be inverted. As lme4 does for the fixed effects at a
+    singular fit, those parameters are dropped (set ``D``) and the rest inverted:
+
+    .. math::
+
+        V_\theta = [-H_{\bar D \bar D}]^{-1}, \qquad
+        V = J_{\cdot \bar D}\, V_\theta\, J_{\cdot \bar D}'
+
+    with ``J`` the Jacobian of the natural parameters (:meth:`mlsml.params.ParamLayout.natural_jacobian`).
+    These are the standard errors of ``beta``, ``alpha`` and the determined entries of
+    ``Sigma`` given that the fit is on that face; the entries the face leaves undetermined
+    (:func:`degenerate_natural`) are NaN.
+
+    Parameters
+    ----------
+    hessian : ndarray
+        Hessian of the log-likelihood at ``theta`` (optimiser scale).
+    layout : ParamLayout
+        The layout of a core model.
+    theta : ndarray
+        The estimates (optimiser scale).
+    degenerate : sequence of (kind, k)
+        The faces the fit is on (``("drop", e)`` or ``("rank", k)``, as in :func:`face_fixed`).
+
+    Returns
+    -------
+    ndarray or None
+        ``(n_params, n_params)``; ``None`` when the reduced information is not positive
+        definite either (its smallest eigenvalue, at unit diagonal, below :data:`REDUCED_PD_TOL`).
+
+    Examples
+    --------
+    A singular information (the last parameter has no curvature) loses only its own row:
+
+    >>> from mlsml.params import ParamLayout
+    >>> lay = ParamLayout(("Intercept",), ("Intercept",), n_re_mean=1, random_scale=True)
+    >>> theta = lay.theta_from_parts([0.0], [0.0], [[1.0, 0.5], [0.5, 0.25 + 1e-12]])
+    >>> H = -np.diag([4.0, 1.0, 2.0, 1.0, 0.0])
+    >>> V = reduced_rank_covariance(H, lay, theta, [("rank", 1)])
+    >>> np.sqrt(np.diag(V)).round(3).tolist()[:2], bool(np.isnan(V[-1, -1]))
+    ([0.5, 1.0], True)
+    """
+    theta = np.asarray(theta, dtype=float)
+    H = np.asarray(hessian, dtype=float)
+    n = layout.n_params
+    off = layout.p + layout.k
+    fixed = {off + _psi_index(i, j) for kind, k in degenerate for i, j in face_fixed(layout.d, kind, k)}
+    keep = np.array([i for i in range(n) if i not in fixed], dtype=int)
+    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(theta))) or keep.size == 0:
+        return None
+    A = -0.5 * (H + H.T)[np.ix_(keep, keep)]
+    diag = np.diag(A)
+    if not np.all(diag > 0):
+        return None
+    scale = np.sqrt(diag)
+    As = A / np.outer(scale, scale)
+    try:
+        w, V = np.linalg.eigh(As)
+    except np.linalg.LinAlgError:
+        return None
+    if not w.min() > REDUCED_PD_TOL:
+        return None
+    cov_red = ((V / w) @ V.T) / np.outer(scale, scale)
+    jac = layout.natural_jacobian(theta)[:, keep]
+    cov = jac @ cov_red @ jac.T
+    cov = 0.5 * (cov + cov.T)
+    bad = degenerate_natural(layout, degenerate)
+    cov[bad, :] = np.nan
+    cov[:, bad] = np.nan
+    return cov

@@ -19,9 +19,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from .boundary import BOUNDARY_LR, FACE_LLF_TOL, boundary_effects, boundary_likelihood, far_from_boundary, search_faces
+from .boundary import (
+    BOUNDARY_LR,
+    FACE_LLF_TOL,
+    boundary_effects,
+    boundary_likelihood,
+    far_from_boundary,
+    reduced_rank_covariance,
+    reference_variances,
+    search_faces,
+)
 from .likelihood import Likelihood
 from .optimize import OptSummary, maximize
+from .params import chol_from_vector
 from .predict import fitted_moments
 from .quadrature import max_nagq
 
@@ -62,6 +72,12 @@ class Diagnostics:
     faces : tuple of Face
         The maxima on the faces of the boundary (:func:`mlsml.boundary.search_faces`), best
         first; empty unless the fit is on the boundary.
+    degenerate : tuple
+        The faces the fit is on, ``("drop", e)`` or ``("rank", k)`` (:func:`degenerate_directions`).
+    reduced_cov : ndarray or None
+        At a singular fit whose information is not positive definite: the covariance of the
+        estimates from the reduced-rank information (:func:`singular_covariance`), NaN for the
+        undetermined entries of ``Sigma``.
     """
 
     hessian_pd: bool
@@ -69,6 +85,8 @@ class Diagnostics:
     boundary: tuple = ()
     quadrature_check: tuple | None = None
     faces: tuple = ()
+    degenerate: tuple = ()
+    reduced_cov: np.ndarray | None = field(default=None, compare=False, repr=False)
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -156,15 +174,126 @@ def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool) -> list[str]
             reasons.append(
                 f"Sigma is at the boundary: making the correlation matrix of the school effects singular "
                 f"(smallest eigenvalue {var:.2g} -> 0; largest correlation corr({lay.re_names[i]},"
-                f"{lay.re_names[j]}) = {R[i, j]:.6f}) changes 2*llf by only {-stat:+.1e}"
+                f"{lay.re_names[j]}) = {R[i, j]:.6f}) {llf_change_words(stat)}"
             )
         elif not any(r.startswith(f"var({name})") for r in reasons):
             reasons.append(  # the first check's threshold missed it
-                f"var({name}) = {var:.3g} is at the boundary: dropping {name} changes 2*llf by only {-stat:+.1e}"
+                f"var({name}) = {var:.3g} is at the boundary: dropping {name} {llf_change_words(stat)}"
             )
     if not pd_ok:
         reasons.append(NOT_PD_REASON)
     return reasons
+
+
+def llf_change_words(stat: float) -> str:
+    """A probe's likelihood-ratio statistic ``stat = 2 (llf - llf_probe)`` in words, with its sign.
+
+    ``stat >= 0``: the probe *lowers* the log-likelihood by ``stat / 2``; a small negative
+    ``stat`` (above ``-BOUNDARY_LR``) means it raises it by less than the rounding of the
+    likelihood evaluations (the probe uses the product rule).
+
+    Examples
+    --------
+    >>> llf_change_words(6.4e-07)
+    'lowers the log-likelihood by only 3.2e-07 (likelihood-ratio statistic 6.4e-07)'
+    >>> llf_change_words(-6.4e-07)
+    'raises the log-likelihood by only 3.2e-07, within rounding (the estimates are at the maximum)'
+    """
+    if stat >= 0:
+        return f"lowers the log-likelihood by only {stat / 2:.2g} (likelihood-ratio statistic {stat:.2g})"
+    return f"raises the log-likelihood by only {-stat / 2:.2g}, within rounding (the estimates are at the maximum)"
+
+
+def _effect_words(lay, re_terms, e: int) -> str:
+    """What school effect ``e`` does, in words: "the mean", "the slope on x", "the residual variance"."""
+    name = lay.re_names[e]
+    if name.startswith("v"):
+        return "the residual variance"
+    term = re_terms[e] if e < len(re_terms) else name
+    return "the mean" if term == "Intercept" else f"the slope on {term}"
+
+
+def _drop_advice(lay, re_terms, e: int) -> str:
+    """The fit argument that removes school effect ``e``."""
+    if lay.re_names[e].startswith("v"):
+        return "random_scale=False"
+    rest = [t for i, t in enumerate(re_terms[: lay.q]) if i != e]
+    if not rest:
+        return "re_formula='~ 0'" if lay.random_scale else "a model without school effects"
+    if "Intercept" in rest:
+        return "re_formula='~ " + (" + ".join(t for t in rest if t != "Intercept") or "1") + "'"
+    return "re_formula='~ 0 + " + " + ".join(rest) + "'"
+
+
+def degenerate_directions(lik: Likelihood, theta) -> tuple:
+    r"""The faces of the boundary a fit is on, as ``("drop", e)`` or ``("rank", k)`` (:func:`mlsml.boundary.face_fixed`).
+
+    ``("drop", e)`` when ``var(e)`` is effectively zero (below :data:`ZERO_VARIANCE` of its
+    reference, as in :func:`singular_reasons`); otherwise ``("rank", k)`` when the part of
+    ``e_k`` not explained by ``e_0 .. e_{k-1}`` is below :data:`SINGULAR_CORRELATION` of its
+    variance, :math:`L_{kk}^2 < 10^{-6}\,\Sigma_{kk}`.
+    """
+    lay = lik.layout
+    if not lik.integrand.core or lay.d == 0:
+        return ()
+    theta = np.asarray(theta, dtype=float)
+    natural = np.asarray(lay.to_natural(theta), dtype=float)
+    S = lay.sigma_from_natural(natural)
+    ref = reference_variances(lik, natural)
+    drops = tuple(("drop", e) for e in range(lay.d) if not S[e, e] > ZERO_VARIANCE * ref[e])
+    if drops:
+        return drops
+    L = np.asarray(chol_from_vector(theta[lay.p + lay.k :], lay.d), dtype=float)
+    return tuple(("rank", k) for k in range(1, lay.d) if L[k, k] ** 2 < SINGULAR_CORRELATION * S[k, k])
+
+
+def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
+    """Each degenerate direction in words a user understands, with what to do about it."""
+    lay = lik.layout
+    re_terms = list(lik.design.info.get("re_terms", ()))
+    natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
+    S = lay.sigma_from_natural(natural)
+    ref = reference_variances(lik, natural)
+    names = lay.re_names
+    test = "or test it with mlsml.lrtest(fit_without_it, res)"
+    out = []
+    for kind, k in degenerate:
+        if kind == "drop":
+            out.append(
+                f"schools do not differ in {_effect_words(lay, re_terms, k)} (var({names[k]}) is zero at the maximum): "
+                f"drop the effect ({_drop_advice(lay, re_terms, k)}) {test}"
+            )
+            continue
+        sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
+        R = S / np.outer(sd, sd)
+        j = int(np.argmax(np.abs(R[k, :k])))
+        weaker = j if S[j, j] / ref[j] < S[k, k] / ref[k] else k
+        sign = "positively" if R[j, k] > 0 else "negatively"
+        out.append(
+            f"the school effects on {_effect_words(lay, re_terms, j)} ({names[j]}) and on "
+            f"{_effect_words(lay, re_terms, k)} ({names[k]}) are perfectly {sign} correlated "
+            f"(corr({names[j]},{names[k]}) = {R[j, k]:+.6f}"
+            + ("" if lay.d == 2 else f"; {names[k]} is an exact linear combination of {', '.join(names[:k])}")
+            + f"): the data cannot separate them. Drop the weaker one, {names[weaker]} "
+            f"({_drop_advice(lay, re_terms, weaker)}), {test}"
+        )
+    return out
+
+
+def singular_covariance(lik: Likelihood, theta, degenerate) -> np.ndarray | None:
+    """Covariance of the estimates at a singular fit (:func:`mlsml.boundary.reduced_rank_covariance`).
+
+    The Hessian is that of :func:`mlsml.boundary.boundary_likelihood` (the product rule):
+    the u-exact rule inverts ``Sigma`` and is inaccurate at a singular one, and the same
+    Hessian under both rules gives the same standard errors' availability.
+    """
+    theta = np.asarray(theta, dtype=float)
+    try:
+        with np.errstate(all="ignore"):
+            H = boundary_likelihood(lik).hessian(theta)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return None
+    return reduced_rank_covariance(H, lik.layout, theta, degenerate)
 
 
 def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) -> Diagnostics:
@@ -193,12 +322,27 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
             base = float(boundary_likelihood(lik).value(theta))
         faces = tuple(replace(f, gain=f.llf - base) for f in faces)
     reasons += face_reasons(faces)
+    degenerate = degenerate_directions(lik, theta) if reasons else ()
+    reasons += degenerate_words(lik, theta, degenerate)
+    reduced = None
+    if not pd_ok and degenerate and np.isfinite(optsum.llf):
+        reduced = singular_covariance(lik, theta, degenerate)
+        if reduced is not None:
+            missing = [n for n, ok in zip(lik.layout.names, np.isfinite(np.diag(reduced))) if not ok]
+            reasons.remove(NOT_PD_REASON)
+            reasons.append(
+                "the observed information is singular in the degenerate direction(s) above: the standard errors "
+                "come from the information of the reduced-rank Sigma (as lme4 reports at a singular fit); "
+                f"those of {', '.join(missing)} are unavailable (not determined at the boundary)"
+            )
     return Diagnostics(
         hessian_pd=pd_ok,
         singular_reasons=tuple(reasons),
         boundary=boundary,
         quadrature_check=quadrature_check(lik, theta, optsum.llf),
         faces=faces,
+        degenerate=degenerate,
+        reduced_cov=reduced,
     )
 
 
