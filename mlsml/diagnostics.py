@@ -204,13 +204,13 @@ def llf_change_words(stat: float) -> str:
     return f"raises the log-likelihood by only {-stat / 2:.2g}, within rounding (the estimates are at the maximum)"
 
 
-def _effect_words(lay, re_terms, e: int) -> str:
+def _effect_words(lay, re_terms, e: int, article: str = "the") -> str:
     """What school effect ``e`` does, in words: "the mean", "the slope on x", "the residual variance"."""
     name = lay.re_names[e]
     if name.startswith("v"):
-        return "the residual variance"
+        return f"{article} residual variance"
     term = re_terms[e] if e < len(re_terms) else name
-    return "the mean" if term == "Intercept" else f"the slope on {term}"
+    return f"{article} mean" if term == "Intercept" else f"{article} slope on {term}"
 
 
 def _drop_advice(lay, re_terms, e: int) -> str:
@@ -260,7 +260,7 @@ def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
     for kind, k in degenerate:
         if kind == "drop":
             out.append(
-                f"schools do not differ in {_effect_words(lay, re_terms, k)} (var({names[k]}) is zero at the maximum): "
+                f"schools do not differ in {_effect_words(lay, re_terms, k, 'their')} (var({names[k]}) is zero at the maximum): "
                 f"drop the effect ({_drop_advice(lay, re_terms, k)}) {test}"
             )
             continue
