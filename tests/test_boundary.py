@@ -123,7 +123,7 @@ def test_fit_on_one_face_moves_to_the_higher_face():
     start["cov(u0,v)"] = 0.95 * 0.05 * np.sqrt(start["var(v)"])
     other = _fit(df, method="trust-exact", start_params=start)
     assert other.llf > -174.95  # the route reached the other face (main's fit: -174.9098)
-    assert res.converged and res.llf >= other.llf - boundary.FACE_LLF_TOL
+    assert res.converged and res.llf >= other.llf - 1e-4  # 1e-4: boundary.FACE_LLF_TOL
     assert any("corr(u0,v) = +1" in r for r in res.singular_reasons())
 
 
