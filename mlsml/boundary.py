@@ -47,10 +47,13 @@ probes are skipped when every :math:`z_f^2` is at least :data:`FAR_FROM_BOUNDARY
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import optimize as sopt
 
 from .likelihood import Likelihood
-from .params import chol_from_vector, sigma_derivatives
+from .params import chol_from_vector, sigma_derivatives, vector_from_chol
 
 #: Likelihood-ratio statistic below which an effect counts as at the boundary.
 BOUNDARY_LR = 1e-3
@@ -225,3 +228,393 @@ def _rank_deficient_stat(probe: Likelihood, llf: float, S, beta, alpha) -> tuple
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return float("nan"), float(w[0])
     return 2.0 * (llf - llf0), float(w[0])
+
+
+# ---------------------------------------------------------------- faces of the boundary
+
+#: A face of the boundary counts as higher than the fit when its maximised log-likelihood
+#: exceeds the fit's (both by the product rule of :func:`boundary_likelihood`) by more than
+#: this. Issue 12's criterion for a fit below the maximum is 1e-3; the face fits are
+#: accurate to about 1e-6, so 1e-4 leaves room on both sides.
+FACE_LLF_TOL = 1e-4
+
+#: A removed direction of ``Sigma`` keeps this fraction of its variance (the squared
+#: diagonal entry of the Cholesky factor), so the product rule stays well defined. The
+#: log-likelihood is smooth in it, so it differs from the face's by about this fraction of
+#: the score in that log-variance (3e-8 on 20 schools); smaller values make the mode search
+#: slower (1e-12: 60 ms per evaluation against 27 ms at 1e-8 and 6 ms at the fit, 160 rows).
+FACE_ZERO = 1e-8
+
+#: On a face, a school effect whose fitted variance is negligible starts at this fraction of
+#: its reference variance (the residual variance over ``mean(z^2)`` for a mean effect, 1 for
+#: ``v``): from a variance of 1e-20 the gradient on the log-Cholesky scale vanishes and the
+#: face fit could not leave it (the other face's maximum of issue 12 has ``var(u0) = 4.5e-5``).
+FACE_START_FRACTION = 0.1
+
+#: Iterations of the quasi-Newton fit on one face (a few dozen suffice on the test cases).
+FACE_MAXITER = 200
+
+#: Newton iterations on one face (then BFGS, :data:`FACE_MAXITER`, if Newton has not converged).
+FACE_NEWTON_STEPS = 30
+
+#: A face fit has converged when the Newton decrement ``g'(-H)^{-1}g`` is below this.
+FACE_DECREMENT = 1e-8
+
+#: Where no step along the Newton direction raises the log-likelihood (nodes re-adapted at
+#: every evaluation make it noisy at about 1e-9), a decrement below this counts as converged.
+FACE_STALL_DECREMENT = 1e-5
+
+
+@dataclass(frozen=True)
+class Face:
+    """The maximum of the log-likelihood on one face of the boundary of ``Sigma``.
+
+    Attributes
+    ----------
+    name : str
+        The face in words, e.g. ``"var(u0) = 0"`` or ``"corr(u0,v) = -1"``.
+    llf : float
+        The maximised log-likelihood on the face (product rule, :func:`boundary_likelihood`).
+    gain : float
+        ``llf`` minus the fit's log-likelihood by the same rule: positive when the face is higher.
+    theta : ndarray
+        The face maximum on the optimiser scale (the removed direction kept at :data:`FACE_ZERO`).
+    zero : int
+        Position in ``theta`` of the log-Cholesky diagonal entry the face holds at zero.
+    """
+
+    name: str
+    llf: float
+    gain: float
+    theta: np.ndarray
+    zero: int
+
+    def inside(self, fraction: float = 1e-4) -> np.ndarray:
+        """``theta`` moved off the face into the interior: the removed direction given ``fraction``
+        of its variance (a start for the fit's own rule, which cannot evaluate the face itself)."""
+        th = np.array(self.theta, dtype=float)
+        th[self.zero] += 0.5 * np.log(fraction / FACE_ZERO)
+        return th
+
+
+def _psi_index(i: int, j: int) -> int:
+    """Position of ``L[i, j]`` (``j <= i``) in the row-wise log-Cholesky vector."""
+    return i * (i + 1) // 2 + j
+
+
+def face_fixed(d: int, kind: str, k: int) -> list[tuple[int, int]]:
+    r"""Entries ``(i, j)`` of the Cholesky factor ``L`` that a face fixes.
+
+    Every singular ``Sigma = LL'`` has a lower-triangular factor with a zero on the diagonal,
+    so the boundary is the union of the faces :math:`L_{kk} = 0`. With :math:`L_{kk} = 0` the
+    entries :math:`L_{ik}` (``i > k``) are redundant (the rows below can be rotated to drop
+    them) and are fixed at zero as well:
+
+    - ``kind="drop"``: effect ``k`` removed: :math:`L_{kk} = 0`, :math:`L_{kj} = 0` (``j < k``),
+      :math:`L_{ik} = 0` (``i > k``): ``var(e_k) = 0`` and the other effects free;
+    - ``kind="rank"`` (``k >= 1``): :math:`L_{kk} = 0`, :math:`L_{ik} = 0` (``i > k``): effect
+      ``k`` is an exact linear combination of effects ``0..k-1`` (for ``d = 2``:
+      :math:`\operatorname{corr}(u_0, v) = \pm 1`).
+
+    Examples
+    --------
+    >>> face_fixed(2, "rank", 1)
+    [(1, 1)]
+    >>> face_fixed(2, "drop", 0)
+    [(0, 0), (1, 0)]
+    """
+    out = [(k, k)]
+    if kind == "drop":
+        out += [(k, j) for j in range(k)]
+    out += [(i, k) for i in range(k + 1, d)]
+    return out
+
+
+def reference_variances(lik: Likelihood, natural: np.ndarray) -> np.ndarray:
+    """Reference variance of every school effect: residual variance over ``mean(z^2)`` for ``u``, 1 for ``v``."""
+    lay = lik.layout
+    design = lik.design
+    resid = float(np.exp(np.clip(np.mean(design.W @ natural[lay.p : lay.p + lay.k]), -700, 700)))
+    ref = np.ones(lay.d)
+    for i in range(lay.q):
+        ref[i] = resid / max(float(np.mean(design.Z[:, i] ** 2)), 1e-300)
+    return ref
+
+
+def _face_start(L: np.ndarray, kind: str, k: int, sign: float) -> np.ndarray:
+    """The start on a face: the fit's factor ``L`` with the face's entries fixed, variances kept.
+
+    For ``kind="rank"`` row ``k`` keeps its length (``var(e_k)``) but loses its own
+    direction, ``L[k, :k]`` scaled up (or, when zero, along effect 0), times ``sign``.
+    """
+    L = L.copy()
+    d = L.shape[0]
+    for i, j in face_fixed(d, kind, k):
+        if i != j:
+            L[i, j] = 0.0
+    if kind == "rank":
+        length = np.sqrt(np.sum(L[k, : k + 1] ** 2))
+        row = L[k, :k].copy()
+        norm = np.sqrt(np.sum(row**2))
+        row = row / norm if norm > 1e-8 * length else np.eye(k)[0]
+        L[k, :k] = sign * length * row
+    L[k, k] = 0.0
+    return L
+
+
+def face_name(names, kind: str, k: int, L: np.ndarray) -> str:
+    """The face in words: ``var(e) = 0``, ``corr(e,f) = +1/-1``, or ``e is a combination of ...``."""
+    if kind == "drop":
+        return f"var({names[k]}) = 0"
+    row = L[k, :k]
+    big = np.flatnonzero(np.abs(row) > 1e-6 * max(np.abs(row).max(), 1e-300))
+    S = L @ L.T
+    if len(big) == 1 and np.count_nonzero(np.abs(L[big[0], : big[0] + 1]) > 1e-6 * np.sqrt(S[big[0], big[0]])) == 1:
+        j = int(big[0])
+        return f"corr({names[j]},{names[k]}) = {'+1' if row[j] * L[j, j] > 0 else '-1'}"
+    return f"{names[k]} is an exact linear combination of " + ", ".join(names[:k])
+
+
+def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, float]:
+    r"""Maximise ``probe`` over the entries ``free`` of ``theta`` (the others fixed).
+
+    Newton's method with the exact Hessian, its eigenvalues made negative (absolute values
+    floored at ``1e-8`` of the largest: the starts on a face are not near its maximum) and
+    step halving; then BFGS if Newton stalls. Each evaluation re-adapts the nodes at a
+    nearly singular ``Sigma``, where the mode search is slow (30 ms against 6 ms at the fit
+    on 160 rows), so the few Newton iterations cost less than BFGS's many line searches.
+    """
+    idx = np.flatnonzero(free)
+
+    def full(phi):
+        th = start.copy()
+        th[idx] = phi
+        return th
+
+    def fun(phi):
+        try:
+            with np.errstate(all="ignore"):
+                v, g = probe.value_and_grad(full(phi))
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            return -np.inf, np.zeros_like(phi)
+        g = np.asarray(g, dtype=float)[idx]
+        if not (np.isfinite(v) and np.all(np.isfinite(g))):
+            return -np.inf, np.zeros_like(phi)
+        return float(v), g
+
+    phi = start[idx].copy()
+    f0, g0 = fun(phi)
+    converged = False
+    for _ in range(FACE_NEWTON_STEPS):
+        if not np.isfinite(f0):
+            break
+        try:
+            with np.errstate(all="ignore"):
+                H = np.asarray(probe.hessian(full(phi)), dtype=float)[np.ix_(idx, idx)]
+            w, V = np.linalg.eigh(-0.5 * (H + H.T))
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            break
+        if not np.all(np.isfinite(w)):
+            break
+        w = np.maximum(np.abs(w), 1e-8 * max(np.abs(w).max(), 1e-300))
+        step = V @ ((V.T @ g0) / w)
+        decrement = float(g0 @ step)
+        if decrement < FACE_DECREMENT:
+            converged = True
+            break
+        for _half in range(30):
+            f1, g1 = fun(phi + step)
+            if f1 >= f0:
+                break
+            step = 0.5 * step
+        else:  # no ascent along a Newton direction: converged unless the decrement is large
+            converged = decrement < FACE_STALL_DECREMENT
+            break
+        phi, f0, g0, gained = phi + step, f1, g1, f1 - f0
+        if gained < FACE_DECREMENT:  # e.g. a variance sliding to zero: a sub-face, also searched
+            converged = True
+            break
+    if not converged and np.isfinite(f0):  # Newton stalled: quasi-Newton from where it got
+
+        def neg(x):
+            f, g = fun(x)
+            return (-f, -g) if np.isfinite(f) else (np.inf, np.zeros_like(x))
+
+        r = sopt.minimize(neg, phi, jac=True, method="BFGS", options={"maxiter": FACE_MAXITER, "gtol": 1e-6})
+        if np.isfinite(r.fun) and -r.fun > f0:
+            phi, f0 = np.asarray(r.x, dtype=float), -float(r.fun)
+    return full(phi), f0
+
+
+def search_faces(lik: Likelihood, theta) -> list[Face]:
+    r"""Maximise the log-likelihood on every face of the boundary of ``Sigma`` (issue 12).
+
+    A fit that ends on the boundary (say at ``var(u0) = 0``) is a maximum of that face, but
+    the maximum over the closed parameter space can lie on another face (``var(u0)`` small
+    with :math:`|\operatorname{corr}(u_0, v)| = 1`). The faces are those of
+    :func:`face_fixed`: every school effect removed (``var(e) = 0``) and every rank
+    reduction :math:`L_{kk} = 0` (for ``d = 2`` the correlation at ``+1`` and at ``-1``, two
+    starts of one face). On each, ``beta``, ``alpha`` and the rest of ``Sigma`` are free, the
+    removed direction is kept at :data:`FACE_ZERO` of its variance, and the log-likelihood is
+    that of :func:`boundary_likelihood` (the u-exact rule inverts ``Sigma``). A vanished
+    variance starts at :data:`FACE_START_FRACTION` of its reference.
+
+    Parameters
+    ----------
+    lik : Likelihood
+        The fit's likelihood (a core model).
+    theta : ndarray
+        The fit's estimates (optimiser scale).
+
+    Returns
+    -------
+    list of Face
+        Best first; ``gain`` is relative to the product-rule log-likelihood at ``theta``.
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school")
+    >>> [f.name for f in search_faces(res.likelihood, res.theta)]  # doctest: +SKIP
+    ['corr(u0,v) = -1', 'var(u0) = 0', 'var(v) = 0', 'corr(u0,v) = +1']
+    """
+    lay = lik.layout
+    d = lay.d
+    if d == 0 or lay.bs_terms or lay.scale_re_terms:
+        return []
+    probe = boundary_likelihood(lik)
+    theta = np.asarray(theta, dtype=float)
+    natural = np.asarray(lay.to_natural(theta), dtype=float)
+    off = lay.p + lay.k
+    S = lay.sigma_from_natural(natural)
+    ref = reference_variances(lik, natural)
+    var0 = np.where(np.diag(S) > 1e-4 * FACE_START_FRACTION * ref, np.diag(S), FACE_START_FRACTION * ref)
+    sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
+    R = np.clip(S / np.outer(sd, sd), -1.0, 1.0) * 0.99 + 0.01 * np.eye(d)  # away from singular to start
+    L0 = np.linalg.cholesky(R * np.outer(np.sqrt(var0), np.sqrt(var0)))
+    with np.errstate(all="ignore"):
+        base = float(probe.value(theta))
+    jobs = [("drop", k, 1.0) for k in range(d)] + [("rank", k, s) for k in range(1, d) for s in (1.0, -1.0)]
+    faces = []
+    for kind, k, sign in jobs:
+        L = _face_start(L0, kind, k, sign)
+        L[k, k] = np.sqrt(FACE_ZERO * var0[k])
+        start = np.concatenate([theta[:off], vector_from_chol(L)])
+        free = np.ones(theta.shape, dtype=bool)
+        for i, j in face_fixed(d, kind, k):
+            free[off + _psi_index(i, j)] = False
+        th, llf = _fit_face(probe, start, free)
+        if not np.isfinite(llf):
+            continue
+        Lf = np.asarray(chol_from_vector(th[off:], d), dtype=float)
+        name = face_name(lay.re_names, kind, k, Lf)
+        faces.append(Face(name, float(llf), float(llf - base), th, off + _psi_index(k, k)))
+    faces.sort(key=lambda f: -f.llf)
+    seen, out = set(), []
+    for f in faces:  # two starts of a face can end on the same side
+        if f.name not in seen:
+            seen.add(f.name)
+            out.append(f)
+    return out
+
+
+# ---------------------------------------------------------------- singular fits: reduced-rank information
+
+#: The reduced information (degenerate directions dropped, scaled to unit diagonal) counts as
+#: positive definite when its smallest eigenvalue exceeds this.
+REDUCED_PD_TOL = 1e-10
+
+
+def degenerate_natural(layout, degenerate) -> list[int]:
+    """Positions in the natural-scale vector of the entries of ``Sigma`` a degenerate direction leaves undetermined.
+
+    ``("drop", e)``: ``var(e)`` and every ``cov(e, .)``; ``("rank", k)``: every ``cov(., k)``
+    (effect ``k`` is a combination of the others: its covariances follow from the variances).
+    """
+    off = layout.p + layout.k
+    d = layout.d
+    iu = list(zip(*np.triu_indices(d, 1)))
+    out = set()
+    for kind, k in degenerate:
+        if kind == "drop":
+            out.add(off + k)
+        out.update(off + d + n for n, (i, j) in enumerate(iu) if k in (i, j))
+    return sorted(out)
+
+
+def reduced_rank_covariance(hessian: np.ndarray, layout, theta, degenerate) -> np.ndarray | None:
+    r"""Covariance of the natural-scale estimates at a singular fit, from the reduced-rank information.
+
+    At a fit on a face of the boundary (:func:`face_fixed`) the log-likelihood is flat in the
+    log-Cholesky parameters that the face holds fixed, so the observed information
+    :math:`-H` is singular and cannot be inverted. As lme4 does for the fixed effects at a
+    singular fit, those parameters are dropped (set ``D``) and the rest inverted:
+
+    .. math::
+
+        V_\theta = [-H_{\bar D \bar D}]^{-1}, \qquad
+        V = J_{\cdot \bar D}\, V_\theta\, J_{\cdot \bar D}'
+
+    with ``J`` the Jacobian of the natural parameters (:meth:`mlsml.params.ParamLayout.natural_jacobian`).
+    These are the standard errors of ``beta``, ``alpha`` and the determined entries of
+    ``Sigma`` given that the fit is on that face; the entries the face leaves undetermined
+    (:func:`degenerate_natural`) are NaN.
+
+    Parameters
+    ----------
+    hessian : ndarray
+        Hessian of the log-likelihood at ``theta`` (optimiser scale).
+    layout : ParamLayout
+        The layout of a core model.
+    theta : ndarray
+        The estimates (optimiser scale).
+    degenerate : sequence of (kind, k)
+        The faces the fit is on (``("drop", e)`` or ``("rank", k)``, as in :func:`face_fixed`).
+
+    Returns
+    -------
+    ndarray or None
+        ``(n_params, n_params)``; ``None`` when the reduced information is not positive
+        definite either (its smallest eigenvalue, at unit diagonal, below :data:`REDUCED_PD_TOL`).
+
+    Examples
+    --------
+    A singular information (the last parameter has no curvature) loses only its own row:
+
+    >>> from mlsml.params import ParamLayout
+    >>> lay = ParamLayout(("Intercept",), ("Intercept",), n_re_mean=1, random_scale=True)
+    >>> theta = lay.theta_from_parts([0.0], [0.0], [[1.0, 0.5], [0.5, 0.25 + 1e-12]])
+    >>> H = -np.diag([4.0, 1.0, 2.0, 1.0, 0.0])
+    >>> V = reduced_rank_covariance(H, lay, theta, [("rank", 1)])
+    >>> np.sqrt(np.diag(V)).round(3).tolist()[:2], bool(np.isnan(V[-1, -1]))
+    ([0.5, 1.0], True)
+    """
+    theta = np.asarray(theta, dtype=float)
+    H = np.asarray(hessian, dtype=float)
+    n = layout.n_params
+    off = layout.p + layout.k
+    fixed = {off + _psi_index(i, j) for kind, k in degenerate for i, j in face_fixed(layout.d, kind, k)}
+    keep = np.array([i for i in range(n) if i not in fixed], dtype=int)
+    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(theta))) or keep.size == 0:
+        return None
+    A = -0.5 * (H + H.T)[np.ix_(keep, keep)]
+    diag = np.diag(A)
+    if not np.all(diag > 0):
+        return None
+    scale = np.sqrt(diag)
+    As = A / np.outer(scale, scale)
+    try:
+        w, V = np.linalg.eigh(As)
+    except np.linalg.LinAlgError:
+        return None
+    if not w.min() > REDUCED_PD_TOL:
+        return None
+    cov_red = ((V / w) @ V.T) / np.outer(scale, scale)
+    jac = layout.natural_jacobian(theta)[:, keep]
+    cov = jac @ cov_red @ jac.T
+    cov = 0.5 * (cov + cov.T)
+    bad = degenerate_natural(layout, degenerate)
+    cov[bad, :] = np.nan
+    cov[:, bad] = np.nan
+    return cov

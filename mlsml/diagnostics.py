@@ -14,14 +14,24 @@ The figures built on them (histograms with normal curves) are in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from .boundary import BOUNDARY_LR, boundary_effects, far_from_boundary
+from .boundary import (
+    BOUNDARY_LR,
+    FACE_LLF_TOL,
+    boundary_effects,
+    boundary_likelihood,
+    far_from_boundary,
+    reduced_rank_covariance,
+    reference_variances,
+    search_faces,
+)
 from .likelihood import Likelihood
-from .optimize import OptSummary, information_pd
+from .optimize import OptSummary, information_pd, maximize
+from .params import chol_from_vector
 from .predict import fitted_moments
 from .quadrature import max_nagq
 from .rescale import reparametrise
@@ -33,6 +43,9 @@ ZERO_VARIANCE = 1e-6
 #: The correlation matrix of the school effects counts as singular when its smallest
 #: eigenvalue is below this.
 SINGULAR_CORRELATION = 1e-6
+
+#: The reason given when the observed information is not positive definite.
+NOT_PD_REASON = "the observed information is not positive definite (standard errors unavailable)"
 
 #: A change of the log-likelihood above this with about twice the points gives a
 #: :class:`~mlsml.errors.QuadratureWarning`.
@@ -53,12 +66,24 @@ class Diagnostics:
         The boundary probes of :func:`mlsml.boundary.boundary_effects`.
     quadrature_check : tuple or None
         ``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
+    faces : tuple of Face
+        The maxima on the faces of the boundary (:func:`mlsml.boundary.search_faces`), best
+        first; empty unless the fit is on the boundary.
+    degenerate : tuple
+        The faces the fit is on, ``("drop", e)`` or ``("rank", k)`` (:func:`degenerate_directions`).
+    reduced_cov : ndarray or None
+        At a singular fit whose information is not positive definite: the covariance of the
+        estimates from the reduced-rank information (:func:`singular_covariance`), NaN for the
+        undetermined entries of ``Sigma``.
     """
 
     hessian_pd: bool
     singular_reasons: tuple = ()
     boundary: tuple = ()
     quadrature_check: tuple | None = None
+    faces: tuple = ()
+    degenerate: tuple = ()
+    reduced_cov: np.ndarray | None = field(default=None, compare=False, repr=False)
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -151,48 +176,257 @@ def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool, theta_std=No
             reasons.append(
                 f"Sigma is at the boundary: making the correlation matrix of the school effects singular "
                 f"(smallest eigenvalue {var:.2g} -> 0; largest correlation corr({lay.re_names[i]},"
-                f"{lay.re_names[j]}) = {R[i, j]:.6f}) changes 2*llf by only {-stat:+.1e}"
+                f"{lay.re_names[j]}) = {R[i, j]:.6f}) {llf_change_words(stat)}"
             )
         elif not any(r.startswith(f"var({name})") for r in reasons):
             reasons.append(  # the first check's threshold missed it
-                f"var({name}) = {var:.3g} is at the boundary: dropping {name} changes 2*llf by only {-stat:+.1e}"
+                f"var({name}) = {var:.3g} is at the boundary: dropping {name} {llf_change_words(stat)}"
             )
     if not pd_ok:
-        reasons.append("the observed information is not positive definite (standard errors unavailable)")
+        reasons.append(NOT_PD_REASON)
     return reasons
 
 
-def diagnose(lik: Likelihood, optsum: OptSummary) -> Diagnostics:
+def llf_change_words(stat: float) -> str:
+    """A probe's likelihood-ratio statistic ``stat = 2 (llf - llf_probe)`` in words, with its sign.
+
+    ``stat >= 0``: the probe *lowers* the log-likelihood by ``stat / 2``; a small negative
+    ``stat`` (above ``-BOUNDARY_LR``) means it raises it by less than the rounding of the
+    likelihood evaluations (the probe uses the product rule).
+
+    Examples
+    --------
+    >>> llf_change_words(6.4e-07)
+    'lowers the log-likelihood by only 3.2e-07 (likelihood-ratio statistic 6.4e-07)'
+    >>> llf_change_words(-6.4e-07)
+    'raises the log-likelihood by only 3.2e-07, within rounding (the estimates are at the maximum)'
+    """
+    if stat >= 0:
+        return f"lowers the log-likelihood by only {stat / 2:.2g} (likelihood-ratio statistic {stat:.2g})"
+    return f"raises the log-likelihood by only {-stat / 2:.2g}, within rounding (the estimates are at the maximum)"
+
+
+def _effect_words(lay, re_terms, e: int, article: str = "the") -> str:
+    """What school effect ``e`` does, in words: "the mean", "the slope on x", "the residual variance"."""
+    name = lay.re_names[e]
+    if name.startswith("v"):
+        return f"{article} residual variance"
+    term = re_terms[e] if e < len(re_terms) else name
+    return f"{article} mean" if term == "Intercept" else f"{article} slope on {term}"
+
+
+def _drop_advice(lay, re_terms, e: int) -> str:
+    """The fit argument that removes school effect ``e``."""
+    if lay.re_names[e].startswith("v"):
+        return "random_scale=False"
+    rest = [t for i, t in enumerate(re_terms[: lay.q]) if i != e]
+    if not rest:
+        return "re_formula='~ 0'" if lay.random_scale else "a model without school effects"
+    if "Intercept" in rest:
+        return "re_formula='~ " + (" + ".join(t for t in rest if t != "Intercept") or "1") + "'"
+    return "re_formula='~ 0 + " + " + ".join(rest) + "'"
+
+
+def degenerate_directions(lik: Likelihood, theta) -> tuple:
+    r"""The faces of the boundary a fit is on, as ``("drop", e)`` or ``("rank", k)`` (:func:`mlsml.boundary.face_fixed`).
+
+    ``("drop", e)`` when ``var(e)`` is effectively zero (below :data:`ZERO_VARIANCE` of its
+    reference, as in :func:`singular_reasons`); otherwise ``("rank", k)`` when the part of
+    ``e_k`` not explained by ``e_0 .. e_{k-1}`` is below :data:`SINGULAR_CORRELATION` of its
+    variance, :math:`L_{kk}^2 < 10^{-6}\,\Sigma_{kk}`.
+    """
+    lay = lik.layout
+    if not lik.integrand.core or lay.d == 0:
+        return ()
+    theta = np.asarray(theta, dtype=float)
+    natural = np.asarray(lay.to_natural(theta), dtype=float)
+    S = lay.sigma_from_natural(natural)
+    ref = reference_variances(lik, natural)
+    drops = tuple(("drop", e) for e in range(lay.d) if not S[e, e] > ZERO_VARIANCE * ref[e])
+    if drops:
+        return drops
+    L = np.asarray(chol_from_vector(theta[lay.p + lay.k :], lay.d), dtype=float)
+    return tuple(("rank", k) for k in range(1, lay.d) if L[k, k] ** 2 < SINGULAR_CORRELATION * S[k, k])
+
+
+def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
+    """Each degenerate direction in words a user understands, with what to do about it."""
+    lay = lik.layout
+    re_terms = list(lik.design.info.get("re_terms", ()))
+    natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
+    S = lay.sigma_from_natural(natural)
+    ref = reference_variances(lik, natural)
+    names = lay.re_names
+    test = "or test it with mlsml.lrtest(fit_without_it, res)"
+    out = []
+    for kind, k in degenerate:
+        if kind == "drop":
+            out.append(
+                f"schools do not differ in {_effect_words(lay, re_terms, k, 'their')} (var({names[k]}) is zero at the maximum): "
+                f"drop the effect ({_drop_advice(lay, re_terms, k)}) {test}"
+            )
+            continue
+        sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
+        R = S / np.outer(sd, sd)
+        j = int(np.argmax(np.abs(R[k, :k])))
+        weaker = j if S[j, j] / ref[j] < S[k, k] / ref[k] else k
+        sign = "positively" if R[j, k] > 0 else "negatively"
+        out.append(
+            f"the school effects on {_effect_words(lay, re_terms, j)} ({names[j]}) and on "
+            f"{_effect_words(lay, re_terms, k)} ({names[k]}) are perfectly {sign} correlated "
+            f"(corr({names[j]},{names[k]}) = {R[j, k]:+.6f}"
+            + ("" if lay.d == 2 else f"; {names[k]} is an exact linear combination of {', '.join(names[:k])}")
+            + f"): the data cannot separate them. Drop the weaker one, {names[weaker]} "
+            f"({_drop_advice(lay, re_terms, weaker)}), {test}"
+        )
+    return out
+
+
+def singular_covariance(lik: Likelihood, theta, degenerate) -> np.ndarray | None:
+    """Covariance of the estimates at a singular fit (:func:`mlsml.boundary.reduced_rank_covariance`).
+
+    The Hessian is that of :func:`mlsml.boundary.boundary_likelihood` (the product rule):
+    the u-exact rule inverts ``Sigma`` and is inaccurate at a singular one, and the same
+    Hessian under both rules gives the same standard errors' availability.
+    """
+    theta = np.asarray(theta, dtype=float)
+    try:
+        with np.errstate(all="ignore"):
+            H = boundary_likelihood(lik).hessian(theta)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return None
+    return reduced_rank_covariance(H, lik.layout, theta, degenerate)
+
+
+def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) -> Diagnostics:
     """All diagnostics of a fit, from its likelihood and optimiser summary.
 
     The boundary probes (:func:`mlsml.boundary.boundary_effects`) apply where the
     integrand is the core model (:attr:`mlsml.integrand.Integrand.core`), and run unless
     the fit converged with every variance and the smallest eigenvalue of the correlation
     matrix far from zero (:func:`mlsml.boundary.far_from_boundary`: then they cannot find
-    anything).
+    anything). When the fit is on the boundary (a probe or a near-zero variance or
+    correlation), the faces of the boundary are searched
+    (:func:`mlsml.boundary.search_faces`) and the best is reported; ``faces`` gives the
+    result of an earlier search instead (their gains are taken relative to this fit).
 
-    The probes and the quadrature check evaluate the likelihood on the standardised
-    scale the optimiser worked on (:func:`mlsml.rescale.reparametrise`): on the original
-    design a covariate such as ``x + 1e6`` costs the evaluation about ``1e-3`` of
-    log-likelihood in rounding, as much as the differences the checks look for. Their
-    statistics (differences of log-likelihoods) are the same on both scales.
+    The probes, the face search and the quadrature check evaluate the likelihood on the
+    standardised scale the optimiser worked on (:func:`mlsml.rescale.reparametrise`): on
+    the original design a covariate such as ``x + 1e6`` costs the evaluation about
+    ``1e-3`` of log-likelihood in rounding, as much as the differences the checks look
+    for. Their statistics (differences of log-likelihoods) are the same on both scales;
+    the faces keep their ``theta`` on the standardised scale (:func:`settle` maps it back)
+    and report their ``llf`` on the original one.
     """
     theta = np.asarray(optsum.theta, dtype=float)
     pd_ok = hessian_pd(optsum)
-    lik_c, theta_c, llf_c, hess_c = lik, theta, optsum.llf, optsum.hessian
+    lik_c, theta_c, hess_c, shift = lik, theta, optsum.hessian, 0.0
     if optsum.theta_std is not None:
         rp = reparametrise(lik.design)
         if not rp.identity:
             lik_c, theta_c = lik.with_design(rp.design), np.asarray(optsum.theta_std, dtype=float)
-            llf_c, hess_c = optsum.llf + rp.log_shift, optsum.hessian_std
+            hess_c, shift = optsum.hessian_std, rp.log_shift
+    llf_c = optsum.llf + shift
     probe = lik.integrand.core and not (optsum.converged and far_from_boundary(lik.layout, theta_c, hess_c))
     boundary = tuple(boundary_effects(lik_c, theta_c, llf_c)) if probe else ()
+    reasons = singular_reasons(lik, theta, boundary, pd_ok, optsum.theta_std)
+    if not (probe and np.isfinite(optsum.llf) and (boundary or any(r != NOT_PD_REASON for r in reasons))):
+        faces = ()
+    elif faces is None:
+        faces = tuple(replace(f, llf=f.llf - shift) for f in search_faces(lik_c, theta_c))
+    else:  # the earlier search's maxima, against this fit by the same (product) rule
+        with np.errstate(all="ignore"):
+            base = float(boundary_likelihood(lik_c).value(theta_c)) - shift
+        faces = tuple(replace(f, gain=f.llf - base) for f in faces)
+    reasons += face_reasons(faces)
+    degenerate = degenerate_directions(lik, theta) if reasons else ()
+    reasons += degenerate_words(lik, theta, degenerate)
+    reduced = None
+    if not pd_ok and degenerate and np.isfinite(optsum.llf):
+        reduced = singular_covariance(lik, theta, degenerate)
+        if reduced is not None:
+            missing = [n for n, ok in zip(lik.layout.names, np.isfinite(np.diag(reduced))) if not ok]
+            reasons.remove(NOT_PD_REASON)
+            reasons.append(
+                "the observed information is singular in the degenerate direction(s) above: the standard errors "
+                "come from the information of the reduced-rank Sigma (as lme4 reports at a singular fit); "
+                f"those of {', '.join(missing)} are unavailable (not determined at the boundary)"
+            )
     return Diagnostics(
         hessian_pd=pd_ok,
-        singular_reasons=tuple(singular_reasons(lik, theta, boundary, pd_ok, optsum.theta_std)),
+        singular_reasons=tuple(reasons),
         boundary=boundary,
         quadrature_check=quadrature_check(lik_c, theta_c, llf_c),
+        faces=faces,
+        degenerate=degenerate,
+        reduced_cov=reduced,
     )
+
+
+def face_reasons(faces) -> list[str]:
+    """What the face search found, in words: the best face, its llf and how it compares to the fit."""
+    if not faces:
+        return []
+    best = faces[0]
+    if best.gain > FACE_LLF_TOL:
+        return [
+            f"the maximum is on another face of the boundary: with {best.name} the log-likelihood is "
+            f"{best.llf:.4f}, {best.gain:.3g} higher than at these estimates, which are NOT the maximum"
+        ]
+    return [
+        f"of the boundary's faces the highest is {best.name} (log-likelihood {best.llf:.4f}, "
+        f"{abs(best.gain):.2g} {'below' if best.gain < 0 else 'above'} these estimates: they are the maximum)"
+    ]
+
+
+def _higher_by_product(lik: Likelihood, new: OptSummary, old: OptSummary) -> bool:
+    """Whether ``new`` is above ``old`` by the product rule too (:func:`mlsml.boundary.boundary_likelihood`).
+
+    Near a singular ``Sigma`` the u-exact rule can be too high: at ``var(u0) = 1.3e-8``,
+    ``corr(u0,v) = -1`` (20 schools) it gave -139.433 where the product rule with 11 and 41
+    points gives -139.607, below a fit at -139.488. A refit is kept only if both rules agree.
+    """
+    probe = boundary_likelihood(lik)
+    with np.errstate(all="ignore"):
+        return bool(probe.value(np.asarray(new.theta, dtype=float)) > probe.value(np.asarray(old.theta, dtype=float)))
+
+
+def settle(lik: Likelihood, optsum: OptSummary) -> tuple[OptSummary, Diagnostics]:
+    """Diagnose a fit; if a face of the boundary is higher, refit from there (issue 12).
+
+    When :func:`diagnose`'s face search finds a face more than
+    :data:`mlsml.boundary.FACE_LLF_TOL` above the fit, the fit's own rule is maximised again
+    from that face's maximum moved just inside (:meth:`mlsml.boundary.Face.inside`). The refit
+    is kept when it is higher by both rules (:func:`_higher_by_product`); if a face is still higher after it, the fit is marked as not
+    converged with a message naming the face, never left silently "converged" at the lower point.
+
+    Returns
+    -------
+    (OptSummary, Diagnostics)
+        The (possibly refitted) optimum and its diagnostics.
+    """
+    diagnostics = diagnose(lik, optsum)
+    faces = diagnostics.faces
+    if not faces or faces[0].gain <= FACE_LLF_TOL:
+        return optsum, diagnostics
+    start = faces[0].inside()  # on the scale of the face search: the standardised one
+    if optsum.theta_std is not None:
+        start = reparametrise(lik.design).to_original(start)
+    try:
+        refit = maximize(lik, replace(optsum.options, start=start))
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        refit = None
+    if refit is not None and np.isfinite(refit.llf) and refit.llf > optsum.llf and _higher_by_product(lik, refit, optsum):
+        optsum, diagnostics = refit, diagnose(lik, refit, faces=faces)
+        faces = diagnostics.faces
+    if faces and faces[0].gain > FACE_LLF_TOL and optsum.converged:
+        optsum = replace(
+            optsum,
+            converged=False,
+            message=f"the face {faces[0].name} of the boundary is {faces[0].gain:.3g} higher in log-likelihood "
+            f"than these estimates ({optsum.message})",
+        )
+    return optsum, diagnostics
 
 
 def standardised_residuals(res) -> pd.Series:

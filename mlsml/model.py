@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .design import Design, FormulaSpec, build_design, check_extended_layout
-from .diagnostics import diagnose
+from .diagnostics import settle
 from .errors import ModelSpecError
 from .integrand import Integrand, make_integrand
 from .likelihood import Likelihood
@@ -598,8 +598,7 @@ class MELSM:
             self._check_start(start, lik)
             opts = replace(opts, start=start)
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            optsum = maximize(lik, opts, callback=callback)
-            diagnostics = diagnose(lik, optsum)
+            optsum, diagnostics = settle(lik, maximize(lik, opts, callback=callback))
         res = MELSMResults.build(self, lik, optsum, diagnostics)
         res.warn_if_problematic()
         return res

@@ -191,6 +191,8 @@ class MELSMResults:
             jac = lay.natural_jacobian(theta)
             cov = jac @ cov_theta @ jac.T
             cov = 0.5 * (cov + cov.T)
+        elif diagnostics.reduced_cov is not None:  # singular fit: reduced-rank information (diagnostics.singular_covariance)
+            cov = np.array(diagnostics.reduced_cov, dtype=float)
         else:
             cov = np.full((lay.n_params, lay.n_params), np.nan)
         with np.errstate(all="ignore"):

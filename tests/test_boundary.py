@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import autograd
 import numpy as np
+import pandas as pd
 import pytest
 
 import mlsml
 from mlsml import boundary
-from mlsml.params import chol_from_vector, sigma_derivatives, vector_from_chol
+from mlsml.params import ParamLayout, chol_from_vector, sigma_derivatives, vector_from_chol
 
 
 def test_sigma_derivatives_match_autograd():
@@ -87,3 +90,87 @@ def test_not_positive_definite_information_runs_the_probes(exam):
     H[-1, -1] = abs(H[-1, -1])  # a direction of positive curvature: not a maximum
     assert boundary.probe_z2(res.layout, res.theta, H) is None
     assert not boundary.far_from_boundary(res.layout, res.theta, H)
+
+
+# ---------------------------------------------------------------- faces of the boundary (issue 12)
+
+
+def _few_schools(seed: int = 1) -> pd.DataFrame:
+    """Few schools (10-30), true var(u0) = 0, a random scale: the issue's "boundary on another face"."""
+    rng = np.random.default_rng(seed)
+    J = int(rng.integers(10, 31))
+    g = np.repeat(np.arange(J), rng.integers(3, 15, size=J))
+    x = rng.normal(size=g.size)
+    v = rng.normal(0.0, np.sqrt(rng.uniform(0.2, 1.0)), J)
+    y = 1.0 + 0.5 * x + np.exp((-0.5 + 0.2 * x + v[g]) / 2) * rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "school": g})
+
+
+def _fit(df, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", **kw)
+
+
+def test_fit_on_one_face_moves_to_the_higher_face():
+    """Seed 1 of the generator: main stopped at var(u0) = 0 (llf -174.9098, "converged") while the
+    maximum, 0.0049 higher, is at var(u0) = 4.5e-5 with corr(u0,v) = +1. The independent route:
+    trust-exact (exact Hessian) started on the other face, by the fit's own rule."""
+    df = _few_schools(1)
+    res = _fit(df)
+    start = res.params.copy()
+    start["var(u0)"], start["var(v)"] = 0.05**2, max(start["var(v)"], 0.1)
+    start["cov(u0,v)"] = 0.95 * 0.05 * np.sqrt(start["var(v)"])
+    other = _fit(df, method="trust-exact", start_params=start)
+    assert other.llf > -174.95  # the route reached the other face (main's fit: -174.9098)
+    assert res.converged and res.llf >= other.llf - 1e-4  # 1e-4: boundary.FACE_LLF_TOL
+    assert any("corr(u0,v) = +1" in r for r in res.singular_reasons())
+
+
+def test_search_faces_names_and_ranks_the_faces():
+    df = _few_schools(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", start_params=None)
+    faces = boundary.search_faces(res.likelihood, res.theta)
+    names = [f.name for f in faces]
+    assert sorted(names) == sorted(["var(u0) = 0", "var(v) = 0", "corr(u0,v) = +1", "corr(u0,v) = -1"])
+    assert [f.llf for f in faces] == sorted((f.llf for f in faces), reverse=True)
+    # the fit is at the best face's maximum (within the tolerance): nothing left to gain
+    assert faces[0].gain <= boundary.FACE_LLF_TOL
+    # removing v costs many units here: the random scale is real
+    assert dict(zip(names, (f.gain for f in faces)))["var(v) = 0"] < -1.0
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_face_fixed_entries_make_sigma_singular(d):
+    rng = np.random.default_rng(d)
+    kinds = [("drop", k) for k in range(d)] + [("rank", k) for k in range(1, d)]
+    for kind, k in kinds:
+        L = np.tril(rng.normal(size=(d, d))) + 2 * np.eye(d)
+        for i, j in boundary.face_fixed(d, kind, k):
+            L[i, j] = 0.0
+        S = L @ L.T
+        assert np.linalg.matrix_rank(S) == d - 1
+        if kind == "drop":
+            assert S[k, k] == 0.0 and not np.any(S[k])
+
+
+def test_reduced_rank_covariance_inverts_the_rest():
+    """The degenerate log-Cholesky directions are dropped and the rest inverted; undetermined entries are NaN."""
+    lay = ParamLayout(("Intercept", "x"), ("Intercept",), n_re_mean=1, random_scale=True)
+    theta = lay.theta_from_parts([0.0, 0.5], [-0.3], [[0.04, 0.02], [0.02, 0.01 + 1e-14]])
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(5, 5))
+    info = A @ A.T + 5 * np.eye(5)
+    H = np.zeros((6, 6))
+    H[:5, :5] = -info  # nothing in log L11: the rank-1 face corr(u0,v) = +1
+    assert boundary.reduced_rank_covariance(H, lay, theta, []) is None  # singular without the reduction
+    V = boundary.reduced_rank_covariance(H, lay, theta, [("rank", 1)])
+    inv = np.linalg.inv(info)
+    np.testing.assert_allclose(V[:3, :3], inv[:3, :3], rtol=1e-10)
+    jac = lay.natural_jacobian(theta)[:, :5]
+    np.testing.assert_allclose(V[3:5, 3:5], (jac @ inv @ jac.T)[3:5, 3:5], rtol=1e-10)
+    assert np.all(np.isnan(V[-1])) and np.all(np.isnan(V[:, -1]))  # cov(u0,v): undetermined
+    # dropping u0 instead keeps log L11, in which there is no information: still singular
+    assert boundary.reduced_rank_covariance(H, lay, theta, [("drop", 0)]) is None

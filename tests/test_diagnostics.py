@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import scale_slope_data
 
@@ -13,8 +14,11 @@ import mlsml
 from mlsml.diagnostics import (
     QUADRATURE_TOL,
     ZERO_VARIANCE,
+    degenerate_directions,
+    degenerate_words,
     diagnose,
     hessian_pd,
+    llf_change_words,
     quadrature_check,
     singular_reasons,
     standardised_residuals,
@@ -137,3 +141,81 @@ def test_standardised_residuals_carry_the_variance_slopes():
     x = d["x"].abs()
     ratio = r[x > 1.5].std() / r[x < 0.5].std()
     assert 0.7 < ratio < 1.3, ratio
+
+
+# ---------------------------------------------------------------- singular fits (issue 12)
+
+
+def _corr_boundary_data(seed: int = 7) -> pd.DataFrame:
+    """Few schools, true var(u0) = 0 with a random scale: the fit ends at corr(u0,v) = -1."""
+    rng = np.random.default_rng(seed)
+    J = int(rng.integers(10, 31))
+    g = np.repeat(np.arange(J), rng.integers(3, 15, size=J))
+    x = rng.normal(size=g.size)
+    v = rng.normal(0.0, np.sqrt(rng.uniform(0.2, 1.0)), J)
+    y = 1.0 + 0.5 * x + np.exp((-0.5 + 0.2 * x + v[g]) / 2) * rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "school": g})
+
+
+def test_singular_fit_keeps_fixed_effect_ses_under_both_rules():
+    """main printed NaN for every SE (fixed effects included) with "Converged: Yes" here, under both rules."""
+    df = _corr_boundary_data()
+    fits = {}
+    for quadrature in ("marginal", "product"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits[quadrature] = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", quadrature=quadrature)
+    fixed = ["mean:Intercept", "mean:x", "scale:Intercept", "scale:x"]
+    for res in fits.values():
+        assert res.converged and res.singular
+        assert np.all(np.isfinite(res.bse[fixed])) and np.all(res.bse[fixed] > 0)
+        assert np.isnan(res.bse["cov(u0,v)"])  # undetermined at corr = -1
+        assert any("reduced-rank Sigma" in r and "cov(u0,v)" in r for r in res.singular_reasons())
+    a, b = fits["marginal"].bse, fits["product"].bse
+    assert list(np.isfinite(a)) == list(np.isfinite(b))  # the same availability under both rules
+    np.testing.assert_allclose(a[fixed], b[fixed], rtol=0.02)
+
+
+def test_degenerate_direction_in_words_with_what_to_do():
+    df = _corr_boundary_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    words = [r for r in res.singular_reasons() if "perfectly negatively correlated" in r]
+    assert len(words) == 1
+    assert "on the mean (u0) and on the residual variance (v)" in words[0]
+    assert "re_formula='~ 0'" in words[0] and "mlsml.lrtest" in words[0]
+    assert "Drop the weaker one" in words[0]
+    text = res.summary().as_text()
+    assert "perfectly negatively correlated" in text
+
+
+def test_zero_slope_variance_in_words():
+    rng = np.random.default_rng(4)
+    J = 30
+    g = np.repeat(np.arange(J), rng.integers(4, 10, J))
+    x = rng.normal(size=g.size)
+    y = 1 + 0.5 * x + rng.normal(0, 0.5, J)[g] + rng.normal(size=g.size)
+    df = pd.DataFrame({"y": y, "x": x, "school": g})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", df, groups="school", re_formula="~ x", random_scale=False)
+    lik = res.likelihood
+    theta = np.asarray(res.theta, dtype=float).copy()
+    # move the fit onto the face var(u1) = 0 and check the words there
+    lay = res.layout
+    nat = np.asarray(lay.to_natural(theta), dtype=float)
+    S = lay.sigma_from_natural(nat)
+    S[1, :] = S[:, 1] = 0.0
+    S[1, 1] = 1e-14
+    th = lay.theta_from_parts(nat[: lay.p], nat[lay.p : lay.p + lay.k], S)
+    deg = degenerate_directions(lik, th)
+    assert deg == (("drop", 1),)
+    (words,) = degenerate_words(lik, th, deg)
+    assert words.startswith("schools do not differ in their slope on x")
+    assert "re_formula='~ 1'" in words
+
+
+def test_probe_change_said_with_its_sign():
+    assert llf_change_words(6.4e-07).startswith("lowers the log-likelihood by only 3.2e-07")
+    assert llf_change_words(-6.4e-07).startswith("raises the log-likelihood by only 3.2e-07, within rounding")
