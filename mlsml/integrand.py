@@ -505,6 +505,11 @@ def _quad_prior(b: np.ndarray, P: np.ndarray) -> np.ndarray:
     return np.einsum("jd,jde,je->j", b, P, b)
 
 
+def _abs_quad_prior(b: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """``|b|'|P||b|``: the magnitude of the terms of ``b'Pb``."""
+    return _quad_prior(np.abs(b), np.abs(P))
+
+
 class SumsModeProblem:
     r"""``h_j`` and its derivatives from the per-school sums (``E = exp(-v)``, ``P = Sigma_j^{-1}``).
 
@@ -548,6 +553,17 @@ class SumsModeProblem:
         else:
             ll = -0.5 * Q
         return ll - 0.5 * _quad_prior(b, self.P)
+
+    def magnitude(self, b: np.ndarray) -> np.ndarray:
+        """The sum of the absolute values of the terms of :meth:`f` (its rounding scale)."""
+        s, c, q = self.s, self.c, self.q
+        dlt = b[:, :q] - c.u_ref
+        Qabs = c.Q0 + 2.0 * np.abs(np.einsum("jq,jq->j", dlt, c.R1)) + np.einsum("jq,jqr,jr->j", dlt, s.S2, dlt)
+        out = 0.5 * _abs_quad_prior(b, self.P)
+        if self.rs:
+            v = b[:, q]
+            return out + 0.5 * s.n * np.abs(v) + 0.5 * np.exp(-v) * Qabs
+        return out + 0.5 * Qabs
 
     def derivs(self, b: np.ndarray, fisher: bool = False):
         s, P, q = self.s, self.P, self.q
@@ -611,6 +627,11 @@ class ObsModeProblem:
         e, lv, E = self._parts(b)
         ll = np.add.reduceat(-0.5 * (lv + E * e**2), self.starts)
         return ll - 0.5 * _quad_prior(b, self.P)
+
+    def magnitude(self, b: np.ndarray) -> np.ndarray:
+        """The sum of the absolute values of the terms of :meth:`f` (its rounding scale)."""
+        e, lv, E = self._parts(b)
+        return np.add.reduceat(0.5 * (np.abs(lv) + E * e**2), self.starts) + 0.5 * _abs_quad_prior(b, self.P)
 
     def derivs(self, b: np.ndarray, fisher: bool = False):
         e, lv, E = self._parts(b)

@@ -71,6 +71,11 @@ class FitOptions:
         log-likelihood still to gain, to second order) must be below ``dtol``.
     start : ndarray, optional
         Starting values on the optimiser scale.
+    max_time : float, optional
+        Time budget in seconds: once the optimiser has run this long, the next
+        evaluation of the objective stops it and the fit is returned from the best
+        point so far with ``converged=False`` and a message naming the budget (see
+        :data:`TIME_BUDGET_MESSAGE`). ``None``: no budget.
     """
 
     method: str = "BFGS"
@@ -81,6 +86,55 @@ class FitOptions:
     gtol: float = 1e-8
     dtol: float = 1e-6
     start: np.ndarray | None = None
+    max_time: float | None = None
+
+
+#: The message of a fit stopped by :attr:`FitOptions.max_time` (formatted with the budget,
+#: the seconds used and the passes run).
+TIME_BUDGET_MESSAGE = (
+    "stopped by the time budget max_time={budget:g} s after {used:.1f} s and {passes} optimiser pass(es), "
+    "before reaching a maximum: the estimates are the best point found so far, not a maximum likelihood fit"
+)
+
+
+class _OutOfTime(Exception):
+    """Raised inside the objective when :attr:`FitOptions.max_time` has passed."""
+
+
+class _Budget:
+    """The time budget of one fit (:attr:`FitOptions.max_time`; ``None``: none).
+
+    :meth:`wrap` makes the objective raise :class:`_OutOfTime` once the budget has passed
+    and remember the best point it has seen; :meth:`minimize` is
+    :func:`scipy.optimize.minimize` that returns that point (``success=False``) instead.
+    """
+
+    def __init__(self, t0: float, max_time: float | None, theta: np.ndarray):
+        self.t0, self.max_time = t0, max_time
+        self.best = (np.inf, np.array(theta, dtype=float))
+        self.spent = False
+
+    def wrap(self, fun):
+        def budgeted(th):
+            if self.max_time is not None and time.perf_counter() - self.t0 > self.max_time:
+                raise _OutOfTime
+            out = fun(th)
+            if out[0] < self.best[0]:
+                self.best = (out[0], np.array(th, dtype=float))
+            return out
+
+        return budgeted
+
+    def minimize(self, fun, theta, **kw):
+        try:
+            return sopt.minimize(fun, theta, **kw)
+        except _OutOfTime:
+            self.spent = True
+            value, x = self.best if np.isfinite(self.best[0]) else (np.inf, theta)
+            return sopt.OptimizeResult(x=x, fun=value, nit=0, nfev=0, success=False, message="time budget spent")
+
+    def message(self, passes: int) -> str:
+        return TIME_BUDGET_MESSAGE.format(budget=self.max_time, used=time.perf_counter() - self.t0, passes=passes)
 
 
 @dataclass(frozen=True)
@@ -379,7 +433,9 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
     theta = np.array(opts.start if opts.start is not None else start_values(lik.integrand), dtype=float)
     start = theta.copy()
     N = float(lik.design.nobs)
+    budget = _Budget(t0, opts.max_time, theta)
 
+    @budget.wrap
     def fun(th):
         # nodes re-adapted at every evaluation (inside value_and_grad): the AGQ likelihood at th
         try:
@@ -413,7 +469,7 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
             def hess_fun(th):
                 return -lik.hessian(th) / N
 
-        res = sopt.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
+        res = budget.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
         if "hess_inv0" in kw and int(getattr(res, "nit", 0)) == 0:
             # not one step from the warm start: near a saddle the repaired inverse Hessian
             # points its first step nowhere useful, and the fit stayed at the starting values
@@ -422,7 +478,7 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
             del kw["hess_inv0"]
             hess_inv = None
             n_fev += int(getattr(res, "nfev", 0))
-            res = sopt.minimize(fun, theta, jac=True, method=method, options=kw)
+            res = budget.minimize(fun, theta, jac=True, method=method, options=kw)
         n_iter += int(getattr(res, "nit", 0))
         n_fev += int(getattr(res, "nfev", 0))
         if method == "BFGS" and isinstance(getattr(res, "hess_inv", None), np.ndarray):
@@ -436,12 +492,15 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
         history.append((passes, llf, step, bool(res.success), str(res.message)))
         if callback is not None:
             callback(passes, theta, llf)
+        if budget.spent:
+            message = budget.message(passes)
+            break
         if step < opts.xtol and abs(llf - llf_old) < opts.ftol * max(1.0, 1e-3 * abs(llf)):
             converged = True
             message = f"converged after {passes} passes"
             break
         llf_old = llf
-    theta, llf, grad, H, n_newton = _newton_polish(theta, lik, opts.dtol)
+    theta, llf, grad, H, n_newton = _newton_polish(theta, lik, opts.dtol, 0 if budget.spent else NEWTON_POLISH_STEPS)
     n_iter += n_newton
     if not np.isfinite(llf):
         converged = False

@@ -54,6 +54,9 @@ class _Counting:
         self.calls += 1
         return self.p.f(b)
 
+    def magnitude(self, b):
+        return self.p.magnitude(b)
+
     def derivs(self, b, fisher=False):
         return self.p.derivs(b, fisher)
 
