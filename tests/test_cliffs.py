@@ -95,3 +95,24 @@ def test_mode_solver_stops_halving_below_rounding_near_a_singular_sigma():
     post_sd = np.sqrt(np.diagonal(np.linalg.inv(negH), axis1=1, axis2=2))
     assert np.abs(step / post_sd).max() < 1e-4
     assert problem.calls < 3 * MAX_HALVINGS
+
+
+def _icc_data(sd_e: float, J: int = 40, n: int = 10, seed: int = 7) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(J), n)
+    x = rng.normal(size=J * n)
+    u, v = rng.normal(size=J), 0.3 * rng.normal(size=J)
+    y = 1.0 + 0.5 * x + u[g] + sd_e * np.exp(0.5 * (v[g] + 0.2 * x)) * rng.normal(size=J * n)
+    return pd.DataFrame({"y": y, "x": x, "school": g})
+
+
+@pytest.mark.parametrize("sd_e", [1e-2, 1e-3])
+def test_icc_near_one_fit_reaches_the_independent_maximum(sd_e):
+    """Residual SD far below the school SD: the default fit converges to the maximum that
+    trust-region Newton with the exact Hessian reaches, and its llf is the 31-point value."""
+    df = _icc_data(sd_e)
+    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    ref = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", method="trust-exact")
+    assert res.converged
+    assert res.llf >= ref.llf - 1e-6
+    assert abs(res.likelihood.with_spec(nagq=31).value(res.theta) - res.llf) < 1e-6
