@@ -425,16 +425,27 @@ class PerObservation(Integrand):
         eta = anp.dot(design.W, alpha)
         r = design.y - anp.dot(design.X, beta)
         G, Z = design.G, design.Z
+        nv = G.shape[1]
         for j0, j1, r0, r1, st, cnt in chunk_slices(design, v.shape[1]):
-            lv = eta[r0:r1][:, None] + anp.einsum("nkv,nv->nk", group_expand(v[j0:j1], st, cnt), G[r0:r1])
+            Gc, Zc = G[r0:r1], Z[r0:r1]
+            # lv = eta + g'v row by row, one (rows x nodes) array per scale effect (a column of
+            # ones is not multiplied); its school sums from the per-school sums of eta and g
+            lv = eta[r0:r1][:, None]
+            sum_lv = group_sum(eta[r0:r1], st, cnt)[:, None]
+            for t in range(nv):
+                vt = v[j0:j1, :, t]
+                gt = Gc[:, t]
+                ex = group_expand(vt, st, cnt)
+                lv = lv + (ex if _all_ones(gt) else ex * gt[:, None])
+                sum_lv = sum_lv + group_sum(gt, st, cnt)[:, None] * vt
             a = anp.exp(-lv)
             rr = r[r0:r1][:, None]
-            Zc = Z[r0:r1]
-            S0 = group_sum(a * rr**2, st, cnt)
-            S1 = [group_sum(a * rr * Zc[:, i : i + 1], st, cnt) for i in range(q)]
-            S2 = [[group_sum(a * (Zc[:, i] * Zc[:, k])[:, None], st, cnt) for k in range(q)] for i in range(q)]
+            ar = a * rr
+            S0 = group_sum(ar * rr, st, cnt)
+            S1 = [group_sum(_times_column(ar, Zc[:, i]), st, cnt) for i in range(q)]
+            S2 = [[group_sum(_times_column(a, Zc[:, i] * Zc[:, k]), st, cnt) for k in range(q)] for i in range(q)]
             n = cnt.astype(float)[:, None]
-            base = -0.5 * n * LOG2PI - 0.5 * group_sum(lv, st, cnt) - 0.5 * S0
+            base = -0.5 * n * LOG2PI - 0.5 * sum_lv - 0.5 * S0
             yield j0, j1, base, S1, S2
 
     def mode_problem(self, theta):
@@ -450,6 +461,16 @@ class PerObservation(Integrand):
             group=design.group,
             starts=design.starts,
         )
+
+
+def _all_ones(col: np.ndarray) -> bool:
+    """Whether a data column is all ones (an intercept: multiplying by it is skipped)."""
+    return bool(np.all(col == 1.0))
+
+
+def _times_column(A, col: np.ndarray):
+    """``A * col[:, None]`` for a (rows x nodes) array, ``A`` itself when ``col`` is all ones."""
+    return A if _all_ones(col) else A * col[:, None]
 
 
 def make_integrand(design: Design) -> Integrand:

@@ -38,8 +38,10 @@ import numpy as np
 from scipy import optimize as sopt
 
 from .design import Design
+from .integrand import SchoolSums
 from .likelihood import Likelihood
-from .quadrature import QuadratureSpec
+from .params import ParamLayout
+from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec
 from .start import start_values
 
 #: Whether scipy's BFGS accepts an initial inverse Hessian (option ``hess_inv0``, new in
@@ -224,7 +226,7 @@ def _initial_inverse_hessian(theta, lik: Likelihood, N):
     different scales of ``beta``, ``alpha`` and the log-Cholesky parameters.
     """
     try:
-        H = -lik.hessian(theta) / N
+        H = -lik.start_hessian(theta) / N
         H = 0.5 * (H + H.T)
         w, V = np.linalg.eigh(H)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
@@ -362,6 +364,49 @@ def _response_scaling(design: Design) -> tuple[float, np.ndarray, np.ndarray]:
     return s, M, c
 
 
+#: The core fit of :func:`_warm_start` is used only when the smallest eigenvalue of its
+#: ``Sigma`` exceeds this fraction of the trace (not at the boundary).
+WARM_START_MIN_EIG = 1e-6
+
+
+def _warm_start(likelihood: Likelihood, opts: FitOptions) -> np.ndarray:
+    r"""Start values of a model outside the core (in the units of ``y``).
+
+    With ``scale_re_formula`` (the per-observation integrand, whose every evaluation costs
+    ``O(N K)``) the core model with the same mean and variance functions and one random
+    scale ``v0`` is fitted first (its own fast path, ``O(N p + J K)`` per evaluation) and the
+    extended model starts from its ``beta``, ``alpha`` and ``Sigma`` of ``(u, v0)``, the
+    log-variance slopes independent with variance
+    :data:`mlsml.start.START_VAR_SLOPE` ``/ mean(g^2)``: on 20,000 rows 10 instead of 43
+    expensive evaluations. Elsewhere, or when that fit fails, :func:`mlsml.start.start_values`.
+    """
+    integrand = likelihood.integrand
+    cold = start_values(integrand)
+    lay = likelihood.layout
+    if isinstance(integrand, SchoolSums) or not lay.scale_re_terms or lay.bs_terms:
+        return cold
+    base = ParamLayout(lay.mean_terms, lay.scale_terms, lay.q, True)
+    design = replace(likelihood.design, layout=base)
+    core = Likelihood.build(design, QuadratureSpec("uexact", DEFAULT_NAGQ_UEXACT) if lay.q else likelihood.spec)
+    try:
+        opt = maximize(core, replace(opts, start=None, max_time=None))
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return cold
+    if not (np.isfinite(opt.llf) and np.all(np.isfinite(opt.theta))):
+        return cold
+    beta, alpha, L = base.split(opt.theta)
+    S = np.asarray(L) @ np.asarray(L).T
+    if not np.linalg.eigvalsh(S).min() > WARM_START_MIN_EIG * np.trace(S):
+        return cold  # a singular core fit: its boundary is no place to start from
+    _, _, L0 = lay.split(cold)
+    sigma = np.asarray(L0) @ np.asarray(L0).T  # the cold start's variances of the slopes
+    d0 = lay.q + 1
+    sigma[:d0, :] = 0.0
+    sigma[:, :d0] = 0.0
+    sigma[:d0, :d0] = S
+    return lay.theta_from_parts(np.asarray(beta), np.asarray(alpha), sigma)
+
+
 def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback=None) -> OptSummary:
     """Maximum-likelihood estimates, fitted internally to ``y / s`` with ``s ~ sd(y)``.
 
@@ -404,7 +449,7 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
     opts = options or FitOptions()
     design = likelihood.design
     if opts.start is None and not likelihood.integrand.core:  # in the units of y (see mlsml.start)
-        opts = replace(opts, start=start_values(likelihood.integrand))
+        opts = replace(opts, start=_warm_start(likelihood, opts))
     s, M, c = _response_scaling(design)
     if s == 1.0:
         return _maximize(likelihood, opts, callback)
