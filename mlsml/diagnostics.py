@@ -342,11 +342,15 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
     degenerate = degenerate_directions(lik, theta) if reasons else ()
     reasons += degenerate_words(lik, theta, degenerate)
     reduced = None
-    if not pd_ok and degenerate and np.isfinite(optsum.llf):
+    if degenerate and np.isfinite(optsum.llf):
+        # whether or not the information passes the positive-definiteness threshold (the
+        # two rules can fall on either side of it at the same boundary point), the Wald
+        # SEs of a degenerate direction mean nothing: use the reduced-rank information
         reduced = singular_covariance(lik, theta, degenerate)
         if reduced is not None:
             missing = [n for n, ok in zip(lik.layout.names, np.isfinite(np.diag(reduced))) if not ok]
-            reasons.remove(NOT_PD_REASON)
+            if NOT_PD_REASON in reasons:
+                reasons.remove(NOT_PD_REASON)
             reasons.append(
                 "the observed information is singular in the degenerate direction(s) above: the standard errors "
                 "come from the information of the reduced-rank Sigma (as lme4 reports at a singular fit); "

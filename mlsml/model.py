@@ -157,7 +157,12 @@ quadrature : {"auto", "product", "marginal"}, default "auto"
     applies and ``"product"`` otherwise. The u-exact rule is both faster (London
     Model 3: 0.15 s against 0.28 s) and far more accurate for small clusters with
     a large random-scale variance (6 students a school, var(v) = 1.5: 15 points
-    are within 1.2e-4 of the limit where the 11-point product rule is 0.13 off)."""
+    are within 1.2e-4 of the limit where the 11-point product rule is 0.13 off).
+max_time : float, optional
+    Time budget of the optimiser in seconds (positive). When it runs out the fit
+    stops at the best point found so far and says so: ``res.converged`` is
+    ``False``, the message names the budget, and a
+    :class:`~mlsml.ConvergenceWarning` is issued. Default: no budget."""
 
 _MODEL_EQUATION_DOC = r""".. math::
 
@@ -226,7 +231,7 @@ def _doc(**blocks: str):
     return decorate
 
 
-def _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback) -> FitOptions:
+def _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback, max_time=None) -> FitOptions:
     """The optimiser options of :meth:`MELSM.fit`, checked for type and range.
 
     Raises :class:`~mlsml.ModelSpecError` naming the option; nothing is rounded,
@@ -246,6 +251,7 @@ def _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback) -> Fit
         max_passes=check_int("max_passes", max_passes, minimum=1),
         xtol=check_real("xtol", xtol, 0.0, low_open=True),
         gtol=check_real("gtol", gtol, 0.0, low_open=True),
+        max_time=None if max_time is None else check_real("max_time", max_time, 0.0, low_open=True),
     )
 
 
@@ -552,6 +558,7 @@ class MELSM:
         gtol: float = 1e-8,
         callback=None,
         quadrature: str = "auto",
+        max_time: float | None = None,
     ) -> MELSMResults:
         """Maximum-likelihood fit by adaptive Gauss-Hermite quadrature.
 
@@ -591,7 +598,7 @@ class MELSM:
         ...     print(err)
         nagq (quadrature points per dimension) must be an integer >= 1, not 2.5 (float)
         """
-        opts = _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback)
+        opts = _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback, max_time)
         lik = self.objective(nagq=nagq, quadrature=quadrature, prune=prune)
         if start_params is not None:
             start = self.theta_from_params(start_params)
@@ -641,6 +648,7 @@ def fit(
     gtol: float = 1e-8,
     callback=None,
     quadrature: str = "auto",
+    max_time: float | None = None,
 ) -> MELSMResults:
     """Fit a mixed-effects location scale model by maximum likelihood.
 
@@ -719,4 +727,5 @@ def fit(
         gtol=gtol,
         callback=callback,
         quadrature=quadrature,
+        max_time=max_time,
     )

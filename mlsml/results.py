@@ -187,12 +187,12 @@ class MELSMResults:
         params = pd.Series(_readonly(natural), index=list(lay.names), name="estimate", copy=False)
         H = np.asarray(optsum.hessian, dtype=float)
         cov_theta = theta_covariance(optsum) if diagnostics.hessian_pd else None
-        if cov_theta is not None:
+        if diagnostics.reduced_cov is not None:  # singular fit: reduced-rank information (diagnostics.singular_covariance)
+            cov = np.array(diagnostics.reduced_cov, dtype=float)
+        elif cov_theta is not None:
             jac = lay.natural_jacobian(theta)
             cov = jac @ cov_theta @ jac.T
             cov = 0.5 * (cov + cov.T)
-        elif diagnostics.reduced_cov is not None:  # singular fit: reduced-rank information (diagnostics.singular_covariance)
-            cov = np.array(diagnostics.reduced_cov, dtype=float)
         else:
             cov = np.full((lay.n_params, lay.n_params), np.nan)
         with np.errstate(all="ignore"):
