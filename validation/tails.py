@@ -8,6 +8,10 @@ counts how often the check says the tails are heavy::
     python -m validation.tails --seeds 100                      # every scenario, the table in Markdown
     python -m validation.tails --scenario slope --seeds 20 --verbose
 
+The figures in docs/model.md ("Heavy tails or heterogeneity?") are from 100 seeds of
+``plain``, ``scale_x`` and ``small`` and 60 of ``slope``; every data set is in
+``validation/results/tails_issue12.csv``.
+
 Scenarios (:data:`SCENARIOS`): ``plain``, 100 schools of 30, random intercept and random
 scale (var(v) = 0.05); ``scale_x``, the same with ``ln var(e) = -0.5 + 0.2 x + v`` and
 ``scale_formula="~ x"``; ``small``, 200 schools of 4 to 12; ``slope``, a random slope of
@@ -42,7 +46,7 @@ def simulate(scenario: str, seed: int, t_df: float | None) -> pd.DataFrame:
     """One data set of ``scenario`` with normal (``t_df=None``) or t residuals of variance 1."""
     J, (lo, hi), a1, slope, _ = SCENARIOS[scenario]
     rng = np.random.default_rng(seed)
-    sizes = rng.integers(lo, hi + 1, J)
+    sizes = np.full(J, lo) if lo == hi else rng.integers(lo, hi + 1, J)
     school = np.repeat(np.arange(J), sizes)
     N = len(school)
     x = rng.normal(size=N)
