@@ -65,6 +65,10 @@ TAIL_SCREEN_Z = 2.0
 #: Levels of :attr:`TailCheck.reference_quantiles`.
 TAIL_QUANTILES = (0.05, 0.5, 0.95, 0.99)
 
+#: A school's residuals count as all equal (no kurtosis) when their variance is below this
+#: fraction of their mean square: what remains is rounding.
+TAIL_EQUAL = 1e-20
+
 #: Simulated standard normals per block of :func:`tail_check`'s reference (bounds its memory).
 TAIL_BLOCK = 2_000_000
 
@@ -275,11 +279,11 @@ def _school_kurtosis(r: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> n
     c2 = c * c
     m2 = np.add.reduceat(c2, starts, axis=-1) / counts
     m4 = np.add.reduceat(c2 * c2, starts, axis=-1) / counts
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2, np.nan)
+    spread = m2 > TAIL_EQUAL * (m2 + mean * mean)
+    return np.where(spread, m4 / np.where(spread, m2, 1.0) ** 2, np.nan)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # pandas fields: compared by identity
 class TailCheck:
     """What :func:`tail_check` found (see there for the statistic).
 

@@ -17,6 +17,7 @@ from mlsml.diagnostics import (
     TAIL_MIN_SIZE,
     ZERO_VARIANCE,
     _reference,
+    _school_kurtosis,
     diagnose,
     hessian_pd,
     normal_kurtosis_moments,
@@ -230,6 +231,17 @@ def test_tail_reference_has_the_exact_normal_moments():
     assert abs(sims.mean() - expected) < 5 * sd / np.sqrt(len(sims))
     assert sims.var() == pytest.approx(sd**2, rel=0.15)
     assert normal_kurtosis_moments(4)[1] > 0 and normal_kurtosis_moments(3)[1] == 0  # 3 values: kurtosis 1.5 always
+
+
+def test_school_kurtosis_of_equal_residuals_is_missing_not_rounding():
+    """A school whose residuals are all equal has no kurtosis (its m2 is rounding, m4/m2^2 would be noise).
+
+    Seven copies of 1000.1 have a mean that differs from 1000.1 in the last bit (m2 about
+    1e-26, not 0); the first version divided by it.
+    """
+    r = np.r_[np.full(7, 1000.1), [0.0, 1.0, 0.0, -1.0, 0.0]]
+    k = _school_kurtosis(r, np.array([0, 7]), np.array([7, 5]))
+    assert np.isnan(k[0]) and k[1] == pytest.approx(0.4 / 0.4**2)
 
 
 def test_tail_check_without_usable_schools_and_without_data(demo_fit):
