@@ -7,6 +7,9 @@
   twice the points, and the reasons a fit is singular.
 - :func:`standardised_residuals`: the students' residuals from their school's
   predicted mean, divided by their predicted residual standard deviation.
+- :func:`tail_check`: whether those residuals have heavier tails within schools than
+  the normal distribution the model assumes (their within-school kurtosis against its
+  simulated reference), since heavy tails inflate the variance of the random scale.
 
 The figures built on them (histograms with normal curves) are in
 :mod:`mlsml.plots`.
@@ -50,6 +53,34 @@ NOT_PD_REASON = "the observed information is not positive definite (standard err
 #: A change of the log-likelihood above this with about twice the points gives a
 #: :class:`~mlsml.errors.QuadratureWarning`.
 QUADRATURE_TOL = 1e-4
+
+#: :func:`tail_check` uses the schools with at least this many rows (the sample kurtosis
+#: of 2 or 3 values is a constant, 1 and 1.5, whatever the distribution).
+TAIL_MIN_SIZE = 4
+
+#: :attr:`TailCheck.heavy` when the simulated p-value is below this.
+TAIL_ALPHA = 0.01
+
+#: Default number of simulated reference data sets of :func:`tail_check` (p-values in steps of 0.001).
+TAIL_N_SIM = 999
+
+#: Default seed of :func:`tail_check` (the check of a given fit is reproducible).
+TAIL_SEED = 20190101
+
+#: :func:`tail_note` simulates the reference only when the statistic is this many
+#: (normal-approximation) standard deviations above its mean: the simulated p-value
+#: cannot be below :data:`TAIL_ALPHA` otherwise (the reference is skewed to the right).
+TAIL_SCREEN_Z = 2.0
+
+#: Levels of :attr:`TailCheck.reference_quantiles`.
+TAIL_QUANTILES = (0.05, 0.5, 0.95, 0.99)
+
+#: A school's residuals count as all equal (no kurtosis) when their variance is below this
+#: fraction of their mean square: what remains is rounding.
+TAIL_EQUAL = 1e-20
+
+#: Simulated standard normals per block of :func:`tail_check`'s reference (bounds its memory).
+TAIL_BLOCK = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -476,3 +507,242 @@ def standardised_residuals(res) -> pd.Series:
     y[design.order] = design.y
     mean, var = fitted_moments(res)
     return pd.Series((y - mean) / np.sqrt(var), index=design.row_labels, name="std_resid")
+
+
+def normal_kurtosis_moments(n) -> tuple[np.ndarray, np.ndarray]:
+    r"""Mean and variance of the sample kurtosis of ``n`` independent normal values.
+
+    .. math::
+
+        E(b_2) = \frac{3(n-1)}{n+1}, \qquad
+        \operatorname{var}(b_2) = \frac{24\,n(n-2)(n-3)}{(n+1)^2(n+3)(n+5)}
+
+    for :math:`b_2 = m_4 / m_2^2` with the moments about the sample mean divided by
+    ``n`` (Pearson's exact moments; the normal-theory reference of :func:`tail_check`).
+    """
+    n = np.asarray(n, dtype=float)
+    return 3 * (n - 1) / (n + 1), 24 * n * (n - 2) * (n - 3) / ((n + 1) ** 2 * (n + 3) * (n + 5))
+
+
+def _school_kurtosis(r: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sample kurtosis ``m4 / m2**2`` of each school's block of ``r`` (last axis, group-sorted)."""
+    mean = np.add.reduceat(r, starts, axis=-1) / counts
+    c = r - np.repeat(mean, counts, axis=-1)
+    c2 = c * c
+    m2 = np.add.reduceat(c2, starts, axis=-1) / counts
+    m4 = np.add.reduceat(c2 * c2, starts, axis=-1) / counts
+    spread = m2 > TAIL_EQUAL * (m2 + mean * mean)
+    return np.where(spread, m4 / np.where(spread, m2, 1.0) ** 2, np.nan)
+
+
+@dataclass(frozen=True, eq=False)  # pandas fields: compared by identity
+class TailCheck:
+    """What :func:`tail_check` found (see there for the statistic).
+
+    Attributes
+    ----------
+    statistic : float
+        The within-school kurtosis of the standardised residuals, averaged over the
+        schools used with their sizes as weights (3 for normal data in large schools).
+    reference_mean : float
+        Its exact mean for normal residuals (:func:`normal_kurtosis_moments`).
+    reference_quantiles : pandas.Series
+        Its 5%, 50%, 95% and 99% points among the simulated normal data sets.
+    p_value : float
+        ``(1 + #{simulated >= statistic}) / (n_sim + 1)``.
+    n_sim : int
+    seed : int or None
+    n_schools, n_rows : int
+        Schools (with at least :data:`TAIL_MIN_SIZE` rows and residuals not all equal)
+        and their rows that enter the statistic.
+    schools : pandas.DataFrame
+        One row per school (index: the school labels): ``n``, ``kurtosis``,
+        ``reference_mean``, ``reference_sd`` (exact, for ``n`` normal values) and
+        ``z = (kurtosis - reference_mean) / reference_sd``; ``NaN`` for schools not used.
+    """
+
+    statistic: float
+    reference_mean: float
+    reference_quantiles: pd.Series
+    p_value: float
+    n_sim: int
+    seed: int | None
+    n_schools: int
+    n_rows: int
+    schools: pd.DataFrame = field(repr=False)
+
+    @property
+    def heavy(self) -> bool:
+        """Whether the tails are heavier than normal at level :data:`TAIL_ALPHA`."""
+        return bool(self.p_value < TAIL_ALPHA)
+
+    def message(self) -> str:
+        """One sentence saying what the check found."""
+        if not self.n_schools:
+            return f"residual tails not checked: no school has {TAIL_MIN_SIZE} or more rows with distinct residuals"
+        found = (
+            f"within-school kurtosis of the standardised residuals {self.statistic:.3g}; "
+            f"{self.reference_mean:.3g} expected for normal residuals "
+            f"(95% of simulated normal data sets below {self.reference_quantiles[0.95]:.3g}; p {self._p_text()}, "
+            f"{self.n_schools} schools of {TAIL_MIN_SIZE} or more rows)"
+        )
+        if not self.heavy:
+            return "residual tails consistent with the normal distribution: " + found
+        return (
+            "the residuals have heavier tails than normal within schools: "
+            + found
+            + ". A random scale var(v) and the scale coefficients absorb heavy tails as if they were "
+            "differences in variance: they may be tails, not heterogeneity"
+        )
+
+    def _p_text(self) -> str:
+        smallest = 1 / (self.n_sim + 1)
+        return f"<= {smallest:.2g}" if self.p_value <= smallest else f"= {self.p_value:.3g}"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+def tail_check(res, n_sim: int = TAIL_N_SIM, seed: int | None = TAIL_SEED) -> TailCheck:
+    r"""Are the residuals heavier-tailed within schools than normal?
+
+    The model's residuals are normal given the school effects. Heavy-tailed residuals
+    (a t distribution, outliers) make some schools look more variable than others, and
+    a random scale ``v`` or the scale coefficients absorb this as heterogeneity of the
+    variance: with :math:`t_3` residuals a fit estimated var(v) = 0.25 where the true
+    value was 0.05. The within-school kurtosis tells the two apart: differences of
+    variance *between* schools do not change it, tails do.
+
+    For school :math:`j` with :math:`n_j \ge` :data:`TAIL_MIN_SIZE` standardised
+    residuals :math:`r_{ij}` (:func:`standardised_residuals`),
+
+    .. math::
+
+        k_j = \frac{m_{4j}}{m_{2j}^2}, \quad
+        m_{sj} = \frac{1}{n_j}\sum_i (r_{ij} - \bar r_j)^s, \qquad
+        K = \frac{\sum_j n_j k_j}{\sum_j n_j}.
+
+    ``k_j`` does not change when a school's residuals are shifted or rescaled, so the
+    school's posterior predictions of ``u_j`` and ``exp(v_j)``, used to standardise them,
+    cancel (exactly when ``z_ij`` and ``g_ij`` are constant within schools, otherwise
+    up to the posterior uncertainty of the effects' within-school variation, which
+    vanishes as :math:`n_j` grows). Under the model, ``k_j`` is then the sample
+    kurtosis of :math:`n_j` independent normal values, and the reference of ``K`` is
+    simulated exactly that way: ``n_sim`` data sets of standard normal values with the
+    schools' sizes. A reference simulated from the fitted model (new responses,
+    standardised with the posterior at the estimates) gives the same distribution up to
+    the estimation of the fixed effects. (Pooling the standardised residuals of all
+    schools instead would compare with the wrong reference: divided by predicted
+    rather than true standard deviations, they are a scale mixture of normals whose
+    kurtosis exceeds 3 under the model itself, the more so the smaller the schools.)
+
+    Parameters
+    ----------
+    res : MELSMResults
+        A fitted model, with its data.
+    n_sim : int
+        Number of simulated reference data sets (the smallest p-value is ``1 / (n_sim + 1)``).
+    seed : int or None
+        Seed of :func:`numpy.random.default_rng` for the reference (the default makes
+        the check of a fit reproducible).
+
+    Returns
+    -------
+    TailCheck
+        ``statistic``, ``reference_mean``, ``reference_quantiles``, ``p_value``,
+        ``heavy`` and the per-school table ``schools``.
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> from mlsml.diagnostics import tail_check
+    >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    >>> check = tail_check(res, n_sim=199, seed=1)
+    >>> check.heavy, check.n_schools, list(check.schools.columns)
+    (False, 40, ['n', 'kurtosis', 'reference_mean', 'reference_sd', 'z'])
+    """
+    if not isinstance(n_sim, (int, np.integer)) or isinstance(n_sim, bool) or n_sim < 1:
+        raise ValueError(f"n_sim must be a positive integer, got {n_sim!r}")
+    schools = _tail_schools(res)
+    used = schools["kurtosis"].notna().to_numpy()
+    n_used = schools["n"].to_numpy()[used]
+    n_rows = int(n_used.sum())
+    if not n_rows:
+        nan_q = pd.Series(np.nan, index=list(TAIL_QUANTILES))
+        return TailCheck(np.nan, np.nan, nan_q, np.nan, int(n_sim), seed, 0, 0, schools)
+    k = schools["kurtosis"].to_numpy()[used]
+    statistic = float(n_used @ k / n_rows)
+    sims = _reference(n_used, int(n_sim), np.random.default_rng(seed))
+    quantiles = pd.Series(np.quantile(sims, TAIL_QUANTILES), index=list(TAIL_QUANTILES))
+    return TailCheck(
+        statistic=statistic,
+        reference_mean=float(n_used @ schools["reference_mean"].to_numpy()[used] / n_rows),
+        reference_quantiles=quantiles,
+        p_value=float((1 + np.count_nonzero(sims >= statistic)) / (n_sim + 1)),
+        n_sim=int(n_sim),
+        seed=seed,
+        n_schools=int(used.sum()),
+        n_rows=n_rows,
+        schools=schools,
+    )
+
+
+def _tail_schools(res) -> pd.DataFrame:
+    """The per-school table of :class:`TailCheck` (``NaN`` for the schools not used)."""
+    design = res.model.design
+    r = standardised_residuals(res).to_numpy()[design.order]  # group-sorted, as the design
+    counts = np.asarray(design.counts, dtype=int)
+    k = _school_kurtosis(r, np.asarray(design.starts), counts)
+    used = (counts >= TAIL_MIN_SIZE) & np.isfinite(k)
+    ref_mean, ref_var = normal_kurtosis_moments(np.where(used, counts, TAIL_MIN_SIZE))
+    ref_sd = np.sqrt(ref_var)
+    return pd.DataFrame(
+        {
+            "n": counts,
+            "kurtosis": np.where(used, k, np.nan),
+            "reference_mean": np.where(used, ref_mean, np.nan),
+            "reference_sd": np.where(used, ref_sd, np.nan),
+            "z": np.where(used, (k - ref_mean) / ref_sd, np.nan),
+        },
+        index=pd.Index(design.group_labels, name=res.model.formula_spec.groups),
+    )
+
+
+def tail_note(res) -> str | None:
+    r"""The note of ``summary()`` when the residuals are heavy-tailed within schools, else ``None``.
+
+    Cheap in the common case: the statistic :math:`K` of :func:`tail_check` is compared
+    with its exact normal-theory mean and standard deviation,
+    :math:`\sum_j n_j E(b_2 \mid n_j) / N` and
+    :math:`\{\sum_j n_j^2 \operatorname{var}(b_2 \mid n_j)\}^{1/2} / N`
+    (:func:`normal_kurtosis_moments`); only above :data:`TAIL_SCREEN_Z` of them is the
+    reference simulated (:func:`tail_check` with its defaults), and the note is given
+    when that check finds the tails heavy. Results without their data have no note.
+    """
+    if not res.has_data:
+        return None
+    schools = _tail_schools(res).dropna()
+    n = schools["n"].to_numpy(dtype=float)
+    if not n.size:
+        return None
+    N = n.sum()
+    mean = n @ schools["reference_mean"].to_numpy() / N
+    sd = np.sqrt((n**2) @ schools["reference_sd"].to_numpy() ** 2) / N
+    if (n @ schools["kurtosis"].to_numpy() / N - mean) / sd < TAIL_SCREEN_Z:
+        return None
+    check = tail_check(res)
+    return f"{check.message()} (see res.residual_tails())." if check.heavy else None
+
+
+def _reference(sizes: np.ndarray, n_sim: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_sim`` draws of the statistic of :func:`tail_check` for standard normal schools of ``sizes``."""
+    n_rows = int(sizes.sum())
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    block = max(1, TAIL_BLOCK // n_rows)
+    out = np.empty(n_sim)
+    for s in range(0, n_sim, block):
+        m = min(block, n_sim - s)
+        k = _school_kurtosis(rng.standard_normal((m, n_rows)), starts, sizes)
+        out[s : s + m] = k @ sizes / n_rows
+    return out

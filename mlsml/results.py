@@ -24,7 +24,7 @@ from ._lazy import LazyModule
 from .bootstrap import bootstrap as _bootstrap
 from .bootstrap import simulate_responses
 from .compare import lrtest
-from .diagnostics import Diagnostics, diagnose
+from .diagnostics import TAIL_N_SIM, TAIL_SEED, Diagnostics, TailCheck, diagnose, tail_check
 from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .likelihood import Likelihood
@@ -821,6 +821,25 @@ class MELSMResults:
         []
         """
         return list(self.diagnostics.singular_reasons)
+
+    def residual_tails(self, n_sim: int = TAIL_N_SIM, seed: int | None = TAIL_SEED) -> TailCheck:
+        """Whether the residuals are heavier-tailed within schools than normal (:func:`mlsml.diagnostics.tail_check`).
+
+        Heavy tails make a random scale ``var(v)`` (and the scale coefficients) look
+        larger than the differences of variance between schools are: check this before
+        reading a variance effect as heterogeneity. ``summary()`` adds a note when it
+        finds the tails heavy.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> check = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x").residual_tails(n_sim=199)
+        >>> check.heavy, check.schools.shape
+        (False, (40, 5))
+        """
+        self._require_data("residual_tails")
+        return tail_check(self, n_sim=n_sim, seed=seed)
 
     def warn_if_problematic(self) -> None:
         """Issue the warnings a user must see (called by :meth:`MELSM.fit`)."""

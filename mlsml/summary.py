@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
+from .diagnostics import tail_note
 from .errors import ModelSpecError
 from .mixregls.report import MixwildSummary, summarize_mixwild
 
@@ -119,6 +120,9 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
         notes.append(f"WARNING: the fit did NOT converge ({res.message}). Do not use these estimates.")
     for r in res.singular_reasons():
         notes.append(f"WARNING: singular fit: {r}.")
+    tails = tail_note(res)
+    if tails:
+        notes.append(f"NOTE: {tails}")
     notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
     for note in notes:  # one add_text each: statsmodels re-wraps a text, so newlines within one would be lost
         smry.add_text(note)
