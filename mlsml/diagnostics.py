@@ -21,9 +21,8 @@ import pandas as pd
 
 from .boundary import BOUNDARY_LR, boundary_effects, far_from_boundary
 from .likelihood import Likelihood
-from .optimize import OptSummary
+from .optimize import OptSummary, quadrature_check  # noqa: F401 - quadrature_check is part of this module's API
 from .predict import fitted_moments
-from .quadrature import max_nagq
 
 #: A variance of a school effect counts as zero below this fraction of its reference
 #: (the residual variance for mean effects, 1 on the ln var(e) scale for ``v``).
@@ -75,27 +74,6 @@ def hessian_pd(optsum: OptSummary) -> bool:
         return bool(w.min() > HESSIAN_PD_RTOL * max(w.max(), 1e-300))
     except np.linalg.LinAlgError:
         return False
-
-
-def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | None:
-    """``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
-
-    Only where it is cheap and informative: a random scale (otherwise the
-    integrand is Gaussian and the rule exact), the core model, and at most
-    two dimensions in the product rule (the u-exact rule is one-dimensional in ``v``).
-    """
-    lay = lik.layout
-    if not lay.random_scale or not lik.integrand.core or not np.isfinite(llf):
-        return None
-    nagq = lik.spec.nagq
-    more = min(2 * nagq + 1, max_nagq(lik.spec.dim(lay.q, lay.n_v)))
-    if more <= nagq:
-        return None
-    if not lik.spec.uexact and lay.d > 2:
-        return None
-    with np.errstate(all="ignore"):
-        value = lik.with_spec(nagq=more).value(theta)
-    return more, abs(value - llf)
 
 
 def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool) -> list[str]:
@@ -177,7 +155,8 @@ def diagnose(lik: Likelihood, optsum: OptSummary) -> Diagnostics:
         hessian_pd=pd_ok,
         singular_reasons=tuple(singular_reasons(lik, theta, boundary, pd_ok)),
         boundary=boundary,
-        quadrature_check=quadrature_check(lik, theta, optsum.llf),
+        # computed by the optimiser at these estimates (the same rule and points); again only for a hand-made summary
+        quadrature_check=optsum.quadrature_check if optsum.quadrature_check is not None else quadrature_check(lik, theta, optsum.llf),
     )
 
 
