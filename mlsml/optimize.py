@@ -637,17 +637,31 @@ def _fallback(lik: Likelihood, opts: FitOptions, first: _Run, start: np.ndarray,
     """Trust-region Newton runs (:data:`FALLBACK_METHOD`) after a troubled first run.
 
     From the first run's estimates when they are usable (finite, the rule accurate
-    there, not below the start), then, if that does not converge, from the starting
-    values (the first run may have run off to where the quadrature fails, or into a
-    saddle's basin).
+    there, at least one step taken), then, until one converges with an accurate rule,
+    from the starting values (the first run may have run off to where the quadrature
+    fails, or into a saddle's basin) and from the default starting values
+    (:func:`mlsml.start.start_values`) when the given start differs (a start where the
+    quadrature overflows, e.g. a huge ``var(v)`` in schools of one or two pupils).
     """
     starts = []
     if first.reliable and np.all(np.isfinite(first.theta)) and first.n_steps > 0:
         starts.append(first.theta)
     starts.append(start)
+    if lik.integrand.core:  # elsewhere maximize() always passes the default start
+        default = np.asarray(start_values(lik.integrand), dtype=float)
+        if default.shape == start.shape and not np.allclose(default, start):
+            starts.append(default)
     out: list[_Run] = []
     k = first.history[-1][0] + 1 if first.history else 1
-    for x0 in starts:
+    for i, x0 in enumerate(starts):
+        if i > 0 or x0 is not first.theta:  # a start where the rule already fails leads nowhere
+            try:
+                with np.errstate(all="ignore"):
+                    llf0 = float(lik.value(x0))
+            except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+                continue
+            if not np.isfinite(llf0) or not _check_ok(quadrature_check(lik, x0, llf0)):
+                continue
         try:
             r = _run(lik, opts, FALLBACK_METHOD, np.array(x0, dtype=float), callback, first_pass=k)
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
