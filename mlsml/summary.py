@@ -60,11 +60,11 @@ def llf_note(res) -> str | None:
         return None
     opt = res.optsum
     why = "it is not finite at the estimates"
-    if opt is not None and np.isfinite(opt.llf) and opt.quadrature_check is not None:
+    if opt is not None and np.isfinite(opt.llf) and getattr(opt, "quadrature_check", None) is not None:
         points, change = opt.quadrature_check
         why = (
             f"the quadrature rule is not accurate at the estimates ({points} points per dimension instead of "
-            f"{res.nagq} change it by {change:.3g}; the rule gave {opt.llf:.6g})"
+            f"{res.nagq} change it by {change:.3g})"
         )
     return (
         f"WARNING: the log-likelihood is NOT reported (NaN): {why}. The deviance, AIC and BIC are NaN too; "
