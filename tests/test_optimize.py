@@ -80,18 +80,22 @@ def _one_or_two_pupils(seed: int, n_schools: int = 40):
 
 
 def test_small_cluster_random_slopes_reach_the_trust_exact_maximum():
-    """On main BFGS stopped at a saddle (Newton decrement 1.2e-05 > dtol, not converged) and
-    stayed there; the trust-exact fallback takes over and reaches trust-exact's own maximum."""
+    """On main (scipy >= 1.12) BFGS stopped at a saddle (Newton decrement 1.2e-05 > dtol, not
+    converged) and stayed there; the trust-exact fallback takes over and reaches a maximum (the
+    Newton decrement below dtol) at least as high as trust-exact's own from the default start.
+    (With scipy 1.11, BFGS from the identity converges there alone, and trust-exact from the
+    default start does not: it is compared only where it converged.)"""
     df = _slopes_in_small_schools(23)
     kw = dict(groups="school", re_formula="~ x", scale_formula="~ x")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mlsml.QuadratureWarning)
         res = mlsml.fit("y ~ x", df, **kw)
+        warnings.simplefilter("ignore", mlsml.ConvergenceWarning)
         exact = mlsml.fit("y ~ x", df, method="trust-exact", **kw)
-    assert exact.converged and res.converged
-    assert res.llf == pytest.approx(exact.llf, abs=1e-5)
-    assert res.optsum.decrement < res.optsum.options.dtol
-    if res.optsum.fallback:  # BFGS alone may get there with another scipy (no hess_inv0 before 1.12)
+    assert res.converged and res.optsum.decrement < res.optsum.options.dtol and res.optsum.llf_reliable
+    if exact.converged:
+        assert res.llf > exact.llf - 1e-5
+    if res.optsum.fallback:
         assert "trust-exact" in res.optsum.fallback and "fallback" in res.message
         assert res.optsum.n_passes == len(res.optsum.history)
 
