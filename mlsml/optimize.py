@@ -416,6 +416,12 @@ FALLBACK_METHOD = "trust-exact"
 #: (:attr:`OptSummary.llf_reliable`). One unit moves a likelihood-ratio statistic by 2.
 LLF_UNRELIABLE = 1.0
 
+#: Budget of the fallback, per start: iterations of one trust-exact pass and re-centring
+#: passes (each iteration costs an exact Hessian; trust-exact needs 10 to 40 where it
+#: converges, and on a fit that cannot converge an unbounded fallback cost minutes).
+FALLBACK_MAXITER = 200
+FALLBACK_PASSES = 4
+
 #: A quasi-Newton end with a Newton decrement above this many ``dtol`` is a stall;
 #: any decrement above ``dtol`` already makes the fit not converged (:func:`_trouble`).
 STALL_FACTOR = 1.0
@@ -516,8 +522,6 @@ def _run(lik: Likelihood, opts: FitOptions, method: str, theta: np.ndarray, call
         elif method == "L-BFGS-B":
             kw["gtol"] = opts.gtol
             kw["ftol"] = 1e-15
-        elif method == "trust-exact":
-            kw["gtol"] = opts.gtol
         hess_fun = None
         if method in HESSIAN_METHODS:
 
@@ -663,7 +667,8 @@ def _fallback(lik: Likelihood, opts: FitOptions, first: _Run, start: np.ndarray,
             if not np.isfinite(llf0) or not _check_ok(quadrature_check(lik, x0, llf0)):
                 continue
         try:
-            r = _run(lik, opts, FALLBACK_METHOD, np.array(x0, dtype=float), callback, first_pass=k)
+            budget = replace(opts, maxiter=min(opts.maxiter, FALLBACK_MAXITER), max_passes=min(opts.max_passes, FALLBACK_PASSES))
+            r = _run(lik, budget, FALLBACK_METHOD, np.array(x0, dtype=float), callback, first_pass=k)
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
             continue
         out.append(r)

@@ -114,7 +114,7 @@ def test_a_start_where_the_quadrature_overflows_never_prints_an_impossible_llf()
         warnings.simplefilter("ignore", mlsml.ConvergenceWarning)
         res = model.fit(start_params=start.to_numpy())
     assert default.converged and res.converged
-    assert res.llf == pytest.approx(default.llf, abs=1e-5)
+    assert res.llf == pytest.approx(default.llf, abs=1e-4)  # issue 12 asks for 1e-3
     assert "quadrature is not accurate" in res.optsum.fallback and res.optsum.llf_reliable
     text = res.summary().as_text()
     assert f"{default.llf:.4f}" in text and "e+" not in text.split("Mean function")[0]
