@@ -33,10 +33,9 @@ from .boundary import (
     search_faces,
 )
 from .likelihood import Likelihood
-from .optimize import OptSummary, information_pd, maximize
+from .optimize import OptSummary, information_pd, maximize, quadrature_check
 from .params import chol_from_vector
 from .predict import fitted_moments
-from .quadrature import max_nagq
 from .rescale import reparametrise
 
 #: A variance of a school effect counts as zero below this fraction of its reference
@@ -121,27 +120,6 @@ class Diagnostics:
 def hessian_pd(optsum: OptSummary) -> bool:
     """Whether ``-H`` is positive definite: Cholesky on the standardised scale of the fit (:func:`mlsml.optimize.information_pd`)."""
     return information_pd(optsum)
-
-
-def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | None:
-    """``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
-
-    Only where it is cheap and informative: a random scale (otherwise the
-    integrand is Gaussian and the rule exact), the core model, and at most
-    two dimensions in the product rule (the u-exact rule is one-dimensional in ``v``).
-    """
-    lay = lik.layout
-    if not lay.random_scale or not lik.integrand.core or not np.isfinite(llf):
-        return None
-    nagq = lik.spec.nagq
-    more = min(2 * nagq + 1, max_nagq(lik.spec.dim(lay.q, lay.n_v)))
-    if more <= nagq:
-        return None
-    if not lik.spec.uexact and lay.d > 2:
-        return None
-    with np.errstate(all="ignore"):
-        value = lik.with_spec(nagq=more).value(theta)
-    return more, abs(value - llf)
 
 
 def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool, theta_std=None) -> list[str]:
@@ -391,7 +369,9 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
         hessian_pd=pd_ok,
         singular_reasons=tuple(reasons),
         boundary=boundary,
-        quadrature_check=quadrature_check(lik_c, theta_c, llf_c),
+        # computed by the optimiser at these estimates (the same rule and points, on the standardised
+        # scale, where the difference is the same); again only for a hand-made OptSummary
+        quadrature_check=optsum.quadrature_check if optsum.quadrature_check is not None else quadrature_check(lik_c, theta_c, llf_c),
         faces=faces,
         degenerate=degenerate,
         reduced_cov=reduced,

@@ -47,7 +47,7 @@ from scipy import optimize as sopt
 from .integrand import SchoolSums
 from .likelihood import Likelihood
 from .params import ParamLayout
-from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec
+from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, max_nagq
 from .rescale import reparametrise
 from .start import start_values
 
@@ -192,6 +192,13 @@ class OptSummary:
     jacobian : ndarray or None
         ``d theta / d theta_s'``, the Jacobian of the map from the standardised scale;
         ``None`` for the identity.
+    fallback : str
+        Empty when the requested method's result was kept; otherwise why the
+        automatic fallback to :data:`FALLBACK_METHOD` ran and what it gave
+        (:func:`_maximize`). ``method`` stays the requested method.
+    quadrature_check : tuple or None
+        ``(points, |llf(points) - llf|)`` at ``theta`` with about twice the points
+        (:func:`quadrature_check`), or ``None`` where not cheap or not informative.
     """
 
     start: np.ndarray
@@ -214,6 +221,18 @@ class OptSummary:
     theta_std: np.ndarray | None = None
     hessian_std: np.ndarray | None = None
     jacobian: np.ndarray | None = None
+    fallback: str = ""
+    quadrature_check: tuple | None = None
+
+    @property
+    def llf_reliable(self) -> bool:
+        """Whether ``llf`` is a log-likelihood that may be reported.
+
+        False when it is not finite or when the rule with about twice the points
+        changes it by more than :data:`LLF_UNRELIABLE` at ``theta`` (the rule is not
+        accurate there: e.g. ``llf = +4.2e14`` from an overflowed quadrature).
+        """
+        return bool(np.isfinite(self.llf)) and _check_ok(self.quadrature_check)
 
     @property
     def nagq(self) -> int:
@@ -502,13 +521,104 @@ def theta_covariance(optsum: OptSummary) -> np.ndarray | None:
     return 0.5 * (cov + cov.T)
 
 
-def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
-    """Maximum-likelihood estimates by re-centred adaptive quadrature (on the scale given)."""
-    t0 = time.perf_counter()
-    theta = np.array(opts.start if opts.start is not None else start_values(lik.integrand), dtype=float)
-    start = theta.copy()
+#: Methods that step with the exact Hessian (no fallback from one of them to another).
+HESSIAN_METHODS = ("trust-exact", "Newton-CG", "trust-krylov", "trust-ncg")
+
+#: The automatic fallback (:func:`_fallback`): trust-region Newton on the exact Hessian,
+#: whose steps stay inside a region where the quadratic model is trusted, so it neither
+#: stalls at a saddle nor runs off to where the quadrature overflows.
+FALLBACK_METHOD = "trust-exact"
+
+#: A log-likelihood that the rule with about twice the points changes by more than this
+#: (log-likelihood units) is not reported: the rule is not accurate at the estimates
+#: (:attr:`OptSummary.llf_reliable`). One unit moves a likelihood-ratio statistic by 2.
+LLF_UNRELIABLE = 1.0
+
+#: Budget of the fallback, per start: iterations of one trust-exact pass and re-centring
+#: passes (each iteration costs an exact Hessian; trust-exact needs 10 to 40 where it
+#: converges, and on a fit that cannot converge an unbounded fallback cost minutes).
+FALLBACK_MAXITER = 200
+FALLBACK_PASSES = 4
+
+#: A quasi-Newton end with a Newton decrement above this many ``dtol`` is a stall;
+#: any decrement above ``dtol`` already makes the fit not converged (:func:`_trouble`).
+STALL_FACTOR = 1.0
+
+
+def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | None:
+    r"""``(points, |llf(points) - llf|)`` with about twice the points, or ``None``.
+
+    ``points = min(2 n + 1, max_nagq)`` for the rule's ``n`` points per dimension:
+
+    .. math:: \Delta = |\ell_{2n+1}(\theta) - \ell_n(\theta)|.
+
+    Only where it is cheap and informative: a random scale (otherwise the
+    integrand is Gaussian and the rule exact), the core model, and at most
+    two dimensions in the product rule (the u-exact rule is one-dimensional in ``v``).
+    A rule that cannot be evaluated at the points gives ``(points, inf)``.
+    """
+    out = _more_points(lik, theta, llf)
+    return None if out is None else (out[0], out[2])
+
+
+def _more_points(lik: Likelihood, theta, llf: float) -> tuple[int, float, float] | None:
+    """``(points, llf(points), |llf(points) - llf|)`` of :func:`quadrature_check`, or ``None``."""
+    lay = lik.layout
+    if not lay.random_scale or not lik.integrand.core or not np.isfinite(llf):
+        return None
+    nagq = lik.spec.nagq
+    more = min(2 * nagq + 1, max_nagq(lik.spec.dim(lay.q, lay.n_v)))
+    if more <= nagq:
+        return None
+    if not lik.spec.uexact and lay.d > 2:
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            value = lik.with_spec(nagq=more).value(theta)
+    except (np.linalg.LinAlgError, FloatingPointError, ValueError):
+        value = np.nan
+    diff = abs(value - llf)
+    return more, float(value), float(diff) if np.isfinite(diff) else float("inf")
+
+
+def _check_ok(check: tuple | None) -> bool:
+    """Whether a :func:`quadrature_check` result says the rule is accurate enough to report the llf."""
+    return check is None or bool(check[1] <= LLF_UNRELIABLE)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One optimiser run (passes, Newton polish) and the checks at its end (:func:`_run`)."""
+
+    theta: np.ndarray
+    llf: float
+    grad: np.ndarray
+    hessian: np.ndarray
+    converged: bool
+    message: str
+    decrement: float
+    check: tuple | None
+    passes: int
+    n_steps: int  # optimiser iterations, without the Newton polish
+    n_iter: int
+    n_fev: int
+    history: tuple
+    llf_more: float = float("nan")  # the llf with the check's points (NaN without a check)
+
+    @property
+    def reliable(self) -> bool:
+        return bool(np.isfinite(self.llf)) and _check_ok(self.check)
+
+
+def _run(
+    lik: Likelihood, opts: FitOptions, method: str, theta: np.ndarray, budget: _Budget, callback=None, first_pass: int = 1
+) -> _Run:
+    """Re-centring passes of ``method`` from ``theta``, the Newton polish, and the end checks.
+
+    The objective counts against ``budget`` (:attr:`FitOptions.max_time`): once it is
+    spent, the run ends at the best point seen, without the Newton polish.
+    """
     N = float(lik.design.nobs)
-    budget = _Budget(t0, opts.max_time, theta)
 
     @budget.wrap
     def fun(th):
@@ -521,16 +631,15 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
             return np.inf, np.zeros_like(th)
         return -v / N, -g / N
 
-    hess_inv = _initial_inverse_hessian(theta, lik, N) if opts.method == "BFGS" and BFGS_HAS_HESS_INV0 else None
+    hess_inv = _initial_inverse_hessian(theta, lik, N) if method == "BFGS" and BFGS_HAS_HESS_INV0 else None
     llf_old = -np.inf
-    n_iter = n_fev = 0
+    n_steps = n_fev = 0
     history = []
     converged = False
     message = "maximum number of passes reached"
     passes = 0
     for passes in range(1, opts.max_passes + 1):
         kw: dict = {"maxiter": opts.maxiter}
-        method = opts.method
         if method == "BFGS":
             kw["gtol"] = opts.gtol
             if hess_inv is not None and BFGS_HAS_HESS_INV0:
@@ -539,22 +648,26 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
             kw["gtol"] = opts.gtol
             kw["ftol"] = 1e-15
         hess_fun = None
-        if method in ("trust-exact", "Newton-CG", "trust-krylov", "trust-ncg"):
+        if method in HESSIAN_METHODS:
 
             def hess_fun(th):
-                return -lik.hessian(th) / N
+                H = -lik.hessian(th) / N
+                # scipy's trust-exact needs a finite matrix; where the Hessian cannot be
+                # evaluated the value is inf too, and the step is rejected.
+                return H if np.all(np.isfinite(H)) else np.eye(th.size)
 
-        res = budget.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
-        if "hess_inv0" in kw and int(getattr(res, "nit", 0)) == 0:
-            # not one step from the warm start: near a saddle the repaired inverse Hessian
-            # points its first step nowhere useful, and the fit stayed at the starting values
-            # (a row order of the same data could decide it). BFGS from the identity does not
-            # depend on that matrix.
-            del kw["hess_inv0"]
-            hess_inv = None
-            n_fev += int(getattr(res, "nfev", 0))
-            res = budget.minimize(fun, theta, jac=True, method=method, options=kw)
-        n_iter += int(getattr(res, "nit", 0))
+        with np.errstate(all="ignore"):
+            res = budget.minimize(fun, theta, jac=True, hess=hess_fun, method=method, options=kw)
+            if "hess_inv0" in kw and int(getattr(res, "nit", 0)) == 0:
+                # not one step from the warm start: near a saddle the repaired inverse Hessian
+                # points its first step nowhere useful, and the fit stayed at the starting values
+                # (a row order of the same data could decide it). BFGS from the identity does not
+                # depend on that matrix.
+                del kw["hess_inv0"]
+                hess_inv = None
+                n_fev += int(getattr(res, "nfev", 0))
+                res = budget.minimize(fun, theta, jac=True, method=method, options=kw)
+        n_steps += int(getattr(res, "nit", 0))
         n_fev += int(getattr(res, "nfev", 0))
         if method == "BFGS" and isinstance(getattr(res, "hess_inv", None), np.ndarray):
             hi = 0.5 * (res.hess_inv + res.hess_inv.T)
@@ -564,9 +677,9 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
         step = float(np.max(np.abs(new - theta))) if new.size else 0.0
         theta = new
         llf = -float(res.fun) * N
-        history.append((passes, llf, step, bool(res.success), str(res.message)))
+        history.append((first_pass + passes - 1, llf, step, bool(res.success), str(res.message)))
         if callback is not None:
-            callback(passes, theta, llf)
+            callback(first_pass + passes - 1, theta, llf)
         if budget.spent:
             message = budget.message(passes)
             break
@@ -575,35 +688,183 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
             message = f"converged after {passes} passes"
             break
         llf_old = llf
-    theta, llf, grad, H, n_newton = _newton_polish(theta, lik, opts.dtol, 0 if budget.spent else NEWTON_POLISH_STEPS)
-    n_iter += n_newton
-    if not np.isfinite(llf):
+    with np.errstate(all="ignore"):
+        theta, llf, grad, H, n_newton = _newton_polish(theta, lik, opts.dtol, 0 if budget.spent else NEWTON_POLISH_STEPS)
+    grad = np.asarray(grad)
+    H = np.asarray(H)
+    decrement = _newton_decrement(grad, H)
+    more = _more_points(lik, theta, llf)
+    check = None if more is None else (more[0], more[2])
+    if budget.spent:
+        converged = False
+    elif not np.isfinite(llf):
         converged = False
         message = "the log-likelihood is not finite at the estimates"
-    decrement = _newton_decrement(np.asarray(grad), np.asarray(H))
-    if converged and not decrement < opts.dtol:
+    elif not _check_ok(check):
+        converged = False
+        message = (
+            f"the quadrature is not accurate at the estimates: with {check[0]} points per dimension "
+            f"the log-likelihood changes by {check[1]:.3g} (more than {LLF_UNRELIABLE:g}), "
+            "so it is not reported"
+        )
+    elif converged and not decrement < opts.dtol:
         converged = False
         message = (
             f"re-centring converged but the log-likelihood is not at a maximum "
-            f"(Newton decrement {decrement:.2e}, max |gradient| {float(np.max(np.abs(grad))):.2e})"
+            f"(Newton decrement {decrement:.2e}, max |gradient| {float(np.max(np.abs(grad))) if grad.size else 0.0:.2e})"
         )
-    grad = np.asarray(grad)
+    return _Run(
+        theta,
+        float(llf),
+        grad,
+        H,
+        converged,
+        message,
+        float(decrement),
+        check,
+        passes,
+        n_steps,
+        n_steps + n_newton,
+        n_fev,
+        tuple(history),
+        float("nan") if more is None else more[1],
+    )
+
+
+def _trouble(run: _Run, opts: FitOptions, start_llf: float) -> str:
+    """Why ``run`` (the requested method's) needs the fallback, or ``""``.
+
+    - not one step from the start (and the start is not the maximum);
+    - the log-likelihood not finite, or not improved over the start;
+    - the rule not accurate at the estimates (:func:`quadrature_check` above :data:`LLF_UNRELIABLE`);
+    - not converged: the Newton decrement above ``STALL_FACTOR * dtol`` or the passes not settled.
+    """
+    if not np.isfinite(run.llf):
+        return "the log-likelihood is not finite at its estimates"
+    if not _check_ok(run.check):
+        points, change = run.check
+        return f"the quadrature is not accurate at its estimates (the rule with {points} points moves the llf by {change:.3g})"
+    if run.n_steps == 0 and not run.decrement < opts.dtol:
+        return "it made no step from the starting values"
+    if np.isfinite(start_llf) and run.llf < start_llf and not run.converged:
+        return f"it ended below the starting values' log-likelihood ({run.llf:.6g} < {start_llf:.6g})"
+    if not run.decrement < STALL_FACTOR * opts.dtol:
+        return f"it stopped where the Newton decrement is {run.decrement:.2e} (above dtol = {opts.dtol:g})"
+    if not run.converged:
+        return f"it did not converge ({run.message})"
+    return ""
+
+
+def _better(a: _Run, b: _Run) -> bool:
+    """Whether ``b`` is a better end than ``a``: reliable first, then converged, then the higher llf."""
+
+    def key(r: _Run):
+        # judged by the rule with more points where the check ran: an end that gains only
+        # by the quadrature error of the fit's rule (a ridge towards the boundary) does not win
+        value = r.llf if r.check is None else r.llf_more
+        return (r.reliable, r.converged, value if r.reliable and np.isfinite(value) else -np.inf)
+
+    return key(b) > key(a)
+
+
+def _fallback(lik: Likelihood, opts: FitOptions, first: _Run, start: np.ndarray, budget: _Budget, callback=None) -> list[_Run]:
+    """Trust-region Newton runs (:data:`FALLBACK_METHOD`) after a troubled first run.
+
+    From the first run's estimates when they are usable (finite, the rule accurate
+    there, at least one step taken), then, until one converges with an accurate rule,
+    from the starting values (the first run may have run off to where the quadrature
+    fails, or into a saddle's basin) and from the default starting values
+    (:func:`mlsml.start.start_values`) when the given start differs (a start where the
+    quadrature overflows, e.g. a huge ``var(v)`` in schools of one or two pupils).
+    """
+    starts = []
+    if first.reliable and np.all(np.isfinite(first.theta)) and first.n_steps > 0:
+        starts.append(first.theta)
+    starts.append(start)
+    if lik.integrand.core:  # elsewhere maximize() always passes the default start
+        default = np.asarray(start_values(lik.integrand), dtype=float)
+        if default.shape == start.shape and not np.allclose(default, start):
+            starts.append(default)
+    out: list[_Run] = []
+    k = first.history[-1][0] + 1 if first.history else 1
+    for i, x0 in enumerate(starts):
+        if i > 0 or x0 is not first.theta:  # a start where the rule already fails leads nowhere
+            try:
+                with np.errstate(all="ignore"):
+                    llf0 = float(lik.value(x0))
+            except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+                continue
+            if not np.isfinite(llf0) or not _check_ok(quadrature_check(lik, x0, llf0)):
+                continue
+        try:
+            bounded = replace(opts, maxiter=min(opts.maxiter, FALLBACK_MAXITER), max_passes=min(opts.max_passes, FALLBACK_PASSES))
+            r = _run(lik, bounded, FALLBACK_METHOD, np.array(x0, dtype=float), budget, callback, first_pass=k)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            continue
+        out.append(r)
+        k += r.passes
+        if (r.converged and r.reliable) or budget.spent:
+            break
+    return out
+
+
+def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
+    """Maximum-likelihood estimates by re-centred adaptive quadrature (on the scale given).
+
+    Runs ``opts.method`` (:func:`_run`); if its end is in trouble (:func:`_trouble`)
+    and the method is not already one with the exact Hessian, runs the fallback
+    (:func:`_fallback`) and keeps the best end (:func:`_better`), recording why in
+    ``OptSummary.fallback``.
+    """
+    t0 = time.perf_counter()
+    theta = np.array(opts.start if opts.start is not None else start_values(lik.integrand), dtype=float)
+    start = theta.copy()
+    budget = _Budget(t0, opts.max_time, theta)
+    best = _run(lik, opts, opts.method, theta, budget, callback)
+    runs = [best]
+    fallback = ""
+    why = ""
+    if opts.method not in HESSIAN_METHODS and not budget.spent:
+        start_llf = -np.inf
+        if best.n_steps == 0 or not best.converged:
+            with np.errstate(all="ignore"):
+                try:
+                    start_llf = float(lik.value(start))
+                except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+                    start_llf = -np.inf
+        why = _trouble(best, opts, start_llf)
+    if why:
+        extra = _fallback(lik, opts, best, start, budget, callback)
+        runs += extra
+        kept = best
+        for r in extra:
+            if _better(kept, r):
+                kept = r
+        if kept is best:
+            fallback = f"{opts.method}: {why}; the {FALLBACK_METHOD} fallback did not do better, the {opts.method} result is kept"
+        else:
+            fallback = f"{opts.method}: {why}; {FALLBACK_METHOD} (exact Hessian) took over: {kept.message}"
+        best = kept
+    message = best.message if not fallback or best is runs[0] else f"{best.message} (by the {FALLBACK_METHOD} fallback)"
+    history = tuple(h for r in runs for h in r.history)
     return OptSummary(
         start=start,
-        theta=theta,
-        llf=float(llf),
-        grad=grad,
-        hessian=np.asarray(H),
-        converged=converged,
+        theta=best.theta,
+        llf=float(best.llf),
+        grad=best.grad,
+        hessian=best.hessian,
+        converged=best.converged,
         message=message,
         method=opts.method,
         options=opts,
-        n_passes=passes,
-        n_iter=n_iter,
-        n_fev=n_fev,
-        decrement=float(decrement),
-        max_grad=float(np.max(np.abs(grad))) if grad.size else 0.0,
-        history=tuple(history),
+        n_passes=sum(r.passes for r in runs),
+        n_iter=sum(r.n_iter for r in runs),
+        n_fev=sum(r.n_fev for r in runs),
+        decrement=float(best.decrement),
+        max_grad=float(np.max(np.abs(best.grad))) if best.grad.size else 0.0,
+        history=history,
         quadrature=lik.spec,
         time=time.perf_counter() - t0,
+        fallback=fallback,
+        quadrature_check=best.check,
     )

@@ -200,7 +200,8 @@ class MELSMResults:
                 model=model,
                 theta=theta,
                 params=params,
-                llf=float(optsum.llf),
+                # never an impossible number: NaN where the rule is not accurate or the value not finite
+                llf=float(optsum.llf) if optsum.llf_reliable else float("nan"),
                 converged=bool(optsum.converged),
                 rule=optsum.quadrature,
                 hessian=_readonly(H),

@@ -50,6 +50,29 @@ def _format_blocks(blocks: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
     return pd.DataFrame(rows, index=index, columns=cols)
 
 
+def _number(x: float) -> str:
+    """A log-likelihood or criterion for the header: ``UNRELIABLE`` instead of a non-finite value."""
+    return f"{x:.4f}" if np.isfinite(x) else "NaN (UNRELIABLE)"
+
+
+def llf_note(res) -> str | None:
+    """The loud note of a fit whose log-likelihood is not reported (:attr:`mlsml.optimize.OptSummary.llf_reliable`), or ``None``."""
+    if np.isfinite(res.llf):
+        return None
+    opt = res.optsum
+    why = "it is not finite at the estimates"
+    if opt is not None and np.isfinite(opt.llf) and getattr(opt, "quadrature_check", None) is not None:
+        points, change = opt.quadrature_check
+        why = (
+            f"the quadrature rule is not accurate at the estimates ({points} points per dimension instead of "
+            f"{res.nagq} change it by {change:.3g})"
+        )
+    return (
+        f"WARNING: the log-likelihood is NOT reported (NaN): {why}. The deviance, AIC and BIC are NaN too; "
+        "do not use these estimates or compare this fit."
+    )
+
+
 def header_dict(res) -> dict[str, str]:
     """The header fields of the summary, as strings."""
     design = res.model.design
@@ -71,10 +94,10 @@ def header_dict(res) -> dict[str, str]:
         "Group size min/mean/max:": f"{counts.min()} / {counts.mean():.1f} / {counts.max()}",
         "Method:": "ML, adaptive Gauss-Hermite",
         "Quadrature:": quad,
-        "Log-Likelihood:": f"{res.llf:.4f}",
-        "Deviance:": f"{res.deviance:.4f}",
-        "AIC:": f"{res.aic:.4f}",
-        "BIC:": f"{res.bic:.4f}",
+        "Log-Likelihood:": _number(res.llf),
+        "Deviance:": _number(res.deviance),
+        "AIC:": _number(res.aic),
+        "BIC:": _number(res.bic),
         "No. parameters:": f"{res.df_model}",
         "Converged:": "Yes" if res.converged else "NO",
     }
@@ -116,6 +139,9 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
         blocks.append(("Derived correlations (delta-method SE)", extra))
     smry.add_df(_format_blocks(blocks), index=True, header=True)
     notes = []
+    note = llf_note(res)
+    if note is not None:
+        notes.append(note)
     if not res.converged:
         notes.append(f"WARNING: the fit did NOT converge ({res.message}). Do not use these estimates.")
     for r in res.singular_reasons():

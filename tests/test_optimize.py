@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 import mlsml
 from mlsml.optimize import FitOptions, OptSummary, maximize
+from mlsml.summary import header_dict
 
 M4 = dict(re_formula="~ x", scale_formula="~ x")
 
@@ -62,3 +65,59 @@ def test_results_are_not_written_after_construction(demo):
     assert res.diagnostics.hessian_pd and res.diagnostics.boundary == ()
     with pytest.raises(ValueError, match="read-only"):
         res.model.design.y[0] = 1.0
+
+
+# ---------------------------------------------------------------- issue 12: small clusters
+def _slopes_in_small_schools(seed: int):
+    """Random intercepts, slopes and scale in 15-40 schools of 2-8 pupils (issue 12's first small-cluster failure)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 9, int(rng.integers(15, 40)))
+    return mlsml.simulate.simulate_data(sizes, cov=np.diag([0.05, 0.05, 0.05]), random_slope=True, seed=seed)
+
+
+def _one_or_two_pupils(seed: int, n_schools: int = 40):
+    rng = np.random.default_rng(seed)
+    return mlsml.simulate.simulate_data(rng.integers(1, 3, n_schools), seed=seed)
+
+
+def test_small_cluster_random_slopes_reach_the_trust_exact_maximum():
+    """On main (scipy >= 1.12) BFGS stopped at a saddle (Newton decrement 1.2e-05 > dtol, not
+    converged) and stayed there; the trust-exact fallback takes over and reaches a maximum (the
+    Newton decrement below dtol) at least as high as trust-exact's own from the default start.
+    (With scipy 1.11, BFGS from the identity converges there alone, and trust-exact from the
+    default start does not: it is compared only where it converged.)"""
+    df = _slopes_in_small_schools(23)
+    kw = dict(groups="school", re_formula="~ x", scale_formula="~ x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mlsml.QuadratureWarning)
+        res = mlsml.fit("y ~ x", df, **kw)
+        warnings.simplefilter("ignore", mlsml.ConvergenceWarning)
+        exact = mlsml.fit("y ~ x", df, method="trust-exact", **kw)
+    assert res.converged and res.optsum.decrement < res.optsum.options.dtol and res.optsum.llf_reliable
+    if exact.converged:
+        assert res.llf > exact.llf - 1e-5
+    if res.optsum.fallback:
+        assert "trust-exact" in res.optsum.fallback and "fallback" in res.message
+        assert res.optsum.n_passes == len(res.optsum.history)
+
+
+def test_a_start_where_the_quadrature_overflows_never_prints_an_impossible_llf():
+    """Schools of 1-2 pupils with var(v) = 53: the 15-point rule gives llf ~ 6e14 (the exact
+    value is near -100), and on main BFGS stayed there and summary() printed it. The rule with
+    31 points disagrees by 1e25, so the fallback restarts from the default start and converges
+    to the maximum the default fit reaches."""
+    df = _one_or_two_pupils(1)
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school")
+    default = model.fit()
+    start = default.params.copy()
+    start["var(v)"], start["cov(u0,v)"] = 53.0, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mlsml.ConvergenceWarning)
+        res = model.fit(start_params=start.to_numpy())
+    assert default.converged and res.converged
+    assert res.llf == pytest.approx(default.llf, abs=1e-4)  # issue 12 asks for 1e-3
+    assert "quadrature is not accurate" in res.optsum.fallback and res.optsum.llf_reliable
+    head = header_dict(res)
+    assert float(head["Log-Likelihood:"]) == pytest.approx(default.llf, abs=2e-4)  # printed to 4 decimals
+    assert float(head["AIC:"]) == pytest.approx(default.aic, abs=4e-4)
+    assert "e+" not in res.summary().as_text().split("Mean function")[0]

@@ -191,3 +191,26 @@ def test_summary_is_the_results_method(demo_fit):
     res = demo_fit[0]
     assert summarize(res, alpha=0.1).as_text() == res.summary(alpha=0.1).as_text()
     assert np.isfinite(res.llf)
+
+
+def test_an_impossible_llf_is_never_printed(demo_fit):
+    """Issue 12: an overflowed quadrature gave llf = +4.2e14 and AIC = -8.4e14 in summary(). An
+    optimiser end whose rule with twice the points disagrees by more than LLF_UNRELIABLE is
+    reported as NaN, marked UNRELIABLE with a loud note, in both summary styles."""
+    res = demo_fit[0]
+    bad = dataclasses.replace(
+        res.optsum, llf=4.2e14, converged=False, message="the quadrature is not accurate at the estimates", quadrature_check=(31, 3e25)
+    )
+    assert not bad.llf_reliable and res.optsum.llf_reliable
+    out = mlsml.MELSMResults.build(res.model, res.likelihood, bad)
+    assert np.isnan(out.llf) and np.isnan(out.aic) and np.isnan(out.bic)
+    text = summarize(out).as_text()
+    head = header_dict(out)
+    assert head["Log-Likelihood:"] == head["AIC:"] == head["BIC:"] == head["Deviance:"] == "NaN (UNRELIABLE)"
+    assert "4.2e" not in text and "e+14" not in text and "420000000" not in text
+    note = _notes(text)[0]
+    assert note.startswith("WARNING: the log-likelihood is NOT reported (NaN)") and "31 points" in note and "3e+25" in note
+    mix = summarize(out, style="mixwild").as_text()
+    criteria = [line for line in mix.splitlines() if line.startswith((" Log Likelihood ", " Akaike", " Schwarz"))]
+    assert len(criteria) == 6 and all(line.endswith("UNRELIABLE") for line in criteria)
+    assert "NOTE: THE LOG LIKELIHOOD IS NOT REPORTED" in mix and "e+14" not in mix

@@ -107,19 +107,28 @@ def describe_data(res, standardized: bool = False) -> str:
     return "\n".join(out)
 
 
+def _crit(x: float) -> str:
+    """A criterion in the report's width; ``UNRELIABLE`` instead of a non-finite value."""
+    return f"{x:12.3f}" if np.isfinite(x) else f"{'UNRELIABLE':>12}"
+
+
 def _criteria(res) -> list[str]:
     ll, k, J = res.llf, res.df_model, res.ngroups
     aic, bic = ll - k, ll - 0.5 * k * np.log(J)
-    return [
-        f" Log Likelihood                 = {ll:12.3f}",
-        f" Akaike's Information Criterion = {aic:12.3f}",
-        f" Schwarz's Bayesian Criterion   = {bic:12.3f}",
+    out = [
+        f" Log Likelihood                 = {_crit(ll)}",
+        f" Akaike's Information Criterion = {_crit(aic)}",
+        f" Schwarz's Bayesian Criterion   = {_crit(bic)}",
         "",
         " ==> multiplied by -2             ",
-        f" Log Likelihood                 = {-2 * ll:12.3f}",
-        f" Akaike's Information Criterion = {-2 * aic:12.3f}",
-        f" Schwarz's Bayesian Criterion   = {-2 * bic:12.3f}",
+        f" Log Likelihood                 = {_crit(-2 * ll)}",
+        f" Akaike's Information Criterion = {_crit(-2 * aic)}",
+        f" Schwarz's Bayesian Criterion   = {_crit(-2 * bic)}",
     ]
+    if not np.isfinite(ll):
+        out.append(" NOTE: THE LOG LIKELIHOOD IS NOT REPORTED: it is not finite or the quadrature is not accurate")
+        out.append("       at the estimates (see Converged above); do not use or compare this fit")
+    return out
 
 
 def _block_header(title: str, res) -> list[str]:
