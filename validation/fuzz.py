@@ -43,9 +43,12 @@ The *independent maximum* comes from routes that do not share the failure's caus
    starts: the defaults, the fit's own estimates (mapped), and a start on the
    other face of the boundary (``|corr(u0,v)|`` near 1, ``var(u0)`` small);
 
-every route's estimates are mapped back to the user's parametrisation and evaluated
-under the fit's *own* rule (``model.loglike``), and the best of these is the
-reference. Where cheap (dimension of the school effects at most 3), the fit's and
+every route's estimates are evaluated under the fit's *own* rule on the
+standardized data (the same log-likelihood; on the raw data a timestamp covariate
+costs the evaluation itself up to millions of units in rounding), routes whose value
+moves by more than :data:`IMPOSSIBLE_GAP` with :data:`ROUTE_CHECK_NAGQ` points (where
+the quadrature overflowed) are set aside, and the best of the rest is the reference.
+Where cheap (dimension of the school effects at most 3), the fit's and
 the reference's estimates are also evaluated with the product rule with many
 points (:data:`ACCURATE_NAGQ`), so that a quadrature error is not mistaken for an
 optimisation failure (column ``gap_accurate``).
@@ -110,6 +113,11 @@ CASE_SECONDS = 30.0
 
 #: Time cap of each reference route (a route over it is skipped, not a failure).
 ROUTE_SECONDS = 20.0
+
+#: Points per dimension of the check that a route's log-likelihood is real: a route whose
+#: value under the fit's rule moves by more than :data:`IMPOSSIBLE_GAP` with this many
+#: points sits where the quadrature overflowed, and is not a reference.
+ROUTE_CHECK_NAGQ = 31
 
 #: The trust-exact route from the default start (mostly a repeat of the standardized
 #: BFGS fit's path) is run only on cases of at most this many rows, to bound the time.
@@ -518,7 +526,9 @@ def _boundary_start(model_std, params: np.ndarray) -> np.ndarray | None:
     return _natural(model_std, beta, alpha, sigma)
 
 
-def reference_routes(case: Case, model_raw, fit_params: np.ndarray | None, quick: bool = False) -> list[dict[str, Any]]:
+def reference_routes(
+    case: Case, model_raw, fit_params: np.ndarray | None, quick: bool = False, model_std=None
+) -> list[dict[str, Any]]:
     """Fit the case by the independent routes; each route's estimates mapped to the raw data.
 
     Parameters
@@ -530,6 +540,8 @@ def reference_routes(case: Case, model_raw, fit_params: np.ndarray | None, quick
         The fit's estimates (a start for the polishing route), if it gave any.
     quick : bool, optional
         Only the standardized BFGS fit and the trust-exact polish (the CI subset).
+    model_std : mlsml.MELSM, optional
+        The same model on the standardized data (built here when not given).
 
     Returns
     -------
@@ -539,8 +551,8 @@ def reference_routes(case: Case, model_raw, fit_params: np.ndarray | None, quick
     """
     import mlsml
 
-    spec = dict(case.spec)
-    model_std = mlsml.MELSM.from_formula(data=case.std_data, **spec)
+    if model_std is None:
+        model_std = mlsml.MELSM.from_formula(data=case.std_data, **dict(case.spec))
     pm = param_maps(model_raw, model_std)
     out: list[dict[str, Any]] = []
 
@@ -689,17 +701,30 @@ def run_case(
             params_finite=bool(np.all(np.isfinite(fit_params))),
         )
     if model is not None and not row["error"]:
-        routes = reference_routes(case, model, fit_params, quick=quick)
+        # every evaluation is made on the standardized data (the same log-likelihood, exactly:
+        # a linear change of parametrisation): on the raw data a covariate such as a Unix
+        # timestamp costs the evaluation itself up to millions of units in rounding, which
+        # made the first baseline's references (e.g. +2.3e6) impossible
+        model_std = mlsml.MELSM.from_formula(data=case.std_data, **dict(case.spec))
+        pm = param_maps(model, model_std)
+        routes = reference_routes(case, model, fit_params, quick=quick, model_std=model_std)
+        check = accurate_nagq(model) is not None
         best_val, best_route, best_params = -np.inf, "", None
         parts = []
         for r in routes:
             # the fit's own rule: the defaults the fit used (nagq=None, quadrature="auto")
-            val = evaluate(model, r["params_raw"]) if r["params_raw"] is not None else float("nan")
+            p_std = r.get("params_std")
+            val = evaluate(model_std, p_std) if p_std is not None else float("nan")
+            real = np.isfinite(val)
+            if real and check:  # not where the quadrature overflowed (the value must survive more points)
+                real = abs(evaluate(model_std, p_std, nagq=ROUTE_CHECK_NAGQ) - val) <= IMPOSSIBLE_GAP
             parts.append(
-                f"{r['route']}={r['llf_route']:.6f}/{val:.6f}/{r['seconds']:.1f}s" + (f"[{r['error'][:60]}]" if r["error"] else "")
+                f"{r['route']}={r['llf_route']:.6f}/{val:.6f}/{r['seconds']:.1f}s"
+                + ("" if real or not np.isfinite(val) else "[rule inaccurate]")
+                + (f"[{r['error'][:60]}]" if r["error"] else "")
             )
-            if np.isfinite(val) and val > best_val:
-                best_val, best_route, best_params = val, r["route"], r["params_raw"]
+            if real and val > best_val:
+                best_val, best_route, best_params = val, r["route"], p_std
         row["routes"] = " ".join(parts)
         if best_params is not None:
             row.update(reference=best_val, reference_route=best_route)
@@ -707,10 +732,11 @@ def run_case(
                 row["gap"] = best_val - row["llf"]
         nagq = accurate_nagq(model)
         if nagq is not None and not quick:
-            if fit_params is not None:
-                row["llf_accurate_fit"] = evaluate(model, fit_params, nagq=nagq, quadrature="product")
+            if fit_params is not None and np.all(np.isfinite(fit_params)):
+                fit_std = _natural(model_std, *pm.to_std(*_parts(model, fit_params)))
+                row["llf_accurate_fit"] = evaluate(model_std, fit_std, nagq=nagq, quadrature="product")
             if best_params is not None:
-                row["llf_accurate_ref"] = evaluate(model, best_params, nagq=nagq, quadrature="product")
+                row["llf_accurate_ref"] = evaluate(model_std, best_params, nagq=nagq, quadrature="product")
             row["gap_accurate"] = row["llf_accurate_ref"] - row["llf_accurate_fit"]
     row["cls"] = classify(row)
     row["case_seconds"] = time.perf_counter() - t_case
