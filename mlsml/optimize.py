@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import optimize as sopt
 
+from .boundary import far_from_boundary
 from .integrand import SchoolSums
 from .likelihood import Likelihood
 from .params import ParamLayout
@@ -384,8 +385,12 @@ def _warm_start(likelihood: Likelihood, opts: FitOptions) -> np.ndarray:
         return cold
     beta, alpha, L = base.split(opt.theta)
     S = np.asarray(L) @ np.asarray(L).T
-    if not np.linalg.eigvalsh(S).min() > WARM_START_MIN_EIG * np.trace(S):
-        return cold  # a singular core fit: its boundary is no place to start from
+    th, H = (opt.theta, opt.hessian) if opt.theta_std is None else (opt.theta_std, opt.hessian_std)
+    if not (np.linalg.eigvalsh(S).min() > WARM_START_MIN_EIG * np.trace(S) and far_from_boundary(base, th, H)):
+        # a singular core fit: its boundary is no place to start from. The eigenvalue ratio
+        # alone passed a core fit with every variance ~1e-15 (fuzz case 1341479044579192759),
+        # from which the extended fit stayed at Sigma = 0, 0.43 below its maximum, "converged"
+        return cold
     _, _, L0 = lay.split(cold)
     sigma = np.asarray(L0) @ np.asarray(L0).T  # the cold start's variances of the slopes
     d0 = lay.q + 1

@@ -10,6 +10,7 @@ import pytest
 import mlsml
 from mlsml.optimize import FitOptions, OptSummary, maximize
 from mlsml.summary import header_dict
+from validation import fuzz
 
 M4 = dict(re_formula="~ x", scale_formula="~ x")
 
@@ -121,3 +122,16 @@ def test_a_start_where_the_quadrature_overflows_never_prints_an_impossible_llf()
     assert float(head["Log-Likelihood:"]) == pytest.approx(default.llf, abs=2e-4)  # printed to 4 decimals
     assert float(head["AIC:"]) == pytest.approx(default.aic, abs=4e-4)
     assert "e+" not in res.summary().as_text().split("Mean function")[0]
+
+
+def test_a_singular_core_fit_is_not_the_warm_start_of_a_variance_slope_model():
+    """Fuzz case 1341479044579192759 (issue 12): the core fit that warm-starts a
+    ``scale_re_formula`` model ended with every variance ~1e-15; the extended fit started
+    there stayed at Sigma = 0 (a flat point of the log-Cholesky scale), "converged", 0.43
+    below the maximum that the cold start reaches (-106.9009, also trust-exact's)."""
+    case = fuzz.random_case(1341479044579192759)
+    assert case.spec.get("scale_re_formula") == "~ x"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit(data=case.data, **case.spec)
+    assert res.llf > -106.9009 - 1e-3, res.llf
