@@ -25,9 +25,12 @@ Two kinds of test:
   generator with at most ``CI_MAX_ROWS`` rows per case, no ``scale_re_formula``
   (the slow path, issue 12's performance cliff, stays in the full run), and the
   quick routes (standardized BFGS fit and the trust-exact polish from the fit's
-  estimates). RUNTIME: on main this is about 4.2 s per case (200 cases about 14 min,
-  not the 60-90 s budget; the slow fits are issue 12's failure 5), so time it again
-  when the fixes land and lower ``MLSML_FUZZ_MAX_CASES`` if needed. It asserts: no ``below_max``, ``bad_llf``, ``error_uncaught`` or
+  estimates). RUNTIME: re-timed after issue 12's fixes (2026-11-28, 40 CI cases at 60
+  rows, loaded 2-core machine): CPU 5.1 s per case on average (median 1.9 s; the slowest
+  are boundary fits, whose face search refits on every face, and fallbacks), i.e. about
+  17 CPU-minutes for 200 cases -- still far from a budget the suite can carry, so the
+  criterion stays switched off by default and the 200 cases are not yet in CI (docs/failures.md).
+  It asserts: no ``below_max``, ``bad_llf``, ``error_uncaught`` or
   ``over_time_cap`` case (documented refusals and flagged non-convergence are
   allowed, but not more than half the cases, so the test cannot pass by refusing).
 """
@@ -49,9 +52,10 @@ RUN_CRITERION = False
 N_CASES = int(os.environ.get("MLSML_FUZZ_MAX_CASES", "200"))
 SEED = int(os.environ.get("MLSML_FUZZ_MAX_SEED", "20261128"))
 
-#: Most rows per CI case. Measured on main (2026-11-28, loaded 2-core machine): 4.2 s per
-#: case even at 60 rows (the slow fits of issue 12's failure 5), so 200 cases take about
-#: 14 min; the 60-90 s budget needs about 0.4 s per case. Re-time when switching this on.
+#: Most rows per CI case. Measured (2026-11-28, loaded 2-core machine): 4.2 s per case at 60
+#: rows before issue 12's fixes, 5.1 s CPU (median 1.9 s) after them (face searches and
+#: fallbacks cost time on exactly these small boundary cases); 200 cases need about 0.4 s
+#: per case to fit a 60-90 s budget. Re-time when switching this on.
 CI_MAX_ROWS = 60
 
 #: Time cap of one CI fit (the full run uses validation.fuzz.CASE_SECONDS).
@@ -149,7 +153,7 @@ def test_classify(row, cls):
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (RUN_CRITERION or os.environ.get("MLSML_FUZZ_MAXIMUM") == "1"),
-    reason="issue 12: main still fits below the independent maximum (docs/failures.md); set MLSML_FUZZ_MAXIMUM=1 to run",
+    reason="issue 12: 200 cases take about 17 CPU-minutes, not yet in the suite (docs/failures.md); MLSML_FUZZ_MAXIMUM=1 runs it",
 )
 def test_no_fit_below_the_independent_maximum():
     seeds = fuzz.case_seeds(N_CASES, SEED)
