@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from revisions import export_tree, merge_base  # bench/ is the script folder
+from common import Worker  # bench/ is the script folder
+from revisions import export_tree, merge_base
 
 ROOT = Path(__file__).resolve().parents[1]
 HSB_PATHS = [os.environ.get("MLSML_HSB_CSV", ""), str(ROOT.parent / "shared" / "data" / "hsb.csv")]
@@ -134,38 +134,11 @@ def _worker(tree: str) -> None:
         print(json.dumps({"t": dt, "llf": float(res.llf), "converged": bool(res.converged), "message": str(res.message)}), flush=True)
 
 
-class Worker:
-    """A worker process serving fits of one mlsml tree."""
-
-    def __init__(self, tree: Path) -> None:
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        env.pop("PYTHONPATH", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", str(tree)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tree,
-        )
-        self.origin = self.read()["ready"]
-
-    def read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker failed (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def fit(self, name: str) -> dict:
-        self.proc.stdin.write(name + "\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            self.proc.wait()
+def worker(tree: Path) -> Worker:
+    """A :class:`common.Worker` of this script for ``tree``, on one BLAS thread, importing that tree's mlsml."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    return Worker(__file__, tree, env)
 
 
 def main() -> None:
@@ -182,10 +155,10 @@ def main() -> None:
     print(f"HSB data: {hsb_data()[1]}")
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = export_tree(rev, Path(tmp))
-        workers = {"old": Worker(old_tree), "new": Worker(ROOT)}
+        workers = {"old": worker(old_tree), "new": worker(ROOT)}
         try:
             for w in workers.values():
-                w.fit("icc-1")  # warm-up: lazy imports, caches
+                w.ask("icc-1")  # warm-up: lazy imports, caches
             print(f"old = {rev[:8]} ({workers['old'].origin}), new = this tree; median of {args.reps}, one BLAS thread")
             print(f"{'case':<14}{'old (s)':>10}{'new (s)':>10}{'new/old':>9}  old llf / conv      new llf / conv")
             medians = {}
@@ -194,7 +167,7 @@ def main() -> None:
                 runs: dict = {"old": [], "new": []}
                 for _ in range(args.reps):
                     for version in ("new",) if only_new else ("old", "new"):
-                        runs[version].append(workers[version].fit(name))
+                        runs[version].append(workers[version].ask(name))
                 med = {v: statistics.median(r["t"] for r in rs) if rs else float("nan") for v, rs in runs.items()}
                 medians[name] = med
                 last = {v: (rs[-1] if rs else None) for v, rs in runs.items()}

@@ -42,7 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from revisions import export_tree, merge_base  # bench/ is the script folder
+from common import Worker  # bench/ is the script folder
+from revisions import export_tree, merge_base
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -149,38 +150,6 @@ def _worker(tree: str) -> None:
 
 
 # --------------------------------------------------------------------------- driver side
-class Worker:
-    """A worker process serving fits of one mlsml tree."""
-
-    def __init__(self, tree: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", str(tree)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tree,
-        )
-        self.origin = self._read()["ready"]
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker failed (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            self.proc.wait()
-
-
 def _busy() -> None:  # pragma: no cover - load generator
     while True:
         pass
@@ -213,7 +182,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="mlsml-old-") as tmp:
             old_tree = export_tree(rev, Path(tmp))
-            workers = {f"old ({short})": Worker(old_tree, env), "new (this tree)": Worker(ROOT, env)}
+            workers = {f"old ({short})": Worker(__file__, old_tree, env), "new (this tree)": Worker(__file__, ROOT, env)}
             try:
                 results = run(workers, args)
             finally:

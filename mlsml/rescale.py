@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Design
-from .params import sigma_derivatives, vector_from_chol
+from .params import chol_from_vector, sigma_derivatives, vector_from_chol
 
 #: A column is centred when its mean exceeds this many standard deviations (and the
 #: matrix has a constant column): ``[1, x]`` is then far from orthogonal.
@@ -188,7 +188,7 @@ class Reparametrisation:
         tau = self.PS @ theta_s[pk:off]
         rest = theta_s[off:]
         if not lay.bs_terms and lay.d:
-            L_s = _chol(rest, lay.d)
+            L_s = _factor(rest, lay.d)
             rest = vector_from_chol(_lower_factor(self.T @ L_s))
         return np.concatenate([beta, alpha, tau, rest])
 
@@ -204,7 +204,7 @@ class Reparametrisation:
         tau = np.linalg.solve(self.PS, theta[pk:off]) if lay.m else theta[pk:off]
         rest = theta[off:]
         if not lay.bs_terms and lay.d:
-            L = _chol(rest, lay.d)
+            L = _factor(rest, lay.d)
             rest = vector_from_chol(_lower_factor(np.linalg.solve(self.T, L)))
         return np.concatenate([beta, alpha, tau, rest])
 
@@ -224,8 +224,8 @@ class Reparametrisation:
             J[off:, off:] = np.eye(n - off)
             return J
         d = lay.d
-        L_s = _chol(theta_s[off:], d)
-        L = _chol(self.to_original(theta_s)[off:], d)
+        L_s = _factor(theta_s[off:], d)
+        L = _factor(self.to_original(theta_s)[off:], d)
         rows, cols = np.tril_indices(d)
         dS_s = np.einsum("ab,kbc,dc->kad", self.T, sigma_derivatives(L_s), self.T)[:, rows, cols]
         dS = sigma_derivatives(L)[:, rows, cols]
@@ -245,15 +245,9 @@ class Reparametrisation:
         return 0.5 * (H + H.T)
 
 
-def _chol(vec: np.ndarray, d: int) -> np.ndarray:
-    """``L`` from its row-wise log-Cholesky vector (plain numpy)."""
-    L = np.zeros((d, d))
-    pos = 0
-    for i in range(d):
-        L[i, :i] = vec[pos : pos + i]
-        L[i, i] = np.exp(vec[pos + i])
-        pos += i + 1
-    return L
+def _factor(vec: np.ndarray, d: int) -> np.ndarray:
+    """``L`` from its row-wise log-Cholesky vector (:func:`mlsml.params.chol_from_vector`, as numpy)."""
+    return np.asarray(chol_from_vector(np.asarray(vec, dtype=float), d), dtype=float)
 
 
 def _lower_factor(M: np.ndarray) -> np.ndarray:

@@ -83,6 +83,35 @@ def exam_m3(exam):
     return mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT")
 
 
+class CountingModeProblem:
+    """Wraps a mode problem (:mod:`mlsml.modes`) and counts the evaluations of h."""
+
+    def __init__(self, problem):
+        self.p, self.J, self.d, self.calls = problem, problem.J, problem.d, 0
+
+    def f(self, b):
+        self.calls += 1
+        return self.p.f(b)
+
+    def magnitude(self, b):
+        return self.p.magnitude(b)
+
+    def derivs(self, b, fisher=False):
+        return self.p.derivs(b, fisher)
+
+
+def zero_u0_data(seed: int) -> pd.DataFrame:
+    """Few schools (10-30 of 3-14 pupils), true var(u0) = 0 and a random scale: fits end on
+    the boundary (issue 12's "boundary on another face" and singular-fit cases)."""
+    rng = np.random.default_rng(seed)
+    J = int(rng.integers(10, 31))
+    g = np.repeat(np.arange(J), rng.integers(3, 15, size=J))
+    x = rng.normal(size=g.size)
+    v = rng.normal(0.0, np.sqrt(rng.uniform(0.2, 1.0)), J)
+    y = 1.0 + 0.5 * x + np.exp((-0.5 + 0.2 * x + v[g]) / 2) * rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "school": g})
+
+
 def scale_slope_data(J: int = 40, n: int = 12, seed: int = 3, sigma: np.ndarray | None = None) -> pd.DataFrame:
     """y = 0.2 + 0.5 x + u0 + e, ln var(e) = -0.8 + 0.1 x + v0 + v1 x; (u0, v0, v1) ~ N(0, sigma).
 

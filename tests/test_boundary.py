@@ -6,8 +6,8 @@ import warnings
 
 import autograd
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import zero_u0_data
 
 import mlsml
 from mlsml import boundary
@@ -96,17 +96,6 @@ def test_not_positive_definite_information_runs_the_probes(exam):
 # ---------------------------------------------------------------- faces of the boundary (issue 12)
 
 
-def _few_schools(seed: int = 1) -> pd.DataFrame:
-    """Few schools (10-30), true var(u0) = 0, a random scale: the issue's "boundary on another face"."""
-    rng = np.random.default_rng(seed)
-    J = int(rng.integers(10, 31))
-    g = np.repeat(np.arange(J), rng.integers(3, 15, size=J))
-    x = rng.normal(size=g.size)
-    v = rng.normal(0.0, np.sqrt(rng.uniform(0.2, 1.0)), J)
-    y = 1.0 + 0.5 * x + np.exp((-0.5 + 0.2 * x + v[g]) / 2) * rng.normal(size=g.size)
-    return pd.DataFrame({"y": y, "x": x, "school": g})
-
-
 def _fit(df, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -117,7 +106,7 @@ def test_fit_on_one_face_moves_to_the_higher_face():
     """Seed 1 of the generator: main stopped at var(u0) = 0 (llf -174.9098, "converged") while the
     maximum, 0.0049 higher, is at var(u0) = 4.5e-5 with corr(u0,v) = +1. The independent route:
     trust-exact (exact Hessian) started on the other face, by the fit's own rule."""
-    df = _few_schools(1)
+    df = zero_u0_data(1)
     res = _fit(df)
     start = res.params.copy()
     start["var(u0)"], start["var(v)"] = 0.05**2, max(start["var(v)"], 0.1)
@@ -129,7 +118,7 @@ def test_fit_on_one_face_moves_to_the_higher_face():
 
 
 def test_search_faces_names_and_ranks_the_faces():
-    df = _few_schools(1)
+    df = zero_u0_data(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", start_params=None)

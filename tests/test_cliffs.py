@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CountingModeProblem
 
 import mlsml
 from mlsml.integrand import make_integrand
@@ -58,21 +59,6 @@ def test_time_budget_is_checked(bad):
         mlsml.fit("y ~ x", _data(), groups="school", max_time=bad)
 
 
-class _Counting:
-    def __init__(self, problem):
-        self.p, self.J, self.d, self.calls = problem, problem.J, problem.d, 0
-
-    def f(self, b):
-        self.calls += 1
-        return self.p.f(b)
-
-    def magnitude(self, b):
-        return self.p.magnitude(b)
-
-    def derivs(self, b, fisher=False):
-        return self.p.derivs(b, fisher)
-
-
 def test_mode_solver_stops_halving_below_rounding_near_a_singular_sigma():
     """Near a rank-1 Sigma (corr(u0, v0) = -0.999999) b'Pb is ~1e6 times h_j, whose rounding then
     hides the last Newton rises; the solver halved those steps MAX_HALVINGS times in iteration
@@ -88,7 +74,7 @@ def test_mode_solver_stops_halving_below_rounding_near_a_singular_sigma():
     dd = 1.0 / np.sqrt(np.diag(corr))
     sigma = np.outer(sd, sd) * corr * np.outer(dd, dd)
     theta = lay.theta_from_parts(np.array([0.2, 0.5]), np.array([-0.8]), sigma)
-    problem = _Counting(make_integrand(model.design).mode_problem(theta))
+    problem = CountingModeProblem(make_integrand(model.design).mode_problem(theta))
     mode, negH = posterior_modes(problem, lay.q)
     g, _ = problem.derivs(mode)
     step = np.linalg.solve(negH, g[:, :, None])[:, :, 0]

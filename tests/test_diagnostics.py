@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import scale_slope_data
+from conftest import scale_slope_data, zero_u0_data
 
 import mlsml
 from mlsml.diagnostics import (
@@ -152,20 +152,9 @@ def test_standardised_residuals_carry_the_variance_slopes():
 # ---------------------------------------------------------------- singular fits (issue 12)
 
 
-def _corr_boundary_data(seed: int = 7) -> pd.DataFrame:
-    """Few schools, true var(u0) = 0 with a random scale: the fit ends at corr(u0,v) = -1."""
-    rng = np.random.default_rng(seed)
-    J = int(rng.integers(10, 31))
-    g = np.repeat(np.arange(J), rng.integers(3, 15, size=J))
-    x = rng.normal(size=g.size)
-    v = rng.normal(0.0, np.sqrt(rng.uniform(0.2, 1.0)), J)
-    y = 1.0 + 0.5 * x + np.exp((-0.5 + 0.2 * x + v[g]) / 2) * rng.normal(size=g.size)
-    return pd.DataFrame({"y": y, "x": x, "school": g})
-
-
 def test_singular_fit_keeps_fixed_effect_ses_under_both_rules():
     """main printed NaN for every SE (fixed effects included) with "Converged: Yes" here, under both rules."""
-    df = _corr_boundary_data()
+    df = zero_u0_data(7)
     fits = {}
     for quadrature in ("marginal", "product"):
         with warnings.catch_warnings():
@@ -183,7 +172,7 @@ def test_singular_fit_keeps_fixed_effect_ses_under_both_rules():
 
 
 def test_degenerate_direction_in_words_with_what_to_do():
-    df = _corr_boundary_data()
+    df = zero_u0_data(7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")

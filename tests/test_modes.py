@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CountingModeProblem
 
 import mlsml
 from mlsml import modes
@@ -44,23 +45,6 @@ def test_modes_are_stationary_with_positive_definite_curvature(kw):
     assert np.all(np.linalg.eigvalsh(negH) > 0)
 
 
-class _Counting:
-    """Wraps a mode problem and counts evaluations of h."""
-
-    def __init__(self, problem):
-        self.p, self.J, self.d, self.calls = problem, problem.J, problem.d, 0
-
-    def f(self, b):
-        self.calls += 1
-        return self.p.f(b)
-
-    def magnitude(self, b):
-        return self.p.magnitude(b)
-
-    def derivs(self, b, fisher=False):
-        return self.p.derivs(b, fisher)
-
-
 def test_stalled_steps_end_the_iterations_for_every_integrand():
     """Near a singular Sigma the decrement of a converged school is rounding noise; the solver
     stops when a step no longer raises h. Before the engine was unified, the per-observation
@@ -70,7 +54,7 @@ def test_stalled_steps_end_the_iterations_for_every_integrand():
     sigma = np.diag([0.1, 0.1, 1e-14])
     sigma[0, 2] = sigma[2, 0] = 0.0
     theta = lay.theta_from_parts(np.array([0.2, 0.5]), np.array([-0.8]), sigma)
-    problem = _Counting(make_integrand(model.design).mode_problem(theta))
+    problem = CountingModeProblem(make_integrand(model.design).mode_problem(theta))
     posterior_modes(problem, lay.q, tol=0.0)  # tol 0: only the stalled-step rule can stop it
     assert problem.calls < 20  # without the rule: 101 evaluations (maxiter)
 
@@ -116,7 +100,7 @@ def test_modes_need_few_evaluations_when_the_icc_is_near_one(kw):
     lay = model.layout
     sigma = np.diag([1.0, 0.09] if lay.d == 2 else [1.0, 0.01, 0.09])
     theta = lay.theta_from_parts(np.array([1.0, 0.5]), np.array([2.0 * np.log(1e-4), 0.2]), sigma)  # the truth
-    problem = _Counting(integrand.mode_problem(theta))
+    problem = CountingModeProblem(integrand.mode_problem(theta))
     mode, negH = posterior_modes(problem, model.layout.q)
     assert problem.calls < 100
     g, _ = problem.derivs(mode)
