@@ -765,15 +765,19 @@ def run(
     quick: bool = False,
     max_rows: int = MAX_ROWS,
     case_seconds: float = CASE_SECONDS,
+    first: int = 0,
 ) -> pd.DataFrame:
-    """Run ``n`` cases (in ``jobs`` processes), writing each row to ``out`` as it finishes.
+    """Run cases ``first`` to ``n - 1`` of the sequence (in ``jobs`` processes), writing each row to ``out``.
+
+    A run can be split in pieces (``first``) and the CSVs concatenated: case ``i`` is the
+    same data and specification whatever piece it is run in.
 
     Returns
     -------
     pandas.DataFrame
         One row per case, sorted by index, columns :data:`COLUMNS`.
     """
-    tasks = [(i, s, quick, max_rows, case_seconds) for i, s in enumerate(case_seeds(n, seed))]
+    tasks = [(i, s, quick, max_rows, case_seconds) for i, s in enumerate(case_seeds(n, seed)) if i >= first]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -794,7 +798,7 @@ def run(
             if writer is not None:
                 writer.writerow(row)
                 fh.flush()
-            _progress(rows, n, t0)
+            _progress(rows, len(tasks), t0)
     df = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
     if out is not None:  # rewrite in index order
         df.reindex(columns=list(COLUMNS)).to_csv(out, index=False)
@@ -909,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: run cases, summarise a results CSV, or show one case."""
     ap = argparse.ArgumentParser(prog="python -m validation.fuzz", description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=2000)
+    ap.add_argument("--first", type=int, default=0, help="skip the cases before this index (to run a sequence in pieces)")
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--out", type=Path, default=None, help="results CSV (one row per case)")
@@ -932,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    df = run(a.cases, a.seed, jobs=a.jobs, out=a.out, quick=a.quick, max_rows=a.max_rows, case_seconds=a.case_seconds)
+    df = run(a.cases, a.seed, jobs=a.jobs, out=a.out, quick=a.quick, max_rows=a.max_rows, case_seconds=a.case_seconds, first=a.first)
     print(f"started {started}, commit {_git_commit()}, {time.perf_counter() - t0:.0f} s wall, {a.jobs} jobs")
     print(tallies(df))
     if "gap" in df:
