@@ -66,6 +66,26 @@ BOUNDARY_LR = 1e-3
 #: have z of 6 to 14).
 FAR_FROM_BOUNDARY_Z2 = 25.0
 
+#: The faces of the boundary are also searched at an interior fit whose Sigma is weakly
+#: determined: a variance or the smallest eigenvalue of the correlation matrix within two
+#: standard errors of zero (squared Wald z below this), or no Wald z at all (the
+#: information not positive definite). There the likelihood can have a second maximum
+#: near a face (fuzz case 4623287202221590537: 4 schools, true var(u0) = 0; the fit's
+#: interior maximum at corr(u0,v) = -0.18 is 0.285 below one at |corr| near 1) that the
+#: probes, which move the fit itself to the boundary, cannot see.
+WEAK_Z2 = 4.0
+
+
+def weakly_determined(layout, theta: np.ndarray, hessian: np.ndarray) -> bool:
+    """Whether a fit's ``Sigma`` is within two standard errors of the boundary (:data:`WEAK_Z2`).
+
+    ``True`` also when :func:`probe_z2` has no answer (the information not positive
+    definite, or the smallest eigenvalue of the correlation matrix repeated).
+    """
+    z2 = probe_z2(layout, theta, hessian)
+    return z2 is None or min(z2) < WEAK_Z2
+
+
 #: Eigenvalues of the correlation matrix closer than this count as repeated: the smallest
 #: one has no derivative then, and the probes run.
 EIGEN_GAP = 1e-8

@@ -31,6 +31,7 @@ from .boundary import (
     reduced_rank_covariance,
     reference_variances,
     search_faces,
+    weakly_determined,
 )
 from .likelihood import Likelihood
 from .optimize import OptSummary, information_pd, maximize, quadrature_check
@@ -315,7 +316,8 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
     the fit converged with every variance and the smallest eigenvalue of the correlation
     matrix far from zero (:func:`mlsml.boundary.far_from_boundary`: then they cannot find
     anything). When the fit is on the boundary (a probe or a near-zero variance or
-    correlation), the faces of the boundary are searched
+    correlation) or near it (:func:`mlsml.boundary.weakly_determined`: within two
+    standard errors, where a second maximum near a face is common), the faces of the boundary are searched
     (:func:`mlsml.boundary.search_faces`) and the best is reported; ``faces`` gives the
     result of an earlier search instead (their gains are taken relative to this fit).
 
@@ -339,7 +341,10 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
     probe = lik.integrand.core and not (optsum.converged and far_from_boundary(lik.layout, theta_c, hess_c))
     boundary = tuple(boundary_effects(lik_c, theta_c, llf_c)) if probe else ()
     reasons = singular_reasons(lik, theta, boundary, pd_ok, optsum.theta_std)
-    if not (probe and np.isfinite(optsum.llf) and (boundary or any(r != NOT_PD_REASON for r in reasons))):
+    on_boundary = bool(boundary) or any(r != NOT_PD_REASON for r in reasons)
+    # with one school effect the only face (its variance at zero) is what the probe tries
+    weak = probe and not on_boundary and lik.layout.d > 1 and weakly_determined(lik.layout, theta_c, hess_c)
+    if not (probe and np.isfinite(optsum.llf) and (on_boundary or weak)):
         faces = ()
     elif faces is None:
         faces = tuple(replace(f, llf=f.llf - shift) for f in search_faces(lik_c, theta_c))
@@ -347,7 +352,10 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
         with np.errstate(all="ignore"):
             base = float(boundary_likelihood(lik_c).value(theta_c)) - shift
         faces = tuple(replace(f, gain=f.llf - base) for f in faces)
-    reasons += face_reasons(faces)
+    if on_boundary or (faces and faces[0].gain > FACE_LLF_TOL):
+        # an interior fit searched only because Sigma is weakly determined says nothing
+        # about the faces unless one is higher (then it is not the maximum)
+        reasons += face_reasons(faces)
     degenerate = degenerate_directions(lik, theta) if reasons else ()
     reasons += degenerate_words(lik, theta, degenerate)
     reduced = None

@@ -25,7 +25,7 @@ from .diagnostics import settle
 from .errors import ModelSpecError
 from .integrand import Integrand, make_integrand
 from .likelihood import Likelihood
-from .optimize import FitOptions, maximize
+from .optimize import FitOptions, maximize, raise_rule
 from .params import ParamLayout
 from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, check_nagq, default_nagq
 from .results import MELSMResults
@@ -605,7 +605,10 @@ class MELSM:
             self._check_start(start, lik)
             opts = replace(opts, start=start)
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            optsum, diagnostics = settle(lik, maximize(lik, opts, callback=callback))
+            optsum = maximize(lik, opts, callback=callback)
+            if nagq is None:  # the default rule: more points where it is not accurate at the estimates
+                lik, optsum = raise_rule(lik, optsum, opts, callback=callback)
+            optsum, diagnostics = settle(lik, optsum)
         res = MELSMResults.build(self, lik, optsum, diagnostics)
         res.warn_if_problematic()
         return res

@@ -65,7 +65,7 @@ def llf_note(res) -> str | None:
         points, change = opt.quadrature_check
         why = (
             f"the quadrature rule is not accurate at the estimates ({points} points per dimension instead of "
-            f"{res.nagq} change it by {change:.3g})"
+            f"{res.nagq} change it by {change:.3g}); refit with a larger nagq"
         )
     return (
         f"WARNING: the log-likelihood is NOT reported (NaN): {why}. The deviance, AIC and BIC are NaN too; "
@@ -146,6 +146,9 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
         notes.append(f"WARNING: the fit did NOT converge ({res.message}). Do not use these estimates.")
     for r in res.singular_reasons():
         notes.append(f"WARNING: singular fit: {r}.")
+    raised = getattr(res.optsum, "rule_raised", "") if res.optsum is not None else ""
+    if raised:
+        notes.append(f"NOTE: {raised} (the default rule was raised automatically).")
     tails = tail_note(res)
     if tails:
         notes.append(f"NOTE: {tails}")

@@ -130,6 +130,10 @@ MAX_ROWS = 5000
 #: school effects; not done beyond dimension 3 (too costly) or above ACCURATE_MAX_WORK.
 ACCURATE_NAGQ = {1: 60, 2: 30, 3: 12}
 
+#: The accurate evaluation at the fit counts only where the product rule with 1.5 times the
+#: points agrees with it to this (log-likelihood units; :func:`accurate_at_fit`).
+ACCURATE_AGREE = 0.1
+
 #: Largest rows x nodes of the accurate evaluation (beyond it, skipped as not cheap).
 ACCURATE_MAX_WORK = 2e7
 
@@ -607,6 +611,39 @@ def accurate_nagq(model) -> int | None:
     return nagq
 
 
+def accurate_at_fit(res, nagq: int) -> float:
+    """The product rule with ``nagq`` points per dimension at the fit's own estimates (NaN if it cannot be trusted).
+
+    Evaluated on the standardised copy of the design the fit was made on
+    (:func:`mlsml.rescale.reparametrise`), at the optimiser's own ``theta_std``, and mapped
+    back exactly (``llf = llf_s - log_shift``): no round trip through the natural
+    parameters, which on a covariate shifted by ``1e9`` lose the estimates' digits (a
+    random-slope fit with ``var(u0) = 8.6e15`` in raw units evaluated 31 units too low
+    through the round trip, and was counted an impossible llf).
+
+    The value counts only if the rule with half as many points again agrees with it to
+    :data:`ACCURATE_AGREE`: near ``|corr(u0, v)| = 1`` with a school of 2,051 pupils the
+    product rule with 20, 30, 45 and 60 points gave -3621.5, -3614.3, -3602.9 and -3607.6,
+    and such an "accurate" value cannot make a printed llf impossible.
+    """
+    from mlsml.rescale import reparametrise
+
+    lik, theta, shift = res.likelihood, np.asarray(res.optsum.theta, dtype=float), 0.0
+    if res.optsum.theta_std is not None:
+        rp = reparametrise(lik.design)
+        if not rp.identity:
+            lik, theta, shift = lik.with_design(rp.design), np.asarray(res.optsum.theta_std, dtype=float), rp.log_shift
+    values = []
+    for n in (nagq, (3 * nagq) // 2):
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                values.append(float(lik.with_spec(kind="product", nagq=n).value(theta)) - shift)
+        except Exception:  # noqa: BLE001 - an evaluation that fails is recorded as NaN
+            return float("nan")
+    return values[0] if abs(values[1] - values[0]) <= ACCURATE_AGREE else float("nan")
+
+
 # ---------------------------------------------------------------- one case
 def classify(row: dict[str, Any]) -> str:
     """The outcome class of a finished case (see the module docstring)."""
@@ -631,13 +668,21 @@ def classify(row: dict[str, Any]) -> str:
 
 
 def run_case(
-    case_seed: int, index: int = 0, quick: bool = False, max_rows: int = MAX_ROWS, case_seconds: float = CASE_SECONDS
+    case_seed: int,
+    index: int = 0,
+    quick: bool = False,
+    max_rows: int = MAX_ROWS,
+    case_seconds: float = CASE_SECONDS,
+    allow_scale_re: bool | None = None,
 ) -> dict[str, Any]:
-    """Generate, fit, find the reference and classify one case; a flat row of :data:`COLUMNS`."""
+    """Generate, fit, find the reference and classify one case; a flat row of :data:`COLUMNS`.
+
+    ``allow_scale_re`` (default: not ``quick``) lets the generator draw ``scale_re_formula``.
+    """
     import mlsml
 
     t_case = time.perf_counter()
-    case = random_case(case_seed, max_rows=max_rows, allow_scale_re=not quick)
+    case = random_case(case_seed, max_rows=max_rows, allow_scale_re=(not quick) if allow_scale_re is None else allow_scale_re)
     sizes = case.data.groupby("school").size()
     row: dict[str, Any] = dict(
         index=index,
@@ -711,7 +756,6 @@ def run_case(
         # timestamp costs the evaluation itself up to millions of units in rounding, which
         # made the first baseline's references (e.g. +2.3e6) impossible
         model_std = mlsml.MELSM.from_formula(data=case.std_data, **dict(case.spec))
-        pm = param_maps(model, model_std)
         routes = reference_routes(case, model, fit_params, quick=quick, model_std=model_std)
         check = accurate_nagq(model) is not None
         best_val, best_route, best_params = -np.inf, "", None
@@ -737,9 +781,8 @@ def run_case(
                 row["gap"] = best_val - row["llf"]
         nagq = accurate_nagq(model)
         if nagq is not None and not quick:
-            if fit_params is not None and np.all(np.isfinite(fit_params)):
-                fit_std = _natural(model_std, *pm.to_std(*_parts(model, fit_params)))
-                row["llf_accurate_fit"] = evaluate(model_std, fit_std, nagq=nagq, quadrature="product")
+            if res is not None and np.all(np.isfinite(res.optsum.theta)):
+                row["llf_accurate_fit"] = accurate_at_fit(res, nagq)
             if best_params is not None:
                 row["llf_accurate_ref"] = evaluate(model_std, best_params, nagq=nagq, quadrature="product")
             row["gap_accurate"] = row["llf_accurate_ref"] - row["llf_accurate_fit"]
@@ -749,10 +792,12 @@ def run_case(
     return row
 
 
-def _worker(args: tuple[int, int, bool, int, float]) -> dict[str, Any]:
-    index, case_seed, quick, max_rows, case_seconds = args
+def _worker(args: tuple) -> dict[str, Any]:
+    index, case_seed, quick, max_rows, case_seconds, *rest = args
     try:
-        return run_case(case_seed, index, quick=quick, max_rows=max_rows, case_seconds=case_seconds)
+        return run_case(
+            case_seed, index, quick=quick, max_rows=max_rows, case_seconds=case_seconds, allow_scale_re=rest[0] if rest else None
+        )
     except Exception as exc:  # noqa: BLE001 - the instrument itself failed on this case: keep going
         return dict(index=index, case_seed=case_seed, cls="instrument_error", error=f"{type(exc).__name__}: {exc}"[:300])
 
@@ -819,6 +864,94 @@ def _progress(rows: list[dict[str, Any]], n: int, t0: float) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+# ---------------------------------------------------------------- the CI store
+#: Files of a store of cases (:func:`write_store`): the data of every case, and one row per
+#: case with its specification and independent maximum.
+STORE_DATA = "cases.csv.gz"
+STORE_INDEX = "reference.csv"
+
+#: The columns of :data:`STORE_INDEX`.
+STORE_COLUMNS = (
+    "case",
+    "case_seed",
+    "max_rows",
+    "family",
+    "formula",
+    "scale_formula",
+    "re_formula",
+    "random_scale",
+    "scale_re_formula",
+    "n_rows",
+    "n_schools",
+    "min_size",
+    "max_size",
+    "covariate",
+    "reference",
+    "reference_route",
+    "llf",
+    "cls",
+    "routes",
+)
+
+
+def write_store(
+    directory: Path, cases: list[tuple[int, int, bool]], jobs: int = 1, case_seconds: float = CASE_SECONDS
+) -> pd.DataFrame:
+    """Run ``cases`` (``(case_seed, max_rows, allow_scale_re)``) with every route and store them.
+
+    The CI criterion (``tests/test_fuzz_maximum.py``) then fits the stored data and
+    compares with the stored independent maximum: the expensive routes run once, here,
+    and the suite pays only for the fits. Data are stored, not regenerated, so that the
+    cases do not depend on the random-number streams of a numpy version. Writes
+    :data:`STORE_DATA` (columns ``case, school, y, x``; 17 significant digits) and
+    :data:`STORE_INDEX` (:data:`STORE_COLUMNS`) in ``directory``.
+    """
+    tasks = [(i, seed, False, rows, case_seconds, scale_re) for i, (seed, rows, scale_re) in enumerate(cases)]
+    rows_out: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            ctx = mp.get_context("fork") if sys.platform != "win32" else mp.get_context()
+            results = stack.enter_context(ctx.Pool(jobs, maxtasksperchild=50)).imap_unordered(_worker, tasks)
+        else:
+            results = map(_worker, tasks)
+        for row in results:
+            rows_out.append(row)
+            _progress(rows_out, len(tasks), t0)
+    index = pd.DataFrame(rows_out).sort_values("index").reset_index(drop=True)
+    frames = []
+    for k, (seed, rows, scale_re) in enumerate(cases):
+        case = random_case(seed, max_rows=rows, allow_scale_re=scale_re)
+        frames.append(case.data.assign(case=k)[["case", "school", "y", "x"]])
+    index["case"] = index["index"]
+    index["max_rows"] = [rows for _, rows, _ in cases]
+    directory.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames).to_csv(directory / STORE_DATA, index=False, float_format="%.17g")
+    index = index.reindex(columns=list(STORE_COLUMNS))
+    index.to_csv(directory / STORE_INDEX, index=False, float_format="%.17g")
+    return index
+
+
+def read_store(directory: Path) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """The cases of a store: ``(row of STORE_INDEX, data)``, with ``row["spec"]`` the ``mlsml.fit`` keywords."""
+    index = pd.read_csv(directory / STORE_INDEX)
+    data = pd.read_csv(directory / STORE_DATA)
+    out = []
+    for row, (_, d) in zip(index.to_dict("records"), data.groupby("case", sort=True)):
+        spec = dict(
+            formula=row["formula"],
+            groups="school",
+            scale_formula=row["scale_formula"],
+            re_formula=row["re_formula"],
+            random_scale=bool(row["random_scale"]),
+        )
+        if isinstance(row["scale_re_formula"], str) and row["scale_re_formula"]:
+            spec["scale_re_formula"] = row["scale_re_formula"]
+        row["spec"] = spec
+        out.append((row, d.drop(columns="case").reset_index(drop=True)))
+    return out
 
 
 # ---------------------------------------------------------------- tallies
@@ -927,6 +1060,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case-seconds", type=float, default=CASE_SECONDS, help="time cap of each fit")
     ap.add_argument("--summary", type=Path, default=None, help="print the Markdown tallies of a results CSV and exit")
     ap.add_argument("--one", type=int, default=None, help="run the case with this case seed and print its row")
+    ap.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="write a store of cases for the CI criterion (--cases from --seed at --max-rows, without scale_re_formula, "
+        "plus the --regression seeds at the full run's settings) in this folder",
+    )
+    ap.add_argument("--regression", type=str, default="", help="comma-separated case seeds of the full run to add to --store")
     a = ap.parse_args(argv)
     if a.summary is not None:
         df = pd.read_csv(a.summary)
@@ -939,6 +1080,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(case.spec), file=sys.stderr)
         for k in COLUMNS:
             print(f"{k:>18}: {row.get(k)}")
+        return 0
+    if a.store is not None:
+        cases = [(s, a.max_rows, False) for s in case_seeds(a.cases, a.seed)]
+        cases += [(int(s), MAX_ROWS, True) for s in a.regression.split(",") if s.strip()]
+        index = write_store(a.store, cases, jobs=a.jobs, case_seconds=a.case_seconds)
+        print(index["cls"].value_counts().to_string())
         return 0
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
