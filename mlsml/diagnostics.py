@@ -139,7 +139,7 @@ def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool, theta_std=No
     reasons = []
     # compared on the log scale: exp(mean ln var(e)) overflowed for absurd estimates
     # (e.g. from huge start_params) and then every variance was "effectively zero"
-    log_resid_var = float(np.mean(design.W @ fe_scale))
+    log_resid_var = float(np.mean(design.log_variance_index(fe_scale)))
     for i, name in enumerate(lay.re_names):
         if name.startswith("v"):  # v, or v0, v1, ... (scale_re_formula)
             G = design.G

@@ -97,16 +97,25 @@ class Prior(NamedTuple):
 
 
 def school_sums(beta, alpha, design: Design) -> Sums:
-    """Per-school sums ``n, A, S0, S1, S2`` (see the module docstring)."""
+    r"""Per-school sums ``n, A, S0, S1, S2`` (see the module docstring).
+
+    With level-1 weights :math:`w_i` (:mod:`mlsml.weights`) every observation's term is
+    multiplied by its weight: :math:`n_j = \sum_i w_i`, :math:`A_j = \sum_i w_i \eta_i` and
+    :math:`c_i` becomes :math:`w_i c_i` in ``S0``, ``S1``, ``S2``, so that ``log f`` below is
+    :math:`\sum_i w_i \log f(y_{ij} \mid b)`.
+    """
     st, ct = design.starts, design.counts
-    eta = anp.dot(design.W, alpha)
+    eta = design.log_variance_index(alpha)
     c = anp.exp(-eta)
     r = design.y - anp.dot(design.X, beta)
+    w = design.weights
+    if w is not None:
+        c = c * w
     cr = c * r
     Z = design.Z
     q = Z.shape[1]
-    n = design.counts.astype(float)
-    A = group_sum(eta, st, ct)
+    n = design.counts.astype(float) if w is None else np.add.reduceat(w, st)
+    A = group_sum(eta if w is None else w * eta, st, ct)
     S0 = group_sum(cr * r, st, ct)
     if q == 0:  # random scale only: no school effect in the mean
         J = st.shape[0]
@@ -235,7 +244,7 @@ class Integrand(ABC):
         design = self.design
         Sj = self.school_covariances(theta)
         natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
-        resid_var = float(np.exp(np.mean(design.W @ natural[lay.p : lay.p + lay.k])))
+        resid_var = float(np.exp(np.mean(design.log_variance_index(natural[lay.p : lay.p + lay.k]))))
         ref = resid_var / max(float(np.mean(design.Z[:, 0] ** 2)), 1e-300)
         if np.all(Sj[:, 0, 0] < ZERO_VARIANCE_BS * ref):
             return [f"var(u0_j) is effectively zero in every school (max {Sj[:, 0, 0].max():.3g})"]
@@ -405,9 +414,10 @@ class PerObservation(Integrand):
     def log_conditional(self, beta, alpha, b):
         design = self.design
         q = self.layout.q
-        eta = anp.dot(design.W, alpha)
+        eta = design.log_variance_index(alpha)
         r = design.y - anp.dot(design.X, beta)
         G = design.G
+        w = design.weights
         parts = []
         for j0, j1, r0, r1, st, cnt in chunk_slices(design, b.shape[1]):
             bg = group_expand(b[j0:j1], st, cnt)  # (n, K, d)
@@ -416,35 +426,42 @@ class PerObservation(Integrand):
             e = r[r0:r1][:, None] - zu
             lv = eta[r0:r1][:, None] + gv
             ll = -0.5 * (LOG2PI + lv + anp.exp(-lv) * e**2)
+            if w is not None:  # level-1 weights: each observation's log-density times its weight
+                ll = ll * w[r0:r1][:, None]
             parts.append(group_sum(ll, st, cnt))
         return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
 
     def u_exact_parts(self, beta, alpha, v):
         design = self.design
         q = self.layout.q
-        eta = anp.dot(design.W, alpha)
+        eta = design.log_variance_index(alpha)
         r = design.y - anp.dot(design.X, beta)
         G, Z = design.G, design.Z
+        w = design.weights
         nv = G.shape[1]
         for j0, j1, r0, r1, st, cnt in chunk_slices(design, v.shape[1]):
             Gc, Zc = G[r0:r1], Z[r0:r1]
+            wc = None if w is None else w[r0:r1]
             # lv = eta + g'v row by row, one (rows x nodes) array per scale effect (a column of
             # ones is not multiplied); its school sums from the per-school sums of eta and g
+            # (weighted by the level-1 weights, which also multiply exp(-lv))
             lv = eta[r0:r1][:, None]
-            sum_lv = group_sum(eta[r0:r1], st, cnt)[:, None]
+            sum_lv = group_sum(eta[r0:r1] if wc is None else wc * eta[r0:r1], st, cnt)[:, None]
             for t in range(nv):
                 vt = v[j0:j1, :, t]
                 gt = Gc[:, t]
                 ex = group_expand(vt, st, cnt)
                 lv = lv + (ex if _all_ones(gt) else ex * gt[:, None])
-                sum_lv = sum_lv + group_sum(gt, st, cnt)[:, None] * vt
+                sum_lv = sum_lv + group_sum(gt if wc is None else wc * gt, st, cnt)[:, None] * vt
             a = anp.exp(-lv)
+            if wc is not None:
+                a = a * wc[:, None]
             rr = r[r0:r1][:, None]
             ar = a * rr
             S0 = group_sum(ar * rr, st, cnt)
             S1 = [group_sum(_times_column(ar, Zc[:, i]), st, cnt) for i in range(q)]
             S2 = [[group_sum(_times_column(a, Zc[:, i] * Zc[:, k]), st, cnt) for k in range(q)] for i in range(q)]
-            n = cnt.astype(float)[:, None]
+            n = (cnt.astype(float) if wc is None else np.add.reduceat(wc, st))[:, None]
             base = -0.5 * n * LOG2PI - 0.5 * sum_lv - 0.5 * S0
             yield j0, j1, base, S1, S2
 
@@ -453,13 +470,14 @@ class PerObservation(Integrand):
         beta, alpha, _ = self.split(np.asarray(theta, dtype=float))
         return ObsModeProblem(
             P=self.precision(theta),
-            eta=design.W @ np.asarray(alpha),
+            eta=np.asarray(design.log_variance_index(np.asarray(alpha))),
             r=design.y - design.X @ np.asarray(beta),
             Z=design.Z,
             G=design.G,
             q=self.layout.q,
             group=design.group,
             starts=design.starts,
+            weights=design.weights,
         )
 
 
@@ -514,7 +532,9 @@ def centred_sums(design: Design, beta: np.ndarray, alpha: np.ndarray, s: Sums) -
         u_ref = np.einsum("jab,jb->ja", np.linalg.pinv(s.S2), s.S1)
     u_ref = np.where(np.isfinite(u_ref), u_ref, 0.0)
     st, ct = design.starts, design.counts
-    c = np.exp(-(design.W @ alpha))
+    c = np.exp(-np.asarray(design.log_variance_index(alpha)))
+    if design.weights is not None:
+        c = c * design.weights
     e = design.y - design.X @ beta - np.einsum("nq,nq->n", design.Z, np.repeat(u_ref, ct, axis=0))
     ce = c * e
     return Centred(u_ref, np.add.reduceat(ce * e, st), np.add.reduceat(ce[:, None] * design.Z, st, axis=0))
@@ -626,15 +646,18 @@ class ObsModeProblem:
         \partial^2_{vv} h = -\sum t_i/2\, g_i g_i' - P_{vv}, \quad
         \partial^2_{uv} h = -\sum E_i e_i z_i g_i' - P_{uv};
 
-    Fisher scoring replaces ``t_i`` by 1 and drops the cross term.
+    Fisher scoring replaces ``t_i`` by 1 and drops the cross term. With level-1 weights
+    ``w_i`` every sum over observations is weighted (``E_i`` and the ``-lv_i/2`` term
+    times ``w_i``).
     """
 
-    def __init__(self, P, eta, r, Z, G, q, group, starts):
+    def __init__(self, P, eta, r, Z, G, q, group, starts, weights=None):
         self.J = starts.shape[0]
         if P.ndim == 2:
             P = np.broadcast_to(P, (self.J,) + P.shape)
         self.P, self.eta, self.r, self.Z, self.G, self.q = P, eta, r, Z, G, q
         self.group, self.starts = group, starts
+        self.w = np.ones_like(r) if weights is None else weights
         self.d = q + G.shape[1]
 
     def _parts(self, b):
@@ -646,27 +669,28 @@ class ObsModeProblem:
 
     def f(self, b: np.ndarray) -> np.ndarray:
         e, lv, E = self._parts(b)
-        ll = np.add.reduceat(-0.5 * (lv + E * e**2), self.starts)
+        ll = np.add.reduceat(-0.5 * self.w * (lv + E * e**2), self.starts)
         return ll - 0.5 * _quad_prior(b, self.P)
 
     def magnitude(self, b: np.ndarray) -> np.ndarray:
         """The sum of the absolute values of the terms of :meth:`f` (its rounding scale)."""
         e, lv, E = self._parts(b)
-        return np.add.reduceat(0.5 * (np.abs(lv) + E * e**2), self.starts) + 0.5 * _abs_quad_prior(b, self.P)
+        return np.add.reduceat(0.5 * self.w * (np.abs(lv) + E * e**2), self.starts) + 0.5 * _abs_quad_prior(b, self.P)
 
     def derivs(self, b: np.ndarray, fisher: bool = False):
         e, lv, E = self._parts(b)
+        E = E * self.w  # weighted rows (E enters every term; the 1 of t - 1 is weighted below)
         q = self.q
         t = E * e**2
         Z, G = self.Z, self.G
         gu = (E * e)[:, None] * Z
-        gv = (0.5 * (t - 1.0))[:, None] * G
+        gv = (0.5 * (t - self.w))[:, None] * G
         P = self.P
         g = np.add.reduceat(np.concatenate([gu, gv], axis=1), self.starts) - np.einsum("jde,je->jd", P, b)
         H = -np.array(P)
         if q:
             H[:, :q, :q] -= np.add.reduceat(E[:, None, None] * Z[:, :, None] * Z[:, None, :], self.starts)
-        wv = np.ones_like(t) if fisher else t
+        wv = self.w if fisher else t
         H[:, q:, q:] -= 0.5 * np.add.reduceat(wv[:, None, None] * G[:, :, None] * G[:, None, :], self.starts)
         if not fisher and q:
             Huv = -np.add.reduceat((E * e)[:, None, None] * Z[:, :, None] * G[:, None, :], self.starts)

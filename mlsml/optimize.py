@@ -633,7 +633,7 @@ def _run(
     The objective counts against ``budget`` (:attr:`FitOptions.max_time`): once it is
     spent, the run ends at the best point seen, without the Newton polish.
     """
-    N = float(lik.design.nobs)
+    N = lik.design.nobs_weighted  # the number of observations (their total weight with weights)
 
     @budget.wrap
     def fun(th):

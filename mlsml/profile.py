@@ -174,7 +174,7 @@ class _Profiler:
     def profile(self, psi: float, start: np.ndarray) -> tuple[float, np.ndarray]:
         """Maximised log-likelihood at ``psi`` and the maximising free parameters."""
         self.n_evals += 1
-        N = float(self.design.nobs)
+        N = self.design.nobs_weighted
 
         def fun(free):
             th = self.theta(free, psi)

@@ -167,8 +167,11 @@ class Reparametrisation:
 
     @property
     def log_shift(self) -> float:
-        """``N ln sigma``: the standardised fit's log-likelihood minus the original one."""
-        return float(self.design.nobs * np.log(self.sigma))
+        """``N ln sigma``: the standardised fit's log-likelihood minus the original one.
+
+        ``N`` is the total weight of the observations with weights (:attr:`mlsml.design.Design.nobs_weighted`).
+        """
+        return float(self.design.nobs_weighted * np.log(self.sigma))
 
     # ------------------------------------------------------------ the map
     def _blocks(self):

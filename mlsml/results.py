@@ -34,6 +34,7 @@ from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
 from .predict import predict as _predict
 from .quadrature import QuadratureSpec
+from .robust import check_cov_type, sandwich, school_scores
 
 stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
 patsy = LazyModule("patsy")  # likewise (only wald_test/t_test parse constraints)
@@ -57,6 +58,15 @@ def load(source) -> MELSMResults:
     True
     """
     return MELSMResults.from_json(source)
+
+
+def _frequency_count(design, key: str, plain: int) -> int:
+    """``nobs`` or ``ngroups`` of the replicated data with frequency weights (:mod:`mlsml.weights`), else ``plain``."""
+    w = design.info.get("weights") or {}
+    if w.get("kind") != "frequency" or key not in w:
+        return plain
+    value = float(w[key])
+    return int(round(value)) if abs(value - round(value)) < 1e-9 * max(value, 1.0) else value
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -144,6 +154,11 @@ class MELSMResults:
     #: read from JSON, it has no boundary probes).
     diagnostics: Diagnostics
     _cov: np.ndarray = field(repr=False)
+    #: How the standard errors were computed: ``"nonrobust"`` (the inverse observed information)
+    #: or ``"robust"`` (the cluster-robust sandwich of :mod:`mlsml.robust`).
+    cov_type: str = "nonrobust"
+    #: The cluster-robust covariance of :attr:`theta` (``None`` unless ``cov_type == "robust"``).
+    _cov_theta: np.ndarray | None = field(default=None, repr=False)
 
     #: The log-likelihood the fit maximised (its rule is the fit's rule); ``None`` when read from JSON.
     likelihood: Likelihood | None = field(default=None, repr=False)
@@ -152,7 +167,14 @@ class MELSMResults:
 
     # ------------------------------------------------------------ building
     @classmethod
-    def build(cls, model: MELSM, likelihood: Likelihood, optsum: OptSummary, diagnostics: Diagnostics | None = None) -> MELSMResults:
+    def build(
+        cls,
+        model: MELSM,
+        likelihood: Likelihood,
+        optsum: OptSummary,
+        diagnostics: Diagnostics | None = None,
+        cov_type: str | None = None,
+    ) -> MELSMResults:
         """The results of a fit, built once from the model, its objective and the optimum.
 
         Parameters
@@ -164,6 +186,9 @@ class MELSMResults:
             What :func:`mlsml.optimize.maximize` returned.
         diagnostics : Diagnostics, optional
             From :func:`mlsml.diagnostics.diagnose` (computed here when not given).
+        cov_type : {"nonrobust", "robust"}, optional
+            The standard errors (:mod:`mlsml.robust`); default robust with sampling weights,
+            model-based otherwise.
 
         Examples
         --------
@@ -186,7 +211,22 @@ class MELSMResults:
         natural = np.asarray(lay.to_natural(theta), dtype=float)
         params = pd.Series(_readonly(natural), index=list(lay.names), name="estimate", copy=False)
         H = np.asarray(optsum.hessian, dtype=float)
+        cov_type = check_cov_type(cov_type, model.design)
         cov_theta = theta_covariance(optsum) if diagnostics.hessian_pd else None
+        robust = None
+        if cov_type == "robust":
+            if diagnostics.reduced_cov is not None or cov_theta is None:
+                warn(
+                    "cluster-robust standard errors need a positive-definite information at an interior maximum; "
+                    "this fit is singular or its information is not positive definite, so the model-based "
+                    "standard errors are reported (res.cov_type == 'nonrobust')",
+                    SingularFitWarning,
+                )
+                cov_type = "nonrobust"
+            else:
+                with np.errstate(all="ignore"):
+                    robust = sandwich(cov_theta, school_scores(likelihood, theta), model.design)
+                cov_theta = robust
         if diagnostics.reduced_cov is not None:  # singular fit: reduced-rank information (diagnostics.singular_covariance)
             cov = np.array(diagnostics.reduced_cov, dtype=float)
         elif cov_theta is not None:
@@ -214,6 +254,8 @@ class MELSMResults:
                 options=optsum.options,
                 diagnostics=diagnostics,
                 _cov=_readonly(cov),
+                cov_type=cov_type,
+                _cov_theta=None if robust is None else _readonly(robust),
                 likelihood=likelihood,
                 optsum=optsum,
             )
@@ -248,13 +290,13 @@ class MELSMResults:
 
     @property
     def nobs(self) -> int:
-        """Number of observations used."""
-        return self.model.design.nobs
+        """Number of observations used (with frequency weights: of the replicated data set)."""
+        return _frequency_count(self.model.design, "nobs", self.model.design.nobs)
 
     @property
     def ngroups(self) -> int:
-        """Number of groups (schools)."""
-        return self.model.design.ngroups
+        """Number of groups (schools; with frequency weights: of the replicated data set)."""
+        return _frequency_count(self.model.design, "ngroups", self.model.design.ngroups)
 
     @property
     def df_model(self) -> int:
@@ -288,8 +330,11 @@ class MELSMResults:
         From the standardised fit's information mapped with the Jacobian of the
         reparametrisation (:func:`mlsml.optimize.theta_covariance`), so that no digits are
         lost to badly scaled covariates; for results read from JSON, the inverse of
-        ``-hessian``. Every delta-method standard error of the package starts here.
+        ``-hessian``. With ``cov_type == "robust"`` the cluster-robust sandwich
+        (:mod:`mlsml.robust`). Every delta-method standard error of the package starts here.
         """
+        if self._cov_theta is not None:
+            return self._cov_theta
         if not self.diagnostics.hessian_pd:
             return None
         if self.optsum is not None:

@@ -69,7 +69,7 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
     beta, alpha, L = np.asarray(beta), np.asarray(alpha), np.asarray(L)
     J, N, q = design.ngroups, design.nobs, lay.q
     mu = design.X @ beta
-    eta = design.W @ alpha
+    eta = np.asarray(design.log_variance_index(alpha))
     out = np.empty((n_reps, N))
     for r in range(n_reps):
         z = rng.standard_normal((J, lay.d))
