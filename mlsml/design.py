@@ -142,6 +142,11 @@ class Design:
         W = np.ones(self.ngroups) if self.group_weights is None else self.group_weights
         return float(np.dot(W, per_school))
 
+    @property
+    def response(self) -> np.ndarray:
+        """The response as observed (``y`` plus the mean offset; rows sorted by group)."""
+        return self.y if self.offset is None else self.y + self.offset
+
     def log_variance_index(self, alpha):
         r"""The fixed part of the log residual variance, :math:`w_{ij}'\alpha + o^{(s)}_{ij}` (autograd).
 

@@ -484,7 +484,7 @@ def standardised_residuals(res) -> pd.Series:
     """
     design = res.model.design
     y = np.empty(design.nobs)
-    y[design.order] = design.y
+    y[design.order] = design.response
     mean, var = fitted_moments(res)
     return pd.Series((y - mean) / np.sqrt(var), index=design.row_labels, name="std_resid")
 

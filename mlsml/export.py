@@ -216,7 +216,7 @@ def _weights_record(info) -> dict[str, Any] | None:
 
 def _caller_y(design) -> np.ndarray:
     y = np.empty(design.nobs)
-    y[design.order] = design.y
+    y[design.order] = design.response
     return y
 
 

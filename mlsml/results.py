@@ -794,7 +794,7 @@ class MELSMResults:
         fitted = self.fittedvalues
         design = self.model.design
         y = np.empty(design.nobs)
-        y[design.order] = design.y  # back to the caller's order
+        y[design.order] = design.response  # back to the caller's order
         return pd.Series(y - fitted.to_numpy(), index=fitted.index, name="resid")
 
     @property

@@ -250,6 +250,7 @@ def with_weights_and_offsets(
             raise DataError(f"the {arg} ({name}) must be finite: missing or infinite in {_first_bad(bad, o, labels)}")
         changes[field] = o
         info[arg] = name
+        info[f"{arg}_column"] = value if isinstance(value, str) else None  # read from newdata by predictions
     if "offset" in changes:
         changes["y"] = design.y - changes["offset"]
     out = dataclasses.replace(design, info=info, **changes)

@@ -43,7 +43,15 @@ from .common import RESULTS, log
 
 BASE_SEED = {"normal": 11_000_000, "misspecified": 12_000_000, "informative": 13_000_000}
 
-COVERAGE_TRUTH = {"mean:Intercept": 0.0, "mean:x": 0.5, "scale:Intercept": -0.5, "scale:x": 0.3, "var(u0)": 0.1, "var(v)": 0.2, "cov(u0,v)": 0.0}
+COVERAGE_TRUTH = {
+    "mean:Intercept": 0.0,
+    "mean:x": 0.5,
+    "scale:Intercept": -0.5,
+    "scale:x": 0.3,
+    "var(u0)": 0.1,
+    "var(v)": 0.2,
+    "cov(u0,v)": 0.0,
+}
 INFORMATIVE_TRUTH = {
     "mean:Intercept": 0.0,
     "mean:x": 0.5,
