@@ -16,6 +16,7 @@ from ._lazy import LazyModule
 from .diagnostics import tail_note
 from .errors import ModelSpecError
 from .mixregls.report import MixwildSummary, summarize_mixwild
+from .weights import describe_weights
 
 summary2 = LazyModule("statsmodels.iolib.summary2")  # imported on first use: keeps `import mlsml` fast
 
@@ -100,6 +101,8 @@ def header_dict(res) -> dict[str, str]:
         "BIC:": _number(res.bic),
         "No. parameters:": f"{res.df_model}",
         "Converged:": "Yes" if res.converged else "NO",
+        "Covariance type:": "robust (cluster: " + str(spec.groups) + ")" if res.cov_type == "robust" else "nonrobust",
+        **({"Weights:": describe_weights(design.info["weights"])} if design.info.get("weights") else {}),
     }
 
 

@@ -121,9 +121,14 @@ def row_values(values, data: pd.DataFrame, what: str) -> tuple[np.ndarray, str]:
     return out, name
 
 
+def _plain(value):
+    """A numpy scalar as the Python value (for messages: ``1``, not ``np.int64(1)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _first_bad(mask: np.ndarray, values: np.ndarray, labels: pd.Index) -> str:
     i = int(np.flatnonzero(mask)[0])
-    return f"{int(mask.sum())} row(s), first {values[i]!r} at index {labels[i]!r}"
+    return f"{int(mask.sum())} row(s), first {_plain(values[i])!r} at index {_plain(labels[i])!r}"
 
 
 def _checked_nonnegative(values: np.ndarray, name: str, labels: pd.Index) -> None:
@@ -227,7 +232,7 @@ def with_weights_and_offsets(
         totals = np.add.reduceat(w, design.starts)
         empty = np.flatnonzero(totals <= 0)
         if empty.size:
-            school = design.group_labels[empty[0]]
+            school = _plain(design.group_labels[empty[0]])
             raise DataError(
                 f"the weights ({name}) are zero for every observation of school {school!r} ({empty.size} school(s) in all): "
                 "such a school contributes nothing; drop it from the data"
@@ -260,6 +265,22 @@ def with_weights_and_offsets(
     return out
 
 
+def describe_weights(info: dict) -> str:
+    """One line on a fit's weights (its ``design.info["weights"]``), for the summaries.
+
+    Examples
+    --------
+    >>> describe_weights({"kind": "sampling", "level1": "column 'w'", "scale": "size", "level2": "column 'ws'"})
+    "sampling: level 1 column 'w' (scaled: size), level 2 column 'ws'"
+    """
+    parts = []
+    if "level1" in info:
+        parts.append(f"level 1 {info['level1']}" + (f" (scaled: {info['scale']})" if info.get("kind") == "sampling" else ""))
+    if "level2" in info:
+        parts.append(f"level 2 {info['level2']}")
+    return f"{info.get('kind', 'sampling')}: " + ", ".join(parts)
+
+
 def _school_values(values, data: pd.DataFrame, design: Design, rows: np.ndarray, labels: pd.Index) -> tuple[np.ndarray, str]:
     """The level-2 weights, one per school in code order, checked."""
     J = design.ngroups
@@ -269,7 +290,7 @@ def _school_values(values, data: pd.DataFrame, design: Design, rows: np.ndarray,
         mapping = pd.Series(values) if isinstance(values, Mapping) else values
         missing = [g for g in design.group_labels if g not in mapping.index]
         if missing:
-            raise DataError(f"group_weights has no weight for school {missing[0]!r} ({len(missing)} school(s) in all)")
+            raise DataError(f"group_weights has no weight for school {_plain(missing[0])!r} ({len(missing)} school(s) in all)")
         Wj = pd.to_numeric(mapping.reindex(design.group_labels), errors="coerce").to_numpy(dtype=float)
         name = "group_weights"
         glabels = pd.Index(design.group_labels)
@@ -285,8 +306,8 @@ def _school_values(values, data: pd.DataFrame, design: Design, rows: np.ndarray,
             i = int(np.flatnonzero(differs)[0])
             j = int(design.group[i])
             raise DataError(
-                f"the school weights ({name}) must be constant within each school: school {design.group_labels[j]!r} has "
-                f"{Wj[j]!r} and {w[i]!r} (at index {labels[i]!r})"
+                f"the school weights ({name}) must be constant within each school: school {_plain(design.group_labels[j])!r} "
+                f"has {_plain(Wj[j])!r} and {_plain(w[i])!r} (at index {_plain(labels[i])!r})"
             )
     if not np.any(Wj > 0):
         raise DataError(f"the school weights ({name}) are zero for every one of the {J} schools")

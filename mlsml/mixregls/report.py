@@ -27,6 +27,7 @@ import numpy as np
 from .._lazy import LazyModule
 from .._version import __version__
 from ..errors import ModelSpecError
+from ..weights import describe_weights
 from .convert import BLOCKS, is_mixregls_layout, to_mixregls
 from .stages import STAGE_TITLES, stage_tests
 
@@ -379,7 +380,15 @@ def summarize_mixwild(
     else:
         out.append(f" BS variance model   : {spec.bs_formula or '~ 1'}  (cluster: {spec.groups})")
     out += _quadrature_lines(res)
-    out.append(f" OPTIMISER  = {res.method} + Newton polish (autograd derivatives); SEs from the observed information")
+    ses = (
+        f"cluster-robust (sandwich) SEs over {spec.groups}"
+        if getattr(res, "cov_type", "nonrobust") == "robust"
+        else "SEs from the observed information"
+    )
+    out.append(f" OPTIMISER  = {res.method} + Newton polish (autograd derivatives); {ses}")
+    weights = res.model.design.info.get("weights")
+    if weights:
+        out.append(f" WEIGHTS    = {describe_weights(weights)}")
     out.append("")
     out.append("")
     out.append(describe_data(res if describe is None else describe, standardized=standardized))
