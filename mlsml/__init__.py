@@ -39,12 +39,14 @@ from .errors import (
     UnknownGroupWarning,
 )
 from .model import MELSM, fit
+from .plausible import fit_pv
 from .results import MELSMResults, load
 
 __all__ = [
     "MELSM",
     "MELSMResults",
     "fit",
+    "fit_pv",
     "load",
     "lrtest",
     "LRTestResult",
