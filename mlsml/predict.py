@@ -579,7 +579,7 @@ def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unk
     return msg
 
 
-def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRows:
+def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarray | None = None) -> PredictionRows:
     """The rows to predict: ``newdata`` (a DataFrame or dict), or the fitted rows when ``None``.
 
     With ``newdata=None`` the rows are the observations used in the fit, in the
@@ -587,6 +587,8 @@ def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRow
     school was not in the fit are predicted at the population level, with an
     :class:`~mlsml.errors.UnknownGroupWarning` that counts them (and names the
     type conversion when the group column has another type than in the fit).
+    ``offset`` gives the rows' offset (of the mean for ``kind="mean"``, else of the log
+    variance) instead of reading the fit's offset column from ``newdata``.
     """
     if kind not in PREDICTION_KINDS:
         raise ModelSpecError(f"kind must be one of {', '.join(map(repr, PREDICTION_KINDS))}, not {kind!r}")
@@ -630,7 +632,8 @@ def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRow
             G = _design_for(_scale_re_info(spec), frame, "scale random-effects design")
         else:
             G = np.ones((n, lay.n_v))
-    return PredictionRows(X, Z, W, G, pos, frame.index, _new_offset(design, frame, "offset" if mean else "scale_offset"))
+    off = _new_offset(design, frame, "offset" if mean else "scale_offset") if offset is None else np.asarray(offset, dtype=float)
+    return PredictionRows(X, Z, W, G, pos, frame.index, off)
 
 
 def _new_offset(design: Design, frame: pd.DataFrame, which: str) -> np.ndarray | None:

@@ -28,6 +28,7 @@ from .diagnostics import TAIL_N_SIM, TAIL_SEED, Diagnostics, TailCheck, diagnose
 from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .likelihood import Likelihood
+from .margins import marginal_effects as _marginal_effects
 from .optimize import FitOptions, OptSummary, theta_covariance
 from .params import ParamLayout
 from .predict import PredictionResults
@@ -707,6 +708,27 @@ class MELSMResults:
         """
         self._require_data("predict")
         return _predict(self, newdata, kind=kind, conditional=conditional)
+
+    def marginal_effects(self, variable: str, dpar: str = "sigma", at="overall", conditional: bool = False, alpha: float = 0.05):
+        """Marginal effects of a covariate on the residual SD (``dpar="sigma"``), the mean or the variance.
+
+        The change of the prediction per unit of ``variable`` (through every design column it
+        enters), averaged over the fitted rows (``at="overall"``), at the covariate means
+        (``"mean"``) or at given rows (a DataFrame), with delta-method standard errors from
+        :meth:`cov_theta` (cluster-robust when :attr:`cov_type` is ``"robust"``) and intervals.
+        See :func:`mlsml.margins.marginal_effects`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> me = res.marginal_effects("x", dpar="sigma")
+        >>> bool(me["lower"].iloc[0] < me["dydx"].iloc[0] < me["upper"].iloc[0])
+        True
+        """
+        self._require_data("marginal_effects")
+        return _marginal_effects(self, variable, dpar=dpar, at=at, conditional=conditional, alpha=alpha)
 
     def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True) -> PredictionResults:
         """Predictions (as :meth:`predict`) with standard errors and intervals.

@@ -238,11 +238,13 @@ def with_weights_and_offsets(
                 "such a school contributes nothing; drop it from the data"
             )
         changes["weights"] = scale_level1(w, design.starts, design.counts, weights_scale)
+        info["row_weights"] = w  # unscaled (times the school weights below): population averages
         described.update(level1=name, scale=weights_scale)
     if group_weights is not None:
         Wj, name = _school_values(group_weights, data, design, rows, labels)
         changes["group_weights"] = Wj
         described["level2"] = name
+        info["row_weights"] = info.get("row_weights", np.ones(design.nobs)) * np.repeat(Wj, design.counts)
     if weights is not None or group_weights is not None:
         info["weights"] = described
     for arg, field, value in (("offset", "offset", offset), ("scale_offset", "scale_offset", scale_offset)):
