@@ -218,7 +218,7 @@ def fit_pv(formula: str, data: pd.DataFrame, pv: Sequence[str], groups, warm_sta
     >>> for m in range(1, 4):
     ...     df[f"pv{m}"] = df["y"] + rng.normal(0, 0.3, len(df))
     >>> pooled = mlsml.fit_pv("score ~ x", df, pv=["pv1", "pv2", "pv3"], groups="school", random_scale=False)
-    >>> pooled.n_pv, bool((pooled.bse > pooled.fits[0].bse).all())
+    >>> pooled.n_pv, bool(pooled.summary_frame()["se between"].gt(0).all())
     (3, True)
     """
     if isinstance(pv, str) or not isinstance(pv, Sequence) or len(pv) < 2:

@@ -155,7 +155,7 @@ def scale_level1(w: np.ndarray, starts: np.ndarray, counts: np.ndarray, method: 
     >>> import numpy as np
     >>> w = np.array([1.0, 3.0, 2.0, 2.0])
     >>> st, ct = np.array([0, 2]), np.array([2, 2])
-    >>> scale_level1(w, st, ct, "size").tolist(), scale_level1(w, st, ct, "effective").tolist()
+    >>> scale_level1(w, st, ct, "size").tolist(), scale_level1(w, st, ct, "effective").round(12).tolist()
     ([0.5, 1.5, 1.0, 1.0], [0.4, 1.2, 1.0, 1.0])
     """
     if method == "none":
