@@ -61,6 +61,11 @@ INFORMATIVE_TRUTH = {
     "var(v)": 0.2,
     "cov(u0,v)": 0.0,
 }
+#: Inclusion probabilities of the informative sample: ``expit(a + b u_j / sd(u))`` for schools and
+#: ``expit(a + b e_ij / sigma_ij)`` for students.
+SCHOOL_LOGIT = (-2.5, 0.7)
+PUPIL_LOGIT = (-1.0, 0.5)
+
 MODEL = {"formula": "y ~ x", "groups": "school", "scale_formula": "~ x"}
 
 
@@ -88,11 +93,11 @@ def coverage_data(scenario: str, rep: int, J: int = 100, n: int = 10) -> pd.Data
     return pd.DataFrame({"y": y, "x": x, "school": school})
 
 
-def informative_sample(rep: int, J_pop: int = 1000) -> pd.DataFrame:
+def informative_sample(rep: int, J_pop: int = 2000) -> pd.DataFrame:
     """The two-stage sample of replication ``rep`` with its weights (and the population's size)."""
     rng = np.random.default_rng(BASE_SEED["informative"] + rep)
     t = INFORMATIVE_TRUTH
-    sizes = rng.integers(40, 81, J_pop)
+    sizes = rng.integers(100, 201, J_pop)
     school = np.repeat(np.arange(J_pop), sizes)
     x = _x(rng, sizes)
     sd_u = np.sqrt(t["var(u0)"])
@@ -101,9 +106,9 @@ def informative_sample(rep: int, J_pop: int = 1000) -> pd.DataFrame:
     lv = t["scale:Intercept"] + t["scale:x"] * x + v[school]
     z = rng.standard_normal(school.size)
     y = t["mean:Intercept"] + t["mean:x"] * x + u[school] + np.exp(0.5 * lv) * z
-    p_school = 1.0 / (1.0 + np.exp(-(-2.8 + 1.5 * u / sd_u)))
+    p_school = 1.0 / (1.0 + np.exp(-(SCHOOL_LOGIT[0] + SCHOOL_LOGIT[1] * u / sd_u)))
     in_school = rng.random(J_pop) < p_school
-    p_pupil = 1.0 / (1.0 + np.exp(-(-1.0 + 1.0 * z)))
+    p_pupil = 1.0 / (1.0 + np.exp(-(PUPIL_LOGIT[0] + PUPIL_LOGIT[1] * z)))
     take = in_school[school] & (rng.random(school.size) < p_pupil)
     df = pd.DataFrame({"y": y, "x": x, "school": school, "w1": 1.0 / p_pupil, "w2": (1.0 / p_school)[school]})[take]
     counts = df.groupby("school")["y"].transform("size")
