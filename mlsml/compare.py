@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
-from .errors import ModelSpecError
+from .errors import MLSMLWarning, ModelSpecError, warn
 from .export import response_fingerprint
 
 stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
@@ -109,6 +109,12 @@ def lrtest(a, b) -> LRTestResult:
         same_y = _response_id(a) == _response_id(b) != ""
     if not same_y:
         raise ModelSpecError("the models were fitted to different responses")
+    if any((r.model.design.info.get("weights") or {}).get("kind") == "sampling" for r in (a, b)):
+        warn(
+            "these are sampling-weighted pseudo-likelihoods: the likelihood-ratio statistic does not follow the chi-square "
+            "distribution; test with Wald tests on the robust standard errors (res.wald_test) instead",
+            MLSMLWarning,
+        )
     a_names, b_names = set(a.params.index), set(b.params.index)
     if a_names < b_names:
         restricted, full = a, b

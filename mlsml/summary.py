@@ -80,6 +80,7 @@ def header_dict(res) -> dict[str, str]:
     spec = res.model.formula_spec
     counts = design.counts
     lay = res.layout
+    sampling = (design.info.get("weights") or {}).get("kind") == "sampling"
     if res.quadrature == "marginal":
         quad = f"{res.nagq} per dim of v, u exact"
     elif res.prune == 0:
@@ -93,7 +94,7 @@ def header_dict(res) -> dict[str, str]:
         "No. Observations:": f"{res.nobs}",
         "No. Groups:": f"{res.ngroups}",
         "Group size min/mean/max:": f"{counts.min()} / {counts.mean():.1f} / {counts.max()}",
-        "Method:": "ML, adaptive Gauss-Hermite",
+        "Method:": ("pseudo-ML" if sampling else "ML") + ", adaptive Gauss-Hermite",
         "Quadrature:": quad,
         "Log-Likelihood:": _number(res.llf),
         "Deviance:": _number(res.deviance),
@@ -152,7 +153,13 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     tails = tail_note(res)
     if tails:
         notes.append(f"NOTE: {tails}")
-    notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
+    if (res.model.design.info.get("weights") or {}).get("kind") == "sampling":
+        notes.append(
+            "NOTE: sampling weights: a pseudo-likelihood; its llf, AIC and BIC do not compare fits, "
+            "and likelihood-ratio tests do not apply (use Wald tests with the robust SEs)."
+        )
+    else:
+        notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
     for note in notes:  # one add_text each: statsmodels re-wraps a text, so newlines within one would be lost
         smry.add_text(note)
     return smry

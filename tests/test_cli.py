@@ -304,3 +304,23 @@ def test_fit_reads_a_pipe(tmp_path):
     code, d = _fit_json(tmp_path, [fifo])
     t.join(timeout=10)
     assert code == 0 and d["ngroups"] == 20
+
+
+def test_fit_with_weights_offsets_and_robust_ses(tmp_path, capsys):
+    from conftest import DATA
+
+    ss = DATA / "sleepstudy.csv"
+    data = tmp_path / "ss.csv"
+    text = ss.read_text().splitlines()
+    rows = [text[0] + ",w,o"] + [f"{line},{1 + (i % 3)},0.5" for i, line in enumerate(text[1:])]
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "fit.json"
+    args = ["fit", str(data), "--formula", "Reaction ~ Days", "--groups", "Subject", "--no-random-scale"]
+    code = main([*args, "--weights", "w", "--scale-offset", "o", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "robust (cluster: Subject)" in text and "pseudo-ML" in text
+    d = json.loads(out.read_text())
+    assert d["cov_type"] == "robust" and d["weights"]["level1"] == "column 'w'" and d["offsets"]["scale_offset"] == "column 'o'"
+    code = main([*args, "--weights", "w", "--weights-kind", "frequency", "--cov-type", "nonrobust", "-q", "--json", str(out)])
+    assert code == 0 and json.loads(out.read_text())["cov_type"] == "nonrobust"

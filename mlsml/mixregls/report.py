@@ -395,7 +395,10 @@ def summarize_mixwild(
     for t, r in stages:
         block = _model_block_mls if mls else _model_block
         out.append(block(t, r, standardized=standardized))
-    if len(stages) > 1:
+    sampling = (weights or {}).get("kind") == "sampling"
+    if len(stages) > 1 and sampling:
+        out += ["", "(no likelihood-ratio tests between the models: sampling-weighted pseudo-likelihoods)"]
+    if len(stages) > 1 and not sampling:
         tests = stage_tests(stages)
         ttl = "Likelihood-ratio tests between the models"
         out += ["", "", ttl, "-" * len(ttl), ""]
