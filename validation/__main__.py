@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         nargs="*",
-        help="sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs frequentist bayes replication simstudy survey",
+        help="sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs frequentist bayes replication "
+        "simstudy survey",
     )
     a = ap.parse_args(argv)
     import mlsml
