@@ -123,3 +123,18 @@ def test_natural_jacobian_equals_autograd(layout):
     theta = np.random.default_rng(lay.n_params).normal(size=lay.n_params)
     ref = autograd.jacobian(lay.to_natural)(theta)
     np.testing.assert_allclose(lay.natural_jacobian(theta), ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["uexact", "product"])
+@pytest.mark.parametrize("name", ["core (Model 3)", "bs_formula"])
+def test_weighted_derivatives_equal_autograd(exam, name, kind):
+    """Weights at both levels (mlsml.weights) in the closed-form gradient and the Hessian's chain."""
+    rng = np.random.default_rng(11)
+    df = exam.assign(w1=rng.uniform(0.5, 2.0, len(exam)))
+    df["w2"] = df["school"].map(dict(zip(df["school"].unique(), rng.uniform(1.0, 4.0, df["school"].nunique()))))
+    model = mlsml.MELSM.from_formula(
+        "normexam ~ standLRT + schgend", df, groups="school", weights="w1", group_weights="w2", **MODELS[name]
+    )
+    lik = model.objective(nagq=5, quadrature="marginal" if kind == "uexact" else "product")
+    theta = mlsml.start.start_values(lik.integrand) + rng.normal(0, 0.2, model.layout.n_params)
+    _check(lik, theta)
