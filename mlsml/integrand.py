@@ -80,10 +80,13 @@ class Prior(NamedTuple):
     log_sd0 : array (J,) or None
         ``s_j' tau / 2``: ``D_j = diag(exp(log_sd0_j), 1, ..., 1)``; ``None`` without
         ``bs_formula``.
+    quad : scalar or None
+        ``gamma`` of ``quad(u0,v)`` (``association="quadratic"``), else ``None``.
     """
 
     L0: object
     log_sd0: object
+    quad: object = None
 
     @property
     def chol(self):
@@ -164,6 +167,37 @@ def log_prior(b, L):
     return -0.5 * d * LOG2PI - logdet[:, None] - 0.5 * quad
 
 
+def quad_shift(b, prior: Prior, q: int):
+    r"""The nodes with ``v`` replaced by the log-variance shift of the quadratic association.
+
+    With ``association="quadratic"`` (MIXREGLS ``NCOV = 2``) the school's log variance is
+
+    .. math::
+
+        \ln\sigma^2_{ij} = w_{ij}'\alpha + v_j + \gamma\,\theta_{1j}^2, \qquad
+        \theta_{1j} = u_{0j} / \operatorname{sd}(u_{0j}) = u_{0j} / L_{j,00},
+
+    so ``log f(y_j | u, v)`` is the linear model's at ``v + gamma (u0 / L_00)^2``
+    (``L_j`` the Cholesky factor of ``Sigma_j``; ``L_00 = exp(s_j'tau/2)`` with a
+    between-school variance model). ``b`` itself when there is no quadratic term.
+    """
+    if prior.quad is None:
+        return b
+    L = prior.chol
+    sd0 = L[0, 0] if L.ndim == 2 else L[:, 0, 0][:, None]
+    shift = prior.quad * (b[:, :, 0] / sd0) ** 2
+    return anp.concatenate([b[:, :, :q], (b[:, :, q] + shift)[:, :, None], b[:, :, q + 1 :]], axis=2)
+
+
+def quad_curvature(prior: Prior) -> np.ndarray | None:
+    """``gamma / sd(u0_j)^2`` (numpy; a scalar or ``(J,)``): the shift of :func:`quad_shift` is this times ``u0^2``."""
+    if prior.quad is None:
+        return None
+    L = np.asarray(prior.chol, dtype=float)
+    sd0 = L[0, 0] if L.ndim == 2 else L[:, 0, 0]
+    return float(prior.quad) / sd0**2
+
+
 def _chunks(counts: np.ndarray, K: int) -> list[tuple[int, int]]:
     """School ranges ``[j0, j1)`` whose rows times ``K`` stay below :data:`CHUNK`."""
     J = counts.shape[0]
@@ -206,14 +240,16 @@ class Integrand(ABC):
 
     @property
     def core(self) -> bool:
-        """Whether this is the core model (one ``Sigma``, one plain random scale), for which the
-        boundary probes (:mod:`mlsml.boundary`) and the quadrature check are defined."""
-        return not (self.layout.scale_re_terms or self.layout.bs_terms)
+        """Whether this is the core model (one ``Sigma``, one plain random scale entering the log
+        variance linearly), for which the boundary probes (:mod:`mlsml.boundary`) and the
+        quadrature check are defined."""
+        return not (self.layout.scale_re_terms or self.layout.bs_terms or self.layout.quad_assoc)
 
     @property
     def uexact_supported(self) -> bool:
-        """Whether the u-exact rule applies: a random scale and a mean effect to integrate out."""
-        return bool(self.layout.random_scale and self.layout.q >= 1)
+        """Whether the u-exact rule applies: a random scale and a mean effect to integrate out
+        (and the log variance free of ``u``: not with ``quad(u0,v)``)."""
+        return bool(self.layout.random_scale and self.layout.q >= 1 and not self.layout.quad_assoc)
 
     def school_covariances(self, theta) -> np.ndarray:
         """``Sigma_j`` for every school, shape ``(J, d, d)`` (equal without ``bs_formula``)."""
@@ -245,11 +281,12 @@ class Integrand(ABC):
     def split(self, theta):
         """``(beta, alpha, Prior)`` from the optimiser-scale ``theta`` (autograd)."""
         lay = self.layout
+        quad = lay.quad(theta)
         if not lay.bs_terms:
             beta, alpha, L = lay.split(theta)
-            return beta, alpha, Prior(L, None)
+            return beta, alpha, Prior(L, None, quad)
         beta, alpha, tau, L0 = lay.split_bs(theta)
-        return beta, alpha, Prior(L0, 0.5 * anp.dot(self.design.S, tau))
+        return beta, alpha, Prior(L0, 0.5 * anp.dot(self.design.S, tau), quad)
 
     def prior_chol(self, theta):
         """``(beta, alpha, L)`` with ``L`` of shape ``(d, d)`` or ``(J, d, d)``."""
@@ -273,7 +310,7 @@ class Integrand(ABC):
     def log_h(self, theta, b):
         """``h_j(b_jk) = log f(y_j | b_jk) + log phi(b_jk; 0, Sigma_j)``, shape ``(J, K)``."""
         beta, alpha, prior = self.split(theta)
-        return self.log_conditional(beta, alpha, b) + log_prior(b, prior.chol)
+        return self.log_conditional(beta, alpha, quad_shift(b, prior, self.layout.q)) + log_prior(b, prior.chol)
 
     # ------------------------------------------------------------ u-exact rule
     @abstractmethod
@@ -390,7 +427,8 @@ class SchoolSums(Integrand):
         beta, alpha = np.asarray(beta, dtype=float), np.asarray(alpha, dtype=float)
         s = Sums(*(np.asarray(a, dtype=float) for a in self.sums(beta, alpha)))
         centred = centred_sums(self.design, beta, alpha, s) if lay.q else None
-        return SumsModeProblem(s, self.precision(theta), lay.q, lay.random_scale, centred)
+        _, _, prior = self.split(np.asarray(theta, dtype=float))
+        return SumsModeProblem(s, self.precision(theta), lay.q, lay.random_scale, centred, quad_curvature(prior))
 
 
 class PerObservation(Integrand):
@@ -545,15 +583,37 @@ class SumsModeProblem:
 
     the Fisher-scoring matrix replaces ``E Q/2`` by its expectation ``n/2`` and drops
     the ``u``-``v`` cross term. ``h`` is given up to a constant.
+
+    With the quadratic association (``quad``: ``a_j = gamma / sd(u0_j)^2``) the log variance
+    is ``l = v + a u_0^2`` and ``E = e^{-l}``; with ``c = dl/du = (2 a u_0, 0, ...)``,
+    ``R = E (S_1 - S_2 u)`` and ``phi = -n/2 + E Q/2``,
+
+    .. math::
+
+        \partial_u h = R + c\,\phi - (P b)_u, \qquad \partial_v h = \phi - (P b)_v,
+
+        \partial^2_{uu} h = -E S_2 - R c' - c R' - \tfrac{EQ}{2} c c' + \phi\, \partial^2_{uu} l - P_{uu}, \quad
+        \partial^2_{uv} h = -R - \tfrac{EQ}{2} c - P_{uv},
+
+    (``a = 0`` gives the above); Fisher scoring uses the information ``n/2`` of ``l``:
+    ``-E S_2 - (n/2) c c'``, ``-(n/2) c`` and ``-n/2``.
     """
 
-    def __init__(self, s: Sums, P: np.ndarray, q: int, random_scale: bool, centred: Centred | None = None):
+    def __init__(
+        self, s: Sums, P: np.ndarray, q: int, random_scale: bool, centred: Centred | None = None, quad: np.ndarray | None = None
+    ):
         self.s, self.P, self.q, self.rs = s, P, q, random_scale
         self.J = s.n.shape[0]
         self.d = q + int(random_scale)
         if centred is None:  # about u = 0: S0 - 2u'S1 + u'S2u
             centred = Centred(np.zeros_like(s.S1), s.S0, s.S1)
         self.c = centred
+        self.a = None if quad is None else np.broadcast_to(np.asarray(quad, dtype=float), (self.J,))
+
+    def _logvar(self, b: np.ndarray) -> np.ndarray:
+        """``l = v + a u_0^2`` (``v`` without the quadratic association)."""
+        v = b[:, self.q]
+        return v if self.a is None else v + self.a * b[:, 0] ** 2
 
     def _resid_and_Q(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``S_1 - S_2 u``, ``Q(u)`` and ``S_2 u`` by the centred identity of :class:`Centred`."""
@@ -569,7 +629,7 @@ class SumsModeProblem:
         s = self.s
         _, Q, _ = self._resid_and_Q(b[:, :q])
         if self.rs:
-            v = b[:, q]
+            v = self._logvar(b)
             ll = -0.5 * s.n * v - 0.5 * np.exp(-v) * Q
         else:
             ll = -0.5 * Q
@@ -582,7 +642,7 @@ class SumsModeProblem:
         Qabs = c.Q0 + 2.0 * np.abs(np.einsum("jq,jq->j", dlt, c.R1)) + np.einsum("jq,jqr,jr->j", dlt, s.S2, dlt)
         out = 0.5 * _abs_quad_prior(b, self.P)
         if self.rs:
-            v = b[:, q]
+            v = self._logvar(b)
             return out + 0.5 * s.n * np.abs(v) + 0.5 * np.exp(-v) * Qabs
         return out + 0.5 * Qabs
 
@@ -597,17 +657,29 @@ class SumsModeProblem:
             g = -np.einsum("jde,je->jd", P, b)
             H = -P.copy()
         if self.rs:
-            v = b[:, q]
-            E = np.exp(-v)
-            g[:, :q] += E[:, None] * resid
-            g[:, q] += -0.5 * s.n + 0.5 * E * Q
+            E = np.exp(-self._logvar(b))
+            R = E[:, None] * resid
+            phi = -0.5 * s.n + 0.5 * E * Q
+            g[:, :q] += R
+            g[:, q] += phi
             H[:, :q, :q] -= E[:, None, None] * s.S2
             if fisher:
                 H[:, q, q] -= 0.5 * s.n
             else:
-                H[:, :q, q] -= E[:, None] * resid
-                H[:, q, :q] -= E[:, None] * resid
+                H[:, :q, q] -= R
+                H[:, q, :q] -= R
                 H[:, q, q] -= 0.5 * E * Q
+            if self.a is not None:  # l = v + a u0^2: the terms in c = dl/du = 2 a u0 e_0
+                c0 = 2.0 * self.a * b[:, 0]
+                info = 0.5 * s.n if fisher else 0.5 * E * Q
+                g[:, 0] += c0 * phi
+                H[:, 0, 0] -= c0**2 * info
+                H[:, 0, q] -= c0 * info
+                H[:, q, 0] -= c0 * info
+                if not fisher:
+                    H[:, 0, :q] -= c0[:, None] * R
+                    H[:, :q, 0] -= c0[:, None] * R
+                    H[:, 0, 0] += 2.0 * self.a * phi
         else:
             g[:, :q] += resid
             H[:, :q, :q] -= s.S2
