@@ -125,9 +125,9 @@ def test_independent_random_slope_equals_statsmodels_variance_components(exam):
     assert list(res.params.index[-2:]) == ["var(u0)", "var(u1)"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sm = smf.mixedlm(
-            "normexam ~ standLRT", exam, groups="school", re_formula="1", vc_formula={"slope": "0 + standLRT"}
-        ).fit(reml=False, method="lbfgs")
+        sm = smf.mixedlm("normexam ~ standLRT", exam, groups="school", re_formula="1", vc_formula={"slope": "0 + standLRT"}).fit(
+            reml=False, method="lbfgs"
+        )
     assert res.llf == pytest.approx(sm.llf, abs=1e-5)
     assert res.params["var(u0)"] == pytest.approx(float(sm.cov_re.iloc[0, 0]), rel=1e-3)
     assert res.params["var(u1)"] == pytest.approx(float(sm.vcomp[0]), rel=1e-3)
