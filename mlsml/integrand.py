@@ -497,7 +497,7 @@ class Integrand(ABC):
         if lay.quad_assoc:
             raise ModelSpecError(
                 "u | v, y is not normal with association='quadratic' (u0 enters the log variance); "
-                "use the posterior summaries of res.school_effects()"
+                "use the posterior summaries of res.random_effects()"
             )
         q = lay.q
         v = np.asarray(v, dtype=float)
