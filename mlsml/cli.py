@@ -243,6 +243,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             bs_formula=args.bs,
             random_scale=not args.no_random_scale,
             missing=args.missing,
+            association=args.association,
+            cov_constraints=[c.strip() for c in args.cov_zero.split(";") if c.strip()] if args.cov_zero else None,
             nagq=args.nagq,
             callback=_pass_printer(args),
         )
@@ -399,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
         help='between-school log variance of the random intercept, e.g. "~ type" (school-level columns)',
     )
     f.add_argument("--no-random-scale", action="store_true", help="no school effect on the residual variance")
+    f.add_argument(
+        "--association",
+        choices=["linear", "none", "quadratic"],
+        default="linear",
+        help="how the random location enters the log variance (MIXREGLS NCOV 1, 0, 2; default linear)",
+    )
+    f.add_argument(
+        "--cov-zero",
+        default=None,
+        metavar="NAMES",
+        help='covariances fixed at zero, separated by ";", e.g. "cov(u0,u1)" (independent random slope)',
+    )
     f.add_argument("--nagq", type=_positive_int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")
     f.add_argument("--json", metavar="PATH", help="write llf, params, bse, converged as JSON")
