@@ -62,19 +62,16 @@ CHUNK = 2_000_000
 #: below this fraction of the residual variance.
 ZERO_VARIANCE_BS = 1e-6
 
-#: Points of the inner rule over ``u0`` given ``w`` of the quadratic association
-#: (:meth:`Integrand.log_h_nested`). The integrand is Gaussian in ``u0`` when
-#: ``quad(u0,v) = 0`` (exact with one point). On riesby (clusters of 4 to 6 and a large
-#: random scale, the hardest reference; at MIXREGLS's NCOV = 2 estimates, 21 outer points)
-#: 9 inner points were 2.1e-5 from the limit, 11 points 8e-7, 15 points 1e-9 (31 points
-#: agree with 15 to 2e-9; the limit is 1.7e-7 from the 100-point product rule).
-INNER_NAGQ = 15
-
 #: Newton iterations, step halvings and the step (in conditional SDs) below which the
 #: conditional mode of ``u0`` given ``v`` is final (:func:`conditional_modes_u0`).
 INNER_MAXITER = 50
 MAX_INNER_HALVINGS = 30
 INNER_TOL = 1e-10
+
+#: Two conditional modes of ``u0`` closer than this many conditional SDs are one mode
+#: (:meth:`Integrand.log_h_nested`); farther apart the inner rule is placed at both, with
+#: balance weights.
+INNER_SAME_MODE = 1e-6
 
 
 class Sums(NamedTuple):
@@ -225,7 +222,9 @@ def _value(x):
     return np.asarray(getval(x), dtype=float)
 
 
-def conditional_modes_u0(integrand: Integrand, theta: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def conditional_modes_u0(
+    integrand: Integrand, theta: np.ndarray, w: np.ndarray, start: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     r"""The mode of ``u0`` given ``w`` and the curvature there, for every school and node (numpy, ``(J, K)`` each).
 
     For the quadratic association (``q = 1``; :func:`quad_prior_point`) with ``E = e^{-w}``,
@@ -239,10 +238,10 @@ def conditional_modes_u0(integrand: Integrand, theta: np.ndarray, w: np.ndarray)
 
         h'' = -E S_2 - P_{00} - 2 P_{01} t' - P_{11} t'^2 + 2a (P_{01} u_0 + P_{11} t),
 
-    ``t' = -2 a u_0``, ``R = \sum_i c_i (r_i - u_0)``. Newton from the ``gamma = 0``
-    conditional mean (exact when ``gamma = 0``), with the Fisher curvature (without the
-    last term) where ``h''`` is not negative and steps halved while ``h`` falls, until the
-    step is below :data:`INNER_TOL` conditional SDs.
+    ``t' = -2 a u_0``, ``R = \sum_i c_i (r_i - u_0)``. Newton from ``start`` (default: the
+    ``gamma = 0`` conditional mean, exact when ``gamma = 0``), with the Fisher curvature
+    (without the last term) where ``h''`` is not negative and steps halved while ``h`` falls,
+    until the step is below :data:`INNER_TOL` conditional SDs.
     """
     beta, alpha, prior = integrand.split(theta)
     s = Sums(*(_value(a) for a in integrand.sums(_value(beta), _value(alpha))))
@@ -268,7 +267,10 @@ def conditional_modes_u0(integrand: Integrand, theta: np.ndarray, w: np.ndarray)
         H = fisher + 2.0 * a * Pb1
         return h, g, np.where(H < 0, H, fisher)
 
-    u = (E * s.S1[:, 0][:, None] - P01 * w) / (E * S2 + P00)  # the gamma = 0 conditional mean
+    if start is None:
+        u = (E * s.S1[:, 0][:, None] - P01 * w) / (E * S2 + P00)  # the gamma = 0 conditional mean
+    else:
+        u = np.array(start, dtype=float)
     h, g, H = parts(u)
     for _ in range(INNER_MAXITER):
         step = -g / H
@@ -446,7 +448,7 @@ class Integrand(ABC):
             parts.append(base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
         return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
 
-    def log_h_nested(self, theta, v, npoints: int = INNER_NAGQ):
+    def log_h_nested(self, theta, v, npoints: int | None = None):
         r"""``log int exp h_j(u0, w) du0`` at the nodes ``w`` (J, K, 1) by an inner adaptive rule (autograd).
 
         For the quadratic association (one mean effect ``u0``; the scale effect is the
@@ -454,27 +456,58 @@ class Integrand(ABC):
         ``j`` and node ``w_k`` the conditional mode ``m_jk`` of ``h_j(., w_k)`` and the curvature
         ``c_jk = -d^2 h_j / du0^2`` there (:func:`conditional_modes_u0`, numpy, from the
         values of ``theta``: the nodes are held fixed, as the outer ones are) centre and
-        scale a Gauss-Hermite rule of ``npoints`` points:
+        scale a Gauss-Hermite rule of ``npoints`` points (default: as many as the outer rule
+        has, the fit's ``nagq``, so that the quadrature check's ``2 nagq + 1`` points test both):
 
         .. math::
 
             g_j(w_k) \approx -\tfrac12 \log c_{jk}
                 + \operatorname{lse}_l\{h_j(m_{jk} + c_{jk}^{-1/2} z_l,\, w_k) + \log\tilde w_l\}.
 
+        The inner rule's size: the integrand is Gaussian in ``u0`` when ``quad(u0,v) = 0``
+        (exact with one point). On riesby (clusters of 4 to 6 and a large random scale, the
+        hardest reference; at MIXREGLS's NCOV = 2 estimates, 21 outer points) 9 inner points
+        were 2.1e-5 from the limit, 11 points 8e-7, 15 points 1e-9 (the limit is 1.7e-7 from
+        the 100-point product rule).
+
         Given ``w`` the data's density is Gaussian in ``u0`` (the linear model's) and only the
         prior, ``N(w; E(v | u0) + a u0^2, var(v | u0))`` in ``u0``, is not: with ``gamma = 0``
         this is exactly :meth:`log_h_uexact`'s ``g_j`` (any ``npoints``), and the outer rule
         over ``w`` is the u-exact rule's.
+
+        ``gamma theta1^2`` is even in ``u0``, so a school with a large variance and a middling
+        mean can have two conditional modes of opposite sign (one school of 150 in a
+        simulation with ``gamma = 0.8``, ``var(v) = 0.1``: the rule at one mode missed 0.15 of
+        its log-likelihood). Newton is also started from ``-m_jk``; where it ends elsewhere
+        (:data:`INNER_SAME_MODE`) the rule is placed at both modes ``A``, ``B`` and each node
+        weighted by :math:`q_A/(q_A + q_B)` (``q`` the normal densities of the two Laplace
+        approximations: a partition of unity, so no mass is counted twice).
         """
         J, K = v.shape[:2]
-        mode, curv = conditional_modes_u0(self, _value(theta), _value(v)[:, :, 0])
+        npoints = K if npoints is None else int(npoints)  # as many points in u0 as in w (the rule's nagq)
+        th, wv = _value(theta), _value(v)[:, :, 0]
+        mode, curv = conditional_modes_u0(self, th, wv)
+        # gamma theta1^2 is even in u0: a school whose variance is large and whose mean is
+        # middling has a mirror mode at the other sign of u0. Newton from -mode finds it
+        mirror, mcurv = conditional_modes_u0(self, th, wv, start=-mode)
         z, w = hermegauss(npoints)
         logw = np.log(w) + 0.5 * z**2
-        scale = 1.0 / np.sqrt(curv)
-        u0 = mode[:, :, None] + scale[:, :, None] * z[None, None, :]  # (J, K, L)
-        b = anp.concatenate([u0.reshape(J, K * npoints, 1), anp.reshape(anp.repeat(v, npoints, axis=1), (J, K * npoints, 1))], axis=2)
-        h = anp.reshape(self.log_h(theta, b), (J, K, npoints)) + logw[None, None, :]
-        return np.log(scale) + logsumexp(h, axis=2)
+        two = np.abs(mirror - mode) * np.sqrt(np.maximum(curv, mcurv)) > INNER_SAME_MODE
+        centres = [(mode, curv)] + ([(mirror, mcurv)] if two.any() else [])
+        terms = []
+        for m, c in centres:
+            scale = 1.0 / np.sqrt(c)
+            u0 = m[:, :, None] + scale[:, :, None] * z[None, None, :]  # (J, K, L)
+            b = anp.concatenate(
+                [u0.reshape(J, K * npoints, 1), anp.reshape(anp.repeat(v, npoints, axis=1), (J, K * npoints, 1))], axis=2
+            )
+            h = anp.reshape(self.log_h(theta, b), (J, K, npoints)) + logw[None, None, :] + np.log(scale)[:, :, None]
+            if len(centres) == 2:  # balance weights q_A / (q_A + q_B): a partition of unity, no mass counted twice
+                lq = [-0.5 * cc[:, :, None] * (u0 - mm[:, :, None]) ** 2 + 0.5 * np.log(cc)[:, :, None] for mm, cc in centres]
+                own = lq[0] if m is mode else lq[1]
+                h = h + own - np.logaddexp(lq[0], lq[1])
+            terms.append(h)
+        return logsumexp(anp.concatenate(terms, axis=2) if len(terms) == 2 else terms[0], axis=2)
 
     def conditional_u(self, theta, v) -> tuple[np.ndarray, np.ndarray]:
         r"""``M(v)`` and ``c(v)`` of the u-exact rule at the nodes ``v`` (J, K, n_v) (numpy).

@@ -132,3 +132,22 @@ def test_independent_random_slope_equals_statsmodels_variance_components(exam):
     assert res.params["var(u0)"] == pytest.approx(float(sm.cov_re.iloc[0, 0]), rel=1e-3)
     assert res.params["var(u1)"] == pytest.approx(float(sm.vcomp[0]), rel=1e-3)
     assert res.params["mean:standLRT"] == pytest.approx(sm.fe_params["standLRT"], abs=1e-5)
+
+
+def test_quadratic_model_is_simulated():
+    """draw_responses (and so the parametric bootstrap) adds gamma (u0/sd(u0))^2 to the log variance:
+    with var(v) ~ 0 and 400 pupils a school, the log of each school's residual variance is
+    alpha0 + gamma theta1^2 up to sampling error (SD sqrt(2/400) = 0.07)."""
+    rng = np.random.default_rng(11)
+    J, n = 60, 400
+    df = pd.DataFrame({"school": np.repeat(np.arange(J), n), "x": rng.normal(size=J * n), "y": rng.normal(size=J * n)})
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", association="quadratic")
+    truth = pd.Series([0.0, 0.5, -1.0, 0.25, 1e-8, 0.0, 0.6], index=model.param_names)
+    theta1 = np.random.default_rng(5).standard_normal((J, 2))[:, 0]  # the draws' first numbers: u0_j / sd(u0)
+    y = mlsml.simulate.draw_responses(model.design, model.theta_from_params(truth), np.random.default_rng(5))[0]
+    d = model.design
+    r = y - d.X @ np.array([0.0, 0.5])
+    mean = np.add.reduceat(r, d.starts) / d.counts
+    logvar = np.log(np.add.reduceat((r - mean[d.group]) ** 2, d.starts) / (d.counts - 1))
+    pred = -1.0 + 0.6 * theta1**2
+    assert np.abs(logvar - pred).max() < 0.35 and np.std(pred) > 0.3  # the quadratic term is there
