@@ -15,7 +15,9 @@ each nested in the next (``cov(u0,v)`` is a parameter of the linear model and
 fits them (:func:`mlsml.fit` with ``association=``) and tabulates the
 log-likelihood, AIC and BIC with likelihood-ratio tests of each against the
 simpler ones (:func:`mlsml.lrtest`; the nulls ``cov(u0,v) = 0`` and
-``quad(u0,v) = 0`` are interior points, so the reference is ``chi2(df)``).
+``quad(u0,v) = 0`` are interior points, so the reference is ``chi2(df)``), and
+against the model without a random scale, where ``var(v) = 0`` is on the boundary
+and the boundary-corrected mixture applies.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from .params import ASSOCIATIONS
 #: MIXREGLS's ``NCOV`` of each association type.
 NCOV = {"none": 0, "linear": 1, "quadratic": 2}
 
+#: Row name of the model without a random scale (``baseline=True``).
+BASELINE = "no random scale"
+
 
 @dataclass(frozen=True)
 class AssociationComparison:
@@ -41,19 +46,21 @@ class AssociationComparison:
     Attributes
     ----------
     fits : dict of str to MELSMResults
-        One fit per association type, in the order none, linear, quadratic (those asked for).
+        One fit per association type, in the order none, linear, quadratic (those asked
+        for), after ``"no random scale"`` (``baseline=True``).
     table : pandas.DataFrame
         Indexed by association: ``NCOV``, ``npar``, ``llf``, ``deviance``, ``AIC``, ``BIC``
         (N students), ``BIC (groups)`` (J schools, as MIXREGLS prints it), ``converged``.
     tests : pandas.DataFrame
         One row per nested pair (``"linear vs none"``, ``"quadratic vs linear"``,
-        ``"quadratic vs none"``): ``LR chi2``, ``df``, ``p``, ``reference``.
+        ``"quadratic vs none"``, and each against ``"no random scale"``): ``LR chi2``,
+        ``df``, ``p``, ``reference``.
 
     Examples
     --------
     >>> import mlsml
     >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
-    >>> cmp = mlsml.compare_associations("y ~ x", df, groups="school", associations=["none", "linear"])
+    >>> cmp = mlsml.compare_associations("y ~ x", df, groups="school", associations=["none", "linear"], baseline=False)
     >>> list(cmp.fits), cmp.best_aic in cmp.table.index
     (['none', 'linear'], True)
     """
@@ -81,7 +88,9 @@ class AssociationComparison:
             )
 
 
-def compare_associations(formula: str, data, groups, associations=ASSOCIATIONS, **kwargs) -> AssociationComparison:
+def compare_associations(
+    formula: str, data, groups, associations=ASSOCIATIONS, baseline: bool = True, **kwargs
+) -> AssociationComparison:
     """Fit the model with each association type and compare them (MixLS's ``type = "all"``).
 
     Parameters
@@ -91,6 +100,11 @@ def compare_associations(formula: str, data, groups, associations=ASSOCIATIONS, 
     associations : sequence of str
         The types to fit, among ``"none"``, ``"linear"`` and ``"quadratic"`` (default:
         all three; see the module docstring).
+    baseline : bool
+        Also fit the model without the random scale (``random_scale=False``, first row
+        ``"no random scale"``) and test each association against it: ``var(v) = 0`` is on
+        the boundary, so these tests use the mixture ``0.5 chi2(c) + 0.5 chi2(c + 1)``
+        (``c`` the free covariances of ``v``, plus ``quad(u0,v)``; :func:`mlsml.lrtest`).
     **kwargs
         Passed to :func:`mlsml.fit` for every fit (``scale_formula``, ``nagq``, ...).
         The model must have a random scale and one random location effect for
@@ -113,11 +127,11 @@ def compare_associations(formula: str, data, groups, associations=ASSOCIATIONS, 
     >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
     >>> cmp = mlsml.compare_associations("y ~ x", df, groups="school", scale_formula="~ x")
     >>> cmp.table["npar"].tolist()
-    [6, 7, 8]
-    >>> cmp.tests.index.tolist()
-    ['linear vs none', 'quadratic vs linear', 'quadratic vs none']
-    >>> cmp.tests["df"].tolist()
-    [1, 1, 2]
+    [5, 6, 7, 8]
+    >>> cmp.tests.index.tolist()[:3]
+    ['none vs no random scale', 'linear vs none', 'linear vs no random scale']
+    >>> cmp.tests.loc["none vs no random scale", "reference"]
+    '0.5 chi2(0) + 0.5 chi2(1) (boundary: var(v) = 0)'
     """
     if "association" in kwargs:
         raise ModelSpecError("compare_associations fits every association type itself: do not pass association=")
@@ -128,13 +142,19 @@ def compare_associations(formula: str, data, groups, associations=ASSOCIATIONS, 
             f"associations must be two or three different types among {', '.join(map(repr, ASSOCIATIONS))}, not {associations!r}"
         )
     order = [a for a in ("none", "linear", "quadratic") if a in chosen]
-    fits = {a: fit(formula, data, groups, association=a, **kwargs) for a in order}
+    fits = {}
+    if baseline:
+        if kwargs.get("random_scale") is False:
+            raise ModelSpecError("compare_associations needs a random scale: do not pass random_scale=False")
+        fits[BASELINE] = fit(formula, data, groups, **{**kwargs, "random_scale": False})
+    fits.update({a: fit(formula, data, groups, association=a, **kwargs) for a in order})
+    order = list(fits)
     rows = []
     for a, r in fits.items():
         rows.append(
             {
                 "association": a,
-                "NCOV": NCOV[a],
+                "NCOV": NCOV.get(a),
                 "npar": r.df_model,
                 "llf": r.llf,
                 "deviance": r.deviance,

@@ -30,14 +30,22 @@ def cmp(demo):
 
 def test_compare_associations_table_and_tests(cmp):
     t = cmp.table
-    assert list(t.index) == ["none", "linear", "quadratic"] and t["NCOV"].tolist() == [0, 1, 2]
-    assert t["npar"].tolist() == [6, 7, 8] and t["converged"].all()
+    assert list(t.index) == ["no random scale", "none", "linear", "quadratic"] and t["NCOV"].tolist()[1:] == [0, 1, 2]
+    assert t["npar"].tolist() == [5, 6, 7, 8] and t["converged"].all()
     # nested: each model's maximum is at least the simpler one's
     assert t["llf"]["none"] <= t["llf"]["linear"] + 1e-6 <= t["llf"]["quadratic"] + 2e-6
     np.testing.assert_allclose(t["AIC"], -2 * t["llf"] + 2 * t["npar"])
     lr = cmp.tests
     assert lr.loc["linear vs none", "LR chi2"] == pytest.approx(2 * (t["llf"]["linear"] - t["llf"]["none"]), abs=1e-9)
-    assert lr["reference"].tolist() == ["chi2(1)", "chi2(1)", "chi2(2)"]  # interior nulls
+    interior = ["linear vs none", "quadratic vs linear", "quadratic vs none"]
+    assert lr.loc[interior, "reference"].tolist() == ["chi2(1)", "chi2(1)", "chi2(2)"]  # interior nulls
+    # var(v) = 0 on the boundary, with the free covariances of v (and quad(u0,v), an interior parameter)
+    boundary = ["none vs no random scale", "linear vs no random scale", "quadratic vs no random scale"]
+    assert [r.split(" (")[0] for r in lr.loc[boundary, "reference"]] == [
+        "0.5 chi2(0) + 0.5 chi2(1)",
+        "0.5 chi2(1) + 0.5 chi2(2)",
+        "0.5 chi2(2) + 0.5 chi2(3)",
+    ]
     assert cmp.best_aic in t.index and "Likelihood-ratio tests" in repr(cmp)
     assert set(cmp.fits["none"].params.index) < set(cmp.fits["linear"].params.index) < set(cmp.fits["quadratic"].params.index)
 
@@ -49,6 +57,8 @@ def test_compare_associations_checks_its_arguments(demo):
         mlsml.compare_associations("y ~ x", demo, groups="school", associations=["none", "cubic"])
     with pytest.raises(ModelSpecError, match="two or three different types"):
         mlsml.compare_associations("y ~ x", demo, groups="school", associations=["none"])
+    with pytest.raises(ModelSpecError, match="needs a random scale"):
+        mlsml.compare_associations("y ~ x", demo, groups="school", random_scale=False)
 
 
 @pytest.mark.parametrize(
