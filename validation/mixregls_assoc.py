@@ -163,7 +163,7 @@ EXPLAINED = {
     "riesby_assoc_quadratic": (
         "MixWILD 2.0's 11-point unrotated rule, not the model: MIXREGLS built here from the 2017 source reproduces "
         "this run to every printed digit at 11 points (next row), and at 21 points (last row) its estimates move to "
-        "ours (within 0.006 SE) and its SEs to within 0.2% of ours (the SE of ALPHA:Intercept from 4.5% to 0.02%); "
+        "ours (within 0.0005 SE) and its SEs to within 0.4% of ours (the SE of ALPHA:Intercept from 4.5% to 0.02%); "
         "its 21-point logL is still 3e-4 below ours, its axis-wise rule's error on these small clusters"
     ),
 }
@@ -204,9 +204,11 @@ def _mixwild2_runs() -> tuple[list[dict], dict, list[str]]:
             else:
                 ok = _verdict(table, dll, 1e-3, 5e-3, est_se=0.01)
             verdict = passfail(ok and res.converged)
-            if verdict != "PASS" and name in EXPLAINED and "MixWILD" in label:
+            if verdict != "PASS" and name in EXPLAINED and nq == "11":
                 verdict += " (explained)"
-                notes.append(f"- `{name}`: {EXPLAINED[name]}.")
+                note = f"- `{name}` at 11 points: {EXPLAINED[name]}."
+                if note not in notes:
+                    notes.append(note)
             rows.append(
                 {
                     "reference": label,
@@ -370,7 +372,17 @@ def _posmood_section() -> list[str]:
             }
         )
         tables[f"posmood NCOV = {ncov}"] = table
-    out.append(md_table(pd.DataFrame(rows).set_index("NCOV"), digits=6))
+    summ = pd.DataFrame(rows).set_index("NCOV")
+    out.append(md_table(summ, digits=6))
+    out.append("")
+    out.append(f"**{int((summ['result'] == 'PASS').sum())} of {len(summ)} comparisons pass.**")
+    out.append("")
+    out.append(
+        "Our logL is 2e-5 to 3e-5 *below* MIXREGLS's on these 515 subjects, while our likelihood at MIXREGLS's "
+        "estimates equals ours at our maximum to 2e-10: the offset is MIXREGLS's single-precision sqrt(pi) in its "
+        "Hermite weights (about 5e-8 per cluster, shared references' README), not a different maximum. The fit "
+        "of the quadratic model took 24 s here against MIXREGLS's 237 CPU seconds (all its stages)."
+    )
     out.append("")
     out += md_tables(tables, digits=6)
     return out
