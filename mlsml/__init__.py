@@ -25,6 +25,7 @@ import pkgutil as _pkgutil
 
 from . import bootstrap, simulate
 from ._version import __version__
+from .associations import AssociationComparison, compare_associations
 from .bayes import compare_bayes
 from .compare import LRTestResult, compare_models, lrtest
 from .errors import (
@@ -51,6 +52,8 @@ __all__ = [
     "lrtest",
     "LRTestResult",
     "compare_models",
+    "compare_associations",
+    "AssociationComparison",
     "compare_bayes",
     "simulate",
     "bootstrap",

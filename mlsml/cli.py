@@ -251,6 +251,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             offset=args.offset,
             scale_offset=args.scale_offset,
             cov_type=args.cov_type,
+            association=args.association,
+            cov_constraints=[c.strip() for c in args.cov_zero.split(";") if c.strip()] if args.cov_zero else None,
             nagq=args.nagq,
             callback=_pass_printer(args),
         )
@@ -420,6 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["nonrobust", "robust"],
         default=None,
         help="standard errors: observed information or cluster-robust sandwich (default robust with sampling weights)",
+    )
+    f.add_argument(
+        "--association",
+        choices=["linear", "none", "quadratic"],
+        default="linear",
+        help="how the random location enters the log variance (MIXREGLS NCOV 1, 0, 2; default linear)",
+    )
+    f.add_argument(
+        "--cov-zero",
+        default=None,
+        metavar="NAMES",
+        help='covariances fixed at zero, separated by ";", e.g. "cov(u0,u1)" (independent random slope)',
     )
     f.add_argument("--nagq", type=_positive_int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")

@@ -5,7 +5,11 @@ When the restricted model drops one school effect (e.g. the random scale
 null value is on the boundary of the parameter space and the LR statistic
 follows the mixture ``0.5 chi2(q) + 0.5 chi2(q + 1)`` (Self & Liang, 1987;
 Stram & Lee, 1994) rather than ``chi2(q + 1)``. :func:`lrtest` detects this
-case from the parameter names and uses the mixture.
+case from the parameter names and uses the mixture (``q`` counts the covariances
+that are parameters: with ``association="none"`` dropping ``v`` is
+``0.5 chi2(0) + 0.5 chi2(1)``). Tests of the association itself
+(``cov(u0,v) = 0``, ``quad(u0,v) = 0``; :func:`mlsml.compare_associations`) have
+interior nulls and use ``chi2(df)``.
 """
 
 from __future__ import annotations
@@ -133,7 +137,9 @@ def lrtest(a, b) -> LRTestResult:
     p_naive = float(stats.chi2.sf(stat, df))
     dropped_re = _re_set(full) - _re_set(restricted)
     if len(dropped_re) == 1:
-        q = len(_re_set(restricted))
+        lay = full.layout
+        e = lay.re_names.index(next(iter(dropped_re)))
+        q = sum(1 for pair in lay.free_cov_pairs if e in pair)  # its covariances (those not fixed at zero)
         other = df - (q + 1)  # fixed-effect terms dropped at the same time
         lo, hi = q + other, q + 1 + other
         p_lo = stats.chi2.sf(stat, lo) if lo > 0 else float(stat <= 0)

@@ -250,11 +250,11 @@ class NodeDerivatives(NamedTuple):
     m: int
 
 
-def _inverse_chol_derivatives(L: np.ndarray):
-    """``L^-1``, ``dL_k``, ``d(L^-1)_k``, ``d^2(L^-1)_kl`` and ``d log|Sigma| / dpsi_k``."""
+def _inverse_chol_derivatives(L: np.ndarray, free=None):
+    """``L^-1``, ``dL_k``, ``d(L^-1)_k``, ``d^2(L^-1)_kl`` and ``d log|Sigma| / dpsi_k`` (the free entries ``psi_k`` only)."""
     d = L.shape[0]
     Linv = np.linalg.inv(L)
-    dL = chol_derivatives(L)
+    dL = chol_derivatives(L, free)
     npsi = dL.shape[0]
     dLinv = -Linv @ dL @ Linv
     d2Linv = np.zeros((npsi, npsi, d, d))
@@ -289,7 +289,7 @@ def node_derivatives(
     lay = integrand.layout
     q = lay.q
     L = np.asarray(lay.split(np.asarray(theta, dtype=float))[2], dtype=float)
-    Linv, dL, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(L)
+    Linv, dL, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(L, lay.free_chol)
     npsi = dL.shape[0]
     J, K = b.shape[:2]
     m = 2 + q + q * q

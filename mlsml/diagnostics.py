@@ -34,7 +34,6 @@ from .boundary import (
 )
 from .likelihood import Likelihood
 from .optimize import OptSummary, information_pd, maximize, quadrature_check
-from .params import chol_from_vector
 from .predict import fitted_moments
 from .rescale import reparametrise
 
@@ -254,7 +253,7 @@ def degenerate_directions(lik: Likelihood, theta) -> tuple:
     drops = tuple(("drop", e) for e in range(lay.d) if not S[e, e] > ZERO_VARIANCE * ref[e])
     if drops:
         return drops
-    L = np.asarray(chol_from_vector(theta[lay.p + lay.k :], lay.d), dtype=float)
+    L = np.asarray(lay.chol(theta), dtype=float)
     return tuple(("rank", k) for k in range(1, lay.d) if L[k, k] ** 2 < SINGULAR_CORRELATION * S[k, k])
 
 

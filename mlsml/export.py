@@ -168,7 +168,10 @@ def results_to_dict(res) -> dict[str, Any]:
             "scale_re_terms": list(lay.scale_re_terms),
             "bs_terms": list(lay.bs_terms),
             "re_terms": list(design.info.get("re_terms", ())),
+            "fixed_cov": [list(pair) for pair in lay.fixed_cov],
+            "quad_assoc": bool(lay.quad_assoc),
         },
+        "association": lay.association,
         "nobs": design.nobs,
         "ngroups": design.ngroups,
         "group_sizes": [int(c) for c in design.counts],
@@ -320,6 +323,8 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
             random_scale=bool(L["random_scale"]),
             scale_re_terms=tuple(L["scale_re_terms"]),
             bs_terms=tuple(L["bs_terms"]),
+            fixed_cov=tuple((int(e), int(f)) for e, f in L.get("fixed_cov", ())),  # absent before issue 13
+            quad_assoc=bool(L.get("quad_assoc", False)),
         )
         names = list(lay.names)
         if list(d["params"]) != names:

@@ -26,7 +26,7 @@ from .errors import ModelSpecError
 from .integrand import Integrand, make_integrand
 from .likelihood import Likelihood
 from .optimize import FitOptions, maximize
-from .params import ParamLayout
+from .params import ParamLayout, constrain
 from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, check_nagq, default_nagq
 from .results import MELSMResults
 from .robust import check_cov_type
@@ -123,7 +123,19 @@ offset : str, pandas.Series or array-like, optional
     A known term added to the mean, :math:`y_{ij} = o_{ij} + x_{ij}'\beta + \dots`
     (statsmodels' ``offset``).
 scale_offset : str, pandas.Series or array-like, optional
-    A known term added to the log residual variance."""
+    A known term added to the log residual variance.
+association : {"linear", "none", "quadratic"}, default "linear"
+    How the random location enters the log residual variance (MIXREGLS ``NCOV``
+    1, 0, 2): ``"linear"``, through ``cov(u0,v)`` (Sigma unstructured);
+    ``"none"``, not at all (every ``cov(u*, v*)`` fixed at zero and absent from
+    ``params``); ``"quadratic"``, ``"linear"`` plus ``quad(u0,v)`` times the squared
+    standardised random intercept, :math:`\gamma\,(u_{0j}/\operatorname{sd}(u_{0j}))^2`
+    (one random location effect, the plain random scale). See ``docs/model.md`` and
+    :func:`mlsml.compare_associations`.
+cov_constraints : str or list of str, optional
+    Covariances of the school effects fixed at zero, by name:
+    ``["cov(u0,u1)"]`` makes a random slope independent of the random intercept
+    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``."""
 
 _FIT_PARAMS_DOC = r"""nagq : int, optional
     Quadrature points per dimension of the rule. Default: 15 for the u-exact rule
@@ -326,6 +338,8 @@ class MELSM:
         weights_scale: str | None = None,
         offset=None,
         scale_offset=None,
+        association: str = "linear",
+        cov_constraints=None,
     ) -> MELSM:
         """Create a model from formulas (statsmodels/patsy syntax) without fitting it.
 
@@ -384,6 +398,9 @@ class MELSM:
         if not isinstance(data, pd.DataFrame):
             data = pd.DataFrame(data)
         design = with_weights_and_offsets(design, data, weights, group_weights, weights_kind, weights_scale, offset, scale_offset)
+        layout = constrain(design.layout, association, cov_constraints)
+        if layout is not design.layout:
+            design = replace(design, layout=layout)
         return cls(design, spec)
 
     # ------------------------------------------------------------------
@@ -452,7 +469,7 @@ class MELSM:
         sigma = lay.sigma_from_natural(vec)
         try:
             tau = vec[lay.p + lay.k : lay.p + lay.k + lay.m] if lay.bs_terms else None
-            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma, tau=tau)
+            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma, tau=tau, quad=lay.natural_quad(vec))
         except np.linalg.LinAlgError as exc:
             cov = ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, vec) if n.startswith(("var(", "cov(")))
             raise ModelSpecError(
@@ -674,6 +691,8 @@ def fit(
     missing: str = "drop",
     scale_re_formula: str | None = None,
     bs_formula: str | None = None,
+    association: str = "linear",
+    cov_constraints=None,
     *,
     weights=None,
     group_weights=None,
@@ -765,6 +784,8 @@ def fit(
         weights_scale=weights_scale,
         offset=offset,
         scale_offset=scale_offset,
+        association=association,
+        cov_constraints=cov_constraints,
     )
     return model.fit(
         nagq=nagq,

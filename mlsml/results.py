@@ -847,11 +847,15 @@ class MELSMResults:
         if d < 2:
             return pd.DataFrame(columns=["estimate", "std err"])
 
+        pairs = lay.free_cov_pairs  # correlations fixed at zero (cov_constraints) are not estimates
+        if not pairs:
+            return pd.DataFrame(columns=["estimate", "std err"])
+        iu = (np.array([i for i, _ in pairs]), np.array([j for _, j in pairs]))
+
         def corr_vec(theta):
             _, _, L = lay.split(theta)
             S = autograd.numpy.dot(L, L.T)
             sd = autograd.numpy.sqrt(autograd.numpy.diag(S))
-            iu = np.triu_indices(d, 1)
             return S[iu] / (sd[iu[0]] * sd[iu[1]])
 
         est = corr_vec(np.asarray(self.theta))
@@ -862,8 +866,7 @@ class MELSMResults:
         else:
             se = np.full(est.shape, np.nan)
         re = lay.re_names
-        iu = np.triu_indices(d, 1)
-        for n, (i, j) in enumerate(zip(*iu)):
+        for n, (i, j) in enumerate(pairs):
             rows.append((f"corr({re[i]},{re[j]})", est[n], se[n]))
         return pd.DataFrame(rows, columns=["name", "estimate", "std err"]).set_index("name")
 

@@ -127,11 +127,16 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     blocks = [
         ("Mean function: y = x'b + z'u + e", _param_frame(res, mean_names, list(lay.mean_terms), alpha)),
         (
-            "Residual variance: ln var(e) = w'a" + ((" + g'v" if lay.scale_re_terms else " + v") if lay.random_scale else ""),
+            "Residual variance: ln var(e) = w'a"
+            + ((" + g'v" if lay.scale_re_terms else " + v") if lay.random_scale else "")
+            + (" + quad(u0,v) (u0/sd(u0))^2" if lay.quad_assoc else ""),
             _param_frame(res, scale_names, list(lay.scale_terms), alpha),
         ),
         (
-            "School effects (" + ", ".join(lay.re_names) + ") ~ N(0, Sigma)",
+            "School effects ("
+            + ", ".join(lay.re_names)
+            + ") ~ N(0, Sigma)"
+            + {"none": ", cov(u*,v) = 0", "linear": ""}.get(lay.association, ""),
             _param_frame(res, list(lay.cov_names), list(lay.cov_names), alpha),
         ),
     ]

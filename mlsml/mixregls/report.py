@@ -39,6 +39,7 @@ _BLOCK_TITLES = {
     "TAU": "TAU (WS variance parameters: log-linear model)",
     "SCALE_SD": "Random scale standard deviation",
     "LOC_EFF": "Random location (mean) effect on WS variance",
+    "QUAD_LOC": "Random quadratic location (mean) effects on WS variance",
 }
 
 
@@ -206,7 +207,9 @@ def _model_block_mls(title: str, res, standardized: bool = False) -> str:
         out += _mls_rows(res, scale, scale)
     elif lay.random_scale:
         out += ["", "Random Scale Variance and Covariance"]
-        out += _mls_rows(res, [f"cov(u{i},v)" for i in range(lay.q)] + ["var(v)"], [f"Cov {t}" for t in terms] + ["Scale int var"])
+        pairs = [(f"cov(u{i},v)", f"Cov {t}") for i, t in enumerate(terms)] + [("var(v)", "Scale int var")]
+        pairs = [(n, lab) for n, lab in pairs if n in res.params.index]  # covariances fixed at 0 are not printed
+        out += _mls_rows(res, [n for n, _ in pairs], [lab for _, lab in pairs])
     if not res.converged:
         out.append("NOTE: CONVERGENCE CRITERION WAS NOT ACHIEVED")
     for r in res.singular_reasons():
@@ -254,7 +257,9 @@ def _ratio_tables(res, alpha: float) -> str:
     out += ["", "", title, "-" * len(title), ""] + head
     out += [_BLOCK_TITLES["TAU"]] + rows(tab[tab["block"] == "TAU"])
     if res.layout.random_scale:
-        out += [_BLOCK_TITLES["LOC_EFF"]] + rows(tab[tab["block"] == "LOC_EFF"], "Location Effect")
+        if res.layout.association != "none":  # NCOV = 0 prints no location effect
+            out += [_BLOCK_TITLES["LOC_EFF"]] + rows(tab[tab["block"] == "LOC_EFF"], "Location Effect")
+            out += rows(tab[tab["block"] == "QUAD_LOC"], "Quad Location")
         out += ["", _BLOCK_TITLES["SCALE_SD"]] + rows(tab[tab["block"] == "SCALE_SD"])
         out.append("(exp(Std Dev) is printed as MIXREGLS prints it; it has no useful interpretation)")
     return "\n".join(out)
@@ -373,7 +378,12 @@ def summarize_mixwild(
     if lay.scale_re_terms:
         rs = f"  + random scale effects {spec.scale_re_formula} (correlated with the location effects)"
     else:
-        rs = "  + random scale v (correlated with u0)" if lay.random_scale else ""
+        link = {
+            "none": "independent of u0 (NCOV = 0)",
+            "linear": "correlated with u0",
+            "quadratic": "linear and quadratic in u0/sd(u0) (NCOV = 2)",
+        }
+        rs = f"  + random scale v ({link[lay.association]})" if lay.random_scale else ""
     out.append(f" WS variance model   : {spec.scale_formula}{rs}")
     if mls:
         out.append(f" random location     : {spec.re_formula}  (cluster: {spec.groups}; MIXREGMLS layout)")
