@@ -25,6 +25,7 @@ import pkgutil as _pkgutil
 
 from . import bootstrap, simulate
 from ._version import __version__
+from .associations import AssociationComparison, compare_associations
 from .bayes import compare_bayes
 from .compare import LRTestResult, compare_models, lrtest
 from .errors import (
@@ -39,16 +40,20 @@ from .errors import (
     UnknownGroupWarning,
 )
 from .model import MELSM, fit
+from .plausible import fit_pv
 from .results import MELSMResults, load
 
 __all__ = [
     "MELSM",
     "MELSMResults",
     "fit",
+    "fit_pv",
     "load",
     "lrtest",
     "LRTestResult",
     "compare_models",
+    "compare_associations",
+    "AssociationComparison",
     "compare_bayes",
     "simulate",
     "bootstrap",

@@ -131,20 +131,21 @@ def probe_z2(layout, theta: np.ndarray, hessian: np.ndarray) -> list[float] | No
     d = layout.d
     if not (np.all(np.isfinite(H)) and np.all(np.isfinite(theta))):
         return None
-    off = layout.p + layout.k
+    off = layout.chol_offset
+    end = off + layout.n_chol
     try:
         w, V = np.linalg.eigh(-0.5 * (H + H.T))
     except np.linalg.LinAlgError:
         return None
     if not w.min() > 0:
         return None
-    cov = ((V / w) @ V.T)[off:, off:]  # covariance of the log-Cholesky parameters
-    L = np.asarray(chol_from_vector(theta[off:], d), dtype=float)
+    cov = ((V / w) @ V.T)[off:end, off:end]  # covariance of the log-Cholesky parameters
+    L = np.asarray(layout.chol(theta), dtype=float)
     S = L @ L.T
-    dS = sigma_derivatives(L)  # (n_psi, d, d)
+    dS = sigma_derivatives(L, layout.free_chol)  # (n_psi, d, d)
     values = [S[e, e] for e in range(d)]
     grads = [dS[:, e, e] for e in range(d)]
-    if d > 1:
+    if d > 1 and layout.free_cov_pairs:  # (with every covariance fixed at 0 there is no rank face)
         sd = np.sqrt(np.diag(S))
         R = S / np.outer(sd, sd)
         ev, evec = np.linalg.eigh(R)
@@ -221,7 +222,7 @@ def boundary_effects(lik: Likelihood, theta, llf: float) -> list[tuple[str, floa
         stat = 2.0 * (llf - llf0)
         if np.isfinite(stat) and stat < BOUNDARY_LR:  # (negative: the boundary is even better)
             out.append((name, float(S[i, i]), float(stat)))
-    if lay.d > 1 and not out:
+    if lay.d > 1 and lay.free_cov_pairs and not out:
         stat, ev = _rank_deficient_stat(probe, llf, S, beta, alpha)
         if np.isfinite(stat) and stat < BOUNDARY_LR:
             out.append(("rank", ev, float(stat)))
@@ -373,7 +374,7 @@ def reference_variances(lik: Likelihood, natural: np.ndarray) -> np.ndarray:
     """Reference variance of every school effect: residual variance over ``mean(z^2)`` for ``u``, 1 for ``v``."""
     lay = lik.layout
     design = lik.design
-    resid = float(np.exp(np.clip(np.mean(design.W @ natural[lay.p : lay.p + lay.k]), -700, 700)))
+    resid = float(np.exp(np.clip(np.mean(design.log_variance_index(natural[lay.p : lay.p + lay.k])), -700, 700)))
     ref = np.ones(lay.d)
     for i in range(lay.q):
         ref[i] = resid / max(float(np.mean(design.Z[:, i] ** 2)), 1e-300)
@@ -520,8 +521,8 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     """
     lay = lik.layout
     d = lay.d
-    if d == 0 or lay.bs_terms or lay.scale_re_terms:
-        return []
+    if d == 0 or lay.bs_terms or lay.scale_re_terms or lay.fixed_cov or lay.quad_assoc:
+        return []  # the faces are those of an unconstrained Sigma of the core model
     probe = boundary_likelihood(lik)
     theta = np.asarray(theta, dtype=float)
     natural = np.asarray(lay.to_natural(theta), dtype=float)

@@ -36,6 +36,7 @@ EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --scale "~ x" --style mixwild --stages
   mlsml fit data.csv --formula "y ~ x" --groups school --format latex > table.tex
   mlsml fit data.csv --sep ";" --na-values -999 --formula "y ~ x" --groups school
+  mlsml fit pisa.csv --formula "math ~ escs" --groups school --weights w_stu --group-weights w_sch
 
 The group column is read as text, so school ids "01" and "1" stay two schools
 (ids that are all plain integers are sorted as numbers).
@@ -243,6 +244,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
             bs_formula=args.bs,
             random_scale=not args.no_random_scale,
             missing=args.missing,
+            weights=args.weights,
+            group_weights=args.group_weights,
+            weights_kind=args.weights_kind,
+            weights_scale=args.weights_scale,
+            offset=args.offset,
+            scale_offset=args.scale_offset,
+            cov_type=args.cov_type,
+            association=args.association,
+            cov_constraints=[c.strip() for c in args.cov_zero.split(";") if c.strip()] if args.cov_zero else None,
             nagq=args.nagq,
             callback=_pass_printer(args),
         )
@@ -254,7 +264,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.stages:
         if args.style != "mixwild":
             raise MLSMLError("--stages needs --style mixwild")
-        stages = fit_stages(res, progress=_progress_printer(args), callback=_pass_printer(args))
+        stages = fit_stages(res, progress=_progress_printer(args), callback=_pass_printer(args), cov_type=res.cov_type)
     if not args.quiet:
         if args.style == "mixwild":
             smry = MixwildSummary(summarize_mixwild(res, stages=stages, source=args.data))
@@ -399,6 +409,32 @@ def build_parser() -> argparse.ArgumentParser:
         help='between-school log variance of the random intercept, e.g. "~ type" (school-level columns)',
     )
     f.add_argument("--no-random-scale", action="store_true", help="no school effect on the residual variance")
+    f.add_argument("--weights", metavar="COLUMN", help="level-1 (student) weights, conditional on the school")
+    f.add_argument("--group-weights", metavar="COLUMN", help="level-2 (school) weights, constant within each school")
+    f.add_argument(
+        "--weights-kind", choices=["sampling", "frequency"], default="sampling", help="sampling (pseudo-ML) or frequency weights"
+    )
+    f.add_argument("--weights-scale", choices=["size", "effective", "none"], default=None, help="level-1 scaling (default size)")
+    f.add_argument("--offset", metavar="COLUMN", help="offset of the mean (a known term)")
+    f.add_argument("--scale-offset", metavar="COLUMN", help="offset of the log residual variance")
+    f.add_argument(
+        "--cov-type",
+        choices=["nonrobust", "robust"],
+        default=None,
+        help="standard errors: observed information or cluster-robust sandwich (default robust with sampling weights)",
+    )
+    f.add_argument(
+        "--association",
+        choices=["linear", "none", "quadratic"],
+        default="linear",
+        help="how the random location enters the log variance (MIXREGLS NCOV 1, 0, 2; default linear)",
+    )
+    f.add_argument(
+        "--cov-zero",
+        default=None,
+        metavar="NAMES",
+        help='covariances fixed at zero, separated by ";", e.g. "cov(u0,u1)" (independent random slope)',
+    )
     f.add_argument("--nagq", type=_positive_int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")
     f.add_argument("--json", metavar="PATH", help="write llf, params, bse, converged as JSON")

@@ -5,7 +5,11 @@ When the restricted model drops one school effect (e.g. the random scale
 null value is on the boundary of the parameter space and the LR statistic
 follows the mixture ``0.5 chi2(q) + 0.5 chi2(q + 1)`` (Self & Liang, 1987;
 Stram & Lee, 1994) rather than ``chi2(q + 1)``. :func:`lrtest` detects this
-case from the parameter names and uses the mixture.
+case from the parameter names and uses the mixture (``q`` counts the covariances
+that are parameters: with ``association="none"`` dropping ``v`` is
+``0.5 chi2(0) + 0.5 chi2(1)``). Tests of the association itself
+(``cov(u0,v) = 0``, ``quad(u0,v) = 0``; :func:`mlsml.compare_associations`) have
+interior nulls and use ``chi2(df)``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
-from .errors import ModelSpecError
+from .errors import MLSMLWarning, ModelSpecError, warn
 from .export import response_fingerprint
 
 stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
@@ -109,6 +113,12 @@ def lrtest(a, b) -> LRTestResult:
         same_y = _response_id(a) == _response_id(b) != ""
     if not same_y:
         raise ModelSpecError("the models were fitted to different responses")
+    if any((r.model.design.info.get("weights") or {}).get("kind") == "sampling" for r in (a, b)):
+        warn(
+            "these are sampling-weighted pseudo-likelihoods: the likelihood-ratio statistic does not follow the chi-square "
+            "distribution; test with Wald tests on the robust standard errors (res.wald_test) instead",
+            MLSMLWarning,
+        )
     a_names, b_names = set(a.params.index), set(b.params.index)
     if a_names < b_names:
         restricted, full = a, b
@@ -127,7 +137,9 @@ def lrtest(a, b) -> LRTestResult:
     p_naive = float(stats.chi2.sf(stat, df))
     dropped_re = _re_set(full) - _re_set(restricted)
     if len(dropped_re) == 1:
-        q = len(_re_set(restricted))
+        lay = full.layout
+        e = lay.re_names.index(next(iter(dropped_re)))
+        q = sum(1 for pair in lay.free_cov_pairs if e in pair)  # its covariances (those not fixed at zero)
         other = df - (q + 1)  # fixed-effect terms dropped at the same time
         lo, hi = q + other, q + 1 + other
         p_lo = stats.chi2.sf(stat, lo) if lo > 0 else float(stat <= 0)

@@ -250,11 +250,11 @@ class NodeDerivatives(NamedTuple):
     m: int
 
 
-def _inverse_chol_derivatives(L: np.ndarray):
-    """``L^-1``, ``dL_k``, ``d(L^-1)_k``, ``d^2(L^-1)_kl`` and ``d log|Sigma| / dpsi_k``."""
+def _inverse_chol_derivatives(L: np.ndarray, free=None):
+    """``L^-1``, ``dL_k``, ``d(L^-1)_k``, ``d^2(L^-1)_kl`` and ``d log|Sigma| / dpsi_k`` (the free entries ``psi_k`` only)."""
     d = L.shape[0]
     Linv = np.linalg.inv(L)
-    dL = chol_derivatives(L)
+    dL = chol_derivatives(L, free)
     npsi = dL.shape[0]
     dLinv = -Linv @ dL @ Linv
     d2Linv = np.zeros((npsi, npsi, d, d))
@@ -289,7 +289,7 @@ def node_derivatives(
     lay = integrand.layout
     q = lay.q
     L = np.asarray(lay.split(np.asarray(theta, dtype=float))[2], dtype=float)
-    Linv, dL, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(L)
+    Linv, dL, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(L, lay.free_chol)
     npsi = dL.shape[0]
     J, K = b.shape[:2]
     m = 2 + q + q * q
@@ -365,11 +365,18 @@ def _weighted_gram(X: np.ndarray, Y: np.ndarray, weights: np.ndarray) -> np.ndar
     return np.moveaxis(np.moveaxis(Xw, 0, 1) @ np.moveaxis(Yr, 0, 2), 0, 2)
 
 
-def closed_form_reduced(nd: NodeDerivatives, weights: np.ndarray) -> ReducedDerivatives:
-    """:class:`ReducedDerivatives` from the node derivatives (with ``hw``) and the node weights ``p_jk``."""
+def closed_form_reduced(nd: NodeDerivatives, weights: np.ndarray, group_weights: np.ndarray | None = None) -> ReducedDerivatives:
+    """:class:`ReducedDerivatives` from the node derivatives (with ``hw``) and the node weights ``p_jk``.
+
+    With level-2 weights ``W_j`` (:mod:`mlsml.weights`) ``R = sum_j W_j r_j``: every school's
+    derivatives are multiplied by its weight.
+    """
     g, m = nd.g, nd.m
     pg = np.sum(weights[None] * g, axis=2)
     second = _weighted_gram(g, g, weights) - pg[:, None] * pg[None, :] + nd.hw
+    if group_weights is not None:
+        pg = pg * group_weights
+        second = second * group_weights
     return ReducedDerivatives(
         RT=pg[:m].T,
         RTT=np.moveaxis(second[:m, :m], 2, 0),
@@ -378,11 +385,15 @@ def closed_form_reduced(nd: NodeDerivatives, weights: np.ndarray) -> ReducedDeri
     )
 
 
-def closed_form_gradient(integrand: SchoolSums, theta: np.ndarray, nd: NodeDerivatives, weights: np.ndarray) -> np.ndarray:
+def closed_form_gradient(
+    integrand: SchoolSums, theta: np.ndarray, nd: NodeDerivatives, weights: np.ndarray, per_school: bool = False
+) -> np.ndarray:
     """The gradient in ``theta`` from the node derivatives and the node weights ``p_jk`` (J, K).
 
     ``d/dpsi = sum_j dr_j/dpsi``; ``d/dbeta = X' sum_t a_t g_t``, ``d/dalpha = W' sum_t b_t g_t``
-    with ``g_t`` the ``dr_j / dT_jt`` of each row's school (coefficients of :func:`_coefficients`).
+    with ``g_t`` the ``dr_j / dT_jt`` of each row's school (coefficients of :func:`_coefficients`);
+    each school's terms times its level-2 weight. With ``per_school`` the ``(J, n_params)``
+    contributions of the schools (their scores, :mod:`mlsml.robust`) instead of their sum.
     """
     design = integrand.design
     lay = integrand.layout
@@ -390,15 +401,16 @@ def closed_form_gradient(integrand: SchoolSums, theta: np.ndarray, nd: NodeDeriv
     theta = np.asarray(theta, dtype=float)
     beta, alpha = theta[: lay.p], theta[lay.p : lay.p + lay.k]
     pg = np.sum(weights[None] * nd.g, axis=2)
-    grad = np.empty(theta.size)
+    if design.group_weights is not None:
+        pg = pg * design.group_weights
     off = lay.p + lay.k
-    grad[off:] = pg[nd.m :].sum(axis=1)
+    grad = np.empty((design.ngroups, theta.size) if per_school else theta.size)
+    grad[..., off:] = pg[nd.m :].T if per_school else pg[nd.m :].sum(axis=1)
     rows = np.repeat(pg[: nd.m], design.counts, axis=1)  # dr/dT of each row's school, (m, N)
-    c = np.exp(-(design.W @ alpha))
-    r = design.y - design.X @ beta
+    c, r, w = _weighted_c(design, beta, alpha)
     cr = c * r
     u_beta = -2.0 * cr * rows[1]
-    u_alpha = rows[0] - cr * r * rows[1]
+    u_alpha = (rows[0] if w is None else w * rows[0]) - cr * r * rows[1]
     Z = design.Z
     for i in range(q):
         cz = c * Z[:, i]
@@ -407,9 +419,27 @@ def closed_form_gradient(integrand: SchoolSums, theta: np.ndarray, nd: NodeDeriv
         for k in range(q):
             zsum = zsum + Z[:, k] * rows[2 + q + i * q + k]
         u_alpha -= cz * zsum
+    if per_school:
+        grad[:, : lay.p] = np.add.reduceat(design.X * u_beta[:, None], design.starts, axis=0)
+        grad[:, lay.p : off] = np.add.reduceat(design.W * u_alpha[:, None], design.starts, axis=0)
+        return grad
     grad[: lay.p] = design.X.T @ u_beta
     grad[lay.p : off] = design.W.T @ u_alpha
     return grad
+
+
+def _weighted_c(design: Design, beta: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    r"""``c_i`` (times the level-1 weight ``w_i``), ``r_i`` and the weights (``None`` unweighted).
+
+    The sums are :math:`\sum_i w_i c_i (\cdot)` and :math:`A_j = \sum_i w_i \eta_i`
+    (:func:`mlsml.integrand.school_sums`); the weights are constants, so every derivative of
+    the sums carries them as ``c`` does.
+    """
+    c = np.exp(-np.asarray(design.log_variance_index(alpha)))
+    w = design.weights
+    if w is not None:
+        c = c * w
+    return c, design.y - design.X @ beta, w
 
 
 def _coefficients(design: Design, beta: np.ndarray, alpha: np.ndarray, q: int, m: int):
@@ -418,14 +448,13 @@ def _coefficients(design: Design, beta: np.ndarray, alpha: np.ndarray, q: int, m
     ``dT_jt / dbeta = sum_i a_ti x_i`` and ``dT_jt / dalpha = sum_i b_ti w_i`` over the rows
     ``i`` of school ``j`` (the module docstring).
     """
-    X, W, Z = design.X, design.W, design.Z
+    X, Z = design.X, design.Z
     N = X.shape[0]
-    c = np.exp(-(W @ alpha))
-    r = design.y - X @ beta
+    c, r, w = _weighted_c(design, beta, alpha)
     cr = c * r
     a = np.zeros((m, N))  # rows t, columns i (contiguous rows: fast sums over t)
     b = np.zeros((m, N))
-    b[0] = 1.0  # A
+    b[0] = 1.0 if w is None else w  # A
     a[1] = -2.0 * cr  # S0
     b[1] = -cr * r
     for i in range(q):

@@ -26,6 +26,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import autograd.numpy as anp
 import numpy as np
 import pandas as pd
 
@@ -38,6 +39,10 @@ from .validate import describe_value
 # patsy is imported when the first design is built: with statsmodels' formula front end it
 # took a third of the time of `import mlsml` (tests/test_import.py keeps it lazy).
 patsy = LazyModule("patsy")
+
+
+#: The arrays of a :class:`Design` that are always read-only.
+_ARRAYS = ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,15 @@ class Design:
         Design of the school effects in the log variance (``scale_re_formula``).
     S : ndarray (J, m), optional
         School-level design of ``ln var(u0_j)`` (``bs_formula``), one row per school.
+    weights : ndarray (N,), optional
+        Level-1 (observation) weights as the likelihood uses them (scaled, see
+        :mod:`mlsml.weights`); ``None``: all one.
+    group_weights : ndarray (J,), optional
+        Level-2 (school) weights; ``None``: all one.
+    offset : ndarray (N,), optional
+        The mean offset ``o_ij``; ``y`` then holds the response minus the offset.
+    scale_offset : ndarray (N,), optional
+        The offset of the log residual variance (:meth:`log_variance_index`).
     """
 
     y: np.ndarray
@@ -87,10 +101,14 @@ class Design:
     info: dict[str, Any] = field(default_factory=dict, compare=False)
     G: np.ndarray | None = None
     S: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    group_weights: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    scale_offset: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # read-only: a design is shared by the model, its likelihood and every result
-        for name in ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S"):
+        for name in (*_ARRAYS, "weights", "group_weights", "offset", "scale_offset"):
             a = getattr(self, name)
             if isinstance(a, np.ndarray):
                 a.setflags(write=False)
@@ -104,6 +122,38 @@ class Design:
     def ngroups(self) -> int:
         """Number of groups (schools)."""
         return int(self.counts.shape[0])
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the likelihood weights observations or schools (:mod:`mlsml.weights`)."""
+        return self.weights is not None or self.group_weights is not None
+
+    @property
+    def nobs_weighted(self) -> float:
+        r"""The total weight of the observations, :math:`\sum_j W_j \sum_i w_{ij}` (``nobs`` unweighted).
+
+        The number of observations the (pseudo-)likelihood counts: with frequency weights the
+        size of the replicated data set. The optimiser divides the objective by it.
+        """
+        if not self.weighted:
+            return float(self.nobs)
+        w = np.ones(self.nobs) if self.weights is None else self.weights
+        per_school = np.add.reduceat(w, self.starts)
+        W = np.ones(self.ngroups) if self.group_weights is None else self.group_weights
+        return float(np.dot(W, per_school))
+
+    @property
+    def response(self) -> np.ndarray:
+        """The response as observed (``y`` plus the mean offset; rows sorted by group)."""
+        return self.y if self.offset is None else self.y + self.offset
+
+    def log_variance_index(self, alpha):
+        r"""The fixed part of the log residual variance, :math:`w_{ij}'\alpha + o^{(s)}_{ij}` (autograd).
+
+        With a ``scale_offset`` the known term :math:`o^{(s)}_{ij}` is added to every row.
+        """
+        eta = anp.dot(self.W, alpha)
+        return eta if self.scale_offset is None else eta + self.scale_offset
 
     def with_response(self, y, caller_order: bool = False) -> Design:
         """The same design with a new response ``y`` (no formula re-evaluation).
@@ -889,6 +939,7 @@ def build_design(
     singles = int((counts == 1).sum())
     info = {
         "response": response,
+        "rows_used": np.flatnonzero(~dropped),  # positions in the caller's frame (weights, offsets)
         "n_dropped": int(dropped.sum()),
         "n_singletons": singles,
         "re_terms": tuple(str(c) for c in Zdf.columns),

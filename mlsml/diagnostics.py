@@ -35,7 +35,6 @@ from .boundary import (
 )
 from .likelihood import Likelihood
 from .optimize import OptSummary, information_pd, maximize, quadrature_check
-from .params import chol_from_vector
 from .predict import fitted_moments
 from .rescale import reparametrise
 
@@ -140,7 +139,7 @@ def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool, theta_std=No
     reasons = []
     # compared on the log scale: exp(mean ln var(e)) overflowed for absurd estimates
     # (e.g. from huge start_params) and then every variance was "effectively zero"
-    log_resid_var = float(np.mean(design.W @ fe_scale))
+    log_resid_var = float(np.mean(design.log_variance_index(fe_scale)))
     for i, name in enumerate(lay.re_names):
         if name.startswith("v"):  # v, or v0, v1, ... (scale_re_formula)
             G = design.G
@@ -255,7 +254,7 @@ def degenerate_directions(lik: Likelihood, theta) -> tuple:
     drops = tuple(("drop", e) for e in range(lay.d) if not S[e, e] > ZERO_VARIANCE * ref[e])
     if drops:
         return drops
-    L = np.asarray(chol_from_vector(theta[lay.p + lay.k :], lay.d), dtype=float)
+    L = np.asarray(lay.chol(theta), dtype=float)
     return tuple(("rank", k) for k in range(1, lay.d) if L[k, k] ** 2 < SINGULAR_CORRELATION * S[k, k])
 
 
@@ -492,7 +491,7 @@ def standardised_residuals(res) -> pd.Series:
     """
     design = res.model.design
     y = np.empty(design.nobs)
-    y[design.order] = design.y
+    y[design.order] = design.response
     mean, var = fitted_moments(res)
     return pd.Series((y - mean) / np.sqrt(var), index=design.row_labels, name="std_resid")
 

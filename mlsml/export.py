@@ -168,9 +168,12 @@ def results_to_dict(res) -> dict[str, Any]:
             "scale_re_terms": list(lay.scale_re_terms),
             "bs_terms": list(lay.bs_terms),
             "re_terms": list(design.info.get("re_terms", ())),
+            "fixed_cov": [list(pair) for pair in lay.fixed_cov],
+            "quad_assoc": bool(lay.quad_assoc),
         },
-        "nobs": res.nobs,
-        "ngroups": res.ngroups,
+        "association": lay.association,
+        "nobs": design.nobs,
+        "ngroups": design.ngroups,
         "group_sizes": [int(c) for c in design.counts],
         "n_dropped": int(design.info.get("n_dropped", 0)),
         "response_sha256": design.info.get("response_sha256") or response_fingerprint(_caller_y(design)),
@@ -197,15 +200,26 @@ def results_to_dict(res) -> dict[str, Any]:
         "params": {k: _num(v) for k, v in res.params.items()},
         "bse": {k: _num(v) for k, v in res.bse.items()},
         "cov_params": _nums(res._cov),
+        "cov_type": res.cov_type,
+        "cov_theta": None if res._cov_theta is None else _nums(res._cov_theta),
+        "weights": _weights_record(design.info.get("weights")),
+        "offsets": {k: design.info[k] for k in ("offset", "scale_offset") if k in design.info},
         "theta": _nums(res.theta),
         "grad": _nums(res.grad),
         "hessian": _nums(res.hessian),
     }
 
 
+def _weights_record(info) -> dict[str, Any] | None:
+    """The description of a fit's weights (:mod:`mlsml.weights`) as plain JSON values."""
+    if not info:
+        return None
+    return {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in info.items()}
+
+
 def _caller_y(design) -> np.ndarray:
     y = np.empty(design.nobs)
-    y[design.order] = design.y
+    y[design.order] = design.response
     return y
 
 
@@ -309,6 +323,8 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
             random_scale=bool(L["random_scale"]),
             scale_re_terms=tuple(L["scale_re_terms"]),
             bs_terms=tuple(L["bs_terms"]),
+            fixed_cov=tuple((int(e), int(f)) for e, f in L.get("fixed_cov", ())),  # absent before issue 13
+            quad_assoc=bool(L.get("quad_assoc", False)),
         )
         names = list(lay.names)
         if list(d["params"]) != names:
@@ -342,6 +358,13 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
             "re_terms": tuple(L.get("re_terms", ())),
             "response_sha256": d.get("response_sha256"),
         }
+        if d.get("weights"):
+            design_info["weights"] = dict(d["weights"])
+        design_info.update(d.get("offsets") or {})
+        cov_type = str(d.get("cov_type", "nonrobust"))
+        if cov_type not in ("nonrobust", "robust"):
+            raise DataError(f"unknown cov_type {cov_type!r} (expected 'nonrobust' or 'robust')")
+        cov_theta = None if d.get("cov_theta") is None else _arr(d["cov_theta"], (n, n))
         check = d.get("quadrature_check")
         kind = d["quadrature"]
         rule = d.get("quadrature_rule")
@@ -380,6 +403,8 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
             "options": FitOptions(method=str(d["method"]), **stored),
             "diagnostics": diagnostics,
             "_cov": cov,
+            "cov_type": cov_type,
+            "_cov_theta": cov_theta,
         }
     except KeyError as exc:
         raise DataError(f"the results JSON lacks the entry {exc.args[0]!r}") from exc
@@ -387,6 +412,7 @@ def results_fields_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(exc, (DataError, ModelSpecError)):
             raise
         raise DataError(f"the results JSON has an entry of the wrong type: {exc}") from exc
-    for a in (fields["theta"], fields["hessian"], fields["grad"], fields["_cov"]):
-        a.setflags(write=False)
+    for a in (fields["theta"], fields["hessian"], fields["grad"], fields["_cov"], fields["_cov_theta"]):
+        if a is not None:
+            a.setflags(write=False)
     return fields

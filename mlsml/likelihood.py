@@ -2,8 +2,11 @@ r"""The integrated log-likelihood: one object for every model class and rule.
 
 .. math::
 
-    \ell(\theta) = \sum_j \log L_j, \qquad L_j = \int \exp h_j(b)\, db,
-    \qquad h_j(b) = \log f(y_j \mid b) + \log\phi(b; 0, \Sigma_j).
+    \ell(\theta) = \sum_j W_j \log L_j, \qquad L_j = \int \exp h_j(b)\, db,
+    \qquad h_j(b) = \sum_i w_{ij} \log f(y_{ij} \mid b) + \log\phi(b; 0, \Sigma_j),
+
+with the level-2 weights ``W_j`` and the level-1 weights ``w_ij`` of :mod:`mlsml.weights`
+(all one without weights; the level-1 weights enter through the integrand).
 
 A :class:`Likelihood` is built from a design, the integrand of its model class
 (:mod:`mlsml.integrand`) and a :class:`~mlsml.quadrature.QuadratureSpec`. With
@@ -140,11 +143,17 @@ class Likelihood:
         return _per_school(self.integrand, self.spec, theta, nodes)
 
     def at_nodes(self, theta, nodes: Nodes):
-        """``sum_j log L_j`` with the nodes held fixed (autograd-differentiable in ``theta``)."""
-        return anp.sum(self._per_school(theta, nodes))
+        """``sum_j W_j log L_j`` with the nodes held fixed (autograd-differentiable in ``theta``).
+
+        ``W_j`` are the level-2 weights (:mod:`mlsml.weights`; one without them).
+        """
+        return _weighted_sum(self.design, self._per_school(theta, nodes))
 
     def per_school(self, theta, nodes: Nodes | None = None) -> np.ndarray:
-        """``log L_j`` for every school (numpy), at nodes adapted to ``theta`` unless given."""
+        """``log L_j`` for every school (numpy), at nodes adapted to ``theta`` unless given.
+
+        Not multiplied by the level-2 weights (the log-likelihood is ``sum_j W_j log L_j``).
+        """
         theta = np.asarray(theta, dtype=float)
         if nodes is None:
             nodes = self.adapt(theta)
@@ -174,7 +183,7 @@ class Likelihood:
         weights = np.exp(a - lse[:, None])
         b = nodes.v if self.spec.uexact else nodes.b
         nd = node_derivatives(self.integrand, theta, sums, b, self.spec.uexact, weights if second else None)
-        return anp.sum(nodes.log_det + lse), nd, weights, nodes
+        return _weighted_sum(self.design, nodes.log_det + lse), nd, weights, nodes
 
     def value_and_grad(self, theta, nodes: Nodes | None = None) -> tuple[float, np.ndarray]:
         """The log-likelihood and its exact gradient with the nodes held fixed.
@@ -206,13 +215,13 @@ class Likelihood:
         theta = np.asarray(theta, dtype=float)
         if self.closed_form:
             _, nd, weights, _ = self._closed_form_terms(theta, nodes, second=True)
-            return sums_hessian(self.integrand, theta, closed_form_reduced(nd, weights))
+            return sums_hessian(self.integrand, theta, closed_form_reduced(nd, weights, self.design.group_weights))
         if nodes is None:
             nodes = self.adapt(theta)
         if isinstance(self.integrand, SchoolSums):  # the data enter through per-school sums
 
             def log_lik(integrand, th):
-                return anp.sum(_per_school(integrand, self.spec, th, nodes))
+                return _weighted_sum(self.design, _per_school(integrand, self.spec, th, nodes))
 
             return sums_hessian(self.integrand, theta, autograd_reduced(self.integrand, theta, log_lik))
         return np.asarray(autograd.hessian(self.at_nodes)(theta, nodes))
@@ -243,6 +252,13 @@ class Likelihood:
         a = a - a.max(axis=1, keepdims=True)
         p = np.exp(a)
         return p / p.sum(axis=1, keepdims=True)
+
+
+def _weighted_sum(design: Design, per_school):
+    r""":math:`\sum_j W_j \log L_j` with the level-2 weights of the design (the plain sum without them; autograd)."""
+    if design.group_weights is None:
+        return anp.sum(per_school)
+    return anp.sum(design.group_weights * per_school)
 
 
 def _modes(integrand: Integrand, q: int, theta) -> tuple[np.ndarray, np.ndarray]:

@@ -26,11 +26,13 @@ from .errors import ModelSpecError
 from .integrand import Integrand, make_integrand
 from .likelihood import Likelihood
 from .optimize import FitOptions, maximize, raise_rule
-from .params import ParamLayout
+from .params import ParamLayout, constrain
 from .quadrature import DEFAULT_NAGQ_UEXACT, QuadratureSpec, check_nagq, default_nagq
 from .results import MELSMResults
+from .robust import check_cov_type
 from .threads import blas_limited
 from .validate import check_choice, check_int, check_real, describe_value
+from .weights import with_weights_and_offsets
 
 #: ``scipy.optimize.minimize`` methods :meth:`MELSM.fit` accepts (matched case-insensitively):
 #: those that use the exact autograd gradient. Derivative-free methods (Nelder-Mead,
@@ -102,7 +104,38 @@ bs_formula : str, optional
     One-sided formula of a log-linear between-school variance of the random
     intercept, :math:`\ln \operatorname{var}(u_{0j}) = s_j'\tau`, in school-level
     columns (constant within each school); the parameters ``bsvar:<term>`` replace
-    ``var(u0)``. See :mod:`mlsml.integrand`."""
+    ``var(u0)``. See :mod:`mlsml.integrand`.
+weights : str, pandas.Series or array-like, optional
+    Level-1 (observation) weights: a column name, a Series aligned by index or one
+    value per row. Sampling weights are the conditional ones (given the school); the
+    fit is then the pseudo-maximum-likelihood estimator of :mod:`mlsml.weights` and
+    its standard errors are cluster-robust by default (``cov_type``).
+group_weights : str, mapping or array-like, optional
+    Level-2 (school) weights: a column constant within each school, one value per
+    row, or a mapping ``{school: weight}``; they multiply each school's log-likelihood.
+weights_kind : {"sampling", "frequency"}, default "sampling"
+    Sampling (design) weights, or frequency weights (a row or a school standing for
+    that many identical copies: the fit of the replicated data set).
+weights_scale : {"size", "effective", "none"}, optional
+    Scaling of the level-1 sampling weights within each school (:mod:`mlsml.weights`);
+    default ``"size"`` (they sum to the school's size).
+offset : str, pandas.Series or array-like, optional
+    A known term added to the mean, :math:`y_{ij} = o_{ij} + x_{ij}'\beta + \dots`
+    (statsmodels' ``offset``).
+scale_offset : str, pandas.Series or array-like, optional
+    A known term added to the log residual variance.
+association : {"linear", "none", "quadratic"}, default "linear"
+    How the random location enters the log residual variance (MIXREGLS ``NCOV``
+    1, 0, 2): ``"linear"``, through ``cov(u0,v)`` (Sigma unstructured);
+    ``"none"``, not at all (every ``cov(u*, v*)`` fixed at zero and absent from
+    ``params``); ``"quadratic"``, ``"linear"`` plus ``quad(u0,v)`` times the squared
+    standardised random intercept, :math:`\gamma\,(u_{0j}/\operatorname{sd}(u_{0j}))^2`
+    (one random location effect, the plain random scale). See ``docs/model.md`` and
+    :func:`mlsml.compare_associations`.
+cov_constraints : str or list of str, optional
+    Covariances of the school effects fixed at zero, by name:
+    ``["cov(u0,u1)"]`` makes a random slope independent of the random intercept
+    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``."""
 
 _FIT_PARAMS_DOC = r"""nagq : int, optional
     Quadrature points per dimension of the rule. Default: 15 for the u-exact rule
@@ -162,7 +195,12 @@ max_time : float, optional
     Time budget of the optimiser in seconds (positive). When it runs out the fit
     stops at the best point found so far and says so: ``res.converged`` is
     ``False``, the message names the budget, and a
-    :class:`~mlsml.ConvergenceWarning` is issued. Default: no budget."""
+    :class:`~mlsml.ConvergenceWarning` is issued. Default: no budget.
+cov_type : {"nonrobust", "robust"}, optional
+    Standard errors from the inverse observed information (``"nonrobust"``) or the
+    cluster-robust sandwich over schools (``"robust"``, :mod:`mlsml.robust`; also
+    under misspecification). Default: ``"robust"`` with sampling weights,
+    ``"nonrobust"`` otherwise. Recorded as ``res.cov_type``."""
 
 _MODEL_EQUATION_DOC = r""".. math::
 
@@ -294,6 +332,14 @@ class MELSM:
         missing: str = "drop",
         scale_re_formula: str | None = None,
         bs_formula: str | None = None,
+        weights=None,
+        group_weights=None,
+        weights_kind: str = "sampling",
+        weights_scale: str | None = None,
+        offset=None,
+        scale_offset=None,
+        association: str = "linear",
+        cov_constraints=None,
     ) -> MELSM:
         """Create a model from formulas (statsmodels/patsy syntax) without fitting it.
 
@@ -349,6 +395,12 @@ class MELSM:
             bs_formula=bs_formula,
         )
         check_extended_layout(design.layout)
+        if not isinstance(data, pd.DataFrame):
+            data = pd.DataFrame(data)
+        design = with_weights_and_offsets(design, data, weights, group_weights, weights_kind, weights_scale, offset, scale_offset)
+        layout = constrain(design.layout, association, cov_constraints)
+        if layout is not design.layout:
+            design = replace(design, layout=layout)
         return cls(design, spec)
 
     # ------------------------------------------------------------------
@@ -417,7 +469,7 @@ class MELSM:
         sigma = lay.sigma_from_natural(vec)
         try:
             tau = vec[lay.p + lay.k : lay.p + lay.k + lay.m] if lay.bs_terms else None
-            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma, tau=tau)
+            return lay.theta_from_parts(vec[: lay.p], vec[lay.p : lay.p + lay.k], sigma, tau=tau, quad=lay.natural_quad(vec))
         except np.linalg.LinAlgError as exc:
             cov = ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, vec) if n.startswith(("var(", "cov(")))
             raise ModelSpecError(
@@ -441,7 +493,7 @@ class MELSM:
         names = list(lay.names)
         alpha = theta[lay.p : lay.p + lay.k]
         W = self.design.W
-        eta = W @ alpha
+        eta = np.asarray(self.design.log_variance_index(alpha))
         if not np.all(np.abs(eta) <= MAX_LOG_VARIANCE):
             contrib = np.max(np.abs(W * alpha), axis=0)
             k = int(np.argmax(contrib))
@@ -559,6 +611,7 @@ class MELSM:
         callback=None,
         quadrature: str = "auto",
         max_time: float | None = None,
+        cov_type: str | None = None,
     ) -> MELSMResults:
         """Maximum-likelihood fit by adaptive Gauss-Hermite quadrature.
 
@@ -599,6 +652,7 @@ class MELSM:
         nagq (quadrature points per dimension) must be an integer >= 1, not 2.5 (float)
         """
         opts = _check_fit_options(method, maxiter, max_passes, xtol, gtol, callback, max_time)
+        cov_type = check_cov_type(cov_type, self.design)
         lik = self.objective(nagq=nagq, quadrature=quadrature, prune=prune)
         if start_params is not None:
             start = self.theta_from_params(start_params)
@@ -609,7 +663,7 @@ class MELSM:
             if nagq is None:  # the default rule: more points where it is not accurate at the estimates
                 lik, optsum = raise_rule(lik, optsum, opts, callback=callback)
             optsum, diagnostics = settle(lik, optsum)
-        res = MELSMResults.build(self, lik, optsum, diagnostics)
+        res = MELSMResults.build(self, lik, optsum, diagnostics, cov_type=cov_type)
         res.warn_if_problematic()
         return res
 
@@ -640,7 +694,15 @@ def fit(
     missing: str = "drop",
     scale_re_formula: str | None = None,
     bs_formula: str | None = None,
+    association: str = "linear",
+    cov_constraints=None,
     *,
+    weights=None,
+    group_weights=None,
+    weights_kind: str = "sampling",
+    weights_scale: str | None = None,
+    offset=None,
+    scale_offset=None,
     nagq: int | None = None,
     method: str = "BFGS",
     start_params=None,
@@ -652,6 +714,7 @@ def fit(
     callback=None,
     quadrature: str = "auto",
     max_time: float | None = None,
+    cov_type: str | None = None,
 ) -> MELSMResults:
     """Fit a mixed-effects location scale model by maximum likelihood.
 
@@ -718,6 +781,14 @@ def fit(
         missing=missing,
         scale_re_formula=scale_re_formula,
         bs_formula=bs_formula,
+        weights=weights,
+        group_weights=group_weights,
+        weights_kind=weights_kind,
+        weights_scale=weights_scale,
+        offset=offset,
+        scale_offset=scale_offset,
+        association=association,
+        cov_constraints=cov_constraints,
     )
     return model.fit(
         nagq=nagq,
@@ -731,4 +802,5 @@ def fit(
         callback=callback,
         quadrature=quadrature,
         max_time=max_time,
+        cov_type=cov_type,
     )

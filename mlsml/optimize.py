@@ -572,7 +572,8 @@ def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | 
     .. math:: \Delta = |\ell_{2n+1}(\theta) - \ell_n(\theta)|.
 
     Only where it is cheap and informative: a random scale (otherwise the
-    integrand is Gaussian and the rule exact), the core model, and at most
+    integrand is Gaussian and the rule exact), the core model (or the quadratic
+    association, whose outer rule is the u-exact one), and at most
     two dimensions in the product rule (the u-exact rule is one-dimensional in ``v``).
     A rule that cannot be evaluated at the points gives ``(points, inf)``.
     """
@@ -583,7 +584,7 @@ def quadrature_check(lik: Likelihood, theta, llf: float) -> tuple[int, float] | 
 def _more_points(lik: Likelihood, theta, llf: float) -> tuple[int, float, float] | None:
     """``(points, llf(points), |llf(points) - llf|)`` of :func:`quadrature_check`, or ``None``."""
     lay = lik.layout
-    if not lay.random_scale or not lik.integrand.core or not np.isfinite(llf):
+    if not lay.random_scale or not (lik.integrand.core or lay.quad_assoc) or not np.isfinite(llf):
         return None
     nagq = lik.spec.nagq
     more = min(2 * nagq + 1, max_nagq(lik.spec.dim(lay.q, lay.n_v)))
@@ -685,7 +686,7 @@ def _run(
     The objective counts against ``budget`` (:attr:`FitOptions.max_time`): once it is
     spent, the run ends at the best point seen, without the Newton polish.
     """
-    N = float(lik.design.nobs)
+    N = lik.design.nobs_weighted  # the number of observations (their total weight with weights)
 
     @budget.wrap
     def fun(th):

@@ -490,6 +490,9 @@ class PredictionRows:
         Code of each row's school in the fit, ``-1`` for population-level rows.
     index : pandas.Index
         Labels of the rows (newdata's index, or the caller's index of the fit).
+    offset : ndarray (n,) or None
+        The offset of the mean (``kind="mean"``) or of the log variance (the other kinds)
+        of each row, when the fit has one (:mod:`mlsml.weights`).
     """
 
     X: np.ndarray | None
@@ -498,6 +501,11 @@ class PredictionRows:
     G: np.ndarray | None
     pos: np.ndarray
     index: pd.Index
+    offset: np.ndarray | None = None
+
+    def shift(self, values: np.ndarray) -> np.ndarray:
+        """``values`` plus the rows' offset (unchanged without one)."""
+        return values if self.offset is None else values + self.offset
 
     @property
     def known(self) -> np.ndarray:
@@ -571,7 +579,7 @@ def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unk
     return msg
 
 
-def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRows:
+def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarray | None = None) -> PredictionRows:
     """The rows to predict: ``newdata`` (a DataFrame or dict), or the fitted rows when ``None``.
 
     With ``newdata=None`` the rows are the observations used in the fit, in the
@@ -579,6 +587,8 @@ def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRow
     school was not in the fit are predicted at the population level, with an
     :class:`~mlsml.errors.UnknownGroupWarning` that counts them (and names the
     type conversion when the group column has another type than in the fit).
+    ``offset`` gives the rows' offset (of the mean for ``kind="mean"``, else of the log
+    variance) instead of reading the fit's offset column from ``newdata``.
     """
     if kind not in PREDICTION_KINDS:
         raise ModelSpecError(f"kind must be one of {', '.join(map(repr, PREDICTION_KINDS))}, not {kind!r}")
@@ -595,7 +605,8 @@ def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRow
         G = None
         if not mean:
             G = design.G[inv] if design.G is not None else np.ones((n, lay.n_v))
-        return PredictionRows(X, Z, W, G, np.asarray(pos, dtype=np.intp), design.row_labels)
+        off = design.offset if mean else design.scale_offset
+        return PredictionRows(X, Z, W, G, np.asarray(pos, dtype=np.intp), design.row_labels, None if off is None else off[inv])
     frame = _as_frame(newdata)
     n = len(frame)
     pos = np.full(n, -1, dtype=np.intp)
@@ -621,7 +632,26 @@ def prediction_rows(res, newdata, kind: str, conditional: bool) -> PredictionRow
             G = _design_for(_scale_re_info(spec), frame, "scale random-effects design")
         else:
             G = np.ones((n, lay.n_v))
-    return PredictionRows(X, Z, W, G, pos, frame.index)
+    off = _new_offset(design, frame, "offset" if mean else "scale_offset") if offset is None else np.asarray(offset, dtype=float)
+    return PredictionRows(X, Z, W, G, pos, frame.index, off)
+
+
+def _new_offset(design: Design, frame: pd.DataFrame, which: str) -> np.ndarray | None:
+    """The ``offset`` or ``scale_offset`` of new rows: the fit's offset column, read from ``newdata``."""
+    if getattr(design, which, None) is None and which not in design.info:
+        return None
+    column = design.info.get(f"{which}_column")
+    if column is None:
+        raise DataError(
+            f"the fit has a {which} given as an array, so it is unknown for new rows; fit with {which}='<column>' "
+            "and give that column in newdata"
+        )
+    if column not in frame.columns:
+        raise DataError(f"newdata lacks the {which} column {column!r} of the fit")
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"the {which} column {column!r} of newdata has missing or non-finite values")
+    return values
 
 
 def _power(kind: str) -> float:
@@ -633,12 +663,12 @@ def _population(theta: np.ndarray, lay, rows: PredictionRows, kind: str) -> np.n
     """Population-level predictions at ``theta`` (every row)."""
     beta, alpha, L = lay.split(np.asarray(theta, dtype=float))
     if kind == "mean":
-        return rows.X @ np.asarray(beta)
+        return rows.shift(rows.X @ np.asarray(beta))
     c = _power(kind)
     L = np.asarray(L)
     Svv = (L @ L.T)[lay.q :, lay.q :]
     gSg = np.einsum("ia,ab,ib->i", rows.G, Svv, rows.G)
-    return np.exp(c * (rows.W @ np.asarray(alpha)) + 0.5 * c * c * gSg)
+    return np.exp(c * rows.shift(rows.W @ np.asarray(alpha)) + 0.5 * c * c * gSg)
 
 
 def _posterior_exp(p: np.ndarray, b: np.ndarray, rows: PredictionRows, q: int, c: float) -> np.ndarray:
@@ -671,7 +701,7 @@ def _conditional_fixed_nodes(theta: np.ndarray, lik: Likelihood, nodes: Nodes, r
         out[known] += np.einsum("iq,iq->i", rows.Z[known], Eu[rows.pos[known]])
     else:
         c = _power(kind)
-        out[known] = np.exp(c * (rows.W[known] @ np.asarray(alpha))) * _posterior_exp(p, nodes.b, rows, lay.q, c)
+        out[known] = np.exp(c * rows.shift(rows.W @ np.asarray(alpha))[known]) * _posterior_exp(p, nodes.b, rows, lay.q, c)
     return out
 
 
@@ -733,7 +763,7 @@ def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) ->
     if lay.n_v == 0:
         return out, post_var
     c = _power(kind)
-    scale = np.exp(c * (rows.W[known] @ res.fe_scale.to_numpy()))
+    scale = np.exp(c * rows.shift(rows.W @ res.fe_scale.to_numpy())[known])
     if post.grid is not None:
         e1, e2 = post.grid.mean_exp_v(c)[j], post.grid.mean_exp_v(2 * c)[j]
     else:

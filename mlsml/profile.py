@@ -54,6 +54,7 @@ from scipy import stats
 
 from .errors import ModelSpecError
 from .optimize import BFGS_HAS_HESS_INV0
+from .params import QUAD_NAME
 from .quadrature import check_nagq
 
 
@@ -102,15 +103,18 @@ class _Profiler:
         idx = names.index(name)
         off = lay.p + lay.k
         n = self.theta_hat.size
-        if idx < off:
+        if idx < off or name == QUAD_NAME:  # quad(u0,v) is last in theta and in the names
             self.kind = "coef"
             self.fixed = [idx]
         elif idx < off + lay.d:
             self.kind = "var"
             k = idx - off
+            # the free entries of row k of the log-Cholesky factor (diagonal last); covariances
+            # fixed at zero (cov_constraints) leave out their entries of the row
             start = k * (k + 1) // 2
-            self.fixed = list(range(off + start, off + start + k + 1))
-            self.k = k
+            row = [i for i, pos in enumerate(lay.free_chol) if start <= pos <= start + k]
+            self.fixed = [lay.chol_offset + i for i in row]
+            self.k = len(row) - 1
         else:
             raise ModelSpecError(
                 f"profile intervals are available for coefficients and variances, not for {name!r}; "
@@ -174,7 +178,7 @@ class _Profiler:
     def profile(self, psi: float, start: np.ndarray) -> tuple[float, np.ndarray]:
         """Maximised log-likelihood at ``psi`` and the maximising free parameters."""
         self.n_evals += 1
-        N = float(self.design.nobs)
+        N = self.design.nobs_weighted
 
         def fun(free):
             th = self.theta(free, psi)

@@ -50,6 +50,11 @@ second derivatives of the map times :math:`g_s` vanishes), and the covariance of
 the estimates as :math:`J (-H_s)^{-1} J'` -- computed from the standardised
 information, never by inverting the ill-conditioned ``H``.
 
+With covariances fixed at zero (``cov_constraints``, ``association="none"``) ``Z`` and
+``G`` are only scaled, never centred (``T`` diagonal keeps every zero of ``Sigma``), and
+only the free entries of the log-Cholesky factor enter :math:`J_\psi`; the coefficient
+``quad(u0,v)`` multiplies ``(u0 / sd(u0))^2``, which no rescaling changes.
+
 Models with a between-school variance function (``bs_formula``) keep ``Z``, ``G``
 and ``y`` as they are: their ``theta`` holds ``tau`` and a unit-diagonal factor of
 ``Sigma0``, to which the map of ``Sigma`` does not apply; ``X``, ``W`` and ``S``
@@ -64,7 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Design
-from .params import chol_from_vector, sigma_derivatives, vector_from_chol
+from .params import sigma_derivatives, vector_from_chol
 
 #: A column is centred when its mean exceeds this many standard deviations (and the
 #: matrix has a constant column): ``[1, x]`` is then far from orthogonal.
@@ -167,8 +172,11 @@ class Reparametrisation:
 
     @property
     def log_shift(self) -> float:
-        """``N ln sigma``: the standardised fit's log-likelihood minus the original one."""
-        return float(self.design.nobs * np.log(self.sigma))
+        """``N ln sigma``: the standardised fit's log-likelihood minus the original one.
+
+        ``N`` is the total weight of the observations with weights (:attr:`mlsml.design.Design.nobs_weighted`).
+        """
+        return float(self.design.nobs_weighted * np.log(self.sigma))
 
     # ------------------------------------------------------------ the map
     def _blocks(self):
@@ -186,10 +194,11 @@ class Reparametrisation:
         beta = self.sigma * (self.Px @ theta_s[:p])
         alpha = self.Pw @ theta_s[p:pk] + self.delta
         tau = self.PS @ theta_s[pk:off]
-        rest = theta_s[off:]
+        rest = theta_s[off:]  # the log-Cholesky entries, then quad(u0,v) (unchanged: u0 / sd(u0) is)
         if not lay.bs_terms and lay.d:
-            L_s = _factor(rest, lay.d)
-            rest = vector_from_chol(_lower_factor(self.T @ L_s))
+            L_s = _factor(lay, theta_s)
+            chol = vector_from_chol(_lower_factor(self.T @ L_s))[list(lay.free_chol)]
+            rest = np.concatenate([chol, rest[lay.n_chol :]])
         return np.concatenate([beta, alpha, tau, rest])
 
     def to_standardised(self, theta: np.ndarray) -> np.ndarray:
@@ -204,8 +213,9 @@ class Reparametrisation:
         tau = np.linalg.solve(self.PS, theta[pk:off]) if lay.m else theta[pk:off]
         rest = theta[off:]
         if not lay.bs_terms and lay.d:
-            L = _factor(rest, lay.d)
-            rest = vector_from_chol(_lower_factor(np.linalg.solve(self.T, L)))
+            L = _factor(lay, theta)
+            chol = vector_from_chol(_lower_factor(np.linalg.solve(self.T, L)))[list(lay.free_chol)]
+            rest = np.concatenate([chol, rest[lay.n_chol :]])
         return np.concatenate([beta, alpha, tau, rest])
 
     def jacobian(self, theta_s: np.ndarray) -> np.ndarray:
@@ -224,12 +234,15 @@ class Reparametrisation:
             J[off:, off:] = np.eye(n - off)
             return J
         d = lay.d
-        L_s = _factor(theta_s[off:], d)
-        L = _factor(self.to_original(theta_s)[off:], d)
-        rows, cols = np.tril_indices(d)
-        dS_s = np.einsum("ab,kbc,dc->kad", self.T, sigma_derivatives(L_s), self.T)[:, rows, cols]
-        dS = sigma_derivatives(L)[:, rows, cols]
-        J[off:, off:] = np.linalg.solve(dS.T, dS_s.T)
+        free = list(lay.free_chol)
+        L_s = _factor(lay, theta_s)
+        L = _factor(lay, self.to_original(theta_s))
+        rows, cols = (ix[free] for ix in np.tril_indices(d))  # the entries of Sigma the free entries of L set
+        dS_s = np.einsum("ab,kbc,dc->kad", self.T, sigma_derivatives(L_s, free), self.T)[:, rows, cols]
+        dS = sigma_derivatives(L, free)[:, rows, cols]
+        end = off + lay.n_chol
+        J[off:end, off:end] = np.linalg.solve(dS.T, dS_s.T)
+        J[end:, end:] = np.eye(n - end)  # quad(u0,v)
         return J
 
     def gradient(self, grad_s: np.ndarray, J: np.ndarray) -> np.ndarray:
@@ -245,9 +258,9 @@ class Reparametrisation:
         return 0.5 * (H + H.T)
 
 
-def _factor(vec: np.ndarray, d: int) -> np.ndarray:
-    """``L`` from its row-wise log-Cholesky vector (:func:`mlsml.params.chol_from_vector`, as numpy)."""
-    return np.asarray(chol_from_vector(np.asarray(vec, dtype=float), d), dtype=float)
+def _factor(layout, theta: np.ndarray) -> np.ndarray:
+    """``L`` of ``theta`` (:meth:`mlsml.params.ParamLayout.chol`, as numpy)."""
+    return np.asarray(layout.chol(np.asarray(theta, dtype=float)), dtype=float)
 
 
 def _lower_factor(M: np.ndarray) -> np.ndarray:
@@ -301,6 +314,8 @@ def reparametrise(design: Design) -> Reparametrisation:
         T[: lay.q, : lay.q] = sigma * column_map(design.Z) if lay.q else T[: lay.q, : lay.q]
         if lay.scale_re_terms and design.G is not None:
             T[lay.q :, lay.q :] = column_map(design.G)
+        if lay.fixed_cov:  # scaling only: centring a column mixes the effects and moves a fixed zero
+            T = np.diag(np.diag(T))
     eye = all(np.array_equal(P, np.eye(P.shape[0])) for P in (Px, Pw, PS))
     if sigma == 1.0 and eye and np.array_equal(T, np.eye(d)):
         return Reparametrisation(design, 1.0, Px, Pw, PS, T, delta, identity=True)

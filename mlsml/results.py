@@ -28,12 +28,14 @@ from .diagnostics import TAIL_N_SIM, TAIL_SEED, Diagnostics, TailCheck, diagnose
 from .errors import ConvergenceWarning, DataError, ModelSpecError, QuadratureWarning, SingularFitWarning, warn
 from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict, results_to_dict
 from .likelihood import Likelihood
+from .margins import marginal_effects as _marginal_effects
 from .optimize import FitOptions, OptSummary, theta_covariance
 from .params import ParamLayout
 from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
 from .predict import predict as _predict
 from .quadrature import QuadratureSpec
+from .robust import check_cov_type, sandwich, school_scores
 
 stats = LazyModule("scipy.stats")  # imported on first use: it would double the time of `import mlsml`
 patsy = LazyModule("patsy")  # likewise (only wald_test/t_test parse constraints)
@@ -57,6 +59,15 @@ def load(source) -> MELSMResults:
     True
     """
     return MELSMResults.from_json(source)
+
+
+def _frequency_count(design, key: str, plain: int) -> int:
+    """``nobs`` or ``ngroups`` of the replicated data with frequency weights (:mod:`mlsml.weights`), else ``plain``."""
+    w = design.info.get("weights") or {}
+    if w.get("kind") != "frequency" or key not in w:
+        return plain
+    value = float(w[key])
+    return int(round(value)) if abs(value - round(value)) < 1e-9 * max(value, 1.0) else value
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -144,6 +155,11 @@ class MELSMResults:
     #: read from JSON, it has no boundary probes).
     diagnostics: Diagnostics
     _cov: np.ndarray = field(repr=False)
+    #: How the standard errors were computed: ``"nonrobust"`` (the inverse observed information)
+    #: or ``"robust"`` (the cluster-robust sandwich of :mod:`mlsml.robust`).
+    cov_type: str = "nonrobust"
+    #: The cluster-robust covariance of :attr:`theta` (``None`` unless ``cov_type == "robust"``).
+    _cov_theta: np.ndarray | None = field(default=None, repr=False)
 
     #: The log-likelihood the fit maximised (its rule is the fit's rule); ``None`` when read from JSON.
     likelihood: Likelihood | None = field(default=None, repr=False)
@@ -152,7 +168,14 @@ class MELSMResults:
 
     # ------------------------------------------------------------ building
     @classmethod
-    def build(cls, model: MELSM, likelihood: Likelihood, optsum: OptSummary, diagnostics: Diagnostics | None = None) -> MELSMResults:
+    def build(
+        cls,
+        model: MELSM,
+        likelihood: Likelihood,
+        optsum: OptSummary,
+        diagnostics: Diagnostics | None = None,
+        cov_type: str | None = None,
+    ) -> MELSMResults:
         """The results of a fit, built once from the model, its objective and the optimum.
 
         Parameters
@@ -164,6 +187,9 @@ class MELSMResults:
             What :func:`mlsml.optimize.maximize` returned.
         diagnostics : Diagnostics, optional
             From :func:`mlsml.diagnostics.diagnose` (computed here when not given).
+        cov_type : {"nonrobust", "robust"}, optional
+            The standard errors (:mod:`mlsml.robust`); default robust with sampling weights,
+            model-based otherwise.
 
         Examples
         --------
@@ -186,7 +212,22 @@ class MELSMResults:
         natural = np.asarray(lay.to_natural(theta), dtype=float)
         params = pd.Series(_readonly(natural), index=list(lay.names), name="estimate", copy=False)
         H = np.asarray(optsum.hessian, dtype=float)
+        cov_type = check_cov_type(cov_type, model.design)
         cov_theta = theta_covariance(optsum) if diagnostics.hessian_pd else None
+        robust = None
+        if cov_type == "robust":
+            if diagnostics.reduced_cov is not None or cov_theta is None:
+                warn(
+                    "cluster-robust standard errors need a positive-definite information at an interior maximum; "
+                    "this fit is singular or its information is not positive definite, so the model-based "
+                    "standard errors are reported (res.cov_type == 'nonrobust')",
+                    SingularFitWarning,
+                )
+                cov_type = "nonrobust"
+            else:
+                with np.errstate(all="ignore"):
+                    robust = sandwich(cov_theta, school_scores(likelihood, theta), model.design)
+                cov_theta = robust
         if diagnostics.reduced_cov is not None:  # singular fit: reduced-rank information (diagnostics.singular_covariance)
             cov = np.array(diagnostics.reduced_cov, dtype=float)
         elif cov_theta is not None:
@@ -214,6 +255,8 @@ class MELSMResults:
                 options=optsum.options,
                 diagnostics=diagnostics,
                 _cov=_readonly(cov),
+                cov_type=cov_type,
+                _cov_theta=None if robust is None else _readonly(robust),
                 likelihood=likelihood,
                 optsum=optsum,
             )
@@ -248,13 +291,13 @@ class MELSMResults:
 
     @property
     def nobs(self) -> int:
-        """Number of observations used."""
-        return self.model.design.nobs
+        """Number of observations used (with frequency weights: of the replicated data set)."""
+        return _frequency_count(self.model.design, "nobs", self.model.design.nobs)
 
     @property
     def ngroups(self) -> int:
-        """Number of groups (schools)."""
-        return self.model.design.ngroups
+        """Number of groups (schools; with frequency weights: of the replicated data set)."""
+        return _frequency_count(self.model.design, "ngroups", self.model.design.ngroups)
 
     @property
     def df_model(self) -> int:
@@ -288,8 +331,11 @@ class MELSMResults:
         From the standardised fit's information mapped with the Jacobian of the
         reparametrisation (:func:`mlsml.optimize.theta_covariance`), so that no digits are
         lost to badly scaled covariates; for results read from JSON, the inverse of
-        ``-hessian``. Every delta-method standard error of the package starts here.
+        ``-hessian``. With ``cov_type == "robust"`` the cluster-robust sandwich
+        (:mod:`mlsml.robust`). Every delta-method standard error of the package starts here.
         """
+        if self._cov_theta is not None:
+            return self._cov_theta
         if not self.diagnostics.hessian_pd:
             return None
         if self.optsum is not None:
@@ -663,6 +709,27 @@ class MELSMResults:
         self._require_data("predict")
         return _predict(self, newdata, kind=kind, conditional=conditional)
 
+    def marginal_effects(self, variable: str, dpar: str = "sigma", at="overall", conditional: bool = False, alpha: float = 0.05):
+        """Marginal effects of a covariate on the residual SD (``dpar="sigma"``), the mean or the variance.
+
+        The change of the prediction per unit of ``variable`` (through every design column it
+        enters), averaged over the fitted rows (``at="overall"``), at the covariate means
+        (``"mean"``) or at given rows (a DataFrame), with delta-method standard errors from
+        :meth:`cov_theta` (cluster-robust when :attr:`cov_type` is ``"robust"``) and intervals.
+        See :func:`mlsml.margins.marginal_effects`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+        >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        >>> me = res.marginal_effects("x", dpar="sigma")
+        >>> bool(me["lower"].iloc[0] < me["dydx"].iloc[0] < me["upper"].iloc[0])
+        True
+        """
+        self._require_data("marginal_effects")
+        return _marginal_effects(self, variable, dpar=dpar, at=at, conditional=conditional, alpha=alpha)
+
     def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True) -> PredictionResults:
         """Predictions (as :meth:`predict`) with standard errors and intervals.
 
@@ -749,7 +816,7 @@ class MELSMResults:
         fitted = self.fittedvalues
         design = self.model.design
         y = np.empty(design.nobs)
-        y[design.order] = design.y  # back to the caller's order
+        y[design.order] = design.response  # back to the caller's order
         return pd.Series(y - fitted.to_numpy(), index=fitted.index, name="resid")
 
     @property
@@ -780,11 +847,15 @@ class MELSMResults:
         if d < 2:
             return pd.DataFrame(columns=["estimate", "std err"])
 
+        pairs = lay.free_cov_pairs  # correlations fixed at zero (cov_constraints) are not estimates
+        if not pairs:
+            return pd.DataFrame(columns=["estimate", "std err"])
+        iu = (np.array([i for i, _ in pairs]), np.array([j for _, j in pairs]))
+
         def corr_vec(theta):
             _, _, L = lay.split(theta)
             S = autograd.numpy.dot(L, L.T)
             sd = autograd.numpy.sqrt(autograd.numpy.diag(S))
-            iu = np.triu_indices(d, 1)
             return S[iu] / (sd[iu[0]] * sd[iu[1]])
 
         est = corr_vec(np.asarray(self.theta))
@@ -795,8 +866,7 @@ class MELSMResults:
         else:
             se = np.full(est.shape, np.nan)
         re = lay.re_names
-        iu = np.triu_indices(d, 1)
-        for n, (i, j) in enumerate(zip(*iu)):
+        for n, (i, j) in enumerate(pairs):
             rows.append((f"corr({re[i]},{re[j]})", est[n], se[n]))
         return pd.DataFrame(rows, columns=["name", "estimate", "std err"]).set_index("name")
 

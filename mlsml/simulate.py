@@ -35,7 +35,8 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
     prior of the school effects as the likelihood has it
     (:meth:`mlsml.integrand.Integrand.prior_chol`: school-specific ``Sigma_j`` with
     ``bs_formula``) and ``g_ij`` the row of ``scale_re_formula`` (1 for the plain
-    random scale ``v_j``).
+    random scale ``v_j``). With ``association="quadratic"`` the log variance has
+    :math:`\gamma\,(u_{0j}/\operatorname{sd}(u_{0j}))^2` added (``quad(u0,v)``).
 
     Parameters
     ----------
@@ -67,9 +68,11 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
     # the integrand's prior: Sigma_j = L_j L_j' is school-specific with bs_formula
     beta, alpha, L = make_integrand(design).prior_chol(np.asarray(theta, dtype=float))
     beta, alpha, L = np.asarray(beta), np.asarray(alpha), np.asarray(L)
+    gamma = lay.quad(np.asarray(theta, dtype=float))  # quad(u0,v): + gamma (u0 / sd(u0))^2 in the log variance
+    sd0 = (L[0, 0] if L.ndim == 2 else L[:, 0, 0]) if gamma is not None else None
     J, N, q = design.ngroups, design.nobs, lay.q
     mu = design.X @ beta
-    eta = design.W @ alpha
+    eta = np.asarray(design.log_variance_index(alpha))
     out = np.empty((n_reps, N))
     for r in range(n_reps):
         z = rng.standard_normal((J, lay.d))
@@ -79,6 +82,8 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
             lv = eta + np.einsum("nv,nv->n", design.G, b[design.group, q:])
         else:
             lv = eta + (b[design.group, q] if lay.random_scale else 0.0)
+        if gamma is not None:
+            lv = lv + (float(gamma) * (b[:, 0] / sd0) ** 2)[design.group]
         zu = np.einsum("iq,iq->i", design.Z, u[design.group])
         out[r] = mu + zu + np.exp(0.5 * lv) * rng.standard_normal(N)
     return out

@@ -71,7 +71,8 @@ def start_values_core(design: Design) -> np.ndarray:
         s2e = float(np.var(r)) or 1.0
     s2u = float(np.var(rbar) - s2e * np.mean(1.0 / n))
     s2u = max(s2u, 0.1 * s2e / max(np.mean(n), 1.0), 1e-3 * s2e)
-    alpha = least_squares(design.W, np.full(design.nobs, np.log(s2e)))
+    target = np.full(design.nobs, np.log(s2e))
+    alpha = least_squares(design.W, target if design.scale_offset is None else target - design.scale_offset)
     diag = []
     for i in range(lay.q):
         z2 = float(np.mean(design.Z[:, i] ** 2)) or 1.0

@@ -16,6 +16,7 @@ from ._lazy import LazyModule
 from .diagnostics import tail_note
 from .errors import ModelSpecError
 from .mixregls.report import MixwildSummary, summarize_mixwild
+from .weights import describe_weights
 
 summary2 = LazyModule("statsmodels.iolib.summary2")  # imported on first use: keeps `import mlsml` fast
 
@@ -79,6 +80,7 @@ def header_dict(res) -> dict[str, str]:
     spec = res.model.formula_spec
     counts = design.counts
     lay = res.layout
+    sampling = (design.info.get("weights") or {}).get("kind") == "sampling"
     if res.quadrature == "marginal":
         quad = f"{res.nagq} per dim of v, u exact"
     elif res.prune == 0:
@@ -92,7 +94,7 @@ def header_dict(res) -> dict[str, str]:
         "No. Observations:": f"{res.nobs}",
         "No. Groups:": f"{res.ngroups}",
         "Group size min/mean/max:": f"{counts.min()} / {counts.mean():.1f} / {counts.max()}",
-        "Method:": "ML, adaptive Gauss-Hermite",
+        "Method:": ("pseudo-ML" if sampling else "ML") + ", adaptive Gauss-Hermite",
         "Quadrature:": quad,
         "Log-Likelihood:": _number(res.llf),
         "Deviance:": _number(res.deviance),
@@ -100,6 +102,8 @@ def header_dict(res) -> dict[str, str]:
         "BIC:": _number(res.bic),
         "No. parameters:": f"{res.df_model}",
         "Converged:": "Yes" if res.converged else "NO",
+        "Covariance type:": "robust (cluster: " + str(spec.groups) + ")" if res.cov_type == "robust" else "nonrobust",
+        **({"Weights:": describe_weights(design.info["weights"])} if design.info.get("weights") else {}),
     }
 
 
@@ -123,11 +127,16 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     blocks = [
         ("Mean function: y = x'b + z'u + e", _param_frame(res, mean_names, list(lay.mean_terms), alpha)),
         (
-            "Residual variance: ln var(e) = w'a" + ((" + g'v" if lay.scale_re_terms else " + v") if lay.random_scale else ""),
+            "Residual variance: ln var(e) = w'a"
+            + ((" + g'v" if lay.scale_re_terms else " + v") if lay.random_scale else "")
+            + (" + quad(u0,v) (u0/sd(u0))^2" if lay.quad_assoc else ""),
             _param_frame(res, scale_names, list(lay.scale_terms), alpha),
         ),
         (
-            "School effects (" + ", ".join(lay.re_names) + ") ~ N(0, Sigma)",
+            "School effects ("
+            + ", ".join(lay.re_names)
+            + ") ~ N(0, Sigma)"
+            + {"none": ", cov(u*,v) = 0", "linear": ""}.get(lay.association, ""),
             _param_frame(res, list(lay.cov_names), list(lay.cov_names), alpha),
         ),
     ]
@@ -152,7 +161,13 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
     tails = tail_note(res)
     if tails:
         notes.append(f"NOTE: {tails}")
-    notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
+    if (res.model.design.info.get("weights") or {}).get("kind") == "sampling":
+        notes.append(
+            "NOTE: sampling weights: a pseudo-likelihood; its llf, AIC and BIC do not compare fits, "
+            "and likelihood-ratio tests do not apply (use Wald tests with the robust SEs)."
+        )
+    else:
+        notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
     for note in notes:  # one add_text each: statsmodels re-wraps a text, so newlines within one would be lost
         smry.add_text(note)
     return smry

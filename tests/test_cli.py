@@ -304,3 +304,40 @@ def test_fit_reads_a_pipe(tmp_path):
     code, d = _fit_json(tmp_path, [fifo])
     t.join(timeout=10)
     assert code == 0 and d["ngroups"] == 20
+
+
+def test_fit_with_weights_offsets_and_robust_ses(tmp_path, capsys):
+    from conftest import DATA
+
+    ss = DATA / "sleepstudy.csv"
+    data = tmp_path / "ss.csv"
+    text = ss.read_text().splitlines()
+    rows = [text[0] + ",w,o"] + [f"{line},{1 + (i % 3)},0.5" for i, line in enumerate(text[1:])]
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "fit.json"
+    args = ["fit", str(data), "--formula", "Reaction ~ Days", "--groups", "Subject", "--no-random-scale"]
+    code = main([*args, "--weights", "w", "--scale-offset", "o", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "robust (cluster: Subject)" in text and "pseudo-ML" in text
+    d = json.loads(out.read_text())
+    assert d["cov_type"] == "robust" and d["weights"]["level1"] == "column 'w'" and d["offsets"]["scale_offset"] == "column 'o'"
+    code = main([*args, "--weights", "w", "--weights-kind", "frequency", "--cov-type", "nonrobust", "-q", "--json", str(out)])
+    assert code == 0 and json.loads(out.read_text())["cov_type"] == "nonrobust"
+
+
+def test_fit_association_and_cov_zero_options(tmp_path, capsys):
+    """--association and --cov-zero reach the model (issue 13); a bad name is a one-line error."""
+    from conftest import DATA
+
+    out = tmp_path / "fit.json"
+    args = ["fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week", "--groups", "id", "--scale", "~ week", "-q"]
+    assert main([*args, "--association", "quadratic", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert list(d["params"])[-1] == "quad(u0,v)"
+    assert d["llf"] == pytest.approx(-1124.0032264, abs=1e-5)  # MIXREGLS NCOV = 2 (exact value at its estimates)
+    assert main([*args, "--cov-zero", "cov(u0,v)", "--json", str(out)]) == 0
+    assert "cov(u0,v)" not in json.loads(out.read_text())["params"]
+    assert main([*args, "--cov-zero", "cov(u0,w)"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a covariance" in err[0]

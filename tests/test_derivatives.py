@@ -38,6 +38,12 @@ MODELS = {
     "random slope": dict(scale_formula="~ standLRT", re_formula="~ standLRT"),
     "bs_formula": dict(scale_formula="~ standLRT", bs_formula="~ schavg"),
     "bs_formula + slope": dict(scale_formula="~ standLRT", re_formula="~ standLRT", bs_formula="~ schavg"),
+    # issue 13: covariances fixed at zero (closed form on the free log-Cholesky entries) and quad(u0,v)
+    "association none": dict(scale_formula="~ standLRT", association="none"),
+    "slope, cov(u0,u1) = 0": dict(scale_formula="~ standLRT", re_formula="~ standLRT", cov_constraints=["cov(u0,u1)"]),
+    "slope, association none": dict(scale_formula="~ standLRT", re_formula="~ standLRT", association="none"),
+    "association quadratic": dict(scale_formula="~ standLRT", association="quadratic"),
+    "quadratic + bs_formula": dict(scale_formula="~ standLRT", bs_formula="~ schavg", association="quadratic"),
 }
 
 
@@ -115,6 +121,11 @@ def test_per_observation_integrand_keeps_autograd(exam):
         dict(n_re_mean=1, random_scale=True, bs_terms=("Intercept", "s")),
         dict(n_re_mean=2, random_scale=True, bs_terms=("Intercept",)),
         dict(n_re_mean=1, random_scale=True, scale_re_terms=("Intercept", "x")),
+        dict(n_re_mean=1, random_scale=True, fixed_cov=((0, 1),)),
+        dict(n_re_mean=2, random_scale=True, fixed_cov=((0, 1),)),
+        dict(n_re_mean=2, random_scale=True, fixed_cov=((0, 2), (1, 2))),
+        dict(n_re_mean=1, random_scale=True, quad_assoc=True),
+        dict(n_re_mean=1, random_scale=True, bs_terms=("Intercept", "s"), quad_assoc=True, fixed_cov=((0, 1),)),
     ],
 )
 def test_natural_jacobian_equals_autograd(layout):
@@ -123,3 +134,83 @@ def test_natural_jacobian_equals_autograd(layout):
     theta = np.random.default_rng(lay.n_params).normal(size=lay.n_params)
     ref = autograd.jacobian(lay.to_natural)(theta)
     np.testing.assert_allclose(lay.natural_jacobian(theta), ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["uexact", "product"])
+@pytest.mark.parametrize("name", ["core (Model 3)", "bs_formula"])
+def test_weighted_derivatives_equal_autograd(exam, name, kind):
+    """Weights at both levels (mlsml.weights) in the closed-form gradient and the Hessian's chain."""
+    rng = np.random.default_rng(11)
+    df = exam.assign(w1=rng.uniform(0.5, 2.0, len(exam)))
+    df["w2"] = df["school"].map(dict(zip(df["school"].unique(), rng.uniform(1.0, 4.0, df["school"].nunique()))))
+    model = mlsml.MELSM.from_formula(
+        "normexam ~ standLRT + schgend", df, groups="school", weights="w1", group_weights="w2", **MODELS[name]
+    )
+    lik = model.objective(nagq=5, quadrature="marginal" if kind == "uexact" else "product")
+    theta = mlsml.start.start_values(lik.integrand) + rng.normal(0, 0.2, model.layout.n_params)
+    _check(lik, theta)
+
+
+# ---------------------------------------------------------------- issue 13: the quadratic association
+
+
+def _fd_grad_hess(f, b, h=1e-4):
+    """Central differences of ``f`` ((J, d) -> (J,)) in every coordinate: gradient (J, d), Hessian (J, d, d)."""
+    J, d = b.shape
+    g = np.zeros((J, d))
+    H = np.zeros((J, d, d))
+    for i in range(d):
+        e = np.zeros(d)
+        e[i] = h
+        g[:, i] = (f(b + e) - f(b - e)) / (2 * h)
+        for k in range(d):
+            e2 = np.zeros(d)
+            e2[k] = h
+            H[:, i, k] = (f(b + e + e2) - f(b + e - e2) - f(b - e + e2) + f(b - e - e2)) / (4 * h * h)
+    return g, H
+
+
+@pytest.mark.parametrize("bs", [None, "~ schavg"])
+def test_quadratic_mode_problem_derivatives_equal_finite_differences(exam, bs):
+    """The hand-written gradient and Hessian of h_j(u0, w) with the prior at (u0, w - a u0^2)
+    (SumsModeProblem with quad) against central differences of its own f, away from the mode."""
+    model = mlsml.MELSM.from_formula(
+        "normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", bs_formula=bs, association="quadratic"
+    )
+    lik = model.objective(nagq=5)
+    lay = model.layout
+    theta = mlsml.start.start_values(lik.integrand)
+    theta[-1] = -0.6  # quad(u0,v): large, so its terms are not lost in the rest
+    prob = lik.integrand.mode_problem(theta)
+    assert prob.a is not None
+    b = np.random.default_rng(5).normal(0, 0.4, (prob.J, lay.d))
+    g, H = prob.derivs(b)
+    g_fd, H_fd = _fd_grad_hess(prob.f, b)
+    np.testing.assert_allclose(g, g_fd, rtol=1e-6, atol=1e-5 * np.abs(g_fd).max())
+    np.testing.assert_allclose(H, H_fd, rtol=1e-4, atol=1e-4 * np.abs(H_fd).max())
+    _, Hf = prob.derivs(b, fisher=True)  # Fisher scoring: negative definite everywhere
+    assert np.all(np.linalg.eigvalsh(-Hf) > 0)
+
+
+def test_conditional_mode_of_u0_is_the_stationary_point_of_h(exam):
+    """The inner rule's centre and scale (conditional_modes_u0): h_j(., w) has zero slope at the
+    mode and the returned curvature is its second derivative there (finite differences of f)."""
+    from mlsml.integrand import conditional_modes_u0
+
+    model = mlsml.MELSM.from_formula("normexam ~ standLRT", exam, groups="school", association="quadratic")
+    lik = model.objective()
+    theta = mlsml.start.start_values(lik.integrand)
+    theta[-1] = 0.5
+    w = np.random.default_rng(2).normal(-0.5, 0.5, (model.design.ngroups, 3))
+    mode, curv = conditional_modes_u0(lik.integrand, theta, w)
+    prob = lik.integrand.mode_problem(theta)
+    h = 1e-4
+    for k in range(w.shape[1]):
+
+        def f(u, k=k):
+            return prob.f(np.column_stack([u, w[:, k]]))
+
+        slope = (f(mode[:, k] + h) - f(mode[:, k] - h)) / (2 * h)
+        second = (f(mode[:, k] + h) - 2 * f(mode[:, k]) + f(mode[:, k] - h)) / h**2
+        assert np.abs(slope).max() < 1e-6 * np.abs(second).max()
+        np.testing.assert_allclose(curv[:, k], -second, rtol=1e-4)

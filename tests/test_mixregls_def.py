@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA, SHARED
+from conftest import DATA, SHARED, load_reference
 
+import mlsml
 from mlsml.cli import main
 from mlsml.errors import DataError, MissingDataWarning, ModelSpecError
 from mlsml.mixregls import describe_data
@@ -130,10 +131,7 @@ SMALL = "".join(
 @pytest.mark.parametrize(
     "settings, option",
     [
-        ("3 1 1 1 0 0 0 1e-5 11 1 200 0 0 1 0.1 0", "R = 1"),
         ("3 1 0 1 0 1 0 1e-5 11 1 200 0 0 1 0.1 0", "RNINT"),
-        ("3 1 0 1 0 0 0 1e-5 11 1 200 0 0 0 0.1 0", "NCOV = 0"),
-        ("3 1 0 1 0 0 0 1e-5 11 1 200 0 0 2 0.1 0", "NCOV = 2"),
     ],
 )
 def test_unsupported_options_name_the_option(tmp_path, settings, option):
@@ -265,10 +263,21 @@ def test_mixwild_gui_layouts_are_read_or_refused_clearly():
 
 @pytest.mark.skipif(not (SHARED / "data" / "mixwild_examples" / "def_files").exists(), reason="../shared is not available")
 def test_shipped_mixwild_def_files_give_clear_errors():
+    """Each shipped job is read or refused in one line; since issue 13 NCOV = 0 and 2 are read
+    (MixWild_mixregls_var.def has NCOV = 2, MixWild_mixregmls_random_mixor.def NCOV = 0), and R >= 1
+    in the MixWILD 2017 layout is refused: there R means random slopes for MIXREGMLS."""
+    read = {}
     for p in sorted((SHARED / "data" / "mixwild_examples" / "def_files").iterdir()):
-        with pytest.raises(ModelSpecError) as info:
-            parse_def(p)
-        assert "\n" not in str(info.value)
+        try:
+            read[p.name] = parse_def(p)
+        except ModelSpecError as err:
+            assert "\n" not in str(err)
+            if "R = 1" in str(err):
+                assert "random slopes" in str(err)
+    assert {k: int(j.setting("NCOV")) for k, j in read.items()} == {
+        "MixWild_mixregls_var.def": 2,
+        "MixWild_mixregmls_random_mixor.def": 0,
+    }
 
 
 def test_descriptives_section(runs):
@@ -603,3 +612,63 @@ def test_run_job_nagq_is_checked(tmp_path, nagq):
     p = _mutated_job(tmp_path)
     with pytest.raises(ModelSpecError, match="nagq must be a whole number from 1 to 100"):
         run_job(p, stages=False, nagq=nagq)
+
+
+# ---------------------------------------------------------------- issue 13: NCOV 0/1/2 and R >= 1
+
+
+def _riesby_dat(tmp_path, cols):
+    """riesby as a MIXREGLS data file (columns ``cols``), stably sorted by id as the reference runs were."""
+    df = mlsml.datasets.riesby().sort_values("id", kind="stable")
+    (tmp_path / "data.dat").write_text(df[cols].to_csv(sep=" ", header=False, index=False))
+
+
+@pytest.mark.parametrize("ncov", [0, 2])
+def test_ncov_jobs_run_and_agree_with_mixregls(tmp_path, ncov):
+    """The shared reference jobs riesby__m3_ncov{0,2} (MIXREGLS, 21 points), run by `mlsml mixregls`:
+    the association follows NCOV, the logL is the exact value at MIXREGLS's estimates (1e-5) and
+    the report prints MIXREGLS's random-scale rows (no Loc Eff for NCOV = 0; Quad Loc for NCOV = 2)."""
+
+    ref = load_reference(f"mixregls_assoc__riesby__m3_ncov{ncov}")
+    _riesby_dat(tmp_path, ["id", "hamdep", "week"])
+    p = tmp_path / "job.def"
+    p.write_text(
+        f"riesby m3 ncov={ncov}\nt\ndata.dat\nmodel.out\nmodel_echo.def\n"
+        f"3 1 0 1 0 0 0 0 0 0 1.0E-05 21 1 200 0 0 {ncov} 0.1 0\n1 2\n3\n3\nhamdep\nweek\nweek\n"
+    )
+    run = run_job(p, stages=ncov == 2)  # the stage sequence once: its last block keeps the association
+    res = run.results
+    assert res.layout.association == {0: "none", 2: "quadratic"}[ncov] and res.nagq == 21
+    assert abs(res.llf - ref["independent_check"]["independent_loglik_by_nq"]["100"]) < 1e-5
+    rows = {}
+    for label, value in re.findall(r"^(Std Dev|Loc  Eff|Quad Loc)\s+(-?\d+\.\d+)", run.report, flags=re.M):
+        rows.setdefault(label, value)  # the estimate block (the ratio table comes later)
+    assert set(rows) == ({"Std Dev"} if ncov == 0 else {"Std Dev", "Loc  Eff", "Quad Loc"})
+    raw = ref["raw_parameters"]
+    assert float(rows["Std Dev"]) == pytest.approx(raw["tau_scale"]["estimate"], abs=2e-3 * raw["tau_scale"]["se"] + 1e-5)
+    if ncov == 2:
+        assert float(rows["Quad Loc"]) == pytest.approx(raw["tau_quad"]["estimate"], abs=2e-3 * raw["tau_quad"]["se"] + 1e-5)
+        assert [t for t, _ in run.stages][-1] == "Model WITH RANDOM Scale"
+        assert all(r.layout.association == "linear" for _, r in run.stages[:-1])  # no random scale there
+        assert "random scale v (linear and quadratic in u0/sd(u0) (NCOV = 2))" in run.report
+
+
+def test_bs_variance_covariates_job_matches_mixregls(tmp_path):
+    """R = 1 (MIXREGLS's BS variance model, once refused as "mlsml's Sigma is constant") is bs_formula:
+    riesby, mean ~ week + endog + endweek, ln var(u0) ~ endog, WS ~ week + endog, random scale,
+    21 points: MIXREGLS_both's stage-3 logL (tests/test_extended.py fits the same model directly)."""
+
+    ref = load_reference("mixregls_fortran__riesby_linear_nq21")
+    _riesby_dat(tmp_path, ["id", "hamdep", "week", "endog", "endweek"])
+    p = tmp_path / "job.def"
+    p.write_text(
+        "riesby bs\nt\ndata.dat\nmodel.out\nmodel_echo.def\n"
+        "5 3 1 2 0 0 0 0 0 0 1.0E-05 21 1 200 0 0 1 0.1 0\n1 2\n3 4 5\n4\n3 4\nhamdep\nweek endog endweek\nendog\nweek endog\n"
+    )
+    run = run_job(p, stages=False)
+    res = run.results
+    assert res.model.formula_spec.bs_formula == "~ endog"
+    assert list(res.params.index[7:9]) == ["bsvar:Intercept", "bsvar:endog"]  # after 4 mean:, 3 scale:
+    assert res.llf == pytest.approx(ref["stages"]["stage3"]["loglik"], abs=1e-3)
+    assert "ALPHA (BS variance parameters: log-linear model)" in run.report
+    assert any("R = 1" in n for n in run.job.notes)

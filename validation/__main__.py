@@ -21,20 +21,25 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         nargs="*",
-        help="sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs frequentist bayes replication simstudy",
+        help=(
+            "sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs mixregls_assoc frequentist "
+            "bayes replication simstudy survey"
+        ),
     )
     a = ap.parse_args(argv)
     import mlsml
 
-    from . import bayes, fortran_runs, frequentist, mixregls, replication, simstudy
+    from . import bayes, fortran_runs, frequentist, mixregls, mixregls_assoc, replication, simstudy, survey
 
     sections = {
         "mixregls": mixregls.section,
         "fortran_runs": fortran_runs.section,
+        "mixregls_assoc": mixregls_assoc.section,
         "frequentist": frequentist.section,
         "bayes": bayes.section,
         "replication": replication.section,
         "simstudy": simstudy.section,
+        "survey": survey.section,
     }
     chosen = a.only or list(sections)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -47,9 +52,9 @@ def main(argv=None) -> int:
         "`validation/reference/` (see its README); the simulation study's per-replication estimates are in "
         "`validation/results/`.",
         "",
-        "Contents: 1. MIXREGLS/MixWILD · 1b. MIXREGLS_both (between-subject variance) · "
+        "Contents: 1. MIXREGLS/MixWILD · 1b. MIXREGLS_both (between-subject variance) · 1c. association types (NCOV) · "
         "2. lme4, glmmTMB, statsmodels · 3. Bayesian fits (brms, Stata) · "
-        "4. The paper replicated on london_sim · 5. Simulation study",
+        "4. The paper replicated on london_sim · 5. Simulation study · 6. Survey data (weights, robust SEs)",
         "",
     ]
     n_head = len(parts)

@@ -25,10 +25,8 @@ RUNS = {
 NOT_EXPRESSIBLE = {
     "riesby_linear_nonadaptive": "non-adaptive 11-point quadrature (logL −1123.661, visibly biased estimates): "
     "not a maximum-likelihood reference; the adaptive runs above are",
-    "riesby_assoc_none": "fixes cov(u0,v) = 0 (no location effect on the WS variance); mlsml estimates an "
-    "unstructured Sigma (a constrained covariance is not offered)",
-    "riesby_assoc_quadratic": "adds a quadratic location effect (theta1^2) on the log WS variance, which is outside "
-    "the MELSM of the paper (v_j is normal)",
+    "riesby_assoc_none / riesby_assoc_quadratic": "the same model with NCOV = 0 and NCOV = 2 "
+    "(association='none' and 'quadratic'): compared in section 1c",
     "posmood_alone_linear / posmood_alone_genderf_linear": "the between-subject variance covariate `alone` varies "
     "within subject: MIXREGLS evaluates ALPHA per observation, so the 'random intercept' has an observation-level "
     "variance; mlsml's bs_formula is a school (subject)-level variance function and refuses a time-varying column",

@@ -55,14 +55,15 @@ import pandas as pd
 
 from .._lazy import LazyModule
 from ..errors import ModelSpecError
+from ..params import QUAD_NAME
 
 stats = LazyModule("scipy.stats")
 
 #: Block names of MIXREGLS's parameters (as in its report).
-BLOCKS = ("BETA", "ALPHA", "TAU", "SCALE_SD", "LOC_EFF")
+BLOCKS = ("BETA", "ALPHA", "TAU", "SCALE_SD", "LOC_EFF", "QUAD_LOC")
 
-#: The term names MIXREGLS prints for the two random-scale parameters.
-TERMS = {"SCALE_SD": "Std Dev", "LOC_EFF": "Loc  Eff"}
+#: The term names MIXREGLS prints for the random-scale parameters (``Quad Loc``: NCOV = 2).
+TERMS = {"SCALE_SD": "Std Dev", "LOC_EFF": "Loc  Eff", "QUAD_LOC": "Quad Loc"}
 
 #: The key of the BS log variance of a model without BS covariates in the MIXREGLS reference JSONs.
 LN_SIGMA2_U = "ln_sigma2_u"
@@ -117,7 +118,11 @@ def mixregls_vector(theta, lay):
     if lay.random_scale:
         loc = S[0, 1] / anp.sqrt(S[0, 0])
         sd = anp.sqrt(S[1, 1] - loc**2)
-        parts += [anp.reshape(sd, (1,)), anp.reshape(loc, (1,))]
+        parts.append(anp.reshape(sd, (1,)))
+        if lay.association != "none":  # NCOV = 0: no Loc Eff
+            parts.append(anp.reshape(loc, (1,)))
+        if lay.quad_assoc:
+            parts.append(anp.reshape(lay.quad(theta), (1,)))
     return anp.concatenate(parts)
 
 
@@ -130,9 +135,11 @@ def mixregls_index(lay) -> tuple[list[str], list[str], list[str]]:
     ref += [f"{LN_SIGMA2_U}_{t}" for t in alpha_terms] if lay.bs_terms else [LN_SIGMA2_U]
     ref += [f"alpha_{t}" for t in lay.scale_terms]
     if lay.random_scale:
-        blocks += ["SCALE_SD", "LOC_EFF"]
-        terms += [TERMS["SCALE_SD"], TERMS["LOC_EFF"]]
-        ref += ["tau_scale", "tau_loc"]
+        extra = ["SCALE_SD"] + (["LOC_EFF"] if lay.association != "none" else []) + (["QUAD_LOC"] if lay.quad_assoc else [])
+        keys = {"SCALE_SD": "tau_scale", "LOC_EFF": "tau_loc", "QUAD_LOC": "tau_quad"}
+        blocks += extra
+        terms += [TERMS[b] for b in extra]
+        ref += [keys[b] for b in extra]
     return blocks, terms, ref
 
 
@@ -156,8 +163,10 @@ def to_mixregls(res) -> pd.DataFrame:
         JSONs: ``beta_<term>``, ``ln_sigma2_u`` (``ln_sigma2_u_<term>`` for the
         terms of ``bs_formula``), ``alpha_<term>``, ``tau_scale``, ``tau_loc``).
         ``ALPHA = ln var(u0)``, or ``bsvar:<term>`` with ``bs_formula``;
-        ``TAU`` = our ``alpha``; ``LocEff = cov(u0,v)/sd(u0)``;
-        ``StdDev = sqrt(var(v) - LocEff^2)``.
+        ``TAU`` = our ``alpha``; ``LocEff = cov(u0,v)/sd(u0)`` (absent with
+        ``association="none"``, MIXREGLS ``NCOV = 0``);
+        ``StdDev = sqrt(var(v) - LocEff^2)``; ``Quad Loc`` (``QUAD_LOC``, ref key
+        ``tau_quad``) = ``quad(u0,v)`` with ``association="quadratic"`` (``NCOV = 2``).
 
     Examples
     --------
@@ -223,7 +232,9 @@ def from_mixregls(estimates: pd.DataFrame | Mapping[str, float], bs: bool | None
         ``var(u0) = exp(ALPHA)``, ``var(v) = LocEff^2 + StdDev^2``,
         ``cov(u0,v) = exp(ALPHA/2) LocEff``; with one ``bsvar:<term>`` = ALPHA,
         ``var(v) = LocEff^2 + StdDev^2`` and ``cov(u0,v) = LocEff`` (the
-        covariance with the standardised intercept effect).
+        covariance with the standardised intercept effect). Without LOC_EFF
+        (NCOV = 0) there is no ``cov(u0,v)`` (``association="none"``); QUAD_LOC gives
+        ``quad(u0,v)`` (NCOV = 2).
 
     Examples
     --------
@@ -266,9 +277,16 @@ def from_mixregls(estimates: pd.DataFrame | Mapping[str, float], bs: bool | None
         sd_u = float(np.exp(alpha[0][1] / 2))
     sd = [v for b, _, v in items if b == "SCALE_SD"]
     loc = [v for b, _, v in items if b == "LOC_EFF"]
-    if sd or loc:
-        if len(sd) != 1 or len(loc) != 1:
-            raise ModelSpecError("a random scale needs both SCALE_SD (Std Dev) and LOC_EFF (Loc Eff)")
-        out["var(v)"] = loc[0] ** 2 + sd[0] ** 2
-        out["cov(u0,v)"] = sd_u * loc[0]
+    quad = [v for b, _, v in items if b == "QUAD_LOC"]
+    if sd or loc or quad:
+        if len(sd) != 1 or len(loc) > 1 or len(quad) > 1 or (quad and not loc):
+            raise ModelSpecError(
+                "a random scale needs one SCALE_SD (Std Dev), with at most one LOC_EFF (Loc Eff; none for NCOV = 0) "
+                "and at most one QUAD_LOC (Quad Loc, NCOV = 2, which needs Loc Eff too)"
+            )
+        out["var(v)"] = (loc[0] ** 2 if loc else 0.0) + sd[0] ** 2
+        if loc:
+            out["cov(u0,v)"] = sd_u * loc[0]
+        if quad:
+            out[QUAD_NAME] = quad[0]
     return pd.Series(out, name="estimate", dtype=float)

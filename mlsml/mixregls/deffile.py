@@ -23,13 +23,15 @@ BS-variance and WS-variance models; ``PNINT``/``RNINT``/``SNINT`` = 1 drops
 that model's intercept; ``PV``/``RV``/``SV`` covariates are split into a
 cluster mean and the deviation from it; ``YMISS`` is the missing-value code
 (0 = none); ``NCENT = 1`` standardises all covariates; ``NCOV`` is the
-association of the random scale with the random location (1 = linear);
+association of the random scale with the random location (0 none, 1 linear, 2 quadratic);
 ``NORS = 1`` drops the random scale; ``DISCARD0 = 1`` drops clusters whose
 responses are all equal. How the job becomes an mlsml model is in
-:mod:`mlsml.mixregls.job`. Options mlsml cannot fit (BS-variance covariates
-``R``/``RV`` outside MixWILD 2.0's MLS mode, no BS intercept, ``NCOV`` other
-than 1, second-stage models) raise :class:`~mlsml.errors.ModelSpecError`
-naming the option.
+:mod:`mlsml.mixregls.job`: ``NCOV`` 0, 1, 2 is ``association="none"``,
+``"linear"``, ``"quadratic"``; the ``R`` BS-variance covariates are ``bs_formula``
+(they must be constant within clusters), or random slopes in MixWILD 2.0's MLS
+mode. Options mlsml cannot fit (decomposed BS-variance covariates ``RV`` outside
+the MLS mode, no BS intercept, second-stage models) raise
+:class:`~mlsml.errors.ModelSpecError` naming the option.
 
 Every setting is checked as the Fortran READs need it before anything else is
 read: INTEGER fields must be whole numbers, switches 0 or 1, the counts
@@ -106,6 +108,9 @@ MIN_NVAR, MAX_NVAR = 2, 10_000
 MIN_NQ, MAX_NQ = 1, 100
 #: NCOV: association of the random scale with the random location (0 none, 1 linear, 2 quadratic).
 NCOV_VALUES = (0, 1, 2)
+
+#: mlsml's ``association`` for each NCOV (:func:`mlsml.fit`).
+NCOV_ASSOCIATION = {0: "none", 1: "linear", 2: "quadratic"}
 #: A definition file is a few lines; a longer file is not one.
 MAX_DEF_BYTES = 1 << 20
 #: The largest data file read (1 GiB, about 40 million values).
@@ -322,14 +327,24 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
         if int(s["R"]) == 0 and int(s["RNINT"]) == 1:
             bad("RNINT", "a model without random location effects is not a location scale model")
     else:
-        if int(s["R"]) != 0:
+        if int(s["R"]) != 0 and layout == "mixwild_2017":
             bad(
                 "R",
-                "covariates of the BS (random-location) variance need a cluster-specific Sigma; mlsml's Sigma is "
-                "constant (for random slopes use MixWILD 2.0's MLS = 1)",
+                "in the MixWILD 2017 layout the R columns are BS-variance covariates for mixregls_random_* but random "
+                "slopes for mixregmls_random_*, and the file does not say which program it is for: write the job in "
+                "the MIXREGLS (mixregls_var) layout, or MixWILD 2.0's with MLS = 0 (BS variance) or MLS = 1 (random slopes)",
+            )
+        if int(s["R"]) != 0:
+            notes.append(
+                f"R = {int(s['R'])}: the BS variance model ln var(u0) = ALPHA'u is fitted as bs_formula; mlsml needs its "
+                "covariates constant within each cluster (MIXREGLS also evaluates them per observation)"
             )
         if int(s.get("RV", 0)) != 0:
-            bad("RV", "BS/WS-decomposed covariates of the BS variance model are not available (constant Sigma)")
+            bad(
+                "RV",
+                "BS/WS-decomposed covariates of the BS variance model are not available: the within-cluster part varies "
+                "within clusters, and mlsml's BS variance covariates must be cluster-level (give the cluster means as R columns)",
+            )
         if int(s["RNINT"]) == 1:
             bad("RNINT", "a model without the random location (BS variance intercept) is not a MIXREGLS model mlsml fits")
     if int(s.get("STAGE2", 0)) != 0:
@@ -338,11 +353,10 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
         bad("NO2ND", "second-stage models are not fitted; set NO2ND = 1 to run stage 1")
     rs = int(s.get("NORS", 0)) != 1
     if rs and int(s["NCOV"]) != 1:
-        why = {
-            0: "a random scale independent of the random location (cov(u0,v) = 0) cannot be constrained",
-            2: "the quadratic location effect on the WS variance is not in mlsml's model",
-        }.get(int(s["NCOV"]), "unknown value")
-        bad("NCOV", why)
+        notes.append(
+            f"NCOV = {int(s['NCOV'])}: fitted with association={NCOV_ASSOCIATION[int(s['NCOV'])]!r} "
+            + ("(cov(u0,v) = 0)" if int(s["NCOV"]) == 0 else "(Loc Eff and Quad Loc, quad(u0,v))")
+        )
     if int(s["AQUAD"]) == 0:
         notes.append(
             "AQUAD = 0 (non-adaptive quadrature) asked for; mlsml always uses adaptive quadrature, "

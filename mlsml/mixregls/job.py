@@ -16,9 +16,12 @@ from it ``x_WS``; ``NCENT = 1`` standardises every covariate column;
 :mod:`mlsml.mixregls.convert`). mlsml fits it by maximum likelihood
 (adaptive quadrature with ``NQ`` points per dimension, always adaptive and
 rotated; its own optimiser, so ``CONV``, ``MAXIT`` and ``RIDGEIN`` are not
-used). MixWILD 2.0's MIXREGMLS mode (``MLS = 1``) is read as a random-slope
-model: the ``R`` BS-variance columns become random slopes (``re_formula``),
-all location effects correlated with the random scale.
+used). ``NCOV`` 0, 1, 2 is ``association="none"``, ``"linear"``, ``"quadratic"``
+and the ``R`` BS-variance columns (MIXREGLS's ALPHA) are ``bs_formula``,
+:math:`\\ln\\operatorname{var}(u_{0j}) = s_j'\\tau` (cluster-level columns). MixWILD 2.0's
+MIXREGMLS mode (``MLS = 1``) is read as a random-slope model: the ``R`` BS-variance
+columns become random slopes (``re_formula``), all location effects correlated with
+the random scale.
 
 :func:`run_job` does it all: parse, read, fit MIXREGLS's stage sequence
 (:mod:`mlsml.mixregls.stages`) and print the report
@@ -36,7 +39,7 @@ import pandas as pd
 
 from ..errors import DataError, MissingDataWarning, ModelSpecError, warn
 from ..model import MELSM
-from .deffile import MAX_NQ, MIN_NQ, MixreglsJob, parse_def, read_dat
+from .deffile import MAX_NQ, MIN_NQ, NCOV_ASSOCIATION, MixreglsJob, parse_def, read_dat
 from .report import summarize_mixwild
 from .stages import fit_stages
 
@@ -66,6 +69,8 @@ class JobData:
     notes: tuple[str, ...]
     raw_frame: pd.DataFrame | None = None
     re_formula: str = "~ 1"
+    bs_formula: str | None = None
+    association: str = "linear"
 
 
 def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
@@ -149,7 +154,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     raw_frame = frame
     if int(job.setting("NCENT")) == 1:
         frame = frame.copy()
-        for c in dict.fromkeys(mean_terms + scale_terms + (u if job.random_slopes else [])):
+        for c in dict.fromkeys(mean_terms + scale_terms + u):
             sd = frame[c].std(ddof=1)
             if sd > 0:
                 frame[c] = (frame[c] - frame[c].mean()) / sd
@@ -161,9 +166,13 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     srhs = " + ".join(scale_terms) if scale_terms else "1"
     scale_formula = f"~ {srhs}" + (" - 1" if int(job.setting("SNINT")) == 1 and scale_terms else "")
     re_formula = "~ 1"
+    bs_formula = None
     if job.random_slopes:
         re_formula = "~ " + (" + ".join(u) if u else "1") + (" - 1" if int(job.setting("RNINT")) == 1 else "")
         notes.append(f"MLS = 1 (MIXREGMLS): random location effects {re_formula}, all correlated with the random scale")
+    elif u:  # MIXREGLS's BS variance model: ln var(u0_j) = ALPHA'u_j
+        bs_formula = "~ " + " + ".join(u)
+    association = NCOV_ASSOCIATION[int(job.setting("NCOV"))] if job.random_scale and not job.random_slopes else "linear"
     return JobData(
         frame=frame,
         formula=formula,
@@ -172,6 +181,8 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         notes=tuple(notes),
         raw_frame=raw_frame,
         re_formula=re_formula,
+        bs_formula=bs_formula,
+        association=association,
     )
 
 
@@ -196,6 +207,8 @@ def _job_model(jd: JobData, frame: pd.DataFrame) -> MELSM:
         re_formula=jd.re_formula,
         random_scale=jd.random_scale,
         missing="raise",
+        bs_formula=jd.bs_formula,
+        association=jd.association,
     )
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from .._lazy import LazyModule
 from .._version import __version__
 from ..errors import ModelSpecError
+from ..weights import describe_weights
 from .convert import BLOCKS, is_mixregls_layout, to_mixregls
 from .stages import STAGE_TITLES, stage_tests
 
@@ -38,6 +39,7 @@ _BLOCK_TITLES = {
     "TAU": "TAU (WS variance parameters: log-linear model)",
     "SCALE_SD": "Random scale standard deviation",
     "LOC_EFF": "Random location (mean) effect on WS variance",
+    "QUAD_LOC": "Random quadratic location (mean) effects on WS variance",
 }
 
 
@@ -205,7 +207,9 @@ def _model_block_mls(title: str, res, standardized: bool = False) -> str:
         out += _mls_rows(res, scale, scale)
     elif lay.random_scale:
         out += ["", "Random Scale Variance and Covariance"]
-        out += _mls_rows(res, [f"cov(u{i},v)" for i in range(lay.q)] + ["var(v)"], [f"Cov {t}" for t in terms] + ["Scale int var"])
+        pairs = [(f"cov(u{i},v)", f"Cov {t}") for i, t in enumerate(terms)] + [("var(v)", "Scale int var")]
+        pairs = [(n, lab) for n, lab in pairs if n in res.params.index]  # covariances fixed at 0 are not printed
+        out += _mls_rows(res, [n for n, _ in pairs], [lab for _, lab in pairs])
     if not res.converged:
         out.append("NOTE: CONVERGENCE CRITERION WAS NOT ACHIEVED")
     for r in res.singular_reasons():
@@ -253,7 +257,9 @@ def _ratio_tables(res, alpha: float) -> str:
     out += ["", "", title, "-" * len(title), ""] + head
     out += [_BLOCK_TITLES["TAU"]] + rows(tab[tab["block"] == "TAU"])
     if res.layout.random_scale:
-        out += [_BLOCK_TITLES["LOC_EFF"]] + rows(tab[tab["block"] == "LOC_EFF"], "Location Effect")
+        if res.layout.association != "none":  # NCOV = 0 prints no location effect
+            out += [_BLOCK_TITLES["LOC_EFF"]] + rows(tab[tab["block"] == "LOC_EFF"], "Location Effect")
+            out += rows(tab[tab["block"] == "QUAD_LOC"], "Quad Location")
         out += ["", _BLOCK_TITLES["SCALE_SD"]] + rows(tab[tab["block"] == "SCALE_SD"])
         out.append("(exp(Std Dev) is printed as MIXREGLS prints it; it has no useful interpretation)")
     return "\n".join(out)
@@ -372,21 +378,37 @@ def summarize_mixwild(
     if lay.scale_re_terms:
         rs = f"  + random scale effects {spec.scale_re_formula} (correlated with the location effects)"
     else:
-        rs = "  + random scale v (correlated with u0)" if lay.random_scale else ""
+        link = {
+            "none": "independent of u0 (NCOV = 0)",
+            "linear": "correlated with u0",
+            "quadratic": "linear and quadratic in u0/sd(u0) (NCOV = 2)",
+        }
+        rs = f"  + random scale v ({link[lay.association]})" if lay.random_scale else ""
     out.append(f" WS variance model   : {spec.scale_formula}{rs}")
     if mls:
         out.append(f" random location     : {spec.re_formula}  (cluster: {spec.groups}; MIXREGMLS layout)")
     else:
         out.append(f" BS variance model   : {spec.bs_formula or '~ 1'}  (cluster: {spec.groups})")
     out += _quadrature_lines(res)
-    out.append(f" OPTIMISER  = {res.method} + Newton polish (autograd derivatives); SEs from the observed information")
+    ses = (
+        f"cluster-robust (sandwich) SEs over {spec.groups}"
+        if getattr(res, "cov_type", "nonrobust") == "robust"
+        else "SEs from the observed information"
+    )
+    out.append(f" OPTIMISER  = {res.method} + Newton polish (autograd derivatives); {ses}")
+    weights = res.model.design.info.get("weights")
+    if weights:
+        out.append(f" WEIGHTS    = {describe_weights(weights)}")
     out.append("")
     out.append("")
     out.append(describe_data(res if describe is None else describe, standardized=standardized))
     for t, r in stages:
         block = _model_block_mls if mls else _model_block
         out.append(block(t, r, standardized=standardized))
-    if len(stages) > 1:
+    sampling = (weights or {}).get("kind") == "sampling"
+    if len(stages) > 1 and sampling:
+        out += ["", "(no likelihood-ratio tests between the models: sampling-weighted pseudo-likelihoods)"]
+    if len(stages) > 1 and not sampling:
         tests = stage_tests(stages)
         ttl = "Likelihood-ratio tests between the models"
         out += ["", "", ttl, "-" * len(ttl), ""]

@@ -53,11 +53,14 @@ def stage_model(model, scale_intercept_only: bool, random_scale: bool):
         scale_terms = ("Intercept",)
         scale_formula = "~ 1"
         scale_spec = patsy.dmatrix("~ 1", pd.DataFrame({"_y": [0.0, 1.0]}), NA_action="raise").design_info
+    keep = lay.d if random_scale else lay.q  # without the random scale its covariance constraints go too
     new_lay = dataclasses.replace(
         lay,
         scale_terms=tuple(scale_terms),
         random_scale=random_scale,
         scale_re_terms=lay.scale_re_terms if random_scale else (),
+        fixed_cov=tuple((e, f) for e, f in lay.fixed_cov if f < keep),
+        quad_assoc=lay.quad_assoc and random_scale,
     )
     new_design = dataclasses.replace(design, W=W, layout=new_lay, G=design.G if random_scale else None)
     new_spec = dataclasses.replace(
@@ -82,8 +85,9 @@ def fit_stages(
        (constant WS variance);
     2. "Model WITH Scale Parameters": + the WS covariates of the final model
        (skipped, as by MIXREGLS, when the WS model has only an intercept);
-    3. "Model WITH RANDOM Scale": + the random scale ``v`` correlated with the
-       random location (MIXREGLS's NCOV = 1) -- only when the final model has one.
+    3. "Model WITH RANDOM Scale": + the random scale ``v`` with the final model's
+       association with the random location (``association``: MIXREGLS's NCOV = 1
+       linear, 0 none, 2 quadratic) -- only when the final model has one.
 
     Random-slope models (MIXREGMLS) follow the same sequence.
 
