@@ -71,7 +71,7 @@ FAR_FROM_BOUNDARY_Z2 = 25.0
 #: standard errors of zero (squared Wald z below this), or no Wald z at all (the
 #: information not positive definite). There the likelihood can have a second maximum
 #: near a face (fuzz case 4623287202221590537: 4 schools, true var(u0) = 0; the fit's
-#: interior maximum at corr(u0,v) = -0.18 is 0.285 below one at |corr| near 1) that the
+#: interior maximum at corr(u0,v) = -0.18 is 0.285 below one at ``|corr|`` near 1) that the
 #: probes, which move the fit itself to the boundary, cannot see.
 WEAK_Z2 = 4.0
 
