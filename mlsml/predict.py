@@ -348,6 +348,71 @@ class PosteriorGrid:
         return cu, v
 
 
+def draw_effects(
+    v: np.ndarray,
+    cdf: np.ndarray | None,
+    density: np.ndarray | None,
+    mu: np.ndarray,
+    V: np.ndarray,
+    ndraws: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    r"""Exact posterior draws of the whole vector ``b_j = (u_j, v_j)`` from a grid of ``v``, shape ``(ndraws, J, d)``.
+
+    ``v`` by inverting its tabulated distribution function (:func:`invert_tabulated_cdf`,
+    as :meth:`PosteriorGrid.draws`), then
+
+    .. math:: u \mid v, y \sim N(\mu(v), V(v))
+
+    with ``mu`` and ``V`` interpolated linearly in ``v`` between grid points (a convex
+    combination of covariance matrices is one) and drawn through its Cholesky factor.
+    Without a random scale (``cdf`` is None) ``u | y ~ N(mu[:, 0], V[:, 0])`` and no ``v``
+    column is returned.
+
+    Parameters
+    ----------
+    v, cdf, density : ndarray (J, G)
+        The grid of ``v``, its distribution function and density (``cdf = None``: no ``v``).
+    mu, V : ndarray (J, G, q), (J, G, q, q)
+        ``E(u | v, y)`` and ``cov(u | v, y)`` at the grid points.
+    ndraws : int
+    rng : numpy.random.Generator
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> res = mlsml.fit("y ~ x", mlsml.simulate.demo_data(n_groups=40, seed=1), groups="school")
+    >>> grid = PosteriorGrid.build(res.theta, res.model.design)
+    >>> b = draw_effects(grid.v, grid.cdf, grid.density, grid.mu, grid.V, 2000, np.random.default_rng(1))
+    >>> b.shape
+    (2000, 40, 2)
+    >>> mean, cov = grid.moments()
+    >>> bool(np.abs(b.mean(axis=0) - mean).max() < 4 * np.sqrt(cov[:, [0, 1], [0, 1]].max() / 2000))
+    True
+    """
+    J, G, q = mu.shape
+    if cdf is None:
+        m = np.broadcast_to(mu[:, 0], (ndraws, J, q))
+        C = np.broadcast_to(V[:, 0], (ndraws, J, q, q))
+        vcol = None
+    else:
+        U = rng.random((ndraws, J))
+        vT, iT, tT = invert_tabulated_cdf(v, cdf, density, U.T, newton=2)
+        vd, i, t = vT.T, iT.T, tT.T
+        cols = np.arange(J)[None, :]
+        m = mu[cols, i] + t[:, :, None] * (mu[cols, i + 1] - mu[cols, i])
+        C = V[cols, i] + t[:, :, None, None] * (V[cols, i + 1] - V[cols, i])
+        vcol = vd[:, :, None]
+    if q:
+        sym = 0.5 * (C + np.swapaxes(C, -1, -2))
+        scale = np.sqrt(np.clip(np.einsum("...ii->...i", sym), 1e-300, None))
+        Lc = np.linalg.cholesky(sym / (scale[..., :, None] * scale[..., None, :])) * scale[..., :, None]
+        u = m + np.einsum("...ab,...b->...a", Lc, rng.standard_normal((ndraws, J, q)))
+    else:
+        u = np.zeros((ndraws, J, 0))
+    return u if vcol is None else np.concatenate([u, vcol], axis=2)
+
+
 def mixture_quantiles(w: np.ndarray, m: np.ndarray, sd: np.ndarray, probs) -> np.ndarray:
     r"""Quantiles of normal mixtures, one per row: :math:`F_j(x) = \sum_g w_{jg} \Phi((x - m_{jg}) / s_{jg})`.
 
