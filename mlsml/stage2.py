@@ -348,9 +348,11 @@ class Pooled:
 
     Attributes
     ----------
-    params, within, between, total, riv, df, fmi : ndarray (p,)
-        ``Qbar``, ``diag(Ubar)``, ``diag(B)``, ``diag(T)``, ``r``, ``nu`` and the fraction of
-        missing information (module docstring).
+    params, within, between, total, riv, df, fmi, lam : ndarray (p,)
+        ``Qbar``, ``diag(Ubar)``, ``diag(B)``, ``diag(T)``, ``r``, ``nu``, the fraction of
+        missing information (Rubin's, as R's mice reports it: ``2/(nu + 3)`` even when
+        ``B = 0``) and ``lambda = (1 + 1/M) B / T``, the share of the variance due to the
+        missing school effects.
     cov : ndarray (p, p)
         ``T = Ubar + (1 + 1/M) B``.
     """
@@ -362,6 +364,7 @@ class Pooled:
     riv: np.ndarray
     df: np.ndarray
     fmi: np.ndarray
+    lam: np.ndarray
     cov: np.ndarray
 
 
@@ -402,14 +405,14 @@ def rubin(Q: np.ndarray, U: np.ndarray, df_complete: float = np.inf) -> Pooled:
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(w > 0, (1.0 + 1.0 / M) * b / w, np.inf)
         df_old = np.where(b > 0, (M - 1) * (1.0 + 1.0 / r) ** 2, np.inf)
+        lam = np.where(t > 0, (1.0 + 1.0 / M) * b / t, 0.0)
         if np.isfinite(df_complete):
-            lam = np.where(t > 0, (1.0 + 1.0 / M) * b / t, 0.0)
             df_obs = (df_complete + 1.0) / (df_complete + 3.0) * df_complete * (1.0 - lam)
             df = 1.0 / (1.0 / df_old + 1.0 / df_obs)
         else:
             df = df_old
         fmi = np.where(np.isfinite(df), (r + 2.0 / (df + 3.0)) / (1.0 + r), r / (1.0 + r))
-    return Pooled(qbar, w, b, t, r, df, fmi, T)
+    return Pooled(qbar, w, b, t, r, df, fmi, lam, T)
 
 
 # ---------------------------------------------------------------------- results
@@ -614,7 +617,12 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
         nobs=n,
         ngroups=res.ngroups,
         draws=pd.DataFrame(Q, columns=idx),
-        info={"stage1_uncertainty": thetas is not None, "within": pooled.within, "between": pooled.between},
+        info={
+            "stage1_uncertainty": thetas is not None,
+            "within": pooled.within,
+            "between": pooled.between,
+            "lambda": pooled.lam,
+        },
     )
 
 
