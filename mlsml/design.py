@@ -33,6 +33,7 @@ import pandas as pd
 from ._lazy import LazyModule
 from .errors import DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
+from .groupmeans import between, display_name, expand_group_transforms, within  # noqa: F401 (within, between: called by formulas)
 from .params import ParamLayout
 from .validate import describe_value
 
@@ -244,9 +245,10 @@ def _rebuild_formula_spec(state: dict[str, Any]) -> FormulaSpec:
     frame = state.get("frame")
     specs: dict[str, Any] = dict.fromkeys(_ENGINE_SPECS)
     if frame is not None:
-        specs["mean_spec"] = _materialise(state["formula"], frame, "mean formula")[1]
-        specs["scale_spec"] = _materialise(state["scale_formula"], frame, "scale formula")[1]
-        specs["re_spec"] = _materialise(state["re_formula"], frame, "random-effects formula")[1]
+        groups = state["groups"]
+        specs["mean_spec"] = _materialise(state["formula"], frame, "mean formula", groups)[1]
+        specs["scale_spec"] = _materialise(state["scale_formula"], frame, "scale formula", groups)[1]
+        specs["re_spec"] = _materialise(state["re_formula"], frame, "random-effects formula", groups)[1]
     return FormulaSpec(**state, **specs)
 
 
@@ -342,8 +344,11 @@ class _NAMemo(dict):
         return answer
 
 
-def _materialise(formula: str, data: pd.DataFrame, what: str):
+def _materialise(formula: str, data: pd.DataFrame, what: str, groups=None):
     """Design matrices of one formula and its patsy ``DesignInfo`` (of the right-hand side).
+
+    With ``groups`` (the grouping column) the formula's ``within(x)`` and ``between(x)``
+    get it as their second argument first (:func:`mlsml.groupmeans.expand_group_transforms`).
 
     patsy is called directly, as statsmodels' formula front end does by default:
     that front end is private and differs between statsmodels releases (0.14 has
@@ -351,6 +356,8 @@ def _materialise(formula: str, data: pd.DataFrame, what: str):
     (``np.log``) resolve in this module, as with statsmodels. Missing values raise
     (``NAAction(on_NA="raise")``, with the memo of :class:`_MemoNAAction`).
     """
+    if groups is not None:
+        formula = expand_group_transforms(formula, groups)
     try:
         if "~" not in formula or formula.strip().startswith("~"):  # one-sided
             out = patsy.dmatrix(formula, data, eval_env=0, NA_action=_MemoNAAction(), return_type="dataframe")
@@ -876,7 +883,12 @@ def build_design(
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
     evaluated = _materialise_together(
-        [(formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula")], frame
+        [
+            (expand_group_transforms(formula, groups), "mean formula"),
+            (expand_group_transforms(scale_formula, groups), "scale formula"),
+            (expand_group_transforms(re_formula, groups), "random-effects formula"),
+        ],
+        frame,
     )
     ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec) = evaluated
     if ydf.shape[1] != 1:
@@ -885,8 +897,8 @@ def build_design(
     X = Xdf.to_numpy(dtype=float)
     W = Wdf.to_numpy(dtype=float)
     Z = Zdf.to_numpy(dtype=float)
-    mean_terms = [str(c) for c in Xdf.columns]
-    scale_terms = [str(c) for c in Wdf.columns]
+    mean_terms = [display_name(str(c), groups) for c in Xdf.columns]
+    scale_terms = [display_name(str(c), groups) for c in Wdf.columns]
     if X.shape[1] == 0:
         raise ModelSpecError("the mean formula has no terms (not even an intercept)")
     if W.shape[1] == 0:
@@ -895,7 +907,8 @@ def build_design(
         raise DataError(f"the response {response!r} has non-finite values")
     _check_columns(X, mean_terms, "the mean design")
     _check_columns(W, scale_terms, "the scale design")
-    _check_columns(Z, [str(c) for c in Zdf.columns], "the random-effects design")
+    re_terms = [display_name(str(c), groups) for c in Zdf.columns]
+    _check_columns(Z, re_terms, "the random-effects design")
 
     # ---- groups
     gcol = frame[groups]
@@ -942,7 +955,7 @@ def build_design(
         "rows_used": np.flatnonzero(~dropped),  # positions in the caller's frame (weights, offsets)
         "n_dropped": int(dropped.sum()),
         "n_singletons": singles,
-        "re_terms": tuple(str(c) for c in Zdf.columns),
+        "re_terms": tuple(re_terms),
     }
     design = Design(
         y=ys,
@@ -992,8 +1005,8 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
     g_terms: tuple[str, ...] = ()
     s_terms: tuple[str, ...] = ()
     if "scale_re" in extra:
-        Gdf, _ = _materialise(extra["scale_re"], frame, "scale random-effects formula")
-        names = [str(c) for c in Gdf.columns]
+        Gdf, _ = _materialise(extra["scale_re"], frame, "scale random-effects formula", groups)
+        names = [display_name(str(c), groups) for c in Gdf.columns]
         if not names:
             raise ModelSpecError("scale_re_formula has no terms")
         Gm = Gdf.to_numpy(dtype=float)
@@ -1002,8 +1015,8 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
             G = np.ascontiguousarray(Gm[order])
             g_terms = tuple(names)
     if "bs" in extra:
-        Sdf, _ = _materialise(extra["bs"], frame, "between-school variance formula")
-        names = [str(c) for c in Sdf.columns]
+        Sdf, _ = _materialise(extra["bs"], frame, "between-school variance formula", groups)
+        names = [display_name(str(c), groups) for c in Sdf.columns]
         if not names:
             raise ModelSpecError("bs_formula has no terms: it needs at least an intercept ('~ 1')")
         Sm = Sdf.to_numpy(dtype=float)[order]

@@ -78,6 +78,7 @@ from ._lazy import LazyModule
 from .design import Design, FormulaSpec, _materialise
 from .errors import DataError, ModelSpecError, UnknownGroupWarning, warn
 from .gaussian import conditional_moments
+from .groupmeans import uses_group_transforms
 from .integrand import Sums, school_sums
 from .likelihood import Likelihood
 from .quadrature import Nodes, QuadratureSpec, default_nagq
@@ -608,7 +609,7 @@ def _scale_re_info(spec: FormulaSpec):
     """The design description of ``scale_re_formula``, evaluated on the fitted data."""
     if spec.frame is None:
         raise DataError("the scale random-effects formula cannot be evaluated: the fitted data did not travel with this result")
-    return _materialise(spec.scale_re_formula, spec.frame, "scale random-effects formula")[1]
+    return _materialise(spec.scale_re_formula, spec.frame, "scale random-effects formula", spec.groups)[1]
 
 
 def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unknown: np.ndarray) -> str:
@@ -675,6 +676,12 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     frame = _as_frame(newdata)
     n = len(frame)
     pos = np.full(n, -1, dtype=np.intp)
+    formulas = (spec.formula, spec.scale_formula, spec.re_formula, spec.scale_re_formula)
+    if spec.groups not in frame.columns and uses_group_transforms(*formulas):
+        raise DataError(
+            f"the model's within()/between() terms need the grouping column {spec.groups!r} in newdata "
+            "(a school of the fit uses its mean from the fit, a new school the mean of its rows in newdata)"
+        )
     if conditional:
         if spec.groups not in frame.columns:
             raise DataError(
