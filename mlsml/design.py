@@ -742,6 +742,8 @@ def build_design(
     missing: str = "drop",
     scale_re_formula: str | None = None,
     bs_formula: str | None = None,
+    missing_code: float | None = None,
+    drop_constant_groups: bool = False,
 ) -> tuple[Design, FormulaSpec]:
     """Evaluate the formulas on ``data`` and return the sorted design.
 
@@ -769,6 +771,15 @@ def build_design(
     bs_formula : str, optional
         School-level covariates of ``ln var(u0_j) = s_j' tau``; every column must be
         constant within each group.
+    missing_code : float, optional
+        A value that stands for a missing value (MixWILD's ``YMISS``, e.g. ``-999``) in
+        any numeric column a formula uses, or in ``groups``: those values become missing
+        before the missing-value rule (``missing``) applies, and the warning counts them.
+    drop_constant_groups : bool
+        Drop the groups whose response is constant (all their responses equal, including
+        groups of one row), with a :class:`MissingDataWarning` naming how many and which
+        (MixWILD's ``DISCARD0 = 1``). Such a group carries no information on its own
+        residual variance.
 
     Returns
     -------
@@ -833,6 +844,9 @@ def build_design(
         used.append(groups)
     _check_unique_columns(data, used)
     frame = data.loc[:, used]
+    n_code = {}
+    if missing_code is not None:
+        frame, n_code = _apply_missing_code(frame, missing_code)
     na = frame.isna()
     numeric = [c for c in used if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
     inf = pd.DataFrame(False, index=frame.index, columns=used)
@@ -843,6 +857,9 @@ def build_design(
     if dropped.any():
         per_col = {c: int(bad[c].sum()) for c in used if bad[c].any()}
         desc = ", ".join(f"{c!r}: {n}" for c, n in per_col.items())
+        if n_code:
+            coded = ", ".join(f"{c!r}: {n}" for c, n in n_code.items())
+            desc += f"; of these, values equal to missing_code={missing_code!r}: {coded}"
         if missing == "raise":
             first = frame.index[np.nonzero(dropped)[0][0]]
             raise DataError(
@@ -858,6 +875,9 @@ def build_design(
     if frame.shape[0] == 0:
         raise DataError("no rows left after removing missing values")
     frame = to_numpy_dtypes(frame)
+    dropped_groups: list = []
+    if drop_constant_groups:
+        frame, dropped_groups = _drop_constant_groups(frame, response, groups)
 
     # ---- design matrices
     if response in frame.columns and (
@@ -954,6 +974,7 @@ def build_design(
         "response": response,
         "rows_used": np.flatnonzero(~dropped),  # positions in the caller's frame (weights, offsets)
         "n_dropped": int(dropped.sum()),
+        "constant_groups_dropped": tuple(dropped_groups),
         "n_singletons": singles,
         "re_terms": tuple(re_terms),
     }
@@ -987,6 +1008,54 @@ def build_design(
         frame=frame,
     )
     return design, spec
+
+
+#: How many group labels a warning about dropped groups lists.
+SHOW_GROUPS = 10
+
+
+def _apply_missing_code(frame: pd.DataFrame, code) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``frame`` with every numeric value equal to ``code`` made missing, and the count per column."""
+    if isinstance(code, bool) or not isinstance(code, numbers.Real) or not np.isfinite(code):
+        raise ModelSpecError(f"missing_code must be a finite number (e.g. -999), not {describe_value(code)}")
+    out = frame.copy()
+    counts = {}
+    for c in frame.columns:
+        s = frame[c]
+        if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            continue
+        hit = (s == code).fillna(False).to_numpy(dtype=bool)
+        if hit.any():
+            counts[c] = int(hit.sum())
+            out[c] = s.astype("float64").where(~hit)
+    return out, counts
+
+
+def _drop_constant_groups(frame: pd.DataFrame, response: str, groups) -> tuple[pd.DataFrame, list]:
+    """Rows of the groups whose response varies, and the labels of the groups dropped (with a warning)."""
+    try:
+        values = _materialise(f"~ 0 + {response}", frame, "response")[0]
+    except (ModelSpecError, DataError):
+        return frame, []  # not a numeric response: the checks below say so
+    if values.shape[1] != 1:
+        return frame, []
+    y = pd.Series(values.to_numpy(dtype=float)[:, 0], index=frame.index)
+    g = y.groupby(frame[groups].to_numpy(), sort=False)
+    const = (g.transform("max") == g.transform("min")).to_numpy()
+    if not const.any():
+        return frame, []
+    labels = list(pd.unique(frame[groups].to_numpy()[const]))
+    n_groups = frame[groups].nunique()
+    if len(labels) == n_groups:
+        raise DataError(f"drop_constant_groups: the response {response!r} is constant within every group of {groups!r}")
+    shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in labels[:SHOW_GROUPS])
+    more = f" and {len(labels) - SHOW_GROUPS} more" if len(labels) > SHOW_GROUPS else ""
+    warn(
+        f"drop_constant_groups: dropped {len(labels)} of {n_groups} groups of {groups!r} ({int(const.sum())} rows) whose "
+        f"response {response!r} is constant: {shown}{more}",
+        MissingDataWarning,
+    )
+    return frame.loc[~const], [v.item() if isinstance(v, np.generic) else v for v in labels]
 
 
 def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups: str):

@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import schools as _schools
 from . import stage2 as _stage2
+from . import standardized as _standardized
 from . import summary as _summary
 from ._lazy import LazyModule
 from .bootstrap import bootstrap as _bootstrap
@@ -686,6 +687,24 @@ class MELSMResults:
         return _stage2.stage2(
             self, formula, data, family, method, ndraws, seed, level1_summaries, level1_data, stage1_uncertainty, missing, nagq
         )
+
+    def standardized_params(self, alpha: float = 0.05) -> pd.DataFrame:
+        """The estimates for standardised covariates (mean 0, SD 1), as MixWILD prints them with ``NCENT = 1``.
+
+        An exact reparametrisation of this fit (no refit): the same numbers as a fit to
+        standardised data, with delta-method standard errors. See :mod:`mlsml.standardized`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> res = mlsml.fit("y ~ x", mlsml.simulate.demo_data(n_groups=40, seed=1), groups="school")
+        >>> res.standardized_params()[["estimate", "std err"]].round(3).loc[["mean:Intercept", "mean:x"]]
+                        estimate  std err
+        mean:Intercept    -0.014    0.034
+        mean:x             0.643    0.009
+        """
+        self._require_data("standardized_params")
+        return _standardized.standardized_params(self, alpha)
 
     def population_quantities(self, w=None, z=None, s=None) -> pd.DataFrame:
         r"""Population quantities with delta-method standard errors.
