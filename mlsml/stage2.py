@@ -574,7 +574,7 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
         draws = _posterior_draws(res, np.asarray(res.theta, dtype=float), mean, cov, ndraws, rng)
     else:
         draws = np.concatenate([_posterior_draws(res, th, mean, cov, 1, rng) for th in thetas], axis=0)
-    Q, U, failed, names = [], [], 0, None
+    Q, U, failed, names, last_error = [], [], 0, None, None
     for m in range(ndraws):
         y, X = _design(sd, formula, family, draws[m])
         try:
@@ -590,7 +590,7 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
         Q.append(params)
         U.append(cv)
     if failed > MAX_FAILED_SHARE * ndraws or len(Q) < MIN_NDRAWS:
-        why = f" (last error: {last_error})" if failed and "last_error" in locals() else ""
+        why = f" (last error: {last_error})" if last_error is not None else ""
         raise DataError(f"the stage-2 {family} fit failed on {failed} of {ndraws} imputed data sets{why}")
     if failed:
         warn(f"the stage-2 {family} fit failed on {failed} of {ndraws} imputed data sets; they are left out", ConvergenceWarning)
