@@ -366,7 +366,8 @@ def draw_effects(
     .. math:: u \mid v, y \sim N(\mu(v), V(v))
 
     with ``mu`` and ``V`` interpolated linearly in ``v`` between grid points (a convex
-    combination of covariance matrices is one) and drawn through its Cholesky factor.
+    combination of covariance matrices is one) and drawn through its symmetric square root
+    (eigenvalues clipped at 0, so a numerically singular ``V`` is no error).
     Without a random scale (``cdf`` is None) ``u | y ~ N(mu[:, 0], V[:, 0])`` and no ``v``
     column is returned.
 
@@ -405,10 +406,12 @@ def draw_effects(
         C = V[cols, i] + t[:, :, None, None] * (V[cols, i + 1] - V[cols, i])
         vcol = vd[:, :, None]
     if q:
-        sym = 0.5 * (C + np.swapaxes(C, -1, -2))
-        scale = np.sqrt(np.clip(np.einsum("...ii->...i", sym), 1e-300, None))
-        Lc = np.linalg.cholesky(sym / (scale[..., :, None] * scale[..., None, :])) * scale[..., :, None]
-        u = m + np.einsum("...ab,...b->...a", Lc, rng.standard_normal((ndraws, J, q)))
+        # a symmetric square root F (F F' = V) with the eigenvalues clipped at 0: V is positive
+        # semi-definite but may round to a (tiny) negative eigenvalue where var(u | v, y) is ~0 (a fit
+        # near var(u0) = 0), where a Cholesky factor does not exist
+        lam, vec = np.linalg.eigh(0.5 * (C + np.swapaxes(C, -1, -2)))
+        F = vec * np.sqrt(np.clip(lam, 0.0, None))[..., None, :]
+        u = m + np.einsum("...ab,...b->...a", F, rng.standard_normal((ndraws, J, q)))
     else:
         u = np.zeros((ndraws, J, 0))
     return u if vcol is None else np.concatenate([u, vcol], axis=2)

@@ -546,20 +546,52 @@ class Stage2Results:
 
 
 # ---------------------------------------------------------------------- the two methods
-def _stage1_thetas(res, ndraws: int, rng, stage1_uncertainty: bool) -> np.ndarray | None:
-    """MELSM parameter draws ``theta_m ~ N(theta_hat, cov)`` (optimiser scale), or None."""
+#: A draw of the MELSM's parameters whose posterior cannot be tabulated (a nearly singular
+#: ``Sigma``) is replaced by a new draw, at most this many times per imputation.
+MAX_REDRAWS = 20
+
+
+def _stage1_sampler(res, rng, stage1_uncertainty: bool):
+    """A function giving one MELSM parameter draw ``theta_m ~ N(theta_hat, cov)`` (optimiser scale), or None.
+
+    None (draws at the estimates, with a warning) when the fit has no covariance or is on the
+    boundary of the parameter space: there the normal approximation of the estimates' distribution
+    puts mass beyond the boundary (a variance of zero has no symmetric neighbourhood).
+    """
     if not stage1_uncertainty:
         return None
     cov = res.cov_theta()
+    why = None
     if cov is None:
+        why = "has no covariance of its estimates (information not positive definite)"
+    elif res.singular:
+        why = f"is on the boundary of the parameter space ({'; '.join(res.singular_reasons()) or 'singular'})"
+    if why is not None:
         warn(
-            "stage1_uncertainty=True needs the covariance of the MELSM estimates, which this fit has not "
-            "(information not positive definite): the draws are made at the estimates",
+            f"stage1_uncertainty=True draws the MELSM's parameters from their asymptotic normal distribution, but the fit "
+            f"{why}: the imputations are drawn at the estimates (as with stage1_uncertainty=False)",
             ConvergenceWarning,
         )
         return None
     cov = 0.5 * (np.asarray(cov) + np.asarray(cov).T)
-    return rng.multivariate_normal(np.asarray(res.theta, dtype=float), cov, size=ndraws, method="eigh")
+    theta = np.asarray(res.theta, dtype=float)
+    return lambda: rng.multivariate_normal(theta, cov, method="eigh")
+
+
+def _proper_draw(res, sampler, mean: np.ndarray, cov: np.ndarray, rng) -> np.ndarray:
+    """One imputation of every school's effects under a draw of the MELSM's parameters, shape ``(1, J, d)``."""
+    for _ in range(MAX_REDRAWS):
+        try:
+            with np.errstate(all="ignore"):
+                b = _posterior_draws(res, sampler(), mean, cov, 1, rng)
+        except np.linalg.LinAlgError:
+            continue
+        if np.all(np.isfinite(b)):
+            return b
+    raise DataError(
+        f"{MAX_REDRAWS} draws of the MELSM's parameters in a row gave a posterior that cannot be tabulated; "
+        "use stage1_uncertainty=False"
+    )
 
 
 def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
@@ -569,11 +601,11 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
     y0, X0 = _design(sd, formula, family, mean)
     _check_response(y0, family, sd.response)
     _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
-    thetas = _stage1_thetas(res, ndraws, rng, stage1_uncertainty)
-    if thetas is None:
+    sampler = _stage1_sampler(res, rng, stage1_uncertainty)
+    if sampler is None:
         draws = _posterior_draws(res, np.asarray(res.theta, dtype=float), mean, cov, ndraws, rng)
     else:
-        draws = np.concatenate([_posterior_draws(res, th, mean, cov, 1, rng) for th in thetas], axis=0)
+        draws = np.concatenate([_proper_draw(res, sampler, mean, cov, rng) for _ in range(ndraws)], axis=0)
     Q, U, failed, names, last_error = [], [], 0, None, None
     for m in range(ndraws):
         y, X = _design(sd, formula, family, draws[m])
@@ -618,7 +650,7 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
         ngroups=res.ngroups,
         draws=pd.DataFrame(Q, columns=idx),
         info={
-            "stage1_uncertainty": thetas is not None,
+            "stage1_uncertainty": sampler is not None,
             "within": pooled.within,
             "between": pooled.between,
             "lambda": pooled.lam,

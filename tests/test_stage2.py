@@ -201,3 +201,30 @@ def test_school_outcome_columns_are_data_part_times_effects(fitted):
     assert out.effects == ((), (0,), (1,), (0, 1), (0,))
     np.testing.assert_allclose(out.A[:, 4], schools["w"].to_numpy())
     assert isinstance(out, SchoolOutcome) and out.n_params == 6
+
+
+def test_draw_effects_with_a_singular_conditional_covariance():
+    """var(u | v, y) rounding to a tiny negative number (a fit near var(u0) = 0) is no error (it was:
+    Cholesky of a matrix not positive definite, in the stage-2 simulation)."""
+    v = np.tile(np.linspace(-1, 1, 5), (3, 1))
+    cdf = np.tile(np.linspace(0, 1, 5), (3, 1))
+    density = np.full((3, 5), 0.5)
+    mu = np.zeros((3, 5, 2))
+    V = np.zeros((3, 5, 2, 2))
+    V[..., 0, 0] = -1e-18
+    V[..., 1, 1] = 1.0
+    b = draw_effects(v, cdf, density, mu, V, 200, np.random.default_rng(0))
+    assert np.all(b[..., 0] == 0.0) and abs(b[..., 1].std() - 1.0) < 0.1
+
+
+def test_mi_on_a_boundary_fit_draws_at_the_estimates_with_a_warning():
+    """A MELSM fit with corr(u0, v) = -1 (replication 35 of the stage-2 simulation): drawing its
+    parameters from the normal approximation gave a singular Sigma and the run failed."""
+    from validation.stage2 import BASE_SEED, make_data
+
+    df, schools = make_data("gaussian", 5, BASE_SEED + 35)
+    with pytest.warns(mlsml.SingularFitWarning):
+        res = mlsml.fit("y ~ x", df, groups="school")
+    with pytest.warns(mlsml.ConvergenceWarning, match="on the boundary of the parameter space"):
+        s2 = res.stage2("Y ~ u0 + v", data=schools, ndraws=8, seed=1)
+    assert s2.info["stage1_uncertainty"] is False and np.all(np.isfinite(s2.params))
