@@ -225,6 +225,7 @@ def test_mi_on_a_boundary_fit_draws_at_the_estimates_with_a_warning():
     df, schools = make_data("gaussian", 5, BASE_SEED + 35)
     with pytest.warns(mlsml.SingularFitWarning):
         res = mlsml.fit("y ~ x", df, groups="school")
-    with pytest.warns(mlsml.ConvergenceWarning, match="on the boundary of the parameter space"):
+    # "on the boundary", or (with older numerical libraries) "no covariance": either way at the estimates
+    with pytest.warns(mlsml.ConvergenceWarning, match="the imputations are drawn at the estimates"):
         s2 = res.stage2("Y ~ u0 + v", data=schools, ndraws=8, seed=1)
     assert s2.info["stage1_uncertainty"] is False and np.all(np.isfinite(s2.params))
