@@ -186,7 +186,8 @@ def section() -> str:
         "",
     ]
     for (family, n), part in summ.groupby(level=[0, 1], sort=False):
-        lines += [f"**{family}, n = {n} students per school**", "", md_table(part.droplevel([0, 1]), digits=3), ""]
+        table = part.droplevel([0, 1]).reset_index()
+        lines += [f"**{family}, n = {n} students per school**", "", md_table(table, digits=3, index=False), ""]
     # the joint model's rule: 11 points per dimension (the default) against 21 on replication 0 of the hardest condition
     import mlsml
 
@@ -217,6 +218,23 @@ def section() -> str:
         f"intervals {joint_cov.min():.2f} to {joint_cov.max():.2f}. Criterion (fixed before the run): |relative bias| "
         f"< {JOINT_MAX_REL_BIAS} and coverage at least 0.95 - 3 Monte Carlo SEs ({low:.3f} with {R} replications): "
         f"**{'PASS' if ok else 'DIFFERS'}**.",
+    ]
+    eff = joint[effects]
+    mc = eff["emp. SD"] / np.sqrt(eff["reps"]) / eff["truth"].abs()
+    failing = eff[(eff["rel. bias"].abs() >= JOINT_MAX_REL_BIAS) | (eff["coverage"] < low)]
+    for key, row in failing.iterrows():
+        family, n, param = key
+        lines.append(
+            f"  - {family}, n = {n}, {param}: relative bias {row['rel. bias']:+.3f} (Monte Carlo SE {mc[key]:.3f}), "
+            f"coverage {row['coverage']:.2f}, {int(row['reps'])} replications."
+        )
+    if len(failing) and set(failing.index.get_level_values("family")) == {"binomial"}:
+        lines.append(
+            "  Where it fails, the joint estimates err *away* from zero, as maximum-likelihood logistic regression does "
+            "in small samples (100 binary outcomes on effects known from 5 observations each; a Firth-type correction "
+            "is not offered), while their intervals still cover; the two-stage estimates err toward zero by more."
+        )
+    lines += [
         f"- mi: relative bias of the effects of u0 and v from {mi_att.min():.3f} to {mi_att.max():.3f}: attenuated "
         "toward zero, most where the school effects are least reliable (v with n = 5).",
         "",
