@@ -602,10 +602,13 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
     _check_response(y0, family, sd.response)
     _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
     sampler = _stage1_sampler(res, rng, stage1_uncertainty)
-    if sampler is None:
-        draws = _posterior_draws(res, np.asarray(res.theta, dtype=float), mean, cov, ndraws, rng)
-    else:
-        draws = np.concatenate([_proper_draw(res, sampler, mean, cov, rng) for _ in range(ndraws)], axis=0)
+    try:
+        if sampler is None:
+            draws = _posterior_draws(res, np.asarray(res.theta, dtype=float), mean, cov, ndraws, rng)
+        else:
+            draws = np.concatenate([_proper_draw(res, sampler, mean, cov, rng) for _ in range(ndraws)], axis=0)
+    except ModelSpecError as exc:  # a model class without exact posterior draws (e.g. association="quadratic")
+        raise ModelSpecError(f"stage 2 with method='mi' needs exact posterior draws: {exc}. Use method='joint'") from exc
     Q, U, failed, names, last_error = [], [], 0, None, None
     for m in range(ndraws):
         y, X = _design(sd, formula, family, draws[m])

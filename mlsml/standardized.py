@@ -22,7 +22,9 @@ the back-transformed estimates, internally the fit is standardised anyway, see
 from any fit, with standard errors by the (exact, linear) delta method: the same numbers as
 a fit to standardised data. A design without an intercept column is scaled but not
 centred (centring would change the model). With ``bs_formula`` the random-effects design
-is not standardised (the log-linear variance of ``u0`` is not invariant to it).
+is not standardised (the log-linear variance of ``u0`` is not invariant to it). With random
+slopes and covariances fixed at zero (``cov_constraints``) there is no standardised model of
+the same form (centring mixes the intercept with the slopes): an error says so.
 
 Examples
 --------
@@ -39,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
+from .errors import ModelSpecError
 
 stats = LazyModule("scipy.stats")  # imported on first use: keeps `import mlsml` fast
 
@@ -101,8 +104,17 @@ def _maps(res):
     for B in blocks:
         A[pos : pos + B.shape[0], pos : pos + B.shape[0]] = B
         pos += B.shape[0]
-    if lay.bs_terms:  # Sigma0's entries are unchanged
+    full = lay.d * (lay.d + 1) // 2
+    if lay.bs_terms or np.array_equal(Tz, np.eye(lay.q)):
+        # Sigma0's entries (bs_formula), or a random-effects design without covariates: the
+        # covariance parameters (and association="quadratic"'s quad(u0,v)) are unchanged
         A[off:, off:] = np.eye(n - off)
+    elif n - off != full:
+        raise ModelSpecError(
+            "standardized_params: centring the random-slope covariates mixes the random intercept with the slopes, "
+            "so a model with covariances fixed at zero (cov_constraints, association='none') has no standardised "
+            "counterpart of the same form; standardise the data and fit that model instead"
+        )
     else:
         T = np.eye(lay.d)
         T[: lay.q, : lay.q] = Tz

@@ -30,8 +30,14 @@ def _standardised(df, cols):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(scale_formula="~ x"), dict(re_formula="~ x", random_scale=False), dict(bs_formula="~ s")],
-    ids=["core", "random slope", "bs_formula"],
+    [
+        dict(scale_formula="~ x"),
+        dict(re_formula="~ x", random_scale=False),
+        dict(bs_formula="~ s"),
+        dict(scale_formula="~ x", association="none"),
+        dict(scale_formula="~ x", association="quadratic"),
+    ],
+    ids=["core", "random slope", "bs_formula", "association none", "association quadratic"],
 )
 def test_equals_a_fit_to_standardised_data(data, kw):
     res = mlsml.fit("y ~ x", data, groups="school", **kw)
@@ -51,3 +57,9 @@ def test_column_map_weights_school_rows_by_their_size():
     scaled_only, _, _ = column_map(np.array([[2.0], [4.0]]))  # no intercept: scaled, not centred
     assert np.allclose(np.array([[2.0], [4.0]]) @ scaled_only, np.array([[2.0], [4.0]]) / np.sqrt(2.0))
     assert isinstance(pd.Series(mean), pd.Series)
+
+
+def test_constrained_random_slopes_have_no_standardised_counterpart(data):
+    res = mlsml.fit("y ~ x", data, groups="school", re_formula="~ x", random_scale=False, cov_constraints=["cov(u0,u1)"])
+    with pytest.raises(mlsml.ModelSpecError, match="no standardised counterpart"):
+        res.standardized_params()
