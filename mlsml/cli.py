@@ -37,6 +37,7 @@ EPILOG_FIT = """examples:
   mlsml fit data.csv --formula "y ~ x" --groups school --format latex > table.tex
   mlsml fit data.csv --sep ";" --na-values -999 --formula "y ~ x" --groups school
   mlsml fit pisa.csv --formula "math ~ escs" --groups school --weights w_stu --group-weights w_sch
+  mlsml fit data.csv --missing-code -999 --drop-constant-groups --standardize --formula "y ~ x" --groups school
 
 The group column is read as text, so school ids "01" and "1" stay two schools
 (ids that are all plain integers are sorted as numbers).
@@ -253,6 +254,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             cov_type=args.cov_type,
             association=args.association,
             cov_constraints=[c.strip() for c in args.cov_zero.split(";") if c.strip()] if args.cov_zero else None,
+            missing_code=args.missing_code,
+            drop_constant_groups=args.drop_constant_groups,
             nagq=args.nagq,
             callback=_pass_printer(args),
         )
@@ -271,6 +274,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         else:
             smry = res.summary()
         print(_render(smry, args.format))
+        if args.standardize:
+            print("\nEstimates for standardised covariates (mean 0, SD 1; MixWILD's NCENT = 1):")
+            print(res.standardized_params().round(5).to_string())
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(_fit_json(res), fh, indent=2)
@@ -437,6 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--nagq", type=_positive_int, default=None, help="quadrature points per dimension")
     f.add_argument("--missing", choices=["drop", "raise"], default="drop", help="listwise deletion or error")
+    f.add_argument(
+        "--missing-code",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="a value that stands for missing in the columns the formulas use (MixWILD's YMISS, e.g. -999); counted per column",
+    )
+    f.add_argument(
+        "--drop-constant-groups",
+        action="store_true",
+        help="drop the groups whose response is constant, naming them (MixWILD's DISCARD0 = 1)",
+    )
+    f.add_argument(
+        "--standardize",
+        action="store_true",
+        help="also print the estimates for standardised covariates, as MixWILD reports them with NCENT = 1",
+    )
     f.add_argument("--json", metavar="PATH", help="write llf, params, bse, converged as JSON")
     f.add_argument(
         "--style",

@@ -33,6 +33,7 @@ import pandas as pd
 from ._lazy import LazyModule
 from .errors import DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
+from .groupmeans import between, display_name, expand_group_transforms, within  # noqa: F401 (within, between: called by formulas)
 from .params import ParamLayout
 from .validate import describe_value
 
@@ -244,9 +245,10 @@ def _rebuild_formula_spec(state: dict[str, Any]) -> FormulaSpec:
     frame = state.get("frame")
     specs: dict[str, Any] = dict.fromkeys(_ENGINE_SPECS)
     if frame is not None:
-        specs["mean_spec"] = _materialise(state["formula"], frame, "mean formula")[1]
-        specs["scale_spec"] = _materialise(state["scale_formula"], frame, "scale formula")[1]
-        specs["re_spec"] = _materialise(state["re_formula"], frame, "random-effects formula")[1]
+        groups = state["groups"]
+        specs["mean_spec"] = _materialise(state["formula"], frame, "mean formula", groups)[1]
+        specs["scale_spec"] = _materialise(state["scale_formula"], frame, "scale formula", groups)[1]
+        specs["re_spec"] = _materialise(state["re_formula"], frame, "random-effects formula", groups)[1]
     return FormulaSpec(**state, **specs)
 
 
@@ -342,8 +344,11 @@ class _NAMemo(dict):
         return answer
 
 
-def _materialise(formula: str, data: pd.DataFrame, what: str):
+def _materialise(formula: str, data: pd.DataFrame, what: str, groups=None):
     """Design matrices of one formula and its patsy ``DesignInfo`` (of the right-hand side).
+
+    With ``groups`` (the grouping column) the formula's ``within(x)`` and ``between(x)``
+    get it as their second argument first (:func:`mlsml.groupmeans.expand_group_transforms`).
 
     patsy is called directly, as statsmodels' formula front end does by default:
     that front end is private and differs between statsmodels releases (0.14 has
@@ -351,6 +356,8 @@ def _materialise(formula: str, data: pd.DataFrame, what: str):
     (``np.log``) resolve in this module, as with statsmodels. Missing values raise
     (``NAAction(on_NA="raise")``, with the memo of :class:`_MemoNAAction`).
     """
+    if groups is not None:
+        formula = expand_group_transforms(formula, groups)
     try:
         if "~" not in formula or formula.strip().startswith("~"):  # one-sided
             out = patsy.dmatrix(formula, data, eval_env=0, NA_action=_MemoNAAction(), return_type="dataframe")
@@ -735,6 +742,8 @@ def build_design(
     missing: str = "drop",
     scale_re_formula: str | None = None,
     bs_formula: str | None = None,
+    missing_code: float | None = None,
+    drop_constant_groups: bool = False,
 ) -> tuple[Design, FormulaSpec]:
     """Evaluate the formulas on ``data`` and return the sorted design.
 
@@ -762,6 +771,15 @@ def build_design(
     bs_formula : str, optional
         School-level covariates of ``ln var(u0_j) = s_j' tau``; every column must be
         constant within each group.
+    missing_code : float, optional
+        A value that stands for a missing value (MixWILD's ``YMISS``, e.g. ``-999``) in
+        any numeric column a formula uses, or in ``groups``: those values become missing
+        before the missing-value rule (``missing``) applies, and the warning counts them.
+    drop_constant_groups : bool
+        Drop the groups whose response is constant (all their responses equal, including
+        groups of one row), with a :class:`MissingDataWarning` naming how many and which
+        (MixWILD's ``DISCARD0 = 1``). Such a group carries no information on its own
+        residual variance.
 
     Returns
     -------
@@ -826,6 +844,9 @@ def build_design(
         used.append(groups)
     _check_unique_columns(data, used)
     frame = data.loc[:, used]
+    n_code = {}
+    if missing_code is not None:
+        frame, n_code = _apply_missing_code(frame, missing_code)
     na = frame.isna()
     numeric = [c for c in used if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
     inf = pd.DataFrame(False, index=frame.index, columns=used)
@@ -836,6 +857,9 @@ def build_design(
     if dropped.any():
         per_col = {c: int(bad[c].sum()) for c in used if bad[c].any()}
         desc = ", ".join(f"{c!r}: {n}" for c, n in per_col.items())
+        if n_code:
+            coded = ", ".join(f"{c!r}: {n}" for c, n in n_code.items())
+            desc += f"; of these, values equal to missing_code={missing_code!r}: {coded}"
         if missing == "raise":
             first = frame.index[np.nonzero(dropped)[0][0]]
             raise DataError(
@@ -851,6 +875,9 @@ def build_design(
     if frame.shape[0] == 0:
         raise DataError("no rows left after removing missing values")
     frame = to_numpy_dtypes(frame)
+    dropped_groups: list = []
+    if drop_constant_groups:
+        frame, dropped_groups = _drop_constant_groups(frame, response, groups)
 
     # ---- design matrices
     if response in frame.columns and (
@@ -876,7 +903,12 @@ def build_design(
         if c != groups and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])):
             frame[c] = pd.Categorical(frame[c])
     evaluated = _materialise_together(
-        [(formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula")], frame
+        [
+            (expand_group_transforms(formula, groups), "mean formula"),
+            (expand_group_transforms(scale_formula, groups), "scale formula"),
+            (expand_group_transforms(re_formula, groups), "random-effects formula"),
+        ],
+        frame,
     )
     ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec) = evaluated
     if ydf.shape[1] != 1:
@@ -885,8 +917,8 @@ def build_design(
     X = Xdf.to_numpy(dtype=float)
     W = Wdf.to_numpy(dtype=float)
     Z = Zdf.to_numpy(dtype=float)
-    mean_terms = [str(c) for c in Xdf.columns]
-    scale_terms = [str(c) for c in Wdf.columns]
+    mean_terms = [display_name(str(c), groups) for c in Xdf.columns]
+    scale_terms = [display_name(str(c), groups) for c in Wdf.columns]
     if X.shape[1] == 0:
         raise ModelSpecError("the mean formula has no terms (not even an intercept)")
     if W.shape[1] == 0:
@@ -895,7 +927,8 @@ def build_design(
         raise DataError(f"the response {response!r} has non-finite values")
     _check_columns(X, mean_terms, "the mean design")
     _check_columns(W, scale_terms, "the scale design")
-    _check_columns(Z, [str(c) for c in Zdf.columns], "the random-effects design")
+    re_terms = [display_name(str(c), groups) for c in Zdf.columns]
+    _check_columns(Z, re_terms, "the random-effects design")
 
     # ---- groups
     gcol = frame[groups]
@@ -941,8 +974,9 @@ def build_design(
         "response": response,
         "rows_used": np.flatnonzero(~dropped),  # positions in the caller's frame (weights, offsets)
         "n_dropped": int(dropped.sum()),
+        "constant_groups_dropped": tuple(dropped_groups),
         "n_singletons": singles,
-        "re_terms": tuple(str(c) for c in Zdf.columns),
+        "re_terms": tuple(re_terms),
     }
     design = Design(
         y=ys,
@@ -976,6 +1010,54 @@ def build_design(
     return design, spec
 
 
+#: How many group labels a warning about dropped groups lists.
+SHOW_GROUPS = 10
+
+
+def _apply_missing_code(frame: pd.DataFrame, code) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``frame`` with every numeric value equal to ``code`` made missing, and the count per column."""
+    if isinstance(code, bool) or not isinstance(code, numbers.Real) or not np.isfinite(code):
+        raise ModelSpecError(f"missing_code must be a finite number (e.g. -999), not {describe_value(code)}")
+    out = frame.copy()
+    counts = {}
+    for c in frame.columns:
+        s = frame[c]
+        if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            continue
+        hit = (s == code).fillna(False).to_numpy(dtype=bool)
+        if hit.any():
+            counts[c] = int(hit.sum())
+            out[c] = s.astype("float64").where(~hit)
+    return out, counts
+
+
+def _drop_constant_groups(frame: pd.DataFrame, response: str, groups) -> tuple[pd.DataFrame, list]:
+    """Rows of the groups whose response varies, and the labels of the groups dropped (with a warning)."""
+    try:
+        values = _materialise(f"~ 0 + {response}", frame, "response")[0]
+    except (ModelSpecError, DataError):
+        return frame, []  # not a numeric response: the checks below say so
+    if values.shape[1] != 1:
+        return frame, []
+    y = pd.Series(values.to_numpy(dtype=float)[:, 0], index=frame.index)
+    g = y.groupby(frame[groups].to_numpy(), sort=False)
+    const = (g.transform("max") == g.transform("min")).to_numpy()
+    if not const.any():
+        return frame, []
+    labels = list(pd.unique(frame[groups].to_numpy()[const]))
+    n_groups = frame[groups].nunique()
+    if len(labels) == n_groups:
+        raise DataError(f"drop_constant_groups: the response {response!r} is constant within every group of {groups!r}")
+    shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in labels[:SHOW_GROUPS])
+    more = f" and {len(labels) - SHOW_GROUPS} more" if len(labels) > SHOW_GROUPS else ""
+    warn(
+        f"drop_constant_groups: dropped {len(labels)} of {n_groups} groups of {groups!r} ({int(const.sum())} rows) whose "
+        f"response {response!r} is constant: {shown}{more}",
+        MissingDataWarning,
+    )
+    return frame.loc[~const], [v.item() if isinstance(v, np.generic) else v for v in labels]
+
+
 def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups: str):
     """Evaluate ``scale_re_formula`` and ``bs_formula`` (called by :func:`build_design`).
 
@@ -992,8 +1074,8 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
     g_terms: tuple[str, ...] = ()
     s_terms: tuple[str, ...] = ()
     if "scale_re" in extra:
-        Gdf, _ = _materialise(extra["scale_re"], frame, "scale random-effects formula")
-        names = [str(c) for c in Gdf.columns]
+        Gdf, _ = _materialise(extra["scale_re"], frame, "scale random-effects formula", groups)
+        names = [display_name(str(c), groups) for c in Gdf.columns]
         if not names:
             raise ModelSpecError("scale_re_formula has no terms")
         Gm = Gdf.to_numpy(dtype=float)
@@ -1002,8 +1084,8 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
             G = np.ascontiguousarray(Gm[order])
             g_terms = tuple(names)
     if "bs" in extra:
-        Sdf, _ = _materialise(extra["bs"], frame, "between-school variance formula")
-        names = [str(c) for c in Sdf.columns]
+        Sdf, _ = _materialise(extra["bs"], frame, "between-school variance formula", groups)
+        names = [display_name(str(c), groups) for c in Sdf.columns]
         if not names:
             raise ModelSpecError("bs_formula has no terms: it needs at least an intercept ('~ 1')")
         Sm = Sdf.to_numpy(dtype=float)[order]

@@ -48,6 +48,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 from numpy.polynomial.hermite_e import hermegauss
+from scipy import special
 
 from . import gaussian
 from .design import Design
@@ -923,3 +924,219 @@ class ObsModeProblem:
             H[:, :q, q:] += Huv
             H[:, q:, :q] += np.swapaxes(Huv, 1, 2)
         return g, H
+
+
+# ====================================================================== the joint (one-stage) stage-2 model
+#: Families of the school-level outcome the joint model supports (the ``family`` of
+#: :class:`SchoolOutcome`): ``log f(Y_j | eta)`` in closed form with its first two derivatives.
+JOINT_FAMILIES = ("gaussian", "binomial", "poisson")
+
+
+class SchoolOutcome(NamedTuple):
+    r"""A school-level outcome whose regression on the school effects enters each school's integrand.
+
+    With ``b = (u, v)`` the school effects and ``phi = (gamma, [ln sigma^2])`` its parameters,
+
+    .. math::
+
+        \eta_j(b) = \sum_c \gamma_c A_{jc} \prod_{a \in S_c} b_a, \qquad
+        \log f(Y_j \mid b) =
+        \begin{cases}
+        -\tfrac12 \ln(2\pi\sigma^2) - (Y_j - \eta_j)^2 / (2\sigma^2) & \text{gaussian} \\
+        Y_j \eta_j - \ln(1 + e^{\eta_j}) & \text{binomial (0/1)} \\
+        Y_j \eta_j - e^{\eta_j} - \ln Y_j! & \text{poisson,}
+        \end{cases}
+
+    where column ``c`` of the stage-2 design is the product of a data part ``A_jc``
+    (level-2 covariates, level-1 summaries, 1 for an intercept) and the school effects
+    ``S_c`` its term names (``u0``, ``v``, ``u0:v``, ``u0:x``, ...). Schools without an
+    outcome (``observed = False``) contribute 0.
+
+    Attributes
+    ----------
+    family : str
+        One of :data:`JOINT_FAMILIES`.
+    y : ndarray (J,)
+        The outcome (0 where not observed).
+    A : ndarray (J, c)
+        Data parts of the design columns (0 where not observed).
+    effects : tuple of tuple of int
+        ``S_c``: indices (into ``b``) of the school effects multiplying column ``c``.
+    observed : ndarray (J,) of bool
+    names : tuple of str
+        Names of the columns (the coefficients ``gamma``).
+    """
+
+    family: str
+    y: np.ndarray
+    A: np.ndarray
+    effects: tuple
+    observed: np.ndarray
+    names: tuple
+
+    @property
+    def n_params(self) -> int:
+        """``len(phi)``: the coefficients, and ``ln sigma^2`` for the gaussian family."""
+        return len(self.names) + (self.family == "gaussian")
+
+    def _monomials(self, b):
+        """``prod_{a in S_c} b_a`` for every column, a list of arrays of ``b``'s leading shape."""
+        ones = 0.0 * b[..., 0] + 1.0
+        out = []
+        for S in self.effects:
+            m = ones
+            for a in S:
+                m = m * b[..., a]
+            out.append(m)
+        return out
+
+    def eta(self, phi, b):
+        """``eta_j(b)`` at nodes ``b`` (J, K, d) or points (J, d) (autograd)."""
+        mono = self._monomials(b)
+        extra = (None,) * (b.ndim - 2)
+        total = 0.0
+        for c, m in enumerate(mono):
+            total = total + phi[c] * self.A[(slice(None), c) + extra] * m
+        return total
+
+    def _constant(self):
+        """The part of ``log f`` that does not depend on the parameters (``-ln Y!``, ``-ln 2pi/2``)."""
+        if self.family == "poisson":
+            return -special.gammaln(self.y + 1.0)
+        if self.family == "gaussian":
+            return np.full(self.y.shape, -0.5 * LOG2PI)
+        return np.zeros(self.y.shape)
+
+    def log_density(self, phi, b):
+        """``log f(Y_j | b)`` at nodes ``b`` (J, K, d), shape ``(J, K)``, 0 for unobserved schools (autograd)."""
+        eta = self.eta(phi, b)
+        y = self.y[:, None]
+        if self.family == "gaussian":
+            lv = phi[len(self.names)]
+            ll = -0.5 * lv - 0.5 * (y - eta) ** 2 * anp.exp(-lv)
+        elif self.family == "binomial":
+            ll = y * eta - anp.logaddexp(0.0, eta)
+        else:
+            ll = y * eta - anp.exp(eta)
+        ll = ll + self._constant()[:, None]
+        return ll * self.observed[:, None]
+
+    def point_derivs(self, phi: np.ndarray, b: np.ndarray, fisher: bool = False):
+        r"""``log f``, its gradient and Hessian in ``b`` at one point per school (numpy).
+
+        .. math::
+
+            \nabla_b \log f = \ell'(\eta) \nabla\eta, \qquad
+            \nabla^2_b \log f = \ell''(\eta) \nabla\eta\nabla\eta' + \ell'(\eta) \nabla^2\eta,
+
+        the second term dropped for Fisher scoring (``E ell' = 0``). Returns ``f (J,)``,
+        ``g (J, d)``, ``H (J, d, d)`` and ``magnitude (J,)`` (the absolute size of ``f``'s terms).
+        """
+        J, d = b.shape
+        eta = np.asarray(self.eta(phi, b), dtype=float)
+        grad = np.zeros((J, d))
+        hess = np.zeros((J, d, d))
+        for c, S in enumerate(self.effects):
+            coef = phi[c] * self.A[:, c]
+            for a in S:
+                rest = [e for e in S if e != a]
+                grad[:, a] += coef * np.prod(b[:, rest], axis=1) if rest else coef
+                for a2 in rest:
+                    rest2 = [e for e in rest if e != a2]
+                    hess[:, a, a2] += coef * np.prod(b[:, rest2], axis=1) if rest2 else coef
+        y = self.y
+        if self.family == "gaussian":
+            iv = np.exp(-phi[len(self.names)])
+            f = -0.5 * phi[len(self.names)] - 0.5 * (y - eta) ** 2 * iv
+            d1, d2 = (y - eta) * iv, np.full(J, -iv)
+            mag = 0.5 * abs(phi[len(self.names)]) + 0.5 * (y - eta) ** 2 * iv
+        elif self.family == "binomial":
+            p = special.expit(eta)
+            f = y * eta - np.logaddexp(0.0, eta)
+            d1, d2 = y - p, -p * (1.0 - p)
+            mag = np.abs(y * eta) + np.logaddexp(0.0, eta)
+        else:
+            mu = np.exp(eta)
+            f = y * eta - mu
+            d1, d2 = y - mu, -mu
+            mag = np.abs(y * eta) + mu
+        obs = self.observed.astype(float)
+        H = d2[:, None, None] * grad[:, :, None] * grad[:, None, :]
+        if not fisher:
+            H = H + d1[:, None, None] * hess
+        return f * obs, (d1 * obs)[:, None] * grad, H * obs[:, None, None], mag * obs
+
+
+class JointModeProblem:
+    """A mode problem plus the school-level outcome's ``log f`` (:meth:`SchoolOutcome.point_derivs`)."""
+
+    def __init__(self, base, outcome: SchoolOutcome, phi: np.ndarray):
+        self.base, self.outcome, self.phi = base, outcome, np.asarray(phi, dtype=float)
+        self.J, self.d = base.J, base.d
+
+    def f(self, b: np.ndarray) -> np.ndarray:
+        return self.base.f(b) + self.outcome.point_derivs(self.phi, b)[0]
+
+    def magnitude(self, b: np.ndarray) -> np.ndarray:
+        """The base problem's magnitude plus the outcome term's."""
+        return self.base.magnitude(b) + self.outcome.point_derivs(self.phi, b)[3]
+
+    def derivs(self, b: np.ndarray, fisher: bool = False):
+        g, H = self.base.derivs(b, fisher=fisher)
+        _, g2, H2, _ = self.outcome.point_derivs(self.phi, b, fisher=fisher)
+        return g + g2, H + H2
+
+
+class JointIntegrand(Integrand):
+    r"""The one-stage model of a school-level outcome and the MELSM: one more term in ``h_j``.
+
+    .. math::
+
+        h_j(b) = \log f(y_j \mid b) + \log f(Y_j \mid b) + \log\phi(b; 0, \Sigma_j),
+
+    with ``log f(Y_j | b)`` of :class:`SchoolOutcome`. ``theta`` is the MELSM's
+    ``theta`` followed by the outcome's ``phi``. The outcome term depends on the mean
+    effects non-linearly (``binomial``, ``poisson``, ``u0:v``), so the rule is the product
+    rule over all school effects (:attr:`uexact_supported` is False) and the derivatives
+    are autograd's (the class is not a :class:`SchoolSums`).
+
+    Parameters
+    ----------
+    base : Integrand
+        The MELSM's integrand (:func:`make_integrand`).
+    outcome : SchoolOutcome
+    """
+
+    def __init__(self, base: Integrand, outcome: SchoolOutcome):
+        super().__init__(base.design)
+        self.base = base
+        self.outcome = outcome
+        self.n_stage1 = base.layout.n_params
+
+    @property
+    def core(self) -> bool:
+        """Never: the boundary probes and the quadrature check of the core model do not apply."""
+        return False
+
+    @property
+    def uexact_supported(self) -> bool:
+        """Never: the outcome term is not Gaussian in the mean effects."""
+        return False
+
+    def split(self, theta):
+        """``(beta, alpha, Prior)`` of the MELSM part of ``theta``."""
+        return self.base.split(theta[: self.n_stage1])
+
+    def log_conditional(self, beta, alpha, b):
+        return self.base.log_conditional(beta, alpha, b)
+
+    def log_h(self, theta, b):
+        """``h_j(b_jk)`` including the outcome term, shape ``(J, K)``."""
+        return self.base.log_h(theta[: self.n_stage1], b) + self.outcome.log_density(theta[self.n_stage1 :], b)
+
+    def u_exact_parts(self, beta, alpha, v):
+        raise ModelSpecError("the joint stage-2 model integrates every school effect by the product rule")
+
+    def mode_problem(self, theta):
+        theta = np.asarray(theta, dtype=float)
+        return JointModeProblem(self.base.mode_problem(theta[: self.n_stage1]), self.outcome, theta[self.n_stage1 :])

@@ -135,7 +135,15 @@ association : {"linear", "none", "quadratic"}, default "linear"
 cov_constraints : str or list of str, optional
     Covariances of the school effects fixed at zero, by name:
     ``["cov(u0,u1)"]`` makes a random slope independent of the random intercept
-    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``."""
+    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``.
+missing_code : float, optional
+    A value that stands for a missing value in the data (MixWILD's missing-value code,
+    e.g. ``-999``): in every numeric column a formula uses (and ``groups``) it becomes
+    missing before ``missing`` applies; the warning counts those values per column.
+drop_constant_groups : bool, default False
+    Drop the schools whose response is constant (all equal, including schools with one
+    row), as MixWILD's ``DISCARD0 = 1`` does, with a :class:`~mlsml.MissingDataWarning`
+    naming how many and which. Off by default: rows are never dropped unasked."""
 
 _FIT_PARAMS_DOC = r"""nagq : int, optional
     Quadrature points per dimension of the rule. Default: 15 for the u-exact rule
@@ -340,6 +348,9 @@ class MELSM:
         scale_offset=None,
         association: str = "linear",
         cov_constraints=None,
+        *,
+        missing_code: float | None = None,
+        drop_constant_groups: bool = False,
     ) -> MELSM:
         """Create a model from formulas (statsmodels/patsy syntax) without fitting it.
 
@@ -393,6 +404,8 @@ class MELSM:
             missing=missing,
             scale_re_formula=scale_re_formula,
             bs_formula=bs_formula,
+            missing_code=missing_code,
+            drop_constant_groups=drop_constant_groups,
         )
         check_extended_layout(design.layout)
         if not isinstance(data, pd.DataFrame):
@@ -703,6 +716,8 @@ def fit(
     weights_scale: str | None = None,
     offset=None,
     scale_offset=None,
+    missing_code: float | None = None,
+    drop_constant_groups: bool = False,
     nagq: int | None = None,
     method: str = "BFGS",
     start_params=None,
@@ -789,6 +804,8 @@ def fit(
         scale_offset=scale_offset,
         association=association,
         cov_constraints=cov_constraints,
+        missing_code=missing_code,
+        drop_constant_groups=drop_constant_groups,
     )
     return model.fit(
         nagq=nagq,

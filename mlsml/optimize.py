@@ -404,7 +404,7 @@ def _warm_start(likelihood: Likelihood, opts: FitOptions) -> np.ndarray:
     return lay.theta_from_parts(np.asarray(beta), np.asarray(alpha), sigma)
 
 
-def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback=None) -> OptSummary:
+def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback=None, standardise: bool = True) -> OptSummary:
     """Maximum-likelihood estimates, fitted internally on a standardised copy of the design.
 
     Parameters
@@ -414,6 +414,10 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
     options : FitOptions, optional
     callback : callable, optional
         Called as ``callback(pass_number, theta, llf)`` after every pass (original scale).
+    standardise : bool
+        Fit on the standardised copy (below). ``False`` fits on the design as it is: for
+        integrands whose parameters the map of :mod:`mlsml.rescale` does not cover (the
+        joint stage-2 model of :mod:`mlsml.stage2`, which starts at the MELSM's estimates).
 
     Returns
     -------
@@ -448,6 +452,8 @@ def maximize(likelihood: Likelihood, options: FitOptions | None = None, callback
     (True, 'uexact', True)
     """
     opts = options or FitOptions()
+    if not standardise:
+        return _maximize(likelihood, opts, callback)
     design = likelihood.design
     if opts.start is None and not likelihood.integrand.core:  # in the units of y (see mlsml.start)
         opts = replace(opts, start=_warm_start(likelihood, opts))

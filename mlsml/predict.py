@@ -78,6 +78,7 @@ from ._lazy import LazyModule
 from .design import Design, FormulaSpec, _materialise
 from .errors import DataError, ModelSpecError, UnknownGroupWarning, warn
 from .gaussian import conditional_moments
+from .groupmeans import uses_group_transforms
 from .integrand import Sums, school_sums
 from .likelihood import Likelihood
 from .quadrature import Nodes, QuadratureSpec, default_nagq
@@ -348,6 +349,74 @@ class PosteriorGrid:
         return cu, v
 
 
+def draw_effects(
+    v: np.ndarray,
+    cdf: np.ndarray | None,
+    density: np.ndarray | None,
+    mu: np.ndarray,
+    V: np.ndarray,
+    ndraws: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    r"""Exact posterior draws of the whole vector ``b_j = (u_j, v_j)`` from a grid of ``v``, shape ``(ndraws, J, d)``.
+
+    ``v`` by inverting its tabulated distribution function (:func:`invert_tabulated_cdf`,
+    as :meth:`PosteriorGrid.draws`), then
+
+    .. math:: u \mid v, y \sim N(\mu(v), V(v))
+
+    with ``mu`` and ``V`` interpolated linearly in ``v`` between grid points (a convex
+    combination of covariance matrices is one) and drawn through its symmetric square root
+    (eigenvalues clipped at 0, so a numerically singular ``V`` is no error).
+    Without a random scale (``cdf`` is None) ``u | y ~ N(mu[:, 0], V[:, 0])`` and no ``v``
+    column is returned.
+
+    Parameters
+    ----------
+    v, cdf, density : ndarray (J, G)
+        The grid of ``v``, its distribution function and density (``cdf = None``: no ``v``).
+    mu, V : ndarray (J, G, q), (J, G, q, q)
+        ``E(u | v, y)`` and ``cov(u | v, y)`` at the grid points.
+    ndraws : int
+    rng : numpy.random.Generator
+
+    Examples
+    --------
+    >>> import mlsml
+    >>> res = mlsml.fit("y ~ x", mlsml.simulate.demo_data(n_groups=40, seed=1), groups="school")
+    >>> grid = PosteriorGrid.build(res.theta, res.model.design)
+    >>> b = draw_effects(grid.v, grid.cdf, grid.density, grid.mu, grid.V, 2000, np.random.default_rng(1))
+    >>> b.shape
+    (2000, 40, 2)
+    >>> mean, cov = grid.moments()
+    >>> bool(np.abs(b.mean(axis=0) - mean).max() < 4 * np.sqrt(cov[:, [0, 1], [0, 1]].max() / 2000))
+    True
+    """
+    J, G, q = mu.shape
+    if cdf is None:
+        m = np.broadcast_to(mu[:, 0], (ndraws, J, q))
+        C = np.broadcast_to(V[:, 0], (ndraws, J, q, q))
+        vcol = None
+    else:
+        U = rng.random((ndraws, J))
+        vT, iT, tT = invert_tabulated_cdf(v, cdf, density, U.T, newton=2)
+        vd, i, t = vT.T, iT.T, tT.T
+        cols = np.arange(J)[None, :]
+        m = mu[cols, i] + t[:, :, None] * (mu[cols, i + 1] - mu[cols, i])
+        C = V[cols, i] + t[:, :, None, None] * (V[cols, i + 1] - V[cols, i])
+        vcol = vd[:, :, None]
+    if q:
+        # a symmetric square root F (F F' = V) with the eigenvalues clipped at 0: V is positive
+        # semi-definite but may round to a (tiny) negative eigenvalue where var(u | v, y) is ~0 (a fit
+        # near var(u0) = 0), where a Cholesky factor does not exist
+        lam, vec = np.linalg.eigh(0.5 * (C + np.swapaxes(C, -1, -2)))
+        F = vec * np.sqrt(np.clip(lam, 0.0, None))[..., None, :]
+        u = m + np.einsum("...ab,...b->...a", F, rng.standard_normal((ndraws, J, q)))
+    else:
+        u = np.zeros((ndraws, J, 0))
+    return u if vcol is None else np.concatenate([u, vcol], axis=2)
+
+
 def mixture_quantiles(w: np.ndarray, m: np.ndarray, sd: np.ndarray, probs) -> np.ndarray:
     r"""Quantiles of normal mixtures, one per row: :math:`F_j(x) = \sum_g w_{jg} \Phi((x - m_{jg}) / s_{jg})`.
 
@@ -543,7 +612,7 @@ def _scale_re_info(spec: FormulaSpec):
     """The design description of ``scale_re_formula``, evaluated on the fitted data."""
     if spec.frame is None:
         raise DataError("the scale random-effects formula cannot be evaluated: the fitted data did not travel with this result")
-    return _materialise(spec.scale_re_formula, spec.frame, "scale random-effects formula")[1]
+    return _materialise(spec.scale_re_formula, spec.frame, "scale random-effects formula", spec.groups)[1]
 
 
 def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unknown: np.ndarray) -> str:
@@ -610,6 +679,12 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     frame = _as_frame(newdata)
     n = len(frame)
     pos = np.full(n, -1, dtype=np.intp)
+    formulas = (spec.formula, spec.scale_formula, spec.re_formula, spec.scale_re_formula)
+    if spec.groups not in frame.columns and uses_group_transforms(*formulas):
+        raise DataError(
+            f"the model's within()/between() terms need the grouping column {spec.groups!r} in newdata "
+            "(a school of the fit uses its mean from the fit, a new school the mean of its rows in newdata)"
+        )
     if conditional:
         if spec.groups not in frame.columns:
             raise DataError(

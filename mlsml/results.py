@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from . import schools as _schools
+from . import stage2 as _stage2
+from . import standardized as _standardized
 from . import summary as _summary
 from ._lazy import LazyModule
 from .bootstrap import bootstrap as _bootstrap
@@ -618,6 +620,91 @@ class MELSMResults:
         self._require_data("school_effects")
 
         return _schools.school_effects(self, w=w, level=level, z=z, ndraws=ndraws, seed=seed)
+
+    def stage2(
+        self,
+        formula: str,
+        data=None,
+        family: str = "gaussian",
+        method: str = "mi",
+        ndraws: int = _stage2.DEFAULT_NDRAWS,
+        seed=None,
+        level1_summaries=None,
+        level1_data=None,
+        stage1_uncertainty: bool = True,
+        missing: str = "drop",
+        nagq: int | None = None,
+    ) -> _stage2.Stage2Results:
+        r"""Regress a school-level outcome on the school effects (MixWILD's stage 2).
+
+        .. math:: g(E[Y_j \mid b_j]) = x_j'\gamma_x + \gamma_u u_{0j} + \gamma_v v_j + \dots
+
+        Parameters
+        ----------
+        formula : str
+            ``"Y ~ u0 + v + u0:v + x"``: the school effects by name (``u0, u1, ..., v``;
+            ``v0, v1, ...`` with ``scale_re_formula``), level-2 columns of ``data`` and the
+            names of ``level1_summaries``.
+        data : pandas.DataFrame
+            The grouping column of the fit and the level-2 columns (one value per school;
+            several rows per school are accepted when those columns are constant within it).
+        family : {"gaussian", "binomial", "ordinal", "poisson"}
+        method : {"mi", "joint"}
+            ``"mi"``: GLM fits to ``ndraws`` draws from each school's exact posterior, pooled by
+            Rubin's rules (with the fraction of missing information); ``"joint"``: the one-stage
+            model by maximum likelihood with the same quadrature (gaussian, binomial, poisson).
+        ndraws : int
+            Imputations of ``"mi"``.
+        seed : int or numpy.random.Generator, optional
+        level1_summaries : dict, optional
+            ``{"name": "col"}`` (the school mean of level-1 column ``col``) or
+            ``{"name": ("col", "sd")}`` (``mean``, ``sd``, ``var``, ``min``, ``max``, ``median``,
+            ``sum``, ``count`` or a callable), computed on the fit's rows or ``level1_data``.
+        level1_data : pandas.DataFrame, optional
+            Level-1 data for the summaries (default: the rows and columns the fit used).
+        stage1_uncertainty : bool
+            ``"mi"``: draw the MELSM's parameters from their asymptotic distribution before each
+            imputation (proper imputation); ``False`` draws at the estimates, as MixWILD does.
+        missing : {"drop", "raise"}
+            Schools without an outcome or covariate: left out with a counted warning, or an error.
+        nagq : int, optional
+            ``"joint"``: points per dimension of the product rule.
+
+        Returns
+        -------
+        mlsml.stage2.Stage2Results
+
+        Examples
+        --------
+        >>> import mlsml, numpy as np, pandas as pd
+        >>> res = mlsml.fit("y ~ x", mlsml.simulate.demo_data(n_groups=40, seed=1), groups="school")
+        >>> schools = pd.DataFrame({"school": res.model.design.group_labels})
+        >>> schools["score"] = np.random.default_rng(2).normal(size=40)
+        >>> res.stage2("score ~ u0 + v", data=schools, ndraws=10, seed=1).params.index.tolist()
+        ['Intercept', 'u0', 'v', 'var(resid)']
+        """
+        self._require_data("stage 2")
+        return _stage2.stage2(
+            self, formula, data, family, method, ndraws, seed, level1_summaries, level1_data, stage1_uncertainty, missing, nagq
+        )
+
+    def standardized_params(self, alpha: float = 0.05) -> pd.DataFrame:
+        """The estimates for standardised covariates (mean 0, SD 1), as MixWILD prints them with ``NCENT = 1``.
+
+        An exact reparametrisation of this fit (no refit): the same numbers as a fit to
+        standardised data, with delta-method standard errors. See :mod:`mlsml.standardized`.
+
+        Examples
+        --------
+        >>> import mlsml
+        >>> res = mlsml.fit("y ~ x", mlsml.simulate.demo_data(n_groups=40, seed=1), groups="school")
+        >>> res.standardized_params()[["estimate", "std err"]].round(3).loc[["mean:Intercept", "mean:x"]]
+                        estimate  std err
+        mean:Intercept    -0.014    0.034
+        mean:x             0.643    0.009
+        """
+        self._require_data("standardized_params")
+        return _standardized.standardized_params(self, alpha)
 
     def population_quantities(self, w=None, z=None, s=None) -> pd.DataFrame:
         r"""Population quantities with delta-method standard errors.

@@ -341,3 +341,22 @@ def test_fit_association_and_cov_zero_options(tmp_path, capsys):
     assert main([*args, "--cov-zero", "cov(u0,w)"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a covariance" in err[0]
+
+
+def test_mixwild_conventions_missing_code_constant_groups_standardize(tmp_path, capsys):
+    """--missing-code counts the coded values per column, --drop-constant-groups names the groups,
+    --standardize prints the estimates for standardised covariates."""
+    path, df = _demo_csv(tmp_path)
+    coded = df.copy()
+    coded.loc[[3, 8], "y"] = -999
+    coded.loc[coded["school"] == 5, "y"] = 1.5  # a school with a constant response
+    coded.to_csv(path, index=False)
+    code = main(
+        ["fit", str(path), "--formula", "y ~ x", "--groups", "school", "--no-random-scale", "--missing-code", "-999"]
+        + ["--drop-constant-groups", "--standardize"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "values equal to missing_code=-999.0: 'y': 2" in err
+    assert "dropped 1 of 20 groups of 'school'" in err and "constant: 5" in err
+    assert "Estimates for standardised covariates" in out and "mean:x" in out.split("standardised covariates")[1]

@@ -10,6 +10,7 @@ import pytest
 
 import mlsml
 from mlsml import DataError, MissingDataWarning, ModelSpecError
+from mlsml.design import build_design
 
 
 def small(seed=0, J=30, n=20):
@@ -251,3 +252,36 @@ def test_an_error_in_one_formula_is_reported_for_that_formula():
         mlsml.design.build_design("y ~ x", df, groups="school", scale_formula="~ nosuchfunction(x)")
     with pytest.raises(ModelSpecError, match="random-effects formula"):
         mlsml.design.build_design("y ~ x", df, groups="school", re_formula="~ nosuchfunction(x)")
+
+
+def test_missing_code_becomes_missing_and_is_counted():
+    df = mlsml.simulate.demo_data(n_groups=20, seed=2)
+    coded = df.copy()
+    coded.loc[[1, 2], "y"] = -999
+    coded.loc[5, "x"] = -999
+    with pytest.warns(MissingDataWarning, match=r"dropped 3 of .*missing_code=-999: 'y': 2, 'x': 1"):
+        design, _ = build_design("y ~ x", coded, groups="school", missing_code=-999)
+    ref, _ = build_design("y ~ x", df.drop(index=[1, 2, 5]), groups="school")
+    assert np.array_equal(design.y, ref.y) and np.array_equal(design.X, ref.X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the code is absent: nothing dropped, nothing said
+        build_design("y ~ x", df, groups="school", missing_code=-12345.0)
+    with pytest.raises(ModelSpecError, match="missing_code must be a finite number"):
+        build_design("y ~ x", df, groups="school", missing_code="-999")
+    with pytest.raises(DataError, match="missing or non-finite values in 3 rows"):
+        build_design("y ~ x", coded, groups="school", missing_code=-999, missing="raise")
+
+
+def test_drop_constant_groups_is_opt_in_and_names_the_groups():
+    df = mlsml.simulate.demo_data(n_groups=20, seed=2)
+    df.loc[df["school"] == 4, "y"] = 0.25
+    df = pd.concat([df, pd.DataFrame({"school": [99], "student": [1], "y": [0.1], "x": [0.0]})], ignore_index=True)
+    kept, _ = build_design("y ~ x", df, groups="school")  # off by default: every group stays
+    assert kept.ngroups == 21
+    with pytest.warns(
+        MissingDataWarning, match=r"dropped 2 of 21 groups of 'school' \(\d+ rows\) whose response 'y' is constant: 4, 99"
+    ):
+        design, _ = build_design("y ~ x", df, groups="school", drop_constant_groups=True)
+    assert design.ngroups == 19 and design.info["constant_groups_dropped"] == (4, 99)
+    with pytest.raises(DataError, match="constant within every group"):
+        build_design("y ~ x", df.assign(y=df["school"] * 1.0), groups="school", drop_constant_groups=True)

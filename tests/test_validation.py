@@ -166,3 +166,50 @@ def test_replication_reports_missing_issue4_api_or_uses_it(tmp_path):
         "fig3_models3_4.png",
         "fig4_models5_3.png",
     ]
+
+
+def test_mixwild_stage2_reference_files_and_its_pooling_divisor():
+    """The committed MixWILD stage-2 outputs parse, and its crafted pooling run (EB variances 0,
+    M = 2) shows SEs sqrt(2) times the completed-data ML SEs: the within variance over M - 1."""
+    from validation import mixwild_stage2 as mw
+
+    table = mw._parse_table(mw.REF / "ex1_stage2.out")
+    assert list(table.index) == ["Intercept", "theta1", "theta2", "theta1:theta2", "var(resid)"]
+    data = np.loadtxt(mw.REF / "check_pooling_data.dat")
+    y, X = data[:, 1], data[:, 2:6]
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    s2 = np.sum((y - X @ beta) ** 2) / len(y)
+    se = np.sqrt(np.diag(s2 * np.linalg.inv(X.T @ X)))
+    printed = mw._parse_table(mw.REF / "check_pooling.out")
+    np.testing.assert_allclose(printed["se"].to_numpy()[:4] / se, np.sqrt(2.0), rtol=2e-4)  # 5 printed digits
+    np.testing.assert_allclose(printed["estimate"].to_numpy()[:4], beta, atol=1e-5)
+
+
+def test_stage2_simulation_summary_of_a_known_frame():
+    from validation import stage2
+
+    rows = []
+    for rep, est in enumerate([0.8, 1.2, 1.0]):
+        for method in ("mi", "joint"):
+            rows.append(
+                dict(
+                    family="gaussian",
+                    n=5,
+                    rep=rep,
+                    method=method,
+                    param="u0",
+                    truth=1.0,
+                    estimate=est,
+                    se=0.1,
+                    lo=est - 0.15,
+                    hi=est + 0.15,
+                    fmi=0.3,
+                    stage1_converged=True,
+                    joint_converged=True,
+                )
+            )
+    summ = stage2.summarise(pd.DataFrame(rows))
+    row = summ.loc[("gaussian", 5, "u0", "mi")]
+    assert row["mean est"] == pytest.approx(1.0) and row["coverage"] == pytest.approx(1 / 3) and row["reps"] == 3
+    data, schools = stage2.make_data("binomial", 5, 1)
+    assert data.shape == (500, 3) and set(schools["Y"].unique()) <= {0.0, 1.0}

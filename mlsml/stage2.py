@@ -1,0 +1,796 @@
+r"""Stage 2: a school-level outcome regressed on the school effects (MixWILD's second stage).
+
+After a MELSM fit, a school- (subject-) level outcome ``Y_j`` is regressed on the school
+effects ``b_j = (u_j, v_j)``, school-level covariates ``x_j`` and summaries of the level-1
+data of the school (e.g. its mean of a level-1 column):
+
+.. math::
+
+    g(E[Y_j \mid b_j, x_j]) = \eta_j = x_j'\gamma_x + \gamma_u u_{0j} + \gamma_v v_j
+                              + \gamma_{uv} u_{0j} v_j + \dots
+
+The school effects are not observed. Two estimators:
+
+``method="mi"`` (multiple imputation, what MixWILD does)
+    Draw ``b_j^{(m)}``, ``m = 1..M``, from each school's posterior -- here the **exact**
+    posterior of the fit (:func:`mlsml.predict.draw_effects`: ``v`` by inverting its
+    tabulated distribution function, ``u | v`` normal), where MixWILD draws from a normal
+    approximation -- fit the stage-2 GLM to each completed data set and pool by Rubin's
+    rules:
+
+    .. math::
+
+        \bar Q = \frac1M \sum_m \hat Q_m, \quad \bar U = \frac1M \sum_m \hat U_m, \quad
+        B = \frac{1}{M-1} \sum_m (\hat Q_m - \bar Q)^2, \quad
+        T = \bar U + (1 + \tfrac1M) B,
+
+    with ``r = (1 + 1/M) B / Ubar`` (relative increase in variance),
+    ``nu = (M - 1)(1 + 1/r)^2`` degrees of freedom (Barnard & Rubin's small-sample
+    version for the gaussian family, with complete-data ``n - p``) and the fraction of
+    missing information ``fmi = (r + 2/(nu + 3)) / (1 + r)``. With
+    ``stage1_uncertainty=True`` (default) each draw first draws the MELSM's parameters
+    from their asymptotic normal distribution, so the imputations are proper (Rubin 1987);
+    ``False`` draws at the estimates, as MixWILD does.
+
+``method="joint"`` (the one-stage model)
+    The outcome's likelihood enters each school's integrand,
+
+    .. math::
+
+        L_j = \int f(y_j \mid b)\, f(Y_j \mid b)\, \phi(b; 0, \Sigma)\, db,
+
+    and the MELSM and the stage-2 parameters are estimated together by maximum likelihood
+    with the same adaptive quadrature (:class:`mlsml.integrand.JointIntegrand`; the
+    product rule over all school effects). This is the answer the two-stage estimates
+    approximate. Families: ``gaussian``, ``binomial`` (0/1), ``poisson``; ``ordinal`` only
+    with ``method="mi"``. In the joint model the school effects enter the formula as plain
+    factors (``u0``, ``v``, ``u0:v``, ``u0:x``), not inside functions (``I(u0**2)``).
+
+Level-1 summaries: ``level1_summaries={"x_mean": "x", "x_sd": ("x", "sd")}`` adds per-school
+statistics of level-1 columns (``mean``, ``sd``, ``var``, ``min``, ``max``, ``median``,
+``sum``, ``count``) computed on the fit's data (or ``level1_data=``) under those names.
+
+Examples
+--------
+>>> import mlsml, numpy as np, pandas as pd
+>>> df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+>>> res = mlsml.fit("y ~ x", df, groups="school")
+>>> schools = pd.DataFrame({"school": res.model.design.group_labels})
+>>> schools["score"] = np.random.default_rng(2).normal(size=len(schools))
+>>> s2 = res.stage2("score ~ u0 + v", data=schools, ndraws=20, seed=1)
+>>> list(s2.params.index)
+['Intercept', 'u0', 'v', 'var(resid)']
+>>> s2.ndraws, bool((s2.fmi.between(0, 1)).all())
+(20, True)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._lazy import LazyModule
+from .design import _check_columns, formula_columns
+from .errors import ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
+from .integrand import JOINT_FAMILIES, JointIntegrand, SchoolOutcome
+from .likelihood import Likelihood
+from .optimize import maximize
+from .predict import PosteriorGrid, draw_effects, posterior_likelihood, posterior_moments
+from .quadrature import QuadratureSpec, default_nagq
+from .scalegrid import ScaleGrid
+from .validate import describe_value
+
+# imported on first use, to keep `import mlsml` fast (see tests/test_import.py)
+patsy = LazyModule("patsy")
+stats = LazyModule("scipy.stats")
+glm = LazyModule("statsmodels.genmod.generalized_linear_model")
+families = LazyModule("statsmodels.genmod.families")
+ordinal_model = LazyModule("statsmodels.miscmodels.ordinal_model")
+summary2 = LazyModule("statsmodels.iolib.summary2")
+
+#: Stage-2 families (``family=``); :data:`mlsml.integrand.JOINT_FAMILIES` for ``method="joint"``.
+FAMILIES = ("gaussian", "binomial", "ordinal", "poisson")
+#: Estimation methods (``method=``).
+METHODS = ("mi", "joint")
+#: Default number of imputations (posterior draws) of ``method="mi"``.
+DEFAULT_NDRAWS = 100
+#: Fewest imputations accepted (Rubin's between-imputation variance needs several).
+MIN_NDRAWS = 5
+#: A MI analysis is refused when more than this share of the per-draw GLM fits fail.
+MAX_FAILED_SHARE = 0.5
+#: Per-school statistics of ``level1_summaries``.
+SUMMARY_STATS = ("mean", "sd", "var", "min", "max", "median", "sum", "count")
+#: Name of the residual variance of the gaussian family in the parameter table.
+RESID_VAR = "var(resid)"
+
+
+# ---------------------------------------------------------------------- the school-level data
+@dataclass(frozen=True)
+class SchoolData:
+    """The stage-2 data: one row per school of the fit, in the fit's school order.
+
+    Attributes
+    ----------
+    frame : pandas.DataFrame
+        The columns the formula uses (and the level-1 summaries), indexed by the fit's
+        school labels; rows of schools that cannot enter the stage-2 model are kept with
+        ``observed = False``.
+    observed : ndarray (J,) of bool
+        Schools with an outcome and every covariate.
+    response : str
+    effects : tuple of str
+        Names of the school effects (``u0, ..., v``) the formula may use.
+    """
+
+    frame: pd.DataFrame
+    observed: np.ndarray
+    response: str
+    effects: tuple[str, ...]
+
+
+def _level1_summaries(res, summaries: Mapping, level1_data) -> pd.DataFrame:
+    """Per-school statistics of level-1 columns, indexed by the fit's school labels."""
+    spec = res.model.formula_spec
+    design = res.model.design
+    source = spec.frame if level1_data is None else level1_data
+    if source is None:
+        raise DataError("level1_summaries need the level-1 data: pass level1_data= (this result carries no data)")
+    if not isinstance(source, pd.DataFrame):
+        raise DataError(f"level1_data must be a pandas DataFrame, not {describe_value(source)}")
+    if spec.groups not in source.columns:
+        raise DataError(f"level1_data has no grouping column {spec.groups!r}")
+    grouped = source.groupby(spec.groups, sort=False)
+    out = {}
+    for name, how in summaries.items():
+        if isinstance(how, str):
+            col, stat = how, "mean"
+        elif isinstance(how, tuple) and len(how) == 2:
+            col, stat = how
+        else:
+            raise ModelSpecError(
+                f"level1_summaries[{name!r}] must be a column name (its school mean) or (column, statistic), not {describe_value(how)}"
+            )
+        if col not in source.columns:
+            where = "the fit's data (the columns its formulas use)" if level1_data is None else "level1_data"
+            raise DataError(
+                f"level1_summaries[{name!r}] summarises {col!r}, which is not a column of {where}"
+                + ("; pass level1_data= with that column" if level1_data is None else "")
+            )
+        if callable(stat):
+            values = grouped[col].agg(stat)
+        elif stat in SUMMARY_STATS:
+            values = grouped[col].agg({"sd": "std"}.get(stat, stat))
+        else:
+            raise ModelSpecError(
+                f"level1_summaries[{name!r}] asks for statistic {stat!r}; available: {', '.join(SUMMARY_STATS)} or a callable"
+            )
+        out[name] = values
+    frame = pd.DataFrame(out)
+    return frame.reindex(pd.Index(design.group_labels))
+
+
+def school_data(
+    res,
+    formula: str,
+    data,
+    level1_summaries: Mapping | None = None,
+    level1_data=None,
+    missing: str = "drop",
+) -> SchoolData:
+    """Collect the stage-2 data of a fit: one row per school, in the fit's school order.
+
+    ``data`` holds the grouping column of the fit and the level-2 columns the formula uses;
+    it may have several rows per school (e.g. the level-1 data itself) as long as those
+    columns are constant within each school. Schools of the fit without a row, or with a
+    missing value in a column the formula uses, do not enter the stage-2 model (a
+    :class:`~mlsml.errors.MissingDataWarning` counts them per column, or
+    ``missing="raise"`` makes it an error); rows of schools that are not in the fit are
+    ignored with a warning.
+    """
+    spec = res.model.formula_spec
+    design = res.model.design
+    lay = design.layout
+    effects = lay.re_names
+    if not isinstance(formula, str) or "~" not in formula or not formula.split("~", 1)[0].strip():
+        raise ModelSpecError(f"the stage-2 formula must be a two-sided formula string such as 'Y ~ u0 + v', not {formula!r}")
+    if missing not in ("drop", "raise"):
+        raise ModelSpecError(f"missing must be 'drop' or 'raise', not {describe_value(missing)}")
+    if data is None:
+        data = pd.DataFrame({spec.groups: design.group_labels})
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame with one row per school, not {describe_value(data)}")
+    if spec.groups not in data.columns:
+        if data.index.name == spec.groups:
+            data = data.reset_index()
+        else:
+            raise DataError(f"the stage-2 data has no grouping column {spec.groups!r} (the fit's groups) to match schools")
+    summaries = dict(level1_summaries or {})
+    clash = [c for c in effects if c in data.columns or c in summaries]
+    if clash:
+        raise ModelSpecError(
+            f"{clash[0]!r} names a school effect of the fit, but it is also a column of the stage-2 data "
+            "(or a level-1 summary): rename that column"
+        )
+    both = [c for c in summaries if c in data.columns]
+    if both:
+        raise ModelSpecError(f"level1_summaries name {both[0]!r} is already a column of the stage-2 data")
+    used = [c for c in formula_columns(formula, data) if c != spec.groups]
+    grouped = data.groupby(spec.groups, sort=False)
+    for c in used:
+        varies = grouped[c].nunique(dropna=False)
+        if (varies > 1).any():
+            bad = varies.index[np.argmax(varies.to_numpy() > 1)]
+            raise DataError(
+                f"stage-2 column {c!r} is not constant within school {bad!r} of {spec.groups!r}: "
+                "stage 2 needs one value per school (summarise a level-1 column with level1_summaries=)"
+            )
+    first = grouped[used].first() if used else pd.DataFrame(index=grouped.size().index)
+    labels = pd.Index(design.group_labels)
+    extra = first.index.difference(labels)
+    if len(extra):
+        warn(
+            f"the stage-2 data has {len(extra)} school(s) that are not in the fit (e.g. {extra[0]!r}); they are ignored",
+            MissingDataWarning,
+        )
+    frame = first.reindex(labels)
+    frame.index.name = spec.groups
+    if summaries:
+        frame = pd.concat([frame, _level1_summaries(res, summaries, level1_data)], axis=1)
+    names = set(re.findall(r"[^\W\d][\w\.]*", formula))
+    response = formula.split("~", 1)[0].strip()
+    if response in effects:
+        raise ModelSpecError(f"the stage-2 response {response!r} is a school effect; it must be a school-level outcome")
+    check_cols = [c for c in frame.columns if c in names]
+    absent = ~frame.index.isin(first.index)
+    na = frame[check_cols].isna()
+    bad = na.any(axis=1).to_numpy() | absent
+    if bad.any():
+        per_col = {c: int(na[c].sum()) for c in check_cols if na[c].any()}
+        desc = ", ".join(f"{c!r}: {n}" for c, n in per_col.items())
+        msg = f"{int(bad.sum())} of {len(frame)} schools do not enter the stage-2 model"
+        parts = []
+        if absent.any():
+            parts.append(f"{int(absent.sum())} have no row in the stage-2 data")
+        if desc:
+            parts.append(f"missing values per column: {desc}")
+        msg += " (" + "; ".join(parts) + ")"
+        if missing == "raise":
+            raise DataError(msg)
+        warn(msg, MissingDataWarning)
+    if (~bad).sum() < 3:
+        raise DataError(f"only {int((~bad).sum())} schools have a stage-2 outcome and covariates; stage 2 needs more")
+    return SchoolData(frame, ~bad, response, effects)
+
+
+# ---------------------------------------------------------------------- posterior draws
+def _posterior_draws(res, theta: np.ndarray, mean: np.ndarray, cov: np.ndarray, ndraws: int, rng) -> np.ndarray:
+    """Exact posterior draws of every school's effects at ``theta``, shape ``(ndraws, J, d)``.
+
+    The grid is placed at the posterior moments ``mean``, ``cov`` of the fit's estimates.
+    """
+    lay = res.layout
+    q, nv = lay.q, lay.n_v
+    integrand = res.likelihood.integrand
+    if integrand.core:
+        grid = PosteriorGrid.build(theta, res.model.design, mean[:, q] if nv else None, np.sqrt(cov[:, q, q]) if nv else None)
+        return draw_effects(grid.v, grid.cdf if nv else None, grid.density, grid.mu, grid.V, ndraws, rng)
+    if nv <= 1:  # bs_formula: the exact one-dimensional grid of v with each school's Sigma_j
+        sg = ScaleGrid.build(integrand, theta, np.ones(nv), mean, cov)
+        return draw_effects(sg.t, sg.cdf if nv else None, sg.density, sg.mu[:, :, 0], sg.V[:, :, 0], ndraws, rng)
+    raise ModelSpecError(
+        "stage 2 with method='mi' draws from each school's exact posterior, which mlsml tabulates for one scale "
+        f"effect; this model has {nv} (scale_re_formula): use method='joint'"
+    )
+
+
+# ---------------------------------------------------------------------- designs
+def _design(sd: SchoolData, formula: str, family: str, effect_values: np.ndarray):
+    """Response and design of the observed schools with the effects at ``effect_values`` (J, d)."""
+    frame = sd.frame.loc[sd.observed].copy()
+    for i, name in enumerate(sd.effects):
+        frame[name] = effect_values[sd.observed, i]
+    try:
+        y, X = patsy.dmatrices(formula, frame, eval_env=0, NA_action="raise", return_type="dataframe")
+    except Exception as exc:  # patsy raises many types
+        raise ModelSpecError(f"could not evaluate the stage-2 formula {formula!r}: {exc}") from exc
+    if y.shape[1] != 1:
+        raise DataError(f"the stage-2 response {sd.response!r} must be one numeric column (got {y.shape[1]} columns)")
+    if family == "ordinal" and "Intercept" in X.columns:  # the thresholds take its place
+        X = X.drop(columns="Intercept")
+    return y.iloc[:, 0].to_numpy(dtype=float), X
+
+
+def _check_response(y: np.ndarray, family: str, response: str) -> None:
+    if family == "binomial" and not np.all(np.isin(y, (0.0, 1.0))):
+        bad = np.unique(y[~np.isin(y, (0.0, 1.0))])[:5]
+        raise DataError(f"family='binomial' needs a 0/1 response; {response!r} has values {bad.tolist()}")
+    if family == "binomial" and np.unique(y).size < 2:
+        raise DataError(f"the stage-2 response {response!r} has one value only ({y[0]:g})")
+    if family == "poisson" and not (np.all(y >= 0) and np.all(y == np.round(y))):
+        raise DataError(f"family='poisson' needs a count response (non-negative integers); {response!r} is not")
+    if family == "ordinal" and np.unique(y).size < 2:
+        raise DataError(f"family='ordinal' needs at least two categories; {response!r} has one")
+
+
+def _fit_glm(y: np.ndarray, X: pd.DataFrame, family: str):
+    """One stage-2 fit: ``(params, cov)`` with the residual variance appended for the gaussian family."""
+    if family == "ordinal":
+        model = ordinal_model.OrderedModel(y, X, distr="logit")
+        fit = model.fit(method="bfgs", disp=False, maxiter=1000)
+        if not fit.mle_retvals.get("converged", True):
+            raise np.linalg.LinAlgError("ordinal fit did not converge")
+        return np.asarray(fit.params), np.asarray(fit.cov_params()), list(fit.params.index)
+    fam = {"gaussian": families.Gaussian, "binomial": families.Binomial, "poisson": families.Poisson}[family]()
+    fit = glm.GLM(y, X, family=fam).fit()
+    if not fit.converged:
+        raise np.linalg.LinAlgError("IRLS did not converge")
+    params, cov = np.asarray(fit.params), np.asarray(fit.cov_params())
+    names = list(X.columns)
+    if family == "gaussian":  # the residual variance and its OLS variance 2 s^4 / (n - p)
+        dof = max(len(y) - X.shape[1], 1)
+        s2 = float(fit.scale)
+        params = np.append(params, s2)
+        cov = np.pad(cov, ((0, 1), (0, 1)))
+        cov[-1, -1] = 2.0 * s2**2 / dof
+        names.append(RESID_VAR)
+    return params, cov, names
+
+
+# ---------------------------------------------------------------------- Rubin's rules
+@dataclass(frozen=True)
+class Pooled:
+    """Rubin's rules over ``M`` completed-data estimates ``Q`` (M, p) with variances ``U`` (M, p, p).
+
+    Attributes
+    ----------
+    params, within, between, total, riv, df, fmi, lam : ndarray (p,)
+        ``Qbar``, ``diag(Ubar)``, ``diag(B)``, ``diag(T)``, ``r``, ``nu``, the fraction of
+        missing information (Rubin's, as R's mice reports it: ``2/(nu + 3)`` even when
+        ``B = 0``) and ``lambda = (1 + 1/M) B / T``, the share of the variance due to the
+        missing school effects.
+    cov : ndarray (p, p)
+        ``T = Ubar + (1 + 1/M) B``.
+    """
+
+    params: np.ndarray
+    within: np.ndarray
+    between: np.ndarray
+    total: np.ndarray
+    riv: np.ndarray
+    df: np.ndarray
+    fmi: np.ndarray
+    lam: np.ndarray
+    cov: np.ndarray
+
+
+def rubin(Q: np.ndarray, U: np.ndarray, df_complete: float = np.inf) -> Pooled:
+    r"""Pool completed-data estimates by Rubin's rules.
+
+    .. math::
+
+        T = \bar U + (1 + M^{-1}) B, \qquad r = \frac{(1 + M^{-1}) B}{\bar U}, \qquad
+        \nu_{old} = (M - 1)(1 + r^{-1})^2, \qquad
+        \mathrm{fmi} = \frac{r + 2/(\nu + 3)}{1 + r},
+
+    with Barnard and Rubin's (1999) ``nu = (1/nu_old + 1/nu_obs)^-1``,
+    ``nu_obs = (nu_com + 1)/(nu_com + 3) nu_com (1 - lambda)``, ``lambda = (1 + 1/M) B / T``,
+    when the complete-data degrees of freedom ``nu_com`` are finite.
+
+    Parameters
+    ----------
+    Q : ndarray (M, p)
+    U : ndarray (M, p, p)
+    df_complete : float
+        ``nu_com`` (``inf`` for large-sample, z-based analyses).
+
+    Examples
+    --------
+    >>> Q = np.array([[1.0], [1.2], [0.8], [1.1], [0.9]])
+    >>> U = np.full((5, 1, 1), 0.04)
+    >>> p = rubin(Q, U)
+    >>> float(p.params[0]), round(float(p.between[0]), 4), round(float(p.total[0]), 4)
+    (1.0, 0.025, 0.07)
+    """
+    M = Q.shape[0]
+    qbar = Q.mean(axis=0)
+    ubar = U.mean(axis=0)
+    B = np.atleast_2d(np.cov(Q, rowvar=False, ddof=1))
+    T = ubar + (1.0 + 1.0 / M) * B
+    w, b, t = np.diag(ubar), np.diag(B), np.diag(T)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(w > 0, (1.0 + 1.0 / M) * b / w, np.inf)
+        df_old = np.where(b > 0, (M - 1) * (1.0 + 1.0 / r) ** 2, np.inf)
+        lam = np.where(t > 0, (1.0 + 1.0 / M) * b / t, 0.0)
+        if np.isfinite(df_complete):
+            df_obs = (df_complete + 1.0) / (df_complete + 3.0) * df_complete * (1.0 - lam)
+            df = 1.0 / (1.0 / df_old + 1.0 / df_obs)
+        else:
+            df = df_old
+        fmi = np.where(np.isfinite(df), (r + 2.0 / (df + 3.0)) / (1.0 + r), r / (1.0 + r))
+    return Pooled(qbar, w, b, t, r, df, fmi, lam, T)
+
+
+# ---------------------------------------------------------------------- results
+def _formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """Numbers as text with four decimals; a non-finite number as an empty cell (never printed)."""
+    return pd.DataFrame(
+        [[f"{v:.4f}" if np.isfinite(v) else "" for v in row] for row in table.to_numpy(dtype=float)],
+        index=table.index,
+        columns=table.columns,
+    )
+
+
+@dataclass(frozen=True)
+class Stage2Results:
+    """The stage-2 model of a MELSM fit (:meth:`mlsml.MELSMResults.stage2`). Read-only.
+
+    Attributes
+    ----------
+    method, family, formula : str
+    params, bse : pandas.Series
+        Stage-2 estimates and standard errors (``var(resid)``: the residual variance of the
+        gaussian family; ordinal thresholds as statsmodels' ``OrderedModel`` names them).
+    df : pandas.Series
+        Degrees of freedom of the reference t distribution (``inf``: normal).
+    fmi, riv : pandas.Series or None
+        Fraction of missing information and relative increase in variance (``mi``).
+    ndraws, n_failed : int or None
+        Imputations used, and draws whose GLM fit failed (left out; ``mi``).
+    nobs, ngroups : int
+        Schools in the stage-2 model, and in the MELSM fit.
+    stage1 : pandas.DataFrame or None
+        ``joint``: the MELSM's parameters re-estimated with the outcome (estimate, std err),
+        next to the two-stage fit's.
+    llf : float
+        ``joint``: the maximised joint log-likelihood (NaN for ``mi``).
+    converged : bool
+    message : str
+    draws : pandas.DataFrame or None
+        ``mi``: the estimates of every completed data set (one row per draw).
+    """
+
+    method: str
+    family: str
+    formula: str
+    params: pd.Series
+    bse: pd.Series
+    df: pd.Series
+    cov: pd.DataFrame = field(repr=False)
+    fmi: pd.Series | None = None
+    riv: pd.Series | None = None
+    ndraws: int | None = None
+    n_failed: int | None = None
+    nobs: int = 0
+    ngroups: int = 0
+    stage1: pd.DataFrame | None = None
+    llf: float = float("nan")
+    converged: bool = True
+    message: str = ""
+    draws: pd.DataFrame | None = field(default=None, repr=False)
+    info: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def tvalues(self) -> pd.Series:
+        """``params / bse``."""
+        return self.params / self.bse
+
+    @property
+    def pvalues(self) -> pd.Series:
+        """Two-sided p-values from the t distribution with :attr:`df` degrees of freedom."""
+        return pd.Series(2.0 * stats.t.sf(np.abs(self.tvalues.to_numpy()), self.df.to_numpy()), index=self.params.index)
+
+    def cov_params(self) -> pd.DataFrame:
+        """Covariance of the stage-2 estimates (``T`` of Rubin's rules for ``mi``)."""
+        return self.cov
+
+    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
+        """Confidence intervals ``params +/- t_{df, 1 - alpha/2} bse``."""
+        crit = stats.t.ppf(1.0 - alpha / 2.0, self.df.to_numpy())
+        lo = self.params - crit * self.bse
+        hi = self.params + crit * self.bse
+        return pd.DataFrame({"lower": lo, "upper": hi})
+
+    def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
+        """The parameter table: estimate, std err, t, p, interval (and df, fmi for ``mi``)."""
+        ci = self.conf_int(alpha)
+        out = pd.DataFrame(
+            {
+                "estimate": self.params,
+                "std err": self.bse,
+                "t": self.tvalues,
+                "P>|t|": self.pvalues,
+                f"[{alpha / 2:g}": ci["lower"],
+                f"{1 - alpha / 2:g}]": ci["upper"],
+            }
+        )
+        if self.method == "mi":
+            out["df"] = self.df
+            out["fmi"] = self.fmi
+        return out
+
+    def summary(self, alpha: float = 0.05):
+        """A statsmodels ``Summary`` (``.as_text()``, ``.as_html()``)."""
+        smry = summary2.Summary()
+        title = "Stage-2 model: " + ("multiple imputation from the exact posterior" if self.method == "mi" else "joint ML")
+        smry.add_title(title)
+        head = {
+            "Formula:": self.formula,
+            "Family:": self.family,
+            "Method:": self.method,
+            "Schools used:": f"{self.nobs} of {self.ngroups}",
+        }
+        if self.method == "mi":
+            head["Imputations:"] = f"{self.ndraws}" + (f" ({self.n_failed} failed, left out)" if self.n_failed else "")
+            head["Stage-1 uncertainty:"] = "drawn" if self.info.get("stage1_uncertainty") else "ignored (EB draws)"
+        else:
+            head["Log-likelihood:"] = f"{self.llf:.4f}" if np.isfinite(self.llf) else "NaN (UNRELIABLE)"
+            head["Quadrature:"] = self.info.get("quadrature", "")
+            head["Converged:"] = "Yes" if self.converged else "NO"
+        smry.add_dict(head, ncols=2)
+        table = self.to_frame(alpha)
+        smry.add_df(_formatted(table))
+        if self.stage1 is not None:
+            smry.add_df(_formatted(self.stage1))
+            smry.add_text("Second table: the MELSM's parameters of the joint fit next to the two-stage (MELSM alone) fit.")
+        if not self.converged:
+            smry.add_text(f"WARNING: the joint fit did NOT converge: {self.message}")
+        return smry
+
+    def __repr__(self) -> str:
+        return f"<Stage2Results method={self.method!r} family={self.family!r} schools={self.nobs}>"
+
+
+# ---------------------------------------------------------------------- the two methods
+#: A draw of the MELSM's parameters whose posterior cannot be tabulated (a nearly singular
+#: ``Sigma``) is replaced by a new draw, at most this many times per imputation.
+MAX_REDRAWS = 20
+
+
+def _stage1_sampler(res, rng, stage1_uncertainty: bool):
+    """A function giving one MELSM parameter draw ``theta_m ~ N(theta_hat, cov)`` (optimiser scale), or None.
+
+    None (draws at the estimates, with a warning) when the fit has no covariance or is on the
+    boundary of the parameter space: there the normal approximation of the estimates' distribution
+    puts mass beyond the boundary (a variance of zero has no symmetric neighbourhood).
+    """
+    if not stage1_uncertainty:
+        return None
+    cov = res.cov_theta()
+    why = None
+    if cov is None:
+        why = "has no covariance of its estimates (information not positive definite)"
+    elif res.singular:
+        why = f"is on the boundary of the parameter space ({'; '.join(res.singular_reasons()) or 'singular'})"
+    if why is not None:
+        warn(
+            f"stage1_uncertainty=True draws the MELSM's parameters from their asymptotic normal distribution, but the fit "
+            f"{why}: the imputations are drawn at the estimates (as with stage1_uncertainty=False)",
+            ConvergenceWarning,
+        )
+        return None
+    cov = 0.5 * (np.asarray(cov) + np.asarray(cov).T)
+    theta = np.asarray(res.theta, dtype=float)
+    return lambda: rng.multivariate_normal(theta, cov, method="eigh")
+
+
+def _proper_draw(res, sampler, mean: np.ndarray, cov: np.ndarray, rng) -> np.ndarray:
+    """One imputation of every school's effects under a draw of the MELSM's parameters, shape ``(1, J, d)``."""
+    for _ in range(MAX_REDRAWS):
+        try:
+            with np.errstate(all="ignore"):
+                b = _posterior_draws(res, sampler(), mean, cov, 1, rng)
+        except np.linalg.LinAlgError:
+            continue
+        if np.all(np.isfinite(b)):
+            return b
+    raise DataError(
+        f"{MAX_REDRAWS} draws of the MELSM's parameters in a row gave a posterior that cannot be tabulated; "
+        "use stage1_uncertainty=False"
+    )
+
+
+def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
+    """``method="mi"``: Rubin's rules over GLM fits to exact posterior draws (module docstring)."""
+    rng = np.random.default_rng(seed)
+    mean, cov = posterior_moments(posterior_likelihood(res), res.theta)
+    y0, X0 = _design(sd, formula, family, mean)
+    _check_response(y0, family, sd.response)
+    _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
+    sampler = _stage1_sampler(res, rng, stage1_uncertainty)
+    try:
+        if sampler is None:
+            draws = _posterior_draws(res, np.asarray(res.theta, dtype=float), mean, cov, ndraws, rng)
+        else:
+            draws = np.concatenate([_proper_draw(res, sampler, mean, cov, rng) for _ in range(ndraws)], axis=0)
+    except ModelSpecError as exc:  # a model class without exact posterior draws (e.g. association="quadratic")
+        raise ModelSpecError(f"stage 2 with method='mi' needs exact posterior draws: {exc}. Use method='joint'") from exc
+    Q, U, failed, names, last_error = [], [], 0, None, None
+    for m in range(ndraws):
+        y, X = _design(sd, formula, family, draws[m])
+        try:
+            with np.errstate(all="ignore"):
+                params, cv, names = _fit_glm(y, X, family)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+            failed += 1
+            last_error = exc
+            continue
+        if not (np.all(np.isfinite(params)) and np.all(np.isfinite(cv))):
+            failed += 1
+            continue
+        Q.append(params)
+        U.append(cv)
+    if failed > MAX_FAILED_SHARE * ndraws or len(Q) < MIN_NDRAWS:
+        why = f" (last error: {last_error})" if last_error is not None else ""
+        raise DataError(f"the stage-2 {family} fit failed on {failed} of {ndraws} imputed data sets{why}")
+    if failed:
+        warn(f"the stage-2 {family} fit failed on {failed} of {ndraws} imputed data sets; they are left out", ConvergenceWarning)
+    Q, U = np.asarray(Q), np.asarray(U)
+    n = int(sd.observed.sum())
+    p_mean = X0.shape[1]
+    pooled = rubin(Q, U, df_complete=float(max(n - p_mean, 1)) if family == "gaussian" else np.inf)
+    idx = pd.Index(names, name="name")
+    df = pd.Series(pooled.df, index=idx)
+    if family == "gaussian":  # the residual variance: a large-sample (z) interval
+        df.iloc[-1] = np.inf
+    return Stage2Results(
+        method="mi",
+        family=family,
+        formula=formula,
+        params=pd.Series(pooled.params, index=idx, name="estimate"),
+        bse=pd.Series(np.sqrt(pooled.total), index=idx, name="std err"),
+        df=df,
+        cov=pd.DataFrame(pooled.cov, index=idx, columns=idx),
+        fmi=pd.Series(pooled.fmi, index=idx, name="fmi"),
+        riv=pd.Series(pooled.riv, index=idx, name="riv"),
+        ndraws=len(Q),
+        n_failed=failed,
+        nobs=n,
+        ngroups=res.ngroups,
+        draws=pd.DataFrame(Q, columns=idx),
+        info={
+            "stage1_uncertainty": sampler is not None,
+            "within": pooled.within,
+            "between": pooled.between,
+            "lambda": pooled.lam,
+        },
+    )
+
+
+def school_outcome(sd: SchoolData, formula: str, family: str) -> SchoolOutcome:
+    r"""The joint model's outcome term: design columns as data part times school effects.
+
+    Every column of the stage-2 design is multilinear in the school effects when they enter
+    as plain factors: ``A_jc prod_{a in S_c} b_a``, with ``A`` the design evaluated with
+    every effect set to 1 and ``S_c`` the effects among its term's factors.
+    """
+    J = sd.frame.shape[0]
+    y0, X = _design(sd, formula, family, np.ones((J, len(sd.effects))))
+    _check_response(y0, family, sd.response)
+    info = X.design_info
+    effect_sets: list[tuple[int, ...]] = []
+    for term, sl in info.term_slices.items():
+        S = []
+        for factor in term.factors:
+            code = factor.name()
+            if code in sd.effects:
+                S.append(sd.effects.index(code))
+            elif any(re.search(rf"(?<![\w.]){re.escape(e)}(?![\w])", code) for e in sd.effects):
+                raise ModelSpecError(
+                    f"the joint stage-2 model needs the school effects as plain factors of the formula "
+                    f"(u0, v, u0:v, u0:x); {code!r} transforms one. Use method='mi' for such terms"
+                )
+        effect_sets += [tuple(S)] * (sl.stop - sl.start)
+    A = np.zeros((J, X.shape[1]))
+    A[sd.observed] = X.to_numpy(dtype=float)
+    y = np.zeros(J)
+    y[sd.observed] = y0
+    return SchoolOutcome(family, y, A, tuple(effect_sets), sd.observed.copy(), tuple(str(c) for c in X.columns))
+
+
+def _joint_start(res, sd: SchoolData, formula: str, family: str, outcome: SchoolOutcome) -> np.ndarray:
+    """Start of the joint fit: the MELSM's estimates and the stage-2 GLM at the posterior means."""
+    mean, _ = posterior_moments(posterior_likelihood(res), res.theta)
+    y, X = _design(sd, formula, family, mean)
+    params, _, _ = _fit_glm(y, X, family)
+    if family == "gaussian":
+        params = np.append(params[:-1], np.log(max(params[-1], 1e-8)))
+    return np.concatenate([np.asarray(res.theta, dtype=float), params])
+
+
+def fit_joint(res, sd: SchoolData, formula: str, family: str, nagq: int | None) -> Stage2Results:
+    """``method="joint"``: the one-stage model by ML with adaptive quadrature (module docstring)."""
+    if family not in JOINT_FAMILIES:
+        raise ModelSpecError(
+            f"method='joint' supports the families {', '.join(JOINT_FAMILIES)}; for family={family!r} use method='mi'"
+        )
+    lay = res.layout
+    outcome = school_outcome(sd, formula, family)
+    integrand = JointIntegrand(res.likelihood.integrand, outcome)
+    nagq = default_nagq(lay.d) if nagq is None else int(nagq)
+    lik = Likelihood(res.model.design, integrand, QuadratureSpec("product", nagq))
+    start = _joint_start(res, sd, formula, family, outcome)
+    with np.errstate(all="ignore"):
+        opt = maximize(lik, replace(res.options, start=start, max_time=None), standardise=False)
+    n1 = lay.n_params
+    theta = np.asarray(opt.theta, dtype=float)
+    H = -0.5 * (opt.hessian + opt.hessian.T)
+    try:
+        np.linalg.cholesky(H)
+        cov_theta = np.linalg.inv(H)
+    except np.linalg.LinAlgError:
+        cov_theta = np.full(H.shape, np.nan)
+    # natural scale: the MELSM's contract, the coefficients, sigma^2 = exp(ln sigma^2)
+    jac = np.zeros((theta.size, theta.size))
+    jac[:n1, :n1] = lay.natural_jacobian(theta[:n1])
+    phi = theta[n1:].copy()
+    jac[n1:, n1:] = np.eye(phi.size)
+    names = list(outcome.names)
+    if family == "gaussian":
+        phi[-1] = np.exp(phi[-1])
+        jac[-1, -1] = phi[-1]
+        names.append(RESID_VAR)
+    cov_nat = jac @ cov_theta @ jac.T
+    se = np.sqrt(np.clip(np.diag(cov_nat), 0, None))
+    idx = pd.Index(names, name="name")
+    natural1 = np.asarray(lay.to_natural(theta[:n1]), dtype=float)
+    stage1 = pd.DataFrame(
+        {"joint": natural1, "joint std err": se[:n1], "two-stage": res.params.to_numpy(), "two-stage std err": res.bse.to_numpy()},
+        index=pd.Index(lay.names, name="name"),
+    )
+    converged = bool(opt.converged and np.all(np.isfinite(se)))
+    message = opt.message if opt.converged else f"the joint fit did not converge: {opt.message}"
+    if opt.converged and not np.all(np.isfinite(se)):
+        message = "the information of the joint fit is not positive definite: no standard errors"
+    if not converged:
+        warn(message, ConvergenceWarning)
+    k = phi.size
+    return Stage2Results(
+        method="joint",
+        family=family,
+        formula=formula,
+        params=pd.Series(phi, index=idx, name="estimate"),
+        bse=pd.Series(se[n1:], index=idx, name="std err"),
+        df=pd.Series(np.inf, index=idx),
+        cov=pd.DataFrame(cov_nat[n1:, n1:], index=idx, columns=idx),
+        nobs=int(sd.observed.sum()),
+        ngroups=res.ngroups,
+        stage1=stage1,
+        llf=float(opt.llf) if converged or np.isfinite(opt.llf) else float("nan"),
+        converged=converged,
+        message=message,
+        info={"quadrature": f"product, {nagq} per dim ({nagq**lay.d} nodes)", "theta": theta, "n_stage2": k, "optsum": opt},
+    )
+
+
+def stage2(
+    res,
+    formula: str,
+    data=None,
+    family: str = "gaussian",
+    method: str = "mi",
+    ndraws: int = DEFAULT_NDRAWS,
+    seed=None,
+    level1_summaries: Mapping[str, str | tuple[str, str | Callable]] | None = None,
+    level1_data=None,
+    stage1_uncertainty: bool = True,
+    missing: str = "drop",
+    nagq: int | None = None,
+) -> Stage2Results:
+    """The stage-2 model of a fit (see :meth:`mlsml.MELSMResults.stage2` and the module docstring)."""
+    if family not in FAMILIES:
+        raise ModelSpecError(f"family must be one of {', '.join(map(repr, FAMILIES))}, not {describe_value(family)}")
+    if method not in METHODS:
+        raise ModelSpecError(f"method must be one of {', '.join(map(repr, METHODS))}, not {describe_value(method)}")
+    if getattr(res, "likelihood", None) is None:
+        raise DataError("stage 2 needs the fitted data: this result was read from JSON without its data")
+    sd = school_data(res, formula, data, level1_summaries, level1_data, missing)
+    if method == "joint":
+        return fit_joint(res, sd, formula, family, nagq)
+    if not isinstance(ndraws, int | np.integer) or ndraws < MIN_NDRAWS:
+        raise ModelSpecError(f"ndraws must be an integer of at least {MIN_NDRAWS}, not {describe_value(ndraws)}")
+    return fit_mi(res, sd, formula, family, int(ndraws), seed, bool(stage1_uncertainty))

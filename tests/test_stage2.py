@@ -1,0 +1,231 @@
+"""Stage 2 (mlsml.stage2): multiple imputation from the exact posterior, Rubin's rules, and the
+joint model's term in the integrand (its derivatives and its value against closed forms).
+
+Small data (the 40-school demo), one MELSM fit per module; the recovery and coverage study is
+validation/stage2.py (results in validation/results/, written up in validation/REPORT.md).
+"""
+
+from __future__ import annotations
+
+import autograd
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import special, stats
+
+import mlsml
+from mlsml.errors import DataError, MissingDataWarning, ModelSpecError
+from mlsml.integrand import JointIntegrand, SchoolOutcome
+from mlsml.likelihood import Likelihood
+from mlsml.predict import PosteriorGrid, draw_effects
+from mlsml.quadrature import QuadratureSpec
+from mlsml.stage2 import rubin, school_data, school_outcome
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    res = mlsml.fit("y ~ x", df, groups="school")
+    rng = np.random.default_rng(7)
+    mean = res.random_effects()
+    schools = pd.DataFrame({"school": res.model.design.group_labels})
+    schools["w"] = rng.normal(size=40)
+    eta = -0.3 + 4.0 * mean["u0"].to_numpy() + 3.0 * mean["v"].to_numpy() + 0.5 * schools["w"].to_numpy()
+    schools["score"] = eta + rng.normal(0, 0.5, 40)
+    schools["passed"] = (rng.random(40) < special.expit(eta)).astype(int)
+    schools["count"] = rng.poisson(np.exp(0.5 + 0.3 * schools["w"]))
+    schools["grade"] = np.digitize(eta + rng.logistic(size=40), [-1.0, 0.5])
+    return res, df, schools
+
+
+def test_rubin_matches_the_formulas():
+    rng = np.random.default_rng(0)
+    Q = rng.normal(size=(8, 2))
+    U = np.stack([np.diag([0.3, 0.1])] * 8)
+    p = rubin(Q, U)
+    B = Q.var(axis=0, ddof=1)
+    T = np.array([0.3, 0.1]) + (1 + 1 / 8) * B
+    np.testing.assert_allclose(p.total, T, rtol=1e-12)
+    r = (1 + 1 / 8) * B / np.array([0.3, 0.1])
+    df = 7 * (1 + 1 / r) ** 2
+    np.testing.assert_allclose(p.df, df, rtol=1e-12)
+    np.testing.assert_allclose(p.fmi, (r + 2 / (df + 3)) / (1 + r), rtol=1e-12)
+    small = rubin(Q, U, df_complete=20.0)  # Barnard-Rubin: never more than the complete-data df
+    assert np.all(small.df < 20.0) and np.all(small.df < df)
+
+
+def test_identical_imputations_give_the_complete_data_fit(fitted):
+    """A formula without school effects: every imputation is the same OLS fit, B = 0 (to rounding)."""
+    res, _, schools = fitted
+    s2 = res.stage2("score ~ w", data=schools, ndraws=6, seed=1)
+    X = np.column_stack([np.ones(40), schools["w"]])
+    beta, *_ = np.linalg.lstsq(X, schools["score"], rcond=None)
+    np.testing.assert_allclose(s2.params[["Intercept", "w"]], beta, rtol=1e-10)
+    assert np.all(s2.info["lambda"] < 1e-12) and np.all(s2.info["between"] < 1e-20)
+    # Rubin's fmi keeps its small-sample term 2 / (df + 3) (as R's mice reports it)
+    np.testing.assert_allclose(s2.fmi.iloc[:2], 2 / (s2.df.iloc[:2] + 3), rtol=1e-6)
+
+
+def test_mi_fraction_of_missing_information_and_summary(fitted):
+    res, _, schools = fitted
+    s2 = res.stage2("score ~ u0 + v + w", data=schools, ndraws=20, seed=3)
+    assert s2.ndraws == 20 and s2.n_failed == 0 and s2.nobs == 40
+    assert s2.fmi["u0"] > s2.fmi["w"] and (s2.fmi > 0).all() and (s2.fmi < 1).all()
+    assert (s2.df < np.inf).sum() >= 3
+    again = res.stage2("score ~ u0 + v + w", data=schools, ndraws=20, seed=3)
+    pd.testing.assert_series_equal(s2.params, again.params)  # a seed fixes the draws
+    text = s2.summary().as_text()
+    assert "fmi" in text and "Imputations" in text
+    assert s2.conf_int().shape == (5, 2)
+
+
+def test_every_family_runs_with_mi(fitted):
+    res, _, schools = fitted
+    for formula, family in [("passed ~ u0 + w", "binomial"), ("count ~ w + v", "poisson"), ("grade ~ u0 + w", "ordinal")]:
+        s2 = res.stage2(formula, data=schools, family=family, ndraws=8, seed=1, stage1_uncertainty=False)
+        assert np.all(np.isfinite(s2.params)) and np.all(s2.bse > 0)
+    assert "Intercept" not in s2.params.index  # ordinal: the thresholds replace it
+
+
+def test_level1_summaries_and_level1_rows_as_stage2_data(fitted):
+    res, df, schools = fitted
+    data = df.merge(schools, on="school")  # level-1 rows: constant level-2 columns are collapsed
+    s2 = res.stage2("score ~ u0 + xbar + xsd", data=data, level1_summaries={"xbar": "x", "xsd": ("x", "sd")}, ndraws=6, seed=1)
+    assert list(s2.params.index) == ["Intercept", "u0", "xbar", "xsd", "var(resid)"]
+    sd = school_data(res, "score ~ xbar", schools, {"xbar": "x"})
+    np.testing.assert_allclose(sd.frame["xbar"], df.groupby("school")["x"].mean().loc[sd.frame.index], rtol=1e-12)
+
+
+def test_stage2_input_errors(fitted):
+    res, df, schools = fitted
+    with pytest.raises(DataError, match="'x' is not constant within school"):
+        res.stage2("score ~ u0 + x", data=df.merge(schools, on="school"))
+    with pytest.raises(ModelSpecError, match="'u0' names a school effect"):
+        res.stage2("score ~ u0", data=schools.assign(u0=1.0))
+    with pytest.raises(DataError, match="0/1 response"):
+        res.stage2("score ~ u0", data=schools, family="binomial")
+    with pytest.raises(ModelSpecError, match="family must be one of"):
+        res.stage2("score ~ u0", data=schools, family="gamma")
+    with pytest.raises(ModelSpecError, match="method='joint' supports"):
+        res.stage2("grade ~ u0", data=schools, family="ordinal", method="joint")
+    with pytest.raises(ModelSpecError, match="plain factors"):
+        res.stage2("score ~ I(u0**2)", data=schools, method="joint")
+    with pytest.raises(DataError, match="no grouping column"):
+        res.stage2("score ~ u0", data=schools.rename(columns={"school": "id"}))
+    with pytest.warns(MissingDataWarning, match=r"'score': 3"):
+        s2 = res.stage2("score ~ u0", data=schools.assign(score=schools["score"].where(schools.index >= 3)), ndraws=5, seed=1)
+    assert s2.nobs == 37
+
+
+def test_draw_effects_match_the_grid_moments(fitted):
+    res, _, _ = fitted
+    grid = PosteriorGrid.build(res.theta, res.model.design)
+    b = draw_effects(grid.v, grid.cdf, grid.density, grid.mu, grid.V, 4000, np.random.default_rng(5))
+    mean, cov = grid.moments()
+    se = np.sqrt(np.einsum("jii->ji", cov) / 4000)
+    z = (b.mean(axis=0) - mean) / se
+    assert np.abs(z).max() < 5  # 80 means, each within 5 SEs
+    emp = np.einsum("mja,mjb->jab", b - mean, b - mean) / 4000
+    corr = emp[:, 0, 1] / np.sqrt(emp[:, 0, 0] * emp[:, 1, 1])
+    true = cov[:, 0, 1] / np.sqrt(cov[:, 0, 0] * cov[:, 1, 1])
+    assert np.abs(corr - true).max() < 0.1  # the u-v posterior correlation is kept
+
+
+# ------------------------------------------------------------------ the joint model's term
+def _joint_likelihood(res, schools, formula, family, nagq=7):
+    sd = school_data(res, formula, schools)
+    outcome = school_outcome(sd, formula, family)
+    lik = Likelihood(res.model.design, JointIntegrand(res.likelihood.integrand, outcome), QuadratureSpec("product", nagq))
+    return lik, outcome
+
+
+def test_joint_term_without_effects_adds_the_closed_form_density(fitted):
+    """No school effect in the formula: each school's integral factorises exactly."""
+    res, _, schools = fitted
+    lik, outcome = _joint_likelihood(res, schools, "score ~ w", "gaussian")
+    phi = np.array([0.2, 0.9, np.log(1.7)])
+    theta = np.concatenate([res.theta, phi])
+    base = Likelihood(res.model.design, res.likelihood.integrand, QuadratureSpec("product", 7))
+    eta = 0.2 + 0.9 * schools["w"].to_numpy()
+    closed = stats.norm.logpdf(schools["score"], eta, np.sqrt(1.7))
+    np.testing.assert_allclose(lik.per_school(theta), base.per_school(res.theta) + closed, rtol=1e-10)
+
+
+@pytest.mark.parametrize("family,formula", [("gaussian", "score ~ u0 + v + u0:v + w"), ("binomial", "passed ~ u0 + v:w")])
+def test_joint_mode_problem_derivatives_and_gradient(fitted, family, formula):
+    res, _, schools = fitted
+    lik, outcome = _joint_likelihood(res, schools, formula, family)
+    rng = np.random.default_rng(2)
+    phi = rng.normal(0, 1.0, outcome.n_params)
+    theta = np.concatenate([res.theta, phi])
+    prob = lik.integrand.mode_problem(theta)
+    b = rng.normal(0, 0.2, (40, 2))
+    g, H = prob.derivs(b)
+    h = 1e-6
+    for a in range(2):
+        e = np.zeros(2)
+        e[a] = h
+        fd = (prob.f(b + e) - prob.f(b - e)) / (2 * h)
+        np.testing.assert_allclose(g[:, a], fd, rtol=1e-5, atol=1e-6)
+        fd2 = (prob.derivs(b + e)[0] - prob.derivs(b - e)[0]) / (2 * h)
+        np.testing.assert_allclose(H[:, :, a], fd2, rtol=1e-5, atol=1e-5)
+    # the likelihood's gradient (autograd, nodes fixed) against central differences
+    nodes = lik.adapt(theta)
+    _, grad = lik.value_and_grad(theta, nodes)
+    for i in range(theta.size):
+        e = np.zeros(theta.size)
+        e[i] = 1e-6
+        fd = (lik.at_nodes(theta + e, nodes) - lik.at_nodes(theta - e, nodes)) / 2e-6
+        assert abs(grad[i] - fd) < 1e-4 * max(1.0, abs(fd))
+    assert np.asarray(autograd.hessian(lik.at_nodes)(theta, nodes)).shape == (theta.size, theta.size)
+
+
+def test_joint_fit_improves_on_the_two_stage_start_and_reports_both(fitted):
+    res, _, schools = fitted
+    j = res.stage2("score ~ u0 + v + w", data=schools, method="joint")
+    assert j.converged and np.isfinite(j.llf)
+    lik, _ = _joint_likelihood(res, schools, "score ~ u0 + v + w", "gaussian", nagq=11)
+    start_phi = j.info["optsum"].start[res.layout.n_params :]
+    assert j.llf >= lik.value(np.concatenate([res.theta, start_phi])) - 1e-8
+    assert list(j.stage1.columns) == ["joint", "joint std err", "two-stage", "two-stage std err"]
+    assert np.all(np.isfinite(j.bse)) and "Converged" in j.summary().as_text()
+    jb = res.stage2("passed ~ u0 + w", data=schools, family="binomial", method="joint")
+    assert jb.converged and jb.params.index.tolist() == ["Intercept", "u0", "w"]
+
+
+def test_school_outcome_columns_are_data_part_times_effects(fitted):
+    res, _, schools = fitted
+    sd = school_data(res, "score ~ u0 * v + u0:w", schools)
+    out = school_outcome(sd, "score ~ u0 * v + u0:w", "gaussian")
+    assert out.names == ("Intercept", "u0", "v", "u0:v", "u0:w")
+    assert out.effects == ((), (0,), (1,), (0, 1), (0,))
+    np.testing.assert_allclose(out.A[:, 4], schools["w"].to_numpy())
+    assert isinstance(out, SchoolOutcome) and out.n_params == 6
+
+
+def test_draw_effects_with_a_singular_conditional_covariance():
+    """var(u | v, y) rounding to a tiny negative number (a fit near var(u0) = 0) is no error (it was:
+    Cholesky of a matrix not positive definite, in the stage-2 simulation)."""
+    v = np.tile(np.linspace(-1, 1, 5), (3, 1))
+    cdf = np.tile(np.linspace(0, 1, 5), (3, 1))
+    density = np.full((3, 5), 0.5)
+    mu = np.zeros((3, 5, 2))
+    V = np.zeros((3, 5, 2, 2))
+    V[..., 0, 0] = -1e-18
+    V[..., 1, 1] = 1.0
+    b = draw_effects(v, cdf, density, mu, V, 200, np.random.default_rng(0))
+    assert np.all(b[..., 0] == 0.0) and abs(b[..., 1].std() - 1.0) < 0.1
+
+
+def test_mi_on_a_boundary_fit_draws_at_the_estimates_with_a_warning():
+    """A MELSM fit with corr(u0, v) = -1 (replication 35 of the stage-2 simulation): drawing its
+    parameters from the normal approximation gave a singular Sigma and the run failed."""
+    from validation.stage2 import BASE_SEED, make_data
+
+    df, schools = make_data("gaussian", 5, BASE_SEED + 35)
+    with pytest.warns(mlsml.SingularFitWarning):
+        res = mlsml.fit("y ~ x", df, groups="school")
+    # "on the boundary", or (with older numerical libraries) "no covariance": either way at the estimates
+    with pytest.warns(mlsml.ConvergenceWarning, match="the imputations are drawn at the estimates"):
+        s2 = res.stage2("Y ~ u0 + v", data=schools, ndraws=8, seed=1)
+    assert s2.info["stage1_uncertainty"] is False and np.all(np.isfinite(s2.params))
