@@ -105,6 +105,18 @@ bs_formula : str, optional
     intercept, :math:`\ln \operatorname{var}(u_{0j}) = s_j'\tau`, in school-level
     columns (constant within each school); the parameters ``bsvar:<term>`` replace
     ``var(u0)``. See :mod:`mlsml.integrand`.
+association : {"linear", "none", "quadratic"}, default "linear"
+    How the random location enters the log residual variance (MIXREGLS ``NCOV``
+    1, 0, 2): ``"linear"``, through ``cov(u0,v)`` (Sigma unstructured);
+    ``"none"``, not at all (every ``cov(u*, v*)`` fixed at zero and absent from
+    ``params``); ``"quadratic"``, ``"linear"`` plus ``quad(u0,v)`` times the squared
+    standardised random intercept, :math:`\gamma\,(u_{0j}/\operatorname{sd}(u_{0j}))^2`
+    (one random location effect, the plain random scale). See ``docs/model.md`` and
+    :func:`mlsml.compare_associations`.
+cov_constraints : str or list of str, optional
+    Covariances of the school effects fixed at zero, by name:
+    ``["cov(u0,u1)"]`` makes a random slope independent of the random intercept
+    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``.
 weights : str, pandas.Series or array-like, optional
     Level-1 (observation) weights: a column name, a Series aligned by index or one
     value per row. Sampling weights are the conditional ones (given the school); the
@@ -124,18 +136,6 @@ offset : str, pandas.Series or array-like, optional
     (statsmodels' ``offset``).
 scale_offset : str, pandas.Series or array-like, optional
     A known term added to the log residual variance.
-association : {"linear", "none", "quadratic"}, default "linear"
-    How the random location enters the log residual variance (MIXREGLS ``NCOV``
-    1, 0, 2): ``"linear"``, through ``cov(u0,v)`` (Sigma unstructured);
-    ``"none"``, not at all (every ``cov(u*, v*)`` fixed at zero and absent from
-    ``params``); ``"quadratic"``, ``"linear"`` plus ``quad(u0,v)`` times the squared
-    standardised random intercept, :math:`\gamma\,(u_{0j}/\operatorname{sd}(u_{0j}))^2`
-    (one random location effect, the plain random scale). See ``docs/model.md`` and
-    :func:`mlsml.compare_associations`.
-cov_constraints : str or list of str, optional
-    Covariances of the school effects fixed at zero, by name:
-    ``["cov(u0,u1)"]`` makes a random slope independent of the random intercept
-    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``.
 missing_code : float, optional
     A value that stands for a missing value in the data (MixWILD's missing-value code,
     e.g. ``-999``): in every numeric column a formula uses (and ``groups``) it becomes
@@ -340,14 +340,14 @@ class MELSM:
         missing: str = "drop",
         scale_re_formula: str | None = None,
         bs_formula: str | None = None,
+        association: str = "linear",
+        cov_constraints=None,
         weights=None,
         group_weights=None,
         weights_kind: str = "sampling",
         weights_scale: str | None = None,
         offset=None,
         scale_offset=None,
-        association: str = "linear",
-        cov_constraints=None,
         *,
         missing_code: float | None = None,
         drop_constant_groups: bool = False,
