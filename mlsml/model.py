@@ -16,12 +16,21 @@ formulas -> :func:`mlsml.design.build_design` (arrays) ->
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
 
 from .design import Design, FormulaSpec, build_design, check_extended_layout
 from .diagnostics import settle
+from .distributed import (
+    DaskLikelihood,
+    DistributedDesign,
+    DistributedResults,
+    build_distributed_design,
+    check_cluster_options,
+    is_distributed_data,
+)
 from .errors import ModelSpecError
 from .integrand import Integrand, make_integrand
 from .likelihood import Likelihood
@@ -340,6 +349,7 @@ class MELSM:
         scale_offset=None,
         association: str = "linear",
         cov_constraints=None,
+        client=None,
     ) -> MELSM:
         """Create a model from formulas (statsmodels/patsy syntax) without fitting it.
 
@@ -383,7 +393,18 @@ class MELSM:
         >>> mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula="~ x", random_scale=False).param_names[-3:]
         ['var(u0)', 'var(u1)', 'cov(u0,u1)']
         """
-        design, spec = build_design(
+        # a Dask DataFrame or Parquet files: the arrays are built and kept by the workers
+        if is_distributed_data(data):  # a Dask DataFrame or Parquet files: the arrays are built and kept by the workers
+            check_cluster_options(
+                weights=weights,
+                group_weights=group_weights,
+                offset=offset,
+                scale_offset=scale_offset,
+                association=association,
+                cov_constraints=cov_constraints,
+            )
+        build = partial(build_distributed_design, client=client) if is_distributed_data(data) else build_design
+        design, spec = build(
             formula,
             data,
             groups,
@@ -395,6 +416,8 @@ class MELSM:
             bs_formula=bs_formula,
         )
         check_extended_layout(design.layout)
+        if isinstance(design, DistributedDesign):
+            return cls(design, spec)
         if not isinstance(data, pd.DataFrame):
             data = pd.DataFrame(data)
         design = with_weights_and_offsets(design, data, weights, group_weights, weights_kind, weights_scale, offset, scale_offset)
@@ -492,8 +515,10 @@ class MELSM:
         lay = self.layout
         names = list(lay.names)
         alpha = theta[lay.p : lay.p + lay.k]
-        W = self.design.W
-        eta = np.asarray(self.design.log_variance_index(alpha))
+        # on a Dask cluster the rows are not here: W alpha at the columns' minima and maxima
+        held = isinstance(self.design, Design)
+        W = self.design.W if held else self.design.column_ranges("W")
+        eta = np.asarray(self.design.log_variance_index(alpha)) if held else W @ alpha
         if not np.all(np.abs(eta) <= MAX_LOG_VARIANCE):
             contrib = np.max(np.abs(W * alpha), axis=0)
             k = int(np.argmax(contrib))
@@ -578,7 +603,10 @@ class MELSM:
         True
         """
         integrand = make_integrand(self.design)
-        return Likelihood(self.design, integrand, self._spec(nagq, quadrature, prune, integrand))
+        spec = self._spec(nagq, quadrature, prune, integrand)
+        if isinstance(self.design, DistributedDesign):  # summed over blocks of schools on a Dask cluster
+            return self.design.likelihood(spec)
+        return Likelihood(self.design, integrand, spec)
 
     def _spec(self, nagq, quadrature: str, prune, integrand: Integrand) -> QuadratureSpec:
         """The rule of :meth:`objective` / :meth:`fit` (options checked) for the model's integrand."""
@@ -663,7 +691,8 @@ class MELSM:
             if nagq is None:  # the default rule: more points where it is not accurate at the estimates
                 lik, optsum = raise_rule(lik, optsum, opts, callback=callback)
             optsum, diagnostics = settle(lik, optsum)
-        res = MELSMResults.build(self, lik, optsum, diagnostics, cov_type=cov_type)
+        results = DistributedResults if isinstance(lik, DaskLikelihood) else MELSMResults
+        res = results.build(self, lik, optsum, diagnostics, cov_type=cov_type)
         res.warn_if_problematic()
         return res
 
@@ -715,6 +744,7 @@ def fit(
     quadrature: str = "auto",
     max_time: float | None = None,
     cov_type: str | None = None,
+    client=None,
 ) -> MELSMResults:
     """Fit a mixed-effects location scale model by maximum likelihood.
 
@@ -789,6 +819,7 @@ def fit(
         scale_offset=scale_offset,
         association=association,
         cov_constraints=cov_constraints,
+        client=client,
     )
     return model.fit(
         nagq=nagq,
