@@ -33,6 +33,7 @@ from .boundary import (
     search_faces,
     weakly_determined,
 )
+from .design import Design
 from .likelihood import Likelihood
 from .optimize import OptSummary, information_pd, maximize, quadrature_check
 from .predict import fitted_moments
@@ -678,6 +679,8 @@ def tail_check(res, n_sim: int = TAIL_N_SIM, seed: int | None = TAIL_SEED) -> Ta
 def _tail_schools(res) -> pd.DataFrame:
     """The per-school table of :class:`TailCheck` (``NaN`` for the schools not used)."""
     design = res.model.design
+    if not isinstance(design, Design):  # rows held by Dask workers: the table is made block by block
+        return res.tail_schools()
     r = standardised_residuals(res).to_numpy()[design.order]  # group-sorted, as the design
     counts = np.asarray(design.counts, dtype=int)
     k = _school_kurtosis(r, np.asarray(design.starts), counts)

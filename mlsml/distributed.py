@@ -50,15 +50,19 @@ import pickle
 import re
 import threading
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import autograd
+import autograd.numpy as anp
 import numpy as np
 import pandas as pd
 
+from . import schools as _schools
 from ._lazy import LazyModule
 from .design import (
     Design,
@@ -72,13 +76,16 @@ from .design import (
     formula_columns,
     to_numpy_dtypes,
 )
+from .diagnostics import _tail_schools
 from .errors import ClusterWarning, DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .likelihood import Likelihood
 from .params import ParamLayout
+from .predict import predict as _predict
 from .quadrature import Nodes, QuadratureSpec
 from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, standardised_design
 from .results import MELSMResults
+from .simulate import draw_responses
 from .start import START_VAR_V
 from .validate import check_choice, describe_value
 
@@ -620,6 +627,55 @@ class BlockSet:
 
 
 # ====================================================================== the design on the driver
+class ColumnSummary:
+    """Stands in for a design matrix held by the workers: per column its mean, minimum, maximum
+    and SD (``M[:, j].mean()``, ``.min()``, ``.max()``, ``numpy.std(M[:, j], ddof=...)``), what
+    the MIXREGLS descriptives (:func:`mlsml.mixregls.report.describe_data`) print. Anything that
+    needs the values raises :class:`~mlsml.DataError`.
+    """
+
+    def __init__(self, moments: ColumnMoments, name: str, column: int | None = None):
+        self._m, self._name, self._col = moments, name, column
+
+    @property
+    def shape(self) -> tuple:
+        """``(N, k)``, or ``(N,)`` for one column."""
+        return (self._m.n,) if self._col is not None else (self._m.n, len(self._m.mean))
+
+    @property
+    def size(self) -> int:
+        """Number of values."""
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key):
+        rows, col = key if isinstance(key, tuple) else (key, None)
+        if not (isinstance(rows, slice) and rows == slice(None)):
+            raise DataError(f"the rows of {self._name} are held by the Dask workers, not the driver")
+        return self if col is None else ColumnSummary(self._m, self._name, int(col))
+
+    def _pick(self, a: np.ndarray):
+        return float(a[self._col]) if self._col is not None else a.copy()
+
+    def mean(self, *args, **kwargs):
+        """Column mean(s)."""
+        return self._pick(self._m.mean)
+
+    def min(self, *args, **kwargs):
+        """Column minimum (minima)."""
+        return self._pick(self._m.lo)
+
+    def max(self, *args, **kwargs):
+        """Column maximum (maxima)."""
+        return self._pick(self._m.hi)
+
+    def std(self, axis=None, dtype=None, out=None, ddof=0, **kwargs):
+        """Column standard deviation(s) with ``ddof``."""
+        return self._pick(np.sqrt(self._m.m2 / max(self._m.n - ddof, 1)))
+
+    def __array__(self, *args, **kwargs):
+        raise DataError(f"the values of {self._name} are held by the Dask workers, not the driver")
+
+
 class DistributedDesign:
     """Stands in for a :class:`~mlsml.design.Design` whose rows are held by Dask workers.
 
@@ -657,6 +713,26 @@ class DistributedDesign:
     def nobs_weighted(self) -> float:
         """The number of observations (unweighted: :attr:`mlsml.design.Design.nobs_weighted`)."""
         return float(self.nobs)
+
+    @property
+    def y(self) -> ColumnSummary:
+        """The response's mean, minimum, maximum and SD (:class:`ColumnSummary`), not its values."""
+        return ColumnSummary(self.moments.y, "y")
+
+    @property
+    def X(self) -> ColumnSummary:
+        """The mean design's column summaries (:class:`ColumnSummary`)."""
+        return ColumnSummary(self.moments.X, "X")
+
+    @property
+    def W(self) -> ColumnSummary:
+        """The scale design's column summaries (:class:`ColumnSummary`)."""
+        return ColumnSummary(self.moments.W, "W")
+
+    @property
+    def Z(self) -> ColumnSummary:
+        """The random-effects design's column summaries (:class:`ColumnSummary`)."""
+        return ColumnSummary(self.moments.Z, "Z")
 
     @property
     def G(self):
@@ -1233,10 +1309,253 @@ def _check_gram_rank(G: np.ndarray, n: int, names: list, what: str) -> None:
 
 
 # ====================================================================== results
+class _BlockModel:
+    """The model of one block on its worker: what the in-memory results' methods read of a model."""
+
+    def __init__(self, design: Design, formula_spec: FormulaSpec):
+        self.design = design
+        self.formula_spec = formula_spec
+
+    @property
+    def layout(self) -> ParamLayout:
+        """Parameter names and sizes."""
+        return self.design.layout
+
+    @property
+    def param_names(self) -> list[str]:
+        """Natural-scale parameter names."""
+        return list(self.layout.names)
+
+
+def _block_results(design: Design, lik: Likelihood, state: tuple) -> MELSMResults:
+    """The fit's results restricted to one block's schools (the global estimates and covariance)."""
+    formula_spec, optsum, diagnostics = state
+    return MELSMResults.build(_BlockModel(design, formula_spec), lik, optsum, diagnostics)
+
+
+def _block_seed(seed, design: Design) -> list[int]:
+    """A block's random stream: the fit's seed and its first school (the same for the same blocks)."""
+    return [int(seed), zlib.crc32(repr(design.group_labels[0]).encode())]
+
+
+def _random_effects_block(block, design, lik, state, cov):
+    return _schools.random_effects(_block_results(design, lik, state), cov=cov)
+
+
+def _school_effects_block(block, design, lik, state, w, level, z, ndraws, seed):
+    res = _block_results(design, lik, state)
+    return _schools.school_effects(res, w=w, level=level, z=z, ndraws=ndraws, seed=_block_seed(seed, design), return_draws=True)
+
+
+def _predict_block(block, design, lik, state, kind, conditional):
+    return _predict(_block_results(design, lik, state), None, kind=kind, conditional=conditional)
+
+
+def _resid_block(block, design, lik, state):
+    fitted = _predict(_block_results(design, lik, state), None, kind="mean", conditional=True)
+    y = np.empty(design.nobs)
+    y[design.order] = design.y  # the block's rows in their order in the partition
+    return pd.Series(y - fitted.to_numpy(), index=fitted.index, name="resid")
+
+
+def _tail_schools_block(block, design, lik, state):
+    return _tail_schools(_block_results(design, lik, state))
+
+
+def _prediction_sums(block, design, lik, state, wbar, zbar, gbar):
+    """A block's sums of ``m, v, m^2, v^2, m v`` over its schools and their Jacobian in ``theta``."""
+    res = _block_results(design, lik, state)
+    predictions = _schools.school_predictions(res, wbar, zbar, gbar)
+
+    def sums(theta):
+        m, v = predictions(theta)
+        return anp.stack([anp.sum(m), anp.sum(v), anp.sum(m * m), anp.sum(v * v), anp.sum(m * v)])
+
+    theta = np.asarray(res.theta, dtype=float)
+    return np.asarray(sums(theta)), np.asarray(autograd.jacobian(sums)(theta))
+
+
+def _simulate_block(block, design, lik, theta, n_reps, seed):
+    draws = draw_responses(design, theta, np.random.default_rng(_block_seed(seed, design)), n_reps)
+    out = np.empty_like(draws)
+    out[:, design.order] = draws
+    return pd.DataFrame(out.T, index=design.row_labels.copy(), columns=[f"y{r}" for r in range(n_reps)])
+
+
+def _simulated_block(block: Block, theta: np.ndarray, seed: int, token: str) -> Block:
+    """A block with a response drawn from the model at ``theta`` (:func:`mlsml.simulate.draw_responses`)."""
+    design = block.design
+    if design is None:
+        return Block(None, token)
+    y = draw_responses(design, theta, np.random.default_rng(_block_seed(seed, design)), 1)[0]
+    return Block(design.with_response(y), token)
+
+
 class DistributedResults(MELSMResults):
     """:class:`~mlsml.MELSMResults` of a fit on a Dask cluster.
 
     The estimates, standard errors, tests, diagnostics and summaries are those of the
-    in-memory class (computed on the driver from what the workers returned); the methods
-    that need the rows run on the cluster, block by block.
+    in-memory class, computed on the driver from what the workers returned. The methods that
+    need the rows run on the cluster, block by block, with the fit's estimates and covariance:
+    :meth:`random_effects` and :meth:`school_effects` return pandas frames (one row per
+    school, in the order of the in-memory fit); :meth:`predict`, :attr:`fittedvalues`,
+    :attr:`resid` and :meth:`simulate` return Dask collections (one partition per block), or
+    write Parquet with ``path=``; :meth:`bootstrap` refits simulated responses on the cluster.
     """
+
+    @property
+    def _design(self) -> DistributedDesign:
+        return self.likelihood.design
+
+    def _state(self) -> tuple:
+        return (self.model.formula_spec, self.optsum, self.diagnostics)
+
+    def _on_blocks(self, fn, *args) -> list:
+        """``fn(block, design, likelihood, *args)`` on every block (the fit's rule), gathered."""
+        return self._design.run("call", spec=self.rule, extra=(fn, args))
+
+    def _lazy_blocks(self, fn, *args) -> list:
+        """``fn(block, design, likelihood, *args)`` on every block, as Dask delayed objects."""
+        req = Request("call", None, None, self.rule, None, (fn, args))
+        return [dask.delayed(_evaluate, pure=False)(b, req) for b in self._design.blockset.blocks]
+
+    def close(self) -> None:
+        """Release the blocks held by the workers (and the cluster started for the fit, if any)."""
+        self._design.blockset.close()
+
+    # ------------------------------------------------------------ schools
+    def random_effects(self, cov: bool = False):
+        """Posterior means and SDs of the school effects (:meth:`mlsml.MELSMResults.random_effects`), on the cluster."""
+        parts = self._on_blocks(_random_effects_block, self._state(), cov)
+        if cov:
+            frame = self._in_order([p[0] for p in parts])
+            return frame, self._design.to_global([p[1] for p in parts])
+        return self._in_order(parts)
+
+    def school_effects(self, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
+        """The school table (:meth:`mlsml.MELSMResults.school_effects`), computed block by block.
+
+        Every column but the rank intervals is what the in-memory fit gives. The ranks are over
+        all schools; the rank intervals come from posterior draws made on each block's worker
+        (its own random stream, from ``seed`` and the block's first school), so they equal the
+        in-memory ones in distribution, not draw by draw; with more than
+        :data:`RANK_DRAWS_MAX` draws in all (schools x ``ndraws``) they are NaN.
+        """
+        design = self._design
+        if w is None:
+            w = design.column_means("W")
+        if z is None and self.layout.q:
+            z = design.column_means("Z")
+        parts = self._on_blocks(_school_effects_block, self._state(), w, level, z, ndraws, seed)
+        table = self._in_order([p[0] for p in parts])
+        table.attrs = dict(parts[0][0].attrs, seed=seed)
+        lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+        many = self.ngroups * int(ndraws) > RANK_DRAWS_MAX
+        if many:
+            warn(
+                f"{self.ngroups} schools x {ndraws} draws exceed RANK_DRAWS_MAX = {RANK_DRAWS_MAX}: the rank intervals are NaN",
+                ClusterWarning,
+            )
+        for prefix, point in (("mean", "mean"), ("var", "var")):
+            draws = [p[1][prefix] for p in parts]
+            if draws[0] is None:
+                continue
+            table[f"{prefix}_rank"] = _schools._ranks(table[point].to_numpy())
+            if many:
+                table[f"{prefix}_rank_lo"] = table[f"{prefix}_rank_hi"] = np.nan
+                continue
+            full = self._design.to_global([d.T for d in draws]).T
+            r = _schools._ranks(full)
+            table[f"{prefix}_rank_lo"] = np.quantile(r, lo_q, axis=0, method="inverted_cdf").astype(int)
+            table[f"{prefix}_rank_hi"] = np.quantile(r, hi_q, axis=0, method="inverted_cdf").astype(int)
+        return table
+
+    def _in_order(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
+        """Per-block school frames as one frame in the order of the in-memory fit."""
+        pos = np.concatenate(self._design.block_schools)
+        return pd.concat(frames).iloc[np.argsort(pos, kind="stable")]
+
+    # ------------------------------------------------------------ rows
+    def predict(self, newdata=None, kind: str = "mean", conditional: bool = True, path=None):
+        """Predictions (:meth:`mlsml.MELSMResults.predict`) of the fitted rows, on the cluster.
+
+        Returns a Dask Series (one partition per block, indexed by the rows' index labels),
+        or writes it to Parquet when ``path`` is given (and returns ``path``). New rows
+        (``newdata``) get population-level predictions (``conditional=False``) on the driver.
+        """
+        if newdata is not None:
+            if conditional:
+                raise DataError(
+                    "on a Dask cluster, conditional predictions are made for the fitted rows (newdata=None); "
+                    "for new rows use conditional=False (population level)"
+                )
+            return _predict(self, newdata, kind=kind, conditional=False)
+        parts = self._lazy_blocks(_predict_block, self._state(), kind, conditional)
+        series = dd.from_delayed(parts, meta=pd.Series(dtype=float, name=kind), verify_meta=False)
+        if path is None:
+            return series
+        series.to_frame().to_parquet(str(path))
+        return path
+
+    @property
+    def fittedvalues(self):
+        """Conditional fitted means of the fitted rows (a Dask Series, see :meth:`predict`)."""
+        return self.predict(kind="mean").rename("fittedvalues")
+
+    @property
+    def resid(self):
+        """Residuals ``y - fittedvalues`` (a Dask Series, see :meth:`predict`)."""
+        parts = self._lazy_blocks(_resid_block, self._state())
+        return dd.from_delayed(parts, meta=pd.Series(dtype=float, name="resid"), verify_meta=False)
+
+    def simulate(self, n_reps: int = 1, seed=None, path=None):
+        """Responses drawn from the fitted model (:meth:`mlsml.MELSMResults.simulate`), block by block.
+
+        A Dask DataFrame with columns ``y0, y1, ...`` (one partition per block; each block draws
+        from its own stream, from ``seed`` and its first school), or written to Parquet at ``path``.
+        """
+        n_reps = int(n_reps)
+        if n_reps < 1:
+            raise ModelSpecError(f"n_reps must be a positive integer, not {n_reps!r}")
+        seed = 0 if seed is None else int(seed)
+        parts = self._lazy_blocks(_simulate_block, np.asarray(self.theta), n_reps, seed)
+        meta = pd.DataFrame({f"y{r}": pd.Series(dtype=float) for r in range(n_reps)})
+        frame = dd.from_delayed(parts, meta=meta, verify_meta=False)
+        if path is None:
+            return frame
+        frame.to_parquet(str(path))
+        return path
+
+    def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True):
+        """Not on a Dask cluster (standard errors of predictions need the rows on the driver)."""
+        raise DataError("get_prediction is not available for a fit on a Dask cluster; use predict (on the cluster)")
+
+    def corr_predictions(self, wbar, zbar, gbar, cov_t) -> tuple[float, float]:
+        r"""``corr_pred`` of :meth:`population_quantities` and its delta-method SE, from sums over blocks.
+
+        With :math:`S = (\sum m_j, \sum v_j, \sum m_j^2, \sum v_j^2, \sum m_j v_j)` over the
+        ``J`` schools,
+
+        .. math::
+
+            r = \frac{S_5 - S_1 S_2 / J}{\sqrt{(S_3 - S_1^2/J)(S_4 - S_2^2/J)}},
+
+        and its gradient in ``theta`` by the chain rule through the blocks' Jacobians of ``S``.
+        """
+        parts = self._on_blocks(_prediction_sums, self._state(), wbar, zbar, gbar)
+        S = np.sum([p[0] for p in parts], axis=0)
+        dS = np.sum([p[1] for p in parts], axis=0)
+        J = float(self.ngroups)
+
+        def corr(S):
+            return (S[4] - S[0] * S[1] / J) / anp.sqrt((S[2] - S[0] ** 2 / J) * (S[3] - S[1] ** 2 / J))
+
+        r = float(corr(S))
+        if cov_t is None:
+            return r, np.nan
+        g = dS.T @ autograd.grad(corr)(S)
+        return r, float(np.sqrt(max(g @ cov_t @ g, 0.0)))
+
+    def tail_schools(self) -> pd.DataFrame:
+        """The per-school table of :func:`mlsml.diagnostics.tail_check`, made block by block."""
+        return self._in_order(self._on_blocks(_tail_schools_block, self._state()))
