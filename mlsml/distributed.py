@@ -1254,7 +1254,7 @@ def _split_school(schools: list[tuple]) -> tuple | None:
     seen: dict = {}
     for label, part in schools:
         if label in seen and seen[label] != part:
-            return label, (seen[label], part)
+            return (label.item() if isinstance(label, np.generic) else label), (seen[label], part)
         seen.setdefault(label, part)
     return None
 
