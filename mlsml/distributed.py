@@ -49,10 +49,13 @@ import itertools
 import pickle
 import re
 import threading
+import time
 import uuid
+import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ import pandas as pd
 
 from . import schools as _schools
 from ._lazy import LazyModule
+from .bootstrap import BootstrapResults
 from .design import (
     Design,
     FormulaSpec,
@@ -77,7 +81,7 @@ from .design import (
     to_numpy_dtypes,
 )
 from .diagnostics import _tail_schools
-from .errors import ClusterWarning, DataError, MissingDataWarning, ModelSpecError, warn
+from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .likelihood import Likelihood
 from .params import ParamLayout
@@ -773,6 +777,20 @@ class DistributedDesign:
         """The mean of ``W alpha`` over rows (:meth:`mlsml.design.Design.mean_log_variance_index`; no offsets here)."""
         return float(self.column_means("W") @ np.asarray(alpha, dtype=float))
 
+    def simulated(self, theta: np.ndarray, seed: int) -> DistributedDesign:
+        """The same schools and covariates with a response drawn at ``theta`` on the workers (new blocks)."""
+        bs = self.blockset
+        token = uuid.uuid4().hex
+        theta = np.asarray(theta, dtype=float)
+        if bs.keep == "memory":
+            blocks = bs.client.map(_simulated_block, bs.blocks, theta=theta, seed=int(seed), token=token, pure=False)
+        else:
+            blocks = [dask.delayed(_simulated_block, pure=False)(b, theta, int(seed), token) for b in bs.blocks]
+        blockset = BlockSet(bs.client, blocks, bs.keep)
+        return DistributedDesign(
+            self.layout, self.counts, self.group_labels, self.info, blockset, None, self.block_schools
+        ).with_moments()
+
     def column_means(self, name: str) -> np.ndarray:
         """The mean of every column of ``X``, ``W`` or ``Z`` (see :meth:`mlsml.design.Design.column_means`)."""
         return getattr(self.moments, name).mean.copy()
@@ -1385,6 +1403,7 @@ def _simulate_block(block, design, lik, theta, n_reps, seed):
 def _simulated_block(block: Block, theta: np.ndarray, seed: int, token: str) -> Block:
     """A block with a response drawn from the model at ``theta`` (:func:`mlsml.simulate.draw_responses`)."""
     design = block.design
+    token = f"{token}-{block.token}"
     if design is None:
         return Block(None, token)
     y = draw_responses(design, theta, np.random.default_rng(_block_seed(seed, design)), 1)[0]
@@ -1525,6 +1544,64 @@ class DistributedResults(MELSMResults):
             return frame
         frame.to_parquet(str(path))
         return path
+
+    def bootstrap(self, n: int, seed=None, n_jobs: int | None = None, progress: bool = False) -> BootstrapResults:
+        """Parametric bootstrap on the cluster (:meth:`mlsml.MELSMResults.bootstrap`).
+
+        Every replicate draws its response on the workers, block by block
+        (:func:`mlsml.simulate.draw_responses` with the block's own stream from the replicate's
+        seed), and is refitted on the cluster with the fit's rule from the estimates: its
+        evaluations are Dask tasks over all blocks. ``n_jobs`` replicate fits run at once
+        (default 1; more keep the workers busy while the driver steps the optimiser).
+        """
+        n = int(n)
+        if n < 1:
+            raise ModelSpecError(f"n must be a positive integer, not {n!r}")
+        n_jobs = 1 if n_jobs is None else int(n_jobs)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
+        spec = self.rule
+        kwargs = dict(nagq=spec.nagq, quadrature=spec.option, method=self.method, prune=spec.prune, start_params=self.params)
+        t0 = time.perf_counter()
+
+        def one(i: int):
+            design = self._design.simulated(np.asarray(self.theta), seeds[i])
+            try:
+                r = type(self.model)(design, self.model.formula_spec).fit(**kwargs)
+                return i, r.params.to_numpy(), float(r.llf), bool(r.converged), bool(r.singular), None
+            except Exception as exc:  # a failed replicate is reported, not fatal
+                return i, None, np.nan, False, False, f"{type(exc).__name__}: {exc}"
+            finally:
+                design.blockset.close()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+                rows = list(pool.map(one, range(n)))
+        names = list(self.params.index)
+        est = np.full((n, len(names)), np.nan)
+        llf, conv, sing = np.full(n, np.nan), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        errors = {}
+        for i, p, ll, c, sg, err in rows:
+            if p is not None:
+                est[i] = p
+            llf[i], conv[i], sing[i] = ll, c, sg
+            if err is not None:
+                errors[i] = err
+        if not conv.all():
+            warn(f"{int(n - conv.sum())} of {n} bootstrap replicate fits did not converge and are left out", ConvergenceWarning)
+        return BootstrapResults(
+            params=self.params.copy(),
+            wald_bse=self.bse,
+            replicates=pd.DataFrame(est, columns=names, index=pd.RangeIndex(n, name="replicate")),
+            llf=llf,
+            converged=conv,
+            singular=sing,
+            errors=errors,
+            seed=seed,
+            elapsed=time.perf_counter() - t0,
+            n_jobs=n_jobs,
+        )
 
     def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True):
         """Not on a Dask cluster (standard errors of predictions need the rows on the driver)."""

@@ -207,3 +207,11 @@ def test_refused_models_name_what_is_refused(client, data):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
     with pytest.raises(ModelSpecError, match="scale_re_formula"):
         mlsml.fit("y ~ x", ddf, groups="school", scale_re_formula="~ x", client=client)
+
+
+def test_bootstrap_refits_simulated_blocks_on_the_cluster(pairs):
+    b = pairs["model1"][1]
+    boot = b.bootstrap(2, seed=1)
+    assert boot.n_converged == 2
+    reps = boot.replicates.to_numpy()
+    assert np.isfinite(reps).all() and not np.allclose(reps, b.params.to_numpy()[None, :])
