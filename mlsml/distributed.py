@@ -52,6 +52,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -104,10 +105,10 @@ patsy = LazyModule("patsy")
 #: the data): refused, since one pass over partitions cannot learn their state exactly.
 STATEFUL_TRANSFORMS = ("center", "standardize", "scale", "bs", "cr", "cc", "te")
 
-#: Standardised copies of blocks kept per worker process (each as large as its block).
-WORKER_DESIGNS = 8
+#: Design descriptions (one per fitted model) kept per worker process.
+WORKER_PLANS = 8
 
-#: Node sets kept per block and rule on a worker (the optimiser adapts, then evaluates).
+#: Node sets kept with each block per rule (the optimiser adapts, then evaluates).
 WORKER_NODES = 2
 
 #: Workers of the :class:`distributed.LocalCluster` started when no client is given or current.
@@ -193,8 +194,9 @@ def _dask_frame(source):
 def get_client(client=None):
     """The client to fit with: ``client``, else the current one, else a new ``LocalCluster``.
 
-    Returns ``(client, owned)``: ``owned`` is the cluster started here (closed after the
-    fit), or ``None``. Starting one warns with a :class:`~mlsml.ClusterWarning` saying how
+    Returns ``(client, owned)``: ``owned`` is ``(client, cluster)`` when the cluster was
+    started here (it is closed by the results' ``close()`` or when they are garbage-collected),
+    else ``None``. Starting one warns with a :class:`~mlsml.ClusterWarning` saying how
     to use a cluster of one's own.
     """
     if client is not None:
@@ -322,7 +324,7 @@ def _design_infos(plan: Plan):
     infos = (ydf.design_info, mean_spec, scale_spec, re_spec)
     with _CACHE_LOCK:
         _INFOS[plan.token] = infos
-        while len(_INFOS) > WORKER_DESIGNS:
+        while len(_INFOS) > WORKER_PLANS:
             _INFOS.popitem(last=False)
     return infos
 
@@ -341,6 +343,20 @@ class Block:
 
     design: Design | None
     token: str
+    #: What the worker derives from the design and keeps with it: the standardised copy and
+    #: the latest node sets (:func:`_block_design`, :func:`_block_nodes`); released with the block.
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __sizeof__(self) -> int:
+        """Bytes of the arrays held (what Dask's memory accounting and spilling see)."""
+        held = [self.design] + [v for v in self.derived.values() if isinstance(v, Design)]
+        return sum(_design_bytes(d) for d in held if d is not None) + sum(
+            sum(a.nbytes for a in v if isinstance(a, np.ndarray)) for k, v in self.derived.items() if k[0] == "nodes"
+        )
+
+
+def _design_bytes(design: Design) -> int:
+    return sum(a.nbytes for a in (design.y, design.X, design.W, design.Z, design.group, design.order) if a is not None)
 
 
 def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
@@ -382,9 +398,7 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
 
 # ====================================================================== worker-side caches
 _CACHE_LOCK = threading.Lock()
-_INFOS: OrderedDict = OrderedDict()
-_DESIGNS: OrderedDict = OrderedDict()
-_NODES: OrderedDict = OrderedDict()
+_INFOS: OrderedDict = OrderedDict()  # plan token -> patsy's design descriptions
 
 
 @dataclass(frozen=True)
@@ -399,23 +413,18 @@ class Standardisation:
     token: str
 
 
-def _block_design(block: Block, transform: Standardisation | None, layout: ParamLayout | None) -> Design:
-    """The block's design, standardised by ``transform`` (cached), with ``layout`` when given."""
-    design = block.design
-    if transform is not None:
-        key = (block.token, transform.token)
-        with _CACHE_LOCK:
-            hit = _DESIGNS.get(key)
-        if hit is None:
-            hit = standardised_design(design, transform.sigma, transform.Px, transform.Pw, transform.PS, transform.T)
-            with _CACHE_LOCK:
-                _DESIGNS[key] = hit
-                while len(_DESIGNS) > WORKER_DESIGNS:
-                    _DESIGNS.popitem(last=False)
-        design = hit
-    if layout is not None and layout != design.layout:
-        design = dataclasses.replace(design, layout=layout)
-    return design
+def _block_design(block: Block, transform: Standardisation | None) -> Design:
+    """The block's design, standardised by ``transform`` (the copy kept with the block)."""
+    if transform is None:
+        return block.design
+    key = ("design", transform.token)
+    hit = block.derived.get(key)
+    if hit is None:
+        hit = standardised_design(block.design, transform.sigma, transform.Px, transform.Pw, transform.PS, transform.T)
+        for old in [k for k in block.derived if k[0] == "design"]:  # one standardisation at a time
+            del block.derived[old]
+        block.derived[key] = hit
+    return hit
 
 
 @dataclass(frozen=True)
@@ -430,18 +439,20 @@ class Request:
     extra: Any = None
 
 
-def _block_nodes(lik: Likelihood, key: tuple, at: np.ndarray) -> Nodes:
-    """Nodes adapted at ``at`` (kept for the next request with the same ``at``)."""
-    k = key + (at.tobytes(),)
-    with _CACHE_LOCK:
-        hit = _NODES.get(k)
+def _block_nodes(block: Block, lik: Likelihood, req: Request) -> Nodes:
+    """Nodes adapted at ``req.nodes_at``, kept with the block for the next request at the same point
+    (the optimiser adapts, then evaluates the value, gradient or Hessian there); the latest
+    :data:`WORKER_NODES` sets per rule and standardisation are kept."""
+    tag = ("nodes", None if req.transform is None else req.transform.token, req.spec)
+    key = tag + (req.nodes_at.tobytes(),)
+    hit = block.derived.get(key)
     if hit is None:
-        hit = lik.adapt(at)
+        hit = lik.adapt(req.nodes_at)
         with _CACHE_LOCK:
-            _NODES[k] = hit
-            same = [x for x in _NODES if x[:-1] == key]
+            block.derived[key] = hit
+            same = [k for k in block.derived if k[:3] == tag]
             for old in same[:-WORKER_NODES]:
-                del _NODES[old]
+                del block.derived[old]
     return hit
 
 
@@ -449,7 +460,7 @@ def _evaluate(block: Block, req: Request):
     """What one block returns for a :class:`Request` (runs on the worker holding the block)."""
     if block.design is None:
         return None
-    design = _block_design(block, req.transform, None)
+    design = _block_design(block, req.transform)
     if req.op == "moments":
         return _moments(design)
     if req.op == "start_gram":
@@ -462,8 +473,7 @@ def _evaluate(block: Block, req: Request):
     theta = req.theta
     nodes = None
     if req.nodes_at is not None:
-        key = (block.token, None if req.transform is None else req.transform.token, req.spec)
-        nodes = _block_nodes(lik, key, req.nodes_at)
+        nodes = _block_nodes(block, lik, req)
     if req.op == "value":
         return float(lik.value(theta) if nodes is None else lik.at_nodes(theta, nodes))
     if req.op == "value_and_grad":
@@ -586,17 +596,20 @@ class BlockSet:
     """The blocks of a fit on the cluster: futures (or graphs, ``keep="source"``) and their schools.
 
     Mutable bookkeeping shared by a design and its standardised copy: the number of requests
-    and the bytes of requests and replies (pickled sizes), for :mod:`bench.bench_dask`.
+    and the bytes of requests and replies (pickled sizes; in all and per kind of request,
+    :attr:`traffic`), reported by ``bench/bench_dask.py``.
     """
 
     def __init__(self, client, blocks: list, keep: str, owned=None):
         self.client = client
         self.blocks = blocks
         self.keep = keep
-        self.owned = owned
         self.requests = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.traffic: dict[str, list[int]] = {}  # op -> [requests, bytes sent, bytes received]
+        # a cluster started for the fit ends with the last object using it (or with close())
+        self._finalizer = weakref.finalize(self, _close_owned, owned) if owned is not None else None
 
     def run(self, req: Request) -> list:
         """Ask every block; the replies in block order (``None`` for empty blocks).
@@ -614,20 +627,28 @@ class BlockSet:
         except BaseException:
             client.cancel(futures)
             raise
+        sent = len(pickle.dumps(req)) * len(self.blocks)
+        received = sum(len(pickle.dumps(r)) for r in out)
         self.requests += 1
-        self.bytes_sent += len(pickle.dumps(req)) * len(self.blocks)
-        self.bytes_received += sum(len(pickle.dumps(r)) for r in out)
+        self.bytes_sent += sent
+        self.bytes_received += received
+        count = self.traffic.setdefault(req.op, [0, 0, 0])
+        count[0], count[1], count[2] = count[0] + 1, count[1] + sent, count[2] + received
         return out
 
     def close(self) -> None:
         """Release the blocks (and the cluster started for the fit, if any)."""
-        if self.keep == "memory":
+        if self.keep == "memory" and self.client.status == "running":
             self.client.cancel(self.blocks)
-        if self.owned is not None:
-            client, cluster = self.owned
-            client.close()
-            cluster.close()
-            self.owned = None
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def _close_owned(owned) -> None:
+    """Close a client and the ``LocalCluster`` started for a fit (:func:`get_client`)."""
+    client, cluster = owned
+    client.close()
+    cluster.close()
 
 
 # ====================================================================== the design on the driver
@@ -698,6 +719,7 @@ class DistributedDesign:
         self.moments = moments
         self.block_schools = block_schools  # per block: positions of its schools in group_labels
         self.transform = transform
+        self._reparametrisation = None  # computed once: its copy is kept by the workers
 
     @property
     def nobs(self) -> int:
@@ -815,8 +837,13 @@ class DistributedDesign:
 
         The same maps as in memory (column minima, maxima, means and SDs; the response SD),
         with ``delta`` (``W delta = 2 ln sigma``) from the normal equations and checked on
-        every block.
+        every block. Computed once per design (the workers keep one standardised copy).
         """
+        if self._reparametrisation is None:
+            self._reparametrisation = self._reparametrise()
+        return self._reparametrisation
+
+    def _reparametrise(self) -> Reparametrisation:
         lay = self.layout
         mo = self.moments
         sigma = 1.0
@@ -1114,7 +1141,10 @@ def build_distributed_design(
 
 def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, client, owned):
     # ---- pass 1: learn the design from every partition
-    ddf = ddf[list(plan.used)]
+    ddf = ddf[list(plan.used)].optimize()  # the partitions as read (Dask fuses small Parquet files)
+    workers = len(client.scheduler_info()["workers"])
+    if ddf.npartitions < workers:  # fewer blocks than workers: spread the schools over the workers
+        ddf = ddf.shuffle(on=plan.groups, npartitions=workers)
     parts = ddf.to_delayed()
     learned = client.gather(client.compute([dask.delayed(_learn)(p, plan) for p in parts]))
     _report_missing(learned, plan, missing)
