@@ -134,6 +134,14 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _warm_up() -> None:
+    """Import on a worker what a fit uses (a cluster in use has done so already)."""
+    import pyarrow.parquet  # noqa: F401, PLC0415
+    import scipy.optimize  # noqa: F401, PLC0415
+
+    import mlsml.distributed  # noqa: F401, PLC0415 - the point of the function
+
+
 def run_case(kind: str, model: str, folder: Path, workers: int) -> dict:
     """One fit in this process: ``kind`` is ``"memory"`` or ``"dask"``."""
     spec = dict(MODELS[model])
@@ -154,6 +162,7 @@ def run_case(kind: str, model: str, folder: Path, workers: int) -> dict:
         t0 = time.perf_counter()
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
+        client.run(_warm_up)  # a running cluster has imported its libraries
         worker_cpu0 = client.run(time.process_time)
         t1, c1 = time.perf_counter(), time.process_time()
         model = mlsml.MELSM.from_formula(formula, str(folder / "*.parquet"), groups="school", client=client, **spec)
@@ -164,6 +173,12 @@ def run_case(kind: str, model: str, folder: Path, workers: int) -> dict:
         bs = res.likelihood.design.blockset
         out.update(cluster_s=t1 - t0, design_s=t2 - t1, fit_s=t3 - t2, time_s=t3 - t1, blocks=len(bs.blocks), requests=bs.requests)
         out.update(driver_cpu_s=time.process_time() - c1, workers_cpu_s=worker_cpu, cpu_s=time.process_time() - c1 + worker_cpu)
+        out["traffic"] = {
+            op: {"requests": n, "sent_per_request": s / n, "received_per_request": r / n} for op, (n, s, r) in bs.traffic.items()
+        }
+        out["worker_peak_mb"] = sorted(client.run(_peak_mb).values())
+        client.close()
+        cluster.close()
     out.update(
         llf=float(res.llf),
         converged=bool(res.converged),

@@ -135,6 +135,9 @@ def test_summaries_and_checks(pairs):
     assert b.residual_tails(n_sim=99, seed=1).statistic == pytest.approx(a.residual_tails(n_sim=99, seed=1).statistic, rel=RTOL)
     with pytest.raises(DataError, match="stay on the workers"):
         b.model.design.order  # noqa: B018 - the rows are not on the driver
+    m1 = pairs["model1"]
+    assert mlsml.lrtest(m1[1], b).statistic == pytest.approx(mlsml.lrtest(m1[0], a).statistic, rel=1e-7)
+    assert mlsml.load(b.to_json()).params.equals(b.params)
 
 
 def test_a_split_school_is_refused_by_id(client, data):
