@@ -80,6 +80,9 @@ data : pandas.DataFrame
     factor). Column names must be unique. A text column whose values are numbers
     (``"-3"`` ... ``"3"``, or a few ``"."`` among numbers) raises
     :class:`~mlsml.DataError` naming it, unless it is wrapped in ``C(...)``.
+    A Dask DataFrame, a Parquet path or glob, or a
+    :class:`mlsml.distributed.DaskData` fits on a Dask cluster: the rows stay on
+    the workers (``groups`` then names a column; see ``docs/distributed.md``).
 groups : str or array-like
     The grouping (school) variable: the name of a column of ``data``
     (``groups="school"``), or the labels themselves, one per row of ``data`` (the
@@ -144,7 +147,11 @@ association : {"linear", "none", "quadratic"}, default "linear"
 cov_constraints : str or list of str, optional
     Covariances of the school effects fixed at zero, by name:
     ``["cov(u0,u1)"]`` makes a random slope independent of the random intercept
-    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``."""
+    (lme4's ``(x || school)``). Fixed covariances are absent from ``params``.
+client : distributed.Client, optional
+    For Dask data: the cluster to fit on (default: the current client, else a
+    ``LocalCluster`` started for the fit, with a :class:`~mlsml.ClusterWarning`).
+    Ignored for a pandas DataFrame."""
 
 _FIT_PARAMS_DOC = r"""nagq : int, optional
     Quadrature points per dimension of the rule. Default: 15 for the u-exact rule
@@ -732,6 +739,7 @@ def fit(
     weights_scale: str | None = None,
     offset=None,
     scale_offset=None,
+    client=None,
     nagq: int | None = None,
     method: str = "BFGS",
     start_params=None,
@@ -744,7 +752,6 @@ def fit(
     quadrature: str = "auto",
     max_time: float | None = None,
     cov_type: str | None = None,
-    client=None,
 ) -> MELSMResults:
     """Fit a mixed-effects location scale model by maximum likelihood.
 
