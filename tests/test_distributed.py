@@ -210,6 +210,8 @@ def test_refused_models_name_what_is_refused(client, data):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
     with pytest.raises(ModelSpecError, match="scale_re_formula"):
         mlsml.fit("y ~ x", ddf, groups="school", scale_re_formula="~ x", client=client)
+    with pytest.raises(ModelSpecError, match="weights, association are not supported"):
+        mlsml.fit("y ~ x", ddf, groups="school", weights="x", association="none", client=client)
 
 
 def test_bootstrap_refits_simulated_blocks_on_the_cluster(pairs):
