@@ -29,6 +29,7 @@ from .associations import AssociationComparison, compare_associations
 from .bayes import compare_bayes
 from .compare import LRTestResult, compare_models, lrtest
 from .errors import (
+    ClusterWarning,
     ConvergenceWarning,
     DataError,
     MissingDataWarning,
@@ -66,6 +67,7 @@ __all__ = [
     "SingularFitWarning",
     "QuadratureWarning",
     "UnknownGroupWarning",
+    "ClusterWarning",
     "__version__",
 ]
 

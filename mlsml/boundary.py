@@ -374,10 +374,11 @@ def reference_variances(lik: Likelihood, natural: np.ndarray) -> np.ndarray:
     """Reference variance of every school effect: residual variance over ``mean(z^2)`` for ``u``, 1 for ``v``."""
     lay = lik.layout
     design = lik.design
-    resid = float(np.exp(np.clip(np.mean(design.log_variance_index(natural[lay.p : lay.p + lay.k])), -700, 700)))
+    resid = float(np.exp(np.clip(design.mean_log_variance_index(natural[lay.p : lay.p + lay.k]), -700, 700)))
     ref = np.ones(lay.d)
+    z2 = design.mean_squares("Z")
     for i in range(lay.q):
-        ref[i] = resid / max(float(np.mean(design.Z[:, i] ** 2)), 1e-300)
+        ref[i] = resid / max(float(z2[i]), 1e-300)
     return ref
 
 

@@ -156,6 +156,25 @@ class Design:
         eta = anp.dot(self.W, alpha)
         return eta if self.scale_offset is None else eta + self.scale_offset
 
+    def mean_log_variance_index(self, alpha) -> float:
+        r"""The mean over rows of :meth:`log_variance_index` (what the boundary checks compare with).
+
+        A design held by Dask workers (:mod:`mlsml.distributed`) answers from its column means.
+        """
+        return float(np.mean(self.log_variance_index(alpha)))
+
+    def column_means(self, name: str) -> np.ndarray:
+        """The mean of every column of the matrix ``name`` (``"X"``, ``"W"``, ``"Z"`` or ``"G"``).
+
+        With :meth:`mean_squares`, what the boundary checks need of the data; a design held
+        by Dask workers (:mod:`mlsml.distributed`) answers from its moments.
+        """
+        return np.asarray(getattr(self, name), dtype=float).mean(axis=0)
+
+    def mean_squares(self, name: str) -> np.ndarray:
+        """The mean of the squares of every column of the matrix ``name`` (see :meth:`column_means`)."""
+        return (np.asarray(getattr(self, name), dtype=float) ** 2).mean(axis=0)
+
     def with_response(self, y, caller_order: bool = False) -> Design:
         """The same design with a new response ``y`` (no formula re-evaluation).
 

@@ -33,6 +33,7 @@ from .boundary import (
     search_faces,
     weakly_determined,
 )
+from .design import Design
 from .likelihood import Likelihood
 from .optimize import OptSummary, information_pd, maximize, quadrature_check
 from .predict import fitted_moments
@@ -139,14 +140,14 @@ def singular_reasons(lik: Likelihood, theta, boundary, pd_ok: bool, theta_std=No
     reasons = []
     # compared on the log scale: exp(mean ln var(e)) overflowed for absurd estimates
     # (e.g. from huge start_params) and then every variance was "effectively zero"
-    log_resid_var = float(np.mean(design.log_variance_index(fe_scale)))
+    log_resid_var = design.mean_log_variance_index(fe_scale)
     for i, name in enumerate(lay.re_names):
         if name.startswith("v"):  # v, or v0, v1, ... (scale_re_formula)
-            G = design.G
-            log_ref = 0.0 if G is None else -np.log(max(float(np.mean(G[:, i - lay.q] ** 2)), 1e-300))
+            has_g = bool(lay.scale_re_terms) and design.G is not None
+            log_ref = -np.log(max(float(design.mean_squares("G")[i - lay.q]), 1e-300)) if has_g else 0.0
             of = "on the scale of ln var(e)"
         else:
-            log_ref = log_resid_var - np.log(max(float(np.mean(design.Z[:, i] ** 2)), 1e-300))
+            log_ref = log_resid_var - np.log(max(float(design.mean_squares("Z")[i]), 1e-300))
             shown = f"exp({log_resid_var:.4g})" if abs(log_resid_var) > np.log(np.finfo(float).max) else f"{np.exp(log_resid_var):.3g}"
             of = f"times the residual variance, {shown}"
         if not S[i, i] > 0 or np.log(S[i, i]) < np.log(ZERO_VARIANCE) + log_ref:
@@ -678,6 +679,8 @@ def tail_check(res, n_sim: int = TAIL_N_SIM, seed: int | None = TAIL_SEED) -> Ta
 def _tail_schools(res) -> pd.DataFrame:
     """The per-school table of :class:`TailCheck` (``NaN`` for the schools not used)."""
     design = res.model.design
+    if not isinstance(design, Design):  # rows held by Dask workers: the table is made block by block
+        return res.tail_schools()
     r = standardised_residuals(res).to_numpy()[design.order]  # group-sorted, as the design
     counts = np.asarray(design.counts, dtype=int)
     k = _school_kurtosis(r, np.asarray(design.starts), counts)

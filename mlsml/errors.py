@@ -21,6 +21,8 @@ The hierarchy is small and documented so that callers can catch precisely:
   population-level predictions.
 - :class:`QuadratureWarning` -- more quadrature points move the
   log-likelihood at the estimates: the rule is not accurate enough.
+- :class:`ClusterWarning` -- about the Dask cluster of a fit (a ``LocalCluster``
+  started for it).
 
 Every warning is issued through :func:`warn`, which attributes it to the first
 line outside the mlsml package (the user's call), not to a line of the library.
@@ -91,6 +93,10 @@ class QuadratureWarning(MLSMLWarning):
 
 class UnknownGroupWarning(MLSMLWarning):
     """Rows of ``newdata`` name groups that were not in the fit; they get population-level predictions."""
+
+
+class ClusterWarning(MLSMLWarning):
+    """About the Dask cluster of a fit (:mod:`mlsml.distributed`): e.g. a ``LocalCluster`` started for it."""
 
 
 def _in_package(filename: str) -> bool:

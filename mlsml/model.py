@@ -16,12 +16,21 @@ formulas -> :func:`mlsml.design.build_design` (arrays) ->
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
 
 from .design import Design, FormulaSpec, build_design, check_extended_layout
 from .diagnostics import settle
+from .distributed import (
+    DaskLikelihood,
+    DistributedDesign,
+    DistributedResults,
+    build_distributed_design,
+    check_cluster_options,
+    is_distributed_data,
+)
 from .errors import ModelSpecError
 from .integrand import Integrand, make_integrand
 from .likelihood import Likelihood
@@ -71,6 +80,9 @@ data : pandas.DataFrame
     factor). Column names must be unique. A text column whose values are numbers
     (``"-3"`` ... ``"3"``, or a few ``"."`` among numbers) raises
     :class:`~mlsml.DataError` naming it, unless it is wrapped in ``C(...)``.
+    A Dask DataFrame, a Parquet path or glob, or a
+    :class:`mlsml.distributed.DaskData` fits on a Dask cluster: the rows stay on
+    the workers (``groups`` then names a column; see ``docs/distributed.md``).
 groups : str or array-like
     The grouping (school) variable: the name of a column of ``data``
     (``groups="school"``), or the labels themselves, one per row of ``data`` (the
@@ -143,7 +155,11 @@ missing_code : float, optional
 drop_constant_groups : bool, default False
     Drop the schools whose response is constant (all equal, including schools with one
     row), as MixWILD's ``DISCARD0 = 1`` does, with a :class:`~mlsml.MissingDataWarning`
-    naming how many and which. Off by default: rows are never dropped unasked."""
+    naming how many and which. Off by default: rows are never dropped unasked.
+client : distributed.Client, optional
+    For Dask data: the cluster to fit on (default: the current client, else a
+    ``LocalCluster`` started for the fit, with a :class:`~mlsml.ClusterWarning`).
+    Ignored for a pandas DataFrame."""
 
 _FIT_PARAMS_DOC = r"""nagq : int, optional
     Quadrature points per dimension of the rule. Default: 15 for the u-exact rule
@@ -351,6 +367,7 @@ class MELSM:
         *,
         missing_code: float | None = None,
         drop_constant_groups: bool = False,
+        client=None,
     ) -> MELSM:
         """Create a model from formulas (statsmodels/patsy syntax) without fitting it.
 
@@ -394,7 +411,21 @@ class MELSM:
         >>> mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula="~ x", random_scale=False).param_names[-3:]
         ['var(u0)', 'var(u1)', 'cov(u0,u1)']
         """
-        design, spec = build_design(
+        if is_distributed_data(data):  # a Dask DataFrame or Parquet files: the arrays are built and kept by the workers
+            check_cluster_options(
+                weights=weights,
+                group_weights=group_weights,
+                offset=offset,
+                scale_offset=scale_offset,
+                association=association,
+                cov_constraints=cov_constraints,
+                missing_code=missing_code,
+                drop_constant_groups=drop_constant_groups,
+            )
+            build = partial(build_distributed_design, client=client)
+        else:
+            build = partial(build_design, missing_code=missing_code, drop_constant_groups=drop_constant_groups)
+        design, spec = build(
             formula,
             data,
             groups,
@@ -404,10 +435,10 @@ class MELSM:
             missing=missing,
             scale_re_formula=scale_re_formula,
             bs_formula=bs_formula,
-            missing_code=missing_code,
-            drop_constant_groups=drop_constant_groups,
         )
         check_extended_layout(design.layout)
+        if isinstance(design, DistributedDesign):
+            return cls(design, spec)
         if not isinstance(data, pd.DataFrame):
             data = pd.DataFrame(data)
         design = with_weights_and_offsets(design, data, weights, group_weights, weights_kind, weights_scale, offset, scale_offset)
@@ -505,8 +536,10 @@ class MELSM:
         lay = self.layout
         names = list(lay.names)
         alpha = theta[lay.p : lay.p + lay.k]
-        W = self.design.W
-        eta = np.asarray(self.design.log_variance_index(alpha))
+        # on a Dask cluster the rows are not here: W alpha at the columns' minima and maxima
+        held = isinstance(self.design, Design)
+        W = self.design.W if held else self.design.column_ranges("W")
+        eta = np.asarray(self.design.log_variance_index(alpha)) if held else W @ alpha
         if not np.all(np.abs(eta) <= MAX_LOG_VARIANCE):
             contrib = np.max(np.abs(W * alpha), axis=0)
             k = int(np.argmax(contrib))
@@ -591,7 +624,10 @@ class MELSM:
         True
         """
         integrand = make_integrand(self.design)
-        return Likelihood(self.design, integrand, self._spec(nagq, quadrature, prune, integrand))
+        spec = self._spec(nagq, quadrature, prune, integrand)
+        if isinstance(self.design, DistributedDesign):  # summed over blocks of schools on a Dask cluster
+            return self.design.likelihood(spec)
+        return Likelihood(self.design, integrand, spec)
 
     def _spec(self, nagq, quadrature: str, prune, integrand: Integrand) -> QuadratureSpec:
         """The rule of :meth:`objective` / :meth:`fit` (options checked) for the model's integrand."""
@@ -676,7 +712,8 @@ class MELSM:
             if nagq is None:  # the default rule: more points where it is not accurate at the estimates
                 lik, optsum = raise_rule(lik, optsum, opts, callback=callback)
             optsum, diagnostics = settle(lik, optsum)
-        res = MELSMResults.build(self, lik, optsum, diagnostics, cov_type=cov_type)
+        results = DistributedResults if isinstance(lik, DaskLikelihood) else MELSMResults
+        res = results.build(self, lik, optsum, diagnostics, cov_type=cov_type)
         res.warn_if_problematic()
         return res
 
@@ -718,6 +755,7 @@ def fit(
     scale_offset=None,
     missing_code: float | None = None,
     drop_constant_groups: bool = False,
+    client=None,
     nagq: int | None = None,
     method: str = "BFGS",
     start_params=None,
@@ -806,6 +844,7 @@ def fit(
         cov_constraints=cov_constraints,
         missing_code=missing_code,
         drop_constant_groups=drop_constant_groups,
+        client=client,
     )
     return model.fit(
         nagq=nagq,

@@ -112,26 +112,42 @@ def column_map(M: np.ndarray) -> np.ndarray:
     """
     M = np.asarray(M, dtype=float)
     k = M.shape[1] if M.ndim == 2 else 0
-    P = np.eye(k)
     if k == 0 or M.shape[0] == 0:
-        return P
+        return np.eye(k)
     lo, hi = M.min(axis=0), M.max(axis=0)
+    mean = np.array([np.mean(M[:, j]) for j in range(k)])
+    sd = np.array([np.std(M[:, j]) for j in range(k)])
+    return column_map_from_stats(lo, hi, mean, sd)
+
+
+def column_map_from_stats(lo: np.ndarray, hi: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """:func:`column_map` from the columns' minima, maxima, means and (population) SDs.
+
+    What a design held in pieces (:mod:`mlsml.distributed`) knows of its columns after one
+    pass; :func:`column_map` computes them from the matrix.
+
+    Examples
+    --------
+    >>> column_map_from_stats(np.array([1.0, 1e6]), np.array([1.0, 1e6 + 3]), np.array([1.0, 1e6 + 1.5]),
+    ...                       np.array([0.0, 1.118])).round(1).tolist()
+    [[1.0, -1000001.5], [0.0, 1.0]]
+    """
+    k = len(lo)
+    P = np.eye(k)
     const = np.flatnonzero((lo == hi) & (lo != 0))
     i0 = int(const[0]) if const.size else None
     for j in range(k):
         if lo[j] == hi[j]:
             continue
-        col = M[:, j]
-        mean = float(np.mean(col))
-        sd = float(np.std(col))
-        if not (np.isfinite(sd) and sd > 0):
+        sdj = float(sd[j])
+        if not (np.isfinite(sdj) and sdj > 0):
             continue
-        s = _power_of_two(sd)
+        s = _power_of_two(sdj)
         if max(s, 1.0 / s) < SCALE_RATIO:
             s = 1.0
-        centre = i0 is not None and abs(mean) > CENTRE_RATIO * sd
+        centre = i0 is not None and abs(float(mean[j])) > CENTRE_RATIO * sdj
         if centre:
-            P[i0, j] = -mean / M[0, i0] / s
+            P[i0, j] = -float(mean[j]) / lo[i0] / s
         P[j, j] = 1.0 / s
     return P
 
@@ -292,6 +308,8 @@ def reparametrise(design: Design) -> Reparametrisation:
     >>> rp.identity, float(abs(rp.design.X[:, 1].mean())) < 1e-6
     (False, True)
     """
+    if not isinstance(design, Design):  # held in blocks by Dask workers: standardised from its moments
+        return design.reparametrise()
     lay = design.layout
     n = design.nobs
     bs = bool(lay.bs_terms)
@@ -319,7 +337,19 @@ def reparametrise(design: Design) -> Reparametrisation:
     eye = all(np.array_equal(P, np.eye(P.shape[0])) for P in (Px, Pw, PS))
     if sigma == 1.0 and eye and np.array_equal(T, np.eye(d)):
         return Reparametrisation(design, 1.0, Px, Pw, PS, T, delta, identity=True)
-    std = dataclasses.replace(
+    return Reparametrisation(standardised_design(design, sigma, Px, Pw, PS, T), sigma, Px, Pw, PS, T, delta, identity=False)
+
+
+def standardised_design(design: Design, sigma: float, Px: np.ndarray, Pw: np.ndarray, PS: np.ndarray, T: np.ndarray) -> Design:
+    """The standardised copy of ``design`` under the maps of a :class:`Reparametrisation`.
+
+    ``y / sigma``, ``X Px``, ``W Pw``, ``Z T_zz / sigma``, ``G T_gg`` and ``S PS`` (``Z``, ``G``
+    and ``y`` unchanged with ``bs_formula``, module docstring); also applied to each block of
+    schools of a design held by Dask workers (:mod:`mlsml.distributed`).
+    """
+    lay = design.layout
+    bs = bool(lay.bs_terms)
+    return dataclasses.replace(
         design,
         y=design.y / sigma,
         X=design.X @ Px,
@@ -328,4 +358,3 @@ def reparametrise(design: Design) -> Reparametrisation:
         G=design.G @ T[lay.q :, lay.q :] if (not bs and lay.scale_re_terms and design.G is not None) else design.G,
         S=design.S @ PS if (bs and design.S is not None) else design.S,
     )
-    return Reparametrisation(std, sigma, Px, Pw, PS, T, delta, identity=False)

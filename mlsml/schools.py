@@ -43,6 +43,7 @@ import pandas as pd
 from scipy import special
 
 from ._lazy import LazyModule
+from .design import Design
 from .errors import ModelSpecError
 from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
 from .scalegrid import ScaleGrid
@@ -201,10 +202,15 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
+def school_effects(
+    res, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101, return_draws: bool = False
+) -> pd.DataFrame:
     """The school table: means and variances with intervals, ranks and flags.
 
-    See :meth:`MELSMResults.school_effects` for the columns.
+    See :meth:`MELSMResults.school_effects` for the columns. With ``return_draws`` also the
+    posterior draws behind the rank intervals, ``{"mean": (ndraws, J), "var": (ndraws, J)}``
+    (``None`` where the table has no ranks), for ranks over schools fitted in blocks
+    (:mod:`mlsml.distributed`).
     """
     if not 0 < level < 1:
         raise ModelSpecError(f"level must be between 0 and 1, got {level!r}")
@@ -276,6 +282,8 @@ def school_effects(res, w=None, level: float = 0.95, z=None, ndraws: int = 1000,
     out.attrs.update({"wbar": ref, "level": level, "ndraws": int(ndraws), "seed": seed})
     if lay.scale_re_terms:
         out.attrs["gbar"] = "school" if isinstance(w, str) else dict(zip(lay.scale_re_terms, gbar))
+    if return_draws:
+        return out, {"mean": cu if q else None, "var": vd + wa if rs else None}
     return out
 
 
@@ -374,6 +382,31 @@ def _covariance_at(lay, theta, sbar: np.ndarray | None):
     return anp.dot(L0, anp.transpose(L0)) * (D[:, None] * D[None, :]), beta, alpha
 
 
+def school_predictions(res, wbar, zbar, gbar):
+    """``theta -> (m, v)``: every school's ``E(zbar'u_j | y)`` and ``E(exp(wbar'a + gbar'v_j) | y)`` (autograd).
+
+    By the adaptive quadrature of :func:`mlsml.predict.posterior_likelihood` with the nodes
+    held at their positions for the estimates.
+    """
+    design = res.model.design
+    lay = design.layout
+    q = lay.q
+    lik = posterior_likelihood(res)
+    nodes = lik.adapt(np.asarray(res.theta, dtype=float))
+    zu = np.einsum("jkq,q->jk", nodes.b[:, :, :q], zbar)
+    ev = np.exp(np.einsum("jkv,v->jk", nodes.b[:, :, q:], gbar))
+
+    def predictions(theta):
+        _, alpha, _ = lay.split(theta)
+        h = lik.integrand.log_h(theta, nodes.b) + nodes.logw[None, :]
+        h = h - anp.max(h, axis=1, keepdims=True)
+        e = anp.exp(h)
+        pw = e / anp.sum(e, axis=1, keepdims=True)
+        return anp.sum(pw * zu, axis=1), anp.exp(anp.dot(wbar, alpha)) * anp.sum(pw * ev, axis=1)
+
+    return predictions
+
+
 def _corr_predictions(res, wbar, zbar, gbar, cov_t):
     """Correlation over schools of E(zbar'u_j | y) and E(exp(wbar'a + gbar'v_j) | y), with a delta-method SE.
 
@@ -381,23 +414,13 @@ def _corr_predictions(res, wbar, zbar, gbar, cov_t):
     nodes held at their positions for the estimates; the SE reflects the
     uncertainty of the estimates only (the schools themselves are fixed).
     """
-    design = res.model.design
-    lay = design.layout
-    q = lay.q
-    lik = posterior_likelihood(res)
+    if not isinstance(res.model.design, Design):  # rows held by Dask workers: from sums over blocks
+        return res.corr_predictions(wbar, zbar, gbar, cov_t)
+    predictions = school_predictions(res, wbar, zbar, gbar)
     theta0 = np.asarray(res.theta, dtype=float)
-    nodes = lik.adapt(theta0)
-    zu = np.einsum("jkq,q->jk", nodes.b[:, :, :q], zbar)
-    ev = np.exp(np.einsum("jkv,v->jk", nodes.b[:, :, q:], gbar))
 
     def corr(theta):
-        _, alpha, _ = lay.split(theta)
-        h = lik.integrand.log_h(theta, nodes.b) + nodes.logw[None, :]
-        h = h - anp.max(h, axis=1, keepdims=True)
-        e = anp.exp(h)
-        pw = e / anp.sum(e, axis=1, keepdims=True)
-        m = anp.sum(pw * zu, axis=1)
-        v = anp.exp(anp.dot(wbar, alpha)) * anp.sum(pw * ev, axis=1)
+        m, v = predictions(theta)
         mc, vc = m - anp.mean(m), v - anp.mean(v)
         return anp.sum(mc * vc) / anp.sqrt(anp.sum(mc**2) * anp.sum(vc**2))
 

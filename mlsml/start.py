@@ -51,6 +51,8 @@ def start_values(integrand: Integrand) -> np.ndarray:
     >>> theta0.shape == (model.layout.n_params,)
     True
     """
+    if not isinstance(integrand, Integrand):  # the schools are held by Dask workers (mlsml.distributed)
+        return integrand.start_values()
     if integrand.core:
         return start_values_core(integrand.design)
     return start_values_ext(integrand.design)

@@ -1,0 +1,1716 @@
+r"""The same fit on a Dask cluster: the likelihood summed over blocks of whole schools.
+
+The integrated log-likelihood is a sum over schools, and each school's term needs only
+that school's rows,
+
+.. math::
+
+    \ell(\theta) = \sum_b \ell_b(\theta), \qquad \ell_b(\theta) = \sum_{j \in b} \log L_j(\theta),
+    \qquad \nabla \ell = \sum_b \nabla \ell_b, \qquad \nabla^2 \ell = \sum_b \nabla^2 \ell_b,
+
+for any partition of the schools into blocks ``b``. Here every block is one partition of a
+Dask DataFrame (or of a Parquet data set) holding whole schools. Each Dask worker builds the
+arrays of its blocks from its own partitions (a :class:`mlsml.design.Design` per block) and
+evaluates them with the one engine, :class:`mlsml.likelihood.Likelihood`; per evaluation it
+returns ``ell_b`` and, when asked, its gradient (``p`` numbers) or Hessian (``p x p``). The
+nodes of the adaptive quadrature are placed per school, on the worker, at the parameters the
+driver names (:meth:`DaskLikelihood.adapt` returns only a handle). The driver holds a
+:class:`DaskLikelihood` -- the interface of :class:`~mlsml.likelihood.Likelihood` -- and runs
+the in-memory optimiser, diagnostics and results on it (:func:`mlsml.optimize.maximize`,
+:func:`mlsml.diagnostics.settle`, :class:`mlsml.results.MELSMResults`): the data never travel
+to the driver, and what travels per evaluation does not grow with the number of pupils.
+
+Before the fit, one pass over the data (:func:`build_distributed_design`) learns what the
+design needs from all partitions: missing values per column, the levels of every categorical
+column (so a level that occurs in one partition only gets its column everywhere), the schools
+of each partition (a school split across partitions is moved by a shuffle on the school id, or
+refused with its id), one sample row; the formulas are then evaluated by patsy on a small
+prototype frame covering every level, and each worker builds its blocks with those design
+descriptions. A second pass over the built blocks gives the moments the standardisation of
+:mod:`mlsml.rescale`, the starting values of :mod:`mlsml.start` and the boundary checks need
+(column minima, maxima, means, variances and Gram matrices, merged exactly across blocks).
+
+Faults and memory: the blocks are Dask futures, so a worker that dies costs the recomputation
+of its blocks (from the source partitions) and the retry of the evaluation, not the fit; an
+interrupted fit cancels its tasks; blocks held in memory spill to disk under Dask's worker
+memory limits, and ``DaskData(..., keep="source")`` keeps nothing: every evaluation re-reads
+its partition (from Parquet) and rebuilds the block.
+
+Model classes: the core model (random intercept and slopes in the mean, a random scale,
+covariates in the mean and in the log variance). ``scale_re_formula`` and ``bs_formula``, and
+formulas with stateful transforms (``center(x)``, ``standardize(x)``, ``bs(x)``), are refused
+with a :class:`~mlsml.ModelSpecError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import pickle
+import re
+import threading
+import time
+import uuid
+import warnings
+import weakref
+import zlib
+from collections import OrderedDict
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import autograd
+import autograd.numpy as anp
+import numpy as np
+import pandas as pd
+import threadpoolctl
+
+from . import schools as _schools
+from ._lazy import LazyModule
+from .bootstrap import BootstrapResults
+from .design import (
+    Design,
+    FormulaSpec,
+    _check_dtypes,
+    _check_formula_names,
+    _check_numeric_like,
+    _materialise_together,
+    _MemoNAAction,
+    _rhs,
+    formula_columns,
+    to_numpy_dtypes,
+)
+from .diagnostics import _tail_schools
+from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
+from .formulas import check_formula_sides, check_no_lme4_terms
+from .likelihood import Likelihood
+from .params import ParamLayout
+from .predict import predict as _predict
+from .quadrature import Nodes, QuadratureSpec
+from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, standardised_design
+from .results import MELSMResults
+from .simulate import draw_responses
+from .start import START_VAR_V
+from .threads import FIT_BLAS_THREADS
+from .validate import check_choice, describe_value
+
+# Dask is an optional dependency (the "dask" extra): imported on first use, so that
+# `import mlsml` neither needs nor loads it.
+dask = LazyModule("dask")
+dd = LazyModule("dask.dataframe")
+dist = LazyModule("distributed")
+patsy = LazyModule("patsy")
+
+#: Functions of patsy whose result depends on the whole column (their state is learned from
+#: the data): refused, since one pass over partitions cannot learn their state exactly.
+STATEFUL_TRANSFORMS = ("center", "standardize", "scale", "bs", "cr", "cc", "te")
+
+#: Design descriptions (one per fitted model) kept per worker process.
+WORKER_PLANS = 8
+
+#: Node sets kept with each block per rule (the optimiser adapts, then evaluates).
+WORKER_NODES = 2
+
+#: Workers of the :class:`distributed.LocalCluster` started when no client is given or current.
+LOCAL_WORKERS = 2
+
+#: How a school split across input partitions is handled (:class:`DaskData`).
+SPLIT_POLICIES = ("shuffle", "raise")
+
+#: Where the blocks live between evaluations (:class:`DaskData`).
+KEEP_POLICIES = ("memory", "source")
+
+#: Most posterior draws (schools x draws) gathered on the driver for the rank intervals of
+#: :meth:`DistributedResults.school_effects`; beyond, the rank intervals are NaN.
+RANK_DRAWS_MAX = 20_000_000
+
+
+# ====================================================================== input
+@dataclass(frozen=True)
+class DaskData:
+    """Data on a Dask cluster, with how to hold it: pass as ``data=`` to :func:`mlsml.fit`.
+
+    A Dask DataFrame or a Parquet path/glob passed directly means ``DaskData(source)``.
+
+    Parameters
+    ----------
+    source : dask.dataframe.DataFrame, str or pathlib.Path
+        The data, or a Parquet file, folder or glob (read with :func:`dask.dataframe.read_parquet`).
+    split_schools : {"shuffle", "raise"}
+        A school whose rows are in more than one partition: moved into one partition by a
+        shuffle on the school id (``"shuffle"``), or refused with a
+        :class:`~mlsml.DataError` naming the school (``"raise"``).
+    keep : {"memory", "source"}
+        ``"memory"``: each worker keeps the arrays of its blocks (spilled to disk by Dask
+        when its memory limit is reached). ``"source"``: nothing is kept; every evaluation
+        re-reads the block's partition and rebuilds its arrays (for data much larger than
+        the cluster's memory; each evaluation costs a read of the data).
+    npartitions : int, optional
+        Merge neighbouring partitions into this many blocks (fewer tasks per evaluation);
+        schools are never split by the merge.
+
+    Examples
+    --------
+    >>> DaskData("pupils/*.parquet", keep="source").keep
+    'source'
+    """
+
+    source: Any
+    split_schools: str = "shuffle"
+    keep: str = "memory"
+    npartitions: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("split_schools", self.split_schools, SPLIT_POLICIES)
+        check_choice("keep", self.keep, KEEP_POLICIES)
+        if self.npartitions is not None and (not isinstance(self.npartitions, int | np.integer) or self.npartitions < 1):
+            raise ModelSpecError(f"npartitions must be a positive integer or None, not {describe_value(self.npartitions)}")
+
+
+def is_distributed_data(data) -> bool:
+    """Whether ``data`` is for a Dask fit: a :class:`DaskData`, a Dask DataFrame or a path (Parquet).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> is_distributed_data(pd.DataFrame({"y": [1.0]})), is_distributed_data("pupils/*.parquet")
+    (False, True)
+    """
+    if isinstance(data, DaskData | str | Path):
+        return True
+    return type(data).__module__.split(".")[0] in ("dask", "dask_expr")
+
+
+def _dask_frame(source):
+    """The Dask DataFrame of a source (Parquet paths read lazily)."""
+    if isinstance(source, str | Path):
+        try:
+            return dd.read_parquet(str(source))
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise DataError(f"could not read Parquet data from {str(source)!r}: {exc}") from exc
+    return source
+
+
+def get_client(client=None):
+    """The client to fit with: ``client``, else the current one, else a new ``LocalCluster``.
+
+    Returns ``(client, owned)``: ``owned`` is ``(client, cluster)`` when the cluster was
+    started here (it is closed by the results' ``close()`` or when they are garbage-collected),
+    else ``None``. Starting one warns with a :class:`~mlsml.ClusterWarning` saying how
+    to use a cluster of one's own.
+    """
+    if client is not None:
+        if not isinstance(client, dist.Client):
+            raise ModelSpecError(f"client must be a distributed.Client or None, not {describe_value(client)}")
+        return client, None
+    try:
+        return dist.get_client(), None
+    except ValueError:
+        pass
+    warn(
+        f"no Dask client is running: starting a LocalCluster of {LOCAL_WORKERS} worker processes for this fit "
+        "(closed when it ends). To reuse a cluster, or to run on SLURM/PBS/Kubernetes, create a "
+        "distributed.Client first (e.g. Client(LocalCluster()) or dask_jobqueue.SLURMCluster) and pass client=",
+        ClusterWarning,
+    )
+    cluster = dist.LocalCluster(n_workers=LOCAL_WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = dist.Client(cluster)
+    return client, (client, cluster)
+
+
+# ====================================================================== the plan of the design
+@dataclass(frozen=True)
+class Plan:
+    """What every worker needs to build the arrays of its blocks (small; shipped with each task).
+
+    Attributes
+    ----------
+    formulas : tuple of (str, str)
+        ``(formula, what)`` of the mean, scale and random-effects formulas.
+    groups : hashable
+        The school column.
+    used : tuple
+        The columns the formulas and ``groups`` use.
+    response : str
+    categories : dict
+        Text and categorical columns -> their categories (the union over all partitions,
+        sorted as :class:`pandas.Categorical` sorts them).
+    prototype : pandas.DataFrame or None
+        Rows covering every level of every categorical column (with a sample row's other
+        values): the design descriptions are learned from it (:func:`_design_infos`).
+    layout : ParamLayout or None
+    token : str
+        Identifies the plan in the workers' caches.
+    """
+
+    formulas: tuple
+    groups: Hashable
+    used: tuple
+    response: str
+    in_c: frozenset
+    categories: dict = field(default_factory=dict)
+    prototype: pd.DataFrame | None = None
+    layout: ParamLayout | None = None
+    token: str = ""
+
+
+def _prepare(frame: pd.DataFrame, plan: Plan) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The used columns of a partition: the rows kept (numpy dtypes) and the missing-value mask.
+
+    The arithmetic of :func:`mlsml.design.build_design`: a row is dropped when any used column
+    is missing (NaN, None, ``pd.NA``) or infinite.
+    """
+    frame = frame.loc[:, list(plan.used)]
+    na = frame.isna()
+    bad = na.copy()
+    for c in plan.used:
+        s = frame[c]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            bad[c] = na[c].to_numpy() | (~np.isfinite(s.to_numpy(dtype=float, na_value=np.nan)) & ~na[c].to_numpy())
+    dropped = bad.any(axis=1).to_numpy()
+    kept = to_numpy_dtypes(frame.loc[~dropped])
+    for c, cats in plan.categories.items():
+        kept[c] = pd.Categorical(kept[c], categories=cats)
+    return kept, bad
+
+
+def _learn(frame: pd.DataFrame, plan: Plan) -> dict:
+    """One partition's part of the pass that learns the design (see :func:`build_distributed_design`)."""
+    kept, bad = _prepare(frame, plan)
+    out: dict[str, Any] = {
+        "rows": int(frame.shape[0]),
+        "bad": {c: int(bad[c].sum()) for c in plan.used if bad[c].any()},
+        "dropped": int(bad.any(axis=1).sum()),
+        "first_bad": frame.index[bad.any(axis=1).to_numpy()][0] if bad.any(axis=1).any() else None,
+    }
+    if kept.shape[0]:
+        y = kept[plan.response]
+        if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y) or pd.api.types.is_complex_dtype(y):
+            raise DataError(
+                f"the response {plan.response!r} is not real-valued numeric (dtype {y.dtype}); a MELSM needs a continuous response"
+            )
+        _check_dtypes(kept, [c for c in plan.used if c != plan.groups])
+        _check_numeric_like(kept, [c for c in plan.used if c != plan.groups and c not in plan.in_c])
+    levels = {}
+    for c in plan.used:
+        s = kept[c]
+        if c == plan.groups:
+            continue
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            levels[c] = ("categorical", list(s.cat.categories))
+        elif pd.api.types.is_object_dtype(s) or pd.api.types.is_string_dtype(s):
+            levels[c] = ("text", list(pd.unique(s)))
+        elif c in plan.in_c:
+            levels[c] = ("values", list(pd.unique(s)))
+    out["levels"] = levels
+    counts = kept[plan.groups].value_counts(sort=False)
+    out["labels"] = counts.index.to_numpy()
+    out["counts"] = counts.to_numpy()
+    out["sample"] = kept.iloc[:1]
+    return out
+
+
+def _design_infos(plan: Plan):
+    """patsy's design descriptions of the response and the three formulas, learned on the prototype.
+
+    Cached per process (patsy cannot pickle them, so each worker makes its own from the plan).
+    """
+    with _CACHE_LOCK:
+        hit = _INFOS.get(plan.token)
+    if hit is not None:
+        return hit
+    evaluated = _materialise_together(list(plan.formulas), plan.prototype)
+    ((ydf, _), mean_spec), (_, scale_spec), (_, re_spec) = evaluated
+    infos = (ydf.design_info, mean_spec, scale_spec, re_spec)
+    with _CACHE_LOCK:
+        _INFOS[plan.token] = infos
+        while len(_INFOS) > WORKER_PLANS:
+            _INFOS.popitem(last=False)
+    return infos
+
+
+@dataclass(frozen=True)
+class Block:
+    """The arrays of one block of whole schools, built on a worker (never sent to the driver).
+
+    Attributes
+    ----------
+    design : Design or None
+        The block's design (rows sorted by school; ``None`` for an empty partition).
+    token : str
+        Identifies the block in the worker's caches (the same after a rebuild).
+    """
+
+    design: Design | None
+    token: str
+    #: What the worker derives from the design and keeps with it: the standardised copy and
+    #: the latest node sets (:func:`_block_design`, :func:`_block_nodes`); released with the block.
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __sizeof__(self) -> int:
+        """Bytes of the arrays held (what Dask's memory accounting and spilling see)."""
+        held = [self.design] + [v for v in self.derived.values() if isinstance(v, Design)]
+        return sum(_design_bytes(d) for d in held if d is not None) + sum(
+            sum(a.nbytes for a in v if isinstance(a, np.ndarray)) for k, v in self.derived.items() if k[0] == "nodes"
+        )
+
+
+def _design_bytes(design: Design) -> int:
+    return sum(a.nbytes for a in (design.y, design.X, design.W, design.Z, design.group, design.order) if a is not None)
+
+
+def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
+    """The :class:`Block` of one partition: the arrays of :func:`mlsml.design.build_design` for its rows."""
+    _single_threaded_blas()
+    kept, _ = _prepare(frame, plan)
+    if kept.shape[0] == 0:
+        return Block(None, token)
+    infos = _design_infos(plan)
+    ydf, Xdf, Wdf, Zdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
+    codes, labels = pd.factorize(kept[plan.groups], sort=True)
+    order = np.argsort(codes, kind="stable")
+    codes_sorted = codes[order]
+    counts = np.bincount(codes_sorted, minlength=len(labels))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    arrays = {"X": Xdf.to_numpy(dtype=float), "W": Wdf.to_numpy(dtype=float), "Z": Zdf.to_numpy(dtype=float)}
+    for name, M in arrays.items():
+        bad = ~np.isfinite(M)
+        if bad.any():
+            j = int(np.nonzero(bad.any(axis=0))[0][0])
+            names = {"X": Xdf, "W": Wdf, "Z": Zdf}[name].columns
+            school = kept[plan.groups].iloc[int(np.nonzero(bad[:, j])[0][0])]
+            raise DataError(f"design column {names[j]!r} has a non-finite value in a row of school {school!r}")
+    design = Design(
+        y=ydf.to_numpy(dtype=float).ravel()[order],
+        X=np.ascontiguousarray(arrays["X"][order]),
+        W=np.ascontiguousarray(arrays["W"][order]),
+        Z=np.ascontiguousarray(arrays["Z"][order]),
+        group=codes_sorted.astype(np.intp),
+        starts=starts.astype(np.intp),
+        counts=counts.astype(np.intp),
+        group_labels=np.asarray(labels),
+        order=order.astype(np.intp),
+        row_labels=kept.index,
+        layout=plan.layout,
+        info={"response": plan.response},
+    )
+    return Block(design, token)
+
+
+# ====================================================================== worker-side caches
+_CACHE_LOCK = threading.Lock()
+_INFOS: OrderedDict = OrderedDict()  # plan token -> patsy's design descriptions
+
+
+@dataclass(frozen=True)
+class Standardisation:
+    """The maps of :func:`mlsml.rescale.reparametrise`, applied to every block on its worker."""
+
+    sigma: float
+    Px: np.ndarray
+    Pw: np.ndarray
+    PS: np.ndarray
+    T: np.ndarray
+    token: str
+
+
+def _block_design(block: Block, transform: Standardisation | None) -> Design:
+    """The block's design, standardised by ``transform`` (the copy kept with the block)."""
+    if transform is None:
+        return block.design
+    key = ("design", transform.token)
+    hit = block.derived.get(key)
+    if hit is None:
+        hit = standardised_design(block.design, transform.sigma, transform.Px, transform.Pw, transform.PS, transform.T)
+        for old in [k for k in block.derived if k[0] == "design"]:  # one standardisation at a time
+            del block.derived[old]
+        block.derived[key] = hit
+    return hit
+
+
+@dataclass(frozen=True)
+class Request:
+    """One evaluation asked of every block: ``op`` at ``theta`` with nodes adapted at ``nodes_at``."""
+
+    op: str
+    theta: np.ndarray | None
+    nodes_at: np.ndarray | None
+    spec: QuadratureSpec | None
+    transform: Standardisation | None
+    extra: Any = None
+
+
+def _block_nodes(block: Block, lik: Likelihood, req: Request) -> Nodes:
+    """Nodes adapted at ``req.nodes_at``, kept with the block for the next request at the same point
+    (the optimiser adapts, then evaluates the value, gradient or Hessian there); the latest
+    :data:`WORKER_NODES` sets per rule and standardisation are kept."""
+    tag = ("nodes", None if req.transform is None else req.transform.token, req.spec)
+    key = tag + (req.nodes_at.tobytes(),)
+    hit = block.derived.get(key)
+    if hit is None:
+        hit = lik.adapt(req.nodes_at)
+        with _CACHE_LOCK:
+            block.derived[key] = hit
+            same = [k for k in block.derived if k[:3] == tag]
+            for old in same[:-WORKER_NODES]:
+                del block.derived[old]
+    return hit
+
+
+#: The BLAS limit set once in each worker process (:func:`_single_threaded_blas`).
+_WORKER_BLAS: list = []
+
+
+def _single_threaded_blas() -> None:
+    """Limit the worker process's BLAS pools to :data:`mlsml.threads.FIT_BLAS_THREADS`, once.
+
+    As an in-memory fit does (:func:`mlsml.threads.blas_limited`), but for the life of the
+    worker process: a per-task limit costs about 4 ms (threadpoolctl scans the loaded
+    libraries), and without it OpenBLAS's threads doubled the CPU time of an evaluation
+    (0.18 to 0.27 instead of 0.09 s for an evaluation of 500,000 rows of Model 3 in a process
+    without ``OPENBLAS_NUM_THREADS=1`` on a loaded 2-core machine).
+    """
+    if not _WORKER_BLAS and FIT_BLAS_THREADS is not None:
+        with _CACHE_LOCK:
+            if not _WORKER_BLAS:
+                _WORKER_BLAS.append(threadpoolctl.threadpool_limits(limits=FIT_BLAS_THREADS, user_api="blas"))
+
+
+def _evaluate(block: Block, req: Request):
+    """What one block returns for a :class:`Request` (runs on the worker holding the block)."""
+    _single_threaded_blas()
+    if block.design is None:
+        return None
+    design = _block_design(block, req.transform)
+    if req.op == "moments":
+        return _moments(design)
+    if req.op == "start_gram":
+        return design.X.T @ design.X, design.X.T @ design.y
+    if req.op == "start_resid":
+        return _start_resid(design, req.extra)
+    if req.op == "check_delta":
+        return float(np.max(np.abs(design.W @ req.extra[0] - req.extra[1])))
+    lik = Likelihood.build(design, req.spec)
+    theta = req.theta
+    nodes = None
+    if req.nodes_at is not None:
+        nodes = _block_nodes(block, lik, req)
+    if req.op == "value":
+        return float(lik.value(theta) if nodes is None else lik.at_nodes(theta, nodes))
+    if req.op == "value_and_grad":
+        v, g = lik.value_and_grad(theta, nodes)
+        return float(v), np.asarray(g, dtype=float)
+    if req.op == "hessian":
+        return np.asarray(lik.hessian(theta, nodes), dtype=float)
+    if req.op == "start_hessian":
+        return np.asarray(lik.start_hessian(theta), dtype=float)
+    if req.op == "per_school":
+        return lik.per_school(theta, nodes)
+    if req.op == "call":  # a function of the block's results object (school tables, predictions)
+        fn, args = req.extra
+        return fn(block, design, lik, *args)
+    raise ValueError(f"unknown request {req.op!r}")
+
+
+# ====================================================================== moments
+@dataclass(frozen=True)
+class ColumnMoments:
+    """Count, minimum, maximum, mean and sum of squared deviations of every column (mergeable)."""
+
+    n: int
+    lo: np.ndarray
+    hi: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    sq: np.ndarray  # sum of squares
+
+    @classmethod
+    def of(cls, M: np.ndarray) -> ColumnMoments:
+        """The moments of the columns of ``M`` (N x k)."""
+        M = np.asarray(M, dtype=float)
+        if M.ndim == 1:
+            M = M[:, None]
+        n = M.shape[0]
+        mean = np.array([np.mean(M[:, j]) for j in range(M.shape[1])]) if n else np.zeros(M.shape[1])
+        m2 = np.array([np.sum((M[:, j] - mean[j]) ** 2) for j in range(M.shape[1])]) if n else np.zeros(M.shape[1])
+        lo = M.min(axis=0) if n else np.full(M.shape[1], np.inf)
+        hi = M.max(axis=0) if n else np.full(M.shape[1], -np.inf)
+        return cls(n, lo, hi, mean, m2, (M**2).sum(axis=0))
+
+    def merge(self, other: ColumnMoments) -> ColumnMoments:
+        r"""The moments of both row sets (Chan, Golub & LeVeque's update):
+        :math:`M_2 = M_{2a} + M_{2b} + \delta^2 n_a n_b / n`."""
+        n = self.n + other.n
+        if not other.n:
+            return self
+        if not self.n:
+            return other
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.n / n
+        m2 = self.m2 + other.m2 + delta**2 * self.n * other.n / n
+        return ColumnMoments(n, np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi), mean, m2, self.sq + other.sq)
+
+    @property
+    def sd(self) -> np.ndarray:
+        """Population standard deviations (``numpy.std``)."""
+        return np.sqrt(self.m2 / max(self.n, 1))
+
+
+@dataclass(frozen=True)
+class DesignMoments:
+    """What the driver knows of a design held in blocks: column moments, Gram matrices, schools."""
+
+    y: ColumnMoments
+    X: ColumnMoments
+    W: ColumnMoments
+    Z: ColumnMoments
+    XtX: np.ndarray
+    WtW: np.ndarray
+    Wt1: np.ndarray
+    ZtZ: np.ndarray
+    varying_schools: int  # schools whose response varies
+
+    def merge(self, other: DesignMoments) -> DesignMoments:
+        """Both row sets' moments."""
+        return DesignMoments(
+            self.y.merge(other.y),
+            self.X.merge(other.X),
+            self.W.merge(other.W),
+            self.Z.merge(other.Z),
+            self.XtX + other.XtX,
+            self.WtW + other.WtW,
+            self.Wt1 + other.Wt1,
+            self.ZtZ + other.ZtZ,
+            self.varying_schools + other.varying_schools,
+        )
+
+
+def _school_digests(design: Design) -> np.ndarray:
+    """An 8-byte digest of every school: its label and its sorted responses (the block's order)."""
+    y = design.y
+    return np.array(
+        [
+            hashlib.blake2b(repr(lab).encode() + np.sort(y[st : st + n]).tobytes(), digest_size=8).digest()
+            for lab, st, n in zip(design.group_labels.tolist(), design.starts, design.counts)
+        ],
+        dtype="S8",
+    )
+
+
+def _moments(design: Design) -> tuple[DesignMoments, np.ndarray, np.ndarray, np.ndarray]:
+    """A block's :class:`DesignMoments`, school labels and counts and school digests (:func:`_school_digests`)."""
+    ys = design.y
+    varying = int(np.sum(np.maximum.reduceat(ys, design.starts) != np.minimum.reduceat(ys, design.starts)))
+    m = DesignMoments(
+        ColumnMoments.of(design.y),
+        ColumnMoments.of(design.X),
+        ColumnMoments.of(design.W),
+        ColumnMoments.of(design.Z),
+        design.X.T @ design.X,
+        design.W.T @ design.W,
+        design.W.sum(axis=0),
+        design.Z.T @ design.Z,
+        varying,
+    )
+    return m, design.group_labels, design.counts, _school_digests(design)
+
+
+def _start_resid(design: Design, beta: np.ndarray):
+    """A block's part of the moment starting values at ``beta`` (:func:`mlsml.start.start_values_core`)."""
+    r = design.y - design.X @ beta
+    n = design.counts
+    rbar = np.add.reduceat(r, design.starts) / n
+    within = r - rbar[design.group]
+    return float(np.sum(within**2)), ColumnMoments.of(rbar), float(np.sum(1.0 / n)), ColumnMoments.of(r)
+
+
+# ====================================================================== the blocks on the cluster
+class BlockSet:
+    """The blocks of a fit on the cluster: futures (or graphs, ``keep="source"``) and their schools.
+
+    Mutable bookkeeping shared by a design and its standardised copy: the number of requests
+    and the bytes of requests and replies (pickled sizes; in all and per kind of request,
+    :attr:`traffic`), reported by ``bench/bench_dask.py``.
+    """
+
+    def __init__(self, client, blocks: list, keep: str, owned=None):
+        self.client = client
+        self.blocks = blocks
+        self.keep = keep
+        self.requests = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.traffic: dict[str, list[int]] = {}  # op -> [requests, bytes sent, bytes received]
+        # a cluster started for the fit ends with the last object using it (or with close())
+        self._finalizer = weakref.finalize(self, _close_owned, owned) if owned is not None else None
+
+    def run(self, req: Request) -> list:
+        """Ask every block; the replies in block order (``None`` for empty blocks).
+
+        A worker lost mid-request costs a recomputation of its blocks and a retry (Dask's
+        scheduler); an interrupt (Ctrl-C) cancels the request's tasks before it propagates.
+        """
+        client = self.client
+        if self.keep == "memory":
+            futures = client.map(_evaluate, self.blocks, req=req, pure=False)
+        else:
+            futures = client.compute([dask.delayed(_evaluate, pure=False)(b, req) for b in self.blocks])
+        out = _gather(client, futures)
+        sent = len(pickle.dumps(req)) * len(self.blocks)
+        received = sum(len(pickle.dumps(r)) for r in out)
+        self.requests += 1
+        self.bytes_sent += sent
+        self.bytes_received += received
+        count = self.traffic.setdefault(req.op, [0, 0, 0])
+        count[0], count[1], count[2] = count[0] + 1, count[1] + sent, count[2] + received
+        return out
+
+    def close(self) -> None:
+        """Release the blocks (and the cluster started for the fit, if any)."""
+        if self.keep == "memory" and self.client.status == "running":
+            self.client.cancel(self.blocks)
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def _gather(client, futures: list) -> list:
+    """The results of ``futures``; on an error or an interrupt (Ctrl-C) they are cancelled first."""
+    try:
+        return client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+def _close_owned(owned) -> None:
+    """Close a client and the ``LocalCluster`` started for a fit (:func:`get_client`)."""
+    client, cluster = owned
+    client.close()
+    cluster.close()
+
+
+# ====================================================================== the design on the driver
+class ColumnSummary:
+    """Stands in for a design matrix held by the workers: per column its mean, minimum, maximum
+    and SD (``M[:, j].mean()``, ``.min()``, ``.max()``, ``numpy.std(M[:, j], ddof=...)``), what
+    the MIXREGLS descriptives (:func:`mlsml.mixregls.report.describe_data`) print. Anything that
+    needs the values raises :class:`~mlsml.DataError`.
+    """
+
+    def __init__(self, moments: ColumnMoments, name: str, column: int | None = None):
+        self._m, self._name, self._col = moments, name, column
+
+    @property
+    def shape(self) -> tuple:
+        """``(N, k)``, or ``(N,)`` for one column."""
+        return (self._m.n,) if self._col is not None else (self._m.n, len(self._m.mean))
+
+    @property
+    def size(self) -> int:
+        """Number of values."""
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key):
+        rows, col = key if isinstance(key, tuple) else (key, None)
+        if not (isinstance(rows, slice) and rows == slice(None)):
+            raise DataError(f"the rows of {self._name} are held by the Dask workers, not the driver")
+        return self if col is None else ColumnSummary(self._m, self._name, int(col))
+
+    def _pick(self, a: np.ndarray):
+        return float(a[self._col]) if self._col is not None else a.copy()
+
+    def mean(self, *args, **kwargs):
+        """Column mean(s)."""
+        return self._pick(self._m.mean)
+
+    def min(self, *args, **kwargs):
+        """Column minimum (minima)."""
+        return self._pick(self._m.lo)
+
+    def max(self, *args, **kwargs):
+        """Column maximum (maxima)."""
+        return self._pick(self._m.hi)
+
+    def std(self, axis=None, dtype=None, out=None, ddof=0, **kwargs):
+        """Column standard deviation(s) with ``ddof``."""
+        return self._pick(np.sqrt(self._m.m2 / max(self._m.n - ddof, 1)))
+
+    def __array__(self, *args, **kwargs):
+        raise DataError(f"the values of {self._name} are held by the Dask workers, not the driver")
+
+
+class DistributedDesign:
+    """Stands in for a :class:`~mlsml.design.Design` whose rows are held by Dask workers.
+
+    It knows the schools (``counts``, ``group_labels`` in the order of the in-memory design),
+    the layout, ``info`` and the moments of the columns (:class:`DesignMoments`); asking for the
+    arrays raises :class:`~mlsml.DataError`. Its standardised copy (:meth:`reparametrise`) is
+    the same blocks with :class:`Standardisation` applied on the workers.
+    """
+
+    def __init__(self, layout, counts, group_labels, info, blockset, moments, block_schools, transform=None):
+        self.layout = layout
+        self.counts = np.asarray(counts, dtype=np.intp)
+        self.group_labels = np.asarray(group_labels)
+        self.info = info
+        self.blockset = blockset
+        self.moments = moments
+        self.block_schools = block_schools  # per block: positions of its schools in group_labels
+        self.transform = transform
+        self._reparametrisation = None  # computed once: its copy is kept by the workers
+
+    @property
+    def nobs(self) -> int:
+        """Number of observations."""
+        return int(self.counts.sum())
+
+    @property
+    def ngroups(self) -> int:
+        """Number of schools."""
+        return int(self.counts.size)
+
+    #: No weights and no offsets on a cluster (:func:`check_cluster_options`).
+    weights = group_weights = offset = scale_offset = None
+    weighted = False
+
+    @property
+    def nobs_weighted(self) -> float:
+        """The number of observations (unweighted: :attr:`mlsml.design.Design.nobs_weighted`)."""
+        return float(self.nobs)
+
+    @property
+    def y(self) -> ColumnSummary:
+        """The response's mean, minimum, maximum and SD (:class:`ColumnSummary`), not its values."""
+        return ColumnSummary(self.moments.y, "y")
+
+    @property
+    def X(self) -> ColumnSummary:
+        """The mean design's column summaries (:class:`ColumnSummary`)."""
+        return ColumnSummary(self.moments.X, "X")
+
+    @property
+    def W(self) -> ColumnSummary:
+        """The scale design's column summaries (:class:`ColumnSummary`)."""
+        return ColumnSummary(self.moments.W, "W")
+
+    @property
+    def Z(self) -> ColumnSummary:
+        """The random-effects design's column summaries (:class:`ColumnSummary`)."""
+        return ColumnSummary(self.moments.Z, "Z")
+
+    @property
+    def G(self):
+        """No design of scale effects (``scale_re_formula`` is not fitted on a cluster)."""
+        return None
+
+    @property
+    def S(self):
+        """No school-level design (``bs_formula`` is not fitted on a cluster)."""
+        return None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise DataError(
+            f"the data of a Dask fit stay on the workers: the design's {name!r} is not on the driver "
+            "(use the results' methods, which run on the cluster)"
+        )
+
+    # ------------------------------------------------------------ requests
+    def run(self, op: str, theta=None, nodes_at=None, spec=None, extra=None) -> list:
+        """Replies of the non-empty blocks to one request (see :class:`Request`)."""
+        th = None if theta is None else np.asarray(theta, dtype=float)
+        at = None if nodes_at is None else np.asarray(nodes_at, dtype=float)
+        return self.blockset.run(Request(op, th, at, spec, self.transform, extra))
+
+    def with_moments(self) -> DistributedDesign:
+        """This design with the moments of its own (standardised) blocks."""
+        replies = [r for r in self.run("moments") if r is not None]
+        moments = replies[0][0]
+        for m, *_ in replies[1:]:
+            moments = moments.merge(m)
+        return DistributedDesign(
+            self.layout, self.counts, self.group_labels, self.info, self.blockset, moments, self.block_schools, self.transform
+        )
+
+    def mean_log_variance_index(self, alpha) -> float:
+        """The mean of ``W alpha`` over rows (:meth:`mlsml.design.Design.mean_log_variance_index`; no offsets here)."""
+        return float(self.column_means("W") @ np.asarray(alpha, dtype=float))
+
+    def simulated(self, theta: np.ndarray, seed: int) -> DistributedDesign:
+        """The same schools and covariates with a response drawn at ``theta`` on the workers (new blocks)."""
+        bs = self.blockset
+        token = uuid.uuid4().hex
+        theta = np.asarray(theta, dtype=float)
+        if bs.keep == "memory":
+            blocks = bs.client.map(_simulated_block, bs.blocks, theta=theta, seed=int(seed), token=token, pure=False)
+        else:
+            blocks = [dask.delayed(_simulated_block, pure=False)(b, theta, int(seed), token) for b in bs.blocks]
+        blockset = BlockSet(bs.client, blocks, bs.keep)
+        return DistributedDesign(
+            self.layout, self.counts, self.group_labels, self.info, blockset, None, self.block_schools
+        ).with_moments()
+
+    def column_means(self, name: str) -> np.ndarray:
+        """The mean of every column of ``X``, ``W`` or ``Z`` (see :meth:`mlsml.design.Design.column_means`)."""
+        return getattr(self.moments, name).mean.copy()
+
+    def mean_squares(self, name: str) -> np.ndarray:
+        """The mean of the squares of every column (see :meth:`mlsml.design.Design.mean_squares`)."""
+        m = getattr(self.moments, name)
+        return m.sq / max(m.n, 1)
+
+    def column_ranges(self, name: str) -> np.ndarray:
+        """The minimum and the maximum of every column of ``X``, ``W`` or ``Z`` (two rows)."""
+        m = getattr(self.moments, name)
+        return np.vstack([m.lo, m.hi])
+
+    def likelihood(self, spec: QuadratureSpec) -> DaskLikelihood:
+        """The likelihood of the design under ``spec``, evaluated on the cluster."""
+        return DaskLikelihood(self, spec)
+
+    # ------------------------------------------------------------ standardisation
+    def reparametrise(self) -> Reparametrisation:
+        """:func:`mlsml.rescale.reparametrise` from the moments; the copy is standardised on the workers.
+
+        The same maps as in memory (column minima, maxima, means and SDs; the response SD),
+        with ``delta`` (``W delta = 2 ln sigma``) from the normal equations and checked on
+        every block. Computed once per design (the workers keep one standardised copy).
+        """
+        if self._reparametrisation is None:
+            self._reparametrisation = self._reparametrise()
+        return self._reparametrisation
+
+    def _reparametrise(self) -> Reparametrisation:
+        lay = self.layout
+        mo = self.moments
+        sigma = 1.0
+        delta = np.zeros(lay.k)
+        sd = float(mo.y.sd[0])
+        if np.isfinite(sd) and sd > 0:
+            sigma = _power_of_two(sd)
+        if sigma != 1.0:
+            target = 2.0 * np.log(sigma)
+            const = np.flatnonzero((mo.W.lo == mo.W.hi) & (mo.W.lo != 0))
+            if const.size:
+                delta[const[0]] = target / mo.W.lo[const[0]]
+            else:
+                delta = np.linalg.lstsq(mo.WtW, mo.Wt1 * target, rcond=None)[0]
+                worst = max(r for r in self.run("check_delta", extra=(delta, target)) if r is not None)
+                if not worst <= 1e-9 * abs(target):
+                    sigma, delta = 1.0, np.zeros(lay.k)  # the constant is not in the span of W
+        Px = column_map_from_stats(mo.X.lo, mo.X.hi, mo.X.mean, mo.X.sd)
+        Pw = column_map_from_stats(mo.W.lo, mo.W.hi, mo.W.mean, mo.W.sd)
+        PS = np.eye(lay.m)
+        d = lay.d
+        T = np.eye(d)
+        if d and lay.q:
+            T[: lay.q, : lay.q] = sigma * column_map_from_stats(mo.Z.lo, mo.Z.hi, mo.Z.mean, mo.Z.sd)
+        eye = all(np.array_equal(P, np.eye(P.shape[0])) for P in (Px, Pw, PS))
+        if sigma == 1.0 and eye and np.array_equal(T, np.eye(d)):
+            return Reparametrisation(self, 1.0, Px, Pw, PS, T, delta, identity=True)
+        transform = Standardisation(sigma, Px, Pw, PS, T, uuid.uuid4().hex)
+        std = DistributedDesign(
+            self.layout, self.counts, self.group_labels, self.info, self.blockset, None, self.block_schools, transform
+        )
+        return Reparametrisation(std.with_moments(), sigma, Px, Pw, PS, T, delta, identity=False)
+
+    # ------------------------------------------------------------ starting values
+    def start_values(self) -> np.ndarray:
+        """:func:`mlsml.start.start_values_core` of the design, from sums over the blocks."""
+        lay = self.layout
+        grams = [g for g in self.run("start_gram") if g is not None]
+        XtX = sum(g[0] for g in grams)
+        Xty = sum(g[1] for g in grams)
+        beta = _least_squares_gram(XtX, Xty)
+        parts = [p for p in self.run("start_resid", extra=beta) if p is not None]
+        within = sum(p[0] for p in parts)
+        rbar, rall = parts[0][1], parts[0][3]
+        for p in parts[1:]:
+            rbar, rall = rbar.merge(p[1]), rall.merge(p[3])
+        inv_n = sum(p[2] for p in parts)
+        dfw = max(self.nobs - self.ngroups, 1)
+        s2e = float(within / dfw)
+        if not np.isfinite(s2e) or s2e <= 0:
+            s2e = float(rall.sd[0] ** 2) or 1.0
+        s2u = float(rbar.sd[0] ** 2 - s2e * inv_n / self.ngroups)
+        s2u = max(s2u, 0.1 * s2e / max(float(np.mean(self.counts)), 1.0), 1e-3 * s2e)
+        alpha = _least_squares_gram(self.moments.WtW, self.moments.Wt1 * np.log(s2e))
+        diag = []
+        z2 = self.mean_squares("Z")
+        for i in range(lay.q):
+            zi = float(z2[i]) or 1.0
+            diag.append(s2u / zi if i == 0 else 0.1 * s2u / zi)
+        if lay.random_scale:
+            diag.append(START_VAR_V)
+        return lay.theta_from_parts(beta, alpha, np.diag(diag))
+
+    # ------------------------------------------------------------ schools
+    def to_global(self, per_block: list) -> np.ndarray:
+        """Per-school arrays of the blocks (in block order) put in the order of :attr:`group_labels`."""
+        first = next(a for a in per_block if a is not None)
+        out = np.empty((self.ngroups,) + np.shape(first)[1:], dtype=np.asarray(first).dtype)
+        for pos, a in zip(self.block_schools, per_block):
+            if a is not None:
+                out[pos] = a
+        return out
+
+
+def _least_squares_gram(G: np.ndarray, Atb: np.ndarray) -> np.ndarray:
+    """:func:`mlsml.start.least_squares` from ``A'A`` and ``A'b`` (column-scaled normal equations)."""
+    D = np.sqrt(np.diag(G))
+    if G.shape[0] and np.all(D > 0) and np.all(np.isfinite(G)):
+        Gs = G / np.outer(D, D)
+        return np.linalg.lstsq(Gs, Atb / D, rcond=None)[0] / D if np.linalg.cond(Gs) >= 1e8 else np.linalg.solve(Gs, Atb / D) / D
+    return np.linalg.lstsq(G, Atb, rcond=None)[0]
+
+
+class DistributedIntegrand:
+    """What the optimiser and the diagnostics ask of the integrand of a design held by workers."""
+
+    def __init__(self, design: DistributedDesign):
+        self.design = design
+        self.layout = design.layout
+
+    @property
+    def core(self) -> bool:
+        """Always the core model (see the module docstring)."""
+        return True
+
+    @property
+    def uexact_supported(self) -> bool:
+        """As :attr:`mlsml.integrand.Integrand.uexact_supported`."""
+        return bool(self.layout.random_scale and self.layout.q >= 1)
+
+    def extra_singular_reasons(self, theta) -> list[str]:
+        """None for the core model."""
+        return []
+
+    def start_values(self) -> np.ndarray:
+        """The moment starting values (:meth:`DistributedDesign.start_values`)."""
+        return self.design.start_values()
+
+
+@dataclass(frozen=True)
+class RemoteNodes:
+    """Nodes adapted at ``theta`` on the workers (each block's are placed and kept there)."""
+
+    theta: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class DaskLikelihood:
+    """The interface of :class:`mlsml.likelihood.Likelihood`, summed over blocks on a Dask cluster.
+
+    Every method asks each block for its part (:class:`Request`) and sums: the value, the
+    gradient and the Hessian are sums over schools. :meth:`adapt` returns a
+    :class:`RemoteNodes` handle: the workers place each school's nodes at its ``theta``.
+
+    Attributes
+    ----------
+    design : DistributedDesign
+    spec : QuadratureSpec
+    """
+
+    design: DistributedDesign
+    spec: QuadratureSpec
+
+    # the rule: the same code as the in-memory likelihood
+    layout = Likelihood.layout
+    nagq = Likelihood.nagq
+    rule = Likelihood.rule
+    with_spec = Likelihood.with_spec
+    as_product = Likelihood.as_product
+
+    @property
+    def integrand(self) -> DistributedIntegrand:
+        """The driver's view of the integrand (:class:`DistributedIntegrand`)."""
+        return DistributedIntegrand(self.design)
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether the blocks use closed-form derivatives (the core model does)."""
+        return True
+
+    def with_design(self, design: DistributedDesign) -> DaskLikelihood:
+        """The same rule on another design (the standardised copy)."""
+        return DaskLikelihood(design, self.spec)
+
+    def adapt(self, theta) -> RemoteNodes:
+        """A handle on nodes adapted at ``theta`` (placed by the workers when first used)."""
+        return RemoteNodes(np.array(theta, dtype=float))
+
+    def _run(self, op: str, theta, nodes) -> list:
+        at = None if nodes is None else nodes.theta
+        return [r for r in self.design.run(op, theta, at, self.spec) if r is not None]
+
+    def value(self, theta) -> float:
+        """The adapted log-likelihood at ``theta``."""
+        return float(sum(self._run("value", theta, None)))
+
+    def at_nodes(self, theta, nodes: RemoteNodes) -> float:
+        """The log-likelihood with nodes adapted at ``nodes.theta``."""
+        return float(sum(self._run("value", theta, nodes)))
+
+    def value_and_grad(self, theta, nodes: RemoteNodes | None = None) -> tuple[float, np.ndarray]:
+        """The log-likelihood and its gradient (nodes held fixed), summed over blocks."""
+        parts = self._run("value_and_grad", theta, nodes)
+        return float(sum(v for v, _ in parts)), np.sum([g for _, g in parts], axis=0)
+
+    def hessian(self, theta, nodes: RemoteNodes | None = None) -> np.ndarray:
+        """The Hessian (nodes held fixed), summed over blocks."""
+        return np.sum(self._run("hessian", theta, nodes), axis=0)
+
+    def start_hessian(self, theta) -> np.ndarray:
+        """:meth:`mlsml.likelihood.Likelihood.start_hessian`, summed over blocks."""
+        return np.sum(self._run("start_hessian", theta, None), axis=0)
+
+    def per_school(self, theta, nodes: RemoteNodes | None = None) -> np.ndarray:
+        """``log L_j`` of every school, in the order of the design's ``group_labels``."""
+        at = None if nodes is None else nodes.theta
+        return self.design.to_global(self.design.run("per_school", theta, at, self.spec))
+
+
+# ====================================================================== building the design
+def _check_formulas(formulas: dict) -> None:
+    """Refuse what one pass over partitions cannot fit exactly (see the module docstring)."""
+    if formulas.get("scale_re_formula") is not None or formulas.get("bs_formula") is not None:
+        raise ModelSpecError(
+            "scale_re_formula and bs_formula models are not fitted on a Dask cluster yet; fit them in memory (data=a pandas DataFrame)"
+        )
+    for name, f in formulas.items():
+        if f is None:
+            continue
+        for t in STATEFUL_TRANSFORMS:
+            if re.search(rf"(?<![\w.]){t}\s*\(", f):
+                raise ModelSpecError(
+                    f"{name} {f!r} uses {t}(...), whose state (means, SDs, knots) patsy learns from the whole column: "
+                    "on a Dask cluster compute the transformed column first (e.g. with the data's own mean and SD) "
+                    "and use it in the formula"
+                )
+
+
+def check_cluster_options(**options) -> None:
+    """Refuse the options a fit on a Dask cluster does not support yet, naming them.
+
+    Weights and offsets (:mod:`mlsml.weights`) and association types or covariance
+    constraints change the design or the layout after it is built, and MixWILD's data
+    conventions (``missing_code``, ``drop_constant_groups``) the rows; on a cluster they
+    would have to be shipped to every block. Their defaults (``None``,
+    ``association="linear"``, ``drop_constant_groups=False``) pass.
+    """
+    defaults = {"association": "linear", "drop_constant_groups": False}
+    given = [k for k, v in options.items() if v is not None and not (k in defaults and v == defaults[k])]
+    if given:
+        raise ModelSpecError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for a fit on a Dask cluster yet; "
+            "fit in memory (data=a pandas DataFrame)"
+        )
+
+
+def build_distributed_design(
+    formula: str,
+    data,
+    groups,
+    scale_formula: str | None = "~ 1",
+    re_formula: str | None = "~ 1",
+    random_scale: bool = True,
+    missing: str = "drop",
+    scale_re_formula: str | None = None,
+    bs_formula: str | None = None,
+    client=None,
+) -> tuple[DistributedDesign, FormulaSpec]:
+    """The design of a model whose data are a Dask DataFrame or Parquet files (the arrays stay on the workers).
+
+    The checks and messages of :func:`mlsml.design.build_design`, from one pass over the
+    partitions (:func:`_learn`), then one building the blocks (:func:`_build_block`) and their
+    moments. Returns the driver's :class:`DistributedDesign` and the :class:`FormulaSpec`
+    (whose ``frame`` is the prototype the formulas were evaluated on).
+    """
+    source = data if isinstance(data, DaskData) else DaskData(data)
+    formulas = {
+        "formula": formula,
+        "scale_formula": scale_formula,
+        "re_formula": re_formula,
+        "scale_re_formula": scale_re_formula,
+        "bs_formula": bs_formula,
+    }
+    check_no_lme4_terms(formulas, groups=groups, random_scale=random_scale)
+    check_formula_sides(formulas)
+    if not isinstance(missing, str) or missing not in ("drop", "raise"):
+        raise ModelSpecError(f"missing must be 'drop' or 'raise', not {describe_value(missing)}")
+    if not isinstance(random_scale, bool | np.bool_):
+        raise ModelSpecError(f"random_scale must be True or False, not {describe_value(random_scale)}")
+    _check_formulas(formulas)
+    ddf = _dask_frame(source.source)
+    meta = pd.DataFrame(columns=list(ddf.columns))
+    if not isinstance(groups, Hashable) or groups not in meta.columns:
+        raise ModelSpecError(
+            f"groups must name a column of the Dask data (columns: {', '.join(map(str, meta.columns[:20]))}), "
+            f"not {describe_value(groups)}"
+        )
+    scale_formula = _rhs("~ 1" if scale_formula is None else scale_formula)
+    re_formula = _rhs("~ 1" if re_formula is None else re_formula)
+    response = formula.split("~", 1)[0].strip()
+    _check_formula_names(formula, meta, "the mean formula")
+    _check_formula_names(scale_formula, meta, "the scale formula")
+    _check_formula_names(re_formula, meta, "the random-effects formula")
+    used: list = []
+    for f in (formula, scale_formula, re_formula):
+        for c in formula_columns(f, meta):
+            if c not in used:
+                used.append(c)
+    if groups not in used:
+        used.append(groups)
+    dup = meta.columns[meta.columns.duplicated()]
+    if any(c in set(dup) for c in used):
+        raise DataError(f"the data has duplicate columns named {[c for c in used if c in set(dup)][0]!r}")
+    in_c = frozenset(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula))
+    items = ((formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula"))
+    plan = Plan(items, groups, tuple(used), response, in_c)
+
+    client, owned = get_client(client)
+    try:
+        return _build(source, ddf, plan, missing, random_scale, client, owned)
+    except BaseException:
+        if owned is not None:
+            owned[0].close()
+            owned[1].close()
+        raise
+
+
+def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, client, owned):
+    # ---- pass 1: learn the design from every partition
+    ddf = ddf[list(plan.used)].optimize()  # the partitions as read (Dask fuses small Parquet files)
+    workers = len(client.scheduler_info()["workers"])
+    if ddf.npartitions < workers:  # fewer blocks than workers: spread the schools over the workers
+        ddf = ddf.shuffle(on=plan.groups, npartitions=workers)
+    parts = ddf.to_delayed()
+    learned = _gather(client, client.compute([dask.delayed(_learn)(p, plan) for p in parts]))
+    _report_missing(learned, plan, missing)
+    categories = _categories(learned)
+    schools = [(lab, i) for i, s in enumerate(learned) for lab in s["labels"]]
+    split = _split_school(schools)
+    if split is not None:
+        label, where = split
+        if source.split_schools == "raise":
+            raise DataError(
+                f"school {label!r} of {plan.groups!r} has rows in partitions {where[0]} and {where[1]}: each school must be "
+                "in one partition (repartition by school, e.g. ddf.shuffle(on=...), or pass "
+                "mlsml.distributed.DaskData(data, split_schools='shuffle'))"
+            )
+        ddf = ddf.shuffle(on=plan.groups, npartitions=ddf.npartitions)
+    if source.npartitions is not None and source.npartitions < ddf.npartitions:
+        ddf = ddf.repartition(npartitions=source.npartitions)  # neighbours merged: schools stay whole
+    samples = [s["sample"] for s in learned if s["sample"].shape[0]]
+    if not samples:
+        raise DataError("no rows left after removing missing values")
+    plan = dataclasses.replace(plan, categories=categories)
+    prototype = _prototype(samples[0], learned, plan)
+    ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec) = _materialise_together(list(plan.formulas), prototype)
+    if ydf.shape[1] != 1:
+        raise ModelSpecError(f"the response of {plan.formulas[0][0]!r} must be a single numeric column")
+    layout = ParamLayout(
+        mean_terms=tuple(str(c) for c in Xdf.columns),
+        scale_terms=tuple(str(c) for c in Wdf.columns),
+        n_re_mean=Zdf.shape[1],
+        random_scale=bool(random_scale),
+    )
+    if layout.d == 0:
+        raise ModelSpecError("the model has no school effects: give re_formula and/or random_scale=True")
+    if layout.p == 0:
+        raise ModelSpecError("the mean formula has no terms (not even an intercept)")
+    if layout.k == 0:
+        raise ModelSpecError("the scale formula has no terms: it needs at least an intercept ('~ 1')")
+    plan = dataclasses.replace(plan, prototype=prototype, layout=layout, token=uuid.uuid4().hex)
+
+    # ---- pass 2: the blocks, built on the workers, and their moments
+    parts = ddf.to_delayed()
+    graphs = [dask.delayed(_build_block, pure=False)(p, plan, f"{plan.token}-{i}") for i, p in enumerate(parts)]
+    blocks = client.compute(graphs) if source.keep == "memory" else graphs
+    blockset = BlockSet(client, blocks, source.keep, owned)
+    replies = blockset.run(Request("moments", None, None, None, None))
+    keep = [i for i, r in enumerate(replies) if r is not None]
+    blockset.blocks = [blocks[i] for i in keep]
+    replies = [replies[i] for i in keep]
+    moments = replies[0][0]
+    for m, *_ in replies[1:]:
+        moments = moments.merge(m)
+    labels = np.concatenate([r[1] for r in replies])
+    counts = np.concatenate([r[2] for r in replies])
+    codes, uniques = pd.factorize(pd.Series(labels), sort=True)
+    if len(uniques) != len(labels):
+        raise DataError("a school is in more than one block after the shuffle (an internal error: please report it)")
+    J = len(uniques)
+    if J < 2:
+        raise DataError(f"the grouping column {plan.groups!r} has {J} distinct value(s); at least two groups are needed")
+    global_counts = np.empty(J, dtype=np.intp)
+    global_counts[codes] = counts
+    offsets = np.cumsum([0] + [len(r[1]) for r in replies])
+    block_schools = [codes[offsets[i] : offsets[i + 1]] for i in range(len(replies))]
+    re_terms = tuple(str(c) for c in Zdf.columns)
+    _check_design(moments, layout, plan, re_terms)
+    digests = np.empty(J, dtype="S8")
+    digests[codes] = np.concatenate([r[3] for r in replies])
+    n_dropped = sum(s["dropped"] for s in learned)
+    info = {
+        "response": plan.response,
+        "n_dropped": int(n_dropped),
+        "n_singletons": int((global_counts == 1).sum()),
+        "re_terms": re_terms,
+        "partitions": len(blockset.blocks),
+        # the response's fingerprint (mlsml.compare.lrtest): of the schools' sorted responses, not of
+        # y in row order (which the driver never sees), so the same for any partitioning of the data
+        "response_sha256": "dask-" + hashlib.sha256(digests.tobytes()).hexdigest(),
+    }
+    design = DistributedDesign(layout, global_counts, np.asarray(uniques), info, blockset, moments, block_schools)
+    spec = FormulaSpec(
+        formula=plan.formulas[0][0],
+        scale_formula=plan.formulas[1][0],
+        re_formula=plan.formulas[2][0],
+        groups=plan.groups,
+        mean_spec=mean_spec,
+        scale_spec=scale_spec,
+        re_spec=re_spec,
+        response=plan.response,
+        frame=prototype,
+    )
+    return design, spec
+
+
+def _report_missing(learned: list[dict], plan: Plan, missing: str) -> None:
+    """The missing-value warning (or error) of :func:`mlsml.design.build_design`, over all partitions."""
+    per_col: dict = {}
+    for s in learned:
+        for c, n in s["bad"].items():
+            per_col[c] = per_col.get(c, 0) + n
+    dropped = sum(s["dropped"] for s in learned)
+    if not dropped:
+        return
+    rows = sum(s["rows"] for s in learned)
+    desc = ", ".join(f"{c!r}: {per_col[c]}" for c in plan.used if c in per_col)
+    if missing == "raise":
+        first = next(s["first_bad"] for s in learned if s["first_bad"] is not None)
+        raise DataError(
+            f"missing or non-finite values in {dropped} rows (per column: {desc}); first at index {first!r}. "
+            "Pass missing='drop' for listwise deletion."
+        )
+    warn(
+        f"listwise deletion: dropped {dropped} of {rows} rows with missing or non-finite values (per column: {desc})",
+        MissingDataWarning,
+    )
+
+
+def _categories(learned: list[dict]) -> dict:
+    """Text columns -> the sorted union of their values; categorical columns -> their categories."""
+    kinds: dict = {}
+    values: dict = {}
+    for s in learned:
+        for c, (kind, vals) in s["levels"].items():
+            kinds.setdefault(c, kind)
+            if kind == "categorical":
+                seen = values.setdefault(c, [])
+                seen.extend(v for v in vals if v not in seen)
+            else:
+                values.setdefault(c, set()).update(vals)
+    out = {}
+    for c, kind in kinds.items():
+        if kind == "text":
+            out[c] = tuple(pd.Categorical(list(values[c])).categories)
+        elif kind == "categorical":
+            out[c] = tuple(values[c])
+    return out
+
+
+def _prototype(sample: pd.DataFrame, learned: list[dict], plan: Plan) -> pd.DataFrame:
+    """A few rows covering every level of every categorical column (patsy learns the design from them)."""
+    levels: dict = {}
+    for s in learned:
+        for c, (kind, vals) in s["levels"].items():
+            if kind == "values":
+                levels.setdefault(c, set()).update(vals)
+    cover = {c: plan.categories[c] for c in plan.categories}
+    cover.update({c: tuple(sorted(v)) for c, v in levels.items()})
+    n = max([len(v) for v in cover.values()] + [1])
+    proto = pd.concat([sample] * n, ignore_index=True)
+    for c, vals in cover.items():
+        cycled = list(itertools.islice(itertools.cycle(vals), n)) if vals else [sample[c].iloc[0]] * n
+        if c in plan.categories:
+            proto[c] = pd.Categorical(cycled, categories=plan.categories[c])
+        else:
+            proto[c] = np.asarray(cycled, dtype=sample[c].dtype)
+    return proto
+
+
+def _split_school(schools: list[tuple]) -> tuple | None:
+    """The first school found in two partitions, with the two partitions, or ``None``."""
+    seen: dict = {}
+    for label, part in schools:
+        if label in seen and seen[label] != part:
+            return (label.item() if isinstance(label, np.generic) else label), (seen[label], part)
+        seen.setdefault(label, part)
+    return None
+
+
+def _check_design(m: DesignMoments, layout: ParamLayout, plan: Plan, re_terms: tuple) -> None:
+    """The column and response checks of :func:`mlsml.design.build_design`, from the moments."""
+    if m.y.lo[0] == m.y.hi[0]:
+        raise DataError(f"the response {plan.response!r} is constant ({m.y.lo[0]!r})")
+    if m.varying_schools == 0:
+        raise DataError(
+            f"the response {plan.response!r} does not vary within any group of {plan.groups!r}: "
+            "the residual variance cannot be estimated"
+        )
+    for what, cm, G, names in (
+        ("the mean design", m.X, m.XtX, layout.mean_terms),
+        ("the scale design", m.W, m.WtW, layout.scale_terms),
+        ("the random-effects design", m.Z, m.ZtZ, re_terms),
+    ):
+        names = list(names)
+        if "Intercept" in names:
+            for j, name in enumerate(names):
+                if name != "Intercept" and cm.lo[j] == cm.hi[j]:
+                    raise ModelSpecError(
+                        f"{what} column {name!r} is constant (all values {cm.lo[j]!r}); it is collinear "
+                        "with the intercept -- remove it from the formula"
+                    )
+        _check_gram_rank(G, cm.n, names, what)
+
+
+def _check_gram_rank(G: np.ndarray, n: int, names: list, what: str) -> None:
+    """Rank deficiency from the Gram matrix: the first column whose column-scaled leading Gram
+    block has an eigenvalue at the rounding level of its largest (``N p eps``).
+
+    The in-memory check (:func:`mlsml.design._check_columns`) ends with an SVD of the design,
+    which a design held in blocks does not have; with the Gram matrix only, columns that are
+    collinear up to the rounding of the Gram matrix count as dependent.
+    """
+    p = G.shape[0]
+    if p == 0:
+        return
+    norm = np.sqrt(np.diag(G))
+    norm[norm == 0] = 1.0
+    C = G / np.outer(norm, norm)
+    tol = n * p * np.finfo(float).eps  # the rounding of the Gram matrix: below it a column adds nothing
+    for j in range(1, p + 1):
+        eig = np.linalg.eigvalsh(C[:j, :j])
+        if not eig[0] > tol * max(eig[-1], 1e-300):
+            raise ModelSpecError(
+                f"{what} is rank deficient: column {names[j - 1]!r} is a linear combination "
+                f"of earlier columns ({', '.join(map(repr, names[: j - 1]))})"
+            )
+
+
+# ====================================================================== results
+class _BlockModel:
+    """The model of one block on its worker: what the in-memory results' methods read of a model."""
+
+    def __init__(self, design: Design, formula_spec: FormulaSpec):
+        self.design = design
+        self.formula_spec = formula_spec
+
+    @property
+    def layout(self) -> ParamLayout:
+        """Parameter names and sizes."""
+        return self.design.layout
+
+    @property
+    def param_names(self) -> list[str]:
+        """Natural-scale parameter names."""
+        return list(self.layout.names)
+
+
+def _block_results(design: Design, lik: Likelihood, state: tuple) -> MELSMResults:
+    """The fit's results restricted to one block's schools (the global estimates and covariance)."""
+    formula_spec, optsum, diagnostics = state
+    return MELSMResults.build(_BlockModel(design, formula_spec), lik, optsum, diagnostics)
+
+
+def _block_seed(seed, design: Design) -> list[int]:
+    """A block's random stream: the fit's seed and its first school (the same for the same blocks)."""
+    return [int(seed), zlib.crc32(repr(design.group_labels[0]).encode())]
+
+
+def _random_effects_block(block, design, lik, state, cov):
+    return _schools.random_effects(_block_results(design, lik, state), cov=cov)
+
+
+def _school_effects_block(block, design, lik, state, w, level, z, ndraws, seed):
+    res = _block_results(design, lik, state)
+    return _schools.school_effects(res, w=w, level=level, z=z, ndraws=ndraws, seed=_block_seed(seed, design), return_draws=True)
+
+
+def _predict_block(block, design, lik, state, kind, conditional):
+    return _predict(_block_results(design, lik, state), None, kind=kind, conditional=conditional)
+
+
+def _resid_block(block, design, lik, state):
+    fitted = _predict(_block_results(design, lik, state), None, kind="mean", conditional=True)
+    y = np.empty(design.nobs)
+    y[design.order] = design.y  # the block's rows in their order in the partition
+    return pd.Series(y - fitted.to_numpy(), index=fitted.index, name="resid")
+
+
+def _tail_schools_block(block, design, lik, state):
+    return _tail_schools(_block_results(design, lik, state))
+
+
+def _prediction_sums(block, design, lik, state, wbar, zbar, gbar):
+    """A block's sums of ``m, v, m^2, v^2, m v`` over its schools and their Jacobian in ``theta``."""
+    res = _block_results(design, lik, state)
+    predictions = _schools.school_predictions(res, wbar, zbar, gbar)
+
+    def sums(theta):
+        m, v = predictions(theta)
+        return anp.stack([anp.sum(m), anp.sum(v), anp.sum(m * m), anp.sum(v * v), anp.sum(m * v)])
+
+    theta = np.asarray(res.theta, dtype=float)
+    return np.asarray(sums(theta)), np.asarray(autograd.jacobian(sums)(theta))
+
+
+def _simulate_block(block, design, lik, theta, n_reps, seed):
+    draws = draw_responses(design, theta, np.random.default_rng(_block_seed(seed, design)), n_reps)
+    out = np.empty_like(draws)
+    out[:, design.order] = draws
+    return pd.DataFrame(out.T, index=design.row_labels.copy(), columns=[f"y{r}" for r in range(n_reps)])
+
+
+def _simulated_block(block: Block, theta: np.ndarray, seed: int, token: str) -> Block:
+    """A block with a response drawn from the model at ``theta`` (:func:`mlsml.simulate.draw_responses`)."""
+    design = block.design
+    token = f"{token}-{block.token}"
+    if design is None:
+        return Block(None, token)
+    y = draw_responses(design, theta, np.random.default_rng(_block_seed(seed, design)), 1)[0]
+    return Block(design.with_response(y), token)
+
+
+class DistributedResults(MELSMResults):
+    """:class:`~mlsml.MELSMResults` of a fit on a Dask cluster.
+
+    The estimates, standard errors, tests, diagnostics and summaries are those of the
+    in-memory class, computed on the driver from what the workers returned. The methods that
+    need the rows run on the cluster, block by block, with the fit's estimates and covariance:
+    :meth:`random_effects` and :meth:`school_effects` return pandas frames (one row per
+    school, in the order of the in-memory fit); :meth:`predict`, :attr:`fittedvalues`,
+    :attr:`resid` and :meth:`simulate` return Dask collections (one partition per block), or
+    write Parquet with ``path=``; :meth:`bootstrap` refits simulated responses on the cluster.
+    """
+
+    @property
+    def _design(self) -> DistributedDesign:
+        return self.likelihood.design
+
+    def _state(self) -> tuple:
+        return (self.model.formula_spec, self.optsum, self.diagnostics)
+
+    def _on_blocks(self, fn, *args) -> list:
+        """``fn(block, design, likelihood, *args)`` on every block (the fit's rule), gathered."""
+        return self._design.run("call", spec=self.rule, extra=(fn, args))
+
+    def _lazy_blocks(self, fn, *args) -> list:
+        """``fn(block, design, likelihood, *args)`` on every block, as Dask delayed objects."""
+        req = Request("call", None, None, self.rule, None, (fn, args))
+        return [dask.delayed(_evaluate, pure=False)(b, req) for b in self._design.blockset.blocks]
+
+    def close(self) -> None:
+        """Release the blocks held by the workers (and the cluster started for the fit, if any)."""
+        self._design.blockset.close()
+
+    # ------------------------------------------------------------ schools
+    def random_effects(self, cov: bool = False):
+        """Posterior means and SDs of the school effects (:meth:`mlsml.MELSMResults.random_effects`), on the cluster."""
+        parts = self._on_blocks(_random_effects_block, self._state(), cov)
+        if cov:
+            frame = self._in_order([p[0] for p in parts])
+            return frame, self._design.to_global([p[1] for p in parts])
+        return self._in_order(parts)
+
+    def school_effects(self, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101) -> pd.DataFrame:
+        """The school table (:meth:`mlsml.MELSMResults.school_effects`), computed block by block.
+
+        Every column but the rank intervals is what the in-memory fit gives. The ranks are over
+        all schools; the rank intervals come from posterior draws made on each block's worker
+        (its own random stream, from ``seed`` and the block's first school), so they equal the
+        in-memory ones in distribution, not draw by draw; with more than
+        :data:`RANK_DRAWS_MAX` draws in all (schools x ``ndraws``) they are NaN.
+        """
+        design = self._design
+        if w is None:
+            w = design.column_means("W")
+        if z is None and self.layout.q:
+            z = design.column_means("Z")
+        parts = self._on_blocks(_school_effects_block, self._state(), w, level, z, ndraws, seed)
+        table = self._in_order([p[0] for p in parts])
+        table.attrs = dict(parts[0][0].attrs, seed=seed)
+        lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+        many = self.ngroups * int(ndraws) > RANK_DRAWS_MAX
+        if many:
+            warn(
+                f"{self.ngroups} schools x {ndraws} draws exceed RANK_DRAWS_MAX = {RANK_DRAWS_MAX}: the rank intervals are NaN",
+                ClusterWarning,
+            )
+        for prefix, point in (("mean", "mean"), ("var", "var")):
+            draws = [p[1][prefix] for p in parts]
+            if draws[0] is None:
+                continue
+            table[f"{prefix}_rank"] = _schools._ranks(table[point].to_numpy())
+            if many:
+                table[f"{prefix}_rank_lo"] = table[f"{prefix}_rank_hi"] = np.nan
+                continue
+            full = self._design.to_global([d.T for d in draws]).T
+            r = _schools._ranks(full)
+            table[f"{prefix}_rank_lo"] = np.quantile(r, lo_q, axis=0, method="inverted_cdf").astype(int)
+            table[f"{prefix}_rank_hi"] = np.quantile(r, hi_q, axis=0, method="inverted_cdf").astype(int)
+        return table
+
+    def _in_order(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
+        """Per-block school frames as one frame in the order of the in-memory fit."""
+        pos = np.concatenate(self._design.block_schools)
+        return pd.concat(frames).iloc[np.argsort(pos, kind="stable")]
+
+    # ------------------------------------------------------------ rows
+    def predict(self, newdata=None, kind: str = "mean", conditional: bool = True, path=None):
+        """Predictions (:meth:`mlsml.MELSMResults.predict`) of the fitted rows, on the cluster.
+
+        Returns a Dask Series (one partition per block, indexed by the rows' index labels),
+        or writes it to Parquet when ``path`` is given (and returns ``path``). New rows
+        (``newdata``) get population-level predictions (``conditional=False``) on the driver.
+        """
+        if newdata is not None:
+            if conditional:
+                raise DataError(
+                    "on a Dask cluster, conditional predictions are made for the fitted rows (newdata=None); "
+                    "for new rows use conditional=False (population level)"
+                )
+            return _predict(self, newdata, kind=kind, conditional=False)
+        parts = self._lazy_blocks(_predict_block, self._state(), kind, conditional)
+        series = dd.from_delayed(parts, meta=pd.Series(dtype=float, name=kind), verify_meta=False)
+        if path is None:
+            return series
+        series.to_frame().to_parquet(str(path))
+        return path
+
+    @property
+    def fittedvalues(self):
+        """Conditional fitted means of the fitted rows (a Dask Series, see :meth:`predict`)."""
+        return self.predict(kind="mean").rename("fittedvalues")
+
+    @property
+    def resid(self):
+        """Residuals ``y - fittedvalues`` (a Dask Series, see :meth:`predict`)."""
+        parts = self._lazy_blocks(_resid_block, self._state())
+        return dd.from_delayed(parts, meta=pd.Series(dtype=float, name="resid"), verify_meta=False)
+
+    def simulate(self, n_reps: int = 1, seed=None, path=None):
+        """Responses drawn from the fitted model (:meth:`mlsml.MELSMResults.simulate`), block by block.
+
+        A Dask DataFrame with columns ``y0, y1, ...`` (one partition per block; each block draws
+        from its own stream, from ``seed`` and its first school), or written to Parquet at ``path``.
+        """
+        n_reps = int(n_reps)
+        if n_reps < 1:
+            raise ModelSpecError(f"n_reps must be a positive integer, not {n_reps!r}")
+        seed = 0 if seed is None else int(seed)
+        parts = self._lazy_blocks(_simulate_block, np.asarray(self.theta), n_reps, seed)
+        meta = pd.DataFrame({f"y{r}": pd.Series(dtype=float) for r in range(n_reps)})
+        frame = dd.from_delayed(parts, meta=meta, verify_meta=False)
+        if path is None:
+            return frame
+        frame.to_parquet(str(path))
+        return path
+
+    def bootstrap(self, n: int, seed=None, n_jobs: int | None = None, progress: bool = False) -> BootstrapResults:
+        """Parametric bootstrap on the cluster (:meth:`mlsml.MELSMResults.bootstrap`).
+
+        Every replicate draws its response on the workers, block by block
+        (:func:`mlsml.simulate.draw_responses` with the block's own stream from the replicate's
+        seed), and is refitted on the cluster with the fit's rule from the estimates: its
+        evaluations are Dask tasks over all blocks. ``n_jobs`` replicate fits run at once
+        (default 1; more keep the workers busy while the driver steps the optimiser).
+        """
+        n = int(n)
+        if n < 1:
+            raise ModelSpecError(f"n must be a positive integer, not {n!r}")
+        n_jobs = 1 if n_jobs is None else int(n_jobs)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
+        spec = self.rule
+        kwargs = dict(nagq=spec.nagq, quadrature=spec.option, method=self.method, prune=spec.prune, start_params=self.params)
+        t0 = time.perf_counter()
+
+        def one(i: int):
+            design = self._design.simulated(np.asarray(self.theta), seeds[i])
+            try:
+                r = type(self.model)(design, self.model.formula_spec).fit(**kwargs)
+                return i, r.params.to_numpy(), float(r.llf), bool(r.converged), bool(r.singular), None
+            except Exception as exc:  # a failed replicate is reported, not fatal
+                return i, None, np.nan, False, False, f"{type(exc).__name__}: {exc}"
+            finally:
+                design.blockset.close()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+                rows = list(pool.map(one, range(n)))
+        names = list(self.params.index)
+        est = np.full((n, len(names)), np.nan)
+        llf, conv, sing = np.full(n, np.nan), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        errors = {}
+        for i, p, ll, c, sg, err in rows:
+            if p is not None:
+                est[i] = p
+            llf[i], conv[i], sing[i] = ll, c, sg
+            if err is not None:
+                errors[i] = err
+        if not conv.all():
+            warn(f"{int(n - conv.sum())} of {n} bootstrap replicate fits did not converge and are left out", ConvergenceWarning)
+        return BootstrapResults(
+            params=self.params.copy(),
+            wald_bse=self.bse,
+            replicates=pd.DataFrame(est, columns=names, index=pd.RangeIndex(n, name="replicate")),
+            llf=llf,
+            converged=conv,
+            singular=sing,
+            errors=errors,
+            seed=seed,
+            elapsed=time.perf_counter() - t0,
+            n_jobs=n_jobs,
+        )
+
+    def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True):
+        """Not on a Dask cluster (standard errors of predictions need the rows on the driver)."""
+        raise DataError("get_prediction is not available for a fit on a Dask cluster; use predict (on the cluster)")
+
+    def corr_predictions(self, wbar, zbar, gbar, cov_t) -> tuple[float, float]:
+        r"""``corr_pred`` of :meth:`population_quantities` and its delta-method SE, from sums over blocks.
+
+        With :math:`S = (\sum m_j, \sum v_j, \sum m_j^2, \sum v_j^2, \sum m_j v_j)` over the
+        ``J`` schools,
+
+        .. math::
+
+            r = \frac{S_5 - S_1 S_2 / J}{\sqrt{(S_3 - S_1^2/J)(S_4 - S_2^2/J)}},
+
+        and its gradient in ``theta`` by the chain rule through the blocks' Jacobians of ``S``.
+        """
+        parts = self._on_blocks(_prediction_sums, self._state(), wbar, zbar, gbar)
+        S = np.sum([p[0] for p in parts], axis=0)
+        dS = np.sum([p[1] for p in parts], axis=0)
+        J = float(self.ngroups)
+
+        def corr(S):
+            return (S[4] - S[0] * S[1] / J) / anp.sqrt((S[2] - S[0] ** 2 / J) * (S[3] - S[1] ** 2 / J))
+
+        r = float(corr(S))
+        if cov_t is None:
+            return r, np.nan
+        g = dS.T @ autograd.grad(corr)(S)
+        return r, float(np.sqrt(max(g @ cov_t @ g, 0.0)))
+
+    def tail_schools(self) -> pd.DataFrame:
+        """The per-school table of :func:`mlsml.diagnostics.tail_check`, made block by block."""
+        return self._in_order(self._on_blocks(_tail_schools_block, self._state()))

@@ -1,0 +1,224 @@
+"""mlsml.distributed: the fit on a Dask cluster equals the in-memory fit.
+
+One 2-worker ``LocalCluster`` (processes) for the module; small data (a few hundred rows in
+three partitions). Each model is fitted in memory and on the cluster once (module-scoped
+fixtures) and compared: log-likelihood, estimates, standard errors and the school tables to
+1e-8. Also: schools split across input partitions (shuffled, or refused with the school's
+id), a Parquet input written in pieces, a categorical level present in one partition only,
+a worker killed mid-fit, an interrupted request, and ``keep="source"`` (nothing held by the
+workers). Skipped when the ``dask`` extra is not installed (CI installs it at both ends of the
+dependency range).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlsml
+from mlsml.errors import DataError, ModelSpecError
+
+distributed = pytest.importorskip("distributed")
+dd = pytest.importorskip("dask.dataframe")
+pytest.importorskip("pyarrow")
+
+from mlsml.distributed import DaskData, DistributedResults  # noqa: E402 - after the skips
+
+#: Agreement with the in-memory fit (relative; absolute for the llf it is this times |llf|).
+RTOL = 1e-8
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _data(seed: int = 3) -> pd.DataFrame:
+    """40 schools of 10-20 pupils (590 rows) with a random intercept, slope and scale; ``grp`` a
+    text factor whose level ``"rare"`` is in the last school only, ``girl`` a boolean."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(10, 21, 40)
+    cov = np.array([[0.10, 0.0, -0.03], [0.0, 0.04, 0.0], [-0.03, 0.0, 0.25]])
+    df = mlsml.simulate.simulate_data(sizes, cov=cov, random_slope=True, alpha=(-0.5, 0.2), seed=seed)
+    df["grp"] = rng.choice(["a", "b", "c"], len(df))
+    df.loc[df["school"] == df["school"].max(), "grp"] = "rare"
+    df["girl"] = rng.random(len(df)) < 0.5
+    df["y"] += 0.3 * (df["grp"] == "b") - 0.2 * df["girl"]
+    return df
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _data()
+
+
+MODELS = {
+    "model1": dict(formula="y ~ x", random_scale=False),
+    "model3": dict(formula="y ~ x", scale_formula="~ x"),
+    "model6": dict(formula="y ~ x + C(grp) + girl", scale_formula="~ x + C(grp) + girl"),
+    "slope": dict(formula="y ~ x", re_formula="~ x", scale_formula="~ x"),
+}
+
+
+def _fit(data, spec, **kw):
+    spec = dict(spec)
+    return mlsml.fit(spec.pop("formula"), data, groups="school", **spec, **kw)
+
+
+@pytest.fixture(scope="module")
+def pairs(client, data):
+    ddf = dd.from_pandas(data, npartitions=3, sort=False)  # schools in row order: none split
+    return {name: (_fit(data, spec), _fit(ddf, spec, client=client)) for name, spec in MODELS.items()}
+
+
+def _same_fit(a, b) -> None:
+    assert isinstance(b, DistributedResults) and b.converged == a.converged
+    assert abs(b.llf - a.llf) <= RTOL * abs(a.llf)
+    np.testing.assert_allclose(b.params, a.params, rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(b.bse, a.bse, rtol=RTOL, atol=1e-12)
+    assert (b.nobs, b.ngroups, b.singular) == (a.nobs, a.ngroups, a.singular)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dask_fit_equals_in_memory(pairs, name):
+    a, b = pairs[name]
+    _same_fit(a, b)
+    assert b.likelihood.design.info["partitions"] == 3
+
+
+@pytest.mark.parametrize("name", ["model3", "slope"])
+def test_school_tables_equal_in_memory(pairs, name):
+    a, b = pairs[name]
+    ra, rb = a.random_effects(), b.random_effects()
+    assert ra.index.equals(rb.index)
+    np.testing.assert_allclose(rb.to_numpy(float), ra.to_numpy(float), rtol=RTOL, atol=1e-12)
+    sa, sb = a.school_effects(), b.school_effects()
+    assert list(sa.columns) == list(sb.columns) and sa.index.equals(sb.index)
+    exact = [c for c in sa.columns if not c.endswith(("_rank_lo", "_rank_hi"))]
+    np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-12)
+    # rank intervals: from each block's own draws, the same distribution as in memory
+    for c in ("mean", "var"):
+        assert ((sb[f"{c}_rank_lo"] <= sb[f"{c}_rank"]) | (sb[f"{c}_rank_hi"] >= sb[f"{c}_rank"])).all()
+        assert sb[f"{c}_rank_lo"].between(1, b.ngroups).all() and (sb[f"{c}_rank_hi"] >= sb[f"{c}_rank_lo"]).all()
+    np.testing.assert_allclose(b.population_quantities().to_numpy(), a.population_quantities().to_numpy(), rtol=1e-7, atol=1e-12)
+
+
+def test_predictions_are_dask_collections_equal_to_in_memory(pairs, tmp_path):
+    a, b = pairs["model3"]
+    pred = b.predict(kind="variance")
+    assert type(pred).__module__.startswith("dask")
+    np.testing.assert_allclose(pred.compute().sort_index(), a.predict(kind="variance").sort_index(), rtol=RTOL)
+    np.testing.assert_allclose(b.resid.compute().sort_index(), a.resid.sort_index(), rtol=RTOL, atol=1e-12)
+    path = b.predict(path=tmp_path / "pred")
+    back = pd.read_parquet(path)["mean"].sort_index()
+    np.testing.assert_allclose(back, a.fittedvalues.sort_index(), rtol=RTOL)
+    sims = b.simulate(2, seed=5).compute()
+    assert sims.shape == (a.nobs, 2) and np.isfinite(sims.to_numpy()).all()
+
+
+def test_summaries_and_checks(pairs):
+    a, b = pairs["model6"]
+    assert "Log-Likelihood" in b.summary().as_text()
+    text = str(b.summary(style="mixwild"))
+    assert "Descriptives" in text and "C(grp)[T.rare]" in text
+    assert b.residual_tails(n_sim=99, seed=1).statistic == pytest.approx(a.residual_tails(n_sim=99, seed=1).statistic, rel=RTOL)
+    with pytest.raises(DataError, match="stay on the workers"):
+        b.model.design.order  # noqa: B018 - the rows are not on the driver
+    m1 = pairs["model1"]
+    assert mlsml.lrtest(m1[1], b).statistic == pytest.approx(mlsml.lrtest(m1[0], a).statistic, rel=1e-7)
+    assert mlsml.load(b.to_json()).params.equals(b.params)
+
+
+def test_a_split_school_is_refused_by_id(client, data):
+    shuffled = data.sample(frac=1.0, random_state=1)  # every school in every partition
+    ddf = dd.from_pandas(shuffled, npartitions=3, sort=False)
+    with pytest.raises(DataError, match=r"school \d+ of 'school' has rows in partitions 0 and 1"):
+        mlsml.fit("y ~ x", DaskData(ddf, split_schools="raise"), groups="school", client=client)
+
+
+def test_parquet_in_pieces_with_split_schools_and_a_level_in_one_file_only(client, data, pairs, tmp_path):
+    # three files of consecutive rows; one school crosses each file boundary (the default
+    # split_schools="shuffle" moves it into one partition), and the level "rare" of grp is in
+    # the last file only
+    cuts = np.linspace(0, len(data), 4).astype(int) + np.array([0, 5, -5, 0])
+    pieces = [data.iloc[cuts[i] : cuts[i + 1]] for i in range(3)]
+    assert set(pieces[0]["school"]) & set(pieces[1]["school"]) and set(pieces[1]["school"]) & set(pieces[2]["school"])
+    for i, piece in enumerate(pieces):
+        piece.to_parquet(tmp_path / f"part{i}.parquet")
+    b = _fit(str(tmp_path / "part*.parquet"), MODELS["model6"], client=client)
+    _same_fit(pairs["model6"][0], b)
+    assert "mean:C(grp)[T.rare]" in b.params.index
+
+
+def test_keep_source_reads_the_partitions_again(client, data, pairs):
+    ddf = dd.from_pandas(data, npartitions=2, sort=False)
+    b = _fit(DaskData(ddf, keep="source"), MODELS["model1"], client=client)
+    _same_fit(pairs["model1"][0], b)
+
+
+def test_a_killed_worker_costs_a_retry_not_the_fit(client, data, pairs):
+    ddf = dd.from_pandas(data, npartitions=3, sort=False)
+    killed = []
+
+    def kill_one(k, theta, llf):
+        if not killed:  # after the first pass: the blocks of one worker are lost
+            pid = next(iter(client.run(os.getpid).values()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = _fit(ddf, MODELS["model3"], client=client, callback=kill_one)
+    assert killed
+    _same_fit(pairs["model3"][0], b)
+    client.wait_for_workers(2, timeout=60)
+
+
+def _sleep(block, design, lik, seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_an_interrupt_leaves_no_work_on_the_cluster(client, pairs):
+    design = pairs["model1"][1].likelihood.design
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):  # at 0.5 s, long before the tasks would end
+        design.run("call", extra=(_sleep, (6.0,)))
+    assert time.perf_counter() - t0 < 5
+    deadline = time.perf_counter() + 10
+    while any(client.processing().values()) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    assert not any(client.processing().values())
+
+
+def test_refused_models_name_what_is_refused(client, data):
+    ddf = dd.from_pandas(data, npartitions=2, sort=False)
+    with pytest.raises(ModelSpecError, match="center"):
+        mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
+    with pytest.raises(ModelSpecError, match="scale_re_formula"):
+        mlsml.fit("y ~ x", ddf, groups="school", scale_re_formula="~ x", client=client)
+    with pytest.raises(ModelSpecError, match="weights, association are not supported"):
+        mlsml.fit("y ~ x", ddf, groups="school", weights="x", association="none", client=client)
+    with pytest.raises(ModelSpecError, match="missing_code, drop_constant_groups are not supported"):
+        mlsml.fit("y ~ x", ddf, groups="school", missing_code=-999, drop_constant_groups=True, client=client)
+
+
+def test_bootstrap_refits_simulated_blocks_on_the_cluster(pairs):
+    b = pairs["model1"][1]
+    boot = b.bootstrap(2, seed=1)
+    assert boot.n_converged == 2
+    reps = boot.replicates.to_numpy()
+    assert np.isfinite(reps).all() and not np.allclose(reps, b.params.to_numpy()[None, :])
