@@ -739,6 +739,13 @@ def centred_sums(design: Design, beta: np.ndarray, alpha: np.ndarray, s: Sums) -
     return Centred(u_ref, np.add.reduceat(ce * e, st), np.add.reduceat(ce[:, None] * design.Z, st, axis=0))
 
 
+def _prior_times(P: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``P_j b_j`` for every school (``P`` of shape (J, d, d), possibly a broadcast (d, d))."""
+    if P.strides[0] == 0:  # one P for all schools (np.broadcast_to)
+        return b @ P[0].T
+    return np.einsum("jde,je->jd", P, b)
+
+
 def _quad_prior(b: np.ndarray, P: np.ndarray) -> np.ndarray:
     if P.ndim == 2:
         return np.einsum("jd,de,je->j", b, P, b)
@@ -875,7 +882,9 @@ class ObsModeProblem:
 
     Fisher scoring replaces ``t_i`` by 1 and drops the cross term. With level-1 weights
     ``w_i`` every sum over observations is weighted (``E_i`` and the ``-lv_i/2`` term
-    times ``w_i``).
+    times ``w_i``). The school sums of all of them are taken by one ``reduceat`` over a
+    row-by-feature array (the data's ``z, g, z z', g g', z g'`` formed once per problem,
+    times one of four row weights).
     """
 
     def __init__(self, P, eta, r, Z, G, q, group, starts, weights=None):
@@ -885,19 +894,30 @@ class ObsModeProblem:
         self.P, self.eta, self.r, self.Z, self.G, self.q = P, eta, r, Z, G, q
         self.group, self.starts = group, starts
         self.w = np.ones_like(r) if weights is None else weights
-        self.d = q + G.shape[1]
+        self._counts = np.diff(np.append(starts, group.shape[0]))
+        nv = G.shape[1]
+        self.d = q + nv
+        N = Z.shape[0]
+        # the data of the school sums in derivs(): z, g, z z', g g', z g' (rows x features) and
+        # which row weight multiplies each feature (0: E e, 1: (t - 1)/2, 2: E, 3: t/2)
+        self._features = np.concatenate(
+            [Z, G, (Z[:, :, None] * Z[:, None, :]).reshape(N, q * q), (G[:, :, None] * G[:, None, :]).reshape(N, nv * nv)]
+            + [(Z[:, :, None] * G[:, None, :]).reshape(N, q * nv)],
+            axis=1,
+        )
+        self._weight_of = np.repeat([0, 1, 2, 3, 0], [q, nv, q * q, nv * nv, q * nv])
 
     def _parts(self, b):
-        bg = b[self.group]
-        q = self.q
-        e = self.r - np.einsum("nq,nq->n", self.Z, bg[:, :q])
-        lv = self.eta + np.einsum("nv,nv->n", self.G, bg[:, q:])
+        bg = np.repeat(b, self._counts, axis=0)  # rows are sorted by school: b[group], faster
+        q, Z, G = self.q, self.Z, self.G
+        e = self.r - sum(Z[:, a] * bg[:, a] for a in range(q)) if q else self.r
+        lv = self.eta + sum(G[:, t] * bg[:, q + t] for t in range(G.shape[1]))
         return e, lv, np.exp(-lv)
 
     def f(self, b: np.ndarray) -> np.ndarray:
         e, lv, E = self._parts(b)
         ll = np.add.reduceat(-0.5 * self.w * (lv + E * e**2), self.starts)
-        return ll - 0.5 * _quad_prior(b, self.P)
+        return ll - 0.5 * np.sum(_prior_times(self.P, b) * b, axis=1)
 
     def magnitude(self, b: np.ndarray) -> np.ndarray:
         """The sum of the absolute values of the terms of :meth:`f` (its rounding scale)."""
@@ -906,23 +926,27 @@ class ObsModeProblem:
 
     def derivs(self, b: np.ndarray, fisher: bool = False):
         e, lv, E = self._parts(b)
+        q, nv, J = self.q, self.G.shape[1], self.J
         E = E * self.w  # weighted rows (E enters every term; the 1 of t - 1 is weighted below)
-        q = self.q
-        t = E * e**2
-        Z, G = self.Z, self.G
-        gu = (E * e)[:, None] * Z
-        gv = (0.5 * (t - self.w))[:, None] * G
+        Ee = E * e
+        t = Ee * e
+        weights = np.stack([Ee, 0.5 * (t - self.w), E, 0.5 * self.w if fisher else 0.5 * t], axis=1)
+        ncol = self._features.shape[1] - (q * nv if fisher else 0)  # Fisher scoring: no u-v cross term
+        sums = np.add.reduceat(weights[:, self._weight_of[:ncol]] * self._features[:, :ncol], self.starts)
         P = self.P
-        g = np.add.reduceat(np.concatenate([gu, gv], axis=1), self.starts) - np.einsum("jde,je->jd", P, b)
+        d = self.d
+        g = sums[:, :d] - _prior_times(P, b)
         H = -np.array(P)
+        o = d
         if q:
-            H[:, :q, :q] -= np.add.reduceat(E[:, None, None] * Z[:, :, None] * Z[:, None, :], self.starts)
-        wv = self.w if fisher else t
-        H[:, q:, q:] -= 0.5 * np.add.reduceat(wv[:, None, None] * G[:, :, None] * G[:, None, :], self.starts)
+            H[:, :q, :q] -= sums[:, o : o + q * q].reshape(J, q, q)
+        o += q * q
+        H[:, q:, q:] -= sums[:, o : o + nv * nv].reshape(J, nv, nv)
+        o += nv * nv
         if not fisher and q:
-            Huv = -np.add.reduceat((E * e)[:, None, None] * Z[:, :, None] * G[:, None, :], self.starts)
-            H[:, :q, q:] += Huv
-            H[:, q:, :q] += np.swapaxes(Huv, 1, 2)
+            Huv = sums[:, o : o + q * nv].reshape(J, q, nv)
+            H[:, :q, q:] -= Huv
+            H[:, q:, :q] -= np.swapaxes(Huv, 1, 2)
         return g, H
 
 

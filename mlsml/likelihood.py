@@ -36,6 +36,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 
+from . import node_sums
 from .derivatives import GivenSums, autograd_reduced, closed_form_gradient, closed_form_reduced, node_derivatives, sums_hessian
 from .design import Design
 from .integrand import Integrand, SchoolSums, make_integrand
@@ -160,9 +161,15 @@ class Likelihood:
         return np.asarray(self._per_school(theta, nodes))
 
     def value(self, theta) -> float:
-        """The adapted log-likelihood at ``theta`` (nodes adapted at ``theta``)."""
+        """The adapted log-likelihood at ``theta`` (nodes adapted at ``theta``; the arithmetic of
+        :meth:`value_and_grad`, so a fit's ``llf`` is this value at its estimates)."""
         theta = np.asarray(theta, dtype=float)
-        return float(self.at_nodes(theta, self.adapt(theta)))
+        nodes = self.adapt(theta)
+        if node_sums.applies(self.integrand, self.spec.uexact):
+            ns = node_sums.NodeSums.build(self.integrand, theta, nodes, self.nagq)
+            if ns is not None:
+                return ns.value
+        return float(self.at_nodes(theta, nodes))
 
     @property
     def closed_form(self) -> bool:
@@ -192,7 +199,8 @@ class Likelihood:
         (:func:`mlsml.derivatives.closed_form_gradient`: 3 instead of 5 ms on London Model 3),
         elsewhere autograd's (for the product rule the closed form costs ``n_directions x J x K``
         and was slower: 0.19 against 0.08 s on London Model 4 with 9^3 nodes); the value is
-        the same arithmetic as :meth:`at_nodes`.
+        the same arithmetic as :meth:`at_nodes`. With ``scale_re_formula`` under the u-exact rule
+        in closed form through per-node sums (:mod:`mlsml.node_sums`; the same value up to rounding).
         """
         theta = np.asarray(theta, dtype=float)
         if self.closed_form and self.spec.uexact:
@@ -200,6 +208,10 @@ class Likelihood:
             return value, closed_form_gradient(self.integrand, theta, nd, weights)
         if nodes is None:
             nodes = self.adapt(theta)
+        if node_sums.applies(self.integrand, self.spec.uexact):  # scale_re_formula: per-node sums
+            out = node_sums.value_and_grad(self.integrand, theta, nodes, self.nagq)
+            if out is not None:
+                return out
         v, g = autograd.value_and_grad(self.at_nodes)(theta, nodes)
         return v, g
 
@@ -209,8 +221,9 @@ class Likelihood:
         For the per-school-sums integrand by the chain rule through the sums
         (:func:`mlsml.derivatives.sums_hessian`), with the derivatives of the likelihood in
         the sums in closed form where :attr:`closed_form`, else from autograd with the sums as
-        inputs (7 instead of 43 reverse passes on London Model 6); otherwise autograd's
-        Hessian. All agree to rounding.
+        inputs (7 instead of 43 reverse passes on London Model 6); with ``scale_re_formula``
+        under the u-exact rule in closed form through per-node sums (:mod:`mlsml.node_sums`);
+        otherwise autograd's Hessian. All agree to rounding.
         """
         theta = np.asarray(theta, dtype=float)
         if self.closed_form:
@@ -224,14 +237,18 @@ class Likelihood:
                 return _weighted_sum(self.design, _per_school(integrand, self.spec, th, nodes))
 
             return sums_hessian(self.integrand, theta, autograd_reduced(self.integrand, theta, log_lik))
+        if node_sums.applies(self.integrand, self.spec.uexact):
+            H = node_sums.hessian(self.integrand, theta, nodes, self.nagq)
+            if H is not None:
+                return H
         return np.asarray(autograd.hessian(self.at_nodes)(theta, nodes))
 
     def start_hessian(self, theta) -> np.ndarray:
         """The Hessian that seeds the quasi-Newton optimiser (:func:`mlsml.optimize.maximize`).
 
         :meth:`hessian` of this rule, except for the per-observation integrand
-        (``scale_re_formula``) with more than one scale effect, where autograd's Hessian costs
-        about ten gradients per parameter pass over ``N x K`` arrays: there it is taken under
+        (``scale_re_formula``) with more than one scale effect, whose Hessian costs
+        ``O(J K n_params^2)`` at the nodes (:mod:`mlsml.node_sums`): there it is taken under
         the same kind of rule with :data:`START_HESSIAN_NAGQ` points per dimension (``7^2``
         instead of ``15^2`` nodes). It only preconditions BFGS, whose steps use the exact
         gradient of the fit's own rule; the Hessian of the results is always the fit's rule.

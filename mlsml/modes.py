@@ -126,19 +126,24 @@ def posterior_modes(problem, q: int, tol: float = MODE_TOL, maxiter: int = MODE_
         b[:, :q] = solve(-H[:, :q, :q], g[:, :q])
     f = problem.f(b)
     stalled = np.zeros(J, dtype=bool)
+    negH = None
     for _ in range(maxiter):
         g, negH = _neg_hessian(problem, b)
         step = solve(negH, g)
         dec = np.einsum("jd,jd->j", g, step)  # Newton decrement (squared)
         active = (dec > tol) & ~stalled
         if not active.any():
-            break
-        floor = MODE_NOISE_RTOL * problem.magnitude(b)
+            break  # negH is the curvature at the final b
+        floor = None  # the rounding scale, computed once a step fails the ascent test
         t = np.ones(J)
         for _half in range(MAX_HALVINGS):
             bn = b + t[:, None] * step
             fn = problem.f(bn)
             ok = (fn >= f - ASCENT_RTOL * np.abs(f)) | ~active
+            if ok.all():
+                break
+            if floor is None:
+                floor = MODE_NOISE_RTOL * problem.magnitude(b)
             lost = ~ok & (t * dec <= floor)  # the rise left to see is below rounding: stalled
             if (ok | lost).all():
                 break
@@ -147,5 +152,7 @@ def posterior_modes(problem, q: int, tol: float = MODE_TOL, maxiter: int = MODE_
         stalled |= active & (~ok | (fn <= f))
         b[upd] = bn[upd]
         f[upd] = fn[upd]
-    _, negH = _neg_hessian(problem, b)
+        negH = None
+    if negH is None:
+        _, negH = _neg_hessian(problem, b)
     return b, negH

@@ -306,12 +306,25 @@ def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule, start: int =
     chol = np.linalg.cholesky(cov)
     log_det = np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
     if start == 0:
-        b = mode[:, None, :] + np.einsum("jde,ke->jkd", chol, rule.points)
+        b = mode[:, None, :] + _rotate(chol, rule.points)
     else:
         J, K = mode.shape[0], rule.size
         b = np.zeros((J, K, mode.shape[1]))
-        b[:, :, start:] = mode[:, None, start:] + np.einsum("jde,ke->jkd", chol, rule.points)
+        b[:, :, start:] = mode[:, None, start:] + _rotate(chol, rule.points)
     return Nodes(b=b, logw=rule.logw, log_det=log_det, mode=mode, chol=chol, neg_hess=neg_hess, start=start)
+
+
+def _rotate(chol: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``C_j z_k`` for all schools and nodes, shape ``(J, K, d)``.
+
+    Up to two dimensions as the explicit sum over ``e`` (the same numbers as ``einsum``'s, which
+    sums in that order, in 0.4 of its time: 4 instead of 9 ms for 500 schools and 15 x 15 nodes,
+    at every node adaptation of a ``scale_re_formula`` fit); beyond, ``einsum``.
+    """
+    d = points.shape[1]
+    if d > 2:
+        return np.einsum("jde,ke->jkd", chol, points)
+    return sum(chol[:, None, :, e] * points[None, :, None, e] for e in range(d))
 
 
 #: Kinds of rule: the product rule over all school effects, or the mean effects

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import mlsml
-from mlsml.integrand import PerObservation, SchoolSums
+from mlsml.integrand import SchoolSums
 from mlsml.params import ParamLayout
-from mlsml.quadrature import QuadratureSpec
 
 #: ``|H - H_autograd| <= RTOL * max |H_autograd|`` (the same for the gradient): the two
 #: differ by rounding only (about 1e-14 here); a wrong term is of the order of the whole.
@@ -101,14 +100,6 @@ def test_derivatives_next_to_the_boundary(seed_sim, kw):
     theta, ratio = _inside(res, 1e-2)
     assert ratio < 1e-3
     _check(res.likelihood, theta)
-
-
-def test_per_observation_integrand_keeps_autograd(exam):
-    """scale_re_formula: the data do not enter through per-school sums; the Hessian is autograd's."""
-    model = mlsml.MELSM.from_formula("normexam ~ standLRT", exam.iloc[:800], groups="school", scale_re_formula="~ standLRT")
-    lik = mlsml.likelihood.Likelihood.build(model.design, QuadratureSpec("uexact", 5))
-    assert isinstance(lik.integrand, PerObservation)
-    _check(lik, mlsml.start.start_values(lik.integrand) + 0.05)
 
 
 @pytest.mark.parametrize(
