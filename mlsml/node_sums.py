@@ -91,8 +91,10 @@ from .quadrature import Nodes, gauss_hermite_rule
 
 def applies(integrand, uexact: bool) -> bool:
     """Whether this module evaluates the likelihood: ``scale_re_formula`` under the u-exact rule,
-    without a between-school variance model."""
-    return isinstance(integrand, PerObservation) and uexact and not integrand.layout.bs_terms
+    without a between-school variance model or a quadratic association (level-1 weights, a
+    variance offset and covariance constraints are handled)."""
+    lay = integrand.layout
+    return type(integrand) is PerObservation and uexact and not lay.bs_terms and not lay.quad_assoc
 
 
 def _size_groups(counts: np.ndarray, starts: np.ndarray, width: int) -> list[tuple[object, object, int]]:
@@ -152,7 +154,10 @@ def node_factors(design, eta: np.ndarray, nodes: Nodes, nagq: int) -> Factors | 
     outer = base[:, None]
     for d in range(nv - 1):  # lexicographic in the first nv - 1 coordinates, as the rule
         outer = (outer[:, :, None] + gamma[:, d, None, None] * x[None, None, :]).reshape(len(base), -1)
-    return Factors(np.exp(-outer), np.exp(-gamma[:, nv - 1, None] * x[None, :]))
+    Phi = np.exp(-outer)
+    if design.weights is not None:  # level-1 weights multiply every observation's term
+        Phi *= design.weights[:, None]
+    return Factors(Phi, np.exp(-gamma[:, nv - 1, None] * x[None, :]))
 
 
 class NodeSums:
@@ -174,7 +179,7 @@ class NodeSums:
         """A :class:`NodeSums`, or ``None`` when the nodes are not the product rule of ``nagq`` points."""
         lay = integrand.layout
         alpha = np.asarray(theta, dtype=float)[lay.p : lay.p + lay.k]
-        factors = node_factors(integrand.design, integrand.design.W @ alpha, nodes, nagq)
+        factors = node_factors(integrand.design, np.asarray(integrand.design.log_variance_index(alpha)), nodes, nagq)
         return None if factors is None else cls(integrand, theta, nodes, factors)
 
     def __init__(self, integrand: PerObservation, theta: np.ndarray, nodes: Nodes, factors: Factors):
@@ -190,7 +195,8 @@ class NodeSums:
         self.L = L
         G, Z = design.G, design.Z
         st, ct = design.starts, design.counts
-        self.eta = design.W @ alpha
+        self.eta = np.asarray(design.log_variance_index(alpha))  # w'alpha (+ a variance offset)
+        self.wt = design.weights  # level-1 weights or None
         self.r = design.y - design.X @ beta
         v = np.asarray(nodes.v, dtype=float)
         self.v = v
@@ -205,9 +211,10 @@ class NodeSums:
         self.m = m
         S = self._node_sums(self.C)  # (J, K, m)
         self.S = S
-        n = ct.astype(float)
-        gsum = np.add.reduceat(G, st, axis=0)
-        lam = np.add.reduceat(self.eta, st)[:, None] + sum(v[:, :, t] * gsum[:, t, None] for t in range(nv))
+        wt = np.ones(design.nobs) if self.wt is None else self.wt
+        n = np.add.reduceat(wt, st) if self.wt is not None else ct.astype(float)
+        gsum = np.add.reduceat(G * wt[:, None], st, axis=0)
+        lam = np.add.reduceat(self.eta * wt, st)[:, None] + sum(v[:, :, t] * gsum[:, t, None] for t in range(nv))
         # the prior, as log_h_uexact computes it
         Linv = np.linalg.inv(L)
         P = Linv.T @ Linv
@@ -239,8 +246,13 @@ class NodeSums:
         top = a.max(axis=1, keepdims=True)
         ea = np.exp(a - top)
         total = ea.sum(axis=1)
-        self.value = float(np.sum(nodes.log_det + top[:, 0] + np.log(total)))
+        # level-2 weights W_j: the log-likelihood is sum_j W_j log L_j, so every school's
+        # derivatives are multiplied by W_j (pw: the node weights times W_j)
+        W2 = design.group_weights
+        self.W2 = np.ones(J) if W2 is None else np.asarray(W2, dtype=float)
+        self.value = float(np.sum(self.W2 * (nodes.log_det + top[:, 0] + np.log(total))))
         self.p = ea / total[:, None]
+        self.pw = self.p * self.W2[:, None]
 
     # ------------------------------------------------------------ pieces
     def _node_sums(self, coef: np.ndarray) -> np.ndarray:
@@ -288,7 +300,7 @@ class NodeSums:
     def _psi_parts(self):
         """``(dM, dc, dl)`` of the log-Cholesky directions and ``d^2 P`` (module docstring)."""
         q = self.q
-        Linv, _, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(self.L)
+        Linv, _, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(self.L, self.lay.free_chol)
         dP = np.swapaxes(dLinv, 1, 2) @ Linv + Linv.T @ dLinv
         v = self.v
         npsi, nv = dP.shape[0], self.nv
@@ -321,19 +333,21 @@ class NodeSums:
         """The gradient in ``theta`` with the nodes held fixed."""
         design, lay = self.design, self.lay
         p, k = lay.p, lay.k
-        U = self._row_weights(self.p[:, :, None] * self._grad_T())
+        U = self._row_weights(self.pw[:, :, None] * self._grad_T())
         grad = np.empty(self.theta.size)
         grad[:p] = design.X.T @ np.einsum("nt,nt->n", U, self._D())
-        grad[p : p + k] = -(design.W.T @ np.einsum("nt,nt->n", U, self.C)) - 0.5 * design.W.sum(axis=0)
+        row_w = np.repeat(self.W2, design.counts) * (1.0 if self.wt is None else self.wt)
+        wsum = design.W.T @ row_w
+        grad[p : p + k] = -(design.W.T @ np.einsum("nt,nt->n", U, self.C)) - 0.5 * wsum
         # by the chain rule through the entries of P: d/dpsi = (sum_jk p dg/dP) . dP - J dlog|Sigma| / 2
-        Linv, _, dLinv, _, dlogdet = _inverse_chol_derivatives(self.L)
+        Linv, _, dLinv, _, dlogdet = _inverse_chol_derivatives(self.L, self.lay.free_chol)
         dP = np.swapaxes(dLinv, 1, 2) @ Linv + Linv.T @ dLinv
-        grad[p + k :] = np.einsum("xy,nxy->n", self._mean_dg_dP(), dP) - 0.5 * self.p.shape[0] * dlogdet
+        grad[p + k :] = np.einsum("xy,nxy->n", self._mean_dg_dP(), dP) - 0.5 * self.W2.sum() * dlogdet
         return grad
 
     def _mean_dg_dP(self) -> np.ndarray:
         """``sum_jk p_jk dg_jk / dP`` (the entries of ``P`` as the likelihood uses them), shape ``(d, d)``."""
-        q, w, v = self.q, self.p, self.v
+        q, w, v = self.q, self.pw, self.v
         out = np.zeros(self.L.shape)
         if q:
             out[:q, :q] = np.tensordot(w, self.Gm, axes=([0, 1], [0, 1]))
@@ -359,17 +373,17 @@ class NodeSums:
         r"""The Hessian in ``theta`` with the nodes held fixed.
 
         Every parameter is a direction moving ``M``, ``c`` and the linear terms at every node
-        (``lambda`` through the sums, ``f J``; ``psi`` through ``P``), so with the features
-        ``phi_a = (g_a, e_a, A_a / \sqrt 2)`` and ``phi'_b = (g_b, M^{-1}e_b, A_b' / \sqrt 2)``,
-        ``A_a = M^{-1} dM_a``, the weighted second moments ``sum_jk p_jk (h_ab + g_a g_b)`` are one
-        matrix product ``sum_jk p_jk <phi_a, phi'_b>``; then the school means are removed and the
+        (``lambda`` through the sums, ``J_jk``; ``psi`` through ``P``), so with the features
+        ``phi_a = (g_a, e_a, A_a)`` and ``phi'_b = (g_b, M^{-1}e_b, A_b'/2)``, ``A_a = M^{-1} dM_a``,
+        the weighted second moments ``sum_jk p_jk (h_ab + g_a g_b)`` are one matrix product per
+        feature, ``sum_jk p_jk <phi_a, phi'_b>``; then the school means are removed and the
         second derivatives of the sums (row weights) and of ``P`` added (module docstring).
         """
         design, lay = self.design, self.lay
         X, W = design.X, design.W
         p, k, q = lay.p, lay.k, self.q
         nl = p + k
-        w = self.p
+        w = self.pw
         J, K = w.shape
         dM_psi, dc_psi, dl_psi, d2P = self._psi_parts()
         npsi = dl_psi.shape[0]
@@ -389,8 +403,8 @@ class NodeSums:
             features = [g] + [e[..., x] for x in range(q)] + [A[..., x, y] for x in range(q) for y in range(q)]
             dual = [g] + [Me[..., x] for x in range(q)] + [0.5 * A[..., y, x] for x in range(q) for y in range(q)]
         n = nl + npsi
-        gbar = np.sum(g * w, axis=2)  # (n, J)
-        H = -gbar @ gbar.T
+        gbar = np.sum(g * self.p, axis=2)  # (n, J)
+        H = -(gbar * self.W2) @ gbar.T
         for phi_s, dual_s in zip(features, dual):  # sum_jk p_jk <phi_a, phi'_b>, feature by feature
             H += phi_s.reshape(n, -1) @ (dual_s * w).reshape(n, -1).T
         # second derivatives of the sums: row weights U_t (module docstring)

@@ -32,7 +32,11 @@ def data() -> pd.DataFrame:
     u, v0, v1 = 0.5 * rng.standard_normal(J), 0.3 * rng.standard_normal(J), 0.2 * rng.standard_normal(J)
     lv = -0.5 + 0.2 * x + v0[school] + v1[school] * x
     y = 1 + 0.5 * x + u[school] + np.exp(0.5 * lv) * rng.standard_normal(N)
-    return pd.DataFrame({"y": y, "x": x + 3.0, "z": z, "school": school})  # x off-centre on purpose
+    frame = pd.DataFrame({"y": y, "x": x + 3.0, "z": z, "school": school})  # x off-centre on purpose
+    frame["w1"] = rng.uniform(0.5, 2.0, N)  # level-1 weights
+    frame["w2"] = rng.uniform(0.5, 2.0, J)[school]  # level-2 weights
+    frame["off"] = 0.3 * rng.standard_normal(N)  # a variance offset
+    return frame
 
 
 MODELS = {
@@ -42,6 +46,8 @@ MODELS = {
     "slope only, no scale intercept": dict(scale_re_formula="~ 0 + x"),
     "three scale effects": dict(scale_re_formula="~ x + z"),
     "two slopes, no scale intercept": dict(scale_re_formula="~ 0 + x + z"),
+    "weights at both levels": dict(scale_re_formula="~ x", weights="w1", group_weights="w2"),
+    "variance offset, no u-v covariances": dict(scale_re_formula="~ x", scale_offset="off", association="none"),
 }
 
 
