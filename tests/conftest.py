@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, settings
 
+from validation import fuzz
+
 HERE = Path(__file__).parent
 DATA = HERE / "data"
 REF = DATA / "reference"
@@ -126,3 +128,15 @@ def scale_slope_data(J: int = 40, n: int = 12, seed: int = 3, sigma: np.ndarray 
     lv = -0.8 + 0.1 * x + b[g, 1] + b[g, 2] * x
     y = 0.2 + 0.5 * x + b[g, 0] + rng.normal(size=J * n) * np.exp(lv / 2)
     return pd.DataFrame({"y": y, "x": x, "school": g})
+
+
+def stored_fuzz_case(case_seed: int):
+    """``(row, data)`` of a case stored for issue 12's fuzz criterion (tests/data/fuzz_maximum).
+
+    ``row["spec"]`` holds the ``mlsml.fit`` keywords and ``row["reference"]`` the
+    independent maximum every route found when the case was stored.
+    """
+    for row, data in fuzz.read_store(Path(__file__).parent / "data" / "fuzz_maximum"):
+        if int(row["case_seed"]) == case_seed:
+            return row, data
+    raise KeyError(f"fuzz case {case_seed} is not in tests/data/fuzz_maximum")

@@ -7,7 +7,7 @@ import warnings
 import autograd
 import numpy as np
 import pytest
-from conftest import zero_u0_data
+from conftest import stored_fuzz_case, zero_u0_data
 
 import mlsml
 from mlsml import boundary
@@ -178,3 +178,18 @@ def test_a_face_does_not_win_by_the_product_rules_error():
         res = mlsml.fit(data=case.data, **case.spec)
     assert res.converged, res.message
     assert not any("NOT the maximum" in r for r in res.singular_reasons())
+
+
+def test_an_interior_fit_near_the_boundary_is_compared_with_the_faces():
+    """Issue 12 fuzz case 4623287202221590537 (4 schools, true var(u0) = 0): the fit stopped at an
+    interior maximum (corr(u0,v) = -0.18), reported converged, 0.285 below a maximum at
+    |corr| near 1 that the probes (which move the fit itself) could not see. Sigma is
+    weakly determined there, so the faces are searched and the fit moves to the higher one."""
+    row, data = stored_fuzz_case(4623287202221590537)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit(data=data, **row["spec"])
+    lay, opt = res.model.layout, res.optsum
+    assert boundary.weakly_determined(lay, opt.theta_std, opt.hessian_std)
+    assert res.diagnostics.faces
+    assert res.llf == pytest.approx(row["reference"], abs=fuzz.BELOW_MAX_TOL)

@@ -13,31 +13,35 @@ Two kinds of test:
   exact; the reference finds the maximum of the issue's own reproducer
   (``x + 1e6``), which the fit on main misses by about 1,684 units; the classes are
   assigned as documented.
-* **The criterion** (:func:`test_no_fit_below_the_independent_maximum`): SKIPPED BY
-  DEFAULT, because main still fails it (the baseline run finds converged fits
-  hundreds of units below the maximum). Switch it on with ``MLSML_FUZZ_MAXIMUM=1``::
-
-      MLSML_FUZZ_MAXIMUM=1 pytest tests/test_fuzz_maximum.py
-
-  Once issue 12's fixes land, turn the default on (set ``RUN_CRITERION`` to True)
-  so CI keeps the cases. It draws ``MLSML_FUZZ_MAX_CASES`` cases (default 200;
-  ``MLSML_FUZZ_MAX_SEED`` moves the sequence) from the CI distribution: the run's
-  generator with at most ``CI_MAX_ROWS`` rows per case, no ``scale_re_formula``
-  (the slow path, issue 12's performance cliff, stays in the full run), and the
-  quick routes (standardized BFGS fit and the trust-exact polish from the fit's
-  estimates). RUNTIME: re-timed after issue 12's fixes (2026-11-28, 40 CI cases at 60
-  rows, loaded 2-core machine): CPU 5.1 s per case on average (median 1.9 s; the slowest
-  are boundary fits, whose face search refits on every face, and fallbacks), i.e. about
-  17 CPU-minutes for 200 cases -- still far from a budget the suite can carry, so the
-  criterion stays switched off by default and the 200 cases are not yet in CI (docs/failures.md).
-  It asserts: no ``below_max``, ``bad_llf``, ``error_uncaught`` or
-  ``over_time_cap`` case (documented refusals and flagged non-convergence are
-  allowed, but not more than half the cases, so the test cannot pass by refusing).
+* **The criterion** (:func:`test_no_stored_case_below_its_independent_maximum`, in CI as
+  its own step, ``python3 -m pytest -q -m fuzz_criterion``, after the README's test
+  command, whose ten minutes it would more than fill: about 4 CPU-minutes): the cases
+  stored in ``tests/data/fuzz_maximum/`` (:func:`validation.fuzz.write_store`: 200 cases
+  of the CI distribution -- the full run's generator with at most ``max_rows = 60``
+  rows, no ``scale_re_formula`` -- and the full run's cases that failed before a fix, at
+  their own size) carry their data and the independent maximum that every route of
+  :func:`validation.fuzz.reference_routes` found when they were stored. The test fits
+  each stored data set with the defaults and asserts what the issue asks: no converged
+  fit more than ``BELOW_MAX_TOL`` below the stored maximum, no non-finite or impossible
+  llf (more than ``IMPOSSIBLE_GAP`` above the maximum), no uncaught error, no fit over
+  ``CI_CASE_SECONDS`` of CPU; flagged non-convergence and documented refusals are
+  allowed, but not for more than a quarter of the cases. The routes run once, when the
+  store is written (``python -m validation.fuzz --store tests/data/fuzz_maximum --cases
+  200 --seed 20261128 --max-rows 60 --regression SEEDS``); the suite pays for the fits
+  only. Data are stored, not regenerated, so the cases do not depend on a numpy
+  version's random streams.
+* **The live criterion** (:func:`test_no_fit_below_the_independent_maximum`): new cases
+  with the quick routes computed in the test, SKIPPED unless ``MLSML_FUZZ_MAXIMUM=1``
+  (about 5 CPU-s per case); ``MLSML_FUZZ_MAX_CASES`` and ``MLSML_FUZZ_MAX_SEED`` choose the
+  cases.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,8 +50,23 @@ import pytest
 import mlsml
 from validation import fuzz
 
-#: Whether the criterion runs without the environment variable: False until issue 12's fixes land.
+#: Whether the live criterion runs without the environment variable (the stored one always runs).
 RUN_CRITERION = False
+
+#: The stored cases of the CI criterion (validation.fuzz.write_store).
+STORE = Path(__file__).parent / "data" / "fuzz_maximum"
+
+#: Stored cases the fit still misses (issue 12 is open; docs/failures.md, "The 200 cases in
+#: CI"), by case seed. The criterion fails on any OTHER failing case, so CI catches every new
+#: miss; a known miss that starts to pass is printed, to be moved out of this list.
+KNOWN_MISSES = {
+    7384623864426013180: "two points on the ridge corr(u0,v) = -1, 0.78 apart; the product rule is not accurate "
+    "there (0.023), so no face is compared, and a face search from the fit stays at the lower point",
+    5413302752735107442: "a random slope in schools of at most 60 rows: converged 0.008 below the standardized BFGS route",
+    1478415917575154483: "few schools (boundary family): converged 0.019 below the trust-exact route from the default start",
+    326285836212315627: "the rule is not accurate at the estimates even with 63 points: the llf is not reported (NaN, "
+    "UNRELIABLE) and the fit says it did not converge",
+}
 
 N_CASES = int(os.environ.get("MLSML_FUZZ_MAX_CASES", "200"))
 SEED = int(os.environ.get("MLSML_FUZZ_MAX_SEED", "20261128"))
@@ -150,6 +169,66 @@ def test_classify(row, cls):
 
 
 # ---------------------------------------------------------------- the criterion
+def _fit_stored(row: dict, data: pd.DataFrame) -> dict:
+    """Fit one stored case with the defaults and classify it against its stored maximum."""
+    out = dict(case=row["case"], case_seed=row["case_seed"], family=row["family"], reference=row["reference"])
+    t0 = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            res = mlsml.fit(data=data, **row["spec"])
+        except mlsml.MLSMLError as exc:
+            out.update(cls="error_documented", error=str(exc)[:120], seconds=time.process_time() - t0)
+            return out
+        except Exception as exc:  # noqa: BLE001 - the point is to report it
+            out.update(cls="error_uncaught", error=f"{type(exc).__name__}: {exc}"[:200], seconds=time.process_time() - t0)
+            return out
+    out.update(seconds=time.process_time() - t0, llf=float(res.llf), converged=bool(res.converged), message=res.message[:120])
+    ref = float(row["reference"])
+    gap = ref - res.llf if np.isfinite(ref) else float("nan")
+    out["gap"] = gap
+    if out["seconds"] > CI_CASE_SECONDS:
+        out["cls"] = "over_time_cap"
+    elif not np.isfinite(res.llf) or not np.all(np.isfinite(res.params.to_numpy(dtype=float))):
+        out["cls"] = "bad_llf"
+    elif np.isfinite(gap) and -gap > fuzz.IMPOSSIBLE_GAP:
+        out["cls"] = "bad_llf"  # far above the maximum every route found: impossible, or the store is stale
+    elif not res.converged:
+        out["cls"] = "not_converged"
+    elif np.isfinite(gap) and gap > fuzz.BELOW_MAX_TOL:
+        out["cls"] = "below_max"
+    else:
+        out["cls"] = "ok"
+    return out
+
+
+@pytest.fixture(scope="module")
+def stored_outcomes() -> pd.DataFrame:
+    return pd.DataFrame([_fit_stored(row, data) for row, data in fuzz.read_store(STORE)])
+
+
+def test_the_store_spans_the_ci_distribution_and_the_regressions():
+    index = pd.read_csv(STORE / fuzz.STORE_INDEX)
+    ci = index[index["max_rows"] == 60]
+    assert len(ci) == 200 and set(ci["family"]) == set(fuzz.FAMILIES)
+    assert (index["n_rows"] <= index["max_rows"]).all()
+    assert index["reference"].notna().mean() > 0.9, "most stored cases must carry an independent maximum"
+
+
+@pytest.mark.fuzz_criterion
+def test_no_stored_case_below_its_independent_maximum(stored_outcomes):
+    df = stored_outcomes
+    counts = df["cls"].value_counts().to_dict()
+    print("stored fuzz-maximum outcomes:", counts, f"CPU {df['seconds'].sum():.0f} s")
+    bad = df[df["cls"].isin(FAILING)]
+    new = bad[~bad["case_seed"].isin(list(KNOWN_MISSES))]
+    assert new.empty, "issue 12 criterion failed on cases that used to pass:\n" + new.to_string(max_colwidth=80)
+    fixed = sorted(set(KNOWN_MISSES) - set(bad["case_seed"]))
+    if fixed:
+        print("known misses that now pass (move them out of KNOWN_MISSES):", fixed)
+    assert counts.get("ok", 0) >= 0.75 * len(df), f"too few cases checked against the maximum: {counts}"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (RUN_CRITERION or os.environ.get("MLSML_FUZZ_MAXIMUM") == "1"),

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import stored_fuzz_case
 
 import mlsml
 from mlsml.optimize import FitOptions, OptSummary, maximize
@@ -135,3 +136,20 @@ def test_a_singular_core_fit_is_not_the_warm_start_of_a_variance_slope_model():
         warnings.simplefilter("ignore")
         res = mlsml.fit(data=case.data, **case.spec)
     assert res.llf > -106.9009 - 1e-3, res.llf
+
+
+def test_the_default_rule_is_raised_where_it_is_not_accurate():
+    """Issue 12 fuzz case 5322976834876341810 (106 schools of 1 to 3 pupils, corr(u0,v) near -1):
+    with the default 15 points the rule with 31 moved the llf by 3.07, and the fit printed
+    "NaN (UNRELIABLE)". The default rule is now raised to 31 points, where the llf is
+    reported; a rule the user chose is kept, and the summary says to raise nagq."""
+    row, data = stored_fuzz_case(5322976834876341810)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit(data=data, **row["spec"])
+        fixed = mlsml.fit(data=data, nagq=15, **row["spec"])
+    assert res.nagq == 31 and "refitted with 31 points" in res.optsum.rule_raised
+    assert np.isfinite(res.llf) and res.optsum.llf_reliable
+    assert "raised automatically" in str(res.summary())
+    assert fixed.nagq == 15 and not np.isfinite(fixed.llf) and not fixed.optsum.rule_raised
+    assert "larger nagq" in str(fixed.summary())
