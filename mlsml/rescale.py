@@ -257,21 +257,35 @@ class Reparametrisation:
         dS_s = np.einsum("ab,kbc,dc->kad", self.T, sigma_derivatives(L_s, free), self.T)[:, rows, cols]
         dS = sigma_derivatives(L, free)[:, rows, cols]
         end = off + lay.n_chol
-        J[off:end, off:end] = np.linalg.solve(dS.T, dS_s.T)
+        J[off:end, off:end] = _solve(dS.T, dS_s.T)
         J[end:, end:] = np.eye(n - end)  # quad(u0,v)
         return J
 
     def gradient(self, grad_s: np.ndarray, J: np.ndarray) -> np.ndarray:
         """The gradient in ``theta``: :math:`J^{-T} g_s`."""
-        return grad_s.copy() if self.identity else np.linalg.solve(J.T, grad_s)
+        return grad_s.copy() if self.identity else _solve(J.T, grad_s)
 
     def hessian(self, hess_s: np.ndarray, J: np.ndarray) -> np.ndarray:
         """The Hessian in ``theta`` at a stationary point: :math:`J^{-T} H_s J^{-1}`."""
         if self.identity:
             return hess_s.copy()
-        Ji = np.linalg.inv(J)
+        Ji = _solve(J, np.eye(J.shape[0]))
         H = Ji.T @ hess_s @ Ji
         return 0.5 * (H + H.T)
+
+
+def _solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A^{-1} B``; the least-squares (pseudo-inverse) solution where ``A`` is exactly singular.
+
+    At a boundary point where a diagonal entry of the log-Cholesky factor has underflowed,
+    the map's Jacobian loses rank; numpy 1.24's LAPACK call then raised ``Singular matrix``
+    out of the fit (a stored fuzz case, 6253197893067880813), where newer releases returned
+    a solution. The pseudo-inverse gives the minimum-norm solution on both.
+    """
+    try:
+        return np.linalg.solve(A, B)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(A, B, rcond=None)[0]
 
 
 def _factor(layout, theta: np.ndarray) -> np.ndarray:
