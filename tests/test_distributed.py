@@ -189,7 +189,8 @@ def test_a_killed_worker_costs_a_retry_not_the_fit(client, data, pairs):
 
 #: The child process of the interrupt test: a user's script on the same cluster, stopped by Ctrl-C.
 _INTERRUPTED_SCRIPT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises, whatever the parent ignored
 import dask.dataframe as dd, distributed, pandas as pd
 import mlsml
 client = distributed.Client(sys.argv[1])
@@ -215,17 +216,21 @@ def test_an_interrupt_leaves_no_work_on_the_cluster(client, data, tmp_path):
     script.write_text(_INTERRUPTED_SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(mlsml.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen(
-        [sys.executable, str(script), client.scheduler.address, str(path)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, str(script), client.scheduler.address, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert child.stdout.readline().strip() == "ready"
         time.sleep(2.0)  # the 30 s tasks are running
         t0 = time.perf_counter()
         child.send_signal(signal.SIGINT)
-        out, _ = child.communicate(timeout=60)
+        out, err = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert child.returncode == 3 and "interrupted" in out
+    assert child.returncode == 3 and "interrupted" in out, err[-2000:]
     assert time.perf_counter() - t0 < 20  # long before the tasks would have ended
     deadline = time.perf_counter() + 10
     while any(client.processing().values()) and time.perf_counter() < deadline:
