@@ -232,7 +232,8 @@ def test_no_stored_case_below_its_independent_maximum(stored_outcomes):
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (RUN_CRITERION or os.environ.get("MLSML_FUZZ_MAXIMUM") == "1"),
-    reason="the live criterion computes its routes in the test (about 5 CPU-s per case); the stored cases run in CI with -m fuzz_criterion; MLSML_FUZZ_MAXIMUM=1 runs it",
+    reason="the live criterion computes its routes in the test (about 5 CPU-s per case); the stored cases run in CI "
+    "(-m fuzz_criterion); MLSML_FUZZ_MAXIMUM=1 runs it",
 )
 def test_no_fit_below_the_independent_maximum():
     seeds = fuzz.case_seeds(N_CASES, SEED)
