@@ -28,6 +28,7 @@ from .boundary import (
     boundary_effects,
     boundary_likelihood,
     far_from_boundary,
+    interior_starts,
     reduced_rank_covariance,
     reference_variances,
     search_faces,
@@ -414,6 +415,32 @@ def _higher_by_product(lik: Likelihood, new: OptSummary, old: OptSummary) -> boo
         return bool(probe.value(np.asarray(new.theta, dtype=float)) > probe.value(np.asarray(old.theta, dtype=float)))
 
 
+def _step_inside(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics) -> tuple[OptSummary, Diagnostics]:
+    """Refit from just inside each face a singular fit is on (:func:`mlsml.boundary.interior_starts`).
+
+    The best refit more than :data:`mlsml.boundary.FACE_LLF_TOL` higher than the fit, by its own
+    rule and by the product rule (:func:`_higher_by_product`), replaces it.
+    """
+    rp = reparametrise(lik.design) if optsum.theta_std is not None else None
+    if rp is not None and not rp.identity:
+        starts = [rp.to_original(s) for s in interior_starts(lik.with_design(rp.design), optsum.theta_std)]
+    else:
+        starts = interior_starts(lik, optsum.theta)
+    best = optsum
+    for start in starts:
+        try:
+            refit = maximize(lik, replace(optsum.options, start=start))
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            continue
+        if np.isfinite(refit.llf) and refit.llf > best.llf + FACE_LLF_TOL and _higher_by_product(lik, refit, best):
+            best = refit
+    if best is optsum:
+        return optsum, diagnostics
+    note = f"refitted from just inside the boundary, {best.llf - optsum.llf:.3g} higher than where the optimiser first stopped"
+    best = replace(best, message=f"{best.message}; {note}")
+    return best, diagnose(lik, best)
+
+
 def settle(lik: Likelihood, optsum: OptSummary) -> tuple[OptSummary, Diagnostics]:
     """Diagnose a fit; if a face of the boundary is higher, refit from there (issue 12).
 
@@ -429,6 +456,8 @@ def settle(lik: Likelihood, optsum: OptSummary) -> tuple[OptSummary, Diagnostics
         The (possibly refitted) optimum and its diagnostics.
     """
     diagnostics = diagnose(lik, optsum)
+    if diagnostics.degenerate and np.isfinite(optsum.llf):
+        optsum, diagnostics = _step_inside(lik, optsum, diagnostics)
     faces = diagnostics.faces
     if not faces or faces[0].gain <= FACE_LLF_TOL:
         return optsum, diagnostics

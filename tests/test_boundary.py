@@ -193,3 +193,29 @@ def test_an_interior_fit_near_the_boundary_is_compared_with_the_faces():
     assert boundary.weakly_determined(lay, opt.theta_std, opt.hessian_std)
     assert res.diagnostics.faces
     assert res.llf == pytest.approx(row["reference"], abs=fuzz.BELOW_MAX_TOL)
+
+
+def test_interior_starts_move_a_face_entry_inside_and_keep_the_rest():
+    lik = mlsml.MELSM.from_formula("y ~ x", mlsml.simulate.demo_data(n_groups=20, seed=3), groups="school").objective()
+    lay = lik.layout
+    L = np.array([[0.5, 0.0], [3.0, 1e-9]])  # corr(u0, v) = +1
+    theta = np.concatenate([np.zeros(lay.p + lay.k), vector_from_chol(L)])
+    starts = boundary.interior_starts(lik, theta)
+    assert len(starts) == 1
+    L_in = chol_from_vector(starts[0][lay.chol_offset :], 2)
+    assert L_in[1, 1] == pytest.approx(boundary.INSIDE_RATIO * 3.0)  # above sqrt(0.01 * ref(v) = 1)
+    np.testing.assert_array_equal(np.delete(starts[0], lay.chol_offset + 2), np.delete(theta, lay.chol_offset + 2))
+    inside = vector_from_chol(np.array([[0.5, 0.0], [3.0, 0.2]]))
+    assert boundary.interior_starts(lik, np.concatenate([np.zeros(lay.p + lay.k), inside])) == []
+
+
+def test_a_fit_stopped_on_a_face_with_the_maximum_just_inside_reaches_it():
+    """Issue 12 fuzz case 5413302752735107442 (29 schools of 1 to 8, random slope): BFGS stopped
+    at corr(u0,u1) = -1 (log L11 -> -inf, where its gradient vanishes) and said converged 0.008
+    below the maximum at corr -0.991; settle now refits from just inside the face."""
+    row, data = stored_fuzz_case(5413302752735107442)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit(data=data, **row["spec"])
+    assert res.llf > row["reference"] - 1e-3
+    assert "just inside the boundary" in res.optsum.message
