@@ -535,7 +535,7 @@ def _boundary_start(model_std, params: np.ndarray) -> np.ndarray | None:
 
 
 def reference_routes(
-    case: Case, model_raw, fit_params: np.ndarray | None, quick: bool = False, model_std=None
+    case: Case, model_raw, fit_params: np.ndarray | None, quick: bool = False, model_std=None, nagq: int | None = None
 ) -> list[dict[str, Any]]:
     """Fit the case by the independent routes; each route's estimates mapped to the raw data.
 
@@ -550,6 +550,9 @@ def reference_routes(
         Only the standardized BFGS fit and the trust-exact polish (the CI subset).
     model_std : mlsml.MELSM, optional
         The same model on the standardized data (built here when not given).
+    nagq : int, optional
+        The rule every route maximises: the fit's, where it raised the default one
+        (:func:`mlsml.optimize.raise_rule`); the default rule otherwise.
 
     Returns
     -------
@@ -570,7 +573,7 @@ def reference_routes(
         try:
             with time_cap(ROUTE_SECONDS), warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")
-                res = model_std.fit(**kw)
+                res = model_std.fit(nagq=nagq, **kw)
             p = res.params.to_numpy(dtype=float)
             row["llf_route"] = float(res.llf)
             row["converged"] = bool(res.converged)
@@ -756,14 +759,17 @@ def run_case(
         # timestamp costs the evaluation itself up to millions of units in rounding, which
         # made the first baseline's references (e.g. +2.3e6) impossible
         model_std = mlsml.MELSM.from_formula(data=case.std_data, **dict(case.spec))
-        routes = reference_routes(case, model, fit_params, quick=quick, model_std=model_std)
+        # the fit's own rule: the defaults (nagq=None, quadrature="auto"), or the rule the fit
+        # raised them to where they were not accurate (optimize.raise_rule): the maxima of two
+        # different rules differ by the rules' error, not by the fit's
+        fit_nagq = res.nagq if res is not None and res.optsum.rule_raised else None
+        routes = reference_routes(case, model, fit_params, quick=quick, model_std=model_std, nagq=fit_nagq)
         check = accurate_nagq(model) is not None
         best_val, best_route, best_params = -np.inf, "", None
         parts = []
         for r in routes:
-            # the fit's own rule: the defaults the fit used (nagq=None, quadrature="auto")
             p_std = r.get("params_std")
-            val = evaluate(model_std, p_std) if p_std is not None else float("nan")
+            val = evaluate(model_std, p_std, nagq=fit_nagq) if p_std is not None else float("nan")
             real = np.isfinite(val)
             if real and check:  # not where the quadrature overflowed (the value must survive more points)
                 real = abs(evaluate(model_std, p_std, nagq=ROUTE_CHECK_NAGQ) - val) <= IMPOSSIBLE_GAP
@@ -872,22 +878,15 @@ def _progress(rows: list[dict[str, Any]], n: int, t0: float) -> None:
 STORE_DATA = "cases.csv.gz"
 STORE_INDEX = "reference.csv"
 
-#: The columns of :data:`STORE_INDEX`.
+#: The columns of :data:`STORE_INDEX`: a case's identity and specification (those of
+#: :data:`COLUMNS` from ``formula`` to ``covariate``), its independent maximum and the
+#: fit's outcome when the case was stored.
 STORE_COLUMNS = (
     "case",
     "case_seed",
     "max_rows",
     "family",
-    "formula",
-    "scale_formula",
-    "re_formula",
-    "random_scale",
-    "scale_re_formula",
-    "n_rows",
-    "n_schools",
-    "min_size",
-    "max_size",
-    "covariate",
+    *COLUMNS[COLUMNS.index("formula") : COLUMNS.index("covariate") + 1],
     "reference",
     "reference_route",
     "llf",
