@@ -665,6 +665,13 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     lay = design.layout
     spec = res.model.formula_spec
     mean = kind == "mean"
+    if mean and conditional and lay.q and getattr(design, "S_level1", None) is not None:
+        raise ModelSpecError(
+            "conditional predictions of the mean are not available with level-1 (time-varying) bs_formula columns: "
+            "a row's random location is u0_j exp(s1_ij' tau / 2), which depends on the row's bs_formula covariates; "
+            "use conditional=False (x'beta), res.random_effects() (u0_j and the standardised theta1_j) or "
+            "res.school_effects() (the school table at the mean covariates)"
+        )
     if newdata is None:
         inv = np.argsort(design.order)  # sorted row -> caller's row
         n = design.nobs
