@@ -1125,7 +1125,9 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
         codes_sorted = np.asarray(codes)[order]
         first = Sm[starts][codes_sorted]
         # a column that varies within some group is level-1: it loads u0 row by row
-        level1 = np.array([bool(np.any(np.abs(Sm[:, c] - first[:, c]) > 1e-12 * (1 + np.abs(first[:, c])))) for c in range(len(names))])
+        level1 = np.array(
+            [bool(np.any(np.abs(Sm[:, c] - first[:, c]) > 1e-12 * (1 + np.abs(first[:, c])))) for c in range(len(names))]
+        )
         S = np.ascontiguousarray(np.where(level1[None, :], 0.0, Sm[starts]))
         if level1.any():
             S_level1 = np.ascontiguousarray(np.where(level1[None, :], Sm, 0.0))

@@ -443,7 +443,9 @@ class Integrand(ABC):
     def log_h(self, theta, b):
         """``h_j(b_jk) = log f(y_j | b_jk) + log phi(b_jk; 0, Sigma_j)``, shape ``(J, K)``."""
         beta, alpha, prior = self.split(theta)
-        return self.log_conditional(beta, alpha, b, loaded_Z(self.design, prior)) + log_prior(quad_prior_point(b, prior, self.layout.q), prior.chol)
+        return self.log_conditional(beta, alpha, b, loaded_Z(self.design, prior)) + log_prior(
+            quad_prior_point(b, prior, self.layout.q), prior.chol
+        )
 
     # ------------------------------------------------------------ u-exact rule
     @abstractmethod

@@ -13,12 +13,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED
 from scipy import integrate
 
 import mlsml
 from mlsml.errors import ModelSpecError
-
-from conftest import SHARED
 
 FORTRAN_RUNS = SHARED / "validation" / "mixregls_fortran_runs"
 
@@ -86,18 +85,19 @@ def _brute_force_llf(df: pd.DataFrame, p: dict) -> float:
         mu = p["b0"] + p["b1"] * a
         sd_loc = np.exp(0.5 * (p["t0"] + p["t1"] * a))  # per row: u_ij'ALPHA
 
-        def f(t2, t1, y=y, mu=mu, sd_loc=sd_loc, a=a):
+        def log_f(t2, t1, y=y, mu=mu, sd_loc=sd_loc, a=a):
             lv = p["w0"] + p["w1"] * a + p["loc"] * t1 + p["sd"] * t2
             e = y - mu - sd_loc * t1
             ll = -0.5 * np.sum(np.log(2 * np.pi) + lv + e**2 * np.exp(-lv))
-            return np.exp(ll + c) * np.exp(-0.5 * (t1**2 + t2**2)) / (2 * np.pi)
+            return ll - 0.5 * (t1**2 + t2**2) - np.log(2 * np.pi)
 
-        c = 0.0
-        # scale by the integrand's maximum on a coarse grid so the integral is of order 1
+        # scaled by the integrand's maximum on a coarse grid so that the integral is of order 1
         grid = np.linspace(-5, 5, 41)
-        c = -max(np.log(f(t2, t1) + 1e-300) for t1 in grid for t2 in grid)
-        val, err = integrate.dblquad(f, -9, 9, -9, 9, epsabs=1e-13, epsrel=1e-11)
-        total += np.log(val) - c
+        top = max(log_f(t2, t1) for t1 in grid for t2 in grid)
+        val, _ = integrate.dblquad(
+            lambda t2, t1, top=top, log_f=log_f: np.exp(log_f(t2, t1) - top), -9, 9, -9, 9, epsabs=1e-13, epsrel=1e-11
+        )
+        total += np.log(val) + top
     return total
 
 
