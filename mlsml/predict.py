@@ -562,6 +562,9 @@ class PredictionRows:
     offset : ndarray (n,) or None
         The offset of the mean (``kind="mean"``) or of the log variance (the other kinds)
         of each row, when the fit has one (:mod:`mlsml.weights`).
+    S1 : ndarray (n, m) or None
+        The level-1 columns of ``bs_formula`` of each row (:attr:`mlsml.design.Design.S_level1`),
+        which load ``u0`` (:meth:`loaded_Z`); ``None`` without them.
     """
 
     X: np.ndarray | None
@@ -571,10 +574,20 @@ class PredictionRows:
     pos: np.ndarray
     index: pd.Index
     offset: np.ndarray | None = None
+    S1: np.ndarray | None = None
 
     def shift(self, values: np.ndarray) -> np.ndarray:
         """``values`` plus the rows' offset (unchanged without one)."""
         return values if self.offset is None else values + self.offset
+
+    def loaded_Z(self, theta: np.ndarray, layout) -> np.ndarray:
+        r"""``Z`` with column 0 times :math:`e^{s^{(1)\prime}_i\tau/2}` at ``theta`` (:func:`mlsml.integrand.loaded_Z`)."""
+        if self.S1 is None:
+            return self.Z
+        tau = np.asarray(theta, dtype=float)[layout.p + layout.k : layout.p + layout.k + layout.m]
+        Z = np.array(self.Z, dtype=float)
+        Z[:, 0] *= np.exp(0.5 * self.S1 @ tau)
+        return Z
 
     @property
     def known(self) -> np.ndarray:
@@ -665,12 +678,13 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     lay = design.layout
     spec = res.model.formula_spec
     mean = kind == "mean"
-    if mean and conditional and lay.q and getattr(design, "S_level1", None) is not None:
+    level1 = mean and conditional and lay.q and getattr(design, "S_level1", None) is not None
+    if level1 and newdata is not None:
         raise ModelSpecError(
-            "conditional predictions of the mean are not available with level-1 (time-varying) bs_formula columns: "
-            "a row's random location is u0_j exp(s1_ij' tau / 2), which depends on the row's bs_formula covariates; "
-            "use conditional=False (x'beta), res.random_effects() (u0_j and the standardised theta1_j) or "
-            "res.school_effects() (the school table at the mean covariates)"
+            "conditional predictions of the mean for newdata are not available with level-1 (time-varying) "
+            "bs_formula columns: a row's random location is u0_j exp(s1_ij' tau / 2), which depends on the row's "
+            "bs_formula covariates; predict the fitted rows (newdata=None), use conditional=False (x'beta), "
+            "res.random_effects() (u0_j and the standardised theta1_j) or res.school_effects()"
         )
     if newdata is None:
         inv = np.argsort(design.order)  # sorted row -> caller's row
@@ -682,7 +696,9 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
         if not mean:
             G = design.G[inv] if design.G is not None else np.ones((n, lay.n_v))
         off = design.offset if mean else design.scale_offset
-        return PredictionRows(X, Z, W, G, np.asarray(pos, dtype=np.intp), design.row_labels, None if off is None else off[inv])
+        S1 = design.S_level1[inv] if level1 else None
+        pos = np.asarray(pos, dtype=np.intp)
+        return PredictionRows(X, Z, W, G, pos, design.row_labels, None if off is None else off[inv], S1)
     frame = _as_frame(newdata)
     n = len(frame)
     pos = np.full(n, -1, dtype=np.intp)
@@ -780,7 +796,7 @@ def _conditional_fixed_nodes(theta: np.ndarray, lik: Likelihood, nodes: Nodes, r
     _, alpha, _ = lay.split(np.asarray(theta, dtype=float))
     if kind == "mean":
         Eu = np.einsum("jk,jkq->jq", p, nodes.b[:, :, : lay.q])
-        out[known] += np.einsum("iq,iq->i", rows.Z[known], Eu[rows.pos[known]])
+        out[known] += np.einsum("iq,iq->i", rows.loaded_Z(theta, lay)[known], Eu[rows.pos[known]])
     else:
         c = _power(kind)
         out[known] = np.exp(c * rows.shift(rows.W @ np.asarray(alpha))[known]) * _posterior_exp(p, nodes.b, rows, lay.q, c)
@@ -838,7 +854,7 @@ def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) ->
     j = rows.pos[known]
     if kind == "mean":
         if q:
-            Zk = rows.Z[known]
+            Zk = rows.loaded_Z(theta, lay)[known]
             out[known] += np.einsum("iq,iq->i", Zk, post.mean[j, :q])
             post_var[known] = np.einsum("iq,iqr,ir->i", Zk, post.cov[j, :q, :q], Zk)
         return out, post_var

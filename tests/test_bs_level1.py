@@ -128,9 +128,16 @@ def test_fit_simulate_and_school_quantities(small):
     at1 = res.population_quantities(s={"a": 1.0, "s": 0.0})
     ratio = at1.loc["sd_mean", "estimate"] / at0.loc["sd_mean", "estimate"]
     assert ratio == pytest.approx(np.exp(0.5 * res.params["bsvar:a"]), rel=1e-10)
+    # the fitted rows' conditional mean: x'beta + u0_j exp(a_ij tau_a / 2)
+    u0 = re["u0"].reindex(small["g"]).to_numpy()
+    expected = res.predict(conditional=False).to_numpy() + u0 * np.exp(0.5 * res.params["bsvar:a"] * small["a"].to_numpy())
+    np.testing.assert_allclose(res.predict().to_numpy(), expected, rtol=1e-10)
+    pred = res.get_prediction()
+    np.testing.assert_allclose(np.asarray(pred.predicted), res.predict().to_numpy(), rtol=1e-12)
+    assert np.all(np.isfinite(pred.se_params)) and np.all(pred.se_params > 0)
+    assert "Log-Likelihood" in str(res.summary())  # the tail note uses the fitted rows' residuals
     with pytest.raises(ModelSpecError, match="level-1"):
-        res.predict()
-    assert np.isfinite(res.predict(conditional=False)).all()
+        res.predict(small.head(3))
     # the simulated data follow the per-row loading: var of y at a = 1 vs a = 0 between schools
     sim = mlsml.simulate.draw_responses(res.model.design, res.theta, np.random.default_rng(0), n_reps=1)
     assert sim.shape == (1, res.nobs) and np.isfinite(sim).all()
