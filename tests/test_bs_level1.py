@@ -123,6 +123,10 @@ def test_fit_simulate_and_school_quantities(small):
     s_j = small.groupby("g")["s"].first().to_numpy()
     sd0 = np.exp(0.5 * (res.params["bsvar:Intercept"] + res.params["bsvar:s"] * s_j))
     np.testing.assert_allclose(re["theta1"].to_numpy(), re["u0"].to_numpy() / sd0, rtol=1e-12)
+    # the school table is at the mean level-1 covariates: its mean is u0_j times the loading there
+    loading = np.exp(0.5 * res.params["bsvar:a"] * small.groupby("g")["a"].mean().mean())
+    slope, icpt = np.polyfit(re["u0"].to_numpy(), res.school_effects()["mean"].to_numpy(), 1)
+    assert slope == pytest.approx(loading, rel=1e-4) and abs(icpt) < 1e-4
     # population quantities at given covariates: var of the random location there
     at0 = res.population_quantities(s={"a": 0.0, "s": 0.0})
     at1 = res.population_quantities(s={"a": 1.0, "s": 0.0})
