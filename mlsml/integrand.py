@@ -404,8 +404,12 @@ class Integrand(ABC):
         natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
         resid_var = float(np.exp(np.mean(design.log_variance_index(natural[lay.p : lay.p + lay.k]))))
         ref = resid_var / max(float(np.mean(design.Z[:, 0] ** 2)), 1e-300)
-        if np.all(Sj[:, 0, 0] < ZERO_VARIANCE_BS * ref):
-            return [f"var(u0_j) is effectively zero in every school (max {Sj[:, 0, 0].max():.3g})"]
+        var0 = Sj[:, 0, 0]
+        _, _, prior = self.split(np.asarray(theta, dtype=float))
+        if prior.row_log_sd0 is not None:  # level-1 columns: the largest variance over each school's rows
+            var0 = var0 * np.exp(2.0 * np.maximum.reduceat(np.asarray(prior.row_log_sd0, dtype=float), design.starts))
+        if np.all(var0 < ZERO_VARIANCE_BS * ref):
+            return [f"var(u0_j) is effectively zero in every school (max {var0.max():.3g})"]
         return []
 
     # ------------------------------------------------------------ prior

@@ -205,7 +205,7 @@ def random_effects(res, cov: bool = False):
     for i, name in enumerate(lay.re_names):
         cols[name] = mean[:, i]
         cols[f"{name}_sd"] = np.sqrt(np.clip(C[:, i, i], 0, None))
-    if design.S_level1 is not None:  # the standardised random location theta1_j = u0_j / exp(s_j'tau/2)
+    if getattr(design, "S_level1", None) is not None:  # the standardised random location theta1_j = u0_j / exp(s_j'tau/2)
         _, _, prior = res.likelihood.integrand.split(np.asarray(res.theta, dtype=float))
         sd0 = np.exp(np.asarray(prior.log_sd0, dtype=float))
         cols["theta1"] = mean[:, 0] / sd0
@@ -246,7 +246,7 @@ def school_effects(
     q, rs = lay.q, lay.n_v > 0
     alpha = res.fe_scale.to_numpy()
     zbar = _zbar(res, z)
-    if design.S_level1 is not None:  # the random location at the mean level-1 bs_formula covariates
+    if getattr(design, "S_level1", None) is not None:  # the random location at the mean level-1 bs_formula covariates
         zbar = zbar.copy()
         zbar[0] *= level1_loading(res, school_covariates(res, None))
     if isinstance(w, str):
