@@ -628,6 +628,13 @@ def _scale_re_info(spec: FormulaSpec):
     return _materialise(spec.scale_re_formula, spec.frame, "scale random-effects formula", spec.groups)[1]
 
 
+def _bs_info(spec: FormulaSpec):
+    """The design description of ``bs_formula``, evaluated on the fitted data."""
+    if spec.frame is None:
+        raise DataError("the between-school variance formula cannot be evaluated: the fitted data did not travel with this result")
+    return _materialise(spec.bs_formula, spec.frame, "between-school variance formula", spec.groups)[1]
+
+
 def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unknown: np.ndarray) -> str:
     """How many rows name a group the fit did not have, and the type conversion that would match them."""
     n, total = int(unknown.sum()), len(values)
@@ -678,14 +685,8 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     lay = design.layout
     spec = res.model.formula_spec
     mean = kind == "mean"
-    level1 = mean and conditional and lay.q and getattr(design, "S_level1", None) is not None
-    if level1 and newdata is not None:
-        raise ModelSpecError(
-            "conditional predictions of the mean for newdata are not available with level-1 (time-varying) "
-            "bs_formula columns: a row's random location is u0_j exp(s1_ij' tau / 2), which depends on the row's "
-            "bs_formula covariates; predict the fitted rows (newdata=None), use conditional=False (x'beta), "
-            "res.random_effects() (u0_j and the standardised theta1_j) or res.school_effects()"
-        )
+    # level-1 bs_formula columns: a row's random location is u0_j exp(s1_ij' tau / 2)
+    level1 = bool(mean and conditional and lay.q and getattr(design, "S_level1", None) is not None)
     if newdata is None:
         inv = np.argsort(design.order)  # sorted row -> caller's row
         n = design.nobs
@@ -702,7 +703,7 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     frame = _as_frame(newdata)
     n = len(frame)
     pos = np.full(n, -1, dtype=np.intp)
-    formulas = (spec.formula, spec.scale_formula, spec.re_formula, spec.scale_re_formula)
+    formulas = (spec.formula, spec.scale_formula, spec.re_formula, spec.scale_re_formula, spec.bs_formula if level1 else None)
     if spec.groups not in frame.columns and uses_group_transforms(*formulas):
         raise DataError(
             f"the model's within()/between() terms need the grouping column {spec.groups!r} in newdata "
@@ -731,7 +732,11 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
         else:
             G = np.ones((n, lay.n_v))
     off = _new_offset(design, frame, "offset" if mean else "scale_offset") if offset is None else np.asarray(offset, dtype=float)
-    return PredictionRows(X, Z, W, G, pos, frame.index, off)
+    S1 = None
+    if level1:  # the rows' level-1 bs_formula columns (the fit's design description; zero in the school-level ones)
+        Sfull = _design_for(_bs_info(spec), frame, "between-school variance design")
+        S1 = np.where(np.any(design.S_level1 != 0, axis=0)[None, :], Sfull, 0.0)
+    return PredictionRows(X, Z, W, G, pos, frame.index, off, S1)
 
 
 def _new_offset(design: Design, frame: pd.DataFrame, which: str) -> np.ndarray | None:

@@ -17,7 +17,6 @@ from conftest import SHARED
 from scipy import integrate
 
 import mlsml
-from mlsml.errors import ModelSpecError
 
 FORTRAN_RUNS = SHARED / "validation" / "mixregls_fortran_runs"
 
@@ -140,8 +139,12 @@ def test_fit_simulate_and_school_quantities(small):
     np.testing.assert_allclose(np.asarray(pred.predicted), res.predict().to_numpy(), rtol=1e-12)
     assert np.all(np.isfinite(pred.se_params)) and np.all(pred.se_params > 0)
     assert "Log-Likelihood" in str(res.summary())  # the tail note uses the fitted rows' residuals
-    with pytest.raises(ModelSpecError, match="level-1"):
-        res.predict(small.head(3))
+    # newdata: the rows' own level-1 covariates (a = 1 - a flips each row's loading)
+    new = small.iloc[:6].assign(a=1.0 - small["a"].iloc[:6])
+    u0_new = re["u0"].reindex(new["g"]).to_numpy()
+    expected_new = res.predict(new, conditional=False).to_numpy() + u0_new * np.exp(0.5 * res.params["bsvar:a"] * new["a"].to_numpy())
+    np.testing.assert_allclose(res.predict(new).to_numpy(), expected_new, rtol=1e-10)
+    np.testing.assert_allclose(res.predict(small.iloc[:6]).to_numpy(), expected[:6], rtol=1e-10)
     # the simulated data follow the per-row loading: var of y at a = 1 vs a = 0 between schools
     sim = mlsml.simulate.draw_responses(res.model.design, res.theta, np.random.default_rng(0), n_reps=1)
     assert sim.shape == (1, res.nobs) and np.isfinite(sim).all()
