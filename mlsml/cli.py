@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bs",
         default=None,
         metavar="FORMULA",
-        help='between-school log variance of the random intercept, e.g. "~ type" (school-level columns)',
+        help='between-school log variance of the random intercept, e.g. "~ type" (school-level or level-1 columns)',
     )
     f.add_argument("--no-random-scale", action="store_true", help="no school effect on the residual variance")
     f.add_argument("--weights", metavar="COLUMN", help="level-1 (student) weights, conditional on the school")

@@ -118,7 +118,7 @@ class GivenSums(SchoolSums):
         super().__init__(integrand.design)
         self._sums = sums
 
-    def sums(self, beta, alpha) -> Sums:
+    def sums(self, beta, alpha, Z=None) -> Sums:
         return self._sums
 
 

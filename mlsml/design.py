@@ -43,7 +43,7 @@ patsy = LazyModule("patsy")
 
 
 #: The arrays of a :class:`Design` that are always read-only.
-_ARRAYS = ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S")
+_ARRAYS = ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S", "S_level1")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,13 @@ class Design:
     G : ndarray (N, n_v), optional
         Design of the school effects in the log variance (``scale_re_formula``).
     S : ndarray (J, m), optional
-        School-level design of ``ln var(u0_j)`` (``bs_formula``), one row per school.
+        School-level design of ``ln var(u0_j)`` (``bs_formula``), one row per school;
+        zero in the level-1 columns.
+    S_level1 : ndarray (N, m), optional
+        The level-1 (time-varying) columns of the ``bs_formula`` design, one row per
+        observation (sorted), zero in the school-level columns; ``None`` when every column is
+        constant within each group. The BS-variance index of row ``i`` is
+        :math:`s_{ij}'\tau = (S_j + S^{(1)}_{ij})'\tau` (MIXREGLS's :math:`u_{ij}'\alpha`).
     weights : ndarray (N,), optional
         Level-1 (observation) weights as the likelihood uses them (scaled, see
         :mod:`mlsml.weights`); ``None``: all one.
@@ -103,6 +109,7 @@ class Design:
     G: np.ndarray | None = None
     S: np.ndarray | None = None
     weights: np.ndarray | None = None
+    S_level1: np.ndarray | None = None
     group_weights: np.ndarray | None = None
     offset: np.ndarray | None = None
     scale_offset: np.ndarray | None = None
@@ -788,8 +795,9 @@ def build_design(
         School effects in the log variance, ``ln var(e_ij) = w_ij' alpha + g_ij' v_j``
         (``"~ x"``: random scale intercept and slope on ``x``). Implies a random scale.
     bs_formula : str, optional
-        School-level covariates of ``ln var(u0_j) = s_j' tau``; every column must be
-        constant within each group.
+        Covariates of the between-school variance, ``ln var(u0) = s_ij' tau``: school-level
+        columns (constant within each group) and level-1 (time-varying) ones, which load the
+        random intercept row by row (:attr:`Design.S_level1`).
     missing_code : float, optional
         A value that stands for a missing value (MixWILD's ``YMISS``, e.g. ``-999``) in
         any numeric column a formula uses, or in ``groups``: those values become missing
@@ -977,7 +985,7 @@ def build_design(
     if np.ptp(ys) == 0:
         raise DataError(f"the response {response!r} is constant ({ys[0]!r})")
 
-    G, S, scale_re_terms, bs_terms = extra_designs(frame, extra, codes, order, starts, groups)
+    G, S, scale_re_terms, bs_terms, S_level1 = extra_designs(frame, extra, codes, order, starts, groups)
     layout = ParamLayout(
         mean_terms=tuple(mean_terms),
         scale_terms=tuple(scale_terms),
@@ -1012,6 +1020,7 @@ def build_design(
         info=info,
         G=G,
         S=S,
+        S_level1=S_level1,
     )
     spec = FormulaSpec(
         formula=formula,
@@ -1086,10 +1095,14 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
         Sorted design of the log-variance school effects; ``None`` when absent or
         when it is only an intercept (then the plain random scale ``v`` is used).
     S : ndarray (J, m) or None
-        One row per school of the BS-variance design.
+        One row per school of the BS-variance design's school-level columns (zero in the
+        level-1 columns).
     scale_re_terms, bs_terms : tuple of str
+    S_level1 : ndarray (N, m) or None
+        The BS-variance design's level-1 columns (those not constant within some group;
+        zero in the school-level columns), sorted rows; ``None`` when there are none.
     """
-    G = S = None
+    G = S = S_level1 = None
     g_terms: tuple[str, ...] = ()
     s_terms: tuple[str, ...] = ()
     if "scale_re" in extra:
@@ -1111,19 +1124,15 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
         _check_columns(Sm, names, "the between-school variance design")
         codes_sorted = np.asarray(codes)[order]
         first = Sm[starts][codes_sorted]
-        labels = frame[groups].to_numpy()[order]
-        for c, name in enumerate(names):
-            diff = np.nonzero(np.abs(Sm[:, c] - first[:, c]) > 1e-12 * (1 + np.abs(first[:, c])))[0]
-            if diff.size:
-                bad = labels[diff[0]]
-                bad = bad.item() if isinstance(bad, np.generic) else bad
-                raise DataError(
-                    f"bs_formula column {name!r} is not constant within group {bad!r} of "
-                    f"{groups!r}: the between-school variance model needs school-level covariates"
-                )
-        S = np.ascontiguousarray(Sm[starts])
+        # a column that varies within some group is level-1: it loads u0 row by row
+        level1 = np.array(
+            [bool(np.any(np.abs(Sm[:, c] - first[:, c]) > 1e-12 * (1 + np.abs(first[:, c])))) for c in range(len(names))]
+        )
+        S = np.ascontiguousarray(np.where(level1[None, :], 0.0, Sm[starts]))
+        if level1.any():
+            S_level1 = np.ascontiguousarray(np.where(level1[None, :], Sm, 0.0))
         s_terms = tuple(names)
-    return G, S, g_terms, s_terms
+    return G, S, g_terms, s_terms, S_level1
 
 
 def check_extended_layout(layout) -> None:

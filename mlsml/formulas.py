@@ -296,7 +296,7 @@ def check_no_lme4_terms(formulas: dict, groups=None, random_scale=True) -> None:
         new["scale_re_formula"] = scale_re
     if "bs_formula" in found:
         notes.append(
-            "bs_formula holds school-level covariates of ln var(u0_j) only; the grouping comes from groups= "
+            "bs_formula holds the covariates of ln var(u0) (school-level or level-1); the grouping comes from groups= "
             "(the bar term is dropped above)"
         )
     if "formula" in found and new.get("formula", "").strip().startswith("~"):

@@ -10,7 +10,12 @@ The model (school ``j``, student ``i``)
 
 with ``g_ij = 1`` for the plain random scale and ``Sigma_j = D_j Sigma0 D_j``,
 ``D_j = diag(exp(s_j' tau / 2), 1, ..., 1)`` with a between-school variance model
-(``bs_formula``). The likelihood of school ``j`` is
+(``bs_formula``). Level-1 (time-varying) columns of ``bs_formula`` (MIXREGLS's
+``u_ij'ALPHA``) load the random intercept row by row: ``z_ij0`` becomes
+``z_ij0 exp(s1_ij' tau / 2)`` (:func:`loaded_Z`, ``s1_ij`` the row of
+:attr:`mlsml.design.Design.S_level1`), so that the random location of row ``i`` has variance
+``exp((s_j + s1_ij)' tau) Sigma0[0, 0]`` while the integration variables stay the school's
+effects. The likelihood of school ``j`` is
 
 .. math::
 
@@ -97,11 +102,15 @@ class Prior(NamedTuple):
         ``bs_formula``.
     quad : scalar or None
         ``gamma`` of ``quad(u0,v)`` (``association="quadratic"``), else ``None``.
+    row_log_sd0 : array (N,) or None
+        ``s1_ij' tau / 2`` of the level-1 columns of ``bs_formula`` (:func:`loaded_Z`);
+        ``None`` without them.
     """
 
     L0: object
     log_sd0: object
     quad: object = None
+    row_log_sd0: object = None
 
     @property
     def chol(self):
@@ -114,8 +123,29 @@ class Prior(NamedTuple):
         return rowscale[:, :, None] * self.L0[None, :, :]
 
 
-def school_sums(beta, alpha, design: Design) -> Sums:
+def loaded_Z(design: Design, prior: Prior):
+    r"""The random-effects design with the level-1 between-school variance loading (autograd).
+
+    .. math::
+
+        \tilde z_{ij0} = z_{ij0} \exp(s^{(1)\prime}_{ij}\tau / 2), \qquad
+        \tilde z_{ijr} = z_{ijr} \ (r > 0),
+
+    so that :math:`\tilde z_{ij}'u_j` has :math:`\operatorname{var}(u_{0j} \tilde z_{ij0}) =
+    z_{ij0}^2 \exp((s_j + s^{(1)}_{ij})'\tau)` (``Sigma0[0, 0] = 1``): MIXREGLS's
+    :math:`\sqrt{\exp(u_{ij}'\alpha)}\,\theta_{1j}` with ``u0_j`` the school's random location
+    where the level-1 covariates are zero. ``design.Z`` itself without level-1 columns.
+    """
+    if prior.row_log_sd0 is None:
+        return design.Z
+    col = design.Z[:, 0] * anp.exp(prior.row_log_sd0)
+    return anp.concatenate([col[:, None], design.Z[:, 1:]], axis=1) if design.Z.shape[1] > 1 else col[:, None]
+
+
+def school_sums(beta, alpha, design: Design, Z=None) -> Sums:
     r"""Per-school sums ``n, A, S0, S1, S2`` (see the module docstring).
+
+    ``Z`` replaces ``design.Z`` (the loaded design of :func:`loaded_Z`).
 
     With level-1 weights :math:`w_i` (:mod:`mlsml.weights`) every observation's term is
     multiplied by its weight: :math:`n_j = \sum_i w_i`, :math:`A_j = \sum_i w_i \eta_i` and
@@ -130,7 +160,7 @@ def school_sums(beta, alpha, design: Design) -> Sums:
     if w is not None:
         c = c * w
     cr = c * r
-    Z = design.Z
+    Z = design.Z if Z is None else Z
     q = Z.shape[1]
     n = design.counts.astype(float) if w is None else np.add.reduceat(w, st)
     A = group_sum(eta if w is None else w * eta, st, ct)
@@ -139,7 +169,7 @@ def school_sums(beta, alpha, design: Design) -> Sums:
         J = st.shape[0]
         S1 = anp.zeros((J, 0))
         S2 = anp.zeros((J, 0, 0))
-    elif q == 1 and _is_ones(Z):
+    elif q == 1 and isinstance(Z, np.ndarray) and _is_ones(Z):
         S1 = group_sum(cr, st, ct)[:, None]
         S2 = group_sum(c, st, ct)[:, None, None]
     else:
@@ -254,13 +284,14 @@ def conditional_modes_u0(
     until the step is below :data:`INNER_TOL` conditional SDs.
     """
     beta, alpha, prior = integrand.split(theta)
-    s = Sums(*(_value(a) for a in integrand.sums(_value(beta), _value(alpha))))
+    Zl = _value(loaded_Z(integrand.design, prior))
+    s = Sums(*(_value(a) for a in integrand.sums(_value(beta), _value(alpha), Zl)))
     P = integrand.precision(theta)
     P00 = P[0, 0] if P.ndim == 2 else P[:, 0, 0][:, None]
     P01 = P[0, 1] if P.ndim == 2 else P[:, 0, 1][:, None]
     P11 = P[1, 1] if P.ndim == 2 else P[:, 1, 1][:, None]
     a = np.broadcast_to(np.asarray(quad_curvature(prior), dtype=float), (s.n.shape[0],))[:, None]
-    cen = centred_sums(integrand.design, _value(beta), _value(alpha), s)
+    cen = centred_sums(integrand.design, _value(beta), _value(alpha), s, Zl)
     S2, uref, Q0, R1 = s.S2[:, 0, 0][:, None], cen.u_ref[:, 0][:, None], cen.Q0[:, None], cen.R1[:, 0][:, None]
     E = np.exp(-w)
 
@@ -373,8 +404,12 @@ class Integrand(ABC):
         natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
         resid_var = float(np.exp(np.mean(design.log_variance_index(natural[lay.p : lay.p + lay.k]))))
         ref = resid_var / max(float(np.mean(design.Z[:, 0] ** 2)), 1e-300)
-        if np.all(Sj[:, 0, 0] < ZERO_VARIANCE_BS * ref):
-            return [f"var(u0_j) is effectively zero in every school (max {Sj[:, 0, 0].max():.3g})"]
+        var0 = Sj[:, 0, 0]
+        _, _, prior = self.split(np.asarray(theta, dtype=float))
+        if prior.row_log_sd0 is not None:  # level-1 columns: the largest variance over each school's rows
+            var0 = var0 * np.exp(2.0 * np.maximum.reduceat(np.asarray(prior.row_log_sd0, dtype=float), design.starts))
+        if np.all(var0 < ZERO_VARIANCE_BS * ref):
+            return [f"var(u0_j) is effectively zero in every school (max {var0.max():.3g})"]
         return []
 
     # ------------------------------------------------------------ prior
@@ -386,7 +421,9 @@ class Integrand(ABC):
             beta, alpha, L = lay.split(theta)
             return beta, alpha, Prior(L, None, quad)
         beta, alpha, tau, L0 = lay.split_bs(theta)
-        return beta, alpha, Prior(L0, 0.5 * anp.dot(self.design.S, tau), quad)
+        S1 = self.design.S_level1
+        row = None if S1 is None else 0.5 * anp.dot(S1, tau)
+        return beta, alpha, Prior(L0, 0.5 * anp.dot(self.design.S, tau), quad, row)
 
     def prior_chol(self, theta):
         """``(beta, alpha, L)`` with ``L`` of shape ``(d, d)`` or ``(J, d, d)``."""
@@ -404,18 +441,21 @@ class Integrand(ABC):
 
     # ------------------------------------------------------------ product rule
     @abstractmethod
-    def log_conditional(self, beta, alpha, b):
-        """``log f(y_j | b_jk)`` for nodes ``b`` (J, K, d); returns ``(J, K)``."""
+    def log_conditional(self, beta, alpha, b, Z=None):
+        """``log f(y_j | b_jk)`` for nodes ``b`` (J, K, d); returns ``(J, K)`` (``Z``: :func:`loaded_Z`)."""
 
     def log_h(self, theta, b):
         """``h_j(b_jk) = log f(y_j | b_jk) + log phi(b_jk; 0, Sigma_j)``, shape ``(J, K)``."""
         beta, alpha, prior = self.split(theta)
-        return self.log_conditional(beta, alpha, b) + log_prior(quad_prior_point(b, prior, self.layout.q), prior.chol)
+        return self.log_conditional(beta, alpha, b, loaded_Z(self.design, prior)) + log_prior(
+            quad_prior_point(b, prior, self.layout.q), prior.chol
+        )
 
     # ------------------------------------------------------------ u-exact rule
     @abstractmethod
-    def u_exact_parts(self, beta, alpha, v):
+    def u_exact_parts(self, beta, alpha, v, Z=None):
         """Yield ``(j0, j1, base, S1, S2)`` per chunk of schools such that, given ``v`` (J, K, n_v),
+        (``Z``: the loaded design of :func:`loaded_Z`, default ``design.Z``)
 
         ``log f(y_j | u, v) = base - 1/2 u' S2 u + u' S1`` (``S1[a]``, ``S2[a][b]`` arrays ``(j1-j0, K)``).
         """
@@ -442,7 +482,7 @@ class Integrand(ABC):
         P = anp.dot(Linv.T, Linv)
         logdet_sigma = 2.0 * anp.sum(anp.log(anp.diag(L)))
         parts = []
-        for j0, j1, base, S1, S2 in self.u_exact_parts(beta, alpha, v):
+        for j0, j1, base, S1, S2 in self.u_exact_parts(beta, alpha, v, loaded_Z(self.design, prior)):
             vj = v[j0:j1]
             if nv == 1:
                 vPv = P[q, q] * vj[:, :, 0] ** 2
@@ -553,7 +593,7 @@ class Integrand(ABC):
         L = np.asarray(prior.L0, dtype=float)
         Linv = np.linalg.inv(L)
         P = Linv.T @ Linv
-        for j0, j1, _base, S1, S2 in self.u_exact_parts(beta, alpha, v):
+        for j0, j1, _base, S1, S2 in self.u_exact_parts(beta, alpha, v, loaded_Z(self.design, prior)):
             scale = None if prior.log_sd0 is None else np.exp(-np.asarray(prior.log_sd0)[j0:j1])[:, None]
             Mx, cx = gaussian.block_entries(S1, S2, P, v[j0:j1], q, scale)
             for a in range(q):
@@ -571,18 +611,26 @@ class Integrand(ABC):
 class SchoolSums(Integrand):
     """Random intercept and slopes, random scale, between-school variance: per-school sums."""
 
-    def sums(self, beta, alpha) -> Sums:
+    def sums(self, beta, alpha, Z=None) -> Sums:
         """The per-school sums at ``beta``, ``alpha`` (:func:`school_sums`): all the data the
-        likelihood sees, which is why its Hessian can be chained through them (:mod:`mlsml.derivatives`)."""
-        return school_sums(beta, alpha, self.design)
+        likelihood sees, which is why its Hessian can be chained through them (:mod:`mlsml.derivatives`;
+        not with level-1 ``bs_formula`` columns, whose loaded ``Z`` depends on ``tau``)."""
+        return school_sums(beta, alpha, self.design, Z)
 
-    def log_conditional(self, beta, alpha, b):
+    @property
+    def through_sums(self) -> bool:
+        """Whether ``theta`` reaches the data only through :meth:`sums` of ``(beta, alpha)`` (the
+        chain rule of :func:`mlsml.derivatives.sums_hessian`): not with level-1 ``bs_formula``
+        columns (:func:`loaded_Z` depends on ``tau``)."""
+        return self.design.S_level1 is None
+
+    def log_conditional(self, beta, alpha, b, Z=None):
         lay = self.layout
-        return log_conditional(b, self.sums(beta, alpha), lay.q, lay.random_scale)
+        return log_conditional(b, self.sums(beta, alpha, Z), lay.q, lay.random_scale)
 
-    def u_exact_parts(self, beta, alpha, v):
+    def u_exact_parts(self, beta, alpha, v, Z=None):
         q = self.layout.q
-        s = self.sums(beta, alpha)
+        s = self.sums(beta, alpha, Z)
         vv = v[:, :, 0]
         E = anp.exp(-vv)
         n = s.n[:, None]
@@ -593,11 +641,11 @@ class SchoolSums(Integrand):
 
     def mode_problem(self, theta):
         lay = self.layout
-        beta, alpha, _ = self.split(np.asarray(theta, dtype=float))
+        beta, alpha, prior = self.split(np.asarray(theta, dtype=float))
         beta, alpha = np.asarray(beta, dtype=float), np.asarray(alpha, dtype=float)
-        s = Sums(*(np.asarray(a, dtype=float) for a in self.sums(beta, alpha)))
-        centred = centred_sums(self.design, beta, alpha, s) if lay.q else None
-        _, _, prior = self.split(np.asarray(theta, dtype=float))
+        Z = np.asarray(loaded_Z(self.design, prior), dtype=float)
+        s = Sums(*(np.asarray(a, dtype=float) for a in self.sums(beta, alpha, Z)))
+        centred = centred_sums(self.design, beta, alpha, s, Z) if lay.q else None
         return SumsModeProblem(s, self.precision(theta), lay.q, lay.random_scale, centred, quad_curvature(prior))
 
 
@@ -610,8 +658,9 @@ class PerObservation(Integrand):
         product rule over ``v`` on the u-exact path."""
         return True
 
-    def log_conditional(self, beta, alpha, b):
+    def log_conditional(self, beta, alpha, b, Z=None):
         design = self.design
+        Z = design.Z if Z is None else Z
         q = self.layout.q
         eta = design.log_variance_index(alpha)
         r = design.y - anp.dot(design.X, beta)
@@ -620,7 +669,7 @@ class PerObservation(Integrand):
         parts = []
         for j0, j1, r0, r1, st, cnt in chunk_slices(design, b.shape[1]):
             bg = group_expand(b[j0:j1], st, cnt)  # (n, K, d)
-            zu = anp.einsum("nkq,nq->nk", bg[:, :, :q], design.Z[r0:r1])
+            zu = anp.einsum("nkq,nq->nk", bg[:, :, :q], Z[r0:r1])
             gv = anp.einsum("nkv,nv->nk", bg[:, :, q:], G[r0:r1])
             e = r[r0:r1][:, None] - zu
             lv = eta[r0:r1][:, None] + gv
@@ -630,12 +679,12 @@ class PerObservation(Integrand):
             parts.append(group_sum(ll, st, cnt))
         return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
 
-    def u_exact_parts(self, beta, alpha, v):
+    def u_exact_parts(self, beta, alpha, v, Z=None):
         design = self.design
         q = self.layout.q
         eta = design.log_variance_index(alpha)
         r = design.y - anp.dot(design.X, beta)
-        G, Z = design.G, design.Z
+        G, Z = design.G, (design.Z if Z is None else Z)
         w = design.weights
         nv = G.shape[1]
         for j0, j1, r0, r1, st, cnt in chunk_slices(design, v.shape[1]):
@@ -666,12 +715,12 @@ class PerObservation(Integrand):
 
     def mode_problem(self, theta):
         design = self.design
-        beta, alpha, _ = self.split(np.asarray(theta, dtype=float))
+        beta, alpha, prior = self.split(np.asarray(theta, dtype=float))
         return ObsModeProblem(
             P=self.precision(theta),
             eta=np.asarray(design.log_variance_index(np.asarray(alpha))),
             r=design.y - design.X @ np.asarray(beta),
-            Z=design.Z,
+            Z=np.asarray(loaded_Z(design, prior), dtype=float),
             G=design.G,
             q=self.layout.q,
             group=design.group,
@@ -722,8 +771,11 @@ class Centred(NamedTuple):
     R1: np.ndarray  # (J, q)
 
 
-def centred_sums(design: Design, beta: np.ndarray, alpha: np.ndarray, s: Sums) -> Centred:
-    """:class:`Centred` at each school's weighted least-squares solution (pseudo-inverse of a singular ``S2``)."""
+def centred_sums(design: Design, beta: np.ndarray, alpha: np.ndarray, s: Sums, Z: np.ndarray | None = None) -> Centred:
+    """:class:`Centred` at each school's weighted least-squares solution (pseudo-inverse of a singular ``S2``).
+
+    ``Z``: the loaded design of :func:`loaded_Z` (default ``design.Z``)."""
+    Z = design.Z if Z is None else Z
     q = s.S1.shape[1]
     if q == 1:
         u_ref = s.S1 / s.S2[:, 0]
@@ -734,9 +786,9 @@ def centred_sums(design: Design, beta: np.ndarray, alpha: np.ndarray, s: Sums) -
     c = np.exp(-np.asarray(design.log_variance_index(alpha)))
     if design.weights is not None:
         c = c * design.weights
-    e = design.y - design.X @ beta - np.einsum("nq,nq->n", design.Z, np.repeat(u_ref, ct, axis=0))
+    e = design.y - design.X @ beta - np.einsum("nq,nq->n", Z, np.repeat(u_ref, ct, axis=0))
     ce = c * e
-    return Centred(u_ref, np.add.reduceat(ce * e, st), np.add.reduceat(ce[:, None] * design.Z, st, axis=0))
+    return Centred(u_ref, np.add.reduceat(ce * e, st), np.add.reduceat(ce[:, None] * Z, st, axis=0))
 
 
 def _prior_times(P: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1151,14 +1203,14 @@ class JointIntegrand(Integrand):
         """``(beta, alpha, Prior)`` of the MELSM part of ``theta``."""
         return self.base.split(theta[: self.n_stage1])
 
-    def log_conditional(self, beta, alpha, b):
-        return self.base.log_conditional(beta, alpha, b)
+    def log_conditional(self, beta, alpha, b, Z=None):
+        return self.base.log_conditional(beta, alpha, b, Z)
 
     def log_h(self, theta, b):
         """``h_j(b_jk)`` including the outcome term, shape ``(J, K)``."""
         return self.base.log_h(theta[: self.n_stage1], b) + self.outcome.log_density(theta[self.n_stage1 :], b)
 
-    def u_exact_parts(self, beta, alpha, v):
+    def u_exact_parts(self, beta, alpha, v, Z=None):
         raise ModelSpecError("the joint stage-2 model integrates every school effect by the product rule")
 
     def mode_problem(self, theta):

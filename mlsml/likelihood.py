@@ -231,7 +231,7 @@ class Likelihood:
             return sums_hessian(self.integrand, theta, closed_form_reduced(nd, weights, self.design.group_weights))
         if nodes is None:
             nodes = self.adapt(theta)
-        if isinstance(self.integrand, SchoolSums):  # the data enter through per-school sums
+        if isinstance(self.integrand, SchoolSums) and self.integrand.through_sums:  # the data enter through per-school sums
 
             def log_lik(integrand, th):
                 return _weighted_sum(self.design, _per_school(integrand, self.spec, th, nodes))

@@ -122,7 +122,10 @@ bs_formula : str, optional
     One-sided formula of a log-linear between-school variance of the random
     intercept, :math:`\ln \operatorname{var}(u_{0j}) = s_j'\tau`, in school-level
     columns (constant within each school); the parameters ``bsvar:<term>`` replace
-    ``var(u0)``. See :mod:`mlsml.integrand`.
+    ``var(u0)``. A level-1 (time-varying) column, as MIXREGLS allows, makes the
+    variance of the random location vary by row, :math:`\exp(s_{ij}'\tau)`
+    (:func:`mlsml.integrand.loaded_Z`; ``u0_j`` is then the location where those
+    columns are zero). See :mod:`mlsml.integrand` and docs/model.md.
 association : {"linear", "none", "quadratic"}, default "linear"
     How the random location enters the log residual variance (MIXREGLS ``NCOV``
     1, 0, 2): ``"linear"``, through ``cov(u0,v)`` (Sigma unstructured);

@@ -34,7 +34,8 @@ of ``re_formula`` (``u0`` is the random intercept when there is one).
   formula's column order) instead of ``v``, e.g. ``var(v1)``, ``cov(u0,v1)``.
   ``v`` is kept when there is only the random scale intercept (the contract).
 - a log-linear between-school variance of the random intercept (``bs_formula="~ s"``):
-  ``ln var(u0_j) = s_j' tau`` with school-level ``s_j``. The names ``bsvar:<term>``
+  ``ln var(u0_j) = s_j' tau`` with school-level ``s_j`` (level-1 columns, varying within a
+  school, load ``u0`` row by row: :func:`mlsml.integrand.loaded_Z`). The names ``bsvar:<term>``
   (the ``tau``) replace ``var(u0)`` and come right after the ``scale:`` block. The
   correlations are constant: ``Sigma_j = S_j Sigma0 S_j`` with
   ``S_j = diag(exp(s_j' tau / 2), 1, ..., 1)`` and ``Sigma0[0, 0] = 1``; the reported

@@ -562,6 +562,9 @@ class PredictionRows:
     offset : ndarray (n,) or None
         The offset of the mean (``kind="mean"``) or of the log variance (the other kinds)
         of each row, when the fit has one (:mod:`mlsml.weights`).
+    S1 : ndarray (n, m) or None
+        The level-1 columns of ``bs_formula`` of each row (:attr:`mlsml.design.Design.S_level1`),
+        which load ``u0`` (:meth:`loaded_Z`); ``None`` without them.
     """
 
     X: np.ndarray | None
@@ -571,10 +574,20 @@ class PredictionRows:
     pos: np.ndarray
     index: pd.Index
     offset: np.ndarray | None = None
+    S1: np.ndarray | None = None
 
     def shift(self, values: np.ndarray) -> np.ndarray:
         """``values`` plus the rows' offset (unchanged without one)."""
         return values if self.offset is None else values + self.offset
+
+    def loaded_Z(self, theta: np.ndarray, layout) -> np.ndarray:
+        r"""``Z`` with column 0 times :math:`e^{s^{(1)\prime}_i\tau/2}` at ``theta`` (:func:`mlsml.integrand.loaded_Z`)."""
+        if self.S1 is None:
+            return self.Z
+        tau = np.asarray(theta, dtype=float)[layout.p + layout.k : layout.p + layout.k + layout.m]
+        Z = np.array(self.Z, dtype=float)
+        Z[:, 0] *= np.exp(0.5 * self.S1 @ tau)
+        return Z
 
     @property
     def known(self) -> np.ndarray:
@@ -613,6 +626,13 @@ def _scale_re_info(spec: FormulaSpec):
     if spec.frame is None:
         raise DataError("the scale random-effects formula cannot be evaluated: the fitted data did not travel with this result")
     return _materialise(spec.scale_re_formula, spec.frame, "scale random-effects formula", spec.groups)[1]
+
+
+def _bs_info(spec: FormulaSpec):
+    """The design description of ``bs_formula``, evaluated on the fitted data."""
+    if spec.frame is None:
+        raise DataError("the between-school variance formula cannot be evaluated: the fitted data did not travel with this result")
+    return _materialise(spec.bs_formula, spec.frame, "between-school variance formula", spec.groups)[1]
 
 
 def _unknown_group_message(labels: pd.Index, groups: str, values: pd.Series, unknown: np.ndarray) -> str:
@@ -665,6 +685,8 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     lay = design.layout
     spec = res.model.formula_spec
     mean = kind == "mean"
+    # level-1 bs_formula columns: a row's random location is u0_j exp(s1_ij' tau / 2)
+    level1 = bool(mean and conditional and lay.q and getattr(design, "S_level1", None) is not None)
     if newdata is None:
         inv = np.argsort(design.order)  # sorted row -> caller's row
         n = design.nobs
@@ -675,11 +697,13 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
         if not mean:
             G = design.G[inv] if design.G is not None else np.ones((n, lay.n_v))
         off = design.offset if mean else design.scale_offset
-        return PredictionRows(X, Z, W, G, np.asarray(pos, dtype=np.intp), design.row_labels, None if off is None else off[inv])
+        S1 = design.S_level1[inv] if level1 else None
+        pos = np.asarray(pos, dtype=np.intp)
+        return PredictionRows(X, Z, W, G, pos, design.row_labels, None if off is None else off[inv], S1)
     frame = _as_frame(newdata)
     n = len(frame)
     pos = np.full(n, -1, dtype=np.intp)
-    formulas = (spec.formula, spec.scale_formula, spec.re_formula, spec.scale_re_formula)
+    formulas = (spec.formula, spec.scale_formula, spec.re_formula, spec.scale_re_formula, spec.bs_formula if level1 else None)
     if spec.groups not in frame.columns and uses_group_transforms(*formulas):
         raise DataError(
             f"the model's within()/between() terms need the grouping column {spec.groups!r} in newdata "
@@ -708,7 +732,11 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
         else:
             G = np.ones((n, lay.n_v))
     off = _new_offset(design, frame, "offset" if mean else "scale_offset") if offset is None else np.asarray(offset, dtype=float)
-    return PredictionRows(X, Z, W, G, pos, frame.index, off)
+    S1 = None
+    if level1:  # the rows' level-1 bs_formula columns (the fit's design description; zero in the school-level ones)
+        Sfull = _design_for(_bs_info(spec), frame, "between-school variance design")
+        S1 = np.where(np.any(design.S_level1 != 0, axis=0)[None, :], Sfull, 0.0)
+    return PredictionRows(X, Z, W, G, pos, frame.index, off, S1)
 
 
 def _new_offset(design: Design, frame: pd.DataFrame, which: str) -> np.ndarray | None:
@@ -773,7 +801,7 @@ def _conditional_fixed_nodes(theta: np.ndarray, lik: Likelihood, nodes: Nodes, r
     _, alpha, _ = lay.split(np.asarray(theta, dtype=float))
     if kind == "mean":
         Eu = np.einsum("jk,jkq->jq", p, nodes.b[:, :, : lay.q])
-        out[known] += np.einsum("iq,iq->i", rows.Z[known], Eu[rows.pos[known]])
+        out[known] += np.einsum("iq,iq->i", rows.loaded_Z(theta, lay)[known], Eu[rows.pos[known]])
     else:
         c = _power(kind)
         out[known] = np.exp(c * rows.shift(rows.W @ np.asarray(alpha))[known]) * _posterior_exp(p, nodes.b, rows, lay.q, c)
@@ -831,7 +859,7 @@ def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) ->
     j = rows.pos[known]
     if kind == "mean":
         if q:
-            Zk = rows.Z[known]
+            Zk = rows.loaded_Z(theta, lay)[known]
             out[known] += np.einsum("iq,iq->i", Zk, post.mean[j, :q])
             post_var[known] = np.einsum("iq,iqr,ir->i", Zk, post.cov[j, :q, :q], Zk)
         return out, post_var

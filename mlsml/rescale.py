@@ -340,6 +340,8 @@ def reparametrise(design: Design) -> Reparametrisation:
                 sigma, delta = 1.0, np.zeros(lay.k)  # the constant is not in the span of W
     Px, Pw = column_map(design.X), column_map(design.W)
     PS = column_map(design.S) if (bs and design.S is not None) else np.eye(lay.m)
+    if bs and design.S_level1 is not None:  # level-1 columns: the map of the rows' whole design
+        PS = column_map(design.S[design.group] + design.S_level1)
     d = lay.d
     T = np.eye(d)
     if not bs and d:
@@ -371,4 +373,5 @@ def standardised_design(design: Design, sigma: float, Px: np.ndarray, Pw: np.nda
         Z=design.Z @ (T[: lay.q, : lay.q] / sigma) if (not bs and lay.q) else design.Z,
         G=design.G @ T[lay.q :, lay.q :] if (not bs and lay.scale_re_terms and design.G is not None) else design.G,
         S=design.S @ PS if (bs and design.S is not None) else design.S,
+        S_level1=design.S_level1 @ PS if design.S_level1 is not None else None,
     )

@@ -155,8 +155,10 @@ def school_covariates(res, s) -> np.ndarray | None:
     """``sbar``: the school-level covariates of ``bs_formula`` at which population quantities are evaluated.
 
     ``None`` (the default) is the mean over schools of each column (each school counted
-    once); a mapping or array as in :func:`reference_vector`. Returns ``None`` for models
-    without ``bs_formula``, where ``s`` must be ``None``.
+    once; a level-1 column by its mean within each school); a mapping or array as in
+    :func:`reference_vector`. Returns ``None`` for models without ``bs_formula``, where ``s``
+    must be ``None``. With level-1 columns (:attr:`mlsml.design.Design.S_level1`) ``s`` sets
+    them too: the quantities are those of the random location at the covariates ``s``.
     """
     design = res.model.design
     lay = design.layout
@@ -164,7 +166,25 @@ def school_covariates(res, s) -> np.ndarray | None:
         if s is not None:
             raise ModelSpecError(f"s={s!r} is given, but s (school-level covariates) applies to models with bs_formula only")
         return None
-    return reference_vector(s, lay.bs_terms, design.S, "s")
+    S = design.S
+    if design.S_level1 is not None:
+        S = S + np.add.reduceat(design.S_level1, design.starts, axis=0) / design.counts[:, None]
+    return reference_vector(s, lay.bs_terms, S, "s")
+
+
+def level1_loading(res, sbar: np.ndarray | None) -> float:
+    r"""The loading :math:`\exp(s^{(1)\prime}\tau/2)` of ``u0`` at the level-1 part of ``sbar`` (1 without level-1 columns).
+
+    ``u0_j`` (the integration variable, :func:`mlsml.integrand.loaded_Z`) is the school's random
+    location where the level-1 columns of ``bs_formula`` are zero; at covariates ``sbar`` it is
+    ``u0_j`` times this.
+    """
+    design = res.model.design
+    if sbar is None or design.S_level1 is None:
+        return 1.0
+    level1 = np.any(design.S_level1 != 0, axis=0)
+    tau = res.params[[f"bsvar:{t}" for t in res.layout.bs_terms]].to_numpy(dtype=float)
+    return float(np.exp(0.5 * np.dot(np.where(level1, sbar, 0.0), tau)))
 
 
 def _cov_theta(res) -> np.ndarray | None:
@@ -185,6 +205,11 @@ def random_effects(res, cov: bool = False):
     for i, name in enumerate(lay.re_names):
         cols[name] = mean[:, i]
         cols[f"{name}_sd"] = np.sqrt(np.clip(C[:, i, i], 0, None))
+    if getattr(design, "S_level1", None) is not None:  # the standardised random location theta1_j = u0_j / exp(s_j'tau/2)
+        _, _, prior = res.likelihood.integrand.split(np.asarray(res.theta, dtype=float))
+        sd0 = np.exp(np.asarray(prior.log_sd0, dtype=float))
+        cols["theta1"] = mean[:, 0] / sd0
+        cols["theta1_sd"] = np.sqrt(np.clip(C[:, 0, 0], 0, None)) / sd0
     cols["n"] = design.counts.astype(int)
     frame = pd.DataFrame(cols, index=_index(res))
     if cov:
@@ -221,6 +246,9 @@ def school_effects(
     q, rs = lay.q, lay.n_v > 0
     alpha = res.fe_scale.to_numpy()
     zbar = _zbar(res, z)
+    if getattr(design, "S_level1", None) is not None:  # the random location at the mean level-1 bs_formula covariates
+        zbar = zbar.copy()
+        zbar[0] *= level1_loading(res, school_covariates(res, None))
     if isinstance(w, str):
         if w != "school":
             raise ModelSpecError(f"w must be None, 'school', a mapping of term -> value or an array, not {w!r}")
@@ -340,7 +368,9 @@ def population_quantities(res, w=None, z=None, s=None) -> pd.DataFrame:
         se = np.full(values.shape, np.nan)
     table = pd.DataFrame({"estimate": values, "std err": se}, index=pd.Index(names, name="quantity"))
     if q and rs:
-        r, r_se = _corr_predictions(res, wbar, zbar, gbar, cov_t)
+        zl = zbar.copy()
+        zl[0] *= level1_loading(res, sbar)  # E(u | y) is of u0 where level-1 bs_formula columns are 0
+        r, r_se = _corr_predictions(res, wbar, zl, gbar, cov_t)
         table.loc["corr_pred"] = [r, r_se]
     for row in ("sd_mean", "idr_mean_lo", "idr_mean_hi", "total_variance", "vpc", "corr_uv", "corr_pred"):
         if row not in table.index:

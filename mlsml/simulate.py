@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .design import Design
-from .integrand import make_integrand
+from .integrand import loaded_Z, make_integrand
 
 #: Parameters of the demo data: close to the paper's Model 3 estimates.
 DEMO_TRUTH = {
@@ -66,8 +66,10 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
     """
     lay = design.layout
     # the integrand's prior: Sigma_j = L_j L_j' is school-specific with bs_formula
-    beta, alpha, L = make_integrand(design).prior_chol(np.asarray(theta, dtype=float))
-    beta, alpha, L = np.asarray(beta), np.asarray(alpha), np.asarray(L)
+    integrand = make_integrand(design)
+    beta, alpha, prior = integrand.split(np.asarray(theta, dtype=float))
+    beta, alpha, L = np.asarray(beta), np.asarray(alpha), np.asarray(prior.chol)
+    Z = np.asarray(loaded_Z(design, prior))  # level-1 bs_formula columns load u0 row by row
     gamma = lay.quad(np.asarray(theta, dtype=float))  # quad(u0,v): + gamma (u0 / sd(u0))^2 in the log variance
     sd0 = (L[0, 0] if L.ndim == 2 else L[:, 0, 0]) if gamma is not None else None
     J, N, q = design.ngroups, design.nobs, lay.q
@@ -84,7 +86,7 @@ def draw_responses(design: Design, theta: np.ndarray, rng: np.random.Generator, 
             lv = eta + (b[design.group, q] if lay.random_scale else 0.0)
         if gamma is not None:
             lv = lv + (float(gamma) * (b[:, 0] / sd0) ** 2)[design.group]
-        zu = np.einsum("iq,iq->i", design.Z, u[design.group])
+        zu = np.einsum("iq,iq->i", Z, u[design.group])
         out[r] = mu + zu + np.exp(0.5 * lv) * rng.standard_normal(N)
     return out
 

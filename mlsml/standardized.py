@@ -87,7 +87,10 @@ def _maps(res):
     sds = list(sx) + list(sw)
     means = list(mx) + list(mw)
     if lay.bs_terms:
-        Ps, ms, ss = column_map(design.S, weights=design.counts)
+        if design.S_level1 is None:  # one row per school, weighted by its rows
+            Ps, ms, ss = column_map(design.S, weights=design.counts)
+        else:  # level-1 columns: standardised over the rows, as MixWILD does
+            Ps, ms, ss = column_map(design.S[design.group] + design.S_level1)
         blocks.append(np.linalg.inv(Ps))
         sds += list(ss)
         means += list(ms)

@@ -140,9 +140,13 @@ def test_fit_with_between_school_variance_function(tmp_path, capsys):
     d = json.loads(out.read_text())
     assert "bsvar:endog" in d["params"]
     assert d["llf"] == pytest.approx(-1122.2946, abs=1e-3)
-    code = main(["fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week", "--groups", "id", "--bs", "~ week", "-q"])
-    assert code == 2
-    assert "week" in capsys.readouterr().err
+    # a time-varying column is a level-1 column of the BS variance (MIXREGLS's u_ij'ALPHA, issue 13)
+    out1 = tmp_path / "fit1.json"
+    argv = ["fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week", "--groups", "id", "--bs", "~ week", "-q"]
+    assert main([*argv, "--json", str(out1)]) == 0
+    assert "bsvar:week" in json.loads(out1.read_text())["params"]
+    assert main(["fit", str(DATA / "riesby.csv"), "--formula", "hamdep ~ week", "--groups", "id", "--bs", "~ nosuch", "-q"]) == 2
+    assert "nosuch" in capsys.readouterr().err
 
 
 def _demo_csv(tmp_path, labels=None, sep=",", name="d.csv", **kw):

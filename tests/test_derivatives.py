@@ -205,3 +205,38 @@ def test_conditional_mode_of_u0_is_the_stationary_point_of_h(exam):
         second = (f(mode[:, k] + h) - 2 * f(mode[:, k]) + f(mode[:, k] - h)) / h**2
         assert np.abs(slope).max() < 1e-6 * np.abs(second).max()
         np.testing.assert_allclose(curv[:, k], -second, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["uexact", "product"])
+def test_level1_bs_formula_derivatives_equal_finite_differences(exam, kind):
+    """Level-1 bs_formula columns (issue 13): tau enters the data term through the loaded Z
+    (mlsml.integrand.loaded_Z), so the gradient and Hessian (autograd on the likelihood, not
+    through the sums) are checked against central differences of the value at fixed nodes; the
+    numpy mode problem (loaded Z too) equals h_j and its derivatives its finite differences."""
+    model = mlsml.MELSM.from_formula(
+        "normexam ~ standLRT", exam[exam.school <= 20], groups="school", scale_formula="~ standLRT", bs_formula="~ standLRT"
+    )
+    assert model.design.S_level1 is not None
+    lik = model.objective(nagq=5, quadrature="marginal" if kind == "uexact" else "product")
+    assert not lik.integrand.through_sums
+    theta = mlsml.start.start_values(lik.integrand) + np.random.default_rng(4).normal(0, 0.2, model.layout.n_params)
+    nodes = lik.adapt(theta)
+    value, grad = lik.value_and_grad(theta, nodes)
+    H = lik.hessian(theta, nodes)
+    h = 1e-5
+    E = np.eye(theta.size) * h
+    g_fd = np.array([(lik.at_nodes(theta + e, nodes) - lik.at_nodes(theta - e, nodes)) / (2 * h) for e in E])
+    np.testing.assert_allclose(grad, g_fd, rtol=1e-6, atol=1e-6 * np.abs(g_fd).max())
+    H_fd = np.array([(lik.value_and_grad(theta + e, nodes)[1] - lik.value_and_grad(theta - e, nodes)[1]) / (2 * h) for e in E])
+    np.testing.assert_allclose(H, H_fd, rtol=1e-5, atol=1e-5 * np.abs(H_fd).max())
+    assert abs(grad[model.layout.p + model.layout.k + 1]) > 1e-3  # bsvar:standLRT moves the likelihood
+    # the mode problem sees the same loaded design as the likelihood
+    prob = lik.integrand.mode_problem(theta)
+    b = np.random.default_rng(5).normal(0, 0.4, (prob.J, model.layout.d))
+    b2 = b + np.random.default_rng(6).normal(0, 0.4, b.shape)
+    log_h = np.asarray(lik.integrand.log_h(theta, np.stack([b, b2], axis=1)))  # f is h_j up to a constant
+    np.testing.assert_allclose(prob.f(b) - prob.f(b2), log_h[:, 0] - log_h[:, 1], rtol=1e-9, atol=1e-9)
+    g, Hb = prob.derivs(b)
+    gb_fd, Hb_fd = _fd_grad_hess(prob.f, b)
+    np.testing.assert_allclose(g, gb_fd, rtol=1e-6, atol=1e-5 * np.abs(gb_fd).max())
+    np.testing.assert_allclose(Hb, Hb_fd, rtol=1e-4, atol=1e-4 * np.abs(Hb_fd).max())

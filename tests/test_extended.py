@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA, load_reference, scale_slope_data
 
 import mlsml
-from mlsml.errors import DataError, ModelSpecError, SingularFitWarning
+from mlsml.errors import ModelSpecError, SingularFitWarning
 from mlsml.integrand import PerObservation, log_conditional, make_integrand, school_sums
 from mlsml.likelihood import Likelihood
 from mlsml.quadrature import QuadratureSpec, default_nagq
@@ -55,9 +55,12 @@ def test_names_scale_slope_and_bs(riesby):
     assert mb.param_names[7:] == ["bsvar:Intercept", "bsvar:endog", "var(v)", "cov(u0,v)"]
 
 
-def test_bs_formula_must_be_school_level(riesby):
-    with pytest.raises(DataError, match="'week' is not constant within group"):
-        mlsml.MELSM.from_formula(data=riesby, bs_formula="~ week", **RIESBY)
+def test_bs_formula_level1_columns_and_random_intercept(riesby):
+    # a time-varying column is a level-1 column of the BS variance (MIXREGLS's u_ij'ALPHA; issue 13,
+    # tests/test_bs_level1.py), no longer refused
+    m = mlsml.MELSM.from_formula(data=riesby, bs_formula="~ week + endog", **RIESBY)
+    assert m.design.S_level1 is not None and np.any(m.design.S_level1[:, 1] != 0)
+    np.testing.assert_array_equal(m.design.S_level1[:, [0, 2]], 0.0)
     with pytest.raises(ModelSpecError, match="re_formula"):
         mlsml.MELSM.from_formula(data=riesby, bs_formula="~ endog", re_formula="~ 0", **RIESBY)
 

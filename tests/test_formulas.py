@@ -138,7 +138,7 @@ def test_lme4_error_names_the_mismatch_with_groups_and_nesting():
 
 def test_lme4_error_notes_double_bars_bs_formula_and_a_missing_response():
     assert "'||' (lme4's uncorrelated effects) has no mlsml counterpart" in _lme4_error({"formula": "y ~ (x || school)"})
-    assert "bs_formula holds school-level covariates" in _lme4_error({"formula": "y ~ x", "bs_formula": "~ (1 | school)"})
+    assert "bs_formula holds the covariates of ln var(u0)" in _lme4_error({"formula": "y ~ x", "bs_formula": "~ (1 | school)"})
     assert "the mean formula also needs a response" in _lme4_error({"formula": "~ x + (1 | school)"})
 
 

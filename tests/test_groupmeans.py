@@ -45,8 +45,9 @@ def test_in_the_random_effects_and_between_school_variance_formulas(data):
     lay = model.layout
     assert lay.bs_terms == ("Intercept", "between(x)") and model.design.info["re_terms"] == ("Intercept", "within(x)")
     np.testing.assert_allclose(model.design.S[:, 1], data.groupby("school")["x"].mean().to_numpy(), rtol=1e-12)
-    with pytest.raises(DataError, match="not constant within group"):
-        mlsml.MELSM.from_formula("y ~ x", data, groups="school", bs_formula="~ within(x)")
+    # within(x) varies within schools: a level-1 column of the between-school variance (issue 13)
+    lev1 = mlsml.MELSM.from_formula("y ~ x", data, groups="school", bs_formula="~ within(x)")
+    assert lev1.design.S_level1 is not None and np.all(lev1.design.S[:, 1] == 0)
 
 
 def test_means_are_those_of_the_estimation_rows(data):

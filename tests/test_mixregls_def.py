@@ -672,3 +672,26 @@ def test_bs_variance_covariates_job_matches_mixregls(tmp_path):
     assert res.llf == pytest.approx(ref["stages"]["stage3"]["loglik"], abs=1e-3)
     assert "ALPHA (BS variance parameters: log-linear model)" in run.report
     assert any("R = 1" in n for n in run.job.notes)
+
+
+def test_mixwild2_level1_bs_variance_job_equals_direct_fit(tmp_path):
+    """MixWILD 2.0 MIXREGLS mode (MLS = 0) with R = 1 and a time-varying BS-variance column (issue 13:
+    MIXREGLS evaluates u_ij'ALPHA per observation; refused before as not constant within a cluster)."""
+    import mlsml
+
+    shutil.copy(JOBS / "exam__m3" / "data.dat", tmp_path / "data.dat")
+    (tmp_path / "job.def").write_text(
+        "exam level-1 BS variance\nMixWILD 2.0 stage 1\ndata.dat\nexam_bs\n"
+        "3 1 1 1 0 0 0 0 0 0 1.0E-05 7 1 200 0 0 1 0.1 0 0 0 0 0 0 0 0 0 0\n1 2\n3\n3\n3\nnormexam\nstandLRT\nstandLRT\nstandLRT\n"
+    )
+    job = parse_def(tmp_path / "job.def")
+    assert not job.random_slopes and job.u_labels == ("standLRT",)
+    run = run_job(tmp_path / "job.def", stages=False)
+    assert run.results.model.design.S_level1 is not None
+    exam = pd.read_csv(DATA / "exam.csv")
+    direct = mlsml.fit("normexam ~ standLRT", exam, groups="school", scale_formula="~ standLRT", bs_formula="~ standLRT", nagq=7)
+    assert run.results.llf == pytest.approx(direct.llf, abs=1e-6)
+    np.testing.assert_allclose(run.results.params.to_numpy(), direct.params.to_numpy(), atol=1e-5)
+    assert "ALPHA (BS variance" in run.report
+    row = next(ln for ln in run.report.splitlines() if ln.split()[:1] == ["standLRT"] and "ALPHA" not in ln)
+    assert row  # the descriptives list the BS-variance column per observation

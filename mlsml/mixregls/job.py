@@ -18,7 +18,8 @@ from it ``x_WS``; ``NCENT = 1`` standardises every covariate column;
 rotated; its own optimiser, so ``CONV``, ``MAXIT`` and ``RIDGEIN`` are not
 used). ``NCOV`` 0, 1, 2 is ``association="none"``, ``"linear"``, ``"quadratic"``
 and the ``R`` BS-variance columns (MIXREGLS's ALPHA) are ``bs_formula``,
-:math:`\\ln\\operatorname{var}(u_{0j}) = s_j'\\tau` (cluster-level columns). MixWILD 2.0's
+:math:`\\ln\\operatorname{var}(u_{0ij}) = u_{ij}'\\tau`, evaluated per observation as MIXREGLS
+does (a time-varying column is a level-1 column of :attr:`mlsml.design.Design.S_level1`). MixWILD 2.0's
 MIXREGMLS mode (``MLS = 1``) is read as a random-slope model: the ``R`` BS-variance
 columns become random slopes (``re_formula``), all location effects correlated with
 the random scale.
