@@ -17,6 +17,7 @@ The figures built on them (histograms with normal curves) are in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -603,6 +604,12 @@ class TailCheck:
             f"(95% of simulated normal data sets below {self.reference_quantiles[0.95]:.3g}; p {self._p_text()}, "
             f"{self.n_schools} schools of {TAIL_MIN_SIZE} or more rows)"
         )
+        if not self.heavy and self.p_value <= 1 / (self.n_sim + 1) and 1 / (self.n_sim + 1) >= TAIL_ALPHA:
+            # above every simulated data set, but too few of them to reach the level
+            return (
+                f"residual tails not decided: the statistic is above all {self.n_sim} simulated normal data sets, "
+                f"so p {self._p_text()} cannot fall below {TAIL_ALPHA:g}; use n_sim >= {math.ceil(1 / TAIL_ALPHA)}: " + found
+            )
         if not self.heavy:
             return "residual tails consistent with the normal distribution: " + found
         return (

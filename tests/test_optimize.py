@@ -184,11 +184,13 @@ def test_a_rule_accurate_to_the_llf_unit_but_not_to_1e3_is_raised():
 def test_a_rule_that_stays_inaccurate_is_not_called_converged():
     """Issue 12 fuzz case 1478415917575154483 (7 schools): the 15-point fit said converged at
     -102.619 while 31, 63 and 127 points at a fit with var(v) = 175 give -97.18, -97.06 and
-    -97.00. Raising the rule (from the estimates when the start fails) finds that region, and a
-    maximum the quadrature cannot pin down to RULE_RAISE_TOL is reported as not converged."""
+    -97.00. Raising the rule (from the estimates first) finds that region, and a maximum the
+    quadrature cannot pin down to RULE_RAISE_TOL is reported as not converged."""
     row, data = stored_fuzz_case(1478415917575154483)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = mlsml.fit(data=data, **row["spec"])
     assert res.llf > -102.619 + 1.0
-    assert not res.converged and "not accurate enough at the estimates" in res.optsum.message
+    # where the last refit stops decides which of the two reasons is given
+    assert not res.converged
+    assert "not accurate enough at the estimates" in res.optsum.message or "not at a maximum" in res.optsum.message
