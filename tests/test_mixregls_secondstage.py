@@ -8,6 +8,7 @@ MixWILD's own stage-2 program on its example data is validation/mixwild_stage2.p
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -110,3 +111,30 @@ def test_stage2_settings_mlsml_cannot_run_are_refused(job_dir, stage2, multi2nd,
 def test_stage2_column_outside_the_file_is_refused(job_dir):
     with pytest.raises(ModelSpecError, match="stage-2 column number 9 is outside 1..NVAR = 6"):
         parse_def(text=_def(tail="1 0 0 -1\n9\n4\nScore\nW"), path=job_dir / "job.def")
+
+
+def test_mixwilds_own_stage2_jobs_are_read():
+    """The two MixWILD 2.0 jobs run for validation/REPORT.md section 8 (continuous and ordinal)."""
+    ref = Path(__file__).resolve().parents[1] / "validation" / "reference" / "mixwild_stage2"
+    ex1 = parse_def(ref / "ex1.def").stage2
+    assert (ex1.family, ex1.counts, ex1.y_label, ex1.ndraws, ex1.seed) == ("gaussian", (0, 0, 0, 0), "BMI", 200, 13)
+    ordinal = parse_def(ref / "ord.def").stage2
+    assert (ordinal.family, ordinal.categories, ordinal.y_col, ordinal.ndraws) == ("ordinal", (0.0, 1.0, 2.0), 12, 100)
+
+
+def test_stage2_from_a_separate_level2_file(job_dir, gaussian_run):
+    """SEPFILE = 1: the level-2 data come from their own file (NVARSEP columns, its id column); the rows of
+    stage 1 are then not filtered by the stage-2 columns."""
+    dat = np.loadtxt(job_dir / "data.dat")
+    ids, first = np.unique(dat[:, 0], return_index=True)
+    level2 = np.column_stack([dat[first, 3], ids, dat[first, 4]])  # W, id, Score (subject 4's Score is -999)
+    np.savetxt(job_dir / "level2.dat", level2, fmt="%.10g")
+    text = _def().replace(" 1 0 0\n", " 1 0 1\n", 1).replace("1 0 0 -1\n", "1 0 0 -1\nlevel2.dat\n3 2\n", 1)
+    text = text.replace("\n5\n4\nScore", "\n3\n1\nScore")
+    (job_dir / "sep.def").write_text(text)
+    job = parse_def(job_dir / "sep.def")
+    assert job.stage2.data_file == "level2.dat" and (job.stage2.nvar, job.stage2.id_col) == (3, 2)
+    with pytest.warns(mlsml.MissingDataWarning, match="level2.dat"):
+        run = run_job(job_dir / "sep.def", stages=False)
+    assert run.results.ngroups == 40 and run.stage2.nobs == 39  # stage 1 keeps subject 4; stage 2 does not
+    np.testing.assert_allclose(run.stage2.params["W"], gaussian_run.stage2.params["W"], atol=0.3)
