@@ -81,6 +81,7 @@ from .integrand import JOINT_FAMILIES, JointIntegrand, SchoolOutcome
 from .likelihood import Likelihood
 from .optimize import maximize
 from .predict import PosteriorGrid, draw_effects, posterior_likelihood, posterior_moments
+from .quadgrid import QuadraticPosterior
 from .quadrature import QuadratureSpec, default_nagq
 from .scalegrid import ScaleGrid
 from .validate import describe_value
@@ -276,6 +277,9 @@ def _posterior_draws(res, theta: np.ndarray, mean: np.ndarray, cov: np.ndarray, 
     lay = res.layout
     q, nv = lay.q, lay.n_v
     integrand = res.likelihood.integrand
+    if lay.quad_assoc:  # association="quadratic": (u0, w) from the 2-d grid (w, the whole log-variance shift, is "v")
+        u, w = QuadraticPosterior.build(integrand, theta, mean, cov).draws(ndraws, rng)
+        return np.stack([u, w], axis=-1)
     if integrand.core:
         grid = PosteriorGrid.build(theta, res.model.design, mean[:, q] if nv else None, np.sqrt(cov[:, q, q]) if nv else None)
         return draw_effects(grid.v, grid.cdf if nv else None, grid.density, grid.mu, grid.V, ndraws, rng)
@@ -658,7 +662,7 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
             draws = _posterior_draws(res, np.asarray(res.theta, dtype=float), mean, cov, ndraws, rng)
         else:
             draws = np.concatenate([_proper_draw(res, sampler, mean, cov, rng) for _ in range(ndraws)], axis=0)
-    except ModelSpecError as exc:  # a model class without exact posterior draws (e.g. association="quadratic")
+    except ModelSpecError as exc:  # a model class without exact posterior draws (several scale effects)
         raise ModelSpecError(f"stage 2 with method='mi' needs exact posterior draws: {exc}. Use method='joint'") from exc
     Q, U, failed, names, last_error = [], [], 0, None, None
     for m in range(ndraws):

@@ -13,6 +13,7 @@ import mlsml
 from mlsml.predict import posterior_likelihood, posterior_moments
 from mlsml.quadgrid import QuadraticPosterior
 from mlsml.schools import variance_vectors
+from mlsml.stage2 import _posterior_draws
 
 
 def _brute(integrand, theta, mean, cov, half=20.0, points=401):
@@ -99,3 +100,18 @@ def test_school_effects_of_a_quadratic_fit(quad_fit):
     assert np.all(table["mean_lo"] < table["mean"]) and np.all(table["mean"] < table["mean_hi"])
     assert np.all(table["var_lo"] < table["var"]) and np.all(table["var"] < table["var_hi"])
     assert table["mean_rank_lo"].le(table["mean_rank"]).all() and table["var_rank_hi"].ge(table["var_rank"]).all()
+
+
+def test_stage2_mi_of_a_quadratic_fit_draws_from_the_grid(quad_fit):
+    """res.stage2(method="mi") after association="quadratic" (refused before: no exact draws); the
+    scale effect is w, as in random_effects(); the draws' means are the posterior means."""
+    res = quad_fit
+    rng = np.random.default_rng(8)
+    re = res.random_effects()
+    schools = pd.DataFrame({"school": re.index, "score": 2.0 * re["u0"].to_numpy() + rng.normal(0, 0.1, len(re))})
+    s2 = res.stage2("score ~ u0 + v", data=schools, ndraws=40, seed=2, stage1_uncertainty=False)
+    assert list(s2.params.index) == ["Intercept", "u0", "v", "var(resid)"] and np.all(np.isfinite(s2.bse))
+    mean, cov = posterior_moments(posterior_likelihood(res), res.theta)
+    b = _posterior_draws(res, np.asarray(res.theta, float), mean, cov, 400, np.random.default_rng(1))
+    z = (b.mean(axis=0) - mean) / np.sqrt(np.einsum("jii->ji", cov) / 400)
+    assert b.shape == (400, 40, 2) and np.abs(z).max() < 4.5
