@@ -40,8 +40,8 @@ exact posterior and pools by Rubin's rules, see ``docs/stage2.md``). Settings ml
 raise :class:`~mlsml.errors.ModelSpecError` naming them: ``STAGE2 = 4`` (nominal),
 ``MULTI2ND = 1`` (a multilevel second stage), and stage 2 after a model whose ``Sigma``
 varies by subject (BS-variance covariates, ``R > 0``), with random slopes (``MLS = 1``) or
-with the quadratic association (``NCOV = 2``: ``theta2`` is not linear in ``u0``, ``v`` and
-``method="mi"`` has no exact posterior draws for that model).
+with the quadratic association (``NCOV = 2``: MixWILD's ``theta2`` is then not the
+linear map of this module; ``res.stage2`` runs on such a fit directly).
 """
 
 from __future__ import annotations
@@ -118,7 +118,11 @@ def read_stage2(read_record: Callable, settings: dict[str, float], where: str) -
         raise refuse("R", "stage 2 after a model with BS-variance covariates (a Sigma per subject) is not available")
     random_scale = int(settings.get("NORS", 0)) != 1
     if random_scale and int(settings["NCOV"]) == 2:
-        raise refuse("NCOV", "stage 2 after the quadratic association is not available (theta2 is not linear in u0, v)")
+        raise refuse(
+            "NCOV",
+            "the job's stage 2 after the quadratic association is not mapped (theta2 is not linear in u0, v); "
+            "fit the job's stage 1 and call res.stage2 on it",
+        )
     n_counts = 4 if random_scale else 2
     counts = [int(c) for c in read_record(n_counts, "the stage-2 counts PFIXED PTHETA POMEGA PTO")] + [-1] * (4 - n_counts)
     for name, c in zip(("PFIXED", "PTHETA", "POMEGA", "PTO"), counts):
