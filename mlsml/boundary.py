@@ -382,11 +382,12 @@ def reference_variances(lik: Likelihood, natural: np.ndarray) -> np.ndarray:
     return ref
 
 
-def _face_start(L: np.ndarray, kind: str, k: int, sign: float) -> np.ndarray:
+def _face_start(L: np.ndarray, kind: str, k: int, sign: float, free_row: list[int] | None = None) -> np.ndarray:
     """The start on a face: the fit's factor ``L`` with the face's entries fixed, variances kept.
 
     For ``kind="rank"`` row ``k`` keeps its length (``var(e_k)``) but loses its own
-    direction, ``L[k, :k]`` scaled up (or, when zero, along effect 0), times ``sign``.
+    direction, ``L[k, :k]`` scaled up (or, when zero, along the first effect of ``free_row``,
+    the entries of the row that covariance constraints leave free; default all), times ``sign``.
     """
     L = L.copy()
     d = L.shape[0]
@@ -397,7 +398,8 @@ def _face_start(L: np.ndarray, kind: str, k: int, sign: float) -> np.ndarray:
         length = np.sqrt(np.sum(L[k, : k + 1] ** 2))
         row = L[k, :k].copy()
         norm = np.sqrt(np.sum(row**2))
-        row = row / norm if norm > 1e-8 * length else np.eye(k)[0]
+        first = (free_row or [0])[0]
+        row = row / norm if norm > 1e-8 * length else np.eye(k)[first]
         L[k, :k] = sign * length * row
     L[k, k] = 0.0
     return L
@@ -495,7 +497,10 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     with :math:`|\operatorname{corr}(u_0, v)| = 1`). The faces are those of
     :func:`face_fixed`: every school effect removed (``var(e) = 0``) and every rank
     reduction :math:`L_{kk} = 0` (for ``d = 2`` the correlation at ``+1`` and at ``-1``, two
-    starts of one face). On each, ``beta``, ``alpha`` and the rest of ``Sigma`` are free, the
+    starts of one face). With covariances fixed at zero (``cov_constraints``,
+    ``association="none"``) the faces are those of the constrained space: the fixed entries
+    of ``L`` stay at zero, and a rank face exists only for a row with a free entry before
+    the diagonal (else :math:`L_{kk} = 0` is the drop face). On each, ``beta``, ``alpha`` and the rest of ``Sigma`` are free, the
     removed direction is kept at :data:`FACE_ZERO` of its variance, and the log-likelihood is
     that of :func:`boundary_likelihood` (the u-exact rule inverts ``Sigma``). A vanished
     variance starts at :data:`FACE_START_FRACTION` of its reference.
@@ -522,12 +527,15 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     """
     lay = lik.layout
     d = lay.d
-    if d == 0 or lay.bs_terms or lay.scale_re_terms or lay.fixed_cov or lay.quad_assoc:
-        return []  # the faces are those of an unconstrained Sigma of the core model
+    if d == 0 or lay.bs_terms or lay.scale_re_terms or lay.quad_assoc:
+        return []  # the faces are those of one Sigma of the core model
     probe = boundary_likelihood(lik)
     theta = np.asarray(theta, dtype=float)
     natural = np.asarray(lay.to_natural(theta), dtype=float)
     off = lay.p + lay.k
+    # covariances fixed at 0 (cov_constraints, association="none") are entries of L fixed at 0
+    # and absent from theta (mlsml.params): a face of the constrained space fixes more of them
+    free_chol = list(lay.free_chol)
     S = lay.sigma_from_natural(natural)
     ref = reference_variances(lik, natural)
     var0 = np.where(np.diag(S) > 1e-4 * FACE_START_FRACTION * ref, np.diag(S), FACE_START_FRACTION * ref)
@@ -543,21 +551,26 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
         # a face's gain over it would be the rule's error (a face 2.1 "higher" than a fit that
         # an independent route confirmed as the maximum), so no face is reported
         return []
-    jobs = [("drop", k, 1.0) for k in range(d)] + [("rank", k, s) for k in range(1, d) for s in (1.0, -1.0)]
+    # a rank face needs a free L[k, j], j < k (else L_kk = 0 is the drop face: var(e_k) = 0)
+    rank_rows = [k for k in range(1, d) if any(_psi_index(k, j) in free_chol for j in range(k))]
+    jobs = [("drop", k, 1.0) for k in range(d)] + [("rank", k, s) for k in rank_rows for s in (1.0, -1.0)]
     faces = []
     for kind, k, sign in jobs:
-        L = _face_start(L0, kind, k, sign)
+        L = _face_start(L0, kind, k, sign, [j for j in range(k) if _psi_index(k, j) in free_chol])
         L[k, k] = np.sqrt(FACE_ZERO * var0[k])
-        start = np.concatenate([theta[:off], vector_from_chol(L)])
+        start = np.concatenate([theta[:off], vector_from_chol(L)[free_chol], theta[off + len(free_chol) :]])
         free = np.ones(theta.shape, dtype=bool)
         for i, j in face_fixed(d, kind, k):
-            free[off + _psi_index(i, j)] = False
+            if _psi_index(i, j) in free_chol:
+                free[off + free_chol.index(_psi_index(i, j))] = False
         th, llf = _fit_face(probe, start, free)
         if not np.isfinite(llf) or not _face_rule_accurate(check, th, llf):
             continue
-        Lf = np.asarray(chol_from_vector(th[off:], d), dtype=float)
+        full = np.zeros(d * (d + 1) // 2)
+        full[free_chol] = th[off : off + len(free_chol)]
+        Lf = np.asarray(chol_from_vector(full, d), dtype=float)
         name = face_name(lay.re_names, kind, k, Lf)
-        faces.append(Face(name, float(llf), float(llf - base), th, off + _psi_index(k, k)))
+        faces.append(Face(name, float(llf), float(llf - base), th, off + free_chol.index(_psi_index(k, k))))
     faces.sort(key=lambda f: -f.llf)
     seen, out = set(), []
     for f in faces:  # two starts of a face can end on the same side
@@ -644,7 +657,7 @@ def degenerate_natural(layout, degenerate) -> list[int]:
     """
     off = layout.p + layout.k
     d = layout.d
-    iu = list(zip(*np.triu_indices(d, 1)))
+    iu = layout.free_cov_pairs  # covariances fixed at 0 (cov_constraints) are not in the vector
     out = set()
     for kind, k in degenerate:
         if kind == "drop":
@@ -703,8 +716,14 @@ def reduced_rank_covariance(hessian: np.ndarray, layout, theta, degenerate) -> n
     theta = np.asarray(theta, dtype=float)
     H = np.asarray(hessian, dtype=float)
     n = layout.n_params
-    off = layout.p + layout.k
-    fixed = {off + _psi_index(i, j) for kind, k in degenerate for i, j in face_fixed(layout.d, kind, k)}
+    off = layout.chol_offset
+    free = list(layout.free_chol)  # entries of L fixed by cov_constraints are not in theta
+    fixed = {
+        off + free.index(_psi_index(i, j))
+        for kind, k in degenerate
+        for i, j in face_fixed(layout.d, kind, k)
+        if _psi_index(i, j) in free
+    }
     keep = np.array([i for i in range(n) if i not in fixed], dtype=int)
     if not (np.all(np.isfinite(H)) and np.all(np.isfinite(theta))) or keep.size == 0:
         return None

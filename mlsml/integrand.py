@@ -1005,7 +1005,12 @@ class ObsModeProblem:
 # ====================================================================== the joint (one-stage) stage-2 model
 #: Families of the school-level outcome the joint model supports (the ``family`` of
 #: :class:`SchoolOutcome`): ``log f(Y_j | eta)`` in closed form with its first two derivatives.
-JOINT_FAMILIES = ("gaussian", "binomial", "poisson")
+JOINT_FAMILIES = ("gaussian", "binomial", "poisson", "ordinal")
+
+
+def _softplus(x):
+    """``ln(1 + e^x)`` without overflow (autograd)."""
+    return anp.logaddexp(0.0, x)
 
 
 class SchoolOutcome(NamedTuple):
@@ -1020,8 +1025,23 @@ class SchoolOutcome(NamedTuple):
         \begin{cases}
         -\tfrac12 \ln(2\pi\sigma^2) - (Y_j - \eta_j)^2 / (2\sigma^2) & \text{gaussian} \\
         Y_j \eta_j - \ln(1 + e^{\eta_j}) & \text{binomial (0/1)} \\
-        Y_j \eta_j - e^{\eta_j} - \ln Y_j! & \text{poisson,}
+        Y_j \eta_j - e^{\eta_j} - \ln Y_j! & \text{poisson} \\
+        \ln\{F(\tau_{Y_j} - \eta_j) - F(\tau_{Y_j - 1} - \eta_j)\} & \text{ordinal,}
         \end{cases}
+
+    the ordinal outcome coded ``0..K-1`` (cumulative logit, ``F`` the logistic distribution
+    function, ``tau_{-1} = -inf``, ``tau_{K-1} = +inf``, no intercept in ``eta``). Its
+    thresholds are parametrised to stay ordered, as statsmodels' ``OrderedModel`` does:
+    ``phi`` ends with ``(tau_0, ln(tau_1 - tau_0), ..., ln(tau_{K-2} - tau_{K-3}))``, and the
+    log-probability is evaluated as
+
+    .. math::
+
+        -\operatorname{sp}(-(\tau_k - \eta)) - \operatorname{sp}(\tau_{k-1} - \eta)
+        + \ln(1 - e^{-(\tau_k - \tau_{k-1})}),
+
+    with ``sp(x) = ln(1 + e^x)`` (the terms with an infinite threshold left out), which
+    neither overflows nor cancels.
 
     where column ``c`` of the stage-2 design is the product of a data part ``A_jc``
     (level-2 covariates, level-1 summaries, 1 for an intercept) and the school effects
@@ -1041,6 +1061,8 @@ class SchoolOutcome(NamedTuple):
     observed : ndarray (J,) of bool
     names : tuple of str
         Names of the columns (the coefficients ``gamma``).
+    n_categories : int
+        ``K`` of the ordinal family (its ``y`` holds the codes ``0..K-1``); 0 otherwise.
     """
 
     family: str
@@ -1049,11 +1071,39 @@ class SchoolOutcome(NamedTuple):
     effects: tuple
     observed: np.ndarray
     names: tuple
+    n_categories: int = 0
 
     @property
     def n_params(self) -> int:
-        """``len(phi)``: the coefficients, and ``ln sigma^2`` for the gaussian family."""
-        return len(self.names) + (self.family == "gaussian")
+        """``len(phi)``: the coefficients, then ``ln sigma^2`` (gaussian) or the ``K - 1`` threshold parameters (ordinal)."""
+        return len(self.names) + (self.family == "gaussian") + max(self.n_categories - 1, 0)
+
+    def thresholds(self, phi):
+        """The ordinal thresholds ``tau_0 < ... < tau_{K-2}`` from their parameters (autograd)."""
+        t = phi[len(self.names) :]
+        return anp.cumsum(anp.concatenate([t[:1], anp.exp(t[1:])]))
+
+    def _ordinal_parts(self, phi, eta):
+        """``a = tau_k - eta``, ``c = tau_{k-1} - eta`` and the masks of the top and bottom categories."""
+        K = self.n_categories
+        code = self.y.astype(int)
+        tau = self.thresholds(phi)
+        extra = (slice(None),) + (None,) * (anp.ndim(eta) - 1)
+        a = tau[np.minimum(code, K - 2)][extra] - eta
+        c = tau[np.maximum(code - 1, 0)][extra] - eta
+        top = (code == K - 1)[extra]
+        bottom = (code == 0)[extra]
+        return a, c, top, bottom, code
+
+    def _ordinal_gap(self, phi, code):
+        """``ln(1 - exp(-(tau_k - tau_{k-1})))`` for the middle categories, 0 for the end ones, shape (J,)."""
+        K = self.n_categories
+        if K <= 2:
+            return np.zeros(code.shape)
+        t = phi[len(self.names) + 1 :]  # ln(tau_k - tau_{k-1}), k = 1..K-2
+        gap = anp.exp(t[np.clip(code - 1, 0, K - 3)])
+        middle = (code > 0) & (code < K - 1)
+        return anp.where(middle, anp.log(-anp.expm1(-gap)), 0.0)
 
     def _monomials(self, b):
         """``prod_{a in S_c} b_a`` for every column, a list of arrays of ``b``'s leading shape."""
@@ -1092,6 +1142,10 @@ class SchoolOutcome(NamedTuple):
             ll = -0.5 * lv - 0.5 * (y - eta) ** 2 * anp.exp(-lv)
         elif self.family == "binomial":
             ll = y * eta - anp.logaddexp(0.0, eta)
+        elif self.family == "ordinal":
+            a, c, top, bottom, code = self._ordinal_parts(phi, eta)
+            ll = -anp.where(top, 0.0, _softplus(-a)) - anp.where(bottom, 0.0, _softplus(c))
+            ll = ll + self._ordinal_gap(phi, code)[:, None]
         else:
             ll = y * eta - anp.exp(eta)
         ll = ll + self._constant()[:, None]
@@ -1131,6 +1185,15 @@ class SchoolOutcome(NamedTuple):
             f = y * eta - np.logaddexp(0.0, eta)
             d1, d2 = y - p, -p * (1.0 - p)
             mag = np.abs(y * eta) + np.logaddexp(0.0, eta)
+        elif self.family == "ordinal":  # d/d eta: F(c) - (1 - F(a)); second: -f(a) - f(c), f = F(1 - F)
+            a, c, top, bottom, code = self._ordinal_parts(phi, eta)
+            gapterm = np.asarray(self._ordinal_gap(phi, code), dtype=float)
+            sa, sc = np.where(top, 0.0, np.logaddexp(0.0, -a)), np.where(bottom, 0.0, np.logaddexp(0.0, c))
+            f = -sa - sc + gapterm
+            Fa, Fc = special.expit(a), special.expit(c)
+            d1 = np.where(bottom, 0.0, Fc) - np.where(top, 0.0, 1.0 - Fa)
+            d2 = -np.where(top, 0.0, Fa * (1.0 - Fa)) - np.where(bottom, 0.0, Fc * (1.0 - Fc))
+            mag = sa + sc + np.abs(gapterm)
         else:
             mu = np.exp(eta)
             f = y * eta - mu

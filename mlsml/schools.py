@@ -19,7 +19,9 @@ same covariate values (``gbar = 1`` for the plain random scale ``v_j``):
 :func:`variance_vectors`. Core models (one ``Sigma``, one ``v``) use the exact grid
 of ``v`` (:class:`mlsml.predict.PosteriorGrid`); ``scale_re_formula`` and
 ``bs_formula`` models the grid along ``gbar'v`` (:class:`mlsml.scalegrid.ScaleGrid`),
-each school under its own ``Sigma_j``. Population quantities, with
+each school under its own ``Sigma_j``; the quadratic association a 2-d grid of ``(u0, w)``
+(:class:`mlsml.quadgrid.QuadraticPosterior`; the scale effect is then ``w``, the school's
+whole log-variance shift, as in :meth:`MELSMResults.random_effects`). Population quantities, with
 ``sigma2_u = zbar'Sigma_uu zbar`` and ``sigma2_v = gbar'Sigma_vv gbar`` (with
 ``bs_formula`` ``Sigma = Sigma(sbar)`` of a school with covariates ``sbar``,
 :func:`school_covariates`)::
@@ -46,6 +48,7 @@ from ._lazy import LazyModule
 from .design import Design
 from .errors import ModelSpecError
 from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from .quadgrid import QuadraticPosterior
 from .scalegrid import ScaleGrid
 
 stats = LazyModule("scipy.stats")  # imported on first use: keeps `import mlsml` fast
@@ -262,7 +265,16 @@ def school_effects(
     probs = [(1 - level) / 2, (1 + level) / 2]
     mean, C = posterior_moments(posterior_likelihood(res), res.theta)
     rng = np.random.default_rng(seed)
-    if res.likelihood.integrand.core:  # the exact grid of v (one Sigma, one v)
+    if lay.quad_assoc:  # u0 | w, y is not normal: the 2-d grid of (u0, w) (mlsml.quadgrid)
+        qp = QuadraticPosterior.build(res.likelihood.integrand, res.theta, mean, C)
+        ud, vd = qp.draws(int(ndraws), rng)
+        z0 = float(zbar[0])
+        cu = z0 * ud
+        m = z0 * qp.mean_u()
+        qs = np.sort(z0 * qp.quantile_u(probs), axis=1)
+        qv = qp.quantile_w(probs)
+        ev = qp.mean_exp_w()
+    elif res.likelihood.integrand.core:  # the exact grid of v (one Sigma, one v)
         grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
         cu, vd = grid.draws(zbar if q else None, int(ndraws), rng)
         m = mean[:, :q] @ zbar if q else None

@@ -42,8 +42,8 @@ The school effects are not observed. Two estimators:
     and the MELSM and the stage-2 parameters are estimated together by maximum likelihood
     with the same adaptive quadrature (:class:`mlsml.integrand.JointIntegrand`; the
     product rule over all school effects). This is the answer the two-stage estimates
-    approximate. Families: ``gaussian``, ``binomial`` (0/1), ``poisson``; ``ordinal`` only
-    with ``method="mi"``. In the joint model the school effects enter the formula as plain
+    approximate. Families: ``gaussian``, ``binomial`` (0/1), ``poisson`` and ``ordinal``
+    (cumulative logit). In the joint model the school effects enter the formula as plain
     factors (``u0``, ``v``, ``u0:v``, ``u0:x``), not inside functions (``I(u0**2)``).
 
 Level-1 summaries: ``level1_summaries={"x_mean": "x", "x_sd": ("x", "sd")}`` adds per-school
@@ -81,6 +81,7 @@ from .integrand import JOINT_FAMILIES, JointIntegrand, SchoolOutcome
 from .likelihood import Likelihood
 from .optimize import maximize
 from .predict import PosteriorGrid, draw_effects, posterior_likelihood, posterior_moments
+from .quadgrid import QuadraticPosterior
 from .quadrature import QuadratureSpec, default_nagq
 from .scalegrid import ScaleGrid
 from .validate import describe_value
@@ -276,6 +277,9 @@ def _posterior_draws(res, theta: np.ndarray, mean: np.ndarray, cov: np.ndarray, 
     lay = res.layout
     q, nv = lay.q, lay.n_v
     integrand = res.likelihood.integrand
+    if lay.quad_assoc:  # association="quadratic": (u0, w) from the 2-d grid (w, the whole log-variance shift, is "v")
+        u, w = QuadraticPosterior.build(integrand, theta, mean, cov).draws(ndraws, rng)
+        return np.stack([u, w], axis=-1)
     if integrand.core:
         grid = PosteriorGrid.build(theta, res.model.design, mean[:, q] if nv else None, np.sqrt(cov[:, q, q]) if nv else None)
         return draw_effects(grid.v, grid.cdf if nv else None, grid.density, grid.mu, grid.V, ndraws, rng)
@@ -301,7 +305,9 @@ def _design(sd: SchoolData, formula: str, family: str, effect_values: np.ndarray
     if y.shape[1] != 1:
         raise DataError(f"the stage-2 response {sd.response!r} must be one numeric column (got {y.shape[1]} columns)")
     if family == "ordinal" and "Intercept" in X.columns:  # the thresholds take its place
+        info = X.design_info
         X = X.drop(columns="Intercept")
+        X.attrs["design_info"] = info  # patsy's terms, for the joint model's outcome term
     return y.iloc[:, 0].to_numpy(dtype=float), X
 
 
@@ -317,14 +323,63 @@ def _check_response(y: np.ndarray, family: str, response: str) -> None:
         raise DataError(f"family='ordinal' needs at least two categories; {response!r} has one")
 
 
-def _fit_glm(y: np.ndarray, X: pd.DataFrame, family: str):
-    """One stage-2 fit: ``(params, cov)`` with the residual variance appended for the gaussian family."""
+def _levels(y: np.ndarray) -> np.ndarray:
+    """The categories of an ordinal response, in order."""
+    return np.unique(y)
+
+
+def threshold_names(levels) -> list[str]:
+    """Names of the ordinal thresholds: ``"a/b"`` between categories ``a`` and ``b`` (as statsmodels)."""
+    return [f"{lo:g}/{hi:g}" for lo, hi in zip(levels[:-1], levels[1:])]
+
+
+def ordinal_natural(params: np.ndarray, cov: np.ndarray, n_coef: int) -> tuple[np.ndarray, np.ndarray]:
+    r"""Ordinal thresholds from their parameters ``(tau_0, ln(tau_1 - tau_0), ...)``, with the delta method.
+
+    .. math::
+
+        \tau_k = \tau_0 + \sum_{i=1}^{k} e^{r_i}, \qquad
+        \partial\tau_k / \partial\tau_0 = 1, \quad \partial\tau_k / \partial r_i = e^{r_i}\ (i \le k).
+
+    The coefficients (the first ``n_coef``) are unchanged.
+    """
+    natural, jac = _ordinal_jacobian(params, n_coef)
+    return natural, jac @ np.asarray(cov, dtype=float) @ jac.T
+
+
+def _ordinal_jacobian(params: np.ndarray, n_coef: int) -> tuple[np.ndarray, np.ndarray]:
+    """The parameters with the thresholds on their own scale, and the Jacobian of the map (:func:`ordinal_natural`)."""
+    params = np.asarray(params, dtype=float)
+    t = params[n_coef:]
+    jac = np.eye(params.size)
+    if t.size:
+        inc = np.exp(t[1:])
+        tau = np.cumsum(np.concatenate([t[:1], inc]))
+        for k in range(t.size):
+            jac[n_coef + k, n_coef] = 1.0
+            jac[n_coef + k, n_coef + 1 : n_coef + k + 1] = inc[:k]
+        params = np.concatenate([params[:n_coef], tau])
+    return params, jac
+
+
+def _fit_glm(y: np.ndarray, X: pd.DataFrame, family: str, natural: bool = True):
+    """One stage-2 fit: ``(params, cov, names)`` with the residual variance appended for the gaussian family.
+
+    The ordinal family's thresholds follow the coefficients: on their own scale
+    (:func:`ordinal_natural`) when ``natural``, else as statsmodels' ``OrderedModel``
+    parametrises them (the first threshold and the logs of the increments; the joint
+    model's start).
+    """
     if family == "ordinal":
-        model = ordinal_model.OrderedModel(y, X, distr="logit")
+        levels = _levels(y)
+        model = ordinal_model.OrderedModel(np.searchsorted(levels, y), X, distr="logit")
         fit = model.fit(method="bfgs", disp=False, maxiter=1000)
         if not fit.mle_retvals.get("converged", True):
             raise np.linalg.LinAlgError("ordinal fit did not converge")
-        return np.asarray(fit.params), np.asarray(fit.cov_params()), list(fit.params.index)
+        params, cov = np.asarray(fit.params), np.asarray(fit.cov_params())
+        if natural:
+            params, cov = ordinal_natural(params, cov, X.shape[1])
+        return params, cov, list(X.columns) + threshold_names(levels)
     fam = {"gaussian": families.Gaussian, "binomial": families.Binomial, "poisson": families.Poisson}[family]()
     fit = glm.GLM(y, X, family=fam).fit()
     if not fit.converged:
@@ -607,7 +662,7 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
             draws = _posterior_draws(res, np.asarray(res.theta, dtype=float), mean, cov, ndraws, rng)
         else:
             draws = np.concatenate([_proper_draw(res, sampler, mean, cov, rng) for _ in range(ndraws)], axis=0)
-    except ModelSpecError as exc:  # a model class without exact posterior draws (e.g. association="quadratic")
+    except ModelSpecError as exc:  # a model class without exact posterior draws (several scale effects)
         raise ModelSpecError(f"stage 2 with method='mi' needs exact posterior draws: {exc}. Use method='joint'") from exc
     Q, U, failed, names, last_error = [], [], 0, None, None
     for m in range(ndraws):
@@ -671,7 +726,7 @@ def school_outcome(sd: SchoolData, formula: str, family: str) -> SchoolOutcome:
     J = sd.frame.shape[0]
     y0, X = _design(sd, formula, family, np.ones((J, len(sd.effects))))
     _check_response(y0, family, sd.response)
-    info = X.design_info
+    info = X.attrs.get("design_info", getattr(X, "design_info", None))
     effect_sets: list[tuple[int, ...]] = []
     for term, sl in info.term_slices.items():
         S = []
@@ -685,18 +740,25 @@ def school_outcome(sd: SchoolData, formula: str, family: str) -> SchoolOutcome:
                     f"(u0, v, u0:v, u0:x); {code!r} transforms one. Use method='mi' for such terms"
                 )
         effect_sets += [tuple(S)] * (sl.stop - sl.start)
+    kept = [i for i, c in enumerate(info.column_names) if c in X.columns]  # the ordinal family has no Intercept
+    effect_sets = [effect_sets[i] for i in kept]
     A = np.zeros((J, X.shape[1]))
     A[sd.observed] = X.to_numpy(dtype=float)
     y = np.zeros(J)
+    n_cat = 0
+    if family == "ordinal":  # the categories coded 0..K-1
+        levels = _levels(y0)
+        y0, n_cat = np.searchsorted(levels, y0).astype(float), levels.size
     y[sd.observed] = y0
-    return SchoolOutcome(family, y, A, tuple(effect_sets), sd.observed.copy(), tuple(str(c) for c in X.columns))
+    names = tuple(str(c) for c in X.columns)
+    return SchoolOutcome(family, y, A, tuple(effect_sets), sd.observed.copy(), names, n_cat)
 
 
 def _joint_start(res, sd: SchoolData, formula: str, family: str, outcome: SchoolOutcome) -> np.ndarray:
     """Start of the joint fit: the MELSM's estimates and the stage-2 GLM at the posterior means."""
     mean, _ = posterior_moments(posterior_likelihood(res), res.theta)
     y, X = _design(sd, formula, family, mean)
-    params, _, _ = _fit_glm(y, X, family)
+    params, _, _ = _fit_glm(y, X, family, natural=False)
     if family == "gaussian":
         params = np.append(params[:-1], np.log(max(params[-1], 1e-8)))
     return np.concatenate([np.asarray(res.theta, dtype=float), params])
@@ -734,6 +796,9 @@ def fit_joint(res, sd: SchoolData, formula: str, family: str, nagq: int | None) 
         phi[-1] = np.exp(phi[-1])
         jac[-1, -1] = phi[-1]
         names.append(RESID_VAR)
+    elif family == "ordinal":  # the thresholds on their own scale
+        phi, jac[n1:, n1:] = _ordinal_jacobian(phi, len(outcome.names))
+        names += threshold_names(_levels(outcome.y[outcome.observed]))
     cov_nat = jac @ cov_theta @ jac.T
     se = np.sqrt(np.clip(np.diag(cov_nat), 0, None))
     idx = pd.Index(names, name="name")

@@ -11,7 +11,7 @@ from conftest import stored_fuzz_case, zero_u0_data
 
 import mlsml
 from mlsml import boundary
-from mlsml.params import ParamLayout, chol_from_vector, sigma_derivatives, vector_from_chol
+from mlsml.params import ParamLayout, chol_from_vector, constrain, sigma_derivatives, vector_from_chol
 from validation import fuzz
 
 
@@ -219,3 +219,50 @@ def test_a_fit_stopped_on_a_face_with_the_maximum_just_inside_reaches_it():
         res = mlsml.fit(data=data, **row["spec"])
     assert res.llf > row["reference"] - 1e-3
     assert "just inside the boundary" in res.optsum.message
+
+
+# ------------------------------------------------------------- faces of a constrained Sigma (issue 13)
+def test_faces_of_association_none_are_the_submodels():
+    """association="none" (cov(u0,v) fixed at 0): the faces are var(u0) = 0 and var(v) = 0, no rank
+    face (L[1, 0] is fixed), and each face's maximum is the fit of the model without that effect
+    (before issue 13 the search was skipped for constrained models)."""
+    df = mlsml.simulate.demo_data(n_groups=40, seed=1)
+    d = df[df.groupby("school").cumcount() < 15]
+    res = mlsml.fit("y ~ x", d, groups="school", association="none")
+    faces = {f.name: f for f in boundary.search_faces(res.likelihood, res.theta)}
+    assert set(faces) == {"var(u0) = 0", "var(v) = 0"}
+    no_v = mlsml.fit("y ~ x", d, groups="school", random_scale=False)
+    no_u = mlsml.fit("y ~ x", d, groups="school", re_formula="~ 0")
+    assert faces["var(v) = 0"].llf == pytest.approx(no_v.llf, abs=1e-5)
+    assert faces["var(u0) = 0"].llf == pytest.approx(no_u.llf, abs=1e-5)
+
+
+def test_faces_respect_fixed_covariances_of_random_slopes():
+    """cov_constraints=["cov(u0,u1)"] with a random scale: no rank face for u1 (its row of L has no
+    free entry before the diagonal), the rank face of v keeps L[1, 0] = 0, and the var(v) = 0 face
+    is the fit without the random scale."""
+    df = mlsml.simulate.simulate_data(
+        [12] * 40, beta=(0.0, 0.5), cov=((0.3, 0.0, 0.05), (0.0, 0.1, 0.0), (0.05, 0.0, 0.2)), random_slope=True, seed=4
+    )
+    kw = dict(groups="school", re_formula="~ x", cov_constraints=["cov(u0,u1)"])
+    res = mlsml.fit("y ~ x", df, **kw)
+    faces = boundary.search_faces(res.likelihood, res.theta)
+    names = {f.name for f in faces}
+    assert names == {"var(u0) = 0", "var(u1) = 0", "var(v) = 0", "v is an exact linear combination of u0, u1"}
+    lay = res.layout
+    for f in faces:  # a fixed covariance stays exactly zero on every face
+        assert lay.sigma_from_natural(np.asarray(lay.to_natural(f.theta)))[0, 1] == 0.0
+    no_v = mlsml.fit("y ~ x", df, random_scale=False, **kw)
+    assert next(f for f in faces if f.name == "var(v) = 0").llf == pytest.approx(no_v.llf, abs=1e-5)
+
+
+def test_reduced_rank_covariance_of_a_constrained_layout():
+    """association="none": theta has no L[1, 0] and the natural vector no cov(u0,v). At var(u0) = 0
+    the reduced-rank covariance drops only L[0, 0] (it dropped L[1, 1] too and then indexed a
+    covariance that is not there: IndexError)."""
+    lay = constrain(ParamLayout(("Intercept",), ("Intercept",), n_re_mean=1, random_scale=True), "none")
+    theta = lay.theta_from_parts([0.0], [0.0], [[1e-12, 0.0], [0.0, 0.25]])
+    V = boundary.reduced_rank_covariance(-np.diag([4.0, 1.0, 0.0, 1.0]), lay, theta, [("drop", 0)])
+    se = np.sqrt(np.diag(V))
+    np.testing.assert_allclose(se[[0, 1, 3]], [0.5, 1.0, 0.5])  # var(v) = exp(2 psi): d var / d psi = 0.5
+    assert np.isnan(se[2])

@@ -19,7 +19,7 @@ from mlsml.integrand import JointIntegrand, SchoolOutcome
 from mlsml.likelihood import Likelihood
 from mlsml.predict import PosteriorGrid, draw_effects
 from mlsml.quadrature import QuadratureSpec
-from mlsml.stage2 import rubin, school_data, school_outcome
+from mlsml.stage2 import ordinal_natural, rubin, school_data, school_outcome
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_stage2_input_errors(fitted):
         res.stage2("score ~ u0", data=schools, family="binomial")
     with pytest.raises(ModelSpecError, match="family must be one of"):
         res.stage2("score ~ u0", data=schools, family="gamma")
-    with pytest.raises(ModelSpecError, match="method='joint' supports"):
-        res.stage2("grade ~ u0", data=schools, family="ordinal", method="joint")
+    with pytest.raises(DataError, match="at least two categories"):
+        res.stage2("grade ~ u0", data=schools.assign(grade=1), family="ordinal", method="joint")
     with pytest.raises(ModelSpecError, match="plain factors"):
         res.stage2("score ~ I(u0**2)", data=schools, method="joint")
     with pytest.raises(DataError, match="no grouping column"):
@@ -151,7 +151,10 @@ def test_joint_term_without_effects_adds_the_closed_form_density(fitted):
     np.testing.assert_allclose(lik.per_school(theta), base.per_school(res.theta) + closed, rtol=1e-10)
 
 
-@pytest.mark.parametrize("family,formula", [("gaussian", "score ~ u0 + v + u0:v + w"), ("binomial", "passed ~ u0 + v:w")])
+@pytest.mark.parametrize(
+    "family,formula",
+    [("gaussian", "score ~ u0 + v + u0:v + w"), ("binomial", "passed ~ u0 + v:w"), ("ordinal", "grade ~ u0 + v:w")],
+)
 def test_joint_mode_problem_derivatives_and_gradient(fitted, family, formula):
     res, _, schools = fitted
     lik, outcome = _joint_likelihood(res, schools, formula, family)
@@ -191,6 +194,59 @@ def test_joint_fit_improves_on_the_two_stage_start_and_reports_both(fitted):
     assert np.all(np.isfinite(j.bse)) and "Converged" in j.summary().as_text()
     jb = res.stage2("passed ~ u0 + w", data=schools, family="binomial", method="joint")
     assert jb.converged and jb.params.index.tolist() == ["Intercept", "u0", "w"]
+
+
+def test_joint_ordinal_term_without_effects_is_statsmodels_ordered_logit(fitted):
+    """No school effect in the formula: the ordinal term adds OrderedModel's log-likelihood per school,
+    with the thresholds parametrised as statsmodels does (first threshold, logs of the increments)."""
+    from statsmodels.miscmodels.ordinal_model import OrderedModel
+
+    res, _, schools = fitted
+    lik, outcome = _joint_likelihood(res, schools, "grade ~ w", "ordinal")
+    assert outcome.n_categories == 3 and outcome.n_params == 3
+    phi = np.array([0.7, -0.4, 0.3])
+    base = Likelihood(res.model.design, res.likelihood.integrand, QuadratureSpec("product", 7))
+    om = OrderedModel(schools["grade"].to_numpy(), schools[["w"]].to_numpy(), distr="logit")
+    np.testing.assert_allclose(
+        lik.per_school(np.concatenate([res.theta, phi])), base.per_school(res.theta) + om.loglikeobs(phi), rtol=1e-10
+    )
+    tau, cov = ordinal_natural(phi, np.eye(3), 1)
+    np.testing.assert_allclose(tau[1:], om.transform_threshold_params(phi)[1:-1], rtol=1e-12)
+    fd = np.column_stack(
+        [(ordinal_natural(phi + e, np.eye(3), 1)[0] - ordinal_natural(phi - e, np.eye(3), 1)[0]) / 2e-6 for e in 1e-6 * np.eye(3)]
+    )
+    np.testing.assert_allclose(cov, fd @ fd.T, rtol=1e-6)  # the delta method's Jacobian
+
+
+def test_joint_ordinal_integral_against_brute_force(fitted):
+    """The adaptive product rule of the joint ordinal model against a dense grid over each school's
+    effects (an independent route to L_j = int f(y_j | b) P(Y_j | b) phi(b) db)."""
+    res, _, schools = fitted
+    lik, outcome = _joint_likelihood(res, schools, "grade ~ u0 + v + w", "ordinal", nagq=9)
+    theta = np.concatenate([res.theta, [3.0, -2.0, 0.5, -0.8, 0.4]])
+    nodes = lik.adapt(theta)
+    ours = lik.per_school(theta, nodes)
+    mean, cov = mlsml.predict.posterior_moments(lik, theta)
+    sd = np.sqrt(np.einsum("jii->ji", cov))
+    z = np.linspace(-9.0, 9.0, 301)
+    U, V = np.meshgrid(z, z, indexing="ij")
+    grid = np.stack([U.ravel(), V.ravel()], axis=1)
+    pick = np.arange(0, 40, 8)
+    b = mean[:, None, :] + sd[:, None, :] * grid[None, :, :]
+    h = np.asarray(lik.integrand.log_h(theta, b))
+    logw = np.log((z[1] - z[0]) ** 2 * sd[:, 0] * sd[:, 1])
+    brute = special.logsumexp(h, axis=1) + logw
+    np.testing.assert_allclose(ours[pick], brute[pick], rtol=0, atol=1e-6)
+
+
+def test_joint_ordinal_fit_reports_ordered_thresholds(fitted):
+    res, _, schools = fitted
+    j = res.stage2("grade ~ u0 + w", data=schools, family="ordinal", method="joint")
+    assert j.converged and j.params.index.tolist() == ["u0", "w", "0/1", "1/2"]
+    assert j.params["0/1"] < j.params["1/2"] and np.all(np.isfinite(j.bse))
+    mi = res.stage2("grade ~ u0 + w", data=schools, family="ordinal", ndraws=8, seed=1, stage1_uncertainty=False)
+    assert mi.params.index.tolist() == j.params.index.tolist()
+    assert abs(mi.params["1/2"] - j.params["1/2"]) < 0.5 * j.bse["1/2"]  # u0 is weak here: the two agree
 
 
 def test_school_outcome_columns_are_data_part_times_effects(fitted):

@@ -23,13 +23,25 @@ def main(argv=None) -> int:
         nargs="*",
         help=(
             "sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs mixregls_assoc frequentist "
-            "bayes replication simstudy survey stage2 mixwild_stage2"
+            "bayes replication simstudy survey stage2 stage2_ordinal mixwild_stage2"
         ),
     )
     a = ap.parse_args(argv)
     import mlsml
 
-    from . import bayes, fortran_runs, frequentist, mixregls, mixregls_assoc, mixwild_stage2, replication, simstudy, stage2, survey
+    from . import (
+        bayes,
+        fortran_runs,
+        frequentist,
+        mixregls,
+        mixregls_assoc,
+        mixwild_stage2,
+        replication,
+        simstudy,
+        stage2,
+        stage2_ordinal,
+        survey,
+    )
 
     sections = {
         "mixregls": mixregls.section,
@@ -41,6 +53,7 @@ def main(argv=None) -> int:
         "simstudy": simstudy.section,
         "survey": survey.section,
         "stage2": stage2.section,
+        "stage2_ordinal": stage2_ordinal.section,
         "mixwild_stage2": mixwild_stage2.section,
     }
     chosen = a.only or list(sections)
@@ -57,7 +70,7 @@ def main(argv=None) -> int:
         "Contents: 1. MIXREGLS/MixWILD · 1b. MIXREGLS_both (between-subject variance) · 1c. association types (NCOV) · "
         "2. lme4, glmmTMB, statsmodels · 3. Bayesian fits (brms, Stata) · "
         "4. The paper replicated on london_sim · 5. Simulation study · 6. Survey data (weights, robust SEs) · "
-        "7. Stage 2 (simulation) · 8. Stage 2 against MixWILD",
+        "7. Stage 2 (simulation) · 7b. Stage 2, ordinal outcome · 8. Stage 2 against MixWILD",
         "",
     ]
     n_head = len(parts)

@@ -244,8 +244,150 @@ def section() -> str:
         'mlsml\'s `method="mi"` both draw the effects without the outcome; `method="joint"` does not.',
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + def_job_lines() + ordinal_lines())
+
+
+def def_job_lines() -> list[str]:
+    """The same job run from its .def file by ``mlsml mixregls`` (the .def's stage-2 settings, issue 13)."""
+    import tempfile
+
+    from mlsml.mixregls.job import run_job
+
+    mixwild = _parse_table(REF / "ex1_stage2.out")
+    with tempfile.TemporaryDirectory() as tmp:
+        pd.read_csv(DATA).to_csv(Path(tmp) / "data.dat", sep=" ", header=False, index=False)
+        (Path(tmp) / "ex1.def").write_text((REF / "ex1.def").read_text())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = run_job(Path(tmp) / "ex1.def", stages=False)
+    s2 = run.stage2
+    names = {"Intercept": "Intercept", "theta1": "Locat_1", "theta2": "Scale_1", "theta1:theta2": "Locat_1*Scale"}
+    ours = dict(zip(["Intercept", "theta1", "theta2", "theta1:theta2", "var(resid)"], zip(s2.params, s2.bse)))
+    rows = [
+        {
+            "parameter": names.get(k, "Residual.Variance"),
+            "MixWILD": f"{mixwild.loc[k, 'estimate']:.4f} ({mixwild.loc[k, 'se']:.4f})",
+            "mlsml mixregls ex1.def": f"{ours[k][0]:.4f} ({ours[k][1]:.4f})",
+        }
+        for k in ours
+    ]
+    return [
+        "**The job file itself.** `mlsml mixregls ex1.def` reads the job's stage-2 settings (`STAGE2 = 1`, "
+        "`PFIXED PTHETA POMEGA PTO = 0 0 0 0`, `NREPS = 200`, `MYSEED = 13`; `mlsml.mixregls.secondstage`) and runs "
+        'them as `res.stage2(method="mi")` with MixWILD\'s standardised regressors, dropping the rows with a missing '
+        f"BMI from stage 1 as MixWILD does (stage-1 log-likelihood {run.results.llf:.3f}; MixWILD "
+        f"{_stage1_loglik(REF / 'ex1_stage1.out'):.3f}). Its MixWILD-style stage-2 table (estimate (SE)), with mlsml's "
+        "default proper imputations; the differences from MixWILD are those explained above:",
+        "",
+        md_table(pd.DataFrame(rows), index=False),
+        "",
+    ]
 
 
 if __name__ == "__main__":
     print(section())
+
+
+#: The ordinal job's table rows (``ord_stage2.out``): MixWILD's label and ours.
+ORDINAL_LABELS = {
+    "Locat_1": "theta1",
+    "Scale_1": "theta2",
+    "Locat_1*Scale": "theta1:theta2",
+    "Threshold    1.0": "0/1",
+    "Threshold    2.0": "1/2",
+}
+#: Imputations of the ordinal job (``NREPS`` of ``ord.def``).
+ORDINAL_NDRAWS = 100
+
+
+def _parse_ordinal(path: Path) -> pd.DataFrame:
+    rows = {}
+    for line in path.read_text().splitlines():
+        label = re.sub(r"[^\x20-\x7e]", "", line[:16]).strip()
+        if label in ORDINAL_LABELS:
+            parts = line[16:].split()
+            rows[ORDINAL_LABELS[label]] = (float(parts[0]), float(parts[1]))
+    return pd.DataFrame(rows, index=["estimate", "se"]).T
+
+
+def _emulate_mixwild_ordinal(y, means, covs, ndraws: int, rng) -> pd.DataFrame:
+    """MixWILD's ordinal stage 2 (``stage2only`` + ``mixors``) written out: its transposed normal draws,
+    a cumulative-logit fit per draw (statsmodels' ``OrderedModel``, thresholds on their own scale), its pooling."""
+    from statsmodels.miscmodels.ordinal_model import OrderedModel
+
+    from mlsml.stage2 import ordinal_natural
+
+    J = len(y)
+    L = np.linalg.cholesky(covs)
+    Q, U = [], []
+    for _ in range(ndraws):
+        t = means + np.einsum("ja,jab->jb", rng.standard_normal((J, 2)), L)
+        X = np.column_stack([t[:, 0], t[:, 1], t[:, 0] * t[:, 1]])
+        fit = OrderedModel(y, X, distr="logit").fit(method="bfgs", disp=False, maxiter=1000)
+        params, cov = ordinal_natural(np.asarray(fit.params), np.asarray(fit.cov_params()), 3)
+        Q.append(params)
+        U.append(np.diag(cov))
+    Q, U = np.asarray(Q), np.asarray(U)
+    M = len(Q)
+    B = Q.var(axis=0, ddof=1)
+    total = U.sum(axis=0) / (M - 1) + B  # MixWILD's pooling (section text, items 1 and 2)
+    return pd.DataFrame(
+        {"estimate": Q.mean(axis=0), "se": np.sqrt(total), "mc_se": np.sqrt(B / M)}, index=list(ORDINAL_LABELS.values())
+    )
+
+
+def ordinal_lines() -> list[str]:
+    """MixWILD's ordinal stage 2 (``STAGE2 = 2``, ``mixors``) on the example data against ``mlsml mixregls`` on the same job."""
+    import tempfile
+
+    from mlsml.mixregls.job import run_job
+
+    mixwild = _parse_ordinal(REF / "ord_stage2.out")
+    df = pd.read_csv(DATA)
+    df["BMICAT"] = np.where(df["BMI"] == -999, -999, np.digitize(df["BMI"], [20.0, 25.0]))
+    with tempfile.TemporaryDirectory() as tmp:
+        df.to_csv(Path(tmp) / "data.dat", sep=" ", header=False, index=False)
+        (Path(tmp) / "ord.def").write_text((REF / "ord.def").read_text())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = run_job(Path(tmp) / "ord.def", stages=False)
+    s2 = run.stage2
+    ours = pd.DataFrame(
+        {"estimate": s2.params.to_numpy(), "se": s2.bse.to_numpy(), "mc_se": np.sqrt(s2.info["between"] / s2.ndraws)},
+        index=list(ORDINAL_LABELS.values()),
+    )
+    eb = np.loadtxt(REF / "ex1_ebvar.dat")  # the ordinal job's EB file is the same file (same stage 1)
+    first = df[df["BMI"] != -999].groupby("ID")["BMICAT"].first()
+    y = first.loc[eb[:, 0].astype(int)].to_numpy(dtype=float)
+    covs = np.stack([[[e[3], e[4]], [e[4], e[5]]] for e in eb])
+    emulated = _emulate_mixwild_ordinal(y, eb[:, 1:3], covs, ORDINAL_NDRAWS, np.random.default_rng(SEED))
+    # MC se of the difference, taking MixWILD's own Monte Carlo SE equal to the emulation's
+    z = (emulated["estimate"] - mixwild["estimate"]).abs() / (np.sqrt(2.0) * emulated["mc_se"])
+    rows = []
+    for k in ORDINAL_LABELS.values():
+        rows.append(
+            {
+                "parameter": k,
+                "MixWILD": f"{mixwild.loc[k, 'estimate']:.4f} ({mixwild.loc[k, 'se']:.4f})",
+                "mlsml mixregls ord.def": f"{ours.loc[k, 'estimate']:.4f} ({ours.loc[k, 'se']:.4f}) ±{ours.loc[k, 'mc_se']:.3f}",
+                "MixWILD emulated": f"{emulated.loc[k, 'estimate']:.4f} ({emulated.loc[k, 'se']:.4f}) ±{emulated.loc[k, 'mc_se']:.3f}",
+            }
+        )
+    return [
+        "**An ordinal stage 2** (`STAGE2 = 2`, MixWILD's `mixors`, built from the same commit with the same flags and "
+        "file-name change): the job `ord.def` (in `validation/reference/mixwild_stage2/`) has the same stage 1 and "
+        "regresses `BMICAT` (BMI below 20, 20 to 25, above 25: 0, 1, 2; a column added to the data file) on "
+        f"`Locat_1`, `Scale_1` and `Locat_1*Scale`, {ORDINAL_NDRAWS} imputations. MixWILD's thresholds are the "
+        'cumulative ones, P(Y <= k) = F(threshold_k - x\'gamma), the convention of `family="ordinal"` (the signs and '
+        "the thresholds agree). Estimate (SE) ±Monte Carlo SE:",
+        "",
+        md_table(pd.DataFrame(rows), index=False),
+        "",
+        "MixWILD's ordinal numbers are reproduced by its own procedure written out in Python (normal draws through the "
+        "transposed Cholesky factor, a cumulative-logit fit per draw, its pooling) to within "
+        f"{z.max():.1f} Monte Carlo SEs of the difference (the largest of five; different random numbers). "
+        "mlsml's differ from them for the reasons of "
+        "the continuous case above (the exact posterior, the right factor, proper imputations), most in the "
+        "`Locat_1*Scale` coefficient.",
+        "",
+    ]

@@ -29,8 +29,9 @@ responses are all equal. How the job becomes an mlsml model is in
 :mod:`mlsml.mixregls.job`: ``NCOV`` 0, 1, 2 is ``association="none"``,
 ``"linear"``, ``"quadratic"``; the ``R`` BS-variance covariates are ``bs_formula``
 (they must be constant within clusters), or random slopes in MixWILD 2.0's MLS
-mode. Options mlsml cannot fit (decomposed BS-variance covariates ``RV`` outside
-the MLS mode, no BS intercept, second-stage models) raise
+mode. MixWILD 2.0's second stage (``STAGE2 > 0``) is read by
+:mod:`mlsml.mixregls.secondstage`. Options mlsml cannot fit (decomposed BS-variance
+covariates ``RV`` outside the MLS mode, no BS intercept, MixWILD 2017's second stage) raise
 :class:`~mlsml.errors.ModelSpecError` naming the option.
 
 Every setting is checked as the Fortran READs need it before anything else is
@@ -55,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, MLSMLError, ModelSpecError
+from .secondstage import Stage2Job, read_stage2
 
 _SHORT = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT", "NCOV", "RIDGEIN"]
 _LONG = [
@@ -284,6 +286,7 @@ class MixreglsJob:
     path: Path | None = None
     notes: tuple[str, ...] = field(default=())
     u_labels: tuple[str, ...] = field(default=())
+    stage2: Stage2Job | None = None
 
     def setting(self, name: str, default: float = 0.0) -> float:
         """A numeric setting (``NQ``, ``YMISS``, ...); ``default`` when the layout lacks it."""
@@ -347,8 +350,6 @@ def _check_supported(s: dict[str, float], layout: str) -> list[str]:
             )
         if int(s["RNINT"]) == 1:
             bad("RNINT", "a model without the random location (BS variance intercept) is not a MIXREGLS model mlsml fits")
-    if int(s.get("STAGE2", 0)) != 0:
-        bad("STAGE2", "second-stage models are not fitted; set STAGE2 = 0 to run stage 1")
     if layout == "mixwild_2017" and int(s.get("NO2ND", 1)) != 1:
         bad("NO2ND", "second-stage models are not fitted; set NO2ND = 1 to run stage 1")
     rs = int(s.get("NORS", 0)) != 1
@@ -481,6 +482,7 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
     w_labels = read_record(S, "the WS-variance labels", str) if S else []
     pv_labels = read_record(PV, "the decomposed mean-model labels", str) if PV else []
     sv_labels = read_record(SV, "the decomposed WS-variance labels", str) if SV else []
+    stage2 = read_stage2(read_record, s, where) if int(s.get("STAGE2", 0)) != 0 else None  # MixWILD 2.0's second stage
     nvar = int(s["NVAR"])
     for name, cols in (
         ("id", [id_col]),
@@ -514,6 +516,7 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
         u_labels=tuple(u_labels),
         path=Path(path) if path is not None else None,
         notes=tuple(notes),
+        stage2=stage2,
     )
 
 

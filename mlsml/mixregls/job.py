@@ -25,7 +25,8 @@ columns become random slopes (``re_formula``), all location effects correlated w
 the random scale.
 
 :func:`run_job` does it all: parse, read, fit MIXREGLS's stage sequence
-(:mod:`mlsml.mixregls.stages`) and print the report
+(:mod:`mlsml.mixregls.stages`), run MixWILD 2.0's second stage when the job has one
+(:mod:`mlsml.mixregls.secondstage`) and print the report
 (:mod:`mlsml.mixregls.report`).
 """
 
@@ -42,6 +43,7 @@ from ..errors import DataError, MissingDataWarning, ModelSpecError, warn
 from ..model import MELSM
 from .deffile import MAX_NQ, MIN_NQ, NCOV_ASSOCIATION, MixreglsJob, parse_def, read_dat
 from .report import summarize_mixwild
+from .secondstage import run_stage2
 from .stages import fit_stages
 
 _RESERVED = {"C", "Q", "I", "np", "Intercept", "Treatment", "center", "standardize", "scale", "log", "exp", "True", "False", "None"}
@@ -72,6 +74,7 @@ class JobData:
     re_formula: str = "~ 1"
     bs_formula: str | None = None
     association: str = "linear"
+    stage2_names: dict | None = None
 
 
 def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
@@ -99,6 +102,8 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     u = [col(c, lab) for c, lab in zip(job.u_cols, job.u_labels)]
     pv = [col(c, lab) for c, lab in zip(job.pv_cols, job.pv_labels)]
     sv = [col(c, lab) for c, lab in zip(job.sv_cols, job.sv_labels)]
+    # MixWILD's second stage: its columns of the stage-1 file are read too (YMISS in them drops the row)
+    s2_names = {c: col(c, lab) for c, lab in job.stage2.columns()} if job.stage2 and job.stage2.data_file is None else {}
     used_cols = sorted(names)
     frame = pd.DataFrame({names[c]: raw[:, c - 1] for c in used_cols})
     ids = np.trunc(raw[:, job.id_col - 1])
@@ -184,6 +189,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         re_formula=re_formula,
         bs_formula=bs_formula,
         association=association,
+        stage2_names=s2_names,
     )
 
 
@@ -196,6 +202,7 @@ class JobRun:
     results: object
     stages: list
     report: str
+    stage2: object = None
 
 
 def _job_model(jd: JobData, frame: pd.DataFrame) -> MELSM:
@@ -260,4 +267,8 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     )
     if jd.notes:
         report = report.rstrip("\n") + "\n\nNotes on the job\n----------------\n" + "\n".join(" - " + n for n in jd.notes) + "\n"
-    return JobRun(job=job, data=jd, results=res, stages=seq, report=report)
+    s2 = None
+    if job.stage2 is not None:  # MixWILD 2.0's second stage (mlsml.mixregls.secondstage)
+        s2, text = run_stage2(job, jd, res, read_dat)
+        report = report.rstrip("\n") + "\n" + text
+    return JobRun(job=job, data=jd, results=res, stages=seq, report=report, stage2=s2)
