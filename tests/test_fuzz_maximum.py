@@ -60,13 +60,15 @@ STORE = Path(__file__).parent / "data" / "fuzz_maximum"
 #: CI"), by case seed. The criterion fails on any OTHER failing case, so CI catches every new
 #: miss; a known miss that starts to pass is printed, to be moved out of this list.
 KNOWN_MISSES = {
-    7384623864426013180: "two points on the ridge corr(u0,v) = -1, 0.78 apart; the product rule is not accurate "
-    "there (0.023), so no face is compared, and a face search from the fit stays at the lower point",
-    5413302752735107442: "a random slope in schools of at most 60 rows: converged 0.008 below the standardized BFGS route",
-    1478415917575154483: "few schools (boundary family): converged 0.019 below the trust-exact route from the default start",
-    326285836212315627: "the rule is not accurate at the estimates even with 63 points: the llf is not reported (NaN, "
-    "UNRELIABLE) and the fit says it did not converge",
+    326285836212315627: "a random slope on a covariate in currency units (mean 16,839): the default fit runs to "
+    "var(v) = 3.7 where the quadrature overflows (llf +7.8e12, not reported: NaN, UNRELIABLE, not converged); "
+    "the 31-point refits fail with a singular slope block (var(u1) = 0); trust-exact from the fit on the "
+    "standardized twin reaches -93.7117",
 }
+# Fixed on 2026-11-28 evening (raise_rule to 1e-3, interior_starts): 7384623864426013180 (the
+# rule's error: 31/63 points), 5413302752735107442 (stopped on the face corr(u0,u1) = -1, the
+# maximum just inside), 1478415917575154483 (7 schools: 31 to 127 points find a region 4 to 6
+# units higher that no rule pins down to 1e-3; now reported not converged).
 
 N_CASES = int(os.environ.get("MLSML_FUZZ_MAX_CASES", "200"))
 SEED = int(os.environ.get("MLSML_FUZZ_MAX_SEED", "20261128"))
@@ -185,7 +187,7 @@ def _fit_stored(row: dict, data: pd.DataFrame) -> dict:
             return out
     out.update(seconds=time.process_time() - t0, llf=float(res.llf), converged=bool(res.converged), message=res.message[:120])
     ref = float(row["reference"])
-    if res.optsum.rule_raised and res.converged:
+    if res.optsum.rule_raised:
         # the stored maximum is the default rule's; the fit maximised a larger rule (it raised
         # the default where 2n+1 points moved the llf by more than 1e-3), whose maximum is
         # found again by the CI routes on the standardized twin of the data, with that rule
