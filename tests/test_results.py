@@ -105,10 +105,13 @@ def test_deterministic(exam):
 
 
 def test_quadrature_warning_when_more_points_move_the_llf():
-    """Small clusters with a large random-scale variance: the 11-point product rule is 0.13 off."""
+    """Small clusters with a large random-scale variance: the 11-point product rule is 0.13 off.
+
+    The rule is the user's (``nagq=11``): a default rule is raised instead (optimize.raise_rule).
+    """
     df = mlsml.simulate.simulate_data([6] * 300, cov=[[0.5, 0.3], [0.3, 1.5]], seed=4)
     with pytest.warns(mlsml.QuadratureWarning, match=r"refit with nagq=23"):
-        coarse = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", quadrature="product")
+        coarse = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", quadrature="product", nagq=11)
     with warnings.catch_warnings():
         warnings.simplefilter("error", mlsml.QuadratureWarning)
         fine = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", nagq=31)
