@@ -80,7 +80,7 @@ def _frequency_table() -> tuple[pd.DataFrame, bool]:
             }
         )
     table = pd.DataFrame(out).set_index("model")
-    ok = bool((table["|Δ llf|"] < 1e-8).all() and (table["max |Δ estimate|"] < 1e-6).all() and table["both converged"].all())
+    ok = bool((table["|Δ llf|"] < 1e-8).all() and (table["max |Δ estimate|"] < 1e-8).all() and table["both converged"].all())
     return table, ok
 
 
@@ -264,7 +264,10 @@ def section() -> str:
         "",
         md_table(freq, digits=10),
         "",
-        f"llf within 1e-8 and estimates within 1e-6: **{passfail(ok)}**.",
+        f"llf and estimates within 1e-8: **{passfail(ok)}**. Both fits end with Newton steps on the exact Hessian until "
+        "the step is below xtol (`mlsml.optimize._newton_polish`), so they land on the same maximum to the precision of "
+        "the gradient; before that final step honoured xtol the quasi-Newton stopping rule (a Newton decrement below "
+        "1e-9) left the product-rule and bs_formula fits up to 6e-8 apart.",
         "",
     ]
     text, _ = _sleepstudy()
