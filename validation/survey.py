@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from .common import REFERENCE, RESULTS, log, md_table, passfail
 from .survey_sim import COVERAGE_TRUTH, INFORMATIVE_TRUTH, PSEUDO_TRUE_SCHOOLS, PUPIL_PI, SCHOOL_PI
@@ -324,18 +325,85 @@ def _informative() -> list[str]:
         sub = table[col].loc[list(INFORMATIVE_TRUTH), order]
         out += [f"**{col}** ({df['rep'].nunique()} replications)", "", md_table(sub, digits=3), ""]
     ratio, cover = table["bias / SD"], table["coverage %"]
-    means = ["mean:Intercept", "mean:x"]
-    unb = bool((ratio.loc[means, "size"].abs() < 0.25).all() and (ratio.loc["mean:Intercept", "unweighted"] > 2))
+    weighted = [c for c in order if c != "unweighted"]
     out.append(
         f"The unweighted fit is biased (mean:Intercept by {ratio.loc['mean:Intercept', 'unweighted']:.1f} SD, "
-        f"scale:Intercept by {ratio.loc['scale:Intercept', 'unweighted']:.1f} SD); the weighted fits remove the bias of "
-        f"the mean function (below 0.25 SD: **{passfail(unb)}**). Robust coverage of the weighted fits, per scaling: "
-        + "; ".join(f"{c} {cover[c].min():.1f}–{cover[c].max():.1f}%" for c in order if c != "unweighted")
-        + ". With students per school this large the scaling matters little for the mean function; for the variance "
-        "parameters the unscaled weights ('none') have the largest bias, as Pfeffermann et al. (1998) and Rabe-Hesketh "
-        "and Skrondal (2006) found."
+        f"scale:Intercept by {ratio.loc['scale:Intercept', 'unweighted']:.1f} SD, var(u0) by "
+        f"{ratio.loc['var(u0)', 'unweighted']:.1f} SD); the weighted fits reduce the bias of every parameter to at most "
+        + ", ".join(f"{ratio[c].abs().max():.2f} SD ({c})" for c in weighted)
+        + ". Unscaled level-1 weights ('none') bias the variance function (scale:Intercept "
+        f"{ratio.loc['scale:Intercept', 'none']:+.2f} SD, var(v) {ratio.loc['var(v)', 'none']:+.2f} SD), as Pfeffermann "
+        "et al. (1998) and Rabe-Hesketh and Skrondal (2006) warn; 'effective' has the smallest bias of the variance "
+        f"parameters (scale:Intercept {ratio.loc['scale:Intercept', 'effective']:+.2f} SD, var(v) "
+        f"{ratio.loc['var(v)', 'effective']:+.2f} SD)."
     )
+    ok = {c: bool(cover[c].between(93, 97).all()) for c in weighted}
+    out += [
+        "",
+        "Robust coverage of the weighted fits within 93–97% for every parameter: "
+        + "; ".join(
+            f"{c} **{passfail(ok[c])}** ({cover[c].min():.1f}–{cover[c].max():.1f}%"
+            + (f"; below: {', '.join(f'{k} {v:.1f}%' for k, v in cover[c].items() if v < 93)}" if not ok[c] else "")
+            + ")"
+            for c in weighted
+        )
+        + f". The SEs are right (SE / SD {table['SE / SD'][weighted].min().min():.2f}–"
+        f"{table['SE / SD'][weighted].max().max():.2f}); what lowers the coverage of mean:Intercept and cov(u0,v) is "
+        "the bias that pseudo-ML keeps with an informative first (student) stage and finite schools. Under normality a "
+        "bias of b SD and a ratio SE / SD of r give the coverage Φ(1.96 r − b) − Φ(−1.96 r − b): "
+        + "; ".join(
+            f"{k} ({c}) b = {ratio.loc[k, c]:+.2f}, r = {table['SE / SD'].loc[k, c]:.2f}: predicted "
+            f"{_predicted(ratio.loc[k, c], table['SE / SD'].loc[k, c]):.1f}%, observed {cover.loc[k, c]:.1f}%"
+            for c in ("size", "effective")
+            if c in weighted
+            for k in INFORMATIVE_TRUTH
+            if cover.loc[k, c] < 93
+        )
+        + ". Where the bias comes from:",
+        "",
+    ]
+    out += _parts()
     out += [""] + _steep()
+    return out
+
+
+def _predicted(bias_sd: float, se_sd: float) -> float:
+    """Coverage (%) of a 95% Wald interval when the estimator is normal with bias ``bias_sd`` SDs and SE = ``se_sd`` SD."""
+    return float(100 * (stats.norm.cdf(1.96 * se_sd - bias_sd) - stats.norm.cdf(-1.96 * se_sd - bias_sd)))
+
+
+def _parts() -> list[str]:
+    path = RESULTS / "survey_informative_parts.csv"
+    if not path.exists():
+        return ["(`survey_informative_parts.csv` missing: run `python -m validation.survey_sim --study informative_parts`.)", ""]
+    df = pd.read_csv(path)
+    t = _informative_tables(df)
+    parts = list(dict.fromkeys(df["fit"]))
+    keep = ["mean:Intercept", "scale:Intercept", "var(u0)", "var(v)", "cov(u0,v)"]
+    table = pd.concat({col: t[col].loc[keep, parts] for col in ("bias / SD", "coverage %")}, axis=1)
+    table.columns = [f"{b}: {a}" for a, b in table.columns]
+    n = df.groupby("fit", sort=False)["n"].mean() / df.groupby("fit", sort=False)["J"].mean()
+    out = [
+        f"`--study informative_parts` ({df['rep'].nunique()} replications each, size scaling): the same design with only "
+        "the school stage informative (students sampled with probability 0.5), with only the student stage informative "
+        "(schools with probability 0.2), and the latter with schools three times as large "
+        f"({', '.join(f'{p}: {v:.0f}' for p, v in n.items())} sampled students per school):",
+        "",
+        md_table(table, digits=2),
+        "",
+        f"(Monte-Carlo SE of a coverage near 95% with {df['rep'].nunique()} replications: "
+        f"{100 * np.sqrt(0.95 * 0.05 / df['rep'].nunique()):.1f} points; the intercept's "
+        f"{t['coverage %'].loc['mean:Intercept', parts[0]]:.1f}% "
+        f"with only the school stage informative goes with SE / SD {t['SE / SD'].loc['mean:Intercept', parts[0]]:.2f} and no bias; "
+        f"the Monte-Carlo SE of such a ratio is about {100 / np.sqrt(2 * df['rep'].nunique()):.0f}%.) "
+        "With only the school stage informative the weighted fit is unbiased; with only the student stage informative "
+        "it keeps the bias of the two-stage design, and with three times as many students per school that bias "
+        "shrinks several-fold. It is the finite-cluster bias of the pseudo-likelihood under informative level-1 "
+        "sampling (the weighted within-school log-likelihood sits inside the nonlinear integral over the school "
+        "effects; Pfeffermann et al. 1998), which vanishes as the schools grow, not an error of the weights or of the "
+        "sandwich.",
+        "",
+    ]
     return out
 
 
@@ -390,10 +458,10 @@ def _steep() -> list[str]:
             "",
         ]
     out += [
-        "The weighted estimator is consistent in both designs; with the steep design it needs many more schools for "
-        "its sandwich to be reliable. The two-valued design above, with weights within a factor of 3 as in survey "
-        "practice after trimming and in the simulation designs of the pseudo-ML literature, keeps the informativeness "
-        "(the unweighted fit is still badly biased) and its robust intervals cover as they should.",
+        "With the steep design the sandwich needs many more schools to be reliable. The two-valued design above "
+        "(weights within a factor of 3 at each level, as after the weight trimming of survey practice) keeps the "
+        "informativeness (the unweighted fit is still badly biased), triples the meat's effective number of schools "
+        "for the intercept, and its robust SEs match the spread of the estimates.",
         "",
     ]
     return out

@@ -25,6 +25,10 @@ Studies
     the inverse probabilities as ``weights`` (conditional, level 1) and ``group_weights``
     (level 2) with the ``"size"``, ``"effective"`` and ``"none"`` scalings; all have robust SEs.
     Targets: the generating (superpopulation) values.
+``informative_parts``
+    The two-valued design with only the school stage or only the student stage informative,
+    and the latter with schools three times as large (``INFORMATIVE_PARTS``): where the
+    weighted fits' remaining bias comes from.
 ``concentration``
     For both informative designs: Kish's effective number of schools and the effective
     number of schools that carry the sandwich's meat (:func:`effective_clusters`).
@@ -36,7 +40,8 @@ replication the estimates and SEs go to ``validation/results/survey_<study>.csv`
     nice python -m validation.survey_sim --study coverage --reps 1000       # ~5 min
     nice python -m validation.survey_sim --study pseudo_true --reps 10      # ~2.5 min
     nice python -m validation.survey_sim --study informative --reps 500     # ~6 min
-    nice python -m validation.survey_sim --study concentration --reps 100   # ~1 min
+    nice python -m validation.survey_sim --study concentration --reps 100   # ~1.5 min
+    nice python -m validation.survey_sim --study informative_parts --reps 150   # ~4 min
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ PUPIL_LOGIT = (-1.0, 0.5)
 #: ``PUPIL_PI[e_ij > 0]`` (both stages favour high values; weights within a factor of 3).
 SCHOOL_PI = (0.1, 0.3)
 PUPIL_PI = (0.25, 0.75)
+#: The two-valued design's population: schools, and the smallest and largest school size.
+TWO_VALUED_POPULATION = (1000, 50, 100)
 
 MODEL = {"formula": "y ~ x", "groups": "school", "scale_formula": "~ x"}
 
@@ -116,7 +123,9 @@ def coverage_data(scenario: str, rep: int, J: int = COVERAGE_SCHOOLS, n: int = 1
     return pd.DataFrame({"y": y, "x": x, "school": school})
 
 
-def informative_sample(rep: int, design: str = "two_valued") -> pd.DataFrame:
+def informative_sample(
+    rep: int, design: str = "two_valued", school_pi=SCHOOL_PI, pupil_pi=PUPIL_PI, population=TWO_VALUED_POPULATION
+) -> pd.DataFrame:
     """The two-stage sample of replication ``rep`` of an informative ``design`` with its weights.
 
     ``"two_valued"`` (the study's design): 1,000 schools of 50 to 100 students; schools with
@@ -125,10 +134,12 @@ def informative_sample(rep: int, design: str = "two_valued") -> pd.DataFrame:
     of 100 to 200 students, probabilities ``expit(a + b u_j / sd(u))`` and
     ``expit(a + b e_ij / sigma_ij)`` (``SCHOOL_LOGIT``, ``PUPIL_LOGIT``): school weights from
     about 2.5 to 100. Columns ``w1`` (conditional level-1 weight) and ``w2`` (school weight).
+    ``school_pi``, ``pupil_pi`` and ``population`` (schools, smallest and largest size) change
+    the two-valued design (:func:`run_informative_parts`).
     """
     rng = np.random.default_rng(BASE_SEED["informative"] + rep)
     t = INFORMATIVE_TRUTH
-    J_pop, lo, hi = (1000, 50, 100) if design == "two_valued" else (2000, 100, 200)
+    J_pop, lo, hi = population if design == "two_valued" else (2000, 100, 200)
     sizes = rng.integers(lo, hi + 1, J_pop)
     school = np.repeat(np.arange(J_pop), sizes)
     x = _x(rng, sizes)
@@ -139,8 +150,8 @@ def informative_sample(rep: int, design: str = "two_valued") -> pd.DataFrame:
     z = rng.standard_normal(school.size)
     y = t["mean:Intercept"] + t["mean:x"] * x + u[school] + np.exp(0.5 * lv) * z
     if design == "two_valued":
-        p_school = np.where(u > 0, SCHOOL_PI[1], SCHOOL_PI[0])
-        p_pupil = np.where(z > 0, PUPIL_PI[1], PUPIL_PI[0])
+        p_school = np.where(u > 0, school_pi[1], school_pi[0])
+        p_pupil = np.where(z > 0, pupil_pi[1], pupil_pi[0])
     else:
         p_school = 1.0 / (1.0 + np.exp(-(SCHOOL_LOGIT[0] + SCHOOL_LOGIT[1] * u / sd_u)))
         p_pupil = 1.0 / (1.0 + np.exp(-(PUPIL_LOGIT[0] + PUPIL_LOGIT[1] * z)))
@@ -250,6 +261,30 @@ def run_informative(reps: int, first: int = 0, design: str = "two_valued") -> pd
     return pd.DataFrame(rows)
 
 
+#: Variants of the two-valued design that take it apart (:func:`run_informative_parts`).
+INFORMATIVE_PARTS = {
+    "level 2 only": {"pupil_pi": (0.5, 0.5)},
+    "level 1 only": {"school_pi": (0.2, 0.2)},
+    "level 1 only, 3x larger schools": {"school_pi": (0.2, 0.2), "population": (1000, 150, 300)},
+}
+
+
+def run_informative_parts(reps: int, first: int = 0) -> pd.DataFrame:
+    """The two-valued design with only one stage informative, and with larger schools (size scaling)."""
+    import mlsml
+
+    rows = []
+    for part, kw in INFORMATIVE_PARTS.items():
+        for r in range(first, first + reps):
+            df = informative_sample(r, "two_valued", **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = mlsml.fit(data=df, weights="w1", group_weights="w2", **MODEL)
+            rows.append(_row(res, {"fit": part, "rep": r, "n": len(df), "J": df["school"].nunique()}))
+        log(f"informative part {part!r} done")
+    return pd.DataFrame(rows)
+
+
 def effective_clusters(scores: np.ndarray) -> np.ndarray:
     r"""The effective number of clusters of the sandwich's meat, per parameter.
 
@@ -286,7 +321,7 @@ def run_concentration(reps: int, first: int = 0) -> pd.DataFrame:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m validation.survey_sim", description=__doc__.split("\n")[0])
-    ap.add_argument("--study", choices=("coverage", "informative", "pseudo_true", "concentration"), required=True)
+    ap.add_argument("--study", choices=("coverage", "informative", "pseudo_true", "concentration", "informative_parts"), required=True)
     ap.add_argument("--reps", type=int, default=500)
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--schools", type=int, default=COVERAGE_SCHOOLS, help="schools per data set of the coverage study")
@@ -296,7 +331,12 @@ def main(argv=None) -> int:
     if a.study == "coverage":
         df = run_coverage(a.reps, a.first, J=a.schools)
     else:
-        run = {"informative": run_informative, "pseudo_true": run_pseudo_true, "concentration": run_concentration}[a.study]
+        run = {
+            "informative": run_informative,
+            "pseudo_true": run_pseudo_true,
+            "concentration": run_concentration,
+            "informative_parts": run_informative_parts,
+        }[a.study]
         df = run(a.reps, a.first)
     df.to_csv(out, index=False)
     log(f"wrote {out} ({len(df)} rows)")
