@@ -11,7 +11,7 @@ from conftest import stored_fuzz_case
 
 import mlsml
 from mlsml.diagnostics import diagnose
-from mlsml.optimize import RULE_RAISE_TOL, FitOptions, OptSummary, maximize, raise_rule
+from mlsml.optimize import RULE_RAISE_TOL, FitOptions, OptSummary, _newton_decrement, _newton_polish, maximize, raise_rule
 from mlsml.results import MELSMResults
 from mlsml.summary import header_dict
 from validation import fuzz
@@ -194,3 +194,19 @@ def test_a_rule_that_stays_inaccurate_is_not_called_converged():
     # where the last refit stops decides which of the two reasons is given
     assert not res.converged
     assert "not accurate enough at the estimates" in res.optsum.message or "not at a maximum" in res.optsum.message
+
+
+def test_newton_polish_takes_a_final_step_when_it_exceeds_xtol():
+    # 1e-7 from the maximum the Newton decrement is far below 1e-3 * dtol: the polish stops
+    # there under the default xtol, and with a small xtol takes one more step onto the maximum.
+    df = mlsml.simulate.demo_data(n_groups=30, seed=3)
+    res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", xtol=1e-10, gtol=1e-12)
+    lik, top = res.likelihood, np.asarray(res.theta)
+    off = top + 1e-7 * np.linspace(-1.0, 1.0, top.size)
+    nodes = lik.adapt(off)
+    assert _newton_decrement(lik.value_and_grad(off, nodes)[1], lik.hessian(off, nodes)) < 1e-9
+    same, *_, n0 = _newton_polish(off, lik, dtol=1e-6, xtol=1e-6)
+    assert n0 == 0 and np.array_equal(same, off)
+    polished, *_, n1 = _newton_polish(off, lik, dtol=1e-6, xtol=1e-10)
+    assert n1 == 1
+    assert np.max(np.abs(polished - top)) < 1e-9

@@ -94,6 +94,23 @@ def test_frequency_weighted_fit_equals_the_replicated_fit(small, replicated):
     np.testing.assert_allclose(ra.bse, rb.bse, rtol=1e-5)
 
 
+#: Optimiser tolerances under which a fit must land on the maximum to 1e-8 (the final Newton step
+#: of :func:`mlsml.optimize._newton_polish` honours ``xtol``).
+TIGHT = {"xtol": 1e-10, "gtol": 1e-12}
+
+
+@pytest.mark.parametrize("name", ["core product", "bs_formula"])
+def test_frequency_weighted_estimates_equal_the_replicated_ones_to_1e8(small, replicated, name):
+    # The two fits take different paths to the same maximum (the same terms summed in another
+    # order); before the final Newton step honoured xtol they stopped up to 6e-8 apart.
+    kw = dict(CLASSES[name])
+    a = mlsml.fit("y ~ x", small, groups="school", weights="fw", group_weights="gw", weights_kind="frequency", **kw, **TIGHT)
+    b = mlsml.fit("y ~ x", replicated, groups="school", **kw, **TIGHT)
+    assert a.converged and b.converged
+    np.testing.assert_allclose(a.params, b.params, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(a.bse, b.bse, rtol=1e-7)
+
+
 def test_unit_sampling_weights_change_nothing_and_school_weights_scale_the_llf(small):
     plain = mlsml.MELSM.from_formula("y ~ x", small, groups="school", scale_formula="~ x")
     ones = mlsml.MELSM.from_formula("y ~ x", small, groups="school", scale_formula="~ x", weights=np.ones(len(small)))

@@ -34,6 +34,9 @@ mode. MixWILD 2.0's second stage (``STAGE2 > 0``) is read by
 covariates ``RV`` outside the MLS mode, no BS intercept, MixWILD 2017's second stage) raise
 :class:`~mlsml.errors.ModelSpecError` naming the option.
 
+Weights and the type of standard errors, which MIXREGLS has not, are mlsml's own
+``NAME = value`` lines at the end of the file (:mod:`mlsml.mixregls.keywords`).
+
 Every setting is checked as the Fortran READs need it before anything else is
 read: INTEGER fields must be whole numbers, switches 0 or 1, the counts
 ``P R S PV RV SV`` from 0 to ``NVAR``, ``NQ`` from ``MIN_NQ`` to ``MAX_NQ``, real
@@ -56,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, MLSMLError, ModelSpecError
+from .keywords import read_keywords
 from .secondstage import Stage2Job, read_stage2
 
 _SHORT = ["NVAR", "P", "R", "S", "PNINT", "RNINT", "SNINT", "CONV", "NQ", "AQUAD", "MAXIT", "YMISS", "NCENT", "NCOV", "RIDGEIN"]
@@ -287,6 +291,8 @@ class MixreglsJob:
     notes: tuple[str, ...] = field(default=())
     u_labels: tuple[str, ...] = field(default=())
     stage2: Stage2Job | None = None
+    #: mlsml's own keywords after the last record (weights, COVTYPE: :mod:`mlsml.mixregls.keywords`).
+    keywords: dict = field(default_factory=dict)
 
     def setting(self, name: str, default: float = 0.0) -> float:
         """A numeric setting (``NQ``, ``YMISS``, ...); ``default`` when the layout lacks it."""
@@ -495,6 +501,7 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
         for c in cols:
             if not 1 <= c <= nvar:
                 raise ModelSpecError(f"{where}: {name} column number {c} is outside 1..NVAR = {nvar}")
+    keywords = read_keywords(lines, pos, where, nvar)
     return MixreglsJob(
         title=title,
         data_file=data_file,
@@ -517,6 +524,7 @@ def parse_def(path: str | Path | None = None, text: str | None = None) -> Mixreg
         path=Path(path) if path is not None else None,
         notes=tuple(notes),
         stage2=stage2,
+        keywords=keywords,
     )
 
 

@@ -5,7 +5,10 @@ frame and formulas, following MIXREGLS: rows where any used variable equals
 ``YMISS`` are dropped; clusters are runs of equal ``INT(id)`` in file order;
 ``PV``/``SV`` covariates ``x`` become a cluster mean ``x_BS`` and the deviation
 from it ``x_WS``; ``NCENT = 1`` standardises every covariate column;
-``DISCARD0 = 1`` drops clusters whose responses are all equal. The model is
+``DISCARD0 = 1`` drops clusters whose responses are all equal. mlsml's own keywords at the
+end of the .def (:mod:`mlsml.mixregls.keywords`) add level-1 and level-2 weights
+(``weights=``, ``group_weights=``, their kind and scaling) and the type of standard errors
+(``cov_type``), which the report's header states. The model is
 
 .. math::
 
@@ -42,6 +45,7 @@ import pandas as pd
 from ..errors import DataError, MissingDataWarning, ModelSpecError, warn
 from ..model import MELSM
 from .deffile import MAX_NQ, MIN_NQ, NCOV_ASSOCIATION, MixreglsJob, parse_def, read_dat
+from .keywords import fit_arguments
 from .report import summarize_mixwild
 from .secondstage import run_stage2
 from .stages import fit_stages
@@ -75,6 +79,8 @@ class JobData:
     bs_formula: str | None = None
     association: str = "linear"
     stage2_names: dict | None = None
+    #: The job's weights and cov_type as arguments of :func:`mlsml.fit` (:mod:`mlsml.mixregls.keywords`).
+    weighting: dict | None = None
 
 
 def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
@@ -104,6 +110,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
     sv = [col(c, lab) for c, lab in zip(job.sv_cols, job.sv_labels)]
     # MixWILD's second stage: its columns of the stage-1 file are read too (YMISS in them drops the row)
     s2_names = {c: col(c, lab) for c, lab in job.stage2.columns()} if job.stage2 and job.stage2.data_file is None else {}
+    weight_cols = {k: col(job.keywords[k], k.lower()) for k in ("WEIGHT1", "WEIGHT2") if k in job.keywords}
     used_cols = sorted(names)
     frame = pd.DataFrame({names[c]: raw[:, c - 1] for c in used_cols})
     ids = np.trunc(raw[:, job.id_col - 1])
@@ -190,6 +197,7 @@ def job_data(job: MixreglsJob, data: np.ndarray | None = None) -> JobData:
         bs_formula=bs_formula,
         association=association,
         stage2_names=s2_names,
+        weighting=fit_arguments(job.keywords, weight_cols),
     )
 
 
@@ -207,6 +215,7 @@ class JobRun:
 
 def _job_model(jd: JobData, frame: pd.DataFrame) -> MELSM:
     """The job's model on ``frame`` (its data as fitted, or as read before standardising)."""
+    weighting = {k: v for k, v in (jd.weighting or {}).items() if k != "cov_type"}
     return MELSM.from_formula(
         jd.formula,
         frame,
@@ -217,6 +226,7 @@ def _job_model(jd: JobData, frame: pd.DataFrame) -> MELSM:
         missing="raise",
         bs_formula=jd.bs_formula,
         association=jd.association,
+        **weighting,
     )
 
 
@@ -236,7 +246,7 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     progress : callable, optional
         ``progress(i, n, title)`` before each model is fitted.
     **fit_options
-        Passed to :meth:`mlsml.MELSM.fit`.
+        Passed to :meth:`mlsml.MELSM.fit` (a ``cov_type`` here overrides the job's ``COVTYPE``).
 
     Returns
     -------
@@ -249,6 +259,8 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     if nagq is not None and (isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or not MIN_NQ <= nagq <= MAX_NQ):
         raise ModelSpecError(f"nagq must be a whole number from {MIN_NQ} to {MAX_NQ}, not {nagq!r}")
     nq = job.nq if nagq is None else int(nagq)
+    if "COVTYPE" in job.keywords:
+        fit_options.setdefault("cov_type", job.keywords["COVTYPE"])
     if stages:
         seq = fit_stages(model, nagq=nq, progress=progress, **fit_options)
         res = seq[-1][1]
