@@ -468,7 +468,7 @@ def _second_start(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics)
     higher = np.isfinite(refit.llf) and refit.llf > optsum.llf + FACE_LLF_TOL and refit.llf_reliable
     if not higher or (lik.integrand.core and not _higher_by_product(lik, refit, optsum)):
         return optsum, diagnostics
-    note = f"a second fit (trust-exact from the default start) is {refit.llf - optsum.llf:.3g} higher than the first"
+    note = f"a second fit ({FALLBACK_METHOD} from the default start) is {refit.llf - optsum.llf:.3g} higher than the first"
     refit = replace(refit, message=f"{refit.message}; {note}")
     return refit, diagnose(lik, refit)
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import optimize as sopt
+from scipy.optimize import _trustregion_exact as _sp_trust_exact  # private: see TRUST_EXACT_BOUNDED
 
 from .boundary import far_from_boundary
 from .integrand import SchoolSums
@@ -562,10 +563,17 @@ def theta_covariance(optsum: OptSummary) -> np.ndarray | None:
 #: Methods that step with the exact Hessian (no fallback from one of them to another).
 HESSIAN_METHODS = ("trust-exact", "Newton-CG", "trust-krylov", "trust-ncg")
 
+#: Whether SciPy's ``trust-exact`` bounds the iterations of its subproblem solver
+#: (``IterativeSubproblem.MAXITER_DEFAULT``, SciPy 1.15 and later). Before that the solver can
+#: loop for ever (scipy/scipy#12513, #20244: a stale Cholesky factor): with SciPy 1.11 the
+#: fallback of a 7-school fuzz case never returned. There the fallback is ``trust-krylov``,
+#: trust-region Newton on the same exact Hessian with a bounded (Lanczos) subproblem solver.
+TRUST_EXACT_BOUNDED = hasattr(_sp_trust_exact.IterativeSubproblem, "MAXITER_DEFAULT")
+
 #: The automatic fallback (:func:`_fallback`): trust-region Newton on the exact Hessian,
 #: whose steps stay inside a region where the quadratic model is trusted, so it neither
 #: stalls at a saddle nor runs off to where the quadrature overflows.
-FALLBACK_METHOD = "trust-exact"
+FALLBACK_METHOD = "trust-exact" if TRUST_EXACT_BOUNDED else "trust-krylov"
 
 #: A log-likelihood that the rule with about twice the points changes by more than this
 #: (log-likelihood units) is not reported: the rule is not accurate at the estimates

@@ -217,8 +217,8 @@ def test_a_fit_stopped_on_a_face_with_the_maximum_just_inside_reaches_it():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = mlsml.fit(data=data, **row["spec"])
-    assert res.llf > row["reference"] - 1e-3
-    assert "just inside the boundary" in res.optsum.message
+    # (with SciPy 1.11 the trust-krylov fallback gets there first: which step does is path-dependent)
+    assert res.llf > row["reference"] - 1e-3 and res.converged
 
 
 # ------------------------------------------------------------- faces of a constrained Sigma (issue 13)

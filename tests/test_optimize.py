@@ -11,7 +11,16 @@ from conftest import stored_fuzz_case
 
 import mlsml
 from mlsml.diagnostics import diagnose
-from mlsml.optimize import RULE_RAISE_TOL, FitOptions, OptSummary, _newton_decrement, _newton_polish, maximize, raise_rule
+from mlsml.optimize import (
+    FALLBACK_METHOD,
+    RULE_RAISE_TOL,
+    FitOptions,
+    OptSummary,
+    _newton_decrement,
+    _newton_polish,
+    maximize,
+    raise_rule,
+)
 from mlsml.results import MELSMResults
 from mlsml.summary import header_dict
 from validation import fuzz
@@ -102,7 +111,7 @@ def test_small_cluster_random_slopes_reach_the_trust_exact_maximum():
     if exact.converged:
         assert res.llf > exact.llf - 1e-5
     if res.optsum.fallback:
-        assert "trust-exact" in res.optsum.fallback and "fallback" in res.message
+        assert FALLBACK_METHOD in res.optsum.fallback and "fallback" in res.message
         assert res.optsum.n_passes == len(res.optsum.history)
 
 
