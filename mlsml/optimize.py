@@ -564,7 +564,7 @@ def theta_covariance(optsum: OptSummary) -> np.ndarray | None:
 HESSIAN_METHODS = ("trust-exact", "Newton-CG", "trust-krylov", "trust-ncg")
 
 #: Whether SciPy's ``trust-exact`` bounds the iterations of its subproblem solver
-#: (``IterativeSubproblem.MAXITER_DEFAULT``, SciPy 1.15 and later). Before that the solver can
+#: (``IterativeSubproblem.MAXITER_DEFAULT``: present in SciPy 1.17, absent in 1.11). Without it the solver can
 #: loop for ever (scipy/scipy#12513, #20244: a stale Cholesky factor): with SciPy 1.11 the
 #: fallback of a 7-school fuzz case never returned. There the fallback is ``trust-krylov``,
 #: trust-region Newton on the same exact Hessian with a bounded (Lanczos) subproblem solver.
