@@ -37,9 +37,11 @@ memory limits, and ``DaskData(..., keep="source")`` keeps nothing: every evaluat
 its partition (from Parquet) and rebuilds the block.
 
 Model classes: the core model (random intercept and slopes in the mean, a random scale,
-covariates in the mean and in the log variance). ``scale_re_formula`` and ``bs_formula``, and
-formulas with stateful transforms (``center(x)``, ``standardize(x)``, ``bs(x)``), are refused
-with a :class:`~mlsml.ModelSpecError`.
+covariates in the mean and in the log variance), with covariances fixed at zero by
+``association="none"`` or ``cov_constraints``. ``scale_re_formula``, ``bs_formula``,
+``association="quadratic"``, weights and offsets, and formulas with stateful transforms
+(``center(x)``, ``standardize(x)``, ``bs(x)``), are refused with a
+:class:`~mlsml.ModelSpecError`.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ from .diagnostics import _tail_schools
 from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .likelihood import Likelihood
-from .params import ParamLayout
+from .params import ParamLayout, constrain
 from .predict import predict as _predict
 from .quadrature import Nodes, QuadratureSpec
 from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, standardised_design
@@ -946,6 +948,8 @@ class DistributedDesign:
         T = np.eye(d)
         if d and lay.q:
             T[: lay.q, : lay.q] = sigma * column_map_from_stats(mo.Z.lo, mo.Z.hi, mo.Z.mean, mo.Z.sd)
+        if lay.fixed_cov:  # scaling only, as in memory: centring a column would move a fixed zero
+            T = np.diag(np.diag(T))
         eye = all(np.array_equal(P, np.eye(P.shape[0])) for P in (Px, Pw, PS))
         if sigma == 1.0 and eye and np.array_equal(T, np.eye(d)):
             return Reparametrisation(self, 1.0, Px, Pw, PS, T, delta, identity=True)
@@ -1133,13 +1137,13 @@ def _check_formulas(formulas: dict) -> None:
 def check_cluster_options(**options) -> None:
     """Refuse the options a fit on a Dask cluster does not support yet, naming them.
 
-    Weights and offsets (:mod:`mlsml.weights`) and association types or covariance
-    constraints change the design or the layout after it is built, and MixWILD's data
-    conventions (``missing_code``, ``drop_constant_groups``) the rows; on a cluster they
-    would have to be shipped to every block. Their defaults (``None``,
-    ``association="linear"``, ``drop_constant_groups=False``) pass.
+    Weights and offsets (:mod:`mlsml.weights`) change the design after it is built, and
+    MixWILD's data conventions (``missing_code``, ``drop_constant_groups``) the rows; on a
+    cluster they would have to be read and checked on every block. Their defaults (``None``,
+    ``drop_constant_groups=False``) pass. (Association types and covariance constraints are
+    fitted: :func:`build_distributed_design`.)
     """
-    defaults = {"association": "linear", "drop_constant_groups": False}
+    defaults = {"drop_constant_groups": False}
     given = [k for k, v in options.items() if v is not None and not (k in defaults and v == defaults[k])]
     if given:
         raise ModelSpecError(
@@ -1159,13 +1163,19 @@ def build_distributed_design(
     scale_re_formula: str | None = None,
     bs_formula: str | None = None,
     client=None,
+    association: str = "linear",
+    cov_constraints=None,
 ) -> tuple[DistributedDesign, FormulaSpec]:
     """The design of a model whose data are a Dask DataFrame or Parquet files (the arrays stay on the workers).
 
     The checks and messages of :func:`mlsml.design.build_design`, from one pass over the
     partitions (:func:`_learn`), then one building the blocks (:func:`_build_block`) and their
-    moments. Returns the driver's :class:`DistributedDesign` and the :class:`FormulaSpec`
-    (whose ``frame`` is the prototype the formulas were evaluated on).
+    moments. ``association`` and ``cov_constraints`` constrain the layout
+    (:func:`mlsml.params.constrain`) before the blocks are built, so every block evaluates
+    the constrained model; ``association="quadratic"`` is refused (its starting values need
+    the rows on the driver: :func:`mlsml.start.start_values_ext`). Returns the driver's
+    :class:`DistributedDesign` and the :class:`FormulaSpec` (whose ``frame`` is the
+    prototype the formulas were evaluated on).
     """
     source = data if isinstance(data, DaskData) else DaskData(data)
     formulas = {
@@ -1182,6 +1192,12 @@ def build_distributed_design(
     if not isinstance(random_scale, bool | np.bool_):
         raise ModelSpecError(f"random_scale must be True or False, not {describe_value(random_scale)}")
     _check_formulas(formulas)
+    if association == "quadratic":
+        raise ModelSpecError(
+            "association='quadratic' is not fitted on a Dask cluster yet (its starting values need the rows on the "
+            "driver); fit it in memory (data=a pandas DataFrame), or use association='linear' or 'none'"
+        )
+    constraints = (association, cov_constraints)
     ddf = _dask_frame(source.source)
     meta = pd.DataFrame(columns=list(ddf.columns))
     if not isinstance(groups, Hashable) or groups not in meta.columns:
@@ -1211,7 +1227,7 @@ def build_distributed_design(
 
     client, owned = get_client(client)
     try:
-        return _build(source, ddf, plan, missing, random_scale, client, owned)
+        return _build(source, ddf, plan, missing, random_scale, constraints, client, owned)
     except BaseException:
         if owned is not None:
             owned[0].close()
@@ -1219,12 +1235,14 @@ def build_distributed_design(
         raise
 
 
-def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, client, owned):
+def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, constraints: tuple, client, owned):
     # ---- pass 1: learn the design from every partition
     ddf = ddf[list(plan.used)].optimize()  # the partitions as read (Dask fuses small Parquet files)
     workers = len(client.scheduler_info()["workers"])
     if ddf.npartitions < workers:  # fewer blocks than workers: spread the schools over the workers
         ddf = ddf.shuffle(on=plan.groups, npartitions=workers)
+        if source.keep == "memory":  # shuffled once for both passes (small data: fewer partitions than workers)
+            ddf = client.persist(ddf)
     parts = ddf.to_delayed()
     learned = _gather(client, client.compute([dask.delayed(_learn)(p, plan) for p in parts]))
     _report_missing(learned, plan, missing)
@@ -1262,6 +1280,7 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         raise ModelSpecError("the mean formula has no terms (not even an intercept)")
     if layout.k == 0:
         raise ModelSpecError("the scale formula has no terms: it needs at least an intercept ('~ 1')")
+    layout = constrain(layout, *constraints)
     plan = dataclasses.replace(plan, prototype=prototype, layout=layout, token=uuid.uuid4().hex)
 
     # ---- pass 2: the blocks, built on the workers, and their moments

@@ -417,12 +417,10 @@ class MELSM:
                 group_weights=group_weights,
                 offset=offset,
                 scale_offset=scale_offset,
-                association=association,
-                cov_constraints=cov_constraints,
                 missing_code=missing_code,
                 drop_constant_groups=drop_constant_groups,
             )
-            build = partial(build_distributed_design, client=client)
+            build = partial(build_distributed_design, client=client, association=association, cov_constraints=cov_constraints)
         else:
             build = partial(build_design, missing_code=missing_code, drop_constant_groups=drop_constant_groups)
         design, spec = build(

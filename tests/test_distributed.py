@@ -70,6 +70,9 @@ MODELS = {
     "model3": dict(formula="y ~ x", scale_formula="~ x"),
     "model6": dict(formula="y ~ x + C(grp) + girl", scale_formula="~ x + C(grp) + girl"),
     "slope": dict(formula="y ~ x", re_formula="~ x", scale_formula="~ x"),
+    # covariances fixed at zero: by the association type, and by name (the layout every block evaluates)
+    "slope_none": dict(formula="y ~ x", re_formula="~ x", scale_formula="~ x", association="none"),
+    "model3_cov": dict(formula="y ~ x", scale_formula="~ x", cov_constraints="cov(v,u0)"),
 }
 
 
@@ -244,8 +247,10 @@ def test_refused_models_name_what_is_refused(client, data):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
     with pytest.raises(ModelSpecError, match="scale_re_formula"):
         mlsml.fit("y ~ x", ddf, groups="school", scale_re_formula="~ x", client=client)
-    with pytest.raises(ModelSpecError, match="weights, association are not supported"):
-        mlsml.fit("y ~ x", ddf, groups="school", weights="x", association="none", client=client)
+    with pytest.raises(ModelSpecError, match="weights, offset are not supported"):
+        mlsml.fit("y ~ x", ddf, groups="school", weights="x", offset="x", association="none", client=client)
+    with pytest.raises(ModelSpecError, match="association='quadratic' is not fitted on a Dask cluster"):
+        mlsml.fit("y ~ x", ddf, groups="school", association="quadratic", client=client)
     with pytest.raises(ModelSpecError, match="missing_code, drop_constant_groups are not supported"):
         mlsml.fit("y ~ x", ddf, groups="school", missing_code=-999, drop_constant_groups=True, client=client)
 
