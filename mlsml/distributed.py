@@ -38,8 +38,9 @@ its partition (from Parquet) and rebuilds the block.
 
 Model classes: the core model (random intercept and slopes in the mean, a random scale,
 covariates in the mean and in the log variance), with covariances fixed at zero by
-``association="none"`` or ``cov_constraints``. ``scale_re_formula``, ``bs_formula``,
-``association="quadratic"``, weights and offsets, and formulas with stateful transforms
+``association="none"`` or ``cov_constraints``, and offsets of the mean and of the log
+variance named as columns. ``scale_re_formula``, ``bs_formula``,
+``association="quadratic"``, weights, and formulas with stateful transforms
 (``center(x)``, ``standardize(x)``, ``bs(x)``), are refused with a
 :class:`~mlsml.ModelSpecError`.
 """
@@ -248,6 +249,9 @@ class Plan:
     layout : ParamLayout or None
     token : str
         Identifies the plan in the workers' caches.
+    offsets : tuple of (str, column)
+        ``(field, column)`` of the offsets read from the data (``"offset"``,
+        ``"scale_offset"``; :mod:`mlsml.weights`).
     """
 
     formulas: tuple
@@ -259,6 +263,40 @@ class Plan:
     prototype: pd.DataFrame | None = None
     layout: ParamLayout | None = None
     token: str = ""
+    offsets: tuple = ()
+
+    @property
+    def read(self) -> list:
+        """The columns read from the data: those the formulas use, then the offsets'."""
+        return list(self.used) + [c for _, c in self.offsets if c not in self.used]
+
+
+def _row_offsets(frame: pd.DataFrame, plan: Plan, bad: pd.DataFrame) -> dict:
+    """The offsets of a partition's kept rows (in its row order), checked as :func:`mlsml.weights.with_weights_and_offsets` does.
+
+    An offset is not a column of the formulas: a missing value is an error naming the
+    column and the row, not a reason to drop the row.
+    """
+    kept = ~bad.any(axis=1).to_numpy()
+    out = {}
+    for what, column in plan.offsets:
+        series = frame[column]
+        if pd.api.types.is_bool_dtype(series) or not (pd.api.types.is_numeric_dtype(series) or series.dtype == object):
+            raise DataError(f"{what} (column {column!r}) must be numbers, not dtype {series.dtype}")
+        try:
+            values = pd.to_numeric(series, errors="raise").to_numpy(dtype=float, na_value=np.nan)[kept]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{what} (column {column!r}) must be numbers: {exc}") from exc
+        wrong = ~np.isfinite(values)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            label = frame.index[kept][i]
+            raise DataError(
+                f"the {what} (column {column!r}) must be finite: missing or infinite in {int(wrong.sum())} row(s) of a "
+                f"partition, first {values[i]!r} at index {label.item() if isinstance(label, np.generic) else label!r}"
+            )
+        out[what] = values
+    return out
 
 
 def _prepare(frame: pd.DataFrame, plan: Plan) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -285,6 +323,7 @@ def _learn(frame: pd.DataFrame, plan: Plan) -> dict:
     """One partition's part of the pass that learns the design (see :func:`build_distributed_design`)."""
     _worker_setup()
     kept, bad = _prepare(frame, plan)
+    _row_offsets(frame, plan, bad)
     out: dict[str, Any] = {
         "rows": int(frame.shape[0]),
         "bad": {c: int(bad[c].sum()) for c in plan.used if bad[c].any()},
@@ -370,10 +409,11 @@ def _design_bytes(design: Design) -> int:
 def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
     """The :class:`Block` of one partition: the arrays of :func:`mlsml.design.build_design` for its rows."""
     _worker_setup()
-    kept, _ = _prepare(frame, plan)
+    kept, bad = _prepare(frame, plan)
     if kept.shape[0] == 0:
         return Block(None, token)
     infos = _design_infos(plan)
+    offsets = _row_offsets(frame, plan, bad)
     ydf, Xdf, Wdf, Zdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
     codes, labels = pd.factorize(kept[plan.groups], sort=True)
     order = np.argsort(codes, kind="stable")
@@ -388,8 +428,10 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
             names = {"X": Xdf, "W": Wdf, "Z": Zdf}[name].columns
             school = kept[plan.groups].iloc[int(np.nonzero(bad[:, j])[0][0])]
             raise DataError(f"design column {names[j]!r} has a non-finite value in a row of school {school!r}")
+    offsets = {what: o[order] for what, o in offsets.items()}
+    y = ydf.to_numpy(dtype=float).ravel()[order]
     design = Design(
-        y=ydf.to_numpy(dtype=float).ravel()[order],
+        y=y - offsets["offset"] if "offset" in offsets else y,  # as in memory: y holds the response minus the offset
         X=np.ascontiguousarray(arrays["X"][order]),
         W=np.ascontiguousarray(arrays["W"][order]),
         Z=np.ascontiguousarray(arrays["Z"][order]),
@@ -401,6 +443,7 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         row_labels=kept.index,
         layout=plan.layout,
         info={"response": plan.response},
+        **offsets,
     )
     return Block(design, token)
 
@@ -611,6 +654,8 @@ class DesignMoments:
     Wt1: np.ndarray
     ZtZ: np.ndarray
     varying_schools: int  # schools whose response varies
+    so: ColumnMoments | None = None  # of the scale offset, when the design has one
+    Wtso: np.ndarray | None = None  # W' scale_offset
 
     def merge(self, other: DesignMoments) -> DesignMoments:
         """Both row sets' moments."""
@@ -624,6 +669,8 @@ class DesignMoments:
             self.Wt1 + other.Wt1,
             self.ZtZ + other.ZtZ,
             self.varying_schools + other.varying_schools,
+            None if self.so is None else self.so.merge(other.so),
+            None if self.Wtso is None else self.Wtso + other.Wtso,
         )
 
 
@@ -653,6 +700,8 @@ def _moments(design: Design) -> tuple[DesignMoments, np.ndarray, np.ndarray, np.
         design.W.sum(axis=0),
         design.Z.T @ design.Z,
         varying,
+        None if design.scale_offset is None else ColumnMoments.of(design.scale_offset),
+        None if design.scale_offset is None else design.W.T @ design.scale_offset,
     )
     return m, design.group_labels, design.counts, _school_digests(design)
 
@@ -811,7 +860,8 @@ class DistributedDesign:
         """Number of schools."""
         return int(self.counts.size)
 
-    #: No weights and no offsets on a cluster (:func:`check_cluster_options`).
+    #: No weights on a cluster (:func:`check_cluster_options`); the offsets are held by the
+    #: workers (``info["offset"]``, ``info["scale_offset"]`` name their columns).
     weights = group_weights = offset = scale_offset = None
     weighted = False
 
@@ -876,8 +926,9 @@ class DistributedDesign:
         )
 
     def mean_log_variance_index(self, alpha) -> float:
-        """The mean of ``W alpha`` over rows (:meth:`mlsml.design.Design.mean_log_variance_index`; no offsets here)."""
-        return float(self.column_means("W") @ np.asarray(alpha, dtype=float))
+        """The mean of ``W alpha`` (plus the scale offset) over rows (:meth:`mlsml.design.Design.mean_log_variance_index`)."""
+        so = self.moments.so
+        return float(self.column_means("W") @ np.asarray(alpha, dtype=float)) + (0.0 if so is None else float(so.mean[0]))
 
     def simulated(self, theta: np.ndarray, seed: int) -> DistributedDesign:
         """The same schools and covariates with a response drawn at ``theta`` on the workers (new blocks)."""
@@ -979,7 +1030,10 @@ class DistributedDesign:
             s2e = float(rall.sd[0] ** 2) or 1.0
         s2u = float(rbar.sd[0] ** 2 - s2e * inv_n / self.ngroups)
         s2u = max(s2u, 0.1 * s2e / max(float(np.mean(self.counts)), 1.0), 1e-3 * s2e)
-        alpha = _least_squares_gram(self.moments.WtW, self.moments.Wt1 * np.log(s2e))
+        Wt_target = self.moments.Wt1 * np.log(s2e)
+        if self.moments.Wtso is not None:  # least squares of log s2e - scale_offset on W
+            Wt_target = Wt_target - self.moments.Wtso
+        alpha = _least_squares_gram(self.moments.WtW, Wt_target)
         diag = []
         z2 = self.mean_squares("Z")
         for i in range(lay.q):
@@ -1137,11 +1191,11 @@ def _check_formulas(formulas: dict) -> None:
 def check_cluster_options(**options) -> None:
     """Refuse the options a fit on a Dask cluster does not support yet, naming them.
 
-    Weights and offsets (:mod:`mlsml.weights`) change the design after it is built, and
-    MixWILD's data conventions (``missing_code``, ``drop_constant_groups``) the rows; on a
-    cluster they would have to be read and checked on every block. Their defaults (``None``,
-    ``drop_constant_groups=False``) pass. (Association types and covariance constraints are
-    fitted: :func:`build_distributed_design`.)
+    Weights (:mod:`mlsml.weights`) change the design after it is built, and MixWILD's data
+    conventions (``missing_code``, ``drop_constant_groups``) the rows; on a cluster they
+    would have to be read and checked on every block. Their defaults (``None``,
+    ``drop_constant_groups=False``) pass. (Offsets, association types and covariance
+    constraints are fitted: :func:`build_distributed_design`.)
     """
     defaults = {"drop_constant_groups": False}
     given = [k for k, v in options.items() if v is not None and not (k in defaults and v == defaults[k])]
@@ -1165,6 +1219,8 @@ def build_distributed_design(
     client=None,
     association: str = "linear",
     cov_constraints=None,
+    offset=None,
+    scale_offset=None,
 ) -> tuple[DistributedDesign, FormulaSpec]:
     """The design of a model whose data are a Dask DataFrame or Parquet files (the arrays stay on the workers).
 
@@ -1173,7 +1229,9 @@ def build_distributed_design(
     moments. ``association`` and ``cov_constraints`` constrain the layout
     (:func:`mlsml.params.constrain`) before the blocks are built, so every block evaluates
     the constrained model; ``association="quadratic"`` is refused (its starting values need
-    the rows on the driver: :func:`mlsml.start.start_values_ext`). Returns the driver's
+    the rows on the driver: :func:`mlsml.start.start_values_ext`). ``offset`` and
+    ``scale_offset`` name columns of the data, read and checked on the workers (as
+    :func:`mlsml.weights.with_weights_and_offsets` does in memory). Returns the driver's
     :class:`DistributedDesign` and the :class:`FormulaSpec` (whose ``frame`` is the
     prototype the formulas were evaluated on).
     """
@@ -1223,7 +1281,19 @@ def build_distributed_design(
         raise DataError(f"the data has duplicate columns named {[c for c in used if c in set(dup)][0]!r}")
     in_c = frozenset(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula))
     items = ((formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula"))
-    plan = Plan(items, groups, tuple(used), response, in_c)
+    offsets = []
+    for what, column in (("offset", offset), ("scale_offset", scale_offset)):
+        if column is None:
+            continue
+        if not isinstance(column, str):
+            raise ModelSpecError(
+                f"on a Dask cluster {what} must name a column of the data (values given as {describe_value(column)} "
+                "cannot be matched to the rows of the partitions)"
+            )
+        if column not in meta.columns:
+            raise ModelSpecError(f"{what}={column!r} is not a column of the data (columns: {', '.join(map(str, meta.columns[:20]))})")
+        offsets.append((what, column))
+    plan = Plan(items, groups, tuple(used), response, in_c, offsets=tuple(offsets))
 
     client, owned = get_client(client)
     try:
@@ -1237,7 +1307,7 @@ def build_distributed_design(
 
 def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, constraints: tuple, client, owned):
     # ---- pass 1: learn the design from every partition
-    ddf = ddf[list(plan.used)].optimize()  # the partitions as read (Dask fuses small Parquet files)
+    ddf = ddf[plan.read].optimize()  # the partitions as read (Dask fuses small Parquet files)
     workers = len(client.scheduler_info()["workers"])
     if ddf.npartitions < workers:  # fewer blocks than workers: spread the schools over the workers
         ddf = ddf.shuffle(on=plan.groups, npartitions=workers)
@@ -1322,6 +1392,9 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         # y in row order (which the driver never sees), so the same for any partitioning of the data
         "response_sha256": "dask-" + hashlib.sha256(digests.tobytes()).hexdigest(),
     }
+    for what, column in plan.offsets:  # as with_weights_and_offsets: named, and read from newdata by predictions
+        info[what] = f"column {column!r}"
+        info[f"{what}_column"] = column
     design = DistributedDesign(layout, global_counts, np.asarray(uniques), info, blockset, moments, block_schools)
     spec = FormulaSpec(
         formula=plan.formulas[0][0],

@@ -415,12 +415,11 @@ class MELSM:
             check_cluster_options(
                 weights=weights,
                 group_weights=group_weights,
-                offset=offset,
-                scale_offset=scale_offset,
                 missing_code=missing_code,
                 drop_constant_groups=drop_constant_groups,
             )
-            build = partial(build_distributed_design, client=client, association=association, cov_constraints=cov_constraints)
+            constraints = dict(association=association, cov_constraints=cov_constraints)
+            build = partial(build_distributed_design, client=client, offset=offset, scale_offset=scale_offset, **constraints)
         else:
             build = partial(build_design, missing_code=missing_code, drop_constant_groups=drop_constant_groups)
         design, spec = build(
