@@ -1307,13 +1307,13 @@ def build_distributed_design(
 
 def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, constraints: tuple, client, owned):
     # ---- pass 1: learn the design from every partition
-    ddf = ddf[plan.read].optimize()  # the partitions as read (Dask fuses small Parquet files)
     workers = len(client.scheduler_info()["workers"])
-    if ddf.npartitions < workers:  # fewer blocks than workers: spread the schools over the workers
+    ddf, parts = _input_partitions(ddf[plan.read], workers)
+    if len(parts) < workers:  # fewer blocks than workers: spread the schools over the workers
         ddf = ddf.shuffle(on=plan.groups, npartitions=workers)
         if source.keep == "memory":  # shuffled once for both passes (small data: fewer partitions than workers)
             ddf = client.persist(ddf)
-    parts = ddf.to_delayed()
+        parts = ddf.to_delayed()
     learned = _gather(client, client.compute([dask.delayed(_learn)(p, plan) for p in parts]))
     _report_missing(learned, plan, missing)
     categories = _categories(learned)
@@ -1327,9 +1327,11 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
                 "in one partition (repartition by school, e.g. ddf.shuffle(on=...), or pass "
                 "mlsml.distributed.DaskData(data, split_schools='shuffle'))"
             )
-        ddf = ddf.shuffle(on=plan.groups, npartitions=ddf.npartitions)
-    if source.npartitions is not None and source.npartitions < ddf.npartitions:
+        ddf = ddf.shuffle(on=plan.groups, npartitions=len(parts))
+        parts = ddf.to_delayed()
+    if source.npartitions is not None and source.npartitions < len(parts):
         ddf = ddf.repartition(npartitions=source.npartitions)  # neighbours merged: schools stay whole
+        parts = ddf.to_delayed()
     samples = [s["sample"] for s in learned if s["sample"].shape[0]]
     if not samples:
         raise DataError("no rows left after removing missing values")
@@ -1354,7 +1356,6 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
     plan = dataclasses.replace(plan, prototype=prototype, layout=layout, token=uuid.uuid4().hex)
 
     # ---- pass 2: the blocks, built on the workers, and their moments
-    parts = ddf.to_delayed()
     graphs = [dask.delayed(_build_block, pure=False)(p, plan, f"{plan.token}-{i}") for i, p in enumerate(parts)]
     blocks = client.compute(graphs) if source.keep == "memory" else graphs
     blockset = BlockSet(client, blocks, source.keep, owned)
@@ -1408,6 +1409,20 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         frame=prototype,
     )
     return design, spec
+
+
+def _input_partitions(ddf, workers: int) -> tuple[Any, list]:
+    """The frame to build from and its partitions as Dask delayed objects (the frame optimised).
+
+    Dask's optimiser fuses Parquet files whose projected columns are small into fewer
+    partitions (for Model 3 the two 500,000-row files of 1M pupils became one). When that
+    leaves fewer partitions than workers, each input partition is taken on its own instead
+    (still reading only the used columns): every worker gets schools without a shuffle.
+    """
+    fused = ddf.optimize()
+    if fused.npartitions >= workers or ddf.npartitions <= fused.npartitions:
+        return fused, fused.to_delayed()
+    return ddf, [ddf.partitions[i].to_delayed()[0] for i in range(ddf.npartitions)]
 
 
 def _report_missing(learned: list[dict], plan: Plan, missing: str) -> None:
