@@ -395,15 +395,17 @@ class Block:
     derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __sizeof__(self) -> int:
-        """Bytes of the arrays held (what Dask's memory accounting and spilling see)."""
+        """Bytes of the arrays held (what Dask's memory accounting and spilling see; a shared array once)."""
         held = [self.design] + [v for v in self.derived.values() if isinstance(v, Design)]
-        return sum(_design_bytes(d) for d in held if d is not None) + sum(
+        arrays = {id(a): a for d in held if d is not None for a in _design_arrays(d)}
+        return sum(a.nbytes for a in arrays.values()) + sum(
             sum(a.nbytes for a in v if isinstance(a, np.ndarray)) for k, v in self.derived.items() if k[0] == "nodes"
         )
 
 
-def _design_bytes(design: Design) -> int:
-    return sum(a.nbytes for a in (design.y, design.X, design.W, design.Z, design.group, design.order) if a is not None)
+def _design_arrays(design: Design) -> list:
+    fields = (design.y, design.X, design.W, design.Z, design.group, design.order, design.offset, design.scale_offset)
+    return [a for a in fields if a is not None]
 
 
 def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
@@ -429,11 +431,14 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
             school = kept[plan.groups].iloc[int(np.nonzero(bad[:, j])[0][0])]
             raise DataError(f"design column {names[j]!r} has a non-finite value in a row of school {school!r}")
     offsets = {what: o[order] for what, o in offsets.items()}
+    X = np.ascontiguousarray(arrays["X"][order])
+    # the same covariates in the mean and the log variance (London Models 5-6): one array for both
+    same = arrays["W"].shape == arrays["X"].shape and np.array_equal(arrays["W"], arrays["X"])
     y = ydf.to_numpy(dtype=float).ravel()[order]
     design = Design(
         y=y - offsets["offset"] if "offset" in offsets else y,  # as in memory: y holds the response minus the offset
-        X=np.ascontiguousarray(arrays["X"][order]),
-        W=np.ascontiguousarray(arrays["W"][order]),
+        X=X,
+        W=X if same else np.ascontiguousarray(arrays["W"][order]),
         Z=np.ascontiguousarray(arrays["Z"][order]),
         group=codes_sorted.astype(np.intp),
         starts=starts.astype(np.intp),
@@ -473,6 +478,8 @@ def _block_design(block: Block, transform: Standardisation | None) -> Design:
     hit = block.derived.get(key)
     if hit is None:
         hit = standardised_design(block.design, transform.sigma, transform.Px, transform.Pw, transform.PS, transform.T)
+        if block.design.W is block.design.X and np.array_equal(transform.Pw, transform.Px):  # still one array
+            hit = dataclasses.replace(hit, W=hit.X)
         for old in [k for k in block.derived if k[0] == "design"]:  # one standardisation at a time
             del block.derived[old]
         block.derived[key] = hit
@@ -611,16 +618,22 @@ class ColumnMoments:
 
     @classmethod
     def of(cls, M: np.ndarray) -> ColumnMoments:
-        """The moments of the columns of ``M`` (N x k)."""
+        """The moments of the columns of ``M`` (N x k).
+
+        Reduced along the rows of the row-major matrix at once (a loop over its strided
+        columns took 0.5 s for a 500,000-row block of Model 6's 24 columns); the blocks'
+        moments are merged by :meth:`merge`, so they agree with the in-memory column
+        moments to rounding, not bit for bit, either way.
+        """
         M = np.asarray(M, dtype=float)
         if M.ndim == 1:
             M = M[:, None]
-        n = M.shape[0]
-        mean = np.array([np.mean(M[:, j]) for j in range(M.shape[1])]) if n else np.zeros(M.shape[1])
-        m2 = np.array([np.sum((M[:, j] - mean[j]) ** 2) for j in range(M.shape[1])]) if n else np.zeros(M.shape[1])
-        lo = M.min(axis=0) if n else np.full(M.shape[1], np.inf)
-        hi = M.max(axis=0) if n else np.full(M.shape[1], -np.inf)
-        return cls(n, lo, hi, mean, m2, (M**2).sum(axis=0))
+        n, k = M.shape
+        if not n:
+            return cls(0, np.full(k, np.inf), np.full(k, -np.inf), np.zeros(k), np.zeros(k), np.zeros(k))
+        mean = M.mean(axis=0)
+        dev = M - mean
+        return cls(n, M.min(axis=0), M.max(axis=0), mean, np.einsum("ij,ij->j", dev, dev), np.einsum("ij,ij->j", M, M))
 
     def merge(self, other: ColumnMoments) -> ColumnMoments:
         r"""The moments of both row sets (Chan, Golub & LeVeque's update):
