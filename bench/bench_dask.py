@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -196,6 +197,37 @@ def _label(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else str(n)
 
 
+def _run(script: Path, kind: str, model: str, folder: Path, workers: int, env: dict) -> dict | None:
+    """One case in a fresh process running ``script`` (this tree's or an old tree's copy)."""
+    cmd = [sys.executable, str(script), "--case", kind, "--model", model, "--folder", str(folder), "--workers", str(workers)]
+    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=str(script.parents[1])), capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        print(f"{kind} Model {model} ({script}) failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    out = json.loads(lines[-1])
+    out.update(
+        wall_with_startup_s=time.perf_counter() - t0,
+        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        load_before=load,
+        load=os.getloadavg()[0],
+    )
+    return out
+
+
+def _row(n: int, model: str, label: str, out: dict) -> str:
+    vg = out.get("traffic", {}).get("value_and_grad", {})
+    workers = " / ".join(f"{m:.0f}" for m in out.get("worker_peak_mb", [])) or "-"
+    return (
+        f"| {_label(n)} | Model {model} | {label} | {out['time_s']:.1f} s ({out['design_s']:.1f} + {out['fit_s']:.1f}) | "
+        f"{out['cpu_s']:.1f} s | {out['driver_peak_mb']:.0f} MB | {workers} MB | "
+        f"{out.get('requests', '-')} | {vg.get('sent_per_request', 0):.0f} / {vg.get('received_per_request', 0):.0f} B | "
+        f"{out['llf']:.6f} | {out['converged']} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
@@ -203,6 +235,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/mlsml_bench_dask"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the in-memory fits")
+    parser.add_argument("--old", type=Path, help="an old tree (e.g. `git archive main`): its Dask fit runs too, alternating")
+    parser.add_argument("--reps", type=int, default=1, help="runs of each case (medians reported)")
     parser.add_argument("--case", choices=["memory", "dask"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -210,53 +244,34 @@ def main() -> None:
     if args.case:  # a worker process: one case, one JSON line
         print(json.dumps(run_case(args.case, args.model, args.folder, args.workers)), flush=True)
         return
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    rows = []
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    me = Path(__file__).resolve()
+    cases = [] if args.no_memory else [("memory", "memory", me)]
+    if args.old is not None:
+        cases.append(("dask old", "dask", args.old.resolve() / "bench" / "bench_dask.py"))
+    cases.append(("dask", "dask", me))
     for n in args.sizes:
         folder = args.data / f"n{_label(n)}"
         if not any(folder.glob("*.parquet")):
             print(f"generating {n} rows in {folder}", flush=True)
             generate(n, folder)
         for model in args.models:
-            for kind in ("dask",) if args.no_memory else ("memory", "dask"):
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--case",
-                    kind,
-                    "--model",
-                    model,
-                    "--folder",
-                    str(folder),
-                    "--workers",
-                    str(args.workers),
-                ]
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-                if proc.returncode or not lines:
-                    print(f"{kind} Model {model} at {n} failed:\n{proc.stderr[-3000:]}", flush=True)
-                    continue
-                out = json.loads(lines[-1])
-                out.update(
-                    n=n,
-                    wall_with_startup_s=time.perf_counter() - t0,
-                    when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    load=os.getloadavg()[0],
-                )
-                rows.append(out)
-                with RESULTS.open("a") as fh:
-                    fh.write(json.dumps(out) + "\n")
-                vg = out.get("traffic", {}).get("value_and_grad", {})
-                workers = " / ".join(f"{m:.0f}" for m in out.get("worker_peak_mb", [])) or "-"
-                print(
-                    f"| {_label(n)} | Model {model} | {kind} | {out['time_s']:.1f} s ({out['design_s']:.1f} + {out['fit_s']:.1f}) | "
-                    f"{out['cpu_s']:.1f} s | "
-                    f"{out['driver_peak_mb']:.0f} MB | {workers} MB | "
-                    f"{out.get('requests', '-')} | {vg.get('sent_per_request', 0):.0f} / {vg.get('received_per_request', 0):.0f} B | "
-                    f"{out['llf']:.6f} | {out['converged']} |",
-                    flush=True,
-                )
+            runs: dict[str, list[dict]] = {label: [] for label, _, _ in cases}
+            for rep in range(args.reps):  # the cases alternate, so a change of load hits all of them
+                for label, kind, script in cases:
+                    out = _run(script, kind, model, folder, args.workers, env)
+                    if out is None:
+                        continue
+                    out.update(n=n, tree=label, rep=rep)
+                    runs[label].append(out)
+                    with RESULTS.open("a") as fh:
+                        fh.write(json.dumps(out) + "\n")
+                    print(_row(n, model, label, out), flush=True)
+            if args.reps > 1:
+                med = {label: statistics.median(o["time_s"] for o in outs) for label, outs in runs.items() if outs}
+                print(f"Model {model} at {_label(n)}: median time " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
+                if "memory" in med:
+                    print("  ratios to in memory: " + ", ".join(f"{k} {v / med['memory']:.2f}" for k, v in med.items()))
 
 
 if __name__ == "__main__":

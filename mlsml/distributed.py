@@ -37,17 +37,22 @@ memory limits, and ``DaskData(..., keep="source")`` keeps nothing: every evaluat
 its partition (from Parquet) and rebuilds the block.
 
 Model classes: the core model (random intercept and slopes in the mean, a random scale,
-covariates in the mean and in the log variance). ``scale_re_formula`` and ``bs_formula``, and
-formulas with stateful transforms (``center(x)``, ``standardize(x)``, ``bs(x)``), are refused
-with a :class:`~mlsml.ModelSpecError`.
+covariates in the mean and in the log variance), with covariances fixed at zero by
+``association="none"`` or ``cov_constraints``, and offsets of the mean and of the log
+variance named as columns. ``scale_re_formula``, ``bs_formula``,
+``association="quadratic"``, weights, and formulas with stateful transforms
+(``center(x)``, ``standardize(x)``, ``bs(x)``), are refused with a
+:class:`~mlsml.ModelSpecError`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import itertools
 import pickle
+import platform
 import re
 import threading
 import time
@@ -87,7 +92,7 @@ from .diagnostics import _tail_schools
 from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .likelihood import Likelihood
-from .params import ParamLayout
+from .params import ParamLayout, constrain
 from .predict import predict as _predict
 from .quadrature import Nodes, QuadratureSpec
 from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, standardised_design
@@ -244,6 +249,9 @@ class Plan:
     layout : ParamLayout or None
     token : str
         Identifies the plan in the workers' caches.
+    offsets : tuple of (str, column)
+        ``(field, column)`` of the offsets read from the data (``"offset"``,
+        ``"scale_offset"``; :mod:`mlsml.weights`).
     """
 
     formulas: tuple
@@ -255,6 +263,40 @@ class Plan:
     prototype: pd.DataFrame | None = None
     layout: ParamLayout | None = None
     token: str = ""
+    offsets: tuple = ()
+
+    @property
+    def read(self) -> list:
+        """The columns read from the data: those the formulas use, then the offsets'."""
+        return list(self.used) + [c for _, c in self.offsets if c not in self.used]
+
+
+def _row_offsets(frame: pd.DataFrame, plan: Plan, bad: pd.DataFrame) -> dict:
+    """The offsets of a partition's kept rows (in its row order), checked as :func:`mlsml.weights.with_weights_and_offsets` does.
+
+    An offset is not a column of the formulas: a missing value is an error naming the
+    column and the row, not a reason to drop the row.
+    """
+    kept = ~bad.any(axis=1).to_numpy()
+    out = {}
+    for what, column in plan.offsets:
+        series = frame[column]
+        if pd.api.types.is_bool_dtype(series) or not (pd.api.types.is_numeric_dtype(series) or series.dtype == object):
+            raise DataError(f"{what} (column {column!r}) must be numbers, not dtype {series.dtype}")
+        try:
+            values = pd.to_numeric(series, errors="raise").to_numpy(dtype=float, na_value=np.nan)[kept]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{what} (column {column!r}) must be numbers: {exc}") from exc
+        wrong = ~np.isfinite(values)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            label = frame.index[kept][i]
+            raise DataError(
+                f"the {what} (column {column!r}) must be finite: missing or infinite in {int(wrong.sum())} row(s) of a "
+                f"partition, first {values[i]!r} at index {label.item() if isinstance(label, np.generic) else label!r}"
+            )
+        out[what] = values
+    return out
 
 
 def _prepare(frame: pd.DataFrame, plan: Plan) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -279,7 +321,9 @@ def _prepare(frame: pd.DataFrame, plan: Plan) -> tuple[pd.DataFrame, pd.DataFram
 
 def _learn(frame: pd.DataFrame, plan: Plan) -> dict:
     """One partition's part of the pass that learns the design (see :func:`build_distributed_design`)."""
+    _worker_setup()
     kept, bad = _prepare(frame, plan)
+    _row_offsets(frame, plan, bad)
     out: dict[str, Any] = {
         "rows": int(frame.shape[0]),
         "bad": {c: int(bad[c].sum()) for c in plan.used if bad[c].any()},
@@ -351,24 +395,27 @@ class Block:
     derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __sizeof__(self) -> int:
-        """Bytes of the arrays held (what Dask's memory accounting and spilling see)."""
+        """Bytes of the arrays held (what Dask's memory accounting and spilling see; a shared array once)."""
         held = [self.design] + [v for v in self.derived.values() if isinstance(v, Design)]
-        return sum(_design_bytes(d) for d in held if d is not None) + sum(
+        arrays = {id(a): a for d in held if d is not None for a in _design_arrays(d)}
+        return sum(a.nbytes for a in arrays.values()) + sum(
             sum(a.nbytes for a in v if isinstance(a, np.ndarray)) for k, v in self.derived.items() if k[0] == "nodes"
         )
 
 
-def _design_bytes(design: Design) -> int:
-    return sum(a.nbytes for a in (design.y, design.X, design.W, design.Z, design.group, design.order) if a is not None)
+def _design_arrays(design: Design) -> list:
+    fields = (design.y, design.X, design.W, design.Z, design.group, design.order, design.offset, design.scale_offset)
+    return [a for a in fields if a is not None]
 
 
 def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
     """The :class:`Block` of one partition: the arrays of :func:`mlsml.design.build_design` for its rows."""
-    _single_threaded_blas()
-    kept, _ = _prepare(frame, plan)
+    _worker_setup()
+    kept, bad = _prepare(frame, plan)
     if kept.shape[0] == 0:
         return Block(None, token)
     infos = _design_infos(plan)
+    offsets = _row_offsets(frame, plan, bad)
     ydf, Xdf, Wdf, Zdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
     codes, labels = pd.factorize(kept[plan.groups], sort=True)
     order = np.argsort(codes, kind="stable")
@@ -383,10 +430,15 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
             names = {"X": Xdf, "W": Wdf, "Z": Zdf}[name].columns
             school = kept[plan.groups].iloc[int(np.nonzero(bad[:, j])[0][0])]
             raise DataError(f"design column {names[j]!r} has a non-finite value in a row of school {school!r}")
+    offsets = {what: o[order] for what, o in offsets.items()}
+    X = np.ascontiguousarray(arrays["X"][order])
+    # the same covariates in the mean and the log variance (London Models 5-6): one array for both
+    same = arrays["W"].shape == arrays["X"].shape and np.array_equal(arrays["W"], arrays["X"])
+    y = ydf.to_numpy(dtype=float).ravel()[order]
     design = Design(
-        y=ydf.to_numpy(dtype=float).ravel()[order],
-        X=np.ascontiguousarray(arrays["X"][order]),
-        W=np.ascontiguousarray(arrays["W"][order]),
+        y=y - offsets["offset"] if "offset" in offsets else y,  # as in memory: y holds the response minus the offset
+        X=X,
+        W=X if same else np.ascontiguousarray(arrays["W"][order]),
         Z=np.ascontiguousarray(arrays["Z"][order]),
         group=codes_sorted.astype(np.intp),
         starts=starts.astype(np.intp),
@@ -396,6 +448,7 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         row_labels=kept.index,
         layout=plan.layout,
         info={"response": plan.response},
+        **offsets,
     )
     return Block(design, token)
 
@@ -425,6 +478,8 @@ def _block_design(block: Block, transform: Standardisation | None) -> Design:
     hit = block.derived.get(key)
     if hit is None:
         hit = standardised_design(block.design, transform.sigma, transform.Px, transform.Pw, transform.PS, transform.T)
+        if block.design.W is block.design.X and np.array_equal(transform.Pw, transform.Px):  # still one array
+            hit = dataclasses.replace(hit, W=hit.X)
         for old in [k for k in block.derived if k[0] == "design"]:  # one standardisation at a time
             del block.derived[old]
         block.derived[key] = hit
@@ -460,28 +515,62 @@ def _block_nodes(block: Block, lik: Likelihood, req: Request) -> Nodes:
     return hit
 
 
-#: The BLAS limit set once in each worker process (:func:`_single_threaded_blas`).
+#: What is set once in each worker process (:func:`_worker_setup`): the BLAS limit.
 _WORKER_BLAS: list = []
 
+#: glibc's ``mallopt`` parameters (``malloc.h``) set by :func:`_worker_setup`.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
-def _single_threaded_blas() -> None:
-    """Limit the worker process's BLAS pools to :data:`mlsml.threads.FIT_BLAS_THREADS`, once.
+#: Allocations at least this large are mapped afresh by glibc in a Dask worker (the largest
+#: threshold glibc's own dynamic rule reaches on 64-bit Linux); smaller ones reuse freed memory.
+WORKER_MMAP_THRESHOLD = 32 * 2**20
 
-    As an in-memory fit does (:func:`mlsml.threads.blas_limited`), but for the life of the
-    worker process: a per-task limit costs about 4 ms (threadpoolctl scans the loaded
-    libraries), and without it OpenBLAS's threads doubled the CPU time of an evaluation
-    (0.18 to 0.27 instead of 0.09 s for an evaluation of 500,000 rows of Model 3 in a process
-    without ``OPENBLAS_NUM_THREADS=1`` on a loaded 2-core machine).
+#: Free memory at the top of a worker's heap returned to the system beyond this (glibc's
+#: dynamic rule: twice the mmap threshold).
+WORKER_TRIM_THRESHOLD = 2 * WORKER_MMAP_THRESHOLD
+
+
+def _worker_setup() -> None:
+    """Set up the worker process for evaluations, once: single-threaded BLAS and glibc's malloc.
+
+    BLAS: as an in-memory fit does (:func:`mlsml.threads.blas_limited`), the pools are limited
+    to :data:`mlsml.threads.FIT_BLAS_THREADS`, but for the life of the worker process: a
+    per-task limit costs about 4 ms (threadpoolctl scans the loaded libraries), and without
+    it OpenBLAS's threads doubled the CPU time of an evaluation (0.18 to 0.27 instead of
+    0.09 s for an evaluation of 500,000 rows of Model 3 in a process without
+    ``OPENBLAS_NUM_THREADS=1`` on a loaded 2-core machine).
+
+    malloc: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and setting
+    any threshold turns off glibc's dynamic mmap threshold, so every temporary array above
+    128 KiB (each column of a block: 4 MB for 500,000 rows) was mapped, faulted in page by
+    page and unmapped again at every evaluation. That doubled the CPU time of an evaluation
+    (0.065 to 0.105 s for 500,000 rows of Model 3; wall 0.095 to 0.22 s) and made the 1M-row
+    Model 3 fit on the cluster 4 times slower (11.5 against 2.7 s). The thresholds are set to
+    :data:`WORKER_MMAP_THRESHOLD` and :data:`WORKER_TRIM_THRESHOLD` (on glibc only; elsewhere
+    nothing is changed). Larger arrays, such as a block's design, are still mapped and
+    returned to the system when freed.
     """
-    if not _WORKER_BLAS and FIT_BLAS_THREADS is not None:
-        with _CACHE_LOCK:
-            if not _WORKER_BLAS:
-                _WORKER_BLAS.append(threadpoolctl.threadpool_limits(limits=FIT_BLAS_THREADS, user_api="blas"))
+    if _WORKER_BLAS:
+        return
+    with _CACHE_LOCK:
+        if _WORKER_BLAS:
+            return
+        if FIT_BLAS_THREADS is not None:
+            _WORKER_BLAS.append(threadpoolctl.threadpool_limits(limits=FIT_BLAS_THREADS, user_api="blas"))
+        else:
+            _WORKER_BLAS.append(None)
+        if platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL(None)
+                libc.mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
+                libc.mallopt(M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD)
+            except (OSError, AttributeError):  # no mallopt in this C library: leave malloc alone
+                pass
 
 
 def _evaluate(block: Block, req: Request):
     """What one block returns for a :class:`Request` (runs on the worker holding the block)."""
-    _single_threaded_blas()
+    _worker_setup()
     if block.design is None:
         return None
     design = _block_design(block, req.transform)
@@ -529,16 +618,22 @@ class ColumnMoments:
 
     @classmethod
     def of(cls, M: np.ndarray) -> ColumnMoments:
-        """The moments of the columns of ``M`` (N x k)."""
+        """The moments of the columns of ``M`` (N x k).
+
+        Reduced along the rows of the row-major matrix at once (a loop over its strided
+        columns took 0.5 s for a 500,000-row block of Model 6's 24 columns); the blocks'
+        moments are merged by :meth:`merge`, so they agree with the in-memory column
+        moments to rounding, not bit for bit, either way.
+        """
         M = np.asarray(M, dtype=float)
         if M.ndim == 1:
             M = M[:, None]
-        n = M.shape[0]
-        mean = np.array([np.mean(M[:, j]) for j in range(M.shape[1])]) if n else np.zeros(M.shape[1])
-        m2 = np.array([np.sum((M[:, j] - mean[j]) ** 2) for j in range(M.shape[1])]) if n else np.zeros(M.shape[1])
-        lo = M.min(axis=0) if n else np.full(M.shape[1], np.inf)
-        hi = M.max(axis=0) if n else np.full(M.shape[1], -np.inf)
-        return cls(n, lo, hi, mean, m2, (M**2).sum(axis=0))
+        n, k = M.shape
+        if not n:
+            return cls(0, np.full(k, np.inf), np.full(k, -np.inf), np.zeros(k), np.zeros(k), np.zeros(k))
+        mean = M.mean(axis=0)
+        dev = M - mean
+        return cls(n, M.min(axis=0), M.max(axis=0), mean, np.einsum("ij,ij->j", dev, dev), np.einsum("ij,ij->j", M, M))
 
     def merge(self, other: ColumnMoments) -> ColumnMoments:
         r"""The moments of both row sets (Chan, Golub & LeVeque's update):
@@ -572,6 +667,8 @@ class DesignMoments:
     Wt1: np.ndarray
     ZtZ: np.ndarray
     varying_schools: int  # schools whose response varies
+    so: ColumnMoments | None = None  # of the scale offset, when the design has one
+    Wtso: np.ndarray | None = None  # W' scale_offset
 
     def merge(self, other: DesignMoments) -> DesignMoments:
         """Both row sets' moments."""
@@ -585,6 +682,8 @@ class DesignMoments:
             self.Wt1 + other.Wt1,
             self.ZtZ + other.ZtZ,
             self.varying_schools + other.varying_schools,
+            None if self.so is None else self.so.merge(other.so),
+            None if self.Wtso is None else self.Wtso + other.Wtso,
         )
 
 
@@ -614,6 +713,8 @@ def _moments(design: Design) -> tuple[DesignMoments, np.ndarray, np.ndarray, np.
         design.W.sum(axis=0),
         design.Z.T @ design.Z,
         varying,
+        None if design.scale_offset is None else ColumnMoments.of(design.scale_offset),
+        None if design.scale_offset is None else design.W.T @ design.scale_offset,
     )
     return m, design.group_labels, design.counts, _school_digests(design)
 
@@ -772,7 +873,8 @@ class DistributedDesign:
         """Number of schools."""
         return int(self.counts.size)
 
-    #: No weights and no offsets on a cluster (:func:`check_cluster_options`).
+    #: No weights on a cluster (:func:`check_cluster_options`); the offsets are held by the
+    #: workers (``info["offset"]``, ``info["scale_offset"]`` name their columns).
     weights = group_weights = offset = scale_offset = None
     weighted = False
 
@@ -837,8 +939,9 @@ class DistributedDesign:
         )
 
     def mean_log_variance_index(self, alpha) -> float:
-        """The mean of ``W alpha`` over rows (:meth:`mlsml.design.Design.mean_log_variance_index`; no offsets here)."""
-        return float(self.column_means("W") @ np.asarray(alpha, dtype=float))
+        """The mean of ``W alpha`` (plus the scale offset) over rows (:meth:`mlsml.design.Design.mean_log_variance_index`)."""
+        so = self.moments.so
+        return float(self.column_means("W") @ np.asarray(alpha, dtype=float)) + (0.0 if so is None else float(so.mean[0]))
 
     def simulated(self, theta: np.ndarray, seed: int) -> DistributedDesign:
         """The same schools and covariates with a response drawn at ``theta`` on the workers (new blocks)."""
@@ -909,6 +1012,8 @@ class DistributedDesign:
         T = np.eye(d)
         if d and lay.q:
             T[: lay.q, : lay.q] = sigma * column_map_from_stats(mo.Z.lo, mo.Z.hi, mo.Z.mean, mo.Z.sd)
+        if lay.fixed_cov:  # scaling only, as in memory: centring a column would move a fixed zero
+            T = np.diag(np.diag(T))
         eye = all(np.array_equal(P, np.eye(P.shape[0])) for P in (Px, Pw, PS))
         if sigma == 1.0 and eye and np.array_equal(T, np.eye(d)):
             return Reparametrisation(self, 1.0, Px, Pw, PS, T, delta, identity=True)
@@ -938,7 +1043,10 @@ class DistributedDesign:
             s2e = float(rall.sd[0] ** 2) or 1.0
         s2u = float(rbar.sd[0] ** 2 - s2e * inv_n / self.ngroups)
         s2u = max(s2u, 0.1 * s2e / max(float(np.mean(self.counts)), 1.0), 1e-3 * s2e)
-        alpha = _least_squares_gram(self.moments.WtW, self.moments.Wt1 * np.log(s2e))
+        Wt_target = self.moments.Wt1 * np.log(s2e)
+        if self.moments.Wtso is not None:  # least squares of log s2e - scale_offset on W
+            Wt_target = Wt_target - self.moments.Wtso
+        alpha = _least_squares_gram(self.moments.WtW, Wt_target)
         diag = []
         z2 = self.mean_squares("Z")
         for i in range(lay.q):
@@ -1096,13 +1204,13 @@ def _check_formulas(formulas: dict) -> None:
 def check_cluster_options(**options) -> None:
     """Refuse the options a fit on a Dask cluster does not support yet, naming them.
 
-    Weights and offsets (:mod:`mlsml.weights`) and association types or covariance
-    constraints change the design or the layout after it is built, and MixWILD's data
+    Weights (:mod:`mlsml.weights`) change the design after it is built, and MixWILD's data
     conventions (``missing_code``, ``drop_constant_groups``) the rows; on a cluster they
-    would have to be shipped to every block. Their defaults (``None``,
-    ``association="linear"``, ``drop_constant_groups=False``) pass.
+    would have to be read and checked on every block. Their defaults (``None``,
+    ``drop_constant_groups=False``) pass. (Offsets, association types and covariance
+    constraints are fitted: :func:`build_distributed_design`.)
     """
-    defaults = {"association": "linear", "drop_constant_groups": False}
+    defaults = {"drop_constant_groups": False}
     given = [k for k, v in options.items() if v is not None and not (k in defaults and v == defaults[k])]
     if given:
         raise ModelSpecError(
@@ -1122,13 +1230,23 @@ def build_distributed_design(
     scale_re_formula: str | None = None,
     bs_formula: str | None = None,
     client=None,
+    association: str = "linear",
+    cov_constraints=None,
+    offset=None,
+    scale_offset=None,
 ) -> tuple[DistributedDesign, FormulaSpec]:
     """The design of a model whose data are a Dask DataFrame or Parquet files (the arrays stay on the workers).
 
     The checks and messages of :func:`mlsml.design.build_design`, from one pass over the
     partitions (:func:`_learn`), then one building the blocks (:func:`_build_block`) and their
-    moments. Returns the driver's :class:`DistributedDesign` and the :class:`FormulaSpec`
-    (whose ``frame`` is the prototype the formulas were evaluated on).
+    moments. ``association`` and ``cov_constraints`` constrain the layout
+    (:func:`mlsml.params.constrain`) before the blocks are built, so every block evaluates
+    the constrained model; ``association="quadratic"`` is refused (its starting values need
+    the rows on the driver: :func:`mlsml.start.start_values_ext`). ``offset`` and
+    ``scale_offset`` name columns of the data, read and checked on the workers (as
+    :func:`mlsml.weights.with_weights_and_offsets` does in memory). Returns the driver's
+    :class:`DistributedDesign` and the :class:`FormulaSpec` (whose ``frame`` is the
+    prototype the formulas were evaluated on).
     """
     source = data if isinstance(data, DaskData) else DaskData(data)
     formulas = {
@@ -1145,6 +1263,12 @@ def build_distributed_design(
     if not isinstance(random_scale, bool | np.bool_):
         raise ModelSpecError(f"random_scale must be True or False, not {describe_value(random_scale)}")
     _check_formulas(formulas)
+    if association == "quadratic":
+        raise ModelSpecError(
+            "association='quadratic' is not fitted on a Dask cluster yet (its starting values need the rows on the "
+            "driver); fit it in memory (data=a pandas DataFrame), or use association='linear' or 'none'"
+        )
+    constraints = (association, cov_constraints)
     ddf = _dask_frame(source.source)
     meta = pd.DataFrame(columns=list(ddf.columns))
     if not isinstance(groups, Hashable) or groups not in meta.columns:
@@ -1170,11 +1294,23 @@ def build_distributed_design(
         raise DataError(f"the data has duplicate columns named {[c for c in used if c in set(dup)][0]!r}")
     in_c = frozenset(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula))
     items = ((formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula"))
-    plan = Plan(items, groups, tuple(used), response, in_c)
+    offsets = []
+    for what, column in (("offset", offset), ("scale_offset", scale_offset)):
+        if column is None:
+            continue
+        if not isinstance(column, str):
+            raise ModelSpecError(
+                f"on a Dask cluster {what} must name a column of the data (values given as {describe_value(column)} "
+                "cannot be matched to the rows of the partitions)"
+            )
+        if column not in meta.columns:
+            raise ModelSpecError(f"{what}={column!r} is not a column of the data (columns: {', '.join(map(str, meta.columns[:20]))})")
+        offsets.append((what, column))
+    plan = Plan(items, groups, tuple(used), response, in_c, offsets=tuple(offsets))
 
     client, owned = get_client(client)
     try:
-        return _build(source, ddf, plan, missing, random_scale, client, owned)
+        return _build(source, ddf, plan, missing, random_scale, constraints, client, owned)
     except BaseException:
         if owned is not None:
             owned[0].close()
@@ -1182,13 +1318,15 @@ def build_distributed_design(
         raise
 
 
-def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, client, owned):
+def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, constraints: tuple, client, owned):
     # ---- pass 1: learn the design from every partition
-    ddf = ddf[list(plan.used)].optimize()  # the partitions as read (Dask fuses small Parquet files)
     workers = len(client.scheduler_info()["workers"])
-    if ddf.npartitions < workers:  # fewer blocks than workers: spread the schools over the workers
+    ddf, parts = _input_partitions(ddf[plan.read], workers)
+    if len(parts) < workers:  # fewer blocks than workers: spread the schools over the workers
         ddf = ddf.shuffle(on=plan.groups, npartitions=workers)
-    parts = ddf.to_delayed()
+        if source.keep == "memory":  # shuffled once for both passes (small data: fewer partitions than workers)
+            ddf = client.persist(ddf)
+        parts = ddf.to_delayed()
     learned = _gather(client, client.compute([dask.delayed(_learn)(p, plan) for p in parts]))
     _report_missing(learned, plan, missing)
     categories = _categories(learned)
@@ -1202,9 +1340,11 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
                 "in one partition (repartition by school, e.g. ddf.shuffle(on=...), or pass "
                 "mlsml.distributed.DaskData(data, split_schools='shuffle'))"
             )
-        ddf = ddf.shuffle(on=plan.groups, npartitions=ddf.npartitions)
-    if source.npartitions is not None and source.npartitions < ddf.npartitions:
+        ddf = ddf.shuffle(on=plan.groups, npartitions=len(parts))
+        parts = ddf.to_delayed()
+    if source.npartitions is not None and source.npartitions < len(parts):
         ddf = ddf.repartition(npartitions=source.npartitions)  # neighbours merged: schools stay whole
+        parts = ddf.to_delayed()
     samples = [s["sample"] for s in learned if s["sample"].shape[0]]
     if not samples:
         raise DataError("no rows left after removing missing values")
@@ -1225,10 +1365,10 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         raise ModelSpecError("the mean formula has no terms (not even an intercept)")
     if layout.k == 0:
         raise ModelSpecError("the scale formula has no terms: it needs at least an intercept ('~ 1')")
+    layout = constrain(layout, *constraints)
     plan = dataclasses.replace(plan, prototype=prototype, layout=layout, token=uuid.uuid4().hex)
 
     # ---- pass 2: the blocks, built on the workers, and their moments
-    parts = ddf.to_delayed()
     graphs = [dask.delayed(_build_block, pure=False)(p, plan, f"{plan.token}-{i}") for i, p in enumerate(parts)]
     blocks = client.compute(graphs) if source.keep == "memory" else graphs
     blockset = BlockSet(client, blocks, source.keep, owned)
@@ -1266,6 +1406,9 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         # y in row order (which the driver never sees), so the same for any partitioning of the data
         "response_sha256": "dask-" + hashlib.sha256(digests.tobytes()).hexdigest(),
     }
+    for what, column in plan.offsets:  # as with_weights_and_offsets: named, and read from newdata by predictions
+        info[what] = f"column {column!r}"
+        info[f"{what}_column"] = column
     design = DistributedDesign(layout, global_counts, np.asarray(uniques), info, blockset, moments, block_schools)
     spec = FormulaSpec(
         formula=plan.formulas[0][0],
@@ -1279,6 +1422,20 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         frame=prototype,
     )
     return design, spec
+
+
+def _input_partitions(ddf, workers: int) -> tuple[Any, list]:
+    """The frame to build from and its partitions as Dask delayed objects (the frame optimised).
+
+    Dask's optimiser fuses Parquet files whose projected columns are small into fewer
+    partitions (for Model 3 the two 500,000-row files of 1M pupils became one). When that
+    leaves fewer partitions than workers, each input partition is taken on its own instead
+    (still reading only the used columns): every worker gets schools without a shuffle.
+    """
+    fused = ddf.optimize()
+    if fused.npartitions >= workers or ddf.npartitions <= fused.npartitions:
+        return fused, fused.to_delayed()
+    return ddf, [ddf.partitions[i].to_delayed()[0] for i in range(ddf.npartitions)]
 
 
 def _report_missing(learned: list[dict], plan: Plan, missing: str) -> None:

@@ -424,14 +424,11 @@ class MELSM:
             check_cluster_options(
                 weights=weights,
                 group_weights=group_weights,
-                offset=offset,
-                scale_offset=scale_offset,
-                association=association,
-                cov_constraints=cov_constraints,
                 missing_code=missing_code,
                 drop_constant_groups=drop_constant_groups,
             )
-            build = partial(build_distributed_design, client=client)
+            constraints = dict(association=association, cov_constraints=cov_constraints)
+            build = partial(build_distributed_design, client=client, offset=offset, scale_offset=scale_offset, **constraints)
         else:
             build = partial(build_design, missing_code=missing_code, drop_constant_groups=drop_constant_groups)
         design, spec = build(

@@ -57,6 +57,7 @@ def _data(seed: int = 3) -> pd.DataFrame:
     df.loc[df["school"] == df["school"].max(), "grp"] = "rare"
     df["girl"] = rng.random(len(df)) < 0.5
     df["y"] += 0.3 * (df["grp"] == "b") - 0.2 * df["girl"]
+    df["off"], df["soff"] = 0.2 * np.sin(np.arange(len(df))), 0.3 * np.cos(np.arange(len(df)))  # known offsets
     return df
 
 
@@ -70,6 +71,10 @@ MODELS = {
     "model3": dict(formula="y ~ x", scale_formula="~ x"),
     "model6": dict(formula="y ~ x + C(grp) + girl", scale_formula="~ x + C(grp) + girl"),
     "slope": dict(formula="y ~ x", re_formula="~ x", scale_formula="~ x"),
+    # covariances fixed at zero: by the association type, and by name (the layout every block evaluates)
+    "slope_none": dict(formula="y ~ x", re_formula="~ x", scale_formula="~ x", association="none"),
+    "model3_cov": dict(formula="y ~ x", scale_formula="~ x", cov_constraints="cov(v,u0)"),
+    "offsets": dict(formula="y ~ x", scale_formula="~ x", offset="off", scale_offset="soff"),
 }
 
 
@@ -244,8 +249,12 @@ def test_refused_models_name_what_is_refused(client, data):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
     with pytest.raises(ModelSpecError, match="scale_re_formula"):
         mlsml.fit("y ~ x", ddf, groups="school", scale_re_formula="~ x", client=client)
-    with pytest.raises(ModelSpecError, match="weights, association are not supported"):
-        mlsml.fit("y ~ x", ddf, groups="school", weights="x", association="none", client=client)
+    with pytest.raises(ModelSpecError, match="weights, group_weights are not supported"):
+        mlsml.fit("y ~ x", ddf, groups="school", weights="x", group_weights="x", association="none", client=client)
+    with pytest.raises(ModelSpecError, match="offset must name a column"):
+        mlsml.fit("y ~ x", ddf, groups="school", offset=np.zeros(len(data)), client=client)
+    with pytest.raises(ModelSpecError, match="association='quadratic' is not fitted on a Dask cluster"):
+        mlsml.fit("y ~ x", ddf, groups="school", association="quadratic", client=client)
     with pytest.raises(ModelSpecError, match="missing_code, drop_constant_groups are not supported"):
         mlsml.fit("y ~ x", ddf, groups="school", missing_code=-999, drop_constant_groups=True, client=client)
 
