@@ -64,6 +64,8 @@ KNOWN_MISSES = {
     "var(v) = 3.7 where the quadrature overflows (llf +7.8e12, not reported: NaN, UNRELIABLE, not converged); "
     "the 31-point refits fail with a singular slope block (var(u1) = 0); trust-exact from the fit on the "
     "standardized twin reaches -93.7117",
+    4286144531236845312: "oldest versions only (SciPy 1.11, where the fallback is trust-krylov because trust-exact's "
+    "subproblem is unbounded there): converged 0.0011 below the maximum; with the newest releases it passes",
 }
 # Fixed on 2026-11-28 evening (raise_rule to 1e-3, interior_starts): 7384623864426013180 (the
 # rule's error: 31/63 points), 5413302752735107442 (stopped on the face corr(u0,u1) = -1, the
