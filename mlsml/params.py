@@ -74,6 +74,62 @@ from .errors import ModelSpecError
 #: variance (``association="quadratic"``; MIXREGLS "Quad Loc").
 QUAD_NAME = "quad(u0,v)"
 
+#: Prefix of the names of variances (school effects ``var(u0)``, ``var(v)``, ...; stage 2's
+#: ``var(resid)``): their Wald intervals are symmetric on the log scale
+#: (:func:`wald_intervals`).
+VARIANCE_PREFIX = "var("
+
+
+def is_variance(name: str) -> bool:
+    """Whether the parameter ``name`` is a variance (a positive quantity; see :data:`VARIANCE_PREFIX`)."""
+    return str(name).startswith(VARIANCE_PREFIX)
+
+
+def wald_intervals(names, estimates, se, crit) -> tuple[np.ndarray, np.ndarray]:
+    r"""Wald intervals, symmetric on the log scale for variances and on the natural scale otherwise.
+
+    For a coefficient or a covariance :math:`\theta` with standard error :math:`s`
+    and critical value :math:`c` (``z_{1-\alpha/2}`` or a t quantile):
+
+    .. math:: \hat\theta \pm c\, s .
+
+    For a variance :math:`\sigma^2 > 0` the interval of :math:`\ln\sigma^2`, whose
+    delta-method standard error is :math:`s / \hat\sigma^2`, mapped back:
+
+    .. math:: \bigl[\hat\sigma^2 e^{-c s/\hat\sigma^2},\;
+              \hat\sigma^2 e^{c s/\hat\sigma^2}\bigr],
+
+    as Stata's ``mixed`` reports variance components. It never includes a negative
+    variance, and it covers better where the sampling distribution of
+    :math:`\hat\sigma^2` is skewed (few schools, a small variance; validation report,
+    section 6). A variance estimated at zero (a boundary fit) has no such interval: NaN.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Parameter names (:func:`is_variance` picks the variances).
+    estimates, se : array_like
+        Estimates and their standard errors, in the order of ``names``.
+    crit : float or array_like
+        Critical value(s), one or one per parameter.
+
+    Returns
+    -------
+    lower, upper : numpy.ndarray
+    """
+    est = np.asarray(estimates, dtype=float)
+    s = np.asarray(se, dtype=float)
+    c = np.broadcast_to(np.asarray(crit, dtype=float), est.shape)
+    lo, hi = est - c * s, est + c * s
+    var = np.array([is_variance(n) for n in names], dtype=bool)
+    if var.any():
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            positive = var & (est > 0)
+            half = np.where(positive, c * s / np.where(positive, est, 1.0), np.nan)
+            lo = np.where(var, np.where(positive, est * np.exp(-half), np.nan), lo)
+            hi = np.where(var, np.where(positive, est * np.exp(half), np.nan), hi)
+    return lo, hi
+
 
 @dataclass(frozen=True)
 class ParamLayout:

@@ -34,6 +34,7 @@ import pandas as pd
 from ._lazy import LazyModule
 from .errors import ConvergenceWarning, ModelSpecError, warn
 from .model import fit
+from .params import wald_intervals
 from .results import MELSMResults
 from .validate import describe_value
 
@@ -96,12 +97,17 @@ class PlausibleValuesResults:
         return pd.Series(out, index=self.params.index, name="df")
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Intervals ``params +/- t_{df, 1 - alpha/2} bse``."""
+        """Intervals ``params +/- t_{df, 1 - alpha/2} bse``; variances on the log scale.
+
+        A variance's interval is symmetric on its log scale, with the pooled SE mapped
+        by the delta method (:func:`mlsml.params.wald_intervals`), as for one fit
+        (:meth:`mlsml.results.MELSMResults.conf_int`).
+        """
         if not 0 < alpha < 1:
             raise ModelSpecError(f"alpha must be between 0 and 1, not {describe_value(alpha)}")
         q = stats.t.ppf(1 - alpha / 2, self.df.to_numpy())
-        se = self.bse.to_numpy()
-        return pd.DataFrame({"lower": self.params - q * se, "upper": self.params + q * se}, index=self.params.index)
+        lo, hi = wald_intervals(self.params.index, self.params.to_numpy(), self.bse.to_numpy(), q)
+        return pd.DataFrame({"lower": lo, "upper": hi}, index=self.params.index)
 
     def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """Estimates, total SE, its between-imputation part, the fraction of missing information, df and interval.

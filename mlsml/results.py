@@ -32,7 +32,7 @@ from .export import NO_DATA, DetachedModel, read_json, results_fields_from_dict,
 from .likelihood import Likelihood
 from .margins import marginal_effects as _marginal_effects
 from .optimize import FitOptions, OptSummary, theta_covariance
-from .params import ParamLayout
+from .params import ParamLayout, wald_intervals
 from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
 from .predict import predict as _predict
@@ -383,7 +383,14 @@ class MELSMResults:
         return pd.Series(2 * stats.norm.sf(np.abs(self.tvalues.to_numpy())), index=self.params.index, name="P>|z|")
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald confidence intervals ``params +/- z_{1-alpha/2} bse``.
+        r"""Wald confidence intervals: ``params +/- z_{1-alpha/2} bse``, variances on the log scale.
+
+        Coefficients and covariances get :math:`\hat\theta \pm z\,\mathrm{se}`; a
+        variance ``var(.)`` gets :math:`\hat\sigma^2 \exp(\pm z\,\mathrm{se}/\hat\sigma^2)`,
+        the symmetric interval of its logarithm mapped back (as Stata's ``mixed``), which
+        never includes a negative variance (:func:`mlsml.params.wald_intervals`). With
+        ``cov_type="robust"`` ``bse`` is the sandwich SE. Profile-likelihood intervals:
+        :func:`mlsml.profile.profile_ci`; bootstrap ones: :meth:`bootstrap`.
 
         Examples
         --------
@@ -392,11 +399,14 @@ class MELSMResults:
         >>> res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
         >>> res.conf_int(0.1).loc["mean:x"].round(3).tolist()
         [0.634, 0.665]
+        >>> bool((res.conf_int().loc["var(v)"] > 0).all())
+        True
         """
+        if not 0 < alpha < 1:
+            raise ModelSpecError(f"alpha must be between 0 and 1, not {alpha!r}")
         z = stats.norm.ppf(1 - alpha / 2)
-        lo = self.params - z * self.bse
-        hi = self.params + z * self.bse
-        return pd.DataFrame({f"{alpha / 2:g}": lo, f"{1 - alpha / 2:g}": hi})
+        lo, hi = wald_intervals(self.params.index, self.params.to_numpy(), self.bse.to_numpy(), z)
+        return pd.DataFrame({f"{alpha / 2:g}": lo, f"{1 - alpha / 2:g}": hi}, index=self.params.index)
 
     def _constraints(self, r_matrix, q_matrix) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(R, q, labels)`` of the linear hypotheses ``R params = q``."""

@@ -80,6 +80,7 @@ from .errors import ConvergenceWarning, DataError, MissingDataWarning, ModelSpec
 from .integrand import JOINT_FAMILIES, JointIntegrand, SchoolOutcome
 from .likelihood import Likelihood
 from .optimize import maximize
+from .params import wald_intervals
 from .predict import PosteriorGrid, draw_effects, posterior_likelihood, posterior_moments
 from .quadgrid import QuadraticPosterior
 from .quadrature import QuadratureSpec, default_nagq
@@ -544,11 +545,14 @@ class Stage2Results:
         return self.cov
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Confidence intervals ``params +/- t_{df, 1 - alpha/2} bse``."""
+        """Confidence intervals ``params +/- t_{df, 1 - alpha/2} bse``; ``var(resid)`` on the log scale.
+
+        The gaussian family's residual variance gets the symmetric interval of its
+        logarithm mapped back (:func:`mlsml.params.wald_intervals`), never a negative one.
+        """
         crit = stats.t.ppf(1.0 - alpha / 2.0, self.df.to_numpy())
-        lo = self.params - crit * self.bse
-        hi = self.params + crit * self.bse
-        return pd.DataFrame({"lower": lo, "upper": hi})
+        lo, hi = wald_intervals(self.params.index, self.params.to_numpy(), self.bse.to_numpy(), crit)
+        return pd.DataFrame({"lower": lo, "upper": hi}, index=self.params.index)
 
     def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """The parameter table: estimate, std err, t, p, interval (and df, fmi for ``mi``)."""

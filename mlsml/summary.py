@@ -16,7 +16,11 @@ from ._lazy import LazyModule
 from .diagnostics import tail_note
 from .errors import ModelSpecError
 from .mixregls.report import MixwildSummary, summarize_mixwild
+from .params import is_variance
 from .weights import describe_weights
+
+#: The summary's note on the intervals of variances (:func:`mlsml.params.wald_intervals`).
+VARIANCE_CI_NOTE = "Intervals of variances are symmetric on the log scale: var * exp(+/- z SE / var)."
 
 summary2 = LazyModule("statsmodels.iolib.summary2")  # imported on first use: keeps `import mlsml` fast
 
@@ -168,6 +172,8 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
         )
     else:
         notes.append("Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.")
+    if any(is_variance(n) for n in res.params.index):
+        notes.append(VARIANCE_CI_NOTE)
     for note in notes:  # one add_text each: statsmodels re-wraps a text, so newlines within one would be lost
         smry.add_text(note)
     return smry

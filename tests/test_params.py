@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlsml.params import ParamLayout, chol_from_vector, vector_from_chol
+from mlsml.params import ParamLayout, chol_from_vector, vector_from_chol, wald_intervals
 
 # entries of theta stay in [-BOUND, BOUND]: Sigma's condition number is then at most
 # about exp(8 * BOUND) * d^2, so a round trip loses at most ~1e-9 relative accuracy
@@ -259,3 +259,29 @@ def test_jacobian_known_entries():
     np.testing.assert_allclose(jac[3, 4], 2 * 0.3**2, rtol=1e-12)
     np.testing.assert_allclose(jac[3, 3], 2 * 0.4, rtol=1e-12)
     np.testing.assert_array_equal(jac[:2], np.eye(5)[:2])
+
+
+def test_wald_intervals_variances_on_the_log_scale():
+    names = ["mean:x", "var(u0)", "cov(u0,v)", "var(v)", "var(u1)"]
+    est = np.array([0.5, 0.01, -0.02, 0.04, 0.0])
+    se = np.array([0.1, 0.02, 0.05, 0.01, 0.3])
+    lo, hi = wald_intervals(names, est, se, 1.96)
+    # coefficients and covariances: symmetric, may be negative
+    np.testing.assert_allclose([lo[0], hi[0]], [0.5 - 0.196, 0.5 + 0.196])
+    np.testing.assert_allclose([lo[2], hi[2]], [-0.02 - 0.098, -0.02 + 0.098])
+    # a variance with SE twice its estimate: the natural-scale interval would reach -0.029
+    np.testing.assert_allclose([lo[1], hi[1]], [0.01 * np.exp(-3.92), 0.01 * np.exp(3.92)])
+    assert lo[1] > 0 and lo[3] > 0
+    np.testing.assert_allclose(np.sqrt(lo[3] * hi[3]), 0.04)  # geometric midpoint = estimate
+    # a variance at zero (boundary fit) has no log-scale interval
+    assert np.isnan(lo[4]) and np.isnan(hi[4])
+
+
+@given(
+    st.floats(1e-12, 1e12),
+    st.floats(1e-12, 1e12),
+    st.floats(0.1, 4.0),
+)
+def test_wald_intervals_contain_a_variance_and_stay_positive(v, s, c):
+    lo, hi = wald_intervals(["var(v)"], [v], [s], c)
+    assert 0 <= lo[0] <= v <= hi[0]

@@ -38,7 +38,16 @@ def test_inference_is_consistent(exam_m3):
     np.testing.assert_allclose(r.tvalues, r.params / r.bse)
     np.testing.assert_allclose(r.pvalues, 2 * stats.norm.sf(np.abs(r.tvalues)))
     ci = r.conf_int(0.1)
-    np.testing.assert_allclose(ci.iloc[:, 1] - r.params, stats.norm.ppf(0.95) * r.bse)
+    z = stats.norm.ppf(0.95)
+    var = [n for n in r.params.index if n.startswith("var(")]
+    other = [n for n in r.params.index if n not in var]
+    assert var == ["var(u0)", "var(v)"]
+    np.testing.assert_allclose(ci.iloc[:, 1][other] - r.params[other], z * r.bse[other])
+    np.testing.assert_allclose(r.params[other] - ci.iloc[:, 0][other], z * r.bse[other])
+    # variances: symmetric on the log scale, exp(log v +/- z se / v)
+    v, se = r.params[var], r.bse[var]
+    np.testing.assert_allclose(np.log(ci.iloc[:, 1][var]) - np.log(v), z * se / v)
+    np.testing.assert_allclose(np.log(v) - np.log(ci.iloc[:, 0][var]), z * se / v)
     assert r.deviance == pytest.approx(-2 * r.llf)
     assert r.aic == pytest.approx(-2 * r.llf + 14)
     assert r.bic == pytest.approx(-2 * r.llf + 7 * np.log(4059))

@@ -18,7 +18,7 @@ from scipy import stats
 import mlsml
 from mlsml import ModelSpecError
 from mlsml.quadrature import QuadratureSpec
-from mlsml.summary import header_dict, summarize
+from mlsml.summary import VARIANCE_CI_NOTE, header_dict, summarize
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_model_without_random_scale(exam):
 def _notes(text: str) -> list[str]:
     """The notes under the table, one per paragraph (each starts on its own line; long ones wrap)."""
     tail = text.rsplit("=" * 20, 1)[1]
-    return [" ".join(p.split()) for p in re.split(r"\n(?=WARNING:|Variance p-values)", tail.strip())]
+    return [" ".join(p.split()) for p in re.split(r"\n(?=WARNING:|Variance p-values|Intervals of variances)", tail.strip())]
 
 
 def test_non_converged_fit_is_flagged(demo_fit):
@@ -150,7 +150,10 @@ def test_singular_fit_is_flagged(demo_fit):
     text = summarize(singular).as_text()
     assert _notes(text)[:2] == [f"WARNING: singular fit: {r}." for r in reasons]  # each on its own line
     assert "did NOT converge" not in text and "singular" not in summarize(res).as_text()
-    assert _notes(summarize(res).as_text()) == ["Variance p-values are conservative (boundary); use mlsml.lrtest to test variances."]
+    assert _notes(summarize(res).as_text()) == [
+        "Variance p-values are conservative (boundary); use mlsml.lrtest to test variances.",
+        VARIANCE_CI_NOTE,
+    ]
 
 
 # ----------------------------------------------------------------- formats and styles

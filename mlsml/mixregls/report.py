@@ -280,6 +280,7 @@ def _ours_block(res, alpha: float) -> str:
     corr = res.re_correlations()
     for n, row in corr.iterrows():
         out.append(_f804(str(n), [row["estimate"], row["std err"], np.nan, np.nan]))
+    out.append("(the intervals of variances are symmetric on the log scale: var * exp(+/- z SE / var))")
     return "\n".join(out)
 
 
