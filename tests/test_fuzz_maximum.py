@@ -63,7 +63,8 @@ KNOWN_MISSES = {
     326285836212315627: "a random slope on a covariate in currency units (mean 16,839): the default fit runs to "
     "var(v) = 3.7 where the quadrature overflows (llf +7.8e12, not reported: NaN, UNRELIABLE, not converged); "
     "the 31-point refits fail with a singular slope block (var(u1) = 0); trust-exact from the fit on the "
-    "standardized twin reaches -93.7117",
+    "standardized twin reaches -93.7117. Cause: cancellation in the u-exact block of a one-pupil school with two "
+    "mean effects at far nodes of v (docs/failures.md)",
     4286144531236845312: "oldest versions only (SciPy 1.11, where the fallback is trust-krylov because trust-exact's "
     "subproblem is unbounded there): converged 0.0011 below the maximum; with the newest releases it passes",
 }
