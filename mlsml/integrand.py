@@ -79,6 +79,12 @@ INNER_TOL = 1e-10
 #: balance weights.
 INNER_SAME_MODE = 1e-6
 
+#: The u-exact rule takes a school's sums around its own least-squares fit
+#: (:meth:`SchoolSums.log_h_uexact`) where ``max_k exp(-v_jk) S0_j`` exceeds this: there the
+#: two halves of the exponent, each of order ``exp(-v) S0``, cancel, and their rounding
+#: error (``2^-52`` of each) would exceed about ``1e-10``.
+CANCELLATION_SCALE = 1e6
+
 
 class Sums(NamedTuple):
     """Sufficient per-school sums for given ``beta`` and ``alpha``."""
@@ -255,6 +261,25 @@ def quad_curvature(prior: Prior) -> np.ndarray | None:
     L = np.asarray(prior.chol, dtype=float)
     sd0 = L[0, 0] if L.ndim == 2 else L[:, 0, 0]
     return float(prior.quad) / sd0**2
+
+
+def _prior_precision(prior: Prior):
+    """``(P, log|Sigma|)`` of the prior's Cholesky factor ``L0`` (autograd)."""
+    L = prior.L0
+    Linv = anp.linalg.inv(L)
+    return anp.dot(Linv.T, Linv), 2.0 * anp.sum(anp.log(anp.diag(L)))
+
+
+def _uexact_terms(s: Sums, v, q: int):
+    """``(base, S1, S2)`` of the u-exact rule from the sums (:meth:`Integrand.u_exact_parts`):
+    ``log f(y_j | u, v) = base - u'S2 u / 2 + u'S1`` with ``E = exp(-v)`` multiplied in."""
+    vv = v[:, :, 0]
+    E = anp.exp(-vv)
+    n = s.n[:, None]
+    base = -0.5 * n * LOG2PI - 0.5 * s.A[:, None] - 0.5 * n * vv - 0.5 * E * s.S0[:, None]
+    S1 = [E * s.S1[:, None, a] for a in range(q)]
+    S2 = [[E * s.S2[:, None, a, b] for b in range(q)] for a in range(q)]
+    return base, S1, S2
 
 
 def _value(x):
@@ -474,29 +499,31 @@ class Integrand(ABC):
         """
         if self.layout.quad_assoc:
             return self.log_h_nested(theta, v)
-        lay = self.layout
-        q, nv = lay.q, lay.n_v
         beta, alpha, prior = self.split(theta)
-        L = prior.L0
-        Linv = anp.linalg.inv(L)
-        P = anp.dot(Linv.T, Linv)
-        logdet_sigma = 2.0 * anp.sum(anp.log(anp.diag(L)))
+        P, logdet_sigma = _prior_precision(prior)
         parts = []
         for j0, j1, base, S1, S2 in self.u_exact_parts(beta, alpha, v, loaded_Z(self.design, prior)):
-            vj = v[j0:j1]
-            if nv == 1:
-                vPv = P[q, q] * vj[:, :, 0] ** 2
-            else:
-                vPv = anp.einsum("jkv,vw,jkw->jk", vj, P[q:, q:], vj)
-            prior_v = -0.5 * (q + nv) * LOG2PI - 0.5 * logdet_sigma - 0.5 * vPv
-            scale = None
-            if prior.log_sd0 is not None:  # P_j = D_j^-1 P0 D_j^-1, log|Sigma_j| = log|Sigma0| + s_j'tau
-                prior_v = prior_v - prior.log_sd0[j0:j1][:, None]
-                scale = anp.exp(-prior.log_sd0[j0:j1])[:, None]
-            Mx, cx = gaussian.block_entries(S1, S2, P, vj, q, scale)
+            prior_v, scale = self._uexact_prior(prior, P, logdet_sigma, v, j0, j1)
+            Mx, cx = gaussian.block_entries(S1, S2, P, v[j0:j1], self.layout.q, scale)
             logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
-            parts.append(base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
+            parts.append(base + prior_v + 0.5 * self.layout.q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
         return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
+
+    def _uexact_prior(self, prior: Prior, P, logdet_sigma, v, j0: int, j1: int):
+        """``(prior_v, scale)`` of schools ``j0:j1`` for :meth:`log_h_uexact`: the log prior's terms
+        in ``v`` and constants, and the per-school factor of the precision (``bs_formula``)."""
+        q, nv = self.layout.q, self.layout.n_v
+        vj = v[j0:j1]
+        if nv == 1:
+            vPv = P[q, q] * vj[:, :, 0] ** 2
+        else:
+            vPv = anp.einsum("jkv,vw,jkw->jk", vj, P[q:, q:], vj)
+        prior_v = -0.5 * (q + nv) * LOG2PI - 0.5 * logdet_sigma - 0.5 * vPv
+        scale = None
+        if prior.log_sd0 is not None:  # P_j = D_j^-1 P0 D_j^-1, log|Sigma_j| = log|Sigma0| + s_j'tau
+            prior_v = prior_v - prior.log_sd0[j0:j1][:, None]
+            scale = anp.exp(-prior.log_sd0[j0:j1])[:, None]
+        return prior_v, scale
 
     def log_h_nested(self, theta, v, npoints: int | None = None):
         r"""``log int exp h_j(u0, w) du0`` at the nodes ``w`` (J, K, 1) by an inner adaptive rule (autograd).
@@ -629,15 +656,132 @@ class SchoolSums(Integrand):
         return log_conditional(b, self.sums(beta, alpha, Z), lay.q, lay.random_scale)
 
     def u_exact_parts(self, beta, alpha, v, Z=None):
-        q = self.layout.q
+        yield (0, self.design.ngroups) + _uexact_terms(self.sums(beta, alpha, Z), v, self.layout.q)
+
+    def log_h_uexact(self, theta, v):
+        r"""``log int exp h_j(u, v) du`` at the nodes ``v`` (J, K, 1), without cancellation (autograd).
+
+        :meth:`Integrand.log_h_uexact`'s arithmetic, except for the schools where
+        ``max_k e^{-v_jk} S0_j`` exceeds :data:`CANCELLATION_SCALE`. There the exponent
+        ``-E S_0/2 + c'M^{-1}c/2`` (``E = e^{-v}``) is a difference of two numbers of order
+        ``E S_0``. Where a school has fewer distinct rows than mean effects (one pupil, a random
+        intercept and slope) ``S_2`` is singular, the difference is of order one however large
+        ``E``, and the rounding error of each half (``E`` up to ``1e26`` at the far nodes of a
+        large ``var(v)``) makes the integrand ``+5e24`` instead of ``-57,858``
+        (docs/failures.md, 326285836212315627). For those schools the sums are taken around
+        the school's own weighted least-squares fit ``u_r = S_2^+ S_1`` (fixed numbers, so the
+        identity below is exact and its derivatives are those of the sums):
+
+        .. math::
+
+            S_{0c} = \sum_i d_i (r_i - z_i'u_r)^2 \ge 0, \qquad S_{1c} = S_1 - S_2 u_r, \qquad
+            g = E S_{1c} - P_{uu} u_r - P_{uv} v,
+
+            -\tfrac12 E S_0 + \tfrac12 c'M^{-1}c
+                = -\tfrac12 E S_{0c} - \tfrac12 u_r'P_{uu}u_r - u_r'P_{uv}v + \tfrac12 g'M^{-1}g,
+
+        with :math:`S_{0c}` and :math:`S_{1c}` from the rows (their values; their derivatives from
+        the identities :math:`S_{0c} = S_0 - 2u_r'S_1 + u_r'S_2u_r`, :math:`S_{1c} = S_1 - S_2u_r`),
+        and for two mean effects
+
+        .. math::
+
+            |M| = |P_{uu}| + E\,\mathrm{tr}(\mathrm{adj}(P_{uu}) S_2) + E^2 |S_2|,
+
+        a sum of non-negative terms, with :math:`|S_2| = S_{2,00} \sum_i d_i (z_{i1} - b z_{i0})^2`,
+        :math:`b = S_{2,01}/S_{2,00}`, from the rows, and
+        :math:`g'M^{-1}g = g_0^2/m_{00} + (g_1 - m_{01} g_0/m_{00})^2 m_{00}/|M|` (elimination,
+        whose pivot :math:`|M|/m_{00}` comes from that stable :math:`|M|`). Other classes (quadratic association, more
+        than two mean effects, several scale effects) use the inherited arithmetic.
+        """
+        lay = self.layout
+        q = lay.q
+        if lay.quad_assoc or q not in (1, 2) or lay.n_v != 1:
+            return super().log_h_uexact(theta, v)
+        beta, alpha, prior = self.split(theta)
+        Z = loaded_Z(self.design, prior)
         s = self.sums(beta, alpha, Z)
-        vv = v[:, :, 0]
+        P, logdet_sigma = _prior_precision(prior)
+        J = self.design.ngroups
+        prior_v, scale = self._uexact_prior(prior, P, logdet_sigma, v, 0, J)
+        far = np.max(np.exp(-_value(v)[:, :, 0]), axis=1) * np.abs(_value(s.S0)) > CANCELLATION_SCALE
+        if not far.any():
+            base, S1, S2 = _uexact_terms(s, v, q)
+            Mx, cx = gaussian.block_entries(S1, S2, P, v, q, scale)
+            logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
+            return base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad
+        near, idx = np.flatnonzero(~far), np.flatnonzero(far)
+        parts = []
+        if near.size:
+            s_near = Sums(*(a[near] for a in s))
+            base, S1, S2 = _uexact_terms(s_near, v[near], q)
+            Mx, cx = gaussian.block_entries(S1, S2, P, v[near], q, None if scale is None else scale[near])
+            logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
+            parts.append(base + prior_v[near] + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
+        centred = self._centred_uexact(beta, alpha, Z, s, P, None if scale is None else scale[idx], v, idx)
+        parts.append(centred + prior_v[idx] + 0.5 * q * LOG2PI)
+        order = np.argsort(np.concatenate([near, idx]))
+        return anp.concatenate(parts, axis=0)[order]
+
+    def _centred_uexact(self, beta, alpha, Z, s: Sums, P, scale, v, idx: np.ndarray):
+        """The data's part of :meth:`log_h_uexact` for the schools ``idx``, from sums around each
+        school's least-squares fit (see there); shape ``(len(idx), K)``."""
+        q = self.layout.q
+        design = self.design
+        # numpy: the reference fits and the centred sums' values, from the schools' rows
+        S1v, S2v = _value(s.S1)[idx], _value(s.S2)[idx]
+        if q == 1:
+            u_ref = np.where(S2v[:, 0, :] > 0, S1v / np.where(S2v[:, 0, :] > 0, S2v[:, 0, :], 1.0), 0.0)
+        else:
+            u_ref = np.einsum("jab,jb->ja", np.linalg.pinv(S2v), S1v)
+        u_ref = np.where(np.isfinite(u_ref), u_ref, 0.0)
+        counts = design.counts[idx]
+        rows = np.concatenate([np.arange(design.starts[j], design.starts[j] + design.counts[j]) for j in idx])
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        Zr = _value(Z)[rows]
+        d = np.exp(-np.asarray(design.log_variance_index(_value(alpha)), dtype=float)[rows])
+        if design.weights is not None:
+            d = d * design.weights[rows]
+        e = design.y[rows] - design.X[rows] @ _value(beta) - np.einsum("nq,nq->n", Zr, np.repeat(u_ref, counts, axis=0))
+        s0c_rows = np.add.reduceat(d * e * e, starts)
+        s1c_rows = np.add.reduceat((d * e)[:, None] * Zr, starts, axis=0)
+        # autograd: the centred sums as functions of the sums (exact for fixed u_ref), valued from the rows
+        S0, S1, S2 = s.S0[idx], s.S1[idx], s.S2[idx]
+        S2u = [sum(S2[:, a, b] * u_ref[:, b] for b in range(q)) for a in range(q)]
+        # S1c from the sums carries rounding of order eps |S2 u_ref| in every direction, also across
+        # the rows' span where M is small, so its value too is taken from the rows (along z_i only)
+        S1c = [S1[:, a] - S2u[a] for a in range(q)]
+        S1c = [S1c[a] + (s1c_rows[:, a] - _value(S1c[a])) for a in range(q)]
+        S0c = S0 - 2.0 * sum(u_ref[:, a] * S1[:, a] for a in range(q)) + sum(u_ref[:, a] * S2u[a] for a in range(q))
+        S0c = S0c + (s0c_rows - _value(S0c))
+        f = [anp.ones((idx.size, 1))] * q if scale is None else [scale] + [anp.ones((idx.size, 1))] * (q - 1)
+        Puu = [[P[a, b] * f[a] * f[b] for b in range(q)] for a in range(q)]  # (J', 1) each
+        Puv = [P[a, q] * f[a] for a in range(q)]
+        vv = v[idx][:, :, 0]
         E = anp.exp(-vv)
-        n = s.n[:, None]
-        base = -0.5 * n * LOG2PI - 0.5 * s.A[:, None] - 0.5 * n * vv - 0.5 * E * s.S0[:, None]
-        S1 = [E * s.S1[:, None, a] for a in range(q)]
-        S2 = [[E * s.S2[:, None, a, b] for b in range(q)] for a in range(q)]
-        yield 0, self.design.ngroups, base, S1, S2
+        ur = [u_ref[:, a][:, None] for a in range(q)]
+        Pu = [sum(Puu[a][b] * ur[b] for b in range(q)) for a in range(q)]
+        g = [E * S1c[a][:, None] - Pu[a] - Puv[a] * vv for a in range(q)]
+        m = [[E * S2[:, a, b][:, None] + Puu[a][b] for b in range(q)] for a in range(q)]
+        if q == 1:
+            logdetM, quad = anp.log(m[0][0]), g[0] ** 2 / m[0][0]
+        else:
+            z0, z1 = Zr[:, 0], Zr[:, 1]
+            slope = np.where(S2v[:, 0, 0] > 0, S2v[:, 0, 1] / np.where(S2v[:, 0, 0] > 0, S2v[:, 0, 0], 1.0), 0.0)
+            det_rows = S2v[:, 0, 0] * np.add.reduceat(d * (z1 - np.repeat(slope, counts) * z0) ** 2, starts)
+            detS2 = S2[:, 0, 0] * S2[:, 1, 1] - S2[:, 0, 1] ** 2
+            detS2 = detS2 + (det_rows - _value(detS2))
+            detP = Puu[0][0] * Puu[1][1] - Puu[0][1] ** 2
+            trace = Puu[1][1] * S2[:, 0, 0][:, None] - 2.0 * Puu[0][1] * S2[:, 0, 1][:, None] + Puu[0][0] * S2[:, 1, 1][:, None]
+            det = detP + E * trace + E**2 * detS2[:, None]
+            logdetM = anp.log(det)
+            # g'M^{-1}g by elimination, with the pivot m11 - m01^2/m00 = |M|/m00 from the stable |M|:
+            # the adjugate form m11 g0^2 - 2 m01 g0 g1 + m00 g1^2 cancels terms of order E^2 |S1c|^2
+            quad = g[0] ** 2 / m[0][0] + (g[1] - m[0][1] / m[0][0] * g[0]) ** 2 * m[0][0] / det
+        const = -0.5 * sum(ur[a] * Pu[a] for a in range(q)) - sum(ur[a] * Puv[a] for a in range(q)) * vv
+        n = s.n[idx][:, None]
+        base = -0.5 * n * LOG2PI - 0.5 * s.A[idx][:, None] - 0.5 * n * vv - 0.5 * E * S0c[:, None]
+        return base + const - 0.5 * logdetM + 0.5 * quad
 
     def mode_problem(self, theta):
         lay = self.layout

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import decimal
+
+import autograd
+import autograd.numpy as anp
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,6 +59,88 @@ def test_core_flag_and_school_covariances():
     assert S.shape == (bs.design.ngroups, 2, 2)
     assert len(np.unique(np.round(S[:, 0, 0], 12))) == 2  # two values of s: two var(u0_j)
     np.testing.assert_allclose(S[:, 1, 1], S[0, 1, 1])  # var(v) is common
+
+
+# ---------------------------------------------------------------- issue 12: no cancellation at far nodes of v
+def _solve_decimal(C: list, e: list) -> tuple:
+    """``(log|C|, e'C^{-1}e)`` by Gaussian elimination in 60-digit decimal arithmetic."""
+    n = len(e)
+    A = [row[:] + [e[i]] for i, row in enumerate(C)]
+    logdet = decimal.Decimal(0)
+    for i in range(n):
+        piv = A[i][i]
+        logdet += piv.ln()
+        for r in range(i + 1, n):
+            f = A[r][i] / piv
+            A[r] = [a - f * b for a, b in zip(A[r], A[i])]
+    x = [decimal.Decimal(0)] * n
+    for i in reversed(range(n)):
+        x[i] = (A[i][n] - sum(A[i][k] * x[k] for k in range(i + 1, n))) / A[i][i]
+    return logdet, sum(a * b for a, b in zip(e, x))
+
+
+def _marginal_given_v(integrand, theta, v):
+    """``log f(y_j | v) + log phi(v)`` in the covariance form, in 60-digit decimal arithmetic (an
+    independent computation): ``y_j | v ~ N(X b + Z E[u | v], Z Var(u | v) Z' + diag(exp(w'a + v)))``."""
+    D = decimal.Decimal
+    design, lay = integrand.design, integrand.layout
+    q = lay.q
+    nat = np.asarray(lay.to_natural(theta), dtype=float)
+    beta, alpha = nat[: lay.p], nat[lay.p : lay.p + lay.k]
+    S = integrand.school_covariances(theta)[0]
+    eta = np.asarray(design.log_variance_index(alpha), dtype=float)
+    out = np.empty(v.shape[:2])
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        Sd = [[D(float(S[a, b])) for b in range(q + 1)] for a in range(q + 1)]
+        slope = [Sd[a][q] / Sd[q][q] for a in range(q)]
+        cond = [[Sd[a][b] - Sd[a][q] * Sd[q][b] / Sd[q][q] for b in range(q)] for a in range(q)]
+        two_pi = D(2) * D("3.14159265358979323846264338327950288419716939937510582097494")
+        for j, (st, ct) in enumerate(zip(design.starts, design.counts)):
+            rows = range(st, st + ct)
+            r = [D(float(design.y[i])) - sum(D(float(design.X[i, c])) * D(float(beta[c])) for c in range(lay.p)) for i in rows]
+            Z = [[D(float(design.Z[i, a])) for a in range(q)] for i in rows]
+            ZcZ = [[sum(Z[i][a] * cond[a][b] * Z[k][b] for a in range(q) for b in range(q)) for k in range(ct)] for i in range(ct)]
+            for k in range(v.shape[1]):
+                vk = D(float(v[j, k, 0]))
+                C = [[ZcZ[i][m] + ((D(float(eta[st + i])) + vk).exp() if i == m else 0) for m in range(ct)] for i in range(ct)]
+                e = [r[i] - sum(Z[i][a] * slope[a] * vk for a in range(q)) for i in range(ct)]
+                logdet, quad = _solve_decimal(C, e)
+                val = -(ct * two_pi.ln() + logdet + quad) / 2 - (two_pi * Sd[q][q]).ln() / 2 - vk * vk / Sd[q][q] / 2
+                out[j, k] = float(val)
+    return out
+
+
+@pytest.mark.parametrize("re_formula", ["~ x", "~ 1"])
+def test_u_exact_rule_has_no_cancellation_at_far_nodes(re_formula):
+    """One-pupil schools with a random slope: at v = -60 the sums' exponent, two halves of order
+    exp(60) S0 that cancel, was +5e24 instead of about -6e4 (326285836212315627)."""
+    rng = np.random.default_rng(12)
+    sizes = np.array([1, 1, 1, 2, 3, 1, 2, 4, 1, 3])
+    g = np.repeat(np.arange(sizes.size), sizes)
+    x = rng.normal(size=g.size)
+    df = pd.DataFrame({"y": 0.2 + 0.5 * x + rng.normal(size=g.size), "x": x, "school": g})
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula=re_formula, scale_formula="~ x")
+    integrand = make_integrand(model.design)
+    lay = model.layout
+    theta = start_values(integrand)
+    theta[lay.p + lay.k :] += 0.3  # a larger Sigma, every effect correlated
+    v = np.broadcast_to(np.array([-60.0, -40.0, -25.0, -10.0, 0.0, 5.0])[None, :, None], (sizes.size, 6, 1)).copy()
+    got = np.asarray(integrand.log_h_uexact(theta, v))
+    want = _marginal_given_v(integrand, theta, v)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-7)  # E = 1e26 at v = -60: 3e-9 relative is left
+    # the gradient at a far node (the one-pupil schools, whose values are moderate there): equal to
+    # central differences of the covariance form
+    one = np.flatnonzero(sizes == 1)
+    vk = v[:, 2:3, :]
+    grad = autograd.grad(lambda th: anp.sum(integrand.log_h_uexact(th, vk)[one]))(theta)
+    h = 1e-5
+
+    def total(th):
+        return np.sum(_marginal_given_v(integrand, th, vk)[one])
+
+    fd = np.array([(total(theta + h * e) - total(theta - h * e)) / (2 * h) for e in np.eye(theta.size)])
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8 * np.abs(fd).max())
 
 
 # ---------------------------------------------------------------- issue 13: the nested rule of the quadratic association
