@@ -59,15 +59,12 @@ STORE = Path(__file__).parent / "data" / "fuzz_maximum"
 #: Stored cases the fit still misses (issue 12 is open; docs/failures.md, "The 200 cases in
 #: CI"), by case seed. The criterion fails on any OTHER failing case, so CI catches every new
 #: miss; a known miss that starts to pass is printed, to be moved out of this list.
-KNOWN_MISSES = {
-    326285836212315627: "a random slope on a covariate in currency units (mean 16,839): the default fit runs to "
-    "var(v) = 3.7 where the quadrature overflows (llf +7.8e12, not reported: NaN, UNRELIABLE, not converged); "
-    "the 31-point refits fail with a singular slope block (var(u1) = 0); trust-exact from the fit on the "
-    "standardized twin reaches -93.7117. Cause: cancellation in the u-exact block of a one-pupil school with two "
-    "mean effects at far nodes of v (docs/failures.md)",
-    4286144531236845312: "oldest versions only (SciPy 1.11, where the fallback is trust-krylov because trust-exact's "
-    "subproblem is unbounded there): converged 0.0011 below the maximum; with the newest releases it passes",
-}
+KNOWN_MISSES: dict[int, str] = {}
+# Fixed on 2026-11-28 night (the u-exact block without cancellation, SchoolSums.log_h_uexact):
+# 326285836212315627 (one-pupil schools with a random slope: the integrand was +5e24 at far
+# nodes of v and the fit climbed it; now flagged not converged at the maximum of the raw data
+# and of its standardized twin alike) and 4286144531236845312 (oldest versions only, 0.0011
+# below after the trust-krylov fallback; it now reaches the maximum there too).
 # Fixed on 2026-11-28 evening (raise_rule to 1e-3, interior_starts): 7384623864426013180 (the
 # rule's error: 31/63 points), 5413302752735107442 (stopped on the face corr(u0,u1) = -1, the
 # maximum just inside), 1478415917575154483 (7 schools: 31 to 127 points find a region 4 to 6
