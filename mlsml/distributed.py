@@ -61,7 +61,7 @@ import warnings
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,10 +97,20 @@ from .predict import predict as _predict
 from .quadrature import Nodes, QuadratureSpec
 from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, standardised_design
 from .results import MELSMResults
+from .robust import school_scores
 from .simulate import draw_responses
 from .start import START_VAR_V
 from .threads import FIT_BLAS_THREADS
 from .validate import check_choice, describe_value
+from .weights import (
+    check_some_school_weight,
+    check_weight_options,
+    frequency_counts,
+    level1_weights,
+    row_values,
+    school_weights_by_label,
+    school_weights_from_rows,
+)
 
 # Dask is an optional dependency (the "dask" extra): imported on first use, so that
 # `import mlsml` neither needs nor loads it.
@@ -252,6 +262,13 @@ class Plan:
     offsets : tuple of (str, column)
         ``(field, column)`` of the offsets read from the data (``"offset"``,
         ``"scale_offset"``; :mod:`mlsml.weights`).
+    weights : column or None
+        The column of the level-1 weights.
+    group_weights : column, mapping or None
+        The column of the level-2 weights (constant within each school) or a mapping
+        ``{school: weight}`` (shipped to every block: one number per school).
+    weights_kind, weights_scale : str
+        As :func:`mlsml.weights.with_weights_and_offsets` (the scale already defaulted).
     """
 
     formulas: tuple
@@ -264,11 +281,25 @@ class Plan:
     layout: ParamLayout | None = None
     token: str = ""
     offsets: tuple = ()
+    weights: Hashable | None = None
+    group_weights: Any = None
+    weights_kind: str = "sampling"
+    weights_scale: str = "size"
 
     @property
     def read(self) -> list:
-        """The columns read from the data: those the formulas use, then the offsets'."""
-        return list(self.used) + [c for _, c in self.offsets if c not in self.used]
+        """The columns read from the data: those the formulas use, then the offsets' and the weights'."""
+        extra = [c for _, c in self.offsets] + [c for c in (self.weights, self.group_weights) if isinstance(c, str)]
+        out = list(self.used)
+        for c in extra:
+            if c not in out:
+                out.append(c)
+        return out
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the blocks carry weights (at either level)."""
+        return self.weights is not None or self.group_weights is not None
 
 
 def _row_offsets(frame: pd.DataFrame, plan: Plan, bad: pd.DataFrame) -> dict:
@@ -416,6 +447,7 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         return Block(None, token)
     infos = _design_infos(plan)
     offsets = _row_offsets(frame, plan, bad)
+    kept_rows = ~bad.any(axis=1).to_numpy()
     ydf, Xdf, Wdf, Zdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
     codes, labels = pd.factorize(kept[plan.groups], sort=True)
     order = np.argsort(codes, kind="stable")
@@ -450,7 +482,30 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         info={"response": plan.response},
         **offsets,
     )
+    if plan.weighted:
+        design = dataclasses.replace(design, **_block_weights(frame.loc[kept_rows].iloc[order], plan, design))
     return Block(design, token)
+
+
+def _block_weights(rows: pd.DataFrame, plan: Plan, design: Design) -> dict:
+    r"""The ``weights`` and ``group_weights`` of a block's design (its kept rows sorted by school).
+
+    The checks and the within-school scaling of :func:`mlsml.weights.with_weights_and_offsets`
+    (the same functions): every school is whole in its block, so the scaling's per-school sums
+    (:math:`\sum_i w_{i|j}`, :math:`\sum_i w_{i|j}^2`, :math:`n_j`) are the block's own. What
+    needs all schools (some school weight positive; the replicated data's size for frequency
+    weights) is decided on the driver from the blocks' replies (:func:`_build`).
+    """
+    out = {}
+    if plan.weights is not None:
+        w, name = row_values(plan.weights, rows, "weights")
+        out["weights"] = level1_weights(w, design, name, rows.index, plan.weights_scale)
+    if isinstance(plan.group_weights, str):
+        w, name = row_values(plan.group_weights, rows, "group_weights")
+        out["group_weights"] = school_weights_from_rows(w, design, name, rows.index)
+    elif plan.group_weights is not None:
+        out["group_weights"] = school_weights_by_label(plan.group_weights, design.group_labels)
+    return out
 
 
 # ====================================================================== worker-side caches
@@ -598,6 +653,8 @@ def _evaluate(block: Block, req: Request):
         return np.asarray(lik.start_hessian(theta), dtype=float)
     if req.op == "per_school":
         return lik.per_school(theta, nodes)
+    if req.op == "school_scores":
+        return school_scores(lik, theta, nodes)
     if req.op == "call":  # a function of the block's results object (school tables, predictions)
         fn, args = req.extra
         return fn(block, design, lik, *args)
@@ -699,8 +756,9 @@ def _school_digests(design: Design) -> np.ndarray:
     )
 
 
-def _moments(design: Design) -> tuple[DesignMoments, np.ndarray, np.ndarray, np.ndarray]:
-    """A block's :class:`DesignMoments`, school labels and counts and school digests (:func:`_school_digests`)."""
+def _moments(design: Design) -> tuple:
+    """A block's :class:`DesignMoments`, school labels and counts, school digests (:func:`_school_digests`),
+    level-2 weights (or ``None``) and total weight of the observations (:attr:`mlsml.design.Design.nobs_weighted`)."""
     ys = design.y
     varying = int(np.sum(np.maximum.reduceat(ys, design.starts) != np.minimum.reduceat(ys, design.starts)))
     m = DesignMoments(
@@ -716,7 +774,7 @@ def _moments(design: Design) -> tuple[DesignMoments, np.ndarray, np.ndarray, np.
         None if design.scale_offset is None else ColumnMoments.of(design.scale_offset),
         None if design.scale_offset is None else design.W.T @ design.scale_offset,
     )
-    return m, design.group_labels, design.counts, _school_digests(design)
+    return m, design.group_labels, design.counts, _school_digests(design), design.group_weights, design.nobs_weighted
 
 
 def _start_resid(design: Design, beta: np.ndarray):
@@ -794,6 +852,22 @@ def _close_owned(owned) -> None:
 
 
 # ====================================================================== the design on the driver
+@dataclass(frozen=True)
+class Weighting:
+    """What the driver knows of the weights of a design held in blocks (the rows' weights stay on the workers).
+
+    Attributes
+    ----------
+    group_weights : ndarray (J,) or None
+        The level-2 weights, one per school (``None``: all one).
+    nobs_weighted : float
+        :math:`\\sum_j W_j \\sum_i w_{ij}`, the sum of the blocks' own.
+    """
+
+    group_weights: np.ndarray | None
+    nobs_weighted: float
+
+
 class ColumnSummary:
     """Stands in for a design matrix held by the workers: per column its mean, minimum, maximum
     and SD (``M[:, j].mean()``, ``.min()``, ``.max()``, ``numpy.std(M[:, j], ddof=...)``), what
@@ -852,7 +926,7 @@ class DistributedDesign:
     the same blocks with :class:`Standardisation` applied on the workers.
     """
 
-    def __init__(self, layout, counts, group_labels, info, blockset, moments, block_schools, transform=None):
+    def __init__(self, layout, counts, group_labels, info, blockset, moments, block_schools, transform=None, weighting=None):
         self.layout = layout
         self.counts = np.asarray(counts, dtype=np.intp)
         self.group_labels = np.asarray(group_labels)
@@ -861,6 +935,7 @@ class DistributedDesign:
         self.moments = moments
         self.block_schools = block_schools  # per block: positions of its schools in group_labels
         self.transform = transform
+        self.weighting = weighting  # the driver's part of the weights (Weighting), or None
         self._reparametrisation = None  # computed once: its copy is kept by the workers
 
     @property
@@ -873,15 +948,24 @@ class DistributedDesign:
         """Number of schools."""
         return int(self.counts.size)
 
-    #: No weights on a cluster (:func:`check_cluster_options`); the offsets are held by the
-    #: workers (``info["offset"]``, ``info["scale_offset"]`` name their columns).
-    weights = group_weights = offset = scale_offset = None
-    weighted = False
+    #: The level-1 weights and the offsets are held by the workers (``info["weights"]``,
+    #: ``info["offset"]``, ``info["scale_offset"]`` name their columns).
+    weights = offset = scale_offset = None
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the likelihood weights observations or schools (:attr:`mlsml.design.Design.weighted`)."""
+        return self.weighting is not None
+
+    @property
+    def group_weights(self) -> np.ndarray | None:
+        """The level-2 weights, one per school in the order of :attr:`group_labels` (``None``: all one)."""
+        return None if self.weighting is None else self.weighting.group_weights
 
     @property
     def nobs_weighted(self) -> float:
-        """The number of observations (unweighted: :attr:`mlsml.design.Design.nobs_weighted`)."""
-        return float(self.nobs)
+        """The total weight of the observations (:attr:`mlsml.design.Design.nobs_weighted`, summed over blocks)."""
+        return float(self.nobs) if self.weighting is None else self.weighting.nobs_weighted
 
     @property
     def y(self) -> ColumnSummary:
@@ -935,7 +1019,15 @@ class DistributedDesign:
         for m, *_ in replies[1:]:
             moments = moments.merge(m)
         return DistributedDesign(
-            self.layout, self.counts, self.group_labels, self.info, self.blockset, moments, self.block_schools, self.transform
+            self.layout,
+            self.counts,
+            self.group_labels,
+            self.info,
+            self.blockset,
+            moments,
+            self.block_schools,
+            self.transform,
+            self.weighting,
         )
 
     def mean_log_variance_index(self, alpha) -> float:
@@ -954,7 +1046,7 @@ class DistributedDesign:
             blocks = [dask.delayed(_simulated_block, pure=False)(b, theta, int(seed), token) for b in bs.blocks]
         blockset = BlockSet(bs.client, blocks, bs.keep)
         return DistributedDesign(
-            self.layout, self.counts, self.group_labels, self.info, blockset, None, self.block_schools
+            self.layout, self.counts, self.group_labels, self.info, blockset, None, self.block_schools, weighting=self.weighting
         ).with_moments()
 
     def column_means(self, name: str) -> np.ndarray:
@@ -1019,7 +1111,7 @@ class DistributedDesign:
             return Reparametrisation(self, 1.0, Px, Pw, PS, T, delta, identity=True)
         transform = Standardisation(sigma, Px, Pw, PS, T, uuid.uuid4().hex)
         std = DistributedDesign(
-            self.layout, self.counts, self.group_labels, self.info, self.blockset, None, self.block_schools, transform
+            self.layout, self.counts, self.group_labels, self.info, self.blockset, None, self.block_schools, transform, self.weighting
         )
         return Reparametrisation(std.with_moments(), sigma, Px, Pw, PS, T, delta, identity=False)
 
@@ -1181,6 +1273,16 @@ class DaskLikelihood:
         at = None if nodes is None else nodes.theta
         return self.design.to_global(self.design.run("per_school", theta, at, self.spec))
 
+    def school_scores(self, theta, nodes: RemoteNodes | None = None) -> np.ndarray:
+        """The score contributions of the schools, ``(J, n_params)`` (:func:`mlsml.robust.school_scores`, on each block).
+
+        Each block returns its schools' rows (``p`` numbers per school, computed by the one
+        engine on its worker, nodes adapted at ``nodes.theta`` or at ``theta``); the driver
+        forms the sandwich (:func:`mlsml.robust.sandwich`).
+        """
+        at = np.asarray(theta, dtype=float) if nodes is None else nodes.theta
+        return self.design.to_global(self.design.run("school_scores", theta, at, self.spec))
+
 
 # ====================================================================== building the design
 def _check_formulas(formulas: dict) -> None:
@@ -1204,10 +1306,9 @@ def _check_formulas(formulas: dict) -> None:
 def check_cluster_options(**options) -> None:
     """Refuse the options a fit on a Dask cluster does not support yet, naming them.
 
-    Weights (:mod:`mlsml.weights`) change the design after it is built, and MixWILD's data
-    conventions (``missing_code``, ``drop_constant_groups``) the rows; on a cluster they
-    would have to be read and checked on every block. Their defaults (``None``,
-    ``drop_constant_groups=False``) pass. (Offsets, association types and covariance
+    MixWILD's data conventions (``missing_code``, ``drop_constant_groups``) change the rows;
+    on a cluster they would have to be applied on every block. Their defaults (``None``,
+    ``drop_constant_groups=False``) pass. (Weights, offsets, association types and covariance
     constraints are fitted: :func:`build_distributed_design`.)
     """
     defaults = {"drop_constant_groups": False}
@@ -1234,6 +1335,10 @@ def build_distributed_design(
     cov_constraints=None,
     offset=None,
     scale_offset=None,
+    weights=None,
+    group_weights=None,
+    weights_kind: str = "sampling",
+    weights_scale: str | None = None,
 ) -> tuple[DistributedDesign, FormulaSpec]:
     """The design of a model whose data are a Dask DataFrame or Parquet files (the arrays stay on the workers).
 
@@ -1244,7 +1349,10 @@ def build_distributed_design(
     the constrained model; ``association="quadratic"`` is refused (its starting values need
     the rows on the driver: :func:`mlsml.start.start_values_ext`). ``offset`` and
     ``scale_offset`` name columns of the data, read and checked on the workers (as
-    :func:`mlsml.weights.with_weights_and_offsets` does in memory). Returns the driver's
+    :func:`mlsml.weights.with_weights_and_offsets` does in memory); so do ``weights`` and
+    ``group_weights`` (``group_weights`` also a mapping ``{school: weight}``), checked and
+    scaled within each school on the workers by the functions of :mod:`mlsml.weights`
+    (:func:`_block_weights`). Returns the driver's
     :class:`DistributedDesign` and the :class:`FormulaSpec` (whose ``frame`` is the
     prototype the formulas were evaluated on).
     """
@@ -1306,7 +1414,30 @@ def build_distributed_design(
         if column not in meta.columns:
             raise ModelSpecError(f"{what}={column!r} is not a column of the data (columns: {', '.join(map(str, meta.columns[:20]))})")
         offsets.append((what, column))
-    plan = Plan(items, groups, tuple(used), response, in_c, offsets=tuple(offsets))
+    weights_scale = check_weight_options(weights_kind, weights_scale)
+    for what, value in (("weights", weights), ("group_weights", group_weights)):
+        if value is None or (what == "group_weights" and isinstance(value, Mapping | pd.Series)):
+            continue
+        if not isinstance(value, str):
+            raise ModelSpecError(
+                f"on a Dask cluster {what} must name a column of the data"
+                + (" (or be a mapping {school: weight})" if what == "group_weights" else "")
+                + f" (values given as {describe_value(value)} cannot be matched to the rows of the partitions)"
+            )
+        if value not in meta.columns:
+            raise ModelSpecError(f"{what}={value!r} is not a column of the data (columns: {', '.join(map(str, meta.columns[:20]))})")
+    plan = Plan(
+        items,
+        groups,
+        tuple(used),
+        response,
+        in_c,
+        offsets=tuple(offsets),
+        weights=weights,
+        group_weights=group_weights,
+        weights_kind=weights_kind,
+        weights_scale=weights_scale,
+    )
 
     client, owned = get_client(client)
     try:
@@ -1409,7 +1540,8 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
     for what, column in plan.offsets:  # as with_weights_and_offsets: named, and read from newdata by predictions
         info[what] = f"column {column!r}"
         info[f"{what}_column"] = column
-    design = DistributedDesign(layout, global_counts, np.asarray(uniques), info, blockset, moments, block_schools)
+    weighting = _weighting(plan, replies, codes, J, info) if plan.weighted else None
+    design = DistributedDesign(layout, global_counts, np.asarray(uniques), info, blockset, moments, block_schools, weighting=weighting)
     spec = FormulaSpec(
         formula=plan.formulas[0][0],
         scale_formula=plan.formulas[1][0],
@@ -1422,6 +1554,32 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         frame=prototype,
     )
     return design, spec
+
+
+def _weighting(plan: Plan, replies: list, codes: np.ndarray, J: int, info: dict) -> Weighting:
+    """The driver's :class:`Weighting` from the blocks' replies, and ``info["weights"]`` as in memory.
+
+    The global decisions of :func:`mlsml.weights.with_weights_and_offsets`: some school's
+    weight must be positive (checked over all schools here), and the replicated data of
+    frequency weights counts :math:`\\sum_j W_j \\sum_i w_{ij}` observations in
+    :math:`\\sum_j W_j` schools (sums of the blocks' parts).
+    """
+    described: dict = {"kind": plan.weights_kind}
+    if plan.weights is not None:
+        described.update(level1=f"column {plan.weights!r}", scale=plan.weights_scale)
+    Wj = None
+    if plan.group_weights is not None:
+        name = f"column {plan.group_weights!r}" if isinstance(plan.group_weights, str) else "group_weights"
+        Wj = np.empty(J)
+        Wj[codes] = np.concatenate([r[4] for r in replies])
+        check_some_school_weight(Wj, name)
+        Wj.setflags(write=False)
+        described["level2"] = name
+    nobs_weighted = float(sum(r[5] for r in replies))
+    if plan.weights_kind == "frequency":
+        described.update(frequency_counts(nobs_weighted, np.ones(J) if Wj is None else Wj))
+    info["weights"] = described
+    return Weighting(Wj, nobs_weighted)
 
 
 def _input_partitions(ddf, workers: int) -> tuple[Any, list]:
@@ -1581,9 +1739,16 @@ class _BlockModel:
 
 
 def _block_results(design: Design, lik: Likelihood, state: tuple) -> MELSMResults:
-    """The fit's results restricted to one block's schools (the global estimates and covariance)."""
-    formula_spec, optsum, diagnostics = state
-    return MELSMResults.build(_BlockModel(design, formula_spec), lik, optsum, diagnostics)
+    """The fit's results restricted to one block's schools (the global estimates and covariance).
+
+    With ``cov_type="robust"`` the fit's sandwich (over all schools) replaces the block's
+    model-based covariance, so that the school tables' standard errors are the in-memory ones.
+    """
+    formula_spec, optsum, diagnostics, cov_type, cov, cov_theta = state
+    res = MELSMResults.build(_BlockModel(design, formula_spec), lik, optsum, diagnostics, cov_type="nonrobust")
+    if cov_type != "nonrobust":
+        res = dataclasses.replace(res, cov_type=cov_type, _cov=cov, _cov_theta=cov_theta)
+    return res
 
 
 def _block_seed(seed, design: Design) -> list[int]:
@@ -1662,7 +1827,7 @@ class DistributedResults(MELSMResults):
         return self.likelihood.design
 
     def _state(self) -> tuple:
-        return (self.model.formula_spec, self.optsum, self.diagnostics)
+        return (self.model.formula_spec, self.optsum, self.diagnostics, self.cov_type, self._cov, self._cov_theta)
 
     def _on_blocks(self, fn, *args) -> list:
         """``fn(block, design, likelihood, *args)`` on every block (the fit's rule), gathered."""

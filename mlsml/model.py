@@ -421,14 +421,12 @@ class MELSM:
         ['var(u0)', 'var(u1)', 'cov(u0,u1)']
         """
         if is_distributed_data(data):  # a Dask DataFrame or Parquet files: the arrays are built and kept by the workers
-            check_cluster_options(
-                weights=weights,
-                group_weights=group_weights,
-                missing_code=missing_code,
-                drop_constant_groups=drop_constant_groups,
-            )
+            check_cluster_options(missing_code=missing_code, drop_constant_groups=drop_constant_groups)
             constraints = dict(association=association, cov_constraints=cov_constraints)
-            build = partial(build_distributed_design, client=client, offset=offset, scale_offset=scale_offset, **constraints)
+            weighting = dict(weights=weights, group_weights=group_weights, weights_kind=weights_kind, weights_scale=weights_scale)
+            build = partial(
+                build_distributed_design, client=client, offset=offset, scale_offset=scale_offset, **constraints, **weighting
+            )
         else:
             build = partial(build_design, missing_code=missing_code, drop_constant_groups=drop_constant_groups)
         design, spec = build(

@@ -83,6 +83,8 @@ def school_scores(lik: Likelihood, theta, nodes: Nodes | None = None) -> np.ndar
     ((40, 6), True)
     """
     theta = np.asarray(theta, dtype=float)
+    if not isinstance(lik, Likelihood):  # a likelihood summed over blocks (mlsml.distributed): this, per block
+        return lik.school_scores(theta, nodes)
     if lik.closed_form and lik.spec.uexact:
         _, nd, weights, _ = lik._closed_form_terms(theta, nodes, second=False)
         return closed_form_gradient(lik.integrand, theta, nd, weights, per_school=True)

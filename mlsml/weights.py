@@ -168,6 +168,89 @@ def scale_level1(w: np.ndarray, starts: np.ndarray, counts: np.ndarray, method: 
     return w * np.repeat(factor, counts)
 
 
+def check_weight_options(weights_kind: str, weights_scale: str | None) -> str:
+    """The level-1 scaling of a fit's weights (the default for ``None``), the kind and scale checked.
+
+    Examples
+    --------
+    >>> check_weight_options("sampling", None), check_weight_options("frequency", None)
+    ('size', 'none')
+    """
+    if weights_kind not in WEIGHT_KINDS:
+        raise ModelSpecError(f"weights_kind must be one of {WEIGHT_KINDS}, not {describe_value(weights_kind)}")
+    if weights_scale is None:
+        weights_scale = "size" if weights_kind == "sampling" else "none"
+    if weights_scale not in WEIGHT_SCALES:
+        raise ModelSpecError(f"weights_scale must be one of {WEIGHT_SCALES}, not {describe_value(weights_scale)}")
+    if weights_kind == "frequency" and weights_scale != "none":
+        raise ModelSpecError(
+            f"frequency weights count replicates and are not scaled: weights_scale must be 'none', not {weights_scale!r}"
+        )
+    return weights_scale
+
+
+def level1_weights(w: np.ndarray, design: Design, name: str, labels: pd.Index, method: str) -> np.ndarray:
+    """The level-1 weights of a design's rows (sorted by school), checked and scaled within each school.
+
+    Parameters
+    ----------
+    w : ndarray (N,)
+        The caller's weights of the design's rows, in the design's (sorted) order.
+    design : Design
+        Its ``starts``, ``counts`` and ``group_labels`` (every school whole: the scaling
+        needs only the school's own rows, so a block of whole schools scales its own).
+    name : str
+        The weights' name in messages.
+    labels : pandas.Index
+        The rows' index labels (sorted order), for messages.
+    method : {"size", "effective", "none"}
+        :func:`scale_level1`.
+    """
+    _checked_nonnegative(w, name, labels)
+    totals = np.add.reduceat(w, design.starts)
+    empty = np.flatnonzero(totals <= 0)
+    if empty.size:
+        school = _plain(design.group_labels[empty[0]])
+        raise DataError(
+            f"the weights ({name}) are zero for every observation of school {school!r} ({empty.size} school(s) in all): "
+            "such a school contributes nothing; drop it from the data"
+        )
+    return scale_level1(w, design.starts, design.counts, method)
+
+
+def check_some_school_weight(Wj: np.ndarray, name: str) -> None:
+    """Refuse level-2 weights that are zero for every school."""
+    if not np.any(np.asarray(Wj) > 0):
+        raise DataError(f"the school weights ({name}) are zero for every one of the {np.size(Wj)} schools")
+
+
+def school_weights_by_label(mapping, group_labels: np.ndarray) -> np.ndarray:
+    """The level-2 weights of the schools ``group_labels`` from a mapping ``{school: weight}`` (a dict or a Series), checked."""
+    mapping = pd.Series(mapping) if isinstance(mapping, Mapping) else mapping
+    missing = [g for g in group_labels if g not in mapping.index]
+    if missing:
+        raise DataError(f"group_weights has no weight for school {_plain(missing[0])!r} ({len(missing)} school(s) in all)")
+    Wj = pd.to_numeric(mapping.reindex(group_labels), errors="coerce").to_numpy(dtype=float)
+    _checked_nonnegative(Wj, "group_weights", pd.Index(group_labels))
+    return Wj
+
+
+def school_weights_from_rows(w: np.ndarray, design: Design, name: str, labels: pd.Index) -> np.ndarray:
+    """The level-2 weights of a design's schools from one value per row (sorted order), checked constant within each school."""
+    _checked_nonnegative(w, name, labels)
+    Wj = w[design.starts]
+    first = np.repeat(Wj, design.counts)
+    differs = np.abs(w - first) > GROUP_WEIGHT_RTOL * np.maximum(np.abs(first), 1e-300)
+    if differs.any():
+        i = int(np.flatnonzero(differs)[0])
+        j = int(design.group[i])
+        raise DataError(
+            f"the school weights ({name}) must be constant within each school: school {_plain(design.group_labels[j])!r} "
+            f"has {_plain(Wj[j])!r} and {_plain(w[i])!r} (at index {_plain(labels[i])!r})"
+        )
+    return Wj
+
+
 def with_weights_and_offsets(
     design: Design,
     data: pd.DataFrame,
@@ -208,16 +291,7 @@ def with_weights_and_offsets(
     >>> bool(abs(design.weights.sum() - design.nobs) < 1e-6)   # scaled to the schools' sizes
     True
     """
-    if weights_kind not in WEIGHT_KINDS:
-        raise ModelSpecError(f"weights_kind must be one of {WEIGHT_KINDS}, not {describe_value(weights_kind)}")
-    if weights_scale is None:
-        weights_scale = "size" if weights_kind == "sampling" else "none"
-    if weights_scale not in WEIGHT_SCALES:
-        raise ModelSpecError(f"weights_scale must be one of {WEIGHT_SCALES}, not {describe_value(weights_scale)}")
-    if weights_kind == "frequency" and weights_scale != "none":
-        raise ModelSpecError(
-            f"frequency weights count replicates and are not scaled: weights_scale must be 'none', not {weights_scale!r}"
-        )
+    weights_scale = check_weight_options(weights_kind, weights_scale)
     if weights is None and group_weights is None and offset is None and scale_offset is None:
         return design
     rows = design.info["rows_used"][design.order]  # caller's positions of the sorted rows
@@ -227,21 +301,12 @@ def with_weights_and_offsets(
     described: dict = {"kind": weights_kind}
     if weights is not None:
         w, name = row_values(weights, data, "weights")
-        w = w[rows]
-        _checked_nonnegative(w, name, labels)
-        totals = np.add.reduceat(w, design.starts)
-        empty = np.flatnonzero(totals <= 0)
-        if empty.size:
-            school = _plain(design.group_labels[empty[0]])
-            raise DataError(
-                f"the weights ({name}) are zero for every observation of school {school!r} ({empty.size} school(s) in all): "
-                "such a school contributes nothing; drop it from the data"
-            )
-        changes["weights"] = scale_level1(w, design.starts, design.counts, weights_scale)
-        info["row_weights"] = w  # unscaled (times the school weights below): population averages
+        changes["weights"] = level1_weights(w[rows], design, name, labels, weights_scale)
+        info["row_weights"] = w[rows]  # unscaled (times the school weights below): population averages
         described.update(level1=name, scale=weights_scale)
     if group_weights is not None:
         Wj, name = _school_values(group_weights, data, design, rows, labels)
+        check_some_school_weight(Wj, name)
         changes["group_weights"] = Wj
         described["level2"] = name
         info["row_weights"] = info.get("row_weights", np.ones(design.nobs)) * np.repeat(Wj, design.counts)
@@ -263,8 +328,13 @@ def with_weights_and_offsets(
     out = dataclasses.replace(design, info=info, **changes)
     if weights_kind == "frequency" and "weights" in info:  # the size of the replicated data set
         Wj = np.ones(out.ngroups) if out.group_weights is None else out.group_weights
-        info["weights"].update(nobs=out.nobs_weighted, ngroups=float(Wj.sum()))
+        info["weights"].update(frequency_counts(out.nobs_weighted, Wj))
     return out
+
+
+def frequency_counts(nobs_weighted: float, Wj: np.ndarray) -> dict:
+    """``nobs`` and ``ngroups`` of the replicated data set of a frequency-weighted fit (its ``info["weights"]``)."""
+    return {"nobs": nobs_weighted, "ngroups": float(np.sum(Wj))}
 
 
 def describe_weights(info: dict) -> str:
@@ -285,32 +355,9 @@ def describe_weights(info: dict) -> str:
 
 def _school_values(values, data: pd.DataFrame, design: Design, rows: np.ndarray, labels: pd.Index) -> tuple[np.ndarray, str]:
     """The level-2 weights, one per school in code order, checked."""
-    J = design.ngroups
     per_row_series = isinstance(values, pd.Series) and (values.index.equals(data.index) or set(values.index) == set(data.index))
     by_school = isinstance(values, Mapping) or (isinstance(values, pd.Series) and not per_row_series)
     if by_school:
-        mapping = pd.Series(values) if isinstance(values, Mapping) else values
-        missing = [g for g in design.group_labels if g not in mapping.index]
-        if missing:
-            raise DataError(f"group_weights has no weight for school {_plain(missing[0])!r} ({len(missing)} school(s) in all)")
-        Wj = pd.to_numeric(mapping.reindex(design.group_labels), errors="coerce").to_numpy(dtype=float)
-        name = "group_weights"
-        glabels = pd.Index(design.group_labels)
-        _checked_nonnegative(Wj, name, glabels)
-    else:
-        w, name = row_values(values, data, "group_weights")
-        w = w[rows]
-        _checked_nonnegative(w, name, labels)
-        Wj = w[design.starts]
-        first = np.repeat(Wj, design.counts)
-        differs = np.abs(w - first) > GROUP_WEIGHT_RTOL * np.maximum(np.abs(first), 1e-300)
-        if differs.any():
-            i = int(np.flatnonzero(differs)[0])
-            j = int(design.group[i])
-            raise DataError(
-                f"the school weights ({name}) must be constant within each school: school {_plain(design.group_labels[j])!r} "
-                f"has {_plain(Wj[j])!r} and {_plain(w[i])!r} (at index {_plain(labels[i])!r})"
-            )
-    if not np.any(Wj > 0):
-        raise DataError(f"the school weights ({name}) are zero for every one of the {J} schools")
-    return Wj, name
+        return school_weights_by_label(values, design.group_labels), "group_weights"
+    w, name = row_values(values, data, "group_weights")
+    return school_weights_from_rows(w[rows], design, name, labels), name
