@@ -99,7 +99,7 @@ from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, st
 from .results import MELSMResults
 from .robust import school_scores
 from .simulate import draw_responses
-from .start import START_VAR_V
+from .start import START_VAR_V, core_layout, extended_start
 from .threads import FIT_BLAS_THREADS
 from .validate import check_choice, describe_value
 from .weights import (
@@ -1117,8 +1117,18 @@ class DistributedDesign:
 
     # ------------------------------------------------------------ starting values
     def start_values(self) -> np.ndarray:
-        """:func:`mlsml.start.start_values_core` of the design, from sums over the blocks."""
+        """:func:`mlsml.start.start_values_core` of the design, from sums over the blocks;
+        outside the core model (``association="quadratic"``) extended as
+        :func:`mlsml.start.start_values_ext` does (:func:`mlsml.start.extended_start`)."""
         lay = self.layout
+        if lay.quad_assoc or lay.scale_re_terms or lay.bs_terms:
+            if lay.scale_re_terms or lay.bs_terms:  # refused by build_distributed_design
+                raise ModelSpecError("scale_re_formula and bs_formula models are not fitted on a Dask cluster")
+            return extended_start(lay, self._core_start(core_layout(lay)), [1.0] * lay.n_v)
+        return self._core_start(lay)
+
+    def _core_start(self, lay: ParamLayout) -> np.ndarray:
+        """:func:`mlsml.start.start_values_core` of the design under the core layout ``lay``."""
         grams = [g for g in self.run("start_gram") if g is not None]
         XtX = sum(g[0] for g in grams)
         Xty = sum(g[1] for g in grams)
@@ -1177,8 +1187,9 @@ class DistributedIntegrand:
 
     @property
     def core(self) -> bool:
-        """Always the core model (see the module docstring)."""
-        return True
+        """Whether the model is the core one (:attr:`mlsml.integrand.Integrand.core`; not with ``association="quadratic"``)."""
+        lay = self.layout
+        return not (lay.scale_re_terms or lay.bs_terms or lay.quad_assoc)
 
     @property
     def uexact_supported(self) -> bool:
@@ -1232,8 +1243,8 @@ class DaskLikelihood:
 
     @property
     def closed_form(self) -> bool:
-        """Whether the blocks use closed-form derivatives (the core model does)."""
-        return True
+        """Whether the blocks use closed-form derivatives (the core model does: :attr:`mlsml.likelihood.Likelihood.closed_form`)."""
+        return self.integrand.core
 
     def with_design(self, design: DistributedDesign) -> DaskLikelihood:
         """The same rule on another design (the standardised copy)."""
@@ -1346,8 +1357,8 @@ def build_distributed_design(
     partitions (:func:`_learn`), then one building the blocks (:func:`_build_block`) and their
     moments. ``association`` and ``cov_constraints`` constrain the layout
     (:func:`mlsml.params.constrain`) before the blocks are built, so every block evaluates
-    the constrained model; ``association="quadratic"`` is refused (its starting values need
-    the rows on the driver: :func:`mlsml.start.start_values_ext`). ``offset`` and
+    the constrained model (``association="quadratic"`` too: its starting values need only
+    the moments, :meth:`DistributedDesign.start_values`). ``offset`` and
     ``scale_offset`` name columns of the data, read and checked on the workers (as
     :func:`mlsml.weights.with_weights_and_offsets` does in memory); so do ``weights`` and
     ``group_weights`` (``group_weights`` also a mapping ``{school: weight}``), checked and
@@ -1371,11 +1382,6 @@ def build_distributed_design(
     if not isinstance(random_scale, bool | np.bool_):
         raise ModelSpecError(f"random_scale must be True or False, not {describe_value(random_scale)}")
     _check_formulas(formulas)
-    if association == "quadratic":
-        raise ModelSpecError(
-            "association='quadratic' is not fitted on a Dask cluster yet (its starting values need the rows on the "
-            "driver); fit it in memory (data=a pandas DataFrame), or use association='linear' or 'none'"
-        )
     constraints = (association, cov_constraints)
     ddf = _dask_frame(source.source)
     meta = pd.DataFrame(columns=list(ddf.columns))

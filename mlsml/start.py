@@ -107,14 +107,31 @@ def least_squares(A: np.ndarray, b: np.ndarray) -> np.ndarray:
 def start_values_ext(design: Design) -> np.ndarray:
     """Starting values of a model with ``scale_re_formula`` or ``bs_formula`` (see the module docstring)."""
     lay = design.layout
-    base = ParamLayout(lay.mean_terms, lay.scale_terms, lay.q, lay.n_v > 0)
+    base = core_layout(lay)
     th = start_values_core(dataclasses.replace(design, layout=base))
+    G = design.G if lay.scale_re_terms else np.ones((design.nobs, lay.n_v))
+    return extended_start(lay, th, [float(np.mean(G[:, i] ** 2)) for i in range(lay.n_v)])
+
+
+def core_layout(lay: ParamLayout) -> ParamLayout:
+    """The core model whose starting values :func:`start_values_ext` extends (same mean and variance functions)."""
+    return ParamLayout(lay.mean_terms, lay.scale_terms, lay.q, lay.n_v > 0)
+
+
+def extended_start(lay: ParamLayout, th: np.ndarray, g_mean_squares: list[float]) -> np.ndarray:
+    r"""The starting values of :func:`start_values_ext` from the core model's, ``th`` (layout :func:`core_layout`).
+
+    The mean-effect variances are the core model's, the random scale's variance
+    :data:`START_VAR_V`, every further log-variance slope's :data:`START_VAR_SLOPE` over the
+    mean square of its column of ``G`` (``g_mean_squares``), the between-school variance
+    function's intercept the log of ``var(u0)``.
+    """
+    base = core_layout(lay)
     beta, alpha, L = base.split(th)
     Sb = np.asarray(L) @ np.asarray(L).T
     diag = list(np.diag(Sb)[: lay.q])
-    G = design.G if lay.scale_re_terms else np.ones((design.nobs, lay.n_v))
     for i in range(lay.n_v):
-        diag.append(START_VAR_V if i == 0 else START_VAR_SLOPE / max(float(np.mean(G[:, i] ** 2)), 1e-12))
+        diag.append(START_VAR_V if i == 0 else START_VAR_SLOPE / max(g_mean_squares[i], 1e-12))
     sigma = np.diag(diag)
     tau = None
     if lay.bs_terms:
