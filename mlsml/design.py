@@ -873,7 +873,7 @@ def build_design(
     frame = data.loc[:, used]
     n_code = {}
     if missing_code is not None:
-        frame, n_code = _apply_missing_code(frame, missing_code)
+        frame, n_code = apply_missing_code(frame, missing_code)
     na = frame.isna()
     numeric = [c for c in used if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
     inf = pd.DataFrame(False, index=frame.index, columns=used)
@@ -1042,7 +1042,7 @@ def build_design(
 SHOW_GROUPS = 10
 
 
-def _apply_missing_code(frame: pd.DataFrame, code) -> tuple[pd.DataFrame, dict[str, int]]:
+def apply_missing_code(frame: pd.DataFrame, code) -> tuple[pd.DataFrame, dict[str, int]]:
     """``frame`` with every numeric value equal to ``code`` made missing, and the count per column."""
     if isinstance(code, bool) or not isinstance(code, numbers.Real) or not np.isfinite(code):
         raise ModelSpecError(f"missing_code must be a finite number (e.g. -999), not {describe_value(code)}")
@@ -1061,29 +1061,40 @@ def _apply_missing_code(frame: pd.DataFrame, code) -> tuple[pd.DataFrame, dict[s
 
 def _drop_constant_groups(frame: pd.DataFrame, response: str, groups) -> tuple[pd.DataFrame, list]:
     """Rows of the groups whose response varies, and the labels of the groups dropped (with a warning)."""
-    try:
-        values = _materialise(f"~ 0 + {response}", frame, "response")[0]
-    except (ModelSpecError, DataError):
+    y = response_values(frame, response)
+    if y is None:
         return frame, []  # not a numeric response: the checks below say so
-    if values.shape[1] != 1:
-        return frame, []
-    y = pd.Series(values.to_numpy(dtype=float)[:, 0], index=frame.index)
     g = y.groupby(frame[groups].to_numpy(), sort=False)
     const = (g.transform("max") == g.transform("min")).to_numpy()
     if not const.any():
         return frame, []
     labels = list(pd.unique(frame[groups].to_numpy()[const]))
-    n_groups = frame[groups].nunique()
+    report_constant_groups(labels, frame[groups].nunique(), int(const.sum()), response, groups)
+    return frame.loc[~const], [v.item() if isinstance(v, np.generic) else v for v in labels]
+
+
+def response_values(frame: pd.DataFrame, response: str) -> pd.Series | None:
+    """The response evaluated on the rows of ``frame`` (by patsy), or ``None`` when it is not one numeric column."""
+    try:
+        values = _materialise(f"~ 0 + {response}", frame, "response")[0]
+    except (ModelSpecError, DataError):
+        return None
+    if values.shape[1] != 1:
+        return None
+    return pd.Series(values.to_numpy(dtype=float)[:, 0], index=frame.index)
+
+
+def report_constant_groups(labels: list, n_groups: int, n_rows: int, response: str, groups) -> None:
+    """``drop_constant_groups``: the warning naming the groups dropped (an error when every group is)."""
     if len(labels) == n_groups:
         raise DataError(f"drop_constant_groups: the response {response!r} is constant within every group of {groups!r}")
     shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in labels[:SHOW_GROUPS])
     more = f" and {len(labels) - SHOW_GROUPS} more" if len(labels) > SHOW_GROUPS else ""
     warn(
-        f"drop_constant_groups: dropped {len(labels)} of {n_groups} groups of {groups!r} ({int(const.sum())} rows) whose "
+        f"drop_constant_groups: dropped {len(labels)} of {n_groups} groups of {groups!r} ({n_rows} rows) whose "
         f"response {response!r} is constant: {shown}{more}",
         MissingDataWarning,
     )
-    return frame.loc[~const], [v.item() if isinstance(v, np.generic) else v for v in labels]
 
 
 def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups: str):

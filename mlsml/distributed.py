@@ -85,7 +85,10 @@ from .design import (
     _materialise_together,
     _MemoNAAction,
     _rhs,
+    apply_missing_code,
     formula_columns,
+    report_constant_groups,
+    response_values,
     to_numpy_dtypes,
 )
 from .diagnostics import _tail_schools
@@ -269,6 +272,13 @@ class Plan:
         ``{school: weight}`` (shipped to every block: one number per school).
     weights_kind, weights_scale : str
         As :func:`mlsml.weights.with_weights_and_offsets` (the scale already defaulted).
+    missing_code : float or None
+        Values of the used columns that mean missing (:func:`mlsml.design.build_design`).
+    drop_constant : bool
+        ``drop_constant_groups``.
+    dropped_schools : tuple
+        The schools whose response is constant, found by the driver over all partitions
+        (a school split across partitions is judged on all its rows) and dropped by every block.
     """
 
     formulas: tuple
@@ -285,6 +295,9 @@ class Plan:
     group_weights: Any = None
     weights_kind: str = "sampling"
     weights_scale: str = "size"
+    missing_code: float | None = None
+    drop_constant: bool = False
+    dropped_schools: tuple = ()
 
     @property
     def read(self) -> list:
@@ -302,13 +315,12 @@ class Plan:
         return self.weights is not None or self.group_weights is not None
 
 
-def _row_offsets(frame: pd.DataFrame, plan: Plan, bad: pd.DataFrame) -> dict:
+def _row_offsets(frame: pd.DataFrame, plan: Plan, kept: np.ndarray) -> dict:
     """The offsets of a partition's kept rows (in its row order), checked as :func:`mlsml.weights.with_weights_and_offsets` does.
 
     An offset is not a column of the formulas: a missing value is an error naming the
-    column and the row, not a reason to drop the row.
+    column and the row, not a reason to drop the row. ``kept`` marks the partition's kept rows.
     """
-    kept = ~bad.any(axis=1).to_numpy()
     out = {}
     for what, column in plan.offsets:
         series = frame[column]
@@ -330,13 +342,19 @@ def _row_offsets(frame: pd.DataFrame, plan: Plan, bad: pd.DataFrame) -> dict:
     return out
 
 
-def _prepare(frame: pd.DataFrame, plan: Plan) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The used columns of a partition: the rows kept (numpy dtypes) and the missing-value mask.
+def _prepare(frame: pd.DataFrame, plan: Plan) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, dict]:
+    """The used columns of a partition: the rows kept (numpy dtypes), the missing-value mask,
+    the mask of the kept rows and the values made missing by ``missing_code`` per column.
 
-    The arithmetic of :func:`mlsml.design.build_design`: a row is dropped when any used column
-    is missing (NaN, None, ``pd.NA``) or infinite.
+    The arithmetic of :func:`mlsml.design.build_design`: values equal to ``missing_code``
+    are missing (:func:`mlsml.design.apply_missing_code`); a row is dropped when any used
+    column is missing (NaN, None, ``pd.NA``) or infinite, or (``drop_constant_groups``) when
+    its school is one the driver found constant (:attr:`Plan.dropped_schools`).
     """
     frame = frame.loc[:, list(plan.used)]
+    coded: dict = {}
+    if plan.missing_code is not None:
+        frame, coded = apply_missing_code(frame, plan.missing_code)
     na = frame.isna()
     bad = na.copy()
     for c in plan.used:
@@ -344,19 +362,23 @@ def _prepare(frame: pd.DataFrame, plan: Plan) -> tuple[pd.DataFrame, pd.DataFram
         if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
             bad[c] = na[c].to_numpy() | (~np.isfinite(s.to_numpy(dtype=float, na_value=np.nan)) & ~na[c].to_numpy())
     dropped = bad.any(axis=1).to_numpy()
+    if plan.dropped_schools:
+        dropped = dropped | frame[plan.groups].isin(plan.dropped_schools).to_numpy()
     kept = to_numpy_dtypes(frame.loc[~dropped])
     for c, cats in plan.categories.items():
         kept[c] = pd.Categorical(kept[c], categories=cats)
-    return kept, bad
+    return kept, bad, ~dropped, coded
 
 
 def _learn(frame: pd.DataFrame, plan: Plan) -> dict:
     """One partition's part of the pass that learns the design (see :func:`build_distributed_design`)."""
     _worker_setup()
-    kept, bad = _prepare(frame, plan)
-    _row_offsets(frame, plan, bad)
+    kept, bad, rows, coded = _prepare(frame, plan)
+    _row_offsets(frame, plan, rows)
     out: dict[str, Any] = {
         "rows": int(frame.shape[0]),
+        "coded": coded,
+        "ranges": _response_ranges(kept, plan) if plan.drop_constant and not plan.dropped_schools else None,
         "bad": {c: int(bad[c].sum()) for c in plan.used if bad[c].any()},
         "dropped": int(bad.any(axis=1).sum()),
         "first_bad": frame.index[bad.any(axis=1).to_numpy()][0] if bad.any(axis=1).any() else None,
@@ -386,6 +408,15 @@ def _learn(frame: pd.DataFrame, plan: Plan) -> dict:
     out["counts"] = counts.to_numpy()
     out["sample"] = kept.iloc[:1]
     return out
+
+
+def _response_ranges(kept: pd.DataFrame, plan: Plan) -> pd.DataFrame | None:
+    """The minimum and maximum of the response per school of a partition (``drop_constant_groups``), or ``None``
+    when the response is not one numeric column (the checks of the build say so)."""
+    y = response_values(kept, plan.response)
+    if y is None:
+        return None
+    return y.groupby(kept[plan.groups].to_numpy(), sort=False).agg(["min", "max"])
 
 
 def _design_infos(plan: Plan):
@@ -442,12 +473,11 @@ def _design_arrays(design: Design) -> list:
 def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
     """The :class:`Block` of one partition: the arrays of :func:`mlsml.design.build_design` for its rows."""
     _worker_setup()
-    kept, bad = _prepare(frame, plan)
+    kept, _, kept_rows, _ = _prepare(frame, plan)
     if kept.shape[0] == 0:
         return Block(None, token)
     infos = _design_infos(plan)
-    offsets = _row_offsets(frame, plan, bad)
-    kept_rows = ~bad.any(axis=1).to_numpy()
+    offsets = _row_offsets(frame, plan, kept_rows)
     ydf, Xdf, Wdf, Zdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
     codes, labels = pd.factorize(kept[plan.groups], sort=True)
     order = np.argsort(codes, kind="stable")
@@ -1314,23 +1344,6 @@ def _check_formulas(formulas: dict) -> None:
                 )
 
 
-def check_cluster_options(**options) -> None:
-    """Refuse the options a fit on a Dask cluster does not support yet, naming them.
-
-    MixWILD's data conventions (``missing_code``, ``drop_constant_groups``) change the rows;
-    on a cluster they would have to be applied on every block. Their defaults (``None``,
-    ``drop_constant_groups=False``) pass. (Weights, offsets, association types and covariance
-    constraints are fitted: :func:`build_distributed_design`.)
-    """
-    defaults = {"drop_constant_groups": False}
-    given = [k for k, v in options.items() if v is not None and not (k in defaults and v == defaults[k])]
-    if given:
-        raise ModelSpecError(
-            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for a fit on a Dask cluster yet; "
-            "fit in memory (data=a pandas DataFrame)"
-        )
-
-
 def build_distributed_design(
     formula: str,
     data,
@@ -1350,6 +1363,8 @@ def build_distributed_design(
     group_weights=None,
     weights_kind: str = "sampling",
     weights_scale: str | None = None,
+    missing_code: float | None = None,
+    drop_constant_groups: bool = False,
 ) -> tuple[DistributedDesign, FormulaSpec]:
     """The design of a model whose data are a Dask DataFrame or Parquet files (the arrays stay on the workers).
 
@@ -1363,7 +1378,10 @@ def build_distributed_design(
     :func:`mlsml.weights.with_weights_and_offsets` does in memory); so do ``weights`` and
     ``group_weights`` (``group_weights`` also a mapping ``{school: weight}``), checked and
     scaled within each school on the workers by the functions of :mod:`mlsml.weights`
-    (:func:`_block_weights`). Returns the driver's
+    (:func:`_block_weights`). ``missing_code`` is applied on the workers as in memory;
+    ``drop_constant_groups`` is decided on the driver from every partition's per-school
+    response ranges (a school split across partitions judged on all its rows), and the schools
+    found are dropped by every block (:attr:`Plan.dropped_schools`). Returns the driver's
     :class:`DistributedDesign` and the :class:`FormulaSpec` (whose ``frame`` is the
     prototype the formulas were evaluated on).
     """
@@ -1421,6 +1439,8 @@ def build_distributed_design(
             raise ModelSpecError(f"{what}={column!r} is not a column of the data (columns: {', '.join(map(str, meta.columns[:20]))})")
         offsets.append((what, column))
     weights_scale = check_weight_options(weights_kind, weights_scale)
+    if missing_code is not None:
+        apply_missing_code(meta, missing_code)  # the check of the value (a finite number)
     for what, value in (("weights", weights), ("group_weights", group_weights)):
         if value is None or (what == "group_weights" and isinstance(value, Mapping | pd.Series)):
             continue
@@ -1443,6 +1463,8 @@ def build_distributed_design(
         group_weights=group_weights,
         weights_kind=weights_kind,
         weights_scale=weights_scale,
+        missing_code=missing_code,
+        drop_constant=bool(drop_constant_groups),
     )
 
     client, owned = get_client(client)
@@ -1466,6 +1488,11 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         parts = ddf.to_delayed()
     learned = _gather(client, client.compute([dask.delayed(_learn)(p, plan) for p in parts]))
     _report_missing(learned, plan, missing)
+    if plan.drop_constant:
+        constant = _constant_schools(learned, plan)
+        if constant:  # learned again without them: the levels and schools of the rows kept
+            plan = dataclasses.replace(plan, dropped_schools=tuple(constant))
+            learned = _gather(client, client.compute([dask.delayed(_learn)(p, plan) for p in parts]))
     categories = _categories(learned)
     schools = [(lab, i) for i, s in enumerate(learned) for lab in s["labels"]]
     split = _split_school(schools)
@@ -1536,6 +1563,7 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
     info = {
         "response": plan.response,
         "n_dropped": int(n_dropped),
+        "constant_groups_dropped": plan.dropped_schools,
         "n_singletons": int((global_counts == 1).sum()),
         "re_terms": re_terms,
         "partitions": len(blockset.blocks),
@@ -1613,6 +1641,14 @@ def _report_missing(learned: list[dict], plan: Plan, missing: str) -> None:
         return
     rows = sum(s["rows"] for s in learned)
     desc = ", ".join(f"{c!r}: {per_col[c]}" for c in plan.used if c in per_col)
+    coded: dict = {}
+    for s in learned:
+        for c, n in s["coded"].items():
+            coded[c] = coded.get(c, 0) + n
+    if coded:
+        desc += f"; of these, values equal to missing_code={plan.missing_code!r}: " + ", ".join(
+            f"{c!r}: {coded[c]}" for c in plan.used if c in coded
+        )
     if missing == "raise":
         first = next(s["first_bad"] for s in learned if s["first_bad"] is not None)
         raise DataError(
@@ -1623,6 +1659,24 @@ def _report_missing(learned: list[dict], plan: Plan, missing: str) -> None:
         f"listwise deletion: dropped {dropped} of {rows} rows with missing or non-finite values (per column: {desc})",
         MissingDataWarning,
     )
+
+
+def _constant_schools(learned: list[dict], plan: Plan) -> list:
+    """``drop_constant_groups``: the schools whose response is constant over all their rows (all
+    partitions), in the order they first occur, with the warning (or error) of the in-memory build
+    (:func:`mlsml.design.report_constant_groups`)."""
+    ranges = [s["ranges"] for s in learned if s["ranges"] is not None and len(s["ranges"])]
+    if not ranges or any(s["ranges"] is None and s["labels"].size for s in learned):
+        return []  # no rows, or a response that is not numeric: the checks of the build say so
+    both = pd.concat(ranges)
+    g = both.groupby(level=0, sort=False)
+    merged = pd.DataFrame({"min": g["min"].min(), "max": g["max"].max()})
+    labels = list(merged.index[(merged["min"] == merged["max"]).to_numpy()])
+    if not labels:
+        return []
+    counts = pd.Series(np.concatenate([s["counts"] for s in learned])).groupby(np.concatenate([s["labels"] for s in learned])).sum()
+    report_constant_groups(labels, len(merged), int(counts.loc[labels].sum()), plan.response, plan.groups)
+    return [v.item() if isinstance(v, np.generic) else v for v in labels]
 
 
 def _categories(learned: list[dict]) -> dict:

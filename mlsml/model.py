@@ -28,7 +28,6 @@ from .distributed import (
     DistributedDesign,
     DistributedResults,
     build_distributed_design,
-    check_cluster_options,
     is_distributed_data,
 )
 from .errors import ModelSpecError
@@ -421,11 +420,11 @@ class MELSM:
         ['var(u0)', 'var(u1)', 'cov(u0,u1)']
         """
         if is_distributed_data(data):  # a Dask DataFrame or Parquet files: the arrays are built and kept by the workers
-            check_cluster_options(missing_code=missing_code, drop_constant_groups=drop_constant_groups)
             constraints = dict(association=association, cov_constraints=cov_constraints)
             weighting = dict(weights=weights, group_weights=group_weights, weights_kind=weights_kind, weights_scale=weights_scale)
+            rows = dict(missing_code=missing_code, drop_constant_groups=drop_constant_groups)
             build = partial(
-                build_distributed_design, client=client, offset=offset, scale_offset=scale_offset, **constraints, **weighting
+                build_distributed_design, client=client, offset=offset, scale_offset=scale_offset, **constraints, **weighting, **rows
             )
         else:
             build = partial(build_design, missing_code=missing_code, drop_constant_groups=drop_constant_groups)
