@@ -249,14 +249,101 @@ def test_refused_models_name_what_is_refused(client, data):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
     with pytest.raises(ModelSpecError, match="scale_re_formula"):
         mlsml.fit("y ~ x", ddf, groups="school", scale_re_formula="~ x", client=client)
-    with pytest.raises(ModelSpecError, match="weights, group_weights are not supported"):
-        mlsml.fit("y ~ x", ddf, groups="school", weights="x", group_weights="x", association="none", client=client)
     with pytest.raises(ModelSpecError, match="offset must name a column"):
         mlsml.fit("y ~ x", ddf, groups="school", offset=np.zeros(len(data)), client=client)
-    with pytest.raises(ModelSpecError, match="association='quadratic' is not fitted on a Dask cluster"):
-        mlsml.fit("y ~ x", ddf, groups="school", association="quadratic", client=client)
-    with pytest.raises(ModelSpecError, match="missing_code, drop_constant_groups are not supported"):
-        mlsml.fit("y ~ x", ddf, groups="school", missing_code=-999, drop_constant_groups=True, client=client)
+    with pytest.raises(ModelSpecError, match="weights must name a column"):
+        mlsml.fit("y ~ x", ddf, groups="school", weights=np.ones(len(data)), client=client)
+    with pytest.raises(ModelSpecError, match="frequency weights count replicates"):
+        mlsml.fit("y ~ x", ddf, groups="school", weights="x", weights_kind="frequency", weights_scale="size", client=client)
+    with pytest.raises(ModelSpecError, match="missing_code must be a finite number"):
+        mlsml.fit("y ~ x", ddf, groups="school", missing_code="NA", client=client)
+
+
+# ---------------------------------------------------------------- the in-memory options on the cluster
+def _options_data() -> pd.DataFrame:
+    """The module's data with level-1 and level-2 weights (sampling and frequency), values coded
+    -999 and two schools whose response is constant."""
+    df = _data()
+    rng = np.random.default_rng(7)
+    schools = np.sort(df["school"].unique())
+    df["w1"] = rng.uniform(0.5, 2.0, len(df))
+    df["w2"] = df["school"].map(pd.Series(rng.uniform(0.5, 3.0, schools.size), index=schools))
+    df["fw1"] = rng.integers(1, 4, len(df)).astype(float)
+    df["fw2"] = df["school"].map(pd.Series(rng.integers(1, 3, schools.size), index=schools)).astype(float)
+    df["xc"] = df["x"].where(np.arange(len(df)) % 37 != 5, -999.0)
+    df["yc"] = df["y"].where(~df["school"].isin(schools[[2, 30]]), 1.5)
+    return df
+
+
+#: One fit per option of the in-memory fit that runs on the cluster (formula, then options).
+OPTIONS = {
+    # sampling weights at both levels, scaled to the schools' sizes: cluster-robust SEs by default
+    "sampling": ("y ~ x", dict(weights="w1", group_weights="w2")),
+    # "effective" scaling, school weights as a mapping {school: weight}
+    "effective": ("y ~ x", dict(weights="w1", group_weights="by_school", weights_scale="effective")),
+    # frequency weights at both levels (the replicated data's nobs and ngroups), robust SEs asked for
+    "frequency": ("y ~ x", dict(weights="fw1", group_weights="fw2", weights_kind="frequency", cov_type="robust")),
+    "quadratic": ("y ~ x", dict(association="quadratic")),
+    "missing_code": ("yc ~ xc", dict(missing_code=-999, drop_constant_groups=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def option_pairs(client):
+    df = _options_data()
+    ddf = dd.from_pandas(df, npartitions=3, sort=False)
+    by_school = df.groupby("school")["w2"].first()
+    out = {}
+    for name, (formula, options) in OPTIONS.items():
+        options = {k: (by_school if v == "by_school" else v) for k, v in options.items()}
+        kw = dict(groups="school", scale_formula="~ x" if formula == "y ~ x" else "~ xc", **options)
+        with warnings.catch_warnings(record=True) as wa:
+            warnings.simplefilter("always")
+            a = mlsml.fit(formula, df, **kw)
+        with warnings.catch_warnings(record=True) as wb:
+            warnings.simplefilter("always")
+            b = mlsml.fit(formula, ddf, client=client, **kw)
+        messages = [[str(w.message) for w in ws if issubclass(w.category, mlsml.errors.MissingDataWarning)] for ws in (wa, wb)]
+        out[name] = (a, b, messages)
+    return out
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_options_on_the_cluster_equal_in_memory(option_pairs, name):
+    a, b, (warned_a, warned_b) = option_pairs[name]
+    _same_fit(a, b)
+    assert b.cov_type == a.cov_type and warned_b == warned_a
+    assert b.model.design.info.get("weights") == a.model.design.info.get("weights")
+    assert b.model.design.nobs_weighted == pytest.approx(a.model.design.nobs_weighted, rel=1e-12)
+
+
+def test_option_fits_say_what_they_did(option_pairs):
+    assert option_pairs["sampling"][1].cov_type == "robust"
+    assert (option_pairs["frequency"][1].nobs, option_pairs["frequency"][1].ngroups) != (590, 40)  # replicated
+    assert "quad(u0,v)" in option_pairs["quadratic"][1].params.index
+    b = option_pairs["missing_code"][1]
+    assert b.model.design.info["constant_groups_dropped"] == option_pairs["missing_code"][0].model.design.info["constant_groups_dropped"]
+    assert len(b.model.design.info["constant_groups_dropped"]) == 2 and "missing_code=-999" in option_pairs["missing_code"][2][1][0]
+    assert "Weights:" in str(option_pairs["sampling"][1].summary())
+
+
+def test_school_tables_of_a_weighted_robust_fit_equal_in_memory(option_pairs):
+    a, b, _ = option_pairs["sampling"]
+    sa, sb = a.school_effects(), b.school_effects()
+    exact = [c for c in sa.columns if not c.endswith(("_rank_lo", "_rank_hi"))]
+    assert sa.index.equals(sb.index)
+    np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-12)
+
+
+def test_bad_weights_are_refused_as_in_memory(client):
+    df = _options_data()
+    df.loc[df.index[3], "w2"] = 9.0  # not constant within its school
+    ddf = dd.from_pandas(df, npartitions=3, sort=False)
+    with pytest.raises(DataError) as memory:
+        mlsml.fit("y ~ x", df, groups="school", group_weights="w2")
+    with pytest.raises(DataError, match="must be constant within each school") as cluster:
+        mlsml.fit("y ~ x", ddf, groups="school", group_weights="w2", client=client)
+    assert str(cluster.value) == str(memory.value)
 
 
 def test_bootstrap_refits_simulated_blocks_on_the_cluster(pairs):
