@@ -321,8 +321,8 @@ def test_option_fits_say_what_they_did(option_pairs):
     assert option_pairs["sampling"][1].cov_type == "robust"
     assert (option_pairs["frequency"][1].nobs, option_pairs["frequency"][1].ngroups) != (590, 40)  # replicated
     assert "quad(u0,v)" in option_pairs["quadratic"][1].params.index
-    b = option_pairs["missing_code"][1]
-    assert b.model.design.info["constant_groups_dropped"] == option_pairs["missing_code"][0].model.design.info["constant_groups_dropped"]
+    a, b = option_pairs["missing_code"][:2]
+    assert b.model.design.info["constant_groups_dropped"] == a.model.design.info["constant_groups_dropped"]
     assert len(b.model.design.info["constant_groups_dropped"]) == 2 and "missing_code=-999" in option_pairs["missing_code"][2][1][0]
     assert "Weights:" in str(option_pairs["sampling"][1].summary())
 
