@@ -96,6 +96,8 @@ from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWa
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .likelihood import Likelihood
 from .params import ParamLayout, constrain
+from .predict import PredictionResults
+from .predict import get_prediction as _get_prediction
 from .predict import predict as _predict
 from .quadrature import Nodes, QuadratureSpec
 from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, standardised_design
@@ -1829,6 +1831,10 @@ def _predict_block(block, design, lik, state, kind, conditional):
     return _predict(_block_results(design, lik, state), None, kind=kind, conditional=conditional)
 
 
+def _get_prediction_block(block, design, lik, state, kind, conditional):
+    return _get_prediction(_block_results(design, lik, state), None, kind=kind, conditional=conditional)
+
+
 def _resid_block(block, design, lik, state):
     fitted = _predict(_block_results(design, lik, state), None, kind="mean", conditional=True)
     y = np.empty(design.nobs)
@@ -2063,9 +2069,31 @@ class DistributedResults(MELSMResults):
             n_jobs=n_jobs,
         )
 
-    def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True):
-        """Not on a Dask cluster (standard errors of predictions need the rows on the driver)."""
-        raise DataError("get_prediction is not available for a fit on a Dask cluster; use predict (on the cluster)")
+    def get_prediction(self, newdata=None, kind: str = "mean", conditional: bool = True) -> PredictionResults:
+        """Predictions with standard errors (:meth:`mlsml.MELSMResults.get_prediction`), block by block.
+
+        For the fitted rows (``newdata=None``) every block computes its rows' predictions,
+        posterior variances and delta-method parts with the fit's estimates and covariance
+        (cluster-robust when :attr:`cov_type` is ``"robust"``): a row's prediction depends only
+        on its school and ``theta``, so each block's are the in-memory ones. The blocks' results
+        are gathered on the driver (four numbers per row), in block order (the order of
+        :meth:`predict`). New rows (``newdata``) get population-level predictions
+        (``conditional=False``) on the driver.
+        """
+        if newdata is not None:
+            if conditional:
+                raise DataError(
+                    "on a Dask cluster, conditional predictions are made for the fitted rows (newdata=None); "
+                    "for new rows use conditional=False (population level)"
+                )
+            return _get_prediction(self, newdata, kind=kind, conditional=False)
+        parts = [p for p in self._on_blocks(_get_prediction_block, self._state(), kind, conditional) if p is not None]
+        return PredictionResults(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("predicted", "se", "se_params", "se_posterior", "known")),
+            kind=parts[0].kind,
+            conditional=parts[0].conditional,
+            index=parts[0].index.append([p.index for p in parts[1:]]),
+        )
 
     def corr_predictions(self, wbar, zbar, gbar, cov_t) -> tuple[float, float]:
         r"""``corr_pred`` of :meth:`population_quantities` and its delta-method SE, from sums over blocks.

@@ -335,6 +335,21 @@ def test_school_tables_of_a_weighted_robust_fit_equal_in_memory(option_pairs):
     np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mean", "variance"])
+def test_get_prediction_of_the_fitted_rows_equals_in_memory(option_pairs, kind):
+    a, b, _ = option_pairs["sampling"]  # robust SEs: the blocks use the fit's sandwich
+    pa, pb = a.get_prediction(kind=kind), b.get_prediction(kind=kind)
+    fa, fb = pa.summary_frame().sort_index(), pb.summary_frame().sort_index()
+    assert fa.index.equals(fb.index) and list(fa.columns) == list(fb.columns)
+    np.testing.assert_allclose(fb.to_numpy(), fa.to_numpy(), rtol=RTOL, atol=1e-12)
+    new = pd.DataFrame({"x": [-1.0, 0.5]})
+    np.testing.assert_allclose(
+        b.get_prediction(new, kind=kind, conditional=False).se, a.get_prediction(new, kind=kind, conditional=False).se, rtol=RTOL
+    )
+    with pytest.raises(DataError, match="conditional predictions are made for the fitted rows"):
+        b.get_prediction(new)
+
+
 def test_bad_weights_are_refused_as_in_memory(client):
     df = _options_data()
     df.loc[df.index[3], "w2"] = 9.0  # not constant within its school
