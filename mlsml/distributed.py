@@ -38,10 +38,12 @@ its partition (from Parquet) and rebuilds the block.
 
 Model classes: the core model (random intercept and slopes in the mean, a random scale,
 covariates in the mean and in the log variance), with covariances fixed at zero by
-``association="none"`` or ``cov_constraints``, and offsets of the mean and of the log
-variance named as columns. ``scale_re_formula``, ``bs_formula``,
-``association="quadratic"``, weights, and formulas with stateful transforms
-(``center(x)``, ``standardize(x)``, ``bs(x)``), are refused with a
+``association="none"`` or ``cov_constraints``, the quadratic association
+(``association="quadratic"``), offsets of the mean and of the log variance and weights at
+both levels named as columns (:func:`_block_weights`; cluster-robust standard errors from
+the blocks' per-school scores, :meth:`DaskLikelihood.school_scores`), ``missing_code`` and
+``drop_constant_groups``. ``scale_re_formula``, ``bs_formula`` and formulas with stateful
+transforms (``center(x)``, ``standardize(x)``, ``bs(x)``) are refused with a
 :class:`~mlsml.ModelSpecError`.
 """
 
