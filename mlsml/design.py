@@ -903,8 +903,10 @@ def build_design(
         raise DataError("no rows left after removing missing values")
     frame = to_numpy_dtypes(frame)
     dropped_groups: list = []
+    rows_used = np.flatnonzero(~dropped)  # positions in the caller's frame (weights, offsets)
     if drop_constant_groups:
-        frame, dropped_groups = _drop_constant_groups(frame, response, groups)
+        frame, dropped_groups, varying = _drop_constant_groups(frame, response, groups)
+        rows_used = rows_used[varying]  # the rows of the groups kept: weights and offsets are read for these
 
     # ---- design matrices
     if response in frame.columns and (
@@ -999,7 +1001,7 @@ def build_design(
     singles = int((counts == 1).sum())
     info = {
         "response": response,
-        "rows_used": np.flatnonzero(~dropped),  # positions in the caller's frame (weights, offsets)
+        "rows_used": rows_used,
         "n_dropped": int(dropped.sum()),
         "constant_groups_dropped": tuple(dropped_groups),
         "n_singletons": singles,
@@ -1059,18 +1061,20 @@ def apply_missing_code(frame: pd.DataFrame, code) -> tuple[pd.DataFrame, dict[st
     return out, counts
 
 
-def _drop_constant_groups(frame: pd.DataFrame, response: str, groups) -> tuple[pd.DataFrame, list]:
-    """Rows of the groups whose response varies, and the labels of the groups dropped (with a warning)."""
+def _drop_constant_groups(frame: pd.DataFrame, response: str, groups) -> tuple[pd.DataFrame, list, np.ndarray]:
+    """Rows of the groups whose response varies, the labels of the groups dropped (with a warning)
+    and the mask of the rows kept."""
     y = response_values(frame, response)
+    keep = np.ones(frame.shape[0], dtype=bool)
     if y is None:
-        return frame, []  # not a numeric response: the checks below say so
+        return frame, [], keep  # not a numeric response: the checks below say so
     g = y.groupby(frame[groups].to_numpy(), sort=False)
     const = (g.transform("max") == g.transform("min")).to_numpy()
     if not const.any():
-        return frame, []
+        return frame, [], keep
     labels = list(pd.unique(frame[groups].to_numpy()[const]))
     report_constant_groups(labels, frame[groups].nunique(), int(const.sum()), response, groups)
-    return frame.loc[~const], [v.item() if isinstance(v, np.generic) else v for v in labels]
+    return frame.loc[~const], [v.item() if isinstance(v, np.generic) else v for v in labels], ~const
 
 
 def response_values(frame: pd.DataFrame, response: str) -> pd.Series | None:

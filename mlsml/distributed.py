@@ -273,7 +273,7 @@ class Plan:
         The column of the level-1 weights.
     group_weights : column, mapping or None
         The column of the level-2 weights (constant within each school) or a mapping
-        ``{school: weight}`` (shipped to every block: one number per school).
+        ``{school: weight}`` such as a dict (shipped to every block: one number per school).
     weights_kind, weights_scale : str
         As :func:`mlsml.weights.with_weights_and_offsets` (the scale already defaulted).
     missing_code : float or None
@@ -1446,12 +1446,12 @@ def build_distributed_design(
     if missing_code is not None:
         apply_missing_code(meta, missing_code)  # the check of the value (a finite number)
     for what, value in (("weights", weights), ("group_weights", group_weights)):
-        if value is None or (what == "group_weights" and isinstance(value, Mapping | pd.Series)):
+        if value is None or (what == "group_weights" and isinstance(value, Mapping)):
             continue
-        if not isinstance(value, str):
+        if not isinstance(value, str):  # a Series too: in memory one indexed like the data is per row
             raise ModelSpecError(
                 f"on a Dask cluster {what} must name a column of the data"
-                + (" (or be a mapping {school: weight})" if what == "group_weights" else "")
+                + (" (or be a dict {school: weight}, e.g. series.to_dict())" if what == "group_weights" else "")
                 + f" (values given as {describe_value(value)} cannot be matched to the rows of the partitions)"
             )
         if value not in meta.columns:

@@ -285,3 +285,19 @@ def test_drop_constant_groups_is_opt_in_and_names_the_groups():
     assert design.ngroups == 19 and design.info["constant_groups_dropped"] == (4, 99)
     with pytest.raises(DataError, match="constant within every group"):
         build_design("y ~ x", df.assign(y=df["school"] * 1.0), groups="school", drop_constant_groups=True)
+
+
+def test_weights_and_offsets_follow_the_rows_left_by_drop_constant_groups():
+    """Regression: ``rows_used`` ignored the groups dropped for a constant response, so the
+    weights and offsets of later rows were read from the wrong rows (a school weight then
+    'varied within a school'; offsets were silently shifted)."""
+    df = mlsml.simulate.demo_data(n_groups=20, seed=2)
+    df.loc[df["school"] == 4, "y"] = 0.25
+    df["off"] = np.arange(len(df)) / len(df)
+    df["ws"] = df["school"] * 0.5 + 1.0
+    kw = dict(groups="school", offset="off", group_weights="ws")
+    with pytest.warns(MissingDataWarning, match="constant: 4"):
+        dropped = mlsml.MELSM.from_formula("y ~ x", df, drop_constant_groups=True, **kw).design
+    by_hand = mlsml.MELSM.from_formula("y ~ x", df[df["school"] != 4], **kw).design
+    np.testing.assert_array_equal(dropped.offset, by_hand.offset)
+    np.testing.assert_array_equal(dropped.group_weights, by_hand.group_weights)

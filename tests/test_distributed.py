@@ -253,6 +253,8 @@ def test_refused_models_name_what_is_refused(client, data):
         mlsml.fit("y ~ x", ddf, groups="school", offset=np.zeros(len(data)), client=client)
     with pytest.raises(ModelSpecError, match="weights must name a column"):
         mlsml.fit("y ~ x", ddf, groups="school", weights=np.ones(len(data)), client=client)
+    with pytest.raises(ModelSpecError, match=r"or be a dict \{school: weight\}"):  # per row or per school? refused
+        mlsml.fit("y ~ x", ddf, groups="school", group_weights=data["x"], client=client)
     with pytest.raises(ModelSpecError, match="frequency weights count replicates"):
         mlsml.fit("y ~ x", ddf, groups="school", weights="x", weights_kind="frequency", weights_scale="size", client=client)
     with pytest.raises(ModelSpecError, match="missing_code must be a finite number"):
@@ -279,7 +281,7 @@ def _options_data() -> pd.DataFrame:
 OPTIONS = {
     # sampling weights at both levels, scaled to the schools' sizes: cluster-robust SEs by default
     "sampling": ("y ~ x", dict(weights="w1", group_weights="w2")),
-    # "effective" scaling, school weights as a mapping {school: weight}
+    # "effective" scaling, school weights as a dict {school: weight}
     "effective": ("y ~ x", dict(weights="w1", group_weights="by_school", weights_scale="effective")),
     # frequency weights at both levels (the replicated data's nobs and ngroups), robust SEs asked for
     "frequency": ("y ~ x", dict(weights="fw1", group_weights="fw2", weights_kind="frequency", cov_type="robust")),
@@ -292,7 +294,7 @@ OPTIONS = {
 def option_pairs(client):
     df = _options_data()
     ddf = dd.from_pandas(df, npartitions=3, sort=False)
-    by_school = df.groupby("school")["w2"].first()
+    by_school = df.groupby("school")["w2"].first().to_dict()
     out = {}
     for name, (formula, options) in OPTIONS.items():
         options = {k: (by_school if v == "by_school" else v) for k, v in options.items()}
