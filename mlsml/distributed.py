@@ -1334,7 +1334,9 @@ def _check_formulas(formulas: dict) -> None:
     """Refuse what one pass over partitions cannot fit exactly (see the module docstring)."""
     if formulas.get("scale_re_formula") is not None or formulas.get("bs_formula") is not None:
         raise ModelSpecError(
-            "scale_re_formula and bs_formula models are not fitted on a Dask cluster yet; fit them in memory (data=a pandas DataFrame)"
+            "scale_re_formula and bs_formula models are not fitted on a Dask cluster yet (a scale_re_formula fit starts from "
+            "an in-memory core fit of the same design; a bs_formula model needs school-level moments and the level-1 "
+            "columns decided over all blocks): fit them in memory (data=a pandas DataFrame)"
         )
     for name, f in formulas.items():
         if f is None:

@@ -286,7 +286,8 @@ OPTIONS = {
     # frequency weights at both levels (the replicated data's nobs and ngroups), robust SEs asked for
     "frequency": ("y ~ x", dict(weights="fw1", group_weights="fw2", weights_kind="frequency", cov_type="robust")),
     "quadratic": ("y ~ x", dict(association="quadratic")),
-    "missing_code": ("yc ~ xc", dict(missing_code=-999, drop_constant_groups=True)),
+    # with school weights and an offset: read for the rows left after the constant schools are dropped
+    "missing_code": ("yc ~ xc", dict(missing_code=-999, drop_constant_groups=True, group_weights="w2", offset="off")),
 }
 
 
