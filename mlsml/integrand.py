@@ -1149,7 +1149,7 @@ class ObsModeProblem:
 # ====================================================================== the joint (one-stage) stage-2 model
 #: Families of the school-level outcome the joint model supports (the ``family`` of
 #: :class:`SchoolOutcome`): ``log f(Y_j | eta)`` in closed form with its first two derivatives.
-JOINT_FAMILIES = ("gaussian", "binomial", "poisson", "ordinal")
+JOINT_FAMILIES = ("gaussian", "binomial", "poisson", "ordinal", "nominal")
 
 
 def _softplus(x):
@@ -1187,7 +1187,15 @@ class SchoolOutcome(NamedTuple):
     with ``sp(x) = ln(1 + e^x)`` (the terms with an infinite threshold left out), which
     neither overflows nor cancels.
 
-    where column ``c`` of the stage-2 design is the product of a data part ``A_jc``
+    The nominal outcome (codes ``0..K-1``, the first the reference) has one linear predictor
+    per category ``k >= 1``, ``eta_jk = sum_c gamma_{kc} A_jc prod_{a in S_c} b_a``
+    (``phi`` holds the ``K - 1`` blocks of coefficients in turn, ``eta_j0 = 0``):
+
+    .. math::
+
+        \log f(Y_j \mid b) = \eta_{j Y_j} - \ln\Bigl(1 + \sum_{k \ge 1} e^{\eta_{jk}}\Bigr).
+
+    In every family, column ``c`` of the stage-2 design is the product of a data part ``A_jc``
     (level-2 covariates, level-1 summaries, 1 for an intercept) and the school effects
     ``S_c`` its term names (``u0``, ``v``, ``u0:v``, ``u0:x``, ...). Schools without an
     outcome (``observed = False``) contribute 0.
@@ -1206,7 +1214,7 @@ class SchoolOutcome(NamedTuple):
     names : tuple of str
         Names of the columns (the coefficients ``gamma``).
     n_categories : int
-        ``K`` of the ordinal family (its ``y`` holds the codes ``0..K-1``); 0 otherwise.
+        ``K`` of the ordinal and nominal families (``y`` holds the codes ``0..K-1``); 0 otherwise.
     """
 
     family: str
@@ -1219,8 +1227,73 @@ class SchoolOutcome(NamedTuple):
 
     @property
     def n_params(self) -> int:
-        """``len(phi)``: the coefficients, then ``ln sigma^2`` (gaussian) or the ``K - 1`` threshold parameters (ordinal)."""
+        """``len(phi)``: the coefficients, then ``ln sigma^2`` (gaussian) or the ``K - 1`` threshold parameters (ordinal);
+        ``K - 1`` blocks of coefficients (nominal)."""
+        if self.family == "nominal":
+            return len(self.names) * (self.n_categories - 1)
         return len(self.names) + (self.family == "gaussian") + max(self.n_categories - 1, 0)
+
+    def _nominal_log_density(self, phi, b):
+        """``eta_{jY_j} - ln(1 + sum_k e^{eta_jk})`` (autograd; ``logaddexp`` so that nothing overflows)."""
+        c = len(self.names)
+        extra = (slice(None),) + (None,) * (b.ndim - 2)
+        code = self.y.astype(int)
+        lse, chosen = 0.0, 0.0
+        for k in range(1, self.n_categories):
+            e = self.eta(phi[(k - 1) * c : k * c], b)
+            lse = anp.logaddexp(lse, e)
+            chosen = chosen + (code == k)[extra] * e
+        return chosen - lse
+
+    def _nominal_point_derivs(self, phi: np.ndarray, b: np.ndarray, fisher: bool):
+        r"""``point_derivs`` of the nominal family: with ``p_k`` the category probabilities and ``g_k``, ``H_k``
+        the derivatives of ``eta_k`` in ``b``,
+
+        .. math::
+
+            \nabla_b \log f = \sum_k (y_k - p_k) g_k, \qquad
+            \nabla^2_b \log f = -\Bigl(\sum_k p_k g_k g_k' - \bar g \bar g'\Bigr) + \sum_k (y_k - p_k) H_k,
+            \quad \bar g = \sum_k p_k g_k,
+
+        the last sum dropped for Fisher scoring.
+        """
+        J, d = b.shape
+        c = len(self.names)
+        code = self.y.astype(int)
+        blocks = [phi[(k - 1) * c : k * c] for k in range(1, self.n_categories)]
+        etas = np.column_stack([np.zeros(J)] + [np.asarray(self.eta(blk, b), dtype=float) for blk in blocks])
+        lse = special.logsumexp(etas, axis=1)
+        p = np.exp(etas - lse[:, None])
+        g = np.zeros((J, d))
+        gbar = np.zeros((J, d))
+        H = np.zeros((J, d, d))
+        for k, blk in enumerate(blocks, start=1):
+            gk, Hk = self._eta_derivs(blk, b)
+            resid = (code == k) - p[:, k]
+            g += resid[:, None] * gk
+            gbar += p[:, k, None] * gk
+            H -= p[:, k, None, None] * gk[:, :, None] * gk[:, None, :]
+            if not fisher:
+                H += resid[:, None, None] * Hk
+        H += gbar[:, :, None] * gbar[:, None, :]
+        chosen = etas[np.arange(J), code]
+        obs = self.observed.astype(float)
+        return (chosen - lse) * obs, g * obs[:, None], H * obs[:, None, None], (np.abs(chosen) + lse) * obs
+
+    def _eta_derivs(self, phi: np.ndarray, b: np.ndarray):
+        """Gradient ``(J, d)`` and Hessian ``(J, d, d)`` in ``b`` of ``eta`` with the coefficients ``phi[:c]`` (numpy)."""
+        J, d = b.shape
+        grad = np.zeros((J, d))
+        hess = np.zeros((J, d, d))
+        for c, S in enumerate(self.effects):
+            coef = phi[c] * self.A[:, c]
+            for a in S:
+                rest = [e for e in S if e != a]
+                grad[:, a] += coef * np.prod(b[:, rest], axis=1) if rest else coef
+                for a2 in rest:
+                    rest2 = [e for e in rest if e != a2]
+                    hess[:, a, a2] += coef * np.prod(b[:, rest2], axis=1) if rest2 else coef
+        return grad, hess
 
     def thresholds(self, phi):
         """The ordinal thresholds ``tau_0 < ... < tau_{K-2}`` from their parameters (autograd)."""
@@ -1279,6 +1352,8 @@ class SchoolOutcome(NamedTuple):
 
     def log_density(self, phi, b):
         """``log f(Y_j | b)`` at nodes ``b`` (J, K, d), shape ``(J, K)``, 0 for unobserved schools (autograd)."""
+        if self.family == "nominal":
+            return self._nominal_log_density(phi, b) * self.observed[:, None]
         eta = self.eta(phi, b)
         y = self.y[:, None]
         if self.family == "gaussian":
@@ -1306,6 +1381,8 @@ class SchoolOutcome(NamedTuple):
         the second term dropped for Fisher scoring (``E ell' = 0``). Returns ``f (J,)``,
         ``g (J, d)``, ``H (J, d, d)`` and ``magnitude (J,)`` (the absolute size of ``f``'s terms).
         """
+        if self.family == "nominal":
+            return self._nominal_point_derivs(phi, b, fisher)
         J, d = b.shape
         eta = np.asarray(self.eta(phi, b), dtype=float)
         grad = np.zeros((J, d))

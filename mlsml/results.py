@@ -658,11 +658,11 @@ class MELSMResults:
         data : pandas.DataFrame
             The grouping column of the fit and the level-2 columns (one value per school;
             several rows per school are accepted when those columns are constant within it).
-        family : {"gaussian", "binomial", "ordinal", "poisson"}
+        family : {"gaussian", "binomial", "ordinal", "poisson", "nominal"}
         method : {"mi", "joint"}
             ``"mi"``: GLM fits to ``ndraws`` draws from each school's exact posterior, pooled by
             Rubin's rules (with the fraction of missing information); ``"joint"``: the one-stage
-            model by maximum likelihood with the same quadrature (gaussian, binomial, poisson).
+            model by maximum likelihood with the same quadrature (every family).
         ndraws : int
             Imputations of ``"mi"``.
         seed : int or numpy.random.Generator, optional

@@ -46,6 +46,17 @@ The school effects are not observed. Two estimators:
     (cumulative logit). In the joint model the school effects enter the formula as plain
     factors (``u0``, ``v``, ``u0:v``, ``u0:x``), not inside functions (``I(u0**2)``).
 
+``family="nominal"`` (MixWILD's ``mixno``, ``method="mi"``): a multinomial logit with the
+first (smallest) category as the reference,
+
+.. math::
+
+    P(Y_j = k \mid b_j) = \frac{e^{\eta_{jk}}}{1 + \sum_{l \ge 1} e^{\eta_{jl}}}, \qquad
+    \eta_{jk} = x_j'\gamma_k \ (k \ge 1), \quad \eta_{j0} = 0,
+
+fitted by statsmodels' ``MNLogit`` on each completed data set; the coefficient of column
+``c`` for category ``k`` is named ``"c[k]"`` (e.g. ``u0[2]``).
+
 Level-1 summaries: ``level1_summaries={"x_mean": "x", "x_sd": ("x", "sd")}`` adds per-school
 statistics of level-1 columns (``mean``, ``sd``, ``var``, ``min``, ``max``, ``median``,
 ``sum``, ``count``) computed on the fit's data (or ``level1_data=``) under those names.
@@ -93,10 +104,11 @@ stats = LazyModule("scipy.stats")
 glm = LazyModule("statsmodels.genmod.generalized_linear_model")
 families = LazyModule("statsmodels.genmod.families")
 ordinal_model = LazyModule("statsmodels.miscmodels.ordinal_model")
+discrete_model = LazyModule("statsmodels.discrete.discrete_model")
 summary2 = LazyModule("statsmodels.iolib.summary2")
 
 #: Stage-2 families (``family=``); :data:`mlsml.integrand.JOINT_FAMILIES` for ``method="joint"``.
-FAMILIES = ("gaussian", "binomial", "ordinal", "poisson")
+FAMILIES = ("gaussian", "binomial", "ordinal", "poisson", "nominal")
 #: Estimation methods (``method=``).
 METHODS = ("mi", "joint")
 #: Default number of imputations (posterior draws) of ``method="mi"``.
@@ -320,8 +332,8 @@ def _check_response(y: np.ndarray, family: str, response: str) -> None:
         raise DataError(f"the stage-2 response {response!r} has one value only ({y[0]:g})")
     if family == "poisson" and not (np.all(y >= 0) and np.all(y == np.round(y))):
         raise DataError(f"family='poisson' needs a count response (non-negative integers); {response!r} is not")
-    if family == "ordinal" and np.unique(y).size < 2:
-        raise DataError(f"family='ordinal' needs at least two categories; {response!r} has one")
+    if family in ("ordinal", "nominal") and np.unique(y).size < 2:
+        raise DataError(f"family={family!r} needs at least two categories; {response!r} has one")
 
 
 def _levels(y: np.ndarray) -> np.ndarray:
@@ -332,6 +344,11 @@ def _levels(y: np.ndarray) -> np.ndarray:
 def threshold_names(levels) -> list[str]:
     """Names of the ordinal thresholds: ``"a/b"`` between categories ``a`` and ``b`` (as statsmodels)."""
     return [f"{lo:g}/{hi:g}" for lo, hi in zip(levels[:-1], levels[1:])]
+
+
+def nominal_names(columns, levels) -> list[str]:
+    """Names of the nominal coefficients: ``"c[k]"``, column ``c`` for category ``k`` against the first, category-major."""
+    return [f"{c}[{lev:g}]" for lev in levels[1:] for c in columns]
 
 
 def ordinal_natural(params: np.ndarray, cov: np.ndarray, n_coef: int) -> tuple[np.ndarray, np.ndarray]:
@@ -381,6 +398,14 @@ def _fit_glm(y: np.ndarray, X: pd.DataFrame, family: str, natural: bool = True):
         if natural:
             params, cov = ordinal_natural(params, cov, X.shape[1])
         return params, cov, list(X.columns) + threshold_names(levels)
+    if family == "nominal":  # multinomial logit against the first category; params (p, K-1) read category-major
+        levels = _levels(y)
+        model = discrete_model.MNLogit(np.searchsorted(levels, y), X.to_numpy(dtype=float))
+        fit = model.fit(method="newton", disp=False, maxiter=100)
+        if not fit.mle_retvals.get("converged", True):
+            raise np.linalg.LinAlgError("multinomial logit fit did not converge")
+        params = np.asarray(fit.params).ravel(order="F")
+        return params, np.asarray(fit.cov_params()), nominal_names(X.columns, levels)
     fam = {"gaussian": families.Gaussian, "binomial": families.Binomial, "poisson": families.Poisson}[family]()
     fit = glm.GLM(y, X, family=fam).fit()
     if not fit.converged:
@@ -750,7 +775,7 @@ def school_outcome(sd: SchoolData, formula: str, family: str) -> SchoolOutcome:
     A[sd.observed] = X.to_numpy(dtype=float)
     y = np.zeros(J)
     n_cat = 0
-    if family == "ordinal":  # the categories coded 0..K-1
+    if family in ("ordinal", "nominal"):  # the categories coded 0..K-1
         levels = _levels(y0)
         y0, n_cat = np.searchsorted(levels, y0).astype(float), levels.size
     y[sd.observed] = y0
@@ -803,6 +828,8 @@ def fit_joint(res, sd: SchoolData, formula: str, family: str, nagq: int | None) 
     elif family == "ordinal":  # the thresholds on their own scale
         phi, jac[n1:, n1:] = _ordinal_jacobian(phi, len(outcome.names))
         names += threshold_names(_levels(outcome.y[outcome.observed]))
+    elif family == "nominal":  # the coefficients of category k against the first, one block per category
+        names = nominal_names(outcome.names, _levels(_design(sd, formula, family, np.zeros((sd.frame.shape[0], len(sd.effects))))[0]))
     cov_nat = jac @ cov_theta @ jac.T
     se = np.sqrt(np.clip(np.diag(cov_nat), 0, None))
     idx = pd.Index(names, name="name")

@@ -18,7 +18,7 @@ from mlsml.errors import DataError, MissingDataWarning, ModelSpecError
 from mlsml.integrand import JointIntegrand, SchoolOutcome
 from mlsml.likelihood import Likelihood
 from mlsml.predict import PosteriorGrid, draw_effects
-from mlsml.quadrature import QuadratureSpec
+from mlsml.quadrature import QuadratureSpec, default_nagq
 from mlsml.stage2 import ordinal_natural, rubin, school_data, school_outcome
 
 
@@ -35,6 +35,11 @@ def fitted():
     schools["passed"] = (rng.random(40) < special.expit(eta)).astype(int)
     schools["count"] = rng.poisson(np.exp(0.5 + 0.3 * schools["w"]))
     schools["grade"] = np.digitize(eta + rng.logistic(size=40), [-1.0, 0.5])
+    # a nominal outcome with codes 1, 3, 4 (category 1 the reference): multinomial logit on u0 and w
+    eta_k = np.column_stack([np.zeros(40), 0.2 + 4.0 * mean["u0"].to_numpy(), -0.3 + 0.8 * schools["w"].to_numpy()])
+    prob = special.softmax(eta_k, axis=1)
+    pick = np.random.default_rng(8).random(40)[:, None] > np.cumsum(prob, axis=1)
+    schools["kind"] = np.array([1, 3, 4])[pick.sum(axis=1)]
     return res, df, schools
 
 
@@ -153,7 +158,12 @@ def test_joint_term_without_effects_adds_the_closed_form_density(fitted):
 
 @pytest.mark.parametrize(
     "family,formula",
-    [("gaussian", "score ~ u0 + v + u0:v + w"), ("binomial", "passed ~ u0 + v:w"), ("ordinal", "grade ~ u0 + v:w")],
+    [
+        ("gaussian", "score ~ u0 + v + u0:v + w"),
+        ("binomial", "passed ~ u0 + v:w"),
+        ("ordinal", "grade ~ u0 + v:w"),
+        ("nominal", "kind ~ u0 + u0:v + v:w"),
+    ],
 )
 def test_joint_mode_problem_derivatives_and_gradient(fitted, family, formula):
     res, _, schools = fitted
@@ -285,3 +295,51 @@ def test_mi_on_a_boundary_fit_draws_at_the_estimates_with_a_warning():
     with pytest.warns(mlsml.ConvergenceWarning, match="the imputations are drawn at the estimates"):
         s2 = res.stage2("Y ~ u0 + v", data=schools, ndraws=8, seed=1)
     assert s2.info["stage1_uncertainty"] is False and np.all(np.isfinite(s2.params))
+
+
+# ---------------------------------------------------------------------- the nominal family (MixWILD's mixno)
+def test_mi_nominal_without_effects_is_the_multinomial_logit(fitted):
+    """No school effect in the formula: every imputation is statsmodels' MNLogit fit (B = 0), coefficients
+    named column[category] against the first category, category by category."""
+    from statsmodels.discrete.discrete_model import MNLogit
+
+    res, _, schools = fitted
+    s2 = res.stage2("kind ~ w", data=schools, family="nominal", ndraws=5, seed=1)
+    assert s2.params.index.tolist() == ["Intercept[3]", "w[3]", "Intercept[4]", "w[4]"]
+    ref = MNLogit(np.searchsorted([1, 3, 4], schools["kind"]), np.column_stack([np.ones(40), schools["w"]])).fit(disp=0)
+    np.testing.assert_allclose(s2.params, np.asarray(ref.params).ravel(order="F"), rtol=1e-6)
+    np.testing.assert_allclose(s2.bse, np.asarray(ref.bse).ravel(order="F"), rtol=1e-5)
+    assert np.all(s2.info["between"] < 1e-12)
+
+
+def test_mi_nominal_with_effects_pools_draws(fitted):
+    res, _, schools = fitted
+    s2 = res.stage2("kind ~ u0 + w", data=schools, family="nominal", ndraws=6, seed=2, stage1_uncertainty=False)
+    assert s2.ndraws == 6 and s2.params.shape == (6,) and np.all(np.isfinite(s2.bse))
+    assert s2.fmi["u0[3]"] > s2.fmi["w[3]"]  # the imputed effect carries the missing information
+    with pytest.raises(DataError, match="at least two categories"):
+        res.stage2("kind ~ w", data=schools.assign(kind=3), family="nominal", ndraws=5)
+
+
+def test_joint_nominal_term_without_effects_is_the_multinomial_logit(fitted):
+    """No school effect in the formula: the nominal term adds MNLogit's log-likelihood per school."""
+    from statsmodels.discrete.discrete_model import MNLogit
+
+    res, _, schools = fitted
+    lik, outcome = _joint_likelihood(res, schools, "kind ~ w", "nominal")
+    assert outcome.n_categories == 3 and outcome.n_params == 4
+    phi = np.array([0.4, -0.7, -0.2, 1.1])
+    base = Likelihood(res.model.design, res.likelihood.integrand, QuadratureSpec("product", 7))
+    mn = MNLogit(np.searchsorted([1, 3, 4], schools["kind"]), np.column_stack([np.ones(40), schools["w"]]))
+    closed = np.sum(mn.loglikeobs(phi.reshape(2, 2).T), axis=1)  # per school and category: summed over categories
+    np.testing.assert_allclose(lik.per_school(np.concatenate([res.theta, phi])), base.per_school(res.theta) + closed, rtol=1e-10)
+
+
+def test_joint_nominal_fit_against_mi(fitted):
+    res, _, schools = fitted
+    j = res.stage2("kind ~ u0 + w", data=schools, family="nominal", method="joint")
+    assert j.converged and j.params.index.tolist() == ["Intercept[3]", "u0[3]", "w[3]", "Intercept[4]", "u0[4]", "w[4]"]
+    lik, _ = _joint_likelihood(res, schools, "kind ~ u0 + w", "nominal", nagq=default_nagq(2))
+    start_phi = j.info["optsum"].start[res.layout.n_params :]
+    assert j.llf >= lik.value(np.concatenate([res.theta, start_phi])) - 1e-8
+    assert np.all(np.isfinite(j.bse))
