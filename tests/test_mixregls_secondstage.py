@@ -12,29 +12,33 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import patsy
 import pytest
 
 import mlsml
 from mlsml.errors import ModelSpecError
 from mlsml.mixregls.deffile import parse_def
 from mlsml.mixregls.job import run_job
-from mlsml.mixregls.secondstage import theta_map
+from mlsml.mixregls.secondstage import INV_SD_COLUMN, ThetaMap, theta_map
 
-SETTINGS = "6 1 0 0 0 0 0 0 0 0 0.00001 7 1 200 -999 0 1 0.15 0 0 0 {nreps} 0 0 {seed} {stage2} {multi2nd} 0"
+SETTINGS = "6 1 {R} 0 0 0 0 0 0 0 0.00001 7 1 200 -999 0 {ncov} 0.15 0 {mls} 0 {nreps} 0 0 {seed} {stage2} {multi2nd} 0"
 
 
-def _def(stage2: int = 1, multi2nd: int = 0, nreps: int = 10, seed: int = 5, tail: str | None = None) -> str:
-    head = [
-        "stage-2 job",
-        "",
-        "data.dat",
-        "job",
-        SETTINGS.format(nreps=nreps, seed=seed, stage2=stage2, multi2nd=multi2nd),
-        "1 2",
-        "3",
-        "y",
-        "x",
-    ]
+def _def(
+    stage2: int = 1,
+    multi2nd: int = 0,
+    nreps: int = 10,
+    seed: int = 5,
+    tail: str | None = None,
+    R: int = 0,
+    ncov: int = 1,
+    mls: int = 0,
+) -> str:
+    """A job; ``R = 1`` puts column 4 (W, a subject-level column) in the BS variance or, with ``mls = 1``,
+    column 3 (x) as a random slope."""
+    u_col, u_lab = ("3", "x") if mls else ("4", "W")
+    settings = SETTINGS.format(nreps=nreps, seed=seed, stage2=stage2, multi2nd=multi2nd, R=R, ncov=ncov, mls=mls)
+    head = ["stage-2 job", "", "data.dat", "job", settings, "1 2", "3"] + ([u_col] if R else []) + ["y", "x"] + ([u_lab] if R else [])
     if tail is None:
         tail = "1 0 0 -1\n5\n4\nScore\nW" if stage2 == 1 else "1 0 -1 -1\n3\n0 1 2\n6\n4\nGrade\nW"
     return "\n".join(head) + "\n" + tail + "\n"
@@ -102,10 +106,89 @@ def test_ordinal_stage2_job(job_dir):
     assert "Threshold 0/1" in run.report and "mixors (ordinal)" in run.report
 
 
-@pytest.mark.parametrize("stage2,multi2nd,match", [(4, 0, "nominal"), (1, 1, "MULTI2ND"), (7, 0, "must be 0 \\(no second stage\\)")])
-def test_stage2_settings_mlsml_cannot_run_are_refused(job_dir, stage2, multi2nd, match):
-    with pytest.raises(ModelSpecError, match=match):
-        parse_def(text=_def(stage2=stage2, multi2nd=multi2nd, tail="1 0 0 -1\n5\n4\nScore\nW"), path=job_dir / "job.def")
+def test_stage2_type_outside_mixwilds_is_refused(job_dir):
+    with pytest.raises(ModelSpecError, match="must be 0 \\(no second stage\\)"):
+        parse_def(text=_def(stage2=7, tail="1 0 0 -1\n5\n4\nScore\nW"), path=job_dir / "job.def")
+
+
+def test_multilevel_second_stage(job_dir):
+    """MULTI2ND = 1: an outcome constant within subjects is MixWILD's single-level stage 2 (adjustData2); one that
+    varies within subjects (x, column 3) would need a multilevel stage 2 and is refused before stage 1 is fitted."""
+    (job_dir / "ml.def").write_text(_def(stage2=1, multi2nd=1, tail="1 0 -1 -1\n3\n4\nX\nW"))
+    with pytest.raises(ModelSpecError, match="MULTI2ND = 1 with a stage-2 outcome 'X' that varies within 40 subject"):
+        run_job(job_dir / "ml.def", stages=False)
+    (job_dir / "ml2.def").write_text(_def(stage2=2, multi2nd=1))
+    run = run_job(job_dir / "ml2.def", stages=False)
+    assert "MULTI2ND = 1: the stage-2 outcome is constant within subjects" in run.report
+    assert run.stage2.family == "ordinal" and run.stage2.nobs == 40
+
+
+def test_nominal_stage2_job_with_mixwilds_reference_category(job_dir):
+    """STAGE2 = 4 (mixno): the categories in ICODE order, ICODE(1) = 2 the reference; the run is res.stage2 with
+    family='nominal' on the recoded outcome."""
+    (job_dir / "nom.def").write_text(_def(stage2=4, tail="1 0 -1 -1\n3\n2 0 1\n6\n4\nGrade\nW"))
+    run = run_job(job_dir / "nom.def", stages=False)
+    s2 = run.stage2
+    assert s2.family == "nominal" and s2.nobs == 40 and s2.params.size == 6
+    assert list(s2.params.index[:3]) == ["Intercept[1]", "W[1]", "I(" + run.report.split("Locat_1 = ")[1].split("\n")[0] + ")[1]"]
+    assert "Category 0 vs Category 2" in run.report and "Category 1 vs Category 2" in run.report
+    dat = np.loadtxt(job_dir / "data.dat")
+    schools = (
+        pd.DataFrame({"_cluster": dat[:, 0].astype(int), "Grade": dat[:, 5], "W": dat[:, 3]})
+        .groupby("_cluster", as_index=False)
+        .first()
+    )
+    schools["Grade"] = schools["Grade"].map({2.0: 0, 0.0: 1, 1.0: 2})
+    a = float(theta_map(run.results)[0])
+    direct = run.results.stage2(f"Grade ~ W + I({a!r} * u0)", data=schools, family="nominal", ndraws=10, seed=5)
+    np.testing.assert_allclose(s2.params.to_numpy(), direct.params.to_numpy(), rtol=1e-8)
+
+
+def _theta_round_trip(res):
+    """MixWILD's theta from effects built out of theta by the model's own definition (Sigma_j = D_j L0 L0' D_j,
+    v plus gamma theta1^2 under the quadratic association): the map must give theta back, and so must its
+    formula expressions evaluated by patsy."""
+    tm = ThetaMap.from_fit(res)
+    J, d = res.ngroups, len(tm.effects)
+    z = np.random.default_rng(0).normal(size=(J, d))
+    sig = res.likelihood.integrand.school_covariances(np.asarray(res.theta, dtype=float))
+    b = np.einsum("jde,je->jd", np.linalg.cholesky(sig), z)
+    if tm.quad is not None:
+        b[:, tm.n_loc] += tm.quad * (b[:, 0] / np.sqrt(sig[:, 0, 0])) ** 2
+    np.testing.assert_allclose(tm.values(b), z, atol=1e-10)
+    frame = pd.DataFrame(b, columns=list(tm.effects))
+    if tm.inv_sd is not None:
+        frame[INV_SD_COLUMN] = tm.inv_sd
+    for i, expr in enumerate(tm.expressions()):
+        np.testing.assert_allclose(patsy.dmatrix(f"I({expr}) - 1", frame)[:, 0], z[:, i], atol=1e-10)
+    return tm
+
+
+@pytest.mark.filterwarnings("ignore::mlsml.errors.QuadratureWarning")  # 7 points, as the job asks: enough for this check
+def test_stage2_after_bs_variance_covariates_and_quadratic_association(job_dir):
+    """R = 1 (ln sd(u0_j) depends on W) with NCOV = 2: theta1 = u0 / sd_j(u0) (a per-subject column of the
+    stage-2 data), theta2 the scale's own part after the quadratic term is taken off."""
+    (job_dir / "bsq.def").write_text(_def(R=1, ncov=2, nreps=5, tail="0 0 0 0\n5\nScore"))
+    with pytest.warns(mlsml.MissingDataWarning, match="YMISS"):
+        run = run_job(job_dir / "bsq.def", stages=False)
+    res = run.results
+    assert res.layout.bs_terms == ("Intercept", "W") and res.layout.quad_assoc
+    tm = _theta_round_trip(res)
+    assert tm.inv_sd is not None and tm.quad is not None and INV_SD_COLUMN in run.stage2.formula
+    assert run.stage2.params.index.size == 5 and "Locat_1*Scale" in run.report
+
+
+def test_stage2_after_random_slopes(job_dir):
+    """MLS = 1 (MIXREGMLS): Locat_1, Locat_2 (intercept and slope of x) and Scale_1, with one Locat_k*Scale
+    interaction per location effect."""
+    (job_dir / "mls.def").write_text(_def(R=1, mls=1, nreps=5, tail="-1 0 0 0\n5\nScore"))
+    with pytest.warns(mlsml.MissingDataWarning, match="YMISS"):
+        run = run_job(job_dir / "mls.def", stages=False)
+    tm = _theta_round_trip(run.results)
+    assert tm.effects == ("u0", "u1", "v") and tm.labels == ["Locat_1", "Locat_2", "Scale_1"]
+    assert "Intercept" not in run.stage2.params.index and run.stage2.params.index.size == 6  # PFIXED = -1
+    for label in ("Locat_2 ", "Locat_1*Scale", "Locat_2*Scale"):
+        assert label in run.report
 
 
 def test_stage2_column_outside_the_file_is_refused(job_dir):

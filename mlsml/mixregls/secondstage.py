@@ -15,33 +15,47 @@ labels the .def file holds (``readdef_both`` in ``lsboth_random_mixblank.f90``):
     PFIXED labels, PTHETA labels, POMEGA labels, PTO labels
 
 ``STAGE2`` is the outcome's type: 1 continuous (``mixreg``), 2 ordinal (``mixors``), 3 count
-(``mixpreg``), 4 nominal (``mixno``). The regressors are (``stage2only.f90``, ``dostage2``):
-an intercept and the ``PFIXED`` level-2 covariates when ``PFIXED >= 0``; the standardised
-random location ``theta1`` and its products with the ``PTHETA`` covariates when
-``PTHETA >= 0``; the random scale's own part ``theta2`` and its products with the ``POMEGA``
-covariates when ``POMEGA >= 0``; ``theta1 theta2`` and its products with the ``PTO``
-covariates when ``PTO >= 0`` (a count of -1 leaves the effect out). Every stage-2 column
+(``mixpreg``), 4 nominal (``mixno``: ``family="nominal"``, the first category ``ICODE(1)`` the
+reference). The regressors are (``stage2only.f90``, ``dostage2``):
+an intercept and the ``PFIXED`` level-2 covariates when ``PFIXED >= 0``; each standardised
+random location effect ``Locat_k`` (one, or one per random effect with ``MLS = 1``) and its
+products with the ``PTHETA`` covariates when ``PTHETA >= 0``; the random scale's own part
+``Scale_1`` and its products with the ``POMEGA`` covariates when ``POMEGA >= 0``;
+``Locat_k Scale_1`` and its products with the ``PTO`` covariates when ``PTO >= 0`` (a count of
+-1 leaves the effect out). Every stage-2 column
 is averaged over the subject's rows, rows with the missing-value code ``YMISS`` in any
 of them are dropped (from stage 1 too, when they are in the stage-1 data file). ``NREPS``
 is the number of imputations and ``MYSEED`` the seed.
 
-MIXREGLS's standardised effects are linear in mlsml's ``u0`` and ``v``
-(:mod:`mlsml.mixregls`):
+MixWILD's standardised effects ``theta`` (the quadrature variables of its stage 1, whose EB
+means and covariances its ``_ebvar.dat`` passes to ``stage2only``) are functions of mlsml's
+school effects ``b = (u0, [u1, ...], v)`` (:class:`ThetaMap`): with ``L0`` the lower Cholesky
+factor of ``Sigma`` (of ``Sigma0`` with BS-variance covariates, ``R > 0``),
+``D_j = diag(sd_j(u0), 1, ...)`` (``sd_j(u0) = exp(s_j' ALPHA / 2)`` with ``R > 0``, else 1) and
+``gamma`` the quadratic association (``NCOV = 2``; else 0),
 
 .. math::
 
-    \theta_1 = u_0 / \sigma_u, \qquad
-    \theta_2 = (v - \mathrm{LocEff}\,\theta_1) / \mathrm{SD}, \qquad
-    \mathrm{LocEff} = \sigma_{uv} / \sigma_u, \quad \mathrm{SD} = (\sigma_v^2 - \mathrm{LocEff}^2)^{1/2},
+    \theta_j = L_0^{-1} D_j^{-1} \tilde b_j, \qquad
+    \tilde b_j = (u_0, \dots, v - \gamma\,\theta_{1j}^2), \qquad
+    \theta_{1j} = (L_0^{-1})_{11}\, u_{0j} / \mathrm{sd}_j(u_0),
 
-so the job's model is the formula ``Y ~ I(a*u0) + I(b*v + c*u0) + ...`` of
-:func:`mlsml.stage2.stage2` with ``method="mi"`` (MixWILD's method; mlsml draws from the
-exact posterior and pools by Rubin's rules, see ``docs/stage2.md``). Settings mlsml cannot run
-raise :class:`~mlsml.errors.ModelSpecError` naming them: ``STAGE2 = 4`` (nominal),
-``MULTI2ND = 1`` (a multilevel second stage), and stage 2 after a model whose ``Sigma``
-varies by subject (BS-variance covariates, ``R > 0``), with random slopes (``MLS = 1``) or
-with the quadratic association (``NCOV = 2``: MixWILD's ``theta2`` is then not the
-linear map of this module; ``res.stage2`` runs on such a fit directly).
+(``mlsml``'s ``v`` is the whole log-variance shift ``w`` under the quadratic association, so its
+quadratic part is taken off first). Without them this is ``theta1 = u0 / sigma_u``,
+``theta2 = (v - LocEff theta1) / SD``: MIXREGLS's ``LocEff = sigma_uv / sigma_u`` and
+``SD = (sigma_v^2 - LocEff^2)^{1/2}``. With random slopes (``MLS = 1``, MIXREGMLS) ``L0`` is the
+Cholesky factor of the covariance of all location effects and the scale, in the order
+intercept, slopes, scale, as MIXREGMLS standardises them. So the job's model is a formula
+``Y ~ I(a*u0) + I(b*v + c*u0) + ...`` of :func:`mlsml.stage2.stage2` with ``method="mi"``
+(MixWILD's method; mlsml draws from the exact posterior and pools by Rubin's rules, see
+``docs/stage2.md``), the per-subject ``1 / sd_j(u0)`` a column of its data when ``R > 0``.
+
+``MULTI2ND = 1`` asks for a multilevel second stage: when the stage-2 outcome varies within
+subjects, MixWILD fits it on the level-1 rows with a random subject intercept in each
+imputation (``mixreg``/``mixors``/``mixno`` with one random effect). mlsml's stage 2 is
+single-level, so such a job is refused (:class:`~mlsml.errors.ModelSpecError`); when the
+outcome is constant within subjects MixWILD falls back to the ordinary second stage
+(``adjustData2``), and so does mlsml, with a note.
 """
 
 from __future__ import annotations
@@ -62,7 +76,7 @@ patsy = LazyModule("patsy")
 stats = LazyModule("scipy.stats")
 
 #: mlsml's ``family`` for each ``STAGE2`` (None: not available).
-STAGE2_FAMILIES = {1: "gaussian", 2: "ordinal", 3: "poisson", 4: None}
+STAGE2_FAMILIES = {1: "gaussian", 2: "ordinal", 3: "poisson", 4: "nominal"}
 #: MixWILD's stage-2 programs, for the report.
 STAGE2_PROGRAMS = {1: "mixreg (continuous)", 2: "mixors (ordinal)", 3: "mixpreg (count)", 4: "mixno (nominal)"}
 #: The fewest imputations :func:`mlsml.stage2.stage2` accepts (``NREPS`` below it is raised to it).
@@ -86,6 +100,7 @@ class Stage2Job:
     labels: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
     ndraws: int
     seed: int
+    multilevel: bool = False
 
     def columns(self) -> list[tuple[int, str]]:
         """``(column, label)`` of every stage-2 variable, the outcome first."""
@@ -108,31 +123,17 @@ def read_stage2(read_record: Callable, settings: dict[str, float], where: str) -
 
     if kind not in STAGE2_FAMILIES:
         raise refuse("STAGE2", "must be 0 (no second stage), 1 (continuous), 2 (ordinal), 3 (count) or 4 (nominal)")
-    if STAGE2_FAMILIES[kind] is None:
-        raise refuse("STAGE2", "a nominal (multinomial) second stage is not available in mlsml; use 1, 2 or 3")
-    if int(settings.get("MULTI2ND", 0)) == 1:
-        raise refuse("MULTI2ND", "a multilevel second stage (a level-1 outcome) is not available; set MULTI2ND = 0")
-    if int(settings.get("MLS", 0)) == 1:
-        raise refuse("MLS", "stage 2 after a random-slope (MIXREGMLS) model is not available")
-    if int(settings.get("R", 0)) > 0:
-        raise refuse("R", "stage 2 after a model with BS-variance covariates (a Sigma per subject) is not available")
     random_scale = int(settings.get("NORS", 0)) != 1
-    if random_scale and int(settings["NCOV"]) == 2:
-        raise refuse(
-            "NCOV",
-            "the job's stage 2 after the quadratic association is not mapped (theta2 is not linear in u0, v); "
-            "fit the job's stage 1 and call res.stage2 on it",
-        )
     n_counts = 4 if random_scale else 2
     counts = [int(c) for c in read_record(n_counts, "the stage-2 counts PFIXED PTHETA POMEGA PTO")] + [-1] * (4 - n_counts)
     for name, c in zip(("PFIXED", "PTHETA", "POMEGA", "PTO"), counts):
         if c < -1 or c > int(settings["NVAR"]):
             raise ModelSpecError(f"{where}: stage-2 count {name} = {c} must be from -1 (effect left out) to NVAR")
     categories: tuple[float, ...] = ()
-    if kind == 2:
+    if kind in (2, 4):
         maxj = read_record(1, "the number of categories MAXJ")[0]
         if maxj < 2:
-            raise ModelSpecError(f"{where}: MAXJ = {maxj}: an ordinal outcome needs at least two categories")
+            raise ModelSpecError(f"{where}: MAXJ = {maxj}: a categorical outcome needs at least two categories")
         try:
             categories = tuple(float(t.replace("D", "E").replace("d", "e")) for t in read_record(maxj, "the category codes", str))
         except ValueError as exc:
@@ -164,12 +165,14 @@ def read_stage2(read_record: Callable, settings: dict[str, float], where: str) -
         labels=labels,
         ndraws=max(int(settings.get("NREPS", 0)), MIN_NREPS),
         seed=int(settings.get("MYSEED", 0)),
+        multilevel=int(settings.get("MULTI2ND", 0)) == 1,
     )
 
 
 # ---------------------------------------------------------------------- the model
 def theta_map(res) -> tuple[float, float, float]:
-    """``theta1 = a u0`` and ``theta2 = b v + c u0`` from the fit's ``Sigma`` (module docstring)."""
+    """``theta1 = a u0`` and ``theta2 = b v + c u0`` from the fit's ``Sigma`` (a random intercept, a constant ``Sigma``
+    and the linear association; :class:`ThetaMap` in general)."""
     S = res.cov_re.to_numpy()
     su = np.sqrt(S[0, 0])
     if S.shape[0] < 2:
@@ -185,6 +188,92 @@ def theta_map(res) -> tuple[float, float, float]:
     return 1.0 / su, 1.0 / sd, -loceff / (sd * su)
 
 
+#: The stage-2 data column holding ``1 / sd_j(u0)`` of each subject (BS-variance covariates, ``R > 0``).
+INV_SD_COLUMN = "_inv_sd_u0"
+
+
+@dataclass(frozen=True)
+class ThetaMap:
+    """MixWILD's standardised effects as functions of mlsml's school effects (module docstring).
+
+    Attributes
+    ----------
+    effects : tuple of str
+        mlsml's effect names, ``u0, [u1, ...], [v]``.
+    linv : ndarray (d, d)
+        ``L0^{-1}``, lower triangular.
+    inv_sd : ndarray (J,) or None
+        ``1 / sd_j(u0)`` per school in the fit's order (``R > 0``), else None.
+    quad : float or None
+        ``gamma`` of the quadratic association.
+    n_loc : int
+        Number of location effects (the rest, at most one, is the scale).
+    """
+
+    effects: tuple[str, ...]
+    linv: np.ndarray
+    inv_sd: np.ndarray | None
+    quad: float | None
+    n_loc: int
+
+    @classmethod
+    def from_fit(cls, res) -> ThetaMap:
+        """The map of a fit (``Sigma0`` and ``sd_j(u0)`` with BS-variance covariates)."""
+        lay = res.layout
+        S = res.cov_re.to_numpy()
+        try:
+            L = np.linalg.cholesky(S)
+        except np.linalg.LinAlgError:
+            L = None
+        if L is None or not np.all(np.diag(L) > 0):
+            raise DataError(
+                "the stage-1 fit's random location or scale has no variance of its own (a boundary fit): "
+                "MixWILD's standardised effects theta1, theta2 are not defined"
+            )
+        linv = np.linalg.solve(L, np.eye(S.shape[0]))
+        linv[np.triu_indices(S.shape[0], 1)] = 0.0  # exactly lower triangular
+        inv_sd = None
+        if lay.bs_terms:
+            sig = res.likelihood.integrand.school_covariances(np.asarray(res.theta, dtype=float))
+            inv_sd = 1.0 / np.sqrt(sig[:, 0, 0])
+        quad = lay.natural_quad(res.params.to_numpy()) if lay.quad_assoc else None
+        return cls(tuple(lay.re_names), linv, inv_sd, quad, lay.q)
+
+    def _effect(self, m: int, column: str) -> str:
+        name = self.effects[m]
+        return f"{column} * {name}" if (m == 0 and self.inv_sd is not None) else name
+
+    def expressions(self, column: str = INV_SD_COLUMN) -> list[str]:
+        """One formula expression (the inside of ``I(...)``) per theta, ``column`` holding ``1 / sd_j(u0)``."""
+        out = []
+        for i in range(len(self.effects)):
+            parts = []
+            for m in range(i, -1, -1):  # the diagonal first: "b * v + c * u0", as MixWILD's Scale = (v - LocEff theta1) / SD
+                coef = float(self.linv[i, m])
+                if coef == 0.0:
+                    continue
+                term = self._effect(m, column)
+                if self.quad is not None and m == self.n_loc:
+                    term = f"({term} - {self.quad!r} * ({float(self.linv[0, 0])!r} * {self._effect(0, column)}) ** 2)"
+                parts.append(f"{coef!r} * {term}")
+            out.append(" + ".join(parts))
+        return out
+
+    def values(self, b: np.ndarray) -> np.ndarray:
+        """``theta`` at school effects ``b`` (J, d) in the fit's school order, shape (J, d)."""
+        b = np.array(b, dtype=float)
+        if self.inv_sd is not None:
+            b[:, 0] = b[:, 0] * self.inv_sd
+        if self.quad is not None:
+            b[:, self.n_loc] = b[:, self.n_loc] - self.quad * (self.linv[0, 0] * b[:, 0]) ** 2
+        return b @ self.linv.T
+
+    @property
+    def labels(self) -> list[str]:
+        """MixWILD's names of the thetas: ``Locat_1, ..., Scale_1``."""
+        return [f"Locat_{k + 1}" for k in range(self.n_loc)] + ["Scale_1"] * (len(self.effects) - self.n_loc)
+
+
 @dataclass(frozen=True)
 class Stage2Model:
     """The job's second stage as an mlsml stage-2 formula and data, with MixWILD's labels."""
@@ -192,7 +281,7 @@ class Stage2Model:
     formula: str
     data: pd.DataFrame
     labels: dict[str, str]
-    theta: tuple[float, float, float]
+    theta: ThetaMap
     notes: tuple[str, ...]
 
 
@@ -249,11 +338,18 @@ def level2_data(
 
 
 def stage2_model(s2: Stage2Job, res, data: pd.DataFrame, names: dict[int, str]) -> Stage2Model:
-    """The formula (MixWILD's regressors as functions of ``u0`` and ``v``) and the labels of its columns."""
-    a, b, c = (float(x) for x in theta_map(res))
+    """The formula (MixWILD's regressors as functions of mlsml's school effects) and the labels of its columns.
+
+    With BS-variance covariates ``data`` gets the column :data:`INV_SD_COLUMN` (``1 / sd_j(u0)``).
+    """
+    tm = ThetaMap.from_fit(res)
+    notes: list[str] = []
+    if tm.inv_sd is not None:
+        inv = pd.Series(tm.inv_sd, index=pd.Index(res.model.design.group_labels))
+        data = data.assign(**{INV_SD_COLUMN: data["_cluster"].map(inv).to_numpy()})
+    exprs = [f"I({e})" for e in tm.expressions()]
+    locs, scale = exprs[: tm.n_loc], (exprs[tm.n_loc] if len(exprs) > tm.n_loc else None)
     y = names[s2.y_col]
-    t1 = f"I({a!r} * u0)"
-    t2 = f"I({b!r} * v)" if c == 0.0 else f"I({b!r} * v + {c!r} * u0)"
     pfixed, ptheta, pomega, pto = s2.counts
     fixed, by_theta, by_omega, by_to = ([names[k] for k in cols] for cols in s2.cols)
     lab_fixed, lab_theta, lab_omega, lab_to = s2.labels
@@ -261,12 +357,14 @@ def stage2_model(s2: Stage2Job, res, data: pd.DataFrame, names: dict[int, str]) 
     if pfixed >= 0:
         terms += list(zip(fixed, lab_fixed))
     if ptheta >= 0:
-        terms += [(t1, "Locat_1")] + [(f"{t1}:{x}", f"Locat_1*{lab}") for x, lab in zip(by_theta, lab_theta)]
-    if pomega >= 0:
-        terms += [(t2, "Scale_1")] + [(f"{t2}:{x}", f"Scale_1*{lab}") for x, lab in zip(by_omega, lab_omega)]
-    if pto >= 0:
-        tt = f"{t1}:{t2}"
-        terms += [(tt, "Locat_1*Scale")] + [(f"{tt}:{x}", f"Locat_1*S*{lab}") for x, lab in zip(by_to, lab_to)]
+        for k, t1 in enumerate(locs, start=1):
+            terms += [(t1, f"Locat_{k}")] + [(f"{t1}:{x}", f"Locat_{k}*{lab}") for x, lab in zip(by_theta, lab_theta)]
+    if pomega >= 0 and scale is not None:
+        terms += [(scale, "Scale_1")] + [(f"{scale}:{x}", f"Scale_1*{lab}") for x, lab in zip(by_omega, lab_omega)]
+    if pto >= 0 and scale is not None:
+        for k, t1 in enumerate(locs, start=1):
+            tt = f"{t1}:{scale}"
+            terms += [(tt, f"Locat_{k}*Scale")] + [(f"{tt}:{x}", f"Locat_{k}*S*{lab}") for x, lab in zip(by_to, lab_to)]
     if not terms and pfixed < 0:
         raise ModelSpecError("the stage-2 model has no regressors (PFIXED = PTHETA = POMEGA = PTO = -1)")
     rhs = " + ".join(t for t, _ in terms) or "1"
@@ -277,7 +375,7 @@ def stage2_model(s2: Stage2Job, res, data: pd.DataFrame, names: dict[int, str]) 
     for term, (_, label) in zip(written, terms):
         labels[term.name()] = label
     labels["var(resid)"] = "Residual.Variance"
-    return Stage2Model(formula, data, labels, (a, b, c), ())
+    return Stage2Model(formula, data, labels, tm, tuple(notes))
 
 
 def run_stage2(job, jd, res, reader) -> tuple[object, str]:
@@ -286,7 +384,14 @@ def run_stage2(job, jd, res, reader) -> tuple[object, str]:
     data, names, notes = level2_data(
         s2, jd.raw_frame, jd.stage2_names, "_cluster", job.setting("YMISS"), job.path.parent if job.path is not None else None, reader
     )
+    y = names[s2.y_col]
+    if s2.multilevel:  # check_stage2 refused an outcome that varies within subjects before stage 1
+        notes.append("MULTI2ND = 1: the stage-2 outcome is constant within subjects, so the second stage is single-level (as MixWILD)")
+    if s2.family == "nominal":  # ICODE order: category ICODE(1) the reference (coded 0), as mixno
+        data, recode_note = _nominal_codes(data, y, s2.categories)
+        notes.append(recode_note)
     model = stage2_model(s2, res, data, names)
+    data = model.data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingDataWarning)
         out = res.stage2(model.formula, data=data, family=s2.family, method="mi", ndraws=s2.ndraws, seed=s2.seed)
@@ -294,6 +399,53 @@ def run_stage2(job, jd, res, reader) -> tuple[object, str]:
         notes.append(f"stage 2: {w.message}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return out, stage2_report(s2, model, out, res, data, names, notes)
+
+
+def _nominal_codes(data: pd.DataFrame, y: str, categories: tuple[float, ...]) -> tuple[pd.DataFrame, str]:
+    """The nominal outcome recoded ``ICODE(k) -> k - 1`` (MixWILD's reference category ``ICODE(1)`` first)."""
+    vals = data[y].to_numpy(dtype=float)
+    code = np.full(vals.shape, np.nan)
+    for k, c in enumerate(categories):
+        code[np.isclose(vals, c, rtol=1e-12, atol=1e-12)] = k
+    bad = np.isfinite(vals) & np.isnan(code)
+    if bad.any():
+        raise DataError(
+            f"the nominal stage-2 outcome {y!r} has value(s) {sorted(set(vals[bad].tolist()))[:5]} that are not among "
+            f"the categories ICODE = {list(categories)}"
+        )
+    listed = ", ".join(f"{k} = {c:g}" for k, c in enumerate(categories))
+    return data.assign(**{y: code}), f"nominal outcome coded in ICODE order ({listed}; category {categories[0]:g} the reference)"
+
+
+def check_stage2(job, jd, reader) -> None:
+    """Refuse, before stage 1 is fitted, a ``MULTI2ND = 1`` job whose stage-2 outcome varies within subjects.
+
+    MixWILD then runs a multilevel second stage (module docstring), which mlsml does not.
+    """
+    s2 = job.stage2
+    if s2 is None or not s2.multilevel:
+        return
+    if s2.data_file is None:
+        y = jd.stage2_names[s2.y_col]
+        frame = jd.raw_frame[["_cluster", y]]
+    else:
+        p = Path(s2.data_file)
+        if not p.is_absolute() and job.path is not None:
+            p = job.path.parent / p
+        arr = reader(p, s2.nvar)
+        y = "y"
+        frame = pd.DataFrame({"_cluster": np.trunc(arr[:, s2.id_col - 1]), y: arr[:, s2.y_col - 1]})
+        ymiss = job.setting("YMISS")
+        if ymiss != 0.0:
+            frame = frame.loc[~np.isclose(frame[y].to_numpy(), ymiss, rtol=1e-12, atol=0.0)]
+    varies = frame.groupby("_cluster", sort=False)[y].nunique() > 1
+    if varies.any():
+        raise ModelSpecError(
+            f"MULTI2ND = 1 with a stage-2 outcome {s2.y_label!r} that varies within {int(varies.sum())} subject(s) "
+            f"(e.g. subject {varies.index[np.argmax(varies.to_numpy())]!r}): MixWILD then fits a multilevel second stage "
+            "(the outcome's level-1 rows, a random subject intercept, in each imputation), which mlsml does not run; "
+            "use the per-subject mean of the outcome (MULTI2ND = 0) or fit the level-1 model on the imputations yourself"
+        )
 
 
 # ---------------------------------------------------------------------- the report
@@ -310,8 +462,8 @@ def stage2_report(s2: Stage2Job, model: Stage2Model, out, res, data: pd.DataFram
     y = data.set_index("_cluster")[names[s2.y_col]]
     used = y.loc[[lab for lab in res.model.design.group_labels if lab in y.index]].dropna()
     re = res.random_effects()
-    a, b, c = model.theta
-    theta1 = a * re["u0"].to_numpy()
+    tm = model.theta
+    theta = tm.values(re[list(tm.effects)].to_numpy())
     lines = [
         "",
         "=" * 72,
@@ -332,10 +484,10 @@ def stage2_report(s2: Stage2Job, model: Stage2Model, out, res, data: pd.DataFram
         "                                 mean         min         max     std dev",
         " " + "-" * 72,
     ]
-    cols = [("Locat_1", theta1)]
-    if "v" in re.columns:
-        theta2 = b * re["v"].to_numpy() + c * re["u0"].to_numpy()
-        cols += [("Scale", theta2), ("Locat_1*Scale", theta1 * theta2)]
+    cols = [(lab, theta[:, i]) for i, lab in enumerate(tm.labels[: tm.n_loc])]
+    if theta.shape[1] > tm.n_loc:
+        cols += [("Scale", theta[:, tm.n_loc])]
+        cols += [(f"Locat_{k + 1}*Scale", theta[:, k] * theta[:, tm.n_loc]) for k in range(tm.n_loc)]
     for label, x in cols:
         lines.append(_f200(label, [x.mean(), x.min(), x.max(), x.std(ddof=1)]))
     lines += [
@@ -349,14 +501,24 @@ def stage2_report(s2: Stage2Job, model: Stage2Model, out, res, data: pd.DataFram
         "Variable                Estimate    AsymStdError         t-value         p-value              df             fmi",
         "----------------    ------------    ------------    ------------    ------------    ------------    ------------",
     ]
+    category = None
     for name in out.params.index:
         label = model.labels.get(name, f"Threshold {name}" if s2.family == "ordinal" else name)
+        if s2.family == "nominal":  # "column[k]": the column's coefficient for category ICODE(k + 1) against ICODE(1)
+            col, k = name[: name.rindex("[")], int(float(name[name.rindex("[") + 1 : -1]))
+            if k != category:
+                lines += ([""] if category is not None else []) + [f" Category {s2.categories[k]:g} vs Category {s2.categories[0]:g}"]
+                category = k
+            label = model.labels.get(col, col)
         vals = [out.params[name], out.bse[name], out.tvalues[name], out.pvalues[name], out.df[name], out.fmi[name]]
         lines.append(_row(label, vals))
     lines += [
         "",
-        "Regressors: theta1 (Locat_1) = u0 / sd(u0), theta2 (Scale_1) = the random scale's part independent of the",
-        f"location, = {b:.6g} v {c:+.6g} u0; the stage-2 formula run was",
+        "Regressors: MixWILD's standardised effects theta = L0^-1 D_j^-1 b (Locat_k: the location effects, Scale_1: the",
+        "random scale's part independent of them), written in mlsml's effects " + ", ".join(tm.effects) + ":",
+        *(f"  {lab} = {e}" for lab, e in zip(tm.labels, tm.expressions())),
+        *([f"  ({INV_SD_COLUMN} = 1 / sd_j(u0) of each subject, from its BS-variance covariates)"] if tm.inv_sd is not None else []),
+        "the stage-2 formula run was",
         f"  {model.formula}",
         "mlsml draws the effects from their exact posterior "
         + ("and the stage-1 parameters from their sampling distribution" if out.info.get("stage1_uncertainty") else "")
