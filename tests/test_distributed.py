@@ -122,15 +122,15 @@ def test_school_tables_equal_in_memory(pairs, name):
 
 
 def _scale_re_data(seed: int = 5) -> pd.DataFrame:
-    """40 schools of 12-20 pupils (650 rows) whose log variance has a random intercept and slope in ``x``
-    (var 0.3 and 0.2): a well-determined ``scale_re_formula="~ x"`` model (the fit of :func:`_data`
-    with it is singular, corr(v0, v1) near 1, its estimates determined only to ~1e-7)."""
+    """60 schools of 20-30 pupils (1,485 rows) whose log variance has a random intercept and slope in
+    ``x``: a ``scale_re_formula="~ x"`` model whose core fit is far from the boundary, so the fit
+    starts from it (:func:`mlsml.optimize._warm_start`; with fewer or smaller schools it starts cold)."""
     rng = np.random.default_rng(seed)
-    sizes = rng.integers(12, 21, 40)
-    school = np.repeat(np.arange(1, 41), sizes)
+    sizes = rng.integers(20, 31, 60)
+    school = np.repeat(np.arange(1, 61), sizes)
     x = rng.normal(size=school.size)
-    u0 = rng.normal(0, 0.4, 40)[school - 1]
-    v = rng.multivariate_normal([0, 0], [[0.3, 0.05], [0.05, 0.2]], 40)[school - 1]
+    u0 = rng.normal(0, 1.0, 60)[school - 1]
+    v = rng.multivariate_normal([0, 0], [[1.0, 0.05], [0.05, 0.2]], 60)[school - 1]
     logvar = -0.5 + 0.2 * x + v[:, 0] + v[:, 1] * x
     y = 0.1 + 0.5 * x + u0 + rng.normal(size=school.size) * np.exp(logvar / 2)
     return pd.DataFrame({"school": school, "x": x, "y": y})
@@ -144,6 +144,10 @@ def test_scale_re_formula_on_the_cluster_equals_in_memory(client):
     a, b = _fit(data, spec), _fit(ddf, spec, client=client)
     assert b.model.layout.scale_re_terms == a.model.layout.scale_re_terms == ("Intercept", "x")
     assert not a.singular and np.isfinite(a.bse).all()
+    # both started from their core fit (not the moment start values), the cluster's on the blocks
+    cold = mlsml.start.start_values(a.model.objective().integrand)
+    assert np.max(np.abs(a.optsum.start - cold)) > 1e-3
+    np.testing.assert_allclose(b.optsum.start, a.optsum.start, rtol=1e-7, atol=1e-9)
     _same_fit(a, b)
     sa, sb = a.random_effects(), b.random_effects()
     assert sa.index.equals(sb.index) and list(sa.columns) == list(sb.columns)
