@@ -42,9 +42,10 @@ covariates in the mean and in the log variance), with covariances fixed at zero 
 (``association="quadratic"``), offsets of the mean and of the log variance and weights at
 both levels named as columns (:func:`_block_weights`; cluster-robust standard errors from
 the blocks' per-school scores, :meth:`DaskLikelihood.school_scores`), ``missing_code`` and
-``drop_constant_groups``. ``scale_re_formula``, ``bs_formula`` and formulas with stateful
-transforms (``center(x)``, ``standardize(x)``, ``bs(x)``) are refused with a
-:class:`~mlsml.ModelSpecError`.
+``drop_constant_groups``, and random slopes in the log variance (``scale_re_formula``: the
+warm start's core fit runs on the same blocks, :meth:`DaskLikelihood.with_layout`).
+``bs_formula`` and formulas with stateful transforms (``center(x)``, ``standardize(x)``,
+``bs(x)``) are refused with a :class:`~mlsml.ModelSpecError`.
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ class Plan:
     Attributes
     ----------
     formulas : tuple of (str, str)
-        ``(formula, what)`` of the mean, scale and random-effects formulas.
+        ``(formula, what)`` of the mean, scale and random-effects formulas (and the scale
+        random-effects formula, ``scale_re_formula``, when given).
     groups : hashable
         The school column.
     used : tuple
