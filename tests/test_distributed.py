@@ -157,6 +157,8 @@ def test_scale_re_formula_on_the_cluster_equals_in_memory(client):
     np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-12)
     np.testing.assert_allclose(b.population_quantities().to_numpy(), a.population_quantities().to_numpy(), rtol=1e-7, atol=1e-12)
     assert "var(v1)" in b.summary().as_text()
+    # start_params are checked on the driver from G's column ranges (the rows of G stay on the workers)
+    b.model._check_start(b.model.theta_from_params(a.params), b.likelihood)
 
 
 def test_predictions_are_dask_collections_equal_to_in_memory(pairs, tmp_path):
