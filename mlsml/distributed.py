@@ -42,9 +42,10 @@ covariates in the mean and in the log variance), with covariances fixed at zero 
 (``association="quadratic"``), offsets of the mean and of the log variance and weights at
 both levels named as columns (:func:`_block_weights`; cluster-robust standard errors from
 the blocks' per-school scores, :meth:`DaskLikelihood.school_scores`), ``missing_code`` and
-``drop_constant_groups``. ``scale_re_formula``, ``bs_formula`` and formulas with stateful
-transforms (``center(x)``, ``standardize(x)``, ``bs(x)``) are refused with a
-:class:`~mlsml.ModelSpecError`.
+``drop_constant_groups``, and random slopes in the log variance (``scale_re_formula``: the
+warm start's core fit runs on the same blocks, :meth:`DaskLikelihood.with_layout`).
+``bs_formula`` and formulas with stateful transforms (``center(x)``, ``standardize(x)``,
+``bs(x)``) are refused with a :class:`~mlsml.ModelSpecError`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ from .design import (
 from .diagnostics import _tail_schools
 from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
+from .groupmeans import display_name
 from .likelihood import Likelihood
 from .params import ParamLayout, constrain
 from .predict import PredictionResults
@@ -251,7 +253,8 @@ class Plan:
     Attributes
     ----------
     formulas : tuple of (str, str)
-        ``(formula, what)`` of the mean, scale and random-effects formulas.
+        ``(formula, what)`` of the mean, scale and random-effects formulas (and the scale
+        random-effects formula, ``scale_re_formula``, when given).
     groups : hashable
         The school column.
     used : tuple
@@ -433,8 +436,8 @@ def _design_infos(plan: Plan):
     if hit is not None:
         return hit
     evaluated = _materialise_together(list(plan.formulas), plan.prototype)
-    ((ydf, _), mean_spec), (_, scale_spec), (_, re_spec) = evaluated
-    infos = (ydf.design_info, mean_spec, scale_spec, re_spec)
+    ((ydf, _), mean_spec), *rest = evaluated
+    infos = (ydf.design_info, mean_spec) + tuple(spec for _, spec in rest)  # scale, random effects[, scale_re]
     with _CACHE_LOCK:
         _INFOS[plan.token] = infos
         while len(_INFOS) > WORKER_PLANS:
@@ -470,7 +473,7 @@ class Block:
 
 
 def _design_arrays(design: Design) -> list:
-    fields = (design.y, design.X, design.W, design.Z, design.group, design.order, design.offset, design.scale_offset)
+    fields = (design.y, design.X, design.W, design.Z, design.G, design.group, design.order, design.offset, design.scale_offset)
     return [a for a in fields if a is not None]
 
 
@@ -482,18 +485,21 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         return Block(None, token)
     infos = _design_infos(plan)
     offsets = _row_offsets(frame, plan, kept_rows)
-    ydf, Xdf, Wdf, Zdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
+    ydf, Xdf, Wdf, Zdf, *Gdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
     codes, labels = pd.factorize(kept[plan.groups], sort=True)
     order = np.argsort(codes, kind="stable")
     codes_sorted = codes[order]
     counts = np.bincount(codes_sorted, minlength=len(labels))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    arrays = {"X": Xdf.to_numpy(dtype=float), "W": Wdf.to_numpy(dtype=float), "Z": Zdf.to_numpy(dtype=float)}
+    frames = {"X": Xdf, "W": Wdf, "Z": Zdf}
+    if plan.layout.scale_re_terms:  # the design of the scale effects (scale_re_formula)
+        frames["G"] = Gdf[0]
+    arrays = {name: f.to_numpy(dtype=float) for name, f in frames.items()}
     for name, M in arrays.items():
         bad = ~np.isfinite(M)
         if bad.any():
             j = int(np.nonzero(bad.any(axis=0))[0][0])
-            names = {"X": Xdf, "W": Wdf, "Z": Zdf}[name].columns
+            names = frames[name].columns
             school = kept[plan.groups].iloc[int(np.nonzero(bad[:, j])[0][0])]
             raise DataError(f"design column {names[j]!r} has a non-finite value in a row of school {school!r}")
     offsets = {what: o[order] for what, o in offsets.items()}
@@ -506,6 +512,7 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         X=X,
         W=X if same else np.ascontiguousarray(arrays["W"][order]),
         Z=np.ascontiguousarray(arrays["Z"][order]),
+        G=np.ascontiguousarray(arrays["G"][order]) if "G" in arrays else None,
         group=codes_sorted.astype(np.intp),
         starts=starts.astype(np.intp),
         counts=counts.astype(np.intp),
@@ -559,15 +566,20 @@ class Standardisation:
     token: str
 
 
-def _block_design(block: Block, transform: Standardisation | None) -> Design:
-    """The block's design, standardised by ``transform`` (the copy kept with the block)."""
+def _block_design(block: Block, transform: Standardisation | None, layout: ParamLayout | None = None) -> Design:
+    """The block's design under ``layout`` (``None``: the block's own; another is the core model
+    of the warm start of a ``scale_re_formula`` fit), standardised by ``transform`` (the copy kept
+    with the block)."""
+    design = block.design
+    if layout is not None and layout != design.layout:
+        design = dataclasses.replace(design, layout=layout)
     if transform is None:
-        return block.design
+        return design
     key = ("design", transform.token)
     hit = block.derived.get(key)
     if hit is None:
-        hit = standardised_design(block.design, transform.sigma, transform.Px, transform.Pw, transform.PS, transform.T)
-        if block.design.W is block.design.X and np.array_equal(transform.Pw, transform.Px):  # still one array
+        hit = standardised_design(design, transform.sigma, transform.Px, transform.Pw, transform.PS, transform.T)
+        if design.W is design.X and np.array_equal(transform.Pw, transform.Px):  # still one array
             hit = dataclasses.replace(hit, W=hit.X)
         for old in [k for k in block.derived if k[0] == "design"]:  # one standardisation at a time
             del block.derived[old]
@@ -585,13 +597,14 @@ class Request:
     spec: QuadratureSpec | None
     transform: Standardisation | None
     extra: Any = None
+    layout: ParamLayout | None = None  # the design's layout (None: the blocks' own)
 
 
 def _block_nodes(block: Block, lik: Likelihood, req: Request) -> Nodes:
     """Nodes adapted at ``req.nodes_at``, kept with the block for the next request at the same point
     (the optimiser adapts, then evaluates the value, gradient or Hessian there); the latest
     :data:`WORKER_NODES` sets per rule and standardisation are kept."""
-    tag = ("nodes", None if req.transform is None else req.transform.token, req.spec)
+    tag = ("nodes", None if req.transform is None else req.transform.token, req.spec, req.layout)
     key = tag + (req.nodes_at.tobytes(),)
     hit = block.derived.get(key)
     if hit is None:
@@ -662,7 +675,7 @@ def _evaluate(block: Block, req: Request):
     _worker_setup()
     if block.design is None:
         return None
-    design = _block_design(block, req.transform)
+    design = _block_design(block, req.transform, req.layout)
     if req.op == "moments":
         return _moments(design)
     if req.op == "start_gram":
@@ -760,6 +773,7 @@ class DesignMoments:
     varying_schools: int  # schools whose response varies
     so: ColumnMoments | None = None  # of the scale offset, when the design has one
     Wtso: np.ndarray | None = None  # W' scale_offset
+    G: ColumnMoments | None = None  # of the design of the scale effects (scale_re_formula)
 
     def merge(self, other: DesignMoments) -> DesignMoments:
         """Both row sets' moments."""
@@ -775,6 +789,7 @@ class DesignMoments:
             self.varying_schools + other.varying_schools,
             None if self.so is None else self.so.merge(other.so),
             None if self.Wtso is None else self.Wtso + other.Wtso,
+            None if self.G is None else self.G.merge(other.G),
         )
 
 
@@ -807,6 +822,7 @@ def _moments(design: Design) -> tuple:
         varying,
         None if design.scale_offset is None else ColumnMoments.of(design.scale_offset),
         None if design.scale_offset is None else design.W.T @ design.scale_offset,
+        ColumnMoments.of(design.G) if (design.layout.scale_re_terms and design.G is not None) else None,
     )
     return m, design.group_labels, design.counts, _school_digests(design), design.group_weights, design.nobs_weighted
 
@@ -1022,9 +1038,9 @@ class DistributedDesign:
         return ColumnSummary(self.moments.Z, "Z")
 
     @property
-    def G(self):
-        """No design of scale effects (``scale_re_formula`` is not fitted on a cluster)."""
-        return None
+    def G(self) -> ColumnSummary | None:
+        """The column summaries of the design of the scale effects (``scale_re_formula``), or ``None``."""
+        return None if self.moments.G is None else ColumnSummary(self.moments.G, "G")
 
     @property
     def S(self):
@@ -1044,7 +1060,14 @@ class DistributedDesign:
         """Replies of the non-empty blocks to one request (see :class:`Request`)."""
         th = None if theta is None else np.asarray(theta, dtype=float)
         at = None if nodes_at is None else np.asarray(nodes_at, dtype=float)
-        return self.blockset.run(Request(op, th, at, spec, self.transform, extra))
+        return self.blockset.run(Request(op, th, at, spec, self.transform, extra, self.layout))
+
+    def with_layout(self, layout: ParamLayout) -> DistributedDesign:
+        """The same blocks evaluated under another layout (the core model of the warm start of
+        :func:`mlsml.optimize._warm_start`; the blocks replace the layout of their designs)."""
+        return DistributedDesign(
+            layout, self.counts, self.group_labels, self.info, self.blockset, self.moments, self.block_schools, None, self.weighting
+        )
 
     def with_moments(self) -> DistributedDesign:
         """This design with the moments of its own (standardised) blocks."""
@@ -1138,6 +1161,8 @@ class DistributedDesign:
         T = np.eye(d)
         if d and lay.q:
             T[: lay.q, : lay.q] = sigma * column_map_from_stats(mo.Z.lo, mo.Z.hi, mo.Z.mean, mo.Z.sd)
+        if lay.scale_re_terms and mo.G is not None:
+            T[lay.q :, lay.q :] = column_map_from_stats(mo.G.lo, mo.G.hi, mo.G.mean, mo.G.sd)
         if lay.fixed_cov:  # scaling only, as in memory: centring a column would move a fixed zero
             T = np.diag(np.diag(T))
         eye = all(np.array_equal(P, np.eye(P.shape[0])) for P in (Px, Pw, PS))
@@ -1156,9 +1181,10 @@ class DistributedDesign:
         :func:`mlsml.start.start_values_ext` does (:func:`mlsml.start.extended_start`)."""
         lay = self.layout
         if lay.quad_assoc or lay.scale_re_terms or lay.bs_terms:
-            if lay.scale_re_terms or lay.bs_terms:  # refused by build_distributed_design
-                raise ModelSpecError("scale_re_formula and bs_formula models are not fitted on a Dask cluster")
-            return extended_start(lay, self._core_start(core_layout(lay)), [1.0] * lay.n_v)
+            if lay.bs_terms:  # refused by build_distributed_design
+                raise ModelSpecError("bs_formula models are not fitted on a Dask cluster")
+            g2 = self.mean_squares("G") if lay.scale_re_terms and self.moments.G is not None else np.ones(lay.n_v)
+            return extended_start(lay, self._core_start(core_layout(lay)), [float(v) for v in g2])
         return self._core_start(lay)
 
     def _core_start(self, lay: ParamLayout) -> np.ndarray:
@@ -1284,6 +1310,10 @@ class DaskLikelihood:
         """The same rule on another design (the standardised copy)."""
         return DaskLikelihood(design, self.spec)
 
+    def with_layout(self, layout: ParamLayout, spec: QuadratureSpec) -> DaskLikelihood:
+        """The same blocks under another layout and rule (:meth:`mlsml.likelihood.Likelihood.with_layout`)."""
+        return DaskLikelihood(self.design.with_layout(layout), spec)
+
     def adapt(self, theta) -> RemoteNodes:
         """A handle on nodes adapted at ``theta`` (placed by the workers when first used)."""
         return RemoteNodes(np.array(theta, dtype=float))
@@ -1332,11 +1362,10 @@ class DaskLikelihood:
 # ====================================================================== building the design
 def _check_formulas(formulas: dict) -> None:
     """Refuse what one pass over partitions cannot fit exactly (see the module docstring)."""
-    if formulas.get("scale_re_formula") is not None or formulas.get("bs_formula") is not None:
+    if formulas.get("bs_formula") is not None:
         raise ModelSpecError(
-            "scale_re_formula and bs_formula models are not fitted on a Dask cluster yet (a scale_re_formula fit starts from "
-            "an in-memory core fit of the same design; a bs_formula model needs school-level moments and the level-1 "
-            "columns decided over all blocks): fit them in memory (data=a pandas DataFrame)"
+            "bs_formula models are not fitted on a Dask cluster yet (a bs_formula model needs school-level moments and "
+            "the level-1 columns decided over all blocks): fit them in memory (data=a pandas DataFrame)"
         )
     for name, f in formulas.items():
         if f is None:
@@ -1420,8 +1449,11 @@ def build_distributed_design(
     _check_formula_names(formula, meta, "the mean formula")
     _check_formula_names(scale_formula, meta, "the scale formula")
     _check_formula_names(re_formula, meta, "the random-effects formula")
+    sre_formula = None if scale_re_formula is None else _rhs(scale_re_formula)
+    if sre_formula is not None:
+        _check_formula_names(sre_formula, meta, "the scale random-effects formula")
     used: list = []
-    for f in (formula, scale_formula, re_formula):
+    for f in (formula, scale_formula, re_formula) + (() if sre_formula is None else (sre_formula,)):
         for c in formula_columns(f, meta):
             if c not in used:
                 used.append(c)
@@ -1430,8 +1462,10 @@ def build_distributed_design(
     dup = meta.columns[meta.columns.duplicated()]
     if any(c in set(dup) for c in used):
         raise DataError(f"the data has duplicate columns named {[c for c in used if c in set(dup)][0]!r}")
-    in_c = frozenset(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula))
+    in_c = frozenset(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula + (sre_formula or "")))
     items = ((formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula"))
+    if sre_formula is not None:
+        items += ((sre_formula, "scale random-effects formula"),)
     offsets = []
     for what, column in (("offset", offset), ("scale_offset", scale_offset)):
         if column is None:
@@ -1520,14 +1554,22 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         raise DataError("no rows left after removing missing values")
     plan = dataclasses.replace(plan, categories=categories)
     prototype = _prototype(samples[0], learned, plan)
-    ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec) = _materialise_together(list(plan.formulas), prototype)
+    ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec), *sre = _materialise_together(list(plan.formulas), prototype)
+    scale_re_terms: tuple = ()
+    if sre:  # as extra_designs in memory: an intercept alone is the core model's random scale
+        names = [display_name(str(c), plan.groups) for c in sre[0][0].columns]
+        if not names:
+            raise ModelSpecError("scale_re_formula has no terms")
+        if names != ["Intercept"]:
+            scale_re_terms = tuple(names)
     if ydf.shape[1] != 1:
         raise ModelSpecError(f"the response of {plan.formulas[0][0]!r} must be a single numeric column")
     layout = ParamLayout(
         mean_terms=tuple(str(c) for c in Xdf.columns),
         scale_terms=tuple(str(c) for c in Wdf.columns),
         n_re_mean=Zdf.shape[1],
-        random_scale=bool(random_scale),
+        random_scale=bool(random_scale) or bool(sre),
+        scale_re_terms=scale_re_terms,
     )
     if layout.d == 0:
         raise ModelSpecError("the model has no school effects: give re_formula and/or random_scale=True")
@@ -1591,6 +1633,7 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         scale_spec=scale_spec,
         re_spec=re_spec,
         response=plan.response,
+        scale_re_formula=plan.formulas[3][0] if len(plan.formulas) > 3 else None,
         frame=prototype,
     )
     return design, spec

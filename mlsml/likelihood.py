@@ -122,6 +122,11 @@ class Likelihood:
         """The same integrand class and rule on another design (e.g. a simulated response)."""
         return Likelihood.build(design, self.spec)
 
+    def with_layout(self, layout, spec: QuadratureSpec) -> Likelihood:
+        """The likelihood of the same data under another parameter layout and rule (the core
+        fit of :func:`mlsml.optimize._warm_start`)."""
+        return Likelihood.build(dataclasses.replace(self.design, layout=layout), spec)
+
     # ------------------------------------------------------------ nodes
     def modes(self, theta) -> tuple[np.ndarray, np.ndarray]:
         """Posterior modes ``(J, d)`` and ``-H_j`` there ``(J, d, d)`` (:func:`mlsml.modes.posterior_modes`)."""

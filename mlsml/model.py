@@ -556,6 +556,8 @@ class MELSM:
             _, _, L = lay.split(theta)
             Lv = np.asarray(L)[lay.q :, :]
             G = self.design.G if self.design.G is not None else np.ones((1, 1))
+            if not held and self.design.G is not None:  # on a Dask cluster: G at the columns' minima and maxima, as W
+                G = self.design.column_ranges("G")
             sd_v = float(np.sqrt(np.max(np.sum((G @ Lv[:, : lay.d]) ** 2, axis=1))))
             reach = float(np.max(np.abs(eta))) + START_V_SDS * sd_v
             if not reach <= MAX_LOG_VARIANCE:

@@ -403,8 +403,7 @@ def _warm_start(likelihood: Likelihood, opts: FitOptions) -> np.ndarray:
     if isinstance(integrand, SchoolSums) or not lay.scale_re_terms or lay.bs_terms:
         return cold
     base = ParamLayout(lay.mean_terms, lay.scale_terms, lay.q, True)
-    design = replace(likelihood.design, layout=base)
-    core = Likelihood.build(design, QuadratureSpec("uexact", DEFAULT_NAGQ_UEXACT) if lay.q else likelihood.spec)
+    core = likelihood.with_layout(base, QuadratureSpec("uexact", DEFAULT_NAGQ_UEXACT) if lay.q else likelihood.spec)
     try:
         opt = maximize(core, replace(opts, start=None, max_time=None))
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):

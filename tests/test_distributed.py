@@ -121,6 +121,46 @@ def test_school_tables_equal_in_memory(pairs, name):
     np.testing.assert_allclose(b.population_quantities().to_numpy(), a.population_quantities().to_numpy(), rtol=1e-7, atol=1e-12)
 
 
+def _scale_re_data(seed: int = 5) -> pd.DataFrame:
+    """60 schools of 20-30 pupils (1,485 rows) whose log variance has a random intercept and slope in
+    ``x``: a ``scale_re_formula="~ x"`` model whose core fit is far from the boundary, so the fit
+    starts from it (:func:`mlsml.optimize._warm_start`; with fewer or smaller schools it starts cold)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(20, 31, 60)
+    school = np.repeat(np.arange(1, 61), sizes)
+    x = rng.normal(size=school.size)
+    u0 = rng.normal(0, 1.0, 60)[school - 1]
+    v = rng.multivariate_normal([0, 0], [[1.0, 0.05], [0.05, 0.2]], 60)[school - 1]
+    logvar = -0.5 + 0.2 * x + v[:, 0] + v[:, 1] * x
+    y = 0.1 + 0.5 * x + u0 + rng.normal(size=school.size) * np.exp(logvar / 2)
+    return pd.DataFrame({"school": school, "x": x, "y": y})
+
+
+def test_scale_re_formula_on_the_cluster_equals_in_memory(client):
+    # random slopes in the log variance: the warm start's core fit and the extended fit both on the blocks
+    data = _scale_re_data()
+    ddf = dd.from_pandas(data, npartitions=3, sort=False)
+    spec = dict(formula="y ~ x", scale_formula="~ x", scale_re_formula="~ x")
+    a, b = _fit(data, spec), _fit(ddf, spec, client=client)
+    assert b.model.layout.scale_re_terms == a.model.layout.scale_re_terms == ("Intercept", "x")
+    assert not a.singular and np.isfinite(a.bse).all()
+    # both started from their core fit (not the moment start values), the cluster's on the blocks
+    cold = mlsml.start.start_values(a.model.objective().integrand)
+    assert np.max(np.abs(a.optsum.start - cold)) > 1e-3
+    np.testing.assert_allclose(b.optsum.start, a.optsum.start, rtol=1e-7, atol=1e-9)
+    _same_fit(a, b)
+    sa, sb = a.random_effects(), b.random_effects()
+    assert sa.index.equals(sb.index) and list(sa.columns) == list(sb.columns)
+    np.testing.assert_allclose(sb.to_numpy(float), sa.to_numpy(float), rtol=RTOL, atol=1e-12)
+    sa, sb = a.school_effects(), b.school_effects()
+    exact = [c for c in sa.columns if not c.endswith(("_rank_lo", "_rank_hi"))]
+    np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(b.population_quantities().to_numpy(), a.population_quantities().to_numpy(), rtol=1e-7, atol=1e-12)
+    assert "var(v1)" in b.summary().as_text()
+    # start_params are checked on the driver from G's column ranges (the rows of G stay on the workers)
+    b.model._check_start(b.model.theta_from_params(a.params), b.likelihood)
+
+
 def test_predictions_are_dask_collections_equal_to_in_memory(pairs, tmp_path):
     a, b = pairs["model3"]
     pred = b.predict(kind="variance")
@@ -247,8 +287,8 @@ def test_refused_models_name_what_is_refused(client, data):
     ddf = dd.from_pandas(data, npartitions=2, sort=False)
     with pytest.raises(ModelSpecError, match="center"):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
-    with pytest.raises(ModelSpecError, match="scale_re_formula"):
-        mlsml.fit("y ~ x", ddf, groups="school", scale_re_formula="~ x", client=client)
+    with pytest.raises(ModelSpecError, match="bs_formula"):
+        mlsml.fit("y ~ x", ddf, groups="school", bs_formula="~ x", client=client)
     with pytest.raises(ModelSpecError, match="offset must name a column"):
         mlsml.fit("y ~ x", ddf, groups="school", offset=np.zeros(len(data)), client=client)
     with pytest.raises(ModelSpecError, match="weights must name a column"):
