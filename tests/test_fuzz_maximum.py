@@ -79,8 +79,11 @@ SEED = int(os.environ.get("MLSML_FUZZ_MAX_SEED", "20261128"))
 #: per case to fit a 60-90 s budget. Re-time when switching this on.
 CI_MAX_ROWS = 60
 
-#: Time cap of one CI fit (the full run uses validation.fuzz.CASE_SECONDS).
-CI_CASE_SECONDS = 20.0
+#: Time cap of one CI fit (the full run uses validation.fuzz.CASE_SECONDS). 30, not 20: on
+#: 2026-11-28 two cases that reach their maximum (6643363068582114928, 1478415917575154483)
+#: took 20.8 and 22.6 CPU-s with four processes sharing the 2 cores (under 20 when alone);
+#: CPU time grows with contention, and the cap guards CI's budget, not the criterion.
+CI_CASE_SECONDS = 30.0
 
 #: Classes that fail issue 12's criterion.
 FAILING = ("below_max", "bad_llf", "error_uncaught", "over_time_cap")
