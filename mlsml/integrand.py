@@ -1385,16 +1385,7 @@ class SchoolOutcome(NamedTuple):
             return self._nominal_point_derivs(phi, b, fisher)
         J, d = b.shape
         eta = np.asarray(self.eta(phi, b), dtype=float)
-        grad = np.zeros((J, d))
-        hess = np.zeros((J, d, d))
-        for c, S in enumerate(self.effects):
-            coef = phi[c] * self.A[:, c]
-            for a in S:
-                rest = [e for e in S if e != a]
-                grad[:, a] += coef * np.prod(b[:, rest], axis=1) if rest else coef
-                for a2 in rest:
-                    rest2 = [e for e in rest if e != a2]
-                    hess[:, a, a2] += coef * np.prod(b[:, rest2], axis=1) if rest2 else coef
+        grad, hess = self._eta_derivs(phi, b)
         y = self.y
         if self.family == "gaussian":
             iv = np.exp(-phi[len(self.names)])
