@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize as sopt
 
-from .likelihood import Likelihood
+from .likelihood import Likelihood, value_or_nan
 from .params import chol_from_vector, sigma_derivatives, vector_from_chol
 from .quadrature import max_nagq
 
@@ -542,8 +542,7 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
     R = np.clip(S / np.outer(sd, sd), -1.0, 1.0) * 0.99 + 0.01 * np.eye(d)  # away from singular to start
     L0 = np.linalg.cholesky(R * np.outer(np.sqrt(var0), np.sqrt(var0)))
-    with np.errstate(all="ignore"):
-        base = float(probe.value(theta))
+    base = value_or_nan(probe, theta)  # NaN: the rule check below fails and no face is reported
     nagq = probe.spec.nagq
     check = probe.with_spec(nagq=max(nagq, min(2 * nagq + 1, max_nagq(d))))
     if not _face_rule_accurate(check, theta, base):

@@ -36,7 +36,7 @@ from .boundary import (
     weakly_determined,
 )
 from .design import Design
-from .likelihood import Likelihood
+from .likelihood import Likelihood, value_or_nan
 from .optimize import FALLBACK_METHOD, OptSummary, information_pd, maximize, quadrature_check
 from .predict import fitted_moments
 from .rescale import reparametrise
@@ -351,9 +351,9 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
     elif faces is None:
         faces = tuple(replace(f, llf=f.llf - shift) for f in search_faces(lik_c, theta_c))
     else:  # the earlier search's maxima, against this fit by the same (product) rule
-        with np.errstate(all="ignore"):
-            base = float(boundary_likelihood(lik_c).value(theta_c)) - shift
-        faces = tuple(replace(f, gain=f.llf - base) for f in faces)
+        base = value_or_nan(boundary_likelihood(lik_c), theta_c) - shift
+        # where the product rule cannot be evaluated at this fit no face is compared with it
+        faces = tuple(replace(f, gain=f.llf - base) for f in faces) if np.isfinite(base) else ()
     if on_boundary or (faces and faces[0].gain > FACE_LLF_TOL):
         # an interior fit searched only because Sigma is weakly determined says nothing
         # about the faces unless one is higher (then it is not the maximum)
@@ -412,8 +412,9 @@ def _higher_by_product(lik: Likelihood, new: OptSummary, old: OptSummary) -> boo
     points gives -139.607, below a fit at -139.488. A refit is kept only if both rules agree.
     """
     probe = boundary_likelihood(lik)
-    with np.errstate(all="ignore"):
-        return bool(probe.value(np.asarray(new.theta, dtype=float)) > probe.value(np.asarray(old.theta, dtype=float)))
+    # where the product rule cannot be evaluated at either point (an exactly singular block
+    # in its mode finder just inside a face) it does not confirm the refit: NaN > x is false
+    return bool(value_or_nan(probe, new.theta) > value_or_nan(probe, old.theta))
 
 
 def _step_inside(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics) -> tuple[OptSummary, Diagnostics]:

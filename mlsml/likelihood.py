@@ -48,6 +48,10 @@ from .quadrature import Nodes, QuadratureSpec, Rule, default_nagq, place_nodes
 #: optimiser for ``scale_re_formula`` models with several scale effects.
 START_HESSIAN_NAGQ = 7
 
+#: What evaluating a rule can raise where it cannot be evaluated at all (an exactly singular
+#: block in the mode finder, a NaN reaching SciPy): :func:`value_or_nan` turns them into NaN.
+EVALUATION_ERRORS = (np.linalg.LinAlgError, ValueError, FloatingPointError)
+
 
 @dataclass(frozen=True, eq=False)
 class Likelihood:
@@ -274,6 +278,20 @@ class Likelihood:
         a = a - a.max(axis=1, keepdims=True)
         p = np.exp(a)
         return p / p.sum(axis=1, keepdims=True)
+
+
+def value_or_nan(lik: Likelihood, theta) -> float:
+    """``lik.value(theta)``, or NaN where the rule cannot be evaluated (:data:`EVALUATION_ERRORS`).
+
+    For probes that compare two points by a second rule (the diagnostics' face search): a
+    point where that rule fails is one the probe cannot vouch for, and every comparison with
+    NaN is false.
+    """
+    try:
+        with np.errstate(all="ignore"):
+            return float(lik.value(np.asarray(theta, dtype=float)))
+    except EVALUATION_ERRORS:
+        return float("nan")
 
 
 def _weighted_sum(design: Design, per_school):

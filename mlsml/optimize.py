@@ -108,6 +108,17 @@ TIME_BUDGET_MESSAGE = (
 )
 
 
+#: Exceptions SciPy's optimisers raise from their own code, not ours: the exact trust-region
+#: subproblem solver of SciPy >= 1.14 leaves ``p`` unassigned when every one of its bounded
+#: iterations fails to factorise the shifted Hessian (``UnboundLocalError`` in
+#: ``_trustregion_exact.IterativeSubproblem.solve``; fuzz cases 7171776977957833427 and
+#: 6860789989373240639). The pass stops at its best point and is not converged.
+SCIPY_FAILURES: tuple[type[BaseException], ...] = (UnboundLocalError,)
+
+#: The message of a pass that SciPy ended with one of :data:`SCIPY_FAILURES`.
+SCIPY_FAILURE_MESSAGE = "SciPy's {method} failed inside its own code ({error}); the pass stopped at its best point"
+
+
 class _OutOfTime(Exception):
     """Raised inside the objective when :attr:`FitOptions.max_time` has passed."""
 
@@ -123,7 +134,9 @@ class _Budget:
     def __init__(self, t0: float, max_time: float | None, theta: np.ndarray):
         self.t0, self.max_time = t0, max_time
         self.best = (np.inf, np.array(theta, dtype=float))
+        self.call_best = self.best  # the best point of the current minimize() call
         self.spent = False
+        self.failed = ""  # SciPy's own failure (SCIPY_FAILURES) in the last minimize() call
 
     def wrap(self, fun):
         def budgeted(th):
@@ -132,17 +145,26 @@ class _Budget:
             out = fun(th)
             if out[0] < self.best[0]:
                 self.best = (out[0], np.array(th, dtype=float))
+            if out[0] < self.call_best[0]:
+                self.call_best = (out[0], np.array(th, dtype=float))
             return out
 
         return budgeted
 
     def minimize(self, fun, theta, **kw):
+        self.call_best = (np.inf, np.array(theta, dtype=float))
+        self.failed = ""
         try:
             return sopt.minimize(fun, theta, **kw)
         except _OutOfTime:
             self.spent = True
             value, x = self.best if np.isfinite(self.best[0]) else (np.inf, theta)
             return sopt.OptimizeResult(x=x, fun=value, nit=0, nfev=0, success=False, message="time budget spent")
+        except SCIPY_FAILURES as exc:
+            # SciPy's bug, not the data's: the pass ends at the best point it evaluated
+            self.failed = SCIPY_FAILURE_MESSAGE.format(method=kw.get("method"), error=f"{type(exc).__name__}: {exc}")
+            value, x = self.call_best
+            return sopt.OptimizeResult(x=x, fun=value, nit=0, nfev=0, success=False, message=self.failed)
 
     def message(self, passes: int) -> str:
         return TIME_BUDGET_MESSAGE.format(budget=self.max_time, used=time.perf_counter() - self.t0, passes=passes)
@@ -821,6 +843,9 @@ def _run(
             callback(first_pass + passes - 1, theta, llf)
         if budget.spent:
             message = budget.message(passes)
+            break
+        if budget.failed:
+            message = budget.failed
             break
         if step < opts.xtol and abs(llf - llf_old) < opts.ftol * max(1.0, 1e-3 * abs(llf)):
             converged = True

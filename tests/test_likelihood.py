@@ -8,8 +8,9 @@ import pytest
 
 import mlsml
 from mlsml.integrand import Sums, SumsModeProblem, school_sums
-from mlsml.likelihood import Likelihood
+from mlsml.likelihood import EVALUATION_ERRORS, Likelihood, value_or_nan
 from mlsml.quadrature import QuadratureSpec, default_nagq, gauss_hermite_rule
+from mlsml.start import start_values
 
 
 def _lik(design, nagq=None, kind="product"):
@@ -159,3 +160,17 @@ def test_random_scale_only_model_is_nested(exam):
     assert list(only_v.params.index[-1:]) == ["var(v)"]
     assert only_v.llf < both.llf
     assert np.isfinite(only_v.bse).all()
+
+
+def test_value_or_nan_is_nan_where_the_rule_cannot_be_evaluated(exam):
+    """The face probe's comparisons (fuzz cases 7772673247089237100, 8873838884344575339:
+    an exactly singular block in the mode finder just inside a face) see NaN, not an error."""
+    lik = mlsml.MELSM.from_formula("normexam ~ standLRT", exam, groups="school").objective()
+    theta = np.asarray(start_values(lik.integrand), dtype=float)
+    assert value_or_nan(lik, theta) == pytest.approx(float(lik.value(theta)))
+
+    class Failing:
+        def value(self, theta):
+            raise EVALUATION_ERRORS[0]("Singular matrix")
+
+    assert np.isnan(value_or_nan(Failing(), theta))

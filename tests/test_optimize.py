@@ -14,8 +14,10 @@ from mlsml.diagnostics import diagnose
 from mlsml.optimize import (
     FALLBACK_METHOD,
     RULE_RAISE_TOL,
+    SCIPY_FAILURES,
     FitOptions,
     OptSummary,
+    _Budget,
     _newton_decrement,
     _newton_polish,
     maximize,
@@ -229,3 +231,24 @@ def test_newton_polish_takes_a_final_step_when_it_exceeds_xtol():
     polished, *_, n1 = _newton_polish(off, lik, dtol=1e-6, xtol=1e-10)
     assert n1 == 1
     assert np.max(np.abs(polished - top)) < 1e-9
+
+
+def test_a_pass_scipy_ends_with_its_own_error_stops_at_its_best_point_not_converged():
+    """SciPy >= 1.14's trust-exact subproblem can end in ``UnboundLocalError`` (fuzz cases
+    7171776977957833427, 6860789989373240639): the pass keeps its best point and says why."""
+
+    def fun(th):
+        return float(np.sum((th - 1.0) ** 2)), 2.0 * (th - 1.0)
+
+    def broken(f, x0, args=(), jac=None, **kw):  # a SciPy method that fails after two evaluations
+        f(x0)
+        f(np.full_like(x0, 0.5))
+        raise SCIPY_FAILURES[0]("cannot access local variable 'p'")
+
+    budget = _Budget(0.0, None, np.zeros(2))
+    res = budget.minimize(budget.wrap(fun), np.zeros(2), jac=True, method=broken)
+    assert not res.success and budget.failed.startswith("SciPy's")
+    np.testing.assert_array_equal(res.x, [0.5, 0.5])  # the better of the two points it saw
+    assert res.fun == pytest.approx(0.5)
+    ok = budget.minimize(budget.wrap(fun), np.zeros(2), jac=True, method="BFGS")
+    assert ok.success and budget.failed == ""  # the next pass starts clean
