@@ -822,18 +822,22 @@ def run(
     max_rows: int = MAX_ROWS,
     case_seconds: float = CASE_SECONDS,
     first: int = 0,
+    indices: list[int] | None = None,
 ) -> pd.DataFrame:
     """Run cases ``first`` to ``n - 1`` of the sequence (in ``jobs`` processes), writing each row to ``out``.
 
     A run can be split in pieces (``first``) and the CSVs concatenated: case ``i`` is the
-    same data and specification whatever piece it is run in.
+    same data and specification whatever piece it is run in. ``indices`` runs only those
+    cases of the sequence, in that order (a piece, or earlier cases re-run on newer code).
 
     Returns
     -------
     pandas.DataFrame
         One row per case, sorted by index, columns :data:`COLUMNS`.
     """
-    tasks = [(i, s, quick, max_rows, case_seconds) for i, s in enumerate(case_seeds(n, seed)) if i >= first]
+    seeds = case_seeds(n, seed)
+    order = [i for i in range(n) if i >= first] if indices is None else list(indices)
+    tasks = [(i, seeds[i], quick, max_rows, case_seconds) for i in order]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -1052,6 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=2000)
     ap.add_argument("--first", type=int, default=0, help="skip the cases before this index (to run a sequence in pieces)")
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--indices", type=str, default="", help="comma-separated indices of the sequence to run (instead of --first)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--out", type=Path, default=None, help="results CSV (one row per case)")
     ap.add_argument("--quick", action="store_true", help="CI routes only (standardized BFGS + trust-exact polish)")
@@ -1088,7 +1093,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    df = run(a.cases, a.seed, jobs=a.jobs, out=a.out, quick=a.quick, max_rows=a.max_rows, case_seconds=a.case_seconds, first=a.first)
+    df = run(
+        a.cases,
+        a.seed,
+        jobs=a.jobs,
+        out=a.out,
+        quick=a.quick,
+        max_rows=a.max_rows,
+        case_seconds=a.case_seconds,
+        first=a.first,
+        indices=[int(i) for i in a.indices.split(",") if i.strip()] or None,
+    )
     print(f"started {started}, commit {_git_commit()}, {time.perf_counter() - t0:.0f} s wall, {a.jobs} jobs")
     print(tallies(df))
     if "gap" in df:
