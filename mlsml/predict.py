@@ -67,6 +67,7 @@ Standard errors: see :meth:`mlsml.MELSMResults.get_prediction`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ from .groupmeans import uses_group_transforms
 from .integrand import Sums, school_sums
 from .likelihood import Likelihood
 from .quadrature import Nodes, QuadratureSpec, default_nagq
+from .rescale import reparametrise
 
 # imported on first use, to keep `import mlsml` fast (see tests/test_import.py)
 patsy = LazyModule("patsy")
@@ -176,6 +178,12 @@ class PosteriorGrid:
     random_scale: bool
     density: np.ndarray | None = None
     ddensity: np.ndarray | None = None
+
+    def mapped(self, Tuu: np.ndarray) -> PosteriorGrid:
+        r"""The same grid for mean effects ``u = T_uu u_s`` (``v`` unchanged): ``mu = T_uu mu_s``, ``V = T_uu V_s T_uu'``."""
+        mu = np.einsum("qr,jgr->jgq", Tuu, self.mu)
+        V = np.einsum("qr,jgrs,ts->jgqt", Tuu, self.V, Tuu)
+        return dataclasses.replace(self, mu=mu, V=V)
 
     @classmethod
     def build(
@@ -544,6 +552,90 @@ def posterior_likelihood(res) -> Likelihood:
 
 
 @dataclass(frozen=True)
+class FitScalePosterior:
+    r"""Every school's adapted nodes and posterior weights, computed on the scale the fit ran on.
+
+    The fit maximised a standardised copy of the design (:mod:`mlsml.rescale`), whose school
+    effects are ``b = T b_s``. The posterior is the same distribution on either scale, but
+    only the standardised one is well conditioned for a covariate such as a Unix timestamp
+    (``x ~ 1e9``): there :math:`Z_j'Z_j` has a condition number near ``1e20`` and the mode
+    finder meets an exactly singular matrix. So the nodes are adapted and weighted on the
+    standardised scale and mapped back, :math:`b_{jk} = T\,b_{s,jk}` (the weights
+    :math:`p_{jk}` do not change).
+
+    Attributes
+    ----------
+    nodes : Nodes
+        The nodes in the fit's own units (``neg_hess`` dropped).
+    weights : ndarray (J, K)
+        Normalised posterior weights of the nodes.
+    likelihood, theta : Likelihood, ndarray
+        The standardised likelihood and its estimates (the fit's own when nothing was standardised).
+    T : ndarray (d, d)
+        The map of the school effects, ``b = T b_s``.
+    """
+
+    nodes: Nodes
+    weights: np.ndarray
+    likelihood: Likelihood
+    theta: np.ndarray
+    T: np.ndarray
+
+    @property
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior means ``(J, d)`` and covariances ``(J, d, d)`` of ``b_j`` (the fit's units)."""
+        return _moments(self.weights, self.nodes)
+
+    @property
+    def v_unscaled(self) -> bool:
+        """Whether the scale effects are not rescaled (``T`` is the identity on them)."""
+        q = self.likelihood.layout.q
+        return bool(np.array_equal(self.T[q:, q:], np.eye(self.T.shape[0] - q)) and not self.T[q:, :q].any())
+
+
+def fit_scale_posterior(res, lik: Likelihood | None = None) -> FitScalePosterior:
+    """The school posteriors of a fit under ``lik`` (default :func:`posterior_likelihood`), see :class:`FitScalePosterior`."""
+    lik = posterior_likelihood(res) if lik is None else lik
+    theta = np.asarray(res.theta, dtype=float)
+    d = lik.layout.d
+    theta_s = getattr(res.optsum, "theta_std", None)
+    rp = reparametrise(lik.design) if theta_s is not None and isinstance(lik.design, Design) else None
+    if rp is None or rp.identity:
+        nodes = lik.adapt(theta)
+        return FitScalePosterior(nodes, lik.posterior_weights(theta, nodes), lik, theta, np.eye(d))
+    lik_s, theta_s = lik.with_design(rp.design), np.asarray(theta_s, dtype=float)
+    ns = lik_s.adapt(theta_s)
+    T = rp.T
+    Tb = T[ns.start :, ns.start :]
+    nodes = dataclasses.replace(
+        ns,
+        b=np.einsum("de,jke->jkd", T, ns.b),
+        mode=ns.mode @ T.T,
+        chol=np.einsum("de,jef->jdf", Tb, ns.chol),
+        log_det=ns.log_det + float(np.linalg.slogdet(Tb)[1]),
+        neg_hess=None,
+    )
+    return FitScalePosterior(nodes, lik_s.posterior_weights(theta_s, ns), lik_s, theta_s, T)
+
+
+def school_moments(res) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means ``(J, d)`` and covariances ``(J, d, d)`` of every school's effects at the estimates.
+
+    :func:`posterior_moments` of :func:`posterior_likelihood`, computed on the fit's
+    standardised scale (:class:`FitScalePosterior`).
+    """
+    return fit_scale_posterior(res).moments
+
+
+def posterior_grid(res, post: FitScalePosterior, mean: np.ndarray | None, sd: np.ndarray | None) -> PosteriorGrid:
+    """:meth:`PosteriorGrid.build` for a fit, on the standardised scale where ``v`` is not rescaled, mapped back."""
+    q = res.layout.q
+    if post.v_unscaled:
+        return PosteriorGrid.build(post.theta, post.likelihood.design, mean, sd).mapped(post.T[:q, :q])
+    return PosteriorGrid.build(np.asarray(res.theta, dtype=float), res.model.design, mean, sd)
+
+
+@dataclass(frozen=True)
 class PredictionRows:
     """The covariates of the rows to predict, and their schools.
 
@@ -830,20 +922,19 @@ class _Posterior:
     nodes: Nodes
     grid: PosteriorGrid | None
     likelihood: Likelihood
+    weights: np.ndarray
 
 
 def _posterior(res) -> _Posterior:
-    design = res.model.design
-    lay = design.layout
+    lay = res.model.design.layout
     lik = posterior_likelihood(res)
-    theta = np.asarray(res.theta, dtype=float)
-    nodes = lik.adapt(theta)
-    mean, cov = _moments(lik.posterior_weights(theta, nodes), nodes)
+    post = fit_scale_posterior(res, lik)
+    mean, cov = post.moments
     grid = None
     if lay.random_scale and lik.integrand.core:  # the exact marginal of v (core models)
         q = lay.q
-        grid = PosteriorGrid.build(res.theta, design, mean[:, q], np.sqrt(cov[:, q, q]))
-    return _Posterior(mean, cov, nodes, grid, lik)
+        grid = posterior_grid(res, post, mean[:, q], np.sqrt(cov[:, q, q]))
+    return _Posterior(mean, cov, post.nodes, grid, lik, post.weights)
 
 
 def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) -> tuple[np.ndarray, np.ndarray]:
@@ -870,9 +961,8 @@ def _predicted(res, rows: PredictionRows, kind: str, post: _Posterior | None) ->
     if post.grid is not None:
         e1, e2 = post.grid.mean_exp_v(c)[j], post.grid.mean_exp_v(2 * c)[j]
     else:
-        p = post.likelihood.posterior_weights(theta, post.nodes)
-        e1 = _posterior_exp(p, post.nodes.b, rows, q, c)
-        e2 = _posterior_exp(p, post.nodes.b, rows, q, 2 * c)
+        e1 = _posterior_exp(post.weights, post.nodes.b, rows, q, c)
+        e2 = _posterior_exp(post.weights, post.nodes.b, rows, q, 2 * c)
     out[known] = scale * e1
     post_var[known] = scale**2 * np.clip(e2 - e1**2, 0.0, None)
     return out, post_var

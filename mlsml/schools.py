@@ -47,7 +47,7 @@ from scipy import special
 from ._lazy import LazyModule
 from .design import Design
 from .errors import ModelSpecError
-from .predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from .predict import fit_scale_posterior, posterior_grid, posterior_likelihood, school_moments
 from .quadgrid import QuadraticPosterior
 from .scalegrid import ScaleGrid
 
@@ -203,7 +203,7 @@ def random_effects(res, cov: bool = False):
     """Posterior means and SDs of the school effects (see :meth:`MELSMResults.random_effects`)."""
     design = res.model.design
     lay = design.layout
-    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
+    mean, C = school_moments(res)
     cols = {}
     for i, name in enumerate(lay.re_names):
         cols[name] = mean[:, i]
@@ -263,7 +263,8 @@ def school_effects(
         wbar, gbar = variance_vectors(res, w)
         wa = float(wbar @ alpha)
     probs = [(1 - level) / 2, (1 + level) / 2]
-    mean, C = posterior_moments(posterior_likelihood(res), res.theta)
+    post = fit_scale_posterior(res)
+    mean, C = post.moments
     rng = np.random.default_rng(seed)
     if lay.quad_assoc:  # u0 | w, y is not normal: the 2-d grid of (u0, w) (mlsml.quadgrid)
         qp = QuadraticPosterior.build(res.likelihood.integrand, res.theta, mean, C)
@@ -275,7 +276,7 @@ def school_effects(
         qv = qp.quantile_w(probs)
         ev = qp.mean_exp_w()
     elif res.likelihood.integrand.core:  # the exact grid of v (one Sigma, one v)
-        grid = PosteriorGrid.build(res.theta, design, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
+        grid = posterior_grid(res, post, mean[:, q] if rs else None, np.sqrt(C[:, q, q]) if rs else None)
         cu, vd = grid.draws(zbar if q else None, int(ndraws), rng)
         m = mean[:, :q] @ zbar if q else None
         qs = grid.quantile_linear(zbar, probs) if q else None
@@ -434,7 +435,7 @@ def school_predictions(res, wbar, zbar, gbar):
     lay = design.layout
     q = lay.q
     lik = posterior_likelihood(res)
-    nodes = lik.adapt(np.asarray(res.theta, dtype=float))
+    nodes = fit_scale_posterior(res, lik).nodes
     zu = np.einsum("jkq,q->jk", nodes.b[:, :, :q], zbar)
     ev = np.exp(np.einsum("jkv,v->jk", nodes.b[:, :, q:], gbar))
 

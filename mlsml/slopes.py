@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ModelSpecError
+from .predict import fit_scale_posterior
 
 
 def _posterior_weights(res):
@@ -36,10 +37,8 @@ def _posterior_weights(res):
     ``res.random_effects``), on the fit's product rule (the product default when the
     fit integrated the mean effects exactly: :meth:`mlsml.likelihood.Likelihood.as_product`).
     """
-    lik = res.likelihood.as_product()
-    theta = np.asarray(res.theta, float)
-    nodes = lik.adapt(theta)
-    return nodes, lik.posterior_weights(theta, nodes)
+    post = fit_scale_posterior(res, res.likelihood.as_product())  # adapted on the fit's standardised scale
+    return post.nodes, post.weights
 
 
 def slope_variance_components(

@@ -92,7 +92,7 @@ from .integrand import JOINT_FAMILIES, JointIntegrand, SchoolOutcome
 from .likelihood import Likelihood
 from .optimize import maximize
 from .params import wald_intervals
-from .predict import PosteriorGrid, draw_effects, posterior_likelihood, posterior_moments
+from .predict import PosteriorGrid, draw_effects, school_moments
 from .quadgrid import QuadraticPosterior
 from .quadrature import QuadratureSpec, default_nagq
 from .scalegrid import ScaleGrid
@@ -681,7 +681,7 @@ def _proper_draw(res, sampler, mean: np.ndarray, cov: np.ndarray, rng) -> np.nda
 def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
     """``method="mi"``: Rubin's rules over GLM fits to exact posterior draws (module docstring)."""
     rng = np.random.default_rng(seed)
-    mean, cov = posterior_moments(posterior_likelihood(res), res.theta)
+    mean, cov = school_moments(res)
     y0, X0 = _design(sd, formula, family, mean)
     _check_response(y0, family, sd.response)
     _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
@@ -785,7 +785,7 @@ def school_outcome(sd: SchoolData, formula: str, family: str) -> SchoolOutcome:
 
 def _joint_start(res, sd: SchoolData, formula: str, family: str, outcome: SchoolOutcome) -> np.ndarray:
     """Start of the joint fit: the MELSM's estimates and the stage-2 GLM at the posterior means."""
-    mean, _ = posterior_moments(posterior_likelihood(res), res.theta)
+    mean, _ = school_moments(res)
     y, X = _design(sd, formula, family, mean)
     params, _, _ = _fit_glm(y, X, family, natural=False)
     if family == "gaussian":

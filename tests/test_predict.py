@@ -348,3 +348,31 @@ def test_predictions_of_a_scale_slope_model_use_each_rows_g():
     np.testing.assert_allclose(r.predict(new), r.predict(new, conditional=False) + u.loc[new["school"]].to_numpy(), rtol=1e-12)
     pr = r.get_prediction(new, kind="variance")
     assert np.all(np.isfinite(pr.se)) and np.all(pr.se_posterior > 0) and np.all(pr.se_params > 0)
+
+
+@pytest.fixture(scope="module")
+def timestamp_fits():
+    """A random slope on ``x`` and on ``x + 1.7e9`` (a Unix timestamp): the same model."""
+    df = mlsml.simulate.demo_data(n_groups=30, seed=4)
+    shifted = df.assign(x=df["x"] + 1.7e9)
+    kw = dict(groups="school", re_formula="~ x", scale_formula="~ x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlsml.fit("y ~ x", df, **kw), mlsml.fit("y ~ x", shifted, **kw)
+
+
+def test_posteriors_of_a_timestamp_covariate_are_those_of_the_centred_fit(timestamp_fits):
+    """The school posteriors are computed on the fit's standardised scale and mapped back
+    (fuzz case 7772673247089237100: on the raw scale Z'Z of x ~ 8e9 is singular in floating
+    point and ``summary()`` raised ``LinAlgError``); they are equivariant under the shift."""
+    res, ts = timestamp_fits
+    # two fits, each to the optimiser's tolerance: equal to ~1e-5 in llf, ~1e-4 in estimates
+    assert ts.llf == pytest.approx(res.llf, abs=1e-3)
+    for kind in ("mean", "variance"):
+        np.testing.assert_allclose(ts.predict(kind=kind), res.predict(kind=kind), rtol=2e-3, atol=1e-3)
+    re, re_ts = res.random_effects(), ts.random_effects()
+    # u1 and v are the same effects; u0 is the intercept at x = 0, 1.7e9 away: u0 - 1.7e9 u1
+    for col in ("u1", "u1_sd", "v", "v_sd"):
+        np.testing.assert_allclose(re_ts[col], re[col], rtol=2e-3, atol=1e-3)
+    assert "Log-Likelihood" in ts.summary().as_text()
+    np.testing.assert_allclose(ts.resid, res.resid, rtol=2e-3, atol=1e-3)
