@@ -751,9 +751,13 @@ class SchoolSums(Integrand):
         # S1c from the sums carries rounding of order eps |S2 u_ref| in every direction, also across
         # the rows' span where M is small, so its value too is taken from the rows (along z_i only)
         S1c = [S1[:, a] - S2u[a] for a in range(q)]
-        S1c = [S1c[a] + (s1c_rows[:, a] - _value(S1c[a])) for a in range(q)]
+        S1c = [s1c_rows[:, a] + (S1c[a] - _value(S1c[a])) for a in range(q)]
         S0c = S0 - 2.0 * sum(u_ref[:, a] * S1[:, a] for a in range(q)) + sum(u_ref[:, a] * S2u[a] for a in range(q))
-        S0c = S0c + (s0c_rows - _value(S0c))
+        # x - value(x) is exactly 0 (its derivative that of x), so the value is exactly the rows';
+        # x + (rows - value(x)) kept x's rounding, eps |S0| against a centred S0c of order
+        # eps^2 |S0| in a one-pupil school, and E = exp(-v) up to 1e43 at far nodes made it
+        # log h = +5e7 with numpy 1.24 (tests/test_optimize.py, the var(v) = 53 start)
+        S0c = s0c_rows + (S0c - _value(S0c))
         f = [anp.ones((idx.size, 1))] * q if scale is None else [scale] + [anp.ones((idx.size, 1))] * (q - 1)
         Puu = [[P[a, b] * f[a] * f[b] for b in range(q)] for a in range(q)]  # (J', 1) each
         Puv = [P[a, q] * f[a] for a in range(q)]
@@ -770,7 +774,7 @@ class SchoolSums(Integrand):
             slope = np.where(S2v[:, 0, 0] > 0, S2v[:, 0, 1] / np.where(S2v[:, 0, 0] > 0, S2v[:, 0, 0], 1.0), 0.0)
             det_rows = S2v[:, 0, 0] * np.add.reduceat(d * (z1 - np.repeat(slope, counts) * z0) ** 2, starts)
             detS2 = S2[:, 0, 0] * S2[:, 1, 1] - S2[:, 0, 1] ** 2
-            detS2 = detS2 + (det_rows - _value(detS2))
+            detS2 = det_rows + (detS2 - _value(detS2))
             detP = Puu[0][0] * Puu[1][1] - Puu[0][1] ** 2
             trace = Puu[1][1] * S2[:, 0, 0][:, None] - 2.0 * Puu[0][1] * S2[:, 0, 1][:, None] + Puu[0][0] * S2[:, 1, 1][:, None]
             det = detP + E * trace + E**2 * detS2[:, None]
