@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,16 @@ def test_block_entries_with_school_scaling():
             np.testing.assert_allclose(Mx[0][1][j, k], S2m[j, k, 0, 1] + Pj[0, 1])
             np.testing.assert_allclose(cx[0][j, k], S1[0][j, k] - Pj[0, 2] * v[j, k, 0])
             np.testing.assert_allclose(cx[1][j, k], S1[1][j, k] - Pj[1, 2] * v[j, k, 0])
+
+
+def test_q2_quadratic_form_near_a_singular_sigma_is_accurate():
+    """Near a singular Sigma the prior precision in ``M`` has entries ~1e7 and ``c`` ~4e7 (fuzz
+    case 8083005579234651320): the adjugate form's terms of order 1e22 cancelled to 1e15 and
+    ``c'M^{-1}c`` was off by ~0.03, which made two maxima 0.002 apart. Against exact rational
+    arithmetic on the same floating-point inputs."""
+    m00, m01, m11 = 13512404.01, -8598994.08, 5472217.99
+    c0, c1 = -4.28e7, 2.7251e7
+    _, quad = gaussian.log_det_and_quad([[m00, m01], [m01, m11]], [c0, c1])
+    M00, M01, M11, C0, C1 = (Fraction(x) for x in (m00, m01, m11, c0, c1))
+    exact = (M11 * C0**2 - 2 * M01 * C0 * C1 + M00 * C1**2) / (M00 * M11 - M01**2)
+    assert abs(quad - float(exact)) < 1e-3  # 4e-5; the adjugate form: 0.02
