@@ -979,8 +979,10 @@ def tallies(df: pd.DataFrame) -> str:
             f"(SEs NaN) but reported converged; by how far below: {int((gaps <= 0.1).sum())} by at most 0.1, "
             f"{int(((gaps > 0.1) & (gaps <= 10)).sum())} by 0.1 to 10, {int((gaps > 10).sum())} by more than 10 "
             f"(largest {gaps.max():.4g}); where the accurate product rule was cheap ({int(acc.notna().sum())} cases) it "
-            f"confirms the gap to within {BELOW_MAX_TOL:g} in {int(((acc - gaps).abs() <= BELOW_MAX_TOL).sum())} "
-            f"and puts it below {BELOW_MAX_TOL:g} in {int((acc <= BELOW_MAX_TOL).sum())}.",
+            f"gives a gap within {BELOW_MAX_TOL:g} of this one in {int(((acc - gaps).abs() <= BELOW_MAX_TOL).sum())} "
+            f"and below {BELOW_MAX_TOL:g} in {int((acc <= BELOW_MAX_TOL).sum())} (that rule is trusted to "
+            f"{ACCURATE_AGREE:g} only, and with three school effects it has 12 points: it cannot decide a gap of "
+            f"{BELOW_MAX_TOL:g}; the fit's own rule with more points can).",
         ]
     nc = df[df["cls"] == "not_converged"]
     if len(nc):
