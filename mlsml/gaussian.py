@@ -144,7 +144,26 @@ def conditional_moments(M: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.nd
         V = 1.0 / M
         mu = V[..., 0] * c
         return mu, V, np.log(M[..., 0, 0]), c[..., 0] * mu[..., 0]
-    V = np.linalg.inv(M)
-    V = 0.5 * (V + np.swapaxes(V, -1, -2))
-    mu = np.einsum("...qr,...r->...q", V, c)
-    return mu, V, np.linalg.slogdet(M)[1], np.einsum("...q,...q->...", c, mu)
+    if q == 2:  # closed form, c'M^{-1}c by elimination as in log_det_and_quad
+        m00, m01, m11 = M[..., 0, 0], M[..., 0, 1], M[..., 1, 1]
+        c0, c1 = c[..., 0], c[..., 1]
+        det = m00 * m11 - m01**2
+        V = np.stack([np.stack([m11, -m01], axis=-1), np.stack([-m01, m00], axis=-1)], axis=-2) / det[..., None, None]
+        mu = np.stack([(m11 * c0 - m01 * c1) / det, (m00 * c1 - m01 * c0) / det], axis=-1)
+        return mu, V, np.log(det), c0**2 / m00 + (c1 - m01 / m00 * c0) ** 2 * m00 / det
+    try:
+        L = np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:  # not positive definite to rounding: the general inverse
+        V = np.linalg.inv(M)
+        V = 0.5 * (V + np.swapaxes(V, -1, -2))
+        mu = np.einsum("...qr,...r->...q", V, c)
+        return mu, V, np.linalg.slogdet(M)[1], np.einsum("...q,...q->...", c, mu)
+    # c'M^{-1}c = |L^{-1}c|^2, a sum of squares: c'(M^{-1}c) from an explicit inverse sums
+    # terms of order 1e14 to 1e8 near a singular Sigma (the adjugate form's cancellation)
+    y = np.linalg.solve(L, c[..., None])
+    Lt = np.swapaxes(L, -1, -2)
+    mu = np.linalg.solve(Lt, y)[..., 0]
+    Linv = np.linalg.inv(L)
+    V = np.einsum("...rq,...rs->...qs", Linv, Linv)
+    logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
+    return mu, 0.5 * (V + np.swapaxes(V, -1, -2)), logdet, np.sum(y[..., 0] ** 2, axis=-1)

@@ -79,3 +79,15 @@ def test_q2_quadratic_form_near_a_singular_sigma_is_accurate():
     M00, M01, M11, C0, C1 = (Fraction(x) for x in (m00, m01, m11, c0, c1))
     exact = (M11 * C0**2 - 2 * M01 * C0 * C1 + M00 * C1**2) / (M00 * M11 - M01**2)
     assert abs(quad - float(exact)) < 1e-3  # 4e-5; the adjugate form: 0.02
+
+
+def test_conditional_moments_quadratic_form_near_a_singular_sigma_is_accurate():
+    """:func:`mlsml.gaussian.conditional_moments` (the posterior grid's block) on the same ``M`` and ``c``."""
+    m00, m01, m11 = 13512404.01, -8598994.08, 5472217.99
+    c0, c1 = -4.28e7, 2.7251e7
+    mu, V, logdet, quad = gaussian.conditional_moments(np.array([[m00, m01], [m01, m11]]), np.array([c0, c1]))
+    M00, M01, M11, C0, C1 = (Fraction(x) for x in (m00, m01, m11, c0, c1))
+    det = M00 * M11 - M01**2
+    exact = (M11 * C0**2 - 2 * M01 * C0 * C1 + M00 * C1**2) / det
+    assert abs(quad - float(exact)) < 1e-3  # from numpy's inverse: 0.03
+    np.testing.assert_allclose(mu, [float((M11 * C0 - M01 * C1) / det), float((M00 * C1 - M01 * C0) / det)], rtol=1e-8)
