@@ -43,7 +43,7 @@ patsy = LazyModule("patsy")
 
 
 #: The arrays of a :class:`Design` that are always read-only.
-_ARRAYS = ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S", "S_level1")
+_ARRAYS = ("y", "X", "W", "Z", "group", "starts", "counts", "group_labels", "order", "G", "S", "S_level1", "S_level1_columns")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,11 @@ class Design:
         The mean offset ``o_ij``; ``y`` then holds the response minus the offset.
     scale_offset : ndarray (N,), optional
         The offset of the log residual variance (:meth:`log_variance_index`).
+    S_level1_columns : ndarray (m,) of bool, optional
+        Which columns of the ``bs_formula`` design are level-1 (:func:`bs_level1_columns`);
+        ``None`` when ``S_level1`` is. By default the columns of ``S_level1`` with a nonzero
+        value; a block of schools of a fit on a Dask cluster (:mod:`mlsml.distributed`) is
+        given the mask decided over all blocks (a level-1 column may be zero in all its rows).
     """
 
     y: np.ndarray
@@ -113,8 +118,13 @@ class Design:
     group_weights: np.ndarray | None = None
     offset: np.ndarray | None = None
     scale_offset: np.ndarray | None = None
+    S_level1_columns: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.S_level1 is None:
+            object.__setattr__(self, "S_level1_columns", None)
+        elif self.S_level1_columns is None:
+            object.__setattr__(self, "S_level1_columns", np.any(self.S_level1 != 0, axis=0))
         # read-only: a design is shared by the model, its likelihood and every result
         for name in (*_ARRAYS, "weights", "group_weights", "offset", "scale_offset"):
             a = getattr(self, name)
@@ -169,6 +179,17 @@ class Design:
         A design held by Dask workers (:mod:`mlsml.distributed`) answers from its column means.
         """
         return float(np.mean(self.log_variance_index(alpha)))
+
+    def school_bs_covariates(self) -> np.ndarray:
+        r"""Every school's ``bs_formula`` covariates, :math:`\bar s_j = S_j + n_j^{-1} \sum_i S^{(1)}_{ij}` (J x m).
+
+        The school-level columns and the mean of each level-1 column within the school
+        (:func:`mlsml.schools.school_covariates` averages them over schools). A design held by
+        Dask workers (:mod:`mlsml.distributed`) answers from its blocks' rows of this.
+        """
+        if self.S_level1 is None:
+            return self.S
+        return self.S + np.add.reduceat(self.S_level1, self.starts, axis=0) / self.counts[:, None]
 
     def column_means(self, name: str) -> np.ndarray:
         """The mean of every column of the matrix ``name`` (``"X"``, ``"W"``, ``"Z"`` or ``"G"``).
@@ -1138,16 +1159,62 @@ def extra_designs(frame: pd.DataFrame, extra: dict, codes, order, starts, groups
         Sm = Sdf.to_numpy(dtype=float)[order]
         _check_columns(Sm, names, "the between-school variance design")
         codes_sorted = np.asarray(codes)[order]
-        first = Sm[starts][codes_sorted]
-        # a column that varies within some group is level-1: it loads u0 row by row
-        level1 = np.array(
-            [bool(np.any(np.abs(Sm[:, c] - first[:, c]) > 1e-12 * (1 + np.abs(first[:, c])))) for c in range(len(names))]
-        )
-        S = np.ascontiguousarray(np.where(level1[None, :], 0.0, Sm[starts]))
-        if level1.any():
-            S_level1 = np.ascontiguousarray(np.where(level1[None, :], Sm, 0.0))
+        S, S_level1 = split_bs_design(Sm, bs_level1_columns(Sm, codes_sorted, starts), starts)
         s_terms = tuple(names)
     return G, S, g_terms, s_terms, S_level1
+
+
+#: A ``bs_formula`` column is level-1 when it differs within some school by more than this
+#: relative amount (:func:`bs_level1_columns`).
+LEVEL1_TOLERANCE = 1e-12
+
+
+def bs_level1_columns(Sm: np.ndarray, codes_sorted: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    r"""Which columns of the ``bs_formula`` design are level-1 (time-varying): those not constant within some school.
+
+    A column :math:`c` is level-1 when some row :math:`i` of some school :math:`j` differs from
+    the school's first row :math:`f_j` by more than :data:`LEVEL1_TOLERANCE` relatively,
+
+    .. math::
+
+        |S_{ic} - S_{f_j c}| > \epsilon\,(1 + |S_{f_j c}|);
+
+    it then loads the random intercept row by row (:attr:`Design.S_level1`). Called by
+    :func:`extra_designs` on the whole data and by each block of a fit on a Dask cluster
+    (:mod:`mlsml.distributed`), whose flags the driver combines with ``or`` (a column is
+    level-1 when it is in some block).
+
+    Parameters
+    ----------
+    Sm : ndarray (N, m)
+        The design's rows sorted by school.
+    codes_sorted : ndarray (N,)
+        The school of every row (0..J-1, sorted).
+    starts : ndarray (J,)
+        The first row of every school.
+
+    Returns
+    -------
+    ndarray (m,) of bool
+    """
+    first = Sm[starts][codes_sorted]
+    # a column that varies within some group is level-1: it loads u0 row by row
+    return np.array(
+        [bool(np.any(np.abs(Sm[:, c] - first[:, c]) > LEVEL1_TOLERANCE * (1 + np.abs(first[:, c])))) for c in range(Sm.shape[1])],
+        dtype=bool,
+    )
+
+
+def split_bs_design(Sm: np.ndarray, level1: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    r"""The school-level and level-1 parts of the ``bs_formula`` design: :math:`s_{ij} = S_j + S^{(1)}_{ij}`.
+
+    ``S`` (J x m) is every school's first row with the level-1 columns (``level1``, from
+    :func:`bs_level1_columns`) set to zero; ``S_level1`` (N x m) is the rows with the
+    school-level columns set to zero, or ``None`` when no column is level-1.
+    """
+    S = np.ascontiguousarray(np.where(level1[None, :], 0.0, Sm[starts]))
+    S_level1 = np.ascontiguousarray(np.where(level1[None, :], Sm, 0.0)) if level1.any() else None
+    return S, S_level1
 
 
 def check_extended_layout(layout) -> None:

@@ -89,15 +89,19 @@ from .design import (
     _MemoNAAction,
     _rhs,
     apply_missing_code,
+    bs_level1_columns,
+    check_extended_layout,
     formula_columns,
     report_constant_groups,
     response_values,
+    split_bs_design,
     to_numpy_dtypes,
 )
 from .diagnostics import _tail_schools
 from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .groupmeans import display_name
+from .integrand import bs_zero_variance_reasons
 from .likelihood import Likelihood
 from .params import ParamLayout, constrain
 from .predict import PredictionResults
@@ -131,6 +135,10 @@ patsy = LazyModule("patsy")
 #: Functions of patsy whose result depends on the whole column (their state is learned from
 #: the data): refused, since one pass over partitions cannot learn their state exactly.
 STATEFUL_TRANSFORMS = ("center", "standardize", "scale", "bs", "cr", "cc", "te")
+
+#: The names of the optional formulas in :attr:`Plan.formulas` (as :func:`mlsml.design.extra_designs` names them).
+SCALE_RE_WHAT = "scale random-effects formula"
+BS_WHAT = "between-school variance formula"
 
 #: Design descriptions (one per fitted model) kept per worker process.
 WORKER_PLANS = 8
@@ -473,7 +481,19 @@ class Block:
 
 
 def _design_arrays(design: Design) -> list:
-    fields = (design.y, design.X, design.W, design.Z, design.G, design.group, design.order, design.offset, design.scale_offset)
+    fields = (
+        design.y,
+        design.X,
+        design.W,
+        design.Z,
+        design.G,
+        design.S,
+        design.S_level1,
+        design.group,
+        design.order,
+        design.offset,
+        design.scale_offset,
+    )
     return [a for a in fields if a is not None]
 
 
@@ -485,7 +505,8 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         return Block(None, token)
     infos = _design_infos(plan)
     offsets = _row_offsets(frame, plan, kept_rows)
-    ydf, Xdf, Wdf, Zdf, *Gdf = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
+    ydf, Xdf, Wdf, Zdf, *extra = patsy.build_design_matrices(list(infos), kept, NA_action=_MemoNAAction(), return_type="dataframe")
+    extra = dict(zip((what for _, what in plan.formulas[3:]), extra))
     codes, labels = pd.factorize(kept[plan.groups], sort=True)
     order = np.argsort(codes, kind="stable")
     codes_sorted = codes[order]
@@ -493,7 +514,9 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     frames = {"X": Xdf, "W": Wdf, "Z": Zdf}
     if plan.layout.scale_re_terms:  # the design of the scale effects (scale_re_formula)
-        frames["G"] = Gdf[0]
+        frames["G"] = extra[SCALE_RE_WHAT]
+    if plan.layout.bs_terms:  # the between-school variance design (bs_formula), split by _classified_block
+        frames["S"] = extra[BS_WHAT]
     arrays = {name: f.to_numpy(dtype=float) for name, f in frames.items()}
     for name, M in arrays.items():
         bad = ~np.isfinite(M)
@@ -507,6 +530,10 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
     # the same covariates in the mean and the log variance (London Models 5-6): one array for both
     same = arrays["W"].shape == arrays["X"].shape and np.array_equal(arrays["W"], arrays["X"])
     y = ydf.to_numpy(dtype=float).ravel()[order]
+    bs = {}
+    if "S" in arrays:  # every column held as level-1 until the driver has decided which are (_classified_block)
+        Sm = np.ascontiguousarray(arrays["S"][order])
+        bs = {"S": np.zeros((len(labels), Sm.shape[1])), "S_level1": Sm, "S_level1_columns": np.ones(Sm.shape[1], dtype=bool)}
     design = Design(
         y=y - offsets["offset"] if "offset" in offsets else y,  # as in memory: y holds the response minus the offset
         X=X,
@@ -522,10 +549,27 @@ def _build_block(frame: pd.DataFrame, plan: Plan, token: str) -> Block:
         layout=plan.layout,
         info={"response": plan.response},
         **offsets,
+        **bs,
     )
     if plan.weighted:
         design = dataclasses.replace(design, **_block_weights(frame.loc[kept_rows].iloc[order], plan, design))
     return Block(design, token)
+
+
+def _classified_block(block: Block, level1: np.ndarray) -> Block:
+    r"""A block whose ``bs_formula`` design is split into its school-level and level-1 columns.
+
+    ``level1`` is the driver's decision over all blocks (a column is level-1 when it varies
+    within some school of some block, :func:`mlsml.design.bs_level1_columns`), applied by the
+    function the in-memory design uses (:func:`mlsml.design.split_bs_design`), so that every
+    block has the in-memory :attr:`~mlsml.design.Design.S` and
+    :attr:`~mlsml.design.Design.S_level1` of its schools.
+    """
+    design = block.design
+    if design is None:
+        return block
+    S, S_level1 = split_bs_design(design.S_level1, level1, design.starts)
+    return Block(dataclasses.replace(design, S=S, S_level1=S_level1, S_level1_columns=level1), block.token)
 
 
 def _block_weights(rows: pd.DataFrame, plan: Plan, design: Design) -> dict:
@@ -684,6 +728,8 @@ def _evaluate(block: Block, req: Request):
         return _start_resid(design, req.extra)
     if req.op == "check_delta":
         return float(np.max(np.abs(design.W @ req.extra[0] - req.extra[1])))
+    if req.op == "bs_level1":
+        return bs_level1_columns(design.S_level1, design.group, design.starts)
     lik = Likelihood.build(design, req.spec)
     theta = req.theta
     nodes = None
@@ -698,6 +744,8 @@ def _evaluate(block: Block, req: Request):
         return np.asarray(lik.hessian(theta, nodes), dtype=float)
     if req.op == "start_hessian":
         return np.asarray(lik.start_hessian(theta), dtype=float)
+    if req.op == "u0_variance_max":
+        return float(lik.integrand.u0_variances(theta).max())
     if req.op == "per_school":
         return lik.per_school(theta, nodes)
     if req.op == "school_scores":
@@ -774,6 +822,9 @@ class DesignMoments:
     so: ColumnMoments | None = None  # of the scale offset, when the design has one
     Wtso: np.ndarray | None = None  # W' scale_offset
     G: ColumnMoments | None = None  # of the design of the scale effects (scale_re_formula)
+    S: ColumnMoments | None = None  # of the school-level bs_formula design S, one row per school
+    Srows: ColumnMoments | None = None  # of the rows' bs_formula design S[group] + S_level1
+    StS: np.ndarray | None = None  # the Gram matrix of those rows
 
     def merge(self, other: DesignMoments) -> DesignMoments:
         """Both row sets' moments."""
@@ -790,6 +841,9 @@ class DesignMoments:
             None if self.so is None else self.so.merge(other.so),
             None if self.Wtso is None else self.Wtso + other.Wtso,
             None if self.G is None else self.G.merge(other.G),
+            None if self.S is None else self.S.merge(other.S),
+            None if self.Srows is None else self.Srows.merge(other.Srows),
+            None if self.StS is None else self.StS + other.StS,
         )
 
 
@@ -807,8 +861,11 @@ def _school_digests(design: Design) -> np.ndarray:
 
 def _moments(design: Design) -> tuple:
     """A block's :class:`DesignMoments`, school labels and counts, school digests (:func:`_school_digests`),
-    level-2 weights (or ``None``) and total weight of the observations (:attr:`mlsml.design.Design.nobs_weighted`)."""
+    level-2 weights (or ``None``), total weight of the observations (:attr:`mlsml.design.Design.nobs_weighted`)
+    and the schools' ``bs_formula`` covariates (:meth:`mlsml.design.Design.school_bs_covariates`, or ``None``)."""
     ys = design.y
+    bs = bool(design.layout.bs_terms and design.S is not None)
+    Srows = (design.S[design.group] + (0.0 if design.S_level1 is None else design.S_level1)) if bs else None
     varying = int(np.sum(np.maximum.reduceat(ys, design.starts) != np.minimum.reduceat(ys, design.starts)))
     m = DesignMoments(
         ColumnMoments.of(design.y),
@@ -823,8 +880,12 @@ def _moments(design: Design) -> tuple:
         None if design.scale_offset is None else ColumnMoments.of(design.scale_offset),
         None if design.scale_offset is None else design.W.T @ design.scale_offset,
         ColumnMoments.of(design.G) if (design.layout.scale_re_terms and design.G is not None) else None,
+        ColumnMoments.of(design.S) if bs else None,
+        ColumnMoments.of(Srows) if bs else None,
+        Srows.T @ Srows if bs else None,
     )
-    return m, design.group_labels, design.counts, _school_digests(design), design.group_weights, design.nobs_weighted
+    covariates = design.school_bs_covariates() if bs else None
+    return m, design.group_labels, design.counts, _school_digests(design), design.group_weights, design.nobs_weighted, covariates
 
 
 def _start_resid(design: Design, beta: np.ndarray):
@@ -967,6 +1028,24 @@ class ColumnSummary:
         raise DataError(f"the values of {self._name} are held by the Dask workers, not the driver")
 
 
+@dataclass(frozen=True)
+class SchoolCovariates:
+    """What the driver knows of the ``bs_formula`` design of a design held in blocks (J x m numbers).
+
+    Attributes
+    ----------
+    covariates : ndarray (J, m)
+        Every school's covariates (:meth:`mlsml.design.Design.school_bs_covariates`: the
+        school-level columns and the school's mean of each level-1 column), in the order of
+        the design's ``group_labels``.
+    level1 : ndarray (m,) of bool or None
+        Which columns are level-1 (``None``: none is).
+    """
+
+    covariates: np.ndarray
+    level1: np.ndarray | None
+
+
 class DistributedDesign:
     """Stands in for a :class:`~mlsml.design.Design` whose rows are held by Dask workers.
 
@@ -976,7 +1055,7 @@ class DistributedDesign:
     the same blocks with :class:`Standardisation` applied on the workers.
     """
 
-    def __init__(self, layout, counts, group_labels, info, blockset, moments, block_schools, transform=None, weighting=None):
+    def __init__(self, layout, counts, group_labels, info, blockset, moments, block_schools, transform=None, weighting=None, bs=None):
         self.layout = layout
         self.counts = np.asarray(counts, dtype=np.intp)
         self.group_labels = np.asarray(group_labels)
@@ -986,6 +1065,7 @@ class DistributedDesign:
         self.block_schools = block_schools  # per block: positions of its schools in group_labels
         self.transform = transform
         self.weighting = weighting  # the driver's part of the weights (Weighting), or None
+        self.bs = bs  # the driver's part of the bs_formula design (SchoolCovariates), or None
         self._reparametrisation = None  # computed once: its copy is kept by the workers
 
     @property
@@ -1044,8 +1124,22 @@ class DistributedDesign:
 
     @property
     def S(self):
-        """No school-level design (``bs_formula`` is not fitted on a cluster)."""
-        return None
+        """``None`` without ``bs_formula``; with it the rows stay on the workers (:meth:`school_bs_covariates`)."""
+        if self.bs is None:
+            return None
+        raise DataError(
+            "the data of a Dask fit stay on the workers: the design's 'S' is not on the driver "
+            "(school_bs_covariates() gives every school's bs_formula covariates)"
+        )
+
+    @property
+    def S_level1_columns(self) -> np.ndarray | None:
+        """Which ``bs_formula`` columns are level-1 (:attr:`mlsml.design.Design.S_level1_columns`), decided over all blocks."""
+        return None if self.bs is None else self.bs.level1
+
+    def school_bs_covariates(self) -> np.ndarray | None:
+        """Every school's ``bs_formula`` covariates (:meth:`mlsml.design.Design.school_bs_covariates`), gathered from the blocks."""
+        return None if self.bs is None else self.bs.covariates
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
@@ -1066,7 +1160,16 @@ class DistributedDesign:
         """The same blocks evaluated under another layout (the core model of the warm start of
         :func:`mlsml.optimize._warm_start`; the blocks replace the layout of their designs)."""
         return DistributedDesign(
-            layout, self.counts, self.group_labels, self.info, self.blockset, self.moments, self.block_schools, None, self.weighting
+            layout,
+            self.counts,
+            self.group_labels,
+            self.info,
+            self.blockset,
+            self.moments,
+            self.block_schools,
+            None,
+            self.weighting,
+            self.bs,
         )
 
     def with_moments(self) -> DistributedDesign:
@@ -1085,6 +1188,7 @@ class DistributedDesign:
             self.block_schools,
             self.transform,
             self.weighting,
+            self.bs,
         )
 
     def mean_log_variance_index(self, alpha) -> float:
@@ -1103,7 +1207,15 @@ class DistributedDesign:
             blocks = [dask.delayed(_simulated_block, pure=False)(b, theta, int(seed), token) for b in bs.blocks]
         blockset = BlockSet(bs.client, blocks, bs.keep)
         return DistributedDesign(
-            self.layout, self.counts, self.group_labels, self.info, blockset, None, self.block_schools, weighting=self.weighting
+            self.layout,
+            self.counts,
+            self.group_labels,
+            self.info,
+            blockset,
+            None,
+            self.block_schools,
+            weighting=self.weighting,
+            bs=self.bs,
         ).with_moments()
 
     def column_means(self, name: str) -> np.ndarray:
@@ -1139,10 +1251,11 @@ class DistributedDesign:
     def _reparametrise(self) -> Reparametrisation:
         lay = self.layout
         mo = self.moments
+        bs = bool(lay.bs_terms)
         sigma = 1.0
         delta = np.zeros(lay.k)
         sd = float(mo.y.sd[0])
-        if np.isfinite(sd) and sd > 0:
+        if np.isfinite(sd) and sd > 0 and not bs:  # as in memory: y, Z and the school effects unscaled with bs_formula
             sigma = _power_of_two(sd)
         if sigma != 1.0:
             target = 2.0 * np.log(sigma)
@@ -1157,11 +1270,14 @@ class DistributedDesign:
         Px = column_map_from_stats(mo.X.lo, mo.X.hi, mo.X.mean, mo.X.sd)
         Pw = column_map_from_stats(mo.W.lo, mo.W.hi, mo.W.mean, mo.W.sd)
         PS = np.eye(lay.m)
+        if bs and mo.S is not None:  # one row per school; with level-1 columns the rows' whole design
+            Sm = mo.S if self.S_level1_columns is None else mo.Srows
+            PS = column_map_from_stats(Sm.lo, Sm.hi, Sm.mean, Sm.sd)
         d = lay.d
         T = np.eye(d)
-        if d and lay.q:
+        if d and lay.q and not bs:
             T[: lay.q, : lay.q] = sigma * column_map_from_stats(mo.Z.lo, mo.Z.hi, mo.Z.mean, mo.Z.sd)
-        if lay.scale_re_terms and mo.G is not None:
+        if lay.scale_re_terms and mo.G is not None and not bs:
             T[lay.q :, lay.q :] = column_map_from_stats(mo.G.lo, mo.G.hi, mo.G.mean, mo.G.sd)
         if lay.fixed_cov:  # scaling only, as in memory: centring a column would move a fixed zero
             T = np.diag(np.diag(T))
@@ -1170,7 +1286,16 @@ class DistributedDesign:
             return Reparametrisation(self, 1.0, Px, Pw, PS, T, delta, identity=True)
         transform = Standardisation(sigma, Px, Pw, PS, T, uuid.uuid4().hex)
         std = DistributedDesign(
-            self.layout, self.counts, self.group_labels, self.info, self.blockset, None, self.block_schools, transform, self.weighting
+            self.layout,
+            self.counts,
+            self.group_labels,
+            self.info,
+            self.blockset,
+            None,
+            self.block_schools,
+            transform,
+            self.weighting,
+            self.bs,
         )
         return Reparametrisation(std.with_moments(), sigma, Px, Pw, PS, T, delta, identity=False)
 
@@ -1181,8 +1306,6 @@ class DistributedDesign:
         :func:`mlsml.start.start_values_ext` does (:func:`mlsml.start.extended_start`)."""
         lay = self.layout
         if lay.quad_assoc or lay.scale_re_terms or lay.bs_terms:
-            if lay.bs_terms:  # refused by build_distributed_design
-                raise ModelSpecError("bs_formula models are not fitted on a Dask cluster")
             g2 = self.mean_squares("G") if lay.scale_re_terms and self.moments.G is not None else np.ones(lay.n_v)
             return extended_start(lay, self._core_start(core_layout(lay)), [float(v) for v in g2])
         return self._core_start(lay)
@@ -1241,9 +1364,10 @@ def _least_squares_gram(G: np.ndarray, Atb: np.ndarray) -> np.ndarray:
 class DistributedIntegrand:
     """What the optimiser and the diagnostics ask of the integrand of a design held by workers."""
 
-    def __init__(self, design: DistributedDesign):
+    def __init__(self, design: DistributedDesign, spec: QuadratureSpec):
         self.design = design
         self.layout = design.layout
+        self.spec = spec
 
     @property
     def core(self) -> bool:
@@ -1257,8 +1381,17 @@ class DistributedIntegrand:
         return bool(self.layout.random_scale and self.layout.q >= 1)
 
     def extra_singular_reasons(self, theta) -> list[str]:
-        """None for the core model."""
-        return []
+        """:meth:`mlsml.integrand.Integrand.extra_singular_reasons`: with ``bs_formula`` the check of
+        :func:`mlsml.integrand.bs_zero_variance_reasons` on the largest ``var(u0_j)`` of the blocks
+        (each from :meth:`mlsml.integrand.Integrand.u0_variances`); none otherwise."""
+        lay = self.layout
+        if not lay.bs_terms:
+            return []
+        theta = np.asarray(theta, dtype=float)
+        var0_max = max(r for r in self.design.run("u0_variance_max", theta, spec=self.spec) if r is not None)
+        natural = np.asarray(lay.to_natural(theta), dtype=float)
+        mean_log_var = self.design.mean_log_variance_index(natural[lay.p : lay.p + lay.k])
+        return bs_zero_variance_reasons(var0_max, mean_log_var, float(self.design.mean_squares("Z")[0]))
 
     def start_values(self) -> np.ndarray:
         """The moment starting values (:meth:`DistributedDesign.start_values`)."""
@@ -1299,7 +1432,7 @@ class DaskLikelihood:
     @property
     def integrand(self) -> DistributedIntegrand:
         """The driver's view of the integrand (:class:`DistributedIntegrand`)."""
-        return DistributedIntegrand(self.design)
+        return DistributedIntegrand(self.design, self.spec)
 
     @property
     def closed_form(self) -> bool:
@@ -1362,11 +1495,6 @@ class DaskLikelihood:
 # ====================================================================== building the design
 def _check_formulas(formulas: dict) -> None:
     """Refuse what one pass over partitions cannot fit exactly (see the module docstring)."""
-    if formulas.get("bs_formula") is not None:
-        raise ModelSpecError(
-            "bs_formula models are not fitted on a Dask cluster yet (a bs_formula model needs school-level moments and "
-            "the level-1 columns decided over all blocks): fit them in memory (data=a pandas DataFrame)"
-        )
     for name, f in formulas.items():
         if f is None:
             continue
@@ -1452,8 +1580,12 @@ def build_distributed_design(
     sre_formula = None if scale_re_formula is None else _rhs(scale_re_formula)
     if sre_formula is not None:
         _check_formula_names(sre_formula, meta, "the scale random-effects formula")
+    bs_rhs = None if bs_formula is None else _rhs(bs_formula)
+    if bs_rhs is not None:
+        _check_formula_names(bs_rhs, meta, "the between-school variance formula")
+    extras = tuple(f for f in (sre_formula, bs_rhs) if f is not None)
     used: list = []
-    for f in (formula, scale_formula, re_formula) + (() if sre_formula is None else (sre_formula,)):
+    for f in (formula, scale_formula, re_formula) + extras:
         for c in formula_columns(f, meta):
             if c not in used:
                 used.append(c)
@@ -1462,10 +1594,12 @@ def build_distributed_design(
     dup = meta.columns[meta.columns.duplicated()]
     if any(c in set(dup) for c in used):
         raise DataError(f"the data has duplicate columns named {[c for c in used if c in set(dup)][0]!r}")
-    in_c = frozenset(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula + (sre_formula or "")))
+    in_c = frozenset(re.findall(r"C\(\s*([^\W\d][\w\.]*)", formula + scale_formula + re_formula + "".join(extras)))
     items = ((formula, "mean formula"), (scale_formula, "scale formula"), (re_formula, "random-effects formula"))
     if sre_formula is not None:
-        items += ((sre_formula, "scale random-effects formula"),)
+        items += ((sre_formula, SCALE_RE_WHAT),)
+    if bs_rhs is not None:
+        items += ((bs_rhs, BS_WHAT),)
     offsets = []
     for what, column in (("offset", offset), ("scale_offset", scale_offset)):
         if column is None:
@@ -1554,22 +1688,30 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         raise DataError("no rows left after removing missing values")
     plan = dataclasses.replace(plan, categories=categories)
     prototype = _prototype(samples[0], learned, plan)
-    ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec), *sre = _materialise_together(list(plan.formulas), prototype)
+    ((ydf, Xdf), mean_spec), (Wdf, scale_spec), (Zdf, re_spec), *rest = _materialise_together(list(plan.formulas), prototype)
+    extra = dict(zip((what for _, what in plan.formulas[3:]), rest))
+    sre = extra.get(SCALE_RE_WHAT)
     scale_re_terms: tuple = ()
     if sre:  # as extra_designs in memory: an intercept alone is the core model's random scale
-        names = [display_name(str(c), plan.groups) for c in sre[0][0].columns]
+        names = [display_name(str(c), plan.groups) for c in sre[0].columns]
         if not names:
             raise ModelSpecError("scale_re_formula has no terms")
         if names != ["Intercept"]:
             scale_re_terms = tuple(names)
+    bs_terms: tuple = ()
+    if BS_WHAT in extra:
+        bs_terms = tuple(display_name(str(c), plan.groups) for c in extra[BS_WHAT][0].columns)
+        if not bs_terms:
+            raise ModelSpecError("bs_formula has no terms: it needs at least an intercept ('~ 1')")
     if ydf.shape[1] != 1:
         raise ModelSpecError(f"the response of {plan.formulas[0][0]!r} must be a single numeric column")
     layout = ParamLayout(
         mean_terms=tuple(str(c) for c in Xdf.columns),
         scale_terms=tuple(str(c) for c in Wdf.columns),
         n_re_mean=Zdf.shape[1],
-        random_scale=bool(random_scale) or bool(sre),
+        random_scale=bool(random_scale) or SCALE_RE_WHAT in extra,
         scale_re_terms=scale_re_terms,
+        bs_terms=bs_terms,
     )
     if layout.d == 0:
         raise ModelSpecError("the model has no school effects: give re_formula and/or random_scale=True")
@@ -1577,6 +1719,7 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         raise ModelSpecError("the mean formula has no terms (not even an intercept)")
     if layout.k == 0:
         raise ModelSpecError("the scale formula has no terms: it needs at least an intercept ('~ 1')")
+    check_extended_layout(layout)
     layout = constrain(layout, *constraints)
     plan = dataclasses.replace(plan, prototype=prototype, layout=layout, token=uuid.uuid4().hex)
 
@@ -1584,6 +1727,16 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
     graphs = [dask.delayed(_build_block, pure=False)(p, plan, f"{plan.token}-{i}") for i, p in enumerate(parts)]
     blocks = client.compute(graphs) if source.keep == "memory" else graphs
     blockset = BlockSet(client, blocks, source.keep, owned)
+    level1 = None
+    if layout.bs_terms:  # which bs_formula columns vary within some school, decided over all blocks
+        flags = [f for f in blockset.run(Request("bs_level1", None, None, None, None)) if f is not None]
+        level1 = np.logical_or.reduce(flags)
+        if source.keep == "memory":
+            blocks = client.map(_classified_block, blocks, level1=level1, pure=False)
+        else:
+            blocks = [dask.delayed(_classified_block, pure=False)(b, level1) for b in blocks]
+        blockset.blocks = blocks
+        level1 = level1 if level1.any() else None
     replies = blockset.run(Request("moments", None, None, None, None))
     keep = [i for i, r in enumerate(replies) if r is not None]
     blockset.blocks = [blocks[i] for i in keep]
@@ -1605,6 +1758,12 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
     block_schools = [codes[offsets[i] : offsets[i + 1]] for i in range(len(replies))]
     re_terms = tuple(str(c) for c in Zdf.columns)
     _check_design(moments, layout, plan, re_terms)
+    bs = None
+    if layout.bs_terms:
+        covariates = np.empty((J, layout.m))
+        covariates[codes] = np.concatenate([r[6] for r in replies])
+        covariates.setflags(write=False)
+        bs = SchoolCovariates(covariates, level1)
     digests = np.empty(J, dtype="S8")
     digests[codes] = np.concatenate([r[3] for r in replies])
     n_dropped = sum(s["dropped"] for s in learned)
@@ -1623,7 +1782,9 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         info[what] = f"column {column!r}"
         info[f"{what}_column"] = column
     weighting = _weighting(plan, replies, codes, J, info) if plan.weighted else None
-    design = DistributedDesign(layout, global_counts, np.asarray(uniques), info, blockset, moments, block_schools, weighting=weighting)
+    design = DistributedDesign(
+        layout, global_counts, np.asarray(uniques), info, blockset, moments, block_schools, weighting=weighting, bs=bs
+    )
     spec = FormulaSpec(
         formula=plan.formulas[0][0],
         scale_formula=plan.formulas[1][0],
@@ -1633,7 +1794,8 @@ def _build(source: DaskData, ddf, plan: Plan, missing: str, random_scale: bool, 
         scale_spec=scale_spec,
         re_spec=re_spec,
         response=plan.response,
-        scale_re_formula=plan.formulas[3][0] if len(plan.formulas) > 3 else None,
+        scale_re_formula=next((f for f, what in plan.formulas if what == SCALE_RE_WHAT), None),
+        bs_formula=next((f for f, what in plan.formulas if what == BS_WHAT), None),
         frame=prototype,
     )
     return design, spec
@@ -1788,11 +1950,14 @@ def _check_design(m: DesignMoments, layout: ParamLayout, plan: Plan, re_terms: t
             f"the response {plan.response!r} does not vary within any group of {plan.groups!r}: "
             "the residual variance cannot be estimated"
         )
-    for what, cm, G, names in (
+    checks = [
         ("the mean design", m.X, m.XtX, layout.mean_terms),
         ("the scale design", m.W, m.WtW, layout.scale_terms),
         ("the random-effects design", m.Z, m.ZtZ, re_terms),
-    ):
+    ]
+    if layout.bs_terms and m.Srows is not None:
+        checks.append(("the between-school variance design", m.Srows, m.StS, layout.bs_terms))
+    for what, cm, G, names in checks:
         names = list(names)
         if "Intercept" in names:
             for j, name in enumerate(names):
@@ -1869,9 +2034,10 @@ def _random_effects_block(block, design, lik, state, cov):
     return _schools.random_effects(_block_results(design, lik, state), cov=cov)
 
 
-def _school_effects_block(block, design, lik, state, w, level, z, ndraws, seed):
+def _school_effects_block(block, design, lik, state, w, level, z, ndraws, seed, sbar):
     res = _block_results(design, lik, state)
-    return _schools.school_effects(res, w=w, level=level, z=z, ndraws=ndraws, seed=_block_seed(seed, design), return_draws=True)
+    seed = _block_seed(seed, design)
+    return _schools.school_effects(res, w=w, level=level, z=z, ndraws=ndraws, seed=seed, return_draws=True, sbar=sbar)
 
 
 def _predict_block(block, design, lik, state, kind, conditional):
@@ -1978,7 +2144,8 @@ class DistributedResults(MELSMResults):
             w = design.column_means("W")
         if z is None and self.layout.q:
             z = design.column_means("Z")
-        parts = self._on_blocks(_school_effects_block, self._state(), w, level, z, ndraws, seed)
+        sbar = _schools.school_covariates(self, None)  # over all schools (bs_formula; else None)
+        parts = self._on_blocks(_school_effects_block, self._state(), w, level, z, ndraws, seed, sbar)
         table = self._in_order([p[0] for p in parts])
         table.attrs = dict(parts[0][0].attrs, seed=seed)
         lo_q, hi_q = (1 - level) / 2, (1 + level) / 2

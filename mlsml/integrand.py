@@ -68,6 +68,23 @@ CHUNK = 2_000_000
 #: below this fraction of the residual variance.
 ZERO_VARIANCE_BS = 1e-6
 
+
+def bs_zero_variance_reasons(var0_max: float, mean_log_var: float, z0_mean_square: float) -> list[str]:
+    r"""The boundary check of a between-school variance model (``bs_formula``): ``var(u0_j)`` zero in every school.
+
+    With :math:`v_{\max} = \max_j \operatorname{var}(u_{0j})` (:meth:`Integrand.u0_variances`),
+    the reference :math:`r = e^{\overline{w'\alpha}} / \overline{z_0^2}` (the residual variance at
+    the mean log-variance index over the mean square of the random intercept's column), the
+    model is at the boundary when :math:`v_{\max} <` :data:`ZERO_VARIANCE_BS` :math:`\, r`.
+    Shared by the in-memory integrand and a fit on a Dask cluster (:mod:`mlsml.distributed`,
+    whose blocks return their schools' largest ``var(u0_j)``).
+    """
+    ref = float(np.exp(mean_log_var)) / max(z0_mean_square, 1e-300)
+    if var0_max < ZERO_VARIANCE_BS * ref:
+        return [f"var(u0_j) is effectively zero in every school (max {var0_max:.3g})"]
+    return []
+
+
 #: Newton iterations, step halvings and the step (in conditional SDs) below which the
 #: conditional mode of ``u0`` given ``v`` is final (:func:`conditional_modes_u0`).
 INNER_MAXITER = 50
@@ -425,17 +442,21 @@ class Integrand(ABC):
         if not lay.bs_terms:
             return []
         design = self.design
-        Sj = self.school_covariances(theta)
         natural = np.asarray(lay.to_natural(np.asarray(theta, dtype=float)), dtype=float)
-        resid_var = float(np.exp(np.mean(design.log_variance_index(natural[lay.p : lay.p + lay.k]))))
-        ref = resid_var / max(float(np.mean(design.Z[:, 0] ** 2)), 1e-300)
-        var0 = Sj[:, 0, 0]
+        mean_log_var = float(np.mean(design.log_variance_index(natural[lay.p : lay.p + lay.k])))
+        return bs_zero_variance_reasons(float(self.u0_variances(theta).max()), mean_log_var, float(np.mean(design.Z[:, 0] ** 2)))
+
+    def u0_variances(self, theta) -> np.ndarray:
+        r"""``var(u0_j)`` of every school (J,), the largest over its rows with level-1 ``bs_formula`` columns.
+
+        :math:`\Sigma_{j,00}\, \max_i e^{s^{(1)\prime}_{ij}\tau}` (the second factor 1 without
+        level-1 columns): what :func:`bs_zero_variance_reasons` compares with the residual variance.
+        """
+        var0 = self.school_covariances(theta)[:, 0, 0]
         _, _, prior = self.split(np.asarray(theta, dtype=float))
         if prior.row_log_sd0 is not None:  # level-1 columns: the largest variance over each school's rows
-            var0 = var0 * np.exp(2.0 * np.maximum.reduceat(np.asarray(prior.row_log_sd0, dtype=float), design.starts))
-        if np.all(var0 < ZERO_VARIANCE_BS * ref):
-            return [f"var(u0_j) is effectively zero in every school (max {var0.max():.3g})"]
-        return []
+            var0 = var0 * np.exp(2.0 * np.maximum.reduceat(np.asarray(prior.row_log_sd0, dtype=float), self.design.starts))
+        return var0
 
     # ------------------------------------------------------------ prior
     def split(self, theta):

@@ -169,10 +169,7 @@ def school_covariates(res, s) -> np.ndarray | None:
         if s is not None:
             raise ModelSpecError(f"s={s!r} is given, but s (school-level covariates) applies to models with bs_formula only")
         return None
-    S = design.S
-    if design.S_level1 is not None:
-        S = S + np.add.reduceat(design.S_level1, design.starts, axis=0) / design.counts[:, None]
-    return reference_vector(s, lay.bs_terms, S, "s")
+    return reference_vector(s, lay.bs_terms, design.school_bs_covariates(), "s")
 
 
 def level1_loading(res, sbar: np.ndarray | None) -> float:
@@ -183,9 +180,9 @@ def level1_loading(res, sbar: np.ndarray | None) -> float:
     ``u0_j`` times this.
     """
     design = res.model.design
-    if sbar is None or design.S_level1 is None:
+    level1 = design.S_level1_columns
+    if sbar is None or level1 is None:
         return 1.0
-    level1 = np.any(design.S_level1 != 0, axis=0)
     tau = res.params[[f"bsvar:{t}" for t in res.layout.bs_terms]].to_numpy(dtype=float)
     return float(np.exp(0.5 * np.dot(np.where(level1, sbar, 0.0), tau)))
 
@@ -231,14 +228,22 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def school_effects(
-    res, w=None, level: float = 0.95, z=None, ndraws: int = 1000, seed: int = 20190101, return_draws: bool = False
+    res,
+    w=None,
+    level: float = 0.95,
+    z=None,
+    ndraws: int = 1000,
+    seed: int = 20190101,
+    return_draws: bool = False,
+    sbar: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The school table: means and variances with intervals, ranks and flags.
 
     See :meth:`MELSMResults.school_effects` for the columns. With ``return_draws`` also the
     posterior draws behind the rank intervals, ``{"mean": (ndraws, J), "var": (ndraws, J)}``
     (``None`` where the table has no ranks), for ranks over schools fitted in blocks
-    (:mod:`mlsml.distributed`).
+    (:mod:`mlsml.distributed`); ``sbar`` then gives the ``bs_formula`` covariates of the
+    level-1 loading over all schools (default :func:`school_covariates`).
     """
     if not 0 < level < 1:
         raise ModelSpecError(f"level must be between 0 and 1, got {level!r}")
@@ -251,7 +256,7 @@ def school_effects(
     zbar = _zbar(res, z)
     if getattr(design, "S_level1", None) is not None:  # the random location at the mean level-1 bs_formula covariates
         zbar = zbar.copy()
-        zbar[0] *= level1_loading(res, school_covariates(res, None))
+        zbar[0] *= level1_loading(res, school_covariates(res, None) if sbar is None else sbar)
     if isinstance(w, str):
         if w != "school":
             raise ModelSpecError(f"w must be None, 'school', a mapping of term -> value or an array, not {w!r}")

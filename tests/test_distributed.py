@@ -160,6 +160,85 @@ def test_scale_re_formula_on_the_cluster_equals_in_memory(client):
     # start_params are checked on the driver from G's column ranges (the rows of G stay on the workers)
     b.model._check_start(b.model.theta_from_params(a.params), b.likelihood)
 
+    # predictions with their SEs: the random slopes of the log variance enter the variance kind
+    for kind in ("mean", "variance"):
+        fa, fb = a.get_prediction(kind=kind).summary_frame().sort_index(), b.get_prediction(kind=kind).summary_frame().sort_index()
+        assert fa.index.equals(fb.index) and list(fa.columns) == list(fb.columns)
+        np.testing.assert_allclose(fb.to_numpy(), fa.to_numpy(), rtol=RTOL, atol=1e-12)
+
+
+# ---------------------------------------------------------------- between-school variance (bs_formula)
+def _bs_data(seed: int = 7, J: int = 40, n: int = 10) -> pd.DataFrame:
+    """MIXREGLS's model with a level-1 (``a``) and a school-level (``s``) BS-variance covariate
+    (:func:`tests.test_bs_level1._small`'s), rows shuffled so that every school is split across
+    the input partitions; ``t`` is ``s`` except in school 0, where it varies from row to row: a
+    level-1 column in one block only, which every block must treat as level-1."""
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(J), n)
+    a = rng.integers(0, 2, J * n).astype(float)
+    s = np.repeat(rng.normal(size=J), n)
+    th1, th2 = np.repeat(rng.normal(size=J), n), np.repeat(rng.normal(size=J), n)
+    ln_bs = 0.2 + 0.8 * a + 0.3 * s
+    ln_ws = -0.3 + 0.2 * a - 0.3 * th1 + 0.5 * th2
+    y = 1.0 + 0.5 * a + np.exp(0.5 * ln_bs) * th1 + np.exp(0.5 * ln_ws) * rng.normal(size=J * n)
+    t = s + np.where(g == 0, 0.5 * np.tile([-1.0, 1.0], J * n // 2), 0.0)
+    return pd.DataFrame({"g": g, "y": y, "a": a, "s": s, "t": t}).iloc[rng.permutation(J * n)]
+
+
+BS_MODELS = {"level2": "~ s", "level1": "~ a + s", "level1_in_one_school": "~ t"}
+
+
+@pytest.fixture(scope="module")
+def bs_pairs(client):
+    data = _bs_data()
+    source = DaskData(dd.from_pandas(data, npartitions=3, sort=False), split_schools="shuffle")
+    # xtol: the Newton polish runs to the maximum (by default it stops within 1e-6 of it, where two
+    # paths that differ by rounding, e.g. in the starting values' least squares, end 1e-8 apart)
+    kw = dict(groups="g", scale_formula="~ a", xtol=1e-10)
+    return {
+        name: (mlsml.fit("y ~ a", data, bs_formula=bs, **kw), mlsml.fit("y ~ a", source, bs_formula=bs, client=client, **kw))
+        for name, bs in BS_MODELS.items()
+    }
+
+
+@pytest.mark.parametrize("name", list(BS_MODELS))
+def test_bs_formula_on_the_cluster_equals_in_memory(bs_pairs, name):
+    a, b = bs_pairs[name]
+    assert b.model.layout.bs_terms == a.model.layout.bs_terms
+    assert not a.singular and np.isfinite(a.bse).all()
+    _same_fit(a, b)
+    # the level-1 columns decided over all blocks (t varies within one school only)
+    level1 = a.model.design.S_level1_columns
+    assert (level1 is None) == (name == "level2")
+    np.testing.assert_array_equal(b.model.design.S_level1_columns, level1)
+    ra, rb = a.random_effects(), b.random_effects()
+    assert ra.index.equals(rb.index) and list(ra.columns) == list(rb.columns)
+    np.testing.assert_allclose(rb.to_numpy(float), ra.to_numpy(float), rtol=RTOL, atol=1e-12)
+    sa, sb = a.school_effects(), b.school_effects()
+    assert list(sa.columns) == list(sb.columns) and sa.index.equals(sb.index)
+    exact = [c for c in sa.columns if not c.endswith(("_rank_lo", "_rank_hi"))]
+    np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-12)
+    pa, pb = a.population_quantities(), b.population_quantities()
+    assert pa.attrs["sbar"] == pytest.approx(pb.attrs["sbar"], rel=1e-12)
+    np.testing.assert_allclose(pb.to_numpy(), pa.to_numpy(), rtol=1e-7, atol=1e-12)
+    for kind in ("mean", "variance"):
+        fa, fb = a.get_prediction(kind=kind).summary_frame().sort_index(), b.get_prediction(kind=kind).summary_frame().sort_index()
+        np.testing.assert_allclose(fb.to_numpy(), fa.to_numpy(), rtol=RTOL, atol=1e-12)
+
+
+def test_bs_formula_boundary_is_found_on_the_driver(client):
+    # no between-school variance: var(u0_j) is zero in every school, judged from the blocks' largest
+    data = _bs_data().assign(y=lambda d: 1.0 + 0.5 * d["a"] + np.random.default_rng(1).normal(size=len(d)))
+    source = dd.from_pandas(data.sort_values("g", kind="stable"), npartitions=2, sort=False)
+    kw = dict(groups="g", scale_formula="~ a", bs_formula="~ s", random_scale=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = mlsml.fit("y ~ a", data, **kw), mlsml.fit("y ~ a", source, client=client, **kw)
+    for res in (a, b):
+        assert res.singular and any(
+            r.startswith("var(u0_j) is effectively zero in every school") for r in res.diagnostics.singular_reasons
+        )
+
 
 def test_predictions_are_dask_collections_equal_to_in_memory(pairs, tmp_path):
     a, b = pairs["model3"]
@@ -287,8 +366,8 @@ def test_refused_models_name_what_is_refused(client, data):
     ddf = dd.from_pandas(data, npartitions=2, sort=False)
     with pytest.raises(ModelSpecError, match="center"):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
-    with pytest.raises(ModelSpecError, match="bs_formula"):
-        mlsml.fit("y ~ x", ddf, groups="school", bs_formula="~ x", client=client)
+    with pytest.raises(ModelSpecError, match="bs_formula models the variance of the random intercept"):  # as in memory
+        mlsml.fit("y ~ x", ddf, groups="school", re_formula=None, bs_formula="~ x", client=client)
     with pytest.raises(ModelSpecError, match="offset must name a column"):
         mlsml.fit("y ~ x", ddf, groups="school", offset=np.zeros(len(data)), client=client)
     with pytest.raises(ModelSpecError, match="weights must name a column"):
