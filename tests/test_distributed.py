@@ -367,7 +367,7 @@ def test_refused_models_name_what_is_refused(client, data):
     with pytest.raises(ModelSpecError, match="center"):
         mlsml.fit("y ~ center(x)", ddf, groups="school", client=client)
     with pytest.raises(ModelSpecError, match="bs_formula models the variance of the random intercept"):  # as in memory
-        mlsml.fit("y ~ x", ddf, groups="school", re_formula=None, bs_formula="~ x", client=client)
+        mlsml.fit("y ~ x", ddf, groups="school", re_formula="~ 0", bs_formula="~ x", client=client)
     with pytest.raises(ModelSpecError, match="offset must name a column"):
         mlsml.fit("y ~ x", ddf, groups="school", offset=np.zeros(len(data)), client=client)
     with pytest.raises(ModelSpecError, match="weights must name a column"):
