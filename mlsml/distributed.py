@@ -42,10 +42,13 @@ covariates in the mean and in the log variance), with covariances fixed at zero 
 (``association="quadratic"``), offsets of the mean and of the log variance and weights at
 both levels named as columns (:func:`_block_weights`; cluster-robust standard errors from
 the blocks' per-school scores, :meth:`DaskLikelihood.school_scores`), ``missing_code`` and
-``drop_constant_groups``, and random slopes in the log variance (``scale_re_formula``: the
-warm start's core fit runs on the same blocks, :meth:`DaskLikelihood.with_layout`).
-``bs_formula`` and formulas with stateful transforms (``center(x)``, ``standardize(x)``,
-``bs(x)``) are refused with a :class:`~mlsml.ModelSpecError`.
+``drop_constant_groups``, random slopes in the log variance (``scale_re_formula``: the
+warm start's core fit runs on the same blocks, :meth:`DaskLikelihood.with_layout`) and
+covariates of the between-school variance (``bs_formula``: which of its columns are level-1
+is decided over all blocks before the fit, :func:`_classified_block`; the driver keeps every
+school's covariates, :class:`SchoolCovariates`, and checks ``var(u0_j)`` from the blocks'
+largest). Formulas with stateful transforms (``center(x)``, ``standardize(x)``, ``bs(x)``)
+are refused with a :class:`~mlsml.ModelSpecError`.
 """
 
 from __future__ import annotations
