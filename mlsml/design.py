@@ -180,6 +180,16 @@ class Design:
         """
         return float(np.mean(self.log_variance_index(alpha)))
 
+    @property
+    def bs_rows(self) -> np.ndarray:
+        r"""The ``bs_formula`` design of every row (N x m, sorted), :math:`s_{ij} = S_j + S^{(1)}_{ij}`.
+
+        What the MIXREGLS report describes (level-1 columns by their per-observation values); a
+        design held by Dask workers (:mod:`mlsml.distributed`) answers with the columns' moments.
+        """
+        rows = np.asarray(self.S)[self.group]
+        return rows if self.S_level1 is None else rows + self.S_level1
+
     def school_bs_covariates(self) -> np.ndarray:
         r"""Every school's ``bs_formula`` covariates, :math:`\bar s_j = S_j + n_j^{-1} \sum_i S^{(1)}_{ij}` (J x m).
 

@@ -1136,6 +1136,11 @@ class DistributedDesign:
         )
 
     @property
+    def bs_rows(self) -> ColumnSummary | None:
+        """The column summaries of the rows' ``bs_formula`` design (:attr:`mlsml.design.Design.bs_rows`), or ``None``."""
+        return None if self.moments.Srows is None else ColumnSummary(self.moments.Srows, "the bs_formula design")
+
+    @property
     def S_level1_columns(self) -> np.ndarray | None:
         """Which ``bs_formula`` columns are level-1 (:attr:`mlsml.design.Design.S_level1_columns`), decided over all blocks."""
         return None if self.bs is None else self.bs.level1

@@ -229,6 +229,15 @@ def test_bs_formula_on_the_cluster_equals_in_memory(bs_pairs, name):
     np.testing.assert_allclose(pb.to_numpy(), pa.to_numpy(), rtol=1e-7, atol=1e-12)
     for kind in ("mean", "variance"):
         _same_predictions(a.get_prediction(kind=kind), b.get_prediction(kind=kind))
+    # MIXREGLS's descriptives of the BS-variance covariates, per observation, from the moments
+    np.testing.assert_allclose(_bs_descriptives(b), _bs_descriptives(a), rtol=0, atol=1.01e-4)  # to the last printed digit
+
+
+def _bs_descriptives(res) -> list[list[float]]:
+    """The mean, min, max and SD of each BS-variance covariate in the MIXREGLS report."""
+    lines = mlsml.mixregls.report.describe_data(res).splitlines()
+    start = lines.index(" BS variance model covariates") + 3
+    return [[float(v) for v in line.split()[-4:]] for line in lines[start : start + res.model.layout.m]]
 
 
 def test_bs_formula_boundary_is_found_on_the_driver(client):

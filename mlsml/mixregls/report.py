@@ -97,10 +97,7 @@ def describe_data(res, standardized: bool = False) -> str:
     out.append("")
     out.append(" BS variance model covariates")
     if lay.bs_terms:  # bs_formula: one row per cluster, listed per observation as MIXREGLS does
-        rows = np.asarray(design.S)[design.group]
-        if design.S_level1 is not None:  # level-1 (time-varying) columns: their per-observation values
-            rows = rows + design.S_level1
-        out += _DESCR_HEAD + _descr_rows(rows, lay.bs_terms)
+        out += _DESCR_HEAD + _descr_rows(design.bs_rows, lay.bs_terms)
     elif is_mixregls_layout(model):
         out += _DESCR_HEAD + _descr_rows(np.ones((design.nobs, 1)), ["Intercept"])
     else:  # MIXREGMLS: the covariates of the random location effects
