@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ._lazy import LazyModule
+from .design import Design
 from .errors import ModelSpecError
 
 stats = LazyModule("scipy.stats")  # imported on first use: keeps `import mlsml` fast
@@ -66,14 +67,48 @@ def column_map(M: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.nda
     n = w.sum()
     mean = w @ M / n
     sd = np.sqrt(w @ (M - mean) ** 2 / (n - 1.0))
-    ones = np.nonzero(np.all(M == 1.0, axis=0))[0]
-    P = np.eye(M.shape[1])
-    for j in range(M.shape[1]):
+    return _map(mean, sd, np.all(M == 1.0, axis=0))
+
+
+def column_map_from_moments(moments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`column_map` from a design's column moments (a fit on a Dask cluster, whose rows stay on
+    the workers: :class:`mlsml.distributed.ColumnMoments`, with ``n``, ``lo``, ``hi``, ``mean``, ``m2``)."""
+    n = float(moments.n)
+    mean = np.asarray(moments.mean, dtype=float)
+    sd = np.sqrt(np.asarray(moments.m2, dtype=float) / (n - 1.0))
+    return _map(mean, sd, (np.asarray(moments.lo) == 1.0) & (np.asarray(moments.hi) == 1.0))
+
+
+def _map(mean: np.ndarray, sd: np.ndarray, ones: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``P`` of :func:`column_map` from the means, SDs and which columns are all ones."""
+    first = np.flatnonzero(ones)
+    P = np.eye(mean.size)
+    for j in range(mean.size):
         if sd[j] > 0:
             P[j, j] = 1.0 / sd[j]
-            if ones.size:
-                P[ones[0], j] = -mean[j] / sd[j]
+            if first.size:
+                P[first[0], j] = -mean[j] / sd[j]
     return P, mean, sd
+
+
+def _design_map(design, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`column_map` of the design matrix ``name`` (``"X"``, ``"W"``, ``"Z"``), in memory or on a Dask cluster."""
+    if isinstance(design, Design):
+        return column_map(getattr(design, name))
+    return column_map_from_moments(getattr(design.moments, name))
+
+
+def _bs_map(design) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`column_map` of the ``bs_formula`` design: one row per school weighted by its rows, or,
+    with level-1 columns, over the rows (as MixWILD standardises); in memory or on a Dask cluster."""
+    if isinstance(design, Design):
+        if design.S_level1 is None:
+            return column_map(design.S, weights=design.counts)
+        return column_map(design.S[design.group] + design.S_level1)
+    level1 = design.S_level1_columns
+    if level1 is not None and np.any(level1):
+        return column_map_from_moments(design.moments.Srows)
+    return column_map(design.school_bs_covariates(), weights=np.asarray(design.counts, dtype=float))
 
 
 def _maps(res):
@@ -81,22 +116,19 @@ def _maps(res):
     design = res.model.design
     lay = res.layout
     p, k, m = lay.p, lay.k, lay.m
-    Px, mx, sx = column_map(design.X)
-    Pw, mw, sw = column_map(design.W)
+    Px, mx, sx = _design_map(design, "X")
+    Pw, mw, sw = _design_map(design, "W")
     blocks = [np.linalg.inv(Px), np.linalg.inv(Pw)]
     sds = list(sx) + list(sw)
     means = list(mx) + list(mw)
     if lay.bs_terms:
-        if design.S_level1 is None:  # one row per school, weighted by its rows
-            Ps, ms, ss = column_map(design.S, weights=design.counts)
-        else:  # level-1 columns: standardised over the rows, as MixWILD does
-            Ps, ms, ss = column_map(design.S[design.group] + design.S_level1)
+        Ps, ms, ss = _bs_map(design)
         blocks.append(np.linalg.inv(Ps))
         sds += list(ss)
         means += list(ms)
         Tz = np.eye(lay.q)
     elif lay.q:
-        Pz, _, sz = column_map(design.Z)
+        Pz, _, sz = _design_map(design, "Z")
         Tz = np.linalg.inv(Pz)
     else:
         Tz = np.eye(0)

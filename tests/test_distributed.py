@@ -97,11 +97,24 @@ def _same_fit(a, b) -> None:
     assert (b.nobs, b.ngroups, b.singular) == (a.nobs, a.ngroups, a.singular)
 
 
+def _same_standardized(a, b) -> None:
+    """MixWILD's standardised estimates from the column moments (in memory: from the rows), or the same refusal."""
+    try:
+        expected = a.standardized_params()
+    except ModelSpecError as exc:  # covariances fixed at zero with random slopes: no standardised model
+        with pytest.raises(ModelSpecError, match="standardized_params"):
+            b.standardized_params()
+        assert "standardized_params" in str(exc)
+        return
+    np.testing.assert_allclose(b.standardized_params().to_numpy(float), expected.to_numpy(float), rtol=RTOL)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_dask_fit_equals_in_memory(pairs, name):
     a, b = pairs[name]
     _same_fit(a, b)
     assert b.likelihood.design.info["partitions"] == 3
+    _same_standardized(a, b)
 
 
 @pytest.mark.parametrize("name", ["model3", "slope"])
@@ -229,6 +242,7 @@ def test_bs_formula_on_the_cluster_equals_in_memory(bs_pairs, name):
     np.testing.assert_allclose(pb.to_numpy(), pa.to_numpy(), rtol=1e-7, atol=1e-12)
     for kind in ("mean", "variance"):
         _same_predictions(a.get_prediction(kind=kind), b.get_prediction(kind=kind))
+    _same_standardized(a, b)
     # MIXREGLS's descriptives of the BS-variance covariates, per observation, from the moments
     np.testing.assert_allclose(_bs_descriptives(b), _bs_descriptives(a), rtol=0, atol=1.01e-4)  # to the last printed digit
 
