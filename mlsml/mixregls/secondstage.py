@@ -67,7 +67,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +401,13 @@ def run_stage2(job, jd, res, reader) -> tuple[object, str]:
     rows, names, notes = level2_data(s2, jd.raw_frame, jd.stage2_names, "_cluster", job.setting("YMISS"), folder, reader, per_row=True)
     y = names[s2.y_col]
     multilevel = s2.multilevel and bool((rows.groupby("_cluster", sort=False)[y].nunique() > 1).any())
+    if multilevel and s2.data_file is None and job.path is not None and Path(job.data_path).exists():
+        # as stage2only, which reads the data file again: the rows with the stage-2 columns present, also those
+        # whose stage-1 outcome or covariates are missing (stage 1 left those out)
+        again = replace(s2, data_file=str(job.data_path), nvar=int(job.setting("NVAR")), id_col=job.id_col)
+        rows, names, more = level2_data(again, None, {}, "_cluster", job.setting("YMISS"), folder, reader, per_row=True)
+        notes += more
+        y = names[s2.y_col]
     if multilevel:  # MixWILD's adjustData2: a level-1 outcome keeps the rows (covariates at their level-1 values)
         data = rows
         notes.append(
