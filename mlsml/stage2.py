@@ -57,6 +57,18 @@ first (smallest) category as the reference,
 fitted by statsmodels' ``MNLogit`` on each completed data set; the coefficient of column
 ``c`` for category ``k`` is named ``"c[k]"`` (e.g. ``u0[2]``).
 
+``multilevel=True`` (MixWILD's ``MULTI2ND = 1``, ``method="mi"``, gaussian): an outcome of the
+level-1 rows, ``data`` one row per observation, and in each imputation a linear mixed model
+with a random school intercept fitted by exact ML (:func:`fit_random_intercept`),
+
+.. math::
+
+    Y_{ij} = x_{ij}'\gamma + \gamma_u u_{0j} + \gamma_v v_j + \dots + a_j + e_{ij}, \qquad
+    a_j \sim N(0, \tau^2), \quad e_{ij} \sim N(0, \sigma^2),
+
+pooled by Rubin's rules with large-sample degrees of freedom; ``tau^2`` is named
+``var(1|<groups>)``.
+
 Level-1 summaries: ``level1_summaries={"x_mean": "x", "x_sd": ("x", "sd")}`` adds per-school
 statistics of level-1 columns (``mean``, ``sd``, ``var``, ``min``, ``max``, ``median``,
 ``sum``, ``count``) computed on the fit's data (or ``level1_data=``) under those names.
@@ -817,6 +829,7 @@ def level1_data_of(res, formula: str, data, level1_summaries: Mapping | None, le
     known = frame[spec.groups].isin(labels).to_numpy()
     if not known.all():
         first = frame.loc[~known, spec.groups].iloc[0]
+        first = first.item() if isinstance(first, np.generic) else first  # 76.0, not np.float64(76.0)
         warn(
             f"{int((~known).sum())} stage-2 row(s) belong to schools that are not in the fit (e.g. {first!r}); they are ignored",
             MissingDataWarning,
