@@ -11,6 +11,8 @@ import autograd
 import numpy as np
 import pandas as pd
 import pytest
+import statsmodels.formula.api as smf
+from patsy import dmatrices
 from scipy import special, stats
 
 import mlsml
@@ -19,7 +21,7 @@ from mlsml.integrand import JointIntegrand, SchoolOutcome
 from mlsml.likelihood import Likelihood
 from mlsml.predict import PosteriorGrid, draw_effects
 from mlsml.quadrature import QuadratureSpec, default_nagq
-from mlsml.stage2 import ordinal_natural, rubin, school_data, school_outcome
+from mlsml.stage2 import fit_random_intercept, ordinal_natural, random_intercept_cov, rubin, school_data, school_outcome
 
 
 @pytest.fixture(scope="module")
@@ -359,11 +361,6 @@ def level1(fitted):
 
 def test_random_intercept_fit_is_ml_of_mlsml_and_statsmodels(level1):
     """The profile-likelihood fit against mlsml's engine (random_scale=False, constant variance) and MixedLM."""
-    import statsmodels.formula.api as smf
-    from patsy import dmatrices
-
-    from mlsml.stage2 import fit_random_intercept
-
     y, X = dmatrices("z ~ x", level1, return_type="dataframe")
     school = np.unique(level1["school"], return_inverse=True)[1]
     params, _, llf = fit_random_intercept(y.to_numpy().ravel(), X, school)
@@ -378,8 +375,6 @@ def test_random_intercept_fit_is_ml_of_mlsml_and_statsmodels(level1):
 
 def test_random_intercept_cov_is_the_inverse_expected_information():
     """Closed-form information against V_j built explicitly: I_bb = sum X'V^-1X, I_ab = tr(V^-1 dV_a V^-1 dV_b) / 2."""
-    from mlsml.stage2 import random_intercept_cov
-
     rng = np.random.default_rng(2)
     school = np.repeat(np.arange(6), [1, 2, 3, 4, 5, 7])
     X = np.column_stack([np.ones(school.size), rng.normal(size=school.size)])
