@@ -474,9 +474,11 @@ def check_stage2(job, jd, reader) -> None:
             frame = frame.loc[~np.isclose(frame[y].to_numpy(), ymiss, rtol=1e-12, atol=0.0)]
     varies = frame.groupby("_cluster", sort=False)[y].nunique() > 1
     if varies.any() and s2.family not in MULTILEVEL_FAMILIES:
+        first = varies.index[np.argmax(varies.to_numpy())]
+        first = first.item() if isinstance(first, np.generic) else first  # 3, not np.int64(3)
         raise ModelSpecError(
             f"MULTI2ND = 1 with STAGE2 = {s2.kind} ({s2.family}) and a stage-2 outcome {s2.y_label!r} that varies within "
-            f"{int(varies.sum())} subject(s) (e.g. subject {varies.index[np.argmax(varies.to_numpy())]!r}): MixWILD then fits "
+            f"{int(varies.sum())} subject(s) (e.g. subject {first!r}): MixWILD then fits "
             f"a multilevel {STAGE2_PROGRAMS[s2.kind]} (a random subject intercept) in each imputation; mlsml's multilevel "
             "second stage is gaussian only (STAGE2 = 1). Use the per-subject mean of the outcome (MULTI2ND = 0)"
         )
