@@ -644,6 +644,7 @@ class MELSMResults:
         stage1_uncertainty: bool = True,
         missing: str = "drop",
         nagq: int | None = None,
+        multilevel: bool = False,
     ) -> _stage2.Stage2Results:
         r"""Regress a school-level outcome on the school effects (MixWILD's stage 2).
 
@@ -679,6 +680,12 @@ class MELSMResults:
             Schools without an outcome or covariate: left out with a counted warning, or an error.
         nagq : int, optional
             ``"joint"``: points per dimension of the product rule.
+        multilevel : bool
+            A level-1 outcome (MixWILD's ``MULTI2ND = 1``): ``data`` holds one row per
+            observation (the grouping column, the outcome and level-1 or level-2 covariates),
+            and each imputation fits a linear mixed model with a random intercept per school by
+            maximum likelihood, ``Y_ij = x_ij' gamma + gamma_u u_0j + ... + a_j + e_ij``
+            (``family="gaussian"``, ``method="mi"``; see :mod:`mlsml.stage2`).
 
         Returns
         -------
@@ -695,7 +702,19 @@ class MELSMResults:
         """
         self._require_data("stage 2")
         return _stage2.stage2(
-            self, formula, data, family, method, ndraws, seed, level1_summaries, level1_data, stage1_uncertainty, missing, nagq
+            self,
+            formula,
+            data,
+            family,
+            method,
+            ndraws,
+            seed,
+            level1_summaries,
+            level1_data,
+            stage1_uncertainty,
+            missing,
+            nagq,
+            multilevel,
         )
 
     def standardized_params(self, alpha: float = 0.05) -> pd.DataFrame:

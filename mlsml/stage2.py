@@ -57,6 +57,18 @@ first (smallest) category as the reference,
 fitted by statsmodels' ``MNLogit`` on each completed data set; the coefficient of column
 ``c`` for category ``k`` is named ``"c[k]"`` (e.g. ``u0[2]``).
 
+``multilevel=True`` (MixWILD's ``MULTI2ND = 1``, ``method="mi"``, gaussian): an outcome of the
+level-1 rows, ``data`` one row per observation, and in each imputation a linear mixed model
+with a random school intercept fitted by exact ML (:func:`fit_random_intercept`),
+
+.. math::
+
+    Y_{ij} = x_{ij}'\gamma + \gamma_u u_{0j} + \gamma_v v_j + \dots + a_j + e_{ij}, \qquad
+    a_j \sim N(0, \tau^2), \quad e_{ij} \sim N(0, \sigma^2),
+
+pooled by Rubin's rules with large-sample degrees of freedom; ``tau^2`` is named
+``var(1|<groups>)``.
+
 Level-1 summaries: ``level1_summaries={"x_mean": "x", "x_sd": ("x", "sd")}`` adds per-school
 statistics of level-1 columns (``mean``, ``sd``, ``var``, ``min``, ``max``, ``median``,
 ``sum``, ``count``) computed on the fit's data (or ``level1_data=``) under those names.
@@ -106,9 +118,12 @@ families = LazyModule("statsmodels.genmod.families")
 ordinal_model = LazyModule("statsmodels.miscmodels.ordinal_model")
 discrete_model = LazyModule("statsmodels.discrete.discrete_model")
 summary2 = LazyModule("statsmodels.iolib.summary2")
+scipy_optimize = LazyModule("scipy.optimize")
 
 #: Stage-2 families (``family=``); :data:`mlsml.integrand.JOINT_FAMILIES` for ``method="joint"``.
 FAMILIES = ("gaussian", "binomial", "ordinal", "poisson", "nominal")
+#: Families of the multilevel stage 2 (``multilevel=True``).
+MULTILEVEL_FAMILIES = ("gaussian",)
 #: Estimation methods (``method=``).
 METHODS = ("mi", "joint")
 #: Default number of imputations (posterior draws) of ``method="mi"``.
@@ -121,6 +136,8 @@ MAX_FAILED_SHARE = 0.5
 SUMMARY_STATS = ("mean", "sd", "var", "min", "max", "median", "sum", "count")
 #: Name of the residual variance of the gaussian family in the parameter table.
 RESID_VAR = "var(resid)"
+#: Name of the random-intercept variance of the multilevel stage 2 (``multilevel=True``), lme4's ``(1 | school)``.
+GROUP_VAR = "var(1|{groups})"
 
 
 # ---------------------------------------------------------------------- the school-level data
@@ -608,6 +625,8 @@ class Stage2Results:
             "Method:": self.method,
             "Schools used:": f"{self.nobs} of {self.ngroups}",
         }
+        if self.info.get("multilevel"):
+            head["Level-1 rows:"] = f"{self.info['level1_rows']} (random intercept per school)"
         if self.method == "mi":
             head["Imputations:"] = f"{self.ndraws}" + (f" ({self.n_failed} failed, left out)" if self.n_failed else "")
             head["Stage-1 uncertainty:"] = "drawn" if self.info.get("stage1_uncertainty") else "ignored (EB draws)"
@@ -678,13 +697,9 @@ def _proper_draw(res, sampler, mean: np.ndarray, cov: np.ndarray, rng) -> np.nda
     )
 
 
-def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
-    """``method="mi"``: Rubin's rules over GLM fits to exact posterior draws (module docstring)."""
-    rng = np.random.default_rng(seed)
-    mean, cov = school_moments(res)
-    y0, X0 = _design(sd, formula, family, mean)
-    _check_response(y0, family, sd.response)
-    _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
+def _imputations(res, rng, mean: np.ndarray, cov: np.ndarray, ndraws: int, stage1_uncertainty: bool):
+    """``(draws, proper)``: ``ndraws`` imputations of every school's effects ``(ndraws, J, d)``, and whether
+    each drew the MELSM's parameters first."""
     sampler = _stage1_sampler(res, rng, stage1_uncertainty)
     try:
         if sampler is None:
@@ -693,6 +708,17 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
             draws = np.concatenate([_proper_draw(res, sampler, mean, cov, rng) for _ in range(ndraws)], axis=0)
     except ModelSpecError as exc:  # a model class without exact posterior draws (several scale effects)
         raise ModelSpecError(f"stage 2 with method='mi' needs exact posterior draws: {exc}. Use method='joint'") from exc
+    return draws, sampler is not None
+
+
+def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
+    """``method="mi"``: Rubin's rules over GLM fits to exact posterior draws (module docstring)."""
+    rng = np.random.default_rng(seed)
+    mean, cov = school_moments(res)
+    y0, X0 = _design(sd, formula, family, mean)
+    _check_response(y0, family, sd.response)
+    _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
+    draws, proper = _imputations(res, rng, mean, cov, ndraws, stage1_uncertainty)
     Q, U, failed, names, last_error = [], [], 0, None, None
     for m in range(ndraws):
         y, X = _design(sd, formula, family, draws[m])
@@ -737,10 +763,273 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
         ngroups=res.ngroups,
         draws=pd.DataFrame(Q, columns=idx),
         info={
-            "stage1_uncertainty": sampler is not None,
+            "stage1_uncertainty": proper,
             "within": pooled.within,
             "between": pooled.between,
             "lambda": pooled.lam,
+        },
+    )
+
+
+# ---------------------------------------------------------------------- the multilevel second stage
+@dataclass(frozen=True)
+class Level1Data:
+    """The data of a multilevel stage 2 (``multilevel=True``): one row per level-1 observation.
+
+    Attributes
+    ----------
+    frame : pandas.DataFrame
+        The rows of the fit's schools with the outcome and every covariate the formula uses
+        (rows with a missing value left out, counted in a warning).
+    school : ndarray (n,) of int
+        Each row's school, as its position in the fit's school order.
+    response, groups : str
+        The outcome column and the fit's grouping column.
+    effects : tuple of str
+        Names of the school effects the formula may use.
+    """
+
+    frame: pd.DataFrame
+    school: np.ndarray
+    response: str
+    groups: str
+    effects: tuple[str, ...]
+
+
+def level1_data_of(res, formula: str, data, level1_summaries: Mapping | None, level1_data, missing: str) -> Level1Data:
+    """Collect the level-1 rows of a multilevel stage 2, with the school effects' positions."""
+    spec = res.model.formula_spec
+    labels = pd.Index(res.model.design.group_labels)
+    effects = res.model.design.layout.re_names
+    if not isinstance(formula, str) or "~" not in formula or not formula.split("~", 1)[0].strip():
+        raise ModelSpecError(f"the stage-2 formula must be a two-sided formula string such as 'Y ~ u0 + v', not {formula!r}")
+    if missing not in ("drop", "raise"):
+        raise ModelSpecError(f"missing must be 'drop' or 'raise', not {describe_value(missing)}")
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(
+            f"multilevel=True needs data= with one row per level-1 observation (a pandas DataFrame), not {describe_value(data)}"
+        )
+    if spec.groups not in data.columns:
+        raise DataError(f"the stage-2 data has no grouping column {spec.groups!r} (the fit's groups) to match schools")
+    summaries = dict(level1_summaries or {})
+    clash = [c for c in effects if c in data.columns or c in summaries]
+    if clash:
+        raise ModelSpecError(
+            f"{clash[0]!r} names a school effect of the fit, but it is also a column of the stage-2 data "
+            "(or a level-1 summary): rename that column"
+        )
+    response = formula.split("~", 1)[0].strip()
+    if response in effects:
+        raise ModelSpecError(f"the stage-2 response {response!r} is a school effect; it must be an outcome")
+    frame = data.reset_index(drop=True)
+    if summaries:
+        per_school = _level1_summaries(res, summaries, level1_data)
+        frame = frame.assign(**{n: frame[spec.groups].map(per_school[n]).to_numpy() for n in per_school.columns})
+    used = [c for c in formula_columns(formula, frame) if c != spec.groups]
+    known = frame[spec.groups].isin(labels).to_numpy()
+    if not known.all():
+        first = frame.loc[~known, spec.groups].iloc[0]
+        first = first.item() if isinstance(first, np.generic) else first  # 76.0, not np.float64(76.0)
+        warn(
+            f"{int((~known).sum())} stage-2 row(s) belong to schools that are not in the fit (e.g. {first!r}); they are ignored",
+            MissingDataWarning,
+        )
+        frame = frame.loc[known]
+    na = frame[used].isna()
+    bad = na.any(axis=1).to_numpy()
+    if bad.any():
+        desc = ", ".join(f"{c!r}: {int(na[c].sum())}" for c in used if na[c].any())
+        msg = f"{int(bad.sum())} of {len(frame)} stage-2 rows have missing values and are left out ({desc})"
+        if missing == "raise":
+            raise DataError(msg)
+        warn(msg, MissingDataWarning)
+        frame = frame.loc[~bad]
+    frame = frame.reset_index(drop=True)
+    school = labels.get_indexer(frame[spec.groups])
+    if np.unique(school).size < 3:
+        raise DataError(f"only {np.unique(school).size} schools have stage-2 rows; a multilevel stage 2 needs more")
+    if frame.groupby(spec.groups, sort=False)[response].nunique().max() <= 1:
+        raise DataError(
+            f"the stage-2 outcome {response!r} is constant within every school: it is a school-level outcome, "
+            "so use the single-level stage 2 (multilevel=False)"
+        )
+    return Level1Data(frame, school, response, spec.groups, effects)
+
+
+def _design_level1(ld: Level1Data, formula: str, effect_values: np.ndarray):
+    """Response and design of the level-1 rows with each school's effects at ``effect_values`` (J, d)."""
+    frame = ld.frame.copy()
+    for i, name in enumerate(ld.effects):
+        frame[name] = effect_values[ld.school, i]
+    try:
+        y, X = patsy.dmatrices(formula, frame, eval_env=0, NA_action="raise", return_type="dataframe")
+    except Exception as exc:  # patsy raises many types
+        raise ModelSpecError(f"could not evaluate the stage-2 formula {formula!r}: {exc}") from exc
+    if y.shape[1] != 1:
+        raise DataError(f"the stage-2 response {ld.response!r} must be one numeric column (got {y.shape[1]} columns)")
+    return y.iloc[:, 0].to_numpy(dtype=float), X
+
+
+def random_intercept_cov(X: np.ndarray, school: np.ndarray, tau2: float, sigma2: float) -> np.ndarray:
+    r"""Inverse expected information of the ML estimates of a gaussian random-intercept model.
+
+    For ``y_j = X_j beta + a_j 1 + e_j``, ``a_j ~ N(0, tau^2)``, ``e_j ~ N(0, sigma^2 I)``,
+    ``V_j = sigma^2 I + tau^2 1 1'`` and ``c_j = sigma^2 + n_j tau^2``:
+
+    .. math::
+
+        I_{\beta\beta} = \sum_j X_j' V_j^{-1} X_j
+                       = \sigma^{-2} \sum_j \Big(X_j'X_j - \frac{\tau^2}{c_j} s_j s_j'\Big),
+        \quad s_j = X_j' 1,
+
+        I_{\tau\tau} = \tfrac12 \sum_j \frac{n_j^2}{c_j^2}, \quad
+        I_{\tau\sigma} = \tfrac12 \sum_j \frac{n_j}{c_j^2}, \quad
+        I_{\sigma\sigma} = \tfrac12 \sum_j \Big(\frac{n_j - 1}{\sigma^4} + \frac{1}{c_j^2}\Big),
+
+    and ``beta`` orthogonal to ``(tau^2, sigma^2)``: ``tr(V^{-1} dV_a V^{-1} dV_b) / 2`` with
+    ``dV = 1 1'`` and ``I``. This is the Fisher scoring information MixWILD's ``mixreg``
+    reports its standard errors from. Returns the covariance of ``(beta, tau^2, sigma^2)``.
+    """
+    J = int(school.max()) + 1
+    n = np.bincount(school, minlength=J).astype(float)
+    S = np.zeros((J, X.shape[1]))
+    np.add.at(S, school, X)
+    c = sigma2 + n * tau2
+    keep = n > 0
+    info_b = (X.T @ X - (S[keep].T * (tau2 / c[keep])) @ S[keep]) / sigma2
+    n, c = n[keep], c[keep]
+    info_v = 0.5 * np.array(
+        [
+            [np.sum(n**2 / c**2), np.sum(n / c**2)],
+            [np.sum(n / c**2), np.sum((n - 1.0) / sigma2**2 + 1.0 / c**2)],
+        ]
+    )
+    p = X.shape[1]
+    cov = np.zeros((p + 2, p + 2))
+    cov[:p, :p] = np.linalg.inv(info_b)
+    cov[p:, p:] = np.linalg.inv(info_v)
+    return cov
+
+
+#: Bracket of ``log(tau^2 / sigma^2)`` searched by :func:`fit_random_intercept` (``rho = 0`` is checked apart).
+LOG_RHO_BOUNDS = (-23.0, 16.0)
+#: Tolerance on ``log(tau^2 / sigma^2)`` of the profile-likelihood search.
+LOG_RHO_XTOL = 1e-9
+
+
+def _profile(rho: float, XtX, Xty, yty, S, t, n, N):
+    """``(llf, beta, sigma2)`` of the random-intercept model at ``rho = tau^2 / sigma^2``."""
+    w = rho / (1.0 + n * rho)
+    A = XtX - (S.T * w) @ S
+    b = Xty - S.T @ (w * t)
+    beta = np.linalg.solve(A, b)
+    rss = yty - np.sum(w * t**2) - beta @ b
+    sigma2 = rss / N
+    llf = -0.5 * N * (np.log(2.0 * np.pi * sigma2) + 1.0) - 0.5 * np.sum(np.log1p(n * rho))
+    return llf, beta, sigma2
+
+
+def fit_random_intercept(y: np.ndarray, X: pd.DataFrame, school: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    r"""Exact ML fit of a gaussian random-intercept model by profiling out ``beta`` and ``sigma^2``.
+
+    .. math::
+
+        y_{ij} = x_{ij}'\beta + a_j + e_{ij}, \quad a_j \sim N(0, \tau^2), \quad
+        e_{ij} \sim N(0, \sigma^2);
+
+    for ``rho = tau^2 / sigma^2``, ``W_j^{-1} = I - w_j 1 1'`` with ``w_j = rho / (1 + n_j rho)``,
+    ``beta(rho)`` is generalised least squares, ``sigma^2(rho) = RSS(rho) / N`` and
+
+    .. math::
+
+        \ell_p(\rho) = -\tfrac N2 \big(\log 2\pi\sigma^2(\rho) + 1\big)
+                       - \tfrac12 \sum_j \log(1 + n_j \rho),
+
+    maximised over ``log rho`` by bounded Brent search (the boundary ``rho = 0`` compared
+    apart). Every term uses the per-school sums ``s_j = X_j'1``, ``t_j = y_j'1``, so a fit costs
+    ``O(N p^2)``. Statsmodels' ``MixedLM(reml=False)`` maximises the same likelihood (the tests
+    check one against the other and against mlsml's engine with ``random_scale=False``); its
+    optimiser fails on some of MixWILD's outcomes, this search does not.
+
+    Returns ``(params, cov, llf)``: ``(beta, tau^2, sigma^2)``, their covariance from
+    :func:`random_intercept_cov` and the maximised log-likelihood.
+    """
+    Xa = X.to_numpy(dtype=float) if isinstance(X, pd.DataFrame) else np.asarray(X, dtype=float)
+    J = int(school.max()) + 1
+    n = np.bincount(school, minlength=J).astype(float)
+    S = np.zeros((J, Xa.shape[1]))
+    np.add.at(S, school, Xa)
+    t = np.bincount(school, weights=y, minlength=J)
+    keep = n > 0
+    S, t, n = S[keep], t[keep], n[keep]
+    args = (Xa.T @ Xa, Xa.T @ y, float(y @ y), S, t, n, float(y.size))
+    opt = scipy_optimize.minimize_scalar(
+        lambda eta: -_profile(np.exp(eta), *args)[0], bounds=LOG_RHO_BOUNDS, method="bounded", options={"xatol": LOG_RHO_XTOL}
+    )
+    rho = float(np.exp(opt.x))
+    llf, beta, sigma2 = _profile(rho, *args)
+    llf0, beta0, sigma20 = _profile(0.0, *args)
+    if llf0 >= llf:  # the boundary: no between-school variance
+        rho, llf, beta, sigma2 = 0.0, llf0, beta0, sigma20
+    if not (np.isfinite(llf) and sigma2 > 0):
+        raise np.linalg.LinAlgError("the random-intercept fit has no finite likelihood")
+    tau2 = rho * sigma2
+    params = np.concatenate([beta, [tau2, sigma2]])
+    return params, random_intercept_cov(Xa, school, tau2, sigma2), float(llf)
+
+
+def fit_mi_multilevel(res, ld: Level1Data, formula: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
+    r"""``multilevel=True``: Rubin's rules over random-intercept fits to the level-1 rows (module docstring)."""
+    rng = np.random.default_rng(seed)
+    mean, cov = school_moments(res)
+    _, X0 = _design_level1(ld, formula, mean)
+    _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
+    draws, proper = _imputations(res, rng, mean, cov, ndraws, stage1_uncertainty)
+    school = np.unique(ld.school, return_inverse=True)[1]
+    Q, U, failed, last_error = [], [], 0, None
+    for m in range(ndraws):
+        y, X = _design_level1(ld, formula, draws[m])
+        try:
+            with np.errstate(all="ignore"):
+                params, cv, _ = fit_random_intercept(y, X, school)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+            failed, last_error = failed + 1, exc
+            continue
+        if not (np.all(np.isfinite(params)) and np.all(np.isfinite(cv))):
+            failed += 1
+            continue
+        Q.append(params)
+        U.append(cv)
+    if failed > MAX_FAILED_SHARE * ndraws or len(Q) < MIN_NDRAWS:
+        why = f" (last error: {last_error})" if last_error is not None else ""
+        raise DataError(f"the multilevel stage-2 fit failed on {failed} of {ndraws} imputed data sets{why}")
+    if failed:
+        warn(f"the multilevel stage-2 fit failed on {failed} of {ndraws} imputed data sets; they are left out", ConvergenceWarning)
+    Q, U = np.asarray(Q), np.asarray(U)
+    pooled = rubin(Q, U)
+    idx = pd.Index([str(c) for c in X0.columns] + [GROUP_VAR.format(groups=ld.groups), RESID_VAR], name="name")
+    return Stage2Results(
+        method="mi",
+        family="gaussian",
+        formula=formula,
+        params=pd.Series(pooled.params, index=idx, name="estimate"),
+        bse=pd.Series(np.sqrt(pooled.total), index=idx, name="std err"),
+        df=pd.Series(pooled.df, index=idx),
+        cov=pd.DataFrame(pooled.cov, index=idx, columns=idx),
+        fmi=pd.Series(pooled.fmi, index=idx, name="fmi"),
+        riv=pd.Series(pooled.riv, index=idx, name="riv"),
+        ndraws=len(Q),
+        n_failed=failed,
+        nobs=int(np.unique(school).size),
+        ngroups=res.ngroups,
+        draws=pd.DataFrame(Q, columns=idx),
+        info={
+            "stage1_uncertainty": proper,
+            "within": pooled.within,
+            "between": pooled.between,
+            "lambda": pooled.lam,
+            "multilevel": True,
+            "level1_rows": int(ld.frame.shape[0]),
         },
     )
 
@@ -876,6 +1165,7 @@ def stage2(
     stage1_uncertainty: bool = True,
     missing: str = "drop",
     nagq: int | None = None,
+    multilevel: bool = False,
 ) -> Stage2Results:
     """The stage-2 model of a fit (see :meth:`mlsml.MELSMResults.stage2` and the module docstring)."""
     if family not in FAMILIES:
@@ -884,6 +1174,19 @@ def stage2(
         raise ModelSpecError(f"method must be one of {', '.join(map(repr, METHODS))}, not {describe_value(method)}")
     if getattr(res, "likelihood", None) is None:
         raise DataError("stage 2 needs the fitted data: this result was read from JSON without its data")
+    if multilevel:
+        if family not in MULTILEVEL_FAMILIES:
+            raise ModelSpecError(
+                f"multilevel=True fits a linear mixed model per imputation: family must be one of "
+                f"{', '.join(map(repr, MULTILEVEL_FAMILIES))}, not {family!r} (MixWILD's multilevel mixors/mixpreg/mixno "
+                "second stages are not available)"
+            )
+        if method != "mi":
+            raise ModelSpecError("multilevel=True is a method='mi' analysis (a level-1 outcome in the joint model is not available)")
+        if not isinstance(ndraws, int | np.integer) or ndraws < MIN_NDRAWS:
+            raise ModelSpecError(f"ndraws must be an integer of at least {MIN_NDRAWS}, not {describe_value(ndraws)}")
+        ld = level1_data_of(res, formula, data, level1_summaries, level1_data, missing)
+        return fit_mi_multilevel(res, ld, formula, int(ndraws), seed, bool(stage1_uncertainty))
     sd = school_data(res, formula, data, level1_summaries, level1_data, missing)
     if method == "joint":
         return fit_joint(res, sd, formula, family, nagq)

@@ -113,10 +113,28 @@ def test_stage2_type_outside_mixwilds_is_refused(job_dir):
 
 def test_multilevel_second_stage(job_dir):
     """MULTI2ND = 1: an outcome constant within subjects is MixWILD's single-level stage 2 (adjustData2); one that
-    varies within subjects (x, column 3) would need a multilevel stage 2 and is refused before stage 1 is fitted."""
-    (job_dir / "ml.def").write_text(_def(stage2=1, multi2nd=1, tail="1 0 -1 -1\n3\n4\nX\nW"))
-    with pytest.raises(ModelSpecError, match="MULTI2ND = 1 with a stage-2 outcome 'X' that varies within 40 subject"):
-        run_job(job_dir / "ml.def", stages=False)
+    varies within subjects (y, column 2, with the level-1 covariate x) is the multilevel stage 2, run as
+    res.stage2(multilevel=True) on the level-1 rows (refused before issue 13's multilevel stage 2); a
+    non-gaussian one is still refused before stage 1 is fitted."""
+    (job_dir / "ml.def").write_text(_def(stage2=1, multi2nd=1, tail="1 0 -1 -1\n2\n3\nY\nX"))
+    run = run_job(job_dir / "ml.def", stages=False)
+    s2 = run.stage2
+    assert s2.info["multilevel"] and s2.info["level1_rows"] == 320 and s2.nobs == 40
+    assert list(s2.params.index)[-2:] == ["var(1|_cluster)", "var(resid)"]
+    a = float(theta_map(run.results)[0])
+    dat = pd.DataFrame(np.loadtxt(job_dir / "data.dat")[:, :3], columns=["_cluster", "Y", "X"])
+    direct = run.results.stage2(f"Y ~ X + I({a!r} * u0)", data=dat, ndraws=10, seed=5, multilevel=True)
+    np.testing.assert_allclose(s2.params.to_numpy(), direct.params.to_numpy(), rtol=1e-10)
+    assert "Level 1 observations = 320" in run.report and re.search(r"^Random.Int.Var\s+\d", run.report, re.M)
+    assert "the second stage is multilevel" in run.report
+    (job_dir / "mlo.def").write_text(_def(stage2=2, multi2nd=1, tail="1 0 -1 -1\n3\n0 1 2\n6\n3\nGrade\nX"))
+    text = (job_dir / "mlo.def").read_text()
+    rows = np.loadtxt(job_dir / "data.dat")
+    rows[::2, 5] = (rows[::2, 5] + 1) % 3  # the grade now varies within subjects
+    np.savetxt(job_dir / "data_o.dat", rows, fmt="%.10g")
+    (job_dir / "mlo.def").write_text(text.replace("data.dat", "data_o.dat"))
+    with pytest.raises(ModelSpecError, match=r"MULTI2ND = 1 with STAGE2 = 2 \(ordinal\).*gaussian only"):
+        run_job(job_dir / "mlo.def", stages=False)
     (job_dir / "ml2.def").write_text(_def(stage2=2, multi2nd=1))
     run = run_job(job_dir / "ml2.def", stages=False)
     assert "MULTI2ND = 1: the stage-2 outcome is constant within subjects" in run.report

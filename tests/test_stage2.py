@@ -11,6 +11,8 @@ import autograd
 import numpy as np
 import pandas as pd
 import pytest
+import statsmodels.formula.api as smf
+from patsy import dmatrices
 from scipy import special, stats
 
 import mlsml
@@ -19,7 +21,7 @@ from mlsml.integrand import JointIntegrand, SchoolOutcome
 from mlsml.likelihood import Likelihood
 from mlsml.predict import PosteriorGrid, draw_effects
 from mlsml.quadrature import QuadratureSpec, default_nagq
-from mlsml.stage2 import ordinal_natural, rubin, school_data, school_outcome
+from mlsml.stage2 import fit_random_intercept, ordinal_natural, random_intercept_cov, rubin, school_data, school_outcome
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +345,72 @@ def test_joint_nominal_fit_against_mi(fitted):
     start_phi = j.info["optsum"].start[res.layout.n_params :]
     assert j.llf >= lik.value(np.concatenate([res.theta, start_phi])) - 1e-8
     assert np.all(np.isfinite(j.bse))
+
+
+# ---------------------------------------------------------------------- the multilevel second stage (MULTI2ND = 1)
+@pytest.fixture(scope="module")
+def level1(fitted):
+    """The demo fit's level-1 rows with an outcome z varying within schools (a school intercept, x and u0)."""
+    res, df, _ = fitted
+    rng = np.random.default_rng(11)
+    s = np.unique(df["school"], return_inverse=True)[1]
+    u0 = res.random_effects()["u0"].to_numpy()
+    z = 1.0 + 0.5 * df["x"].to_numpy() + 3.0 * u0[s] + rng.normal(0, 0.7, 40)[s] + rng.normal(size=len(df))
+    return df.assign(z=z).iloc[::4].reset_index(drop=True)  # about 40 rows per school
+
+
+def test_random_intercept_fit_is_ml_of_mlsml_and_statsmodels(level1):
+    """The profile-likelihood fit against mlsml's engine (random_scale=False, constant variance) and MixedLM."""
+    y, X = dmatrices("z ~ x", level1, return_type="dataframe")
+    school = np.unique(level1["school"], return_inverse=True)[1]
+    params, _, llf = fit_random_intercept(y.to_numpy().ravel(), X, school)
+    ours = mlsml.fit("z ~ x", level1, groups="school", random_scale=False)
+    assert llf == pytest.approx(ours.llf, abs=1e-6)
+    np.testing.assert_allclose(params[:2], ours.params[["mean:Intercept", "mean:x"]], rtol=1e-4)
+    np.testing.assert_allclose(params[2:], [ours.params["var(u0)"], np.exp(ours.params["scale:Intercept"])], rtol=1e-4)
+    sm = smf.mixedlm("z ~ x", level1, groups="school").fit(reml=False)
+    assert llf >= sm.llf - 1e-6 and llf == pytest.approx(sm.llf, abs=1e-4)
+    np.testing.assert_allclose(params[:2], sm.fe_params, rtol=1e-3)
+
+
+def test_random_intercept_cov_is_the_inverse_expected_information():
+    """Closed-form information against V_j built explicitly: I_bb = sum X'V^-1X, I_ab = tr(V^-1 dV_a V^-1 dV_b) / 2."""
+    rng = np.random.default_rng(2)
+    school = np.repeat(np.arange(6), [1, 2, 3, 4, 5, 7])
+    X = np.column_stack([np.ones(school.size), rng.normal(size=school.size)])
+    tau2, s2 = 0.7, 1.3
+    Ibb, Ivv = np.zeros((2, 2)), np.zeros((2, 2))
+    for j in range(6):
+        Xj = X[school == j]
+        n = Xj.shape[0]
+        Vi = np.linalg.inv(s2 * np.eye(n) + tau2 * np.ones((n, n)))
+        Ibb += Xj.T @ Vi @ Xj
+        dV = [np.ones((n, n)), np.eye(n)]
+        Ivv += 0.5 * np.array([[np.trace(Vi @ a @ Vi @ b) for b in dV] for a in dV])
+    cov = random_intercept_cov(X, school, tau2, s2)
+    np.testing.assert_allclose(cov[:2, :2], np.linalg.inv(Ibb), rtol=1e-10)
+    np.testing.assert_allclose(cov[2:, 2:], np.linalg.inv(Ivv), rtol=1e-10)
+    assert np.all(cov[:2, 2:] == 0.0)
+
+
+def test_multilevel_stage2(fitted, level1):
+    res, _, _ = fitted
+    out = res.stage2("z ~ x + u0", data=level1, multilevel=True, ndraws=10, seed=3)
+    assert list(out.params.index) == ["Intercept", "x", "u0", "var(1|school)", "var(resid)"]
+    assert out.info["level1_rows"] == len(level1) and out.nobs == 40 and out.ndraws == 10
+    assert out.params["x"] == pytest.approx(0.5, abs=0.15) and out.params["var(1|school)"] > 0
+    assert np.all(out.fmi.between(0, 1)) and "Level-1 rows:" in out.summary().as_text()
+    holed = level1.assign(z=level1["z"].where(level1.index % 10 != 0))
+    with pytest.warns(MissingDataWarning, match="stage-2 rows have missing values.*'z'"):
+        fewer = res.stage2("z ~ x + u0", data=holed, multilevel=True, ndraws=5, seed=3)
+    assert fewer.info["level1_rows"] == holed["z"].notna().sum()
+
+
+def test_multilevel_stage2_refusals(fitted, level1):
+    res, _, schools = fitted
+    with pytest.raises(ModelSpecError, match="family must be one of 'gaussian', not 'binomial'"):
+        res.stage2("z ~ u0", data=level1, multilevel=True, family="binomial")
+    with pytest.raises(ModelSpecError, match="multilevel=True is a method='mi' analysis"):
+        res.stage2("z ~ u0", data=level1, multilevel=True, method="joint")
+    with pytest.raises(DataError, match="'score' is constant within every school.*multilevel=False"):
+        res.stage2("score ~ u0", data=schools, multilevel=True, ndraws=5)

@@ -51,11 +51,15 @@ intercept, slopes, scale, as MIXREGMLS standardises them. So the job's model is 
 ``docs/stage2.md``), the per-subject ``1 / sd_j(u0)`` a column of its data when ``R > 0``.
 
 ``MULTI2ND = 1`` asks for a multilevel second stage: when the stage-2 outcome varies within
-subjects, MixWILD fits it on the level-1 rows with a random subject intercept in each
-imputation (``mixreg``/``mixors``/``mixno`` with one random effect). mlsml's stage 2 is
-single-level, so such a job is refused (:class:`~mlsml.errors.ModelSpecError`); when the
-outcome is constant within subjects MixWILD falls back to the ordinary second stage
-(``adjustData2``), and so does mlsml, with a note.
+subjects, MixWILD fits it on the level-1 rows (the ``PFIXED`` covariates at their level-1
+values, the subject's standardised effects repeated on its rows) with a random subject
+intercept in each imputation (``mixreg``/``mixors``/``mixpreg``/``mixno`` with one random
+effect). mlsml runs the continuous one (``STAGE2 = 1``) as ``res.stage2(...,
+multilevel=True)``: a gaussian random-intercept model fitted by exact ML in each imputation,
+its random-intercept variance labelled ``Random.Int.Var`` as MixWILD labels it; a multilevel
+ordinal, count or nominal second stage is refused before stage 1 is fitted
+(:class:`~mlsml.errors.ModelSpecError`). When the outcome is constant within subjects MixWILD
+falls back to the ordinary second stage (``adjustData2``), and so does mlsml, with a note.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +75,7 @@ import pandas as pd
 
 from .._lazy import LazyModule
 from ..errors import DataError, MissingDataWarning, ModelSpecError, warn
+from ..stage2 import GROUP_VAR, MULTILEVEL_FAMILIES
 
 patsy = LazyModule("patsy")
 stats = LazyModule("scipy.stats")
@@ -303,12 +308,20 @@ def _names(variables: list[tuple[int, str]], taken: set[str]) -> dict[int, str]:
 
 
 def level2_data(
-    s2: Stage2Job, raw: pd.DataFrame | None, raw_names: dict[int, str], cluster: str, ymiss: float, folder: Path | None, reader
+    s2: Stage2Job,
+    raw: pd.DataFrame | None,
+    raw_names: dict[int, str],
+    cluster: str,
+    ymiss: float,
+    folder: Path | None,
+    reader,
+    per_row: bool = False,
 ) -> tuple[pd.DataFrame, dict[int, str], list[str]]:
     """Per-subject means of the stage-2 columns (MixWILD's ``tempsums / n``), their names, and notes.
 
     ``raw`` holds the stage-1 rows with the stage-2 columns (named ``raw_names[column]``) when
-    ``SEPFILE = 0``; otherwise the separate file is read with ``reader(path, nvar)``.
+    ``SEPFILE = 0``; otherwise the separate file is read with ``reader(path, nvar)``. With
+    ``per_row`` (the multilevel second stage) the rows themselves are returned, not the means.
     """
     notes = []
     if s2.data_file is None:
@@ -330,6 +343,8 @@ def level2_data(
                 warn(msg, MissingDataWarning)
                 notes.append(msg)
                 frame = frame.loc[~hit]
+    if per_row:
+        return frame.reset_index(drop=True), names, notes
     g = frame.groupby(cluster, sort=False)
     varying = [n for n in dict.fromkeys(names.values()) if (g[n].nunique() > 1).any()]
     if varying:
@@ -375,17 +390,34 @@ def stage2_model(s2: Stage2Job, res, data: pd.DataFrame, names: dict[int, str]) 
     for term, (_, label) in zip(written, terms):
         labels[term.name()] = label
     labels["var(resid)"] = "Residual.Variance"
+    labels[GROUP_VAR.format(groups="_cluster")] = "Random.Int.Var"
     return Stage2Model(formula, data, labels, tm, tuple(notes))
 
 
 def run_stage2(job, jd, res, reader) -> tuple[object, str]:
     """Run the job's second stage on the stage-1 fit ``res``: ``(Stage2Results, MIXWILD-style text)``."""
     s2 = job.stage2
-    data, names, notes = level2_data(
-        s2, jd.raw_frame, jd.stage2_names, "_cluster", job.setting("YMISS"), job.path.parent if job.path is not None else None, reader
-    )
+    folder = job.path.parent if job.path is not None else None
+    rows, names, notes = level2_data(s2, jd.raw_frame, jd.stage2_names, "_cluster", job.setting("YMISS"), folder, reader, per_row=True)
     y = names[s2.y_col]
-    if s2.multilevel:  # check_stage2 refused an outcome that varies within subjects before stage 1
+    multilevel = s2.multilevel and bool((rows.groupby("_cluster", sort=False)[y].nunique() > 1).any())
+    if multilevel and s2.data_file is None and job.path is not None and Path(job.data_path).exists():
+        # as stage2only, which reads the data file again: the rows with the stage-2 columns present, also those
+        # whose stage-1 outcome or covariates are missing (stage 1 left those out)
+        again = replace(s2, data_file=str(job.data_path), nvar=int(job.setting("NVAR")), id_col=job.id_col)
+        rows, names, more = level2_data(again, None, {}, "_cluster", job.setting("YMISS"), folder, reader, per_row=True)
+        notes += more
+        y = names[s2.y_col]
+    if multilevel:  # MixWILD's adjustData2: a level-1 outcome keeps the rows (covariates at their level-1 values)
+        data = rows
+        notes.append(
+            "MULTI2ND = 1: the stage-2 outcome varies within subjects, so the second stage is multilevel (as MixWILD): "
+            "each imputation is a linear mixed model of the level-1 rows with a random subject intercept, by ML"
+        )
+    else:
+        data, names, more = level2_data(s2, jd.raw_frame, jd.stage2_names, "_cluster", job.setting("YMISS"), folder, reader)
+        notes += more
+    if s2.multilevel and not multilevel:
         notes.append("MULTI2ND = 1: the stage-2 outcome is constant within subjects, so the second stage is single-level (as MixWILD)")
     if s2.family == "nominal":  # ICODE order: category ICODE(1) the reference (coded 0), as mixno
         data, recode_note = _nominal_codes(data, y, s2.categories)
@@ -394,7 +426,9 @@ def run_stage2(job, jd, res, reader) -> tuple[object, str]:
     data = model.data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingDataWarning)
-        out = res.stage2(model.formula, data=data, family=s2.family, method="mi", ndraws=s2.ndraws, seed=s2.seed)
+        out = res.stage2(
+            model.formula, data=data, family=s2.family, method="mi", ndraws=s2.ndraws, seed=s2.seed, multilevel=multilevel
+        )
     for w in caught:
         notes.append(f"stage 2: {w.message}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -418,9 +452,9 @@ def _nominal_codes(data: pd.DataFrame, y: str, categories: tuple[float, ...]) ->
 
 
 def check_stage2(job, jd, reader) -> None:
-    """Refuse, before stage 1 is fitted, a ``MULTI2ND = 1`` job whose stage-2 outcome varies within subjects.
+    """Refuse, before stage 1 is fitted, a non-gaussian ``MULTI2ND = 1`` job whose stage-2 outcome varies within subjects.
 
-    MixWILD then runs a multilevel second stage (module docstring), which mlsml does not.
+    MixWILD then runs a multilevel second stage (module docstring); mlsml runs the gaussian one only.
     """
     s2 = job.stage2
     if s2 is None or not s2.multilevel:
@@ -439,12 +473,14 @@ def check_stage2(job, jd, reader) -> None:
         if ymiss != 0.0:
             frame = frame.loc[~np.isclose(frame[y].to_numpy(), ymiss, rtol=1e-12, atol=0.0)]
     varies = frame.groupby("_cluster", sort=False)[y].nunique() > 1
-    if varies.any():
+    if varies.any() and s2.family not in MULTILEVEL_FAMILIES:
+        first = varies.index[np.argmax(varies.to_numpy())]
+        first = first.item() if isinstance(first, np.generic) else first  # 3, not np.int64(3)
         raise ModelSpecError(
-            f"MULTI2ND = 1 with a stage-2 outcome {s2.y_label!r} that varies within {int(varies.sum())} subject(s) "
-            f"(e.g. subject {varies.index[np.argmax(varies.to_numpy())]!r}): MixWILD then fits a multilevel second stage "
-            "(the outcome's level-1 rows, a random subject intercept, in each imputation), which mlsml does not run; "
-            "use the per-subject mean of the outcome (MULTI2ND = 0) or fit the level-1 model on the imputations yourself"
+            f"MULTI2ND = 1 with STAGE2 = {s2.kind} ({s2.family}) and a stage-2 outcome {s2.y_label!r} that varies within "
+            f"{int(varies.sum())} subject(s) (e.g. subject {first!r}): MixWILD then fits "
+            f"a multilevel {STAGE2_PROGRAMS[s2.kind]} (a random subject intercept) in each imputation; mlsml's multilevel "
+            "second stage is gaussian only (STAGE2 = 1). Use the per-subject mean of the outcome (MULTI2ND = 0)"
         )
 
 
@@ -470,6 +506,7 @@ def stage2_report(s2: Stage2Job, model: Stage2Model, out, res, data: pd.DataFram
         f"Second stage: {STAGE2_PROGRAMS[s2.kind]}, family={s2.family!r}, by mlsml's res.stage2(method='mi')",
         "=" * 72,
         f" Level 2 units = {out.nobs:11d}",
+        *([f" Level 1 observations = {out.info['level1_rows']:d}"] if out.info.get("multilevel") else []),
         "------------",
         "Descriptives",
         "------------",
