@@ -105,7 +105,7 @@ from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWa
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .groupmeans import display_name
 from .integrand import bs_zero_variance_reasons
-from .likelihood import Likelihood
+from .likelihood import EVALUATION_ERRORS, Likelihood
 from .params import ParamLayout, constrain
 from .predict import PredictionResults
 from .predict import get_prediction as _get_prediction
@@ -717,8 +717,29 @@ def _worker_setup() -> None:
                 pass
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """A block's evaluation that raised one of :data:`mlsml.likelihood.EVALUATION_ERRORS`.
+
+    Returned, not raised, so that Dask's workers do not log a "Compute Failed" error for
+    what is a routine event of an optimisation (a trial point where the rule cannot be
+    evaluated); :meth:`BlockSet.run` raises the error on the driver, as an in-memory fit would.
+    """
+
+    error: BaseException
+
+
 def _evaluate(block: Block, req: Request):
-    """What one block returns for a :class:`Request` (runs on the worker holding the block)."""
+    """What one block returns for a :class:`Request` (runs on the worker holding the block);
+    :class:`_Failed` where the likelihood cannot be evaluated."""
+    try:
+        return _evaluate_block(block, req)
+    except EVALUATION_ERRORS as exc:
+        return _Failed(exc)
+
+
+def _evaluate_block(block: Block, req: Request):
+    """:func:`_evaluate` itself."""
     _worker_setup()
     if block.design is None:
         return None
@@ -932,6 +953,9 @@ class BlockSet:
         else:
             futures = client.compute([dask.delayed(_evaluate, pure=False)(b, req) for b in self.blocks])
         out = _gather(client, futures)
+        for reply in out:
+            if isinstance(reply, _Failed):
+                raise reply.error
         sent = len(pickle.dumps(req)) * len(self.blocks)
         received = sum(len(pickle.dumps(r)) for r in out)
         self.requests += 1

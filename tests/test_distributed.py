@@ -517,3 +517,19 @@ def test_bootstrap_refits_simulated_blocks_on_the_cluster(pairs):
     assert boot.n_converged == 2
     reps = boot.replicates.to_numpy()
     assert np.isfinite(reps).all() and not np.allclose(reps, b.params.to_numpy()[None, :])
+
+
+def _singular(block, design, lik):
+    raise np.linalg.LinAlgError("Singular matrix")
+
+
+def test_a_point_where_the_rule_fails_raises_on_the_driver_without_worker_errors(client, pairs):
+    """A trial point where the likelihood cannot be evaluated is routine in an optimisation: the
+    error reaches the driver as in memory, and the workers do not log 'Compute Failed'."""
+    design = pairs["model3"][1].model.design
+    with pytest.raises(np.linalg.LinAlgError, match="Singular matrix"):
+        design.run("call", extra=(lambda block, d, lik: _singular(block, d, lik), ()))
+    logs = client.get_worker_logs()
+    assert not any("Singular matrix" in msg for entries in logs.values() for _, msg in entries)
+    res = pairs["model3"][1]
+    assert res.likelihood.value(res.theta) == pytest.approx(res.llf, rel=1e-9)  # the next request runs as before
