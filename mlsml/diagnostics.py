@@ -342,9 +342,11 @@ def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
         involved = [j, k] if pair else [i for i in range(k) if abs(R[k, i]) > 1e-6] + [k]
         if lay.bs_terms and 0 in involved:  # Sigma0[0, 0] = 1 is no variance to compare
             drop = "Drop one of them: " + " or ".join(f"{names[i]} ({_drop_advice(lay, re_terms, i)})" for i in involved) + f", {test}"
-        else:
+        elif pair:
             weaker = min(involved, key=lambda i: S[i, i] / ref[i])
             drop = f"Drop the weaker one, {names[weaker]} ({_drop_advice(lay, re_terms, weaker)}), {test}"
+        else:  # the face: k is the combination (the variances of different effects do not compare)
+            drop = f"Drop {names[k]} ({_drop_advice(lay, re_terms, k)}), {test}"
         if pair:
             sign = "positively" if R[j, k] > 0 else "negatively"
             what = (
