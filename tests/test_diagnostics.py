@@ -12,7 +12,6 @@ import pytest
 from conftest import scale_slope_data, zero_u0_data
 
 import mlsml
-from mlsml.boundary import boundary_likelihood, degenerate_natural, degenerate_theta
 from mlsml.diagnostics import (
     QUADRATURE_TOL,
     TAIL_MIN_SIZE,
@@ -32,6 +31,7 @@ from mlsml.diagnostics import (
 )
 from mlsml.optimize import HESSIAN_PD_RTOL
 from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from validation.singular_ses import face_covariance_by_differences, scale_data
 
 
 @pytest.fixture(scope="module")
@@ -384,33 +384,6 @@ def _fit_quietly(df, **kw):
         return mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", **kw)
 
 
-def _face_covariance_by_differences(res, step: float = 1e-3) -> np.ndarray:
-    """The covariance of the natural estimates from central differences of the product-rule
-    log-likelihood *values* over the parameters the fit's face leaves free (no autograd Hessian)."""
-    lay = res.layout
-    theta = np.asarray(res.theta, dtype=float)
-    probe = boundary_likelihood(res.likelihood)
-    free = [i for i in range(lay.n_params) if i not in degenerate_theta(lay, res.diagnostics.degenerate)]
-
-    def f(*moves):
-        th = theta.copy()
-        for i, s in moves:
-            th[free[i]] += s * step
-        return probe.value(th)
-
-    m = len(free)
-    H = np.zeros((m, m))
-    f0 = f()
-    for a in range(m):
-        H[a, a] = (f((a, 1)) - 2 * f0 + f((a, -1))) / step**2
-        for b in range(a):
-            H[a, b] = H[b, a] = (f((a, 1), (b, 1)) - f((a, 1), (b, -1)) - f((a, -1), (b, 1)) + f((a, -1), (b, -1))) / (4 * step**2)
-    jac = lay.natural_jacobian(theta)[:, free]
-    V = jac @ np.linalg.inv(-H) @ jac.T
-    V[degenerate_natural(lay, res.diagnostics.degenerate)] = np.nan
-    return V
-
-
 def test_variance_slope_fit_at_a_zero_variance_has_the_ses_of_the_fit_without_it():
     """scale_re_formula at var(v1) = 0 (its covariances fixed at 0, so that the face is var(v1) = 0):
     main printed NaN for every SE. The reduced-rank SEs are those of the model without v1 (the
@@ -431,7 +404,7 @@ def test_variance_slope_fit_at_a_zero_variance_has_the_ses_of_the_fit_without_it
 def test_variance_slope_fit_on_a_rank_face_has_the_ses_of_the_face():
     """scale_re_formula with var(v1) = 0 and free covariances ends where v1 is an exact combination
     of u0 and v0 (the HSB variance-slope model's corr = -1, in small): main printed NaN for every SE
-    (on other seeds, SEs for the undetermined cov(u0,v1) and cov(v0,v1) from the flat direction).
+    (on other seeds SEs for the undetermined cov(u0,v1) and cov(v0,v1), from the flat direction).
     The reduced-rank SEs equal the inverse of the information on the face computed by central
     differences of log-likelihood values."""
     df = scale_slope_data(J=40, n=12, seed=4, sigma=NO_V1)
@@ -439,28 +412,16 @@ def test_variance_slope_fit_on_a_rank_face_has_the_ses_of_the_face():
     assert res.converged and res.singular and res.diagnostics.degenerate == (("rank", 2),)
     se = res.bse.to_numpy()
     assert np.all(np.isfinite(se[:6])) and np.all(np.isnan(res.bse[["cov(u0,v1)", "cov(v0,v1)"]]))
-    np.testing.assert_allclose(se, np.sqrt(np.diag(_face_covariance_by_differences(res))), rtol=1e-3)
+    np.testing.assert_allclose(se, np.sqrt(np.diag(face_covariance_by_differences(res))), rtol=1e-3)
     words = " ".join(res.singular_reasons())
     assert "(v1) is an exact linear combination of those on the mean (u0) and the residual variance (v0)" in words
     assert "Drop v1 (without scale_re_formula" in words
 
 
-def _bs_data(seed: int, J: int = 40, n: int = 8) -> pd.DataFrame:
-    """ln var(u0_j) = ln 0.3 + 0.5 s_j (school-level s), ln var(e) = -0.5 + 0.2 x: no random scale."""
-    rng = np.random.default_rng(seed)
-    g = np.repeat(np.arange(J), rng.integers(n - 4, n + 4, J))
-    x = rng.normal(size=g.size)
-    s = rng.normal(size=J)
-    u0 = rng.normal(size=J) * np.exp((np.log(0.3) + 0.5 * s) / 2)
-    y = 1 + 0.5 * x + u0[g] + np.exp((-0.5 + 0.2 * x) / 2) * rng.normal(size=g.size)
-    return pd.DataFrame({"y": y, "x": x, "s": s[g], "school": g})
-
-
 def test_bs_formula_fit_at_a_zero_variance_has_the_ses_of_the_fit_without_it():
     """bs_formula (tau before the factor of Sigma0, whose [0, 0] entry is not a parameter) at
-    var(v) = 6.6e-10: main inverted the whole information and printed an SE of 6e-6 for that
-    undetermined variance; now it is NaN and the rest are those of the fit without the random scale."""
-    df = _bs_data(0)
+    var(v) = 0: main printed NaN for every SE; now those of the fit without the random scale."""
+    df = scale_data(40, (4, 12), seed=1, var_v=0.0)
     res = _fit_quietly(df, bs_formula="~ s", association="none")
     assert res.converged and res.singular and res.diagnostics.degenerate == (("drop", 1),)
     without = _fit_quietly(df, bs_formula="~ s", random_scale=False)
