@@ -28,6 +28,7 @@ from .boundary import (
     FACE_LLF_TOL,
     boundary_effects,
     boundary_likelihood,
+    covariance_rule,
     face_name,
     far_from_boundary,
     interior_starts,
@@ -369,14 +370,15 @@ def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
 def singular_covariance(lik: Likelihood, theta, degenerate) -> np.ndarray | None:
     """Covariance of the estimates at a singular fit (:func:`mlsml.boundary.reduced_rank_covariance`).
 
-    The Hessian is that of :func:`mlsml.boundary.boundary_likelihood` (the product rule):
-    the u-exact rule inverts ``Sigma`` and is inaccurate at a singular one, and the same
-    Hessian under both rules gives the same standard errors' availability.
+    The Hessian is that of :func:`mlsml.boundary.covariance_rule`: the product rule of
+    :func:`mlsml.boundary.boundary_likelihood` (the u-exact rule inverts ``Sigma`` and can be
+    inaccurate at a singular one, and the same Hessian under both rules gives the same standard
+    errors' availability), or the fit's own rule where the product rule is the inaccurate one.
     """
     theta = np.asarray(theta, dtype=float)
     try:
         with np.errstate(all="ignore"):
-            H = boundary_likelihood(lik).hessian(theta)
+            H = covariance_rule(lik, theta).hessian(theta)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return None
     return reduced_rank_covariance(H, lik.layout, theta, degenerate)

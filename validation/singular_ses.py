@@ -30,8 +30,11 @@ Scenarios (:data:`SCENARIOS`; ``mathach ~ ses``-like: ``y ~ x`` with ``scale_for
 - ``slope_zero``: the same with ``var(v1) = 0`` and ``cov(u0,v1)``, ``cov(v0,v1)`` fixed at 0;
 - ``bs_rank``: ``bs_formula="~ s"`` (school-level ``s``) with ``corr(u0, v) = -1``;
 - ``bs_zero``: ``bs_formula="~ s"``, ``var(v) = 0``, ``association="none"``;
-- ``quad_rank``: ``association="quadratic"`` with ``corr(u0, v) = -1`` (40 schools of 8:
-  the quadratic association's fits at a singular ``Sigma`` are slow, issue 12's notes).
+- ``quad_rank``: ``association="quadratic"`` with ``corr(u0, v) = -1`` (40 schools of 2 to 22:
+  the quadratic association's fits at a singular ``Sigma`` are slow, :data:`SEEDS`). Here the
+  product rule is 40 log-likelihood units off at the estimates, and the SEs come from the
+  fit's own (u-exact) rule (:func:`mlsml.boundary.covariance_rule`); the differences use the
+  same rule's values.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 import mlsml
-from mlsml.boundary import boundary_likelihood, degenerate_natural, degenerate_theta
+from mlsml.boundary import covariance_rule, degenerate_natural, degenerate_theta
 
 #: Step of the central differences on the optimiser scale (log-Cholesky): the truncation
 #: error is O(step^2) ~ 1e-6 relative, the rounding of the log-likelihood (~1e-12 of it)
@@ -70,8 +73,12 @@ SCENARIOS = {
     ),
     "bs_rank": ("differences", 160, (14, 68), {"bs_formula": "~ s"}, {"corr": -1.0}),
     "bs_zero": ("refit", 160, (14, 68), {"bs_formula": "~ s", "association": "none"}, {"var_v": 0.0}),
-    "quad_rank": ("differences", 40, (4, 12), {"association": "quadratic"}, {"corr": -1.0, "var_v": 0.1}),
+    "quad_rank": ("differences", 40, (2, 23), {"association": "quadratic"}, {"corr": -1.0, "var_v": 0.09}),
 }
+
+#: Seeds other than 1..N: the quadratic association's fits at ``corr = -1`` take 10-25 CPU-s
+#: (seeds 1, 3, 6) or over a minute (seeds 4, 5; noted in issue 12's "What is left").
+SEEDS = {"quad_rank": (1, 3, 6)}
 
 #: The fit that a ``refit`` scenario compares with: the fit keywords without the zero effect,
 #: and the names of the zero-effect fit's parameters in it.
@@ -123,12 +130,12 @@ def fit(df: pd.DataFrame, **kw):
         return mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", **kw)
 
 
-def face_covariance_by_differences(res, step: float = FD_STEP) -> np.ndarray:
+def face_covariance_by_differences(res, step: float = FD_STEP, likelihood=None) -> np.ndarray:
     r"""The covariance of the natural estimates from central differences of log-likelihood values.
 
     Over the parameters ``F`` the fit's face leaves free (:func:`mlsml.boundary.degenerate_theta`),
-    with :math:`\ell` the product rule of :func:`mlsml.boundary.boundary_likelihood` (nodes
-    adapted at every point) and :math:`h` = ``step``:
+    with :math:`\ell` the rule of :func:`mlsml.boundary.covariance_rule` (the product rule where
+    it is accurate; nodes adapted at every point) and :math:`h` = ``step``:
 
     .. math::
 
@@ -138,11 +145,11 @@ def face_covariance_by_differences(res, step: float = FD_STEP) -> np.ndarray:
 
     ``J`` the Jacobian of the natural parameters; the entries the face leaves undetermined
     (:func:`mlsml.boundary.degenerate_natural`) are NaN. ``1 + 2m^2`` evaluations for ``m`` free
-    parameters.
+    parameters. ``likelihood`` replaces the product rule (e.g. the fit's own, ``res.likelihood``).
     """
     lay = res.layout
     theta = np.asarray(res.theta, dtype=float)
-    probe = boundary_likelihood(res.likelihood)
+    probe = covariance_rule(res.likelihood, theta) if likelihood is None else likelihood
     free = [i for i in range(lay.n_params) if i not in degenerate_theta(lay, res.diagnostics.degenerate)]
 
     def f(*moves):
@@ -173,7 +180,9 @@ def run(name: str, seed: int, verbose: bool = False) -> dict:
     res = fit(df, **kw)
     fit_s = time.process_time() - t0
     se = res.bse
-    if check == "refit":
+    if not res.diagnostics.degenerate:  # an interior fit (the truth is on the boundary, the estimate need not be)
+        check, ref, llf_gap = "none (interior fit)", pd.Series(np.nan, index=se.index), np.nan
+    elif check == "refit":
         kw_without, rename = REFIT[name]
         other = fit(df, **kw_without)
         names = [n for n in se.index if rename.get(n, n) in other.bse.index]
@@ -201,7 +210,7 @@ def run(name: str, seed: int, verbose: bool = False) -> dict:
         "se_fixed_finite": int(np.isfinite(se[fixed]).sum()),
         "n_fixed": len(fixed),
         "se_nan": ", ".join(n for n in se.index if not np.isfinite(se[n])),
-        "max_rel_diff_fixed": float(rel[fixed].max()),
+        "max_rel_diff_fixed": float(rel[fixed].max()) if both[fixed].any() else np.nan,
         "max_rel_diff_all": float(rel[both].max()) if both.any() else np.nan,
         "same_nan": bool((np.isfinite(se) == np.isfinite(ref)).all()),
     }
@@ -215,13 +224,13 @@ def run(name: str, seed: int, verbose: bool = False) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N of every scenario")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds 1..N of every scenario")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     rows = []
     for name in args.scenario:
-        for seed in range(1, args.seeds + 1):
+        for seed in SEEDS.get(name, range(1, args.seeds + 1)):
             rows.append(run(name, seed, args.verbose))
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
