@@ -28,6 +28,8 @@ from .boundary import (
     FACE_LLF_TOL,
     boundary_effects,
     boundary_likelihood,
+    covariance_rule,
+    face_name,
     far_from_boundary,
     interior_starts,
     reduced_rank_covariance,
@@ -219,46 +221,99 @@ def llf_change_words(stat: float) -> str:
 
 
 def _effect_words(lay, re_terms, e: int, article: str = "the") -> str:
-    """What school effect ``e`` does, in words: "the mean", "the slope on x", "the residual variance"."""
+    """What school effect ``e`` does, in words: "the mean", "the slope on x", "the residual variance",
+    "the slope of the log residual variance on x" (``scale_re_formula``)."""
     name = lay.re_names[e]
     if name.startswith("v"):
-        return f"{article} residual variance"
+        term = lay.scale_re_terms[e - lay.q] if lay.scale_re_terms else "Intercept"
+        return f"{article} residual variance" if term == "Intercept" else f"{article} slope of the log residual variance on {term}"
     term = re_terms[e] if e < len(re_terms) else name
     return f"{article} mean" if term == "Intercept" else f"{article} slope on {term}"
 
 
-def _drop_advice(lay, re_terms, e: int) -> str:
-    """The fit argument that removes school effect ``e``."""
-    if lay.re_names[e].startswith("v"):
-        return "random_scale=False"
-    rest = [t for i, t in enumerate(re_terms[: lay.q]) if i != e]
+def _formula_without(arg: str, terms, drop: int) -> str | None:
+    """``arg='~ ...'`` with column ``drop`` of ``terms`` left out (``None`` when nothing is left)."""
+    rest = [t for i, t in enumerate(terms) if i != drop]
     if not rest:
-        return "re_formula='~ 0'" if lay.random_scale else "a model without school effects"
+        return None
     if "Intercept" in rest:
-        return "re_formula='~ " + (" + ".join(t for t in rest if t != "Intercept") or "1") + "'"
-    return "re_formula='~ 0 + " + " + ".join(rest) + "'"
+        return f"{arg}='~ " + (" + ".join(t for t in rest if t != "Intercept") or "1") + "'"
+    return f"{arg}='~ 0 + " + " + ".join(rest) + "'"
 
 
-def degenerate_directions(lik: Likelihood, theta) -> tuple:
+def _drop_advice(lay, re_terms, e: int) -> str:
+    """The fit arguments that remove school effect ``e``."""
+    if lay.re_names[e].startswith("v"):
+        rest = [t for i, t in enumerate(lay.scale_re_terms) if i != e - lay.q]
+        if not lay.scale_re_terms:
+            advice = "random_scale=False"
+        elif not rest:
+            advice = "random_scale=False, without scale_re_formula"
+        elif rest == ["Intercept"]:
+            advice = "without scale_re_formula: the plain random scale v"
+        else:
+            advice = str(_formula_without("scale_re_formula", lay.scale_re_terms, e - lay.q))
+    else:
+        advice = _formula_without("re_formula", re_terms[: lay.q], e)
+        if advice is None:
+            advice = "re_formula='~ 0'" if lay.random_scale else "a model without school effects"
+        if e == 0 and lay.bs_terms:
+            advice += ", without bs_formula"
+    if lay.quad_assoc and e in (0, lay.q):  # quad(u0,v) needs both u0 and v
+        advice += ", without association='quadratic'"
+    return advice
+
+
+def face_directions(lik: Likelihood, theta) -> tuple:
     r"""The faces of the boundary a fit is on, as ``("drop", e)`` or ``("rank", k)`` (:func:`mlsml.boundary.face_fixed`).
 
     ``("drop", e)`` when ``var(e)`` is effectively zero (below :data:`ZERO_VARIANCE` of its
-    reference, as in :func:`singular_reasons`); otherwise ``("rank", k)`` when the part of
-    ``e_k`` not explained by ``e_0 .. e_{k-1}`` is below :data:`SINGULAR_CORRELATION` of its
-    variance, :math:`L_{kk}^2 < 10^{-6}\,\Sigma_{kk}`.
+    reference, as in :func:`singular_reasons`; with ``bs_formula``, ``var(u0_j)`` in every
+    school, :meth:`mlsml.integrand.Integrand.extra_singular_reasons`); otherwise
+    ``("rank", k)`` when the part of ``e_k`` not explained by ``e_0 .. e_{k-1}`` is below
+    :data:`SINGULAR_CORRELATION` of its variance, :math:`L_{kk}^2 < 10^{-6}\,\Sigma_{kk}`
+    (``Sigma0`` with ``bs_formula``). Every model class: the layouts differ only in what
+    :func:`mlsml.boundary.degenerate_theta` and :func:`mlsml.boundary.degenerate_natural` make of
+    a face. :func:`settle` steps inside these faces (:func:`mlsml.boundary.interior_starts`).
     """
     lay = lik.layout
-    if not lik.integrand.core or lay.d == 0:
+    if lay.d == 0:
         return ()
     theta = np.asarray(theta, dtype=float)
     natural = np.asarray(lay.to_natural(theta), dtype=float)
     S = lay.sigma_from_natural(natural)
     ref = reference_variances(lik, natural)
-    drops = tuple(("drop", e) for e in range(lay.d) if not S[e, e] > ZERO_VARIANCE * ref[e])
+    # with bs_formula S is Sigma0, whose [0, 0] entry is 1: var(u0_j) is judged school by school
+    drops = tuple(("drop", e) for e in range(lay.d) if not (lay.bs_terms and e == 0) and not S[e, e] > ZERO_VARIANCE * ref[e])
+    if lay.bs_terms and lik.integrand.extra_singular_reasons(theta):
+        drops = (("drop", 0),) + drops
     if drops:
         return drops
     L = np.asarray(lay.chol(theta), dtype=float)
     return tuple(("rank", k) for k in range(1, lay.d) if L[k, k] ** 2 < SINGULAR_CORRELATION * S[k, k])
+
+
+def degenerate_directions(lik: Likelihood, theta) -> tuple:
+    r"""The degenerate directions of a singular fit, whose standard errors are reported from the rest.
+
+    :func:`face_directions`; when there is none but the correlation matrix ``R`` of the school
+    effects is singular by the test of :func:`singular_reasons` (its smallest eigenvalue below
+    :data:`SINGULAR_CORRELATION`, which bounds every unexplained part
+    :math:`L_{kk}^2/\Sigma_{kk} = 1 / (R^{-1})_{kk}` from below, so it can pass while they do not),
+    ``("rank", k)`` for the effect ``k`` least explained by the effects before it.
+    """
+    faces = face_directions(lik, theta)
+    lay = lik.layout
+    if faces or lay.d < 2:
+        return faces
+    theta = np.asarray(theta, dtype=float)
+    S = lay.sigma_from_natural(np.asarray(lay.to_natural(theta), dtype=float))
+    sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
+    if not np.linalg.eigvalsh(S / np.outer(sd, sd)).min() < SINGULAR_CORRELATION:
+        return ()
+    L = np.asarray(lay.chol(theta), dtype=float)
+    unexplained = [L[k, k] ** 2 / S[k, k] if S[k, k] > 0 else 0.0 for k in range(1, lay.d)]
+    return (("rank", 1 + int(np.argmin(unexplained))),)
 
 
 def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
@@ -273,38 +328,57 @@ def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
     out = []
     for kind, k in degenerate:
         if kind == "drop":
+            zero = "var(u0_j) is zero in every school" if lay.bs_terms and k == 0 else f"var({names[k]}) is zero"
             out.append(
-                f"schools do not differ in {_effect_words(lay, re_terms, k, 'their')} (var({names[k]}) is zero at the maximum): "
+                f"schools do not differ in {_effect_words(lay, re_terms, k, 'their')} ({zero} at the maximum): "
                 f"drop the effect ({_drop_advice(lay, re_terms, k)}) {test}"
             )
             continue
         sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
         R = S / np.outer(sd, sd)
         j = int(np.argmax(np.abs(R[k, :k])))
-        weaker = j if S[j, j] / ref[j] < S[k, k] / ref[k] else k
-        sign = "positively" if R[j, k] > 0 else "negatively"
-        out.append(
-            f"the school effects on {_effect_words(lay, re_terms, j)} ({names[j]}) and on "
-            f"{_effect_words(lay, re_terms, k)} ({names[k]}) are perfectly {sign} correlated "
-            f"(corr({names[j]},{names[k]}) = {R[j, k]:+.6f}"
-            + ("" if lay.d == 2 else f"; {names[k]} is an exact linear combination of {', '.join(names[:k])}")
-            + f"): the data cannot separate them. Drop the weaker one, {names[weaker]} "
-            f"({_drop_advice(lay, re_terms, weaker)}), {test}"
-        )
+        L = np.asarray(lay.chol(np.asarray(theta, dtype=float)), dtype=float)
+        pair = face_name(names, "rank", k, L).startswith("corr(")
+        # the effects the combination involves (a pair: j and k)
+        involved = [j, k] if pair else [i for i in range(k) if abs(R[k, i]) > 1e-6] + [k]
+        if lay.bs_terms and 0 in involved:  # Sigma0[0, 0] = 1 is no variance to compare
+            drop = "Drop one of them: " + " or ".join(f"{names[i]} ({_drop_advice(lay, re_terms, i)})" for i in involved) + f", {test}"
+        elif pair:
+            weaker = min(involved, key=lambda i: S[i, i] / ref[i])
+            drop = f"Drop the weaker one, {names[weaker]} ({_drop_advice(lay, re_terms, weaker)}), {test}"
+        else:  # the face: k is the combination (the variances of different effects do not compare)
+            drop = f"Drop {names[k]} ({_drop_advice(lay, re_terms, k)}), {test}"
+        if pair:
+            sign = "positively" if R[j, k] > 0 else "negatively"
+            what = (
+                f"the school effects on {_effect_words(lay, re_terms, j)} ({names[j]}) and on "
+                f"{_effect_words(lay, re_terms, k)} ({names[k]}) are perfectly {sign} correlated "
+                f"(corr({names[j]},{names[k]}) = {R[j, k]:+.6f})"
+            )
+        else:
+            others = [i for i in involved if i != k]
+            what = (
+                f"the school effect on {_effect_words(lay, re_terms, k)} ({names[k]}) is an exact linear combination "
+                "of those on "
+                + " and ".join(f"{_effect_words(lay, re_terms, i)} ({names[i]})" for i in others)
+                + f" (largest correlation corr({names[j]},{names[k]}) = {R[j, k]:+.6f})"
+            )
+        out.append(f"{what}: the data cannot separate them. {drop}")
     return out
 
 
 def singular_covariance(lik: Likelihood, theta, degenerate) -> np.ndarray | None:
     """Covariance of the estimates at a singular fit (:func:`mlsml.boundary.reduced_rank_covariance`).
 
-    The Hessian is that of :func:`mlsml.boundary.boundary_likelihood` (the product rule):
-    the u-exact rule inverts ``Sigma`` and is inaccurate at a singular one, and the same
-    Hessian under both rules gives the same standard errors' availability.
+    The Hessian is that of :func:`mlsml.boundary.covariance_rule`: the product rule of
+    :func:`mlsml.boundary.boundary_likelihood` (the u-exact rule inverts ``Sigma`` and can be
+    inaccurate at a singular one, and the same Hessian under both rules gives the same standard
+    errors' availability), or the fit's own rule where the product rule is the inaccurate one.
     """
     theta = np.asarray(theta, dtype=float)
     try:
         with np.errstate(all="ignore"):
-            H = boundary_likelihood(lik).hessian(theta)
+            H = covariance_rule(lik, theta).hessian(theta)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return None
     return reduced_rank_covariance(H, lik.layout, theta, degenerate)
@@ -489,7 +563,11 @@ def settle(lik: Likelihood, optsum: OptSummary) -> tuple[OptSummary, Diagnostics
         The (possibly refitted) optimum and its diagnostics.
     """
     diagnostics = diagnose(lik, optsum)
-    if diagnostics.degenerate and np.isfinite(optsum.llf):
+    # the refits from inside the faces are for the core model's faces (interior_starts); the
+    # directions reported for other classes, or found by the correlation test alone, only
+    # choose the standard errors (degenerate_directions)
+    stepped = diagnostics.degenerate and lik.integrand.core and face_directions(lik, optsum.theta)
+    if stepped and np.isfinite(optsum.llf):
         optsum, diagnostics = _step_inside(lik, optsum, diagnostics)
     if optsum.converged and diagnostics.singular_reasons and lik.design.ngroups <= SECOND_START_MAX_GROUPS:
         optsum, diagnostics = _second_start(lik, optsum, diagnostics)

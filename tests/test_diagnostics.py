@@ -31,6 +31,7 @@ from mlsml.diagnostics import (
 )
 from mlsml.optimize import HESSIAN_PD_RTOL
 from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from validation.singular_ses import face_covariance_by_differences, scale_data
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +366,67 @@ def test_a_singular_fit_of_few_schools_is_fitted_again_from_the_default_start():
         res = mlsml.fit("y ~ x", data, **spec)
     # (whether the first fit or the second reaches it depends on the optimiser's path)
     assert res.llf > -165.11635 - 1e-4 and res.converged
+
+
+# ------------------------------------------- singular fits of the other model classes (issue 12)
+
+#: scale_slope_data's Sigma of (u0, v0, v1) with no variance slope: var(v1) = 0.
+NO_V1 = np.array([[0.10, -0.03, 0.0], [-0.03, 0.15, 0.0], [0.0, 0.0, 0.0]])
+
+#: The fixed effects and the entries of Sigma that a fit without v1 also has (named there ...v).
+WITHOUT_V1 = {"mean:Intercept": "mean:Intercept", "mean:x": "mean:x", "scale:Intercept": "scale:Intercept"}
+WITHOUT_V1 |= {"scale:x": "scale:x", "var(u0)": "var(u0)", "var(v0)": "var(v)", "cov(u0,v0)": "cov(u0,v)"}
+
+
+def _fit_quietly(df, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", **kw)
+
+
+def test_variance_slope_fit_at_a_zero_variance_has_the_ses_of_the_fit_without_it():
+    """scale_re_formula at var(v1) = 0 (its covariances fixed at 0, so that the face is var(v1) = 0):
+    main printed NaN for every SE. The reduced-rank SEs are those of the model without v1 (the
+    plain random scale), fitted separately: same estimates, same SEs."""
+    df = scale_slope_data(J=40, n=12, seed=3, sigma=NO_V1)
+    res = _fit_quietly(df, scale_re_formula="~ x", cov_constraints=["cov(u0,v1)", "cov(v0,v1)"])
+    assert res.converged and res.singular and res.diagnostics.degenerate == (("drop", 2),)
+    without = _fit_quietly(df)
+    assert res.llf == pytest.approx(without.llf, abs=1e-5)
+    ours, theirs = res.bse[list(WITHOUT_V1)].to_numpy(), without.bse[list(WITHOUT_V1.values())].to_numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3)
+    assert np.isnan(res.bse["var(v1)"])
+    words = " ".join(res.singular_reasons())
+    assert "schools do not differ in their slope of the log residual variance on x" in words
+    assert "without scale_re_formula" in words and "mlsml.lrtest" in words
+
+
+def test_variance_slope_fit_on_a_rank_face_has_the_ses_of_the_face():
+    """scale_re_formula with var(v1) = 0 and free covariances ends where v1 is an exact combination
+    of u0 and v0 (the HSB variance-slope model's corr = -1, in small): main printed NaN for every SE
+    (on other seeds SEs for the undetermined cov(u0,v1) and cov(v0,v1), from the flat direction).
+    The reduced-rank SEs equal the inverse of the information on the face computed by central
+    differences of log-likelihood values."""
+    df = scale_slope_data(J=40, n=12, seed=4, sigma=NO_V1)
+    res = _fit_quietly(df, scale_re_formula="~ x")
+    assert res.converged and res.singular and res.diagnostics.degenerate == (("rank", 2),)
+    se = res.bse.to_numpy()
+    assert np.all(np.isfinite(se[:6])) and np.all(np.isnan(res.bse[["cov(u0,v1)", "cov(v0,v1)"]]))
+    np.testing.assert_allclose(se, np.sqrt(np.diag(face_covariance_by_differences(res))), rtol=1e-3)
+    words = " ".join(res.singular_reasons())
+    assert "(v1) is an exact linear combination of those on the mean (u0) and the residual variance (v0)" in words
+    assert "Drop v1 (without scale_re_formula" in words
+
+
+def test_bs_formula_fit_at_a_zero_variance_has_the_ses_of_the_fit_without_it():
+    """bs_formula (tau before the factor of Sigma0, whose [0, 0] entry is not a parameter) at
+    var(v) = 0: main printed NaN for every SE; now those of the fit without the random scale."""
+    df = scale_data(40, (4, 12), seed=1, var_v=0.0)
+    res = _fit_quietly(df, bs_formula="~ s", association="none")
+    assert res.converged and res.singular and res.diagnostics.degenerate == (("drop", 1),)
+    without = _fit_quietly(df, bs_formula="~ s", random_scale=False)
+    assert res.llf == pytest.approx(without.llf, abs=1e-5)
+    names = list(without.params.index)
+    np.testing.assert_allclose(res.bse[names], without.bse[names], rtol=1e-3)
+    assert np.isnan(res.bse["var(v)"])
+    assert "drop the effect (random_scale=False)" in " ".join(res.singular_reasons())
