@@ -1104,8 +1104,9 @@ class ObsModeProblem:
     Fisher scoring replaces ``t_i`` by 1 and drops the cross term. With level-1 weights
     ``w_i`` every sum over observations is weighted (``E_i`` and the ``-lv_i/2`` term
     times ``w_i``). The school sums of all of them are taken by one ``reduceat`` over a
-    row-by-feature array (the data's ``z, g, z z', g g', z g'`` formed once per problem,
-    times one of four row weights).
+    feature-by-row array (the data's ``z, g, z z', g g', z g'`` formed once per problem,
+    times one of four row weights; features as rows, so that ``reduceat`` runs along contiguous
+    memory: the same sums, 0.3 instead of 1.4 ms on 20,000 rows and ten features).
     """
 
     def __init__(self, P, eta, r, Z, G, q, group, starts, weights=None):
@@ -1119,13 +1120,14 @@ class ObsModeProblem:
         nv = G.shape[1]
         self.d = q + nv
         N = Z.shape[0]
-        # the data of the school sums in derivs(): z, g, z z', g g', z g' (rows x features) and
+        # the data of the school sums in derivs(): z, g, z z', g g', z g' (features x rows) and
         # which row weight multiplies each feature (0: E e, 1: (t - 1)/2, 2: E, 3: t/2)
-        self._features = np.concatenate(
+        features = np.concatenate(
             [Z, G, (Z[:, :, None] * Z[:, None, :]).reshape(N, q * q), (G[:, :, None] * G[:, None, :]).reshape(N, nv * nv)]
             + [(Z[:, :, None] * G[:, None, :]).reshape(N, q * nv)],
             axis=1,
         )
+        self._features = np.ascontiguousarray(features.T)
         self._weight_of = np.repeat([0, 1, 2, 3, 0], [q, nv, q * q, nv * nv, q * nv])
 
     def _parts(self, b):
@@ -1151,9 +1153,9 @@ class ObsModeProblem:
         E = E * self.w  # weighted rows (E enters every term; the 1 of t - 1 is weighted below)
         Ee = E * e
         t = Ee * e
-        weights = np.stack([Ee, 0.5 * (t - self.w), E, 0.5 * self.w if fisher else 0.5 * t], axis=1)
-        ncol = self._features.shape[1] - (q * nv if fisher else 0)  # Fisher scoring: no u-v cross term
-        sums = np.add.reduceat(weights[:, self._weight_of[:ncol]] * self._features[:, :ncol], self.starts)
+        weights = np.stack([Ee, 0.5 * (t - self.w), E, 0.5 * self.w if fisher else 0.5 * t])
+        ncol = self._features.shape[0] - (q * nv if fisher else 0)  # Fisher scoring: no u-v cross term
+        sums = np.add.reduceat(weights[self._weight_of[:ncol]] * self._features[:ncol], self.starts, axis=1).T
         P = self.P
         d = self.d
         g = sums[:, :d] - _prior_times(P, b)
