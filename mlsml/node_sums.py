@@ -376,8 +376,8 @@ class NodeSums:
         out = np.zeros(self.L.shape)
         if q:
             out[:q, :q] = np.tensordot(w, self.Gm, axes=([0, 1], [0, 1]))
-            out[:q, q:] = -np.tensordot(w[:, :, None] * self.mu, v, axes=([0, 1], [0, 1]))
-        out[q:, q:] = -0.5 * np.tensordot(w[:, :, None] * v, v, axes=([0, 1], [0, 1]))
+            out[:q, q:] = -_tensordot_nodes(_times_columns(w, self.mu), v)
+        out[q:, q:] = -0.5 * _tensordot_nodes(_times_columns(w, v), v)
         return out
 
     def _lambda_directions(self):
@@ -445,6 +445,21 @@ class NodeSums:
         # the chain rule's second term: dg/dP (entries as used) times d^2 P
         H[nl:, nl:] += np.einsum("xy,abxy->ab", self.mean_dg_dP, d2P)
         return 0.5 * (H + H.T)
+
+
+def _times_columns(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``w[:, :, None] * x`` for ``w`` (J, K) and ``x`` (J, K, n), a C-contiguous array filled column by
+    column (the same numbers; broadcasting over a last axis of length one to three is slow)."""
+    out = np.empty(x.shape)
+    for t in range(x.shape[2]):
+        out[:, :, t] = w * x[:, :, t]
+    return out
+
+
+def _tensordot_nodes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``numpy.tensordot(a, b, axes=([0, 1], [0, 1]))`` for ``a`` (J, K, m) and ``b`` (J, K, n): the
+    same ``dot`` of the same views (so the same numbers), without tensordot's checks."""
+    return np.dot(a.reshape(-1, a.shape[2]).T, b.reshape(-1, b.shape[2]))
 
 
 def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
