@@ -281,7 +281,10 @@ class NodeSums:
         right = right.reshape(-1, n * width)  # columns (kappa, t)
         out = np.empty((J, L, n * width))
         for js, rows, size in _size_groups(design.counts, design.starts, L + width * n):
-            out[js] = np.swapaxes(_block(Phi, rows, size), 1, 2) @ _block(right, rows, size)
+            if isinstance(js, slice):  # consecutive schools: the product written in place
+                np.matmul(np.swapaxes(_block(Phi, rows, size), 1, 2), _block(right, rows, size), out=out[js])
+            else:
+                out[js] = np.swapaxes(_block(Phi, rows, size), 1, 2) @ _block(right, rows, size)
         return out.reshape((J, K) + tail)  # k = l n + kappa
 
     def _row_weights(self, w: np.ndarray) -> np.ndarray:
@@ -296,11 +299,13 @@ class NodeSums:
         R = R.reshape(J, L, m * n)
         Y = np.empty((design.nobs, m * n))
         for js, rows, size in _size_groups(design.counts, design.starts, L + n * m):
-            if isinstance(rows, slice):
-                Y[rows] = (_block(Phi, rows, size) @ R[js]).reshape(-1, n * m)
+            if isinstance(rows, slice):  # consecutive rows: the product written in place
+                np.matmul(_block(Phi, rows, size), R[js], out=_block(Y, rows, size))
             else:
                 Y[rows] = _block(Phi, rows, size) @ R[js]
-        return np.sum(Y.reshape(-1, m, n) * phi[:, None, :], axis=2)
+        prod = Y.reshape(-1, m, n)
+        np.multiply(prod, phi[:, None, :], out=prod)
+        return np.sum(prod, axis=2)
 
     def _grad_T(self) -> list:
         """``dg_jk / dT`` for the sums ``S0, S1_a, S2_ab`` (a <= b): ``m`` arrays ``(J, K)`` (or scalars)."""
@@ -417,17 +422,20 @@ class NodeSums:
         g = dl
         features = [g]
         dual = [g]
+        n = nl + npsi
         if q:
-            dM = np.concatenate([dM_l, np.broadcast_to(dM_psi[:, None, None], (npsi, J, K, q, q))])
-            dc = np.concatenate([dc_l, dc_psi])
             Minv, mu = self.Minv, self.mu
-            g = g + _trace_product(self.Gm, dM) + _dot_last(mu, dc)
-            e = dc - _matvec(dM, mu)
-            A = _matmul(Minv, dM)
-            Me = _matvec(Minv, e)
+            g, e, A, Me = np.empty((n, J, K)), np.empty((n, J, K, q)), np.empty((n, J, K, q, q)), np.empty((n, J, K, q))
+            for a in range(n):  # direction by direction (a psi direction's dM is one matrix for all nodes)
+                lam = a < nl
+                dM = dM_l[a : a + 1] if lam else dM_psi[a - nl][None, None, None]
+                dc = dc_l[a : a + 1] if lam else dc_psi[a - nl : a - nl + 1]
+                g[a] = (dl[a : a + 1] + _trace_product(self.Gm, dM) + _dot_last(mu, dc))[0]
+                e[a] = (dc - _matvec(dM, mu))[0]
+                A[a] = _matmul(Minv, dM)[0]
+                Me[a] = _matvec(Minv, e[a : a + 1])[0]
             features = [g] + [e[..., x] for x in range(q)] + [A[..., x, y] for x in range(q) for y in range(q)]
             dual = [g] + [Me[..., x] for x in range(q)] + [0.5 * A[..., y, x] for x in range(q) for y in range(q)]
-        n = nl + npsi
         gbar = np.sum(g * self.p, axis=2)  # (n, J)
         H = -(gbar * self.W2) @ gbar.T
         for phi_s, dual_s in zip(features, dual):  # sum_jk p_jk <phi_a, phi'_b>, feature by feature
@@ -462,6 +470,16 @@ def _tensordot_nodes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.dot(a.reshape(-1, a.shape[2]).T, b.reshape(-1, b.shape[2]))
 
 
+def _total(terms):
+    """The sum of the arrays ``terms`` in their order, starting from the first (not from ``0``, as the
+    built-in ``sum`` does: the same numbers, one pass over the arrays fewer; with a single term, it)."""
+    terms = iter(terms)
+    out = next(terms)
+    for term in terms:
+        out = out + term
+    return out
+
+
 def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``A @ B`` over the last two axes (broadcast), written out: the matrices are ``q x q`` with small ``q``."""
     q = A.shape[-1]
@@ -469,25 +487,28 @@ def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     out = np.empty(shape)
     for x in range(q):
         for z in range(B.shape[-1]):
-            out[..., x, z] = sum(A[..., x, y] * B[..., y, z] for y in range(q))
+            out[..., x, z] = _total(A[..., x, y] * B[..., y, z] for y in range(q))
     return out
 
 
 def _matvec(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``A @ b`` for stacked ``q x q`` matrices and ``q``-vectors (broadcast), written out."""
     q = A.shape[-1]
-    return np.stack(np.broadcast_arrays(*[sum(A[..., x, y] * b[..., y] for y in range(q)) for x in range(q)]), axis=-1)
+    rows = [_total(A[..., x, y] * b[..., y] for y in range(q)) for x in range(q)]
+    if q == 1:
+        return rows[0][..., None]
+    return np.stack(np.broadcast_arrays(*rows), axis=-1)
 
 
 def _trace_product(Gm: np.ndarray, dM: np.ndarray) -> np.ndarray:
     """``tr(G dM_a)`` for ``G`` (J, K, q, q) and ``dM`` (n, J, K, q, q), shape ``(n, J, K)``."""
     q = Gm.shape[-1]
-    return sum(Gm[:, :, x, y] * dM[:, :, :, y, x] for x in range(q) for y in range(q))
+    return _total(Gm[:, :, x, y] * dM[:, :, :, y, x] for x in range(q) for y in range(q))
 
 
 def _dot_last(mu: np.ndarray, dc: np.ndarray) -> np.ndarray:
     """``mu' dc_a`` for ``mu`` (J, K, q) and ``dc`` (n, J, K, q), shape ``(n, J, K)``."""
-    return sum(mu[:, :, x] * dc[..., x] for x in range(mu.shape[-1]))
+    return _total(mu[:, :, x] * dc[..., x] for x in range(mu.shape[-1]))
 
 
 def _outer_terms(v: np.ndarray) -> np.ndarray:
