@@ -94,19 +94,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import autograd
+import autograd.numpy as anp
 import numpy as np
 import pandas as pd
+from autograd.tracer import getval
 
 from ._lazy import LazyModule
 from .design import _check_columns, formula_columns
 from .errors import ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
 from .integrand import JOINT_FAMILIES, JointIntegrand, SchoolOutcome
 from .likelihood import Likelihood
+from .ops import LOG2PI
 from .optimize import maximize
 from .params import wald_intervals
 from .predict import PosteriorGrid, draw_effects, school_moments
 from .quadgrid import QuadraticPosterior
-from .quadrature import QuadratureSpec, default_nagq
+from .quadrature import QuadratureSpec, default_nagq, gauss_hermite_rule
 from .scalegrid import ScaleGrid
 from .validate import describe_value
 
@@ -123,7 +127,7 @@ scipy_optimize = LazyModule("scipy.optimize")
 #: Stage-2 families (``family=``); :data:`mlsml.integrand.JOINT_FAMILIES` for ``method="joint"``.
 FAMILIES = ("gaussian", "binomial", "ordinal", "poisson", "nominal")
 #: Families of the multilevel stage 2 (``multilevel=True``).
-MULTILEVEL_FAMILIES = ("gaussian",)
+MULTILEVEL_FAMILIES = ("gaussian", "binomial", "ordinal", "poisson", "nominal")
 #: Estimation methods (``method=``).
 METHODS = ("mi", "joint")
 #: Default number of imputations (posterior draws) of ``method="mi"``.
@@ -138,6 +142,8 @@ SUMMARY_STATS = ("mean", "sd", "var", "min", "max", "median", "sum", "count")
 RESID_VAR = "var(resid)"
 #: Name of the random-intercept variance of the multilevel stage 2 (``multilevel=True``), lme4's ``(1 | school)``.
 GROUP_VAR = "var(1|{groups})"
+#: Name of the nominal family's per-category intercept loadings ``sigma_k`` (``multilevel=True``), suffixed ``[k]``.
+GROUP_SD = "sd(1|{groups})"
 
 
 # ---------------------------------------------------------------------- the school-level data
@@ -856,7 +862,7 @@ def level1_data_of(res, formula: str, data, level1_summaries: Mapping | None, le
     return Level1Data(frame, school, response, spec.groups, effects)
 
 
-def _design_level1(ld: Level1Data, formula: str, effect_values: np.ndarray):
+def _design_level1(ld: Level1Data, formula: str, effect_values: np.ndarray, family: str = "gaussian"):
     """Response and design of the level-1 rows with each school's effects at ``effect_values`` (J, d)."""
     frame = ld.frame.copy()
     for i, name in enumerate(ld.effects):
@@ -867,6 +873,8 @@ def _design_level1(ld: Level1Data, formula: str, effect_values: np.ndarray):
         raise ModelSpecError(f"could not evaluate the stage-2 formula {formula!r}: {exc}") from exc
     if y.shape[1] != 1:
         raise DataError(f"the stage-2 response {ld.response!r} must be one numeric column (got {y.shape[1]} columns)")
+    if family == "ordinal" and "Intercept" in X.columns:  # the thresholds take its place
+        X = X.drop(columns="Intercept")
     return y.iloc[:, 0].to_numpy(dtype=float), X
 
 
@@ -978,20 +986,256 @@ def fit_random_intercept(y: np.ndarray, X: pd.DataFrame, school: np.ndarray) -> 
     return params, random_intercept_cov(Xa, school, tau2, sigma2), float(llf)
 
 
-def fit_mi_multilevel(res, ld: Level1Data, formula: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
-    r"""``multilevel=True``: Rubin's rules over random-intercept fits to the level-1 rows (module docstring)."""
+# ---------------------------------------------------------------------- the non-gaussian multilevel second stage
+#: Gauss-Hermite points over the subject intercept of :func:`fit_random_intercept_glmm` (adaptive, one dimension).
+GLMM_NAGQ = 21
+#: Largest number of re-adaptations of the nodes in :func:`fit_random_intercept_glmm`.
+GLMM_MAX_ADAPT = 20
+#: The nodes are adapted again until the log-likelihood changes by less than this.
+GLMM_LLF_TOL = 1e-9
+#: Newton steps of the conditional modes (a log-concave posterior: a few suffice).
+GLMM_MODE_ITER = 100
+#: Largest Newton step of a conditional mode (standardised intercept units).
+GLMM_MODE_STEP = 2.0
+#: Convergence of a conditional mode (standardised intercept units).
+GLMM_MODE_TOL = 1e-10
+#: Gradient tolerance of the optimiser at fixed nodes.
+GLMM_GTOL = 1e-8
+#: Start of the intercept's standard deviation ``sigma_a``.
+GLMM_SIGMA_START = 0.5
+
+
+@dataclass(frozen=True)
+class RandomInterceptGLMM:
+    r"""A random-intercept GLMM of a level-1 outcome and its adaptive Gauss-Hermite likelihood.
+
+    Row ``i`` of school ``j`` has the linear predictor ``eta_ij = x_ij'beta + sigma_a theta_j``
+    with ``theta_j ~ N(0, 1)`` (MIXOR's and MIXPREG's standardised random effect; the random
+    intercept ``a_j = sigma_a theta_j`` has variance ``sigma_a^2``), and the conditional density
+    of :class:`mlsml.integrand.SchoolOutcome` (one row per observation, the intercept's column
+    ``1 * theta`` with coefficient ``sigma_a``):
+
+    .. math::
+
+        \log f(y_{ij} \mid \theta_j) =
+        \begin{cases}
+        \ln\{F(\tau_{y} - \eta_{ij}) - F(\tau_{y-1} - \eta_{ij})\} & \text{ordinal (cumulative logit, no intercept in } x) \\
+        y\,\eta_{ij} - e^{\eta_{ij}} - \ln y! & \text{poisson} \\
+        \eta_{ij y} - \ln(1 + \sum_{k \ge 1} e^{\eta_{ijk}}) & \text{nominal,}
+        \end{cases}
+
+    the nominal family with one predictor per category ``k >= 1``,
+    ``eta_ijk = x_ij'beta_k + sigma_k theta_j`` (MIXNO's category-specific loading of one
+    random intercept; ``eta_ij0 = 0``). The likelihood of school ``j`` is
+
+    .. math::
+
+        L_j = \int \prod_i f(y_{ij} \mid \theta)\, \phi(\theta)\, d\theta
+            \approx s_j \sum_k w_k e^{z_k^2/2} \prod_i f(y_{ij} \mid m_j + s_j z_k)\, \phi(m_j + s_j z_k),
+
+    with ``m_j`` the mode of the integrand and ``s_j = (-h_j'')^{-1/2}`` its curvature
+    (adaptive Gauss-Hermite, :func:`mlsml.quadrature.gauss_hermite_rule`).
+
+    Attributes
+    ----------
+    outcome : SchoolOutcome
+        The rows (sorted by school) as the outcome term: the design columns, then the intercept's.
+    school : ndarray (n,) of int
+        Each row's school ``0..J-1`` (sorted).
+    starts : ndarray (J + 1,) of int
+        First row of each school, then ``n``.
+    nagq : int
+    """
+
+    outcome: SchoolOutcome
+    school: np.ndarray
+    starts: np.ndarray
+    nagq: int
+
+    @property
+    def n_schools(self) -> int:
+        """``J``."""
+        return int(self.starts.size - 1)
+
+    def modes(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Conditional modes ``m_j`` and scales ``s_j`` of each school's integrand (Newton, numpy)."""
+        J = self.n_schools
+        m = np.zeros(J)
+        for _ in range(GLMM_MODE_ITER):
+            _, g, H, _ = self.outcome.point_derivs(phi, m[self.school][:, None])
+            G = np.bincount(self.school, weights=g[:, 0], minlength=J) - m
+            Hs = np.bincount(self.school, weights=H[:, 0, 0], minlength=J) - 1.0
+            step = np.clip(-G / Hs, -GLMM_MODE_STEP, GLMM_MODE_STEP)
+            m = m + step
+            if np.max(np.abs(step)) < GLMM_MODE_TOL:
+                break
+        _, _, H, _ = self.outcome.point_derivs(phi, m[self.school][:, None])
+        Hs = np.bincount(self.school, weights=H[:, 0, 0], minlength=J) - 1.0
+        return m, 1.0 / np.sqrt(-Hs)
+
+    def loglike(self, phi, m: np.ndarray, s: np.ndarray):
+        """The adaptive Gauss-Hermite log-likelihood at nodes centred at ``m`` with scales ``s`` (autograd in ``phi``)."""
+        rule = gauss_hermite_rule(1, self.nagq)
+        z = rule.points[:, 0]
+        theta = m[:, None] + s[:, None] * z[None, :]  # (J, K)
+        ll = self.outcome.log_density(phi, theta[self.school][:, :, None])  # (n, K)
+        cs = anp.concatenate([anp.zeros((1, z.size)), anp.cumsum(ll, axis=0)], axis=0)
+        per_school = cs[self.starts[1:]] - cs[self.starts[:-1]]  # (J, K)
+        terms = per_school - 0.5 * theta**2 + rule.logw[None, :]
+        top = np.max(getval(terms), axis=1, keepdims=True)
+        lj = anp.log(anp.sum(anp.exp(terms - top), axis=1)) + top[:, 0] + np.log(s) - 0.5 * LOG2PI
+        return anp.sum(lj)
+
+
+def glmm_of(y: np.ndarray, X: pd.DataFrame, school: np.ndarray, family: str, nagq: int = GLMM_NAGQ) -> RandomInterceptGLMM:
+    """The :class:`RandomInterceptGLMM` of the rows ``(y, X)`` in schools ``school`` (codes ``0..J-1``)."""
+    order = np.argsort(school, kind="stable")
+    school = np.unique(school[order], return_inverse=True)[1]
+    Xa = X.to_numpy(dtype=float)[order] if isinstance(X, pd.DataFrame) else np.asarray(X, dtype=float)[order]
+    y = np.asarray(y, dtype=float)[order]
+    n_cat = 0
+    if family in ("ordinal", "nominal"):
+        levels = _levels(y)
+        y, n_cat = np.searchsorted(levels, y).astype(float), levels.size
+    p = Xa.shape[1]
+    A = np.column_stack([Xa, np.ones(y.size)])
+    names = tuple(str(c) for c in (X.columns if isinstance(X, pd.DataFrame) else range(p))) + ("sigma_a",)
+    outcome = SchoolOutcome(family, y, A, ((),) * p + ((0,),), np.ones(y.size, dtype=bool), names, n_cat)
+    starts = np.concatenate([np.searchsorted(school, np.arange(school.max() + 1)), [y.size]])
+    return RandomInterceptGLMM(outcome, school, starts, int(nagq))
+
+
+def _glmm_start(y: np.ndarray, X: pd.DataFrame, family: str) -> np.ndarray:
+    """Start: the single-level GLM, ``sigma_a`` at :data:`GLMM_SIGMA_START` (the nominal family: in each block)."""
+    params, _, _ = _fit_glm(y, X, family, natural=False)
+    p = X.shape[1]
+    if family == "nominal":
+        blocks = params.reshape(-1, p)
+        return np.column_stack([blocks, np.full(blocks.shape[0], GLMM_SIGMA_START)]).ravel()
+    return np.concatenate([params[:p], [GLMM_SIGMA_START], params[p:]])
+
+
+def _glmm_natural(phi: np.ndarray, p: int, family: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(natural, jacobian)``: ordinal thresholds on their scale, ``sigma_a`` as the variance ``sigma_a^2``, moved last."""
+    if family == "nominal":  # blocks (beta_k, sigma_k): the coefficients category-major, then the sigma_k
+        c = p + 1
+        K1 = phi.size // c
+        coef = [k * c + i for k in range(K1) for i in range(p)]
+        sig = [k * c + p for k in range(K1)]
+        perm = np.array(coef + sig)
+        jac = np.eye(phi.size)[perm]
+        return phi[perm], jac
+    rest = np.concatenate([phi[:p], phi[p + 1 :]])
+    nat, jr = _ordinal_jacobian(rest, p) if family == "ordinal" else (rest, np.eye(rest.size))
+    k = phi.size
+    jac = np.zeros((k, k))
+    cols = [i for i in range(k) if i != p]
+    jac[: k - 1, cols] = jr
+    jac[k - 1, p] = 2.0 * phi[p]
+    return np.append(nat, phi[p] ** 2), jac
+
+
+def fit_random_intercept_glmm(
+    y: np.ndarray, X: pd.DataFrame, school: np.ndarray, family: str, nagq: int = GLMM_NAGQ
+) -> tuple[np.ndarray, np.ndarray, float]:
+    r"""ML fit of a random-intercept GLMM (:class:`RandomInterceptGLMM`) by adaptive Gauss-Hermite quadrature.
+
+    At fixed nodes (``m_j``, ``s_j``) the log-likelihood is maximised by a trust-region Newton
+    method with autograd's gradient and Hessian; the nodes are then placed again at the new
+    estimates, until the maximised log-likelihood changes by less than :data:`GLMM_LLF_TOL`.
+    The covariance is the inverse of the observed information (the negative Hessian) at the
+    last nodes, mapped to the reported scale by the delta method:
+
+    .. math::
+
+        \hat\psi = g(\hat\phi), \qquad \widehat{\mathrm{cov}}(\hat\psi) = G\, (-\nabla^2\ell)^{-1} G', \quad
+        G = \partial g / \partial \phi',
+
+    with ``g`` the ordinal thresholds on their own scale (:func:`ordinal_natural`) and
+    ``sigma_a -> sigma_a^2`` (the variance of the random intercept, reported last; the nominal
+    family's ``sigma_k`` are reported as they are, after the coefficients, with the first
+    made positive). ``sigma_a`` is identified up to its sign (``theta -> -theta``); it is
+    reported non-negative.
+
+    Returns ``(params, cov, llf)``.
+    """
+    model = glmm_of(y, X, school, family, nagq)
+    p = X.shape[1]
+    phi = _glmm_start(np.asarray(y, dtype=float), X, family)
+    grad = autograd.grad(model.loglike)
+    hess = autograd.hessian(model.loglike)
+    m, s = model.modes(phi)
+    prev = -np.inf
+    for _ in range(GLMM_MAX_ADAPT):
+        opt = scipy_optimize.minimize(
+            lambda ph, m=m, s=s: -model.loglike(ph, m, s),
+            phi,
+            jac=lambda ph, m=m, s=s: -grad(ph, m, s),
+            hess=lambda ph, m=m, s=s: -hess(ph, m, s),
+            method="trust-exact",
+            options={"gtol": GLMM_GTOL},
+        )
+        phi = opt.x
+        m, s = model.modes(phi)
+        llf = float(model.loglike(phi, m, s))
+        if not np.isfinite(llf):
+            raise np.linalg.LinAlgError("the random-intercept GLMM has no finite likelihood")
+        if abs(llf - prev) < GLMM_LLF_TOL:
+            break
+        prev = llf
+    else:
+        raise np.linalg.LinAlgError("the adaptive quadrature of the random-intercept GLMM did not settle")
+    info = -np.asarray(hess(phi, m, s), dtype=float)
+    info = 0.5 * (info + info.T)
+    if np.max(np.abs(grad(phi, m, s))) > np.sqrt(GLMM_GTOL) * max(1.0, abs(llf)):
+        raise np.linalg.LinAlgError("the random-intercept GLMM fit did not converge")
+    np.linalg.cholesky(info)  # LinAlgError when the information is not positive definite
+    cov = np.linalg.inv(info)
+    sig = [k * (p + 1) + p for k in range(phi.size // (p + 1))] if family == "nominal" else [p]
+    if phi[sig[0]] < 0:  # theta -> -theta
+        flip = np.ones(phi.size)
+        flip[sig] = -1.0
+        phi, cov = phi * flip, cov * np.outer(flip, flip)
+    nat, jac = _glmm_natural(phi, p, family)
+    return nat, jac @ cov @ jac.T, llf
+
+
+def _multilevel_names(X0: pd.DataFrame, y: np.ndarray, family: str, groups: str) -> list[str]:
+    """Names of the multilevel stage-2 parameters, in the order of the fit's ``params``."""
+    cols = [str(c) for c in X0.columns]
+    var = GROUP_VAR.format(groups=groups)
+    if family == "gaussian":
+        return cols + [var, RESID_VAR]
+    if family == "ordinal":
+        return cols + threshold_names(_levels(y)) + [var]
+    if family == "nominal":
+        levels = _levels(y)
+        return nominal_names(cols, levels) + [f"{GROUP_SD.format(groups=groups)}[{lev:g}]" for lev in levels[1:]]
+    return cols + [var]
+
+
+def fit_mi_multilevel(res, ld: Level1Data, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
+    r"""``multilevel=True``: Rubin's rules over random-intercept fits to the level-1 rows (module docstring).
+
+    The gaussian family by :func:`fit_random_intercept` (exact), the others by
+    :func:`fit_random_intercept_glmm` (adaptive Gauss-Hermite quadrature over the intercept).
+    """
     rng = np.random.default_rng(seed)
     mean, cov = school_moments(res)
-    _, X0 = _design_level1(ld, formula, mean)
+    y0, X0 = _design_level1(ld, formula, mean, family)
+    _check_response(y0, family, ld.response)
     _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
     draws, proper = _imputations(res, rng, mean, cov, ndraws, stage1_uncertainty)
     school = np.unique(ld.school, return_inverse=True)[1]
     Q, U, failed, last_error = [], [], 0, None
     for m in range(ndraws):
-        y, X = _design_level1(ld, formula, draws[m])
+        y, X = _design_level1(ld, formula, draws[m], family)
         try:
             with np.errstate(all="ignore"):
-                params, cv, _ = fit_random_intercept(y, X, school)
+                if family == "gaussian":
+                    params, cv, _ = fit_random_intercept(y, X, school)
+                else:
+                    params, cv, _ = fit_random_intercept_glmm(y, X, school, family)
         except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
             failed, last_error = failed + 1, exc
             continue
@@ -1007,10 +1251,10 @@ def fit_mi_multilevel(res, ld: Level1Data, formula: str, ndraws: int, seed, stag
         warn(f"the multilevel stage-2 fit failed on {failed} of {ndraws} imputed data sets; they are left out", ConvergenceWarning)
     Q, U = np.asarray(Q), np.asarray(U)
     pooled = rubin(Q, U)
-    idx = pd.Index([str(c) for c in X0.columns] + [GROUP_VAR.format(groups=ld.groups), RESID_VAR], name="name")
+    idx = pd.Index(_multilevel_names(X0, y0, family, ld.groups), name="name")
     return Stage2Results(
         method="mi",
-        family="gaussian",
+        family=family,
         formula=formula,
         params=pd.Series(pooled.params, index=idx, name="estimate"),
         bse=pd.Series(np.sqrt(pooled.total), index=idx, name="std err"),
@@ -1177,16 +1421,15 @@ def stage2(
     if multilevel:
         if family not in MULTILEVEL_FAMILIES:
             raise ModelSpecError(
-                f"multilevel=True fits a linear mixed model per imputation: family must be one of "
-                f"{', '.join(map(repr, MULTILEVEL_FAMILIES))}, not {family!r} (MixWILD's multilevel mixors/mixpreg/mixno "
-                "second stages are not available)"
+                f"multilevel=True fits a random-intercept model per imputation: family must be one of "
+                f"{', '.join(map(repr, MULTILEVEL_FAMILIES))}, not {family!r}"
             )
         if method != "mi":
             raise ModelSpecError("multilevel=True is a method='mi' analysis (a level-1 outcome in the joint model is not available)")
         if not isinstance(ndraws, int | np.integer) or ndraws < MIN_NDRAWS:
             raise ModelSpecError(f"ndraws must be an integer of at least {MIN_NDRAWS}, not {describe_value(ndraws)}")
         ld = level1_data_of(res, formula, data, level1_summaries, level1_data, missing)
-        return fit_mi_multilevel(res, ld, formula, int(ndraws), seed, bool(stage1_uncertainty))
+        return fit_mi_multilevel(res, ld, formula, family, int(ndraws), seed, bool(stage1_uncertainty))
     sd = school_data(res, formula, data, level1_summaries, level1_data, missing)
     if method == "joint":
         return fit_joint(res, sd, formula, family, nagq)

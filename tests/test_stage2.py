@@ -11,9 +11,11 @@ import autograd
 import numpy as np
 import pandas as pd
 import pytest
+import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from patsy import dmatrices
 from scipy import special, stats
+from statsmodels.miscmodels.ordinal_model import OrderedModel
 
 import mlsml
 from mlsml.errors import DataError, MissingDataWarning, ModelSpecError
@@ -21,7 +23,16 @@ from mlsml.integrand import JointIntegrand, SchoolOutcome
 from mlsml.likelihood import Likelihood
 from mlsml.predict import PosteriorGrid, draw_effects
 from mlsml.quadrature import QuadratureSpec, default_nagq
-from mlsml.stage2 import fit_random_intercept, ordinal_natural, random_intercept_cov, rubin, school_data, school_outcome
+from mlsml.stage2 import (
+    fit_random_intercept,
+    fit_random_intercept_glmm,
+    glmm_of,
+    ordinal_natural,
+    random_intercept_cov,
+    rubin,
+    school_data,
+    school_outcome,
+)
 
 
 @pytest.fixture(scope="module")
@@ -408,9 +419,137 @@ def test_multilevel_stage2(fitted, level1):
 
 def test_multilevel_stage2_refusals(fitted, level1):
     res, _, schools = fitted
-    with pytest.raises(ModelSpecError, match="family must be one of 'gaussian', not 'binomial'"):
-        res.stage2("z ~ u0", data=level1, multilevel=True, family="binomial")
+    with pytest.raises(DataError, match="family='poisson' needs a count response.*'z'"):
+        res.stage2("z ~ u0", data=level1, multilevel=True, family="poisson", ndraws=5)
     with pytest.raises(ModelSpecError, match="multilevel=True is a method='mi' analysis"):
         res.stage2("z ~ u0", data=level1, multilevel=True, method="joint")
     with pytest.raises(DataError, match="'score' is constant within every school.*multilevel=False"):
         res.stage2("score ~ u0", data=schools, multilevel=True, ndraws=5)
+
+
+# ---------------------------------------------------------------------- the non-gaussian multilevel second stage
+def _glmm_rows(seed: int = 5, J: int = 30, n: int = 6):
+    """Rows of a random-intercept GLMM: x, the school, and outcomes of each family (sigma_a = 0.8)."""
+    rng = np.random.default_rng(seed)
+    school = np.repeat(np.arange(J), n)
+    x = rng.normal(size=J * n)
+    theta = rng.normal(size=J)[school]
+    eta = 0.3 + 0.5 * x + 0.8 * theta
+    eta_k = np.column_stack([np.zeros(J * n), 0.2 + 0.5 * x + 0.8 * theta, -0.3 - 0.4 * x + 0.3 * theta])
+    frame = pd.DataFrame(
+        {
+            "x": x,
+            "count": rng.poisson(np.exp(eta)).astype(float),
+            "grade": np.digitize(eta + rng.logistic(size=J * n), [0.0, 1.0, 2.0]).astype(float),
+            "kind": (rng.random(J * n)[:, None] > np.cumsum(special.softmax(eta_k, axis=1), axis=1)).sum(axis=1).astype(float),
+        }
+    )
+    return frame, school
+
+
+def _brute_llf(family: str, phi: np.ndarray, y: np.ndarray, X: np.ndarray, school: np.ndarray) -> float:
+    """The random-intercept GLMM's log-likelihood by the trapezoid rule on a fine grid (densities written out apart)."""
+    t = np.linspace(-10.0, 10.0, 2001)
+    p = X.shape[1]
+    if family == "nominal":
+        blocks = phi.reshape(-1, p + 1)
+        etas = [np.zeros((y.size, t.size))] + [(X @ b[:p])[:, None] + b[p] * t[None, :] for b in blocks]
+        ll = np.choose(y.astype(int)[:, None], etas) - special.logsumexp(np.stack(etas), axis=0)
+    else:
+        eta = (X @ phi[:p])[:, None] + phi[p] * t[None, :]
+        if family == "poisson":
+            ll = stats.poisson.logpmf(y[:, None], np.exp(eta))
+        else:  # ordinal: thresholds tau_0, ln increments
+            tau = np.concatenate([[-np.inf], np.cumsum(np.concatenate([phi[p + 1 : p + 2], np.exp(phi[p + 2 :])])), [np.inf]])
+            k = y.astype(int)[:, None]
+            ll = np.log(special.expit(tau[k + 1] - eta) - special.expit(tau[k] - eta))
+    per = np.add.reduceat(ll, np.searchsorted(school, np.unique(school)), axis=0) + stats.norm.logpdf(t)[None, :]
+    top = per.max(axis=1, keepdims=True)
+    w = np.full(t.size, t[1] - t[0])
+    w[[0, -1]] *= 0.5  # the trapezoid rule
+    return float(np.sum(np.log(np.exp(per - top) @ w) + top[:, 0]))
+
+
+GLMM_CASES = {
+    "poisson": ("count", ["Intercept", "x"], np.array([0.2, 0.4, 0.7])),
+    "ordinal": ("grade", ["x"], np.array([0.4, 0.9, -0.5, 0.2, 0.1])),
+    "nominal": ("kind", ["Intercept", "x"], np.array([0.1, 0.4, 0.6, -0.2, -0.3, 0.5])),
+}
+
+
+@pytest.mark.parametrize("family", list(GLMM_CASES))
+def test_glmm_adaptive_quadrature_against_brute_force(family):
+    """The adaptive Gauss-Hermite log-likelihood (21 points) against a 2001-point trapezoid rule, at a point that is not
+    the maximum; with sigma_a = 0 it is statsmodels' single-level likelihood (Poisson GLM, OrderedModel, MNLogit)."""
+    frame, school = _glmm_rows()
+    col, xcols, phi = GLMM_CASES[family]
+    X = frame.assign(Intercept=1.0)[xcols]
+    y = frame[col].to_numpy()
+    model = glmm_of(y, X, school, family)
+    m, s = model.modes(phi)
+    assert float(model.loglike(phi, m, s)) == pytest.approx(_brute_llf(family, phi, y, X.to_numpy(), school), abs=1e-6)
+    p = X.shape[1]
+    flat = phi.copy()
+    flat[[k * (p + 1) + p for k in range(phi.size // (p + 1))] if family == "nominal" else [p]] = 0.0
+    m, s = model.modes(flat)
+    if family == "poisson":
+        ref = sm.GLM(y, X, family=sm.families.Poisson()).loglike(flat[:p])
+    elif family == "ordinal":
+        ref = OrderedModel(y, X, distr="logit").loglike(np.delete(flat, p))
+    else:
+        ref = sm.MNLogit(y, X).loglike(flat.reshape(-1, p + 1)[:, :p].T)
+    assert float(model.loglike(flat, m, s)) == pytest.approx(ref, abs=1e-8)
+
+
+@pytest.mark.parametrize("family", ["poisson", "ordinal"])
+def test_glmm_fit_is_the_maximum_with_the_observed_information(family):
+    """The fit maximises the brute-force likelihood (its gradient ~ 0, its value equal) and the covariance is the
+    inverse of the brute-force observed information, mapped by the delta method (variance = sigma_a^2, thresholds)."""
+    frame, school = _glmm_rows()
+    col, xcols, _ = GLMM_CASES[family]
+    X = frame.assign(Intercept=1.0)[xcols]
+    y = frame[col].to_numpy()
+    params, cov, llf = fit_random_intercept_glmm(y, X, school, family)
+    p = X.shape[1]
+    phi = np.concatenate([params[:p], [np.sqrt(params[-1])]])
+    if family == "ordinal":  # back to (tau_0, ln increments)
+        tau = params[p:-1]
+        phi = np.concatenate([phi, [tau[0]], np.log(np.diff(tau))])
+    Xa = X.to_numpy()
+    assert llf == pytest.approx(_brute_llf(family, phi, y, Xa, school), abs=1e-6)
+    h = 1e-4
+    eye = np.eye(phi.size) * h
+    grad = np.array([(_brute_llf(family, phi + e, y, Xa, school) - _brute_llf(family, phi - e, y, Xa, school)) / (2 * h) for e in eye])
+    assert np.max(np.abs(grad)) < 1e-4
+    f = lambda a, b: _brute_llf(family, phi + a + b, y, Xa, school)  # noqa: E731
+    H = np.array([[(f(a, b) - f(a, -b) - f(-a, b) + f(-a, -b)) / (4 * h * h) for b in eye] for a in eye])
+    jac = np.eye(phi.size)  # d(beta, sigma^2, tau_k) / d(beta, sigma, tau_0, ln increments)
+    jac[p, p] = 2.0 * phi[p]
+    for k in range(1, phi.size - p - 1):  # tau_k = tau_0 + sum_{i <= k} e^{r_i}
+        jac[p + 1 + k, p + 2 : p + 2 + k] = np.exp(phi[p + 2 : p + 2 + k])
+        jac[p + 1 + k, p + 1] = 1.0
+    order = list(range(p)) + list(range(p + 1, phi.size)) + [p]
+    ref = (jac @ np.linalg.inv(-H) @ jac.T)[np.ix_(order, order)]
+    np.testing.assert_allclose(cov, ref, rtol=2e-3, atol=1e-7)
+
+
+def test_multilevel_stage2_ordinal_poisson_nominal(fitted, level1):
+    """multilevel=True with the non-gaussian families: names, ordered thresholds, pooled results, the variance > 0."""
+    res, _, _ = fitted
+    rng = np.random.default_rng(12)
+    s = np.unique(level1["school"], return_inverse=True)[1]
+    a = rng.normal(0, 0.7, 40)[s]
+    eta = 0.5 * level1["x"].to_numpy() + a
+    rows = level1.assign(
+        count=rng.poisson(np.exp(eta)), grade=np.digitize(eta + rng.logistic(size=len(level1)), [-0.5, 0.5]), kind=lambda d: d["grade"]
+    )
+    out = res.stage2("count ~ x + u0", data=rows, family="poisson", multilevel=True, ndraws=5, seed=3)
+    assert list(out.params.index) == ["Intercept", "x", "u0", "var(1|school)"] and out.family == "poisson"
+    assert out.params["x"] == pytest.approx(0.5, abs=0.15) and out.params["var(1|school)"] > 0.1
+    assert np.all(np.isfinite(out.bse)) and np.all(out.fmi.between(0, 1))
+    out = res.stage2("grade ~ x + u0", data=rows, family="ordinal", multilevel=True, ndraws=5, seed=3)
+    assert list(out.params.index) == ["x", "u0", "0/1", "1/2", "var(1|school)"]
+    assert out.params["0/1"] < out.params["1/2"] and out.params["x"] == pytest.approx(0.5, abs=0.2)
+    out = res.stage2("kind ~ x", data=rows, family="nominal", multilevel=True, ndraws=5, seed=3)
+    assert list(out.params.index) == ["Intercept[1]", "x[1]", "Intercept[2]", "x[2]", "sd(1|school)[1]", "sd(1|school)[2]"]
+    assert out.params["sd(1|school)[1]"] > 0

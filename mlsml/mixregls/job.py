@@ -47,7 +47,7 @@ from ..model import MELSM
 from .deffile import MAX_NQ, MIN_NQ, NCOV_ASSOCIATION, MixreglsJob, parse_def, read_dat
 from .keywords import fit_arguments
 from .report import summarize_mixwild
-from .secondstage import check_stage2, run_stage2
+from .secondstage import run_stage2
 from .stages import fit_stages
 
 _RESERVED = {"C", "Q", "I", "np", "Intercept", "Treatment", "center", "standardize", "scale", "log", "exp", "True", "False", "None"}
@@ -255,7 +255,6 @@ def run_job(path: str | Path, stages: bool = True, nagq: int | None = None, prog
     """
     job = parse_def(path)
     jd = job_data(job)
-    check_stage2(job, jd, read_dat)  # a multilevel second stage (MULTI2ND = 1) is refused before fitting
     model = _job_model(jd, jd.frame)
     if nagq is not None and (isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or not MIN_NQ <= nagq <= MAX_NQ):
         raise ModelSpecError(f"nagq must be a whole number from {MIN_NQ} to {MAX_NQ}, not {nagq!r}")

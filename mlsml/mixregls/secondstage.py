@@ -54,11 +54,13 @@ intercept, slopes, scale, as MIXREGMLS standardises them. So the job's model is 
 subjects, MixWILD fits it on the level-1 rows (the ``PFIXED`` covariates at their level-1
 values, the subject's standardised effects repeated on its rows) with a random subject
 intercept in each imputation (``mixreg``/``mixors``/``mixpreg``/``mixno`` with one random
-effect). mlsml runs the continuous one (``STAGE2 = 1``) as ``res.stage2(...,
-multilevel=True)``: a gaussian random-intercept model fitted by exact ML in each imputation,
-its random-intercept variance labelled ``Random.Int.Var`` as MixWILD labels it; a multilevel
-ordinal, count or nominal second stage is refused before stage 1 is fitted
-(:class:`~mlsml.errors.ModelSpecError`). When the outcome is constant within subjects MixWILD
+effect). mlsml runs them as ``res.stage2(..., multilevel=True)`` with the job's family: the
+continuous one (``STAGE2 = 1``) a gaussian random-intercept model fitted by exact ML in each
+imputation, the ordinal, count and nominal ones (``STAGE2 = 2, 3, 4``) random-intercept GLMMs
+fitted by ML with adaptive Gauss-Hermite quadrature over the intercept
+(:func:`mlsml.stage2.fit_random_intercept_glmm`); the random-intercept variance is labelled
+``Random.Int.Var`` as MixWILD labels it (the nominal family's per-category loadings
+``Random.Int.SD``). When the outcome is constant within subjects MixWILD
 falls back to the ordinary second stage (``adjustData2``), and so does mlsml, with a note.
 """
 
@@ -75,7 +77,7 @@ import pandas as pd
 
 from .._lazy import LazyModule
 from ..errors import DataError, MissingDataWarning, ModelSpecError, warn
-from ..stage2 import GROUP_VAR, MULTILEVEL_FAMILIES
+from ..stage2 import GROUP_SD, GROUP_VAR
 
 patsy = LazyModule("patsy")
 stats = LazyModule("scipy.stats")
@@ -391,6 +393,7 @@ def stage2_model(s2: Stage2Job, res, data: pd.DataFrame, names: dict[int, str]) 
         labels[term.name()] = label
     labels["var(resid)"] = "Residual.Variance"
     labels[GROUP_VAR.format(groups="_cluster")] = "Random.Int.Var"
+    labels[GROUP_SD.format(groups="_cluster")] = "Random.Int.SD"
     return Stage2Model(formula, data, labels, tm, tuple(notes))
 
 
@@ -412,7 +415,7 @@ def run_stage2(job, jd, res, reader) -> tuple[object, str]:
         data = rows
         notes.append(
             "MULTI2ND = 1: the stage-2 outcome varies within subjects, so the second stage is multilevel (as MixWILD): "
-            "each imputation is a linear mixed model of the level-1 rows with a random subject intercept, by ML"
+            f"each imputation is a {s2.family} random-intercept model of the level-1 rows (a random subject intercept), by ML"
         )
     else:
         data, names, more = level2_data(s2, jd.raw_frame, jd.stage2_names, "_cluster", job.setting("YMISS"), folder, reader)
@@ -449,39 +452,6 @@ def _nominal_codes(data: pd.DataFrame, y: str, categories: tuple[float, ...]) ->
         )
     listed = ", ".join(f"{k} = {c:g}" for k, c in enumerate(categories))
     return data.assign(**{y: code}), f"nominal outcome coded in ICODE order ({listed}; category {categories[0]:g} the reference)"
-
-
-def check_stage2(job, jd, reader) -> None:
-    """Refuse, before stage 1 is fitted, a non-gaussian ``MULTI2ND = 1`` job whose stage-2 outcome varies within subjects.
-
-    MixWILD then runs a multilevel second stage (module docstring); mlsml runs the gaussian one only.
-    """
-    s2 = job.stage2
-    if s2 is None or not s2.multilevel:
-        return
-    if s2.data_file is None:
-        y = jd.stage2_names[s2.y_col]
-        frame = jd.raw_frame[["_cluster", y]]
-    else:
-        p = Path(s2.data_file)
-        if not p.is_absolute() and job.path is not None:
-            p = job.path.parent / p
-        arr = reader(p, s2.nvar)
-        y = "y"
-        frame = pd.DataFrame({"_cluster": np.trunc(arr[:, s2.id_col - 1]), y: arr[:, s2.y_col - 1]})
-        ymiss = job.setting("YMISS")
-        if ymiss != 0.0:
-            frame = frame.loc[~np.isclose(frame[y].to_numpy(), ymiss, rtol=1e-12, atol=0.0)]
-    varies = frame.groupby("_cluster", sort=False)[y].nunique() > 1
-    if varies.any() and s2.family not in MULTILEVEL_FAMILIES:
-        first = varies.index[np.argmax(varies.to_numpy())]
-        first = first.item() if isinstance(first, np.generic) else first  # 3, not np.int64(3)
-        raise ModelSpecError(
-            f"MULTI2ND = 1 with STAGE2 = {s2.kind} ({s2.family}) and a stage-2 outcome {s2.y_label!r} that varies within "
-            f"{int(varies.sum())} subject(s) (e.g. subject {first!r}): MixWILD then fits "
-            f"a multilevel {STAGE2_PROGRAMS[s2.kind]} (a random subject intercept) in each imputation; mlsml's multilevel "
-            "second stage is gaussian only (STAGE2 = 1). Use the per-subject mean of the outcome (MULTI2ND = 0)"
-        )
 
 
 # ---------------------------------------------------------------------- the report
