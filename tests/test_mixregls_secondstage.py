@@ -114,8 +114,8 @@ def test_stage2_type_outside_mixwilds_is_refused(job_dir):
 def test_multilevel_second_stage(job_dir):
     """MULTI2ND = 1: an outcome constant within subjects is MixWILD's single-level stage 2 (adjustData2); one that
     varies within subjects (y, column 2, with the level-1 covariate x) is the multilevel stage 2, run as
-    res.stage2(multilevel=True) on the level-1 rows (refused before issue 13's multilevel stage 2); a
-    non-gaussian one is still refused before stage 1 is fitted."""
+    res.stage2(multilevel=True) on the level-1 rows (refused before issue 13's multilevel stage 2), and so is an
+    ordinal one (STAGE2 = 2, a random-intercept cumulative logit; refused before h13g's non-gaussian families)."""
     (job_dir / "ml.def").write_text(_def(stage2=1, multi2nd=1, tail="1 0 -1 -1\n2\n3\nY\nX"))
     run = run_job(job_dir / "ml.def", stages=False)
     s2 = run.stage2
@@ -133,8 +133,13 @@ def test_multilevel_second_stage(job_dir):
     rows[::2, 5] = (rows[::2, 5] + 1) % 3  # the grade now varies within subjects
     np.savetxt(job_dir / "data_o.dat", rows, fmt="%.10g")
     (job_dir / "mlo.def").write_text(text.replace("data.dat", "data_o.dat"))
-    with pytest.raises(ModelSpecError, match=r"MULTI2ND = 1 with STAGE2 = 2 \(ordinal\).*gaussian only"):
-        run_job(job_dir / "mlo.def", stages=False)
+    run = run_job(job_dir / "mlo.def", stages=False)
+    assert run.stage2.family == "ordinal" and run.stage2.info["multilevel"] and run.stage2.nobs == 40
+    assert list(run.stage2.params.index)[-3:] == ["0/1", "1/2", "var(1|_cluster)"]
+    dat = pd.DataFrame(rows[:, [0, 2, 5]], columns=["_cluster", "X", "Grade"])
+    direct = run.results.stage2(f"Grade ~ X + I({a!r} * u0)", data=dat, family="ordinal", ndraws=10, seed=5, multilevel=True)
+    np.testing.assert_allclose(run.stage2.params.to_numpy(), direct.params.to_numpy(), rtol=1e-8)
+    assert re.search(r"^Random.Int.Var\s+\d", run.report, re.M) and "ordinal random-intercept model" in run.report
     (job_dir / "ml2.def").write_text(_def(stage2=2, multi2nd=1))
     run = run_job(job_dir / "ml2.def", stages=False)
     assert "MULTI2ND = 1: the stage-2 outcome is constant within subjects" in run.report
