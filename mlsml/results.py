@@ -683,9 +683,10 @@ class MELSMResults:
         multilevel : bool
             A level-1 outcome (MixWILD's ``MULTI2ND = 1``): ``data`` holds one row per
             observation (the grouping column, the outcome and level-1 or level-2 covariates),
-            and each imputation fits a linear mixed model with a random intercept per school by
-            maximum likelihood, ``Y_ij = x_ij' gamma + gamma_u u_0j + ... + a_j + e_ij``
-            (``family="gaussian"``, ``method="mi"``; see :mod:`mlsml.stage2`).
+            and each imputation fits a model with a random intercept per school by maximum
+            likelihood: ``Y_ij = x_ij' gamma + gamma_u u_0j + ... + a_j + e_ij`` (``"gaussian"``),
+            or a random-intercept GLMM by adaptive Gauss-Hermite quadrature (``"ordinal"``,
+            ``"poisson"``, ``"nominal"``, ``"binomial"``); ``method="mi"``; see :mod:`mlsml.stage2`.
 
         Returns
         -------

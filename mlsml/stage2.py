@@ -57,7 +57,7 @@ first (smallest) category as the reference,
 fitted by statsmodels' ``MNLogit`` on each completed data set; the coefficient of column
 ``c`` for category ``k`` is named ``"c[k]"`` (e.g. ``u0[2]``).
 
-``multilevel=True`` (MixWILD's ``MULTI2ND = 1``, ``method="mi"``, gaussian): an outcome of the
+``multilevel=True`` (MixWILD's ``MULTI2ND = 1``, ``method="mi"``): an outcome of the
 level-1 rows, ``data`` one row per observation, and in each imputation a linear mixed model
 with a random school intercept fitted by exact ML (:func:`fit_random_intercept`),
 
@@ -67,7 +67,12 @@ with a random school intercept fitted by exact ML (:func:`fit_random_intercept`)
     a_j \sim N(0, \tau^2), \quad e_{ij} \sim N(0, \sigma^2),
 
 pooled by Rubin's rules with large-sample degrees of freedom; ``tau^2`` is named
-``var(1|<groups>)``.
+``var(1|<groups>)``. With ``family="ordinal"``, ``"poisson"``, ``"nominal"`` or ``"binomial"``
+each imputation is a random-intercept GLMM (:class:`RandomInterceptGLMM`: the families'
+conditional densities with ``eta_ij = x_ij'gamma + sigma_a theta_j``, ``theta_j ~ N(0, 1)``)
+fitted by ML with adaptive Gauss-Hermite quadrature (:func:`fit_random_intercept_glmm`),
+``sigma_a^2`` reported as ``var(1|<groups>)`` (the nominal family's loadings ``sigma_k`` as
+``sd(1|<groups>)[k]``).
 
 Level-1 summaries: ``level1_summaries={"x_mean": "x", "x_sd": ("x", "sd")}`` adds per-school
 statistics of level-1 columns (``mean``, ``sd``, ``var``, ``min``, ``max``, ``median``,
