@@ -545,6 +545,7 @@ def test_multilevel_stage2_ordinal_poisson_nominal(fitted, level1):
     """multilevel=True with the non-gaussian families: names, ordered thresholds, pooled results, the variance > 0."""
     res, _, _ = fitted
     rng = np.random.default_rng(12)
+    level1 = level1.iloc[::2].reset_index(drop=True)  # about 20 rows per school
     s = np.unique(level1["school"], return_inverse=True)[1]
     a = rng.normal(0, 0.7, 40)[s]
     eta = 0.5 * level1["x"].to_numpy() + a
@@ -561,3 +562,7 @@ def test_multilevel_stage2_ordinal_poisson_nominal(fitted, level1):
     out = res.stage2("kind ~ x", data=rows, family="nominal", multilevel=True, ndraws=5, seed=3)
     assert list(out.params.index) == ["Intercept[1]", "x[1]", "Intercept[2]", "x[2]", "sd(1|school)[1]", "sd(1|school)[2]"]
     assert out.params["sd(1|school)[1]"] > 0
+    out = res.stage2(
+        "any ~ x", data=rows.assign(any=(rows["count"] > 0).astype(int)), family="binomial", multilevel=True, ndraws=5, seed=3
+    )
+    assert list(out.params.index) == ["Intercept", "x", "var(1|school)"] and np.all(np.isfinite(out.bse))
