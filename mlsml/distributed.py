@@ -101,13 +101,21 @@ from .design import (
     to_numpy_dtypes,
 )
 from .diagnostics import _tail_schools
-from .errors import ClusterWarning, ConvergenceWarning, DataError, MissingDataWarning, ModelSpecError, warn
+from .errors import (
+    ClusterWarning,
+    ConvergenceWarning,
+    DataError,
+    MissingDataWarning,
+    ModelSpecError,
+    UnknownGroupWarning,
+    warn,
+)
 from .formulas import check_formula_sides, check_no_lme4_terms
 from .groupmeans import display_name
 from .integrand import bs_zero_variance_reasons
 from .likelihood import EVALUATION_ERRORS, Likelihood
 from .params import ParamLayout, constrain
-from .predict import PredictionResults
+from .predict import PREDICTION_KINDS, PredictionResults, _as_frame, _unknown_group_message
 from .predict import get_prediction as _get_prediction
 from .predict import predict as _predict
 from .quadrature import Nodes, QuadratureSpec
@@ -729,6 +737,20 @@ class _Failed:
     error: BaseException
 
 
+def _new_frame(newdata) -> pd.DataFrame:
+    """``newdata`` of a prediction as a pandas frame: a DataFrame, a dict of columns, or a Dask
+    DataFrame (computed: its rows come to the driver, then each goes to the block of its school)."""
+    if isinstance(newdata, DaskData | str | Path):
+        raise DataError(
+            f"newdata must be a pandas DataFrame, a dict of column -> values or a Dask DataFrame, not {describe_value(newdata)}"
+        )
+    if is_distributed_data(newdata):
+        if not hasattr(newdata, "columns"):  # a Dask Series, array or bag
+            raise DataError(f"newdata must be a pandas or Dask DataFrame, not a {type(newdata).__name__}")
+        return newdata.compute()
+    return _as_frame(newdata)
+
+
 def _evaluate(block: Block, req: Request):
     """What one block returns for a :class:`Request` (runs on the worker holding the block);
     :class:`_Failed` where the likelihood cannot be evaluated."""
@@ -964,6 +986,34 @@ class BlockSet:
         count = self.traffic.setdefault(req.op, [0, 0, 0])
         count[0], count[1], count[2] = count[0] + 1, count[1] + sent, count[2] + received
         return out
+
+    def run_some(self, requests: Mapping[int, Request]) -> dict:
+        """Ask only some blocks, each its own request (``{block index: request}``); the replies by index.
+
+        Used where each block needs other data, e.g. the new rows of its own schools
+        (:meth:`DistributedResults.predict` with ``newdata``). Faults and interrupts as :meth:`run`.
+        """
+        if not requests:
+            return {}
+        client = self.client
+        which = list(requests)
+        if self.keep == "memory":
+            futures = [client.submit(_evaluate, self.blocks[i], requests[i], pure=False) for i in which]
+        else:
+            futures = client.compute([dask.delayed(_evaluate, pure=False)(self.blocks[i], requests[i]) for i in which])
+        out = _gather(client, futures)
+        for reply in out:
+            if isinstance(reply, _Failed):
+                raise reply.error
+        sent = sum(len(pickle.dumps(requests[i])) for i in which)
+        received = sum(len(pickle.dumps(r)) for r in out)
+        op = requests[which[0]].op
+        self.requests += 1
+        self.bytes_sent += sent
+        self.bytes_received += received
+        count = self.traffic.setdefault(op, [0, 0, 0])
+        count[0], count[1], count[2] = count[0] + 1, count[1] + sent, count[2] + received
+        return dict(zip(which, out))
 
     def close(self) -> None:
         """Release the blocks (and the cluster started for the fit, if any)."""
@@ -2080,6 +2130,16 @@ def _get_prediction_block(block, design, lik, state, kind, conditional):
     return _get_prediction(_block_results(design, lik, state), None, kind=kind, conditional=conditional)
 
 
+def _predict_new_block(block, design, lik, state, rows, kind):
+    """Conditional predictions of new rows of the block's own schools (the in-memory code)."""
+    return _predict(_block_results(design, lik, state), rows, kind=kind, conditional=True)
+
+
+def _get_prediction_new_block(block, design, lik, state, rows, kind):
+    """:func:`_predict_new_block` with standard errors (the in-memory code, the fit's covariance)."""
+    return _get_prediction(_block_results(design, lik, state), rows, kind=kind, conditional=True)
+
+
 def _resid_block(block, design, lik, state):
     fitted = _predict(_block_results(design, lik, state), None, kind="mean", conditional=True)
     y = np.empty(design.nobs)
@@ -2215,18 +2275,60 @@ class DistributedResults(MELSMResults):
         (``newdata``) get population-level predictions (``conditional=False``) on the driver.
         """
         if newdata is not None:
-            if conditional:
-                raise DataError(
-                    "on a Dask cluster, conditional predictions are made for the fitted rows (newdata=None); "
-                    "for new rows use conditional=False (population level)"
-                )
-            return _predict(self, newdata, kind=kind, conditional=False)
+            frame = _new_frame(newdata)
+            if not conditional:
+                return _predict(self, frame, kind=kind, conditional=False)
+            out = np.empty(len(frame))
+            for idx, part in self._new_rows(frame, kind, _predict_new_block, _predict):
+                out[idx] = part.to_numpy()
+            return pd.Series(out, index=frame.index, name=kind)
         parts = self._lazy_blocks(_predict_block, self._state(), kind, conditional)
         series = dd.from_delayed(parts, meta=pd.Series(dtype=float, name=kind), verify_meta=False)
         if path is None:
             return series
         series.to_frame().to_parquet(str(path))
         return path
+
+    def _new_rows(self, frame: pd.DataFrame, kind: str, on_block, on_driver) -> list:
+        """Conditional predictions of new rows: ``[(row positions, part), ...]`` covering every row.
+
+        A school's posterior depends only on its own rows, which one block holds, so the
+        rows of each known school go (as a small pandas frame) to the block holding it, whose
+        results object runs the in-memory code on them (``on_block``); rows of schools not in
+        the fit get population-level predictions on the driver (``on_driver`` with
+        ``conditional=False``), with the in-memory :class:`~mlsml.errors.UnknownGroupWarning`.
+        """
+        if kind not in PREDICTION_KINDS:
+            raise ModelSpecError(f"kind must be one of {', '.join(map(repr, PREDICTION_KINDS))}, not {kind!r}")
+        design = self._design
+        groups = self.model.formula_spec.groups
+        if groups not in frame.columns:
+            raise DataError(
+                f"conditional predictions need the grouping column {groups!r} in newdata "
+                "(or pass conditional=False for population predictions)"
+            )
+        labels = pd.Index(design.group_labels)
+        values = frame[groups]
+        pos = np.asarray(labels.get_indexer(values), dtype=np.intp)
+        unknown = pos < 0
+        if unknown.any():
+            warn(_unknown_group_message(labels, groups, values, unknown), UnknownGroupWarning)
+        owner = np.empty(len(labels), dtype=np.intp)  # school -> the block holding it
+        for b, schools in enumerate(design.block_schools):
+            owner[schools] = b
+        block_of = np.where(unknown, -1, owner[np.where(unknown, 0, pos)])
+        rows = {int(b): np.flatnonzero(block_of == b) for b in np.unique(block_of[~unknown])}
+        state = self._state()
+        requests = {
+            b: Request("call", None, None, self.rule, design.transform, (on_block, (state, frame.iloc[idx], kind)), design.layout)
+            for b, idx in rows.items()
+        }
+        replies = design.blockset.run_some(requests)
+        parts = [(rows[b], replies[b]) for b in rows]
+        if unknown.any():
+            idx = np.flatnonzero(unknown)
+            parts.append((idx, on_driver(self, frame.iloc[idx], kind=kind, conditional=False)))
+        return parts
 
     @property
     def fittedvalues(self):
@@ -2327,12 +2429,15 @@ class DistributedResults(MELSMResults):
         (``conditional=False``) on the driver.
         """
         if newdata is not None:
-            if conditional:
-                raise DataError(
-                    "on a Dask cluster, conditional predictions are made for the fitted rows (newdata=None); "
-                    "for new rows use conditional=False (population level)"
-                )
-            return _get_prediction(self, newdata, kind=kind, conditional=False)
+            frame = _new_frame(newdata)
+            if not conditional:
+                return _get_prediction(self, frame, kind=kind, conditional=False)
+            fields = ("predicted", "se", "se_params", "se_posterior", "known")
+            arrays = {f: np.empty(len(frame), dtype=bool if f == "known" else float) for f in fields}
+            for idx, part in self._new_rows(frame, kind, _get_prediction_new_block, _get_prediction):
+                for f in fields:
+                    arrays[f][idx] = getattr(part, f)
+            return PredictionResults(*(arrays[f] for f in fields), kind=kind, conditional=True, index=frame.index)
         parts = [p for p in self._on_blocks(_get_prediction_block, self._state(), kind, conditional) if p is not None]
         return PredictionResults(
             *(np.concatenate([getattr(p, f) for p in parts]) for f in ("predicted", "se", "se_params", "se_posterior", "known")),
