@@ -2190,7 +2190,8 @@ class DistributedResults(MELSMResults):
     :meth:`random_effects` and :meth:`school_effects` return pandas frames (one row per
     school, in the order of the in-memory fit); :meth:`predict`, :attr:`fittedvalues`,
     :attr:`resid` and :meth:`simulate` return Dask collections (one partition per block), or
-    write Parquet with ``path=``; :meth:`bootstrap` refits simulated responses on the cluster.
+    write Parquet with ``path=``; :meth:`predict` and :meth:`get_prediction` of new rows
+    (``newdata``) send each block only the new rows of its own schools; :meth:`bootstrap` refits simulated responses on the cluster.
     """
 
     @property
@@ -2268,11 +2269,25 @@ class DistributedResults(MELSMResults):
 
     # ------------------------------------------------------------ rows
     def predict(self, newdata=None, kind: str = "mean", conditional: bool = True, path=None):
-        """Predictions (:meth:`mlsml.MELSMResults.predict`) of the fitted rows, on the cluster.
+        r"""Predictions (:meth:`mlsml.MELSMResults.predict`) of the fitted rows, on the cluster.
 
         Returns a Dask Series (one partition per block, indexed by the rows' index labels),
-        or writes it to Parquet when ``path`` is given (and returns ``path``). New rows
-        (``newdata``) get population-level predictions (``conditional=False``) on the driver.
+        or writes it to Parquet when ``path`` is given (and returns ``path``).
+
+        New rows (``newdata``: a pandas DataFrame, a dict of columns or a Dask DataFrame,
+        which is computed) give a pandas Series in newdata's order, equal to the in-memory
+        :meth:`mlsml.MELSMResults.predict`: with ``conditional=True`` the rows of each school
+        of the fit are sent to the block holding that school, whose posterior of
+        :math:`(u_j, v_j)` gives, for the mean and the variance,
+
+        .. math::
+
+            x_{ij}'\hat\beta + z_{ij}'E(u_j \mid y), \qquad
+            \exp(w_{ij}'\hat\alpha)\, E(\exp(g_{ij}'v_j) \mid y);
+
+        rows of schools not in the fit get the population-level prediction on the driver, with
+        an :class:`~mlsml.errors.UnknownGroupWarning` (as in memory). ``path`` applies to the
+        fitted rows only.
         """
         if newdata is not None:
             frame = _new_frame(newdata)
@@ -2425,8 +2440,14 @@ class DistributedResults(MELSMResults):
         (cluster-robust when :attr:`cov_type` is ``"robust"``): a row's prediction depends only
         on its school and ``theta``, so each block's are the in-memory ones. The blocks' results
         are gathered on the driver (four numbers per row), in block order (the order of
-        :meth:`predict`). New rows (``newdata``) get population-level predictions
-        (``conditional=False``) on the driver.
+        :meth:`predict`).
+
+        New rows (``newdata``, as in :meth:`predict`): with ``conditional=True`` each block
+        computes the rows of its own schools with the in-memory code and the fit's covariance
+        (the delta-method part ``se_params`` and the posterior part ``se_posterior``, a
+        school's posterior needing only its own rows); rows of schools not in the fit are
+        predicted at the population level on the driver. The result is in newdata's order and
+        equals the in-memory one.
         """
         if newdata is not None:
             frame = _new_frame(newdata)

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 import mlsml
-from mlsml.errors import DataError, ModelSpecError
+from mlsml.errors import DataError, ModelSpecError, UnknownGroupWarning
 
 distributed = pytest.importorskip("distributed")
 dd = pytest.importorskip("dask.dataframe")
@@ -496,8 +496,63 @@ def test_get_prediction_of_the_fitted_rows_equals_in_memory(option_pairs, kind):
     np.testing.assert_allclose(
         b.get_prediction(new, kind=kind, conditional=False).se, a.get_prediction(new, kind=kind, conditional=False).se, rtol=RTOL
     )
-    with pytest.raises(DataError, match="conditional predictions are made for the fitted rows"):
-        b.get_prediction(new)
+    # new rows of schools of the fit (and one not in it): each block's own, with the fit's sandwich
+    new = new.assign(school=[a.random_effects().index[3], -1])
+    with pytest.warns(UnknownGroupWarning, match="1 of 2 rows"):
+        pb = b.get_prediction(new, kind=kind)
+    with pytest.warns(UnknownGroupWarning):
+        pa = a.get_prediction(new, kind=kind)
+    np.testing.assert_allclose(pb.summary_frame().to_numpy(), pa.summary_frame().to_numpy(), rtol=RTOL, atol=1e-12)
+    np.testing.assert_array_equal(pb.known, [True, False])
+    with pytest.raises(DataError, match="need the grouping column 'school' in newdata"):
+        b.get_prediction(new.drop(columns="school"))
+    with pytest.raises(DataError, match="newdata must be a pandas DataFrame, a dict of column -> values or a Dask DataFrame"):
+        b.predict("new_rows.parquet")
+
+
+def _new_rows(data) -> pd.DataFrame:
+    """Eight new rows: schools of the fit out of order (one twice), two schools not in it (999, -5)."""
+    schools = data["school"].unique()
+    x = np.random.default_rng(7).normal(size=8)
+    return pd.DataFrame({"school": np.r_[schools[[30, 0, 15, 39, 2, 30]], [999, -5]], "x": x}, index=list("hgfedcba"))
+
+
+@pytest.mark.parametrize("name", ["model3", "slope"])
+def test_conditional_predictions_of_new_rows_equal_in_memory(pairs, data, name, monkeypatch):
+    a, b = pairs[name]
+    new = _new_rows(data)
+    design = b.likelihood.design
+    asked = []  # (block, schools of the rows sent to it)
+    run_some = design.blockset.run_some
+
+    def spy(requests):
+        asked.extend((i, set(req.extra[1][1]["school"])) for i, req in requests.items())
+        return run_some(requests)
+
+    monkeypatch.setattr(design.blockset, "run_some", spy)
+    for kind in ("mean", "variance", "sd"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pa, ga = a.predict(new, kind=kind), a.get_prediction(new, kind=kind)
+        with pytest.warns(UnknownGroupWarning, match="2 of 8 rows of newdata have a 'school' value that was not in the fit"):
+            pb = b.predict(new, kind=kind)
+        assert isinstance(pb, pd.Series) and pb.index.equals(pa.index) and pb.name == pa.name
+        np.testing.assert_allclose(pb.to_numpy(), pa.to_numpy(), rtol=RTOL)
+        with pytest.warns(UnknownGroupWarning):
+            gb = b.get_prediction(new, kind=kind)
+        assert gb.index.equals(ga.index) and (gb.kind, gb.conditional) == (ga.kind, ga.conditional)
+        np.testing.assert_array_equal(gb.known, ga.known)
+        for f in ("predicted", "se", "se_params", "se_posterior"):
+            np.testing.assert_allclose(getattr(gb, f), getattr(ga, f), rtol=RTOL, atol=1e-12)
+    # every block was sent only rows of its own schools
+    labels = pd.Index(design.group_labels)
+    assert asked and all(schools <= set(labels[design.block_schools[i]]) for i, schools in asked)
+    # a Dask DataFrame of new rows: computed, then the same
+    with pytest.warns(UnknownGroupWarning):
+        pd_ = b.predict(dd.from_pandas(new, npartitions=2, sort=False), kind="sd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_allclose(pd_.to_numpy(), a.predict(new, kind="sd").to_numpy(), rtol=RTOL)
 
 
 def test_bad_weights_are_refused_as_in_memory(client):
