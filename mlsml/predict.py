@@ -827,7 +827,9 @@ def prediction_rows(res, newdata, kind: str, conditional: bool, offset: np.ndarr
     S1 = None
     if level1:  # the rows' level-1 bs_formula columns (the fit's design description; zero in the school-level ones)
         Sfull = _design_for(_bs_info(spec), frame, "between-school variance design")
-        S1 = np.where(np.any(design.S_level1 != 0, axis=0)[None, :], Sfull, 0.0)
+        # the fit's decision of which columns are level-1 (on a Dask block: over all blocks, also
+        # for a level-1 column that is zero in every row of the block)
+        S1 = np.where(np.asarray(design.S_level1_columns, dtype=bool)[None, :], Sfull, 0.0)
     return PredictionRows(X, Z, W, G, pos, frame.index, off, S1)
 
 

@@ -247,6 +247,22 @@ def test_bs_formula_on_the_cluster_equals_in_memory(bs_pairs, name):
     np.testing.assert_allclose(_bs_descriptives(b), _bs_descriptives(a), rtol=0, atol=1.01e-4)  # to the last printed digit
 
 
+def test_new_rows_of_a_block_whose_level1_bs_column_is_all_zero(client):
+    # a2 is a level-1 bs_formula column (it varies within schools) that is zero in every row of the
+    # first block (schools 0-9): new rows of those schools still use it, as in memory
+    data = _bs_data().sort_values("g", kind="stable")
+    data["a2"] = data["a"] * (data["g"] >= 10)
+    kw = dict(groups="g", scale_formula="~ a", bs_formula="~ a2 + s", xtol=1e-10)
+    a = mlsml.fit("y ~ a", data, **kw)
+    b = mlsml.fit("y ~ a", dd.from_pandas(data, npartitions=4, sort=False), client=client, **kw)
+    design = b.model.design
+    first = design.block_schools[0]
+    assert set(design.group_labels[first]) == set(range(10)) and design.S_level1_columns.tolist() == [False, True, False]
+    new = pd.DataFrame({"g": [0, 5, 20], "a": [1.0, 0.0, 1.0], "a2": [1.0, 1.0, 1.0], "s": [0.3, -0.2, 0.1]})
+    pa, pb = a.get_prediction(new), b.get_prediction(new)
+    np.testing.assert_allclose(pb.summary_frame().to_numpy(), pa.summary_frame().to_numpy(), rtol=RTOL)
+
+
 def _bs_descriptives(res) -> list[list[float]]:
     """The mean, min, max and SD of each BS-variance covariate in the MIXREGLS report."""
     lines = mlsml.mixregls.report.describe_data(res).splitlines()
