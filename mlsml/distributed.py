@@ -2286,10 +2286,12 @@ class DistributedResults(MELSMResults):
             \exp(w_{ij}'\hat\alpha)\, E(\exp(g_{ij}'v_j) \mid y);
 
         rows of schools not in the fit get the population-level prediction on the driver, with
-        an :class:`~mlsml.errors.UnknownGroupWarning` (as in memory). ``path`` applies to the
-        fitted rows only.
+        an :class:`~mlsml.errors.UnknownGroupWarning` (as in memory). ``path`` is for the fitted
+        rows only (refused with ``newdata``).
         """
         if newdata is not None:
+            if path is not None:
+                raise ModelSpecError("path= writes the predictions of the fitted rows (newdata=None); new rows give a pandas Series")
             frame = _new_frame(newdata)
             if not conditional:
                 return _predict(self, frame, kind=kind, conditional=False)

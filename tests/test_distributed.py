@@ -524,6 +524,8 @@ def test_get_prediction_of_the_fitted_rows_equals_in_memory(option_pairs, kind):
         b.get_prediction(new.drop(columns="school"))
     with pytest.raises(DataError, match="newdata must be a pandas DataFrame, a dict of column -> values or a Dask DataFrame"):
         b.predict("new_rows.parquet")
+    with pytest.raises(ModelSpecError, match="path= writes the predictions of the fitted rows"):
+        b.predict(new, path="predictions.parquet")
 
 
 def _new_rows(data) -> pd.DataFrame:
