@@ -213,3 +213,21 @@ def test_stage2_simulation_summary_of_a_known_frame():
     assert row["mean est"] == pytest.approx(1.0) and row["coverage"] == pytest.approx(1 / 3) and row["reps"] == 3
     data, schools = stage2.make_data("binomial", 5, 1)
     assert data.shape == (500, 3) and set(schools["Y"].unique()) <= {0.0, 1.0}
+
+
+def test_mixwild_simulation_job_writer(tmp_path):
+    """The simulated replication MixWILD runs: mlsml's own .def reader finds the intended job (stage 1
+    y ~ x with x in the WS variance, stage 2 Y on Locat_1 and Scale_1 only) and data.dat holds the data."""
+    from mlsml.mixregls.deffile import parse_def, read_dat
+    from validation import mixwild_stage2_sim as sim
+
+    df, schools = sim.make_data(5, 3)  # replays simulate_data's draws and checks them
+    sim.write_job(tmp_path, df, schools, nreps=7, seed=11)
+    job = parse_def(tmp_path / "lsboth_random_mixblank.def")
+    assert (job.id_col, job.y_col, job.x_cols, job.w_cols, job.layout) == (1, 2, (3,), (3,), "mixwild_2")
+    assert job.setting("NCOV") == 1 and job.stage2.kind == 1 and job.stage2.counts == (0, 0, 0, -1)
+    assert (job.stage2.y_col, job.stage2.ndraws, job.stage2.seed) == (4, 7, 11)
+    dat = read_dat(tmp_path / "data.dat", 4)
+    Y = schools.set_index("school")["Y"].reindex(df["school"]).to_numpy()
+    np.testing.assert_allclose(dat, np.column_stack([df["school"], df["y"], df["x"], Y]), rtol=1e-9, atol=1e-9)
+    assert sim.truth_theta()["theta1"] == pytest.approx(0.6) and sim.truth_theta()["theta2"] == pytest.approx(0.24**0.5)

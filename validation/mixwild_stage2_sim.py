@@ -1,0 +1,324 @@
+"""Stage 2 against MixWILD's stage-2 program on a simulated design with known truth (issue 13).
+
+Design (section 7's gaussian condition, ``validation/stage2.py``): ``J = 100`` subjects of ``n``
+observations, data from :func:`mlsml.simulate.simulate_data`
+
+    y_ij = 0.5 x_ij + u_j + e_ij,   ln var(e_ij) = -0.5 + v_j,
+    (u_j, v_j) ~ N(0, [[0.25, 0.05], [0.05, 0.25]]),   x_ij ~ N(0, 1),
+
+and a subject-level outcome on the true effects, ``Y_j = 0.5 + 1.0 u_j + 1.0 v_j + N(0, 0.25)``.
+
+Each replication is written in MixWILD's format (``data.dat``: id, y, x, Y; a MixWILD 2.0 .def:
+stage 1 ``y ~ x`` with ``x`` in the WS variance, a random scale with the linear association,
+11 adaptive points; stage 2 ``STAGE2 = 1`` with ``PFIXED PTHETA POMEGA PTO = 0 0 0 -1``, i.e.
+``Y`` on an intercept, ``Locat_1`` and ``Scale_1``, ``NREPS`` imputations) and run by the MixWILD
+2.0 binaries built as ``validation/reference/mixwild_stage2/README.md`` says. The same data are
+fitted by mlsml (the same stage-1 model) and ``res.stage2(..., method="mi")`` and
+``method="joint"``.
+
+**The scale of the comparison.** MixWILD's regressors are its standardised effects
+``theta1 = u / sigma_u`` and ``theta2 = (v - LocEff theta1) / SD`` (``LocEff = sigma_uv / sigma_u``,
+``SD = (sigma_v^2 - LocEff^2)^{1/2}``, :class:`mlsml.mixregls.secondstage.ThetaMap`). Everything is
+compared on MixWILD's scale: mlsml's stage 2 is given the regressors ``I(a*u0)`` and
+``I(b*v + c*u0)`` with ``(a, b, c)`` from its own stage-1 estimates (as section 8 does), and the
+truth is mapped through the true Sigma: ``Y = 0.5 + (sigma_u + LocEff) theta1 + SD theta2 + e``,
+so the true coefficients are ``0.6`` (theta1) and ``sqrt(0.24) = 0.4899`` (theta2), residual
+variance 0.25.
+
+Replication ``r`` of ``n`` uses the seed ``BASE_SEED + 1000 * n + r`` (the data, MixWILD's
+``MYSEED`` and mlsml's draws). Per-replication rows go to
+``validation/results/mixwild_stage2_sim.csv``; ``section`` summarises them.
+
+Run ``python -m validation.mixwild_stage2_sim --n 40 --reps 20 --jobs 2`` (needs the binaries in
+``MIXWILD_BIN``; about 20 s per replication on an idle core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .common import RESULTS, md_table
+from .mixwild_stage2 import _parse_table, _stage1_loglik, _theta_map
+
+#: The built MixWILD 2.0 binaries (README of ``validation/reference/mixwild_stage2``).
+MIXWILD_BIN = Path(os.environ.get("MIXWILD_BIN", "/tmp/h13e/bs"))
+PROGRAMS = ("lsboth_random_mixblank", "stage2only64", "mixreg")
+BASE_SEED = 13_800_000
+J = 100
+SIGMA = np.array([[0.25, 0.05], [0.05, 0.25]])
+BETA, ALPHA0 = 0.5, -0.5
+GAMMA = (0.5, 1.0, 1.0)
+RESID_VAR = 0.25
+NREPS = 20
+OUT = RESULTS / "mixwild_stage2_sim.csv"
+#: MixWILD's missing-value code in the data file (none are missing here).
+YMISS = -999
+
+
+def truth_theta() -> dict[str, float]:
+    """The stage-2 coefficients on MixWILD's standardised scale, through the true Sigma.
+
+    .. math::
+
+        Y = \\gamma_0 + \\gamma_u u + \\gamma_v v + e, \\quad u = \\sigma_u \\theta_1, \\quad
+        v = \\mathrm{LocEff}\\,\\theta_1 + \\mathrm{SD}\\,\\theta_2
+        \\;\\Rightarrow\\; Y = \\gamma_0 + (\\gamma_u \\sigma_u + \\gamma_v \\mathrm{LocEff}) \\theta_1
+        + \\gamma_v \\mathrm{SD}\\, \\theta_2 + e.
+    """
+    su = np.sqrt(SIGMA[0, 0])
+    loceff = SIGMA[0, 1] / su
+    sd = np.sqrt(SIGMA[1, 1] - loceff**2)
+    g0, gu, gv = GAMMA
+    return {"Intercept": g0, "theta1": gu * su + gv * loceff, "theta2": gv * sd, "var(resid)": RESID_VAR}
+
+
+def make_data(n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Level-1 data (``school, y, x``) from :func:`mlsml.simulate.simulate_data` and the subject outcome ``Y``.
+
+    ``simulate_data`` does not return its school effects; they are recovered by replaying its
+    random-number stream (the same generator calls in the same order) and checked by rebuilding
+    ``y`` from them exactly, so a change of ``simulate_data`` stops the study instead of
+    corrupting the truth.
+    """
+    from mlsml.simulate import simulate_data
+
+    df = simulate_data([n] * J, beta=(0.0, BETA), alpha=(ALPHA0, 0.0), cov=SIGMA, x_between_sd=0.0, seed=seed)
+    rng = np.random.default_rng(seed)  # replay: xm, x, b, then the level-1 errors
+    rng.normal(0, 0.0, J)
+    rng.normal(0, 1.0, J * n)
+    b = rng.multivariate_normal(np.zeros(2), SIGMA, size=J)
+    e = rng.standard_normal(J * n)
+    s = df["school"].to_numpy() - 1
+    y = BETA * df["x"].to_numpy() + b[s, 0] + np.exp(0.5 * (ALPHA0 + b[s, 1])) * e
+    if not np.array_equal(y, df["y"].to_numpy()):
+        raise RuntimeError("replaying simulate_data's random numbers did not rebuild y: its draws changed")
+    g0, gu, gv = GAMMA
+    Y = g0 + gu * b[:, 0] + gv * b[:, 1] + np.sqrt(RESID_VAR) * np.random.default_rng([seed, 2]).standard_normal(J)
+    return df[["school", "y", "x"]], pd.DataFrame({"school": np.arange(1, J + 1), "Y": Y})
+
+
+def def_text(nreps: int, seed: int, name: str = "sim") -> str:
+    """A MixWILD 2.0 job (``lsboth_random_mixblank.def``) for ``data.dat`` = id, y, x, Y.
+
+    Settings line (MixWILD 2.0 layout, :mod:`mlsml.mixregls.deffile`): ``NVAR P R S PNINT RNINT SNINT
+    PV RV SV CONV NQ AQUAD MAXIT YMISS NCENT NCOV RIDGEIN DISCARD0 MLS CHOL NREPS CUTOFF NORS MYSEED
+    STAGE2 MULTI2ND SEPFILE``; then the id and response columns, the mean and WS-variance
+    covariate columns, the labels, the stage-2 counts ``PFIXED PTHETA POMEGA PTO = 0 0 0 -1``
+    (intercept, ``Locat_1``, ``Scale_1``; no ``Locat_1*Scale``), the outcome column and label.
+    """
+    return "\n".join(
+        [
+            "mlsml simulation (validation/mixwild_stage2_sim.py): y ~ x; WS ~ x; Y ~ Locat_1 + Scale_1",
+            "second title line",
+            "data.dat",
+            name,
+            f"4 1 0 1 0 0 0 0 0 0 0.00001 11 1 200 {YMISS} 0 1 0.15 0 0 0 {nreps} 0 0 {seed} 1 0 0",
+            "1 2",
+            "3",
+            "3",
+            "y",
+            "x",
+            "x",
+            "0 0 0 -1",
+            "4",
+            "Y",
+            "",
+        ]
+    )
+
+
+def write_job(folder: Path, df: pd.DataFrame, schools: pd.DataFrame, nreps: int, seed: int) -> None:
+    """``data.dat`` (space-delimited, no header: id, y, x, Y) and ``lsboth_random_mixblank.def`` in ``folder``."""
+    Y = schools.set_index("school")["Y"].reindex(df["school"]).to_numpy()
+    data = np.column_stack([df["school"].to_numpy(), df["y"].to_numpy(), df["x"].to_numpy(), Y])
+    np.savetxt(folder / "data.dat", data, fmt=["%d", "%.10f", "%.10f", "%.10f"])
+    (folder / "lsboth_random_mixblank.def").write_text(def_text(nreps, seed))
+
+
+def run_mixwild(df: pd.DataFrame, schools: pd.DataFrame, nreps: int, seed: int) -> tuple[pd.DataFrame, float, float]:
+    """MixWILD's pooled stage-2 table (estimate, se), its stage-1 log-likelihood and its run time."""
+    with tempfile.TemporaryDirectory(prefix="mwsim") as tmp:
+        folder = Path(tmp)
+        write_job(folder, df, schools, nreps, seed)
+        for p in PROGRAMS:
+            shutil.copy(MIXWILD_BIN / p, folder / p)
+        (folder / "work").mkdir()
+        t = time.perf_counter()
+        subprocess.run(
+            ["nice", "-n", "10", "./lsboth_random_mixblank"],
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+            check=False,
+            timeout=1800,
+        )
+        secs = time.perf_counter() - t
+        tab = _parse_table(folder / "sim_stage2.out")
+        llf = _stage1_loglik(folder / "sim_stage1.out")
+    return tab, llf, secs
+
+
+def run_mlsml(df: pd.DataFrame, schools: pd.DataFrame, nreps: int, seed: int) -> tuple[dict[str, pd.DataFrame], float, bool]:
+    """mlsml's stage 1 and its stage 2 (mi, joint) on MixWILD's standardised scale."""
+    import mlsml
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+        a, b, c = _theta_map(res)
+        t1, t2 = f"I({a!r} * u0)", f"I({b!r} * v + {c!r} * u0)"
+        formula = f"Y ~ {t1} + {t2}"
+        names = {"Intercept": "Intercept", t1: "theta1", t2: "theta2", "var(resid)": "var(resid)"}
+        out = {}
+        mi = res.stage2(formula, data=schools, method="mi", ndraws=nreps, seed=seed)
+        ci = mi.conf_int()
+        M = mi.ndraws
+        # MixWILD's pooling (stage2only.f90): sum(U) / (M - 1) + B, the (1 + 1/M) lost to an integer division
+        se_mw = np.sqrt(np.asarray(mi.info["within"]) * M / (M - 1) + np.asarray(mi.info["between"]))
+        out["mlsml mi"] = pd.DataFrame(
+            {"estimate": mi.params, "se": mi.bse, "lo": ci["lower"], "hi": ci["upper"], "fmi": mi.fmi, "se_mixwild_rule": se_mw},
+            index=mi.params.index,
+        )
+        # the joint model takes the effects as plain factors: Y ~ u0 + v, mapped to theta afterwards,
+        # gamma_theta = T gamma_(u0, v) with T = [[1/a, -c/(a b)], [0, 1/b]] (a, b, c fixed at the estimates, as
+        # the mi formula's are)
+        js = res.stage2("Y ~ u0 + v", data=schools, method="joint")
+        T = np.eye(len(js.params))
+        k = {name: i for i, name in enumerate(js.params.index)}
+        iu, iv = k["u0"], k["v"]
+        T[iu, iu], T[iu, iv], T[iv, iv] = 1.0 / a, -c / (a * b), 1.0 / b
+        est = T @ js.params.to_numpy()
+        se = np.sqrt(np.diag(T @ js.cov_params().to_numpy() @ T.T))
+        z = 1.959963984540054
+        idx = [{"u0": t1, "v": t2}.get(i, i) for i in js.params.index]
+        out["mlsml joint"] = pd.DataFrame({"estimate": est, "se": se, "lo": est - z * se, "hi": est + z * se}, index=idx)
+    for k in out:
+        out[k].index = [names.get(i, i) for i in out[k].index]
+    return out, res.llf, bool(res.converged and js.converged)
+
+
+def run_one(n: int, rep: int, nreps: int) -> list[dict]:
+    seed = BASE_SEED + 1000 * n + rep
+    df, schools = make_data(n, seed)
+    t = time.perf_counter()
+    tables, llf, ok = run_mlsml(df, schools, nreps, seed)
+    ml_secs = time.perf_counter() - t
+    try:
+        mw, llf_mw, mw_secs = run_mixwild(df, schools, nreps, seed)
+        mw = mw.rename(index={"var(resid)": "var(resid)"})
+        z = 1.959963984540054  # MixWILD's tests use the normal distribution
+        tables["MixWILD"] = mw.assign(lo=mw["estimate"] - z * mw["se"], hi=mw["estimate"] + z * mw["se"])
+        mw_ok = True
+    except (FileNotFoundError, StopIteration, ValueError, KeyError, subprocess.TimeoutExpired):
+        llf_mw, mw_secs, mw_ok = np.nan, np.nan, False
+    truth = truth_theta()
+    rows = []
+    for method, tab in tables.items():
+        for name, row in tab.iterrows():
+            if name not in truth:
+                continue
+            rows.append(
+                {
+                    "n": n,
+                    "rep": rep,
+                    "seed": seed,
+                    "method": method,
+                    "param": name,
+                    "truth": truth[name],
+                    "estimate": row["estimate"],
+                    "se": row["se"],
+                    "lo": row["lo"],
+                    "hi": row["hi"],
+                    "fmi": row.get("fmi", np.nan),
+                    "se_mixwild_rule": row.get("se_mixwild_rule", np.nan),
+                    "llf_mlsml": llf,
+                    "llf_mixwild": llf_mw,
+                    "mlsml_converged": ok,
+                    "mixwild_ran": mw_ok,
+                    "seconds": mw_secs if method == "MixWILD" else ml_secs,
+                }
+            )
+    return rows
+
+
+def run(n: int, reps: int, nreps: int = NREPS, jobs: int = 2, first: int = 0, out: Path = OUT) -> pd.DataFrame:
+    """Replications ``first .. reps - 1`` of ``n``, ``jobs`` at a time, appended to ``out`` as each ends."""
+    old = pd.read_csv(out) if Path(out).exists() else pd.DataFrame()
+    rows = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for part in pool.map(lambda r: run_one(n, r, nreps), range(first, reps)):
+            rows += part
+            new = pd.concat([old, pd.DataFrame(rows)], ignore_index=True)
+            new = new.drop_duplicates(subset=["n", "rep", "method", "param"], keep="last")
+            new.to_csv(out, index=False)
+            print(f"n = {n}: replication {part[0]['rep']} done", flush=True)
+    return pd.read_csv(out)
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per n, parameter and method: mean estimate, relative bias, empirical SD, mean SE, coverage, Monte Carlo SEs."""
+    ok = df[df["mlsml_converged"] & df["mixwild_ran"]]
+    rows = []
+    for (n, param, method), d in ok.groupby(["n", "param", "method"], sort=False):
+        R = len(d)
+        t = d["truth"].iloc[0]
+        cov = float(((d["lo"] <= t) & (t <= d["hi"])).mean())
+        sd = d["estimate"].std(ddof=1)
+        rows.append(
+            {
+                "n": n,
+                "param": param,
+                "method": method,
+                "truth": t,
+                "mean est": d["estimate"].mean(),
+                "rel. bias (MC SE)": f"{(d['estimate'].mean() - t) / abs(t):+.3f} ({sd / np.sqrt(R) / abs(t):.3f})",
+                "emp. SD": sd,
+                "mean SE": d["se"].mean(),
+                "coverage (MC SE)": f"{cov:.2f} ({np.sqrt(max(cov * (1 - cov), 0.95 * 0.05) / R):.2f})",
+                "reps": R,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+ORDER = {"MixWILD": 0, "mlsml mi": 1, "mlsml joint": 2}
+
+
+def section() -> str:
+    """The report's subsection (reads the committed CSV; does not rerun MixWILD)."""
+    lines = ["### Against MixWILD on a simulated design with known truth", ""]
+    if not OUT.exists():
+        return "\n".join(lines + ["**Not produced**: run `python -m validation.mixwild_stage2_sim`.", ""])
+    df = pd.read_csv(OUT)
+    summ = summarise(df)
+    summ = summ.sort_values(["n", "param", "method"], key=lambda s: s.map(ORDER) if s.name == "method" else s, kind="stable")
+    lines += [md_table(summ, digits=3, index=False), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m validation.mixwild_stage2_sim", description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--nreps", type=int, default=NREPS, help="imputations (MixWILD's NREPS and mlsml's ndraws)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args(argv)
+    run(a.n, a.reps, a.nreps, a.jobs, a.first, Path(a.out))
+
+
+if __name__ == "__main__":
+    main()
