@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         nargs="*",
         help=(
             "sections to run (printed to stdout, REPORT.md untouched): mixregls fortran_runs mixregls_assoc frequentist "
-            "bayes replication simstudy survey stage2 stage2_ordinal mixwild_stage2"
+            "bayes replication simstudy survey stage2 stage2_ordinal mixwild_stage2 mixwild_stage2_sim"
         ),
     )
     a = ap.parse_args(argv)
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
         mixregls,
         mixregls_assoc,
         mixwild_stage2,
+        mixwild_stage2_sim,
         replication,
         simstudy,
         stage2,
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
         "stage2": stage2.section,
         "stage2_ordinal": stage2_ordinal.section,
         "mixwild_stage2": mixwild_stage2.section,
+        "mixwild_stage2_sim": mixwild_stage2_sim.section,  # a ### subsection of section 8
     }
     chosen = a.only or list(sections)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
