@@ -29,8 +29,10 @@ Replication ``r`` of ``n`` uses the seed ``BASE_SEED + 1000 * n + r`` (the data,
 ``MYSEED`` and mlsml's draws). Per-replication rows go to
 ``validation/results/mixwild_stage2_sim.csv``; ``section`` summarises them.
 
-Run ``python -m validation.mixwild_stage2_sim --n 40 --reps 20 --jobs 2`` (needs the binaries in
-``MIXWILD_BIN``; about 20 s per replication on an idle core).
+Run ``python -m validation.mixwild_stage2_sim --n 40 --reps 20 --jobs 1`` (``--nreps``: imputations, default
+20; needs the binaries in ``MIXWILD_BIN``; on the shared, loaded machine about 40 s per replication with
+n = 40 and 6 s with n = 5, mostly MixWILD's stage 1). Runs over disjoint ``--first .. --reps`` ranges
+into separate ``--out`` files can be concatenated.
 """
 
 from __future__ import annotations
