@@ -111,7 +111,9 @@ def test_small_cluster_random_slopes_reach_the_trust_exact_maximum():
         exact = mlsml.fit("y ~ x", df, method="trust-exact", **kw)
     assert res.converged and res.optsum.decrement < res.optsum.options.dtol and res.optsum.llf_reliable
     if exact.converged:
-        assert res.llf > exact.llf - 1e-5
+        # both at the maximum to their convergence tolerances (on numpy 1.24 / scipy 1.11 the two
+        # ends are 1.25e-5 apart); the failure this guards against was 11 units
+        assert res.llf > exact.llf - 1e-4
     if res.optsum.fallback:
         assert FALLBACK_METHOD in res.optsum.fallback and "fallback" in res.message
         assert res.optsum.n_passes == len(res.optsum.history)
