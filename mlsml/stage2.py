@@ -722,23 +722,20 @@ def _imputations(res, rng, mean: np.ndarray, cov: np.ndarray, ndraws: int, stage
     return draws, sampler is not None
 
 
-def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
-    """``method="mi"``: Rubin's rules over GLM fits to exact posterior draws (module docstring)."""
-    rng = np.random.default_rng(seed)
-    mean, cov = school_moments(res)
-    y0, X0 = _design(sd, formula, family, mean)
-    _check_response(y0, family, sd.response)
-    _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
-    draws, proper = _imputations(res, rng, mean, cov, ndraws, stage1_uncertainty)
+def _fit_imputations(ndraws: int, fit_one, what: str) -> tuple[np.ndarray, np.ndarray, list | None]:
+    """Fit every imputed data set: ``fit_one(m) -> (params, cov, names)``; the estimates ``Q``
+    (M, p), their covariances ``U`` (M, p, p) and the names, for Rubin's rules.
+
+    A fit that raises or gives non-finite numbers is left out with a warning; more than
+    :data:`MAX_FAILED_SHARE` of them, or fewer than :data:`MIN_NDRAWS` left, is an error.
+    """
     Q, U, failed, names, last_error = [], [], 0, None, None
     for m in range(ndraws):
-        y, X = _design(sd, formula, family, draws[m])
         try:
             with np.errstate(all="ignore"):
-                params, cv, names = _fit_glm(y, X, family)
+                params, cv, names = fit_one(m)
         except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
-            failed += 1
-            last_error = exc
+            failed, last_error = failed + 1, exc
             continue
         if not (np.all(np.isfinite(params)) and np.all(np.isfinite(cv))):
             failed += 1
@@ -747,10 +744,21 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
         U.append(cv)
     if failed > MAX_FAILED_SHARE * ndraws or len(Q) < MIN_NDRAWS:
         why = f" (last error: {last_error})" if last_error is not None else ""
-        raise DataError(f"the stage-2 {family} fit failed on {failed} of {ndraws} imputed data sets{why}")
+        raise DataError(f"the {what} fit failed on {failed} of {ndraws} imputed data sets{why}")
     if failed:
-        warn(f"the stage-2 {family} fit failed on {failed} of {ndraws} imputed data sets; they are left out", ConvergenceWarning)
-    Q, U = np.asarray(Q), np.asarray(U)
+        warn(f"the {what} fit failed on {failed} of {ndraws} imputed data sets; they are left out", ConvergenceWarning)
+    return np.asarray(Q), np.asarray(U), names
+
+
+def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, stage1_uncertainty: bool) -> Stage2Results:
+    """``method="mi"``: Rubin's rules over GLM fits to exact posterior draws (module docstring)."""
+    rng = np.random.default_rng(seed)
+    mean, cov = school_moments(res)
+    y0, X0 = _design(sd, formula, family, mean)
+    _check_response(y0, family, sd.response)
+    _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
+    draws, proper = _imputations(res, rng, mean, cov, ndraws, stage1_uncertainty)
+    Q, U, names = _fit_imputations(ndraws, lambda m: _fit_glm(*_design(sd, formula, family, draws[m]), family), f"stage-2 {family}")
     n = int(sd.observed.sum())
     p_mean = X0.shape[1]
     pooled = rubin(Q, U, df_complete=float(max(n - p_mean, 1)) if family == "gaussian" else np.inf)
@@ -769,7 +777,7 @@ def fit_mi(res, sd: SchoolData, formula: str, family: str, ndraws: int, seed, st
         fmi=pd.Series(pooled.fmi, index=idx, name="fmi"),
         riv=pd.Series(pooled.riv, index=idx, name="riv"),
         ndraws=len(Q),
-        n_failed=failed,
+        n_failed=ndraws - len(Q),
         nobs=n,
         ngroups=res.ngroups,
         draws=pd.DataFrame(Q, columns=idx),
@@ -1232,29 +1240,14 @@ def fit_mi_multilevel(res, ld: Level1Data, formula: str, family: str, ndraws: in
     _check_columns(X0.to_numpy(dtype=float), [str(c) for c in X0.columns], "the stage-2 design")
     draws, proper = _imputations(res, rng, mean, cov, ndraws, stage1_uncertainty)
     school = np.unique(ld.school, return_inverse=True)[1]
-    Q, U, failed, last_error = [], [], 0, None
-    for m in range(ndraws):
+
+    def fit_one(m: int):
         y, X = _design_level1(ld, formula, draws[m], family)
-        try:
-            with np.errstate(all="ignore"):
-                if family == "gaussian":
-                    params, cv, _ = fit_random_intercept(y, X, school)
-                else:
-                    params, cv, _ = fit_random_intercept_glmm(y, X, school, family)
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
-            failed, last_error = failed + 1, exc
-            continue
-        if not (np.all(np.isfinite(params)) and np.all(np.isfinite(cv))):
-            failed += 1
-            continue
-        Q.append(params)
-        U.append(cv)
-    if failed > MAX_FAILED_SHARE * ndraws or len(Q) < MIN_NDRAWS:
-        why = f" (last error: {last_error})" if last_error is not None else ""
-        raise DataError(f"the multilevel stage-2 fit failed on {failed} of {ndraws} imputed data sets{why}")
-    if failed:
-        warn(f"the multilevel stage-2 fit failed on {failed} of {ndraws} imputed data sets; they are left out", ConvergenceWarning)
-    Q, U = np.asarray(Q), np.asarray(U)
+        if family == "gaussian":
+            return fit_random_intercept(y, X, school)
+        return fit_random_intercept_glmm(y, X, school, family)
+
+    Q, U, _ = _fit_imputations(ndraws, fit_one, "multilevel stage-2")
     pooled = rubin(Q, U)
     idx = pd.Index(_multilevel_names(X0, y0, family, ld.groups), name="name")
     return Stage2Results(
@@ -1268,7 +1261,7 @@ def fit_mi_multilevel(res, ld: Level1Data, formula: str, family: str, ndraws: in
         fmi=pd.Series(pooled.fmi, index=idx, name="fmi"),
         riv=pd.Series(pooled.riv, index=idx, name="riv"),
         ndraws=len(Q),
-        n_failed=failed,
+        n_failed=ndraws - len(Q),
         nobs=int(np.unique(school).size),
         ngroups=res.ngroups,
         draws=pd.DataFrame(Q, columns=idx),
