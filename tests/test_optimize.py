@@ -13,6 +13,7 @@ import mlsml
 from mlsml.diagnostics import diagnose
 from mlsml.optimize import (
     FALLBACK_METHOD,
+    FLAT,
     RULE_RAISE_TOL,
     SCIPY_FAILURES,
     FitOptions,
@@ -230,11 +231,58 @@ def test_newton_polish_takes_a_final_step_when_it_exceeds_xtol():
     off = top + 1e-7 * np.linspace(-1.0, 1.0, top.size)
     nodes = lik.adapt(off)
     assert _newton_decrement(lik.value_and_grad(off, nodes)[1], lik.hessian(off, nodes)) < 1e-9
-    same, *_, n0 = _newton_polish(off, lik, dtol=1e-6, xtol=1e-6)
+    same, *_, n0, _ = _newton_polish(off, lik, dtol=1e-6, xtol=1e-6)
     assert n0 == 0 and np.array_equal(same, off)
-    polished, *_, n1 = _newton_polish(off, lik, dtol=1e-6, xtol=1e-10)
+    polished, *_, n1, _ = _newton_polish(off, lik, dtol=1e-6, xtol=1e-10)
     assert n1 == 1
     assert np.max(np.abs(polished - top)) < 1e-9
+
+
+class _TowardsAFace:
+    r"""A log-likelihood with a steep direction and one that still rises towards a face.
+
+    :math:`\ell(\theta) = -a\,\theta_0^2 - c\,e^{\theta_1}`: along :math:`\theta_1` (a
+    log-Cholesky diagonal) it rises by :math:`c\,e^{\theta_1}` towards :math:`-\infty` with
+    gradient :math:`-c\,e^{\theta_1}` and curvature :math:`c\,e^{\theta_1}`, which at
+    :math:`\theta_1 = 0` is ``c / (2a)`` of the steep one: below ``FLAT``, as in fuzz case
+    2878519399930174282 (gradient -0.0116, curvature 8.6e-7 of the largest, 0.0058 below the maximum).
+    """
+
+    a, c = 2e4, 0.02
+
+    def adapt(self, theta):
+        return None
+
+    def value(self, theta):
+        return -self.a * theta[0] ** 2 - self.c * np.exp(theta[1])
+
+    def value_and_grad(self, theta, nodes=None):
+        return self.value(theta), np.array([-2 * self.a * theta[0], -self.c * np.exp(theta[1])])
+
+    def hessian(self, theta, nodes=None):
+        return np.diag([-2 * self.a, -self.c * np.exp(theta[1])])
+
+
+def test_a_flat_direction_whose_gradient_is_not_small_leaves_the_fit_unconverged():
+    lik = _TowardsAFace()
+    theta = np.array([0.0, 0.0])
+    g, H = lik.value_and_grad(theta)[1], lik.hessian(theta)
+    assert abs(H[1, 1] / H[0, 0]) < FLAT  # the direction counts as flat
+    # the decrement counts its gain (c/2 = 0.01 to second order; the rise to the face is c)
+    assert _newton_decrement(g, H) == pytest.approx(lik.c / 2)
+    # the polish leaves it alone but reports the gain, which the likelihood confirms: the
+    # fit is not converged (before: decrement 0, converged 0.0058 below the maximum)
+    out, *_, decrement = _newton_polish(theta, lik, dtol=1e-6)
+    assert np.array_equal(out, theta) and decrement == pytest.approx(lik.c / 2)
+    # where the step along it cannot raise the log-likelihood (the quadrature's noise near a
+    # singular Sigma), the modelled gain is not real and is left out
+    stuck = _TowardsAFace()
+    stuck.value = lambda th: lik.value(th) if th[1] >= 0 else -np.inf
+    *_, decrement = _newton_polish(theta, stuck, dtol=1e-6)
+    assert decrement == 0.0
+    # at a boundary optimum (the variance nearly zero) both vanish: converged
+    far = np.array([0.0, -20.0])
+    assert _newton_polish(far, lik, dtol=1e-6)[-1] < 1e-6
 
 
 def test_a_pass_scipy_ends_with_its_own_error_stops_at_its_best_point_not_converged():
