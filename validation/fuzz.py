@@ -677,10 +677,13 @@ def run_case(
     max_rows: int = MAX_ROWS,
     case_seconds: float = CASE_SECONDS,
     allow_scale_re: bool | None = None,
+    stored: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
     """Generate, fit, find the reference and classify one case; a flat row of :data:`COLUMNS`.
 
     ``allow_scale_re`` (default: not ``quick``) lets the generator draw ``scale_re_formula``.
+    ``stored``: the reference (value and route) of an earlier run of the case (``--recheck``):
+    the fit is compared with it instead of computing the routes again (most of a case's time).
     """
     import mlsml
 
@@ -753,7 +756,15 @@ def run_case(
             n_params=len(fit_params),
             params_finite=bool(np.all(np.isfinite(fit_params))),
         )
-    if model is not None and not row["error"]:
+    if stored is not None and not row["error"]:
+        ref, route = stored
+        row.update(reference=float(ref), reference_route=f"{route} (stored)")
+        if np.isfinite(row["llf"]) and np.isfinite(ref):
+            row["gap"] = float(ref) - row["llf"]
+        nagq = accurate_nagq(model)
+        if nagq is not None and not quick and res is not None and np.all(np.isfinite(res.optsum.theta)):
+            row["llf_accurate_fit"] = accurate_at_fit(res, nagq)
+    elif model is not None and not row["error"]:
         # every evaluation is made on the standardized data (the same log-likelihood, exactly:
         # a linear change of parametrisation): on the raw data a covariate such as a Unix
         # timestamp costs the evaluation itself up to millions of units in rounding, which
@@ -800,9 +811,16 @@ def run_case(
 
 def _worker(args: tuple) -> dict[str, Any]:
     index, case_seed, quick, max_rows, case_seconds, *rest = args
+    allow_scale_re, stored = (list(rest) + [None, None])[:2]
     try:
         return run_case(
-            case_seed, index, quick=quick, max_rows=max_rows, case_seconds=case_seconds, allow_scale_re=rest[0] if rest else None
+            case_seed,
+            index,
+            quick=quick,
+            max_rows=max_rows,
+            case_seconds=case_seconds,
+            allow_scale_re=allow_scale_re,
+            stored=stored,
         )
     except Exception as exc:  # noqa: BLE001 - the instrument itself failed on this case: keep going
         return dict(index=index, case_seed=case_seed, cls="instrument_error", error=f"{type(exc).__name__}: {exc}"[:300])
@@ -823,12 +841,15 @@ def run(
     case_seconds: float = CASE_SECONDS,
     first: int = 0,
     indices: list[int] | None = None,
+    stored: dict[int, tuple[float, str]] | None = None,
 ) -> pd.DataFrame:
     """Run cases ``first`` to ``n - 1`` of the sequence (in ``jobs`` processes), writing each row to ``out``.
 
     A run can be split in pieces (``first``) and the CSVs concatenated: case ``i`` is the
     same data and specification whatever piece it is run in. ``indices`` runs only those
     cases of the sequence, in that order (a piece, or earlier cases re-run on newer code).
+    ``stored`` maps a case's index to the reference of an earlier run (:func:`run_case`,
+    ``--recheck``): those cases are fitted and compared with it, without the routes.
 
     Returns
     -------
@@ -837,7 +858,8 @@ def run(
     """
     seeds = case_seeds(n, seed)
     order = [i for i in range(n) if i >= first] if indices is None else list(indices)
-    tasks = [(i, seeds[i], quick, max_rows, case_seconds) for i in order]
+    stored = stored or {}
+    tasks = [(i, seeds[i], quick, max_rows, case_seconds, None, stored.get(i)) for i in order]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -1067,6 +1089,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary", type=Path, default=None, help="print the Markdown tallies of a results CSV and exit")
     ap.add_argument("--one", type=int, default=None, help="run the case with this case seed and print its row")
     ap.add_argument(
+        "--recheck",
+        type=Path,
+        default=None,
+        help="results CSV of an earlier run: fit its cases (--indices, default all) on this code and compare each with "
+        "its stored reference, without the routes (a fraction of a case's time)",
+    )
+    ap.add_argument(
         "--store",
         type=Path,
         default=None,
@@ -1093,6 +1122,13 @@ def main(argv: list[str] | None = None) -> int:
         index = write_store(a.store, cases, jobs=a.jobs, case_seconds=a.case_seconds)
         print(index["cls"].value_counts().to_string())
         return 0
+    stored = None
+    indices = [int(i) for i in a.indices.split(",") if i.strip()] or None
+    if a.recheck is not None:
+        old = pd.read_csv(a.recheck).drop_duplicates("index", keep="last")
+        old = old[np.isfinite(old["reference"])]
+        stored = {int(i): (float(r), str(route)) for i, r, route in zip(old["index"], old["reference"], old["reference_route"])}
+        indices = [i for i in (indices or sorted(stored)) if i in stored]
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     df = run(
@@ -1104,7 +1140,8 @@ def main(argv: list[str] | None = None) -> int:
         max_rows=a.max_rows,
         case_seconds=a.case_seconds,
         first=a.first,
-        indices=[int(i) for i in a.indices.split(",") if i.strip()] or None,
+        indices=indices,
+        stored=stored,
     )
     print(f"started {started}, commit {_git_commit()}, {time.perf_counter() - t0:.0f} s wall, {a.jobs} jobs")
     print(tallies(df))
