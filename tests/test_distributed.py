@@ -164,10 +164,12 @@ def test_scale_re_formula_on_the_cluster_equals_in_memory(client):
     _same_fit(a, b)
     sa, sb = a.random_effects(), b.random_effects()
     assert sa.index.equals(sb.index) and list(sa.columns) == list(sb.columns)
-    np.testing.assert_allclose(sb.to_numpy(float), sa.to_numpy(float), rtol=RTOL, atol=1e-12)
+    # the school posteriors inherit the two fits' agreement: with numpy 1.24 two of 420 (near
+    # zero) differed by 2.2e-10, 1.2e-8 relative, on one machine (and not on another)
+    np.testing.assert_allclose(sb.to_numpy(float), sa.to_numpy(float), rtol=RTOL, atol=1e-9)
     sa, sb = a.school_effects(), b.school_effects()
     exact = [c for c in sa.columns if not c.endswith(("_rank_lo", "_rank_hi"))]
-    np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(sb[exact].to_numpy(float), sa[exact].to_numpy(float), rtol=RTOL, atol=1e-9)
     np.testing.assert_allclose(b.population_quantities().to_numpy(), a.population_quantities().to_numpy(), rtol=1e-7, atol=1e-12)
     assert "var(v1)" in b.summary().as_text()
     # start_params are checked on the driver from G's column ranges (the rows of G stay on the workers)
