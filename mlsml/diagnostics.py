@@ -514,7 +514,8 @@ def _step_inside(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics) 
         return optsum, diagnostics
     note = f"refitted from just inside the boundary, {best.llf - optsum.llf:.3g} higher than where the optimiser first stopped"
     best = replace(best, message=f"{best.message}; {note}")
-    return best, diagnose(lik, best)
+    # the faces' maxima do not depend on the fit: the earlier search's are compared with the refit
+    return best, diagnose(lik, best, faces=diagnostics.faces or None)
 
 
 #: :func:`settle` fits a singular fit of at most this many schools again from the default
@@ -545,10 +546,10 @@ def _second_start(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics)
         return optsum, diagnostics
     note = f"a second fit ({FALLBACK_METHOD} from the default start) is {refit.llf - optsum.llf:.3g} higher than the first"
     refit = replace(refit, message=f"{refit.message}; {note}")
-    return refit, diagnose(lik, refit)
+    return refit, diagnose(lik, refit, faces=diagnostics.faces or None)
 
 
-def settle(lik: Likelihood, optsum: OptSummary) -> tuple[OptSummary, Diagnostics]:
+def settle(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) -> tuple[OptSummary, Diagnostics]:
     """Diagnose a fit; if a face of the boundary is higher, refit from there (issue 12).
 
     When :func:`diagnose`'s face search finds a face more than
@@ -557,12 +558,18 @@ def settle(lik: Likelihood, optsum: OptSummary) -> tuple[OptSummary, Diagnostics
     is kept when it is higher by both rules (:func:`_higher_by_product`); if a face is still higher after it, the fit is marked as not
     converged with a message naming the face, never left silently "converged" at the lower point.
 
+    The maxima on the faces do not depend on the fit, so the face search runs once:
+    ``faces`` (from an earlier :func:`settle` with the same boundary rule) and, after a refit,
+    the first search's faces are compared with the new fit instead of searched again (a
+    random slope in 43 schools of 4 to 30 pupils searched three times, 21 face fits, 3/4 of
+    its 44 CPU-s).
+
     Returns
     -------
     (OptSummary, Diagnostics)
         The (possibly refitted) optimum and its diagnostics.
     """
-    diagnostics = diagnose(lik, optsum)
+    diagnostics = diagnose(lik, optsum, faces=faces)
     # the refits from inside the faces are for the core model's faces (interior_starts); the
     # directions reported for other classes, or found by the correlation test alone, only
     # choose the standard errors (degenerate_directions)

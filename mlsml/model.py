@@ -21,6 +21,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
+from .boundary import boundary_likelihood
 from .design import Design, FormulaSpec, build_design, check_extended_layout
 from .diagnostics import settle
 from .distributed import (
@@ -714,10 +715,14 @@ class MELSM:
             opts = replace(opts, start=start)
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             optsum = maximize(lik, opts, callback=callback)
+            faces, searched_with = None, None
             for _ in range(SETTLE_ROUNDS):
                 if nagq is None:  # the default rule: more points where it is not accurate at the estimates
                     lik, optsum = raise_rule(lik, optsum, opts, callback=callback)
-                settled, diagnostics = settle(lik, optsum)
+                # the faces found in the last round, unless the rule they were found with changed
+                same_rule = searched_with is not None and boundary_likelihood(lik).spec == searched_with
+                settled, diagnostics = settle(lik, optsum, faces=faces if same_rule else None)
+                faces, searched_with = diagnostics.faces or None, boundary_likelihood(lik).spec
                 moved, optsum = settled is not optsum, settled
                 if not moved or nagq is not None:
                     break  # else the rule is checked again where settle moved the fit
