@@ -83,7 +83,11 @@ CI_MAX_ROWS = 60
 #: 2026-11-28 two cases that reach their maximum (6643363068582114928, 1478415917575154483)
 #: took 20.8 and 22.6 CPU-s with four processes sharing the 2 cores (under 20 when alone);
 #: CPU time grows with contention, and the cap guards CI's budget, not the criterion.
-CI_CASE_SECONDS = 30.0
+#: 45, not 30: on 2026-11-29, on an AMD machine, 7243029950449673878 (60 rows in 30 schools of
+#: two, a scaled covariate: BFGS makes no step, then the trust-exact fallback and two rule raises
+#: to 31 and 63 points, each a refit) took 30.0 CPU-s alone on 63e07d5 and 30.0-31.5 on later
+#: commits. That is a performance cliff of its own, listed in docs/failures.md.
+CI_CASE_SECONDS = 45.0
 
 #: Classes that fail issue 12's criterion.
 FAILING = ("below_max", "bad_llf", "error_uncaught", "over_time_cap")
