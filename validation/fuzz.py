@@ -9,6 +9,7 @@ This module is that instrument::
     python -m validation.fuzz --cases 2000 --seed 12 --jobs 2 --out validation/results/fuzz_<date>.csv
     python -m validation.fuzz --summary validation/results/fuzz_<date>.csv   # the tallies, as Markdown
     python -m validation.fuzz --one CASE_SEED                                # one case, verbosely
+    python -m validation.fuzz --recheck OLD.csv --jobs 2 --out NEW.csv       # OLD's cases refitted on this code
 
 Each case (:func:`random_case`) is a simulated data set and an ``mlsml.fit``
 specification drawn from one of the *families* of failures the issue reproduced:
