@@ -720,9 +720,9 @@ class MELSM:
                 if nagq is None:  # the default rule: more points where it is not accurate at the estimates
                     lik, optsum = raise_rule(lik, optsum, opts, callback=callback)
                 # the faces found in the last round, unless the rule they were found with changed
-                same_rule = searched_with is not None and boundary_likelihood(lik).spec == searched_with
-                settled, diagnostics = settle(lik, optsum, faces=faces if same_rule else None)
-                faces, searched_with = diagnostics.faces or None, boundary_likelihood(lik).spec
+                rule = boundary_likelihood(lik).spec
+                settled, diagnostics = settle(lik, optsum, faces=faces if rule == searched_with else None)
+                faces, searched_with = diagnostics.faces or None, rule
                 moved, optsum = settled is not optsum, settled
                 if not moved or nagq is not None:
                     break  # else the rule is checked again where settle moved the fit

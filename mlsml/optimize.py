@@ -344,7 +344,7 @@ def _newton_step(grad: np.ndarray, hess: np.ndarray, flat: bool = True) -> tuple
         The gradient and Hessian of the log-likelihood (optimiser scale).
     flat : bool
         ``False``: leave the flat directions out (no step, no gain), as where a step along
-        them was tried and did not raise the log-likelihood (:func:`_newton_polish`).
+        them was tried and did not raise the log-likelihood (:func:`_flat_checked_decrement`).
 
     Returns
     -------
@@ -413,8 +413,18 @@ def _newton_polish(theta, lik: Likelihood, dtol, max_steps: int = NEWTON_POLISH_
         v, g = lik.value_and_grad(th, nodes)
         return float(v), np.asarray(g), nodes
 
-    def ascend(step):
-        """The first of ``step`` halved up to POLISH_HALVINGS times that does not lower the llf."""
+    llf, grad, nodes = at(theta)
+    H = lik.hessian(theta, nodes)
+    steps = 0
+    for steps in range(1, max_steps + 1):
+        step, _, dec = _newton_step(grad, H, flat=False)
+        if not np.isfinite(dec):
+            steps -= 1
+            break
+        final = dec < 1e-3 * dtol  # within the tolerance: at most this last step
+        if final and not (step.size and np.max(np.abs(step)) > xtol):
+            steps -= 1
+            break
         t = 1.0
         for _ in range(POLISH_HALVINGS):
             new = theta + t * step
@@ -423,26 +433,11 @@ def _newton_polish(theta, lik: Likelihood, dtol, max_steps: int = NEWTON_POLISH_
             except np.linalg.LinAlgError:
                 llf_new = -np.inf
             if np.isfinite(llf_new) and llf_new >= llf - 1e-12 * abs(llf):
-                return new, llf_new, grad_new, nodes_new
+                break
             t *= 0.5
-        return None
-
-    llf, grad, nodes = at(theta)
-    H = lik.hessian(theta, nodes)
-    steps = 0
-    for steps in range(1, max_steps + 1):
-        step, _flat, dec = _newton_step(grad, H, flat=False)
-        if not np.isfinite(dec):
-            steps -= 1
+        else:
             break
-        final = dec < 1e-3 * dtol  # within the tolerance: at most this last step
-        if final and not (step.size and np.max(np.abs(step)) > xtol):
-            steps -= 1
-            break
-        moved = ascend(step)
-        if moved is None:
-            break
-        theta, llf, grad, nodes = moved
+        theta, llf, grad, nodes = new, llf_new, grad_new, nodes_new
         H = lik.hessian(theta, nodes)
         if final:
             break
@@ -475,7 +470,7 @@ def _flat_checked_decrement(lik: Likelihood, theta, llf: float, grad, H, dtol: f
     _, flat_step, dec = _newton_step(grad, H)
     kept = _newton_step(grad, H, flat=False)[2]
     if not (np.isfinite(dec) and dec - kept >= max(dtol, FLAT_GAIN_TOL)):
-        return kept if np.isfinite(dec) else dec
+        return kept  # infinite with dec at a saddle
     t = 1.0
     for _ in range(FLAT_CHECK_HALVINGS + 1):
         try:
