@@ -699,9 +699,18 @@ class SchoolSums(Integrand):
             g = E S_{1c} - P_{uu} u_r - P_{uv} v,
 
             -\tfrac12 E S_0 + \tfrac12 c'M^{-1}c
-                = -\tfrac12 E S_{0c} - \tfrac12 u_r'P_{uu}u_r - u_r'P_{uv}v + \tfrac12 g'M^{-1}g,
+                = \max_u \big\{-\tfrac12 E\,Q(u) - \tfrac12 u'P_{uu}u - u'P_{uv}v\big\}, \qquad
+            Q(u) = \sum_i d_i (r_i - z_i'u)^2,
 
-        with :math:`S_{0c}` and :math:`S_{1c}` from the rows (their values; their derivatives from
+        taken at the maximiser :math:`\hat u = u_r + \delta`, :math:`\delta = M^{-1}g`, with
+        :math:`Q(\hat u) = S_{0c} - 2\delta'S_{1c} + \delta'S_2\delta` and the prior's exponent
+        whitened, :math:`[\hat u; v]'P[\hat u; v] = |L_0^{-1}F[\hat u; v]|^2`: every term is
+        non-negative and of the size of the result. (Written as
+        :math:`-\tfrac12 E S_{0c} - \tfrac12 u_r'P_{uu}u_r - u_r'P_{uv}v + \tfrac12 g'M^{-1}g`
+        instead, the second and fourth terms cancel where :math:`P_{uu}` is huge: at
+        ``var(u0) = 1.6e-13``, ``corr(u0, v) = 0.9999`` both were ``6e15`` and a one-pupil
+        school's integrand was 3 units off, docs/failures.md, 1478415917575154483.)
+        :math:`S_{0c}` and :math:`S_{1c}` come from the rows (their values; their derivatives from
         the identities :math:`S_{0c} = S_0 - 2u_r'S_1 + u_r'S_2u_r`, :math:`S_{1c} = S_1 - S_2u_r`),
         and for two mean effects
 
@@ -710,10 +719,11 @@ class SchoolSums(Integrand):
             |M| = |P_{uu}| + E\,\mathrm{tr}(\mathrm{adj}(P_{uu}) S_2) + E^2 |S_2|,
 
         a sum of non-negative terms, with :math:`|S_2| = S_{2,00} \sum_i d_i (z_{i1} - b z_{i0})^2`,
-        :math:`b = S_{2,01}/S_{2,00}`, from the rows, and
-        :math:`g'M^{-1}g = g_0^2/m_{00} + (g_1 - m_{01} g_0/m_{00})^2 m_{00}/|M|` (elimination,
-        whose pivot :math:`|M|/m_{00}` comes from that stable :math:`|M|`). Other classes (quadratic association, more
-        than two mean effects, several scale effects) use the inherited arithmetic.
+        :math:`b = S_{2,01}/S_{2,00}`, from the rows; :math:`\delta` by elimination, whose pivot
+        :math:`|M|/m_{00}` comes from that stable :math:`|M|`, and
+        :math:`\delta'S_2\delta = S_{2,00}(\delta_0 + b\delta_1)^2 + \delta_1^2 |S_2|/S_{2,00}`.
+        Other classes (quadratic association, more than two mean effects, several scale
+        effects) use the inherited arithmetic.
         """
         lay = self.layout
         q = lay.q
@@ -739,12 +749,12 @@ class SchoolSums(Integrand):
             Mx, cx = gaussian.block_entries(S1, S2, P, v[near], q, None if scale is None else scale[near])
             logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
             parts.append(base + prior_v[near] + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
-        centred = self._centred_uexact(beta, alpha, Z, s, P, None if scale is None else scale[idx], v, idx)
+        centred = self._centred_uexact(beta, alpha, Z, s, prior, P, None if scale is None else scale[idx], v, idx)
         parts.append(centred + prior_v[idx] + 0.5 * q * LOG2PI)
         order = np.argsort(np.concatenate([near, idx]))
         return anp.concatenate(parts, axis=0)[order]
 
-    def _centred_uexact(self, beta, alpha, Z, s: Sums, P, scale, v, idx: np.ndarray):
+    def _centred_uexact(self, beta, alpha, Z, s: Sums, prior: Prior, P, scale, v, idx: np.ndarray):
         """The data's part of :meth:`log_h_uexact` for the schools ``idx``, from sums around each
         school's least-squares fit (see there); shape ``(len(idx), K)``."""
         q = self.layout.q
@@ -788,8 +798,12 @@ class SchoolSums(Integrand):
         Pu = [sum(Puu[a][b] * ur[b] for b in range(q)) for a in range(q)]
         g = [E * S1c[a][:, None] - Pu[a] - Puv[a] * vv for a in range(q)]
         m = [[E * S2[:, a, b][:, None] + Puu[a][b] for b in range(q)] for a in range(q)]
+        # the maximiser u_hat = u_r + delta of the exponent in u, delta = M^{-1} g
         if q == 1:
-            logdetM, quad = anp.log(m[0][0]), g[0] ** 2 / m[0][0]
+            logdetM = anp.log(m[0][0])
+            delta = [g[0] / m[0][0]]
+            # delta'S2 delta, a single non-negative term
+            s2_form = S2[:, 0, 0][:, None] * delta[0] ** 2
         else:
             z0, z1 = Zr[:, 0], Zr[:, 1]
             slope = np.where(S2v[:, 0, 0] > 0, S2v[:, 0, 1] / np.where(S2v[:, 0, 0] > 0, S2v[:, 0, 0], 1.0), 0.0)
@@ -800,13 +814,27 @@ class SchoolSums(Integrand):
             trace = Puu[1][1] * S2[:, 0, 0][:, None] - 2.0 * Puu[0][1] * S2[:, 0, 1][:, None] + Puu[0][0] * S2[:, 1, 1][:, None]
             det = detP + E * trace + E**2 * detS2[:, None]
             logdetM = anp.log(det)
-            # g'M^{-1}g by elimination, with the pivot m11 - m01^2/m00 = |M|/m00 from the stable |M|:
-            # the adjugate form m11 g0^2 - 2 m01 g0 g1 + m00 g1^2 cancels terms of order E^2 |S1c|^2
-            quad = g[0] ** 2 / m[0][0] + (g[1] - m[0][1] / m[0][0] * g[0]) ** 2 * m[0][0] / det
-        const = -0.5 * sum(ur[a] * Pu[a] for a in range(q)) - sum(ur[a] * Puv[a] for a in range(q)) * vv
+            # M delta = g by elimination, with the pivot m11 - m01^2/m00 = |M|/m00 from the stable |M|
+            delta1 = (g[1] - m[0][1] / m[0][0] * g[0]) * m[0][0] / det
+            delta = [(g[0] - m[0][1] * delta1) / m[0][0], delta1]
+            # delta'S2 delta = S2_00 (delta0 + b delta1)^2 + |S2|/S2_00 delta1^2 (b = S2_01/S2_00):
+            # non-negative terms; expanded, E S2_00 delta0^2 and its partners (E up to 1e26 where
+            # S2 is singular) would cancel
+            s00 = S2[:, 0, 0][:, None]
+            pos = S2v[:, 0, 0] > 0
+            ratio = anp.where(pos[:, None], S2[:, 0, 1][:, None] / anp.where(pos[:, None], s00, 1.0), 0.0)
+            pivot = anp.where(pos[:, None], detS2[:, None] / anp.where(pos[:, None], s00, 1.0), S2[:, 1, 1][:, None])
+            s2_form = s00 * (delta[0] + ratio * delta[1]) ** 2 + pivot * delta[1] ** 2
+        # the residual sum at u_hat, Q = S0c - 2 delta'S1c + delta'S2 delta (S1c is zero up to rounding)
+        resid = S0c[:, None] - 2.0 * sum(delta[a] * S1c[a][:, None] for a in range(q)) + s2_form
+        # the prior's exponent at (u_hat, v), whitened: |L0^{-1} F (u_hat, v)|^2, F = diag(f), less
+        # its v'P_vv v part (in the caller's prior_v)
+        Linv = anp.linalg.inv(prior.L0)
+        x = [(ur[a] + delta[a]) * f[a] for a in range(q)] + [vv]
+        white = sum(sum(Linv[a, b] * x[b] for b in range(a + 1)) ** 2 for a in range(q + 1))
         n = s.n[idx][:, None]
-        base = -0.5 * n * LOG2PI - 0.5 * s.A[idx][:, None] - 0.5 * n * vv - 0.5 * E * S0c[:, None]
-        return base + const - 0.5 * logdetM + 0.5 * quad
+        base = -0.5 * n * LOG2PI - 0.5 * s.A[idx][:, None] - 0.5 * n * vv
+        return base - 0.5 * E * resid - 0.5 * white + 0.5 * P[q, q] * vv**2 - 0.5 * logdetM
 
     def mode_problem(self, theta):
         lay = self.layout

@@ -205,13 +205,23 @@ def _fit_stored(row: dict, data: pd.DataFrame) -> dict:
         ref = max(values) if values else float("nan")
         out["reference"] = ref
     gap = ref - res.llf if np.isfinite(ref) else float("nan")
+    if np.isfinite(gap) and -gap > fuzz.IMPOSSIBLE_GAP:
+        # above every route's maximum: impossible only if the llf is not the likelihood at the
+        # estimates. As validation.fuzz.classify, ask the accurate rule there; where it confirms
+        # the llf, the routes fell short (a likelihood that rises without bound, as one-pupil
+        # schools with a random scale can make it, has no maximum for them to find)
+        nagq = fuzz.accurate_nagq(mlsml.MELSM.from_formula(data=data, **row["spec"]))
+        accurate = fuzz.accurate_at_fit(res, nagq) if nagq else float("nan")
+        out["llf_accurate_fit"] = accurate
+        if np.isfinite(accurate) and res.llf - accurate <= fuzz.IMPOSSIBLE_GAP:
+            gap = float("nan")
     out["gap"] = gap
     if out["seconds"] > CI_CASE_SECONDS:
         out["cls"] = "over_time_cap"
     elif not np.isfinite(res.llf) or not np.all(np.isfinite(res.params.to_numpy(dtype=float))):
         out["cls"] = "bad_llf"
     elif np.isfinite(gap) and -gap > fuzz.IMPOSSIBLE_GAP:
-        out["cls"] = "bad_llf"  # far above the maximum every route found: impossible, or the store is stale
+        out["cls"] = "bad_llf"  # far above every route's maximum and not confirmed at the estimates
     elif not res.converged:
         out["cls"] = "not_converged"
     elif np.isfinite(gap) and gap > fuzz.BELOW_MAX_TOL:

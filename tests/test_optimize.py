@@ -221,9 +221,12 @@ def test_a_rule_that_stays_inaccurate_is_not_called_converged():
     # numpy 1.24 the fit stops at var(v) = 134, where 63 and 127 points differ by 0.109; before
     # flat directions counted, it said converged there at var(v) = 43, 4 units lower
     assert np.isfinite(res.llf) and abs(lik.with_spec(nagq=127).value(res.theta) - res.llf) < LLF_UNRELIABLE
-    # where the last refit stops decides which of the two reasons is given
+    # where the last refit stops decides which reason is given (the rule's accuracy, the
+    # decrement, or, since the u-exact block is exact there too (integrand.py, a nearly singular
+    # Sigma), the passes of the trust-exact fallback with the newest versions)
     assert not res.converged
-    assert "not accurate enough at the estimates" in res.optsum.message or "not at a maximum" in res.optsum.message
+    reasons = ("not accurate enough at the estimates", "not at a maximum", "maximum number of passes")
+    assert any(r in res.optsum.message for r in reasons), res.optsum.message
 
 
 def test_newton_polish_takes_a_final_step_when_it_exceeds_xtol():
