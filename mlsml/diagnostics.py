@@ -38,6 +38,7 @@ from .boundary import (
     weakly_determined,
 )
 from .design import Design
+from .integrand import Integrand
 from .likelihood import Likelihood, value_or_nan
 from .optimize import FALLBACK_METHOD, OptSummary, information_pd, maximize, quadrature_check
 from .predict import fitted_moments
@@ -53,6 +54,13 @@ SINGULAR_CORRELATION = 1e-6
 
 #: The reason given when the observed information is not positive definite.
 NOT_PD_REASON = "the observed information is not positive definite (standard errors unavailable)"
+
+#: A school counts as fitted exactly when its residual variance at its posterior mode of ``v``
+#: is below this fraction of the model's (:func:`collapse_note`).
+COLLAPSE_VARIANCE = 1e-6
+
+#: Points of the grid in ``v`` on which :func:`collapse_note` finds each school's mode.
+COLLAPSE_GRID = 241
 
 #: A change of the log-likelihood above this with about twice the points gives a
 #: :class:`~mlsml.errors.QuadratureWarning`.
@@ -110,6 +118,9 @@ class Diagnostics:
         At a singular fit whose information is not positive definite: the covariance of the
         estimates from the reduced-rank information (:func:`singular_covariance`), NaN for the
         undetermined entries of ``Sigma``.
+    collapse : str or None
+        At a fit that did not converge: why the likelihood may have no maximum, when a school
+        is fitted exactly (:func:`collapse_note`).
     """
 
     hessian_pd: bool
@@ -119,6 +130,7 @@ class Diagnostics:
     faces: tuple = ()
     degenerate: tuple = ()
     reduced_cov: np.ndarray | None = field(default=None, compare=False, repr=False)
+    collapse: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -452,6 +464,7 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
     return Diagnostics(
         hessian_pd=pd_ok,
         singular_reasons=tuple(reasons),
+        collapse=None if optsum.converged else collapse_note(lik_c, theta_c),
         boundary=boundary,
         # computed by the optimiser at these estimates (the same rule and points, on the standardised
         # scale, where the difference is the same); again only for a hand-made OptSummary
@@ -460,6 +473,82 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
         degenerate=degenerate,
         reduced_cov=reduced,
     )
+
+
+def collapse_note(lik: Likelihood, theta) -> str | None:
+    r"""Why the likelihood may rise without bound: a school the estimates fit exactly, or None.
+
+    With a random scale, a school whose residuals are all zero contributes
+
+    .. math::
+
+        \int \phi(v; 0, \sigma_v^2) \prod_{i \in j} (2\pi e^{w_i'\alpha + v})^{-1/2}\, dv
+            = (2\pi)^{-n_j/2} e^{-\sum_i w_i'\alpha/2}\, e^{n_j^2 \sigma_v^2/8},
+
+    which grows without bound with :math:`\sigma_v^2`, while each other school loses only
+    about :math:`\log \sigma_v`. So wherever the mean function can make one school's
+    residuals zero (a school of one pupil always: the intercept does it) the likelihood
+    has no upper bound, as a normal mixture's has none when a component collapses onto one
+    point. Maxima at moderate :math:`\sigma_v^2` are still the estimates to report, but with
+    few schools there may be none, and an optimiser then follows the rise: ``var(v)``
+    grows and one school's residuals shrink towards zero (fuzz case 1478415917575154483:
+    7 schools, 3 of one pupil, a residual of ``1e-6`` at ``var(v) = 96``).
+
+    This names the school whose residual variance at the mode of its integrand in ``v``
+    (the mean effects integrated out exactly, on a grid of :data:`COLLAPSE_GRID` points) is
+    below :data:`COLLAPSE_VARIANCE` of the model's (``v`` below its log), and says what to
+    do. The joint posterior mode of ``(u, v)`` cannot tell: a one-pupil school's random
+    intercept fits it exactly at any ``var(u0) > 0``, so its joint mode of ``v`` is at
+    ``-var(v)/2`` whether or not the likelihood collapses. Only for a plain random scale
+    (one scale effect, no quadratic association) of a design in memory; ``None`` when no
+    school is fitted exactly.
+    """
+    lay, integrand = lik.layout, lik.integrand
+    if not isinstance(integrand, Integrand) or not lay.random_scale or lay.n_v != 1:
+        return None  # a design held by workers (mlsml.distributed) is not evaluated on a grid
+    if lay.quad_assoc or not (lay.q == 0 or integrand.uexact_supported):
+        return None  # the quadratic association's inner rule would take as many points as the grid
+    theta = np.asarray(theta, dtype=float)
+    nat = np.asarray(lay.to_natural(theta), dtype=float)
+    var_v = float(nat[lay.names.index("var(v)")]) if "var(v)" in lay.names else float("nan")
+    sd = math.sqrt(var_v) if np.isfinite(var_v) and var_v > 0 else 1.0
+    grid = np.linspace(math.log(COLLAPSE_VARIANCE) - 30.0 - 6.0 * sd, 6.0 * sd + 5.0, COLLAPSE_GRID)
+    J = lik.design.ngroups
+    v_grid = np.broadcast_to(grid[None, :, None], (J, grid.size, 1))
+    try:
+        with np.errstate(all="ignore"):
+            values = integrand.log_h_uexact(theta, v_grid) if lay.q else integrand.log_h(theta, v_grid)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return None
+    values = np.where(np.isfinite(values), np.asarray(values, dtype=float), -np.inf)
+    v = grid[np.argmax(values, axis=1)]
+    exact = np.flatnonzero(np.isfinite(values).any(axis=1) & (v < math.log(COLLAPSE_VARIANCE)))
+    if exact.size == 0:
+        return None
+    j = int(exact[np.argmin(v[exact])])
+    design = lik.design
+    sizes = design.counts[exact]
+    others = f" ({exact.size} such schools in all)" if exact.size > 1 else ""
+    school = f"school {_plain_label(design.group_labels[j])!r} ({_rows_words(int(design.counts[j]), exact=True)})"
+    return (
+        f"{school} is fitted almost exactly: "
+        f"at the mode of its likelihood in v its residual variance is {math.exp(v[j]):.1g} of the model's, while var(v) = {var_v:.3g}"
+        f"{others}. With a random scale the likelihood rises without bound as one school's residuals approach zero "
+        "(as a normal mixture's does when a component collapses onto one point), so there may be no maximum to find. "
+        f"Refit without the schools of {_rows_words(int(sizes.max()))}, or without the random scale (random_scale=False)"
+    )
+
+
+def _rows_words(n: int, exact: bool = False) -> str:
+    """``one row``, ``n rows`` (``exact``) or ``n or fewer rows``."""
+    if n == 1:
+        return "one row"
+    return f"{n} rows" if exact else f"{n} or fewer rows"
+
+
+def _plain_label(label):
+    """A group label as a plain Python value (numpy scalars print as ``np.int64(3)``)."""
+    return label.item() if hasattr(label, "item") else label
 
 
 def face_reasons(faces) -> list[str]:

@@ -1032,7 +1032,9 @@ class MELSMResults:
     def warn_if_problematic(self) -> None:
         """Issue the warnings a user must see (called by :meth:`MELSM.fit`)."""
         if not self.converged:
-            warn(f"the fit did NOT converge ({self.message}); do not use these estimates", ConvergenceWarning)
+            collapse = self.diagnostics.collapse
+            why = f". {collapse[0].upper()}{collapse[1:]}" if collapse else ""
+            warn(f"the fit did NOT converge ({self.message}); do not use these estimates{why}", ConvergenceWarning)
         reasons = self.singular_reasons()
         if reasons:
             warn("singular fit: " + "; ".join(reasons), SingularFitWarning)

@@ -157,6 +157,9 @@ def summarize(res, alpha: float = 0.05, style: str = "statsmodels"):
         notes.append(note)
     if not res.converged:
         notes.append(f"WARNING: the fit did NOT converge ({res.message}). Do not use these estimates.")
+        collapse = res.diagnostics.collapse
+        if collapse:
+            notes.append(f"NOTE: {collapse[0].upper()}{collapse[1:]}.")
     for r in res.singular_reasons():
         notes.append(f"WARNING: singular fit: {r}.")
     raised = getattr(res.optsum, "rule_raised", "") if res.optsum is not None else ""

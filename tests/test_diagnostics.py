@@ -13,11 +13,13 @@ from conftest import scale_slope_data, zero_u0_data
 
 import mlsml
 from mlsml.diagnostics import (
+    COLLAPSE_VARIANCE,
     QUADRATURE_TOL,
     TAIL_MIN_SIZE,
     ZERO_VARIANCE,
     _reference,
     _school_kurtosis,
+    collapse_note,
     degenerate_directions,
     degenerate_words,
     diagnose,
@@ -430,3 +432,29 @@ def test_bs_formula_fit_at_a_zero_variance_has_the_ses_of_the_fit_without_it():
     np.testing.assert_allclose(res.bse[names], without.bse[names], rtol=1e-3)
     assert np.isnan(res.bse["var(v)"])
     assert "drop the effect (random_scale=False)" in " ".join(res.singular_reasons())
+
+
+# ---------------------------------------------------------------- issue 12: an unbounded likelihood
+@pytest.mark.parametrize("offset, collapsed", [(0.0, True), (1.0, False)])
+def test_collapse_note_names_a_school_fitted_exactly(offset, collapsed):
+    """With a random scale a school whose residuals are zero contributes exp(n^2 var(v) / 8): the
+    likelihood has no upper bound. A one-row school on the fitted mean at var(v) = 50 and
+    var(u0) = 1e-14 is named: its likelihood in v peaks at a residual variance of about 1e-14,
+    below 1e-6 of the model's. One residual SD off the mean it is not; nor is
+    it with a random intercept free to fit it (var(u0) = 0.5), whose joint posterior mode of v
+    is nonetheless at -var(v)/2 = -25, so the joint mode cannot be the test."""
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"school": np.repeat(np.arange(6), 8), "y": rng.normal(size=48)})
+    df = pd.concat([df, pd.DataFrame({"school": [6], "y": [0.3 + offset]})], ignore_index=True)
+    model = mlsml.MELSM.from_formula("y ~ 1", df, groups="school")
+    lik = model.objective()
+    theta = model.theta_from_params(pd.Series([0.3, 0.0, 1e-14, 50.0, 0.0], index=model.param_names))
+    note = collapse_note(lik, theta)
+    free = model.theta_from_params(pd.Series([0.3, 0.0, 0.5, 50.0, 0.0], index=model.param_names))
+    assert collapse_note(lik, free) is None
+    assert lik.modes(free)[0][6, 1] < np.log(COLLAPSE_VARIANCE)
+    if collapsed:
+        assert note.startswith("school 6 (one row) is fitted almost exactly")
+        assert "rises without bound" in note and "Refit without the schools of one row" in note
+    else:
+        assert note is None

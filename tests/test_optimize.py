@@ -227,6 +227,9 @@ def test_a_rule_that_stays_inaccurate_is_not_called_converged():
     assert not res.converged
     reasons = ("not accurate enough at the estimates", "not at a maximum", "maximum number of passes")
     assert any(r in res.optsum.message for r in reasons), res.optsum.message
+    # and why: the fit makes a one-pupil school's residual zero while var(v) grows, along which
+    # the likelihood has no upper bound (diagnostics.collapse_note)
+    assert "(one row) is fitted almost exactly" in res.diagnostics.collapse
 
 
 def test_newton_polish_takes_a_final_step_when_it_exceeds_xtol():
