@@ -43,6 +43,7 @@ from .likelihood import Likelihood, value_or_nan
 from .optimize import FALLBACK_METHOD, OptSummary, information_pd, maximize, quadrature_check
 from .predict import fitted_moments
 from .rescale import reparametrise
+from .validate import plain_value
 
 #: A variance of a school effect counts as zero below this fraction of its reference
 #: (the residual variance for mean effects, 1 on the ln var(e) scale for ``v``).
@@ -529,7 +530,7 @@ def collapse_note(lik: Likelihood, theta) -> str | None:
     design = lik.design
     sizes = design.counts[exact]
     others = f" ({exact.size} such schools in all)" if exact.size > 1 else ""
-    school = f"school {_plain_label(design.group_labels[j])!r} ({_rows_words(int(design.counts[j]), exact=True)})"
+    school = f"school {plain_value(design.group_labels[j])!r} ({_rows_words(int(design.counts[j]), exact=True)})"
     return (
         f"{school} is fitted almost exactly: "
         f"at the mode of its likelihood in v its residual variance is {math.exp(v[j]):.1g} of the model's, while var(v) = {var_v:.3g}"
@@ -544,11 +545,6 @@ def _rows_words(n: int, exact: bool = False) -> str:
     if n == 1:
         return "one row"
     return f"{n} rows" if exact else f"{n} or fewer rows"
-
-
-def _plain_label(label):
-    """A group label as a plain Python value (numpy scalars print as ``np.int64(3)``)."""
-    return label.item() if hasattr(label, "item") else label
 
 
 def face_reasons(faces) -> list[str]:

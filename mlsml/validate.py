@@ -26,6 +26,11 @@ import numpy as np
 from .errors import ModelSpecError
 
 
+def plain_value(value):
+    """A numpy scalar as the Python value (for messages: ``1``, not ``np.int64(1)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def describe_value(value) -> str:
     """A short description of a value for an error message (never a whole Series or array).
 

@@ -59,7 +59,7 @@ import pandas as pd
 
 from .design import Design
 from .errors import DataError, ModelSpecError
-from .validate import describe_value
+from .validate import describe_value, plain_value
 
 #: Values of ``weights_kind``.
 WEIGHT_KINDS = ("sampling", "frequency")
@@ -121,14 +121,9 @@ def row_values(values, data: pd.DataFrame, what: str) -> tuple[np.ndarray, str]:
     return out, name
 
 
-def _plain(value):
-    """A numpy scalar as the Python value (for messages: ``1``, not ``np.int64(1)``)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _first_bad(mask: np.ndarray, values: np.ndarray, labels: pd.Index) -> str:
     i = int(np.flatnonzero(mask)[0])
-    return f"{int(mask.sum())} row(s), first {_plain(values[i])!r} at index {_plain(labels[i])!r}"
+    return f"{int(mask.sum())} row(s), first {plain_value(values[i])!r} at index {plain_value(labels[i])!r}"
 
 
 def _checked_nonnegative(values: np.ndarray, name: str, labels: pd.Index) -> None:
@@ -210,7 +205,7 @@ def level1_weights(w: np.ndarray, design: Design, name: str, labels: pd.Index, m
     totals = np.add.reduceat(w, design.starts)
     empty = np.flatnonzero(totals <= 0)
     if empty.size:
-        school = _plain(design.group_labels[empty[0]])
+        school = plain_value(design.group_labels[empty[0]])
         raise DataError(
             f"the weights ({name}) are zero for every observation of school {school!r} ({empty.size} school(s) in all): "
             "such a school contributes nothing; drop it from the data"
@@ -229,7 +224,7 @@ def school_weights_by_label(mapping, group_labels: np.ndarray) -> np.ndarray:
     mapping = pd.Series(mapping) if isinstance(mapping, Mapping) else mapping
     missing = [g for g in group_labels if g not in mapping.index]
     if missing:
-        raise DataError(f"group_weights has no weight for school {_plain(missing[0])!r} ({len(missing)} school(s) in all)")
+        raise DataError(f"group_weights has no weight for school {plain_value(missing[0])!r} ({len(missing)} school(s) in all)")
     Wj = pd.to_numeric(mapping.reindex(group_labels), errors="coerce").to_numpy(dtype=float)
     _checked_nonnegative(Wj, "group_weights", pd.Index(group_labels))
     return Wj
@@ -245,8 +240,8 @@ def school_weights_from_rows(w: np.ndarray, design: Design, name: str, labels: p
         i = int(np.flatnonzero(differs)[0])
         j = int(design.group[i])
         raise DataError(
-            f"the school weights ({name}) must be constant within each school: school {_plain(design.group_labels[j])!r} "
-            f"has {_plain(Wj[j])!r} and {_plain(w[i])!r} (at index {_plain(labels[i])!r})"
+            f"the school weights ({name}) must be constant within each school: school {plain_value(design.group_labels[j])!r} "
+            f"has {plain_value(Wj[j])!r} and {plain_value(w[i])!r} (at index {plain_value(labels[i])!r})"
         )
     return Wj
 
