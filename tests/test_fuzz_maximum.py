@@ -210,7 +210,7 @@ def _fit_stored(row: dict, data: pd.DataFrame) -> dict:
         # estimates. As validation.fuzz.classify, ask the accurate rule there; where it confirms
         # the llf, the routes fell short (a likelihood that rises without bound, as one-pupil
         # schools with a random scale can make it, has no maximum for them to find)
-        nagq = fuzz.accurate_nagq(mlsml.MELSM.from_formula(data=data, **row["spec"]))
+        nagq = fuzz.accurate_nagq(res.model)
         accurate = fuzz.accurate_at_fit(res, nagq) if nagq else float("nan")
         out["llf_accurate_fit"] = accurate
         if np.isfinite(accurate) and res.llf - accurate <= fuzz.IMPOSSIBLE_GAP:
