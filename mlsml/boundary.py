@@ -388,6 +388,45 @@ def reference_variances(lik: Likelihood, natural: np.ndarray) -> np.ndarray:
     return ref
 
 
+def off_face(lik: Likelihood, theta) -> np.ndarray:
+    """``theta`` with every vanished direction of ``Sigma`` given :data:`FACE_ZERO` of its reference variance.
+
+    Each diagonal entry of the Cholesky factor whose square is below ``FACE_ZERO`` times the
+    reference variance of its effect (:func:`reference_variances`) is raised to that level:
+    where the faces keep their removed directions. The product rule of
+    :func:`boundary_likelihood` cannot be evaluated much closer to a face (its mode search
+    meets an exactly singular block: NaN at ``var(u0) = 5.9e-12``), and the log-likelihood
+    differs by about ``FACE_ZERO`` times its score in that log-variance.
+    """
+    lay = lik.layout
+    theta = np.array(theta, dtype=float)
+    if lay.d == 0:
+        return theta
+    off = lay.chol_offset
+    free = list(lay.free_chol)
+    full = np.zeros(lay.d * (lay.d + 1) // 2)
+    full[free] = theta[off : off + len(free)]
+    L = np.asarray(chol_from_vector(full, lay.d), dtype=float)
+    ref = reference_variances(lik, np.asarray(lay.to_natural(theta), dtype=float))
+    for k in range(lay.d):
+        floor = np.sqrt(FACE_ZERO * ref[k])
+        if L[k, k] < floor and _psi_index(k, k) in free:
+            theta[off + free.index(_psi_index(k, k))] = np.log(floor)
+    return theta
+
+
+def probe_value(lik: Likelihood, theta) -> tuple[np.ndarray, float]:
+    """``(point, value)``: the product rule of :func:`boundary_likelihood` at ``theta``, or, where it
+    cannot be evaluated there, at :func:`off_face` of it (NaN if neither can)."""
+    probe = boundary_likelihood(lik)
+    theta = np.asarray(theta, dtype=float)
+    value = value_or_nan(probe, theta)
+    if np.isfinite(value):
+        return theta, value
+    point = off_face(lik, theta)
+    return point, value_or_nan(probe, point)
+
+
 def _face_start(L: np.ndarray, kind: str, k: int, sign: float, free_row: list[int] | None = None) -> np.ndarray:
     """The start on a face: the fit's factor ``L`` with the face's entries fixed, variances kept.
 
@@ -548,10 +587,11 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     sd = np.sqrt(np.clip(np.diag(S), 1e-300, None))
     R = np.clip(S / np.outer(sd, sd), -1.0, 1.0) * 0.99 + 0.01 * np.eye(d)  # away from singular to start
     L0 = np.linalg.cholesky(R * np.outer(np.sqrt(var0), np.sqrt(var0)))
-    base = value_or_nan(probe, theta)  # NaN: the rule check below fails and no face is reported
+    # NaN: the rule check below fails and no face is reported
+    point, base = probe_value(lik, theta)
     nagq = probe.spec.nagq
     check = probe.with_spec(nagq=max(nagq, min(2 * nagq + 1, max_nagq(d))))
-    if not _face_rule_accurate(check, theta, base):
+    if not _face_rule_accurate(check, point, base):
         # the product rule is not accurate at the fit itself (small schools, a large var(v)):
         # a face's gain over it would be the rule's error (a face 2.1 "higher" than a fit that
         # an independent route confirmed as the maximum), so no face is reported

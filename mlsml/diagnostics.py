@@ -27,11 +27,11 @@ from .boundary import (
     BOUNDARY_LR,
     FACE_LLF_TOL,
     boundary_effects,
-    boundary_likelihood,
     covariance_rule,
     face_name,
     far_from_boundary,
     interior_starts,
+    probe_value,
     reduced_rank_covariance,
     reference_variances,
     search_faces,
@@ -39,7 +39,7 @@ from .boundary import (
 )
 from .design import Design
 from .integrand import Integrand
-from .likelihood import Likelihood, value_or_nan
+from .likelihood import Likelihood
 from .optimize import FALLBACK_METHOD, OptSummary, information_pd, maximize, quadrature_check
 from .predict import fitted_moments
 from .rescale import reparametrise
@@ -438,7 +438,7 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
     elif faces is None:
         faces = tuple(replace(f, llf=f.llf - shift) for f in search_faces(lik_c, theta_c))
     else:  # the earlier search's maxima, against this fit by the same (product) rule
-        base = value_or_nan(boundary_likelihood(lik_c), theta_c) - shift
+        base = probe_value(lik_c, theta_c)[1] - shift
         # where the product rule cannot be evaluated at this fit no face is compared with it
         faces = tuple(replace(f, gain=f.llf - base) for f in faces) if np.isfinite(base) else ()
     if on_boundary or (faces and faces[0].gain > FACE_LLF_TOL):
@@ -570,10 +570,10 @@ def _higher_by_product(lik: Likelihood, new: OptSummary, old: OptSummary) -> boo
     ``corr(u0,v) = -1`` (20 schools) it gave -139.433 where the product rule with 11 and 41
     points gives -139.607, below a fit at -139.488. A refit is kept only if both rules agree.
     """
-    probe = boundary_likelihood(lik)
-    # where the product rule cannot be evaluated at either point (an exactly singular block
-    # in its mode finder just inside a face) it does not confirm the refit: NaN > x is false
-    return bool(value_or_nan(probe, new.theta) > value_or_nan(probe, old.theta))
+    # where the product rule cannot be evaluated at either point, nor at the point with its
+    # vanished variances at FACE_ZERO (mlsml.boundary.probe_value), it does not confirm the
+    # refit: NaN > x is false
+    return bool(probe_value(lik, new.theta)[1] > probe_value(lik, old.theta)[1])
 
 
 def _step_inside(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics) -> tuple[OptSummary, Diagnostics]:

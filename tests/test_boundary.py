@@ -287,3 +287,25 @@ def test_a_fit_that_moves_to_a_higher_face_searches_the_faces_once(monkeypatch):
         res = mlsml.fit(data=data, **row["spec"])
     assert len(calls) == 1 and res.diagnostics.faces
     assert res.llf == pytest.approx(row["reference"], abs=fuzz.BELOW_MAX_TOL)
+
+
+def test_the_faces_are_compared_where_the_product_rule_cannot_evaluate_the_fit():
+    """Fuzz case 2119240842600127528 (random slope, 133 schools of 2 to 8): the fit converged at
+    var(u0) = 5.9e-12 with v a combination of u0, u1 (L[v,v] = 9e-10), where the product rule of
+    the face search is NaN (an exactly singular block in its mode search): no face was searched
+    and the fit said converged 0.0169 below the maximum. probe_value evaluates the product rule
+    with the vanished variances at FACE_ZERO of their reference (off_face) instead."""
+    case = fuzz.random_case(2119240842600127528)
+    lik = mlsml.MELSM.from_formula(data=case.data, **case.spec).objective()
+    beta_alpha = [-0.7004879728651224, 0.3738434290743152, -1.0933294654509655, -0.4294989501666171]
+    psi = [-12.925483681539816, -0.3270081719866869, -1.8381295749562447, 0.07432936103039448, -0.03628428021322194]
+    theta = np.array(beta_alpha + psi + [-20.86529662232653])
+    off = lik.layout.chol_offset
+    moved = boundary.off_face(lik, theta)
+    ref = boundary.reference_variances(lik, np.asarray(lik.layout.to_natural(theta)))
+    assert moved[off] == pytest.approx(0.5 * np.log(boundary.FACE_ZERO * ref[0]))  # psi_00: var(u0) raised
+    assert moved[off + 5] == pytest.approx(0.5 * np.log(boundary.FACE_ZERO * ref[2]))  # psi_vv
+    np.testing.assert_array_equal(np.delete(moved, [off, off + 5]), np.delete(theta, [off, off + 5]))
+    point, value = boundary.probe_value(lik, theta)
+    assert np.isfinite(value) and value == pytest.approx(lik.value(theta), abs=1e-3)
+    assert np.array_equal(point, theta) or np.array_equal(point, moved)
