@@ -158,6 +158,19 @@ def _row(**kw):
     return row
 
 
+@pytest.mark.parametrize("re_formula", ["~ 1", "~ x"])
+def test_brute_force_at_the_fit_is_the_fit_s_llf(re_formula):
+    """The brute-force log-likelihood (u exact, v on a 40,001-point grid) that confirms an
+    "impossible" llf without placing nodes equals the fit's own where the rule is accurate."""
+    df = mlsml.simulate.demo_data(n_groups=30, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", re_formula=re_formula)
+    assert fuzz.brute_force_at_fit(res) == pytest.approx(res.llf, abs=1e-6)
+    no_scale = mlsml.fit("y ~ x", df, groups="school", random_scale=False)
+    assert np.isnan(fuzz.brute_force_at_fit(no_scale))  # no v to integrate over
+
+
 @pytest.mark.parametrize(
     "row, cls",
     [
