@@ -33,6 +33,7 @@ from mlsml.diagnostics import (
 )
 from mlsml.optimize import HESSIAN_PD_RTOL
 from mlsml.predict import PosteriorGrid, posterior_likelihood, posterior_moments
+from validation import fuzz
 from validation.singular_ses import face_covariance_by_differences, scale_data
 
 
@@ -360,7 +361,7 @@ def test_tail_check_without_usable_schools_and_without_data(demo_fit):
 def test_a_singular_fit_of_few_schools_is_fitted_again_from_the_default_start():
     """Issue 12 fuzz case 3765175424864893038 (4 schools, scale_re_formula): BFGS stopped at
     var(u0) = 7e-11, converged, 0.0019 below the maximum that trust-exact from the default
-    start reaches (-165.11635); settle now makes that second fit (SECOND_START_MAX_GROUPS)."""
+    start reaches (-165.11635); settle now makes that second fit (SECOND_START_MAXITER)."""
     data = pd.read_csv(Path(__file__).parent / "data" / "fuzz_3765175424864893038.csv")
     spec = dict(groups="school", scale_formula="~ x", re_formula="~ 1", random_scale=True, scale_re_formula="~ x")
     with warnings.catch_warnings():
@@ -368,6 +369,18 @@ def test_a_singular_fit_of_few_schools_is_fitted_again_from_the_default_start():
         res = mlsml.fit("y ~ x", data, **spec)
     # (whether the first fit or the second reaches it depends on the optimiser's path)
     assert res.llf > -165.11635 - 1e-4 and res.converged
+
+
+def test_a_singular_fit_of_many_schools_is_fitted_again_from_the_default_start():
+    """Issue 12 fuzz case 6713339560601521679 (58 schools of 2 to 4,023, income-like x): BFGS
+    stopped at corr(u0,v) = +1, converged, 0.86 below the interior maximum (corr 0.42) that
+    trust-exact from the default start reaches; the second fit was made for at most 50 schools."""
+    case = fuzz.random_case(6713339560601521679)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit(data=case.data, **case.spec)
+    assert res.converged and res.llf == pytest.approx(-5216.872528, abs=1e-4)
+    assert "a second fit" in res.message
 
 
 # ------------------------------------------- singular fits of the other model classes (issue 12)
