@@ -75,20 +75,24 @@ integrand at node ``k`` of school ``j`` by ``g_a`` to first and ``h_ab`` to seco
 (:math:`E = e^{-v}`, or 1 without a random scale): :math:`g_A = -\tfrac12`,
 :math:`g_{S_0} = -\tfrac12 E`, :math:`g_{S_1} = E u`, :math:`g_{S_2} = -\tfrac12 E\,uu'`,
 :math:`\partial h/\partial P = -\tfrac12 bb'`, :math:`\partial h / \partial\log|\Sigma| = -\tfrac12`,
-and ``h_ab = 0``. *u-exact rule*: with :math:`M = E S_2 + P_{uu}`,
-:math:`c = E S_1 - P_{uv} v`, :math:`\mu = M^{-1}c` (:mod:`mlsml.gaussian`) and
-:math:`G = -\tfrac12(M^{-1} + \mu\mu')`, a direction moving ``M``, ``c`` and the linear
-terms by ``dM_a``, ``dc_a``, ``dl_a`` gives
+and ``h_ab = 0``. *u-exact rule* (:func:`_uexact_node_derivatives`): with the prior of ``u``
+given ``v``, :math:`u = m v + K\eta` (:func:`mlsml.integrand.conditional_prior`), the node's
+exponent in :math:`\eta` is :math:`a_0 + b'\eta - \tfrac12\eta'A\eta` with
+:math:`A = I + E K'S_2K`, :math:`b = E K'(S_1 - S_2 m v)`, linear in the sums and smooth in
+:math:`\pi = (m, K, s_2)`; with :math:`\hat\eta = A^{-1}b`, a direction moving
+:math:`a_0`, ``b`` and ``A`` by :math:`da_a`, :math:`db_a`, :math:`dA_a` gives
 
 .. math::
 
-    g_a = \operatorname{tr}(G\,dM_a) + \mu' dc_a + dl_a, \qquad
-    h_{ab} = \tfrac12 \operatorname{tr}(M^{-1} dM_a M^{-1} dM_b) + e_a' M^{-1} e_b,
-    \quad e_a = dc_a - dM_a\,\mu.
+    g_a = da_a + db_a'\hat\eta - \tfrac12\hat\eta' dA_a\hat\eta - \tfrac12\operatorname{tr}(A^{-1}dA_a), \qquad
+    h_{ab} = Z_{ab} + e_a'A^{-1}e_b + \tfrac12\operatorname{tr}(A^{-1}dA_a A^{-1}dA_b),
+    \quad e_a = db_a - dA_a\hat\eta,
 
-``P`` is differentiated through :math:`L^{-1}` as the likelihood computes it
-(:math:`d(L^{-1}) = -L^{-1}\,dL\,L^{-1}`; with ``Sigma`` nearly singular ``P`` is
-``O(1/lambda)`` but :math:`L^{-1}` only :math:`O(1/\sqrt\lambda)`). The symmetric ``S2``
+with :math:`Z_{ab}` the second derivatives of :math:`a_0`, ``b`` and ``A`` themselves
+(pairs with an entry of :math:`\pi`), and :math:`\pi` carried to the log-Cholesky
+parameters by :func:`conditional_prior_derivatives`. No precision matrix appears: the earlier
+form through :math:`P = \Sigma^{-1}` had terms of order :math:`1/\operatorname{var}(v \mid u)`
+that cancelled near :math:`|\operatorname{corr}(u_0, v)| = 1`. The symmetric ``S2``
 moves as a symmetric matrix: the direction of entry ``(a, b)``, ``a <= b``, is
 ``E_ab + E_ba`` and that of ``(b, a)`` zero (their Jacobians are equal, so the chain
 rule is unchanged). This replaces autograd's reverse pass at every one of the

@@ -710,8 +710,12 @@ class SchoolSums(Integrand):
     def log_h_uexact(self, theta, v):
         r"""``log int exp h_j(u, v) du`` at the nodes ``v`` (J, K, 1), without cancellation (autograd).
 
-        :meth:`Integrand.log_h_uexact`'s arithmetic, except for the schools where
-        ``max_k e^{-v_jk} S0_j`` exceeds :data:`CANCELLATION_SCALE`. There the exponent
+        Without a between-school variance model the schools near their nodes take the prior of
+        ``u`` given ``v`` (:meth:`_conditional_uexact`: no precision matrix, so nothing
+        cancels near ``|corr(u0, v)| = 1``); with one, :meth:`Integrand.log_h_uexact`'s
+        arithmetic. The schools far from their nodes (:meth:`_far`: ``E S_0`` or
+        ``E v^2 m'S_2 m`` above :data:`CANCELLATION_SCALE`) take the sums about their own
+        fit. There the exponent
         ``-E S_0/2 + c'M^{-1}c/2`` (``E = e^{-v}``) is a difference of two numbers of order
         ``E S_0``. Where a school has fewer distinct rows than mean effects (one pupil, a random
         intercept and slope) ``S_2`` is singular, the difference is of order one however large
