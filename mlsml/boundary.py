@@ -404,9 +404,7 @@ def off_face(lik: Likelihood, theta) -> np.ndarray:
         return theta
     off = lay.chol_offset
     free = list(lay.free_chol)
-    full = np.zeros(lay.d * (lay.d + 1) // 2)
-    full[free] = theta[off : off + len(free)]
-    L = np.asarray(chol_from_vector(full, lay.d), dtype=float)
+    L = np.asarray(lay.split(theta)[2], dtype=float)
     ref = reference_variances(lik, np.asarray(lay.to_natural(theta), dtype=float))
     for k in range(lay.d):
         floor = np.sqrt(FACE_ZERO * ref[k])

@@ -615,6 +615,19 @@ def accurate_nagq(model) -> int | None:
     return nagq
 
 
+def _optimiser_scale(res):
+    """``(likelihood, theta, shift)`` on the standardised design the fit was made on
+    (:func:`mlsml.rescale.reparametrise`): ``llf = llf_s - shift`` exactly."""
+    from mlsml.rescale import reparametrise
+
+    lik, theta, shift = res.likelihood, np.asarray(res.optsum.theta, dtype=float), 0.0
+    if res.optsum.theta_std is not None:
+        rp = reparametrise(lik.design)
+        if not rp.identity:
+            lik, theta, shift = lik.with_design(rp.design), np.asarray(res.optsum.theta_std, dtype=float), rp.log_shift
+    return lik, theta, shift
+
+
 def accurate_at_fit(res, nagq: int) -> float:
     """The product rule with ``nagq`` points per dimension at the fit's own estimates (NaN if it cannot be trusted).
 
@@ -630,13 +643,7 @@ def accurate_at_fit(res, nagq: int) -> float:
     product rule with 20, 30, 45 and 60 points gave -3621.5, -3614.3, -3602.9 and -3607.6,
     and such an "accurate" value cannot make a printed llf impossible.
     """
-    from mlsml.rescale import reparametrise
-
-    lik, theta, shift = res.likelihood, np.asarray(res.optsum.theta, dtype=float), 0.0
-    if res.optsum.theta_std is not None:
-        rp = reparametrise(lik.design)
-        if not rp.identity:
-            lik, theta, shift = lik.with_design(rp.design), np.asarray(res.optsum.theta_std, dtype=float), rp.log_shift
+    lik, theta, shift = _optimiser_scale(res)
     values = []
     for n in (nagq, (3 * nagq) // 2):
         try:
@@ -674,16 +681,12 @@ def brute_force_at_fit(res) -> float:
     """
     from mlsml.integrand import Integrand
     from mlsml.ops import logsumexp
-    from mlsml.rescale import reparametrise
 
-    lik, theta, shift = res.likelihood, np.asarray(res.optsum.theta, dtype=float), 0.0
-    lay = lik.layout
-    if not (isinstance(lik.integrand, Integrand) and lay.random_scale and lay.n_v == 1 and lay.q >= 1 and not lay.quad_assoc):
+    lay = res.likelihood.layout
+    one_scale_effect = lay.random_scale and lay.n_v == 1 and not lay.quad_assoc
+    if not (isinstance(res.likelihood.integrand, Integrand) and one_scale_effect and lay.q >= 1):
         return float("nan")
-    if res.optsum.theta_std is not None:
-        rp = reparametrise(lik.design)
-        if not rp.identity:
-            lik, theta, shift = lik.with_design(rp.design), np.asarray(res.optsum.theta_std, dtype=float), rp.log_shift
+    lik, theta, shift = _optimiser_scale(res)
     S = lay.sigma_from_natural(np.asarray(lay.to_natural(theta), dtype=float))
     sd = float(np.sqrt(max(S[lay.q, lay.q], 0.0)))
     grid = np.linspace(-40.0 - 10.0 * sd, 15.0 + 10.0 * sd, BRUTE_FORCE_POINTS)
@@ -704,6 +707,16 @@ def brute_force_at_fit(res) -> float:
     weights = lik.design.group_weights
     total = float(np.sum(acc if weights is None else weights * acc))
     return total - shift if np.isfinite(total) else float("nan")
+
+
+def accurate_or_brute(res, nagq: int) -> float:
+    """:func:`accurate_at_fit`, or :func:`brute_force_at_fit` where that would make the fit's llf
+    impossible (more than :data:`IMPOSSIBLE_GAP` below it) and the brute force applies."""
+    accurate = accurate_at_fit(res, nagq)
+    if float(res.llf) - accurate > IMPOSSIBLE_GAP:  # confirm without placing nodes
+        brute = brute_force_at_fit(res)
+        return brute if np.isfinite(brute) else accurate
+    return accurate
 
 
 # ---------------------------------------------------------------- one case
@@ -822,10 +835,7 @@ def run_case(
             row["gap"] = float(ref) - row["llf"]
         nagq = accurate_nagq(model)
         if nagq is not None and not quick and res is not None and np.all(np.isfinite(res.optsum.theta)):
-            row["llf_accurate_fit"] = accurate_at_fit(res, nagq)
-            if row["llf"] - row["llf_accurate_fit"] > IMPOSSIBLE_GAP:  # confirm without nodes
-                brute = brute_force_at_fit(res)
-                row["llf_accurate_fit"] = brute if np.isfinite(brute) else row["llf_accurate_fit"]
+            row["llf_accurate_fit"] = accurate_or_brute(res, nagq)
     elif model is not None and not row["error"]:
         # every evaluation is made on the standardized data (the same log-likelihood, exactly:
         # a linear change of parametrisation): on the raw data a covariate such as a Unix
@@ -861,10 +871,7 @@ def run_case(
         nagq = accurate_nagq(model)
         if nagq is not None and not quick:
             if res is not None and np.all(np.isfinite(res.optsum.theta)):
-                row["llf_accurate_fit"] = accurate_at_fit(res, nagq)
-                if row["llf"] - row["llf_accurate_fit"] > IMPOSSIBLE_GAP:  # confirm without nodes
-                    brute = brute_force_at_fit(res)
-                    row["llf_accurate_fit"] = brute if np.isfinite(brute) else row["llf_accurate_fit"]
+                row["llf_accurate_fit"] = accurate_or_brute(res, nagq)
             if best_params is not None:
                 row["llf_accurate_ref"] = evaluate(model_std, best_params, nagq=nagq, quadrature="product")
             row["gap_accurate"] = row["llf_accurate_ref"] - row["llf_accurate_fit"]
