@@ -75,20 +75,24 @@ integrand at node ``k`` of school ``j`` by ``g_a`` to first and ``h_ab`` to seco
 (:math:`E = e^{-v}`, or 1 without a random scale): :math:`g_A = -\tfrac12`,
 :math:`g_{S_0} = -\tfrac12 E`, :math:`g_{S_1} = E u`, :math:`g_{S_2} = -\tfrac12 E\,uu'`,
 :math:`\partial h/\partial P = -\tfrac12 bb'`, :math:`\partial h / \partial\log|\Sigma| = -\tfrac12`,
-and ``h_ab = 0``. *u-exact rule*: with :math:`M = E S_2 + P_{uu}`,
-:math:`c = E S_1 - P_{uv} v`, :math:`\mu = M^{-1}c` (:mod:`mlsml.gaussian`) and
-:math:`G = -\tfrac12(M^{-1} + \mu\mu')`, a direction moving ``M``, ``c`` and the linear
-terms by ``dM_a``, ``dc_a``, ``dl_a`` gives
+and ``h_ab = 0``. *u-exact rule* (:func:`_uexact_node_derivatives`): with the prior of ``u``
+given ``v``, :math:`u = m v + K\eta` (:func:`mlsml.integrand.conditional_prior`), the node's
+exponent in :math:`\eta` is :math:`a_0 + b'\eta - \tfrac12\eta'A\eta` with
+:math:`A = I + E K'S_2K`, :math:`b = E K'(S_1 - S_2 m v)`, linear in the sums and smooth in
+:math:`\pi = (m, K, s_2)`; with :math:`\hat\eta = A^{-1}b`, a direction moving
+:math:`a_0`, ``b`` and ``A`` by :math:`da_a`, :math:`db_a`, :math:`dA_a` gives
 
 .. math::
 
-    g_a = \operatorname{tr}(G\,dM_a) + \mu' dc_a + dl_a, \qquad
-    h_{ab} = \tfrac12 \operatorname{tr}(M^{-1} dM_a M^{-1} dM_b) + e_a' M^{-1} e_b,
-    \quad e_a = dc_a - dM_a\,\mu.
+    g_a = da_a + db_a'\hat\eta - \tfrac12\hat\eta' dA_a\hat\eta - \tfrac12\operatorname{tr}(A^{-1}dA_a), \qquad
+    h_{ab} = Z_{ab} + e_a'A^{-1}e_b + \tfrac12\operatorname{tr}(A^{-1}dA_a A^{-1}dA_b),
+    \quad e_a = db_a - dA_a\hat\eta,
 
-``P`` is differentiated through :math:`L^{-1}` as the likelihood computes it
-(:math:`d(L^{-1}) = -L^{-1}\,dL\,L^{-1}`; with ``Sigma`` nearly singular ``P`` is
-``O(1/lambda)`` but :math:`L^{-1}` only :math:`O(1/\sqrt\lambda)`). The symmetric ``S2``
+with :math:`Z_{ab}` the second derivatives of :math:`a_0`, ``b`` and ``A`` themselves
+(pairs with an entry of :math:`\pi`), and :math:`\pi` carried to the log-Cholesky
+parameters by :func:`conditional_prior_derivatives`. No precision matrix appears: the earlier
+form through :math:`P = \Sigma^{-1}` had terms of order :math:`1/\operatorname{var}(v \mid u)`
+that cancelled near :math:`|\operatorname{corr}(u_0, v)| = 1`. The symmetric ``S2``
 moves as a symmetric matrix: the direction of entry ``(a, b)``, ``a <= b``, is
 ``E_ab + E_ba`` and that of ``(b, a)`` zero (their Jacobians are equal, so the chain
 rule is unchanged). This replaces autograd's reverse pass at every one of the
@@ -107,7 +111,7 @@ import numpy as np
 from scipy import sparse
 
 from .design import Design
-from .integrand import Integrand, SchoolSums, Sums
+from .integrand import Integrand, SchoolSums, Sums, conditional_prior
 from .params import chol_derivatives
 
 
@@ -268,6 +272,228 @@ def _inverse_chol_derivatives(L: np.ndarray, free=None):
     return Linv, dL, dLinv, d2Linv, dlogdet
 
 
+def conditional_prior_derivatives(L: np.ndarray, free=None) -> tuple[np.ndarray, np.ndarray]:
+    r"""First and second derivatives of :func:`mlsml.integrand.conditional_prior` in ``psi``.
+
+    ``pi = (m, vec K, s2)`` (``K`` row by row), ``q + q^2 + 1`` entries, as functions of the
+    free row-wise log-Cholesky parameters ``psi`` (:func:`mlsml.params.chol_derivatives`;
+    :math:`\partial^2 L / \partial\psi_k^2 = \partial L / \partial\psi_k` on the diagonal, 0
+    elsewhere). With :math:`n = L_u l`, :math:`\sigma = \sqrt{s_2}`,
+    :math:`t = s_2 + \sigma\ell` and :math:`c = 1/t`:
+
+    .. math::
+
+        s_2 = l'l + \ell^2, \qquad m = n / s_2, \qquad K = L_u - c\, n l',
+
+    differentiated twice by the product and quotient rules.
+
+    Returns
+    -------
+    T : ndarray (n_pi, n_psi)
+        :math:`\partial\pi / \partial\psi'`.
+    D2 : ndarray (n_pi, n_psi, n_psi)
+        :math:`\partial^2\pi / \partial\psi\,\partial\psi'`.
+    """
+    L = np.asarray(L, dtype=float)
+    d = L.shape[0]
+    q = d - 1
+    dL = chol_derivatives(L, free)
+    npsi = dL.shape[0]
+    d2L = np.zeros((npsi, npsi, d, d))
+    for k in range(npsi):
+        d2L[k, k] = dL[k] * np.eye(d)  # exp on the diagonal, linear off it
+    Lu, l, ell = L[:q, :q], L[q, :q], L[q, q]
+    dLu, dl, dell = dL[:, :q, :q], dL[:, q, :q], dL[:, q, q]
+    d2Lu, d2l, d2ell = d2L[:, :, :q, :q], d2L[:, :, q, :q], d2L[:, :, q, q]
+    s2 = l @ l + ell**2
+    ds2 = 2.0 * dl @ l + 2.0 * ell * dell
+    d2s2 = 2.0 * dl @ dl.T + 2.0 * d2l @ l + 2.0 * np.outer(dell, dell) + 2.0 * ell * d2ell
+    n = Lu @ l
+    dn = dLu @ l + dl @ Lu.T  # (npsi, q)
+    d2n = d2Lu @ l + np.einsum("kab,lb->kla", dLu, dl) + np.einsum("lab,kb->kla", dLu, dl) + d2l @ Lu.T
+    dm = dn / s2 - np.outer(ds2, n) / s2**2
+    d2m = (
+        d2n / s2
+        - (dn[:, None, :] * ds2[None, :, None] + dn[None, :, :] * ds2[:, None, None]) / s2**2
+        - d2s2[:, :, None] * n / s2**2
+        + 2.0 * np.outer(ds2, ds2)[:, :, None] * n / s2**3
+    )
+    sig = np.sqrt(s2)
+    dsig = ds2 / (2.0 * sig)
+    d2sig = d2s2 / (2.0 * sig) - np.outer(ds2, ds2) / (4.0 * sig**3)
+    t = s2 + sig * ell
+    dt = ds2 + dsig * ell + sig * dell
+    d2t = d2s2 + d2sig * ell + np.outer(dsig, dell) + np.outer(dell, dsig) + sig * d2ell
+    c = 1.0 / t
+    dc = -dt / t**2
+    d2c = -d2t / t**2 + 2.0 * np.outer(dt, dt) / t**3
+    dK = dLu - (dc[:, None, None] * np.outer(n, l) + c * np.einsum("ka,b->kab", dn, l) + c * np.einsum("a,kb->kab", n, dl))
+    d2K = d2Lu - (
+        d2c[:, :, None, None] * np.outer(n, l)
+        + np.einsum("k,la,b->klab", dc, dn, l)
+        + np.einsum("l,ka,b->klab", dc, dn, l)
+        + np.einsum("k,a,lb->klab", dc, n, dl)
+        + np.einsum("l,a,kb->klab", dc, n, dl)
+        + c * np.einsum("kla,b->klab", d2n, l)
+        + c * np.einsum("ka,lb->klab", dn, dl)
+        + c * np.einsum("la,kb->klab", dn, dl)
+        + c * np.einsum("a,klb->klab", n, d2l)
+    )
+    T = np.concatenate([dm.T, dK.reshape(npsi, q * q).T, ds2[None, :]], axis=0)
+    D2 = np.concatenate([np.moveaxis(d2m, 2, 0), np.moveaxis(d2K.reshape(npsi, npsi, q * q), 2, 0), d2s2[None]], axis=0)
+    return T, D2
+
+
+def _uexact_node_derivatives(L: np.ndarray, free, sums: Sums, v: np.ndarray, weights: np.ndarray | None) -> NodeDerivatives:
+    r""":class:`NodeDerivatives` of the u-exact rule, through the prior of ``u`` given ``v``.
+
+    At a node ``v`` (:math:`E = e^{-v}`) the log integrand is
+    :math:`W = \max_\eta h(\eta) - \tfrac12\log|A| - \tfrac12\log(2\pi s_2) - v^2/(2s_2)`
+    with :math:`h(\eta) = a_0 + b'\eta - \tfrac12\eta'A\eta` of
+    :meth:`mlsml.integrand.SchoolSums._conditional_uexact`: :math:`a_0`, ``b`` and ``A`` are
+    linear in the sums and smooth in :math:`\pi = (m, K, s_2)` (:func:`conditional_prior_derivatives`).
+    For directions ``x``, ``y`` (a sum or an entry of ``pi``), with :math:`\hat\eta = A^{-1}b`,
+
+    .. math::
+
+        g_x = \partial_x a_0 + \partial_x b'\hat\eta - \tfrac12\hat\eta'\partial_x A\,\hat\eta
+              - \tfrac12\operatorname{tr}(A^{-1}\partial_x A) + \partial_x(\text{prior}),
+
+        h_{xy} = Z_{xy} + e_x'A^{-1}e_y + \tfrac12\operatorname{tr}(A^{-1}\partial_x A\,A^{-1}\partial_y A),
+        \quad e_x = \partial_x b - \partial_x A\,\hat\eta,
+
+    where :math:`Z_{xy} = \partial^2_{xy}a_0 + \partial^2_{xy}b'\hat\eta - \tfrac12\hat\eta'\partial^2_{xy}A\,\hat\eta
+    - \tfrac12\operatorname{tr}(A^{-1}\partial^2_{xy}A)` (non-zero only for pairs with an entry of
+    ``pi``). With :math:`\hat u = m v + K\hat\eta` and :math:`\rho = E(S_1 - S_2\hat u)`:
+    :math:`g_{S_1} = E\hat u`, :math:`g_{S_2} = -\tfrac12 E(\hat u\hat u' + KA^{-1}K')`,
+    :math:`g_m = v\rho`, :math:`g_K = \rho\hat\eta' - E S_2KA^{-1}`,
+    :math:`g_{s_2} = -1/(2s_2) + v^2/(2s_2^2)`. The directions of ``pi`` are then carried to ``psi``:
+    :math:`g_\psi = T'g_\pi`, :math:`h_{\psi\psi} = T'h_{\pi\pi}T + g_\pi \cdot D_2`. Nothing is
+    divided by a small variance: at ``|corr(u0, v)| = 1`` the precision form's derivatives,
+    of order ``1 / var(v | u)``, cancelled (a ``psi`` gradient of -0.138 against 0.0027).
+    """
+    q = L.shape[0] - 1
+    m, K, s2 = (np.asarray(x, dtype=float) for x in conditional_prior(L))
+    T, D2 = conditional_prior_derivatives(L, free)
+    J, nk = v.shape
+    E = np.exp(-v)
+    S1, S2 = sums.S1, sums.S2
+    S2K = np.einsum("jae,ec->jac", S2, K)  # (J, q, q); (K'S2)[:, a] = S2K[:, a, :]
+    B0 = np.einsum("ac,jad->jcd", K, S2K)  # K'S2K
+    A = np.eye(q) + E[:, :, None, None] * B0[:, None]
+    Ainv = 1.0 / A if q == 1 else np.linalg.inv(A)
+    r0 = S1[:, None, :] - np.einsum("jab,b->ja", S2, m)[:, None, :] * v[:, :, None]
+    b = E[:, :, None] * np.einsum("ac,jka->jkc", K, r0)
+    eta = np.einsum("jkcd,jkd->jkc", Ainv, b)
+    u = m * v[:, :, None] + np.einsum("ac,jkc->jka", K, eta)
+    rho = E[:, :, None] * (S1[:, None, :] - np.einsum("jab,jkb->jka", S2, u))
+    KAinv = np.einsum("ac,jkcd->jkad", K, Ainv)
+    KAK = np.einsum("jkad,bd->jkab", KAinv, K)
+    nS = 2 + q + q * q
+    npi = q + q * q + 1
+    nX = nS + npi
+
+    def m_dir(a: int) -> int:
+        return nS + a
+
+    def k_dir(a: int, c: int) -> int:
+        return nS + q + a * q + c
+
+    s2_index = nS + q + q * q
+    gX = np.zeros((nX, J, nk))
+    gX[0] = -0.5
+    gX[1] = -0.5 * E
+    G = u[:, :, :, None] * u[:, :, None, :] + KAK
+    for a in range(q):
+        gX[2 + a] = E * u[:, :, a]
+        for c in range(a, q):
+            gX[2 + q + a * q + c] = -E * G[:, :, a, c] * (0.5 if a == c else 1.0)
+        gX[m_dir(a)] = v * rho[:, :, a]
+    S2KAinv = np.einsum("jae,jked->jkad", S2K, Ainv)
+    for a in range(q):
+        for c in range(q):
+            gX[k_dir(a, c)] = rho[:, :, a] * eta[:, :, c] - E * S2KAinv[:, :, a, c]
+    gX[s2_index] = -0.5 / s2 + 0.5 * v**2 / s2**2
+    g = np.empty((nS + T.shape[1], J, nk))
+    g[:nS] = gX[:nS]
+    g[nS:] = np.einsum("pk,pjn->kjn", T, gX[nS:])
+    if weights is None:
+        return NodeDerivatives(g, None, nS)
+    # e_x = db_x - dA_x eta and dA_x (in eta's coordinates)
+    e = np.zeros((nX, J, nk, q))
+    dA = np.zeros((nX, J, nk, q, q))
+    for a in range(q):
+        e[2 + a] = E[:, :, None] * K[a]
+        for c in range(a, q):
+            Du = np.zeros((J, nk, q))
+            Du[:, :, a] += u[:, :, c]
+            if c != a:
+                Du[:, :, c] += u[:, :, a]
+            e[2 + q + a * q + c] = -E[:, :, None] * np.einsum("ec,jke->jkc", K, Du)
+            KDK = np.outer(K[a], K[c]) + (np.outer(K[c], K[a]) if c != a else 0.0)
+            dA[2 + q + a * q + c] = E[:, :, None, None] * KDK
+        e[m_dir(a)] = -(E * v)[:, :, None] * S2K[:, None, a, :]
+        for c in range(q):
+            i = k_dir(a, c)
+            e[i] = -(E * eta[:, :, c])[:, :, None] * S2K[:, None, a, :]
+            e[i][:, :, c] += rho[:, :, a]
+            w_a = E[:, :, None] * S2K[:, None, a, :]  # (J, nk, q)
+            dA[i][:, :, c, :] += w_a
+            dA[i][:, :, :, c] += w_a
+    Ae = np.einsum("jkxy,njky->njkx", Ainv, e)
+    AdA = np.einsum("jkxy,njkyz->njkxz", Ainv, dA)
+    hwX = _weighted_gram(e, Ae, weights) + 0.5 * _weighted_gram(AdA, np.swapaxes(AdA, 3, 4), weights)
+    # Z: the second derivatives of a0, b and A themselves (pairs with an entry of pi)
+    pE = weights * E
+    pEv = pE * v
+    sEv = pEv.sum(axis=1)
+    sEv2 = (pEv * v).sum(axis=1)
+    Eeta = np.einsum("jk,jkb->jb", pE, eta)
+    Eveta = np.einsum("jk,jkb->jb", pEv, eta)
+    Evu = np.einsum("jk,jka->ja", pEv, u)
+    Eueta = np.einsum("jk,jkx,jkb->jxb", pE, u, eta)
+    EKAinv = np.einsum("jk,jkab->jab", pE, KAinv)
+    Eeta2 = np.einsum("jk,jkb,jkd->jbd", pE, eta, eta) + np.einsum("jk,jkbd->jbd", pE, Ainv)
+
+    def put(i: int, k: int, val) -> None:
+        hwX[i, k] += val
+        if i != k:
+            hwX[k, i] += val
+
+    for a in range(q):
+        put(2 + a, m_dir(a), sEv)
+        for c in range(q):
+            put(2 + a, k_dir(a, c), Eeta[:, c])
+    for a in range(q):
+        for c in range(a, q):
+            i = 2 + q + a * q + c
+            pairs = [(a, c)] if a == c else [(a, c), (c, a)]  # D u = e_a u_c + e_c u_a
+            for x, y in pairs:
+                put(i, m_dir(x), -Evu[:, y])
+                for bb in range(q):
+                    put(i, k_dir(x, bb), -(Eueta[:, y, bb] + EKAinv[:, y, bb]))
+    for a in range(q):
+        for c in range(a, q):
+            put(m_dir(a), m_dir(c), -S2[:, a, c] * sEv2)
+        for c in range(q):
+            for bb in range(q):
+                put(m_dir(a), k_dir(c, bb), -S2[:, c, a] * Eveta[:, bb])
+    kk = [(a, bb) for a in range(q) for bb in range(q)]
+    for i1, (a, bb) in enumerate(kk):
+        for c, dd in kk[i1:]:
+            put(k_dir(a, bb), k_dir(c, dd), -S2[:, a, c] * Eeta2[:, bb, dd])
+    hwX[s2_index, s2_index] += np.sum(weights * (0.5 / s2**2 - v**2 / s2**3), axis=1)
+    # to psi
+    pg_pi = np.sum(weights[None] * gX[nS:], axis=2)  # (npi, J)
+    n = nS + T.shape[1]
+    hw = np.empty((n, n, J))
+    hw[:nS, :nS] = hwX[:nS, :nS]
+    hw[:nS, nS:] = np.einsum("spj,pk->skj", hwX[:nS, nS:], T)
+    hw[nS:, :nS] = np.swapaxes(hw[:nS, nS:], 0, 1)
+    hw[nS:, nS:] = np.einsum("pk,pqj,ql->klj", T, hwX[nS:, nS:], T) + np.einsum("pkl,pj->klj", D2, pg_pi)
+    return NodeDerivatives(g, hw, nS)
+
+
 def node_derivatives(
     integrand: SchoolSums, theta: np.ndarray, sums: Sums, b: np.ndarray, uexact: bool, weights: np.ndarray | None = None
 ) -> NodeDerivatives:
@@ -289,6 +515,8 @@ def node_derivatives(
     lay = integrand.layout
     q = lay.q
     L = np.asarray(lay.split(np.asarray(theta, dtype=float))[2], dtype=float)
+    if uexact:
+        return _uexact_node_derivatives(L, lay.free_chol, sums, b[:, :, 0], weights)
     Linv, dL, dLinv, d2Linv, dlogdet = _inverse_chol_derivatives(L, lay.free_chol)
     npsi = dL.shape[0]
     J, K = b.shape[:2]
@@ -296,45 +524,6 @@ def node_derivatives(
     n = m + npsi
     g = np.zeros((n, J, K))
     hw = None
-    if uexact:
-        P = Linv.T @ Linv  # as log_h_uexact computes it
-        dP = np.swapaxes(dLinv, 1, 2) @ Linv + Linv.T @ dLinv
-        vv = b[:, :, 0]
-        E = np.exp(-vv)
-        M = E[:, :, None, None] * sums.S2[:, None] + P[:q, :q]
-        c = E[:, :, None] * sums.S1[:, None, :] - P[:q, q] * vv[:, :, None]
-        Minv = 1.0 / M if q == 1 else np.linalg.inv(M)
-        mu = np.einsum("jkab,jkb->jka", Minv, c)
-        G = -0.5 * (Minv + mu[:, :, :, None] * mu[:, :, None, :])
-        dM = np.zeros((n, J, K, q, q))
-        dc = np.zeros((n, J, K, q))
-        g[0] = -0.5  # A
-        g[1] = -0.5 * E  # S0
-        for a in range(q):
-            dc[2 + a, :, :, a] = E  # S1[a]
-            for b_ in range(a, q):  # S2[a, b] as a symmetric direction
-                t = 2 + q + a * q + b_
-                dM[t, :, :, a, b_] = E
-                dM[t, :, :, b_, a] = E
-        for k in range(npsi):
-            dM[m + k] = dP[k, :q, :q]
-            dc[m + k] = -dP[k, :q, q] * vv[:, :, None]
-            g[m + k] = -0.5 * dP[k, q, q] * vv**2 - 0.5 * dlogdet[k]
-        g += np.einsum("jkxy,njkyx->njk", G, dM) + np.einsum("jkx,njkx->njk", mu, dc)
-        if weights is not None:
-            e = dc - np.einsum("njkxy,jky->njkx", dM, mu)
-            A = np.einsum("jkxy,njkyz->njkxz", Minv, dM)
-            Me = np.einsum("jkxy,njky->njkx", Minv, e)
-            hw = 0.5 * _weighted_gram(A, np.swapaxes(A, 3, 4), weights) + _weighted_gram(e, Me, weights)
-            # h is linear in P: dh/dP (entry by entry as used) times d^2 P
-            d2P = np.swapaxes(d2Linv, 2, 3) @ Linv + np.swapaxes(dLinv, 1, 2)[:, None] @ dLinv[None, :]
-            d2P = d2P + np.swapaxes(d2P, 2, 3)
-            dh_dP = np.zeros((J, K) + L.shape)
-            dh_dP[:, :, :q, :q] = G
-            dh_dP[:, :, :q, q] = -vv[:, :, None] * mu
-            dh_dP[:, :, q, q] = -0.5 * vv**2
-            hw[m:, m:] += np.einsum("jk,jkxy,abxy->abj", weights, dh_dP, d2P)
-        return NodeDerivatives(g, hw, m)
     # product rule: h = log f + log phi, linear in the sums; log phi = -|z|^2/2 - log|Sigma|/2
     # with z = L^-1 b (as log_prior computes it), so dz = d(L^-1) b
     u = b[:, :, :q]

@@ -287,6 +287,31 @@ def _prior_precision(prior: Prior):
     return anp.dot(Linv.T, Linv), 2.0 * anp.sum(anp.log(anp.diag(L)))
 
 
+def conditional_prior(L):
+    r"""``(m, K, s2)``: the prior of the school effects written as ``v`` and then ``u`` given ``v`` (autograd).
+
+    With ``Sigma = LL'`` and the scale effect last,
+    :math:`L = \begin{pmatrix} L_u & 0 \\ l' & \ell \end{pmatrix}`,
+
+    .. math::
+
+        v \sim N(0, s_2), \quad s_2 = l'l + \ell^2, \qquad
+        u \mid v \sim N(m v, KK'), \quad m = \frac{L_u l}{s_2}, \quad
+        K = L_u \Big(I - \frac{l l'}{\sigma(\sigma + \ell)}\Big), \quad \sigma = \sqrt{s_2},
+
+    since :math:`(I - \kappa ll')^2 = I - ll'/s_2` for :math:`\kappa = 1/(\sigma(\sigma+\ell))`.
+    Nothing here is divided by a small number: at ``|corr(u0, v)| = 1`` (``ell = 0``) ``K`` is
+    singular and finite, where ``P = Sigma^{-1}`` has entries of order ``1/ell^2`` (the
+    cancellation of :meth:`SchoolSums.log_h_uexact`).
+    """
+    q = L.shape[0] - 1
+    Lu, l, ell = L[:q, :q], L[q, :q], L[q, q]
+    s2 = anp.sum(l * l) + ell**2
+    n = anp.dot(Lu, l)
+    K = Lu - anp.outer(n, l) / (s2 + anp.sqrt(s2) * ell)
+    return n / s2, K, s2
+
+
 def _uexact_terms(s: Sums, v, q: int):
     """``(base, S1, S2)`` of the u-exact rule from the sums (:meth:`Integrand.u_exact_parts`):
     ``log f(y_j | u, v) = base - u'S2 u / 2 + u'S1`` with ``E = exp(-v)`` multiplied in."""
@@ -530,12 +555,15 @@ class Integrand(ABC):
             parts.append(base + prior_v + 0.5 * self.layout.q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
         return parts[0] if len(parts) == 1 else anp.concatenate(parts, axis=0)
 
-    def _uexact_prior(self, prior: Prior, P, logdet_sigma, v, j0: int, j1: int):
+    def _uexact_prior(self, prior: Prior, P, logdet_sigma, v, j0: int, j1: int, quadratic: bool = True):
         """``(prior_v, scale)`` of schools ``j0:j1`` for :meth:`log_h_uexact`: the log prior's terms
-        in ``v`` and constants, and the per-school factor of the precision (``bs_formula``)."""
+        in ``v`` (unless not ``quadratic``: then only its constants) and constants, and the
+        per-school factor of the precision (``bs_formula``)."""
         q, nv = self.layout.q, self.layout.n_v
         vj = v[j0:j1]
-        if nv == 1:
+        if not quadratic:
+            vPv = 0.0
+        elif nv == 1:
             vPv = P[q, q] * vj[:, :, 0] ** 2
         else:
             vPv = anp.einsum("jkv,vw,jkw->jk", vj, P[q:, q:], vj)
@@ -682,8 +710,12 @@ class SchoolSums(Integrand):
     def log_h_uexact(self, theta, v):
         r"""``log int exp h_j(u, v) du`` at the nodes ``v`` (J, K, 1), without cancellation (autograd).
 
-        :meth:`Integrand.log_h_uexact`'s arithmetic, except for the schools where
-        ``max_k e^{-v_jk} S0_j`` exceeds :data:`CANCELLATION_SCALE`. There the exponent
+        Without a between-school variance model the schools near their nodes take the prior of
+        ``u`` given ``v`` (:meth:`_conditional_uexact`: no precision matrix, so nothing
+        cancels near ``|corr(u0, v)| = 1``); with one, :meth:`Integrand.log_h_uexact`'s
+        arithmetic. The schools far from their nodes (:meth:`_far`: ``E S_0`` or
+        ``E v^2 m'S_2 m`` above :data:`CANCELLATION_SCALE`) take the sums about their own
+        fit. There the exponent
         ``-E S_0/2 + c'M^{-1}c/2`` (``E = e^{-v}``) is a difference of two numbers of order
         ``E S_0``. Where a school has fewer distinct rows than mean effects (one pupil, a random
         intercept and slope) ``S_2`` is singular, the difference is of order one however large
@@ -734,25 +766,101 @@ class SchoolSums(Integrand):
         s = self.sums(beta, alpha, Z)
         P, logdet_sigma = _prior_precision(prior)
         J = self.design.ngroups
-        prior_v, scale = self._uexact_prior(prior, P, logdet_sigma, v, 0, J)
-        far = np.max(np.exp(-_value(v)[:, :, 0]), axis=1) * np.abs(_value(s.S0)) > CANCELLATION_SCALE
-        if not far.any():
-            base, S1, S2 = _uexact_terms(s, v, q)
-            Mx, cx = gaussian.block_entries(S1, S2, P, v, q, scale)
-            logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
-            return base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad
+        far = self._far(s, prior, v)
         near, idx = np.flatnonzero(~far), np.flatnonzero(far)
         parts = []
         if near.size:
-            s_near = Sums(*(a[near] for a in s))
-            base, S1, S2 = _uexact_terms(s_near, v[near], q)
-            Mx, cx = gaussian.block_entries(S1, S2, P, v[near], q, None if scale is None else scale[near])
-            logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
-            parts.append(base + prior_v[near] + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
+            s_near = Sums(*(a[near] for a in s)) if idx.size else s
+            v_near = v[near] if idx.size else v
+            if prior.log_sd0 is None:
+                parts.append(self._conditional_uexact(s_near, prior.L0, v_near))
+            else:  # a between-school variance model: the precision scaled school by school
+                prior_v, scale = self._uexact_prior(prior, P, logdet_sigma, v, 0, J)
+                if idx.size:
+                    prior_v, scale = prior_v[near], scale[near]
+                base, S1, S2 = _uexact_terms(s_near, v_near, q)
+                Mx, cx = gaussian.block_entries(S1, S2, P, v_near, q, scale)
+                logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
+                parts.append(base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
+        if not idx.size:
+            return parts[0]
+        # the prior's constants only: _centred_uexact has its whole exponent, whitened
+        constants, scale = self._uexact_prior(prior, P, logdet_sigma, v, 0, J, quadratic=False)
+        constants = constants + np.zeros((J, 1))
         centred = self._centred_uexact(beta, alpha, Z, s, prior, P, None if scale is None else scale[idx], v, idx)
-        parts.append(centred + prior_v[idx] + 0.5 * q * LOG2PI)
+        parts.append(centred + constants[idx] + 0.5 * q * LOG2PI)
         order = np.argsort(np.concatenate([near, idx]))
         return anp.concatenate(parts, axis=0)[order]
+
+    def _far(self, s: Sums, prior: Prior, v) -> np.ndarray:
+        r"""The schools (J,) that :meth:`log_h_uexact` takes about their own fit (numpy).
+
+        Those where, at some node, :math:`E\,(S_0 + v^2 m'S_2 m)` exceeds
+        :data:`CANCELLATION_SCALE` (``m`` of :func:`conditional_prior`): the exponent's terms are
+        of order :math:`E S_0` and :math:`E\,\hat u'S_2\hat u`, and the maximiser :math:`\hat u`
+        is near the prior's mean ``m v`` in the directions the school's rows leave free (one
+        pupil and a random slope), where the rounding of ``S2`` (not exactly of rank one) times
+        :math:`E|mv|^2` (``2e11`` at ``v = -20``, ``|corr(u0, v)| = 1``) was 2e-5 of the value.
+        """
+        vv = _value(v)[:, :, 0]
+        E = np.exp(-vv)
+        S2 = _value(s.S2)
+        if prior.log_sd0 is None:
+            m = np.asarray(_value(conditional_prior(_value(prior.L0))[0]), dtype=float)
+            mS2m = np.einsum("a,jab,b->j", m, S2, m)
+        else:  # the precision form for the near schools (bs_formula): as before
+            mS2m = np.zeros(S2.shape[0])
+        scale = np.abs(_value(s.S0))[:, None] + vv**2 * np.abs(mS2m)[:, None]
+        return np.max(E * scale, axis=1) > CANCELLATION_SCALE
+
+    def _conditional_uexact(self, s: Sums, L0, v):
+        r""":meth:`log_h_uexact` of schools not far from their nodes, by the prior of ``u`` given ``v``.
+
+        With :func:`conditional_prior`'s ``m``, ``K``, ``s2`` and ``u = m v + K\eta``,
+        :math:`\eta \sim N(0, I)`, the exponent in :math:`\eta` is
+        :math:`-\tfrac12 E\,Q(m v + K\eta) - \tfrac12|\eta|^2` with
+        :math:`Q(u) = S_0 - 2u'S_1 + u'S_2u`, maximised at
+        :math:`\hat\eta = A^{-1}b`, :math:`b = E K'(S_1 - S_2 m v)`, :math:`A = I + E K'S_2K`, so
+
+        .. math::
+
+            g_j(v) = \text{base}' - \tfrac12 E\,Q(\hat u) - \tfrac12|\hat\eta|^2 - \tfrac12\log|A|
+                     - \tfrac12\log(2\pi s_2) - \frac{v^2}{2 s_2}, \qquad \hat u = m v + K\hat\eta
+
+        (``base'`` the constants and :math:`-\tfrac12(A_j + n_j v)`), taken at the maximiser: as
+        :math:`a_0 + \tfrac12 b'A^{-1}b` the two halves are of order :math:`E\,Q(mv)`, large where
+        the prior's mean ``m v`` is far from the school's data. No entry of ``P = Sigma^{-1}`` appears: near
+        :math:`|\operatorname{corr}(u_0, v)| = 1` with :math:`\operatorname{var}(v \mid u)`
+        tiny, ``P_vv`` is huge and the precision form's :math:`v'P_{vv}v/2` (1e13 at
+        :math:`\log L_{vv} = -15`) cancelled against :math:`c'M^{-1}c/2`, 0.017 off. For two
+        mean effects :math:`|A| = 1 + \operatorname{tr}B + |K|^2 E^2|S_2|` (:math:`B = E K'S_2K`),
+        non-negative terms, and :math:`b'A^{-1}b` by elimination.
+        """
+        q = self.layout.q
+        m, K, s2 = conditional_prior(L0)
+        base, S1, S2 = _uexact_terms(s, v, q)  # S1, S2 times E = exp(-v); base has -E S0 / 2
+        vv = v[:, :, 0]
+        mv = [m[a] * vv for a in range(q)]
+        r0 = [S1[a] - sum(S2[a][b] * mv[b] for b in range(q)) for a in range(q)]
+        b = [sum(K[a, c] * r0[a] for a in range(q)) for c in range(q)]
+        S2K = [[sum(S2[a][e] * K[e, c] for e in range(q)) for c in range(q)] for a in range(q)]
+        B = [[sum(K[a, c] * S2K[a][d] for a in range(q)) for d in range(q)] for c in range(q)]
+        if q == 1:
+            logdetA = anp.log(1.0 + B[0][0])
+            eta = [b[0] / (1.0 + B[0][0])]
+        else:
+            detK = K[0, 0] * K[1, 1] - K[0, 1] * K[1, 0]
+            detA = 1.0 + B[0][0] + B[1][1] + detK**2 * (S2[0][0] * S2[1][1] - S2[0][1] ** 2)
+            logdetA = anp.log(detA)
+            a00 = 1.0 + B[0][0]
+            eta1 = (b[1] - B[0][1] / a00 * b[0]) * a00 / detA  # elimination, the pivot |A| / a00
+            eta = [(b[0] - B[0][1] * eta1) / a00, eta1]
+        # the exponent at its maximiser u_hat = m v + K eta_hat, -E Q(u_hat)/2 - |eta_hat|^2/2:
+        # written as a0 + b'A^{-1}b/2, both halves are of order E Q(m v) where the prior's mean
+        # m v is far from the school's data (1e10 at v = -20), and cancel
+        u = [mv[a] + sum(K[a, c] * eta[c] for c in range(q)) for a in range(q)]
+        fit = sum(u[a] * (S1[a] - 0.5 * sum(S2[a][e] * u[e] for e in range(q))) for a in range(q))
+        return base + fit - 0.5 * sum(e * e for e in eta) - 0.5 * logdetA - 0.5 * (LOG2PI + anp.log(s2)) - 0.5 * vv**2 / s2
 
     def _centred_uexact(self, beta, alpha, Z, s: Sums, prior: Prior, P, scale, v, idx: np.ndarray):
         """The data's part of :meth:`log_h_uexact` for the schools ``idx``, from sums around each
@@ -827,14 +935,15 @@ class SchoolSums(Integrand):
             s2_form = s00 * (delta[0] + ratio * delta[1]) ** 2 + pivot * delta[1] ** 2
         # the residual sum at u_hat, Q = S0c - 2 delta'S1c + delta'S2 delta (S1c is zero up to rounding)
         resid = S0c[:, None] - 2.0 * sum(delta[a] * S1c[a][:, None] for a in range(q)) + s2_form
-        # the prior's exponent at (u_hat, v), whitened: |L0^{-1} F (u_hat, v)|^2, F = diag(f), less
-        # its v'P_vv v part (in the caller's prior_v)
+        # the prior's whole exponent at (u_hat, v), whitened: |L0^{-1} F (u_hat, v)|^2, F = diag(f)
+        # (the caller adds only the prior's constants: adding back P_vv v^2 / 2 here and taking it
+        # off there cancelled 1e13 against 1e13 where var(v | u) is tiny)
         Linv = anp.linalg.inv(prior.L0)
         x = [(ur[a] + delta[a]) * f[a] for a in range(q)] + [vv]
         white = sum(sum(Linv[a, b] * x[b] for b in range(a + 1)) ** 2 for a in range(q + 1))
         n = s.n[idx][:, None]
         base = -0.5 * n * LOG2PI - 0.5 * s.A[idx][:, None] - 0.5 * n * vv
-        return base - 0.5 * E * resid - 0.5 * white + 0.5 * P[q, q] * vv**2 - 0.5 * logdetM
+        return base - 0.5 * E * resid - 0.5 * white - 0.5 * logdetM
 
     def mode_problem(self, theta):
         lay = self.layout

@@ -4,12 +4,14 @@ Jacobian of the natural parameters, against autograd on the same functions."""
 from __future__ import annotations
 
 import autograd
+import autograd.numpy as anp
 import numpy as np
 import pytest
 
 import mlsml
-from mlsml.integrand import SchoolSums
-from mlsml.params import ParamLayout
+from mlsml.derivatives import conditional_prior_derivatives
+from mlsml.integrand import SchoolSums, conditional_prior
+from mlsml.params import ParamLayout, chol_from_vector
 
 #: ``|H - H_autograd| <= RTOL * max |H_autograd|`` (the same for the gradient): the two
 #: differ by rounding only (about 1e-14 here); a wrong term is of the order of the whole.
@@ -240,3 +242,23 @@ def test_level1_bs_formula_derivatives_equal_finite_differences(exam, kind):
     gb_fd, Hb_fd = _fd_grad_hess(prob.f, b)
     np.testing.assert_allclose(g, gb_fd, rtol=1e-6, atol=1e-5 * np.abs(gb_fd).max())
     np.testing.assert_allclose(Hb, Hb_fd, rtol=1e-4, atol=1e-4 * np.abs(Hb_fd).max())
+
+
+@pytest.mark.parametrize("d, free", [(2, None), (3, None), (3, [0, 2, 3, 4, 5]), (2, [0, 2])])
+@pytest.mark.parametrize("log_ell", [0.3, -15.0])
+def test_conditional_prior_derivatives_equal_autograd(d, free, log_ell):
+    """The prior of u given v (m, K, s2) and its first and second derivatives in the free
+    log-Cholesky parameters, also at |corr| = 1 - 5e-14 (log L[v,v] = -15) and with a fixed covariance."""
+    n = d * (d + 1) // 2
+    idx = list(range(n)) if free is None else free
+    select = np.eye(n)[idx]  # the free parameters into the full vector (fixed entries of L at 0)
+    x = np.random.default_rng(d).normal(scale=0.5, size=len(idx))
+    x[-1] = log_ell  # the last entry of the vector is log L[v,v]
+
+    def pi(xf):
+        m, K, s2 = conditional_prior(chol_from_vector(anp.dot(xf, select), d))
+        return anp.concatenate([m, anp.reshape(K, (-1,)), anp.reshape(s2, (1,))])
+
+    T, D2 = conditional_prior_derivatives(np.asarray(chol_from_vector(x @ select, d)), free)
+    np.testing.assert_allclose(T, autograd.jacobian(pi)(x), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(D2, autograd.hessian(pi)(x), rtol=1e-8, atol=1e-11)

@@ -151,6 +151,9 @@ def test_u_exact_rule_has_no_cancellation_at_far_nodes(re_formula):
         # var(u0) = 1.6e-13, var(v) = 134, corr(u0, v) = 0.99991: the fit of fuzz case 1478415917575154483
         ("~ 1", [-14.72, 11.58, -1.85]),
         ("~ x", [-14.0, 0.3, -1.0, 11.6, 0.5, -2.0]),
+        # corr(u0, v) = 1 - 5e-14 (var(v | u) tiny): P_vv = e^30
+        ("~ 1", [0.0, 1.0, -15.0]),
+        ("~ x", [0.0, 0.3, -1.0, 1.0, 0.5, -12.0]),
     ],
 )
 def test_u_exact_rule_has_no_cancellation_at_a_nearly_singular_sigma(re_formula, chol):
@@ -176,6 +179,66 @@ def test_u_exact_rule_has_no_cancellation_at_a_nearly_singular_sigma(re_formula,
     S0 = np.asarray(integrand.sums(*integrand.split(theta)[:2]).S0)
     assert np.sum(np.exp(20.0) * S0 > CANCELLATION_SCALE) >= 8  # these schools take the sums about their own fit
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("re_formula, chol", [("~ 1", [0.0, 1.0, -15.0]), ("~ x", [0.0, 0.3, -1.0, 1.0, 0.5, -12.0])])
+def test_u_exact_rule_has_no_cancellation_where_v_is_nearly_a_combination_of_u(re_formula, chol):
+    """Near ``|corr(u0, v)| = 1`` with ``var(v | u)`` tiny (``log L[v,v] = -15``), ``P_vv = e^30``:
+    the precision form's ``-v'P_vv v/2`` (1e13 at ``v = 2``) cancelled against ``c'M^{-1}c/2`` in
+    every school, at nodes where no school is far from its fit, and the integrand was 0.017 off
+    (8e-5 with a random slope at -12). Written with the prior of ``u`` given ``v``
+    (:func:`mlsml.integrand.conditional_prior`) no precision appears; the 60-digit covariance
+    form agrees."""
+    rng = np.random.default_rng(5)
+    sizes = np.array([3, 1, 4, 2, 5, 1, 2, 4])
+    g = np.repeat(np.arange(sizes.size), sizes)
+    x = rng.normal(size=g.size)
+    df = pd.DataFrame({"y": 0.2 + 0.5 * x + rng.normal(size=g.size), "x": x, "school": g})
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula=re_formula)
+    integrand = make_integrand(model.design)
+    lay = model.layout
+    theta = start_values(integrand)
+    theta[lay.p + lay.k :] = chol
+    v = np.broadcast_to(np.array([-2.0, -1.0, 0.0, 1.0, 2.0])[None, :, None], (sizes.size, 5, 1)).copy()
+    S0 = np.asarray(integrand.sums(*integrand.split(theta)[:2]).S0)
+    assert not np.any(np.exp(2.0) * S0 > CANCELLATION_SCALE)  # no school is far: the plain sums
+    np.testing.assert_allclose(
+        np.asarray(integrand.log_h_uexact(theta, v)), _marginal_given_v(integrand, theta, v), rtol=1e-10, atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("re_formula, chol", [("~ 1", [0.0, 1.0, -15.0]), ("~ x", [0.0, 0.3, -1.0, 1.0, 0.5, -12.0])])
+def test_gradient_where_v_is_nearly_a_combination_of_u_is_that_of_the_value(re_formula, chol):
+    """At ``var(v | u) = e^-30 var(v)`` the precision form's closed-form node derivatives lost the
+    digits the value keeps (on seed_sim's random-slope fit their psi components were -0.138
+    against 0.0027, and the fit stopped not converged). Through the prior of ``u`` given ``v``
+    (:func:`mlsml.derivatives.conditional_prior_derivatives`) the gradient equals central
+    differences of the 60-digit covariance form at the same nodes, and the Hessian autograd's on
+    the value."""
+    rng = np.random.default_rng(5)
+    sizes = np.array([3, 1, 4, 2, 5, 1, 2, 4])
+    g = np.repeat(np.arange(sizes.size), sizes)
+    x = rng.normal(size=g.size)
+    df = pd.DataFrame({"y": 0.2 + 0.5 * x + rng.normal(size=g.size), "x": x, "school": g})
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula=re_formula)
+    lik = model.objective(nagq=7)
+    lay = model.layout
+    theta = start_values(lik.integrand)
+    theta[lay.p + lay.k :] = chol
+    assert lik.closed_form and lik.spec.uexact
+    nodes = lik.adapt(theta)
+    value, grad = lik.value_and_grad(theta, nodes)
+    assert value == pytest.approx(float(lik.at_nodes(theta, nodes)), abs=1e-9)
+
+    def exact(th):
+        h_jk = _marginal_given_v(lik.integrand, th, nodes.v) + nodes.logw[None, :]
+        return float(np.sum(nodes.log_det + mlsml.ops.logsumexp(h_jk, axis=1)))
+
+    h = 1e-5
+    fd = np.array([(exact(theta + e) - exact(theta - e)) / (2 * h) for e in h * np.eye(theta.size)])
+    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-6 * np.abs(fd).max())
+    H = lik.hessian(theta, nodes)
+    np.testing.assert_allclose(H, autograd.hessian(lik.at_nodes)(theta, nodes), rtol=1e-6, atol=1e-6 * np.abs(H).max())
 
 
 # ---------------------------------------------------------------- issue 13: the nested rule of the quadratic association
