@@ -607,38 +607,45 @@ def _step_inside(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics) 
     return best, diagnose(lik, best, faces=diagnostics.faces or None)
 
 
-#: :func:`settle` fits a converged singular fit again from the default start by trust-region
-#: Newton (:data:`mlsml.optimize.FALLBACK_METHOD`), with at most this many iterations per
-#: pass. The likelihood can have two maxima that no face search links: in fuzz cases of 8
-#: and 4 schools BFGS stopped at a singular fit 0.0195 and 0.0019 below a maximum with
-#: another sign of ``cov(u1, v)`` (2786524694026269037) or an interior ``var(u0)``
-#: (3765175424864893038, ``scale_re_formula``), and in one of 58 schools (2 to 4,023
-#: pupils, a covariate in currency units: 6713339560601521679) at ``corr(u0, v) = +1``,
-#: 0.86 below the interior maximum at ``corr = 0.42`` -- trust-exact from the default start
-#: reaches each (0.17 s on those 5,000 rows). Until 2026-11-29 only fits of at most 50
-#: schools were fitted again, on the view that many schools settle ``Sigma``; the last
-#: case shows they need not. The cap bounds the exact Hessians' cost on large data. Only a
-#: fit that says it converged is fitted again (one that does not is already flagged; on a
-#: 60-row fuzz case with a raised 63-point rule the second fit took the fit over its 20
-#: CPU-s cap).
+#: :func:`settle` fits a converged fit again from the wide start (:mod:`mlsml.start`: the
+#: mean effects' variances at the upper end of their moment range) by trust-region Newton
+#: (:data:`mlsml.optimize.FALLBACK_METHOD`), with at most this many iterations per pass,
+#: when the fit is singular or its first method needed the fallback -- the signs of a
+#: surface with more than one maximum. The likelihood can have two maxima that no face
+#: search links: in fuzz cases of 8 and 4 schools BFGS stopped at a singular fit 0.0195 and
+#: 0.0019 below a maximum with another sign of ``cov(u1, v)`` (2786524694026269037) or an
+#: interior ``var(u0)`` (3765175424864893038, ``scale_re_formula``), in one of 58 schools (2
+#: to 4,023 pupils, a covariate in currency units: 6713339560601521679) at
+#: ``corr(u0, v) = +1``, 0.86 below the interior maximum at ``corr = 0.42``. With exact
+#: derivatives near ``|corr| = 1`` (the u-given-v form of the u-exact rule) two more
+#: appeared whose second fit from the *default* start stops where the first did: 169
+#: schools (9184634196461148135) at ``corr(u0, v) = +1``, 6.25 below the interior maximum,
+#: and 19 schools with a random slope (8770553538507621726, not singular, after the
+#: fallback) at an interior maximum 0.30 below another; the default ``var(u0)`` there was
+#: the floor of :func:`mlsml.start.school_variance_start` (1/79 of the variance of the school
+#: means) and the moment estimate. From the wide start trust-exact reaches every one of these
+#: maxima (0.1 to 0.7 s). The cap bounds the exact Hessians' cost on large data. Only a fit
+#: that says it converged is fitted again (one that does not is already flagged; on a 60-row
+#: fuzz case with a raised 63-point rule the second fit took the fit over its 20 CPU-s cap).
 SECOND_START_MAXITER = 50
 
 
 def _second_start(lik: Likelihood, optsum: OptSummary, diagnostics: Diagnostics) -> tuple[OptSummary, Diagnostics]:
-    """Refit a singular fit by trust-exact from the default start (:data:`SECOND_START_MAXITER`).
+    """Refit by trust-exact from the wide start (:data:`SECOND_START_MAXITER`).
 
     Kept if more than :data:`mlsml.boundary.FACE_LLF_TOL` higher by the fit's rule and, for
     the core model, by the product rule (:func:`_higher_by_product`).
     """
     try:
-        opts = replace(optsum.options, start=None, method=FALLBACK_METHOD, maxiter=min(optsum.options.maxiter, SECOND_START_MAXITER))
+        maxiter = min(optsum.options.maxiter, SECOND_START_MAXITER)
+        opts = replace(optsum.options, start=None, wide_start=True, method=FALLBACK_METHOD, maxiter=maxiter)
         refit = maximize(lik, opts)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return optsum, diagnostics
     higher = np.isfinite(refit.llf) and refit.llf > optsum.llf + FACE_LLF_TOL and refit.llf_reliable
     if not higher or (lik.integrand.core and not _higher_by_product(lik, refit, optsum)):
         return optsum, diagnostics
-    note = f"a second fit ({FALLBACK_METHOD} from the default start) is {refit.llf - optsum.llf:.3g} higher than the first"
+    note = f"a second fit ({FALLBACK_METHOD} from the wide start) is {refit.llf - optsum.llf:.3g} higher than the first"
     refit = replace(refit, message=f"{refit.message}; {note}")
     return refit, diagnose(lik, refit, faces=diagnostics.faces or None)
 
@@ -670,7 +677,7 @@ def settle(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) -> t
     stepped = diagnostics.degenerate and lik.integrand.core and face_directions(lik, optsum.theta)
     if stepped and np.isfinite(optsum.llf):
         optsum, diagnostics = _step_inside(lik, optsum, diagnostics)
-    if optsum.converged and diagnostics.singular_reasons:
+    if optsum.converged and (diagnostics.singular_reasons or optsum.fallback):
         optsum, diagnostics = _second_start(lik, optsum, diagnostics)
     faces = diagnostics.faces
     if not faces or faces[0].gain <= FACE_LLF_TOL:

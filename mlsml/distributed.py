@@ -123,7 +123,7 @@ from .rescale import Reparametrisation, _power_of_two, column_map_from_stats, st
 from .results import MELSMResults
 from .robust import school_scores
 from .simulate import draw_responses
-from .start import START_VAR_V, core_layout, extended_start
+from .start import START_VAR_V, core_layout, extended_start, school_variance_start
 from .threads import FIT_BLAS_THREADS
 from .validate import check_choice, describe_value
 from .weights import (
@@ -1382,17 +1382,18 @@ class DistributedDesign:
         return Reparametrisation(std.with_moments(), sigma, Px, Pw, PS, T, delta, identity=False)
 
     # ------------------------------------------------------------ starting values
-    def start_values(self) -> np.ndarray:
+    def start_values(self, wide: bool = False) -> np.ndarray:
         """:func:`mlsml.start.start_values_core` of the design, from sums over the blocks;
         outside the core model (``association="quadratic"``) extended as
-        :func:`mlsml.start.start_values_ext` does (:func:`mlsml.start.extended_start`)."""
+        :func:`mlsml.start.start_values_ext` does (:func:`mlsml.start.extended_start`).
+        ``wide``: the wide start (:mod:`mlsml.start`)."""
         lay = self.layout
         if lay.quad_assoc or lay.scale_re_terms or lay.bs_terms:
             g2 = self.mean_squares("G") if lay.scale_re_terms and self.moments.G is not None else np.ones(lay.n_v)
-            return extended_start(lay, self._core_start(core_layout(lay)), [float(v) for v in g2])
-        return self._core_start(lay)
+            return extended_start(lay, self._core_start(core_layout(lay), wide), [float(v) for v in g2])
+        return self._core_start(lay, wide)
 
-    def _core_start(self, lay: ParamLayout) -> np.ndarray:
+    def _core_start(self, lay: ParamLayout, wide: bool = False) -> np.ndarray:
         """:func:`mlsml.start.start_values_core` of the design under the core layout ``lay``."""
         grams = [g for g in self.run("start_gram") if g is not None]
         XtX = sum(g[0] for g in grams)
@@ -1408,8 +1409,7 @@ class DistributedDesign:
         s2e = float(within / dfw)
         if not np.isfinite(s2e) or s2e <= 0:
             s2e = float(rall.sd[0] ** 2) or 1.0
-        s2u = float(rbar.sd[0] ** 2 - s2e * inv_n / self.ngroups)
-        s2u = max(s2u, 0.1 * s2e / max(float(np.mean(self.counts)), 1.0), 1e-3 * s2e)
+        s2u = school_variance_start(float(rbar.sd[0] ** 2), s2e, float(inv_n / self.ngroups), float(np.mean(self.counts)), wide)
         Wt_target = self.moments.Wt1 * np.log(s2e)
         if self.moments.Wtso is not None:  # least squares of log s2e - scale_offset on W
             Wt_target = Wt_target - self.moments.Wtso
@@ -1475,9 +1475,9 @@ class DistributedIntegrand:
         mean_log_var = self.design.mean_log_variance_index(natural[lay.p : lay.p + lay.k])
         return bs_zero_variance_reasons(var0_max, mean_log_var, float(self.design.mean_squares("Z")[0]))
 
-    def start_values(self) -> np.ndarray:
+    def start_values(self, wide: bool = False) -> np.ndarray:
         """The moment starting values (:meth:`DistributedDesign.start_values`)."""
-        return self.design.start_values()
+        return self.design.start_values(wide)
 
 
 @dataclass(frozen=True)

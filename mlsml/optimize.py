@@ -81,7 +81,11 @@ class FitOptions:
         Final check: the Newton decrement ``g' (-H)^{-1} g / 2`` (the
         log-likelihood still to gain, to second order) must be below ``dtol``.
     start : ndarray, optional
-        Starting values on the optimiser scale.
+        Starting values on the optimiser scale. Default: :func:`mlsml.start.start_values`.
+    wide_start : bool
+        Without ``start``: the wide start of :mod:`mlsml.start` (the mean effects' variances
+        at the upper end of their moment range), the second start of
+        :func:`mlsml.diagnostics.settle`.
     max_time : float, optional
         Time budget in seconds: once the optimiser has run this long, the next
         evaluation of the objective stops it and the fit is returned from the best
@@ -97,6 +101,7 @@ class FitOptions:
     gtol: float = 1e-8
     dtol: float = 1e-6
     start: np.ndarray | None = None
+    wide_start: bool = False
     max_time: float | None = None
 
 
@@ -501,7 +506,7 @@ def _warm_start(likelihood: Likelihood, opts: FitOptions) -> np.ndarray:
     expensive evaluations. Elsewhere, or when that fit fails, :func:`mlsml.start.start_values`.
     """
     integrand = likelihood.integrand
-    cold = start_values(integrand)
+    cold = start_values(integrand, opts.wide_start)
     lay = likelihood.layout
     if isinstance(integrand, SchoolSums) or not lay.scale_re_terms or lay.bs_terms:
         return cold
@@ -1068,7 +1073,7 @@ def _maximize(lik: Likelihood, opts: FitOptions, callback=None) -> OptSummary:
     ``OptSummary.fallback``.
     """
     t0 = time.perf_counter()
-    theta = np.array(opts.start if opts.start is not None else start_values(lik.integrand), dtype=float)
+    theta = np.array(opts.start if opts.start is not None else start_values(lik.integrand, opts.wide_start), dtype=float)
     start = theta.copy()
     budget = _Budget(t0, opts.max_time, theta)
     best = _run(lik, opts, opts.method, theta, budget, callback)
