@@ -358,10 +358,11 @@ def test_tail_check_without_usable_schools_and_without_data(demo_fit):
     assert "NOTE" not in back.summary().as_text()
 
 
-def test_a_singular_fit_of_few_schools_is_fitted_again_from_the_default_start():
+def test_a_singular_fit_of_few_schools_is_fitted_again():
     """Issue 12 fuzz case 3765175424864893038 (4 schools, scale_re_formula): BFGS stopped at
     var(u0) = 7e-11, converged, 0.0019 below the maximum that trust-exact from the default
-    start reaches (-165.11635); settle now makes that second fit (SECOND_START_MAXITER)."""
+    start reaches (-165.11635); settle now makes a second fit (SECOND_START_MAXITER), from
+    the wide start since 2026-11-29."""
     data = pd.read_csv(Path(__file__).parent / "data" / "fuzz_3765175424864893038.csv")
     spec = dict(groups="school", scale_formula="~ x", re_formula="~ 1", random_scale=True, scale_re_formula="~ x")
     with warnings.catch_warnings():
@@ -371,7 +372,7 @@ def test_a_singular_fit_of_few_schools_is_fitted_again_from_the_default_start():
     assert res.llf > -165.11635 - 1e-4 and res.converged
 
 
-def test_a_singular_fit_of_many_schools_is_fitted_again_from_the_default_start():
+def test_a_singular_fit_of_many_schools_is_fitted_again():
     """Issue 12 fuzz case 6713339560601521679 (58 schools of 2 to 4,023, income-like x): BFGS
     stopped at corr(u0,v) = +1, converged, 0.86 below the interior maximum (corr 0.42) that
     trust-exact from the default start reaches; the second fit was made for at most 50 schools."""
@@ -382,6 +383,19 @@ def test_a_singular_fit_of_many_schools_is_fitted_again_from_the_default_start()
     # (with the newest releases BFGS stops at the face and the second fit reaches the maximum;
     # with the oldest allowed ones the first fit does: which depends on the optimiser's path)
     assert res.converged and res.llf == pytest.approx(-5216.872528, abs=1e-4)
+
+
+def test_the_second_fit_starts_on_the_far_side_of_the_school_variance():
+    """Issue 12 fuzz case 9184634196461148135 (169 schools, 5,000 rows): with exact derivatives
+    near |corr| = 1 both BFGS and trust-exact from the default start (var(u0) at its floor,
+    1/79 of the variance of the school means) stop converged at corr(u0,v) = +1, -10376.505,
+    6.25 below the interior maximum; trust-exact from the wide start reaches it."""
+    case = fuzz.random_case(9184634196461148135)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit(data=case.data, **case.spec)
+    assert res.converged and not res.singular
+    assert res.llf == pytest.approx(-10370.2531, abs=1e-3)
 
 
 # ------------------------------------------- singular fits of the other model classes (issue 12)

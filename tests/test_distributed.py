@@ -117,6 +117,14 @@ def test_dask_fit_equals_in_memory(pairs, name):
     _same_standardized(a, b)
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_start_values_from_the_blocks_equal_in_memory(pairs, wide):
+    """The moment starts, default and wide (settle's second fit), from the blocks' sums."""
+    a, b = pairs["slope"]
+    local = mlsml.start.start_values(a.model.objective().integrand, wide=wide)
+    np.testing.assert_allclose(mlsml.start.start_values(b.likelihood.integrand, wide=wide), local, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["model3", "slope"])
 def test_school_tables_equal_in_memory(pairs, name):
     a, b = pairs[name]

@@ -1,9 +1,12 @@
-"""Starting values (mlsml.start): the least-squares helper."""
+"""Starting values (mlsml.start): the least-squares helper and the default and wide starts."""
 
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 
+import mlsml
 from mlsml import start
 
 
@@ -25,3 +28,34 @@ def test_least_squares_falls_back_to_lstsq_when_ill_conditioned():
     d = np.sqrt(np.diag(Gs))
     assert np.linalg.cond(Gs / np.outer(d, d)) > start.NORMAL_EQUATIONS_MAX_COND
     np.testing.assert_array_equal(start.least_squares(A, b), np.linalg.lstsq(A, b, rcond=None)[0])
+
+
+@given(
+    var_means=st.floats(1e-6, 1e3),
+    s2e=st.floats(1e-6, 1e3),
+    mean_n=st.floats(1.0, 5000.0),
+)
+def test_the_wide_start_is_at_the_upper_end_of_the_moment_range(var_means, s2e, mean_n):
+    mean_inv_n = 1.0 / mean_n  # (a lower bound of mean(1/n); any value in (0, 1] will do)
+    default = start.school_variance_start(var_means, s2e, mean_inv_n, mean_n)
+    wide = start.school_variance_start(var_means, s2e, mean_inv_n, mean_n, wide=True)
+    moment = var_means - s2e * mean_inv_n
+    assert default > 0 and default >= moment  # the moment estimate, kept away from zero
+    assert wide >= var_means and wide >= start.WIDE_START_MIN_FACTOR * default
+
+
+def test_wide_start_values_differ_only_in_the_mean_effects_variances():
+    df = mlsml.simulate.demo_data(n_groups=30, seed=2)
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_formula="~ x", re_formula="~ x")
+    integrand = model.objective().integrand
+    lay = model.layout
+    b0, a0, L0 = lay.split(start.start_values(integrand))
+    b1, a1, L1 = lay.split(start.start_values(integrand, wide=True))
+    np.testing.assert_array_equal(np.asarray(b0), np.asarray(b1))
+    np.testing.assert_array_equal(np.asarray(a0), np.asarray(a1))
+    S0, S1 = (np.asarray(L) @ np.asarray(L).T for L in (L0, L1))
+    ratio = np.diag(S1)[: lay.q] / np.diag(S0)[: lay.q]
+    assert ratio[0] >= start.WIDE_START_MIN_FACTOR
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-10)  # the slope's variance scaled with var(u0)
+    np.testing.assert_allclose(np.diag(S1)[lay.q :], np.diag(S0)[lay.q :], rtol=1e-12)  # var(v) as before
+    np.testing.assert_allclose(S1 - np.diag(np.diag(S1)), 0.0, atol=1e-12)  # independent effects
