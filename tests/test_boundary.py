@@ -307,8 +307,9 @@ def test_the_faces_are_compared_where_the_product_rule_cannot_evaluate_the_fit()
     assert moved[off + 5] == pytest.approx(0.5 * np.log(boundary.FACE_ZERO * ref[2]))  # psi_vv
     np.testing.assert_array_equal(np.delete(moved, [off, off + 5]), np.delete(theta, [off, off + 5]))
     point, value = boundary.probe_value(lik, theta)
-    # the log-likelihood at theta is -622.8161 by the u-given-v form of the u-exact rule (branch
-    # h12c, exact at L[v,v] = 9e-10); main's precision form gives -363.44 there, the cancellation
-    # near |corr| = 1 of docs/failures.md, so it cannot be the reference here
+    # the log-likelihood at theta is -622.8161 by the u-given-v form of the u-exact rule (exact at
+    # L[v,v] = 9e-10); the precision form it replaced gave -363.44 there (the cancellation near
+    # |corr| = 1 of docs/failures.md)
+    assert lik.value(theta) == pytest.approx(-622.8161, abs=1e-3)
     assert np.isfinite(value) and value == pytest.approx(-622.8161, abs=1e-3)
     assert np.array_equal(point, theta) or np.array_equal(point, moved)
