@@ -18,6 +18,7 @@ from mlsml.diagnostics import (
     TAIL_MIN_SIZE,
     ZERO_VARIANCE,
     _reference,
+    _refit,
     _school_kurtosis,
     collapse_note,
     degenerate_directions,
@@ -486,3 +487,15 @@ def test_collapse_note_names_a_school_fitted_exactly(offset, collapsed):
         assert "rises without bound" in note and "Refit without the schools of one row" in note
     else:
         assert note is None
+
+
+def test_a_refit_by_settle_keeps_what_the_fit_says_of_its_raised_rule(demo_fit):
+    """settle's refits (from inside a face, from the wide start) maximise the fit's raised rule:
+    their OptSummary says so as the first fit's did (it was dropped, and stored fuzz case
+    8770553538507621726, at 63 points after its second fit, looked like a fit at the default
+    rule to the CI criterion, which compared it with that rule's maximum, 0.0106 off)."""
+    res = demo_fit[1]
+    optsum = dataclasses.replace(res.optsum, rule_raised="raised to 31 points (test)")
+    refit = _refit(res.likelihood, optsum, dataclasses.replace(res.optsum.options, start=res.optsum.theta, maxiter=5))
+    assert refit.rule_raised == "raised to 31 points (test)"
+    assert refit.llf == pytest.approx(res.llf, abs=1e-6)
