@@ -59,9 +59,9 @@ NOT_PD_REASON = "the observed information is not positive definite (standard err
 #: A school counts as fitted exactly when its residual variance at its posterior mode of ``v``
 #: is below this fraction of the model's (:func:`collapse_note`): a residual SD below 1% of
 #: the model's. (1e-6 until 2026-11-29: with the u-exact rule exact near
-#: ``|corr(u0, v)| = 1`` (branch h12c) the 7-school fuzz case 1478415917575154483 stops, not
-#: converged, at ``var(v) = 21`` with its one-row school at 4e-6, not at ``var(v) = 96`` and
-#: 1e-12 as on main.)
+#: ``|corr(u0, v)| = 1`` (the u-given-v form) the 7-school fuzz case 1478415917575154483
+#: stops, not converged, at ``var(v) = 21`` with its one-row school at 4e-6, not at
+#: ``var(v) = 96`` and 1e-12 as with the precision form.)
 COLLAPSE_VARIANCE = 1e-4
 
 #: Points of the grid in ``v`` on which :func:`collapse_note` finds each school's mode.
