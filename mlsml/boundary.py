@@ -766,6 +766,9 @@ def covariance_rule(lik: Likelihood, theta) -> Likelihood:
     probe = boundary_likelihood(lik)
     if probe is lik:
         return probe
+    lay = lik.layout
+    if lik.spec.uexact and lik.integrand.core and lay.random_scale and 0 < lay.q <= 2:
+        return lik  # the u-given-v form: exact at a singular Sigma, where the product rule's Hessian is not
     with np.errstate(all="ignore"):
         product = value_or_nan(probe, theta)
         if abs(value_or_nan(lik, theta) - product) <= FACE_RULE_TOL:

@@ -517,5 +517,4 @@ def test_singular_ses_where_the_product_rules_hessian_fails():
     se = res.bse.to_numpy(dtype=float)
     assert np.isnan(res.bse["cov(u0,v)"]) and np.isfinite(se).sum() == len(se) - 1
     by_differences = np.sqrt(np.diag(face_covariance_by_differences(res)))
-    fixed = [res.bse.index.get_loc(n) for n in ("mean:Intercept", "mean:x", "scale:Intercept", "scale:x")]
-    np.testing.assert_allclose(se[fixed], by_differences[fixed], rtol=0.02)
+    np.testing.assert_allclose(se, by_differences, rtol=1e-3)
