@@ -145,6 +145,20 @@ def test_u_exact_rule_has_no_cancellation_at_far_nodes(re_formula):
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8 * np.abs(fd).max())
 
 
+def _small_schools(sizes: np.ndarray, re_formula: str, chol: list[float]):
+    """``(model, theta)``: ``y ~ x`` in schools of ``sizes`` with a random scale, at the start values
+    with the log-Cholesky entries ``chol`` (the same data for a given ``sizes``)."""
+    rng = np.random.default_rng(5)
+    g = np.repeat(np.arange(sizes.size), sizes)
+    x = rng.normal(size=g.size)
+    df = pd.DataFrame({"y": 0.2 + 0.5 * x + rng.normal(size=g.size), "x": x, "school": g})
+    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula=re_formula)
+    lay = model.layout
+    theta = start_values(make_integrand(model.design))
+    theta[lay.p + lay.k :] = chol
+    return model, theta
+
+
 @pytest.mark.parametrize(
     "re_formula, chol",
     [
@@ -163,16 +177,9 @@ def test_u_exact_rule_has_no_cancellation_at_a_nearly_singular_sigma(re_formula,
     7-school data set climbed that noise and printed ``llf = -97.67`` where the likelihood at its
     estimates is ``-98.84`` (oldest versions). The maximiser ``u_hat`` and the exponent there, a
     sum of non-negative terms, agree with the covariance form in 60-digit arithmetic."""
-    rng = np.random.default_rng(5)
     sizes = np.array([1, 1, 1, 2, 3, 1, 2, 4, 1, 3])
-    g = np.repeat(np.arange(sizes.size), sizes)
-    x = rng.normal(size=g.size)
-    df = pd.DataFrame({"y": 0.2 + 0.5 * x + rng.normal(size=g.size), "x": x, "school": g})
-    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula=re_formula)
+    model, theta = _small_schools(sizes, re_formula, chol)
     integrand = make_integrand(model.design)
-    lay = model.layout
-    theta = start_values(integrand)
-    theta[lay.p + lay.k :] = chol
     v = np.broadcast_to(np.array([-20.0, -8.0, -2.0, 0.0, 4.0, 12.0])[None, :, None], (sizes.size, 6, 1)).copy()
     got = np.asarray(integrand.log_h_uexact(theta, v))
     want = _marginal_given_v(integrand, theta, v)
@@ -189,16 +196,9 @@ def test_u_exact_rule_has_no_cancellation_where_v_is_nearly_a_combination_of_u(r
     (8e-5 with a random slope at -12). Written with the prior of ``u`` given ``v``
     (:func:`mlsml.integrand.conditional_prior`) no precision appears; the 60-digit covariance
     form agrees."""
-    rng = np.random.default_rng(5)
     sizes = np.array([3, 1, 4, 2, 5, 1, 2, 4])
-    g = np.repeat(np.arange(sizes.size), sizes)
-    x = rng.normal(size=g.size)
-    df = pd.DataFrame({"y": 0.2 + 0.5 * x + rng.normal(size=g.size), "x": x, "school": g})
-    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula=re_formula)
+    model, theta = _small_schools(sizes, re_formula, chol)
     integrand = make_integrand(model.design)
-    lay = model.layout
-    theta = start_values(integrand)
-    theta[lay.p + lay.k :] = chol
     v = np.broadcast_to(np.array([-2.0, -1.0, 0.0, 1.0, 2.0])[None, :, None], (sizes.size, 5, 1)).copy()
     S0 = np.asarray(integrand.sums(*integrand.split(theta)[:2]).S0)
     assert not np.any(np.exp(2.0) * S0 > CANCELLATION_SCALE)  # no school is far: the plain sums
@@ -215,16 +215,8 @@ def test_gradient_where_v_is_nearly_a_combination_of_u_is_that_of_the_value(re_f
     (:func:`mlsml.derivatives.conditional_prior_derivatives`) the gradient equals central
     differences of the 60-digit covariance form at the same nodes, and the Hessian autograd's on
     the value."""
-    rng = np.random.default_rng(5)
-    sizes = np.array([3, 1, 4, 2, 5, 1, 2, 4])
-    g = np.repeat(np.arange(sizes.size), sizes)
-    x = rng.normal(size=g.size)
-    df = pd.DataFrame({"y": 0.2 + 0.5 * x + rng.normal(size=g.size), "x": x, "school": g})
-    model = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula=re_formula)
+    model, theta = _small_schools(np.array([3, 1, 4, 2, 5, 1, 2, 4]), re_formula, chol)
     lik = model.objective(nagq=7)
-    lay = model.layout
-    theta = start_values(lik.integrand)
-    theta[lay.p + lay.k :] = chol
     assert lik.closed_form and lik.spec.uexact
     nodes = lik.adapt(theta)
     value, grad = lik.value_and_grad(theta, nodes)
