@@ -757,8 +757,9 @@ def covariance_rule(lik: Likelihood, theta) -> Likelihood:
     The fit's own u-exact rule where its value is in the u-given-v form (the core model, one or
     two mean effects, a random scale): exact at a singular ``Sigma``, where the product rule's
     Hessian at nodes adapted to it can be wrong (a ``var(v)`` SE 25% below central differences
-    of the values, fuzz case 1702248772874852229). Otherwise:
-    The product rule of :func:`boundary_likelihood`, so that a fit has the same standard errors
+    of the values, fuzz case 1702248772874852229).
+
+    Otherwise the product rule of :func:`boundary_likelihood`, so that a fit has the same standard errors
     under both rules -- unless the fit's own rule is another one, the two differ at ``theta``
     by more than :data:`FACE_RULE_TOL`, and the product rule is the inaccurate one (about twice
     the points move it by more than :data:`FACE_RULE_TOL`, the test of the face search). Then

@@ -387,11 +387,10 @@ def degenerate_words(lik: Likelihood, theta, degenerate) -> list[str]:
 def singular_covariance(lik: Likelihood, theta, degenerate) -> np.ndarray | None:
     """Covariance of the estimates at a singular fit (:func:`mlsml.boundary.reduced_rank_covariance`).
 
-    The Hessian is that of :func:`mlsml.boundary.covariance_rule`: the product rule of
-    :func:`mlsml.boundary.boundary_likelihood` (the same Hessian under both rules gives the
-    same standard errors' availability), or the fit's own rule where the product rule is the
-    inaccurate one. Where the product rule's reduced information is not positive definite,
-    the fit's own rule's is tried: deep on a face the product rule's nodes, adapted at a nearly
+    The Hessian is that of :func:`mlsml.boundary.covariance_rule` (the fit's own u-exact rule
+    where it is exact at a singular ``Sigma``, else the product rule unless that is the
+    inaccurate one). Where that rule's reduced information is not positive definite, the
+    fit's own rule's is tried: deep on a face the product rule's nodes, adapted at a nearly
     singular ``Sigma``, can give the wrong curvature. (Fuzz case 1702248772874852229, at
     ``corr(u0,v) = -1`` with ``L[v,v] = 1e-6``: the product rule's ``-H`` has ``-26`` on the
     diagonal in ``L[v,u0]`` where the u-exact rule, in the u-given-v form exact there, has
