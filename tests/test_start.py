@@ -55,7 +55,8 @@ def test_wide_start_values_differ_only_in_the_mean_effects_variances():
     np.testing.assert_array_equal(np.asarray(a0), np.asarray(a1))
     S0, S1 = (np.asarray(L) @ np.asarray(L).T for L in (L0, L1))
     ratio = np.diag(S1)[: lay.q] / np.diag(S0)[: lay.q]
-    assert ratio[0] >= start.WIDE_START_MIN_FACTOR
+    # (L is built from square roots, so the ratio of its squares is 4 only to rounding: CI saw 3.9999999999999987)
+    assert ratio[0] >= start.WIDE_START_MIN_FACTOR * (1.0 - 1e-10)
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-10)  # the slope's variance scaled with var(u0)
     np.testing.assert_allclose(np.diag(S1)[lay.q :], np.diag(S0)[lay.q :], rtol=1e-12)  # var(v) as before
     np.testing.assert_allclose(S1 - np.diag(np.diag(S1)), 0.0, atol=1e-12)  # independent effects
