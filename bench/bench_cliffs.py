@@ -14,6 +14,10 @@ Cases (data simulated here, identical for both versions):
 - ``model3-20k`` and ``scale_re-20k``: 500 schools of 40 (20,000 rows), Model 3 and the same
   with a random slope in the log variance (``scale_re_formula="~ x"``); issue 12's goal is
   ``scale_re-20k`` within 10 x ``model3-20k``;
+- ``model3-tiny`` and ``slope-tiny``: 43 schools of 4 to 30 pupils (about 700 rows) with a
+  random intercept and scale and no random slope in the data; Model 3, and the same with a
+  random slope in the mean (``re_formula="~ x"``), whose fit ends singular
+  (``var(u1) = 0``) and searches the boundary's faces (the slow class of issue 12's fuzz runs);
 - ``hsb-slope``: the High School and Beyond variance-slope model (``mathach ~ ses``,
   ``scale_formula="~ ses"``, ``scale_re_formula="~ ses"``; 7,185 pupils in 160 schools) without
   a time budget, and ``hsb-budget`` with ``max_time=HSB_BUDGET`` (new version only: the old has
@@ -77,6 +81,16 @@ def slope_data(J: int = 500, n: int = 40, seed: int = 2) -> pd.DataFrame:
     return pd.DataFrame({"y": y, "x": x, "school": school})
 
 
+def tiny_data(J: int = 43, seed: int = 7) -> pd.DataFrame:
+    """Schools of 4-30: random intercept (SD 0.6) and scale (SD 0.4), a scale slope 0.3 in x."""
+    rng = np.random.default_rng(seed)
+    school = np.repeat(np.arange(J), rng.integers(4, 31, size=J))
+    x = rng.standard_normal(school.size)
+    u, v = 0.6 * rng.standard_normal(J), 0.4 * rng.standard_normal(J)
+    y = 0.5 * x + u[school] + np.exp(0.5 * (v[school] + 0.3 * x)) * rng.standard_normal(school.size)
+    return pd.DataFrame({"y": y, "x": x, "school": school})
+
+
 def hsb_data() -> tuple[pd.DataFrame, str]:
     """The High School and Beyond data if found, else a simulated look-alike (see the module docstring)."""
     for path in HSB_PATHS:
@@ -106,6 +120,8 @@ def cases() -> dict:
         "icc-1e-4": (lambda: icc_data(1e-4), "y ~ x", dict(scale_formula="~ x"), False),
         "model3-20k": (slope_data, "y ~ x", dict(scale_formula="~ x"), False),
         "scale_re-20k": (slope_data, "y ~ x", dict(scale_formula="~ x", scale_re_formula="~ x"), False),
+        "model3-tiny": (tiny_data, "y ~ x", dict(scale_formula="~ x"), False),
+        "slope-tiny": (tiny_data, "y ~ x", dict(scale_formula="~ x", re_formula="~ x"), False),
         "hsb-slope": (lambda: hsb_data()[0], hsb[0], hsb[1], False),
         "hsb-budget": (lambda: hsb_data()[0], hsb[0], dict(hsb[1], max_time=HSB_BUDGET), True),
     }

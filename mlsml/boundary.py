@@ -175,6 +175,29 @@ def boundary_likelihood(lik: Likelihood) -> Likelihood:
     return lik.as_product()
 
 
+#: The u-exact rule's value is in the conditional form (:func:`mlsml.integrand.conditional_prior`,
+#: no ``Sigma^{-1}``) for at most this many mean effects: there :func:`face_likelihood` fits the
+#: faces by it.
+FACE_UEXACT_MAX_Q = 2
+
+
+def face_likelihood(lik: Likelihood) -> Likelihood:
+    """The rule the faces of the boundary are fitted and compared with (:func:`search_faces`).
+
+    The fit's own u-exact rule where its value is written with the prior of ``u`` given ``v``
+    (the core model with at most :data:`FACE_UEXACT_MAX_Q` mean effects and a random scale),
+    which stays exact at a singular ``Sigma``: a school's ``K`` nodes instead of the product
+    rule's ``K^d`` (15 against 729 with a random slope, whose face search took 18 of a fit's
+    22 CPU-s). Elsewhere :func:`boundary_likelihood` (the precision form inverts ``Sigma``).
+    Either way a face counts only where about twice the points agree
+    (:data:`FACE_RULE_TOL`).
+    """
+    lay = lik.layout
+    if lik.spec.uexact and lik.integrand.core and lay.random_scale and 0 < lay.q <= FACE_UEXACT_MAX_Q:
+        return lik
+    return boundary_likelihood(lik)
+
+
 def boundary_effects(lik: Likelihood, theta, llf: float) -> list[tuple[str, float, float]]:
     """School effects whose removal leaves the likelihood unchanged.
 
@@ -255,7 +278,7 @@ def _rank_deficient_stat(probe: Likelihood, llf: float, S, beta, alpha) -> tuple
 # ---------------------------------------------------------------- faces of the boundary
 
 #: A face of the boundary counts as higher than the fit when its maximised log-likelihood
-#: exceeds the fit's (both by the product rule of :func:`boundary_likelihood`) by more than
+#: exceeds the fit's (both by the rule of :func:`face_likelihood`) by more than
 #: this. Issue 12's criterion for a fit below the maximum is 1e-3; the face fits are
 #: accurate to about 1e-6, so 1e-4 leaves room on both sides.
 FACE_LLF_TOL = 1e-4
@@ -302,7 +325,7 @@ class Face:
     name : str
         The face in words, e.g. ``"var(u0) = 0"`` or ``"corr(u0,v) = -1"``.
     llf : float
-        The maximised log-likelihood on the face (product rule, :func:`boundary_likelihood`).
+        The maximised log-likelihood on the face (by the rule of :func:`face_likelihood`).
     gain : float
         ``llf`` minus the fit's log-likelihood by the same rule: positive when the face is higher.
     theta : ndarray
@@ -340,6 +363,13 @@ def _face_rule_accurate(check: Likelihood, theta: np.ndarray, llf: float) -> boo
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return False
     return bool(np.isfinite(more) and abs(more - llf) <= FACE_RULE_TOL)
+
+
+def _check_rule(probe: Likelihood) -> Likelihood:
+    """``probe`` with about twice the points (``2n + 1``, within :func:`mlsml.quadrature.max_nagq`)."""
+    nagq = probe.spec.nagq
+    dim = 1 if probe.spec.uexact else probe.layout.d
+    return probe.with_spec(nagq=max(nagq, min(2 * nagq + 1, max_nagq(dim))))
 
 
 def face_fixed(d: int, kind: str, k: int) -> list[tuple[int, int]]:
@@ -413,10 +443,10 @@ def off_face(lik: Likelihood, theta) -> np.ndarray:
     return theta
 
 
-def probe_value(lik: Likelihood, theta) -> tuple[np.ndarray, float]:
-    """``(point, value)``: the product rule of :func:`boundary_likelihood` at ``theta``, or, where it
-    cannot be evaluated there, at :func:`off_face` of it (NaN if neither can)."""
-    probe = boundary_likelihood(lik)
+def probe_value(lik: Likelihood, theta, probe: Likelihood | None = None) -> tuple[np.ndarray, float]:
+    """``(point, value)``: ``probe`` (default: the product rule of :func:`boundary_likelihood`) at
+    ``theta``, or, where it cannot be evaluated there, at :func:`off_face` of it (NaN if neither can)."""
+    probe = boundary_likelihood(lik) if probe is None else probe
     theta = np.asarray(theta, dtype=float)
     value = value_or_nan(probe, theta)
     if np.isfinite(value):
@@ -466,9 +496,10 @@ def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[n
 
     Newton's method with the exact Hessian, its eigenvalues made negative (absolute values
     floored at ``1e-8`` of the largest: the starts on a face are not near its maximum) and
-    step halving; then BFGS if Newton stalls. Each evaluation re-adapts the nodes at a
-    nearly singular ``Sigma``, where the mode search is slow (30 ms against 6 ms at the fit
-    on 160 rows), so the few Newton iterations cost less than BFGS's many line searches.
+    step halving; then BFGS if Newton stalls. Each point's nodes are adapted once, for its
+    value, gradient and Hessian: at a nearly singular ``Sigma`` the mode search is slow (30 ms
+    against 6 ms at the fit on 160 rows), so the few Newton iterations cost less than BFGS's
+    many line searches.
     """
     idx = np.flatnonzero(free)
 
@@ -477,26 +508,31 @@ def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[n
         th[idx] = phi
         return th
 
-    def fun(phi):
+    def at(phi):
+        """Value, gradient (in ``free``) and the nodes adapted at ``phi`` (``-inf`` where it fails)."""
         try:
             with np.errstate(all="ignore"):
-                v, g = probe.value_and_grad(full(phi))
+                nodes = probe.adapt(full(phi))
+                v, g = probe.value_and_grad(full(phi), nodes)
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
-            return -np.inf, np.zeros_like(phi)
+            return -np.inf, np.zeros_like(phi), None
         g = np.asarray(g, dtype=float)[idx]
         if not (np.isfinite(v) and np.all(np.isfinite(g))):
-            return -np.inf, np.zeros_like(phi)
-        return float(v), g
+            return -np.inf, np.zeros_like(phi), None
+        return float(v), g, nodes
+
+    def fun(phi):
+        return at(phi)[:2]
 
     phi = start[idx].copy()
-    f0, g0 = fun(phi)
+    f0, g0, nodes0 = at(phi)
     converged = False
     for _ in range(FACE_NEWTON_STEPS):
         if not np.isfinite(f0):
             break
-        try:
+        try:  # at the nodes the value and gradient were taken at: one mode search per point
             with np.errstate(all="ignore"):
-                H = np.asarray(probe.hessian(full(phi)), dtype=float)[np.ix_(idx, idx)]
+                H = np.asarray(probe.hessian(full(phi), nodes0), dtype=float)[np.ix_(idx, idx)]
             w, V = np.linalg.eigh(-0.5 * (H + H.T))
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
             break
@@ -509,14 +545,14 @@ def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[n
             converged = True
             break
         for _half in range(30):
-            f1, g1 = fun(phi + step)
+            f1, g1, nodes1 = at(phi + step)
             if f1 >= f0:
                 break
             step = 0.5 * step
         else:  # no ascent along a Newton direction: converged unless the decrement is large
             converged = decrement < FACE_STALL_DECREMENT
             break
-        phi, f0, g0, gained = phi + step, f1, g1, f1 - f0
+        phi, f0, g0, nodes0, gained = phi + step, f1, g1, nodes1, f1 - f0
         if gained < FACE_DECREMENT:  # e.g. a variance sliding to zero: a sub-face, also searched
             converged = True
             break
@@ -532,7 +568,7 @@ def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[n
     return full(phi), f0
 
 
-def search_faces(lik: Likelihood, theta) -> list[Face]:
+def search_faces(lik: Likelihood, theta, probe: Likelihood | None = None) -> list[Face]:
     r"""Maximise the log-likelihood on every face of the boundary of ``Sigma`` (issue 12).
 
     A fit that ends on the boundary (say at ``var(u0) = 0``) is a maximum of that face, but
@@ -543,10 +579,10 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     starts of one face). With covariances fixed at zero (``cov_constraints``,
     ``association="none"``) the faces are those of the constrained space: the fixed entries
     of ``L`` stay at zero, and a rank face exists only for a row with a free entry before
-    the diagonal (else :math:`L_{kk} = 0` is the drop face). On each, ``beta``, ``alpha`` and the rest of ``Sigma`` are free, the
-    removed direction is kept at :data:`FACE_ZERO` of its variance, and the log-likelihood is
-    that of :func:`boundary_likelihood` (the u-exact rule inverts ``Sigma``). A vanished
-    variance starts at :data:`FACE_START_FRACTION` of its reference.
+    the diagonal (else :math:`L_{kk} = 0` is the drop face). On each, ``beta``, ``alpha`` and
+    the rest of ``Sigma`` are free, the removed direction is kept at :data:`FACE_ZERO` of its
+    variance, and the log-likelihood is that of :func:`face_likelihood`. A vanished variance
+    starts at :data:`FACE_START_FRACTION` of its reference.
 
     Parameters
     ----------
@@ -554,6 +590,9 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
         The fit's likelihood (a core model).
     theta : ndarray
         The fit's estimates (optimiser scale).
+    probe : Likelihood, optional
+        The rule the faces are fitted with; default :func:`face_likelihood` (the product rule
+        :func:`boundary_likelihood` gives the same maxima at ``K^d`` instead of ``K`` nodes per school).
 
     Returns
     -------
@@ -572,7 +611,7 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     d = lay.d
     if d == 0 or lay.bs_terms or lay.scale_re_terms or lay.quad_assoc:
         return []  # the faces are those of one Sigma of the core model
-    probe = boundary_likelihood(lik)
+    probe = face_likelihood(lik) if probe is None else probe
     theta = np.asarray(theta, dtype=float)
     natural = np.asarray(lay.to_natural(theta), dtype=float)
     off = lay.p + lay.k
@@ -586,9 +625,8 @@ def search_faces(lik: Likelihood, theta) -> list[Face]:
     R = np.clip(S / np.outer(sd, sd), -1.0, 1.0) * 0.99 + 0.01 * np.eye(d)  # away from singular to start
     L0 = np.linalg.cholesky(R * np.outer(np.sqrt(var0), np.sqrt(var0)))
     # NaN: the rule check below fails and no face is reported
-    point, base = probe_value(lik, theta)
-    nagq = probe.spec.nagq
-    check = probe.with_spec(nagq=max(nagq, min(2 * nagq + 1, max_nagq(d))))
+    point, base = probe_value(lik, theta, probe)
+    check = _check_rule(probe)
     if not _face_rule_accurate(check, point, base):
         # the product rule is not accurate at the fit itself (small schools, a large var(v)):
         # a face's gain over it would be the rule's error (a face 2.1 "higher" than a fit that
@@ -778,8 +816,7 @@ def covariance_rule(lik: Likelihood, theta) -> Likelihood:
         product = value_or_nan(probe, theta)
         if abs(value_or_nan(lik, theta) - product) <= FACE_RULE_TOL:
             return probe
-    nagq = probe.spec.nagq
-    check = probe.with_spec(nagq=max(nagq, min(2 * nagq + 1, max_nagq(lik.layout.d))))
+    check = _check_rule(probe)
     return probe if np.isfinite(product) and _face_rule_accurate(check, np.asarray(theta, dtype=float), product) else lik
 
 

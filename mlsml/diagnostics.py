@@ -28,6 +28,7 @@ from .boundary import (
     FACE_LLF_TOL,
     boundary_effects,
     covariance_rule,
+    face_likelihood,
     face_name,
     far_from_boundary,
     interior_starts,
@@ -450,8 +451,8 @@ def diagnose(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) ->
         faces = ()
     elif faces is None:
         faces = tuple(replace(f, llf=f.llf - shift) for f in search_faces(lik_c, theta_c))
-    else:  # the earlier search's maxima, against this fit by the same (product) rule
-        base = probe_value(lik_c, theta_c)[1] - shift
+    else:  # the earlier search's maxima, against this fit by the same rule (face_likelihood)
+        base = probe_value(lik_c, theta_c, face_likelihood(lik_c))[1] - shift
         # where the product rule cannot be evaluated at this fit no face is compared with it
         faces = tuple(replace(f, gain=f.llf - base) for f in faces) if np.isfinite(base) else ()
     if on_boundary or (faces and faces[0].gain > FACE_LLF_TOL):

@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from .boundary import boundary_likelihood
+from .boundary import face_likelihood
 from .design import Design, FormulaSpec, build_design, check_extended_layout
 from .diagnostics import settle
 from .distributed import (
@@ -720,7 +720,7 @@ class MELSM:
                 if nagq is None:  # the default rule: more points where it is not accurate at the estimates
                     lik, optsum = raise_rule(lik, optsum, opts, callback=callback)
                 # the faces found in the last round, unless the rule they were found with changed
-                rule = boundary_likelihood(lik).spec
+                rule = face_likelihood(lik).spec
                 settled, diagnostics = settle(lik, optsum, faces=faces if rule == searched_with else None)
                 faces, searched_with = diagnostics.faces or None, rule
                 moved, optsum = settled is not optsum, settled

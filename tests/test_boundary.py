@@ -313,3 +313,31 @@ def test_the_faces_are_compared_where_the_product_rule_cannot_evaluate_the_fit()
     assert lik.value(theta) == pytest.approx(-622.8161, abs=1e-3)
     assert np.isfinite(value) and value == pytest.approx(-622.8161, abs=1e-3)
     assert np.array_equal(point, theta) or np.array_equal(point, moved)
+
+
+def test_the_faces_are_fitted_by_the_fits_u_exact_rule_where_it_is_in_the_conditional_form():
+    df = mlsml.simulate.demo_data(n_groups=20, seed=3)
+    lik = mlsml.MELSM.from_formula("y ~ x", df, groups="school", re_formula="~ x").objective()
+    assert lik.spec.uexact and boundary.face_likelihood(lik) is lik  # q = 2, a random scale
+    product = lik.with_spec(kind="product", nagq=5, prune=0.0)
+    assert boundary.face_likelihood(product) is product  # a product rule chosen by the user
+    no_scale = mlsml.MELSM.from_formula("y ~ x", df, groups="school", random_scale=False).objective()
+    assert not boundary.face_likelihood(no_scale).spec.uexact  # the precision form: the product rule
+    scale_re = mlsml.MELSM.from_formula("y ~ x", df, groups="school", scale_re_formula="~ x").objective()
+    assert not boundary.face_likelihood(scale_re).spec.uexact
+
+
+@pytest.mark.parametrize("re_formula", ["~ 1", "~ x"])
+def test_faces_by_the_u_exact_rule_equal_those_by_the_product_rule(re_formula):
+    """The u-exact rule in the conditional form stays exact on the faces (15 nodes per school
+    against the product rule's 11^2 or 9^3): the same faces, the same maxima."""
+    df = zero_u0_data(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x", re_formula=re_formula)
+    lik = res.likelihood
+    exact = {f.name: f.llf for f in boundary.search_faces(lik, res.theta)}
+    product = {f.name: f.llf for f in boundary.search_faces(lik, res.theta, boundary.boundary_likelihood(lik))}
+    assert set(exact) == set(product) and len(exact) >= 4
+    for name, llf in exact.items():
+        assert llf == pytest.approx(product[name], abs=boundary.FACE_RULE_TOL), name
