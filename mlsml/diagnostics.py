@@ -688,6 +688,25 @@ def settle(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) -> t
     (OptSummary, Diagnostics)
         The (possibly refitted) optimum and its diagnostics.
     """
+    optsum, diagnostics = _settle(lik, optsum, faces)
+    if optsum.converged and diagnostics.collapse is None:
+        # a converged fit with a school fitted exactly is at no maximum: the likelihood rises
+        # without bound along that school's collapse (fuzz case 1478415917575154483, oldest
+        # versions: "converged" at var(v) = 148 after a refit from a face, 0.54 below a route)
+        lik_c, theta_c = lik, optsum.theta
+        if optsum.theta_std is not None:
+            rp = reparametrise(lik.design)
+            if not rp.identity:
+                lik_c, theta_c = lik.with_design(rp.design), optsum.theta_std
+        note = collapse_note(lik_c, theta_c)
+        if note:
+            diagnostics = replace(diagnostics, collapse=note)
+            optsum = replace(optsum, converged=False, message=f"no maximum: {note} ({optsum.message})")
+    return optsum, diagnostics
+
+
+def _settle(lik: Likelihood, optsum: OptSummary, faces: tuple | None = None) -> tuple[OptSummary, Diagnostics]:
+    """:func:`settle` before its check for a school the converged estimates fit exactly."""
     diagnostics = diagnose(lik, optsum, faces=faces)
     # the refits from inside the faces are for the core model's faces (interior_starts); the
     # directions reported for other classes, or found by the correlation test alone, only

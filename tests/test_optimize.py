@@ -225,7 +225,9 @@ def test_a_rule_that_stays_inaccurate_is_not_called_converged():
     # decrement, or, since the u-exact block is exact there too (integrand.py, a nearly singular
     # Sigma), the passes of the trust-exact fallback with the newest versions)
     assert not res.converged
-    reasons = ("not accurate enough at the estimates", "not at a maximum", "maximum number of passes")
+    # (or, where a refit from a face stops at a stationary point with the school collapsed,
+    # "no maximum": diagnostics.settle's check of a converged fit)
+    reasons = ("not accurate enough at the estimates", "not at a maximum", "maximum number of passes", "no maximum")
     assert any(r in res.optsum.message for r in reasons), res.optsum.message
     # and why: the fit makes a one-pupil school's residual zero while var(v) grows, along which
     # the likelihood has no upper bound (diagnostics.collapse_note)
