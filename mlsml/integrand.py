@@ -102,6 +102,14 @@ INNER_SAME_MODE = 1e-6
 #: error (``2^-52`` of each) would exceed about ``1e-10``.
 CANCELLATION_SCALE = 1e6
 
+#: A school's u-integrated integrand cannot exceed the data's density at the best ``u`` times
+#: the prior of ``v``, :math:`g_j(v) \le \sup_u f(y_j \mid u, v)\, p(v)` (the prior of ``u``
+#: given ``v`` integrates to one). :meth:`SchoolSums.log_h_uexact` returns NaN at a node whose
+#: value is above that bound by more than this relative amount: a cancellation, not a value.
+#: (At ``var(u1) = 5e-21`` and ``L[v,v] = 1e-6``, stored fuzz case 8770553538507621726, the
+#: far-school path gave ``+7e12`` at 127 points; the bound there is about -4.)
+BOUND_RTOL = 1e-8
+
 
 class Sums(NamedTuple):
     """Sufficient per-school sums for given ``beta`` and ``alpha``."""
@@ -783,14 +791,39 @@ class SchoolSums(Integrand):
                 logdetM, quad = gaussian.log_det_and_quad(Mx, cx, closed_form=self.core)
                 parts.append(base + prior_v + 0.5 * q * LOG2PI - 0.5 * logdetM + 0.5 * quad)
         if not idx.size:
-            return parts[0]
+            return self._possible(s, prior, v, parts[0])
         # the prior's constants only: _centred_uexact has its whole exponent, whitened
         constants, scale = self._uexact_prior(prior, P, logdet_sigma, v, 0, J, quadratic=False)
         constants = constants + np.zeros((J, 1))
         centred = self._centred_uexact(beta, alpha, Z, s, prior, P, None if scale is None else scale[idx], v, idx)
         parts.append(centred + constants[idx] + 0.5 * q * LOG2PI)
         order = np.argsort(np.concatenate([near, idx]))
-        return anp.concatenate(parts, axis=0)[order]
+        return self._possible(s, prior, v, anp.concatenate(parts, axis=0)[order])
+
+    def _possible(self, s: Sums, prior: Prior, v, value):
+        r"""``value`` (J, K) of :meth:`log_h_uexact`, NaN where it exceeds its upper bound.
+
+        Since the prior of ``u`` given ``v`` integrates to one and :math:`Q(u) \ge 0`,
+
+        .. math::
+
+            \log g_j(v) \le -\tfrac{n_j}{2}\log 2\pi - \tfrac12 A_j - \tfrac{n_j}{2} v
+                - \tfrac12\log(2\pi s_2) - \frac{v^2}{2 s_2}
+
+        (:func:`conditional_prior`'s ``s2``; with a between-school variance model ``s2``
+        varies by school and no bound is applied). A value above it by more than
+        :data:`BOUND_RTOL` is the rounding of cancelling terms, never a likelihood: NaN, which
+        the optimiser treats as a failed evaluation and the fit's checks as an inaccurate rule.
+        """
+        if prior.log_sd0 is not None:
+            return value
+        vv = _value(v)[:, :, 0]
+        n, A = _value(s.n)[:, None], _value(s.A)[:, None]
+        s2 = float(_value(conditional_prior(_value(prior.L0))[2]))
+        with np.errstate(all="ignore"):
+            bound = -0.5 * n * (LOG2PI + vv) - 0.5 * A - 0.5 * (LOG2PI + np.log(s2)) - 0.5 * vv**2 / s2
+            above = _value(value) > bound + BOUND_RTOL * (1.0 + np.abs(bound))
+        return anp.where(above, np.nan, value) if np.any(above) else value
 
     def _far(self, s: Sums, prior: Prior, v) -> np.ndarray:
         r"""The schools (J,) that :meth:`log_h_uexact` takes about their own fit (numpy).

@@ -9,6 +9,7 @@ import autograd.numpy as anp
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import stored_fuzz_case
 
 import mlsml
 from mlsml.integrand import CANCELLATION_SCALE, PerObservation, SchoolSums, make_integrand
@@ -259,3 +260,43 @@ def test_nested_rule_equals_a_brute_force_integral_with_a_mirror_mode():
     h = np.asarray(lik.integrand.log_h(theta, b))
     grid = mlsml.ops.logsumexp(h, axis=1) + np.log((u[1] - u[0]) * (w[1] - w[0]))
     np.testing.assert_allclose(nested, grid, atol=1e-4)
+
+
+def _bound(integrand, theta, v):
+    """The upper bound of SchoolSums._possible, from the design (independent arithmetic)."""
+    lay = integrand.layout
+    design = integrand.design
+    beta, alpha, L = lay.split(theta)
+    S = np.asarray(L) @ np.asarray(L).T
+    s2 = S[-1, -1]
+    n = design.counts.astype(float)[:, None]
+    a = np.add.reduceat(np.asarray(design.log_variance_index(np.asarray(alpha))), design.starts)[:, None]
+    vv = v[:, :, 0]
+    return -0.5 * n * (np.log(2 * np.pi) + vv) - 0.5 * a - 0.5 * np.log(2 * np.pi * s2) - 0.5 * vv**2 / s2
+
+
+@pytest.mark.parametrize("re_formula", ["~ 1", "~ x"])
+def test_u_exact_values_are_below_the_density_at_the_best_u(re_formula):
+    """g_j(v) <= sup_u f(y_j | u, v) p(v): at random parameters and nodes every value is finite
+    and below the bound, so the guard (integrand.BOUND_RTOL) never removes a real value."""
+    model = mlsml.MELSM.from_formula("y ~ x", _data(), groups="school", re_formula=re_formula, scale_formula="~ x")
+    integrand = make_integrand(model.design)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        theta = start_values(integrand) + rng.normal(0, 0.7, integrand.layout.n_params)
+        v = rng.normal(0, 3, (integrand.design.ngroups, 7, 1))
+        values = np.asarray(integrand.log_h_uexact(theta, v))
+        assert np.all(np.isfinite(values))
+        assert np.all(values <= _bound(integrand, theta, v) + 1e-9)
+
+
+def test_an_impossible_u_exact_value_is_nan():
+    """Stored fuzz case 8770553538507621726 at var(u1) = 5e-21, L[v,v] = 1e-6 (where its fit with
+    nagq=15 stopped): the far-school path gave +7e12 with 127 points, above the bound by 13
+    orders; now NaN, so no fit or check can take it for a log-likelihood."""
+    row, data = stored_fuzz_case(8770553538507621726)
+    lik = mlsml.MELSM.from_formula(data=data, **row["spec"]).objective()
+    psi = [0.718094515, 6.97584057e-11, -29.0581381, 1.24093075, -1.95512840e-03, -13.6875549]
+    theta = np.array([-1.42704133, -2.05655101e-10, -0.167002524, -1.12910902e-10] + psi)
+    assert np.isfinite(lik.with_spec(nagq=15).value(theta))
+    assert np.isnan(lik.with_spec(nagq=127).value(theta))
