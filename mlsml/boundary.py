@@ -792,8 +792,8 @@ def degenerate_theta(layout, degenerate) -> list[int]:
 def covariance_rule(lik: Likelihood, theta) -> Likelihood:
     """The rule whose Hessian gives the standard errors at a singular fit (:func:`reduced_rank_covariance`).
 
-    The fit's own u-exact rule where its value is in the u-given-v form (the core model, one or
-    two mean effects, a random scale): exact at a singular ``Sigma``, where the product rule's
+    The fit's own u-exact rule where its value is in the u-given-v form (where
+    :func:`face_likelihood` fits the faces by it): exact at a singular ``Sigma``, where the product rule's
     Hessian at nodes adapted to it can be wrong (a ``var(v)`` SE 25% below central differences
     of the values, fuzz case 1702248772874852229).
 
@@ -807,10 +807,7 @@ def covariance_rule(lik: Likelihood, theta) -> Likelihood:
     the fit's rule, which central differences of the fit's rule's values confirm (0.094).
     """
     probe = boundary_likelihood(lik)
-    if probe is lik:
-        return probe
-    lay = lik.layout
-    if lik.spec.uexact and lik.integrand.core and lay.random_scale and 0 < lay.q <= 2:
+    if probe is lik or face_likelihood(lik) is lik:
         return lik  # the u-given-v form: exact at a singular Sigma, where the product rule's Hessian is not
     with np.errstate(all="ignore"):
         product = value_or_nan(probe, theta)
