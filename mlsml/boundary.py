@@ -491,7 +491,9 @@ def face_name(names, kind: str, k: int, L: np.ndarray) -> str:
     return f"{names[k]} is an exact linear combination of " + ", ".join(names[:k])
 
 
-def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, float]:
+def _fit_face(
+    probe: Likelihood, start: np.ndarray, free: np.ndarray, zero_at: dict[int, float] | None = None
+) -> tuple[np.ndarray, float]:
     r"""Maximise ``probe`` over the entries ``free`` of ``theta`` (the others fixed).
 
     Newton's method with the exact Hessian, its eigenvalues made negative (absolute values
@@ -500,8 +502,19 @@ def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[n
     value, gradient and Hessian: at a nearly singular ``Sigma`` the mode search is slow (30 ms
     against 6 ms at the fit on 160 rows), so the few Newton iterations cost less than BFGS's
     many line searches.
+
+    ``zero_at`` maps positions of ``theta`` (free log-Cholesky diagonal entries
+    :math:`\psi_{kk} = \log L_{kk}`) to the value at which that entry's direction has vanished
+    as far as the faces represent a zero (:data:`FACE_ZERO`). An iterate below it has slid
+    onto a sub-face, which lies in the face :math:`L_{kk} = 0` searched on its own: the fit
+    stops there with the value reached. (A rank face of a random slope in 43 schools slid
+    ``psi`` from -3.4 to -15.8 by unit Newton steps and 30-fold step halvings in the rounding
+    noise of a vanished variance: 1.0 of the face search's 2.1 CPU-s.)
     """
     idx = np.flatnonzero(free)
+    zero_at = {} if zero_at is None else zero_at
+    slid = np.array([i for i in zero_at if free[i]], dtype=int)
+    floors = np.array([zero_at[i] for i in slid], dtype=float)
 
     def full(phi):
         th = start.copy()
@@ -554,6 +567,9 @@ def _fit_face(probe: Likelihood, start: np.ndarray, free: np.ndarray) -> tuple[n
             break
         phi, f0, g0, nodes0, gained = phi + step, f1, g1, nodes1, f1 - f0
         if gained < FACE_DECREMENT:  # e.g. a variance sliding to zero: a sub-face, also searched
+            converged = True
+            break
+        if slid.size and np.any(full(phi)[slid] < floors):  # on a sub-face, also searched
             converged = True
             break
     if not converged and np.isfinite(f0):  # Newton stalled: quasi-Newton from where it got
@@ -644,7 +660,13 @@ def search_faces(lik: Likelihood, theta, probe: Likelihood | None = None) -> lis
         for i, j in face_fixed(d, kind, k):
             if _psi_index(i, j) in free_chol:
                 free[off + free_chol.index(_psi_index(i, j))] = False
-        th, llf = _fit_face(probe, start, free)
+        # a free diagonal entry of L at the faces' zero: the iterate is on a sub-face
+        zero_at = {
+            off + free_chol.index(_psi_index(j, j)): 0.5 * np.log(FACE_ZERO * var0[j])
+            for j in range(d)
+            if _psi_index(j, j) in free_chol
+        }
+        th, llf = _fit_face(probe, start, free, zero_at)
         if not np.isfinite(llf) or not _face_rule_accurate(check, th, llf):
             continue
         full = np.zeros(d * (d + 1) // 2)

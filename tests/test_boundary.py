@@ -6,6 +6,7 @@ import warnings
 
 import autograd
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import stored_fuzz_case, zero_u0_data
 
@@ -341,3 +342,38 @@ def test_faces_by_the_u_exact_rule_equal_those_by_the_product_rule(re_formula):
     assert set(exact) == set(product) and len(exact) >= 4
     for name, llf in exact.items():
         assert llf == pytest.approx(product[name], abs=boundary.FACE_RULE_TOL), name
+
+
+def small_schools_slope_data(seed: int = 7, n_schools: int = 43) -> pd.DataFrame:
+    """Schools of 4 to 30 with a random intercept and scale and no random slope (bench_cliffs.py's
+    ``slope-tiny``): a random-slope fit ends at ``var(u1) = 0`` and its rank faces slide there."""
+    rng = np.random.default_rng(seed)
+    school = np.repeat(np.arange(n_schools), rng.integers(4, 31, size=n_schools))
+    x = rng.standard_normal(school.size)
+    u, v = 0.6 * rng.standard_normal(n_schools), 0.4 * rng.standard_normal(n_schools)
+    y = 0.5 * x + u[school] + np.exp(0.5 * (v[school] + 0.3 * x)) * rng.standard_normal(school.size)
+    return pd.DataFrame({"y": y, "x": x, "school": school})
+
+
+def test_a_face_fit_that_slides_onto_a_sub_face_stops_there_with_the_same_maxima(monkeypatch):
+    """A face fit whose free variance reaches the faces' zero (FACE_ZERO) stops: the sub-face
+    is searched on its own. The faces' maxima are those of fits run to their end, for fewer
+    mode searches (the rank face of v slid var(u1) down by unit steps in log L for 30 Newton
+    iterations)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", small_schools_slope_data(), groups="school", scale_formula="~ x", re_formula="~ x")
+    lik = res.likelihood
+    adapts = []
+    adapt = type(lik).adapt
+    monkeypatch.setattr(type(lik), "adapt", lambda self, theta: adapts.append(1) or adapt(self, theta))
+    stopped = {f.name: f.llf for f in boundary.search_faces(lik, res.theta)}
+    n_stopped = len(adapts)
+    fit_face = boundary._fit_face
+    monkeypatch.setattr(boundary, "_fit_face", lambda probe, start, free, zero_at=None: fit_face(probe, start, free))
+    adapts.clear()
+    full = {f.name: f.llf for f in boundary.search_faces(lik, res.theta)}
+    assert set(stopped) == set(full) and len(full) >= 4
+    for name, llf in full.items():
+        assert stopped[name] == pytest.approx(llf, abs=1e-6), name
+    assert n_stopped < 0.8 * len(adapts)
