@@ -67,6 +67,7 @@ from dataclasses import dataclass
 
 import autograd.numpy as anp
 import numpy as np
+from autograd.tracer import isbox
 
 from .errors import ModelSpecError
 
@@ -438,7 +439,9 @@ class ParamLayout:
 def chol_from_vector(vec, d: int):
     """Lower-triangular ``L`` from its row-wise vector with log diagonal.
 
-    Built without in-place assignment so that autograd can differentiate it.
+    Built without in-place assignment so that autograd can differentiate it; a plain array
+    takes a NumPy path with the same values (the traced one cost 0.9 ms per call, a tenth of
+    a random-slope fit's time in 43 small schools).
 
     Examples
     --------
@@ -446,6 +449,16 @@ def chol_from_vector(vec, d: int):
     array([[1. , 0. ],
            [0.5, 2. ]])
     """
+    if not isbox(vec):
+        vec = np.asarray(vec, dtype=float)
+        L = np.zeros((d, d))
+        pos = 0
+        for i in range(d):
+            L[i, :i] = vec[pos : pos + i]
+            L[i, i] = np.exp(vec[pos + i])
+            L[i, i + 1 :] = 0.0 * vec[pos]  # as the traced path: NaN above a non-finite row
+            pos += i + 1
+        return L
     rows = []
     pos = 0
     for i in range(d):

@@ -228,6 +228,22 @@ def test_chol_vector_round_trip_and_row_order():
     assert chol_from_vector(np.zeros(0), 0).shape == (0, 0)
 
 
+@given(
+    d=st.integers(1, 4),
+    data=st.data(),
+)
+def test_chol_from_vector_plain_arrays_take_the_traced_paths_values(d, data):
+    """The NumPy path for plain arrays gives the values autograd's traced path gives, bit for bit
+    (NaN above the diagonal of a row whose first entry is not finite, as ``0 * inf``)."""
+    entry = st.one_of(st.floats(-50, 50), st.sampled_from([np.inf, -np.inf, np.nan]))
+    vec = np.array(data.draw(st.lists(entry, min_size=d * (d + 1) // 2, max_size=d * (d + 1) // 2)))
+    with np.errstate(all="ignore"):
+        plain = chol_from_vector(vec, d)
+        _, traced = autograd.make_vjp(lambda x: chol_from_vector(x, d))(vec)
+    assert isinstance(plain, np.ndarray) and plain.shape == (d, d)
+    np.testing.assert_array_equal(plain, np.asarray(traced))
+
+
 # ----------------------------------------------------------------- derivatives
 @settings(max_examples=30)
 @given(layouts_and_thetas())
