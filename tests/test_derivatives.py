@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import mlsml
+from mlsml import derivatives
 from mlsml.derivatives import conditional_prior_derivatives
 from mlsml.integrand import SchoolSums, conditional_prior
 from mlsml.params import ParamLayout, chol_from_vector
@@ -262,3 +263,20 @@ def test_conditional_prior_derivatives_equal_autograd(d, free, log_ell):
     T, D2 = conditional_prior_derivatives(np.asarray(chol_from_vector(x @ select, d)), free)
     np.testing.assert_allclose(T, autograd.jacobian(pi)(x), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(D2, autograd.hessian(pi)(x), rtol=1e-8, atol=1e-11)
+    T1, none = conditional_prior_derivatives(np.asarray(chol_from_vector(x @ select, d)), free, second=False)
+    np.testing.assert_array_equal(T1, T)  # a gradient's first derivatives are the same
+    assert none is None
+
+
+@pytest.mark.parametrize("q", [1, 2, 3])
+@pytest.mark.parametrize("log_scale", [0.0, 12.0])
+def test_inverse_of_small_blocks_equals_lu(q, log_scale):
+    """The adjugate inverse of the u-exact rule's A = I + E K'S2K blocks (eigenvalues at least 1),
+    against LAPACK's: the residual A^{-1}A - I at rounding level, also at E K'S2K of order e^12."""
+    rng = np.random.default_rng(q)
+    M = rng.normal(size=(7, 5, q, q + 1))
+    scale = np.exp(log_scale * rng.uniform(size=(7, 5, 1, 1)))
+    A = np.eye(q) + scale * (M @ np.swapaxes(M, -1, -2))
+    inv = derivatives._inverse_of_small_blocks(A)
+    np.testing.assert_allclose(inv @ A, np.broadcast_to(np.eye(q), A.shape), atol=1e-10)
+    np.testing.assert_allclose(inv, np.linalg.inv(A), rtol=1e-9, atol=1e-14)
