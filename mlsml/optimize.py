@@ -786,7 +786,7 @@ def raise_rule(lik: Likelihood, optsum: OptSummary, options: FitOptions | None =
         unchanged when the rule was accurate, or no larger rule could be built).
     """
     opts = options or optsum.options
-    notes = []
+    notes = [optsum.rule_raised] if optsum.rule_raised else []  # an earlier round's raises are kept
     for _ in range(MAX_RULE_RAISES):
         check = optsum.quadrature_check
         if check is None or check[0] <= lik.spec.nagq or check[1] <= RULE_RAISE_TOL:

@@ -177,7 +177,8 @@ def test_the_default_rule_is_raised_where_it_is_not_accurate():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = maximize(lik)
-        bad = replace(opt, quadrature_check=(31, 3.07))  # what the 15-point fit reported
+        # what the 15-point fit reported, in a second round of fit() (an earlier round's note)
+        bad = replace(opt, quadrature_check=(31, 3.07), rule_raised="an earlier round's raise")
         assert not bad.llf_reliable
         new_lik, new = raise_rule(lik, bad)
         same_lik, same = raise_rule(lik, replace(opt, quadrature_check=(31, 1e-3)))
@@ -186,6 +187,7 @@ def test_the_default_rule_is_raised_where_it_is_not_accurate():
     # 31 points, and 63 where 31 are not accurate to RULE_RAISE_TOL either
     assert new_lik.spec.nagq in (31, 63) and new.quadrature.nagq == new_lik.spec.nagq == raised.nagq
     assert "moved the log-likelihood by 3.07): refitted with 31 points" in new.rule_raised
+    assert new.rule_raised.startswith("an earlier round's raise; ")  # not replaced by this round's
     assert same_lik is lik and same.rule_raised == ""  # an accurate rule is kept
     assert "raised automatically" in " ".join(str(raised.summary()).split())
     assert not np.isfinite(unreliable.llf) and "larger nagq" in str(unreliable.summary())
