@@ -516,11 +516,17 @@ def collapse_note(lik: Likelihood, theta) -> str | None:
     intercept fits it exactly at any ``var(u0) > 0``, so its joint mode of ``v`` is at
     ``-var(v)/2`` whether or not the likelihood collapses. Only for a plain random scale
     (one scale effect, no quadratic association) of a design in memory; ``None`` when no
-    school is fitted exactly.
+    school is fitted exactly (and for a variance slope without the plain random scale,
+    ``scale_re_formula="~ 0 + x"``, where ``exp(v)`` is not a school's residual variance).
     """
     lay, integrand = lik.layout, lik.integrand
     if not isinstance(integrand, Integrand) or not lay.random_scale or lay.n_v != 1:
         return None  # a design held by workers (mlsml.distributed) is not evaluated on a grid
+    if lay.scale_re_terms:
+        # one variance slope (scale_re_formula="~ 0 + x"): v does not scale the residual
+        # variance of a row at x = 0, so a school of such rows has a flat integrand in v
+        # whose first grid point is no mode (it was named "fitted almost exactly")
+        return None
     if lay.quad_assoc or not (lay.q == 0 or integrand.uexact_supported):
         return None  # the quadratic association's inner rule would take as many points as the grid
     theta = np.asarray(theta, dtype=float)

@@ -489,6 +489,20 @@ def test_collapse_note_names_a_school_fitted_exactly(offset, collapsed):
         assert note is None
 
 
+def test_collapse_note_is_only_for_the_plain_random_scale():
+    """With a variance slope and no plain random scale (scale_re_formula="~ 0 + x") a school whose
+    rows are at x = 0 has an integrand flat in v: no school is fitted exactly, whatever its
+    residuals (its first grid point was taken for a mode and a converged fit called "no maximum")."""
+    rng = np.random.default_rng(4)
+    df = pd.DataFrame({"school": np.repeat(np.arange(8), 6), "x": rng.normal(size=48), "y": rng.normal(size=48)})
+    df.loc[df["school"] == 0, "x"] = 0.0
+    model = mlsml.MELSM.from_formula("y ~ 1", df, groups="school", scale_re_formula="~ 0 + x")
+    lik = model.objective()
+    theta = mlsml.start.start_values(lik.integrand)
+    assert model.layout.n_v == 1 and model.layout.scale_re_terms == ("x",)
+    assert collapse_note(lik, theta) is None
+
+
 def test_a_refit_by_settle_keeps_what_the_fit_says_of_its_raised_rule(demo_fit):
     """settle's refits (from inside a face, from the wide start) maximise the fit's raised rule:
     their OptSummary says so as the first fit's did (it was dropped, and stored fuzz case
