@@ -361,8 +361,8 @@ def _inverse_of_small_blocks(A: np.ndarray) -> np.ndarray:
     q = A.shape[-1]
     if q == 1:
         return 1.0 / A
-    if q > 2:
-        return np.linalg.inv(A)
+    if q != 2:
+        return np.linalg.inv(A)  # (no mean effect: q = 0, empty blocks)
     a, b, c, d = A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1]
     det = a * d - b * c
     out = np.empty_like(A)
@@ -416,8 +416,8 @@ def _uexact_node_derivatives(L: np.ndarray, free, sums: Sums, v: np.ndarray, wei
     eta = np.einsum("jkcd,jkd->jkc", Ainv, b)
     u = m * v[:, :, None] + np.einsum("ac,jkc->jka", K, eta)
     rho = E[:, :, None] * (S1[:, None, :] - np.einsum("jab,jkb->jka", S2, u))
-    KAinv = K[:, 0, None] * Ainv[:, :, None, 0, :]  # K A^{-1}, by broadcasting as Ae below
-    for c in range(1, q):
+    KAinv = np.zeros_like(Ainv)  # K A^{-1}, by broadcasting as Ae below
+    for c in range(q):
         KAinv += K[:, c, None] * Ainv[:, :, None, c, :]
     KAK = np.einsum("jkad,bd->jkab", KAinv, K)
     nS = 2 + q + q * q
@@ -440,8 +440,8 @@ def _uexact_node_derivatives(L: np.ndarray, free, sums: Sums, v: np.ndarray, wei
         for c in range(a, q):
             gX[2 + q + a * q + c] = -E * G[:, :, a, c] * (0.5 if a == c else 1.0)
         gX[m_dir(a)] = v * rho[:, :, a]
-    S2KAinv = S2K[:, None, :, 0, None] * Ainv[:, :, None, 0, :]
-    for c in range(1, q):
+    S2KAinv = np.zeros_like(Ainv)
+    for c in range(q):
         S2KAinv += S2K[:, None, :, c, None] * Ainv[:, :, None, c, :]
     for a in range(q):
         for c in range(q):
@@ -476,9 +476,9 @@ def _uexact_node_derivatives(L: np.ndarray, free, sums: Sums, v: np.ndarray, wei
     # A^{-1} e_x and A^{-1} dA_x, summed over the q inner terms by broadcasting: the same sums
     # as einsum's (bitwise), at a quarter and half of its time for (q, q) blocks (einsum's
     # were 1 s of a random-slope fit's 2.6 CPU-s in 43 small schools)
-    Ae = Ainv[None, ..., 0] * e[..., 0, None]
-    AdA = Ainv[None, :, :, :, 0, None] * dA[:, :, :, None, 0, :]
-    for y in range(1, q):
+    Ae = np.zeros_like(e)  # (q = 0: no mean effect, empty)
+    AdA = np.zeros_like(dA)
+    for y in range(q):
         Ae += Ainv[None, ..., y] * e[..., y, None]
         AdA += Ainv[None, :, :, :, y, None] * dA[:, :, :, None, y, :]
     hwX = _weighted_gram(e, Ae, weights) + 0.5 * _weighted_gram(AdA, np.swapaxes(AdA, 3, 4), weights)

@@ -268,7 +268,7 @@ def test_conditional_prior_derivatives_equal_autograd(d, free, log_ell):
     assert none is None
 
 
-@pytest.mark.parametrize("q", [1, 2, 3])
+@pytest.mark.parametrize("q", [0, 1, 2, 3])
 @pytest.mark.parametrize("log_scale", [0.0, 12.0])
 def test_inverse_of_small_blocks_equals_lu(q, log_scale):
     """The adjugate inverse of the u-exact rule's A = I + E K'S2K blocks (eigenvalues at least 1),
