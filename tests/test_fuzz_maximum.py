@@ -213,8 +213,10 @@ def _fit_stored(row: dict, data: pd.DataFrame) -> dict:
         # found again by the CI routes on the standardized twin of the data, with that rule
         case = fuzz.Case(int(row["case_seed"]), row["family"], data, fuzz.standardize(data, ["x"]), dict(row["spec"]))
         model = mlsml.MELSM.from_formula(data=data, **row["spec"])
-        routes = fuzz.reference_routes(case, model, res.params.to_numpy(dtype=float), quick=True, nagq=res.nagq)
-        values = [r["llf_route"] for r in routes if np.isfinite(r["llf_route"])]
+        model_std = mlsml.MELSM.from_formula(data=case.std_data, **row["spec"])
+        routes = fuzz.reference_routes(case, model, res.params.to_numpy(dtype=float), quick=True, model_std=model_std, nagq=res.nagq)
+        # only where that rule is accurate to the criterion's tolerance (2n + 1 points agree)
+        values = fuzz.accurate_route_values(model_std, routes, res.nagq)
         ref = max(values) if values else float("nan")
         out["reference"] = ref
     gap = ref - res.llf if np.isfinite(ref) else float("nan")
@@ -288,3 +290,26 @@ def test_no_fit_below_the_independent_maximum():
         ["case_seed", "family", "cls", "re_formula", "covariate", "n_rows", "llf", "reference", "gap", "error"]
     ].to_string(max_colwidth=80)
     assert counts.get("ok", 0) >= N_CASES // 2, f"too few cases checked against the maximum: {counts}"
+
+
+def test_a_route_value_counts_only_where_more_points_agree():
+    """fuzz.accurate_route_values keeps a route's value under the fit's rule only where 2n + 1
+    points agree to the criterion's 1e-3: at a demo fit (15 points, schools of 5 to 30) it is
+    kept and equals the fit's llf; at var(v) = 40 in schools of two pupils, where 31 points
+    move the 15-point value by more, it is left out, as is a route without estimates."""
+    df = mlsml.simulate.demo_data(n_groups=30, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit("y ~ x", df, groups="school", scale_formula="~ x")
+    params = res.params.to_numpy(dtype=float)
+    kept = fuzz.accurate_route_values(res.model, [{"params_std": params}, {"params_std": None}], 15)
+    assert len(kept) == 1 and kept[0] == pytest.approx(res.llf, abs=1e-8)
+    rng = np.random.default_rng(2)
+    tiny = pd.DataFrame({"school": np.repeat(np.arange(40), 2), "x": rng.normal(size=80)})
+    tiny["y"] = tiny["x"] + np.repeat(rng.normal(size=40), 2) + rng.normal(size=80)
+    model = mlsml.MELSM.from_formula("y ~ x", tiny, groups="school", scale_formula="~ x")
+    wild = pd.Series(params.copy(), index=res.params.index)
+    wild["var(v)"], wild["cov(u0,v)"] = 40.0, 0.0
+    values = [fuzz.evaluate(model, wild.to_numpy(), nagq=n) for n in (15, 31)]
+    assert abs(values[1] - values[0]) > fuzz.BELOW_MAX_TOL  # the premise: the rule is not accurate there
+    assert fuzz.accurate_route_values(model, [{"params_std": wild.to_numpy()}], 15) == []
