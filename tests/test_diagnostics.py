@@ -532,3 +532,17 @@ def test_singular_ses_where_the_product_rules_hessian_fails():
     assert np.isnan(res.bse["cov(u0,v)"]) and np.isfinite(se).sum() == len(se) - 1
     by_differences = np.sqrt(np.diag(face_covariance_by_differences(res)))
     np.testing.assert_allclose(se, by_differences, rtol=1e-3)
+
+
+def test_a_converged_fit_with_a_vanished_random_scale_is_at_a_maximum():
+    """Fuzz case 3435855472640824117 (22 schools of 2 to 541, var(u0) = 5e-86, var(v) = 9e-10 at
+    the fit): a school of three rows was named as collapsing and the fit, at its reference
+    maximum -847.752833, called "no maximum". With var(v) that small no school's integrand in
+    v can have its mode at a collapse (diagnostics._can_follow_a_collapse)."""
+    case = fuzz.random_case(3435855472640824117)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsml.fit(data=case.data, **case.spec)
+    assert res.llf == pytest.approx(-847.752833, abs=1e-3)
+    assert res.params["var(v)"] < 1e-6 and "no maximum" not in res.message
+    assert res.converged
